@@ -1,0 +1,22 @@
+#pragma once
+// fabric: Lightning Fabric's way of training, for LibTorch. The umbrella header.
+
+#include "fabric/config.hpp"
+#include "fabric/version.hpp"
+#include "fabric/error.hpp"
+#include "fabric/type_list.hpp"
+#include "fabric/concepts.hpp"
+#include "fabric/hooks.hpp"
+#include "fabric/logger.hpp"
+#include "fabric/options.hpp"
+#include "fabric/loggers/csv.hpp"
+#include "fabric/accelerators/cpu.hpp"
+#include "fabric/strategies/single_device.hpp"
+#include "fabric/precision/fp32.hpp"
+#include "fabric/device.hpp"
+#include "fabric/seed.hpp"
+#include "fabric/module.hpp"
+#include "fabric/optimizer.hpp"
+#include "fabric/data.hpp"
+#include "fabric/checkpoint.hpp"
+#include "fabric/fabric_class.hpp"

@@ -1,0 +1,644 @@
+#pragma once
+// fabric::Fabric: the class a training loop talks to.
+
+#include "fabric/accelerators/cpu.hpp"
+#include "fabric/checkpoint.hpp"
+#include "fabric/concepts.hpp"
+#include "fabric/config.hpp"
+#include "fabric/data.hpp"
+#include "fabric/device.hpp"
+#include "fabric/error.hpp"
+#include "fabric/hooks.hpp"
+#include "fabric/logger.hpp"
+#include "fabric/module.hpp"
+#include "fabric/optimizer.hpp"
+#include "fabric/options.hpp"
+#include "fabric/precision/fp32.hpp"
+#include "fabric/seed.hpp"
+#include "fabric/strategies/single_device.hpp"
+#include "fabric/type_list.hpp"
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/scalar_tensor.h>
+#include <ATen/ops/stack.h>
+#include <c10/core/Device.h>
+#include <fmt/format.h>
+#include <torch/data/dataloader.h>
+#include <torch/nn/module.h>
+#include <torch/optim/optimizer.h>
+
+#include <cmath>
+#include <cstdint>
+#include <filesystem>
+#include <limits>
+#include <memory>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <tuple>
+#include <type_traits>
+#include <unordered_set>
+#include <utility>
+#include <vector>
+
+namespace fabric {
+namespace detail {
+
+template <class>
+inline constexpr bool dependent_false_v = false;
+
+template <class T>
+inline constexpr bool is_shared_ptr_v = false;
+template <class T>
+inline constexpr bool is_shared_ptr_v<std::shared_ptr<T>> = true;
+template <class T>
+inline constexpr bool is_unique_ptr_v = false;
+template <class T, class D>
+inline constexpr bool is_unique_ptr_v<std::unique_ptr<T, D>> = true;
+template <class T>
+inline constexpr bool is_fabric_loader_v = false;
+template <class L>
+inline constexpr bool is_fabric_loader_v<DataLoader<L>> = true;
+
+/// The module class behind whatever the user passed to setup.
+template <class T>
+struct module_class {
+  using type = T;
+};
+template <class T>
+  requires is_module_holder_v<T>
+struct module_class<T> {
+  using type = typename T::ContainedType;
+};
+template <class T>
+struct module_class<std::shared_ptr<T>> {
+  using type = T;
+};
+
+template <class T>
+struct pointee {
+  using type = T;
+};
+template <class T>
+struct pointee<std::shared_ptr<T>> {
+  using type = T;
+};
+template <class T, class D>
+struct pointee<std::unique_ptr<T, D>> {
+  using type = T;
+};
+
+/// Takes shared ownership of what can be shared, refers to lvalue objects without owning them, and
+/// moves rvalue objects into a new shared object.
+template <class T, class Arg>
+std::shared_ptr<T> share(Arg&& arg) {
+  using U = std::remove_cvref_t<Arg>;
+  if constexpr (is_module_holder_v<U>) {
+    return arg.ptr();
+  } else if constexpr (is_shared_ptr_v<U>) {
+    return arg;
+  } else if constexpr (is_unique_ptr_v<U>) {
+    return std::shared_ptr<T>(std::move(arg));
+  } else if constexpr (std::is_lvalue_reference_v<Arg>) {
+    return std::shared_ptr<T>(std::shared_ptr<void>{}, &arg);
+  } else {
+    return std::make_shared<T>(std::forward<Arg>(arg));
+  }
+}
+
+}  // namespace detail
+
+/// The training engine: `Fabric<Accelerator, Strategy, Precision, Callbacks...>`.
+///
+/// Each policy is a type checked by a concept; a wrong combination fails to compile with a message
+/// that says how to fix it. Runtime settings come in an aggregate (fabric::Options).
+///
+///     fabric::Fabric<fabric::CPU, fabric::SingleDevice, fabric::FP32> fabric;
+///     auto [model, optimizer] = fabric.setup(net, adamw);
+///     for (auto& batch : fabric.setup_dataloaders(loader)) {
+///       auto loss = torch::nn::functional::cross_entropy(model(batch.data), batch.target);
+///       fabric.backward(loss);
+///       optimizer.step();
+///       optimizer.zero_grad();
+///     }
+///     fabric.save("ckpt/last.ckpt", {{"model", model}, {"optimizer", optimizer}, {"epoch", epoch}});
+template <Policy A = CPU, Policy S = SingleDevice, Policy P = FP32, Callback... Cbs>
+class Fabric {
+  static consteval bool check_policies() {
+    if constexpr (!Accelerator<A>) {
+      static_assert(detail::dependent_false_v<A>,
+                    "fabric: the first argument of Fabric must be an accelerator policy; write "
+                    "Fabric<Accelerator, Strategy, Precision, Callbacks...>, e.g. Fabric<fabric::CPU, "
+                    "fabric::SingleDevice, fabric::FP32>");
+    } else if constexpr (!Strategy<S>) {
+      static_assert(detail::dependent_false_v<S>,
+                    "fabric: the second argument of Fabric must be a strategy policy; write "
+                    "Fabric<Accelerator, Strategy, Precision, Callbacks...>, e.g. Fabric<fabric::CPU, "
+                    "fabric::SingleDevice, fabric::FP32>");
+    } else if constexpr (!Precision<P>) {
+      static_assert(detail::dependent_false_v<P>,
+                    "fabric: the third argument of Fabric must be a precision policy; write "
+                    "Fabric<Accelerator, Strategy, Precision, Callbacks...>, e.g. Fabric<fabric::CPU, "
+                    "fabric::SingleDevice, fabric::FP32>");
+    } else if constexpr (!is_unique_v<TypeList<Cbs...>>) {
+      static_assert(detail::dependent_false_v<A>,
+                    "fabric: a callback type appears twice in Fabric's callback list; list each callback type once");
+    } else {
+      S::template check<A, P>();
+      P::template check<A>();
+    }
+    return true;
+  }
+  static_assert(check_policies());
+
+ public:
+  using accelerator_type = A;
+  using strategy_type = S;
+  using precision_type = P;
+  using callbacks_type = TypeList<Cbs...>;
+
+  /// Creates a fabric from runtime options and callback objects.
+  explicit Fabric(Options options = {}, Cbs... callbacks)
+      : Fabric(std::move(options), S{}, P{}, std::move(callbacks)...) {}
+  /// Creates a fabric from runtime options, configured strategy and precision objects, and callbacks.
+  Fabric(Options options, S strategy, P precision, Cbs... callbacks)
+      : options_(std::move(options)),
+        strategy_(std::move(strategy)),
+        precision_(std::move(precision)),
+        callbacks_(std::move(callbacks)...) {
+    if (options_.num_nodes < 1) {
+      detail::raise("expected num_nodes >= 1, found {}; pass the number of machines", options_.num_nodes);
+    }
+    A::check_devices(options_.devices);
+    if (!A::is_available()) {
+      detail::raise("the accelerator \"{}\" is not available on this machine; choose another accelerator policy",
+                    A::name);
+    }
+    strategy_.setup_environment(options_);
+    device_ = A::device(strategy_.local_rank());
+    A::setup_device(device_);
+  }
+  Fabric(const Fabric&) = delete;
+  Fabric& operator=(const Fabric&) = delete;
+  Fabric(Fabric&&) = delete;
+  Fabric& operator=(Fabric&&) = delete;
+  ~Fabric() = default;
+
+  // ---- launch and topology -------------------------------------------------------------------
+
+  /// Starts the processes of the strategy (nothing to start for one device).
+  void launch() {
+    if constexpr (requires { strategy_.launch(); }) strategy_.launch();
+    launched_ = true;
+  }
+  /// Starts the processes and runs fn(fabric) in each, returning its result.
+  template <std::invocable<Fabric&> Fn>
+  decltype(auto) launch(Fn&& fn) {
+    launch();
+    return std::forward<Fn>(fn)(*this);
+  }
+
+  /// Returns the device of this process.
+  const c10::Device& device() const noexcept { return device_; }
+  /// Returns the rank of this process among all processes.
+  int global_rank() const noexcept { return strategy_.global_rank(); }
+  /// Returns the rank of this process on its machine.
+  int local_rank() const noexcept { return strategy_.local_rank(); }
+  /// Returns the index of this machine.
+  int node_rank() const noexcept { return strategy_.node_rank(); }
+  /// Returns the number of processes.
+  int world_size() const noexcept { return strategy_.world_size(); }
+  /// Returns true on global rank zero.
+  bool is_global_zero() const noexcept { return global_rank() == 0; }
+  /// Returns the runtime options.
+  const Options& options() const noexcept { return options_; }
+  /// Returns the strategy object.
+  S& strategy() noexcept { return strategy_; }
+  /// Returns the precision object.
+  P& precision() noexcept { return precision_; }
+
+  // ---- setup ---------------------------------------------------------------------------------
+
+  /// Sets up a module and its optimizers: converts the module to the precision, moves it to the
+  /// device (optimizers keep their references), lets the strategy wrap it, and returns the wrapped
+  /// module, or a tuple of the module and one wrapper per optimizer.
+  template <class M, class... Os>
+  auto setup(M&& module, Os&&... optimizers) {
+    return setup(SetupOptions{}, std::forward<M>(module), std::forward<Os>(optimizers)...);
+  }
+  /// setup with options, e.g. `setup({.move_to_device = false}, model, optimizer)`.
+  template <class M, class... Os>
+  auto setup(SetupOptions options, M&& module, Os&&... optimizers) {
+    check_module_arg<M>();
+    (check_optimizer_arg<Os>(), ...);
+    const torch::nn::Module& raw = detail::module_ref(module);
+    check_not_set_up(&raw, "module");
+    (check_not_set_up(&optimizer_ref(optimizers), "optimizer"), ...);
+    (check_belongs(raw, optimizer_ref(optimizers)), ...);
+    auto wrapped = setup_module_impl(options, std::forward<M>(module));
+    if constexpr (sizeof...(Os) == 0) {
+      call(hooks::on_after_setup, *this, wrapped);
+      return wrapped;
+    } else {
+      auto result = std::tuple{std::move(wrapped), setup_optimizer_impl(std::forward<Os>(optimizers))...};
+      call(hooks::on_after_setup, *this, std::get<0>(result));
+      return result;
+    }
+  }
+  /// Sets up a module alone (as setup without optimizers, without the on_after_setup hook).
+  template <class M>
+  auto setup_module(M&& module, SetupOptions options = {}) {
+    check_module_arg<M>();
+    check_not_set_up(&detail::module_ref(module), "module");
+    return setup_module_impl(options, std::forward<M>(module));
+  }
+  /// Sets up optimizers alone; returns one wrapper, or a tuple of them.
+  template <class... Os>
+    requires(sizeof...(Os) > 0)
+  auto setup_optimizers(Os&&... optimizers) {
+    (check_optimizer_arg<Os>(), ...);
+    (check_not_set_up(&optimizer_ref(optimizers), "optimizer"), ...);
+    if constexpr (sizeof...(Os) == 1) {
+      return setup_optimizer_impl(std::forward<Os>(optimizers)...);
+    } else {
+      return std::tuple{setup_optimizer_impl(std::forward<Os>(optimizers))...};
+    }
+  }
+
+  /// Wraps LibTorch data loaders (std::unique_ptr from make_data_loader, a shared_ptr, or a loader
+  /// object that outlives the wrapper) so that iterating yields batches on the device; returns one
+  /// wrapper or a tuple of them.
+  template <class... Ls>
+    requires(sizeof...(Ls) > 0)
+  auto setup_dataloaders(Ls&&... loaders) {
+    return setup_dataloaders(DataOptions{}, std::forward<Ls>(loaders)...);
+  }
+  /// setup_dataloaders with options, e.g. `setup_dataloaders({.move_to_device = false}, loader)`.
+  template <class... Ls>
+    requires(sizeof...(Ls) > 0)
+  auto setup_dataloaders(DataOptions options, Ls&&... loaders) {
+    if constexpr (sizeof...(Ls) == 1) {
+      return setup_loader_impl(options, std::forward<Ls>(loaders)...);
+    } else {
+      return std::tuple{setup_loader_impl(options, std::forward<Ls>(loaders))...};
+    }
+  }
+  /// Builds a set-up loader from a map-style dataset: batches of `options.batch_size`, shuffled per
+  /// epoch from the global seed when `options.shuffle`, sharded across ranks by distributed strategies.
+  ///
+  ///     auto train = fabric.dataloader(dataset.map(torch::data::transforms::Stack<>()), {.batch_size = 64, .shuffle = true});
+  template <class D>
+  auto dataloader(D dataset, LoaderOptions options, DataOptions data_options = {}) {
+    const auto size = dataset.size();
+    if (!size) detail::raise("dataloader() needs a dataset with a known size, found size() = nullopt");
+    if (options.batch_size < 1) detail::raise("dataloader(): expected batch_size >= 1, found 0");
+    const bool shard = data_options.use_distributed_sampler && strategy_.shards_data();
+    DistributedSampler sampler(*size, {.num_replicas = shard ? static_cast<std::size_t>(world_size()) : 1,
+                                       .rank = shard ? static_cast<std::size_t>(global_rank()) : 0,
+                                       .shuffle = options.shuffle,
+                                       .seed = global_seed(),
+                                       .drop_last = false});
+    auto loader = torch::data::make_data_loader(
+        std::move(dataset), std::move(sampler),
+        torch::data::DataLoaderOptions().batch_size(options.batch_size).workers(options.num_workers).drop_last(
+            options.drop_last));
+    return setup_loader_impl(data_options, std::move(loader));
+  }
+
+  // ---- the step --------------------------------------------------------------------------------
+
+  /// Runs backward on the loss through the precision (loss scaling) and the strategy; extra
+  /// arguments go to at::Tensor::backward (gradient, retain_graph, create_graph).
+  template <class... Args>
+  void backward(const at::Tensor& loss, Args&&... args) {
+    if (!loss.defined()) detail::raise("backward: expected a loss tensor, found an undefined tensor");
+    if (!loss.requires_grad()) {
+      detail::raise(
+          "backward: expected a loss that requires grad, found one that does not; compute it from the output of "
+          "the module returned by setup(), outside of a NoGradGuard");
+    }
+    precision_.backward(loss, std::forward<Args>(args)...);
+  }
+
+  /// Clips the gradients of the optimizer's parameters, unscaling them first where the precision
+  /// scales; returns the total norm before clipping for max_norm, nothing for clip_val.
+  ///
+  ///     fabric.clip_gradients(model, optimizer, {.max_norm = 1.0});
+  template <class M, class O>
+  std::optional<at::Tensor> clip_gradients(Module<M, Fabric>& module, Optimizer<O, Fabric>& optimizer,
+                                           const ClipOptions& options) {
+    (void)module;
+    if (options.max_norm.has_value() == options.clip_val.has_value()) {
+      detail::raise("clip_gradients: expected exactly one of max_norm and clip_val, found {}",
+                    options.max_norm ? "both" : "neither");
+    }
+    precision_.unscale_gradients(*optimizer);
+    std::vector<at::Tensor> grads;
+    for (const auto& group : optimizer.param_groups()) {
+      for (const auto& p : group.params()) {
+        if (p.grad().defined()) grads.push_back(p.grad());
+      }
+    }
+    at::NoGradGuard no_grad;
+    if (options.clip_val) {
+      if (*options.clip_val < 0) {
+        detail::raise("clip_gradients: expected clip_val >= 0, found {}", *options.clip_val);
+      }
+      for (auto& g : grads) g.clamp_(-*options.clip_val, *options.clip_val);
+      return std::nullopt;
+    }
+    const double p = options.norm_type;
+    if (grads.empty()) return at::scalar_tensor(0.0, at::TensorOptions().device(device_));
+    std::vector<at::Tensor> norms;
+    norms.reserve(grads.size());
+    for (const auto& g : grads) norms.push_back(std::isinf(p) ? g.detach().abs().max() : g.detach().norm(p));
+    const at::Tensor stacked = at::stack(norms);
+    at::Tensor total = std::isinf(p) ? stacked.max() : stacked.norm(p);
+    if (options.error_if_nonfinite && !std::isfinite(total.item<double>())) {
+      detail::raise(
+          "clip_gradients: the total norm of order {} of the gradients is non-finite ({}), so they cannot be "
+          "clipped; check the loss, or pass error_if_nonfinite = false",
+          p, total.item<double>());
+    }
+    const at::Tensor coef = (*options.max_norm / (total + 1e-6)).clamp_max(1.0);
+    for (auto& g : grads) g.mul_(coef.to(g.device()));
+    return total;
+  }
+
+  /// Returns the guard that runs code outside forward (e.g. the loss) in the precision's autocast.
+  ///
+  ///     { auto guard = fabric.autocast(); loss = criterion(model(x), y); }
+  auto autocast() { return precision_.forward_context(); }
+
+  /// Returns the guard that skips the gradient synchronisation of the module while it lives (for
+  /// gradient accumulation); nothing to skip on one device.
+  template <class W>
+  auto no_backward_sync(W& module, bool enabled = true) {
+    static_assert(detail::is_fabric_module_v<W>,
+                  "fabric: no_backward_sync needs the module returned by setup(); pass that wrapper, not the "
+                  "original module");
+    return strategy_.no_backward_sync(module.strategy_state(), enabled);
+  }
+
+  /// Moves a module to the fabric's device in place and returns it.
+  template <ModuleLike M>
+  M& to_device(M& module) {
+    return fabric::to_device(module, device_);
+  }
+  /// Returns data (tensors, Example, nested standard containers) with every tensor on the device.
+  template <class T>
+    requires(!ModuleLike<T>)
+  std::remove_cvref_t<T> to_device(T&& data) {
+    return fabric::to_device(std::forward<T>(data), device_);
+  }
+
+  /// Seeds every generator; see fabric::seed_everything.
+  static std::uint64_t seed_everything(std::optional<std::uint64_t> seed = std::nullopt, bool workers = false) {
+    return fabric::seed_everything(seed, workers);
+  }
+
+  /// Prints an fmt-formatted line on local rank zero only (once per machine).
+  template <class... Args>
+  void print(fmt::format_string<Args...> format, Args&&... args) const {
+    if (local_rank() == 0) fmt::print("{}\n", fmt::format(format, std::forward<Args>(args)...));
+  }
+
+  // ---- collectives -----------------------------------------------------------------------------
+
+  /// Waits until every process reaches it.
+  void barrier() { strategy_.barrier(); }
+
+  /// Reduces every tensor in data across processes (mean by default) and returns the result; a
+  /// number becomes a tensor on the device first, as in Lightning.
+  template <class T>
+  auto all_reduce(T&& data, ReduceOp op = ReduceOp::mean) {
+    if constexpr (std::is_arithmetic_v<std::remove_cvref_t<T>>) {
+      return all_reduce(at::scalar_tensor(static_cast<double>(data), at::TensorOptions().device(device_)), op);
+    } else {
+      auto fn = [&](at::Tensor t) { return strategy_.all_reduce(t, op); };
+      return detail::map_tensors(std::remove_cvref_t<T>(std::forward<T>(data)), fn);
+    }
+  }
+  /// Gathers every tensor in data from all processes; with several processes each gains a leading
+  /// world-size dimension, with one it is returned as it is (Lightning's shapes).
+  template <class T>
+  auto all_gather(T&& data) {
+    if constexpr (std::is_arithmetic_v<std::remove_cvref_t<T>>) {
+      return all_gather(at::scalar_tensor(static_cast<double>(data), at::TensorOptions().device(device_)));
+    } else {
+      auto fn = [&](at::Tensor t) { return strategy_.all_gather(t); };
+      return detail::map_tensors(std::remove_cvref_t<T>(std::forward<T>(data)), fn);
+    }
+  }
+  /// Returns the value of rank src on every process.
+  template <class T>
+  std::remove_cvref_t<T> broadcast(T&& value, int src = 0) {
+    if (src < 0 || src >= world_size()) {
+      detail::raise("broadcast: expected 0 <= src < world_size = {}, found {}", world_size(), src);
+    }
+    return strategy_.broadcast(std::remove_cvref_t<T>(std::forward<T>(value)), src);
+  }
+
+  /// The guard returned by rank_zero_first.
+  class RankZeroFirstGuard {
+   public:
+    RankZeroFirstGuard(Fabric& fabric, bool first) : fabric_(fabric), first_(first) {
+      if (!first_) fabric_.barrier();
+    }
+    ~RankZeroFirstGuard() noexcept(false) {
+      if (first_) fabric_.barrier();
+    }
+    RankZeroFirstGuard(const RankZeroFirstGuard&) = delete;
+    RankZeroFirstGuard& operator=(const RankZeroFirstGuard&) = delete;
+
+   private:
+    Fabric& fabric_;
+    bool first_;
+  };
+  /// Lets rank zero (of the machine, with local) run the guarded block before the others, e.g. to
+  /// download or preprocess data once.
+  RankZeroFirstGuard rank_zero_first(bool local = false) {
+    return RankZeroFirstGuard(*this, (local ? local_rank() : global_rank()) == 0);
+  }
+
+  // ---- callbacks and loggers -------------------------------------------------------------------
+
+  /// Calls the hook on every callback that declares it, with the arguments; callbacks without it
+  /// are skipped at compile time.
+  ///
+  ///     fabric.call(fabric::hooks::on_train_epoch_end, epoch, loss);
+  template <Hook H, class... Args>
+  void call(const H& /*hook*/, Args&&... args) {
+    detail::dispatch<H>(callbacks_, args...);
+  }
+  /// Returns the callback object of type C.
+  template <class C>
+  C& callback() noexcept {
+    static_assert(contains_v<C, callbacks_type>, "fabric: callback<C>() needs a C from Fabric's callback list; add "
+                                                   "C to Fabric<..., Callbacks...>");
+    return std::get<C>(callbacks_);
+  }
+
+  /// Returns the loggers.
+  const std::vector<std::shared_ptr<Logger>>& loggers() const noexcept { return options_.loggers; }
+  /// Returns the first logger (or null).
+  Logger* logger() const noexcept { return options_.loggers.empty() ? nullptr : options_.loggers.front().get(); }
+  /// Logs one metric to every logger (on global rank zero only).
+  void log(const std::string& name, double value, std::optional<std::int64_t> step = std::nullopt) {
+    log_dict({{name, value}}, step);
+  }
+  /// Logs one scalar tensor to every logger (on global rank zero only).
+  void log(const std::string& name, const at::Tensor& value, std::optional<std::int64_t> step = std::nullopt) {
+    if (value.numel() != 1) {
+      detail::raise("log: expected a tensor with one element for \"{}\", found {} elements; reduce it first", name,
+                    value.numel());
+    }
+    log(name, value.item<double>(), step);
+  }
+  /// Logs several metrics to every logger (on global rank zero only).
+  void log_dict(const Metrics& metrics, std::optional<std::int64_t> step = std::nullopt) {
+    if (!is_global_zero()) return;
+    for (const auto& logger : options_.loggers) logger->log_metrics(metrics, step);
+  }
+
+  // ---- checkpoints -----------------------------------------------------------------------------
+
+  /// Saves the state atomically (rank zero writes, then every rank waits): modules and optimizers
+  /// by their state, plain values as they are. Parent directories are created.
+  void save(const std::filesystem::path& path, const State& state) {
+    if (is_global_zero()) {
+      const std::vector<char> bytes = detail::serialize_state(state);
+      detail::write_atomically(path, bytes.data(), bytes.size());
+    }
+    barrier();
+  }
+  /// Restores the state in place from a checkpoint and returns the entries of the file that the
+  /// state did not ask for. With strict, a missing key (or module tensor) is an error; shapes and
+  /// types must always match. Nothing is changed when any check fails.
+  State load(const std::filesystem::path& path, State& state, bool strict = true) {
+    State rest = detail::load_state(path, state, strict);
+    barrier();
+    return rest;
+  }
+  /// Loads every entry of a checkpoint as plain values.
+  State load(const std::filesystem::path& path) {
+    State none;
+    return load(path, none, false);
+  }
+  /// Loads a module's or an optimizer's state from a file written by torch::save (without fabric).
+  template <class T>
+  void load_raw(const std::filesystem::path& path, T& target, bool strict = true) {
+    if constexpr (detail::is_fabric_module_v<T>) {
+      detail::load_raw_module(path, *target, strict);
+    } else if constexpr (detail::is_fabric_optimizer_v<T>) {
+      detail::load_raw_optimizer(path, *target);
+    } else if constexpr (ModuleLike<T>) {
+      detail::load_raw_module(path, detail::module_ref(target), strict);
+    } else if constexpr (std::is_base_of_v<torch::optim::Optimizer, T>) {
+      detail::load_raw_optimizer(path, target);
+    } else {
+      static_assert(detail::dependent_false_v<T>,
+                    "fabric: load_raw loads a module or an optimizer; pass one of them (or its setup wrapper)");
+    }
+    barrier();
+  }
+
+ private:
+  template <class M>
+  static constexpr void check_module_arg() {
+    using U = std::remove_cvref_t<M>;
+    static_assert(!detail::is_fabric_module_v<U>,
+                  "fabric: this module is already set up; use the wrapper setup() returned, or set up the original "
+                  "module in a new Fabric");
+    static_assert(ModuleLike<M>,
+                  "fabric: setup takes a torch::nn::Module: a TORCH_MODULE holder, a std::shared_ptr to a module, "
+                  "or a module object");
+    static_assert(detail::is_module_holder_v<U> || detail::is_module_ptr_v<U> || std::is_lvalue_reference_v<M>,
+                  "fabric: setup cannot keep a temporary module object alive; pass a TORCH_MODULE holder, a "
+                  "std::shared_ptr or a named module variable");
+  }
+  template <class O>
+  static constexpr void check_optimizer_arg() {
+    using U = std::remove_cvref_t<O>;
+    static_assert(!detail::is_fabric_optimizer_v<U>,
+                  "fabric: this optimizer is already set up; use the wrapper setup() returned");
+    static_assert(std::is_base_of_v<torch::optim::Optimizer, typename detail::pointee<U>::type>,
+                  "fabric: setup takes torch::optim optimizers after the module: an optimizer object, a "
+                  "std::shared_ptr or a std::unique_ptr to one");
+  }
+  template <class O>
+  static torch::optim::Optimizer& optimizer_ref(O& o) {
+    using U = std::remove_cvref_t<O>;
+    if constexpr (detail::is_shared_ptr_v<U> || detail::is_unique_ptr_v<U>) {
+      return *o;
+    } else {
+      return o;
+    }
+  }
+  void check_not_set_up(const void* object, std::string_view what) const {
+    if (set_up_.contains(object)) {
+      detail::raise("this {0} was already set up by this Fabric; expected a {0} not set up yet, found one that "
+                    "setup() wrapped before; keep using the wrapper the first setup() returned",
+                    what);
+    }
+  }
+  static void check_belongs(const torch::nn::Module& module, const torch::optim::Optimizer& optimizer) {
+    std::unordered_set<const void*> own;
+    for (const auto& p : module.parameters()) own.insert(p.unsafeGetTensorImpl());
+    std::size_t total = 0;
+    for (const auto& group : optimizer.param_groups()) {
+      for (const auto& p : group.params()) {
+        ++total;
+        if (own.contains(p.unsafeGetTensorImpl())) return;
+      }
+    }
+    detail::raise("expected an optimizer over the module's parameters, found one whose {} parameter{} belong to "
+                  "another module; build the optimizer from this module's parameters()",
+                  total, total == 1 ? " does not" : "s do not");
+  }
+
+  template <class M>
+  auto setup_module_impl(const SetupOptions& options, M&& module) {
+    using Impl = typename detail::module_class<std::remove_cvref_t<M>>::type;
+    std::shared_ptr<Impl> ptr = detail::share<Impl>(std::forward<M>(module));
+    precision_.convert_module(*ptr);
+    if (options.move_to_device) ptr->to(device_);
+    auto state = strategy_.setup_module(*ptr);
+    set_up_.insert(static_cast<const torch::nn::Module*>(ptr.get()));
+    return Module<Impl, Fabric>(std::move(ptr), *this, std::move(state));
+  }
+  template <class O>
+  auto setup_optimizer_impl(O&& optimizer) {
+    using Opt = typename detail::pointee<std::remove_cvref_t<O>>::type;
+    std::shared_ptr<Opt> ptr = detail::share<Opt>(std::forward<O>(optimizer));
+    if constexpr (requires { strategy_.setup_optimizer(*ptr); }) strategy_.setup_optimizer(*ptr);
+    set_up_.insert(static_cast<const torch::optim::Optimizer*>(ptr.get()));
+    return Optimizer<Opt, Fabric>(std::move(ptr), *this);
+  }
+  template <class L>
+  auto setup_loader_impl(const DataOptions& options, L&& loader) {
+    using U = std::remove_cvref_t<L>;
+    static_assert(!detail::is_fabric_loader_v<U>,
+                  "fabric: this data loader is already set up; iterate the wrapper setup_dataloaders() returned");
+    using Loader = typename detail::pointee<U>::type;
+    static_assert(requires(Loader& l) { l.begin(); l.end(); },
+                  "fabric: setup_dataloaders takes LibTorch data loaders (from torch::data::make_data_loader)");
+    return DataLoader<Loader>(detail::share<Loader>(std::forward<L>(loader)), device_, options.move_to_device);
+  }
+
+  Options options_;
+  S strategy_;
+  P precision_;
+  std::tuple<Cbs...> callbacks_;
+  c10::Device device_{c10::DeviceType::CPU};
+  std::unordered_set<const void*> set_up_{};
+  bool launched_ = false;
+};
+
+/// True for the wrappers that setup, setup_optimizers and setup_dataloaders return.
+template <class T>
+inline constexpr bool is_wrapped_v = detail::is_fabric_module_v<std::remove_cvref_t<T>> ||
+                                     detail::is_fabric_optimizer_v<std::remove_cvref_t<T>> ||
+                                     detail::is_fabric_loader_v<std::remove_cvref_t<T>>;
+
+}  // namespace fabric

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Installs what fabric needs on Debian 12 (bookworm), only what is missing. Idempotent.
+set -euo pipefail
+
+need=(build-essential cmake ninja-build pkg-config git
+      libtorch-dev libgloo-dev libfmt-dev librange-v3-dev dataset-fashion-mnist)
+backports=(catch2)
+
+missing=()
+for p in "${need[@]}" "${backports[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ ${#missing[@]} -eq 0 ]; then
+  echo "fabric: all dependencies already installed"
+  exit 0
+fi
+echo "fabric: installing ${missing[*]}"
+
+sudo=""
+[ "$(id -u)" -eq 0 ] || sudo="sudo"
+export DEBIAN_FRONTEND=noninteractive
+
+if ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
+  echo "fabric: adding the bookworm-backports suite (for Catch2 v3)"
+  printf 'Types: deb\nURIs: http://deb.debian.org/debian\nSuites: bookworm-backports\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' |
+    $sudo tee /etc/apt/sources.list.d/fabric-backports.sources >/dev/null
+fi
+$sudo apt-get update -qq
+regular=()
+for p in "${missing[@]}"; do [[ " ${backports[*]} " == *" $p "* ]] || regular+=("$p"); done
+[ ${#regular[@]} -eq 0 ] || $sudo apt-get install -y -qq --no-install-recommends "${regular[@]}"
+for p in "${backports[@]}"; do
+  [[ " ${missing[*]} " == *" $p "* ]] && $sudo apt-get install -y -qq --no-install-recommends -t bookworm-backports "$p"
+done
+echo "fabric: dependencies installed"
