@@ -333,7 +333,7 @@ inline Checkpoint parse_checkpoint(const std::filesystem::path& path) {
       ckpt.kinds[k.key().toStringRef()] = k.value().toStringRef();
     }
   }
-  ckpt.root.erase(marker_key);
+  (void)ckpt.root.erase(marker_key);
   return ckpt;
 }
 

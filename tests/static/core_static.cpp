@@ -1,0 +1,127 @@
+// Compile-time tests of the torch-free core. This file is compiled WITHOUT LibTorch on the include
+// path: if a core header pulled in torch, it would not build.
+#include <fabric/concepts.hpp>
+#include <fabric/config.hpp>
+#include <fabric/error.hpp>
+#include <fabric/fwd.hpp>
+#include <fabric/hooks.hpp>
+#include <fabric/logger.hpp>
+#include <fabric/loggers/csv.hpp>
+#include <fabric/options.hpp>
+#include <fabric/type_list.hpp>
+#include <fabric/version.hpp>
+
+#include <string>
+#include <tuple>
+#include <type_traits>
+
+// Every LibTorch header pulls in c10/macros/Macros.h, which defines this guard.
+#if defined(C10_MACROS_MACROS_H_) || defined(TORCH_VERSION_MAJOR)
+#error "a torch-free core header included LibTorch"
+#endif
+#if __has_include(<torch/torch.h>)
+#error "the core static test must be compiled without LibTorch's API headers on the include path"
+#endif
+
+namespace {
+
+// Type lists.
+using L = fabric::TypeList<int, double, char>;
+static_assert(L::size == 3);
+static_assert(fabric::contains_v<double, L>);
+static_assert(!fabric::contains_v<float, L>);
+static_assert(fabric::is_unique_v<L>);
+static_assert(!fabric::is_unique_v<fabric::TypeList<int, double, int>>);
+static_assert(fabric::is_unique_v<fabric::TypeList<>>);
+
+constexpr int count_types() {
+  int n = 0;
+  fabric::for_each_type(L{}, [&]<class T>() { n += sizeof(T) > 0 ? 1 : 0; });
+  return n;
+}
+static_assert(count_types() == 3);
+
+// Policies are told apart by their category tag.
+struct FakeAccelerator {
+  using category = fabric::accelerator_tag;
+  static constexpr std::string_view name = "fake";
+  static bool is_available() noexcept { return true; }
+  static int device_count() noexcept { return 1; }
+};
+struct FakeStrategy {
+  using category = fabric::strategy_tag;
+  static constexpr std::string_view name = "fake";
+  static constexpr bool is_distributed = false;
+  struct ModuleState {};
+  int global_rank() const { return 0; }
+  int local_rank() const { return 0; }
+  int node_rank() const { return 0; }
+  int world_size() const { return 1; }
+  void barrier() {}
+};
+struct FakePrecision {
+  using category = fabric::precision_tag;
+  static constexpr std::string_view name = "fake";
+  int forward_context() { return 0; }
+};
+struct NotAPolicy {};
+
+static_assert(fabric::Accelerator<FakeAccelerator>);
+static_assert(!fabric::Accelerator<FakeStrategy>);
+static_assert(!fabric::Accelerator<NotAPolicy>);
+static_assert(fabric::Strategy<FakeStrategy>);
+static_assert(!fabric::Strategy<FakeAccelerator>);
+static_assert(fabric::Precision<FakePrecision>);
+static_assert(!fabric::Precision<FakeStrategy>);
+static_assert(fabric::Policy<FakeAccelerator> && !fabric::Policy<NotAPolicy> && !fabric::Policy<int>);
+static_assert(fabric::Callback<NotAPolicy> && !fabric::Callback<int>);
+
+// Hooks: declared or not, invocable or not, found through inheritance, overloads and final classes.
+FABRIC_HOOK(on_custom_event);
+struct WithHook {
+  int calls = 0;
+  void on_custom_event(int x) { calls += x; }
+};
+struct WithoutHook {};
+struct Overloaded {
+  void on_custom_event(int) {}
+  void on_custom_event(std::string) {}
+};
+struct Derived : WithHook {};
+struct Final final {
+  void on_custom_event() {}
+};
+struct Generic {
+  void on_custom_event(auto&&...) {}
+};
+static_assert(fabric::Hook<on_custom_event_hook>);
+static_assert(on_custom_event_hook::declared_by<WithHook>());
+static_assert(!on_custom_event_hook::declared_by<WithoutHook>());
+static_assert(on_custom_event_hook::declared_by<Overloaded>());
+static_assert(on_custom_event_hook::declared_by<Derived>());
+static_assert(on_custom_event_hook::declared_by<Final>());
+static_assert(on_custom_event_hook::declared_by<Generic>());
+static_assert(!on_custom_event_hook::declared_by<fabric::hooks::on_train_end_hook>());
+static_assert(on_custom_event_hook::invocable_by<WithHook, int>);
+static_assert(!on_custom_event_hook::invocable_by<WithHook, std::string>);
+static_assert(on_custom_event_hook::invocable_by<Overloaded, std::string>);
+static_assert(on_custom_event_hook::name == "on_custom_event");
+static_assert(fabric::hooks::on_train_epoch_end.name == "on_train_epoch_end");
+
+// Options are aggregates with Lightning's defaults.
+static_assert(std::is_aggregate_v<fabric::Options>);
+static_assert(std::is_aggregate_v<fabric::ClipOptions>);
+static_assert(fabric::Options{}.devices == 1 && fabric::Options{}.num_nodes == 1);
+static_assert(fabric::ClipOptions{}.norm_type == 2.0);
+
+static_assert(fabric::version() == "0.1.0");
+static_assert(FABRIC_VERSION == 100);
+
+}  // namespace
+
+int main() {
+  std::tuple<WithHook, WithoutHook, Derived> callbacks;
+  int two = 2;
+  fabric::detail::dispatch<on_custom_event_hook>(callbacks, two);
+  return std::get<0>(callbacks).calls == 2 && std::get<2>(callbacks).calls == 2 ? 0 : 1;
+}
