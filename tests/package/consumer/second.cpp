@@ -1,0 +1,6 @@
+#include <fabric/fabric.hpp>
+
+int second_world_size() {
+  fabric::Fabric<> fabric;
+  return fabric.world_size();
+}
