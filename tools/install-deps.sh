@@ -3,7 +3,7 @@
 set -euo pipefail
 
 need=(build-essential cmake ninja-build pkg-config git
-      libtorch-dev libgloo-dev libfmt-dev librange-v3-dev dataset-fashion-mnist)
+      libtorch-dev libgloo-dev libfmt-dev librange-v3-dev dataset-fashion-mnist zlib1g-dev)
 backports=(catch2)
 
 missing=()
