@@ -1,0 +1,300 @@
+// Trains a small CNN on Fashion-MNIST with fabric on the CPU.
+//
+//     fashion_mnist                                  # the default run: >= 90% test accuracy
+//     fashion_mnist --epochs 1 --train-subset 3000 --test-subset 1000 --expect-loss-decrease
+//     fashion_mnist --help
+
+#include "fashion_mnist/fashion_mnist.hpp"
+
+#include <fabric/fabric.hpp>
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <charconv>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <exception>
+#include <filesystem>
+#include <numbers>
+#include <numeric>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace {
+
+/// A bad command line: the message says what was expected and what was found.
+class UsageError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+/// The command-line settings of a run.
+struct Config {
+  int epochs = 3;
+  std::size_t batch_size = 64;
+  double lr = 2e-3;
+  std::optional<std::size_t> train_subset{};
+  std::optional<std::size_t> test_subset{};
+  std::filesystem::path data_dir{fashion_mnist::default_data_dir};
+  std::uint64_t seed = 42;
+  std::optional<std::filesystem::path> checkpoint{};
+  std::optional<std::filesystem::path> log_dir{};
+  std::optional<int> threads{};
+  bool expect_loss_decrease = false;
+  std::optional<double> min_accuracy{};
+  bool help = false;
+};
+
+constexpr std::string_view usage = R"(usage: fashion_mnist [flags]
+
+Trains a small CNN (conv 32 -> conv 64 with batch norm, ReLU and max-pool, dropout, a linear
+head) on Fashion-MNIST with fabric on the CPU: AdamW with cosine learning-rate decay. Prints the
+train loss, test accuracy and seconds of each epoch, then the final test accuracy.
+
+flags:
+  --epochs N               epochs to train (default 3)
+  --batch-size N           samples per training batch (default 64)
+  --lr X                   peak learning rate of AdamW, decayed to 0 by a cosine (default 0.002)
+  --train-subset N         train on the first N of the 60000 training samples (default: all)
+  --test-subset N          test on the first N of the 10000 test samples (default: all)
+  --data-dir PATH          directory of the four *-ubyte.gz files
+                           (default /usr/share/datasets/fashion-mnist, from dataset-fashion-mnist)
+  --seed N                 seed of every generator (default 42)
+  --checkpoint PATH        save model, optimizer and epoch to PATH at the end of each epoch
+  --log-dir PATH           write metrics with a CSVLogger under PATH
+  --threads N              intra-op threads of LibTorch (default: LibTorch's choice)
+  --expect-loss-decrease   exit with status 1 unless the mean loss of the last training batches
+                           is below that of the first ones (a smoke test)
+  --min-accuracy X         exit with status 1 unless the final test accuracy is at least X percent
+  --help                   print this and exit
+)";
+
+template <class T>
+T parse_number(std::string_view flag, std::string_view text, std::string_view example) {
+  T value{};
+  const auto [end, err] = std::from_chars(text.data(), text.data() + text.size(), value);
+  if (err != std::errc{} || end != text.data() + text.size()) {
+    throw UsageError(fmt::format("expected a number after {}, found \"{}\"; e.g. {} {}", flag, text, flag, example));
+  }
+  return value;
+}
+
+template <class T>
+T parse_positive(std::string_view flag, std::string_view text, std::string_view example) {
+  const auto value = parse_number<T>(flag, text, example);
+  if (!(value > 0)) {
+    throw UsageError(fmt::format("expected a positive number after {}, found {}; e.g. {} {}", flag, text, flag, example));
+  }
+  return value;
+}
+
+Config parse_args(int argc, char** argv) {
+  Config config;
+  std::vector<std::string_view> args(argv + 1, argv + argc);
+  for (std::size_t i = 0; i < args.size(); ++i) {
+    std::string_view flag = args[i];
+    std::optional<std::string_view> inline_value;
+    if (const auto eq = flag.find('='); flag.starts_with("--") && eq != std::string_view::npos) {
+      inline_value = flag.substr(eq + 1);
+      flag = flag.substr(0, eq);
+    }
+    const auto value = [&]() -> std::string_view {
+      if (inline_value) return *inline_value;
+      if (i + 1 >= args.size()) throw UsageError(fmt::format("expected a value after {}, found none", flag));
+      return args[++i];
+    };
+    const auto no_value = [&] {
+      if (inline_value) throw UsageError(fmt::format("expected no value after {}, found \"{}\"", flag, *inline_value));
+    };
+    if (flag == "--help" || flag == "-h") {
+      no_value();
+      config.help = true;
+    } else if (flag == "--epochs") {
+      config.epochs = parse_positive<int>(flag, value(), "3");
+    } else if (flag == "--batch-size") {
+      config.batch_size = parse_positive<std::size_t>(flag, value(), "64");
+    } else if (flag == "--lr") {
+      config.lr = parse_positive<double>(flag, value(), "0.001");
+    } else if (flag == "--train-subset") {
+      config.train_subset = parse_positive<std::size_t>(flag, value(), "3000");
+    } else if (flag == "--test-subset") {
+      config.test_subset = parse_positive<std::size_t>(flag, value(), "1000");
+    } else if (flag == "--data-dir") {
+      config.data_dir = value();
+    } else if (flag == "--seed") {
+      config.seed = parse_number<std::uint64_t>(flag, value(), "42");
+    } else if (flag == "--checkpoint") {
+      config.checkpoint = std::filesystem::path(value());
+    } else if (flag == "--log-dir") {
+      config.log_dir = std::filesystem::path(value());
+    } else if (flag == "--threads") {
+      config.threads = parse_positive<int>(flag, value(), "2");
+    } else if (flag == "--expect-loss-decrease") {
+      no_value();
+      config.expect_loss_decrease = true;
+    } else if (flag == "--min-accuracy") {
+      config.min_accuracy = parse_number<double>(flag, value(), "90");
+    } else {
+      throw UsageError(fmt::format("unknown flag \"{}\"; run fashion_mnist --help for the list of flags", args[i]));
+    }
+  }
+  return config;
+}
+
+/// The model: two convolution blocks (conv, batch norm, ReLU, 2x2 max-pool), dropout, a linear head.
+struct NetImpl : torch::nn::Module {
+  NetImpl()
+      : features(register_module(
+            "features",
+            torch::nn::Sequential(torch::nn::Conv2d(torch::nn::Conv2dOptions(1, 32, 3).padding(1).bias(false)),
+                                  torch::nn::BatchNorm2d(32), torch::nn::ReLU(), torch::nn::MaxPool2d(2),
+                                  torch::nn::Conv2d(torch::nn::Conv2dOptions(32, 64, 3).padding(1).bias(false)),
+                                  torch::nn::BatchNorm2d(64), torch::nn::ReLU(), torch::nn::MaxPool2d(2)))),
+        dropout(register_module("dropout", torch::nn::Dropout(0.25))),
+        head(register_module("head", torch::nn::Linear(64 * 7 * 7, fashion_mnist::FashionMNIST::num_classes))) {}
+
+  /// Returns the logits [N, 10] of images [N, 1, 28, 28].
+  torch::Tensor forward(const torch::Tensor& x) { return head(dropout(features->forward(x).flatten(1))); }
+
+  torch::nn::Sequential features;
+  torch::nn::Dropout dropout;
+  torch::nn::Linear head;
+};
+TORCH_MODULE(Net);
+
+double mean_of(const std::vector<double>& v, std::size_t first, std::size_t count) {
+  return std::accumulate(v.begin() + static_cast<std::ptrdiff_t>(first),
+                         v.begin() + static_cast<std::ptrdiff_t>(first + count), 0.0) /
+         static_cast<double>(count);
+}
+
+int run(const Config& config) {
+  using Clock = std::chrono::steady_clock;
+  const auto start = Clock::now();
+  if (config.threads) torch::set_num_threads(*config.threads);
+
+  fabric::Options options;
+  if (config.log_dir) {
+    options.loggers.push_back(std::make_shared<fabric::CSVLogger>(
+        fabric::CSVLogger::Options{.root_dir = *config.log_dir, .name = "fashion_mnist"}));
+  }
+  fabric::Fabric<fabric::CPU, fabric::SingleDevice, fabric::FP32> fabric(std::move(options));
+  fabric.seed_everything(config.seed);
+
+  using fashion_mnist::FashionMNIST;
+  FashionMNIST train_set({.root = config.data_dir, .split = FashionMNIST::Split::train, .subset = config.train_subset});
+  FashionMNIST test_set({.root = config.data_dir, .split = FashionMNIST::Split::test, .subset = config.test_subset});
+  const std::size_t train_size = *train_set.size();
+  const std::size_t test_size = *test_set.size();
+  auto train = fabric.dataloader(train_set.map(torch::data::transforms::Stack<>()),
+                                 {.batch_size = config.batch_size, .shuffle = true, .num_workers = 0});
+  auto test = fabric.dataloader(test_set.map(torch::data::transforms::Stack<>()), {.batch_size = 1000});
+
+  Net net;
+  torch::optim::AdamW adamw(net->parameters(), torch::optim::AdamWOptions(config.lr).weight_decay(1e-4));
+  auto [model, optimizer] = fabric.setup(net, adamw);
+
+  const std::size_t batches_per_epoch = (train_size + config.batch_size - 1) / config.batch_size;
+  const std::size_t total_steps = batches_per_epoch * static_cast<std::size_t>(config.epochs);
+  fabric.print("fashion_mnist: {} train / {} test samples, {} epoch{} of {} batches of {}, lr {}, {} thread{}",
+               train_size, test_size, config.epochs, config.epochs == 1 ? "" : "s", batches_per_epoch,
+               config.batch_size, config.lr,
+               torch::get_num_threads(), torch::get_num_threads() == 1 ? "" : "s");
+  if (auto* logger = fabric.logger()) {
+    logger->log_hyperparams({{"epochs", std::to_string(config.epochs)},
+                             {"batch_size", std::to_string(config.batch_size)},
+                             {"lr", fmt::format("{}", config.lr)},
+                             {"train_samples", std::to_string(train_size)},
+                             {"seed", std::to_string(config.seed)}});
+  }
+
+  std::vector<double> first_epoch_losses;
+  std::vector<double> epoch_losses;
+  double accuracy = 0.0;
+  std::size_t step = 0;
+  for (int epoch = 1; epoch <= config.epochs; ++epoch) {
+    const auto epoch_start = Clock::now();
+    model->train();
+    epoch_losses.clear();
+    for (auto& batch : train) {
+      // Cosine decay of the learning rate from lr to 0 over the whole run, step by step.
+      const double progress = static_cast<double>(step) / static_cast<double>(total_steps);
+      const double lr = 0.5 * config.lr * (1.0 + std::cos(std::numbers::pi * progress));
+      for (auto& group : optimizer.param_groups()) static_cast<torch::optim::AdamWOptions&>(group.options()).lr(lr);
+
+      const auto loss = torch::nn::functional::cross_entropy(model(batch.data), batch.target);
+      fabric.backward(loss);
+      optimizer.step();
+      optimizer.zero_grad();
+
+      const double value = loss.item<double>();
+      epoch_losses.push_back(value);
+      if (epoch == 1) first_epoch_losses.push_back(value);
+      if (step % 50 == 0) fabric.log_dict({{"train_loss", value}, {"lr", lr}}, static_cast<std::int64_t>(step));
+      ++step;
+    }
+    const double train_loss = mean_of(epoch_losses, 0, epoch_losses.size());
+
+    model->eval();
+    std::int64_t correct = 0;
+    {
+      torch::NoGradGuard no_grad;
+      for (auto& batch : test) correct += model(batch.data).argmax(1).eq(batch.target).sum().item<std::int64_t>();
+    }
+    accuracy = 100.0 * static_cast<double>(correct) / static_cast<double>(test_size);
+    const double seconds = std::chrono::duration<double>(Clock::now() - epoch_start).count();
+    fabric.print("epoch {}/{}  train loss {:.4f}  test accuracy {:.2f}%  ({:.1f} s)", epoch, config.epochs,
+                 train_loss, accuracy, seconds);
+    fabric.log_dict({{"epoch", static_cast<double>(epoch)}, {"epoch_train_loss", train_loss}, {"test_accuracy", accuracy}},
+                    static_cast<std::int64_t>(step));
+    if (config.checkpoint) {
+      fabric.save(*config.checkpoint, {{"model", model}, {"optimizer", optimizer}, {"epoch", epoch}});
+    }
+  }
+  for (const auto& logger : fabric.loggers()) logger->finalize("success");
+
+  const double total = std::chrono::duration<double>(Clock::now() - start).count();
+  fabric.print("final test accuracy {:.2f}% ({} samples) after {} epoch{}, {:.1f} s in all", accuracy, test_size,
+               config.epochs, config.epochs == 1 ? "" : "s", total);
+
+  int status = 0;
+  if (config.expect_loss_decrease) {
+    // Compare the first batches of the run with the last batches of the last epoch.
+    const std::size_t k = std::clamp<std::size_t>(epoch_losses.size() / 4, 1, 10);
+    const double first = mean_of(first_epoch_losses, 0, std::min(k, first_epoch_losses.size()));
+    const double last = mean_of(epoch_losses, epoch_losses.size() - k, k);
+    const bool ok = epoch_losses.size() >= 2 && last < first;
+    fabric.print("loss check: mean of the first {} batches {:.4f}, of the last {} batches {:.4f}: {}", k, first, k,
+                 last, ok ? "decreased" : "DID NOT DECREASE");
+    if (!ok) status = 1;
+  }
+  if (config.min_accuracy && accuracy < *config.min_accuracy) {
+    fabric.print("accuracy check: expected at least {:.2f}%, found {:.2f}%", *config.min_accuracy, accuracy);
+    status = 1;
+  }
+  return status;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    const Config config = parse_args(argc, argv);
+    if (config.help) {
+      std::fputs(usage.data(), stdout);
+      return 0;
+    }
+    return run(config);
+  } catch (const UsageError& e) {
+    std::fprintf(stderr, "fashion_mnist: %s\n", e.what());
+    return 2;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "fashion_mnist: %s\n", e.what());
+    return 1;
+  }
+}
