@@ -11,9 +11,13 @@
 #include <cstdint>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <optional>
 #include <set>
 #include <string>
+#include <string_view>
+#include <system_error>
+#include <utility>
 #include <variant>
 #include <vector>
 
@@ -22,6 +26,10 @@ namespace fabric {
 /// Writes metrics to `root_dir/name/version_N/metrics.csv`, one row per log call, like Lightning's
 /// CSVLogger: columns sorted by name, "step" among them; a metric first seen mid-run adds a column
 /// and the file is rewritten with the wider header.
+///
+/// Like Lightning, the version (next free version_N unless given) is settled on first use, the log
+/// directory is created by the first log call, and a metrics.csv already in that directory is
+/// replaced by this run's.
 ///
 ///     auto csv = std::make_shared<fabric::CSVLogger>(fabric::CSVLogger::Options{.root_dir = "logs"});
 ///     fabric::Fabric<> fabric{{.loggers = {csv}}};
@@ -36,13 +44,12 @@ class CSVLogger final : public Logger {
     int flush_logs_every_n_steps = 100;
   };
 
-  /// Creates a logger; nothing is written until the first flush.
+  /// Creates a logger; nothing is written before the first log call.
   explicit CSVLogger(Options options) : options_(std::move(options)) {
     if (options_.flush_logs_every_n_steps < 1) {
       detail::raise("CSVLogger: expected flush_logs_every_n_steps >= 1, found {}; pass a positive number",
                     options_.flush_logs_every_n_steps);
     }
-    if (!options_.version) options_.version = next_version();
   }
   ~CSVLogger() override {
     try {
@@ -55,11 +62,11 @@ class CSVLogger final : public Logger {
 
   std::string name() const override { return options_.name; }
   std::string version() const override {
-    return std::visit([](const auto& v) { return fmt::format("{}", v); }, *options_.version);
+    return std::visit([](const auto& v) { return fmt::format("{}", v); }, resolved_version());
   }
   std::filesystem::path root_dir() const override { return options_.root_dir; }
   std::filesystem::path log_dir() const override {
-    const auto& v = *options_.version;
+    const auto& v = resolved_version();
     const std::string leaf = std::holds_alternative<int>(v) ? fmt::format("version_{}", std::get<int>(v))
                                                             : std::get<std::string>(v);
     return options_.root_dir / options_.name / leaf;
@@ -77,13 +84,14 @@ class CSVLogger final : public Logger {
       }
       row.values.emplace_back(name, value);
     }
+    start_experiment();
     rows_.push_back(std::move(row));
     ++logged_;
     if ((s + 1) % options_.flush_logs_every_n_steps == 0) save();
   }
 
   void log_hyperparams(const std::map<std::string, std::string>& params) override {
-    std::filesystem::create_directories(log_dir());
+    start_experiment();
     std::ofstream out(log_dir() / "hparams.yaml", std::ios::trunc);
     for (const auto& [key, value] : params) out << key << ": " << value << '\n';
     if (!out) detail::raise("CSVLogger: could not write {}; check that the directory is writable", (log_dir() / "hparams.yaml").string());
@@ -91,19 +99,26 @@ class CSVLogger final : public Logger {
 
   void save() override {
     if (rows_.empty()) return;
-    std::filesystem::create_directories(log_dir());
+    start_experiment();
     const auto path = metrics_file();
+    // The columns are committed only once the rows are on disk, so a failed write can be retried.
+    std::set<std::string> keys = keys_;
     bool new_keys = false;
     for (const auto& row : rows_) {
-      for (const auto& kv : row.values) new_keys |= keys_.insert(kv.first).second;
+      for (const auto& kv : row.values) new_keys |= keys.insert(kv.first).second;
     }
-    const bool exists = std::filesystem::exists(path);
-    if (exists && new_keys) rewrite_with_header(path);
-    std::ofstream out(path, std::ios::app);
-    if (!exists) out << header() << '\n';
-    for (const auto& row : rows_) out << format_row(row) << '\n';
+    const auto cols = columns(keys);
+    std::error_code ec;
+    // A file from an earlier run in the same directory is replaced, as Lightning does.
+    const bool append = written_ && std::filesystem::exists(path, ec);
+    if (append && new_keys) rewrite_with_header(path, cols);
+    std::ofstream out(path, append ? std::ios::app : std::ios::trunc);
+    if (!append) out << header(cols) << '\n';
+    for (const auto& row : rows_) out << format_row(row, cols) << '\n';
     out.flush();
     if (!out) detail::raise("CSVLogger: could not write {}; check that the directory is writable", path.string());
+    keys_ = std::move(keys);
+    written_ = true;
     rows_.clear();
   }
 
@@ -115,11 +130,30 @@ class CSVLogger final : public Logger {
     std::vector<std::pair<std::string, double>> values;
   };
 
-  std::vector<std::string> columns() const {
-    std::vector<std::string> cols(keys_.begin(), keys_.end());
+  static std::vector<std::string> columns(const std::set<std::string>& keys) {
+    std::vector<std::string> cols(keys.begin(), keys.end());
     cols.push_back("step");
     std::sort(cols.begin(), cols.end());
     return cols;
+  }
+
+  // The version, settled on first use (the next free version_N unless one was given).
+  const std::variant<int, std::string>& resolved_version() const {
+    if (!options_.version) options_.version = next_version();
+    return *options_.version;
+  }
+
+  // Settles the version and creates the log directory (Lightning's experiment), once.
+  void start_experiment() {
+    if (started_) return;
+    const auto dir = log_dir();
+    std::error_code ec;
+    std::filesystem::create_directories(dir, ec);
+    if (ec) {
+      detail::raise("CSVLogger: could not create the log directory {}: {}; check that root_dir is a writable directory",
+                    dir.string(), ec.message());
+    }
+    started_ = true;
   }
 
   static std::string quote(const std::string& s) {
@@ -139,16 +173,19 @@ class CSVLogger final : public Logger {
     return s;
   }
 
-  std::string header() const {
+  static std::string header(const std::vector<std::string>& cols) {
     std::string line;
-    for (const auto& c : columns()) line += (line.empty() ? "" : ",") + quote(c);
+    for (const auto& c : cols) {
+      if (!line.empty()) line += ',';
+      line += quote(c);
+    }
     return line;
   }
 
-  std::string format_row(const Row& row) const {
+  static std::string format_row(const Row& row, const std::vector<std::string>& cols) {
     std::string line;
     bool first = true;
-    for (const auto& c : columns()) {
+    for (const auto& c : cols) {
       if (!first) line += ',';
       first = false;
       if (c == "step") {
@@ -166,51 +203,65 @@ class CSVLogger final : public Logger {
   }
 
   // Re-reads the rows already on disk and writes them back under the wider header.
-  void rewrite_with_header(const std::filesystem::path& path) const {
-    std::ifstream in(path);
-    std::string line;
-    std::getline(in, line);
-    std::vector<std::string> old_cols = split(line);
-    std::vector<std::vector<std::string>> old_rows;
-    while (std::getline(in, line)) old_rows.push_back(split(line));
-    in.close();
-    const auto cols = columns();
-    std::string text = header() + "\n";
-    for (const auto& r : old_rows) {
+  static void rewrite_with_header(const std::filesystem::path& path, const std::vector<std::string>& cols) {
+    std::string content;
+    {
+      std::ifstream in(path, std::ios::binary);
+      content.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+      if (in.bad()) detail::raise("CSVLogger: could not read {} to add a column", path.string());
+    }
+    const auto records = parse(content);
+    if (records.empty()) return;
+    const std::vector<std::string>& old_cols = records.front();
+    std::string text = header(cols) + "\n";
+    for (std::size_t r = 1; r < records.size(); ++r) {
       std::string out;
       for (std::size_t i = 0; i < cols.size(); ++i) {
         if (i) out += ',';
         const auto it = std::find(old_cols.begin(), old_cols.end(), quote(cols[i]));
         if (it != old_cols.end()) {
           const auto j = static_cast<std::size_t>(it - old_cols.begin());
-          if (j < r.size()) out += r[j];
+          if (j < records[r].size()) out += records[r][j];
         }
       }
       text += out + "\n";
     }
     const auto tmp = std::filesystem::path(path.string() + ".tmp");
     {
-      std::ofstream out(tmp, std::ios::trunc);
+      std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
       out << text;
       out.flush();
       if (!out) detail::raise("CSVLogger: could not write {}; check that the directory is writable", tmp.string());
     }
-    std::filesystem::rename(tmp, path);
+    std::error_code ec;
+    std::filesystem::rename(tmp, path, ec);
+    if (ec) detail::raise("CSVLogger: could not replace {}: {}", path.string(), ec.message());
   }
 
-  // Splits a CSV line written by this logger (quoted fields kept quoted, to compare with quote()).
-  static std::vector<std::string> split(const std::string& line) {
-    std::vector<std::string> out(1);
+  // Splits CSV text written by this logger into records of fields; quoted fields stay quoted (to
+  // compare with quote()) and may hold commas and line breaks.
+  static std::vector<std::vector<std::string>> parse(const std::string& text) {
+    std::vector<std::vector<std::string>> records;
+    std::vector<std::string> fields(1);
     bool in_quotes = false;
-    for (char c : line) {
+    bool any = false;
+    for (char c : text) {
       if (c == '"') in_quotes = !in_quotes;
+      if (!in_quotes && (c == '\n' || c == '\r')) {
+        if (any) records.push_back(std::move(fields));
+        fields.assign(1, std::string());
+        any = false;
+        continue;
+      }
+      any = true;
       if (c == ',' && !in_quotes) {
-        out.emplace_back();
+        fields.emplace_back();
       } else {
-        out.back() += c;
+        fields.back() += c;
       }
     }
-    return out;
+    if (any) records.push_back(std::move(fields));
+    return records;
   }
 
   int next_version() const {
@@ -229,10 +280,12 @@ class CSVLogger final : public Logger {
     return next;
   }
 
-  Options options_;
+  mutable Options options_;  // the version is filled in on first use
   std::set<std::string> keys_{};
   std::vector<Row> rows_{};
   std::size_t logged_ = 0;
+  bool started_ = false;  // the log directory exists
+  bool written_ = false;  // this run wrote metrics.csv
 };
 
 }  // namespace fabric
