@@ -103,11 +103,15 @@ class StateEntry {
   StateEntry(const char* value) : value_(std::string(value)) {}  // NOLINT
   /// Holds a value read from a file.
   explicit StateEntry(c10::IValue value) : value_(std::move(value)) {}
-  /// Refers to a variable: saves its value, and load writes the loaded value back into it.
+  /// Refers to a variable: saves its value, and load writes the loaded value back into it
+  /// (std::cref: saved only, never written back).
   template <class T>
-    requires(std::is_arithmetic_v<T> || std::same_as<T, std::string> || std::same_as<T, at::Tensor>)
-  StateEntry(std::reference_wrapper<T> ref) : StateEntry(ref.get()) {  // NOLINT
-    write_back_ = [p = &ref.get()](const c10::IValue& v) { *p = StateEntry(v).get<T>(); };
+    requires(std::is_arithmetic_v<T> || std::same_as<std::remove_const_t<T>, std::string> ||
+             std::same_as<std::remove_const_t<T>, at::Tensor>)
+  StateEntry(std::reference_wrapper<T> ref) : StateEntry(std::remove_const_t<T>(ref.get())) {  // NOLINT
+    if constexpr (!std::is_const_v<T>) {
+      write_back_ = [p = &ref.get()](const c10::IValue& v) { *p = StateEntry(v).get<T>(); };
+    }
   }
 
   /// Returns what the entry holds.
