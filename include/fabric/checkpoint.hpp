@@ -442,7 +442,7 @@ inline Checkpoint parse_checkpoint(const std::filesystem::path& path) {
       ckpt.kinds[k.key().toStringRef()] = kind;
     }
   }
-  ckpt.root.erase(marker_key);
+  (void)ckpt.root.erase(marker_key);
   return ckpt;
 }
 
