@@ -4,8 +4,13 @@
 // A checkpoint is a torch pickle (torch::pickle_save, readable by Python's torch.load with
 // weights_only=False) of a dictionary: "__fabric__" holds the format and the kind of every entry;
 // a module is a flat dictionary of its parameters and buffers under their dotted names (the keys of
-// a PyTorch state_dict); an optimizer is its LibTorch archive plus the shapes of its parameters;
-// plain values (integers, floating point, booleans, strings, tensors) are stored as they are.
+// a PyTorch state_dict); an optimizer is its LibTorch archive plus the shapes of its parameters
+// and its C++ type; plain values (integers, floating point, booleans, strings, tensors) are stored
+// as they are.
+//
+// Loading checks everything first (names, shapes, types, optimizer groups and options) and reports
+// all problems in one fabric::Error; only then are optimizers restored (undone if one fails),
+// followed by modules and values, so a failed load changes nothing.
 
 #include "fabric/device.hpp"
 #include "fabric/error.hpp"
