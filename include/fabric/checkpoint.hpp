@@ -45,11 +45,11 @@
 #include <cerrno>
 #include <concepts>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <functional>
-#include <cstdlib>
 #include <map>
 #include <memory>
 #include <set>
@@ -72,33 +72,34 @@ class StateEntry {
 
   /// Refers to a module: a TORCH_MODULE holder, a shared_ptr or a module object (not copied).
   template <ModuleLike M>
-  StateEntry(M& module) : kind_(Kind::module), module_(module_pointer(module)) {}  // NOLINT(google-explicit-constructor)
+  StateEntry(M& module)
+      : kind_(Kind::module), module_(module_pointer(module)) {}  // NOLINT(google-explicit-constructor)
   /// Refers to the module of a set-up wrapper.
   template <class M, class F>
   StateEntry(const Module<M, F>& module) : kind_(Kind::module), module_(module.ptr()) {}  // NOLINT
   /// Refers to an optimizer (not copied).
   template <class O>
-    requires std::derived_from<O, torch::optim::Optimizer>
-  StateEntry(O& optimizer) : kind_(Kind::optimizer), optimizer_(&optimizer) {}  // NOLINT
+  requires std::derived_from<O, torch::optim::Optimizer> StateEntry(O& optimizer)
+      : kind_(Kind::optimizer), optimizer_(&optimizer) {}  // NOLINT
   /// Refers to the optimizer of a set-up wrapper.
   template <class O, class F>
-  StateEntry(const Optimizer<O, F>& optimizer) : kind_(Kind::optimizer), optimizer_(&optimizer.optimizer()) {}  // NOLINT
+  StateEntry(const Optimizer<O, F>& optimizer)
+      : kind_(Kind::optimizer), optimizer_(&optimizer.optimizer()) {}  // NOLINT
   /// Refers to an optimizer held by a std::shared_ptr (not copied; the pointer must outlive the entry).
   template <class O>
-    requires std::derived_from<O, torch::optim::Optimizer>
-  StateEntry(const std::shared_ptr<O>& optimizer) : StateEntry(optimizer.get(), "std::shared_ptr") {}  // NOLINT
+  requires std::derived_from<O, torch::optim::Optimizer> StateEntry(const std::shared_ptr<O>& optimizer)
+      : StateEntry(optimizer.get(), "std::shared_ptr") {}  // NOLINT
   /// Refers to an optimizer held by a std::unique_ptr (not copied; the pointer must outlive the entry).
   template <class O, class D>
-    requires std::derived_from<O, torch::optim::Optimizer>
-  StateEntry(const std::unique_ptr<O, D>& optimizer) : StateEntry(optimizer.get(), "std::unique_ptr") {}  // NOLINT
+  requires std::derived_from<O, torch::optim::Optimizer> StateEntry(const std::unique_ptr<O, D>& optimizer)
+      : StateEntry(optimizer.get(), "std::unique_ptr") {}  // NOLINT
   /// Holds a tensor.
   StateEntry(at::Tensor value) : value_(std::move(value)) {}  // NOLINT
   /// Holds a boolean.
   StateEntry(bool value) : value_(value) {}  // NOLINT
   /// Holds an integer (stored as int64).
   template <std::integral T>
-    requires(!std::same_as<T, bool>)
-  StateEntry(T value) : value_(static_cast<std::int64_t>(value)) {}  // NOLINT
+  requires(!std::same_as<T, bool>) StateEntry(T value) : value_(static_cast<std::int64_t>(value)) {}  // NOLINT
   /// Holds a floating-point number (stored as double).
   template <std::floating_point T>
   StateEntry(T value) : value_(static_cast<double>(value)) {}  // NOLINT
@@ -111,9 +112,9 @@ class StateEntry {
   /// Refers to a variable: saves its value, and load writes the loaded value back into it
   /// (std::cref: saved only, never written back).
   template <class T>
-    requires(std::is_arithmetic_v<T> || std::same_as<std::remove_const_t<T>, std::string> ||
-             std::same_as<std::remove_const_t<T>, at::Tensor>)
-  StateEntry(std::reference_wrapper<T> ref) : StateEntry(std::remove_const_t<T>(ref.get())) {  // NOLINT
+  requires(std::is_arithmetic_v<T> || std::same_as<std::remove_const_t<T>, std::string> ||
+           std::same_as<std::remove_const_t<T>, at::Tensor>) StateEntry(std::reference_wrapper<T> ref)
+      : StateEntry(std::remove_const_t<T>(ref.get())) {  // NOLINT
     if constexpr (!std::is_const_v<T>) {
       write_back_ = [p = &ref.get()](const c10::IValue& v) { *p = StateEntry(v).get<T>(); };
     }
@@ -143,12 +144,14 @@ class StateEntry {
     } else if constexpr (std::same_as<T, at::Tensor>) {
       if (value_.isTensor()) return value_.toTensor();
     } else {
-      static_assert(sizeof(T) == 0, "fabric: StateEntry::get<T> supports integers, floating point, bool, "
-                                    "std::string and at::Tensor; read other values through value()");
+      static_assert(sizeof(T) == 0,
+                    "fabric: StateEntry::get<T> supports integers, floating point, bool, "
+                    "std::string and at::Tensor; read other values through value()");
     }
-    detail::raise("state entry: expected a value of the requested type, found {}; read it with the type it was "
-                  "saved with",
-                  value_.tagKind());
+    detail::raise(
+        "state entry: expected a value of the requested type, found {}; read it with the type it was "
+        "saved with",
+        value_.tagKind());
   }
 
  private:
@@ -196,9 +199,12 @@ inline constexpr const char* marker_key = "__fabric__";
 
 inline const char* kind_name(StateEntry::Kind k) {
   switch (k) {
-    case StateEntry::Kind::module: return "module";
-    case StateEntry::Kind::optimizer: return "optimizer";
-    default: return "value";
+    case StateEntry::Kind::module:
+      return "module";
+    case StateEntry::Kind::optimizer:
+      return "optimizer";
+    default:
+      return "value";
   }
 }
 
@@ -216,7 +222,8 @@ inline void write_atomically(const std::filesystem::path& path, const char* data
   const auto tmp = std::filesystem::path(
       fmt::format("{}.tmp-{}-{}", path.string(), static_cast<long>(::getpid()), counter.fetch_add(1)));
   const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0) raise("could not create {}: {}; check that the directory is writable", tmp.string(), std::strerror(errno));
+  if (fd < 0)
+    raise("could not create {}: {}; check that the directory is writable", tmp.string(), std::strerror(errno));
   auto fail = [&](const char* what) {
     const int err = errno;
     ::close(fd);
@@ -260,9 +267,10 @@ inline std::vector<char> read_file(const std::filesystem::path& path) {
   std::vector<char> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
   if (!in.eof() && in.fail()) raise("could not read {}", path.string());
   if (bytes.empty()) {
-    raise("expected a checkpoint at {}, found an empty file; it was not written by fabric's save (which never "
-          "leaves an empty file)",
-          path.string());
+    raise(
+        "expected a checkpoint at {}, found an empty file; it was not written by fabric's save (which never "
+        "leaves an empty file)",
+        path.string());
   }
   return bytes;
 }
@@ -341,8 +349,12 @@ inline std::vector<char> serialize_state(const State& state) {
   for (const auto& [key, entry] : state) {
     if (key == marker_key) raise("the state key \"{}\" is reserved; rename that entry", key);
     switch (entry.kind()) {
-      case StateEntry::Kind::module: root.insert(key, module_to_ivalue(*entry.module())); break;
-      case StateEntry::Kind::optimizer: root.insert(key, optimizer_to_ivalue(key, *entry.optimizer())); break;
+      case StateEntry::Kind::module:
+        root.insert(key, module_to_ivalue(*entry.module()));
+        break;
+      case StateEntry::Kind::optimizer:
+        root.insert(key, optimizer_to_ivalue(key, *entry.optimizer()));
+        break;
       case StateEntry::Kind::value:
         if (entry.value().isNone()) raise("state entry \"{}\" holds no value; give it one or remove it", key);
         if (entry.value().isTensor() && !entry.value().toTensor().defined()) {
@@ -362,9 +374,10 @@ inline std::vector<char> serialize_state(const State& state) {
   try {
     return torch::jit::pickle_save(root);
   } catch (const c10::Error& e) {
-    raise("could not serialize the state ({}); expected modules, optimizers, integers, floating point, booleans, "
-          "strings and dense tensors",
-          first_line(e.what_without_backtrace()));
+    raise(
+        "could not serialize the state ({}); expected modules, optimizers, integers, floating point, booleans, "
+        "strings and dense tensors",
+        first_line(e.what_without_backtrace()));
   }
 }
 
@@ -399,43 +412,49 @@ inline Checkpoint parse_checkpoint(const std::filesystem::path& path) {
   try {
     value = torch::jit::pickle_load(bytes);
   } catch (const std::exception& e) {
-    raise("could not read a checkpoint from {}: the file is truncated, corrupt or of another format ({}); "
-          "expected a file written by fabric's save (use load_raw for files of torch::save)",
-          path.string(), first_line(e.what()));
+    raise(
+        "could not read a checkpoint from {}: the file is truncated, corrupt or of another format ({}); "
+        "expected a file written by fabric's save (use load_raw for files of torch::save)",
+        path.string(), first_line(e.what()));
   }
   if (!value.isGenericDict()) {
-    raise("expected a fabric checkpoint at {}, found a torch pickle of {} instead of fabric's dictionary; read it "
-          "with torch::pickle_load (or use load_raw for files written by torch::save)",
-          path.string(), describe(value));
+    raise(
+        "expected a fabric checkpoint at {}, found a torch pickle of {} instead of fabric's dictionary; read it "
+        "with torch::pickle_load (or use load_raw for files written by torch::save)",
+        path.string(), describe(value));
   }
   Checkpoint ckpt;
   bool marked = false;
   for (const auto& item : value.toGenericDict()) {
     if (!item.key().isString()) {
-      raise("expected a fabric checkpoint at {}, found a dictionary with a key that is {}, not a string; it was not "
-            "written by fabric's save",
-            path.string(), describe(item.key()));
+      raise(
+          "expected a fabric checkpoint at {}, found a dictionary with a key that is {}, not a string; it was not "
+          "written by fabric's save",
+          path.string(), describe(item.key()));
     }
     marked |= item.key().toStringRef() == marker_key;
     ckpt.root.insert(item.key().toStringRef(), item.value());
   }
   if (!marked) {
-    raise("expected a fabric checkpoint at {}, found a dictionary without fabric's \"{}\" entry; it was not written "
-          "by fabric's save (use load_raw for files written by torch::save)",
-          path.string(), marker_key);
+    raise(
+        "expected a fabric checkpoint at {}, found a dictionary without fabric's \"{}\" entry; it was not written "
+        "by fabric's save (use load_raw for files written by torch::save)",
+        path.string(), marker_key);
   }
   const c10::IValue marker = ckpt.root.at(marker_key);
   if (!marker.isGenericDict()) malformed_marker(path, fmt::format("expected a dictionary, found {}", describe(marker)));
   const auto m = marker.toGenericDict();
   if (!m.contains("format") || !m.at("format").isInt()) malformed_marker(path, "no integer \"format\"");
   if (m.at("format").toInt() > checkpoint_format) {
-    raise("the checkpoint {} has format {}, which this fabric ({}) cannot read; expected format <= {}; load it with a "
-          "newer fabric",
-          path.string(), m.at("format").toInt(), version(), checkpoint_format);
+    raise(
+        "the checkpoint {} has format {}, which this fabric ({}) cannot read; expected format <= {}; load it with a "
+        "newer fabric",
+        path.string(), m.at("format").toInt(), version(), checkpoint_format);
   }
   if (m.contains("kinds")) {
     const c10::IValue kinds = m.at("kinds");
-    if (!kinds.isGenericDict()) malformed_marker(path, fmt::format("\"kinds\" is {}, not a dictionary", describe(kinds)));
+    if (!kinds.isGenericDict())
+      malformed_marker(path, fmt::format("\"kinds\" is {}, not a dictionary", describe(kinds)));
     for (const auto& k : kinds.toGenericDict()) {
       if (!k.key().isString() || !k.value().isString()) {
         malformed_marker(path, fmt::format("a kind is {}, not a string", describe(k.value())));
@@ -488,7 +507,8 @@ inline void check_module(const std::string& key, const torch::nn::Module& module
   if (strict) {
     for (const auto& item : dict) {
       if (!item.key().isString()) {
-        errors.push_back(fmt::format("\"{}\": found a tensor name that is {}, not a string", key, describe(item.key())));
+        errors.push_back(
+            fmt::format("\"{}\": found a tensor name that is {}, not a string", key, describe(item.key())));
       } else if (!seen.contains(item.key().toStringRef())) {
         errors.push_back(
             fmt::format("\"{}.{}\": in the checkpoint but not in the module", key, item.key().toStringRef()));
@@ -549,10 +569,11 @@ inline void check_optimizer_archive(const std::string& label, torch::serialize::
     torch::serialize::InputArchive groups_archive;
     if (!archive.try_read("pytorch_version", version_value) || !archive.try_read("param_groups", groups_archive)) {
       errors.push_back(with_label(
-          label, fmt::format("expected an optimizer's state as torch::save(optimizer, path) writes it, found an archive "
-                             "without \"pytorch_version\" and \"param_groups\" in {} (a module's archive, or one "
-                             "from LibTorch before 1.5)",
-                             where)));
+          label,
+          fmt::format("expected an optimizer's state as torch::save(optimizer, path) writes it, found an archive "
+                      "without \"pytorch_version\" and \"param_groups\" in {} (a module's archive, or one "
+                      "from LibTorch before 1.5)",
+                      where)));
       return;
     }
     const auto& groups = optimizer.param_groups();
@@ -601,8 +622,9 @@ inline void check_optimizer_archive(const std::string& label, torch::serialize::
           if (!v.isTensor() || !v.toTensor().defined() || v.toTensor().dim() == 0) continue;
           if (v.toTensor().sizes() != params[j].sizes()) {
             errors.push_back(with_label(
-                label, fmt::format("parameter {} of group {}: expected state of shape {}, found \"{}\" of shape {} in {}",
-                                   j, g, shape_str(params[j].sizes()), name, shape_str(v.toTensor().sizes()), where)));
+                label,
+                fmt::format("parameter {} of group {}: expected state of shape {}, found \"{}\" of shape {} in {}", j,
+                            g, shape_str(params[j].sizes()), name, shape_str(v.toTensor().sizes()), where)));
           }
         }
       }
@@ -655,8 +677,8 @@ inline OptimizerBackup load_optimizer_archive(torch::serialize::InputArchive& ar
 }
 
 /// Checks an optimizer entry of a checkpoint; on success its parsed archive goes into archives.
-inline void check_optimizer(const std::string& key, const torch::optim::Optimizer& optimizer,
-                            const c10::IValue& stored, std::vector<std::string>& errors,
+inline void check_optimizer(const std::string& key, const torch::optim::Optimizer& optimizer, const c10::IValue& stored,
+                            std::vector<std::string>& errors,
                             std::map<std::string, torch::serialize::InputArchive>& archives) {
   const std::string label = fmt::format("\"{}\"", key);
   if (!stored.isGenericDict()) {
@@ -673,9 +695,10 @@ inline void check_optimizer(const std::string& key, const torch::optim::Optimize
     const std::string saved = dict.at("type").toStringRef();
     const std::string wanted = optimizer_type(optimizer);
     if (saved != wanted) {
-      errors.push_back(fmt::format("{}: expected the state of a {}, found the state of a {} in the checkpoint; build "
-                                   "the optimizer the same way as when it was saved",
-                                   label, wanted, saved));
+      errors.push_back(
+          fmt::format("{}: expected the state of a {}, found the state of a {} in the checkpoint; build "
+                      "the optimizer the same way as when it was saved",
+                      label, wanted, saved));
       return;
     }
   }
@@ -707,8 +730,8 @@ inline void check_optimizer(const std::string& key, const torch::optim::Optimize
     if (blob.scalar_type() != at::kByte) throw std::runtime_error("the archive is not a byte tensor");
     archive.load_from(static_cast<const char*>(blob.data_ptr()), static_cast<std::size_t>(blob.numel()));
   } catch (const std::exception& e) {
-    errors.push_back(fmt::format("{}: the optimizer state in the checkpoint is corrupt ({})", label,
-                                 first_line(e.what())));
+    errors.push_back(
+        fmt::format("{}: the optimizer state in the checkpoint is corrupt ({})", label, first_line(e.what())));
     return;
   }
   check_optimizer_archive(label, archive, optimizer, "the checkpoint", errors);
@@ -735,8 +758,12 @@ inline State load_state(const std::filesystem::path& path, State& state, bool st
         continue;
       }
       switch (entry.kind()) {
-        case StateEntry::Kind::module: check_module(key, *entry.module(), stored, strict, errors); break;
-        case StateEntry::Kind::optimizer: check_optimizer(key, *entry.optimizer(), stored, errors, archives); break;
+        case StateEntry::Kind::module:
+          check_module(key, *entry.module(), stored, strict, errors);
+          break;
+        case StateEntry::Kind::optimizer:
+          check_optimizer(key, *entry.optimizer(), stored, errors, archives);
+          break;
         case StateEntry::Kind::value:
           if (!same_value_type(entry.value(), stored)) {
             errors.push_back(
@@ -764,18 +791,24 @@ inline State load_state(const std::filesystem::path& path, State& state, bool st
       backups.push_back(load_optimizer_archive(archive->second, *entry.optimizer()));
     } catch (const c10::Error& e) {
       for (auto it = backups.rbegin(); it != backups.rend(); ++it) it->restore();
-      raise("cannot load {}: \"{}\": the optimizer state does not fit this optimizer ({}); nothing was changed; build "
-            "the optimizer the same way as when it was saved",
-            path.string(), key, first_line(e.what_without_backtrace()));
+      raise(
+          "cannot load {}: \"{}\": the optimizer state does not fit this optimizer ({}); nothing was changed; build "
+          "the optimizer the same way as when it was saved",
+          path.string(), key, first_line(e.what_without_backtrace()));
     }
   }
   for (auto& [key, entry] : state) {
     if (!ckpt.root.contains(key)) continue;
     const c10::IValue stored = ckpt.root.at(key);
     switch (entry.kind()) {
-      case StateEntry::Kind::module: restore_module(*entry.module(), stored); break;
-      case StateEntry::Kind::optimizer: break;
-      case StateEntry::Kind::value: entry.assign(stored); break;
+      case StateEntry::Kind::module:
+        restore_module(*entry.module(), stored);
+        break;
+      case StateEntry::Kind::optimizer:
+        break;
+      case StateEntry::Kind::value:
+        entry.assign(stored);
+        break;
     }
   }
   State rest;
@@ -858,9 +891,10 @@ inline torch::serialize::InputArchive open_archive(const std::filesystem::path& 
   try {
     archive.load_from(path.string());
   } catch (const c10::Error& e) {
-    raise("could not read {} as a torch::save archive ({}); expected a file written by torch::save (use load for "
-          "fabric checkpoints)",
-          path.string(), first_line(e.what_without_backtrace()));
+    raise(
+        "could not read {} as a torch::save archive ({}); expected a file written by torch::save (use load for "
+        "fabric checkpoints)",
+        path.string(), first_line(e.what_without_backtrace()));
   }
   return archive;
 }
@@ -877,8 +911,8 @@ inline void load_raw_module(const std::filesystem::path& path, torch::nn::Module
           first_line(e.what_without_backtrace()));
   }
   if (!errors.empty()) {
-    raise("cannot load {} into the module ({} problem{}; nothing was changed):\n  {}\n{}", path.string(),
-          errors.size(), errors.size() == 1 ? "" : "s", fmt::join(errors, "\n  "),
+    raise("cannot load {} into the module ({} problem{}; nothing was changed):\n  {}\n{}", path.string(), errors.size(),
+          errors.size() == 1 ? "" : "s", fmt::join(errors, "\n  "),
           strict ? "Pass strict = false to skip missing and unexpected tensors; shapes must match."
                  : "Shapes must match.");
   }
@@ -892,16 +926,18 @@ inline void load_raw_optimizer(const std::filesystem::path& path, torch::optim::
   std::vector<std::string> errors;
   check_optimizer_archive("", archive, optimizer, "the file", errors);
   if (!errors.empty()) {
-    raise("cannot load {} into the optimizer ({} problem{}; nothing was changed):\n  {}\nExpected a file written by "
-          "torch::save(optimizer, path) for the same type of optimizer over parameters of the same shapes.",
-          path.string(), errors.size(), errors.size() == 1 ? "" : "s", fmt::join(errors, "\n  "));
+    raise(
+        "cannot load {} into the optimizer ({} problem{}; nothing was changed):\n  {}\nExpected a file written by "
+        "torch::save(optimizer, path) for the same type of optimizer over parameters of the same shapes.",
+        path.string(), errors.size(), errors.size() == 1 ? "" : "s", fmt::join(errors, "\n  "));
   }
   try {
     (void)load_optimizer_archive(archive, optimizer);
   } catch (const c10::Error& e) {
-    raise("could not load the optimizer state in {} ({}); nothing was changed; expected a file written by "
-          "torch::save(optimizer, path) for an optimizer built the same way",
-          path.string(), first_line(e.what_without_backtrace()));
+    raise(
+        "could not load the optimizer state in {} ({}); nothing was changed; expected a file written by "
+        "torch::save(optimizer, path) for an optimizer built the same way",
+        path.string(), first_line(e.what_without_backtrace()));
   }
 }
 

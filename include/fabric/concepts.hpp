@@ -31,21 +31,23 @@ concept Accelerator = Policy<T> && std::derived_from<typename T::category, accel
 
 /// A strategy owns the process topology (ranks, world size), synchronisation and per-module state.
 template <class T>
-concept Strategy = Policy<T> && std::derived_from<typename T::category, strategy_tag> &&
-                   std::move_constructible<T> && requires(T& s, const T& cs) {
-                     typename T::ModuleState;
-                     { T::is_distributed } -> std::convertible_to<bool>;
-                     { cs.global_rank() } -> std::convertible_to<int>;
-                     { cs.local_rank() } -> std::convertible_to<int>;
-                     { cs.node_rank() } -> std::convertible_to<int>;
-                     { cs.world_size() } -> std::convertible_to<int>;
-                     s.barrier();
-                   };
+concept Strategy = Policy<T> && std::derived_from<typename T::category, strategy_tag> && std::move_constructible<T> &&
+    requires(T& s, const T& cs) {
+  typename T::ModuleState;
+  { T::is_distributed } -> std::convertible_to<bool>;
+  { cs.global_rank() } -> std::convertible_to<int>;
+  { cs.local_rank() } -> std::convertible_to<int>;
+  { cs.node_rank() } -> std::convertible_to<int>;
+  { cs.world_size() } -> std::convertible_to<int>;
+  s.barrier();
+};
 
 /// A precision converts modules and data and gives the context that forward runs in.
 template <class T>
-concept Precision = Policy<T> && std::derived_from<typename T::category, precision_tag> &&
-                    std::move_constructible<T> && requires(T& p) { p.forward_context(); };
+concept Precision = Policy<T> && std::derived_from<typename T::category, precision_tag> && std::move_constructible<T> &&
+    requires(T& p) {
+  p.forward_context();
+};
 
 /// A callback is any movable class; which hooks it implements is discovered at compile time.
 template <class T>

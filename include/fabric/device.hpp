@@ -33,8 +33,7 @@ inline constexpr bool is_module_ptr_v<std::shared_ptr<M>> = std::is_base_of_v<to
 /// A module a user passes around: a TORCH_MODULE holder, a shared_ptr to a module, or a module object.
 template <class T>
 concept ModuleLike = detail::is_module_holder_v<std::remove_cvref_t<T>> ||
-                     detail::is_module_ptr_v<std::remove_cvref_t<T>> ||
-                     std::is_base_of_v<torch::nn::Module, std::remove_cvref_t<T>>;
+    detail::is_module_ptr_v<std::remove_cvref_t<T>> || std::is_base_of_v<torch::nn::Module, std::remove_cvref_t<T>>;
 
 namespace detail {
 
@@ -143,8 +142,8 @@ M& to_device(M& module, const c10::Device& device, bool non_blocking = false) {
 ///
 ///     auto batch = fabric::to_device(std::pair{images, labels}, torch::kCPU);
 template <class T>
-  requires(!ModuleLike<T>)
-std::remove_cvref_t<T> to_device(T&& data, const c10::Device& device, bool non_blocking = false) {
+requires(!ModuleLike<T>) std::remove_cvref_t<T> to_device(T&& data, const c10::Device& device,
+                                                          bool non_blocking = false) {
   return detail::move_data(std::remove_cvref_t<T>(std::forward<T>(data)), device, non_blocking);
 }
 

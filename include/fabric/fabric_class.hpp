@@ -66,7 +66,7 @@ struct module_class {
   using type = T;
 };
 template <class T>
-  requires is_module_holder_v<T>
+requires is_module_holder_v<T>
 struct module_class<T> {
   using type = typename T::ContainedType;
 };
@@ -254,8 +254,7 @@ class Fabric {
   }
   /// Sets up optimizers alone; returns one wrapper, or a tuple of them.
   template <class... Os>
-    requires(sizeof...(Os) > 0)
-  auto setup_optimizers(Os&&... optimizers) {
+  requires(sizeof...(Os) > 0) auto setup_optimizers(Os&&... optimizers) {
     (check_optimizer_arg<Os>(), ...);
     (check_not_set_up(&optimizer_ref(optimizers), "optimizer"), ...);
     if constexpr (sizeof...(Os) == 1) {
@@ -269,14 +268,12 @@ class Fabric {
   /// object that outlives the wrapper) so that iterating yields batches on the device; returns one
   /// wrapper or a tuple of them.
   template <class... Ls>
-    requires(sizeof...(Ls) > 0)
-  auto setup_dataloaders(Ls&&... loaders) {
+  requires(sizeof...(Ls) > 0) auto setup_dataloaders(Ls&&... loaders) {
     return setup_dataloaders(DataOptions{}, std::forward<Ls>(loaders)...);
   }
   /// setup_dataloaders with options, e.g. `setup_dataloaders({.move_to_device = false}, loader)`.
   template <class... Ls>
-    requires(sizeof...(Ls) > 0)
-  auto setup_dataloaders(DataOptions options, Ls&&... loaders) {
+  requires(sizeof...(Ls) > 0) auto setup_dataloaders(DataOptions options, Ls&&... loaders) {
     if constexpr (sizeof...(Ls) == 1) {
       return setup_loader_impl(options, std::forward<Ls>(loaders)...);
     } else {
@@ -286,7 +283,8 @@ class Fabric {
   /// Builds a set-up loader from a map-style dataset: batches of `options.batch_size`, shuffled per
   /// epoch from the global seed when `options.shuffle`, sharded across ranks by distributed strategies.
   ///
-  ///     auto train = fabric.dataloader(dataset.map(torch::data::transforms::Stack<>()), {.batch_size = 64, .shuffle = true});
+  ///     auto train = fabric.dataloader(dataset.map(torch::data::transforms::Stack<>()), {.batch_size = 64, .shuffle =
+  ///     true});
   template <class D>
   auto dataloader(D dataset, LoaderOptions options, DataOptions data_options = {}) {
     const auto size = dataset.size();
@@ -298,10 +296,11 @@ class Fabric {
                                        .shuffle = options.shuffle,
                                        .seed = global_seed(),
                                        .drop_last = false});
-    auto loader = torch::data::make_data_loader(
-        std::move(dataset), std::move(sampler),
-        torch::data::DataLoaderOptions().batch_size(options.batch_size).workers(options.num_workers).drop_last(
-            options.drop_last));
+    auto loader = torch::data::make_data_loader(std::move(dataset), std::move(sampler),
+                                                torch::data::DataLoaderOptions()
+                                                    .batch_size(options.batch_size)
+                                                    .workers(options.num_workers)
+                                                    .drop_last(options.drop_last));
     return setup_loader_impl(data_options, std::move(loader));
   }
 
@@ -387,8 +386,7 @@ class Fabric {
   }
   /// Returns data (tensors, Example, nested standard containers) with every tensor on the device.
   template <class T>
-    requires(!ModuleLike<T>)
-  std::remove_cvref_t<T> to_device(T&& data) {
+  requires(!ModuleLike<T>) std::remove_cvref_t<T> to_device(T&& data) {
     return fabric::to_device(std::forward<T>(data), device_);
   }
 
@@ -474,8 +472,9 @@ class Fabric {
   /// Returns the callback object of type C.
   template <class C>
   C& callback() noexcept {
-    static_assert(contains_v<C, callbacks_type>, "fabric: callback<C>() needs a C from Fabric's callback list; add "
-                                                   "C to Fabric<..., Callbacks...>");
+    static_assert(contains_v<C, callbacks_type>,
+                  "fabric: callback<C>() needs a C from Fabric's callback list; add "
+                  "C to Fabric<..., Callbacks...>");
     return std::get<C>(callbacks_);
   }
 
@@ -577,9 +576,10 @@ class Fabric {
   }
   void check_not_set_up(const void* object, std::string_view what) const {
     if (set_up_.contains(object)) {
-      detail::raise("this {0} was already set up by this Fabric; expected a {0} not set up yet, found one that "
-                    "setup() wrapped before; keep using the wrapper the first setup() returned",
-                    what);
+      detail::raise(
+          "this {0} was already set up by this Fabric; expected a {0} not set up yet, found one that "
+          "setup() wrapped before; keep using the wrapper the first setup() returned",
+          what);
     }
   }
   static void check_belongs(const torch::nn::Module& module, const torch::optim::Optimizer& optimizer) {
@@ -592,9 +592,10 @@ class Fabric {
         if (own.contains(p.unsafeGetTensorImpl())) return;
       }
     }
-    detail::raise("expected an optimizer over the module's parameters, found one whose {} parameter{} belong to "
-                  "another module; build the optimizer from this module's parameters()",
-                  total, total == 1 ? " does not" : "s do not");
+    detail::raise(
+        "expected an optimizer over the module's parameters, found one whose {} parameter{} belong to "
+        "another module; build the optimizer from this module's parameters()",
+        total, total == 1 ? " does not" : "s do not");
   }
 
   template <class M>
@@ -621,8 +622,12 @@ class Fabric {
     static_assert(!detail::is_fabric_loader_v<U>,
                   "fabric: this data loader is already set up; iterate the wrapper setup_dataloaders() returned");
     using Loader = typename detail::pointee<U>::type;
-    static_assert(requires(Loader& l) { l.begin(); l.end(); },
-                  "fabric: setup_dataloaders takes LibTorch data loaders (from torch::data::make_data_loader)");
+    static_assert(
+        requires(Loader & l) {
+          l.begin();
+          l.end();
+        },
+        "fabric: setup_dataloaders takes LibTorch data loaders (from torch::data::make_data_loader)");
     return DataLoader<Loader>(detail::share<Loader>(std::forward<L>(loader)), device_, options.move_to_device);
   }
 
@@ -637,8 +642,8 @@ class Fabric {
 
 /// True for the wrappers that setup, setup_optimizers and setup_dataloaders return.
 template <class T>
-inline constexpr bool is_wrapped_v = detail::is_fabric_module_v<std::remove_cvref_t<T>> ||
-                                     detail::is_fabric_optimizer_v<std::remove_cvref_t<T>> ||
-                                     detail::is_fabric_loader_v<std::remove_cvref_t<T>>;
+inline constexpr bool is_wrapped_v =
+    detail::is_fabric_module_v<std::remove_cvref_t<T>> || detail::is_fabric_optimizer_v<std::remove_cvref_t<T>> ||
+    detail::is_fabric_loader_v<std::remove_cvref_t<T>>;
 
 }  // namespace fabric

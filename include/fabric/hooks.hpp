@@ -13,29 +13,31 @@
 #include <utility>
 
 /// Declares a hook named `hook` in the current namespace, e.g. `FABRIC_HOOK(on_best_model);`.
-#define FABRIC_HOOK(hook)                                                                        \
-  struct hook##_hook {                                                                           \
-    static constexpr ::std::string_view name = #hook;                                            \
-    struct fallback_ {                                                                           \
-      int hook;                                                                                  \
-    };                                                                                           \
-    template <class C>                                                                           \
-    struct probe_ : C, fallback_ {};                                                             \
-    template <class C>                                                                           \
-    static constexpr bool declared_by() noexcept {                                               \
-      if constexpr (::std::is_final_v<C>) {                                                      \
-        return requires { &C::hook; };                                                           \
-      } else {                                                                                   \
-        return !requires { &probe_<C>::hook; };                                                  \
-      }                                                                                          \
-    }                                                                                            \
-    template <class C, class... A>                                                               \
-    static constexpr bool invocable_by = requires(C& c, A&&... a) { c.hook(static_cast<A&&>(a)...); }; \
-    template <class C, class... A>                                                               \
-    static decltype(auto) invoke(C& c, A&&... a) {                                               \
-      return c.hook(static_cast<A&&>(a)...);                                                     \
-    }                                                                                            \
-  };                                                                                             \
+#define FABRIC_HOOK(hook)                                            \
+  struct hook##_hook {                                               \
+    static constexpr ::std::string_view name = #hook;                \
+    struct fallback_ {                                               \
+      int hook;                                                      \
+    };                                                               \
+    template <class C>                                               \
+    struct probe_ : C, fallback_ {};                                 \
+    template <class C>                                               \
+    static constexpr bool declared_by() noexcept {                   \
+      if constexpr (::std::is_final_v<C>) {                          \
+        return requires { &C::hook; };                               \
+      } else {                                                       \
+        return !requires { &probe_<C>::hook; };                      \
+      }                                                              \
+    }                                                                \
+    template <class C, class... A>                                   \
+    static constexpr bool invocable_by = requires(C & c, A&&... a) { \
+      c.hook(static_cast<A&&>(a)...);                                \
+    };                                                               \
+    template <class C, class... A>                                   \
+    static decltype(auto) invoke(C& c, A&&... a) {                   \
+      return c.hook(static_cast<A&&>(a)...);                         \
+    }                                                                \
+  };                                                                 \
   inline constexpr hook##_hook hook {}
 
 namespace fabric {

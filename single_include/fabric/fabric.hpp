@@ -4,113 +4,9 @@
 // ---- begin fabric/fabric.hpp
 // fabric: Lightning Fabric's way of training, for LibTorch. The umbrella header.
 
-// ---- begin fabric/config.hpp
-// Compiler and platform configuration shared by every fabric header. Torch-free.
+// ---- begin fabric/accelerators/cpu.hpp
+// fabric::CPU: the accelerator policy for the host CPU.
 
-#if !defined(__cplusplus) || __cplusplus < 202002L
-#  if !defined(_MSVC_LANG) || _MSVC_LANG < 202002L
-#    error "fabric: C++20 is required; compile with -std=c++20 (CMake: target_compile_features(... cxx_std_20))"
-#  endif
-#endif
-
-#if defined(__GNUC__) || defined(__clang__)
-#  define FABRIC_ALWAYS_INLINE inline __attribute__((always_inline))
-#else
-#  define FABRIC_ALWAYS_INLINE inline
-#endif
-
-#if defined(_MSC_VER)
-#  define FABRIC_NO_UNIQUE_ADDRESS [[msvc::no_unique_address]]
-#else
-#  define FABRIC_NO_UNIQUE_ADDRESS [[no_unique_address]]
-#endif
-// ---- end fabric/config.hpp
-// ---- begin fabric/version.hpp
-// The library's version, as macros and as a constexpr value. Torch-free.
-
-#include <string_view>
-
-#define FABRIC_VERSION_MAJOR 0
-#define FABRIC_VERSION_MINOR 1
-#define FABRIC_VERSION_PATCH 0
-#define FABRIC_VERSION (FABRIC_VERSION_MAJOR * 10000 + FABRIC_VERSION_MINOR * 100 + FABRIC_VERSION_PATCH)
-
-namespace fabric {
-
-/// Returns the library version as "major.minor.patch".
-constexpr std::string_view version() noexcept { return "0.1.0"; }
-
-}  // namespace fabric
-// ---- end fabric/version.hpp
-// ---- begin fabric/error.hpp
-// fabric::Error, the one exception type the library throws for misuse and bad input. Torch-free.
-
-#include <fmt/format.h>
-
-#include <stdexcept>
-#include <string>
-#include <utility>
-
-namespace fabric {
-
-/// Reports a misuse or bad input: what was expected, what was found, and how to fix it.
-class Error : public std::runtime_error {
- public:
-  explicit Error(const std::string& message) : std::runtime_error("fabric: " + message) {}
-};
-
-namespace detail {
-
-/// Throws fabric::Error with an fmt-formatted message.
-template <class... Args>
-[[noreturn]] void raise(fmt::format_string<Args...> format, Args&&... args) {
-  throw Error(fmt::format(format, std::forward<Args>(args)...));
-}
-
-}  // namespace detail
-}  // namespace fabric
-// ---- end fabric/error.hpp
-// ---- begin fabric/type_list.hpp
-// A compile-time list of types, used for callbacks and policy lists. Torch-free.
-
-#include <cstddef>
-#include <type_traits>
-
-namespace fabric {
-
-/// Holds a pack of types at compile time.
-template <class... Ts>
-struct TypeList {
-  static constexpr std::size_t size = sizeof...(Ts);
-};
-
-/// True when T is one of Ts.
-template <class T, class List>
-inline constexpr bool contains_v = false;
-template <class T, class... Ts>
-inline constexpr bool contains_v<T, TypeList<Ts...>> = (std::is_same_v<T, Ts> || ...);
-
-/// Calls f.template operator()<T>() for every T of the list, in order.
-template <class... Ts, class F>
-constexpr void for_each_type(TypeList<Ts...>, F&& f) {
-  (f.template operator()<Ts>(), ...);
-}
-
-namespace detail {
-template <class T, class... Ts>
-constexpr std::size_t count_of() noexcept {
-  return (std::size_t{std::is_same_v<T, Ts>} + ... + 0);
-}
-}  // namespace detail
-
-/// True when no type appears twice in the list.
-template <class List>
-inline constexpr bool is_unique_v = false;
-template <class... Ts>
-inline constexpr bool is_unique_v<TypeList<Ts...>> = ((detail::count_of<Ts, Ts...>() == 1) && ...);
-
-}  // namespace fabric
-// ---- end fabric/type_list.hpp
 // ---- begin fabric/concepts.hpp
 // The concepts that constrain Fabric's policy parameters. Torch-free: the policies' torch-bound
 // members are checked where Fabric uses them.
@@ -144,21 +40,23 @@ concept Accelerator = Policy<T> && std::derived_from<typename T::category, accel
 
 /// A strategy owns the process topology (ranks, world size), synchronisation and per-module state.
 template <class T>
-concept Strategy = Policy<T> && std::derived_from<typename T::category, strategy_tag> &&
-                   std::move_constructible<T> && requires(T& s, const T& cs) {
-                     typename T::ModuleState;
-                     { T::is_distributed } -> std::convertible_to<bool>;
-                     { cs.global_rank() } -> std::convertible_to<int>;
-                     { cs.local_rank() } -> std::convertible_to<int>;
-                     { cs.node_rank() } -> std::convertible_to<int>;
-                     { cs.world_size() } -> std::convertible_to<int>;
-                     s.barrier();
-                   };
+concept Strategy = Policy<T> && std::derived_from<typename T::category, strategy_tag> && std::move_constructible<T> &&
+    requires(T& s, const T& cs) {
+  typename T::ModuleState;
+  { T::is_distributed } -> std::convertible_to<bool>;
+  { cs.global_rank() } -> std::convertible_to<int>;
+  { cs.local_rank() } -> std::convertible_to<int>;
+  { cs.node_rank() } -> std::convertible_to<int>;
+  { cs.world_size() } -> std::convertible_to<int>;
+  s.barrier();
+};
 
 /// A precision converts modules and data and gives the context that forward runs in.
 template <class T>
-concept Precision = Policy<T> && std::derived_from<typename T::category, precision_tag> &&
-                    std::move_constructible<T> && requires(T& p) { p.forward_context(); };
+concept Precision = Policy<T> && std::derived_from<typename T::category, precision_tag> && std::move_constructible<T> &&
+    requires(T& p) {
+  p.forward_context();
+};
 
 /// A callback is any movable class; which hooks it implements is discovered at compile time.
 template <class T>
@@ -166,461 +64,40 @@ concept Callback = std::is_class_v<T> && std::move_constructible<T>;
 
 }  // namespace fabric
 // ---- end fabric/concepts.hpp
-// ---- begin fabric/hooks.hpp
-// Hooks: compile-time names that `Fabric::call` dispatches to callbacks. Torch-free.
-//
-// A hook is a constant object made by FABRIC_HOOK(name). A callback implements it by declaring a
-// member function of that name; callbacks without it are skipped at compile time.
+// ---- begin fabric/error.hpp
+// fabric::Error, the one exception type the library throws for misuse and bad input. Torch-free.
 
+#include <fmt/format.h>
 
-#include <concepts>
-#include <string_view>
-#include <tuple>
-#include <type_traits>
+#include <stdexcept>
+#include <string>
 #include <utility>
-
-/// Declares a hook named `hook` in the current namespace, e.g. `FABRIC_HOOK(on_best_model);`.
-#define FABRIC_HOOK(hook)                                                                        \
-  struct hook##_hook {                                                                           \
-    static constexpr ::std::string_view name = #hook;                                            \
-    struct fallback_ {                                                                           \
-      int hook;                                                                                  \
-    };                                                                                           \
-    template <class C>                                                                           \
-    struct probe_ : C, fallback_ {};                                                             \
-    template <class C>                                                                           \
-    static constexpr bool declared_by() noexcept {                                               \
-      if constexpr (::std::is_final_v<C>) {                                                      \
-        return requires { &C::hook; };                                                           \
-      } else {                                                                                   \
-        return !requires { &probe_<C>::hook; };                                                  \
-      }                                                                                          \
-    }                                                                                            \
-    template <class C, class... A>                                                               \
-    static constexpr bool invocable_by = requires(C& c, A&&... a) { c.hook(static_cast<A&&>(a)...); }; \
-    template <class C, class... A>                                                               \
-    static decltype(auto) invoke(C& c, A&&... a) {                                               \
-      return c.hook(static_cast<A&&>(a)...);                                                     \
-    }                                                                                            \
-  };                                                                                             \
-  inline constexpr hook##_hook hook {}
 
 namespace fabric {
 
-/// A hook object as made by FABRIC_HOOK: it knows its name and how to find and call it on a callback.
-template <class H>
-concept Hook = requires {
-  { H::name } -> std::convertible_to<std::string_view>;
-  typename H::fallback_;
+/// Reports a misuse or bad input: what was expected, what was found, and how to fix it.
+class Error : public std::runtime_error {
+ public:
+  explicit Error(const std::string& message) : std::runtime_error("fabric: " + message) {}
 };
-
-/// Lightning's callback hook names, predeclared.
-namespace hooks {
-FABRIC_HOOK(setup);
-FABRIC_HOOK(teardown);
-FABRIC_HOOK(on_after_setup);
-FABRIC_HOOK(on_fit_start);
-FABRIC_HOOK(on_fit_end);
-FABRIC_HOOK(on_train_start);
-FABRIC_HOOK(on_train_end);
-FABRIC_HOOK(on_train_epoch_start);
-FABRIC_HOOK(on_train_epoch_end);
-FABRIC_HOOK(on_train_batch_start);
-FABRIC_HOOK(on_train_batch_end);
-FABRIC_HOOK(on_validation_start);
-FABRIC_HOOK(on_validation_end);
-FABRIC_HOOK(on_validation_epoch_start);
-FABRIC_HOOK(on_validation_epoch_end);
-FABRIC_HOOK(on_validation_batch_start);
-FABRIC_HOOK(on_validation_batch_end);
-FABRIC_HOOK(on_test_start);
-FABRIC_HOOK(on_test_end);
-FABRIC_HOOK(on_test_epoch_start);
-FABRIC_HOOK(on_test_epoch_end);
-FABRIC_HOOK(on_test_batch_start);
-FABRIC_HOOK(on_test_batch_end);
-FABRIC_HOOK(on_predict_start);
-FABRIC_HOOK(on_predict_end);
-FABRIC_HOOK(on_before_backward);
-FABRIC_HOOK(on_after_backward);
-FABRIC_HOOK(on_before_optimizer_step);
-FABRIC_HOOK(on_after_optimizer_step);
-FABRIC_HOOK(on_before_zero_grad);
-FABRIC_HOOK(on_save_checkpoint);
-FABRIC_HOOK(on_load_checkpoint);
-FABRIC_HOOK(on_exception);
-}  // namespace hooks
 
 namespace detail {
 
-template <Hook H, class C, class... Args>
-FABRIC_ALWAYS_INLINE void call_one(C& callback, Args&... args) {
-  if constexpr (H::template declared_by<C>()) {
-    static_assert(H::template invocable_by<C, Args&...>,
-                  "fabric: a callback declares this hook but its signature cannot take the arguments "
-                  "given to call(); change that member function's parameters to accept them");
-    H::invoke(callback, args...);
-  }
-}
-
-/// Calls hook H on every callback of the tuple that declares it, in order.
-template <Hook H, class... Callbacks, class... Args>
-FABRIC_ALWAYS_INLINE void dispatch(std::tuple<Callbacks...>& callbacks, Args&... args) {
-  std::apply([&](auto&... callback) { (call_one<H>(callback, args...), ...); }, callbacks);
+/// Throws fabric::Error with an fmt-formatted message.
+template <class... Args>
+[[noreturn]] void raise(fmt::format_string<Args...> format, Args&&... args) {
+  throw Error(fmt::format(format, std::forward<Args>(args)...));
 }
 
 }  // namespace detail
 }  // namespace fabric
-// ---- end fabric/hooks.hpp
-// ---- begin fabric/logger.hpp
-// fabric::Logger, the interface the loggers passed in Options implement. Torch-free.
-
-#include <cstdint>
-#include <filesystem>
-#include <map>
-#include <optional>
-#include <string>
-#include <string_view>
-
-namespace fabric {
-
-/// Metrics as logged: name to value.
-using Metrics = std::map<std::string, double>;
-
-/// Receives metrics from `Fabric::log` and `Fabric::log_dict` on global rank zero.
-class Logger {
- public:
-  virtual ~Logger() = default;
-  /// Returns the experiment name.
-  virtual std::string name() const = 0;
-  /// Returns the experiment version (e.g. "0" for version_0).
-  virtual std::string version() const = 0;
-  /// Returns the directory that holds all experiments.
-  virtual std::filesystem::path root_dir() const = 0;
-  /// Returns the directory this run writes into.
-  virtual std::filesystem::path log_dir() const = 0;
-  /// Records metrics at a step; without a step the logger counts its own.
-  virtual void log_metrics(const Metrics& metrics, std::optional<std::int64_t> step) = 0;
-  /// Records hyper-parameters.
-  virtual void log_hyperparams(const std::map<std::string, std::string>& params) = 0;
-  /// Writes what is buffered.
-  virtual void save() = 0;
-  /// Writes what is buffered and closes the run ("success", "failed", ...).
-  virtual void finalize(std::string_view status) = 0;
-};
-
-}  // namespace fabric
-// ---- end fabric/logger.hpp
-// ---- begin fabric/options.hpp
-// Runtime settings: plain aggregates, used with designated initializers. Torch-free.
-
-
-#include <cstddef>
-#include <memory>
-#include <optional>
-#include <vector>
-
-namespace fabric {
-
-/// Fabric's runtime settings: `fabric::Fabric<> fabric{{.devices = 1}}`.
-struct Options {
-  /// Processes (devices) per node.
-  int devices = 1;
-  /// Number of machines.
-  int num_nodes = 1;
-  /// Loggers that `log` and `log_dict` write to (on global rank zero).
-  std::vector<std::shared_ptr<Logger>> loggers{};
-};
-
-/// Switches for `Fabric::setup` and `Fabric::setup_module`.
-struct SetupOptions {
-  /// Move parameters and buffers to the fabric's device.
-  bool move_to_device = true;
-};
-
-/// Switches for `Fabric::setup_dataloaders`.
-struct DataOptions {
-  /// Yield batches already moved to the fabric's device.
-  bool move_to_device = true;
-  /// Shard the data across ranks (only distributed strategies do; a single device never does).
-  bool use_distributed_sampler = true;
-};
-
-/// Options of the convenience loader `Fabric::dataloader(dataset, options)`.
-struct LoaderOptions {
-  /// Samples per batch.
-  std::size_t batch_size = 1;
-  /// Draw a new random order every epoch (seeded from the global seed).
-  bool shuffle = false;
-  /// Worker threads that prepare batches (0: in the calling thread).
-  std::size_t num_workers = 0;
-  /// Drop the last batch when it is smaller than batch_size.
-  bool drop_last = false;
-};
-
-/// What `Fabric::clip_gradients` clips: exactly one of max_norm and clip_val.
-struct ClipOptions {
-  /// Rescale gradients so that their total norm is at most this.
-  std::optional<double> max_norm{};
-  /// Clamp every gradient element into [-clip_val, clip_val].
-  std::optional<double> clip_val{};
-  /// The p of the p-norm (infinity allowed) used with max_norm.
-  double norm_type = 2.0;
-  /// Throw when the total norm is NaN or infinite.
-  bool error_if_nonfinite = true;
-};
-
-/// The reduction of `Fabric::all_reduce`.
-enum class ReduceOp { sum, mean, min, max };
-
-}  // namespace fabric
-// ---- end fabric/options.hpp
-// ---- begin fabric/loggers/csv.hpp
-// fabric::CSVLogger: Lightning's CSV layout, root_dir/name/version_N/metrics.csv. Torch-free.
-
-
-#include <fmt/format.h>
-
-#include <algorithm>
-#include <charconv>
-#include <cstdint>
-#include <filesystem>
-#include <fstream>
-#include <optional>
-#include <set>
-#include <string>
-#include <variant>
-#include <vector>
-
-namespace fabric {
-
-/// Writes metrics to `root_dir/name/version_N/metrics.csv`, one row per log call, like Lightning's
-/// CSVLogger: columns sorted by name, "step" among them; a metric first seen mid-run adds a column
-/// and the file is rewritten with the wider header.
-///
-///     auto csv = std::make_shared<fabric::CSVLogger>(fabric::CSVLogger::Options{.root_dir = "logs"});
-///     fabric::Fabric<> fabric{{.loggers = {csv}}};
-class CSVLogger final : public Logger {
- public:
-  /// Settings of a CSVLogger; version unset means the next free version_N.
-  struct Options {
-    std::filesystem::path root_dir = ".";
-    std::string name = "lightning_logs";
-    std::optional<std::variant<int, std::string>> version{};
-    std::string prefix{};
-    int flush_logs_every_n_steps = 100;
-  };
-
-  /// Creates a logger; nothing is written until the first flush.
-  explicit CSVLogger(Options options) : options_(std::move(options)) {
-    if (options_.flush_logs_every_n_steps < 1) {
-      detail::raise("CSVLogger: expected flush_logs_every_n_steps >= 1, found {}; pass a positive number",
-                    options_.flush_logs_every_n_steps);
-    }
-    if (!options_.version) options_.version = next_version();
-  }
-  ~CSVLogger() override {
-    try {
-      save();
-    } catch (...) {  // NOTE: a destructor must not throw; finalize() reports write errors.
-    }
-  }
-  CSVLogger(const CSVLogger&) = delete;
-  CSVLogger& operator=(const CSVLogger&) = delete;
-
-  std::string name() const override { return options_.name; }
-  std::string version() const override {
-    return std::visit([](const auto& v) { return fmt::format("{}", v); }, *options_.version);
-  }
-  std::filesystem::path root_dir() const override { return options_.root_dir; }
-  std::filesystem::path log_dir() const override {
-    const auto& v = *options_.version;
-    const std::string leaf = std::holds_alternative<int>(v) ? fmt::format("version_{}", std::get<int>(v))
-                                                            : std::get<std::string>(v);
-    return options_.root_dir / options_.name / leaf;
-  }
-  /// Returns the path of metrics.csv.
-  std::filesystem::path metrics_file() const { return log_dir() / "metrics.csv"; }
-
-  void log_metrics(const Metrics& metrics, std::optional<std::int64_t> step) override {
-    const std::int64_t s = step.value_or(static_cast<std::int64_t>(logged_));
-    Row row{s, {}};
-    for (const auto& [key, value] : metrics) {
-      const std::string name = options_.prefix.empty() ? key : options_.prefix + "-" + key;
-      if (name == "step") {
-        detail::raise("CSVLogger: a metric may not be named \"step\" (that column holds the step); rename it");
-      }
-      row.values.emplace_back(name, value);
-    }
-    rows_.push_back(std::move(row));
-    ++logged_;
-    if ((s + 1) % options_.flush_logs_every_n_steps == 0) save();
-  }
-
-  void log_hyperparams(const std::map<std::string, std::string>& params) override {
-    std::filesystem::create_directories(log_dir());
-    std::ofstream out(log_dir() / "hparams.yaml", std::ios::trunc);
-    for (const auto& [key, value] : params) out << key << ": " << value << '\n';
-    if (!out) detail::raise("CSVLogger: could not write {}; check that the directory is writable", (log_dir() / "hparams.yaml").string());
-  }
-
-  void save() override {
-    if (rows_.empty()) return;
-    std::filesystem::create_directories(log_dir());
-    const auto path = metrics_file();
-    bool new_keys = false;
-    for (const auto& row : rows_) {
-      for (const auto& kv : row.values) new_keys |= keys_.insert(kv.first).second;
-    }
-    const bool exists = std::filesystem::exists(path);
-    if (exists && new_keys) rewrite_with_header(path);
-    std::ofstream out(path, std::ios::app);
-    if (!exists) out << header() << '\n';
-    for (const auto& row : rows_) out << format_row(row) << '\n';
-    out.flush();
-    if (!out) detail::raise("CSVLogger: could not write {}; check that the directory is writable", path.string());
-    rows_.clear();
-  }
-
-  void finalize(std::string_view /*status*/) override { save(); }
-
- private:
-  struct Row {
-    std::int64_t step;
-    std::vector<std::pair<std::string, double>> values;
-  };
-
-  std::vector<std::string> columns() const {
-    std::vector<std::string> cols(keys_.begin(), keys_.end());
-    cols.push_back("step");
-    std::sort(cols.begin(), cols.end());
-    return cols;
-  }
-
-  static std::string quote(const std::string& s) {
-    if (s.find_first_of(",\"\n\r") == std::string::npos) return s;
-    std::string out = "\"";
-    for (char c : s) {
-      if (c == '"') out += '"';
-      out += c;
-    }
-    return out + "\"";
-  }
-
-  static std::string format_value(double v) {
-    std::string s = fmt::format("{}", v);
-    // NOTE: Python's csv module writes floats with repr(), which always shows a decimal point.
-    if (s.find_first_of(".eni") == std::string::npos) s += ".0";
-    return s;
-  }
-
-  std::string header() const {
-    std::string line;
-    for (const auto& c : columns()) line += (line.empty() ? "" : ",") + quote(c);
-    return line;
-  }
-
-  std::string format_row(const Row& row) const {
-    std::string line;
-    bool first = true;
-    for (const auto& c : columns()) {
-      if (!first) line += ',';
-      first = false;
-      if (c == "step") {
-        line += fmt::format("{}", row.step);
-        continue;
-      }
-      for (const auto& [k, v] : row.values) {
-        if (k == c) {
-          line += format_value(v);
-          break;
-        }
-      }
-    }
-    return line;
-  }
-
-  // Re-reads the rows already on disk and writes them back under the wider header.
-  void rewrite_with_header(const std::filesystem::path& path) const {
-    std::ifstream in(path);
-    std::string line;
-    std::getline(in, line);
-    std::vector<std::string> old_cols = split(line);
-    std::vector<std::vector<std::string>> old_rows;
-    while (std::getline(in, line)) old_rows.push_back(split(line));
-    in.close();
-    const auto cols = columns();
-    std::string text = header() + "\n";
-    for (const auto& r : old_rows) {
-      std::string out;
-      for (std::size_t i = 0; i < cols.size(); ++i) {
-        if (i) out += ',';
-        const auto it = std::find(old_cols.begin(), old_cols.end(), quote(cols[i]));
-        if (it != old_cols.end()) {
-          const auto j = static_cast<std::size_t>(it - old_cols.begin());
-          if (j < r.size()) out += r[j];
-        }
-      }
-      text += out + "\n";
-    }
-    const auto tmp = std::filesystem::path(path.string() + ".tmp");
-    {
-      std::ofstream out(tmp, std::ios::trunc);
-      out << text;
-      out.flush();
-      if (!out) detail::raise("CSVLogger: could not write {}; check that the directory is writable", tmp.string());
-    }
-    std::filesystem::rename(tmp, path);
-  }
-
-  // Splits a CSV line written by this logger (quoted fields kept quoted, to compare with quote()).
-  static std::vector<std::string> split(const std::string& line) {
-    std::vector<std::string> out(1);
-    bool in_quotes = false;
-    for (char c : line) {
-      if (c == '"') in_quotes = !in_quotes;
-      if (c == ',' && !in_quotes) {
-        out.emplace_back();
-      } else {
-        out.back() += c;
-      }
-    }
-    return out;
-  }
-
-  int next_version() const {
-    const auto dir = options_.root_dir / options_.name;
-    std::error_code ec;
-    if (!std::filesystem::is_directory(dir, ec)) return 0;
-    int next = 0;
-    for (const auto& entry : std::filesystem::directory_iterator(dir, ec)) {
-      const std::string leaf = entry.path().filename().string();
-      if (!entry.is_directory() || !leaf.starts_with("version_")) continue;
-      int v = 0;
-      const char* first = leaf.data() + 8;
-      const char* last = leaf.data() + leaf.size();
-      if (auto [p, err] = std::from_chars(first, last, v); err == std::errc{} && p == last) next = std::max(next, v + 1);
-    }
-    return next;
-  }
-
-  Options options_;
-  std::set<std::string> keys_{};
-  std::vector<Row> rows_{};
-  std::size_t logged_ = 0;
-};
-
-}  // namespace fabric
-// ---- end fabric/loggers/csv.hpp
-// ---- begin fabric/accelerators/cpu.hpp
-// fabric::CPU: the accelerator policy for the host CPU.
-
+// ---- end fabric/error.hpp
 
 #include <c10/core/Device.h>
 
+#include <algorithm>
 #include <string_view>
 #include <thread>
-#include <algorithm>
 
 namespace fabric {
 
@@ -649,151 +126,20 @@ struct CPU {
 
 }  // namespace fabric
 // ---- end fabric/accelerators/cpu.hpp
-// ---- begin fabric/strategies/single_device.hpp
-// fabric::SingleDevice: one process on one device, Lightning's "single_device" strategy.
+// ---- begin fabric/checkpoint.hpp
+// Checkpoints: fabric::State (what save/load take), atomic writes, strict and non-strict loading.
+//
+// A checkpoint is a torch pickle (torch::pickle_save, readable by Python's torch.load with
+// weights_only=False) of a dictionary: "__fabric__" holds the format and the kind of every entry;
+// a module is a flat dictionary of its parameters and buffers under their dotted names (the keys of
+// a PyTorch state_dict); an optimizer is its LibTorch archive plus the shapes of its parameters
+// and its C++ type; plain values (integers, floating point, booleans, strings, tensors) are stored
+// as they are.
+//
+// Loading checks everything first (names, shapes, types, optimizer groups and options) and reports
+// all problems in one fabric::Error; only then are optimizers restored (undone if one fails),
+// followed by modules and values, so a failed load changes nothing.
 
-// ---- begin fabric/detail/guard.hpp
-// Small RAII helpers shared by the policies. Torch-free.
-
-namespace fabric {
-
-/// A guard that does nothing: what policies return where Lightning returns a null context.
-struct NullGuard {
-  constexpr NullGuard() noexcept = default;
-  NullGuard(const NullGuard&) = delete;
-  NullGuard& operator=(const NullGuard&) = delete;
-};
-
-}  // namespace fabric
-// ---- end fabric/detail/guard.hpp
-
-#include <ATen/core/Tensor.h>
-
-#include <string_view>
-
-namespace fabric {
-
-/// Trains in this process on one device; collectives are identities, barriers return at once.
-class SingleDevice {
- public:
-  using category = strategy_tag;
-  static constexpr std::string_view name = "single_device";
-  static constexpr bool is_distributed = false;
-
-  /// Settings of the strategy (none yet).
-  struct Options {};
-  /// What the strategy keeps per set-up module (nothing).
-  struct ModuleState {};
-
-  SingleDevice() = default;
-  explicit SingleDevice(Options /*options*/) noexcept {}
-
-  /// Checks the combination with an accelerator and a precision at compile time (all combine).
-  template <Accelerator A, Precision P>
-  static constexpr void check() noexcept {}
-
-  /// Validates the topology asked for in Fabric's options.
-  void setup_environment(const fabric::Options& options) const {
-    if (options.devices != 1 || options.num_nodes != 1) {
-      detail::raise(
-          "SingleDevice runs one process on one device: expected devices = 1 and num_nodes = 1, found devices = {} "
-          "and num_nodes = {}; use a distributed strategy (fabric::DDP) for more",
-          options.devices, options.num_nodes);
-    }
-  }
-
-  int global_rank() const noexcept { return 0; }
-  int local_rank() const noexcept { return 0; }
-  int node_rank() const noexcept { return 0; }
-  int world_size() const noexcept { return 1; }
-
-  /// Waits for all processes (there is only this one).
-  void barrier() const noexcept {}
-
-  /// Prepares a module after it is on its device (nothing to do).
-  template <class M>
-  ModuleState setup_module(M& /*module*/) const noexcept {
-    return {};
-  }
-  /// Runs before each wrapped forward.
-  FABRIC_ALWAYS_INLINE void pre_forward(ModuleState& /*state*/) const noexcept {}
-  /// Runs after each wrapped forward with its output.
-  template <class Out>
-  FABRIC_ALWAYS_INLINE void post_forward(ModuleState& /*state*/, const Out& /*output*/) const noexcept {}
-  /// Returns the guard that skips gradient synchronisation (nothing to skip).
-  NullGuard no_backward_sync(ModuleState& /*state*/, bool /*enabled*/) const noexcept { return {}; }
-
-  /// Reduces a tensor across processes (identity: one process).
-  const at::Tensor& all_reduce(const at::Tensor& tensor, ReduceOp /*op*/) const noexcept { return tensor; }
-  /// Gathers a tensor from all processes (identity, no new dimension, as Lightning's single device).
-  const at::Tensor& all_gather(const at::Tensor& tensor) const noexcept { return tensor; }
-  /// Broadcasts a value from rank src (identity).
-  template <class T>
-  T broadcast(T value, int /*src*/) const {
-    return value;
-  }
-  /// Combines a boolean decision across processes (identity).
-  bool reduce_boolean_decision(bool decision, bool /*all*/) const noexcept { return decision; }
-  /// Says whether setup_dataloaders shards data across ranks.
-  bool shards_data() const noexcept { return false; }
-};
-
-}  // namespace fabric
-// ---- end fabric/strategies/single_device.hpp
-// ---- begin fabric/precision/fp32.hpp
-// fabric::FP32: full precision ("32-true"), Lightning's default.
-
-
-#include <ATen/core/Tensor.h>
-#include <c10/core/ScalarType.h>
-
-#include <string_view>
-#include <type_traits>
-#include <utility>
-
-namespace fabric {
-
-/// Trains in float32: no conversion, no autocast, no loss scaling.
-struct FP32 {
-  using category = precision_tag;
-  static constexpr std::string_view name = "32-true";
-
-  /// Returns the dtype of parameters and of what `init_module`/`init_tensor` create.
-  static constexpr c10::ScalarType param_dtype() noexcept { return c10::ScalarType::Float; }
-  /// Checks the combination with an accelerator at compile time (every accelerator runs float32).
-  template <Accelerator A>
-  static constexpr void check() noexcept {}
-
-  /// Converts a module's parameters to this precision (nothing to do).
-  template <class M>
-  void convert_module(M& /*module*/) noexcept {}
-  /// Converts an input of the wrapped forward (passed through untouched).
-  template <class T>
-  FABRIC_ALWAYS_INLINE T&& convert_input(T&& x) noexcept { return std::forward<T>(x); }
-  /// Converts an output of the wrapped forward (passed through untouched).
-  template <class T>
-  FABRIC_ALWAYS_INLINE std::decay_t<T> convert_output(T&& x) noexcept(std::is_nothrow_constructible_v<std::decay_t<T>, T&&>) {
-    return std::forward<T>(x);
-  }
-  /// Returns the context forward and `Fabric::autocast` run in (none for float32).
-  NullGuard forward_context() const noexcept { return {}; }
-  /// Runs backward on the loss.
-  template <class... Args>
-  void backward(const at::Tensor& loss, Args&&... args) {
-    loss.backward(std::forward<Args>(args)...);
-  }
-  /// Unscales gradients before clipping (nothing to do).
-  template <class O>
-  void unscale_gradients(O& /*optimizer*/) noexcept {}
-  /// Steps the optimizer.
-  template <class O, class Closure>
-  at::Tensor optimizer_step(O& optimizer, Closure&& closure) {
-    return optimizer.step(std::forward<Closure>(closure));
-  }
-};
-
-}  // namespace fabric
-// ---- end fabric/precision/fp32.hpp
 // ---- begin fabric/device.hpp
 // fabric::to_device: moves tensors, modules and nested standard containers to a device.
 
@@ -829,8 +175,7 @@ inline constexpr bool is_module_ptr_v<std::shared_ptr<M>> = std::is_base_of_v<to
 /// A module a user passes around: a TORCH_MODULE holder, a shared_ptr to a module, or a module object.
 template <class T>
 concept ModuleLike = detail::is_module_holder_v<std::remove_cvref_t<T>> ||
-                     detail::is_module_ptr_v<std::remove_cvref_t<T>> ||
-                     std::is_base_of_v<torch::nn::Module, std::remove_cvref_t<T>>;
+    detail::is_module_ptr_v<std::remove_cvref_t<T>> || std::is_base_of_v<torch::nn::Module, std::remove_cvref_t<T>>;
 
 namespace detail {
 
@@ -939,108 +284,37 @@ M& to_device(M& module, const c10::Device& device, bool non_blocking = false) {
 ///
 ///     auto batch = fabric::to_device(std::pair{images, labels}, torch::kCPU);
 template <class T>
-  requires(!ModuleLike<T>)
-std::remove_cvref_t<T> to_device(T&& data, const c10::Device& device, bool non_blocking = false) {
+requires(!ModuleLike<T>) std::remove_cvref_t<T> to_device(T&& data, const c10::Device& device,
+                                                          bool non_blocking = false) {
   return detail::move_data(std::remove_cvref_t<T>(std::forward<T>(data)), device, non_blocking);
 }
 
 }  // namespace fabric
 // ---- end fabric/device.hpp
-// ---- begin fabric/seed.hpp
-// Seeding: fabric::seed_everything and the library's own random engine.
-
-
-#include <ATen/Context.h>
-
-#include <cerrno>
-#include <charconv>
-#include <cstdint>
-#include <cstdlib>
-#include <limits>
-#include <optional>
-#include <random>
-#include <string>
-#include <string_view>
-
-namespace fabric {
-
-/// Returns the library's own random engine (seeded by seed_everything), for user-side randomness
-/// that must follow the global seed, e.g. random augmentations.
-inline std::mt19937_64& random_engine() {
-  static std::mt19937_64 engine{0};
-  return engine;
-}
-
-namespace detail {
-
-inline constexpr std::uint64_t max_seed = std::numeric_limits<std::uint32_t>::max();
-
-/// Reads an integer environment variable; absent gives nothing, malformed throws.
-inline std::optional<std::int64_t> env_int(const char* name) {
-  const char* raw = std::getenv(name);
-  if (raw == nullptr || *raw == '\0') return std::nullopt;
-  const std::string_view text(raw);
-  std::int64_t value = 0;
-  auto [end, err] = std::from_chars(text.data(), text.data() + text.size(), value);
-  if (err != std::errc{} || end != text.data() + text.size()) {
-    raise("expected an integer in the environment variable {}, found \"{}\"; set it to a number or unset it", name,
-          text);
-  }
-  return value;
-}
-
-inline void set_env(const char* name, const std::string& value) {
-  if (::setenv(name, value.c_str(), 1) != 0) raise("could not set the environment variable {}", name);
-}
-
-}  // namespace detail
-
-/// Seeds torch's CPU and CUDA generators and fabric::random_engine(), exports PL_GLOBAL_SEED (and
-/// PL_SEED_WORKERS) so relaunched processes and data-loader samplers see the seed, and returns it.
-/// Without a seed, PL_GLOBAL_SEED is used, else 0, as in Lightning.
-///
-///     fabric::seed_everything(42);
-inline std::uint64_t seed_everything(std::optional<std::uint64_t> seed = std::nullopt, bool workers = false) {
-  if (!seed) {
-    const auto env = detail::env_int("PL_GLOBAL_SEED");
-    if (env && (*env < 0 || static_cast<std::uint64_t>(*env) > detail::max_seed)) {
-      detail::raise("expected PL_GLOBAL_SEED in [0, {}], found {}; set a seed in that range", detail::max_seed, *env);
-    }
-    seed = env ? static_cast<std::uint64_t>(*env) : 0;
-  }
-  if (*seed > detail::max_seed) {
-    detail::raise("expected a seed in [0, {}], found {}; pass a 32-bit seed as Lightning does", detail::max_seed,
-                  *seed);
-  }
-  detail::set_env("PL_GLOBAL_SEED", std::to_string(*seed));
-  detail::set_env("PL_SEED_WORKERS", workers ? "1" : "0");
-  at::manual_seed(*seed);
-  random_engine().seed(*seed);
-  return *seed;
-}
-
-/// Returns the seed exported by seed_everything (PL_GLOBAL_SEED), or 0 when none was set.
-inline std::uint64_t global_seed() {
-  const auto env = detail::env_int("PL_GLOBAL_SEED");
-  return env && *env >= 0 ? static_cast<std::uint64_t>(*env) : 0;
-}
-
-/// Returns a deterministic seed for a data-loader worker, distinct per (global seed, worker, rank),
-/// like Lightning's worker init function; seed a worker's own generator with it.
-inline std::uint64_t worker_seed(std::size_t worker_id, int global_rank = 0) {
-  const std::uint64_t base = global_seed();
-  std::seed_seq sequence{static_cast<std::uint32_t>(base), static_cast<std::uint32_t>(base >> 32),
-                         static_cast<std::uint32_t>(worker_id), static_cast<std::uint32_t>(global_rank)};
-  std::uint32_t out[2];
-  sequence.generate(out, out + 2);
-  return (static_cast<std::uint64_t>(out[0]) << 32) | out[1];
-}
-
-}  // namespace fabric
-// ---- end fabric/seed.hpp
 // ---- begin fabric/module.hpp
 // fabric::Module: the typed wrapper that Fabric::setup returns for a module.
 
+// ---- begin fabric/config.hpp
+// Compiler and platform configuration shared by every fabric header. Torch-free.
+
+#if !defined(__cplusplus) || __cplusplus < 202002L
+#if !defined(_MSVC_LANG) || _MSVC_LANG < 202002L
+#error "fabric: C++20 is required; compile with -std=c++20 (CMake: target_compile_features(... cxx_std_20))"
+#endif
+#endif
+
+#if defined(__GNUC__) || defined(__clang__)
+#define FABRIC_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define FABRIC_ALWAYS_INLINE inline
+#endif
+
+#if defined(_MSC_VER)
+#define FABRIC_NO_UNIQUE_ADDRESS [[msvc::no_unique_address]]
+#else
+#define FABRIC_NO_UNIQUE_ADDRESS [[no_unique_address]]
+#endif
+// ---- end fabric/config.hpp
 
 #include <torch/nn/module.h>
 
@@ -1118,6 +392,114 @@ inline constexpr bool is_fabric_module_v<Module<M, F>> = true;
 // ---- begin fabric/optimizer.hpp
 // fabric::Optimizer: the typed wrapper that Fabric::setup returns for an optimizer.
 
+// ---- begin fabric/hooks.hpp
+// Hooks: compile-time names that `Fabric::call` dispatches to callbacks. Torch-free.
+//
+// A hook is a constant object made by FABRIC_HOOK(name). A callback implements it by declaring a
+// member function of that name; callbacks without it are skipped at compile time.
+
+
+#include <concepts>
+#include <string_view>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+
+/// Declares a hook named `hook` in the current namespace, e.g. `FABRIC_HOOK(on_best_model);`.
+#define FABRIC_HOOK(hook)                                            \
+  struct hook##_hook {                                               \
+    static constexpr ::std::string_view name = #hook;                \
+    struct fallback_ {                                               \
+      int hook;                                                      \
+    };                                                               \
+    template <class C>                                               \
+    struct probe_ : C, fallback_ {};                                 \
+    template <class C>                                               \
+    static constexpr bool declared_by() noexcept {                   \
+      if constexpr (::std::is_final_v<C>) {                          \
+        return requires { &C::hook; };                               \
+      } else {                                                       \
+        return !requires { &probe_<C>::hook; };                      \
+      }                                                              \
+    }                                                                \
+    template <class C, class... A>                                   \
+    static constexpr bool invocable_by = requires(C & c, A&&... a) { \
+      c.hook(static_cast<A&&>(a)...);                                \
+    };                                                               \
+    template <class C, class... A>                                   \
+    static decltype(auto) invoke(C& c, A&&... a) {                   \
+      return c.hook(static_cast<A&&>(a)...);                         \
+    }                                                                \
+  };                                                                 \
+  inline constexpr hook##_hook hook {}
+
+namespace fabric {
+
+/// A hook object as made by FABRIC_HOOK: it knows its name and how to find and call it on a callback.
+template <class H>
+concept Hook = requires {
+  { H::name } -> std::convertible_to<std::string_view>;
+  typename H::fallback_;
+};
+
+/// Lightning's callback hook names, predeclared.
+namespace hooks {
+FABRIC_HOOK(setup);
+FABRIC_HOOK(teardown);
+FABRIC_HOOK(on_after_setup);
+FABRIC_HOOK(on_fit_start);
+FABRIC_HOOK(on_fit_end);
+FABRIC_HOOK(on_train_start);
+FABRIC_HOOK(on_train_end);
+FABRIC_HOOK(on_train_epoch_start);
+FABRIC_HOOK(on_train_epoch_end);
+FABRIC_HOOK(on_train_batch_start);
+FABRIC_HOOK(on_train_batch_end);
+FABRIC_HOOK(on_validation_start);
+FABRIC_HOOK(on_validation_end);
+FABRIC_HOOK(on_validation_epoch_start);
+FABRIC_HOOK(on_validation_epoch_end);
+FABRIC_HOOK(on_validation_batch_start);
+FABRIC_HOOK(on_validation_batch_end);
+FABRIC_HOOK(on_test_start);
+FABRIC_HOOK(on_test_end);
+FABRIC_HOOK(on_test_epoch_start);
+FABRIC_HOOK(on_test_epoch_end);
+FABRIC_HOOK(on_test_batch_start);
+FABRIC_HOOK(on_test_batch_end);
+FABRIC_HOOK(on_predict_start);
+FABRIC_HOOK(on_predict_end);
+FABRIC_HOOK(on_before_backward);
+FABRIC_HOOK(on_after_backward);
+FABRIC_HOOK(on_before_optimizer_step);
+FABRIC_HOOK(on_after_optimizer_step);
+FABRIC_HOOK(on_before_zero_grad);
+FABRIC_HOOK(on_save_checkpoint);
+FABRIC_HOOK(on_load_checkpoint);
+FABRIC_HOOK(on_exception);
+}  // namespace hooks
+
+namespace detail {
+
+template <Hook H, class C, class... Args>
+FABRIC_ALWAYS_INLINE void call_one(C& callback, Args&... args) {
+  if constexpr (H::template declared_by<C>()) {
+    static_assert(H::template invocable_by<C, Args&...>,
+                  "fabric: a callback declares this hook but its signature cannot take the arguments "
+                  "given to call(); change that member function's parameters to accept them");
+    H::invoke(callback, args...);
+  }
+}
+
+/// Calls hook H on every callback of the tuple that declares it, in order.
+template <Hook H, class... Callbacks, class... Args>
+FABRIC_ALWAYS_INLINE void dispatch(std::tuple<Callbacks...>& callbacks, Args&... args) {
+  std::apply([&](auto&... callback) { (call_one<H>(callback, args...), ...); }, callbacks);
+}
+
+}  // namespace detail
+}  // namespace fabric
+// ---- end fabric/hooks.hpp
 
 #include <ATen/core/Tensor.h>
 #include <torch/optim/optimizer.h>
@@ -1188,6 +570,950 @@ inline constexpr bool is_fabric_optimizer_v<Optimizer<O, F>> = true;
 
 }  // namespace fabric
 // ---- end fabric/optimizer.hpp
+// ---- begin fabric/version.hpp
+// The library's version, as macros and as a constexpr value. Torch-free.
+
+#include <string_view>
+
+#define FABRIC_VERSION_MAJOR 0
+#define FABRIC_VERSION_MINOR 1
+#define FABRIC_VERSION_PATCH 0
+#define FABRIC_VERSION (FABRIC_VERSION_MAJOR * 10000 + FABRIC_VERSION_MINOR * 100 + FABRIC_VERSION_PATCH)
+
+namespace fabric {
+
+/// Returns the library version as "major.minor.patch".
+constexpr std::string_view version() noexcept { return "0.1.0"; }
+
+}  // namespace fabric
+// ---- end fabric/version.hpp
+
+#include <fmt/ranges.h>
+
+#include <ATen/core/Dict.h>
+#include <ATen/core/List.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/core/grad_mode.h>
+#include <ATen/core/ivalue.h>
+#include <ATen/ops/empty.h>
+#include <torch/csrc/jit/serialization/pickle.h>
+#include <torch/nn/module.h>
+#include <torch/optim/lbfgs.h>
+#include <torch/optim/optimizer.h>
+#include <torch/serialize/input-archive.h>
+#include <torch/serialize/output-archive.h>
+
+#include <fcntl.h>
+#include <unistd.h>
+#if __has_include(<cxxabi.h>)
+#include <cxxabi.h>
+#define FABRIC_HAS_CXXABI 1
+#endif
+
+#include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <concepts>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <map>
+#include <memory>
+#include <set>
+#include <string>
+#include <type_traits>
+#include <typeinfo>
+#include <utility>
+#include <vector>
+
+namespace fabric {
+
+/// One entry of a checkpoint state: a module, an optimizer or a plain value.
+///
+/// Modules and optimizers are restored in place. Plain values are replaced in the entry (read them
+/// with get<T>()); an entry made from std::ref(variable) also writes the loaded value back into it.
+class StateEntry {
+ public:
+  /// What an entry holds.
+  enum class Kind { module, optimizer, value };
+
+  /// Refers to a module: a TORCH_MODULE holder, a shared_ptr or a module object (not copied).
+  template <ModuleLike M>
+  StateEntry(M& module)
+      : kind_(Kind::module), module_(module_pointer(module)) {}  // NOLINT(google-explicit-constructor)
+  /// Refers to the module of a set-up wrapper.
+  template <class M, class F>
+  StateEntry(const Module<M, F>& module) : kind_(Kind::module), module_(module.ptr()) {}  // NOLINT
+  /// Refers to an optimizer (not copied).
+  template <class O>
+  requires std::derived_from<O, torch::optim::Optimizer> StateEntry(O& optimizer)
+      : kind_(Kind::optimizer), optimizer_(&optimizer) {}  // NOLINT
+  /// Refers to the optimizer of a set-up wrapper.
+  template <class O, class F>
+  StateEntry(const Optimizer<O, F>& optimizer)
+      : kind_(Kind::optimizer), optimizer_(&optimizer.optimizer()) {}  // NOLINT
+  /// Refers to an optimizer held by a std::shared_ptr (not copied; the pointer must outlive the entry).
+  template <class O>
+  requires std::derived_from<O, torch::optim::Optimizer> StateEntry(const std::shared_ptr<O>& optimizer)
+      : StateEntry(optimizer.get(), "std::shared_ptr") {}  // NOLINT
+  /// Refers to an optimizer held by a std::unique_ptr (not copied; the pointer must outlive the entry).
+  template <class O, class D>
+  requires std::derived_from<O, torch::optim::Optimizer> StateEntry(const std::unique_ptr<O, D>& optimizer)
+      : StateEntry(optimizer.get(), "std::unique_ptr") {}  // NOLINT
+  /// Holds a tensor.
+  StateEntry(at::Tensor value) : value_(std::move(value)) {}  // NOLINT
+  /// Holds a boolean.
+  StateEntry(bool value) : value_(value) {}  // NOLINT
+  /// Holds an integer (stored as int64).
+  template <std::integral T>
+  requires(!std::same_as<T, bool>) StateEntry(T value) : value_(static_cast<std::int64_t>(value)) {}  // NOLINT
+  /// Holds a floating-point number (stored as double).
+  template <std::floating_point T>
+  StateEntry(T value) : value_(static_cast<double>(value)) {}  // NOLINT
+  /// Holds a string.
+  StateEntry(std::string value) : value_(std::move(value)) {}  // NOLINT
+  /// Holds a string.
+  StateEntry(const char* value) : value_(std::string(value)) {}  // NOLINT
+  /// Holds a value read from a file.
+  explicit StateEntry(c10::IValue value) : value_(std::move(value)) {}
+  /// Refers to a variable: saves its value, and load writes the loaded value back into it
+  /// (std::cref: saved only, never written back).
+  template <class T>
+  requires(std::is_arithmetic_v<T> || std::same_as<std::remove_const_t<T>, std::string> ||
+           std::same_as<std::remove_const_t<T>, at::Tensor>) StateEntry(std::reference_wrapper<T> ref)
+      : StateEntry(std::remove_const_t<T>(ref.get())) {  // NOLINT
+    if constexpr (!std::is_const_v<T>) {
+      write_back_ = [p = &ref.get()](const c10::IValue& v) { *p = StateEntry(v).get<T>(); };
+    }
+  }
+
+  /// Returns what the entry holds.
+  Kind kind() const noexcept { return kind_; }
+  /// Returns the plain value (for entries that hold one).
+  const c10::IValue& value() const noexcept { return value_; }
+  /// Returns the module an entry refers to.
+  const std::shared_ptr<torch::nn::Module>& module() const noexcept { return module_; }
+  /// Returns the optimizer an entry refers to.
+  torch::optim::Optimizer* optimizer() const noexcept { return optimizer_; }
+
+  /// Returns the plain value as T (integer, floating point, bool, std::string or at::Tensor).
+  template <class T>
+  T get() const {
+    if constexpr (std::same_as<T, bool>) {
+      if (value_.isBool()) return value_.toBool();
+    } else if constexpr (std::integral<T>) {
+      if (value_.isInt()) return static_cast<T>(value_.toInt());
+    } else if constexpr (std::floating_point<T>) {
+      if (value_.isDouble()) return static_cast<T>(value_.toDouble());
+      if (value_.isInt()) return static_cast<T>(value_.toInt());
+    } else if constexpr (std::same_as<T, std::string>) {
+      if (value_.isString()) return value_.toStringRef();
+    } else if constexpr (std::same_as<T, at::Tensor>) {
+      if (value_.isTensor()) return value_.toTensor();
+    } else {
+      static_assert(sizeof(T) == 0,
+                    "fabric: StateEntry::get<T> supports integers, floating point, bool, "
+                    "std::string and at::Tensor; read other values through value()");
+    }
+    detail::raise(
+        "state entry: expected a value of the requested type, found {}; read it with the type it was "
+        "saved with",
+        value_.tagKind());
+  }
+
+ private:
+  template <class M>
+  static std::shared_ptr<torch::nn::Module> module_pointer(M& m) {
+    using U = std::remove_cv_t<M>;
+    if constexpr (detail::is_module_holder_v<U>) {
+      return m.ptr();
+    } else if constexpr (detail::is_module_ptr_v<U>) {
+      return m;
+    } else {
+      return std::shared_ptr<torch::nn::Module>(std::shared_ptr<void>{}, &m);  // non-owning
+    }
+  }
+
+  StateEntry(torch::optim::Optimizer* optimizer, const char* holder) : kind_(Kind::optimizer), optimizer_(optimizer) {
+    if (optimizer == nullptr) {
+      detail::raise("state entry: expected an optimizer, found an empty {}; pass the optimizer itself", holder);
+    }
+  }
+
+  Kind kind_ = Kind::value;
+  std::shared_ptr<torch::nn::Module> module_{};
+  torch::optim::Optimizer* optimizer_ = nullptr;
+  c10::IValue value_{};
+  std::function<void(const c10::IValue&)> write_back_{};
+
+ public:
+  /// Replaces the plain value (and writes it back to a referenced variable).
+  void assign(c10::IValue v) {
+    if (write_back_) write_back_(v);
+    value_ = std::move(v);
+  }
+};
+
+/// What save and load take: names to modules, optimizers and plain values.
+///
+///     fabric::State state{{"model", model}, {"optimizer", optimizer}, {"epoch", epoch}};
+using State = std::map<std::string, StateEntry>;
+
+namespace detail {
+
+inline constexpr std::int64_t checkpoint_format = 1;
+inline constexpr const char* marker_key = "__fabric__";
+
+inline const char* kind_name(StateEntry::Kind k) {
+  switch (k) {
+    case StateEntry::Kind::module:
+      return "module";
+    case StateEntry::Kind::optimizer:
+      return "optimizer";
+    default:
+      return "value";
+  }
+}
+
+/// Writes bytes to path atomically: a temporary file beside it is written, flushed to disk and
+/// renamed over the target, so a crash leaves either the old file or the new one, never a mix.
+inline void write_atomically(const std::filesystem::path& path, const char* data, std::size_t size) {
+  std::error_code ec;
+  if (std::filesystem::is_directory(path, ec)) {
+    raise("expected a file path for the checkpoint, found the directory {}; add a file name", path.string());
+  }
+  const auto parent = path.has_parent_path() ? path.parent_path() : std::filesystem::path(".");
+  std::filesystem::create_directories(parent, ec);
+  if (ec) raise("could not create the directory {} for the checkpoint: {}", parent.string(), ec.message());
+  static std::atomic<unsigned> counter{0};
+  const auto tmp = std::filesystem::path(
+      fmt::format("{}.tmp-{}-{}", path.string(), static_cast<long>(::getpid()), counter.fetch_add(1)));
+  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0)
+    raise("could not create {}: {}; check that the directory is writable", tmp.string(), std::strerror(errno));
+  auto fail = [&](const char* what) {
+    const int err = errno;
+    ::close(fd);
+    ::unlink(tmp.c_str());
+    raise("could not {} {}: {}; the previous checkpoint at {} is untouched", what, tmp.string(), std::strerror(err),
+          path.string());
+  };
+  std::size_t done = 0;
+  while (done < size) {
+    const ssize_t n = ::write(fd, data + done, size - done);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      fail("write");
+    }
+    done += static_cast<std::size_t>(n);
+  }
+  if (::fsync(fd) != 0) fail("flush");
+  if (::close(fd) != 0) {
+    ::unlink(tmp.c_str());
+    raise("could not close {}: {}", tmp.string(), std::strerror(errno));
+  }
+  if (::rename(tmp.c_str(), path.c_str()) != 0) {
+    const int err = errno;
+    ::unlink(tmp.c_str());
+    raise("could not move {} to {}: {}", tmp.string(), path.string(), std::strerror(err));
+  }
+  const int dir = ::open(parent.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (dir >= 0) {
+    ::fsync(dir);
+    ::close(dir);
+  }
+}
+
+inline std::vector<char> read_file(const std::filesystem::path& path) {
+  std::error_code ec;
+  if (!std::filesystem::is_regular_file(path, ec)) {
+    raise("expected a checkpoint file at {}, found {}; check the path", path.string(),
+          std::filesystem::exists(path, ec) ? "something that is not a regular file" : "nothing");
+  }
+  std::ifstream in(path, std::ios::binary);
+  std::vector<char> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  if (!in.eof() && in.fail()) raise("could not read {}", path.string());
+  if (bytes.empty()) {
+    raise(
+        "expected a checkpoint at {}, found an empty file; it was not written by fabric's save (which never "
+        "leaves an empty file)",
+        path.string());
+  }
+  return bytes;
+}
+
+/// A module's parameters and buffers under their dotted names (undefined tensors are left out, as
+/// torch::save leaves them out).
+inline std::vector<std::pair<std::string, at::Tensor>> module_tensors(const torch::nn::Module& module) {
+  std::vector<std::pair<std::string, at::Tensor>> out;
+  for (const auto& p : module.named_parameters(true)) {
+    if (p.value().defined()) out.emplace_back(p.key(), p.value());
+  }
+  for (const auto& b : module.named_buffers(true)) {
+    if (b.value().defined()) out.emplace_back(b.key(), b.value());
+  }
+  return out;
+}
+
+/// The first line of an exception message (LibTorch appends backtraces).
+inline std::string first_line(std::string text) {
+  if (auto nl = text.find('\n'); nl != std::string::npos) text.resize(nl);
+  return text;
+}
+
+/// The dynamic type of an optimizer as written in C++, e.g. "torch::optim::AdamW".
+inline std::string optimizer_type(const torch::optim::Optimizer& optimizer) {
+  const char* mangled = typeid(optimizer).name();
+#ifdef FABRIC_HAS_CXXABI
+  int status = 0;
+  std::unique_ptr<char, void (*)(void*)> demangled(abi::__cxa_demangle(mangled, nullptr, nullptr, &status), std::free);
+  if (status == 0 && demangled) return demangled.get();
+#endif
+  return mangled;
+}
+
+inline c10::IValue module_to_ivalue(const torch::nn::Module& module) {
+  c10::Dict<std::string, at::Tensor> dict;
+  for (auto& [name, tensor] : module_tensors(module)) dict.insert(name, tensor.detach());
+  return dict;
+}
+
+inline std::vector<at::Tensor> optimizer_params(const torch::optim::Optimizer& optimizer) {
+  std::vector<at::Tensor> out;
+  for (const auto& group : optimizer.param_groups()) {
+    for (const auto& p : group.params()) out.push_back(p);
+  }
+  return out;
+}
+
+inline c10::IValue optimizer_to_ivalue(const std::string& key, const torch::optim::Optimizer& optimizer) {
+  std::vector<char> bytes;
+  try {
+    torch::serialize::OutputArchive archive;
+    optimizer.save(archive);
+    archive.save_to([&](const void* data, std::size_t n) {
+      bytes.insert(bytes.end(), static_cast<const char*>(data), static_cast<const char*>(data) + n);
+      return n;
+    });
+  } catch (const c10::Error& e) {
+    raise("state entry \"{}\": LibTorch could not serialize this {} ({}); nothing was written", key,
+          optimizer_type(optimizer), first_line(e.what_without_backtrace()));
+  }
+  at::Tensor blob = at::empty({static_cast<std::int64_t>(bytes.size())}, at::kByte);
+  std::memcpy(blob.data_ptr(), bytes.data(), bytes.size());
+  c10::impl::GenericList shapes(c10::ListType::ofInts());
+  for (const auto& p : optimizer_params(optimizer)) shapes.push_back(c10::List<std::int64_t>(p.sizes().vec()));
+  c10::impl::GenericDict dict(c10::StringType::get(), c10::AnyType::get());
+  dict.insert("archive", blob);
+  dict.insert("shapes", shapes);
+  dict.insert("type", optimizer_type(optimizer));
+  return dict;
+}
+
+inline std::vector<char> serialize_state(const State& state) {
+  c10::impl::GenericDict root(c10::StringType::get(), c10::AnyType::get());
+  c10::Dict<std::string, std::string> kinds;
+  for (const auto& [key, entry] : state) {
+    if (key == marker_key) raise("the state key \"{}\" is reserved; rename that entry", key);
+    switch (entry.kind()) {
+      case StateEntry::Kind::module:
+        root.insert(key, module_to_ivalue(*entry.module()));
+        break;
+      case StateEntry::Kind::optimizer:
+        root.insert(key, optimizer_to_ivalue(key, *entry.optimizer()));
+        break;
+      case StateEntry::Kind::value:
+        if (entry.value().isNone()) raise("state entry \"{}\" holds no value; give it one or remove it", key);
+        if (entry.value().isTensor() && !entry.value().toTensor().defined()) {
+          raise("state entry \"{}\" holds an undefined tensor; expected a defined tensor, give it one or remove it",
+                key);
+        }
+        root.insert(key, entry.value());
+        break;
+    }
+    kinds.insert(key, kind_name(entry.kind()));
+  }
+  c10::impl::GenericDict marker(c10::StringType::get(), c10::AnyType::get());
+  marker.insert("format", checkpoint_format);
+  marker.insert("version", std::string(version()));
+  marker.insert("kinds", kinds);
+  root.insert(marker_key, marker);
+  try {
+    return torch::jit::pickle_save(root);
+  } catch (const c10::Error& e) {
+    raise(
+        "could not serialize the state ({}); expected modules, optimizers, integers, floating point, booleans, "
+        "strings and dense tensors",
+        first_line(e.what_without_backtrace()));
+  }
+}
+
+/// A parsed checkpoint: the top-level dictionary and the kind of each entry.
+struct Checkpoint {
+  c10::impl::GenericDict root{c10::StringType::get(), c10::AnyType::get()};
+  std::map<std::string, std::string> kinds;
+};
+
+inline std::string describe(const c10::IValue& v) {
+  if (v.isNone()) return "nothing (None)";
+  if (v.isBool()) return "a boolean";
+  if (v.isInt()) return "an integer";
+  if (v.isDouble()) return "a floating-point number";
+  if (v.isString()) return "a string";
+  if (v.isTensor()) return "a tensor";
+  if (v.isGenericDict()) return "a dictionary";
+  if (v.isList()) return "a list";
+  if (v.isTuple()) return "a tuple";
+  if (v.isObject()) return "an object";
+  return std::string("a value of kind ") + v.tagKind();
+}
+
+[[noreturn]] inline void malformed_marker(const std::filesystem::path& path, const std::string& why) {
+  raise("the checkpoint {} has a malformed \"{}\" entry ({}); expected a file written by fabric's save, unaltered",
+        path.string(), marker_key, why);
+}
+
+inline Checkpoint parse_checkpoint(const std::filesystem::path& path) {
+  const std::vector<char> bytes = read_file(path);
+  c10::IValue value;
+  try {
+    value = torch::jit::pickle_load(bytes);
+  } catch (const std::exception& e) {
+    raise(
+        "could not read a checkpoint from {}: the file is truncated, corrupt or of another format ({}); "
+        "expected a file written by fabric's save (use load_raw for files of torch::save)",
+        path.string(), first_line(e.what()));
+  }
+  if (!value.isGenericDict()) {
+    raise(
+        "expected a fabric checkpoint at {}, found a torch pickle of {} instead of fabric's dictionary; read it "
+        "with torch::pickle_load (or use load_raw for files written by torch::save)",
+        path.string(), describe(value));
+  }
+  Checkpoint ckpt;
+  bool marked = false;
+  for (const auto& item : value.toGenericDict()) {
+    if (!item.key().isString()) {
+      raise(
+          "expected a fabric checkpoint at {}, found a dictionary with a key that is {}, not a string; it was not "
+          "written by fabric's save",
+          path.string(), describe(item.key()));
+    }
+    marked |= item.key().toStringRef() == marker_key;
+    ckpt.root.insert(item.key().toStringRef(), item.value());
+  }
+  if (!marked) {
+    raise(
+        "expected a fabric checkpoint at {}, found a dictionary without fabric's \"{}\" entry; it was not written "
+        "by fabric's save (use load_raw for files written by torch::save)",
+        path.string(), marker_key);
+  }
+  const c10::IValue marker = ckpt.root.at(marker_key);
+  if (!marker.isGenericDict()) malformed_marker(path, fmt::format("expected a dictionary, found {}", describe(marker)));
+  const auto m = marker.toGenericDict();
+  if (!m.contains("format") || !m.at("format").isInt()) malformed_marker(path, "no integer \"format\"");
+  if (m.at("format").toInt() > checkpoint_format) {
+    raise(
+        "the checkpoint {} has format {}, which this fabric ({}) cannot read; expected format <= {}; load it with a "
+        "newer fabric",
+        path.string(), m.at("format").toInt(), version(), checkpoint_format);
+  }
+  if (m.contains("kinds")) {
+    const c10::IValue kinds = m.at("kinds");
+    if (!kinds.isGenericDict())
+      malformed_marker(path, fmt::format("\"kinds\" is {}, not a dictionary", describe(kinds)));
+    for (const auto& k : kinds.toGenericDict()) {
+      if (!k.key().isString() || !k.value().isString()) {
+        malformed_marker(path, fmt::format("a kind is {}, not a string", describe(k.value())));
+      }
+      const std::string& kind = k.value().toStringRef();
+      if (kind != "module" && kind != "optimizer" && kind != "value") {
+        malformed_marker(path, fmt::format("unknown kind \"{}\" of \"{}\"", kind, k.key().toStringRef()));
+      }
+      ckpt.kinds[k.key().toStringRef()] = kind;
+    }
+  }
+  (void)ckpt.root.erase(marker_key);
+  return ckpt;
+}
+
+inline bool same_value_type(const c10::IValue& expected, const c10::IValue& found) {
+  if (expected.isDouble()) return found.isDouble() || found.isInt();
+  if (expected.isInt()) return found.isInt();
+  if (expected.isBool()) return found.isBool();
+  if (expected.isString()) return found.isString();
+  if (expected.isTensor()) return found.isTensor();
+  return true;
+}
+
+inline std::string shape_str(at::IntArrayRef s) { return fmt::format("[{}]", fmt::join(s, ", ")); }
+
+/// Checks a module entry against a module; appends every problem to errors.
+inline void check_module(const std::string& key, const torch::nn::Module& module, const c10::IValue& stored,
+                         bool strict, std::vector<std::string>& errors) {
+  if (!stored.isGenericDict()) {
+    errors.push_back(fmt::format("\"{}\": expected a module's tensors, found {}", key, describe(stored)));
+    return;
+  }
+  const auto dict = stored.toGenericDict();
+  std::set<std::string> seen;
+  for (const auto& [name, tensor] : module_tensors(module)) {
+    seen.insert(name);
+    if (!dict.contains(name)) {
+      if (strict) errors.push_back(fmt::format("\"{}.{}\": missing from the checkpoint", key, name));
+      continue;
+    }
+    const c10::IValue& v = dict.at(name);
+    if (!v.isTensor() || !v.toTensor().defined()) {
+      errors.push_back(fmt::format("\"{}.{}\": expected a tensor, found {}", key, name, describe(v)));
+    } else if (v.toTensor().sizes() != tensor.sizes()) {
+      errors.push_back(fmt::format("\"{}.{}\": expected shape {}, found shape {} in the checkpoint", key, name,
+                                   shape_str(tensor.sizes()), shape_str(v.toTensor().sizes())));
+    }
+  }
+  if (strict) {
+    for (const auto& item : dict) {
+      if (!item.key().isString()) {
+        errors.push_back(
+            fmt::format("\"{}\": found a tensor name that is {}, not a string", key, describe(item.key())));
+      } else if (!seen.contains(item.key().toStringRef())) {
+        errors.push_back(
+            fmt::format("\"{}.{}\": in the checkpoint but not in the module", key, item.key().toStringRef()));
+      }
+    }
+  }
+}
+
+inline void restore_module(torch::nn::Module& module, const c10::IValue& stored) {
+  const auto dict = stored.toGenericDict();
+  at::NoGradGuard no_grad;
+  for (auto& [name, tensor] : module_tensors(module)) {
+    if (dict.contains(name)) tensor.copy_(dict.at(name).toTensor());
+  }
+}
+
+// ---- optimizers ---------------------------------------------------------------------------------
+//
+// An optimizer's state travels as its LibTorch archive (Optimizer::save): "pytorch_version", "state"
+// (per-parameter states under the TensorImpl keys of the saving process) and "param_groups" (their
+// sizes, those keys, and each group's options).
+
+inline std::string with_label(const std::string& label, const std::string& text) {
+  return label.empty() ? text : label + ": " + text;
+}
+
+/// The names of an optimizer's options (lr, betas, ...): they tell optimizer types apart in archives.
+inline std::vector<std::string> option_names(const torch::optim::OptimizerOptions& options) {
+  torch::serialize::OutputArchive out;
+  options.serialize(out);
+  std::vector<char> bytes;
+  out.save_to([&](const void* data, std::size_t n) {
+    bytes.insert(bytes.end(), static_cast<const char*>(data), static_cast<const char*>(data) + n);
+    return n;
+  });
+  torch::serialize::InputArchive in;
+  in.load_from(bytes.data(), bytes.size());
+  auto names = in.keys();
+  std::sort(names.begin(), names.end());
+  return names;
+}
+
+inline std::int64_t archive_int(torch::serialize::InputArchive& archive, const std::string& key) {
+  c10::IValue v;
+  archive.read(key, v);
+  if (v.isTensor()) return v.toTensor().item<std::int64_t>();
+  return v.toInt();
+}
+
+/// Checks an optimizer archive against an optimizer before anything is loaded: the parameter groups
+/// and their sizes, the option names (the optimizer type) and the shapes of per-parameter state
+/// tensors. Appends every problem to errors; `where` names the source ("the file", "the checkpoint").
+inline void check_optimizer_archive(const std::string& label, torch::serialize::InputArchive& archive,
+                                    const torch::optim::Optimizer& optimizer, const char* where,
+                                    std::vector<std::string>& errors) {
+  try {
+    c10::IValue version_value;
+    torch::serialize::InputArchive groups_archive;
+    if (!archive.try_read("pytorch_version", version_value) || !archive.try_read("param_groups", groups_archive)) {
+      errors.push_back(with_label(
+          label,
+          fmt::format("expected an optimizer's state as torch::save(optimizer, path) writes it, found an archive "
+                      "without \"pytorch_version\" and \"param_groups\" in {} (a module's archive, or one "
+                      "from LibTorch before 1.5)",
+                      where)));
+      return;
+    }
+    const auto& groups = optimizer.param_groups();
+    const std::int64_t group_count = archive_int(groups_archive, "param_groups/size");
+    if (group_count != static_cast<std::int64_t>(groups.size())) {
+      errors.push_back(with_label(label, fmt::format("expected {} parameter group{}, found {} in {}", groups.size(),
+                                                     groups.size() == 1 ? "" : "s", group_count, where)));
+      return;
+    }
+    torch::serialize::InputArchive state_archive;
+    const bool has_state = archive.try_read("state", state_archive);
+    // LBFGS keeps whole-model state (flat gradients, histories) under its first parameter.
+    const bool per_parameter_state = dynamic_cast<const torch::optim::LBFGS*>(&optimizer) == nullptr;
+    for (std::size_t g = 0; g < groups.size(); ++g) {
+      torch::serialize::InputArchive group_archive;
+      groups_archive.read("param_groups/" + std::to_string(g), group_archive);
+      const auto& params = groups[g].params();
+      const std::int64_t count = archive_int(group_archive, "params/size");
+      if (count != static_cast<std::int64_t>(params.size())) {
+        errors.push_back(with_label(label, fmt::format("parameter group {}: expected {} parameters, found {} in {}", g,
+                                                       params.size(), count, where)));
+        continue;
+      }
+      torch::serialize::InputArchive options_archive;
+      group_archive.read("options", options_archive);
+      auto found_names = options_archive.keys();
+      std::sort(found_names.begin(), found_names.end());
+      const auto expected_names = option_names(groups[g].options());
+      if (found_names != expected_names) {
+        errors.push_back(with_label(
+            label, fmt::format("parameter group {}: expected the options of a {} ({}), found options named {} in {}; "
+                               "the state was saved from another type of optimizer",
+                               g, optimizer_type(optimizer), fmt::join(expected_names, ", "),
+                               fmt::join(found_names, ", "), where)));
+        continue;
+      }
+      if (!has_state || !per_parameter_state) continue;
+      for (std::size_t j = 0; j < params.size(); ++j) {
+        c10::IValue old_key;
+        group_archive.read("params/" + std::to_string(j), old_key);
+        torch::serialize::InputArchive param_state;
+        if (!old_key.isString() || !state_archive.try_read(old_key.toStringRef(), param_state)) continue;
+        for (const auto& name : param_state.keys()) {
+          c10::IValue v;
+          param_state.read(name, v);
+          if (!v.isTensor() || !v.toTensor().defined() || v.toTensor().dim() == 0) continue;
+          if (v.toTensor().sizes() != params[j].sizes()) {
+            errors.push_back(with_label(
+                label,
+                fmt::format("parameter {} of group {}: expected state of shape {}, found \"{}\" of shape {} in {}", j,
+                            g, shape_str(params[j].sizes()), name, shape_str(v.toTensor().sizes()), where)));
+          }
+        }
+      }
+    }
+  } catch (const c10::Error& e) {
+    errors.push_back(with_label(label, fmt::format("the optimizer state in {} is malformed ({})", where,
+                                                   first_line(e.what_without_backtrace()))));
+  }
+}
+
+/// What an optimizer held before a load, to put back if a later step fails.
+struct OptimizerBackup {
+  using StateMap = std::remove_reference_t<decltype(std::declval<torch::optim::Optimizer&>().state())>;
+  torch::optim::Optimizer* optimizer = nullptr;
+  StateMap state{};
+  std::vector<std::unique_ptr<torch::optim::OptimizerOptions>> options{};
+
+  void restore() {
+    optimizer->state() = std::move(state);
+    for (std::size_t g = 0; g < options.size(); ++g) optimizer->param_groups()[g].set_options(std::move(options[g]));
+  }
+};
+
+/// Loads a checked optimizer archive like PyTorch's load_state_dict: the state is replaced (a
+/// parameter without saved state has none afterwards) and so are every group's options (lr, ...).
+/// On failure the optimizer is put back as it was and the exception propagates.
+inline OptimizerBackup load_optimizer_archive(torch::serialize::InputArchive& archive,
+                                              torch::optim::Optimizer& optimizer) {
+  OptimizerBackup backup;
+  backup.optimizer = &optimizer;
+  backup.state = std::move(optimizer.state());
+  optimizer.state().clear();
+  for (auto& group : optimizer.param_groups()) backup.options.push_back(group.options().clone());
+  try {
+    optimizer.load(archive);
+    torch::serialize::InputArchive groups_archive;
+    archive.read("param_groups", groups_archive);
+    for (std::size_t g = 0; g < optimizer.param_groups().size(); ++g) {
+      torch::serialize::InputArchive group_archive;
+      groups_archive.read("param_groups/" + std::to_string(g), group_archive);
+      torch::serialize::InputArchive options_archive;
+      group_archive.read("options", options_archive);
+      optimizer.param_groups()[g].options().serialize(options_archive);
+    }
+  } catch (...) {
+    backup.restore();
+    throw;
+  }
+  return backup;
+}
+
+/// Checks an optimizer entry of a checkpoint; on success its parsed archive goes into archives.
+inline void check_optimizer(const std::string& key, const torch::optim::Optimizer& optimizer, const c10::IValue& stored,
+                            std::vector<std::string>& errors,
+                            std::map<std::string, torch::serialize::InputArchive>& archives) {
+  const std::string label = fmt::format("\"{}\"", key);
+  if (!stored.isGenericDict()) {
+    errors.push_back(fmt::format("{}: expected an optimizer's state, found {}", label, describe(stored)));
+    return;
+  }
+  const auto dict = stored.toGenericDict();
+  if (!dict.contains("archive") || !dict.at("archive").isTensor() || !dict.contains("shapes") ||
+      !dict.at("shapes").isList()) {
+    errors.push_back(fmt::format("{}: expected an optimizer's state, found a dictionary without its archive", label));
+    return;
+  }
+  if (dict.contains("type") && dict.at("type").isString()) {
+    const std::string saved = dict.at("type").toStringRef();
+    const std::string wanted = optimizer_type(optimizer);
+    if (saved != wanted) {
+      errors.push_back(
+          fmt::format("{}: expected the state of a {}, found the state of a {} in the checkpoint; build "
+                      "the optimizer the same way as when it was saved",
+                      label, wanted, saved));
+      return;
+    }
+  }
+  const auto params = optimizer_params(optimizer);
+  const auto shapes = dict.at("shapes").toList();
+  if (shapes.size() != params.size()) {
+    errors.push_back(fmt::format("{}: expected state for {} parameters, found {} in the checkpoint", label,
+                                 params.size(), shapes.size()));
+    return;
+  }
+  const std::size_t before = errors.size();
+  for (std::size_t i = 0; i < params.size(); ++i) {
+    const c10::IValue shape_value = shapes.get(i);
+    if (!shape_value.isIntList()) {
+      errors.push_back(fmt::format("{}: parameter {}: the saved shape is {}, not a list of integers", label, i,
+                                   describe(shape_value)));
+      continue;
+    }
+    const auto shape = shape_value.toIntVector();
+    if (at::IntArrayRef(shape) != params[i].sizes()) {
+      errors.push_back(fmt::format("{}: parameter {}: expected shape {}, found shape {} in the checkpoint", label, i,
+                                   shape_str(params[i].sizes()), shape_str(shape)));
+    }
+  }
+  if (errors.size() != before) return;
+  const at::Tensor blob = dict.at("archive").toTensor().contiguous();
+  torch::serialize::InputArchive archive;
+  try {
+    if (blob.scalar_type() != at::kByte) throw std::runtime_error("the archive is not a byte tensor");
+    archive.load_from(static_cast<const char*>(blob.data_ptr()), static_cast<std::size_t>(blob.numel()));
+  } catch (const std::exception& e) {
+    errors.push_back(
+        fmt::format("{}: the optimizer state in the checkpoint is corrupt ({})", label, first_line(e.what())));
+    return;
+  }
+  check_optimizer_archive(label, archive, optimizer, "the checkpoint", errors);
+  if (errors.size() == before) archives.emplace(key, std::move(archive));
+}
+
+/// Loads a checkpoint into state; see Fabric::load.
+inline State load_state(const std::filesystem::path& path, State& state, bool strict) {
+  Checkpoint ckpt = parse_checkpoint(path);
+  std::vector<std::string> errors;
+  std::map<std::string, torch::serialize::InputArchive> archives;
+  try {
+    for (auto& [key, entry] : state) {
+      if (!ckpt.root.contains(key)) {
+        if (strict) errors.push_back(fmt::format("\"{}\": missing from the checkpoint", key));
+        continue;
+      }
+      const c10::IValue stored = ckpt.root.at(key);
+      const auto kind_it = ckpt.kinds.find(key);
+      const std::string stored_kind = kind_it != ckpt.kinds.end() ? kind_it->second : "value";
+      if (stored_kind != kind_name(entry.kind())) {
+        errors.push_back(fmt::format("\"{}\": expected a {}, found a {} in the checkpoint", key,
+                                     kind_name(entry.kind()), stored_kind));
+        continue;
+      }
+      switch (entry.kind()) {
+        case StateEntry::Kind::module:
+          check_module(key, *entry.module(), stored, strict, errors);
+          break;
+        case StateEntry::Kind::optimizer:
+          check_optimizer(key, *entry.optimizer(), stored, errors, archives);
+          break;
+        case StateEntry::Kind::value:
+          if (!same_value_type(entry.value(), stored)) {
+            errors.push_back(
+                fmt::format("\"{}\": expected {}, found {}", key, describe(entry.value()), describe(stored)));
+          }
+          break;
+      }
+    }
+  } catch (const c10::Error& e) {
+    raise("cannot load {}: the checkpoint is malformed ({}); nothing was changed", path.string(),
+          first_line(e.what_without_backtrace()));
+  }
+  if (!errors.empty()) {
+    raise("cannot load {} ({} problem{}; nothing was changed):\n  {}\n{}", path.string(), errors.size(),
+          errors.size() == 1 ? "" : "s", fmt::join(errors, "\n  "),
+          strict ? "Pass strict = false to skip missing and unexpected keys; shapes and types must match."
+                 : "Shapes and types must match.");
+  }
+  // Optimizers first: theirs is the only restore that can still fail, and it is undone if it does.
+  std::vector<OptimizerBackup> backups;
+  for (auto& [key, entry] : state) {
+    const auto archive = archives.find(key);
+    if (entry.kind() != StateEntry::Kind::optimizer || archive == archives.end()) continue;
+    try {
+      backups.push_back(load_optimizer_archive(archive->second, *entry.optimizer()));
+    } catch (const c10::Error& e) {
+      for (auto it = backups.rbegin(); it != backups.rend(); ++it) it->restore();
+      raise(
+          "cannot load {}: \"{}\": the optimizer state does not fit this optimizer ({}); nothing was changed; build "
+          "the optimizer the same way as when it was saved",
+          path.string(), key, first_line(e.what_without_backtrace()));
+    }
+  }
+  for (auto& [key, entry] : state) {
+    if (!ckpt.root.contains(key)) continue;
+    const c10::IValue stored = ckpt.root.at(key);
+    switch (entry.kind()) {
+      case StateEntry::Kind::module:
+        restore_module(*entry.module(), stored);
+        break;
+      case StateEntry::Kind::optimizer:
+        break;
+      case StateEntry::Kind::value:
+        entry.assign(stored);
+        break;
+    }
+  }
+  State rest;
+  for (const auto& item : ckpt.root) {
+    const std::string& key = item.key().toStringRef();
+    if (!state.contains(key)) rest.emplace(key, StateEntry(item.value()));
+  }
+  return rest;
+}
+
+// ---- load_raw: archives of torch::save ----------------------------------------------------------
+
+/// Appends the dotted names of every tensor in an archive (recursively) to out.
+inline void archive_tensor_names(torch::serialize::InputArchive& archive, const std::string& prefix,
+                                 std::vector<std::string>& out) {
+  for (const auto& key : archive.keys()) {
+    torch::serialize::InputArchive sub;
+    if (archive.try_read(key, sub)) {
+      archive_tensor_names(sub, prefix + key + ".", out);
+    } else {
+      out.push_back(prefix + key);
+    }
+  }
+}
+
+/// Reads the tensors of a torch::save module archive, recursively, under dotted names.
+inline void read_archive_tensors(torch::serialize::InputArchive& archive, const torch::nn::Module& module,
+                                 const std::string& prefix, bool strict, std::vector<std::string>& errors,
+                                 std::vector<std::pair<at::Tensor, at::Tensor>>& copies) {
+  std::set<std::string> known;
+  auto read = [&](const std::string& name, const at::Tensor& target, bool is_buffer) {
+    known.insert(name);
+    if (!target.defined()) return;  // torch::save leaves undefined tensors out
+    at::Tensor loaded;
+    if (!archive.try_read(name, loaded, is_buffer) || !loaded.defined()) {
+      if (strict) errors.push_back(fmt::format("\"{}{}\": missing from the file", prefix, name));
+      return;
+    }
+    if (loaded.sizes() != target.sizes()) {
+      errors.push_back(fmt::format("\"{}{}\": expected shape {}, found shape {} in the file", prefix, name,
+                                   shape_str(target.sizes()), shape_str(loaded.sizes())));
+      return;
+    }
+    copies.emplace_back(target, loaded);
+  };
+  for (const auto& p : module.named_parameters(false)) read(p.key(), p.value(), false);
+  for (const auto& b : module.named_buffers(false)) read(b.key(), b.value(), true);
+  for (const auto& child : module.named_children()) {
+    if (!child.value()->is_serializable()) continue;  // torch::save skips these (e.g. Functional)
+    known.insert(child.key());
+    torch::serialize::InputArchive sub;
+    if (!archive.try_read(child.key(), sub)) {
+      if (strict) {
+        for (const auto& [name, tensor] : module_tensors(*child.value())) {
+          errors.push_back(fmt::format("\"{}{}.{}\": missing from the file", prefix, child.key(), name));
+        }
+      }
+      continue;
+    }
+    read_archive_tensors(sub, *child.value(), prefix + child.key() + ".", strict, errors, copies);
+  }
+  if (strict) {
+    for (const auto& key : archive.keys()) {
+      if (known.contains(key)) continue;
+      std::vector<std::string> names;
+      torch::serialize::InputArchive sub;
+      if (archive.try_read(key, sub)) {
+        archive_tensor_names(sub, prefix + key + ".", names);
+      } else {
+        names.push_back(prefix + key);
+      }
+      for (const auto& name : names) errors.push_back(fmt::format("\"{}\": in the file but not in the module", name));
+    }
+  }
+}
+
+inline torch::serialize::InputArchive open_archive(const std::filesystem::path& path) {
+  (void)read_file(path);  // existence and emptiness checks with fabric's messages
+  torch::serialize::InputArchive archive;
+  try {
+    archive.load_from(path.string());
+  } catch (const c10::Error& e) {
+    raise(
+        "could not read {} as a torch::save archive ({}); expected a file written by torch::save (use load for "
+        "fabric checkpoints)",
+        path.string(), first_line(e.what_without_backtrace()));
+  }
+  return archive;
+}
+
+/// Loads a module from a torch::save file, checking names and shapes before changing anything.
+inline void load_raw_module(const std::filesystem::path& path, torch::nn::Module& module, bool strict) {
+  auto archive = open_archive(path);
+  std::vector<std::string> errors;
+  std::vector<std::pair<at::Tensor, at::Tensor>> copies;
+  try {
+    read_archive_tensors(archive, module, "", strict, errors, copies);
+  } catch (const c10::Error& e) {
+    raise("could not read the module in {} ({}); expected a file written by torch::save(module, path)", path.string(),
+          first_line(e.what_without_backtrace()));
+  }
+  if (!errors.empty()) {
+    raise("cannot load {} into the module ({} problem{}; nothing was changed):\n  {}\n{}", path.string(), errors.size(),
+          errors.size() == 1 ? "" : "s", fmt::join(errors, "\n  "),
+          strict ? "Pass strict = false to skip missing and unexpected tensors; shapes must match."
+                 : "Shapes must match.");
+  }
+  at::NoGradGuard no_grad;
+  for (auto& [target, loaded] : copies) target.copy_(loaded);
+}
+
+/// Loads an optimizer from a torch::save file, checking its groups, type and state shapes first.
+inline void load_raw_optimizer(const std::filesystem::path& path, torch::optim::Optimizer& optimizer) {
+  auto archive = open_archive(path);
+  std::vector<std::string> errors;
+  check_optimizer_archive("", archive, optimizer, "the file", errors);
+  if (!errors.empty()) {
+    raise(
+        "cannot load {} into the optimizer ({} problem{}; nothing was changed):\n  {}\nExpected a file written by "
+        "torch::save(optimizer, path) for the same type of optimizer over parameters of the same shapes.",
+        path.string(), errors.size(), errors.size() == 1 ? "" : "s", fmt::join(errors, "\n  "));
+  }
+  try {
+    (void)load_optimizer_archive(archive, optimizer);
+  } catch (const c10::Error& e) {
+    raise(
+        "could not load the optimizer state in {} ({}); nothing was changed; expected a file written by "
+        "torch::save(optimizer, path) for an optimizer built the same way",
+        path.string(), first_line(e.what_without_backtrace()));
+  }
+}
+
+}  // namespace detail
+}  // namespace fabric
+// ---- end fabric/checkpoint.hpp
 // ---- begin fabric/data.hpp
 // Data loading: fabric::DataLoader (the wrapper setup_dataloaders returns, a C++20 input range of
 // batches on the device) and fabric::DistributedSampler (PyTorch's DistributedSampler in C++).
@@ -1377,574 +1703,393 @@ class DataLoader {
 
 }  // namespace fabric
 // ---- end fabric/data.hpp
-// ---- begin fabric/checkpoint.hpp
-// Checkpoints: fabric::State (what save/load take), atomic writes, strict and non-strict loading.
-//
-// A checkpoint is a torch pickle (torch::pickle_save, readable by Python's torch.load with
-// weights_only=False) of a dictionary: "__fabric__" holds the format and the kind of every entry;
-// a module is a flat dictionary of its parameters and buffers under their dotted names (the keys of
-// a PyTorch state_dict); an optimizer is its LibTorch archive plus the shapes of its parameters;
-// plain values (integers, floating point, booleans, strings, tensors) are stored as they are.
+// ---- begin fabric/fabric_class.hpp
+// fabric::Fabric: the class a training loop talks to.
 
+// ---- begin fabric/logger.hpp
+// fabric::Logger, the interface the loggers passed in Options implement. Torch-free.
 
-#include <ATen/core/Dict.h>
-#include <ATen/core/List.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/core/grad_mode.h>
-#include <ATen/core/ivalue.h>
-#include <ATen/ops/empty.h>
-#include <torch/csrc/jit/serialization/pickle.h>
-#include <torch/nn/module.h>
-#include <torch/optim/optimizer.h>
-#include <torch/serialize/input-archive.h>
-#include <torch/serialize/output-archive.h>
-
-#include <fcntl.h>
-#include <unistd.h>
-
-#include <algorithm>
-#include <atomic>
-#include <cerrno>
-#include <concepts>
 #include <cstdint>
-#include <cstring>
 #include <filesystem>
-#include <fstream>
-#include <functional>
 #include <map>
-#include <memory>
+#include <optional>
 #include <string>
-#include <type_traits>
-#include <utility>
+#include <string_view>
+
+namespace fabric {
+
+/// Metrics as logged: name to value.
+using Metrics = std::map<std::string, double>;
+
+/// Receives metrics from `Fabric::log` and `Fabric::log_dict` on global rank zero.
+class Logger {
+ public:
+  virtual ~Logger() = default;
+  /// Returns the experiment name.
+  virtual std::string name() const = 0;
+  /// Returns the experiment version (e.g. "0" for version_0).
+  virtual std::string version() const = 0;
+  /// Returns the directory that holds all experiments.
+  virtual std::filesystem::path root_dir() const = 0;
+  /// Returns the directory this run writes into.
+  virtual std::filesystem::path log_dir() const = 0;
+  /// Records metrics at a step; without a step the logger counts its own.
+  virtual void log_metrics(const Metrics& metrics, std::optional<std::int64_t> step) = 0;
+  /// Records hyper-parameters.
+  virtual void log_hyperparams(const std::map<std::string, std::string>& params) = 0;
+  /// Writes what is buffered.
+  virtual void save() = 0;
+  /// Writes what is buffered and closes the run ("success", "failed", ...).
+  virtual void finalize(std::string_view status) = 0;
+};
+
+}  // namespace fabric
+// ---- end fabric/logger.hpp
+// ---- begin fabric/options.hpp
+// Runtime settings: plain aggregates, used with designated initializers. Torch-free.
+
+
+#include <cstddef>
+#include <memory>
+#include <optional>
 #include <vector>
 
 namespace fabric {
 
-/// One entry of a checkpoint state: a module, an optimizer or a plain value.
-///
-/// Modules and optimizers are restored in place. Plain values are replaced in the entry (read them
-/// with get<T>()); an entry made from std::ref(variable) also writes the loaded value back into it.
-class StateEntry {
- public:
-  /// What an entry holds.
-  enum class Kind { module, optimizer, value };
+/// Fabric's runtime settings: `fabric::Fabric<> fabric{{.devices = 1}}`.
+struct Options {
+  /// Processes (devices) per node.
+  int devices = 1;
+  /// Number of machines.
+  int num_nodes = 1;
+  /// Loggers that `log` and `log_dict` write to (on global rank zero).
+  std::vector<std::shared_ptr<Logger>> loggers{};
+};
 
-  /// Refers to a module: a TORCH_MODULE holder, a shared_ptr or a module object (not copied).
-  template <ModuleLike M>
-  StateEntry(M& module) : kind_(Kind::module), module_(module_pointer(module)) {}  // NOLINT(google-explicit-constructor)
-  /// Refers to the module of a set-up wrapper.
-  template <class M, class F>
-  StateEntry(const Module<M, F>& module) : kind_(Kind::module), module_(module.ptr()) {}  // NOLINT
-  /// Refers to an optimizer (not copied).
-  template <class O>
-    requires std::derived_from<O, torch::optim::Optimizer>
-  StateEntry(O& optimizer) : kind_(Kind::optimizer), optimizer_(&optimizer) {}  // NOLINT
-  /// Refers to the optimizer of a set-up wrapper.
-  template <class O, class F>
-  StateEntry(const Optimizer<O, F>& optimizer) : kind_(Kind::optimizer), optimizer_(&optimizer.optimizer()) {}  // NOLINT
-  /// Holds a tensor.
-  StateEntry(at::Tensor value) : value_(std::move(value)) {}  // NOLINT
-  /// Holds a boolean.
-  StateEntry(bool value) : value_(value) {}  // NOLINT
-  /// Holds an integer (stored as int64).
-  template <std::integral T>
-    requires(!std::same_as<T, bool>)
-  StateEntry(T value) : value_(static_cast<std::int64_t>(value)) {}  // NOLINT
-  /// Holds a floating-point number (stored as double).
-  template <std::floating_point T>
-  StateEntry(T value) : value_(static_cast<double>(value)) {}  // NOLINT
-  /// Holds a string.
-  StateEntry(std::string value) : value_(std::move(value)) {}  // NOLINT
-  /// Holds a string.
-  StateEntry(const char* value) : value_(std::string(value)) {}  // NOLINT
-  /// Holds a value read from a file.
-  explicit StateEntry(c10::IValue value) : value_(std::move(value)) {}
-  /// Refers to a variable: saves its value, and load writes the loaded value back into it.
-  template <class T>
-    requires(std::is_arithmetic_v<T> || std::same_as<T, std::string> || std::same_as<T, at::Tensor>)
-  StateEntry(std::reference_wrapper<T> ref) : StateEntry(ref.get()) {  // NOLINT
-    write_back_ = [p = &ref.get()](const c10::IValue& v) { *p = StateEntry(v).get<T>(); };
-  }
+/// Switches for `Fabric::setup` and `Fabric::setup_module`.
+struct SetupOptions {
+  /// Move parameters and buffers to the fabric's device.
+  bool move_to_device = true;
+};
 
-  /// Returns what the entry holds.
-  Kind kind() const noexcept { return kind_; }
-  /// Returns the plain value (for entries that hold one).
-  const c10::IValue& value() const noexcept { return value_; }
-  /// Returns the module an entry refers to.
-  const std::shared_ptr<torch::nn::Module>& module() const noexcept { return module_; }
-  /// Returns the optimizer an entry refers to.
-  torch::optim::Optimizer* optimizer() const noexcept { return optimizer_; }
+/// Switches for `Fabric::setup_dataloaders`.
+struct DataOptions {
+  /// Yield batches already moved to the fabric's device.
+  bool move_to_device = true;
+  /// Shard the data across ranks (only distributed strategies do; a single device never does).
+  bool use_distributed_sampler = true;
+};
 
-  /// Returns the plain value as T (integer, floating point, bool, std::string or at::Tensor).
-  template <class T>
-  T get() const {
-    if constexpr (std::same_as<T, bool>) {
-      if (value_.isBool()) return value_.toBool();
-    } else if constexpr (std::integral<T>) {
-      if (value_.isInt()) return static_cast<T>(value_.toInt());
-    } else if constexpr (std::floating_point<T>) {
-      if (value_.isDouble()) return static_cast<T>(value_.toDouble());
-      if (value_.isInt()) return static_cast<T>(value_.toInt());
-    } else if constexpr (std::same_as<T, std::string>) {
-      if (value_.isString()) return value_.toStringRef();
-    } else if constexpr (std::same_as<T, at::Tensor>) {
-      if (value_.isTensor()) return value_.toTensor();
-    } else {
-      static_assert(sizeof(T) == 0, "fabric: StateEntry::get<T> supports integers, floating point, bool, "
-                                    "std::string and at::Tensor; read other values through value()");
-    }
-    detail::raise("state entry: expected a value of the requested type, found {}; read it with the type it was "
-                  "saved with",
-                  value_.tagKind());
-  }
+/// Options of the convenience loader `Fabric::dataloader(dataset, options)`.
+struct LoaderOptions {
+  /// Samples per batch.
+  std::size_t batch_size = 1;
+  /// Draw a new random order every epoch (seeded from the global seed).
+  bool shuffle = false;
+  /// Worker threads that prepare batches (0: in the calling thread).
+  std::size_t num_workers = 0;
+  /// Drop the last batch when it is smaller than batch_size.
+  bool drop_last = false;
+};
 
- private:
+/// What `Fabric::clip_gradients` clips: exactly one of max_norm and clip_val.
+struct ClipOptions {
+  /// Rescale gradients so that their total norm is at most this.
+  std::optional<double> max_norm{};
+  /// Clamp every gradient element into [-clip_val, clip_val].
+  std::optional<double> clip_val{};
+  /// The p of the p-norm (infinity allowed) used with max_norm.
+  double norm_type = 2.0;
+  /// Throw when the total norm is NaN or infinite.
+  bool error_if_nonfinite = true;
+};
+
+/// The reduction of `Fabric::all_reduce`.
+enum class ReduceOp { sum, mean, min, max };
+
+}  // namespace fabric
+// ---- end fabric/options.hpp
+// ---- begin fabric/precision/fp32.hpp
+// fabric::FP32: full precision ("32-true"), Lightning's default.
+
+// ---- begin fabric/detail/guard.hpp
+// Small RAII helpers shared by the policies. Torch-free.
+
+namespace fabric {
+
+/// A guard that does nothing: what policies return where Lightning returns a null context.
+struct NullGuard {
+  constexpr NullGuard() noexcept = default;
+  NullGuard(const NullGuard&) = delete;
+  NullGuard& operator=(const NullGuard&) = delete;
+};
+
+}  // namespace fabric
+// ---- end fabric/detail/guard.hpp
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/ScalarType.h>
+
+#include <string_view>
+#include <type_traits>
+#include <utility>
+
+namespace fabric {
+
+/// Trains in float32: no conversion, no autocast, no loss scaling.
+struct FP32 {
+  using category = precision_tag;
+  static constexpr std::string_view name = "32-true";
+
+  /// Returns the dtype of parameters and of what `init_module`/`init_tensor` create.
+  static constexpr c10::ScalarType param_dtype() noexcept { return c10::ScalarType::Float; }
+  /// Checks the combination with an accelerator at compile time (every accelerator runs float32).
+  template <Accelerator A>
+  static constexpr void check() noexcept {}
+
+  /// Converts a module's parameters to this precision (nothing to do).
   template <class M>
-  static std::shared_ptr<torch::nn::Module> module_pointer(M& m) {
-    using U = std::remove_cv_t<M>;
-    if constexpr (detail::is_module_holder_v<U>) {
-      return m.ptr();
-    } else if constexpr (detail::is_module_ptr_v<U>) {
-      return m;
-    } else {
-      return std::shared_ptr<torch::nn::Module>(std::shared_ptr<void>{}, &m);  // non-owning
-    }
+  void convert_module(M& /*module*/) noexcept {}
+  /// Converts an input of the wrapped forward (passed through untouched).
+  template <class T>
+  FABRIC_ALWAYS_INLINE T&& convert_input(T&& x) noexcept {
+    return std::forward<T>(x);
   }
-
-  Kind kind_ = Kind::value;
-  std::shared_ptr<torch::nn::Module> module_{};
-  torch::optim::Optimizer* optimizer_ = nullptr;
-  c10::IValue value_{};
-  std::function<void(const c10::IValue&)> write_back_{};
-
- public:
-  /// Replaces the plain value (and writes it back to a referenced variable).
-  void assign(c10::IValue v) {
-    if (write_back_) write_back_(v);
-    value_ = std::move(v);
+  /// Converts an output of the wrapped forward (passed through untouched).
+  template <class T>
+  FABRIC_ALWAYS_INLINE std::decay_t<T> convert_output(T&& x) noexcept(
+      std::is_nothrow_constructible_v<std::decay_t<T>, T&&>) {
+    return std::forward<T>(x);
+  }
+  /// Returns the context forward and `Fabric::autocast` run in (none for float32).
+  NullGuard forward_context() const noexcept { return {}; }
+  /// Runs backward on the loss.
+  template <class... Args>
+  void backward(const at::Tensor& loss, Args&&... args) {
+    loss.backward(std::forward<Args>(args)...);
+  }
+  /// Unscales gradients before clipping (nothing to do).
+  template <class O>
+  void unscale_gradients(O& /*optimizer*/) noexcept {}
+  /// Steps the optimizer.
+  template <class O, class Closure>
+  at::Tensor optimizer_step(O& optimizer, Closure&& closure) {
+    return optimizer.step(std::forward<Closure>(closure));
   }
 };
 
-/// What save and load take: names to modules, optimizers and plain values.
-///
-///     fabric::State state{{"model", model}, {"optimizer", optimizer}, {"epoch", epoch}};
-using State = std::map<std::string, StateEntry>;
+}  // namespace fabric
+// ---- end fabric/precision/fp32.hpp
+// ---- begin fabric/seed.hpp
+// Seeding: fabric::seed_everything and the library's own random engine.
+
+
+#include <ATen/Context.h>
+
+#include <cerrno>
+#include <charconv>
+#include <cstdint>
+#include <cstdlib>
+#include <limits>
+#include <optional>
+#include <random>
+#include <string>
+#include <string_view>
+
+namespace fabric {
+
+/// Returns the library's own random engine (seeded by seed_everything), for user-side randomness
+/// that must follow the global seed, e.g. random augmentations.
+inline std::mt19937_64& random_engine() {
+  static std::mt19937_64 engine{0};
+  return engine;
+}
 
 namespace detail {
 
-inline constexpr std::int64_t checkpoint_format = 1;
-inline constexpr const char* marker_key = "__fabric__";
+inline constexpr std::uint64_t max_seed = std::numeric_limits<std::uint32_t>::max();
 
-inline const char* kind_name(StateEntry::Kind k) {
-  switch (k) {
-    case StateEntry::Kind::module: return "module";
-    case StateEntry::Kind::optimizer: return "optimizer";
-    default: return "value";
+/// Reads an integer environment variable; absent gives nothing, malformed throws.
+inline std::optional<std::int64_t> env_int(const char* name) {
+  const char* raw = std::getenv(name);
+  if (raw == nullptr || *raw == '\0') return std::nullopt;
+  const std::string_view text(raw);
+  std::int64_t value = 0;
+  auto [end, err] = std::from_chars(text.data(), text.data() + text.size(), value);
+  if (err != std::errc{} || end != text.data() + text.size()) {
+    raise("expected an integer in the environment variable {}, found \"{}\"; set it to a number or unset it", name,
+          text);
   }
+  return value;
 }
 
-/// Writes bytes to path atomically: a temporary file beside it is written, flushed to disk and
-/// renamed over the target, so a crash leaves either the old file or the new one, never a mix.
-inline void write_atomically(const std::filesystem::path& path, const char* data, std::size_t size) {
-  std::error_code ec;
-  const auto parent = path.has_parent_path() ? path.parent_path() : std::filesystem::path(".");
-  std::filesystem::create_directories(parent, ec);
-  if (ec) raise("could not create the directory {} for the checkpoint: {}", parent.string(), ec.message());
-  static std::atomic<unsigned> counter{0};
-  const auto tmp = std::filesystem::path(
-      fmt::format("{}.tmp-{}-{}", path.string(), static_cast<long>(::getpid()), counter.fetch_add(1)));
-  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0) raise("could not create {}: {}; check that the directory is writable", tmp.string(), std::strerror(errno));
-  auto fail = [&](const char* what) {
-    const int err = errno;
-    ::close(fd);
-    ::unlink(tmp.c_str());
-    raise("could not {} {}: {}; the previous checkpoint at {} is untouched", what, tmp.string(), std::strerror(err),
-          path.string());
-  };
-  std::size_t done = 0;
-  while (done < size) {
-    const ssize_t n = ::write(fd, data + done, size - done);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      fail("write");
-    }
-    done += static_cast<std::size_t>(n);
-  }
-  if (::fsync(fd) != 0) fail("flush");
-  if (::close(fd) != 0) {
-    ::unlink(tmp.c_str());
-    raise("could not close {}: {}", tmp.string(), std::strerror(errno));
-  }
-  if (::rename(tmp.c_str(), path.c_str()) != 0) {
-    const int err = errno;
-    ::unlink(tmp.c_str());
-    raise("could not move {} to {}: {}", tmp.string(), path.string(), std::strerror(err));
-  }
-  const int dir = ::open(parent.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (dir >= 0) {
-    ::fsync(dir);
-    ::close(dir);
-  }
-}
-
-inline std::vector<char> read_file(const std::filesystem::path& path) {
-  std::error_code ec;
-  if (!std::filesystem::is_regular_file(path, ec)) {
-    raise("expected a checkpoint file at {}, found {}; check the path", path.string(),
-          std::filesystem::exists(path, ec) ? "something that is not a regular file" : "nothing");
-  }
-  std::ifstream in(path, std::ios::binary);
-  std::vector<char> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  if (!in.eof() && in.fail()) raise("could not read {}", path.string());
-  if (bytes.empty()) {
-    raise("expected a checkpoint at {}, found an empty file; it was not written by fabric's save (which never "
-          "leaves an empty file)",
-          path.string());
-  }
-  return bytes;
-}
-
-inline std::vector<std::pair<std::string, at::Tensor>> module_tensors(const torch::nn::Module& module) {
-  std::vector<std::pair<std::string, at::Tensor>> out;
-  for (const auto& p : module.named_parameters(true)) out.emplace_back(p.key(), p.value());
-  for (const auto& b : module.named_buffers(true)) out.emplace_back(b.key(), b.value());
-  return out;
-}
-
-inline c10::IValue module_to_ivalue(const torch::nn::Module& module) {
-  c10::Dict<std::string, at::Tensor> dict;
-  for (auto& [name, tensor] : module_tensors(module)) dict.insert(name, tensor.detach());
-  return dict;
-}
-
-inline std::vector<at::Tensor> optimizer_params(const torch::optim::Optimizer& optimizer) {
-  std::vector<at::Tensor> out;
-  for (const auto& group : optimizer.param_groups()) {
-    for (const auto& p : group.params()) out.push_back(p);
-  }
-  return out;
-}
-
-inline c10::IValue optimizer_to_ivalue(const torch::optim::Optimizer& optimizer) {
-  torch::serialize::OutputArchive archive;
-  optimizer.save(archive);
-  std::vector<char> bytes;
-  archive.save_to([&](const void* data, std::size_t n) {
-    bytes.insert(bytes.end(), static_cast<const char*>(data), static_cast<const char*>(data) + n);
-    return n;
-  });
-  at::Tensor blob = at::empty({static_cast<std::int64_t>(bytes.size())}, at::kByte);
-  std::memcpy(blob.data_ptr(), bytes.data(), bytes.size());
-  c10::impl::GenericList shapes(c10::ListType::ofInts());
-  for (const auto& p : optimizer_params(optimizer)) shapes.push_back(c10::List<std::int64_t>(p.sizes().vec()));
-  c10::impl::GenericDict dict(c10::StringType::get(), c10::AnyType::get());
-  dict.insert("archive", blob);
-  dict.insert("shapes", shapes);
-  return dict;
-}
-
-inline std::vector<char> serialize_state(const State& state) {
-  c10::impl::GenericDict root(c10::StringType::get(), c10::AnyType::get());
-  c10::Dict<std::string, std::string> kinds;
-  for (const auto& [key, entry] : state) {
-    if (key == marker_key) raise("the state key \"{}\" is reserved; rename that entry", key);
-    switch (entry.kind()) {
-      case StateEntry::Kind::module: root.insert(key, module_to_ivalue(*entry.module())); break;
-      case StateEntry::Kind::optimizer: root.insert(key, optimizer_to_ivalue(*entry.optimizer())); break;
-      case StateEntry::Kind::value:
-        if (entry.value().isNone()) raise("state entry \"{}\" holds no value; give it one or remove it", key);
-        root.insert(key, entry.value());
-        break;
-    }
-    kinds.insert(key, kind_name(entry.kind()));
-  }
-  c10::impl::GenericDict marker(c10::StringType::get(), c10::AnyType::get());
-  marker.insert("format", checkpoint_format);
-  marker.insert("version", std::string(version()));
-  marker.insert("kinds", kinds);
-  root.insert(marker_key, marker);
-  return torch::jit::pickle_save(root);
-}
-
-/// A parsed checkpoint: the top-level dictionary and the kind of each entry.
-struct Checkpoint {
-  c10::impl::GenericDict root{c10::StringType::get(), c10::AnyType::get()};
-  std::map<std::string, std::string> kinds;
-};
-
-inline Checkpoint parse_checkpoint(const std::filesystem::path& path) {
-  const std::vector<char> bytes = read_file(path);
-  c10::IValue value;
-  try {
-    value = torch::jit::pickle_load(bytes);
-  } catch (const std::exception& e) {
-    std::string why = e.what();
-    if (auto nl = why.find('\n'); nl != std::string::npos) why.resize(nl);
-    raise("could not read a checkpoint from {}: the file is truncated, corrupt or of another format ({}); "
-          "expected a file written by fabric's save (use load_raw for files of torch::save)",
-          path.string(), why);
-  }
-  if (!value.isGenericDict() || !value.toGenericDict().contains(marker_key)) {
-    raise("expected a fabric checkpoint at {}, found a torch file without fabric's \"{}\" entry; use load_raw for "
-          "files written by torch::save",
-          path.string(), marker_key);
-  }
-  Checkpoint ckpt;
-  for (const auto& item : value.toGenericDict()) {
-    if (!item.key().isString()) raise("the checkpoint {} has a non-string key; it was not written by fabric", path.string());
-    ckpt.root.insert(item.key().toStringRef(), item.value());
-  }
-  const c10::IValue marker = ckpt.root.at(marker_key);
-  if (!marker.isGenericDict()) raise("the checkpoint {} has a malformed \"{}\" entry", path.string(), marker_key);
-  const auto m = marker.toGenericDict();
-  if (!m.contains("format") || !m.at("format").isInt() || m.at("format").toInt() > checkpoint_format) {
-    raise("the checkpoint {} has a format this fabric ({}) cannot read; expected format <= {}", path.string(),
-          version(), checkpoint_format);
-  }
-  if (m.contains("kinds") && m.at("kinds").isGenericDict()) {
-    for (const auto& k : m.at("kinds").toGenericDict()) {
-      ckpt.kinds[k.key().toStringRef()] = k.value().toStringRef();
-    }
-  }
-  ckpt.root.erase(marker_key);
-  return ckpt;
-}
-
-inline std::string describe(const c10::IValue& v) {
-  if (v.isInt()) return "an integer";
-  if (v.isDouble()) return "a floating-point number";
-  if (v.isBool()) return "a boolean";
-  if (v.isString()) return "a string";
-  if (v.isTensor()) return "a tensor";
-  if (v.isGenericDict()) return "a dictionary";
-  return std::string("a value of kind ") + v.tagKind();
-}
-
-inline bool same_value_type(const c10::IValue& expected, const c10::IValue& found) {
-  if (expected.isDouble()) return found.isDouble() || found.isInt();
-  if (expected.isInt()) return found.isInt();
-  if (expected.isBool()) return found.isBool();
-  if (expected.isString()) return found.isString();
-  if (expected.isTensor()) return found.isTensor();
-  return true;
-}
-
-inline std::string shape_str(at::IntArrayRef s) { return fmt::format("[{}]", fmt::join(s, ", ")); }
-
-/// Checks a module entry against a module; appends every problem to errors.
-inline void check_module(const std::string& key, const torch::nn::Module& module, const c10::IValue& stored,
-                         bool strict, std::vector<std::string>& errors) {
-  if (!stored.isGenericDict()) {
-    errors.push_back(fmt::format("\"{}\": expected a module's tensors, found {}", key, describe(stored)));
-    return;
-  }
-  const auto dict = stored.toGenericDict();
-  std::vector<std::string> seen;
-  for (const auto& [name, tensor] : module_tensors(module)) {
-    seen.push_back(name);
-    if (!dict.contains(name)) {
-      if (strict) errors.push_back(fmt::format("\"{}.{}\": missing from the checkpoint", key, name));
-      continue;
-    }
-    const c10::IValue& v = dict.at(name);
-    if (!v.isTensor()) {
-      errors.push_back(fmt::format("\"{}.{}\": expected a tensor, found {}", key, name, describe(v)));
-    } else if (v.toTensor().sizes() != tensor.sizes()) {
-      errors.push_back(fmt::format("\"{}.{}\": expected shape {}, found shape {} in the checkpoint", key, name,
-                                   shape_str(tensor.sizes()), shape_str(v.toTensor().sizes())));
-    }
-  }
-  if (strict) {
-    for (const auto& item : dict) {
-      const auto& name = item.key().toStringRef();
-      if (std::find(seen.begin(), seen.end(), name) == seen.end()) {
-        errors.push_back(fmt::format("\"{}.{}\": in the checkpoint but not in the module", key, name));
-      }
-    }
-  }
-}
-
-inline void restore_module(torch::nn::Module& module, const c10::IValue& stored) {
-  const auto dict = stored.toGenericDict();
-  at::NoGradGuard no_grad;
-  for (auto& [name, tensor] : module_tensors(module)) {
-    if (dict.contains(name)) tensor.copy_(dict.at(name).toTensor());
-  }
-}
-
-inline void check_optimizer(const std::string& key, const torch::optim::Optimizer& optimizer,
-                            const c10::IValue& stored, std::vector<std::string>& errors) {
-  if (!stored.isGenericDict() || !stored.toGenericDict().contains("archive") ||
-      !stored.toGenericDict().contains("shapes")) {
-    errors.push_back(fmt::format("\"{}\": expected an optimizer's state, found {}", key, describe(stored)));
-    return;
-  }
-  const auto params = optimizer_params(optimizer);
-  const auto shapes = stored.toGenericDict().at("shapes").toList();
-  if (shapes.size() != params.size()) {
-    errors.push_back(fmt::format("\"{}\": expected state for {} parameters, found {} in the checkpoint", key,
-                                 params.size(), shapes.size()));
-    return;
-  }
-  for (std::size_t i = 0; i < params.size(); ++i) {
-    const auto shape = c10::IValue(shapes.get(i)).toIntVector();
-    if (at::IntArrayRef(shape) != params[i].sizes()) {
-      errors.push_back(fmt::format("\"{}\": parameter {}: expected shape {}, found shape {} in the checkpoint", key,
-                                   i, shape_str(params[i].sizes()), shape_str(shape)));
-    }
-  }
-}
-
-inline void restore_optimizer(const std::string& key, torch::optim::Optimizer& optimizer, const c10::IValue& stored) {
-  const at::Tensor blob = stored.toGenericDict().at("archive").toTensor().contiguous();
-  torch::serialize::InputArchive archive;
-  try {
-    archive.load_from(static_cast<const char*>(blob.data_ptr()), static_cast<std::size_t>(blob.numel()));
-    optimizer.load(archive);
-  } catch (const c10::Error& e) {
-    raise("\"{}\": the optimizer state in the checkpoint does not fit this optimizer ({}); build the optimizer the "
-          "same way as when it was saved",
-          key, e.what_without_backtrace());
-  }
-}
-
-/// Loads a checkpoint into state; see Fabric::load.
-inline State load_state(const std::filesystem::path& path, State& state, bool strict) {
-  Checkpoint ckpt = parse_checkpoint(path);
-  std::vector<std::string> errors;
-  for (auto& [key, entry] : state) {
-    if (!ckpt.root.contains(key)) {
-      if (strict) errors.push_back(fmt::format("\"{}\": missing from the checkpoint", key));
-      continue;
-    }
-    const c10::IValue stored = ckpt.root.at(key);
-    const auto kind_it = ckpt.kinds.find(key);
-    const std::string stored_kind = kind_it != ckpt.kinds.end() ? kind_it->second : "value";
-    if (stored_kind != kind_name(entry.kind())) {
-      errors.push_back(fmt::format("\"{}\": expected a {}, found a {} in the checkpoint", key, kind_name(entry.kind()),
-                                   stored_kind));
-      continue;
-    }
-    switch (entry.kind()) {
-      case StateEntry::Kind::module: check_module(key, *entry.module(), stored, strict, errors); break;
-      case StateEntry::Kind::optimizer: check_optimizer(key, *entry.optimizer(), stored, errors); break;
-      case StateEntry::Kind::value:
-        if (!same_value_type(entry.value(), stored)) {
-          errors.push_back(
-              fmt::format("\"{}\": expected {}, found {}", key, describe(entry.value()), describe(stored)));
-        }
-        break;
-    }
-  }
-  if (!errors.empty()) {
-    raise("cannot load {} ({} problem{}; nothing was changed):\n  {}\n{}", path.string(), errors.size(),
-          errors.size() == 1 ? "" : "s", fmt::join(errors, "\n  "),
-          strict ? "Pass strict = false to skip missing and unexpected keys." : "Shapes and types must match.");
-  }
-  for (auto& [key, entry] : state) {
-    if (!ckpt.root.contains(key)) continue;
-    const c10::IValue stored = ckpt.root.at(key);
-    switch (entry.kind()) {
-      case StateEntry::Kind::module: restore_module(*entry.module(), stored); break;
-      case StateEntry::Kind::optimizer: restore_optimizer(key, *entry.optimizer(), stored); break;
-      case StateEntry::Kind::value: entry.assign(stored); break;
-    }
-  }
-  State rest;
-  for (const auto& item : ckpt.root) {
-    const std::string& key = item.key().toStringRef();
-    if (!state.contains(key)) rest.emplace(key, StateEntry(item.value()));
-  }
-  return rest;
-}
-
-/// Reads the tensors of a torch::save module archive, recursively, under dotted names.
-inline void read_archive_tensors(torch::serialize::InputArchive& archive, const torch::nn::Module& module,
-                                 const std::string& prefix, bool strict, std::vector<std::string>& errors,
-                                 std::vector<std::pair<at::Tensor, at::Tensor>>& copies) {
-  std::vector<std::string> known;
-  auto read = [&](const std::string& name, const at::Tensor& target, bool is_buffer) {
-    known.push_back(name);
-    at::Tensor loaded;
-    if (!archive.try_read(name, loaded, is_buffer) || !loaded.defined()) {
-      if (strict) errors.push_back(fmt::format("\"{}{}\": missing from the file", prefix, name));
-      return;
-    }
-    if (loaded.sizes() != target.sizes()) {
-      errors.push_back(fmt::format("\"{}{}\": expected shape {}, found shape {} in the file", prefix, name,
-                                   shape_str(target.sizes()), shape_str(loaded.sizes())));
-      return;
-    }
-    copies.emplace_back(target, loaded);
-  };
-  for (const auto& p : module.named_parameters(false)) read(p.key(), p.value(), false);
-  for (const auto& b : module.named_buffers(false)) read(b.key(), b.value(), true);
-  for (const auto& child : module.named_children()) {
-    known.push_back(child.key());
-    torch::serialize::InputArchive sub;
-    if (!archive.try_read(child.key(), sub)) {
-      if (strict) errors.push_back(fmt::format("\"{}{}\": submodule missing from the file", prefix, child.key()));
-      continue;
-    }
-    read_archive_tensors(sub, *child.value(), prefix + child.key() + ".", strict, errors, copies);
-  }
-  if (strict) {
-    for (const auto& key : archive.keys()) {
-      if (std::find(known.begin(), known.end(), key) == known.end()) {
-        errors.push_back(fmt::format("\"{}{}\": in the file but not in the module", prefix, key));
-      }
-    }
-  }
-}
-
-inline torch::serialize::InputArchive open_archive(const std::filesystem::path& path) {
-  (void)read_file(path);  // existence and emptiness checks with fabric's messages
-  torch::serialize::InputArchive archive;
-  try {
-    archive.load_from(path.string());
-  } catch (const c10::Error& e) {
-    std::string why = e.what_without_backtrace();
-    if (auto nl = why.find('\n'); nl != std::string::npos) why.resize(nl);
-    raise("could not read {} as a torch::save archive ({}); expected a file written by torch::save (use load for "
-          "fabric checkpoints)",
-          path.string(), why);
-  }
-  return archive;
-}
-
-/// Loads a module from a torch::save file, checking names and shapes before changing anything.
-inline void load_raw_module(const std::filesystem::path& path, torch::nn::Module& module, bool strict) {
-  auto archive = open_archive(path);
-  std::vector<std::string> errors;
-  std::vector<std::pair<at::Tensor, at::Tensor>> copies;
-  read_archive_tensors(archive, module, "", strict, errors, copies);
-  if (!errors.empty()) {
-    raise("cannot load {} into the module ({} problem{}; nothing was changed):\n  {}", path.string(), errors.size(),
-          errors.size() == 1 ? "" : "s", fmt::join(errors, "\n  "));
-  }
-  at::NoGradGuard no_grad;
-  for (auto& [target, loaded] : copies) target.copy_(loaded);
-}
-
-/// Loads an optimizer from a torch::save file.
-inline void load_raw_optimizer(const std::filesystem::path& path, torch::optim::Optimizer& optimizer) {
-  auto archive = open_archive(path);
-  try {
-    optimizer.load(archive);
-  } catch (const c10::Error& e) {
-    raise("could not load the optimizer state in {} ({}); expected a file written by torch::save(optimizer, path) "
-          "for an optimizer built the same way",
-          path.string(), e.what_without_backtrace());
-  }
+inline void set_env(const char* name, const std::string& value) {
+  if (::setenv(name, value.c_str(), 1) != 0) raise("could not set the environment variable {}", name);
 }
 
 }  // namespace detail
-}  // namespace fabric
-// ---- end fabric/checkpoint.hpp
-// ---- begin fabric/fabric_class.hpp
-// fabric::Fabric: the class a training loop talks to.
 
+/// Seeds torch's CPU and CUDA generators and fabric::random_engine(), exports PL_GLOBAL_SEED (and
+/// PL_SEED_WORKERS) so relaunched processes and data-loader samplers see the seed, and returns it.
+/// Without a seed, PL_GLOBAL_SEED is used, else 0, as in Lightning.
+///
+///     fabric::seed_everything(42);
+inline std::uint64_t seed_everything(std::optional<std::uint64_t> seed = std::nullopt, bool workers = false) {
+  if (!seed) {
+    const auto env = detail::env_int("PL_GLOBAL_SEED");
+    if (env && (*env < 0 || static_cast<std::uint64_t>(*env) > detail::max_seed)) {
+      detail::raise("expected PL_GLOBAL_SEED in [0, {}], found {}; set a seed in that range", detail::max_seed, *env);
+    }
+    seed = env ? static_cast<std::uint64_t>(*env) : 0;
+  }
+  if (*seed > detail::max_seed) {
+    detail::raise("expected a seed in [0, {}], found {}; pass a 32-bit seed as Lightning does", detail::max_seed,
+                  *seed);
+  }
+  detail::set_env("PL_GLOBAL_SEED", std::to_string(*seed));
+  detail::set_env("PL_SEED_WORKERS", workers ? "1" : "0");
+  at::manual_seed(*seed);
+  random_engine().seed(*seed);
+  return *seed;
+}
+
+/// Returns the seed exported by seed_everything (PL_GLOBAL_SEED), or 0 when none was set.
+inline std::uint64_t global_seed() {
+  const auto env = detail::env_int("PL_GLOBAL_SEED");
+  return env && *env >= 0 ? static_cast<std::uint64_t>(*env) : 0;
+}
+
+/// Returns a deterministic seed for a data-loader worker, distinct per (global seed, worker, rank),
+/// like Lightning's worker init function; seed a worker's own generator with it.
+inline std::uint64_t worker_seed(std::size_t worker_id, int global_rank = 0) {
+  const std::uint64_t base = global_seed();
+  std::seed_seq sequence{static_cast<std::uint32_t>(base), static_cast<std::uint32_t>(base >> 32),
+                         static_cast<std::uint32_t>(worker_id), static_cast<std::uint32_t>(global_rank)};
+  std::uint32_t out[2];
+  sequence.generate(out, out + 2);
+  return (static_cast<std::uint64_t>(out[0]) << 32) | out[1];
+}
+
+}  // namespace fabric
+// ---- end fabric/seed.hpp
+// ---- begin fabric/strategies/single_device.hpp
+// fabric::SingleDevice: one process on one device, Lightning's "single_device" strategy.
+
+
+#include <ATen/core/Tensor.h>
+
+#include <string_view>
+
+namespace fabric {
+
+/// Trains in this process on one device; collectives are identities, barriers return at once.
+class SingleDevice {
+ public:
+  using category = strategy_tag;
+  static constexpr std::string_view name = "single_device";
+  static constexpr bool is_distributed = false;
+
+  /// Settings of the strategy (none yet).
+  struct Options {};
+  /// What the strategy keeps per set-up module (nothing).
+  struct ModuleState {};
+
+  SingleDevice() = default;
+  explicit SingleDevice(Options /*options*/) noexcept {}
+
+  /// Checks the combination with an accelerator and a precision at compile time (all combine).
+  template <Accelerator A, Precision P>
+  static constexpr void check() noexcept {}
+
+  /// Validates the topology asked for in Fabric's options.
+  void setup_environment(const fabric::Options& options) const {
+    if (options.devices != 1 || options.num_nodes != 1) {
+      detail::raise(
+          "SingleDevice runs one process on one device: expected devices = 1 and num_nodes = 1, found devices = {} "
+          "and num_nodes = {}; use a distributed strategy (fabric::DDP) for more",
+          options.devices, options.num_nodes);
+    }
+  }
+
+  int global_rank() const noexcept { return 0; }
+  int local_rank() const noexcept { return 0; }
+  int node_rank() const noexcept { return 0; }
+  int world_size() const noexcept { return 1; }
+
+  /// Waits for all processes (there is only this one).
+  void barrier() const noexcept {}
+
+  /// Prepares a module after it is on its device (nothing to do).
+  template <class M>
+  ModuleState setup_module(M& /*module*/) const noexcept {
+    return {};
+  }
+  /// Runs before each wrapped forward.
+  FABRIC_ALWAYS_INLINE void pre_forward(ModuleState& /*state*/) const noexcept {}
+  /// Runs after each wrapped forward with its output.
+  template <class Out>
+  FABRIC_ALWAYS_INLINE void post_forward(ModuleState& /*state*/, const Out& /*output*/) const noexcept {}
+  /// Returns the guard that skips gradient synchronisation (nothing to skip).
+  NullGuard no_backward_sync(ModuleState& /*state*/, bool /*enabled*/) const noexcept { return {}; }
+
+  /// Reduces a tensor across processes (identity: one process).
+  const at::Tensor& all_reduce(const at::Tensor& tensor, ReduceOp /*op*/) const noexcept { return tensor; }
+  /// Gathers a tensor from all processes (identity, no new dimension, as Lightning's single device).
+  const at::Tensor& all_gather(const at::Tensor& tensor) const noexcept { return tensor; }
+  /// Broadcasts a value from rank src (identity).
+  template <class T>
+  T broadcast(T value, int /*src*/) const {
+    return value;
+  }
+  /// Combines a boolean decision across processes (identity).
+  bool reduce_boolean_decision(bool decision, bool /*all*/) const noexcept { return decision; }
+  /// Says whether setup_dataloaders shards data across ranks.
+  bool shards_data() const noexcept { return false; }
+};
+
+}  // namespace fabric
+// ---- end fabric/strategies/single_device.hpp
+// ---- begin fabric/type_list.hpp
+// A compile-time list of types, used for callbacks and policy lists. Torch-free.
+
+#include <cstddef>
+#include <type_traits>
+
+namespace fabric {
+
+/// Holds a pack of types at compile time.
+template <class... Ts>
+struct TypeList {
+  static constexpr std::size_t size = sizeof...(Ts);
+};
+
+/// True when T is one of Ts.
+template <class T, class List>
+inline constexpr bool contains_v = false;
+template <class T, class... Ts>
+inline constexpr bool contains_v<T, TypeList<Ts...>> = (std::is_same_v<T, Ts> || ...);
+
+/// Calls f.template operator()<T>() for every T of the list, in order.
+template <class... Ts, class F>
+constexpr void for_each_type(TypeList<Ts...>, F&& f) {
+  (f.template operator()<Ts>(), ...);
+}
+
+namespace detail {
+template <class T, class... Ts>
+constexpr std::size_t count_of() noexcept {
+  return (std::size_t{std::is_same_v<T, Ts>} + ... + 0);
+}
+}  // namespace detail
+
+/// True when no type appears twice in the list.
+template <class List>
+inline constexpr bool is_unique_v = false;
+template <class... Ts>
+inline constexpr bool is_unique_v<TypeList<Ts...>> = ((detail::count_of<Ts, Ts...>() == 1) && ...);
+
+}  // namespace fabric
+// ---- end fabric/type_list.hpp
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/scalar_tensor.h>
@@ -1994,7 +2139,7 @@ struct module_class {
   using type = T;
 };
 template <class T>
-  requires is_module_holder_v<T>
+requires is_module_holder_v<T>
 struct module_class<T> {
   using type = typename T::ContainedType;
 };
@@ -2182,8 +2327,7 @@ class Fabric {
   }
   /// Sets up optimizers alone; returns one wrapper, or a tuple of them.
   template <class... Os>
-    requires(sizeof...(Os) > 0)
-  auto setup_optimizers(Os&&... optimizers) {
+  requires(sizeof...(Os) > 0) auto setup_optimizers(Os&&... optimizers) {
     (check_optimizer_arg<Os>(), ...);
     (check_not_set_up(&optimizer_ref(optimizers), "optimizer"), ...);
     if constexpr (sizeof...(Os) == 1) {
@@ -2197,14 +2341,12 @@ class Fabric {
   /// object that outlives the wrapper) so that iterating yields batches on the device; returns one
   /// wrapper or a tuple of them.
   template <class... Ls>
-    requires(sizeof...(Ls) > 0)
-  auto setup_dataloaders(Ls&&... loaders) {
+  requires(sizeof...(Ls) > 0) auto setup_dataloaders(Ls&&... loaders) {
     return setup_dataloaders(DataOptions{}, std::forward<Ls>(loaders)...);
   }
   /// setup_dataloaders with options, e.g. `setup_dataloaders({.move_to_device = false}, loader)`.
   template <class... Ls>
-    requires(sizeof...(Ls) > 0)
-  auto setup_dataloaders(DataOptions options, Ls&&... loaders) {
+  requires(sizeof...(Ls) > 0) auto setup_dataloaders(DataOptions options, Ls&&... loaders) {
     if constexpr (sizeof...(Ls) == 1) {
       return setup_loader_impl(options, std::forward<Ls>(loaders)...);
     } else {
@@ -2214,7 +2356,8 @@ class Fabric {
   /// Builds a set-up loader from a map-style dataset: batches of `options.batch_size`, shuffled per
   /// epoch from the global seed when `options.shuffle`, sharded across ranks by distributed strategies.
   ///
-  ///     auto train = fabric.dataloader(dataset.map(torch::data::transforms::Stack<>()), {.batch_size = 64, .shuffle = true});
+  ///     auto train = fabric.dataloader(dataset.map(torch::data::transforms::Stack<>()), {.batch_size = 64, .shuffle =
+  ///     true});
   template <class D>
   auto dataloader(D dataset, LoaderOptions options, DataOptions data_options = {}) {
     const auto size = dataset.size();
@@ -2226,10 +2369,11 @@ class Fabric {
                                        .shuffle = options.shuffle,
                                        .seed = global_seed(),
                                        .drop_last = false});
-    auto loader = torch::data::make_data_loader(
-        std::move(dataset), std::move(sampler),
-        torch::data::DataLoaderOptions().batch_size(options.batch_size).workers(options.num_workers).drop_last(
-            options.drop_last));
+    auto loader = torch::data::make_data_loader(std::move(dataset), std::move(sampler),
+                                                torch::data::DataLoaderOptions()
+                                                    .batch_size(options.batch_size)
+                                                    .workers(options.num_workers)
+                                                    .drop_last(options.drop_last));
     return setup_loader_impl(data_options, std::move(loader));
   }
 
@@ -2315,8 +2459,7 @@ class Fabric {
   }
   /// Returns data (tensors, Example, nested standard containers) with every tensor on the device.
   template <class T>
-    requires(!ModuleLike<T>)
-  std::remove_cvref_t<T> to_device(T&& data) {
+  requires(!ModuleLike<T>) std::remove_cvref_t<T> to_device(T&& data) {
     return fabric::to_device(std::forward<T>(data), device_);
   }
 
@@ -2402,8 +2545,9 @@ class Fabric {
   /// Returns the callback object of type C.
   template <class C>
   C& callback() noexcept {
-    static_assert(contains_v<C, callbacks_type>, "fabric: callback<C>() needs a C from Fabric's callback list; add "
-                                                   "C to Fabric<..., Callbacks...>");
+    static_assert(contains_v<C, callbacks_type>,
+                  "fabric: callback<C>() needs a C from Fabric's callback list; add "
+                  "C to Fabric<..., Callbacks...>");
     return std::get<C>(callbacks_);
   }
 
@@ -2505,9 +2649,10 @@ class Fabric {
   }
   void check_not_set_up(const void* object, std::string_view what) const {
     if (set_up_.contains(object)) {
-      detail::raise("this {0} was already set up by this Fabric; expected a {0} not set up yet, found one that "
-                    "setup() wrapped before; keep using the wrapper the first setup() returned",
-                    what);
+      detail::raise(
+          "this {0} was already set up by this Fabric; expected a {0} not set up yet, found one that "
+          "setup() wrapped before; keep using the wrapper the first setup() returned",
+          what);
     }
   }
   static void check_belongs(const torch::nn::Module& module, const torch::optim::Optimizer& optimizer) {
@@ -2520,9 +2665,10 @@ class Fabric {
         if (own.contains(p.unsafeGetTensorImpl())) return;
       }
     }
-    detail::raise("expected an optimizer over the module's parameters, found one whose {} parameter{} belong to "
-                  "another module; build the optimizer from this module's parameters()",
-                  total, total == 1 ? " does not" : "s do not");
+    detail::raise(
+        "expected an optimizer over the module's parameters, found one whose {} parameter{} belong to "
+        "another module; build the optimizer from this module's parameters()",
+        total, total == 1 ? " does not" : "s do not");
   }
 
   template <class M>
@@ -2549,8 +2695,12 @@ class Fabric {
     static_assert(!detail::is_fabric_loader_v<U>,
                   "fabric: this data loader is already set up; iterate the wrapper setup_dataloaders() returned");
     using Loader = typename detail::pointee<U>::type;
-    static_assert(requires(Loader& l) { l.begin(); l.end(); },
-                  "fabric: setup_dataloaders takes LibTorch data loaders (from torch::data::make_data_loader)");
+    static_assert(
+        requires(Loader & l) {
+          l.begin();
+          l.end();
+        },
+        "fabric: setup_dataloaders takes LibTorch data loaders (from torch::data::make_data_loader)");
     return DataLoader<Loader>(detail::share<Loader>(std::forward<L>(loader)), device_, options.move_to_device);
   }
 
@@ -2565,10 +2715,303 @@ class Fabric {
 
 /// True for the wrappers that setup, setup_optimizers and setup_dataloaders return.
 template <class T>
-inline constexpr bool is_wrapped_v = detail::is_fabric_module_v<std::remove_cvref_t<T>> ||
-                                     detail::is_fabric_optimizer_v<std::remove_cvref_t<T>> ||
-                                     detail::is_fabric_loader_v<std::remove_cvref_t<T>>;
+inline constexpr bool is_wrapped_v =
+    detail::is_fabric_module_v<std::remove_cvref_t<T>> || detail::is_fabric_optimizer_v<std::remove_cvref_t<T>> ||
+    detail::is_fabric_loader_v<std::remove_cvref_t<T>>;
 
 }  // namespace fabric
 // ---- end fabric/fabric_class.hpp
+// ---- begin fabric/loggers/csv.hpp
+// fabric::CSVLogger: Lightning's CSV layout, root_dir/name/version_N/metrics.csv. Torch-free.
+
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <charconv>
+#include <cstdint>
+#include <filesystem>
+#include <fstream>
+#include <iterator>
+#include <optional>
+#include <set>
+#include <string>
+#include <string_view>
+#include <system_error>
+#include <utility>
+#include <variant>
+#include <vector>
+
+namespace fabric {
+
+/// Writes metrics to `root_dir/name/version_N/metrics.csv`, one row per log call, like Lightning's
+/// CSVLogger: columns sorted by name, "step" among them; a metric first seen mid-run adds a column
+/// and the file is rewritten with the wider header.
+///
+/// Like Lightning, the version (next free version_N unless given) is settled on first use, the log
+/// directory is created by the first log call, and a metrics.csv already in that directory is
+/// replaced by this run's.
+///
+///     auto csv = std::make_shared<fabric::CSVLogger>(fabric::CSVLogger::Options{.root_dir = "logs"});
+///     fabric::Fabric<> fabric{{.loggers = {csv}}};
+class CSVLogger final : public Logger {
+ public:
+  /// Settings of a CSVLogger; version unset means the next free version_N.
+  struct Options {
+    std::filesystem::path root_dir = ".";
+    std::string name = "lightning_logs";
+    std::optional<std::variant<int, std::string>> version{};
+    std::string prefix{};
+    int flush_logs_every_n_steps = 100;
+  };
+
+  /// Creates a logger; nothing is written before the first log call.
+  explicit CSVLogger(Options options) : options_(std::move(options)) {
+    if (options_.flush_logs_every_n_steps < 1) {
+      detail::raise("CSVLogger: expected flush_logs_every_n_steps >= 1, found {}; pass a positive number",
+                    options_.flush_logs_every_n_steps);
+    }
+  }
+  ~CSVLogger() override {
+    try {
+      save();
+    } catch (...) {  // NOTE: a destructor must not throw; finalize() reports write errors.
+    }
+  }
+  CSVLogger(const CSVLogger&) = delete;
+  CSVLogger& operator=(const CSVLogger&) = delete;
+
+  std::string name() const override { return options_.name; }
+  std::string version() const override {
+    return std::visit([](const auto& v) { return fmt::format("{}", v); }, resolved_version());
+  }
+  std::filesystem::path root_dir() const override { return options_.root_dir; }
+  std::filesystem::path log_dir() const override {
+    const auto& v = resolved_version();
+    const std::string leaf =
+        std::holds_alternative<int>(v) ? fmt::format("version_{}", std::get<int>(v)) : std::get<std::string>(v);
+    return options_.root_dir / options_.name / leaf;
+  }
+  /// Returns the path of metrics.csv.
+  std::filesystem::path metrics_file() const { return log_dir() / "metrics.csv"; }
+
+  void log_metrics(const Metrics& metrics, std::optional<std::int64_t> step) override {
+    const std::int64_t s = step.value_or(static_cast<std::int64_t>(logged_));
+    Row row{s, {}};
+    for (const auto& [key, value] : metrics) {
+      const std::string name = options_.prefix.empty() ? key : options_.prefix + "-" + key;
+      if (name == "step") {
+        detail::raise("CSVLogger: a metric may not be named \"step\" (that column holds the step); rename it");
+      }
+      row.values.emplace_back(name, value);
+    }
+    start_experiment();
+    rows_.push_back(std::move(row));
+    ++logged_;
+    if ((s + 1) % options_.flush_logs_every_n_steps == 0) save();
+  }
+
+  void log_hyperparams(const std::map<std::string, std::string>& params) override {
+    start_experiment();
+    std::ofstream out(log_dir() / "hparams.yaml", std::ios::trunc);
+    for (const auto& [key, value] : params) out << key << ": " << value << '\n';
+    if (!out)
+      detail::raise("CSVLogger: could not write {}; check that the directory is writable",
+                    (log_dir() / "hparams.yaml").string());
+  }
+
+  void save() override {
+    if (rows_.empty()) return;
+    start_experiment();
+    const auto path = metrics_file();
+    // The columns are committed only once the rows are on disk, so a failed write can be retried.
+    std::set<std::string> keys = keys_;
+    bool new_keys = false;
+    for (const auto& row : rows_) {
+      for (const auto& kv : row.values) new_keys |= keys.insert(kv.first).second;
+    }
+    const auto cols = columns(keys);
+    std::error_code ec;
+    // A file from an earlier run in the same directory is replaced, as Lightning does.
+    const bool append = written_ && std::filesystem::exists(path, ec);
+    if (append && new_keys) rewrite_with_header(path, cols);
+    std::ofstream out(path, append ? std::ios::app : std::ios::trunc);
+    if (!append) out << header(cols) << '\n';
+    for (const auto& row : rows_) out << format_row(row, cols) << '\n';
+    out.flush();
+    if (!out) detail::raise("CSVLogger: could not write {}; check that the directory is writable", path.string());
+    keys_ = std::move(keys);
+    written_ = true;
+    rows_.clear();
+  }
+
+  void finalize(std::string_view /*status*/) override { save(); }
+
+ private:
+  struct Row {
+    std::int64_t step;
+    std::vector<std::pair<std::string, double>> values;
+  };
+
+  static std::vector<std::string> columns(const std::set<std::string>& keys) {
+    std::vector<std::string> cols(keys.begin(), keys.end());
+    cols.push_back("step");
+    std::sort(cols.begin(), cols.end());
+    return cols;
+  }
+
+  // The version, settled on first use (the next free version_N unless one was given).
+  const std::variant<int, std::string>& resolved_version() const {
+    if (!options_.version) options_.version = next_version();
+    return *options_.version;
+  }
+
+  // Settles the version and creates the log directory (Lightning's experiment), once.
+  void start_experiment() {
+    if (started_) return;
+    const auto dir = log_dir();
+    std::error_code ec;
+    std::filesystem::create_directories(dir, ec);
+    if (ec) {
+      detail::raise("CSVLogger: could not create the log directory {}: {}; check that root_dir is a writable directory",
+                    dir.string(), ec.message());
+    }
+    started_ = true;
+  }
+
+  static std::string quote(const std::string& s) {
+    if (s.find_first_of(",\"\n\r") == std::string::npos) return s;
+    std::string out = "\"";
+    for (char c : s) {
+      if (c == '"') out += '"';
+      out += c;
+    }
+    return out + "\"";
+  }
+
+  static std::string format_value(double v) {
+    std::string s = fmt::format("{}", v);
+    // NOTE: Python's csv module writes floats with repr(), which always shows a decimal point.
+    if (s.find_first_of(".eni") == std::string::npos) s += ".0";
+    return s;
+  }
+
+  static std::string header(const std::vector<std::string>& cols) {
+    std::string line;
+    for (const auto& c : cols) {
+      if (!line.empty()) line += ',';
+      line += quote(c);
+    }
+    return line;
+  }
+
+  static std::string format_row(const Row& row, const std::vector<std::string>& cols) {
+    std::string line;
+    bool first = true;
+    for (const auto& c : cols) {
+      if (!first) line += ',';
+      first = false;
+      if (c == "step") {
+        line += fmt::format("{}", row.step);
+        continue;
+      }
+      for (const auto& [k, v] : row.values) {
+        if (k == c) {
+          line += format_value(v);
+          break;
+        }
+      }
+    }
+    return line;
+  }
+
+  // Re-reads the rows already on disk and writes them back under the wider header.
+  static void rewrite_with_header(const std::filesystem::path& path, const std::vector<std::string>& cols) {
+    std::string content;
+    {
+      std::ifstream in(path, std::ios::binary);
+      content.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+      if (in.bad()) detail::raise("CSVLogger: could not read {} to add a column", path.string());
+    }
+    const auto records = parse(content);
+    if (records.empty()) return;
+    const std::vector<std::string>& old_cols = records.front();
+    std::string text = header(cols) + "\n";
+    for (std::size_t r = 1; r < records.size(); ++r) {
+      std::string out;
+      for (std::size_t i = 0; i < cols.size(); ++i) {
+        if (i) out += ',';
+        const auto it = std::find(old_cols.begin(), old_cols.end(), quote(cols[i]));
+        if (it != old_cols.end()) {
+          const auto j = static_cast<std::size_t>(it - old_cols.begin());
+          if (j < records[r].size()) out += records[r][j];
+        }
+      }
+      text += out + "\n";
+    }
+    const auto tmp = std::filesystem::path(path.string() + ".tmp");
+    {
+      std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
+      out << text;
+      out.flush();
+      if (!out) detail::raise("CSVLogger: could not write {}; check that the directory is writable", tmp.string());
+    }
+    std::error_code ec;
+    std::filesystem::rename(tmp, path, ec);
+    if (ec) detail::raise("CSVLogger: could not replace {}: {}", path.string(), ec.message());
+  }
+
+  // Splits CSV text written by this logger into records of fields; quoted fields stay quoted (to
+  // compare with quote()) and may hold commas and line breaks.
+  static std::vector<std::vector<std::string>> parse(const std::string& text) {
+    std::vector<std::vector<std::string>> records;
+    std::vector<std::string> fields(1);
+    bool in_quotes = false;
+    bool any = false;
+    for (char c : text) {
+      if (c == '"') in_quotes = !in_quotes;
+      if (!in_quotes && (c == '\n' || c == '\r')) {
+        if (any) records.push_back(std::move(fields));
+        fields.assign(1, std::string());
+        any = false;
+        continue;
+      }
+      any = true;
+      if (c == ',' && !in_quotes) {
+        fields.emplace_back();
+      } else {
+        fields.back() += c;
+      }
+    }
+    if (any) records.push_back(std::move(fields));
+    return records;
+  }
+
+  int next_version() const {
+    const auto dir = options_.root_dir / options_.name;
+    std::error_code ec;
+    if (!std::filesystem::is_directory(dir, ec)) return 0;
+    int next = 0;
+    for (const auto& entry : std::filesystem::directory_iterator(dir, ec)) {
+      const std::string leaf = entry.path().filename().string();
+      if (!entry.is_directory() || !leaf.starts_with("version_")) continue;
+      int v = 0;
+      const char* first = leaf.data() + 8;
+      const char* last = leaf.data() + leaf.size();
+      if (auto [p, err] = std::from_chars(first, last, v); err == std::errc{} && p == last)
+        next = std::max(next, v + 1);
+    }
+    return next;
+  }
+
+  mutable Options options_;  // the version is filled in on first use
+  std::set<std::string> keys_{};
+  std::vector<Row> rows_{};
+  std::size_t logged_ = 0;
+  bool started_ = false;  // the log directory exists
+  bool written_ = false;  // this run wrote metrics.csv
+};
+
+}  // namespace fabric
+// ---- end fabric/loggers/csv.hpp
 // ---- end fabric/fabric.hpp

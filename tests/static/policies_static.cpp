@@ -40,8 +40,8 @@ static_assert(fabric::ModuleLike<torch::nn::LinearImpl&>);
 static_assert(!fabric::ModuleLike<int> && !fabric::ModuleLike<torch::optim::AdamW>);
 
 // The set-up loader is a C++20 input range.
-using Loader = torch::data::StatelessDataLoader<torch::data::datasets::TensorDataset,
-                                               torch::data::samplers::SequentialSampler>;
+using Loader =
+    torch::data::StatelessDataLoader<torch::data::datasets::TensorDataset, torch::data::samplers::SequentialSampler>;
 using Wrapped = fabric::DataLoader<Loader>;
 static_assert(std::ranges::input_range<Wrapped>);
 static_assert(std::input_iterator<std::ranges::iterator_t<Wrapped>>);

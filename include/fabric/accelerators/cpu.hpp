@@ -6,9 +6,9 @@
 
 #include <c10/core/Device.h>
 
+#include <algorithm>
 #include <string_view>
 #include <thread>
-#include <algorithm>
 
 namespace fabric {
 

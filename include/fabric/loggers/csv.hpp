@@ -67,8 +67,8 @@ class CSVLogger final : public Logger {
   std::filesystem::path root_dir() const override { return options_.root_dir; }
   std::filesystem::path log_dir() const override {
     const auto& v = resolved_version();
-    const std::string leaf = std::holds_alternative<int>(v) ? fmt::format("version_{}", std::get<int>(v))
-                                                            : std::get<std::string>(v);
+    const std::string leaf =
+        std::holds_alternative<int>(v) ? fmt::format("version_{}", std::get<int>(v)) : std::get<std::string>(v);
     return options_.root_dir / options_.name / leaf;
   }
   /// Returns the path of metrics.csv.
@@ -94,7 +94,9 @@ class CSVLogger final : public Logger {
     start_experiment();
     std::ofstream out(log_dir() / "hparams.yaml", std::ios::trunc);
     for (const auto& [key, value] : params) out << key << ": " << value << '\n';
-    if (!out) detail::raise("CSVLogger: could not write {}; check that the directory is writable", (log_dir() / "hparams.yaml").string());
+    if (!out)
+      detail::raise("CSVLogger: could not write {}; check that the directory is writable",
+                    (log_dir() / "hparams.yaml").string());
   }
 
   void save() override {
@@ -275,7 +277,8 @@ class CSVLogger final : public Logger {
       int v = 0;
       const char* first = leaf.data() + 8;
       const char* last = leaf.data() + leaf.size();
-      if (auto [p, err] = std::from_chars(first, last, v); err == std::errc{} && p == last) next = std::max(next, v + 1);
+      if (auto [p, err] = std::from_chars(first, last, v); err == std::errc{} && p == last)
+        next = std::max(next, v + 1);
     }
     return next;
   }

@@ -30,10 +30,13 @@ struct FP32 {
   void convert_module(M& /*module*/) noexcept {}
   /// Converts an input of the wrapped forward (passed through untouched).
   template <class T>
-  FABRIC_ALWAYS_INLINE T&& convert_input(T&& x) noexcept { return std::forward<T>(x); }
+  FABRIC_ALWAYS_INLINE T&& convert_input(T&& x) noexcept {
+    return std::forward<T>(x);
+  }
   /// Converts an output of the wrapped forward (passed through untouched).
   template <class T>
-  FABRIC_ALWAYS_INLINE std::decay_t<T> convert_output(T&& x) noexcept(std::is_nothrow_constructible_v<std::decay_t<T>, T&&>) {
+  FABRIC_ALWAYS_INLINE std::decay_t<T> convert_output(T&& x) noexcept(
+      std::is_nothrow_constructible_v<std::decay_t<T>, T&&>) {
     return std::forward<T>(x);
   }
   /// Returns the context forward and `Fabric::autocast` run in (none for float32).

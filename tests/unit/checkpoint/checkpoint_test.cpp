@@ -5,8 +5,8 @@
 // reported by name and nothing changed on failure; atomic writes under a real SIGKILL; truncated,
 // empty and foreign files; torch::save archives through load_raw.
 
-#include <fabric/fabric.hpp>
 #include <torch/torch.h>
+#include <fabric/fabric.hpp>
 
 #include <catch2/catch_test_macros.hpp>
 #include <catch2/matchers/catch_matchers_string.hpp>
@@ -148,7 +148,8 @@ bool same_state(const torch::optim::AdamW& a, const torch::optim::AdamW& b) {
     if (sa == a.state().end()) continue;
     const auto& x = static_cast<const torch::optim::AdamWParamState&>(*sa->second);
     const auto& y = static_cast<const torch::optim::AdamWParamState&>(*sb->second);
-    if (x.step() != y.step() || !torch::equal(x.exp_avg(), y.exp_avg()) || !torch::equal(x.exp_avg_sq(), y.exp_avg_sq())) {
+    if (x.step() != y.step() || !torch::equal(x.exp_avg(), y.exp_avg()) ||
+        !torch::equal(x.exp_avg_sq(), y.exp_avg_sq())) {
       return false;
     }
   }
@@ -231,11 +232,19 @@ TEST_CASE("save/load round trip: modules, optimizer state and plain values", "[c
   REQUIRE_FALSE(same(snapshot(*net2), expected));
   REQUIRE_FALSE(same_state(adamw2, adamw));
 
-  fabric::State state{{"model", net2},        {"optimizer", adamw2}, {"epoch", 0},
-                      {"global_step", 0},     {"lr", 0.0},           {"ratio", 0.0F},
-                      {"best", false},        {"done", true},        {"name", ""},
-                      {"notes", ""},          {"tensor", torch::zeros({1})},
-                      {"strided", torch::zeros({1})},                {"ints", torch::zeros({1})}};
+  fabric::State state{{"model", net2},
+                      {"optimizer", adamw2},
+                      {"epoch", 0},
+                      {"global_step", 0},
+                      {"lr", 0.0},
+                      {"ratio", 0.0F},
+                      {"best", false},
+                      {"done", true},
+                      {"name", ""},
+                      {"notes", ""},
+                      {"tensor", torch::zeros({1})},
+                      {"strided", torch::zeros({1})},
+                      {"ints", torch::zeros({1})}};
   const fabric::State rest = fabric.load(path, state);
   CHECK(rest.empty());
 
@@ -329,9 +338,9 @@ TEST_CASE("std::ref entries receive the loaded values", "[checkpoint]") {
   ratio = 0;
   big = 0;
   double whole = 0;  // an integer in the file fits a floating-point variable
-  fabric::State state{{"epoch", std::ref(epoch)},   {"best", std::ref(best)}, {"flag", std::ref(flag)},
-                      {"tag", std::ref(tag)},       {"tensor", std::ref(tensor)}, {"ratio", std::ref(ratio)},
-                      {"big", std::ref(big)},       {"whole", std::ref(whole)}};
+  fabric::State state{{"epoch", std::ref(epoch)}, {"best", std::ref(best)},     {"flag", std::ref(flag)},
+                      {"tag", std::ref(tag)},     {"tensor", std::ref(tensor)}, {"ratio", std::ref(ratio)},
+                      {"big", std::ref(big)},     {"whole", std::ref(whole)}};
   CHECK(fabric.load(path, state).empty());
   CHECK(epoch == 5);
   CHECK(best == 0.25);
@@ -587,7 +596,9 @@ TEST_CASE("save rejects what it cannot store, before touching the file", "[check
 
   CHECK_THAT(error_of([&] { fabric.save(path, {{"__fabric__", 1}}); }), ContainsSubstring("reserved"));
   CHECK_THAT(error_of([&] { fabric.save(path, {{"t", torch::Tensor()}}); }), ContainsSubstring("\"t\""));
-  CHECK_THAT(error_of([&] { fabric.save(path, {{"v", fabric::StateEntry(c10::IValue())}}); }),
+  CHECK_THAT(error_of([&] {
+               fabric.save(path, {{"v", fabric::StateEntry(c10::IValue())}});
+             }),
              ContainsSubstring("\"v\""));
   CHECK_THAT(error_of([&] { fabric.save(dir.path(), {{"x", 1}}); }), ContainsSubstring(dir.path().string()));
   CHECK(fabric.load(path).at("epoch").get<int>() == 1);
@@ -1216,8 +1227,8 @@ TEST_CASE("an optimizer state that fails while loading is rolled back", "[checkp
     c10::impl::GenericDict b(c10::StringType::get(), c10::AnyType::get());
     for (const auto& item : all.at("b").value().toGenericDict()) b.insert(item.key(), item.value());
     const auto bytes = unloadable_adamw_archive(bad);
-    b.insert_or_assign("archive", torch::from_blob(const_cast<char*>(bytes.data()), {static_cast<std::int64_t>(bytes.size())},
-                                                   torch::kUInt8)
+    b.insert_or_assign("archive", torch::from_blob(const_cast<char*>(bytes.data()),
+                                                   {static_cast<std::int64_t>(bytes.size())}, torch::kUInt8)
                                       .clone());
     root.insert("b", b);
     c10::Dict<std::string, std::string> kinds;

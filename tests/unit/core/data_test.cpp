@@ -3,11 +3,11 @@
 
 #include "unit/core/test_data.hpp"
 
+#include <torch/torch.h>
 #include <catch2/catch_test_macros.hpp>
 #include <catch2/matchers/catch_matchers_string.hpp>
 #include <range/v3/view/enumerate.hpp>
 #include <range/v3/view/take.hpp>
-#include <torch/torch.h>
 
 #include <algorithm>
 #include <numeric>
@@ -96,7 +96,8 @@ TEST_CASE("setup_dataloaders takes several loaders, references and options", "[d
 TEST_CASE("the convenience loader batches, shuffles per epoch and follows the seed", "[data][sampler]") {
   fabric::Fabric<> fabric;
   fabric.seed_everything(3);
-  auto loader = fabric.dataloader(indexed(10).map(torch::data::transforms::Stack<>()), {.batch_size = 4, .shuffle = true});
+  auto loader =
+      fabric.dataloader(indexed(10).map(torch::data::transforms::Stack<>()), {.batch_size = 4, .shuffle = true});
   auto epoch = [&] {
     std::vector<std::int64_t> order;
     for (auto& batch : loader) {
@@ -111,14 +112,16 @@ TEST_CASE("the convenience loader batches, shuffles per epoch and follows the se
   CHECK(std::set<std::int64_t>(e0.begin(), e0.end()).size() == 10);
   CHECK(e0 != e1);  // a new order each epoch
   // The same seed gives the same orders (they come from seed + epoch, as PyTorch's DistributedSampler).
-  auto again = fabric.dataloader(indexed(10).map(torch::data::transforms::Stack<>()), {.batch_size = 4, .shuffle = true});
+  auto again =
+      fabric.dataloader(indexed(10).map(torch::data::transforms::Stack<>()), {.batch_size = 4, .shuffle = true});
   std::vector<std::int64_t> a0;
   for (auto& batch : again) {
     auto i = ids(batch);
     a0.insert(a0.end(), i.begin(), i.end());
   }
   CHECK(a0 == e0);
-  auto ordered = fabric.dataloader(indexed(5).map(torch::data::transforms::Stack<>()), {.batch_size = 2, .drop_last = true});
+  auto ordered =
+      fabric.dataloader(indexed(5).map(torch::data::transforms::Stack<>()), {.batch_size = 2, .drop_last = true});
   std::vector<std::int64_t> o;
   for (auto& batch : ordered) {
     auto i = ids(batch);
@@ -138,9 +141,9 @@ TEST_CASE("DistributedSampler shards are disjoint, cover the data and pad like P
       CHECK(mine.size() == sampler.num_samples());
       all.insert(all.end(), mine.begin(), mine.end());
     }
-    CHECK(std::set<std::size_t>(all.begin(), all.end()).size() == 10);     // covers everything
-    CHECK(all.size() == ((10 + replicas - 1) / replicas) * replicas);      // padded to equal shards
-    CHECK(all.size() - 10 == (replicas - 10 % replicas) % replicas);       // only the padding repeats
+    CHECK(std::set<std::size_t>(all.begin(), all.end()).size() == 10);  // covers everything
+    CHECK(all.size() == ((10 + replicas - 1) / replicas) * replicas);   // padded to equal shards
+    CHECK(all.size() - 10 == (replicas - 10 % replicas) % replicas);    // only the padding repeats
   }
   // Without shuffle, rank r takes every replicas-th index starting at r, padding from the start.
   fabric::DistributedSampler seq(5, {.num_replicas = 2, .rank = 1, .shuffle = false});

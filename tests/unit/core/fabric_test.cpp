@@ -4,9 +4,9 @@
 
 #include "unit/core/test_data.hpp"
 
+#include <torch/torch.h>
 #include <catch2/catch_test_macros.hpp>
 #include <catch2/matchers/catch_matchers_string.hpp>
-#include <torch/torch.h>
 
 #include <unistd.h>
 
@@ -55,8 +55,8 @@ TEST_CASE("a default Fabric is one CPU process in fp32", "[fabric]") {
 
 TEST_CASE("bad options are clear errors", "[fabric][errors]") {
   using F = fabric::Fabric<fabric::CPU, fabric::SingleDevice, fabric::FP32>;
-  CHECK_THROWS_WITH(F({.devices = 2}), ContainsSubstring("expected devices = 1 and num_nodes = 1") &&
-                                           ContainsSubstring("fabric::DDP"));
+  CHECK_THROWS_WITH(F({.devices = 2}),
+                    ContainsSubstring("expected devices = 1 and num_nodes = 1") && ContainsSubstring("fabric::DDP"));
   CHECK_THROWS_WITH(F({.devices = 0}), ContainsSubstring("expected devices >= 1"));
   CHECK_THROWS_WITH(F({.num_nodes = 0}), ContainsSubstring("expected num_nodes >= 1"));
   CHECK_THROWS_AS(F({.num_nodes = 2}), fabric::Error);
@@ -232,9 +232,9 @@ TEST_CASE("clip_gradients by norm and by value", "[fabric][clip]") {
 TEST_CASE("to_device moves tensors in nested containers and modules", "[fabric][device]") {
   fabric::Fabric<> fabric;
   const auto t = torch::ones({2});
-  using Nested = std::tuple<std::vector<torch::Tensor>, std::map<std::string, torch::Tensor>,
-                            std::optional<torch::Tensor>, std::pair<int, torch::Tensor>, std::array<torch::Tensor, 2>,
-                            std::string>;
+  using Nested =
+      std::tuple<std::vector<torch::Tensor>, std::map<std::string, torch::Tensor>, std::optional<torch::Tensor>,
+                 std::pair<int, torch::Tensor>, std::array<torch::Tensor, 2>, std::string>;
   Nested data{{t, t}, {{"a", t}}, t, {7, t}, {t, t}, "text"};
   Nested moved = fabric.to_device(data);
   CHECK(std::get<0>(moved)[1].device().is_cpu());
@@ -363,7 +363,9 @@ namespace {
 struct Recorder {
   std::vector<std::string> events;
   void on_train_epoch_end(int epoch, double loss) { events.push_back(fmt::format("epoch {} {}", epoch, loss)); }
-  void on_after_optimizer_step(auto& optimizer) { events.push_back(fmt::format("step {}", optimizer.param_groups().size())); }
+  void on_after_optimizer_step(auto& optimizer) {
+    events.push_back(fmt::format("step {}", optimizer.param_groups().size()));
+  }
   void on_after_setup(auto& /*fabric*/, auto& module) { events.push_back(fmt::format("setup {}", module->name())); }
 };
 struct Silent {

@@ -3,12 +3,12 @@
 
 #include "fashion_mnist/fashion_mnist.hpp"
 
-#include <fabric/error.hpp>
 #include <torch/torch.h>
+#include <fabric/error.hpp>
 
+#include <zlib.h>
 #include <catch2/catch_test_macros.hpp>
 #include <catch2/matchers/catch_matchers_string.hpp>
-#include <zlib.h>
 
 #include <atomic>
 #include <cstdint>
@@ -260,13 +260,13 @@ TEST_CASE("FashionMNIST rejects missing and damaged files", "[example][FashionMN
     write_gzip(labels, labels_idx(4));
     CHECK_THROWS_AS(load_test(dir.path()), fabric::Error);
     CHECK_THROWS_WITH(load_test(dir.path()), ContainsSubstring("expected as many labels as images") &&
-                                                 ContainsSubstring("found 5 images") &&
-                                                 ContainsSubstring("4 labels"));
+                                                 ContainsSubstring("found 5 images") && ContainsSubstring("4 labels"));
   }
   SECTION("wrong image size") {
     write_gzip(images, images_idx(3, 32));
     write_gzip(labels, labels_idx(3));
-    CHECK_THROWS_WITH(load_test(dir.path()), ContainsSubstring("expected 28x28 images") && ContainsSubstring("found 32x32"));
+    CHECK_THROWS_WITH(load_test(dir.path()),
+                      ContainsSubstring("expected 28x28 images") && ContainsSubstring("found 32x32"));
   }
   SECTION("payload shorter than the header says") {
     auto bytes = images_idx(3);
@@ -289,8 +289,8 @@ TEST_CASE("FashionMNIST rejects missing and damaged files", "[example][FashionMN
   SECTION("label out of range") {
     write_gzip(images, images_idx(3));
     write_gzip(labels, idx(0x801, {3}, {0, 1, 10}));
-    CHECK_THROWS_WITH(load_test(dir.path()), ContainsSubstring("expected labels in [0, 10)") &&
-                                                 ContainsSubstring("found 10 at index 2"));
+    CHECK_THROWS_WITH(load_test(dir.path()),
+                      ContainsSubstring("expected labels in [0, 10)") && ContainsSubstring("found 10 at index 2"));
   }
   SECTION("no samples") {
     write_gzip(images, images_idx(0));

@@ -2,8 +2,8 @@
 // rows read back from the file, flush cadence, new columns mid-run, prefix, step counting, quoting,
 // Python-repr floats, and fabric.log / log_dict reaching the file.
 
-#include <fabric/fabric.hpp>
 #include <torch/torch.h>
+#include <fabric/fabric.hpp>
 
 #include <catch2/catch_test_macros.hpp>
 #include <catch2/matchers/catch_matchers_string.hpp>
@@ -93,7 +93,7 @@ TEST_CASE("CSVLogger: Lightning's directory layout and version numbering", "[log
     CHECK(second.log_dir() == root / "lightning_logs" / "version_1");
 
     fs::create_directories(root / "lightning_logs" / "version_7");
-    fs::create_directories(root / "lightning_logs" / "version_x");     // not a number: ignored
+    fs::create_directories(root / "lightning_logs" / "version_x");      // not a number: ignored
     fs::create_directories(root / "lightning_logs" / "version_12abc");  // not a number: ignored
     fs::create_directories(root / "lightning_logs" / "other");
     std::ofstream(root / "lightning_logs" / "version_20") << "a file, not a directory\n";
@@ -218,8 +218,8 @@ TEST_CASE("CSVLogger: flush cadence", "[loggers]") {
     logger->log_metrics({{"loss", 4.0}}, 4);
     CHECK(lines_of(logger->metrics_file()).size() == 4);
     logger->log_metrics({{"loss", 5.0}}, 5);
-    CHECK(lines_of(logger->metrics_file()) == std::vector<std::string>{"loss,step", "0.0,0", "1.0,1", "2.0,2",
-                                                                          "3.0,3", "4.0,4", "5.0,5"});
+    CHECK(lines_of(logger->metrics_file()) ==
+          std::vector<std::string>{"loss,step", "0.0,0", "1.0,1", "2.0,2", "3.0,3", "4.0,4", "5.0,5"});
   }
 
   SECTION("the default flushes every 100 steps") {
@@ -270,8 +270,7 @@ TEST_CASE("CSVLogger: a metric first seen mid-run widens the header", "[loggers]
     auto logger = make_logger(tmp.path(), 1);
     logger->log_metrics({{"x,y", 1.0}}, 0);
     logger->log_metrics({{"x,y", 2.0}, {"a", 3.0}}, 1);
-    CHECK(lines_of(logger->metrics_file()) ==
-          std::vector<std::string>{"a,step,\"x,y\"", ",0,1.0", "3.0,1,2.0"});
+    CHECK(lines_of(logger->metrics_file()) == std::vector<std::string>{"a,step,\"x,y\"", ",0,1.0", "3.0,1,2.0"});
   }
 
   SECTION("a quoted name with a line break survives the rewrite") {
@@ -328,9 +327,9 @@ TEST_CASE("CSVLogger: invalid options and metric names", "[loggers]") {
 
   SECTION("flush_logs_every_n_steps must be positive") {
     CHECK_THROWS_AS(CSVLogger({.root_dir = tmp.path(), .flush_logs_every_n_steps = 0}), fabric::Error);
-    CHECK_THROWS_WITH(CSVLogger({.root_dir = tmp.path(), .flush_logs_every_n_steps = -5}),
-                      ContainsSubstring("flush_logs_every_n_steps") && ContainsSubstring("-5") &&
-                          ContainsSubstring("fabric: "));
+    CHECK_THROWS_WITH(
+        CSVLogger({.root_dir = tmp.path(), .flush_logs_every_n_steps = -5}),
+        ContainsSubstring("flush_logs_every_n_steps") && ContainsSubstring("-5") && ContainsSubstring("fabric: "));
   }
 
   SECTION("a metric named \"step\" is rejected and nothing of that call is logged") {
@@ -382,7 +381,7 @@ TEST_CASE("CSVLogger: fabric.log and log_dict reach the file", "[loggers]") {
   fabric.log("i", torch::tensor(7, torch::kInt64), 4);
   CHECK_THROWS_AS(fabric.log("bad", torch::ones({2})), fabric::Error);
   CHECK_THROWS_WITH(fabric.log("bad", torch::ones({2, 3})), ContainsSubstring("\"bad\"") && ContainsSubstring("6"));
-  fabric.log("loss", 1.0);  // no step: the logger counts its rows (5 so far)
+  fabric.log("loss", 1.0);    // no step: the logger counts its rows (5 so far)
   fabric.log("epoch", 2, 6);  // an integer value
   csv->finalize("success");
 
