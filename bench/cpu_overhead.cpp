@@ -10,8 +10,8 @@
 //     bench_cpu_overhead --steps 30 --warmup 10 --json results.json
 //     bench_cpu_overhead --mode fabric --steps 3 --warmup 1     # one loop only, e.g. under callgrind
 
-#include <fabric/fabric.hpp>
 #include <torch/torch.h>
+#include <fabric/fabric.hpp>
 
 #if __has_include(<valgrind/callgrind.h>)
 #include <valgrind/callgrind.h>
@@ -238,19 +238,21 @@ int run(const Config& config) {
   BENCH_CALLGRIND_DUMP("steps");
 
   const char* mode_name = config.mode == Mode::raw ? "raw" : config.mode == Mode::fabric ? "fabric" : "both";
-  fmt::print("bench_cpu_overhead: mlp workload, batch 256, {} timed + {} warm-up steps per loop, blocks of {}, "
-             "mode {}, {} thread{}\n",
-             config.steps, config.warmup, config.block, mode_name, torch::get_num_threads(),
-             torch::get_num_threads() == 1 ? "" : "s");
-  std::string json = fmt::format("{{\n  \"workload\": \"mlp\",\n  \"batch_size\": 256,\n  \"steps\": {},\n  "
-                                 "\"warmup\": {},\n  \"block\": {},\n  \"mode\": \"{}\",\n  \"threads\": {}",
-                                 config.steps, config.warmup, config.block, mode_name, torch::get_num_threads());
+  fmt::print(
+      "bench_cpu_overhead: mlp workload, batch 256, {} timed + {} warm-up steps per loop, blocks of {}, "
+      "mode {}, {} thread{}\n",
+      config.steps, config.warmup, config.block, mode_name, torch::get_num_threads(),
+      torch::get_num_threads() == 1 ? "" : "s");
+  std::string json = fmt::format(
+      "{{\n  \"workload\": \"mlp\",\n  \"batch_size\": 256,\n  \"steps\": {},\n  "
+      "\"warmup\": {},\n  \"block\": {},\n  \"mode\": \"{}\",\n  \"threads\": {}",
+      config.steps, config.warmup, config.block, mode_name, torch::get_num_threads());
   const auto report = [&](std::string_view name, const std::vector<double>& ms) {
     const double med = median(ms);
     const auto [lo, hi] = std::minmax_element(ms.begin(), ms.end());
     fmt::print("  {:<6} median {:9.3f} ms/step  (min {:.3f}, max {:.3f}, {} steps)\n", name, med, *lo, *hi, ms.size());
-    json += fmt::format(",\n  \"{0}_ms_median\": {1:.6f},\n  \"{0}_ms_min\": {2:.6f},\n  \"{0}_ms_max\": {3:.6f}",
-                        name, med, *lo, *hi);
+    json += fmt::format(",\n  \"{0}_ms_median\": {1:.6f},\n  \"{0}_ms_min\": {2:.6f},\n  \"{0}_ms_max\": {3:.6f}", name,
+                        med, *lo, *hi);
     return med;
   };
   double raw_median = 0.0, fabric_median = 0.0;

@@ -1,8 +1,8 @@
 // bench/compile_time.sh, fabric side: a small training loop written with fabric. Its twin,
 // torch_loop.cpp, does the same with LibTorch alone; only their compile times are compared.
 
-#include <fabric/fabric.hpp>
 #include <torch/torch.h>
+#include <fabric/fabric.hpp>
 
 #include <cstddef>
 #include <string>
@@ -19,7 +19,9 @@ struct RandomData : torch::data::datasets::Dataset<RandomData> {
 
 /// A two-layer perceptron.
 struct NetImpl : torch::nn::Module {
-  NetImpl() : fc1(register_module("fc1", torch::nn::Linear(784, 128))), fc2(register_module("fc2", torch::nn::Linear(128, 10))) {}
+  NetImpl()
+      : fc1(register_module("fc1", torch::nn::Linear(784, 128))),
+        fc2(register_module("fc2", torch::nn::Linear(128, 10))) {}
   torch::Tensor forward(const torch::Tensor& x) { return fc2(torch::relu(fc1(x))); }
   torch::nn::Linear fc1, fc2;
 };
@@ -34,7 +36,8 @@ double train_with_fabric(int epochs, const std::string& checkpoint) {
   Net net;
   torch::optim::AdamW adamw(net->parameters(), torch::optim::AdamWOptions(1e-3));
   auto [model, optimizer] = fabric.setup(net, adamw);
-  auto loader = fabric.dataloader(RandomData().map(torch::data::transforms::Stack<>()), {.batch_size = 64, .shuffle = true});
+  auto loader =
+      fabric.dataloader(RandomData().map(torch::data::transforms::Stack<>()), {.batch_size = 64, .shuffle = true});
   double last = 0.0;
   for (int epoch = 0; epoch < epochs; ++epoch) {
     model->train();

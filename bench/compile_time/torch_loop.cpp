@@ -19,7 +19,9 @@ struct RandomData : torch::data::datasets::Dataset<RandomData> {
 
 /// A two-layer perceptron.
 struct NetImpl : torch::nn::Module {
-  NetImpl() : fc1(register_module("fc1", torch::nn::Linear(784, 128))), fc2(register_module("fc2", torch::nn::Linear(128, 10))) {}
+  NetImpl()
+      : fc1(register_module("fc1", torch::nn::Linear(784, 128))),
+        fc2(register_module("fc2", torch::nn::Linear(128, 10))) {}
   torch::Tensor forward(const torch::Tensor& x) { return fc2(torch::relu(fc1(x))); }
   torch::nn::Linear fc1, fc2;
 };

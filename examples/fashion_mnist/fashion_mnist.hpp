@@ -53,9 +53,10 @@ inline std::vector<unsigned char> read_gzip(const std::filesystem::path& path) {
   }
   gzFile file = gzopen(path.c_str(), "rb");
   if (file == nullptr) {
-    fabric::detail::raise("FashionMNIST: expected a readable file at {}, found one that cannot be opened ({}); "
-                          "check its permissions",
-                          path.string(), std::strerror(errno));
+    fabric::detail::raise(
+        "FashionMNIST: expected a readable file at {}, found one that cannot be opened ({}); "
+        "check its permissions",
+        path.string(), std::strerror(errno));
   }
   struct Closer {
     gzFile f;
@@ -85,9 +86,10 @@ inline std::vector<unsigned char> read_gzip(const std::filesystem::path& path) {
     }
     out.insert(out.end(), chunk.begin(), chunk.begin() + n);
     if (out.size() > max_decompressed) {
-      fabric::detail::raise("FashionMNIST: expected at most {} decompressed bytes in {}, found more; this is not a "
-                            "Fashion-MNIST file, pass the original *-ubyte.gz file",
-                            max_decompressed, path.string());
+      fabric::detail::raise(
+          "FashionMNIST: expected at most {} decompressed bytes in {}, found more; this is not a "
+          "Fashion-MNIST file, pass the original *-ubyte.gz file",
+          max_decompressed, path.string());
     }
   }
   // NOTE: gzread reports a stream that ends early (no trailer) as end of file, with the error set.
@@ -100,9 +102,10 @@ inline std::vector<unsigned char> read_gzip(const std::filesystem::path& path) {
         path.string(), out.size(), message != nullptr ? message : "unknown error");
   }
   if (out.empty()) {
-    fabric::detail::raise("FashionMNIST: expected an IDX file in {}, found an empty file; pass the original "
-                          "*-ubyte.gz file",
-                          path.string());
+    fabric::detail::raise(
+        "FashionMNIST: expected an IDX file in {}, found an empty file; pass the original "
+        "*-ubyte.gz file",
+        path.string());
   }
   return out;
 }
@@ -119,9 +122,10 @@ inline std::vector<std::int64_t> parse_idx(const std::vector<unsigned char>& byt
   const std::size_t rank = magic & 0xFF;
   const std::size_t header = 4 * (1 + rank);
   if (bytes.size() < 4) {
-    fabric::detail::raise("FashionMNIST: expected an IDX {} file in {}, found only {} bytes; pass the original "
-                          "*-ubyte.gz file",
-                          what, path.string(), bytes.size());
+    fabric::detail::raise(
+        "FashionMNIST: expected an IDX {} file in {}, found only {} bytes; pass the original "
+        "*-ubyte.gz file",
+        what, path.string(), bytes.size());
   }
   const std::uint32_t found = read_be32(bytes, 0);
   if (found != magic) {
@@ -131,9 +135,10 @@ inline std::vector<std::int64_t> parse_idx(const std::vector<unsigned char>& byt
         magic, what, path.string(), found, what);
   }
   if (bytes.size() < header) {
-    fabric::detail::raise("FashionMNIST: expected a {}-byte IDX header in {}, found only {} bytes; the file is "
-                          "truncated, pass the original *-ubyte.gz file",
-                          header, path.string(), bytes.size());
+    fabric::detail::raise(
+        "FashionMNIST: expected a {}-byte IDX header in {}, found only {} bytes; the file is "
+        "truncated, pass the original *-ubyte.gz file",
+        header, path.string(), bytes.size());
   }
   std::vector<std::int64_t> dims;
   std::size_t payload = 1;
@@ -141,9 +146,10 @@ inline std::vector<std::int64_t> parse_idx(const std::vector<unsigned char>& byt
     dims.push_back(read_be32(bytes, 4 * (1 + i)));
     payload *= static_cast<std::size_t>(dims.back());
     if (payload > max_decompressed) {
-      fabric::detail::raise("FashionMNIST: expected IDX sizes of at most {} bytes in {}, found a header announcing "
-                            "more; the file is corrupt, pass the original *-ubyte.gz file",
-                            max_decompressed, path.string());
+      fabric::detail::raise(
+          "FashionMNIST: expected IDX sizes of at most {} bytes in {}, found a header announcing "
+          "more; the file is corrupt, pass the original *-ubyte.gz file",
+          max_decompressed, path.string());
     }
   }
   if (bytes.size() - header != payload) {
@@ -193,9 +199,10 @@ class FashionMNIST : public torch::data::datasets::Dataset<FashionMNIST> {
     const auto image_bytes = detail::read_gzip(images_path);
     const auto image_dims = detail::parse_idx(image_bytes, detail::images_magic, "images", images_path);
     if (image_dims[1] != detail::side || image_dims[2] != detail::side) {
-      fabric::detail::raise("FashionMNIST: expected {}x{} images in {}, found {}x{}; pass a Fashion-MNIST images "
-                            "file",
-                            detail::side, detail::side, images_path.string(), image_dims[1], image_dims[2]);
+      fabric::detail::raise(
+          "FashionMNIST: expected {}x{} images in {}, found {}x{}; pass a Fashion-MNIST images "
+          "file",
+          detail::side, detail::side, images_path.string(), image_dims[1], image_dims[2]);
     }
     const auto label_bytes = detail::read_gzip(labels_path);
     const auto label_dims = detail::parse_idx(label_bytes, detail::labels_magic, "labels", labels_path);
@@ -213,9 +220,10 @@ class FashionMNIST : public torch::data::datasets::Dataset<FashionMNIST> {
     std::int64_t keep = count;
     if (options_.subset) {
       if (*options_.subset == 0 || *options_.subset > static_cast<std::size_t>(count)) {
-        fabric::detail::raise("FashionMNIST: expected a subset of 1 to {} samples for the {} split, found {}; pass "
-                              "a subset size in that range, or none for all samples",
-                              count, prefix, *options_.subset);
+        fabric::detail::raise(
+            "FashionMNIST: expected a subset of 1 to {} samples for the {} split, found {}; pass "
+            "a subset size in that range, or none for all samples",
+            count, prefix, *options_.subset);
       }
       keep = static_cast<std::int64_t>(*options_.subset);
     }
@@ -223,14 +231,15 @@ class FashionMNIST : public torch::data::datasets::Dataset<FashionMNIST> {
     const unsigned char* labels = label_bytes.data() + 8;
     for (std::int64_t i = 0; i < count; ++i) {
       if (labels[i] >= detail::classes) {
-        fabric::detail::raise("FashionMNIST: expected labels in [0, {}) in {}, found {} at index {}; the file is "
-                              "corrupt, pass the original *-ubyte.gz file",
-                              detail::classes, labels_path.string(), static_cast<int>(labels[i]), i);
+        fabric::detail::raise(
+            "FashionMNIST: expected labels in [0, {}) in {}, found {} at index {}; the file is "
+            "corrupt, pass the original *-ubyte.gz file",
+            detail::classes, labels_path.string(), static_cast<int>(labels[i]), i);
       }
     }
     // NOTE: from_blob does not copy; clone/to() below make tensors that own their memory.
-    images_ = torch::from_blob(const_cast<unsigned char*>(image_bytes.data()) + 16, {keep, 1, detail::side, detail::side},
-                               torch::kUInt8)
+    images_ = torch::from_blob(const_cast<unsigned char*>(image_bytes.data()) + 16,
+                               {keep, 1, detail::side, detail::side}, torch::kUInt8)
                   .to(torch::kFloat32)
                   .div_(255.0)
                   .sub_(pixel_mean)

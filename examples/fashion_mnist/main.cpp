@@ -6,8 +6,8 @@
 
 #include "fashion_mnist/fashion_mnist.hpp"
 
-#include <fabric/fabric.hpp>
 #include <torch/torch.h>
+#include <fabric/fabric.hpp>
 
 #include <algorithm>
 #include <charconv>
@@ -88,7 +88,8 @@ template <class T>
 T parse_positive(std::string_view flag, std::string_view text, std::string_view example) {
   const auto value = parse_number<T>(flag, text, example);
   if (!(value > 0)) {
-    throw UsageError(fmt::format("expected a positive number after {}, found {}; e.g. {} {}", flag, text, flag, example));
+    throw UsageError(
+        fmt::format("expected a positive number after {}, found {}; e.g. {} {}", flag, text, flag, example));
   }
   return value;
 }
@@ -203,8 +204,7 @@ int run(const Config& config) {
   const std::size_t total_steps = batches_per_epoch * static_cast<std::size_t>(config.epochs);
   fabric.print("fashion_mnist: {} train / {} test samples, {} epoch{} of {} batches of {}, lr {}, {} thread{}",
                train_size, test_size, config.epochs, config.epochs == 1 ? "" : "s", batches_per_epoch,
-               config.batch_size, config.lr,
-               torch::get_num_threads(), torch::get_num_threads() == 1 ? "" : "s");
+               config.batch_size, config.lr, torch::get_num_threads(), torch::get_num_threads() == 1 ? "" : "s");
   if (auto* logger = fabric.logger()) {
     logger->log_hyperparams({{"epochs", std::to_string(config.epochs)},
                              {"batch_size", std::to_string(config.batch_size)},
@@ -248,10 +248,11 @@ int run(const Config& config) {
     }
     accuracy = 100.0 * static_cast<double>(correct) / static_cast<double>(test_size);
     const double seconds = std::chrono::duration<double>(Clock::now() - epoch_start).count();
-    fabric.print("epoch {}/{}  train loss {:.4f}  test accuracy {:.2f}%  ({:.1f} s)", epoch, config.epochs,
-                 train_loss, accuracy, seconds);
-    fabric.log_dict({{"epoch", static_cast<double>(epoch)}, {"epoch_train_loss", train_loss}, {"test_accuracy", accuracy}},
-                    static_cast<std::int64_t>(step));
+    fabric.print("epoch {}/{}  train loss {:.4f}  test accuracy {:.2f}%  ({:.1f} s)", epoch, config.epochs, train_loss,
+                 accuracy, seconds);
+    fabric.log_dict(
+        {{"epoch", static_cast<double>(epoch)}, {"epoch_train_loss", train_loss}, {"test_accuracy", accuracy}},
+        static_cast<std::int64_t>(step));
     if (config.checkpoint) {
       fabric.save(*config.checkpoint, {{"model", model}, {"optimizer", optimizer}, {"epoch", epoch}});
     }
