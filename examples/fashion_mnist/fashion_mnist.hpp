@@ -2,7 +2,7 @@
 // fashion_mnist::FashionMNIST: the Fashion-MNIST data set as a LibTorch map-style dataset, read
 // from the gzipped IDX files of Debian's dataset-fashion-mnist package.
 
-#include <fabric/error.hpp>
+#include <fabric/fabric.hpp>
 
 #include <torch/data/datasets/base.h>
 #include <torch/data/example.h>

@@ -4,7 +4,7 @@
 #include "fashion_mnist/fashion_mnist.hpp"
 
 #include <torch/torch.h>
-#include <fabric/error.hpp>
+#include <fabric/fabric.hpp>
 
 #include <zlib.h>
 #include <catch2/catch_test_macros.hpp>
