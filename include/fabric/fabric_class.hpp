@@ -13,6 +13,7 @@
 #include "fabric/module.hpp"
 #include "fabric/optimizer.hpp"
 #include "fabric/options.hpp"
+#include "fabric/precision/autocast.hpp"
 #include "fabric/precision/fp32.hpp"
 #include "fabric/seed.hpp"
 #include "fabric/strategies/single_device.hpp"
@@ -177,6 +178,7 @@ class Fabric {
     strategy_.setup_environment(options_);
     device_ = A::device(strategy_.local_rank());
     A::setup_device(device_);
+    if constexpr (requires { precision_.setup_device(device_); }) precision_.setup_device(device_);
   }
   Fabric(const Fabric&) = delete;
   Fabric& operator=(const Fabric&) = delete;
@@ -368,6 +370,15 @@ class Fabric {
   ///
   ///     { auto guard = fabric.autocast(); loss = criterion(model(x), y); }
   auto autocast() { return precision_.forward_context(); }
+
+  /// Returns the guard under which new modules are created in the precision's dtype (float64 for
+  /// FP64, bfloat16 for BF16True, ...). NOTE: LibTorch has no default device, so modules are created
+  /// on the CPU and setup() moves them.
+  ///
+  ///     { auto guard = fabric.init_module(); net = Net(); }
+  DefaultDtypeGuard init_module() const { return DefaultDtypeGuard(P::param_dtype()); }
+  /// Returns the guard under which new tensors are created in the precision's dtype.
+  DefaultDtypeGuard init_tensor() const { return DefaultDtypeGuard(P::param_dtype()); }
 
   /// Returns the guard that skips the gradient synchronisation of the module while it lives (for
   /// gradient accumulation); nothing to skip on one device.

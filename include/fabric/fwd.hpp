@@ -6,6 +6,9 @@ namespace fabric {
 struct CPU;
 class SingleDevice;
 struct FP32;
+class GradScaler;
+class AutocastGuard;
+class DefaultDtypeGuard;
 struct Options;
 struct SetupOptions;
 struct DataOptions;

@@ -1809,6 +1809,99 @@ enum class ReduceOp { sum, mean, min, max };
 
 }  // namespace fabric
 // ---- end fabric/options.hpp
+// ---- begin fabric/precision/autocast.hpp
+// fabric::AutocastGuard and fabric::DefaultDtypeGuard: the scoped contexts precisions run code in.
+// The one place that knows how autocast is spelled in each LibTorch version.
+
+#include <ATen/autocast_mode.h>
+#include <c10/core/DefaultDtype.h>
+#include <c10/core/DeviceType.h>
+#include <c10/core/ScalarType.h>
+#include <c10/util/typeid.h>
+#include <torch/version.h>
+
+namespace fabric {
+namespace detail {
+
+// NOTE: LibTorch 2.4 added device-generic autocast functions and deprecated the per-device ones;
+// 1.13 only has the per-device spellings (CPU and CUDA are the ones fabric runs on).
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 4)
+inline bool autocast_enabled(c10::DeviceType d) { return at::autocast::is_autocast_enabled(d); }
+inline void set_autocast_enabled(c10::DeviceType d, bool on) { at::autocast::set_autocast_enabled(d, on); }
+inline c10::ScalarType autocast_dtype(c10::DeviceType d) { return at::autocast::get_autocast_dtype(d); }
+inline void set_autocast_dtype(c10::DeviceType d, c10::ScalarType t) { at::autocast::set_autocast_dtype(d, t); }
+#else
+inline bool autocast_enabled(c10::DeviceType d) {
+  return d == c10::DeviceType::CPU ? at::autocast::is_cpu_enabled() : at::autocast::is_enabled();
+}
+inline void set_autocast_enabled(c10::DeviceType d, bool on) {
+  d == c10::DeviceType::CPU ? at::autocast::set_cpu_enabled(on) : at::autocast::set_enabled(on);
+}
+inline c10::ScalarType autocast_dtype(c10::DeviceType d) {
+  return d == c10::DeviceType::CPU ? at::autocast::get_autocast_cpu_dtype() : at::autocast::get_autocast_gpu_dtype();
+}
+inline void set_autocast_dtype(c10::DeviceType d, c10::ScalarType t) {
+  d == c10::DeviceType::CPU ? at::autocast::set_autocast_cpu_dtype(t) : at::autocast::set_autocast_gpu_dtype(t);
+}
+#endif
+
+/// True when this LibTorch can autocast to dtype on the device type.
+constexpr bool can_autocast(c10::DeviceType device, c10::ScalarType dtype) noexcept {
+  if (device == c10::DeviceType::CUDA) return dtype == c10::ScalarType::BFloat16 || dtype == c10::ScalarType::Half;
+  if (device == c10::DeviceType::CPU) {
+    return dtype == c10::ScalarType::BFloat16 || (TORCH_VERSION_MAJOR >= 2 && dtype == c10::ScalarType::Half);
+  }
+  return false;
+}
+
+}  // namespace detail
+
+/// Enables autocast for a device type and dtype while it lives, like Python's `torch.autocast`:
+/// the previous state is restored on every exit (exceptions included), guards nest, and the
+/// autocast cache is cleared when the outermost guard exits.
+class AutocastGuard {
+ public:
+  AutocastGuard(c10::DeviceType device, c10::ScalarType dtype, bool enabled = true)
+      : device_(device),
+        prev_enabled_(detail::autocast_enabled(device)),
+        prev_dtype_(detail::autocast_dtype(device)),
+        prev_cache_(at::autocast::is_autocast_cache_enabled()) {
+    detail::set_autocast_enabled(device_, enabled);
+    detail::set_autocast_dtype(device_, dtype);
+    at::autocast::increment_nesting();
+  }
+  ~AutocastGuard() {
+    if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
+    detail::set_autocast_enabled(device_, prev_enabled_);
+    detail::set_autocast_dtype(device_, prev_dtype_);
+    at::autocast::set_autocast_cache_enabled(prev_cache_);
+  }
+  AutocastGuard(const AutocastGuard&) = delete;
+  AutocastGuard& operator=(const AutocastGuard&) = delete;
+
+ private:
+  c10::DeviceType device_;
+  bool prev_enabled_;
+  c10::ScalarType prev_dtype_;
+  bool prev_cache_;
+};
+
+/// Sets the default dtype (what factory functions and new modules use) while it lives.
+class DefaultDtypeGuard {
+ public:
+  explicit DefaultDtypeGuard(c10::ScalarType dtype) : prev_(c10::get_default_dtype()) {
+    c10::set_default_dtype(c10::scalarTypeToTypeMeta(dtype));
+  }
+  ~DefaultDtypeGuard() { c10::set_default_dtype(prev_); }
+  DefaultDtypeGuard(const DefaultDtypeGuard&) = delete;
+  DefaultDtypeGuard& operator=(const DefaultDtypeGuard&) = delete;
+
+ private:
+  caffe2::TypeMeta prev_;
+};
+
+}  // namespace fabric
+// ---- end fabric/precision/autocast.hpp
 // ---- begin fabric/precision/fp32.hpp
 // fabric::FP32: full precision ("32-true"), Lightning's default.
 
@@ -2250,6 +2343,7 @@ class Fabric {
     strategy_.setup_environment(options_);
     device_ = A::device(strategy_.local_rank());
     A::setup_device(device_);
+    if constexpr (requires { precision_.setup_device(device_); }) precision_.setup_device(device_);
   }
   Fabric(const Fabric&) = delete;
   Fabric& operator=(const Fabric&) = delete;
@@ -2441,6 +2535,15 @@ class Fabric {
   ///
   ///     { auto guard = fabric.autocast(); loss = criterion(model(x), y); }
   auto autocast() { return precision_.forward_context(); }
+
+  /// Returns the guard under which new modules are created in the precision's dtype (float64 for
+  /// FP64, bfloat16 for BF16True, ...). NOTE: LibTorch has no default device, so modules are created
+  /// on the CPU and setup() moves them.
+  ///
+  ///     { auto guard = fabric.init_module(); net = Net(); }
+  DefaultDtypeGuard init_module() const { return DefaultDtypeGuard(P::param_dtype()); }
+  /// Returns the guard under which new tensors are created in the precision's dtype.
+  DefaultDtypeGuard init_tensor() const { return DefaultDtypeGuard(P::param_dtype()); }
 
   /// Returns the guard that skips the gradient synchronisation of the module while it lives (for
   /// gradient accumulation); nothing to skip on one device.
@@ -3014,4 +3117,397 @@ class CSVLogger final : public Logger {
 
 }  // namespace fabric
 // ---- end fabric/loggers/csv.hpp
+// ---- begin fabric/precision/casting.hpp
+// The precisions that convert the module's weights or the data to another dtype: FP64, BF16True,
+// FP16True, and the mixed ones that autocast: BF16Mixed (BF16) and FP16Mixed (FP16).
+
+// ---- begin fabric/precision/grad_scaler.hpp
+// fabric::GradScaler: PyTorch's gradient scaler for float16 mixed precision, in C++ (LibTorch has none).
+
+
+#include <ATen/core/Dict.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/core/ivalue.h>
+#include <ATen/ops/_amp_foreach_non_finite_check_and_unscale.h>
+#include <ATen/ops/_amp_update_scale.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/zeros.h>
+#include <c10/core/Device.h>
+#include <torch/optim/optimizer.h>
+#include <torch/version.h>
+
+#include <cstdint>
+#include <map>
+#include <vector>
+
+namespace fabric {
+
+/// Scales the loss so float16 gradients do not underflow, unscales the gradients before the step,
+/// skips the step when any gradient is inf/NaN, and grows or backs off the scale like PyTorch's
+/// torch.amp.GradScaler (initial 2^16, growth 2 every 2000 good steps, backoff 0.5 on inf/NaN).
+/// Uses LibTorch's own kernels where they exist (CUDA; CPU from LibTorch 2) and equivalent tensor
+/// operations elsewhere.
+class GradScaler {
+ public:
+  /// Settings of the scaler (PyTorch's defaults).
+  struct Options {
+    double init_scale = 65536.0;
+    double growth_factor = 2.0;
+    double backoff_factor = 0.5;
+    std::int64_t growth_interval = 2000;
+  };
+
+  GradScaler() : GradScaler(Options{}) {}
+  explicit GradScaler(Options options) : options_(options) {
+    if (options_.growth_factor <= 1.0 || options_.backoff_factor >= 1.0 || options_.backoff_factor <= 0.0 ||
+        options_.growth_interval < 1 || options_.init_scale <= 0.0) {
+      detail::raise(
+          "GradScaler: expected growth_factor > 1, 0 < backoff_factor < 1, growth_interval >= 1 and init_scale > 0, "
+          "found {}, {}, {} and {}",
+          options_.growth_factor, options_.backoff_factor, options_.growth_interval, options_.init_scale);
+    }
+  }
+
+  /// Returns loss multiplied by the current scale (the scale lives on the loss's device).
+  at::Tensor scale(const at::Tensor& loss) {
+    lazy_init(loss.device());
+    return loss * scale_.to(loss.scalar_type());
+  }
+
+  /// Divides the optimizer's gradients by the scale in place and records whether any is inf/NaN.
+  /// Once per step: a second call before update() is an error.
+  void unscale_(torch::optim::Optimizer& optimizer) {
+    auto& state = per_optimizer_[&optimizer];
+    if (state.unscaled) {
+      detail::raise(
+          "GradScaler: unscale_ was already called for this optimizer since the last update(); "
+          "clip gradients at most once per step, after backward and before step");
+    }
+    if (!scale_.defined()) {
+      detail::raise("GradScaler: unscale_ before any scaled backward; call fabric.backward(loss) first");
+    }
+    const at::Tensor inv_scale = scale_.to(at::kDouble).reciprocal().to(at::kFloat);
+    at::Tensor found_inf = at::zeros({1}, scale_.options());
+    std::map<c10::ScalarType, std::vector<at::Tensor>> by_dtype;
+    for (auto& group : optimizer.param_groups()) {
+      for (auto& p : group.params()) {
+        if (!p.grad().defined()) continue;
+        if (p.grad().scalar_type() == at::kHalf) {
+          detail::raise(
+              "GradScaler: expected float32 gradients, found float16 ones; keep the parameters in float32 "
+              "(FP16Mixed does) or use FP16True, which has no scaler");
+        }
+        by_dtype[p.grad().scalar_type()].push_back(p.grad());
+      }
+    }
+    for (auto& [dtype, grads] : by_dtype) {
+      if (kernels_available()) {
+        at::_amp_foreach_non_finite_check_and_unscale_(grads, found_inf, inv_scale);
+      } else {
+        for (auto& g : grads) {
+          found_inf.logical_or_(g.isfinite().logical_not().any().reshape({1}));
+          g.mul_(inv_scale.to(g.scalar_type()));
+        }
+      }
+    }
+    state.found_inf = found_inf;
+    state.unscaled = true;
+  }
+
+  /// Unscales if needed and steps the optimizer unless a gradient was inf/NaN; returns the
+  /// optimizer's result, or an undefined tensor when the step was skipped.
+  template <class Closure>
+  at::Tensor step(torch::optim::Optimizer& optimizer, Closure&& closure) {
+    if (!scale_.defined()) return optimizer.step(std::forward<Closure>(closure));
+    auto& state = per_optimizer_[&optimizer];
+    if (!state.unscaled) unscale_(optimizer);
+    // NOTE: LibTorch's optimizers cannot take found_inf, so the decision needs the host (as in PyTorch).
+    skipped_ = state.found_inf.item<double>() != 0.0;
+    if (skipped_) return {};
+    return optimizer.step(std::forward<Closure>(closure));
+  }
+
+  /// Updates the scale from the steps since the last update: backoff when any gradient was inf/NaN,
+  /// growth after growth_interval clean steps.
+  void update() {
+    if (!scale_.defined()) return;
+    at::Tensor found = at::zeros({1}, scale_.options());
+    for (auto& [opt, state] : per_optimizer_) {
+      if (state.found_inf.defined()) found.add_(state.found_inf.to(found.device()));
+    }
+    if (kernels_available()) {
+      at::_amp_update_scale_(scale_, growth_tracker_, found, options_.growth_factor, options_.backoff_factor,
+                             options_.growth_interval);
+    } else if (found.item<double>() != 0.0) {
+      scale_.mul_(options_.backoff_factor);
+      growth_tracker_.zero_();
+    } else if (growth_tracker_.item<std::int64_t>() + 1 == options_.growth_interval) {
+      scale_.mul_(options_.growth_factor);
+      growth_tracker_.zero_();
+    } else {
+      growth_tracker_.add_(1);
+    }
+    per_optimizer_.clear();
+  }
+
+  /// Returns the current scale.
+  double get_scale() const { return scale_.defined() ? scale_.item<double>() : options_.init_scale; }
+  /// Returns the number of clean steps since the last growth or backoff.
+  std::int64_t growth_tracker() const { return growth_tracker_.defined() ? growth_tracker_.item<std::int64_t>() : 0; }
+  /// Returns true when the last step() was skipped because of inf/NaN gradients.
+  bool last_step_skipped() const noexcept { return skipped_; }
+  /// Returns the options.
+  const Options& options() const noexcept { return options_; }
+
+  /// Returns the state under PyTorch's keys: scale, growth_factor, backoff_factor, growth_interval,
+  /// _growth_tracker.
+  c10::impl::GenericDict state_dict() const {
+    c10::impl::GenericDict dict(c10::StringType::get(), c10::AnyType::get());
+    dict.insert("scale", get_scale());
+    dict.insert("growth_factor", options_.growth_factor);
+    dict.insert("backoff_factor", options_.backoff_factor);
+    dict.insert("growth_interval", options_.growth_interval);
+    dict.insert("_growth_tracker", growth_tracker());
+    return dict;
+  }
+  /// Restores the state written by state_dict (or by PyTorch's GradScaler).
+  void load_state_dict(const c10::impl::GenericDict& dict) {
+    for (const char* key : {"scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker"}) {
+      if (!dict.contains(key))
+        detail::raise("GradScaler: expected the key \"{}\" in the scaler state, found none", key);
+    }
+    auto number = [&](const char* key) {
+      const c10::IValue v = dict.at(key);
+      if (!v.isDouble() && !v.isInt()) detail::raise("GradScaler: expected a number under \"{}\"", key);
+      return v.isDouble() ? v.toDouble() : static_cast<double>(v.toInt());
+    };
+    options_.init_scale = number("scale");
+    options_.growth_factor = number("growth_factor");
+    options_.backoff_factor = number("backoff_factor");
+    options_.growth_interval = static_cast<std::int64_t>(number("growth_interval"));
+    const auto tracker = static_cast<std::int64_t>(number("_growth_tracker"));
+    const c10::Device device = scale_.defined() ? scale_.device() : c10::Device(c10::DeviceType::CPU);
+    scale_ = at::full(at::IntArrayRef{}, options_.init_scale, at::TensorOptions().dtype(at::kFloat).device(device));
+    growth_tracker_ = at::full(at::IntArrayRef{}, tracker, at::TensorOptions().dtype(at::kInt).device(device));
+  }
+
+ private:
+  struct OptimizerState {
+    bool unscaled = false;
+    at::Tensor found_inf{};
+  };
+
+  void lazy_init(const c10::Device& device) {
+    if (scale_.defined()) {
+      if (scale_.device() != device) {
+        scale_ = scale_.to(device);
+        growth_tracker_ = growth_tracker_.to(device);
+      }
+      return;
+    }
+    scale_ = at::full(at::IntArrayRef{}, options_.init_scale, at::TensorOptions().dtype(at::kFloat).device(device));
+    growth_tracker_ = at::zeros(at::IntArrayRef{}, at::TensorOptions().dtype(at::kInt).device(device));
+  }
+
+  bool kernels_available() const {
+    // NOTE: LibTorch 1.13 has the _amp_* kernels for CUDA only; 2.x for the CPU too.
+    return scale_.is_cuda() || TORCH_VERSION_MAJOR >= 2;
+  }
+
+  Options options_;
+  at::Tensor scale_{};
+  at::Tensor growth_tracker_{};
+  std::map<const torch::optim::Optimizer*, OptimizerState> per_optimizer_{};
+  bool skipped_ = false;
+};
+
+}  // namespace fabric
+// ---- end fabric/precision/grad_scaler.hpp
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/Device.h>
+#include <c10/core/ScalarType.h>
+#include <c10/util/Exception.h>
+#include <torch/nn/module.h>
+#include <torch/version.h>
+
+#include <optional>
+#include <string_view>
+#include <type_traits>
+#include <utility>
+
+namespace fabric {
+namespace detail {
+
+/// Returns data with every floating-point tensor cast to dtype (integer tensors untouched).
+template <class T>
+std::remove_cvref_t<T> cast_floating(T&& data, c10::ScalarType dtype) {
+  auto cast = [dtype](at::Tensor t) {
+    return t.defined() && t.is_floating_point() && t.scalar_type() != dtype ? t.to(dtype) : t;
+  };
+  return map_tensors(std::remove_cvref_t<T>(std::forward<T>(data)), cast);
+}
+
+/// Converts a module's floating-point parameters and buffers to dtype in place.
+template <class M>
+void convert_module_to(M& module, c10::ScalarType dtype) {
+  module.to(dtype);
+}
+
+}  // namespace detail
+
+/// Weights, compute and the default dtype of a dtype ("64-true", "bf16-true", "16-true"): the
+/// module is converted (no float32 master copy, no scaler), floating inputs are cast to the dtype
+/// and floating outputs back to float32; `init_module`/`init_tensor` create tensors in the dtype.
+template <c10::ScalarType Dtype>
+struct TruePrecision {
+  using category = precision_tag;
+  static constexpr std::string_view name = Dtype == c10::ScalarType::Double     ? "64-true"
+                                           : Dtype == c10::ScalarType::BFloat16 ? "bf16-true"
+                                                                                : "16-true";
+
+  /// Returns the dtype of parameters and of what `init_module`/`init_tensor` create.
+  static constexpr c10::ScalarType param_dtype() noexcept { return Dtype; }
+  /// Checks the combination with an accelerator (every accelerator stores these dtypes).
+  template <Accelerator A>
+  static constexpr void check() noexcept {}
+
+  template <class M>
+  void convert_module(M& module) {
+    detail::convert_module_to(module, Dtype);
+  }
+  template <class T>
+  std::remove_cvref_t<T> convert_input(T&& x) {
+    return detail::cast_floating(std::forward<T>(x), Dtype);
+  }
+  template <class T>
+  std::remove_cvref_t<T> convert_output(T&& x) {
+    return detail::cast_floating(std::forward<T>(x), c10::ScalarType::Float);
+  }
+  /// Makes the dtype the default while forward (or `Fabric::autocast`) runs.
+  DefaultDtypeGuard forward_context() const { return DefaultDtypeGuard(Dtype); }
+  template <class... Args>
+  void backward(const at::Tensor& loss, Args&&... args) {
+    loss.backward(std::forward<Args>(args)...);
+  }
+  template <class O>
+  void unscale_gradients(O& /*optimizer*/) noexcept {}
+  template <class O, class Closure>
+  at::Tensor optimizer_step(O& optimizer, Closure&& closure) {
+    return optimizer.step(std::forward<Closure>(closure));
+  }
+};
+
+/// float64 everywhere ("64-true").
+using FP64 = TruePrecision<c10::ScalarType::Double>;
+/// bfloat16 weights and compute, no master copy ("bf16-true").
+using BF16True = TruePrecision<c10::ScalarType::BFloat16>;
+/// float16 weights and compute, no master copy and no scaler ("16-true").
+using FP16True = TruePrecision<c10::ScalarType::Half>;
+
+/// Mixed precision ("bf16-mixed", "16-mixed"): parameters stay float32, forward runs under autocast
+/// to the dtype on the fabric's device, floating inputs are cast to the dtype and outputs come back
+/// as float32. `Fabric::autocast()` extends autocast to code outside forward (the loss). float16
+/// scales the loss with a GradScaler.
+///
+/// On a LibTorch without float16 autocast on the CPU (1.13), FP16Mixed on the CPU does what
+/// Lightning does: it warns once and runs as BF16Mixed (no scaler).
+template <c10::ScalarType Dtype>
+class MixedPrecision {
+  static_assert(Dtype == c10::ScalarType::BFloat16 || Dtype == c10::ScalarType::Half,
+                "fabric: mixed precision autocasts to bfloat16 or float16; use BF16Mixed or FP16Mixed");
+
+ public:
+  using category = precision_tag;
+  static constexpr std::string_view name = Dtype == c10::ScalarType::BFloat16 ? "bf16-mixed" : "16-mixed";
+
+  /// Settings: the gradient scaler's (used by float16 only).
+  struct Options {
+    GradScaler::Options scaler{};
+  };
+
+  MixedPrecision() = default;
+  explicit MixedPrecision(Options options) : options_(options) {}
+
+  static constexpr c10::ScalarType param_dtype() noexcept { return c10::ScalarType::Float; }
+  /// Rejects accelerators that cannot autocast this dtype in any LibTorch version.
+  template <Accelerator A>
+  static constexpr void check() noexcept {
+    static_assert(A::device_type == c10::DeviceType::CPU || A::device_type == c10::DeviceType::CUDA,
+                  "fabric: mixed precision needs an accelerator that LibTorch can autocast (CPU or CUDA); use "
+                  "FP32 or a true-half precision on this accelerator");
+  }
+
+  /// Binds the precision to the fabric's device (called once by Fabric).
+  void setup_device(const c10::Device& device) {
+    device_type_ = device.type();
+    dtype_ = Dtype;
+    if (!detail::can_autocast(device_type_, Dtype)) {
+      if (Dtype == c10::ScalarType::Half && device_type_ == c10::DeviceType::CPU) {
+        TORCH_WARN_ONCE("fabric: FP16Mixed on the CPU needs LibTorch 2 (this LibTorch ", TORCH_VERSION,
+                        " autocasts only to bfloat16 there); running as BF16Mixed, as Lightning does");
+        dtype_ = c10::ScalarType::BFloat16;
+      } else {
+        detail::raise("{} cannot autocast on the device {}; use FP32 or a true-half precision", std::string(name),
+                      device.str());
+      }
+    }
+    if (dtype_ == c10::ScalarType::Half) scaler_.emplace(options_.scaler);
+  }
+
+  /// Returns the dtype forward autocasts to (FP16Mixed may have fallen back to bfloat16).
+  c10::ScalarType compute_dtype() const noexcept { return dtype_; }
+  /// Returns the gradient scaler (float16 only), or null.
+  GradScaler* scaler() noexcept { return scaler_ ? &*scaler_ : nullptr; }
+
+  template <class M>
+  void convert_module(M& /*module*/) noexcept {}
+  template <class T>
+  std::remove_cvref_t<T> convert_input(T&& x) {
+    return detail::cast_floating(std::forward<T>(x), dtype_);
+  }
+  template <class T>
+  std::remove_cvref_t<T> convert_output(T&& x) {
+    return detail::cast_floating(std::forward<T>(x), c10::ScalarType::Float);
+  }
+  /// Autocast for the fabric's device type and the dtype.
+  AutocastGuard forward_context() const { return AutocastGuard(device_type_, dtype_); }
+  template <class... Args>
+  void backward(const at::Tensor& loss, Args&&... args) {
+    if (scaler_) {
+      scaler_->scale(loss).backward(std::forward<Args>(args)...);
+    } else {
+      loss.backward(std::forward<Args>(args)...);
+    }
+  }
+  template <class O>
+  void unscale_gradients(O& optimizer) {
+    if (scaler_) scaler_->unscale_(optimizer);
+  }
+  template <class O, class Closure>
+  at::Tensor optimizer_step(O& optimizer, Closure&& closure) {
+    if (!scaler_) return optimizer.step(std::forward<Closure>(closure));
+    at::Tensor result = scaler_->step(optimizer, std::forward<Closure>(closure));
+    scaler_->update();
+    return result;
+  }
+
+ private:
+  Options options_{};
+  c10::DeviceType device_type_ = c10::DeviceType::CPU;
+  c10::ScalarType dtype_ = Dtype;
+  std::optional<GradScaler> scaler_{};
+};
+
+/// bfloat16 mixed precision ("bf16-mixed").
+using BF16Mixed = MixedPrecision<c10::ScalarType::BFloat16>;
+/// float16 mixed precision with a gradient scaler ("16-mixed").
+using FP16Mixed = MixedPrecision<c10::ScalarType::Half>;
+/// The short name of BF16Mixed, as "bf16" is in Lightning.
+using BF16 = BF16Mixed;
+/// The short name of FP16Mixed, as "16" is in Lightning.
+using FP16 = FP16Mixed;
+
+}  // namespace fabric
+// ---- end fabric/precision/casting.hpp
 // ---- end fabric/fabric.hpp

@@ -1,0 +1,243 @@
+// Precision policies on the CPU: FP32, FP64, BF16Mixed, BF16True, FP16Mixed (float16 autocast on
+// the CPU needs LibTorch 2; on 1.13 FP16Mixed falls back to bfloat16), the autocast guard, the init
+// contexts and the gradient scaler's logic.
+#include <fabric/fabric.hpp>
+
+#include <torch/torch.h>
+#include <catch2/catch_template_test_macros.hpp>
+#include <catch2/catch_test_macros.hpp>
+#include <catch2/matchers/catch_matchers_string.hpp>
+
+#include <stdexcept>
+#include <tuple>
+#include <vector>
+
+using Catch::Matchers::ContainsSubstring;
+
+namespace {
+
+/// Records the dtypes it sees: the input, the hidden activation under autocast, the output.
+struct ProbeImpl : torch::nn::Module {
+  ProbeImpl() {
+    fc1 = register_module("fc1", torch::nn::Linear(8, 32));
+    fc2 = register_module("fc2", torch::nn::Linear(32, 2));
+  }
+  torch::Tensor forward(const torch::Tensor& x) {
+    input_dtype = x.scalar_type();
+    auto h = fc1(x);
+    hidden_dtype = h.scalar_type();
+    autocast_on = fabric::detail::autocast_enabled(torch::kCPU);
+    if (fail) throw std::runtime_error("forward failed");
+    return fc2(torch::relu(h));
+  }
+  torch::nn::Linear fc1{nullptr}, fc2{nullptr};
+  torch::ScalarType input_dtype = torch::kFloat, hidden_dtype = torch::kFloat;
+  bool autocast_on = false;
+  bool fail = false;
+};
+TORCH_MODULE(Probe);
+
+template <class P>
+using CpuFabric = fabric::Fabric<fabric::CPU, fabric::SingleDevice, P>;
+
+torch::ScalarType expected_compute(c10::ScalarType param, std::string_view name) {
+  if (name == "bf16-mixed") return torch::kBFloat16;
+  if (name == "16-mixed") return TORCH_VERSION_MAJOR >= 2 ? torch::kHalf : torch::kBFloat16;
+  return param;
+}
+
+}  // namespace
+
+using CpuPrecisions = std::tuple<fabric::FP32, fabric::FP64, fabric::BF16Mixed, fabric::BF16True, fabric::FP16Mixed>;
+
+TEMPLATE_LIST_TEST_CASE("every precision trains on the CPU with the documented dtypes", "[precision]", CpuPrecisions) {
+  CpuFabric<TestType> fabric;
+  fabric.seed_everything(0);
+  Probe net;
+  torch::optim::AdamW adamw(net->parameters(), torch::optim::AdamWOptions(1e-2));
+  auto [model, optimizer] = fabric.setup(net, adamw);
+  const auto param = TestType::param_dtype();
+  const auto compute = expected_compute(param, TestType::name);
+  CHECK(net->fc1->weight.scalar_type() == param);
+
+  const auto x = torch::randn({64, 8});
+  const auto y = (x.narrow(1, 0, 4).sum(1) > 0).to(torch::kLong);
+  float first = 0, last = 0;
+  for (int step = 0; step < 40; ++step) {
+    auto out = model(x);
+    CHECK(out.scalar_type() == torch::kFloat);  // outputs always come back as float32
+    torch::Tensor loss;
+    {
+      auto guard = fabric.autocast();
+      loss = torch::nn::functional::cross_entropy(out, y);
+    }
+    fabric.backward(loss);
+    optimizer.step();
+    optimizer.zero_grad();
+    if (step == 0) first = loss.template item<float>();
+    last = loss.template item<float>();
+  }
+  CHECK(net->input_dtype == compute);
+  CHECK(net->hidden_dtype == compute);
+  CHECK(net->autocast_on == (std::string_view(TestType::name).find("mixed") != std::string_view::npos));
+  CHECK_FALSE(fabric::detail::autocast_enabled(torch::kCPU));  // restored after forward
+  CHECK(net->fc1->weight.scalar_type() == param);              // mixed keeps float32 weights
+  CHECK(last < 0.8f * first);
+  // Gradients have the parameters' dtype.
+  fabric.backward(torch::nn::functional::cross_entropy(model(x), y));
+  CHECK(net->fc1->weight.grad().scalar_type() == param);
+}
+
+TEST_CASE("FP64 converts the module, the inputs and the init contexts", "[precision]") {
+  CpuFabric<fabric::FP64> fabric;
+  Probe net;
+  auto model = fabric.setup(net);
+  CHECK(net->fc1->weight.scalar_type() == torch::kDouble);
+  const auto ints = torch::arange(8);
+  auto out = model(torch::randn({2, 8}));
+  CHECK(net->input_dtype == torch::kDouble);
+  CHECK(out.scalar_type() == torch::kFloat);
+  CHECK(fabric.precision().convert_input(ints).scalar_type() == torch::kLong);  // integers untouched
+  {
+    auto guard = fabric.init_module();
+    torch::nn::Linear fresh(2, 2);
+    CHECK(fresh->weight.scalar_type() == torch::kDouble);
+  }
+  {
+    auto guard = fabric.init_tensor();
+    CHECK(torch::ones({1}).scalar_type() == torch::kDouble);
+  }
+  CHECK(torch::ones({1}).scalar_type() == torch::kFloat);  // the default dtype is restored
+  CpuFabric<fabric::BF16True> half;
+  auto guard = half.init_module();
+  CHECK(torch::nn::Linear(2, 2)->weight.scalar_type() == torch::kBFloat16);
+}
+
+TEST_CASE("autocast state is restored after an exception in forward", "[precision][autocast]") {
+  CpuFabric<fabric::BF16Mixed> fabric;
+  Probe net;
+  auto model = fabric.setup(net);
+  net->fail = true;
+  CHECK_THROWS_AS(model(torch::randn({2, 8})), std::runtime_error);
+  CHECK(net->autocast_on);
+  CHECK_FALSE(fabric::detail::autocast_enabled(torch::kCPU));
+  net->fail = false;
+  CHECK(model(torch::randn({2, 8})).scalar_type() == torch::kFloat);
+}
+
+TEST_CASE("autocast guards nest and restore the enclosing state", "[precision][autocast]") {
+  const auto dtype0 = fabric::detail::autocast_dtype(torch::kCPU);
+  REQUIRE_FALSE(fabric::detail::autocast_enabled(torch::kCPU));
+  {
+    fabric::AutocastGuard outer(torch::kCPU, torch::kBFloat16);
+    CHECK(fabric::detail::autocast_enabled(torch::kCPU));
+    CHECK(torch::mm(torch::ones({2, 2}), torch::ones({2, 2})).scalar_type() == torch::kBFloat16);
+    {
+      fabric::AutocastGuard inner(torch::kCPU, torch::kBFloat16, /*enabled=*/false);
+      CHECK_FALSE(fabric::detail::autocast_enabled(torch::kCPU));
+      CHECK(torch::mm(torch::ones({2, 2}), torch::ones({2, 2})).scalar_type() == torch::kFloat);
+    }
+    CHECK(fabric::detail::autocast_enabled(torch::kCPU));
+    CHECK(torch::mm(torch::ones({2, 2}), torch::ones({2, 2})).scalar_type() == torch::kBFloat16);
+  }
+  CHECK_FALSE(fabric::detail::autocast_enabled(torch::kCPU));
+  CHECK(fabric::detail::autocast_dtype(torch::kCPU) == dtype0);
+}
+
+TEST_CASE("FP16Mixed on a CPU without float16 autocast runs as bfloat16 without a scaler", "[precision]") {
+  CpuFabric<fabric::FP16Mixed> fabric;
+  if (TORCH_VERSION_MAJOR >= 2) {
+    CHECK(fabric.precision().compute_dtype() == torch::kHalf);
+    CHECK(fabric.precision().scaler() != nullptr);
+  } else {
+    CHECK(fabric.precision().compute_dtype() == torch::kBFloat16);
+    CHECK(fabric.precision().scaler() == nullptr);
+  }
+  STATIC_REQUIRE(std::is_same_v<fabric::FP16, fabric::FP16Mixed>);
+  STATIC_REQUIRE(std::is_same_v<fabric::BF16, fabric::BF16Mixed>);
+  STATIC_REQUIRE(fabric::Precision<fabric::FP64> && fabric::Precision<fabric::BF16> &&
+                 fabric::Precision<fabric::FP16True>);
+  STATIC_REQUIRE(fabric::FP16Mixed::name == "16-mixed" && fabric::BF16True::name == "bf16-true");
+}
+
+namespace {
+
+struct ScalerRig {
+  torch::nn::Linear lin{torch::nn::LinearOptions(2, 1).bias(false)};
+  torch::optim::SGD sgd{lin->parameters(), torch::optim::SGDOptions(0.1)};
+  void grad(float a, float b) { lin->weight.mutable_grad() = torch::tensor({a, b}).reshape({1, 2}); }
+};
+
+}  // namespace
+
+TEST_CASE("GradScaler skips inf steps, backs off and grows", "[precision][scaler]") {
+  ScalerRig rig;
+  fabric::GradScaler scaler({.init_scale = 8.0, .growth_interval = 3});
+  const auto loss = (rig.lin(torch::ones({1, 2})) * 0).sum();
+  CHECK(scaler.scale(torch::tensor(1.5f)).item<float>() == 12.0f);  // scaled by 8
+
+  // An inf gradient: the step is skipped, the scale halves, the tracker resets.
+  const auto w = rig.lin->weight.clone();
+  rig.grad(INFINITY, 1.0f);
+  CHECK_FALSE(scaler.step(rig.sgd, nullptr).defined());
+  CHECK(scaler.last_step_skipped());
+  scaler.update();
+  CHECK(torch::equal(rig.lin->weight, w));
+  CHECK(scaler.get_scale() == 4.0);
+  CHECK(scaler.growth_tracker() == 0);
+
+  // Clean steps: gradients are unscaled before the step; after growth_interval the scale doubles.
+  std::vector<double> scales;
+  for (int i = 0; i < 3; ++i) {
+    rig.grad(4.0f * static_cast<float>(scaler.get_scale()), 0.0f);  // a true gradient of 4
+    const auto before = rig.lin->weight.clone();
+    scaler.step(rig.sgd, nullptr);
+    CHECK_FALSE(scaler.last_step_skipped());
+    CHECK(torch::allclose(before - rig.lin->weight, torch::tensor({0.4f, 0.0f}).reshape({1, 2})));
+    scaler.update();
+    scales.push_back(scaler.get_scale());
+  }
+  CHECK(scales == std::vector<double>{4.0, 4.0, 8.0});
+  CHECK(scaler.growth_tracker() == 0);
+
+  // NaN counts as non-finite too.
+  rig.grad(NAN, 0.0f);
+  scaler.step(rig.sgd, nullptr);
+  CHECK(scaler.last_step_skipped());
+  scaler.update();
+  CHECK(scaler.get_scale() == 4.0);
+  (void)loss;
+}
+
+TEST_CASE("GradScaler state round trip and misuse", "[precision][scaler]") {
+  ScalerRig rig;
+  fabric::GradScaler scaler({.init_scale = 16.0, .growth_interval = 5});
+  (void)scaler.scale(torch::tensor(1.0f));
+  rig.grad(1, 1);
+  scaler.step(rig.sgd, nullptr);
+  scaler.update();
+  const auto state = scaler.state_dict();
+  CHECK(state.at("scale").toDouble() == 16.0);
+  CHECK(state.at("_growth_tracker").toInt() == 1);
+  CHECK(state.at("growth_interval").toInt() == 5);
+  CHECK(state.at("growth_factor").toDouble() == 2.0);
+  CHECK(state.at("backoff_factor").toDouble() == 0.5);
+  fabric::GradScaler restored;
+  restored.load_state_dict(state);
+  CHECK(restored.get_scale() == 16.0);
+  CHECK(restored.growth_tracker() == 1);
+  CHECK(restored.options().growth_interval == 5);
+
+  rig.grad(1, 1);
+  scaler.unscale_(rig.sgd);
+  CHECK_THROWS_WITH(scaler.unscale_(rig.sgd), ContainsSubstring("unscale_ was already called"));
+  scaler.update();
+  rig.lin->weight.mutable_grad() = torch::ones({1, 2}, torch::kHalf);
+  CHECK_THROWS_WITH(scaler.unscale_(rig.sgd), ContainsSubstring("found float16 ones"));
+  CHECK_THROWS_WITH(fabric::GradScaler({.growth_factor = 0.5}), ContainsSubstring("expected growth_factor > 1"));
+  fabric::GradScaler fresh;
+  CHECK_THROWS_WITH(fresh.unscale_(rig.sgd), ContainsSubstring("before any scaled backward"));
+  c10::impl::GenericDict partial(c10::StringType::get(), c10::AnyType::get());
+  partial.insert("scale", 2.0);
+  CHECK_THROWS_WITH(fresh.load_state_dict(partial), ContainsSubstring("\"growth_factor\""));
+}
