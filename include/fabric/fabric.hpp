@@ -2,6 +2,7 @@
 // fabric: Lightning Fabric's way of training, for LibTorch. The umbrella header.
 
 #include "fabric/accelerators/cpu.hpp"
+#include "fabric/accelerators/cuda.hpp"
 #include "fabric/checkpoint.hpp"
 #include "fabric/concepts.hpp"
 #include "fabric/config.hpp"

@@ -2,6 +2,7 @@
 // fabric::Fabric: the class a training loop talks to.
 
 #include "fabric/accelerators/cpu.hpp"
+#include "fabric/accelerators/cuda.hpp"
 #include "fabric/checkpoint.hpp"
 #include "fabric/concepts.hpp"
 #include "fabric/config.hpp"
@@ -170,11 +171,11 @@ class Fabric {
     if (options_.num_nodes < 1) {
       detail::raise("expected num_nodes >= 1, found {}; pass the number of machines", options_.num_nodes);
     }
-    A::check_devices(options_.devices);
     if (!A::is_available()) {
       detail::raise("the accelerator \"{}\" is not available on this machine; choose another accelerator policy",
                     A::name);
     }
+    A::check_devices(options_.devices);
     strategy_.setup_environment(options_);
     device_ = A::device(strategy_.local_rank());
     A::setup_device(device_);

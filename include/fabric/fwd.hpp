@@ -4,6 +4,7 @@
 namespace fabric {
 
 struct CPU;
+struct CUDA;
 class SingleDevice;
 struct FP32;
 class GradScaler;

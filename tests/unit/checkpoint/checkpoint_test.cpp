@@ -35,6 +35,16 @@
 
 namespace {
 
+// NOTE: LibTorch 1.13 keys optimizer state by the printed TensorImpl address, 2.x by the pointer.
+template <class StateMap>
+auto state_key(const StateMap& /*state*/, const torch::Tensor& param) {
+  if constexpr (std::is_same_v<typename StateMap::key_type, std::string>) {
+    return c10::str(param.unsafeGetTensorImpl());
+  } else {
+    return static_cast<typename StateMap::key_type>(param.unsafeGetTensorImpl());
+  }
+}
+
 namespace fs = std::filesystem;
 using Catch::Matchers::ContainsSubstring;
 
@@ -142,8 +152,8 @@ bool same_state(const torch::optim::AdamW& a, const torch::optim::AdamW& b) {
   const auto pb = params_of(b);
   if (pa.size() != pb.size() || a.state().size() != b.state().size()) return false;
   for (std::size_t i = 0; i < pa.size(); ++i) {
-    const auto sa = a.state().find(c10::guts::to_string(pa[i].unsafeGetTensorImpl()));
-    const auto sb = b.state().find(c10::guts::to_string(pb[i].unsafeGetTensorImpl()));
+    const auto sa = a.state().find(state_key(a.state(), pa[i]));
+    const auto sb = b.state().find(state_key(b.state(), pb[i]));
     if ((sa == a.state().end()) != (sb == b.state().end())) return false;
     if (sa == a.state().end()) continue;
     const auto& x = static_cast<const torch::optim::AdamWParamState&>(*sa->second);

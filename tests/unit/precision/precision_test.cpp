@@ -8,7 +8,9 @@
 #include <catch2/catch_test_macros.hpp>
 #include <catch2/matchers/catch_matchers_string.hpp>
 
+#include <cstdio>
 #include <stdexcept>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -240,4 +242,113 @@ TEST_CASE("GradScaler state round trip and misuse", "[precision][scaler]") {
   c10::impl::GenericDict partial(c10::StringType::get(), c10::AnyType::get());
   partial.insert("scale", 2.0);
   CHECK_THROWS_WITH(fresh.load_state_dict(partial), ContainsSubstring("\"growth_factor\""));
+}
+
+namespace {
+
+/// Runs the pattern of tests/python/grad_scaler_sequence.py on a device and returns the scales.
+std::vector<double> scale_sequence(const torch::Device& device) {
+  auto param = torch::zeros({2}, torch::TensorOptions().device(device).requires_grad(true));
+  torch::optim::SGD sgd({param}, torch::optim::SGDOptions(0.1));
+  fabric::GradScaler scaler({.init_scale = 65536.0, .growth_interval = 2});
+  std::vector<double> scales;
+  for (float g : {1.0f, 1.0f, INFINITY, 1.0f, NAN, 1.0f, 1.0f, 1.0f}) {
+    (void)scaler.scale(torch::ones({}, torch::TensorOptions().device(device)));
+    param.mutable_grad() = torch::tensor({g, 1.0f}).to(device) * static_cast<float>(scaler.get_scale());
+    scaler.step(sgd, nullptr);
+    scaler.update();
+    scales.push_back(scaler.get_scale());
+  }
+  std::string line = "fabric scales:";
+  for (double s : scales) line += fmt::format(" {:g}", s);
+  std::printf("%s (%s)\n", line.c_str(), device.str().c_str());
+  return scales;
+}
+
+const std::vector<double> pytorch_sequence{65536, 131072, 65536, 65536, 32768, 32768, 65536, 65536};
+
+}  // namespace
+
+TEST_CASE("GradScaler follows PyTorch's scale sequence", "[precision][scaler]") {
+  CHECK(scale_sequence(torch::kCPU) == pytorch_sequence);
+}
+
+TEST_CASE("GradScaler follows PyTorch's scale sequence on CUDA", "[precision][scaler][cuda]") {
+  if (!fabric::CUDA::is_available()) SKIP("no CUDA device here");
+  CHECK(scale_sequence(torch::Device(torch::kCUDA, 0)) == pytorch_sequence);
+}
+
+TEST_CASE("the CUDA accelerator fails clearly where there is no CUDA", "[cuda][errors]") {
+  if (fabric::CUDA::is_available()) {
+    CHECK_THROWS_WITH((fabric::Fabric<fabric::CUDA>({.devices = fabric::CUDA::device_count() + 1})),
+                      ContainsSubstring("CUDA devices per node"));
+    fabric::Fabric<fabric::CUDA> fabric;
+    CHECK(fabric.device() == torch::Device(torch::kCUDA, 0));
+  } else {
+    CHECK_THROWS_WITH(fabric::Fabric<fabric::CUDA>(), ContainsSubstring("the accelerator \"cuda\" is not available"));
+  }
+}
+
+using CudaPrecisions =
+    std::tuple<fabric::FP32, fabric::FP64, fabric::BF16Mixed, fabric::BF16True, fabric::FP16Mixed, fabric::FP16True>;
+
+TEMPLATE_LIST_TEST_CASE("every precision trains the mlp workload on CUDA", "[precision][cuda]", CudaPrecisions) {
+  if (!fabric::CUDA::is_available()) SKIP("no CUDA device here");
+  fabric::Fabric<fabric::CUDA, fabric::SingleDevice, TestType> fabric;
+  fabric.seed_everything(0);
+  torch::nn::Sequential net(torch::nn::Linear(784, 1024), torch::nn::ReLU(), torch::nn::Linear(1024, 1024),
+                            torch::nn::ReLU(), torch::nn::Linear(1024, 10));
+  // NOTE: eps 1e-4: AdamW's default 1e-8 is zero in float16, which makes FP16True divide by zero.
+  torch::optim::AdamW adamw(net->parameters(), torch::optim::AdamWOptions(1e-3).eps(1e-4));
+  auto [model, optimizer] = fabric.setup(net, adamw);
+  CHECK(net->parameters()[0].device().is_cuda());
+  CHECK(net->parameters()[0].scalar_type() == TestType::param_dtype());
+  const auto x = torch::randn({256, 784}, torch::kCUDA);
+  const auto y = x.narrow(1, 0, 10).argmax(1);
+  float first = 0, last = 0;
+  for (int step = 0; step < 30; ++step) {
+    auto out = model(x);
+    CHECK(out.scalar_type() == torch::kFloat);
+    torch::Tensor loss;
+    {
+      auto guard = fabric.autocast();
+      loss = torch::nn::functional::cross_entropy(out, y);
+    }
+    fabric.backward(loss);
+    optimizer.step();
+    optimizer.zero_grad();
+    if (step == 0) first = loss.template item<float>();
+    last = loss.template item<float>();
+  }
+  CHECK(last < 0.5f * first);
+}
+
+TEST_CASE("FP16Mixed on CUDA: an injected inf gradient skips the step and halves the scale", "[precision][cuda]") {
+  if (!fabric::CUDA::is_available()) SKIP("no CUDA device here");
+  fabric::Fabric<fabric::CUDA, fabric::SingleDevice, fabric::FP16Mixed> fabric;
+  torch::nn::Linear net(8, 2);
+  torch::optim::SGD sgd(net->parameters(), torch::optim::SGDOptions(0.1));
+  auto [model, optimizer] = fabric.setup(net, sgd);
+  auto* scaler = fabric.precision().scaler();
+  REQUIRE(scaler != nullptr);
+  // NOTE: a mean loss keeps the scaled float16 gradients finite (a sum of 2^16-scaled outputs overflows).
+  const auto x = 0.1 * torch::randn({4, 8}, torch::kCUDA);
+  fabric.backward(model(x).mean());
+  optimizer.step();
+  optimizer.zero_grad();
+  CHECK(scaler->get_scale() == 65536.0);
+  fabric.backward(model(x).mean());
+  net->weight.mutable_grad()[0][0] = INFINITY;
+  const auto before = net->weight.clone();
+  optimizer.step();
+  CHECK(scaler->last_step_skipped());
+  CHECK(torch::equal(before, net->weight));
+  CHECK(scaler->get_scale() == 32768.0);
+  // clip_gradients unscales first (once per step).
+  optimizer.zero_grad();
+  fabric.backward(model(x).mean());
+  auto norm = fabric.clip_gradients(model, optimizer, {.max_norm = 1e6});
+  CHECK(norm->item<double>() < 1e3);  // unscaled, not multiplied by 32768
+  optimizer.step();
+  CHECK_FALSE(scaler->last_step_skipped());
 }
