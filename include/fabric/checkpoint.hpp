@@ -16,6 +16,7 @@
 #include "fabric/error.hpp"
 #include "fabric/module.hpp"
 #include "fabric/optimizer.hpp"
+#include "fabric/precision/grad_scaler.hpp"
 #include "fabric/version.hpp"
 
 #include <fmt/ranges.h>
@@ -118,6 +119,11 @@ class StateEntry {
     if constexpr (!std::is_const_v<T>) {
       write_back_ = [p = &ref.get()](const c10::IValue& v) { *p = StateEntry(v).get<T>(); };
     }
+  }
+
+  /// Refers to a gradient scaler: saves its state under PyTorch's keys, and load restores it.
+  StateEntry(GradScaler& scaler) : value_(scaler.state_dict()) {  // NOLINT
+    write_back_ = [p = &scaler](const c10::IValue& v) { p->load_state_dict(v.toGenericDict()); };
   }
 
   /// Returns what the entry holds.
@@ -476,6 +482,13 @@ inline bool same_value_type(const c10::IValue& expected, const c10::IValue& foun
   if (expected.isBool()) return found.isBool();
   if (expected.isString()) return found.isString();
   if (expected.isTensor()) return found.isTensor();
+  if (expected.isGenericDict()) {
+    if (!found.isGenericDict()) return false;
+    // A dictionary entry (e.g. a GradScaler's state) needs the same keys.
+    for (const auto& item : expected.toGenericDict()) {
+      if (!found.toGenericDict().contains(item.key())) return false;
+    }
+  }
   return true;
 }
 

@@ -49,7 +49,7 @@ class GradScaler {
   /// Returns loss multiplied by the current scale (the scale lives on the loss's device).
   at::Tensor scale(const at::Tensor& loss) {
     lazy_init(loss.device());
-    return loss * scale_.to(loss.scalar_type());
+    return loss.mul(scale_.to(loss.scalar_type()));
   }
 
   /// Divides the optimizer's gradients by the scale in place and records whether any is inf/NaN.

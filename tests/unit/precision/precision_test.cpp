@@ -8,7 +8,10 @@
 #include <catch2/catch_test_macros.hpp>
 #include <catch2/matchers/catch_matchers_string.hpp>
 
+#include <unistd.h>
+
 #include <cstdio>
+#include <filesystem>
 #include <stdexcept>
 #include <string>
 #include <tuple>
@@ -351,4 +354,37 @@ TEST_CASE("FP16Mixed on CUDA: an injected inf gradient skips the step and halves
   CHECK(norm->item<double>() < 1e3);  // unscaled, not multiplied by 32768
   optimizer.step();
   CHECK_FALSE(scaler->last_step_skipped());
+}
+
+TEST_CASE("a GradScaler's state is saved and restored with checkpoints", "[precision][scaler][checkpoint]") {
+  fabric::Fabric<> fabric;
+  ScalerRig rig;
+  fabric::GradScaler scaler({.init_scale = 1024.0, .growth_interval = 7});
+  (void)scaler.scale(torch::tensor(1.0f));
+  rig.grad(INFINITY, 0);
+  scaler.step(rig.sgd, nullptr);
+  scaler.update();  // 512
+  rig.grad(1, 0);
+  scaler.step(rig.sgd, nullptr);
+  scaler.update();  // tracker 1
+  const auto dir = std::filesystem::temp_directory_path() / fmt::format("fabric_scaler_{}", ::getpid());
+  fabric.save(dir / "s.ckpt", {{"scaler", scaler}, {"step", 2}});
+  fabric::GradScaler restored;
+  fabric::State state{{"scaler", restored}};
+  const auto rest = fabric.load(dir / "s.ckpt", state);
+  CHECK(restored.get_scale() == 512.0);
+  CHECK(restored.growth_tracker() == 1);
+  CHECK(restored.options().growth_interval == 7);
+  CHECK(rest.at("step").get<int>() == 2);
+  // The file holds PyTorch's keys.
+  const auto raw = fabric.load(dir / "s.ckpt");
+  const auto dict = raw.at("scaler").value().toGenericDict();
+  for (const char* key : {"scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker"}) {
+    CHECK(dict.contains(key));
+  }
+  // A plain value where a scaler's state is expected is reported before anything changes.
+  fabric.save(dir / "bad.ckpt", {{"scaler", 3}});
+  CHECK_THROWS_WITH(fabric.load(dir / "bad.ckpt", state), ContainsSubstring("\"scaler\": expected a dictionary"));
+  CHECK(restored.get_scale() == 512.0);
+  std::filesystem::remove_all(dir);
 }
