@@ -7,6 +7,8 @@
 #include <fabric/fabric.hpp>
 
 #include <zlib.h>
+#include "unit/temp_dir.hpp"
+
 #include <catch2/catch_test_macros.hpp>
 #include <catch2/matchers/catch_matchers_string.hpp>
 
@@ -27,26 +29,9 @@ namespace fs = std::filesystem;
 using Catch::Matchers::ContainsSubstring;
 using fashion_mnist::FashionMNIST;
 
-/// A fresh directory under the system's temporary directory, removed at the end of the test.
-class TempDir {
- public:
-  TempDir() {
-    static std::atomic<int> counter{0};
-    path_ = fs::temp_directory_path() /
-            ("fabric_fashion_mnist_test_" + std::to_string(::getpid()) + "_" + std::to_string(counter++));
-    fs::remove_all(path_);
-    fs::create_directories(path_);
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path_, ec);
-  }
-  TempDir(const TempDir&) = delete;
-  TempDir& operator=(const TempDir&) = delete;
-  const fs::path& path() const { return path_; }
-
- private:
-  fs::path path_;
+// A fresh directory per test, removed after.
+struct TempDir : fabric_test::TempDir {
+  TempDir() : fabric_test::TempDir("fabric-fashion-mnist") {}
 };
 
 std::vector<unsigned char> idx(std::uint32_t magic, const std::vector<std::uint32_t>& dims,

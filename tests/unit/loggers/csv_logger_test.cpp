@@ -5,6 +5,8 @@
 #include <torch/torch.h>
 #include <fabric/fabric.hpp>
 
+#include "unit/temp_dir.hpp"
+
 #include <catch2/catch_test_macros.hpp>
 #include <catch2/matchers/catch_matchers_string.hpp>
 
@@ -26,27 +28,9 @@ namespace fs = std::filesystem;
 using Catch::Matchers::ContainsSubstring;
 using fabric::CSVLogger;
 
-// A fresh directory per test under FABRIC_TEST_TMP (or the system's temp directory), removed after.
-class TempDir {
- public:
-  TempDir() {
-    const char* env = std::getenv("FABRIC_TEST_TMP");
-    const fs::path base = env != nullptr && *env != '\0' ? fs::path(env) : fs::temp_directory_path();
-    fs::create_directories(base);
-    std::string pattern = (base / "fabric-csv-XXXXXX").string();
-    if (::mkdtemp(pattern.data()) == nullptr) throw std::runtime_error("mkdtemp failed for " + pattern);
-    path_ = pattern;
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path_, ec);
-  }
-  TempDir(const TempDir&) = delete;
-  TempDir& operator=(const TempDir&) = delete;
-  const fs::path& path() const { return path_; }
-
- private:
-  fs::path path_;
+// A fresh directory per test, removed after.
+struct TempDir : fabric_test::TempDir {
+  TempDir() : fabric_test::TempDir("fabric-csv") {}
 };
 
 // The lines of a text file (without line terminators); empty when the file does not exist.
