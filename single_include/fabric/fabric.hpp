@@ -2187,8 +2187,29 @@ struct NullGuard {
 
 namespace fabric {
 
+namespace detail {
+
+/// The backward and optimizer step of every precision without loss scaling.
+struct UnscaledSteps {
+  /// Runs backward on the loss.
+  template <class... Args>
+  void backward(const at::Tensor& loss, Args&&... args) {
+    loss.backward(std::forward<Args>(args)...);
+  }
+  /// Unscales gradients before clipping (nothing to do).
+  template <class O>
+  void unscale_gradients(O& /*optimizer*/) noexcept {}
+  /// Steps the optimizer.
+  template <class O, class Closure>
+  at::Tensor optimizer_step(O& optimizer, Closure&& closure) {
+    return optimizer.step(std::forward<Closure>(closure));
+  }
+};
+
+}  // namespace detail
+
 /// Trains in float32: no conversion, no autocast, no loss scaling.
-struct FP32 {
+struct FP32 : detail::UnscaledSteps {
   using category = precision_tag;
   static constexpr std::string_view name = "32-true";
 
@@ -2214,19 +2235,6 @@ struct FP32 {
   }
   /// Returns the context forward and `Fabric::autocast` run in (none for float32).
   NullGuard forward_context() const noexcept { return {}; }
-  /// Runs backward on the loss.
-  template <class... Args>
-  void backward(const at::Tensor& loss, Args&&... args) {
-    loss.backward(std::forward<Args>(args)...);
-  }
-  /// Unscales gradients before clipping (nothing to do).
-  template <class O>
-  void unscale_gradients(O& /*optimizer*/) noexcept {}
-  /// Steps the optimizer.
-  template <class O, class Closure>
-  at::Tensor optimizer_step(O& optimizer, Closure&& closure) {
-    return optimizer.step(std::forward<Closure>(closure));
-  }
 };
 
 }  // namespace fabric
@@ -3416,7 +3424,7 @@ void convert_module_to(M& module, c10::ScalarType dtype) {
 /// module is converted (no float32 master copy, no scaler), floating inputs are cast to the dtype
 /// and floating outputs back to float32; `init_module`/`init_tensor` create tensors in the dtype.
 template <c10::ScalarType Dtype>
-struct TruePrecision {
+struct TruePrecision : detail::UnscaledSteps {
   using category = precision_tag;
   static constexpr std::string_view name = Dtype == c10::ScalarType::Double     ? "64-true"
                                            : Dtype == c10::ScalarType::BFloat16 ? "bf16-true"
@@ -3442,16 +3450,6 @@ struct TruePrecision {
   }
   /// Makes the dtype the default while forward (or `Fabric::autocast`) runs.
   DefaultDtypeGuard forward_context() const { return DefaultDtypeGuard(Dtype); }
-  template <class... Args>
-  void backward(const at::Tensor& loss, Args&&... args) {
-    loss.backward(std::forward<Args>(args)...);
-  }
-  template <class O>
-  void unscale_gradients(O& /*optimizer*/) noexcept {}
-  template <class O, class Closure>
-  at::Tensor optimizer_step(O& optimizer, Closure&& closure) {
-    return optimizer.step(std::forward<Closure>(closure));
-  }
 };
 
 /// float64 everywhere ("64-true").

@@ -5,6 +5,7 @@
 #include "fabric/concepts.hpp"
 #include "fabric/device.hpp"
 #include "fabric/precision/autocast.hpp"
+#include "fabric/precision/fp32.hpp"
 #include "fabric/precision/grad_scaler.hpp"
 
 #include <ATen/core/Tensor.h>
@@ -43,7 +44,7 @@ void convert_module_to(M& module, c10::ScalarType dtype) {
 /// module is converted (no float32 master copy, no scaler), floating inputs are cast to the dtype
 /// and floating outputs back to float32; `init_module`/`init_tensor` create tensors in the dtype.
 template <c10::ScalarType Dtype>
-struct TruePrecision {
+struct TruePrecision : detail::UnscaledSteps {
   using category = precision_tag;
   static constexpr std::string_view name = Dtype == c10::ScalarType::Double     ? "64-true"
                                            : Dtype == c10::ScalarType::BFloat16 ? "bf16-true"
@@ -69,16 +70,6 @@ struct TruePrecision {
   }
   /// Makes the dtype the default while forward (or `Fabric::autocast`) runs.
   DefaultDtypeGuard forward_context() const { return DefaultDtypeGuard(Dtype); }
-  template <class... Args>
-  void backward(const at::Tensor& loss, Args&&... args) {
-    loss.backward(std::forward<Args>(args)...);
-  }
-  template <class O>
-  void unscale_gradients(O& /*optimizer*/) noexcept {}
-  template <class O, class Closure>
-  at::Tensor optimizer_step(O& optimizer, Closure&& closure) {
-    return optimizer.step(std::forward<Closure>(closure));
-  }
 };
 
 /// float64 everywhere ("64-true").

@@ -14,8 +14,29 @@
 
 namespace fabric {
 
+namespace detail {
+
+/// The backward and optimizer step of every precision without loss scaling.
+struct UnscaledSteps {
+  /// Runs backward on the loss.
+  template <class... Args>
+  void backward(const at::Tensor& loss, Args&&... args) {
+    loss.backward(std::forward<Args>(args)...);
+  }
+  /// Unscales gradients before clipping (nothing to do).
+  template <class O>
+  void unscale_gradients(O& /*optimizer*/) noexcept {}
+  /// Steps the optimizer.
+  template <class O, class Closure>
+  at::Tensor optimizer_step(O& optimizer, Closure&& closure) {
+    return optimizer.step(std::forward<Closure>(closure));
+  }
+};
+
+}  // namespace detail
+
 /// Trains in float32: no conversion, no autocast, no loss scaling.
-struct FP32 {
+struct FP32 : detail::UnscaledSteps {
   using category = precision_tag;
   static constexpr std::string_view name = "32-true";
 
@@ -41,19 +62,6 @@ struct FP32 {
   }
   /// Returns the context forward and `Fabric::autocast` run in (none for float32).
   NullGuard forward_context() const noexcept { return {}; }
-  /// Runs backward on the loss.
-  template <class... Args>
-  void backward(const at::Tensor& loss, Args&&... args) {
-    loss.backward(std::forward<Args>(args)...);
-  }
-  /// Unscales gradients before clipping (nothing to do).
-  template <class O>
-  void unscale_gradients(O& /*optimizer*/) noexcept {}
-  /// Steps the optimizer.
-  template <class O, class Closure>
-  at::Tensor optimizer_step(O& optimizer, Closure&& closure) {
-    return optimizer.step(std::forward<Closure>(closure));
-  }
 };
 
 }  // namespace fabric
