@@ -44,6 +44,9 @@ struct ClusterEnvironment {
   std::string main_address = "127.0.0.1";
   /// Port of the rendezvous on the main address; 0 means not decided yet (chosen by the launcher).
   int main_port = 0;
+  /// Whether the launcher already serves the rendezvous store at main_address:main_port (torchrun's agent store,
+  /// TORCHELASTIC_USE_AGENT_STORE=True): then every rank, rank zero included, connects to it as a client.
+  bool store_hosted_by_launcher = false;
 };
 
 namespace detail {
@@ -239,6 +242,7 @@ inline std::optional<ClusterEnvironment> detect_torchelastic(int devices, int nu
   require_main_address(env, e.name, num_nodes);
   e.main_address = env("MASTER_ADDR").value_or("127.0.0.1");
   e.main_port = env_port(env, "MASTER_PORT").value_or(12910);
+  e.store_hosted_by_launcher = env("TORCHELASTIC_USE_AGENT_STORE") == std::optional<std::string>("True");
   validate_environment(e, devices, num_nodes);
   return e;
 }

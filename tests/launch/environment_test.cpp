@@ -102,6 +102,9 @@ TEST_CASE("torchelastic environment", "[launch]") {
   CHECK(e.node_rank == 1);
   CHECK(e.main_address == "10.0.0.1");
   CHECK(e.main_port == 29500);
+  CHECK_FALSE(e.store_hosted_by_launcher);
+  CHECK(detect(with(torchelastic, {{"TORCHELASTIC_USE_AGENT_STORE", "True"}}), 4, 2).store_hosted_by_launcher);
+  CHECK_FALSE(detect(with(torchelastic, {{"TORCHELASTIC_USE_AGENT_STORE", "False"}}), 4, 2).store_hosted_by_launcher);
   auto single = detect({{"TORCHELASTIC_RUN_ID", "x"}, {"WORLD_SIZE", "2"}, {"RANK", "1"}, {"LOCAL_RANK", "1"}}, 2);
   CHECK(single.main_address == "127.0.0.1");
   CHECK(single.main_port == 12910);

@@ -9,11 +9,13 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdio>
 #include <optional>
 #include <string>
 #include <string_view>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -23,8 +25,9 @@ constexpr std::string_view usage = R"(usage: fabric-run [options] [--] PROGRAM [
 
 Starts --devices copies of PROGRAM on this node with the variables torchrun sets (RANK, LOCAL_RANK, WORLD_SIZE,
 LOCAL_WORLD_SIZE, GROUP_RANK, NODE_RANK, MASTER_ADDR, MASTER_PORT, TORCHELASTIC_RUN_ID), so that fabric detects the
-"torchelastic" environment. Run it once on every node. The program must not call fabric.launch() to start processes
-itself (it is a no-op there). When one process fails, the others are stopped and fabric-run exits with its code.
+"torchelastic" environment; NCCL_NVLS_ENABLE=0 and OMP_NUM_THREADS=<cores / N> unless they are set. Run it once on
+every node. The program's fabric.launch() starts nothing more under it. When one process fails, the others are
+stopped and fabric-run exits with its code; SIGINT and SIGTERM are passed on to the processes.
 
 options (also --name=value):
   --devices N         processes on this node (default 1)
@@ -122,6 +125,10 @@ int main(int argc, char** argv) {
   const int world = args.devices * args.num_nodes;
   const std::string run_id = fmt::format("fabric-run-{}", ::getpid());
   const std::string nvls = fabric::detail::nccl_nvls_value();
+  // NOTE: like Lightning's CLI, share the cores between the local processes unless OMP_NUM_THREADS is set.
+  const char* omp = std::getenv("OMP_NUM_THREADS");
+  const std::string threads =
+      omp != nullptr ? omp : std::to_string(std::max(1u, std::thread::hardware_concurrency() / args.devices));
 
   struct sigaction action {};
   action.sa_handler = forward_signal;
@@ -142,6 +149,7 @@ int main(int argc, char** argv) {
         {"MASTER_PORT", std::to_string(args.main_port)},
         {"TORCHELASTIC_RUN_ID", run_id},
         {"NCCL_NVLS_ENABLE", nvls},
+        {"OMP_NUM_THREADS", threads},
     });
     try {
       processes.add(local, fabric::detail::spawn_process(program, args.command, envp));
