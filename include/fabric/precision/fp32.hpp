@@ -4,6 +4,7 @@
 #include "fabric/concepts.hpp"
 #include "fabric/config.hpp"
 #include "fabric/detail/guard.hpp"
+#include "fabric/optim/foreach_step.hpp"
 
 #include <ATen/core/Tensor.h>
 #include <c10/core/ScalarType.h>
@@ -29,7 +30,7 @@ struct UnscaledSteps {
   /// Steps the optimizer.
   template <class O, class Closure>
   at::Tensor optimizer_step(O& optimizer, Closure&& closure) {
-    return optimizer.step(std::forward<Closure>(closure));
+    return ::fabric::detail::optimizer_step(optimizer, std::forward<Closure>(closure));
   }
 };
 

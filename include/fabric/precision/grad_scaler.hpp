@@ -2,6 +2,7 @@
 // fabric::GradScaler: PyTorch's gradient scaler for float16 mixed precision, in C++ (LibTorch has none).
 
 #include "fabric/error.hpp"
+#include "fabric/optim/foreach_step.hpp"
 
 #include <ATen/core/Dict.h>
 #include <ATen/core/Tensor.h>
@@ -96,13 +97,13 @@ class GradScaler {
   /// optimizer's result, or an undefined tensor when the step was skipped.
   template <class Closure>
   at::Tensor step(torch::optim::Optimizer& optimizer, Closure&& closure) {
-    if (!scale_.defined()) return optimizer.step(std::forward<Closure>(closure));
+    if (!scale_.defined()) return detail::optimizer_step(optimizer, std::forward<Closure>(closure));
     auto& state = per_optimizer_[&optimizer];
     if (!state.unscaled) unscale_(optimizer);
     // NOTE: LibTorch's optimizers cannot take found_inf, so the decision needs the host (as in PyTorch).
     skipped_ = state.found_inf.item<double>() != 0.0;
     if (skipped_) return {};
-    return optimizer.step(std::forward<Closure>(closure));
+    return detail::optimizer_step(optimizer, std::forward<Closure>(closure));
   }
 
   /// Updates the scale from the steps since the last update: backoff when any gradient was inf/NaN,
