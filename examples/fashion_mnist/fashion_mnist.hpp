@@ -1,11 +1,21 @@
 #pragma once
 // fashion_mnist::FashionMNIST: the Fashion-MNIST data set as a LibTorch map-style dataset, read
-// from the gzipped IDX files of Debian's dataset-fashion-mnist package.
+// from the gzipped IDX files of Debian's dataset-fashion-mnist package; fashion_mnist::Net: the
+// example's CNN.
 
 #include <fabric/fabric.hpp>
 
 #include <torch/data/datasets/base.h>
 #include <torch/data/example.h>
+#include <torch/nn/module.h>
+#include <torch/nn/modules/activation.h>
+#include <torch/nn/modules/batchnorm.h>
+#include <torch/nn/modules/container/sequential.h>
+#include <torch/nn/modules/conv.h>
+#include <torch/nn/modules/dropout.h>
+#include <torch/nn/modules/linear.h>
+#include <torch/nn/modules/pooling.h>
+#include <torch/nn/pimpl.h>
 #include <torch/types.h>
 
 #include <zlib.h>
@@ -270,5 +280,26 @@ class FashionMNIST : public torch::data::datasets::Dataset<FashionMNIST> {
   torch::Tensor images_;
   torch::Tensor targets_;
 };
+
+/// The model: two convolution blocks (conv, batch norm, ReLU, 2x2 max-pool), dropout, a linear head.
+struct NetImpl : torch::nn::Module {
+  NetImpl()
+      : features(register_module(
+            "features",
+            torch::nn::Sequential(torch::nn::Conv2d(torch::nn::Conv2dOptions(1, 32, 3).padding(1).bias(false)),
+                                  torch::nn::BatchNorm2d(32), torch::nn::ReLU(), torch::nn::MaxPool2d(2),
+                                  torch::nn::Conv2d(torch::nn::Conv2dOptions(32, 64, 3).padding(1).bias(false)),
+                                  torch::nn::BatchNorm2d(64), torch::nn::ReLU(), torch::nn::MaxPool2d(2)))),
+        dropout(register_module("dropout", torch::nn::Dropout(0.25))),
+        head(register_module("head", torch::nn::Linear(64 * 7 * 7, detail::classes))) {}
+
+  /// Returns the logits [N, 10] of images [N, 1, 28, 28].
+  torch::Tensor forward(const torch::Tensor& x) { return head(dropout(features->forward(x).flatten(1))); }
+
+  torch::nn::Sequential features;
+  torch::nn::Dropout dropout;
+  torch::nn::Linear head;
+};
+TORCH_MODULE(Net);
 
 }  // namespace fashion_mnist

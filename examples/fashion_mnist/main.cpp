@@ -1,15 +1,18 @@
-// Trains a small CNN on Fashion-MNIST with fabric on the CPU.
+// Trains a small CNN on Fashion-MNIST with fabric, on the GPU when there is one, else on the CPU.
 //
 //     fashion_mnist                                  # the default run: >= 90% test accuracy
 //     fashion_mnist --epochs 1 --train-subset 3000 --test-subset 1000 --expect-loss-decrease
+//     fashion_mnist --accelerator cuda --precision bf16-mixed
 //     fashion_mnist --help
 
 #include "fashion_mnist/fashion_mnist.hpp"
 
 #include <torch/torch.h>
+#include <fabric/accelerators/auto.hpp>
 #include <fabric/fabric.hpp>
 
 #include <algorithm>
+#include <array>
 #include <charconv>
 #include <chrono>
 #include <cmath>
@@ -45,6 +48,8 @@ struct Config {
   std::optional<std::filesystem::path> checkpoint{};
   std::optional<std::filesystem::path> log_dir{};
   std::optional<int> threads{};
+  std::string_view accelerator = "auto";
+  std::string_view precision = "32-true";
   bool expect_loss_decrease = false;
   std::optional<double> min_accuracy{};
   bool help = false;
@@ -53,10 +58,13 @@ struct Config {
 constexpr std::string_view usage = R"(usage: fashion_mnist [flags]
 
 Trains a small CNN (conv 32 -> conv 64 with batch norm, ReLU and max-pool, dropout, a linear
-head) on Fashion-MNIST with fabric on the CPU: AdamW with cosine learning-rate decay. Prints the
-train loss, test accuracy and seconds of each epoch, then the final test accuracy.
+head) on Fashion-MNIST with fabric: AdamW with cosine learning-rate decay. Prints the train loss,
+test accuracy and seconds of each epoch, then the final test accuracy.
 
 flags:
+  --accelerator NAME       cpu, cuda, or auto: CUDA when a GPU is visible, else the CPU (default auto)
+  --precision NAME         32-true, 64-true, bf16-mixed, 16-mixed, bf16-true or 16-true, or the
+                           short names 32, 64, bf16 (bf16-mixed), 16 (16-mixed) (default 32-true)
   --epochs N               epochs to train (default 3)
   --batch-size N           samples per training batch (default 64)
   --lr X                   peak learning rate of AdamW, decayed to 0 by a cosine (default 0.002)
@@ -94,6 +102,32 @@ T parse_positive(std::string_view flag, std::string_view text, std::string_view 
   return value;
 }
 
+/// The accelerators and precisions of the command line, by Lightning name; the first is the canonical name.
+constexpr std::array<std::string_view, 3> accelerator_names = {"cpu", "cuda", "auto"};
+constexpr std::array<std::array<std::string_view, 2>, 6> precision_names = {{{"32-true", "32"},
+                                                                             {"64-true", "64"},
+                                                                             {"bf16-mixed", "bf16"},
+                                                                             {"16-mixed", "16"},
+                                                                             {"bf16-true", ""},
+                                                                             {"16-true", ""}}};
+
+std::string_view parse_accelerator(std::string_view text) {
+  for (const auto name : accelerator_names) {
+    if (text == name) return name;
+  }
+  throw UsageError(fmt::format("expected --accelerator cpu, cuda or auto, found \"{}\"", text));
+}
+
+std::string_view parse_precision(std::string_view text) {
+  for (const auto& [name, alias] : precision_names) {
+    if (text == name || (!alias.empty() && text == alias)) return name;
+  }
+  throw UsageError(
+      fmt::format("expected --precision 32-true, 64-true, bf16-mixed, 16-mixed, bf16-true or 16-true (or 32, 64, "
+                  "bf16, 16), found \"{}\"",
+                  text));
+}
+
 Config parse_args(int argc, char** argv) {
   Config config;
   std::vector<std::string_view> args(argv + 1, argv + argc);
@@ -115,6 +149,10 @@ Config parse_args(int argc, char** argv) {
     if (flag == "--help" || flag == "-h") {
       no_value();
       config.help = true;
+    } else if (flag == "--accelerator") {
+      config.accelerator = parse_accelerator(value());
+    } else if (flag == "--precision") {
+      config.precision = parse_precision(value());
     } else if (flag == "--epochs") {
       config.epochs = parse_positive<int>(flag, value(), "3");
     } else if (flag == "--batch-size") {
@@ -147,34 +185,15 @@ Config parse_args(int argc, char** argv) {
   return config;
 }
 
-/// The model: two convolution blocks (conv, batch norm, ReLU, 2x2 max-pool), dropout, a linear head.
-struct NetImpl : torch::nn::Module {
-  NetImpl()
-      : features(register_module(
-            "features",
-            torch::nn::Sequential(torch::nn::Conv2d(torch::nn::Conv2dOptions(1, 32, 3).padding(1).bias(false)),
-                                  torch::nn::BatchNorm2d(32), torch::nn::ReLU(), torch::nn::MaxPool2d(2),
-                                  torch::nn::Conv2d(torch::nn::Conv2dOptions(32, 64, 3).padding(1).bias(false)),
-                                  torch::nn::BatchNorm2d(64), torch::nn::ReLU(), torch::nn::MaxPool2d(2)))),
-        dropout(register_module("dropout", torch::nn::Dropout(0.25))),
-        head(register_module("head", torch::nn::Linear(64 * 7 * 7, fashion_mnist::FashionMNIST::num_classes))) {}
-
-  /// Returns the logits [N, 10] of images [N, 1, 28, 28].
-  torch::Tensor forward(const torch::Tensor& x) { return head(dropout(features->forward(x).flatten(1))); }
-
-  torch::nn::Sequential features;
-  torch::nn::Dropout dropout;
-  torch::nn::Linear head;
-};
-TORCH_MODULE(Net);
-
 double mean_of(const std::vector<double>& v, std::size_t first, std::size_t count) {
   return std::accumulate(v.begin() + static_cast<std::ptrdiff_t>(first),
                          v.begin() + static_cast<std::ptrdiff_t>(first + count), 0.0) /
          static_cast<double>(count);
 }
 
-int run(const Config& config) {
+/// Trains and tests with the policies of F; returns the exit status.
+template <class F>
+int train(const Config& config) {
   using Clock = std::chrono::steady_clock;
   const auto start = Clock::now();
   if (config.threads) torch::set_num_threads(*config.threads);
@@ -184,7 +203,7 @@ int run(const Config& config) {
     options.loggers.push_back(std::make_shared<fabric::CSVLogger>(
         fabric::CSVLogger::Options{.root_dir = *config.log_dir, .name = "fashion_mnist"}));
   }
-  fabric::Fabric<fabric::CPU, fabric::SingleDevice, fabric::FP32> fabric(std::move(options));
+  F fabric(std::move(options));
   fabric.seed_everything(config.seed);
 
   using fashion_mnist::FashionMNIST;
@@ -196,8 +215,10 @@ int run(const Config& config) {
                                  {.batch_size = config.batch_size, .shuffle = true, .num_workers = 0});
   auto test = fabric.dataloader(test_set.map(torch::data::transforms::Stack<>()), {.batch_size = 1000});
 
-  Net net;
-  torch::optim::AdamW adamw(net->parameters(), torch::optim::AdamWOptions(config.lr).weight_decay(1e-4));
+  fashion_mnist::Net net;
+  // NOTE: float16 weights need an eps that float16 can hold (AdamW's 1e-8 is zero there).
+  const double eps = F::precision_type::param_dtype() == torch::kHalf ? 1e-4 : 1e-8;
+  torch::optim::AdamW adamw(net->parameters(), torch::optim::AdamWOptions(config.lr).weight_decay(1e-4).eps(eps));
   auto [model, optimizer] = fabric.setup(net, adamw);
 
   const std::size_t batches_per_epoch = (train_size + config.batch_size - 1) / config.batch_size;
@@ -205,12 +226,16 @@ int run(const Config& config) {
   fabric.print("fashion_mnist: {} train / {} test samples, {} epoch{} of {} batches of {}, lr {}, {} thread{}",
                train_size, test_size, config.epochs, config.epochs == 1 ? "" : "s", batches_per_epoch,
                config.batch_size, config.lr, torch::get_num_threads(), torch::get_num_threads() == 1 ? "" : "s");
+  fabric.print("fashion_mnist: accelerator {} on {}, precision {}", F::accelerator_type::name, fabric.device().str(),
+               F::precision_type::name);
   if (auto* logger = fabric.logger()) {
     logger->log_hyperparams({{"epochs", std::to_string(config.epochs)},
                              {"batch_size", std::to_string(config.batch_size)},
                              {"lr", fmt::format("{}", config.lr)},
                              {"train_samples", std::to_string(train_size)},
-                             {"seed", std::to_string(config.seed)}});
+                             {"seed", std::to_string(config.seed)},
+                             {"accelerator", std::string(F::accelerator_type::name)},
+                             {"precision", std::string(F::precision_type::name)}});
   }
 
   double first_loss = 0.0;  // the loss of the first batch, before any update
@@ -232,7 +257,7 @@ int run(const Config& config) {
       optimizer.step();
       optimizer.zero_grad();
 
-      const double value = loss.item<double>();
+      const double value = loss.template item<double>();
       epoch_losses.push_back(value);
       if (step == 0) first_loss = value;
       if (step % 50 == 0) fabric.log_dict({{"train_loss", value}, {"lr", lr}}, static_cast<std::int64_t>(step));
@@ -244,7 +269,8 @@ int run(const Config& config) {
     std::int64_t correct = 0;
     {
       torch::NoGradGuard no_grad;
-      for (auto& batch : test) correct += model(batch.data).argmax(1).eq(batch.target).sum().item<std::int64_t>();
+      for (auto& batch : test)
+        correct += model(batch.data).argmax(1).eq(batch.target).sum().template item<std::int64_t>();
     }
     accuracy = 100.0 * static_cast<double>(correct) / static_cast<double>(test_size);
     const double seconds = std::chrono::duration<double>(Clock::now() - epoch_start).count();
@@ -280,6 +306,35 @@ int run(const Config& config) {
     status = 1;
   }
   return status;
+}
+
+/// The policies the command line picks from. NOTE: each combination instantiates train(); "cuda"
+/// runs as Auto once CUDA is known to be there, which saves six instantiations.
+using Accelerators = fabric::TypeList<fabric::Auto, fabric::CPU>;
+using Precisions = fabric::TypeList<fabric::FP32, fabric::FP64, fabric::BF16Mixed, fabric::FP16Mixed, fabric::BF16True,
+                                    fabric::FP16True>;
+
+/// Returns fn.template operator()<T>() for the T of the list whose name is `name`.
+template <class... Ts, class Fn>
+int with_policy(std::string_view name, fabric::TypeList<Ts...> /*list*/, Fn&& fn) {
+  int status = -1;
+  const bool found = ((Ts::name == name && ((status = fn.template operator()<Ts>()), true)) || ...);
+  if (!found) throw std::logic_error(fmt::format("fashion_mnist: no policy named \"{}\"", name));
+  return status;
+}
+
+/// Picks the policies named on the command line and trains with them. A strategy (--devices) is one
+/// more with_policy level.
+int run(const Config& config) {
+  std::string_view accelerator = config.accelerator;
+  if (accelerator == "cuda") {
+    fabric::CUDA::check_available();
+    accelerator = "auto";
+  }
+  return with_policy(accelerator, Accelerators{}, [&]<class A>() {
+    return with_policy(config.precision, Precisions{},
+                       [&]<class P>() { return train<fabric::Fabric<A, fabric::SingleDevice, P>>(config); });
+  });
 }
 
 }  // namespace

@@ -3,6 +3,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <c10/core/Device.h>
+#include <c10/core/DeviceType.h>
 #include <torch/data/example.h>
 #include <torch/nn/module.h>
 #include <torch/nn/pimpl.h>
@@ -117,6 +118,41 @@ template <class T>
 T move_data(T value, const c10::Device& device, bool non_blocking) {
   auto move = [&](at::Tensor t) { return t.defined() && t.device() != device ? t.to(device, non_blocking) : t; };
   return map_tensors(std::move(value), move);
+}
+
+/// Moves every tensor of a batch to the device; to a CUDA device, tensors in pinned (page-locked)
+/// memory are copied asynchronously (non_blocking), as PyTorch's loaders with pin_memory do.
+/// NOTE: the copy is ordered on the current stream before the ops that use it, and the pinned
+/// allocator keeps the source alive until the copy is done, so this is safe without a sync.
+template <class T>
+T move_batch(T value, const c10::Device& device) {
+  const bool cuda = device.is_cuda();
+  auto move = [&](at::Tensor t) {
+    if (!t.defined() || t.device() == device) return t;
+    return t.to(device, /*non_blocking=*/cuda && t.is_pinned());
+  };
+  return map_tensors(std::move(value), move);
+}
+
+/// Returns value with every CPU tensor in pinned memory (needs a LibTorch with CUDA).
+template <class T>
+T pin_memory(T value) {
+  auto pin = [](at::Tensor t) { return t.defined() && t.is_cpu() && !t.is_pinned() ? t.pin_memory() : t; };
+  return map_tensors(std::move(value), pin);
+}
+
+/// True when the accelerator may run on the device type: one of `A::device_types` for an
+/// accelerator that chooses at run time (fabric::Auto), else its one `A::device_type`.
+template <class A>
+constexpr bool may_run_on(c10::DeviceType type) noexcept {
+  if constexpr (requires { A::device_types; }) {
+    for (const auto t : A::device_types) {
+      if (t == type) return true;
+    }
+    return false;
+  } else {
+    return A::device_type == type;
+  }
 }
 
 template <class M>

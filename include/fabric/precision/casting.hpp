@@ -56,6 +56,16 @@ struct TruePrecision : detail::UnscaledSteps {
   /// Checks the combination with an accelerator (every accelerator stores these dtypes).
   template <Accelerator A>
   static constexpr void check() noexcept {}
+  /// Fails at construction where the device cannot compute in the dtype: float16 matmuls on the CPU
+  /// need LibTorch 2.1.
+  static void setup_device(const c10::Device& device) {
+    constexpr bool cpu_half = TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 1);
+    if (Dtype == c10::ScalarType::Half && device.is_cpu() && !cpu_half) {
+      detail::raise("16-true cannot run on the CPU with LibTorch {} (no float16 matmul there); use bf16-true, or a "
+                    "CUDA device",
+                    TORCH_VERSION);
+    }
+  }
 
   template <class M>
   void convert_module(M& module) {
@@ -108,7 +118,7 @@ class MixedPrecision {
   /// Rejects accelerators that cannot autocast this dtype in any LibTorch version.
   template <Accelerator A>
   static constexpr void check() noexcept {
-    static_assert(A::device_type == c10::DeviceType::CPU || A::device_type == c10::DeviceType::CUDA,
+    static_assert(detail::may_run_on<A>(c10::DeviceType::CPU) || detail::may_run_on<A>(c10::DeviceType::CUDA),
                   "fabric: mixed precision needs an accelerator that LibTorch can autocast (CPU or CUDA); use "
                   "FP32 or a true-half precision on this accelerator");
   }
