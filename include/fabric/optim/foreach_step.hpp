@@ -116,12 +116,23 @@ inline bool fused_layout_ok(const at::Tensor& p, const at::Tensor& t) {
   return t.is_non_overlapping_and_dense() && t.strides() == p.strides();
 }
 
+// NOTE: on the CPU the foreach kernels loop over the tensors anyway; buckets there are capped so
+// that the temporaries of one bucket (denominators, decayed gradients) stay small and are reused
+// by the allocator instead of being fresh pages every step.
+inline constexpr std::int64_t cpu_bucket_numel = std::int64_t{1} << 22;
+
+/// True when a bucket on the device holding numel elements should take no more tensors.
+inline bool bucket_full(const c10::Device& device, std::int64_t numel) noexcept {
+  return device.is_cpu() && numel >= cpu_bucket_numel;
+}
+
 /// The tensors of one param group that share device, dtype and step count.
 struct AdamBucket {
   c10::Device device;
   c10::ScalarType dtype;
   std::int64_t step;
   bool fusable = true;
+  std::int64_t numel = 0;
   std::vector<at::Tensor> params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs;
 };
 
@@ -178,12 +189,16 @@ bool adam_foreach_step(Opt& optimizer) {
 
       AdamBucket* bucket = nullptr;
       for (auto& b : buckets) {
-        if (b.device == p.device() && b.dtype == p.scalar_type() && b.step == state.step()) bucket = &b;
+        if (b.device == p.device() && b.dtype == p.scalar_type() && b.step == state.step() &&
+            !bucket_full(b.device, b.numel)) {
+          bucket = &b;
+        }
       }
       if (bucket == nullptr) bucket = &buckets.emplace_back(AdamBucket{p.device(), p.scalar_type(), state.step()});
       bucket->fusable = bucket->fusable && fused_layout_ok(p, p) && fused_layout_ok(p, p.grad()) &&
                         fused_layout_ok(p, state.exp_avg()) && fused_layout_ok(p, state.exp_avg_sq()) &&
                         (!amsgrad || fused_layout_ok(p, state.max_exp_avg_sq()));
+      bucket->numel += p.numel();
       bucket->params.push_back(p);
       bucket->grads.push_back(p.grad());
       bucket->exp_avgs.push_back(state.exp_avg());
@@ -256,6 +271,7 @@ bool sgd_foreach_step(Opt& optimizer) {
   struct Bucket {
     c10::Device device;
     c10::ScalarType dtype;
+    std::int64_t numel;
     std::vector<at::Tensor> params, grads, bufs;
   };
   std::vector<Bucket> buckets;
@@ -272,9 +288,10 @@ bool sgd_foreach_step(Opt& optimizer) {
       if (!p.grad().defined()) continue;
       Bucket* bucket = nullptr;
       for (auto& b : buckets) {
-        if (b.device == p.device() && b.dtype == p.scalar_type()) bucket = &b;
+        if (b.device == p.device() && b.dtype == p.scalar_type() && !bucket_full(b.device, b.numel)) bucket = &b;
       }
-      if (bucket == nullptr) bucket = &buckets.emplace_back(Bucket{p.device(), p.scalar_type(), {}, {}, {}});
+      if (bucket == nullptr) bucket = &buckets.emplace_back(Bucket{p.device(), p.scalar_type(), 0, {}, {}, {}});
+      bucket->numel += p.numel();
       bucket->params.push_back(p);
       bucket->grads.push_back(p.grad());
     }
