@@ -3,7 +3,8 @@
 set -euo pipefail
 
 need=(build-essential cmake ninja-build pkg-config git
-      libtorch-dev libgloo-dev libfmt-dev librange-v3-dev dataset-fashion-mnist zlib1g-dev)
+      libtorch-dev libgloo-dev libfmt-dev librange-v3-dev dataset-fashion-mnist zlib1g-dev
+      python3-torch openmpi-bin)
 backports=(catch2)
 
 missing=()

@@ -294,12 +294,6 @@ inline std::vector<std::pair<std::string, at::Tensor>> module_tensors(const torc
   return out;
 }
 
-/// The first line of an exception message (LibTorch appends backtraces).
-inline std::string first_line(std::string text) {
-  if (auto nl = text.find('\n'); nl != std::string::npos) text.resize(nl);
-  return text;
-}
-
 /// The dynamic type of an optimizer as written in C++, e.g. "torch::optim::AdamW".
 inline std::string optimizer_type(const torch::optim::Optimizer& optimizer) {
   const char* mangled = typeid(optimizer).name();

@@ -23,5 +23,11 @@ template <class... Args>
   throw Error(fmt::format(format, std::forward<Args>(args)...));
 }
 
+/// Returns the first line of an exception message (LibTorch appends backtraces).
+inline std::string first_line(std::string text) {
+  if (auto nl = text.find('\n'); nl != std::string::npos) text.resize(nl);
+  return text;
+}
+
 }  // namespace detail
 }  // namespace fabric

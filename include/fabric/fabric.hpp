@@ -1,6 +1,7 @@
 #pragma once
 // fabric: Lightning Fabric's way of training, for LibTorch. The umbrella header.
 
+#include "fabric/accelerators/auto.hpp"
 #include "fabric/accelerators/cpu.hpp"
 #include "fabric/accelerators/cuda.hpp"
 #include "fabric/checkpoint.hpp"
@@ -14,6 +15,7 @@
 #include "fabric/logger.hpp"
 #include "fabric/loggers/csv.hpp"
 #include "fabric/module.hpp"
+#include "fabric/optim/foreach_step.hpp"
 #include "fabric/optimizer.hpp"
 #include "fabric/options.hpp"
 #include "fabric/precision/autocast.hpp"
@@ -21,6 +23,7 @@
 #include "fabric/precision/fp32.hpp"
 #include "fabric/precision/grad_scaler.hpp"
 #include "fabric/seed.hpp"
+#include "fabric/strategies/ddp.hpp"
 #include "fabric/strategies/single_device.hpp"
 #include "fabric/type_list.hpp"
 #include "fabric/version.hpp"

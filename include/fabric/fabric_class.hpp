@@ -31,6 +31,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <exception>
 #include <filesystem>
 #include <limits>
 #include <memory>
@@ -190,8 +191,12 @@ class Fabric {
   // ---- launch and topology -------------------------------------------------------------------
 
   /// Starts the processes of the strategy (nothing to start for one device).
+  ///
+  /// With DDP the original process becomes local rank 0 and re-executes the program for the other
+  /// local ranks (unless fabric-run, torchrun, mpirun or SLURM started them), then every process
+  /// joins the process group. Call it once, before setup.
   void launch() {
-    if constexpr (requires { strategy_.launch(); }) strategy_.launch();
+    if constexpr (requires { strategy_.launch(device_); }) strategy_.launch(device_);
     launched_ = true;
   }
   /// Starts the processes and runs fn(fabric) in each, returning its result.
@@ -232,6 +237,7 @@ class Fabric {
   /// setup with options, e.g. `setup({.move_to_device = false}, model, optimizer)`.
   template <class M, class... Os>
   auto setup(SetupOptions options, M&& module, Os&&... optimizers) {
+    check_launched("setup");
     check_module_arg<M>();
     (check_optimizer_arg<Os>(), ...);
     const torch::nn::Module& raw = detail::module_ref(module);
@@ -251,6 +257,7 @@ class Fabric {
   /// Sets up a module alone (as setup without optimizers, without the on_after_setup hook).
   template <class M>
   auto setup_module(M&& module, SetupOptions options = {}) {
+    check_launched("setup_module");
     check_module_arg<M>();
     check_not_set_up(&detail::module_ref(module), "module");
     return setup_module_impl(options, std::forward<M>(module));
@@ -258,6 +265,7 @@ class Fabric {
   /// Sets up optimizers alone; returns one wrapper, or a tuple of them.
   template <class... Os>
   requires(sizeof...(Os) > 0) auto setup_optimizers(Os&&... optimizers) {
+    check_launched("setup_optimizers");
     (check_optimizer_arg<Os>(), ...);
     (check_not_set_up(&optimizer_ref(optimizers), "optimizer"), ...);
     if constexpr (sizeof...(Os) == 1) {
@@ -277,6 +285,7 @@ class Fabric {
   /// setup_dataloaders with options, e.g. `setup_dataloaders({.move_to_device = false}, loader)`.
   template <class... Ls>
   requires(sizeof...(Ls) > 0) auto setup_dataloaders(DataOptions options, Ls&&... loaders) {
+    check_launched("setup_dataloaders");
     if constexpr (sizeof...(Ls) == 1) {
       return setup_loader_impl(options, std::forward<Ls>(loaders)...);
     } else {
@@ -290,6 +299,7 @@ class Fabric {
   ///     true});
   template <class D>
   auto dataloader(D dataset, LoaderOptions options, DataOptions data_options = {}) {
+    check_launched("dataloader");
     const auto size = dataset.size();
     if (!size) detail::raise("dataloader() needs a dataset with a known size, found size() = nullopt");
     if (options.batch_size < 1) detail::raise("dataloader(): expected batch_size >= 1, found 0");
@@ -517,19 +527,16 @@ class Fabric {
   /// Saves the state atomically (rank zero writes, then every rank waits): modules and optimizers
   /// by their state, plain values as they are. Parent directories are created.
   void save(const std::filesystem::path& path, const State& state) {
-    if (is_global_zero()) {
+    on_rank_zero_agreed("save", [&] {
       const std::vector<char> bytes = detail::serialize_state(state);
       detail::write_atomically(path, bytes.data(), bytes.size());
-    }
-    barrier();
+    });
   }
   /// Restores the state in place from a checkpoint and returns the entries of the file that the
   /// state did not ask for. With strict, a missing key (or module tensor) is an error; shapes and
   /// types must always match. Nothing is changed when any check fails.
   State load(const std::filesystem::path& path, State& state, bool strict = true) {
-    State rest = detail::load_state(path, state, strict);
-    barrier();
-    return rest;
+    return on_all_ranks_agreed("load", [&] { return detail::load_state(path, state, strict); });
   }
   /// Loads every entry of a checkpoint as plain values.
   State load(const std::filesystem::path& path) {
@@ -555,6 +562,57 @@ class Fabric {
   }
 
  private:
+  void check_launched(std::string_view what) const {
+    if constexpr (S::is_distributed) {
+      if (!launched_) {
+        detail::raise(
+            "{}: the {} strategy needs its processes first; call fabric.launch() before {} (fabric-run, torchrun, "
+            "mpirun and srun start the processes, launch() then only connects them)",
+            what, S::name, what);
+      }
+    }
+  }
+  /// Runs fn on rank zero and makes every rank fail when it fails (so no rank waits forever).
+  template <class Fn>
+  void on_rank_zero_agreed(std::string_view what, Fn&& fn) {
+    std::exception_ptr failure;
+    if (is_global_zero()) {
+      try {
+        std::forward<Fn>(fn)();
+      } catch (...) {
+        failure = std::current_exception();
+      }
+    }
+    if constexpr (S::is_distributed) {
+      if (!strategy_.reduce_boolean_decision(failure == nullptr, /*all=*/true) && failure == nullptr) {
+        detail::raise("{}: rank 0 failed (its error says why); nothing was written", what);
+      }
+    }
+    if (failure) std::rethrow_exception(failure);
+  }
+  /// Runs fn on every rank and makes every rank fail when one fails.
+  template <class Fn>
+  std::invoke_result_t<Fn> on_all_ranks_agreed(std::string_view what, Fn&& fn) {
+    if constexpr (!S::is_distributed) {
+      return std::forward<Fn>(fn)();
+    } else {
+      std::exception_ptr failure;
+      std::optional<std::invoke_result_t<Fn>> result;
+      try {
+        result.emplace(std::forward<Fn>(fn)());
+      } catch (...) {
+        failure = std::current_exception();
+      }
+      if (!strategy_.reduce_boolean_decision(failure == nullptr, /*all=*/true) && failure == nullptr) {
+        detail::raise(
+            "{}: another rank failed to load (its error says why); load on every rank from a path they all can read",
+            what);
+      }
+      if (failure) std::rethrow_exception(failure);
+      return std::move(*result);
+    }
+  }
+
   template <class M>
   static constexpr void check_module_arg() {
     using U = std::remove_cvref_t<M>;

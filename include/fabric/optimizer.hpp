@@ -5,6 +5,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <torch/optim/optimizer.h>
+#include <torch/version.h>
 
 #include <memory>
 #include <utility>
@@ -28,9 +29,12 @@ class Optimizer {
     fabric_->call(hooks::on_after_optimizer_step, *this);
     return loss;
   }
-  /// Resets the gradients the way the optimizer's own zero_grad does.
-  void zero_grad() { optimizer_->zero_grad(); }
-  /// Resets the gradients: to undefined tensors with set_to_none, else to zeros.
+  /// Resets the gradients as the optimizer's own zero_grad does by default in this LibTorch (to
+  /// zeros in 1.x, to undefined tensors in 2.x).
+  void zero_grad() { zero_grad(TORCH_VERSION_MAJOR >= 2); }
+  /// Resets the gradients: to undefined tensors with set_to_none, else to zeros in place.
+  // NOTE: like Python's Optimizer.zero_grad, a gradient without history is not detach_()ed:
+  // with DDP's gradient_as_bucket_view it is a view into a bucket, which detach_() rejects.
   void zero_grad(bool set_to_none) {
     for (auto& group : optimizer_->param_groups()) {
       for (auto& p : group.params()) {
@@ -38,7 +42,11 @@ class Optimizer {
         if (set_to_none) {
           p.mutable_grad() = at::Tensor();
         } else {
-          p.mutable_grad().detach_();
+          if (p.grad().grad_fn()) {
+            p.mutable_grad().detach_();
+          } else {
+            p.mutable_grad().requires_grad_(false);
+          }
           p.mutable_grad().zero_();
         }
       }

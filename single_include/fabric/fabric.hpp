@@ -4,6 +4,10 @@
 // ---- begin fabric/fabric.hpp
 // fabric: Lightning Fabric's way of training, for LibTorch. The umbrella header.
 
+// ---- begin fabric/accelerators/auto.hpp
+// fabric::Auto: the accelerator policy that picks CUDA when a GPU is visible and the CPU otherwise,
+// at run time (Lightning's accelerator="auto" without TPUs and MPS).
+
 // ---- begin fabric/accelerators/cpu.hpp
 // fabric::CPU: the accelerator policy for the host CPU.
 
@@ -89,6 +93,12 @@ template <class... Args>
   throw Error(fmt::format(format, std::forward<Args>(args)...));
 }
 
+/// Returns the first line of an exception message (LibTorch appends backtraces).
+inline std::string first_line(std::string text) {
+  if (auto nl = text.find('\n'); nl != std::string::npos) text.resize(nl);
+  return text;
+}
+
 }  // namespace detail
 }  // namespace fabric
 // ---- end fabric/error.hpp
@@ -127,28 +137,102 @@ struct CPU {
 }  // namespace fabric
 // ---- end fabric/accelerators/cpu.hpp
 // ---- begin fabric/accelerators/cuda.hpp
-// fabric::CUDA: the accelerator policy for NVIDIA GPUs, one device per process.
+// fabric::CUDA: the accelerator policy for NVIDIA GPUs, one device per process, and its settings
+// fabric::CUDAOptions.
 
 
+#include <ATen/Context.h>
+#include <ATen/detail/CUDAHooksInterface.h>
+#include <c10/core/Allocator.h>
 #include <c10/core/Device.h>
 #include <c10/core/impl/VirtualGuardImpl.h>
 #include <torch/cuda.h>
+#include <torch/version.h>
 
+#include <algorithm>
+#include <optional>
+#include <string>
 #include <string_view>
+#include <vector>
+
+// NOTE: LibTorch 2.9 gave every device allocator a common base with emptyCache(); before it, emptying
+// the CUDA cache needs c10_cuda, which a CPU-only LibTorch does not have, so teardown() does nothing there.
+#if (TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 9)) && \
+    __has_include(<c10/core/CachingDeviceAllocator.h>)
+#include <c10/core/CachingDeviceAllocator.h>
+#define FABRIC_HAS_DEVICE_ALLOCATOR 1
+#else
+#define FABRIC_HAS_DEVICE_ALLOCATOR 0
+#endif
 
 namespace fabric {
 
-/// Runs on a CUDA device: local rank r uses device r. Built against a CPU-only LibTorch it still
-/// compiles, and a Fabric using it fails at construction with a clear error.
+/// Settings of the CUDA accelerator (also used by fabric::Auto when it picks CUDA).
+///
+///     fabric::CUDA cuda{{.device_ids = {1, 3}, .float32_matmul_precision = "high"}};
+struct CUDAOptions {
+  /// The GPUs of this machine to use, as Lightning's `devices=[1, 3]`: local rank r uses device_ids[r].
+  /// Empty: local rank r uses GPU r.
+  std::vector<int> device_ids{};
+  /// `torch.set_float32_matmul_precision`: "highest" (float32), "high" (TF32) or "medium" (bfloat16);
+  /// unset keeps LibTorch's setting.
+  std::optional<std::string> float32_matmul_precision{};
+  /// `torch.backends.cudnn.benchmark`: let cuDNN time its algorithms per input shape; unset keeps
+  /// LibTorch's setting.
+  std::optional<bool> cudnn_benchmark{};
+};
+
+namespace detail {
+
+/// Throws unless the options are well formed (checked before any device is touched).
+inline void check_cuda_options(const CUDAOptions& options) {
+  if (const auto& p = options.float32_matmul_precision; p && *p != "highest" && *p != "high" && *p != "medium") {
+    raise("expected float32_matmul_precision \"highest\", \"high\" or \"medium\", found \"{}\"", *p);
+  }
+  const auto& ids = options.device_ids;
+  for (std::size_t i = 0; i < ids.size(); ++i) {
+    if (ids[i] < 0) raise("expected device_ids >= 0, found {} at position {}", ids[i], i);
+    if (std::find(ids.begin(), ids.begin() + static_cast<std::ptrdiff_t>(i), ids[i]) !=
+        ids.begin() + static_cast<std::ptrdiff_t>(i)) {
+      raise("expected distinct device_ids, found {} twice; list each GPU once", ids[i]);
+    }
+  }
+}
+
+}  // namespace detail
+
+/// Runs on a CUDA device, one per process: local rank r uses GPU r, or `options.device_ids[r]`.
+/// Built against a CPU-only LibTorch it still compiles, and a Fabric using it fails at construction
+/// with an error that says so.
+///
+///     fabric::Fabric<fabric::CUDA, fabric::SingleDevice, fabric::BF16Mixed> fabric(
+///         {}, fabric::CUDA{{.float32_matmul_precision = "high"}}, fabric::SingleDevice{}, fabric::BF16Mixed{});
 struct CUDA {
   using category = accelerator_tag;
   static constexpr std::string_view name = "cuda";
   static constexpr c10::DeviceType device_type = c10::DeviceType::CUDA;
 
+  /// The device list and global settings applied by select_device.
+  CUDAOptions options{};
+
   /// Returns true when LibTorch was built with CUDA and a device is visible.
   static bool is_available() { return torch::cuda::is_available(); }
   /// Returns the number of visible devices.
   static int device_count() { return static_cast<int>(torch::cuda::device_count()); }
+  /// Throws an error that tells a CPU-only LibTorch from a machine without a visible GPU.
+  static void check_available() {
+    if (is_available()) return;
+    if (!at::detail::getCUDAHooks().hasCUDART()) {
+      detail::raise(
+          "the accelerator \"cuda\" is not available: it needs a LibTorch built with CUDA, found a CPU-only LibTorch "
+          "{} (or a program that does not link libtorch_cuda); install a CUDA build of LibTorch, or use fabric::CPU "
+          "or fabric::Auto",
+          TORCH_VERSION);
+    }
+    detail::raise(
+        "the accelerator \"cuda\" is not available: no CUDA device is visible; check the driver and "
+        "CUDA_VISIBLE_DEVICES, or use fabric::CPU or fabric::Auto");
+  }
   /// Checks the requested number of devices per node against the visible ones.
   static void check_devices(int devices) {
     if (devices < 1 || devices > device_count()) {
@@ -158,7 +242,7 @@ struct CUDA {
           device_count(), devices);
     }
   }
-  /// Returns the device of a local rank.
+  /// Returns the device of a local rank (GPU r; select_device also honours options.device_ids).
   static c10::Device device(int local_rank) {
     return c10::Device(c10::DeviceType::CUDA, static_cast<c10::DeviceIndex>(local_rank));
   }
@@ -166,10 +250,126 @@ struct CUDA {
   static void setup_device(const c10::Device& device) {
     c10::impl::VirtualGuardImpl(c10::DeviceType::CUDA).setDevice(device);
   }
+
+  /// Checks the options, the availability and the number of devices per node (before any process
+  /// starts).
+  void check(int devices) const {
+    detail::check_cuda_options(options);
+    check_available();
+    const auto& ids = options.device_ids;
+    if (ids.empty()) {
+      check_devices(devices);
+    } else {
+      if (static_cast<std::size_t>(devices) != ids.size()) {
+        detail::raise(
+            "expected devices = {} (the length of device_ids), found devices = {}; pass one process per listed GPU",
+            ids.size(), devices);
+      }
+      const int count = device_count();
+      for (int id : ids) {
+        if (id >= count) {
+          detail::raise("expected device_ids below {} (the visible CUDA devices), found {}; check CUDA_VISIBLE_DEVICES",
+                        count, id);
+        }
+      }
+    }
+  }
+
+  /// Checks as check() does, picks the device of the local rank (GPU r, or device_ids[r]), makes it
+  /// current and applies the global settings; returns the device.
+  c10::Device select_device(int local_rank, int devices) const {
+    check(devices);
+    const auto& ids = options.device_ids;
+    if (local_rank < 0 || local_rank >= devices) {
+      detail::raise("expected 0 <= local_rank < devices = {}, found local_rank = {}", devices, local_rank);
+    }
+    const c10::Device chosen =
+        ids.empty() ? device(local_rank)
+                    : c10::Device(c10::DeviceType::CUDA,
+                                  static_cast<c10::DeviceIndex>(ids[static_cast<std::size_t>(local_rank)]));
+    setup_device(chosen);
+    if (options.float32_matmul_precision)
+      at::globalContext().setFloat32MatmulPrecision(*options.float32_matmul_precision);
+    if (options.cudnn_benchmark) at::globalContext().setBenchmarkCuDNN(*options.cudnn_benchmark);
+    return chosen;
+  }
+
+  /// Releases the cached, unused GPU memory of this process (LibTorch 2.9 and later; nothing to do
+  /// before, or without CUDA).
+  static void teardown() {
+#if FABRIC_HAS_DEVICE_ALLOCATOR
+    if (!is_available()) return;
+    if (auto* allocator = dynamic_cast<c10::DeviceAllocator*>(c10::GetAllocator(c10::DeviceType::CUDA))) {
+      allocator->emptyCache();
+    }
+#endif
+  }
 };
 
 }  // namespace fabric
 // ---- end fabric/accelerators/cuda.hpp
+
+#include <c10/core/Device.h>
+#include <c10/core/DeviceType.h>
+
+#include <array>
+#include <string_view>
+
+namespace fabric {
+
+/// Runs on CUDA when LibTorch has CUDA and a GPU is visible, otherwise on the CPU; the choice is
+/// made when Fabric is constructed, so one binary serves both machines. The precision follows the
+/// device: a precision that neither device supports is a compile error, one that the chosen device
+/// cannot run fails at construction (FP16Mixed on the CPU of LibTorch 1.13 warns and runs as
+/// BF16Mixed, as in Lightning). `options` apply when CUDA is chosen.
+///
+///     fabric::Fabric<fabric::Auto, fabric::SingleDevice, fabric::BF16Mixed> fabric;
+///     fabric.print("training on {}", fabric.device().str());
+struct Auto {
+  using category = accelerator_tag;
+  static constexpr std::string_view name = "auto";
+  /// The device types Auto may choose (precisions check each of them at compile time).
+  static constexpr std::array<c10::DeviceType, 2> device_types = {c10::DeviceType::CUDA, c10::DeviceType::CPU};
+
+  /// The CUDA settings, used when CUDA is chosen.
+  CUDAOptions options{};
+
+  /// Returns true: the CPU is always there to fall back to.
+  static bool is_available() noexcept { return true; }
+  /// Returns true when Auto chooses CUDA on this machine.
+  static bool uses_cuda() { return CUDA::is_available(); }
+  /// Returns the device type Auto chooses on this machine.
+  static c10::DeviceType chosen_type() { return uses_cuda() ? c10::DeviceType::CUDA : c10::DeviceType::CPU; }
+  /// Returns the number of devices of the chosen type (1 on the CPU, as Lightning's auto devices).
+  static int device_count() { return uses_cuda() ? CUDA::device_count() : 1; }
+  /// Checks the requested number of processes per node against the chosen accelerator.
+  static void check_devices(int devices) { uses_cuda() ? CUDA::check_devices(devices) : CPU::check_devices(devices); }
+  /// Returns the device of a local rank: GPU r with CUDA, the CPU otherwise.
+  static c10::Device device(int local_rank) { return uses_cuda() ? CUDA::device(local_rank) : CPU::device(local_rank); }
+  /// Makes the device current before anything is allocated on it.
+  static void setup_device(const c10::Device& device) {
+    device.is_cuda() ? CUDA::setup_device(device) : CPU::setup_device(device);
+  }
+  /// Checks the options and the number of devices per node for the chosen accelerator.
+  void check(int devices) const {
+    detail::check_cuda_options(options);
+    uses_cuda() ? CUDA{options}.check(devices) : CPU::check_devices(devices);
+  }
+  /// Checks as check() does, picks the device of the local rank and prepares it (applying the CUDA
+  /// options when CUDA is chosen); returns the device.
+  c10::Device select_device(int local_rank, int devices) const {
+    if (uses_cuda()) return CUDA{options}.select_device(local_rank, devices);
+    check(devices);
+    const c10::Device chosen = CPU::device(local_rank);
+    CPU::setup_device(chosen);
+    return chosen;
+  }
+  /// Releases cached GPU memory when CUDA was chosen (see CUDA::teardown).
+  static void teardown() { CUDA::teardown(); }
+};
+
+}  // namespace fabric
+// ---- end fabric/accelerators/auto.hpp
 // ---- begin fabric/checkpoint.hpp
 // Checkpoints: fabric::State (what save/load take), atomic writes, strict and non-strict loading.
 //
@@ -189,6 +389,7 @@ struct CUDA {
 
 #include <ATen/core/Tensor.h>
 #include <c10/core/Device.h>
+#include <c10/core/DeviceType.h>
 #include <torch/data/example.h>
 #include <torch/nn/module.h>
 #include <torch/nn/pimpl.h>
@@ -303,6 +504,41 @@ template <class T>
 T move_data(T value, const c10::Device& device, bool non_blocking) {
   auto move = [&](at::Tensor t) { return t.defined() && t.device() != device ? t.to(device, non_blocking) : t; };
   return map_tensors(std::move(value), move);
+}
+
+/// Moves every tensor of a batch to the device; to a CUDA device, tensors in pinned (page-locked)
+/// memory are copied asynchronously (non_blocking), as PyTorch's loaders with pin_memory do.
+/// NOTE: the copy is ordered on the current stream before the ops that use it, and the pinned
+/// allocator keeps the source alive until the copy is done, so this is safe without a sync.
+template <class T>
+T move_batch(T value, const c10::Device& device) {
+  const bool cuda = device.is_cuda();
+  auto move = [&](at::Tensor t) {
+    if (!t.defined() || t.device() == device) return t;
+    return t.to(device, /*non_blocking=*/cuda && t.is_pinned());
+  };
+  return map_tensors(std::move(value), move);
+}
+
+/// Returns value with every CPU tensor in pinned memory (needs a LibTorch with CUDA).
+template <class T>
+T pin_memory(T value) {
+  auto pin = [](at::Tensor t) { return t.defined() && t.is_cpu() && !t.is_pinned() ? t.pin_memory() : t; };
+  return map_tensors(std::move(value), pin);
+}
+
+/// True when the accelerator may run on the device type: one of `A::device_types` for an
+/// accelerator that chooses at run time (fabric::Auto), else its one `A::device_type`.
+template <class A>
+constexpr bool may_run_on(c10::DeviceType type) noexcept {
+  if constexpr (requires { A::device_types; }) {
+    for (const auto t : A::device_types) {
+      if (t == type) return true;
+    }
+    return false;
+  } else {
+    return A::device_type == type;
+  }
 }
 
 template <class M>
@@ -547,6 +783,7 @@ FABRIC_ALWAYS_INLINE void dispatch(std::tuple<Callbacks...>& callbacks, Args&...
 
 #include <ATen/core/Tensor.h>
 #include <torch/optim/optimizer.h>
+#include <torch/version.h>
 
 #include <memory>
 #include <utility>
@@ -570,9 +807,12 @@ class Optimizer {
     fabric_->call(hooks::on_after_optimizer_step, *this);
     return loss;
   }
-  /// Resets the gradients the way the optimizer's own zero_grad does.
-  void zero_grad() { optimizer_->zero_grad(); }
-  /// Resets the gradients: to undefined tensors with set_to_none, else to zeros.
+  /// Resets the gradients as the optimizer's own zero_grad does by default in this LibTorch (to
+  /// zeros in 1.x, to undefined tensors in 2.x).
+  void zero_grad() { zero_grad(TORCH_VERSION_MAJOR >= 2); }
+  /// Resets the gradients: to undefined tensors with set_to_none, else to zeros in place.
+  // NOTE: like Python's Optimizer.zero_grad, a gradient without history is not detach_()ed:
+  // with DDP's gradient_as_bucket_view it is a view into a bucket, which detach_() rejects.
   void zero_grad(bool set_to_none) {
     for (auto& group : optimizer_->param_groups()) {
       for (auto& p : group.params()) {
@@ -580,7 +820,11 @@ class Optimizer {
         if (set_to_none) {
           p.mutable_grad() = at::Tensor();
         } else {
-          p.mutable_grad().detach_();
+          if (p.grad().grad_fn()) {
+            p.mutable_grad().detach_();
+          } else {
+            p.mutable_grad().requires_grad_(false);
+          }
           p.mutable_grad().zero_();
         }
       }
@@ -617,6 +861,383 @@ inline constexpr bool is_fabric_optimizer_v<Optimizer<O, F>> = true;
 // ---- begin fabric/precision/grad_scaler.hpp
 // fabric::GradScaler: PyTorch's gradient scaler for float16 mixed precision, in C++ (LibTorch has none).
 
+// ---- begin fabric/optim/foreach_step.hpp
+// The fast optimizer step: LibTorch's own Adam, AdamW and SGD stepped with multi-tensor kernels
+// (`at::_foreach_*`, and `at::_fused_adam_`/`at::_fused_adamw_` where this LibTorch has them) on
+// the optimizer's own param groups and state objects, so that state_dict and checkpoints are what
+// the optimizer's own step() writes. Everything else goes to the optimizer's own step().
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/_foreach_add.h>
+#include <ATen/ops/_foreach_addcdiv.h>
+#include <ATen/ops/_foreach_addcmul.h>
+#include <ATen/ops/_foreach_div.h>
+#include <ATen/ops/_foreach_mul.h>
+#include <ATen/ops/_foreach_sqrt.h>
+#include <ATen/ops/clone.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/max.h>
+#include <ATen/ops/zeros_like.h>
+#include <c10/core/Device.h>
+#include <c10/core/GradMode.h>
+#include <c10/core/ScalarType.h>
+#include <torch/optim/adam.h>
+#include <torch/optim/adamw.h>
+#include <torch/optim/optimizer.h>
+#include <torch/optim/sgd.h>
+#include <torch/version.h>
+
+#if TORCH_VERSION_MAJOR >= 2 && __has_include(<ATen/ops/_fused_adam.h>) && __has_include(<ATen/ops/_fused_adamw.h>)
+#include <ATen/ops/_fused_adam.h>
+#include <ATen/ops/_fused_adamw.h>
+#define FABRIC_HAS_FUSED_ADAM 1
+#else
+#define FABRIC_HAS_FUSED_ADAM 0
+#endif
+
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <sstream>
+#include <string>
+#include <tuple>
+#include <type_traits>
+#include <typeinfo>
+#include <utility>
+#include <vector>
+
+namespace fabric::detail {
+
+/// The kernels a step ran with.
+enum class StepPath : std::uint8_t { own, foreach, fused };
+
+/// Which kernels the fast step may use: set from the environment variable FABRIC_FOREACH_STEP
+/// ("0" = always the optimizer's own step, "foreach" = no fused kernels, unset or "1" = fused where
+/// this LibTorch has them for the device, else foreach).
+inline StepPath& optimizer_step_kernels() noexcept {
+  static StepPath kernels = [] {
+    const char* env = std::getenv("FABRIC_FOREACH_STEP");
+    if (env == nullptr) return StepPath::fused;
+    if (std::strcmp(env, "0") == 0 || std::strcmp(env, "off") == 0) return StepPath::own;
+    if (std::strcmp(env, "foreach") == 0) return StepPath::foreach;
+    return StepPath::fused;
+  }();
+  return kernels;
+}
+
+/// Returns the kernels the last optimizer_step of this thread ran with (a test hook).
+inline StepPath& last_optimizer_step_path() noexcept {
+  thread_local StepPath path = StepPath::own;
+  return path;
+}
+
+/// Returns true when the last optimizer_step of this thread took the multi-tensor path.
+inline bool last_step_was_fast() noexcept { return last_optimizer_step_path() != StepPath::own; }
+
+/// Returns the key under which the optimizer's state map keeps p's state (the TensorImpl address:
+/// a string in LibTorch 1.x, the pointer itself in 2.x).
+template <class Map>
+typename Map::key_type optimizer_state_key(const at::Tensor& p) {
+  using Key = typename Map::key_type;
+  if constexpr (std::is_same_v<Key, std::string>) {
+    // NOTE: what c10::guts::to_string does for a pointer in LibTorch 1.x (not in every 2.x).
+    std::ostringstream os;
+    os << p.unsafeGetTensorImpl();
+    return os.str();
+  } else {
+    return static_cast<Key>(p.unsafeGetTensorImpl());
+  }
+}
+
+/// True when the fused Adam kernels of this LibTorch run on the device for the dtype.
+inline bool fused_adam_supported(const c10::Device& device, c10::ScalarType dtype) noexcept {
+#if FABRIC_HAS_FUSED_ADAM
+  // NOTE: float16/bfloat16 are left to foreach: the fused kernels round once per element, the own
+  // step once per operation, which differs visibly in half precision.
+  if (dtype != c10::ScalarType::Float && dtype != c10::ScalarType::Double) return false;
+  if (device.is_cuda()) return true;
+  return device.is_cpu() && (TORCH_VERSION_MAJOR > 2 || TORCH_VERSION_MINOR >= 4);
+#else
+  (void)device;
+  (void)dtype;
+  return false;
+#endif
+}
+
+/// True when p's gradient can go through the multi-tensor kernels (else the own step runs).
+inline bool foreach_grad_ok(const at::Tensor& p) {
+  const at::Tensor& g = p.grad();
+  return g.layout() == c10::kStrided && p.layout() == c10::kStrided && !g.is_sparse() && !p.is_complex() &&
+         p.is_floating_point() && g.scalar_type() == p.scalar_type() && g.device() == p.device();
+}
+
+/// True when t is one dense block laid out like p (what the fused kernels need).
+inline bool fused_layout_ok(const at::Tensor& p, const at::Tensor& t) {
+  return t.is_non_overlapping_and_dense() && t.strides() == p.strides();
+}
+
+// NOTE: on the CPU the foreach kernels loop over the tensors anyway; buckets there are capped so
+// that the temporaries of one bucket (denominators, decayed gradients) stay small and are reused
+// by the allocator instead of being fresh pages every step.
+inline constexpr std::int64_t cpu_bucket_numel = std::int64_t{1} << 22;
+
+/// True when a bucket on the device holding numel elements should take no more tensors.
+inline bool bucket_full(const c10::Device& device, std::int64_t numel) noexcept {
+  return device.is_cpu() && numel >= cpu_bucket_numel;
+}
+
+/// The tensors of one param group that share device, dtype and step count.
+struct AdamBucket {
+  c10::Device device;
+  c10::ScalarType dtype;
+  std::int64_t step;
+  bool fusable = true;
+  std::int64_t numel = 0;
+  std::vector<at::Tensor> params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs;
+};
+
+/// Steps Adam (Decoupled = false) or AdamW (true) with multi-tensor kernels; returns false, having
+/// changed nothing, when something needs the optimizer's own step.
+template <bool Decoupled, class Opt>
+bool adam_foreach_step(Opt& optimizer) {
+  using Options = std::conditional_t<Decoupled, torch::optim::AdamWOptions, torch::optim::AdamOptions>;
+  using State = std::conditional_t<Decoupled, torch::optim::AdamWParamState, torch::optim::AdamParamState>;
+  using Map = std::remove_cvref_t<decltype(optimizer.state())>;
+  auto& state_map = optimizer.state();
+
+  // Check everything first, so that a fallback happens before any tensor changed.
+  for (auto& group : optimizer.param_groups()) {
+    auto& options = static_cast<Options&>(group.options());
+    for (auto& p : group.params()) {
+      if (!p.grad().defined()) continue;
+      if (!foreach_grad_ok(p)) return false;
+      if (options.amsgrad()) {
+        auto it = state_map.find(optimizer_state_key<Map>(p));
+        if (it != state_map.end() && !static_cast<State&>(*it->second).max_exp_avg_sq().defined()) return false;
+      }
+    }
+  }
+
+  const bool allow_fused = optimizer_step_kernels() == StepPath::fused;
+  bool any_fused = false;
+  std::vector<AdamBucket> buckets;
+  for (auto& group : optimizer.param_groups()) {
+    auto& options = static_cast<Options&>(group.options());
+    const double lr = options.lr();
+    const double beta1 = std::get<0>(options.betas());
+    const double beta2 = std::get<1>(options.betas());
+    const double weight_decay = options.weight_decay();
+    const double eps = options.eps();
+    const bool amsgrad = options.amsgrad();
+
+    buckets.clear();
+    for (auto& p : group.params()) {
+      if (!p.grad().defined()) continue;
+      auto key = optimizer_state_key<Map>(p);
+      auto it = state_map.find(key);
+      if (it == state_map.end()) {
+        // Lazy state initialization, as the own step does it.
+        auto fresh = std::make_unique<State>();
+        fresh->step(0);
+        fresh->exp_avg(at::zeros_like(p, c10::MemoryFormat::Preserve));
+        fresh->exp_avg_sq(at::zeros_like(p, c10::MemoryFormat::Preserve));
+        if (amsgrad) fresh->max_exp_avg_sq(at::zeros_like(p, c10::MemoryFormat::Preserve));
+        it = state_map.emplace(std::move(key), std::move(fresh)).first;
+      }
+      auto& state = static_cast<State&>(*it->second);
+      state.step(state.step() + 1);
+
+      AdamBucket* bucket = nullptr;
+      for (auto& b : buckets) {
+        if (b.device == p.device() && b.dtype == p.scalar_type() && b.step == state.step() &&
+            !bucket_full(b.device, b.numel)) {
+          bucket = &b;
+        }
+      }
+      if (bucket == nullptr) bucket = &buckets.emplace_back(AdamBucket{p.device(), p.scalar_type(), state.step()});
+      bucket->fusable = bucket->fusable && fused_layout_ok(p, p) && fused_layout_ok(p, p.grad()) &&
+                        fused_layout_ok(p, state.exp_avg()) && fused_layout_ok(p, state.exp_avg_sq()) &&
+                        (!amsgrad || fused_layout_ok(p, state.max_exp_avg_sq()));
+      bucket->numel += p.numel();
+      bucket->params.push_back(p);
+      bucket->grads.push_back(p.grad());
+      bucket->exp_avgs.push_back(state.exp_avg());
+      bucket->exp_avg_sqs.push_back(state.exp_avg_sq());
+      if (amsgrad) bucket->max_exp_avg_sqs.push_back(state.max_exp_avg_sq());
+    }
+
+    for (auto& b : buckets) {
+      const double bias_correction1 = 1 - std::pow(beta1, static_cast<double>(b.step));
+      const double bias_correction2 = 1 - std::pow(beta2, static_cast<double>(b.step));
+      const double step_size = lr / bias_correction1;
+#if FABRIC_HAS_FUSED_ADAM
+      if (allow_fused && b.fusable && fused_adam_supported(b.device, b.dtype)) {
+        // NOTE: the fused kernels read a float32 step per tensor (already incremented); one shared
+        // tensor serves the whole bucket.
+        const at::Tensor step = at::full(at::IntArrayRef{}, static_cast<double>(b.step),
+                                         at::TensorOptions().dtype(at::kFloat).device(b.device));
+        const std::vector<at::Tensor> steps(b.params.size(), step);
+        if constexpr (Decoupled) {
+          at::_fused_adamw_(b.params, b.grads, b.exp_avgs, b.exp_avg_sqs, b.max_exp_avg_sqs, steps, lr, beta1, beta2,
+                            weight_decay, eps, amsgrad, /*maximize=*/false);
+        } else {
+          at::_fused_adam_(b.params, b.grads, b.exp_avgs, b.exp_avg_sqs, b.max_exp_avg_sqs, steps, lr, beta1, beta2,
+                           weight_decay, eps, amsgrad, /*maximize=*/false);
+        }
+        any_fused = true;
+        continue;
+      }
+#endif
+      std::vector<at::Tensor> grads = b.grads;
+      if constexpr (Decoupled) {
+        if (weight_decay != 0) at::_foreach_mul_(b.params, 1 - lr * weight_decay);
+      } else {
+        if (weight_decay != 0) grads = at::_foreach_add(grads, b.params, weight_decay);
+      }
+      at::_foreach_mul_(b.exp_avgs, beta1);
+      at::_foreach_add_(b.exp_avgs, grads, 1 - beta1);
+      at::_foreach_mul_(b.exp_avg_sqs, beta2);
+      at::_foreach_addcmul_(b.exp_avg_sqs, grads, grads, 1 - beta2);
+      std::vector<at::Tensor> denoms;
+      if (amsgrad) {
+        for (std::size_t i = 0; i < b.exp_avg_sqs.size(); ++i) {
+          at::max_out(b.max_exp_avg_sqs[i], b.exp_avg_sqs[i], b.max_exp_avg_sqs[i]);
+        }
+        denoms = at::_foreach_sqrt(b.max_exp_avg_sqs);
+      } else {
+        denoms = at::_foreach_sqrt(b.exp_avg_sqs);
+      }
+      at::_foreach_div_(denoms, std::sqrt(bias_correction2));
+      at::_foreach_add_(denoms, eps);
+      at::_foreach_addcdiv_(b.params, b.exp_avgs, denoms, -step_size);
+    }
+  }
+  last_optimizer_step_path() = any_fused ? StepPath::fused : StepPath::foreach;
+  return true;
+}
+
+/// Steps SGD (momentum, dampening, nesterov, weight decay) with multi-tensor kernels; returns false,
+/// having changed nothing, when something needs the optimizer's own step.
+template <class Opt>
+bool sgd_foreach_step(Opt& optimizer) {
+  using Map = std::remove_cvref_t<decltype(optimizer.state())>;
+  auto& state_map = optimizer.state();
+  for (auto& group : optimizer.param_groups()) {
+    for (auto& p : group.params()) {
+      if (p.grad().defined() && !foreach_grad_ok(p)) return false;
+    }
+  }
+
+  struct Bucket {
+    c10::Device device;
+    c10::ScalarType dtype;
+    std::int64_t numel;
+    std::vector<at::Tensor> params, grads, bufs;
+  };
+  std::vector<Bucket> buckets;
+  for (auto& group : optimizer.param_groups()) {
+    auto& options = static_cast<torch::optim::SGDOptions&>(group.options());
+    const double lr = options.lr();
+    const double momentum = options.momentum();
+    const double dampening = options.dampening();
+    const double weight_decay = options.weight_decay();
+    const bool nesterov = options.nesterov();
+
+    buckets.clear();
+    for (auto& p : group.params()) {
+      if (!p.grad().defined()) continue;
+      Bucket* bucket = nullptr;
+      for (auto& b : buckets) {
+        if (b.device == p.device() && b.dtype == p.scalar_type() && !bucket_full(b.device, b.numel)) bucket = &b;
+      }
+      if (bucket == nullptr) bucket = &buckets.emplace_back(Bucket{p.device(), p.scalar_type(), 0, {}, {}, {}});
+      bucket->numel += p.numel();
+      bucket->params.push_back(p);
+      bucket->grads.push_back(p.grad());
+    }
+
+    for (auto& b : buckets) {
+      std::vector<at::Tensor> d_p = b.grads;
+      if (weight_decay != 0) d_p = at::_foreach_add(d_p, b.params, weight_decay);
+      if (momentum != 0) {
+        // Buffers that exist are updated in one go; new ones start as a copy of d_p (as in the own step).
+        std::vector<at::Tensor> old_bufs, old_d_p;
+        b.bufs.resize(b.params.size());
+        for (std::size_t i = 0; i < b.params.size(); ++i) {
+          auto key = optimizer_state_key<Map>(b.params[i]);
+          auto it = state_map.find(key);
+          if (it == state_map.end()) {
+            b.bufs[i] = at::clone(d_p[i]).detach();
+            auto fresh = std::make_unique<torch::optim::SGDParamState>();
+            fresh->momentum_buffer(b.bufs[i]);
+            state_map.emplace(std::move(key), std::move(fresh));
+          } else {
+            b.bufs[i] = static_cast<torch::optim::SGDParamState&>(*it->second).momentum_buffer();
+            old_bufs.push_back(b.bufs[i]);
+            old_d_p.push_back(d_p[i]);
+          }
+        }
+        if (!old_bufs.empty()) {
+          at::_foreach_mul_(old_bufs, momentum);
+          at::_foreach_add_(old_bufs, old_d_p, 1 - dampening);
+        }
+        if (nesterov) {
+          d_p = at::_foreach_add(d_p, b.bufs, momentum);
+        } else {
+          d_p = b.bufs;
+        }
+      }
+      at::_foreach_add_(b.params, d_p, -1 * lr);
+    }
+  }
+  last_optimizer_step_path() = StepPath::foreach;
+  return true;
+}
+
+/// Steps the optimizer: LibTorch's Adam, AdamW and SGD (exactly these types, no closure) with
+/// multi-tensor kernels, everything else with the optimizer's own step(closure). O may be the
+/// optimizer's own type (decided at compile time) or a base such as torch::optim::Optimizer
+/// (decided from the dynamic type). Set FABRIC_FOREACH_STEP=0 to always use the own step.
+///
+///     fabric::detail::optimizer_step(adamw, nullptr);   // same result and state as adamw.step()
+template <class O>
+at::Tensor optimizer_step(O& optimizer, torch::optim::Optimizer::LossClosure closure) {
+  constexpr bool maybe_adam = std::is_base_of_v<O, torch::optim::Adam>;
+  constexpr bool maybe_adamw = std::is_base_of_v<O, torch::optim::AdamW>;
+  constexpr bool maybe_sgd = std::is_base_of_v<O, torch::optim::SGD>;
+  if constexpr (maybe_adam || maybe_adamw || maybe_sgd) {
+    if (closure == nullptr && optimizer_step_kernels() != StepPath::own) {
+      // NOTE: exact dynamic types only: a subclass may override step().
+      const std::type_info& type = typeid(optimizer);
+      c10::NoGradGuard no_grad;
+      if constexpr (maybe_adam) {
+        if (type == typeid(torch::optim::Adam) &&
+            adam_foreach_step<false>(static_cast<torch::optim::Adam&>(optimizer))) {
+          return {};
+        }
+      }
+      if constexpr (maybe_adamw) {
+        if (type == typeid(torch::optim::AdamW) &&
+            adam_foreach_step<true>(static_cast<torch::optim::AdamW&>(optimizer))) {
+          return {};
+        }
+      }
+      if constexpr (maybe_sgd) {
+        if (type == typeid(torch::optim::SGD) && sgd_foreach_step(static_cast<torch::optim::SGD&>(optimizer))) {
+          return {};
+        }
+      }
+    }
+  }
+  last_optimizer_step_path() = StepPath::own;
+  return optimizer.step(std::move(closure));
+}
+
+}  // namespace fabric::detail
+// ---- end fabric/optim/foreach_step.hpp
 
 #include <ATen/core/Dict.h>
 #include <ATen/core/Tensor.h>
@@ -711,13 +1332,13 @@ class GradScaler {
   /// optimizer's result, or an undefined tensor when the step was skipped.
   template <class Closure>
   at::Tensor step(torch::optim::Optimizer& optimizer, Closure&& closure) {
-    if (!scale_.defined()) return optimizer.step(std::forward<Closure>(closure));
+    if (!scale_.defined()) return detail::optimizer_step(optimizer, std::forward<Closure>(closure));
     auto& state = per_optimizer_[&optimizer];
     if (!state.unscaled) unscale_(optimizer);
     // NOTE: LibTorch's optimizers cannot take found_inf, so the decision needs the host (as in PyTorch).
     skipped_ = state.found_inf.item<double>() != 0.0;
     if (skipped_) return {};
-    return optimizer.step(std::forward<Closure>(closure));
+    return detail::optimizer_step(optimizer, std::forward<Closure>(closure));
   }
 
   /// Updates the scale from the steps since the last update: backoff when any gradient was inf/NaN,
@@ -1107,12 +1728,6 @@ inline std::vector<std::pair<std::string, at::Tensor>> module_tensors(const torc
     if (b.value().defined()) out.emplace_back(b.key(), b.value());
   }
   return out;
-}
-
-/// The first line of an exception message (LibTorch appends backtraces).
-inline std::string first_line(std::string text) {
-  if (auto nl = text.find('\n'); nl != std::string::npos) text.resize(nl);
-  return text;
 }
 
 /// The dynamic type of an optimizer as written in C++, e.g. "torch::optim::AdamW".
@@ -1783,6 +2398,7 @@ inline void load_raw_optimizer(const std::filesystem::path& path, torch::optim::
 #include <c10/core/Device.h>
 #include <c10/util/Optional.h>
 #include <torch/data/samplers/base.h>
+#include <torch/data/transforms/base.h>
 #include <torch/serialize/archive.h>
 
 #include <cstddef>
@@ -1884,8 +2500,24 @@ class DistributedSampler final : public torch::data::samplers::Sampler<> {
   std::size_t position_ = 0;
 };
 
-/// Wraps a LibTorch data loader: iterating it yields batches already on the fabric's device. It is a
-/// C++20 input range (`std::ranges::input_range`), so standard and range-v3 views compose with it:
+/// A dataset transform that copies every CPU tensor of a batch into pinned (page-locked) memory, as
+/// PyTorch's `pin_memory=True` does, so that the loader's copy to a GPU is asynchronous. Mapped onto
+/// a dataset it runs in the loader's worker threads; disabled, it passes batches through (one type
+/// for both, so the choice can be made at run time). Pinning needs a LibTorch with CUDA.
+///
+///     auto pinned = dataset.map(torch::data::transforms::Stack<>()).map(fabric::PinMemory<torch::data::Example<>>());
+template <class Batch>
+struct PinMemory : torch::data::transforms::BatchTransform<Batch, Batch> {
+  explicit PinMemory(bool enabled = true) : enabled(enabled) {}
+  /// Returns the batch with its tensors pinned (or unchanged when disabled).
+  Batch apply_batch(Batch batch) override { return enabled ? detail::pin_memory(std::move(batch)) : batch; }
+  /// Pin the batches.
+  bool enabled;
+};
+
+/// Wraps a LibTorch data loader: iterating it yields batches already on the fabric's device (tensors
+/// in pinned memory are copied to a GPU asynchronously). It is a C++20 input range (`std::ranges::input_range`), so
+/// standard and range-v3 views compose with it:
 ///
 ///     for (auto& [images, labels] : fabric.setup_dataloaders(loader) | std::views::take(100)) { ... }
 template <class L>
@@ -1927,7 +2559,7 @@ class DataLoader {
       if (*it_ == *end_) {
         current_.reset();
       } else if (move_) {
-        current_.emplace(detail::move_data(batch_type(**it_), device_, false));
+        current_.emplace(detail::move_batch(batch_type(**it_), device_));
       } else {
         current_.emplace(std::move(**it_));
       }
@@ -2202,7 +2834,7 @@ struct UnscaledSteps {
   /// Steps the optimizer.
   template <class O, class Closure>
   at::Tensor optimizer_step(O& optimizer, Closure&& closure) {
-    return optimizer.step(std::forward<Closure>(closure));
+    return ::fabric::detail::optimizer_step(optimizer, std::forward<Closure>(closure));
   }
 };
 
@@ -2461,6 +3093,7 @@ inline constexpr bool is_unique_v<TypeList<Ts...>> = ((detail::count_of<Ts, Ts..
 
 #include <cmath>
 #include <cstdint>
+#include <exception>
 #include <filesystem>
 #include <limits>
 #include <memory>
@@ -2620,8 +3253,12 @@ class Fabric {
   // ---- launch and topology -------------------------------------------------------------------
 
   /// Starts the processes of the strategy (nothing to start for one device).
+  ///
+  /// With DDP the original process becomes local rank 0 and re-executes the program for the other
+  /// local ranks (unless fabric-run, torchrun, mpirun or SLURM started them), then every process
+  /// joins the process group. Call it once, before setup.
   void launch() {
-    if constexpr (requires { strategy_.launch(); }) strategy_.launch();
+    if constexpr (requires { strategy_.launch(device_); }) strategy_.launch(device_);
     launched_ = true;
   }
   /// Starts the processes and runs fn(fabric) in each, returning its result.
@@ -2662,6 +3299,7 @@ class Fabric {
   /// setup with options, e.g. `setup({.move_to_device = false}, model, optimizer)`.
   template <class M, class... Os>
   auto setup(SetupOptions options, M&& module, Os&&... optimizers) {
+    check_launched("setup");
     check_module_arg<M>();
     (check_optimizer_arg<Os>(), ...);
     const torch::nn::Module& raw = detail::module_ref(module);
@@ -2681,6 +3319,7 @@ class Fabric {
   /// Sets up a module alone (as setup without optimizers, without the on_after_setup hook).
   template <class M>
   auto setup_module(M&& module, SetupOptions options = {}) {
+    check_launched("setup_module");
     check_module_arg<M>();
     check_not_set_up(&detail::module_ref(module), "module");
     return setup_module_impl(options, std::forward<M>(module));
@@ -2688,6 +3327,7 @@ class Fabric {
   /// Sets up optimizers alone; returns one wrapper, or a tuple of them.
   template <class... Os>
   requires(sizeof...(Os) > 0) auto setup_optimizers(Os&&... optimizers) {
+    check_launched("setup_optimizers");
     (check_optimizer_arg<Os>(), ...);
     (check_not_set_up(&optimizer_ref(optimizers), "optimizer"), ...);
     if constexpr (sizeof...(Os) == 1) {
@@ -2707,6 +3347,7 @@ class Fabric {
   /// setup_dataloaders with options, e.g. `setup_dataloaders({.move_to_device = false}, loader)`.
   template <class... Ls>
   requires(sizeof...(Ls) > 0) auto setup_dataloaders(DataOptions options, Ls&&... loaders) {
+    check_launched("setup_dataloaders");
     if constexpr (sizeof...(Ls) == 1) {
       return setup_loader_impl(options, std::forward<Ls>(loaders)...);
     } else {
@@ -2720,6 +3361,7 @@ class Fabric {
   ///     true});
   template <class D>
   auto dataloader(D dataset, LoaderOptions options, DataOptions data_options = {}) {
+    check_launched("dataloader");
     const auto size = dataset.size();
     if (!size) detail::raise("dataloader() needs a dataset with a known size, found size() = nullopt");
     if (options.batch_size < 1) detail::raise("dataloader(): expected batch_size >= 1, found 0");
@@ -2947,19 +3589,16 @@ class Fabric {
   /// Saves the state atomically (rank zero writes, then every rank waits): modules and optimizers
   /// by their state, plain values as they are. Parent directories are created.
   void save(const std::filesystem::path& path, const State& state) {
-    if (is_global_zero()) {
+    on_rank_zero_agreed("save", [&] {
       const std::vector<char> bytes = detail::serialize_state(state);
       detail::write_atomically(path, bytes.data(), bytes.size());
-    }
-    barrier();
+    });
   }
   /// Restores the state in place from a checkpoint and returns the entries of the file that the
   /// state did not ask for. With strict, a missing key (or module tensor) is an error; shapes and
   /// types must always match. Nothing is changed when any check fails.
   State load(const std::filesystem::path& path, State& state, bool strict = true) {
-    State rest = detail::load_state(path, state, strict);
-    barrier();
-    return rest;
+    return on_all_ranks_agreed("load", [&] { return detail::load_state(path, state, strict); });
   }
   /// Loads every entry of a checkpoint as plain values.
   State load(const std::filesystem::path& path) {
@@ -2985,6 +3624,57 @@ class Fabric {
   }
 
  private:
+  void check_launched(std::string_view what) const {
+    if constexpr (S::is_distributed) {
+      if (!launched_) {
+        detail::raise(
+            "{}: the {} strategy needs its processes first; call fabric.launch() before {} (fabric-run, torchrun, "
+            "mpirun and srun start the processes, launch() then only connects them)",
+            what, S::name, what);
+      }
+    }
+  }
+  /// Runs fn on rank zero and makes every rank fail when it fails (so no rank waits forever).
+  template <class Fn>
+  void on_rank_zero_agreed(std::string_view what, Fn&& fn) {
+    std::exception_ptr failure;
+    if (is_global_zero()) {
+      try {
+        std::forward<Fn>(fn)();
+      } catch (...) {
+        failure = std::current_exception();
+      }
+    }
+    if constexpr (S::is_distributed) {
+      if (!strategy_.reduce_boolean_decision(failure == nullptr, /*all=*/true) && failure == nullptr) {
+        detail::raise("{}: rank 0 failed (its error says why); nothing was written", what);
+      }
+    }
+    if (failure) std::rethrow_exception(failure);
+  }
+  /// Runs fn on every rank and makes every rank fail when one fails.
+  template <class Fn>
+  std::invoke_result_t<Fn> on_all_ranks_agreed(std::string_view what, Fn&& fn) {
+    if constexpr (!S::is_distributed) {
+      return std::forward<Fn>(fn)();
+    } else {
+      std::exception_ptr failure;
+      std::optional<std::invoke_result_t<Fn>> result;
+      try {
+        result.emplace(std::forward<Fn>(fn)());
+      } catch (...) {
+        failure = std::current_exception();
+      }
+      if (!strategy_.reduce_boolean_decision(failure == nullptr, /*all=*/true) && failure == nullptr) {
+        detail::raise(
+            "{}: another rank failed to load (its error says why); load on every rank from a path they all can read",
+            what);
+      }
+      if (failure) std::rethrow_exception(failure);
+      return std::move(*result);
+    }
+  }
+
   template <class M>
   static constexpr void check_module_arg() {
     using U = std::remove_cvref_t<M>;
@@ -3435,6 +4125,16 @@ struct TruePrecision : detail::UnscaledSteps {
   /// Checks the combination with an accelerator (every accelerator stores these dtypes).
   template <Accelerator A>
   static constexpr void check() noexcept {}
+  /// Fails at construction where the device cannot compute in the dtype: float16 matmuls on the CPU
+  /// need LibTorch 2.1.
+  static void setup_device(const c10::Device& device) {
+    constexpr bool cpu_half = TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 1);
+    if (Dtype == c10::ScalarType::Half && device.is_cpu() && !cpu_half) {
+      detail::raise("16-true cannot run on the CPU with LibTorch {} (no float16 matmul there); use bf16-true, or a "
+                    "CUDA device",
+                    TORCH_VERSION);
+    }
+  }
 
   template <class M>
   void convert_module(M& module) {
@@ -3487,7 +4187,7 @@ class MixedPrecision {
   /// Rejects accelerators that cannot autocast this dtype in any LibTorch version.
   template <Accelerator A>
   static constexpr void check() noexcept {
-    static_assert(A::device_type == c10::DeviceType::CPU || A::device_type == c10::DeviceType::CUDA,
+    static_assert(detail::may_run_on<A>(c10::DeviceType::CPU) || detail::may_run_on<A>(c10::DeviceType::CUDA),
                   "fabric: mixed precision needs an accelerator that LibTorch can autocast (CPU or CUDA); use "
                   "FP32 or a true-half precision on this accelerator");
   }
@@ -3540,7 +4240,7 @@ class MixedPrecision {
   }
   template <class O, class Closure>
   at::Tensor optimizer_step(O& optimizer, Closure&& closure) {
-    if (!scaler_) return optimizer.step(std::forward<Closure>(closure));
+    if (!scaler_) return detail::optimizer_step(optimizer, std::forward<Closure>(closure));
     at::Tensor result = scaler_->step(optimizer, std::forward<Closure>(closure));
     scaler_->update();
     return result;
@@ -3564,4 +4264,1516 @@ using FP16 = FP16Mixed;
 
 }  // namespace fabric
 // ---- end fabric/precision/casting.hpp
+// ---- begin fabric/strategies/ddp.hpp
+// fabric::DDP: distributed data parallel over c10d (Gloo on the CPU, NCCL on CUDA), Lightning's "ddp".
+
+// ---- begin fabric/detail/c10d.hpp
+// The one place that knows how LibTorch's distributed engine (c10d) is spelled in each version:
+// stores, process groups (a Gloo group *is* a ProcessGroup in 1.13; 2.x wraps Backends in one),
+// the DDP Reducer's constructor, and the bf16 gradient-compression hook.
+
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/intrusive_ptr.h>
+#include <torch/csrc/distributed/c10d/debug.h>
+#include <torch/version.h>
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
+#include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
+#include <torch/csrc/distributed/c10d/comm.hpp>
+#include <torch/csrc/distributed/c10d/reducer.hpp>
+
+// NOTE: LibTorch's CMake config defines USE_C10D_GLOO even where the gloo headers are missing (the
+// PyTorch wheel), so check for the headers as well.
+#if defined(USE_C10D_GLOO) && __has_include(<gloo/config.h>)
+#define FABRIC_HAS_GLOO 1
+#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
+#else
+#define FABRIC_HAS_GLOO 0
+#endif
+#if defined(USE_C10D_NCCL) && __has_include(<nccl.h>)
+#define FABRIC_HAS_NCCL 1
+#include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
+#else
+#define FABRIC_HAS_NCCL 0
+#endif
+
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <cstdlib>
+#include <string>
+#include <string_view>
+#include <type_traits>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+namespace fabric::detail {
+
+#define FABRIC_TORCH_AT_LEAST(major, minor) \
+  (TORCH_VERSION_MAJOR > (major) || (TORCH_VERSION_MAJOR == (major) && TORCH_VERSION_MINOR >= (minor)))
+
+/// Where and how the processes of a job meet.
+struct Rendezvous {
+  std::string address;
+  int port = 0;
+  int rank = 0;
+  int world_size = 1;
+  std::chrono::milliseconds timeout{std::chrono::minutes(30)};
+  /// Rank 0 serves the store unless the launcher does (torchrun's agent).
+  bool launcher_hosts_store = false;
+};
+
+/// Connects to the job's TCPStore (rank 0 serves it) and returns a store private to the default group.
+inline c10::intrusive_ptr<c10d::Store> make_store(const Rendezvous& r) {
+  c10d::TCPStoreOptions options;
+  options.port = static_cast<std::uint16_t>(r.port);
+  options.isServer = r.rank == 0 && !r.launcher_hosts_store;
+  options.numWorkers = static_cast<std::size_t>(r.world_size);
+  options.waitWorkers = true;
+  options.timeout = r.timeout;
+  try {
+    auto tcp = c10::make_intrusive<c10d::TCPStore>(r.address, options);
+    return c10::make_intrusive<c10d::PrefixStore>("default_pg", std::move(tcp));
+  } catch (const std::exception& e) {
+    raise(
+        "rank {} could not meet the other {} process{} at {}:{} within {} s ({}); check MASTER_ADDR and "
+        "MASTER_PORT, that the port is free on the main node, and that every process was started",
+        r.rank, r.world_size - 1, r.world_size == 2 ? "" : "es", r.address, r.port,
+        std::chrono::duration_cast<std::chrono::seconds>(r.timeout).count(), first_line(e.what()));
+  }
+}
+
+/// Returns true when this LibTorch can make a process group with the named backend.
+inline bool has_backend(std::string_view backend) {
+  if (backend == "gloo") return FABRIC_HAS_GLOO;
+  if (backend == "nccl") return FABRIC_HAS_NCCL;
+  return false;
+}
+
+#if FABRIC_HAS_GLOO
+inline bool is_loopback(const std::string& address) {
+  return address == "localhost" || address.rfind("127.", 0) == 0 || address == "::1";
+}
+#endif
+
+/// Creates the default process group of the job with the backend ("gloo" or "nccl").
+inline c10::intrusive_ptr<c10d::ProcessGroup> make_process_group(const std::string& backend, const Rendezvous& r,
+                                                                 bool single_node) {
+  if (!has_backend(backend)) {
+    raise(
+        "the process group backend \"{}\" is not available in this LibTorch (gloo: {}, nccl: {}); use the "
+        "accelerator whose backend exists (gloo for the CPU, nccl for CUDA) or set DDP's process_group_backend",
+        backend, FABRIC_HAS_GLOO ? "yes" : "no", FABRIC_HAS_NCCL ? "yes" : "no");
+  }
+  c10d::setDebugLevelFromEnvironment();
+  auto store = make_store(r);
+  [[maybe_unused]] const bool single = single_node;
+#if FABRIC_HAS_GLOO
+  if (backend == "gloo") {
+    auto options = c10d::ProcessGroupGloo::Options::create(r.timeout);
+    if (const char* ifname = std::getenv("GLOO_SOCKET_IFNAME"); ifname != nullptr && *ifname != '\0') {
+      options->devices.push_back(c10d::ProcessGroupGloo::createDeviceForInterface(ifname));
+    } else if (single && is_loopback(r.address)) {
+      options->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname("127.0.0.1"));
+    } else {
+      options->devices.push_back(c10d::ProcessGroupGloo::createDefaultDevice());
+    }
+    auto gloo = c10::make_intrusive<c10d::ProcessGroupGloo>(store, r.rank, r.world_size, options);
+#if TORCH_VERSION_MAJOR >= 2
+    auto pg = c10::make_intrusive<c10d::ProcessGroup>(store, r.rank, r.world_size);
+    pg->setBackend(c10::DeviceType::CPU, c10d::ProcessGroup::BackendType::GLOO,
+                   c10::intrusive_ptr<c10d::Backend>(gloo));
+    pg->setDefaultBackend(c10d::ProcessGroup::BackendType::GLOO);
+    return pg;
+#else
+    return gloo;
+#endif
+  }
+#endif
+#if FABRIC_HAS_NCCL
+  if (backend == "nccl") {
+    auto options = c10d::ProcessGroupNCCL::Options::create();
+    options->timeout = r.timeout;
+    auto nccl = c10::make_intrusive<c10d::ProcessGroupNCCL>(store, r.rank, r.world_size, options);
+#if TORCH_VERSION_MAJOR >= 2
+    auto pg = c10::make_intrusive<c10d::ProcessGroup>(store, r.rank, r.world_size);
+    pg->setBackend(c10::DeviceType::CUDA, c10d::ProcessGroup::BackendType::NCCL,
+                   c10::intrusive_ptr<c10d::Backend>(nccl));
+    pg->setDefaultBackend(c10d::ProcessGroup::BackendType::NCCL);
+    return pg;
+#else
+    return nccl;
+#endif
+  }
+#endif
+  raise("unknown process group backend \"{}\"; expected \"gloo\" or \"nccl\"", backend);
+}
+
+/// Shuts a process group down where LibTorch has that step (2.x; NCCL warns at exit without it).
+template <class PG>
+void shutdown_process_group(PG& pg) {
+  if constexpr (requires { pg->shutdown(); }) {
+    try {
+      pg->shutdown();
+    } catch (...) {  // NOTE: teardown must not throw; a failed shutdown only means the peers are gone.
+    }
+  }
+}
+
+/// Creates c10d's Reducer (PyTorch's DDP engine) with whichever constructor this LibTorch has.
+template <class R = c10d::Reducer>
+std::unique_ptr<R> make_reducer(std::vector<at::Tensor> params, std::vector<std::vector<std::size_t>> buckets,
+                                std::vector<std::size_t> bucket_limits,
+                                const c10::intrusive_ptr<c10d::ProcessGroup>& pg, std::int64_t bucket_bytes,
+                                bool find_unused, bool gradient_as_bucket_view,
+                                std::unordered_map<std::size_t, std::string> names, std::int64_t first_bucket_bytes) {
+  using Params = std::vector<at::Tensor>;
+  using Buckets = std::vector<std::vector<std::size_t>>;
+  using Names = std::unordered_map<std::size_t, std::string>;
+  using PG = c10::intrusive_ptr<c10d::ProcessGroup>;
+  std::vector<bool> sparse(params.size(), false);
+  if constexpr (std::is_constructible_v<R, Params, Buckets, std::vector<std::size_t>, PG, std::vector<bool>,
+                                        std::int64_t, bool, bool, Names, std::int64_t>) {
+    // LibTorch 1.13
+    return std::make_unique<R>(std::move(params), std::move(buckets), std::move(bucket_limits), pg, std::move(sparse),
+                               bucket_bytes, find_unused, gradient_as_bucket_view, std::move(names),
+                               first_bucket_bytes);
+  } else if constexpr (std::is_constructible_v<R, Params, Buckets, PG, std::vector<bool>, std::int64_t, bool, bool,
+                                               Names, std::int64_t, bool, bool, std::vector<std::int64_t>>) {
+    // LibTorch 2.x: skip_all_reduce_unused_params, use_python_reducer, bucket_bytes_cap_list
+    (void)bucket_limits;
+    return std::make_unique<R>(std::move(params), std::move(buckets), pg, std::move(sparse), bucket_bytes, find_unused,
+                               gradient_as_bucket_view, std::move(names), first_bucket_bytes, false, false,
+                               std::vector<std::int64_t>{});
+  } else if constexpr (std::is_constructible_v<R, Params, Buckets, PG, std::vector<bool>, std::int64_t, bool, bool,
+                                               Names, std::int64_t, bool, bool, std::vector<std::int64_t>, bool>) {
+    // later 2.x: batched_grad_copy
+    (void)bucket_limits;
+    return std::make_unique<R>(std::move(params), std::move(buckets), pg, std::move(sparse), bucket_bytes, find_unused,
+                               gradient_as_bucket_view, std::move(names), first_bucket_bytes, false, false,
+                               std::vector<std::int64_t>{}, false);
+  } else {
+    static_assert(sizeof(R) == 0,
+                  "fabric: this LibTorch's c10d::Reducer constructor is not known; add it to make_reducer in "
+                  "fabric/detail/c10d.hpp");
+  }
+}
+
+/// The bf16 gradient-compression hook (c10d has only fp16 built in): each bucket is cast to bfloat16,
+/// divided by the world size, all-reduced and copied back.
+// NOTE: derives from CommHookInterface, not CppCommHookInterface, whose parse helper Debian's 1.13
+// does not export.
+class BF16CompressHook final : public c10d::CommHookInterface {
+ public:
+  explicit BF16CompressHook(c10::intrusive_ptr<c10d::ProcessGroup> pg) : pg_(std::move(pg)) {}
+
+  c10::intrusive_ptr<c10::ivalue::Future> runHook(c10d::GradBucket& bucket) override {
+    at::Tensor buffer = bucket.getBufferRef();
+    std::vector<at::Tensor> compressed{buffer.to(at::kBFloat16).div_(pg_->getSize())};
+    return pg_->allreduce(compressed)
+        ->getFuture()
+        ->then(
+            [buffer](c10::ivalue::Future& f) {
+              at::Tensor out = buffer;
+              out.copy_(f.value().toTensorVector()[0]);
+              return c10::IValue(out);
+            },
+            c10::TensorType::get());
+  }
+  at::Tensor parseHookResult(const c10::IValue& result) override {
+    return result.isTensor() ? result.toTensor() : result.toTensorVector()[0];
+  }
+
+ private:
+  c10::intrusive_ptr<c10d::ProcessGroup> pg_;
+};
+
+}  // namespace fabric::detail
+// ---- end fabric/detail/c10d.hpp
+// ---- begin fabric/environment.hpp
+// Cluster environments: where the processes of a job come from and who this process is. Torch-free (fmt, std,
+// POSIX sockets).
+
+
+#include <fmt/format.h>
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <charconv>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <system_error>
+#include <vector>
+
+namespace fabric {
+
+/// Describes where the processes of a job come from and who this process is.
+struct ClusterEnvironment {
+  /// The detected environment: "lightning", "torchelastic", "slurm" or "mpi".
+  std::string name = "lightning";
+  /// Whether a launcher outside this process (torchrun, srun, mpirun, a parent fabric) started the processes.
+  bool creates_processes_externally = false;
+  /// Processes in the whole job.
+  int world_size = 1;
+  /// This process's rank among all processes of the job.
+  int global_rank = 0;
+  /// This process's rank among the processes of its node.
+  int local_rank = 0;
+  /// This node's rank among the nodes of the job.
+  int node_rank = 0;
+  /// Address of the rank-zero node, where the process group meets.
+  std::string main_address = "127.0.0.1";
+  /// Port of the rendezvous on the main address; 0 means not decided yet (chosen by the launcher).
+  int main_port = 0;
+  /// Whether the launcher already serves the rendezvous store at main_address:main_port (torchrun's agent store,
+  /// TORCHELASTIC_USE_AGENT_STORE=True): then every rank, rank zero included, connects to it as a client.
+  bool store_hosted_by_launcher = false;
+};
+
+namespace detail {
+
+/// Looks up an environment variable; returns nothing when it is not set.
+using EnvLookup = std::function<std::optional<std::string>(std::string_view)>;
+
+/// Reads a variable of this process's environment with getenv.
+inline std::optional<std::string> getenv_lookup(std::string_view name) {
+  const char* value = std::getenv(std::string(name).c_str());
+  if (value == nullptr) return std::nullopt;
+  return std::string(value);
+}
+
+/// Parses the whole of `text` as a base-10 integer; returns nothing on any other text.
+inline std::optional<long long> parse_integer(std::string_view text) {
+  long long value = 0;
+  const char* first = text.data();
+  const char* last = text.data() + text.size();
+  if (first != last && *first == '+') ++first;
+  auto [end, error] = std::from_chars(first, last, value);
+  if (error != std::errc{} || end != last || first == last) return std::nullopt;
+  return value;
+}
+
+/// Reads a non-negative integer variable; raises naming the variable and its text when it is not one.
+inline std::optional<int> env_int(const EnvLookup& env, std::string_view name) {
+  auto text = env(name);
+  if (!text) return std::nullopt;
+  auto value = parse_integer(*text);
+  if (!value) {
+    raise("expected the environment variable {} to be an integer, found {:?}; set it to a whole number or unset it",
+          name, *text);
+  }
+  if (*value < 0 || *value > 0x7fffffff) {
+    raise(
+        "expected the environment variable {} to be a non-negative integer, found {}; fix the launcher or job "
+        "script that sets it",
+        name, *value);
+  }
+  return static_cast<int>(*value);
+}
+
+/// Reads an integer variable that a launcher must have set; raises when it is missing.
+inline int env_required_int(const EnvLookup& env, std::string_view name, std::string_view launcher) {
+  auto value = env_int(env, name);
+  if (!value) {
+    raise(
+        "expected the environment variable {} to be set by {}, found it unset; start the job with {} or unset the "
+        "variables that made fabric detect it",
+        name, launcher, launcher);
+  }
+  return *value;
+}
+
+/// Reads a port variable; raises when it is not in 1..65535.
+inline std::optional<int> env_port(const EnvLookup& env, std::string_view name) {
+  auto text = env(name);
+  if (!text) return std::nullopt;
+  auto value = parse_integer(*text);
+  if (!value) {
+    raise("expected the environment variable {} to be a port number, found {:?}; set it to a port in 1..65535", name,
+          *text);
+  }
+  if (*value < 1 || *value > 65535) {
+    raise("expected the environment variable {} to be a port in 1..65535, found {}; choose a free port in that range",
+          name, *value);
+  }
+  return static_cast<int>(*value);
+}
+
+/// Expands a SLURM host list such as `node[001-004,007],gpu5` into host names, in order.
+inline std::vector<std::string> expand_slurm_nodelist(std::string_view list) {
+  std::vector<std::string> hosts;
+  // Split on the commas outside brackets.
+  std::vector<std::string_view> items;
+  int depth = 0;
+  std::size_t start = 0;
+  for (std::size_t i = 0; i <= list.size(); ++i) {
+    if (i == list.size() || (list[i] == ',' && depth == 0)) {
+      if (i > start) items.push_back(list.substr(start, i - start));
+      start = i + 1;
+    } else if (list[i] == '[') {
+      ++depth;
+    } else if (list[i] == ']') {
+      if (--depth < 0) raise("expected balanced brackets in the SLURM node list, found {:?}", list);
+    }
+  }
+  if (depth != 0) raise("expected balanced brackets in the SLURM node list, found {:?}", list);
+  for (auto item : items) {
+    auto open = item.find('[');
+    if (open == std::string_view::npos) {
+      hosts.emplace_back(item);
+      continue;
+    }
+    auto close = item.find(']', open);
+    auto prefix = item.substr(0, open);
+    auto ranges = item.substr(open + 1, close - open - 1);
+    // The suffix may hold more bracket groups (`rack[1-2]-n[1-2]`): expand it recursively.
+    auto suffixes =
+        close + 1 < item.size() ? expand_slurm_nodelist(item.substr(close + 1)) : std::vector<std::string>{""};
+    std::size_t from = 0;
+    while (from <= ranges.size()) {
+      auto comma = ranges.find(',', from);
+      if (comma == std::string_view::npos) comma = ranges.size();
+      auto range = ranges.substr(from, comma - from);
+      from = comma + 1;
+      auto dash = range.find('-');
+      auto low_text = range.substr(0, dash);
+      auto high_text = dash == std::string_view::npos ? low_text : range.substr(dash + 1);
+      auto low = parse_integer(low_text);
+      auto high = parse_integer(high_text);
+      if (!low || !high || *low > *high || *low < 0) {
+        raise("expected ranges like 001-004 in the SLURM node list, found {:?} in {:?}", range, list);
+      }
+      for (long long n = *low; n <= *high; ++n) {
+        // Zero padding follows the width of the lower bound, as SLURM writes it.
+        auto number = fmt::format("{:0{}}", n, low_text.size());
+        for (const auto& suffix : suffixes) hosts.push_back(fmt::format("{}{}{}", prefix, number, suffix));
+      }
+    }
+  }
+  return hosts;
+}
+
+/// Returns the first host of a SLURM host list (the main node), or nothing for an empty list.
+inline std::optional<std::string> first_slurm_host(std::string_view list) {
+  auto hosts = expand_slurm_nodelist(list);
+  if (hosts.empty()) return std::nullopt;
+  return hosts.front();
+}
+
+/// Derives a rendezvous port in 20000..39999 from a job id, the same on every process of the job (FNV-1a).
+inline int port_from_job_id(std::string_view job_id) {
+  std::uint64_t hash = 14695981039346656037ull;
+  for (unsigned char c : job_id) hash = (hash ^ c) * 1099511628211ull;
+  return 20000 + static_cast<int>(hash % 20000);
+}
+
+/// Checks the ranks and the world size against the Options; raises with the flags to change.
+inline void validate_environment(const ClusterEnvironment& e, int devices, int num_nodes) {
+  if (e.world_size != devices * num_nodes) {
+    raise(
+        "expected the world size started by {} to equal devices * num_nodes = {} * {} = {}, found {}; make them "
+        "match: change Options::devices / Options::num_nodes, or the launcher's flags (fabric-run --devices / "
+        "--num-nodes, torchrun --nproc-per-node / --nnodes, srun --ntasks-per-node / --nodes, mpirun -np)",
+        e.name, devices, num_nodes, devices * num_nodes, e.world_size);
+  }
+  if (e.local_rank >= devices) {
+    raise(
+        "expected the local rank to be below devices = {}, found local rank {} ({}); set Options::devices to the "
+        "number of processes per node",
+        devices, e.local_rank, e.name);
+  }
+  if (e.node_rank >= num_nodes) {
+    raise(
+        "expected the node rank to be below num_nodes = {}, found node rank {} ({}); set Options::num_nodes to the "
+        "number of machines, or fix NODE_RANK",
+        num_nodes, e.node_rank, e.name);
+  }
+  if (e.global_rank >= e.world_size) {
+    raise(
+        "expected the global rank to be below the world size {}, found rank {} ({}); fix the launcher's rank "
+        "variables",
+        e.world_size, e.global_rank, e.name);
+  }
+  if (e.main_port != 0 && (e.main_port < 1 || e.main_port > 65535)) {
+    raise("expected a main port in 1..65535, found {}; set MASTER_PORT to a free port", e.main_port);
+  }
+}
+
+/// Raises when a multi-node job has no MASTER_ADDR: every node would look for rank zero on itself.
+inline void require_main_address(const EnvLookup& env, std::string_view environment, int num_nodes) {
+  if (num_nodes > 1 && !env("MASTER_ADDR")) {
+    raise(
+        "expected MASTER_ADDR to be set for a job on {} nodes ({}), found it unset; export MASTER_ADDR=<host of "
+        "node rank 0> on every node",
+        num_nodes, environment);
+  }
+}
+
+/// Detects torchrun / torch elastic (TORCHELASTIC_RUN_ID set); reads WORLD_SIZE, RANK, LOCAL_RANK, GROUP_RANK.
+inline std::optional<ClusterEnvironment> detect_torchelastic(int devices, int num_nodes, const EnvLookup& env) {
+  if (!env("TORCHELASTIC_RUN_ID")) return std::nullopt;
+  ClusterEnvironment e;
+  e.name = "torchelastic";
+  e.creates_processes_externally = true;
+  e.world_size = env_required_int(env, "WORLD_SIZE", "torchrun");
+  e.global_rank = env_required_int(env, "RANK", "torchrun");
+  e.local_rank = env_required_int(env, "LOCAL_RANK", "torchrun");
+  auto group = env_int(env, "GROUP_RANK");
+  e.node_rank = group ? *group : env_int(env, "NODE_RANK").value_or(0);
+  require_main_address(env, e.name, num_nodes);
+  e.main_address = env("MASTER_ADDR").value_or("127.0.0.1");
+  e.main_port = env_port(env, "MASTER_PORT").value_or(12910);
+  e.store_hosted_by_launcher = env("TORCHELASTIC_USE_AGENT_STORE") == std::optional<std::string>("True");
+  validate_environment(e, devices, num_nodes);
+  return e;
+}
+
+/// Detects a SLURM task (SLURM_NTASKS set, SLURM_JOB_NAME not bash/interactive); address from SLURM_NODELIST.
+inline std::optional<ClusterEnvironment> detect_slurm(int devices, int num_nodes, const EnvLookup& env) {
+  if (!env("SLURM_NTASKS")) return std::nullopt;
+  auto job_name = env("SLURM_JOB_NAME");
+  if (job_name && (*job_name == "bash" || *job_name == "interactive")) return std::nullopt;
+  ClusterEnvironment e;
+  e.name = "slurm";
+  e.creates_processes_externally = true;
+  e.world_size = env_required_int(env, "SLURM_NTASKS", "srun");
+  e.global_rank = env_required_int(env, "SLURM_PROCID", "srun");
+  e.local_rank = env_required_int(env, "SLURM_LOCALID", "srun");
+  e.node_rank = env_required_int(env, "SLURM_NODEID", "srun");
+  if (auto per_node = env_int(env, "SLURM_NTASKS_PER_NODE"); per_node && *per_node != devices) {
+    raise(
+        "expected SLURM_NTASKS_PER_NODE to equal devices = {}, found {}; set `#SBATCH --ntasks-per-node={}` or "
+        "Options{{.devices = {}}}",
+        devices, *per_node, devices, *per_node);
+  }
+  if (auto nodes = env_int(env, "SLURM_NNODES"); nodes && *nodes != num_nodes) {
+    raise(
+        "expected SLURM_NNODES to equal num_nodes = {}, found {}; set `#SBATCH --nodes={}` or "
+        "Options{{.num_nodes = {}}}",
+        num_nodes, *nodes, num_nodes, *nodes);
+  }
+  if (auto address = env("MASTER_ADDR")) {
+    e.main_address = *address;
+  } else {
+    auto list = env("SLURM_NODELIST");
+    if (!list) list = env("SLURM_JOB_NODELIST");
+    std::optional<std::string> host = list ? first_slurm_host(*list) : std::nullopt;
+    if (!host && num_nodes > 1) require_main_address(env, e.name, num_nodes);
+    e.main_address = host.value_or("127.0.0.1");
+  }
+  if (auto port = env_port(env, "MASTER_PORT")) {
+    e.main_port = *port;
+  } else if (auto job_id = env("SLURM_JOB_ID")) {
+    auto digits = std::string_view(*job_id);
+    if (digits.size() > 4) digits = digits.substr(digits.size() - 4);
+    auto last = parse_integer(digits);
+    if (!last || *last < 0) {
+      raise("expected SLURM_JOB_ID to be a number, found {:?}; set MASTER_PORT to choose the port yourself", *job_id);
+    }
+    e.main_port = static_cast<int>(*last) + 15000;
+  } else {
+    e.main_port = 12910;
+  }
+  validate_environment(e, devices, num_nodes);
+  return e;
+}
+
+/// Detects mpirun (OpenMPI OMPI_COMM_WORLD_*, MPICH/Intel PMI_* and MPI_LOCAL*) when it started more than one process.
+inline std::optional<ClusterEnvironment> detect_mpi(int devices, int num_nodes, const EnvLookup& env) {
+  std::optional<int> size, rank, local_rank, local_size;
+  if (env("OMPI_COMM_WORLD_SIZE")) {
+    size = env_int(env, "OMPI_COMM_WORLD_SIZE");
+    rank = env_required_int(env, "OMPI_COMM_WORLD_RANK", "mpirun");
+    local_rank = env_int(env, "OMPI_COMM_WORLD_LOCAL_RANK");
+    local_size = env_int(env, "OMPI_COMM_WORLD_LOCAL_SIZE");
+  } else if (env("PMI_SIZE")) {
+    size = env_int(env, "PMI_SIZE");
+    if (size.value_or(0) > 1) rank = env_required_int(env, "PMI_RANK", "mpirun");
+    local_rank = env_int(env, "MPI_LOCALRANKID");
+    local_size = env_int(env, "MPI_LOCALNRANKS");
+  }
+  if (!size || *size <= 1) return std::nullopt;
+  ClusterEnvironment e;
+  e.name = "mpi";
+  e.creates_processes_externally = true;
+  e.world_size = *size;
+  e.global_rank = *rank;
+  int per_node = local_size.value_or(devices);
+  if (per_node != devices) {
+    raise(
+        "expected mpirun to start devices = {} processes per node, found a local size of {}; set "
+        "Options{{.devices = {}}} or start {} per node (OpenMPI: mpirun --map-by ppr:{}:node, MPICH: -ppn {})",
+        devices, per_node, per_node, devices, devices, devices);
+  }
+  e.local_rank = local_rank.value_or(e.global_rank % per_node);
+  e.node_rank = e.global_rank / per_node;
+  require_main_address(env, e.name, num_nodes);
+  e.main_address = env("MASTER_ADDR").value_or("127.0.0.1");
+  if (auto port = env_port(env, "MASTER_PORT")) {
+    e.main_port = *port;
+  } else {
+    auto job = env("OMPI_MCA_ess_base_jobid");
+    if (!job) job = env("PMIX_NAMESPACE");
+    if (!job) job = env("PMI_JOBID");
+    if (!job) job = env("PMIX_ID");
+    e.main_port = job ? port_from_job_id(*job) : 12910;
+  }
+  validate_environment(e, devices, num_nodes);
+  return e;
+}
+
+/// Reads the default (Lightning) environment: this process launches the others unless LOCAL_RANK is set.
+inline ClusterEnvironment detect_lightning(int devices, int num_nodes, const EnvLookup& env) {
+  ClusterEnvironment e;
+  e.name = "lightning";
+  auto local_rank = env_int(env, "LOCAL_RANK");
+  e.creates_processes_externally = local_rank.has_value();
+  e.local_rank = local_rank.value_or(0);
+  auto node = env_int(env, "NODE_RANK");
+  e.node_rank = node ? *node : env_int(env, "GROUP_RANK").value_or(0);
+  require_main_address(env, e.name, num_nodes);
+  e.main_address = env("MASTER_ADDR").value_or("127.0.0.1");
+  e.main_port = env_port(env, "MASTER_PORT").value_or(0);
+  if (num_nodes > 1 && e.main_port == 0) {
+    raise(
+        "expected MASTER_PORT to be set for a job on {} nodes, found it unset; export the same MASTER_PORT=<free "
+        "port> on every node",
+        num_nodes);
+  }
+  e.world_size = devices * num_nodes;
+  e.global_rank = e.node_rank * devices + e.local_rank;
+  validate_environment(e, devices, num_nodes);
+  return e;
+}
+
+/// Detects the environment in Lightning's order (torchelastic > SLURM > MPI > lightning) and validates it.
+inline ClusterEnvironment detect_environment(int devices, int num_nodes, const EnvLookup& env = {}) {
+  if (devices < 1) raise("expected devices >= 1, found {}; set Options{{.devices = N}} with N >= 1", devices);
+  if (num_nodes < 1) raise("expected num_nodes >= 1, found {}; set Options{{.num_nodes = N}} with N >= 1", num_nodes);
+  const EnvLookup& lookup = env ? env : EnvLookup(getenv_lookup);
+  if (auto e = detect_torchelastic(devices, num_nodes, lookup)) return *e;
+  if (auto e = detect_slurm(devices, num_nodes, lookup)) return *e;
+  if (auto e = detect_mpi(devices, num_nodes, lookup)) return *e;
+  return detect_lightning(devices, num_nodes, lookup);
+}
+
+/// Binds port 0 on 127.0.0.1 and returns the port the system chose (free at the time of the call).
+inline int find_free_port() {
+  int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0)
+    raise("expected to open a socket to find a free port, found error {}; set MASTER_PORT", std::strerror(errno));
+  sockaddr_in address{};
+  address.sin_family = AF_INET;
+  address.sin_port = 0;
+  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t length = sizeof(address);
+  if (::bind(fd, reinterpret_cast<sockaddr*>(&address), sizeof(address)) != 0 ||
+      ::getsockname(fd, reinterpret_cast<sockaddr*>(&address), &length) != 0) {
+    int error = errno;
+    ::close(fd);
+    raise("expected to bind a free port on 127.0.0.1, found error {}; set MASTER_PORT", std::strerror(error));
+  }
+  ::close(fd);
+  return ntohs(address.sin_port);
+}
+
+}  // namespace detail
+}  // namespace fabric
+// ---- end fabric/environment.hpp
+// ---- begin fabric/launcher.hpp
+// Starting and watching the local processes of a job: the re-executing launcher of `Fabric::launch` and the
+// process handling shared with `fabric-run`. Torch-free (fmt, std, POSIX; Linux).
+
+
+#include <fmt/format.h>
+
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/prctl.h>
+#include <sys/syscall.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cerrno>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <exception>
+#include <fstream>
+#include <iterator>
+#include <mutex>
+#include <string>
+#include <string_view>
+#include <thread>
+#include <utility>
+#include <vector>
+
+extern char** environ;
+
+namespace fabric::detail {
+
+/// Converts a wait status into the exit code a shell reports: the code, or 128 + the signal.
+inline int shell_exit_code(int status) {
+  if (WIFEXITED(status)) return WEXITSTATUS(status);
+  if (WIFSIGNALED(status)) return 128 + WTERMSIG(status);
+  return 1;
+}
+
+/// Describes how a process ended: "exited with code 3" or "was killed by signal 9 (Killed)".
+inline std::string describe_exit(int status) {
+  if (WIFEXITED(status)) return fmt::format("exited with code {}", WEXITSTATUS(status));
+  if (WIFSIGNALED(status))
+    return fmt::format("was killed by signal {} ({})", WTERMSIG(status), strsignal(WTERMSIG(status)));
+  return fmt::format("ended with wait status {}", status);
+}
+
+/// Returns this process's environment as NAME=value strings, with `overrides` replacing or adding variables.
+inline std::vector<std::string> environment_with(const std::vector<std::pair<std::string, std::string>>& overrides) {
+  std::vector<std::string> result;
+  for (char** entry = environ; entry != nullptr && *entry != nullptr; ++entry) {
+    std::string_view text(*entry);
+    auto name = text.substr(0, text.find('='));
+    bool replaced = false;
+    for (const auto& [key, value] : overrides) replaced = replaced || key == name;
+    if (!replaced) result.emplace_back(text);
+  }
+  for (const auto& [key, value] : overrides) result.push_back(key + "=" + value);
+  return result;
+}
+
+/// Returns the value NCCL_NVLS_ENABLE should have in started processes: the parent's, else 0 (no NVLink multicast).
+inline std::string nccl_nvls_value() {
+  const char* value = std::getenv("NCCL_NVLS_ENABLE");
+  return value != nullptr ? value : "0";
+}
+
+/// Finds `program` on PATH unless it contains a slash; returns it unchanged when no executable file is found.
+inline std::string find_program(std::string_view program) {
+  if (program.find('/') != std::string_view::npos) return std::string(program);
+  const char* path = std::getenv("PATH");
+  std::string_view dirs = path != nullptr ? path : "/usr/local/bin:/usr/bin:/bin";
+  while (true) {
+    auto colon = dirs.find(':');
+    auto dir = dirs.substr(0, colon);
+    auto candidate = fmt::format("{}/{}", dir.empty() ? "." : dir, program);
+    if (::access(candidate.c_str(), X_OK) == 0) return candidate;
+    if (colon == std::string_view::npos) break;
+    dirs.remove_prefix(colon + 1);
+  }
+  return std::string(program);
+}
+
+/// Reads this process's original command line (argv) from /proc/self/cmdline.
+inline std::vector<std::string> own_command_line() {
+  std::ifstream file("/proc/self/cmdline", std::ios::binary);
+  std::string text((std::istreambuf_iterator<char>(file)), std::istreambuf_iterator<char>());
+  if (text.empty())
+    raise(
+        "expected to read this process's command line from /proc/self/cmdline, found nothing; "
+        "fabric.launch() re-executes the program and needs Linux's /proc");
+  std::vector<std::string> argv;
+  std::size_t start = 0;
+  while (start < text.size()) {
+    auto end = text.find('\0', start);
+    if (end == std::string::npos) end = text.size();
+    argv.emplace_back(text.substr(start, end - start));
+    start = end + 1;
+  }
+  return argv;
+}
+
+/// Starts `path` with `argv` and `envp` (fork + execve); the child gets SIGKILL when the calling thread ends.
+inline pid_t spawn_process(const std::string& path, const std::vector<std::string>& argv,
+                           const std::vector<std::string>& envp) {
+  // NOTE: between fork and exec in a multithreaded process only async-signal-safe calls are allowed, so every
+  // string and pointer array is prepared here, before forking.
+  std::vector<char*> argv_ptrs;
+  for (const auto& arg : argv) argv_ptrs.push_back(const_cast<char*>(arg.c_str()));
+  argv_ptrs.push_back(nullptr);
+  std::vector<char*> envp_ptrs;
+  for (const auto& var : envp) envp_ptrs.push_back(const_cast<char*>(var.c_str()));
+  envp_ptrs.push_back(nullptr);
+  const std::string failure = fmt::format("fabric: could not execute {}\n", path);
+  const pid_t parent = ::getpid();
+  sigset_t empty;
+  sigemptyset(&empty);
+
+  const pid_t pid = ::fork();
+  if (pid < 0) raise("expected to start a process for {}, found fork error: {}", path, std::strerror(errno));
+  if (pid == 0) {
+    // NOTE: PR_SET_PDEATHSIG fires when the forking *thread* ends; the parent may already be gone before the call.
+    ::prctl(PR_SET_PDEATHSIG, SIGKILL);
+    if (::getppid() != parent) ::kill(::getpid(), SIGKILL);
+    ::sigprocmask(SIG_SETMASK, &empty, nullptr);
+#ifdef SYS_close_range
+    ::syscall(SYS_close_range, 3u, ~0u, 0u);
+#endif
+    ::execve(path.c_str(), argv_ptrs.data(), envp_ptrs.data());
+    [[maybe_unused]] auto written = ::write(STDERR_FILENO, failure.data(), failure.size());
+    ::_exit(127);
+  }
+  return pid;
+}
+
+/// One started process: its local rank, its pid, and whether it has been waited for.
+struct ChildProcess {
+  /// The local rank the process runs as.
+  int local_rank = 0;
+  /// Its process id.
+  pid_t pid = -1;
+  /// Whether it has exited and been reaped.
+  bool done = false;
+};
+
+/// Watches the started processes of one node: waits for them all, or stops them all at the first failure.
+class ProcessSet {
+ public:
+  /// Creates an empty set whose messages start with `who` ("fabric", "fabric-run").
+  explicit ProcessSet(std::string who = "fabric") : who_(std::move(who)) {}
+
+  /// Adds a started process.
+  void add(int local_rank, pid_t pid) { children_.push_back({local_rank, pid, false}); }
+
+  /// Returns the processes added so far.
+  const std::vector<ChildProcess>& children() const { return children_; }
+
+  /// Sends `signal` to every process not yet reaped.
+  void signal_all(int signal) {
+    for (const auto& child : children_) {
+      if (!child.done) ::kill(child.pid, signal);
+    }
+  }
+
+  /// Sends SIGTERM to the running processes, SIGKILL to those alive after `grace`, and reaps them all.
+  void stop(std::chrono::milliseconds grace = std::chrono::seconds(2)) {
+    signal_all(SIGTERM);
+    const auto deadline = std::chrono::steady_clock::now() + grace;
+    while (reap_finished() > 0 && std::chrono::steady_clock::now() < deadline) {
+      std::this_thread::sleep_for(poll_interval);
+    }
+    signal_all(SIGKILL);
+    for (auto& child : children_) {
+      if (child.done) continue;
+      int status = 0;
+      while (::waitpid(child.pid, &status, 0) < 0 && errno == EINTR) {
+      }
+      child.done = true;
+    }
+  }
+
+  /// Waits for every process; returns 0 when all exit with 0, else stops the others and returns the failure's code.
+  /// A signal number stored in `forward` is sent to the processes; a true `stop_requested` stops them and returns 0.
+  int wait(std::atomic<int>* forward = nullptr, const std::atomic<bool>* stop_requested = nullptr) {
+    while (true) {
+      if (forward != nullptr) {
+        if (int sig = forward->exchange(0); sig != 0) signal_all(sig);
+      }
+      if (stop_requested != nullptr && stop_requested->load()) {
+        stop();
+        return 0;
+      }
+      bool running = false;
+      for (auto& child : children_) {
+        if (child.done) continue;
+        int status = 0;
+        pid_t got = ::waitpid(child.pid, &status, WNOHANG);
+        if (got == 0 || (got < 0 && errno == EINTR)) {
+          running = true;
+          continue;
+        }
+        child.done = true;
+        if (got < 0 || (WIFEXITED(status) && WEXITSTATUS(status) == 0)) continue;
+        std::fprintf(stderr, "%s: local rank %d (pid %d) %s; stopping the other processes\n", who_.c_str(),
+                     child.local_rank, static_cast<int>(child.pid), describe_exit(status).c_str());
+        std::fflush(stderr);
+        stop();
+        return shell_exit_code(status);
+      }
+      if (!running) return 0;
+      std::this_thread::sleep_for(poll_interval);
+    }
+  }
+
+  /// How often `wait` and `stop` look at the processes.
+  static constexpr std::chrono::milliseconds poll_interval{20};
+
+ private:
+  /// Reaps the processes that have exited; returns how many are still running.
+  int reap_finished() {
+    int running = 0;
+    for (auto& child : children_) {
+      if (child.done) continue;
+      int status = 0;
+      pid_t got = ::waitpid(child.pid, &status, WNOHANG);
+      if (got == 0 || (got < 0 && errno == EINTR)) {
+        ++running;
+      } else {
+        child.done = true;
+      }
+    }
+    return running;
+  }
+
+  std::string who_;
+  std::vector<ChildProcess> children_;
+};
+
+/// The processes this process launched, shared by every launcher and the exit handler (one launch per process).
+struct LaunchState {
+  /// Guards the fields below.
+  std::mutex mutex;
+  /// Whether this process has launched its local ranks.
+  bool launched = false;
+  /// The environment after the launch (port chosen).
+  ClusterEnvironment environment;
+  /// The started local ranks 1..devices-1.
+  ProcessSet processes{"fabric"};
+  /// Waits on the processes; ends this process with a failed child's code.
+  std::thread watcher;
+  /// Asks the watcher to stop the processes instead of waiting for them.
+  std::atomic<bool> stop_requested{false};
+
+  /// Blocks until the watcher has finished (every child exited, or they were stopped).
+  void join() {
+    std::lock_guard lock(mutex);
+    if (watcher.joinable() && watcher.get_id() != std::this_thread::get_id()) watcher.join();
+  }
+};
+
+/// Returns the process-wide launch state (never destroyed, so the exit handler can use it).
+inline LaunchState& launch_state() {
+  static LaunchState* state = new LaunchState();
+  return *state;
+}
+
+/// Starts local ranks 1..devices-1 by re-executing this program, like Lightning's subprocess script launcher.
+///
+/// ```
+/// auto env = fabric::detail::detect_environment(options.devices, options.num_nodes);
+/// fabric::detail::SubprocessLauncher launcher;
+/// launcher.launch(env, options.devices, options.num_nodes);  // env.main_port is now set
+/// ```
+class SubprocessLauncher {
+ public:
+  /// Creates a launcher that has started nothing yet.
+  SubprocessLauncher() = default;
+  SubprocessLauncher(const SubprocessLauncher&) = delete;
+  SubprocessLauncher& operator=(const SubprocessLauncher&) = delete;
+
+  /// Waits for the started processes (or stops them when an exception is unwinding the stack).
+  ~SubprocessLauncher() {
+    if (!owner_) return;
+    if (std::uncaught_exceptions() > uncaught_) launch_state().stop_requested = true;
+    launch_state().join();
+  }
+
+  /// Starts the other local ranks unless the environment's launcher did; sets MASTER_ADDR/PORT, NODE_RANK,
+  /// WORLD_SIZE, RANK and LOCAL_RANK=0 here and fills in `env.main_port`. Call it from the main thread.
+  void launch(ClusterEnvironment& env, int devices, int num_nodes) {
+    if (env.creates_processes_externally) return;
+    auto& state = launch_state();
+    std::lock_guard lock(state.mutex);
+    if (state.launched) {
+      env = state.environment;
+      return;
+    }
+    if (env.world_size != devices * num_nodes || env.local_rank != 0) {
+      raise(
+          "expected the launching process to be local rank 0 of a world of devices * num_nodes = {}, found local "
+          "rank {} of {}; pass the environment from detect_environment({}, {})",
+          devices * num_nodes, env.local_rank, env.world_size, devices, num_nodes);
+    }
+    if (env.main_port == 0) env.main_port = find_free_port();
+    const std::string port = std::to_string(env.main_port);
+    const std::string world = std::to_string(env.world_size);
+    const std::string node = std::to_string(env.node_rank);
+    const std::string nvls = nccl_nvls_value();
+    ::setenv("MASTER_ADDR", env.main_address.c_str(), 1);
+    ::setenv("MASTER_PORT", port.c_str(), 1);
+    ::setenv("NODE_RANK", node.c_str(), 1);
+    ::setenv("WORLD_SIZE", world.c_str(), 1);
+    ::setenv("RANK", std::to_string(env.node_rank * devices).c_str(), 1);
+    ::setenv("LOCAL_RANK", "0", 1);
+    ::setenv("NCCL_NVLS_ENABLE", nvls.c_str(), 1);
+
+    if (devices > 1) {
+      const auto argv = own_command_line();
+      for (int local = 1; local < devices; ++local) {
+        auto envp = environment_with({{"LOCAL_RANK", std::to_string(local)},
+                                      {"RANK", std::to_string(env.node_rank * devices + local)},
+                                      {"WORLD_SIZE", world},
+                                      {"NODE_RANK", node},
+                                      {"MASTER_ADDR", env.main_address},
+                                      {"MASTER_PORT", port},
+                                      {"FABRIC_LAUNCHED", "1"},
+                                      {"NCCL_NVLS_ENABLE", nvls}});
+        pid_t pid = -1;
+        try {
+          pid = spawn_process("/proc/self/exe", argv, envp);
+        } catch (...) {
+          state.processes.stop();
+          throw;
+        }
+        state.processes.add(local, pid);
+      }
+      state.watcher = std::thread([&state] {
+        int code = state.processes.wait(nullptr, &state.stop_requested);
+        if (code != 0) {
+          std::fflush(nullptr);
+          ::_exit(code);
+        }
+      });
+      static const bool registered = std::atexit([] { launch_state().join(); }) == 0;
+      (void)registered;
+    }
+    state.launched = true;
+    state.environment = env;
+    owner_ = true;
+    uncaught_ = std::uncaught_exceptions();
+  }
+
+  /// Returns the pids of the local ranks this process started (empty where it started none).
+  std::vector<pid_t> child_pids() const {
+    std::vector<pid_t> pids;
+    for (const auto& child : launch_state().processes.children()) pids.push_back(child.pid);
+    return pids;
+  }
+
+  /// Blocks until every started process has exited; a failed one has already ended this process with its code.
+  void wait_for_children() { launch_state().join(); }
+
+ private:
+  bool owner_ = false;
+  int uncaught_ = 0;
+};
+
+}  // namespace fabric::detail
+// ---- end fabric/launcher.hpp
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/scalar_tensor.h>
+#include <ATen/ops/stack.h>
+#include <c10/core/Device.h>
+#include <c10/core/GradMode.h>
+#include <torch/csrc/autograd/engine.h>
+#include <torch/csrc/jit/serialization/pickle.h>
+#include <torch/nn/module.h>
+
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <exception>
+#include <memory>
+#include <optional>
+#include <sstream>
+#include <string>
+#include <string_view>
+#include <type_traits>
+#include <unordered_map>
+#include <unordered_set>
+#include <utility>
+#include <vector>
+
+namespace fabric {
+
+namespace detail {
+
+/// What DDP keeps per set-up module: the Reducer and the flags Python's DistributedDataParallel keeps.
+struct DDPModule {
+  std::unique_ptr<c10d::Reducer> reducer;
+  c10::intrusive_ptr<c10d::ProcessGroup> pg;
+  std::vector<at::Tensor> buffers;
+  bool require_backward_grad_sync = true;
+  bool require_forward_param_sync = true;
+  bool find_unused_parameters = false;
+  bool static_graph = false;
+  bool static_graph_delay_enqueued = false;
+  bool broadcast_buffers = true;
+};
+
+/// Calls fn on every tensor in a (nested) value, as map_tensors visits them.
+template <class T, class F>
+void for_each_tensor(const T& value, F&& fn) {
+  if constexpr (std::is_same_v<T, at::Tensor>) {
+    fn(value);
+  } else {
+    T copy = value;
+    auto visit = [&](at::Tensor t) {
+      fn(t);
+      return t;
+    };
+    (void)map_tensors(std::move(copy), visit);
+  }
+}
+
+inline std::string shape_text(at::IntArrayRef sizes) {
+  std::string out = "[";
+  for (std::size_t i = 0; i < sizes.size(); ++i) out += (i ? ", " : "") + std::to_string(sizes[i]);
+  return out + "]";
+}
+
+/// The bytes that pickle a value for broadcast (tensors travel on the CPU).
+template <class T>
+std::vector<char> pickle_value(const T& value) {
+  if constexpr (std::is_same_v<T, at::Tensor>) {
+    return torch::jit::pickle_save(c10::IValue(value.detach().cpu()));
+  } else if constexpr (std::is_same_v<T, bool>) {
+    return torch::jit::pickle_save(c10::IValue(value));
+  } else if constexpr (std::is_integral_v<T>) {
+    return torch::jit::pickle_save(c10::IValue(static_cast<std::int64_t>(value)));
+  } else if constexpr (std::is_floating_point_v<T>) {
+    return torch::jit::pickle_save(c10::IValue(static_cast<double>(value)));
+  } else {
+    return torch::jit::pickle_save(c10::IValue(value));
+  }
+}
+
+template <class T>
+T unpickle_value(const std::vector<char>& bytes, const c10::Device& device) {
+  c10::IValue v = torch::jit::pickle_load(bytes);
+  if constexpr (std::is_same_v<T, at::Tensor>) {
+    return v.toTensor().to(device);
+  } else if constexpr (std::is_same_v<T, bool>) {
+    return v.toBool();
+  } else if constexpr (std::is_integral_v<T>) {
+    return static_cast<T>(v.toInt());
+  } else if constexpr (std::is_floating_point_v<T>) {
+    return static_cast<T>(v.toDouble());
+  } else {
+    return std::move(v).to<T>();
+  }
+}
+
+}  // namespace detail
+
+/// Trains one replica of the model per process and averages the gradients across processes in
+/// buckets that overlap with the backward pass (c10d's Reducer, the engine of PyTorch's DDP).
+/// Processes come from `Fabric::launch()`, fabric-run, torchrun, mpirun or SLURM; parameters and
+/// buffers are broadcast from rank 0 at setup.
+///
+///     fabric::Fabric<fabric::CPU, fabric::DDP> fabric{{.devices = 4}};
+///     fabric.launch();
+///     auto [model, optimizer] = fabric.setup(net, adamw);
+class DDP {
+ public:
+  using category = strategy_tag;
+  static constexpr std::string_view name = "ddp";
+  static constexpr bool is_distributed = true;
+
+  /// How gradient buckets travel: as they are, or compressed to 16 bits (and back) for the all-reduce.
+  enum class CommHook { none, fp16, bf16 };
+
+  /// Settings of the strategy (those of PyTorch's DistributedDataParallel and Lightning's DDPStrategy).
+  struct Options {
+    /// Size of a gradient bucket in MiB.
+    double bucket_cap_mb = 25.0;
+    /// Find the parameters a forward did not use (a graph traversal per step) instead of failing.
+    bool find_unused_parameters = false;
+    /// The set of used parameters and the graph never change: lets the Reducer skip work.
+    bool static_graph = false;
+    /// Gradients become views into the buckets (saves memory and a copy).
+    bool gradient_as_bucket_view = false;
+    /// Broadcast buffers (e.g. BatchNorm statistics) from rank 0 before each forward.
+    bool broadcast_buffers = true;
+    /// The c10d backend ("gloo", "nccl"); empty: gloo for the CPU, nccl for CUDA.
+    std::string process_group_backend{};
+    /// How long collectives and the rendezvous wait for the other processes.
+    std::chrono::milliseconds timeout = std::chrono::minutes(30);
+    /// Compression of gradient buckets.
+    CommHook comm_hook = CommHook::none;
+  };
+  /// What the strategy keeps per set-up module.
+  struct ModuleState {
+    std::shared_ptr<detail::DDPModule> ddp{};
+  };
+
+  DDP() = default;
+  explicit DDP(Options options) : options_(std::move(options)) {}
+  DDP(DDP&&) noexcept = default;
+  DDP& operator=(DDP&&) noexcept = default;
+  DDP(const DDP&) = delete;
+  DDP& operator=(const DDP&) = delete;
+  ~DDP() {
+    if (pg_) detail::shutdown_process_group(pg_);
+  }
+
+  /// Checks the combination with an accelerator and a precision at compile time (all combine).
+  template <Accelerator A, Precision P>
+  static constexpr void check() noexcept {}
+
+  /// Reads the cluster environment (launcher variables, or Lightning's defaults) for the topology.
+  void setup_environment(const fabric::Options& options) {
+    if (options_.bucket_cap_mb <= 0) {
+      detail::raise("DDP: expected bucket_cap_mb > 0, found {}; the default is 25", options_.bucket_cap_mb);
+    }
+    if (options_.timeout.count() <= 0) {
+      detail::raise("DDP: expected a positive timeout, found {} ms", options_.timeout.count());
+    }
+    devices_ = options.devices;
+    num_nodes_ = options.num_nodes;
+    env_ = detail::detect_environment(devices_, num_nodes_);
+  }
+
+  int global_rank() const noexcept { return env_.global_rank; }
+  int local_rank() const noexcept { return env_.local_rank; }
+  int node_rank() const noexcept { return env_.node_rank; }
+  int world_size() const noexcept { return env_.world_size; }
+  /// Returns the cluster environment this process runs in.
+  const ClusterEnvironment& environment() const noexcept { return env_; }
+  /// Returns the settings.
+  const Options& options() const noexcept { return options_; }
+  /// Returns the process group (null before launch).
+  const c10::intrusive_ptr<c10d::ProcessGroup>& process_group() const noexcept { return pg_; }
+  /// Says whether launch() has created the process group.
+  bool launched() const noexcept { return static_cast<bool>(pg_); }
+
+  /// Starts the other local processes (unless a launcher already did) and joins the process group.
+  void launch(const c10::Device& device) {
+    if (pg_) detail::raise("launch() was called twice; call it once, before setup()");
+    device_ = device;
+    if (!env_.creates_processes_externally) {
+      launcher_ = std::make_unique<detail::SubprocessLauncher>();
+      launcher_->launch(env_, devices_, num_nodes_);
+    }
+    backend_ =
+        options_.process_group_backend.empty() ? (device.is_cuda() ? "nccl" : "gloo") : options_.process_group_backend;
+    pg_ = detail::make_process_group(backend_,
+                                     {.address = env_.main_address,
+                                      .port = env_.main_port,
+                                      .rank = env_.global_rank,
+                                      .world_size = env_.world_size,
+                                      .timeout = options_.timeout,
+                                      .launcher_hosts_store = env_.store_hosted_by_launcher},
+                                     num_nodes_ == 1);
+  }
+
+  /// Waits for all processes.
+  void barrier() {
+    auto& pg = group("barrier");
+    wait(pg->barrier(), "barrier");
+  }
+
+  /// Verifies the module is the same on every rank, broadcasts rank 0's parameters and buffers, and
+  /// creates the Reducer that averages the gradients during backward.
+  template <class M>
+  ModuleState setup_module(M& module) {
+    auto& pg = group("setup");
+    auto state = std::make_shared<detail::DDPModule>();
+    state->pg = pg;
+    state->find_unused_parameters = options_.find_unused_parameters;
+    state->static_graph = options_.static_graph;
+    state->broadcast_buffers = options_.broadcast_buffers;
+
+    std::vector<at::Tensor> params;
+    std::unordered_map<std::size_t, std::string> names;
+    std::unordered_set<const void*> seen;
+    std::string description;
+    for (const auto& item : module.named_parameters(/*recurse=*/true)) {
+      const at::Tensor& p = item.value();
+      if (!p.requires_grad() || !seen.insert(p.unsafeGetTensorImpl()).second) continue;
+      names.emplace(params.size(), item.key());
+      params.push_back(p);
+    }
+    for (const auto& item : module.named_parameters(true)) {
+      description += fmt::format("parameter \"{}\" of shape {} ({})\n", item.key(), detail::shape_text(item->sizes()),
+                                 c10::toString(item->scalar_type()));
+    }
+    std::vector<at::Tensor> sync;
+    for (const auto& p : module.parameters(true)) sync.push_back(p.detach());
+    for (const auto& b : module.named_buffers(true)) {
+      if (!b->defined()) continue;
+      description += fmt::format("buffer \"{}\" of shape {} ({})\n", b.key(), detail::shape_text(b->sizes()),
+                                 c10::toString(b->scalar_type()));
+      state->buffers.push_back(*b);
+      sync.push_back(b->detach());
+    }
+    verify_same_model(description);
+    if (params.empty()) {
+      detail::raise("DDP: expected a module with parameters that require grad, found none; nothing would be trained");
+    }
+    collective("setup", [&] { c10d::broadcast_coalesced(pg, sync, kBroadcastBucketBytes, 0); });
+
+    const auto cap = static_cast<std::int64_t>(options_.bucket_cap_mb * 1024.0 * 1024.0);
+    auto [buckets, limits] = c10d::compute_bucket_assignment_by_size(
+        params, {static_cast<std::size_t>(c10d::kDefaultFirstBucketBytes), static_cast<std::size_t>(cap)});
+    std::reverse(buckets.begin(), buckets.end());
+    std::reverse(limits.begin(), limits.end());
+    state->reducer =
+        detail::make_reducer(params, std::move(buckets), std::move(limits), pg, cap, options_.find_unused_parameters,
+                             options_.gradient_as_bucket_view, std::move(names), c10d::kDefaultFirstBucketBytes);
+    switch (options_.comm_hook) {
+      case CommHook::none:
+        break;
+      case CommHook::fp16:
+        state->reducer->register_builtin_comm_hook(c10d::BuiltinCommHookType::FP16_COMPRESS);
+        break;
+      case CommHook::bf16:
+        if (backend_ == "gloo" && TORCH_VERSION_MAJOR < 2) {
+          detail::raise(
+              "DDP: bf16 gradient compression needs a backend that all-reduces bfloat16, found gloo of LibTorch {}.{} "
+              "(it has none); use comm_hook = fp16, or NCCL, or LibTorch 2",
+              TORCH_VERSION_MAJOR, TORCH_VERSION_MINOR);
+        }
+        state->reducer->register_comm_hook(std::make_unique<detail::BF16CompressHook>(pg));
+        break;
+    }
+    if (options_.static_graph) state->reducer->set_static_graph();
+    return ModuleState{std::move(state)};
+  }
+
+  /// Runs before each wrapped forward: Reducer bookkeeping and the buffer broadcast.
+  void pre_forward(ModuleState& state) {
+    auto& d = *state.ddp;
+    const bool grad = c10::GradMode::is_enabled();
+    try {
+      if (grad && d.require_backward_grad_sync) d.reducer->prepare_for_forward();
+      if (grad) d.reducer->rebuild_buckets();
+    } catch (const c10::Error& e) {
+      // NOTE: the Reducer explains itself in Python's terms; say where the switch is in fabric.
+      detail::raise(
+          "DDP (c10d's Reducer on rank {}): {}\n(fabric: find_unused_parameters is "
+          "DDP::Options::find_unused_parameters, "
+          "e.g. fabric::DDP({{.find_unused_parameters = true}}))",
+          global_rank(), e.what_without_backtrace());
+    }
+    if (d.broadcast_buffers && d.require_forward_param_sync && !d.buffers.empty() && world_size() > 1) {
+      collective("forward", [&] { c10d::broadcast_coalesced(d.pg, d.buffers, kBroadcastBucketBytes, 0); });
+    }
+  }
+  /// Runs after each wrapped forward: tells the Reducer a backward will follow (unless sync is off).
+  template <class Out>
+  void post_forward(ModuleState& state, const Out& output) {
+    auto& d = *state.ddp;
+    if (!c10::GradMode::is_enabled() || !d.require_backward_grad_sync) {
+      d.require_forward_param_sync = false;
+      return;
+    }
+    d.require_forward_param_sync = true;
+    if (d.static_graph && !d.static_graph_delay_enqueued) {
+      // NOTE: Python's _DDPSink does this in the first iteration of a static graph: once the
+      // backward has run, the Reducer all-reduces every bucket at once.
+      bool hooked = false;
+      detail::for_each_tensor(output, [&](const at::Tensor& t) {
+        if (hooked || !t.defined() || !t.requires_grad()) return;
+        c10d::Reducer* reducer = d.reducer.get();
+        at::Tensor(t).register_hook([reducer](const at::Tensor& grad) {
+          torch::autograd::Engine::get_default_engine().queue_callback([reducer] { reducer->delay_all_reduce(); });
+          return grad;
+        });
+        hooked = true;
+      });
+      d.static_graph_delay_enqueued = hooked;
+    }
+    if (d.find_unused_parameters && !d.static_graph) {
+      std::vector<at::Tensor> outputs;
+      detail::for_each_tensor(output, [&](const at::Tensor& t) {
+        if (t.defined()) outputs.push_back(t);
+      });
+      d.reducer->prepare_for_backward(outputs);
+    } else {
+      d.reducer->prepare_for_backward({});
+    }
+  }
+
+  /// The guard that no_backward_sync returns: gradients accumulate locally while it lives and are
+  /// averaged at the next synced backward.
+  class NoSyncGuard {
+   public:
+    NoSyncGuard(detail::DDPModule& module, bool enabled)
+        : module_(&module), previous_(module.require_backward_grad_sync) {
+      if (enabled) module.require_backward_grad_sync = false;
+    }
+    ~NoSyncGuard() {
+      if (module_ != nullptr) module_->require_backward_grad_sync = previous_;
+    }
+    NoSyncGuard(NoSyncGuard&& other) noexcept
+        : module_(std::exchange(other.module_, nullptr)), previous_(other.previous_) {}
+    NoSyncGuard& operator=(NoSyncGuard&&) = delete;
+    NoSyncGuard(const NoSyncGuard&) = delete;
+    NoSyncGuard& operator=(const NoSyncGuard&) = delete;
+
+   private:
+    detail::DDPModule* module_;
+    bool previous_;
+  };
+  /// Returns the guard that skips gradient synchronisation (when enabled) for forward and backward
+  /// passes made while it lives.
+  NoSyncGuard no_backward_sync(ModuleState& state, bool enabled) { return NoSyncGuard(*state.ddp, enabled); }
+
+  /// Reduces a tensor across processes in place (mean: sum, then divide; an integer tensor's mean is
+  /// returned as a new floating tensor).
+  at::Tensor all_reduce(at::Tensor tensor, ReduceOp op) {
+    auto& pg = group("all_reduce");
+    if (!tensor.is_contiguous()) {
+      detail::raise("all_reduce: expected a contiguous tensor, found one with strides {}; call .contiguous() first",
+                    detail::shape_text(tensor.strides()));
+    }
+    c10d::AllreduceOptions opts;
+    opts.reduceOp = op == ReduceOp::min   ? c10d::ReduceOp::MIN
+                    : op == ReduceOp::max ? c10d::ReduceOp::MAX
+                                          : c10d::ReduceOp::SUM;
+    opts.timeout = options_.timeout;
+    std::vector<at::Tensor> tensors{tensor};
+    wait(pg->allreduce(tensors, opts), "all_reduce");
+    if (op != ReduceOp::mean) return tensor;
+    if (at::isFloatingType(tensor.scalar_type()) || at::isComplexType(tensor.scalar_type())) {
+      return tensor.div_(world_size());
+    }
+    return tensor.div(world_size());
+  }
+  /// Gathers a tensor from all processes into a new tensor with a leading world-size dimension.
+  at::Tensor all_gather(const at::Tensor& tensor) {
+    auto& pg = group("all_gather");
+    at::Tensor input = tensor.contiguous();
+    std::vector<std::vector<at::Tensor>> outputs(1);
+    for (int r = 0; r < world_size(); ++r) outputs[0].push_back(at::empty_like(input));
+    std::vector<at::Tensor> inputs{input};
+    c10d::AllgatherOptions opts;
+    opts.timeout = options_.timeout;
+    check_same_shape(input, "all_gather");
+    wait(pg->allgather(outputs, inputs, opts), "all_gather");
+    return at::stack(outputs[0]);
+  }
+  /// Returns rank src's value on every process: tensors, numbers, strings and what c10::IValue holds
+  /// (vectors, dictionaries, tuples).
+  template <class T>
+  T broadcast(T value, int src) {
+    std::vector<char> bytes;
+    if (global_rank() == src) bytes = detail::pickle_value(value);
+    broadcast_bytes(bytes, src, "broadcast");
+    if (global_rank() == src) return value;
+    return detail::unpickle_value<T>(bytes, device_);
+  }
+  /// Combines a boolean decision across processes: all of them (all = true) or any of them.
+  bool reduce_boolean_decision(bool decision, bool all) {
+    at::Tensor t = at::scalar_tensor(decision ? 1 : 0, at::TensorOptions().dtype(at::kInt).device(device_));
+    t = all_reduce(t, ReduceOp::sum);
+    const int votes = t.item<int>();
+    return all ? votes == world_size() : votes > 0;
+  }
+  /// Says whether setup_dataloaders shards data across ranks.
+  bool shards_data() const noexcept { return true; }
+
+ private:
+  static constexpr std::size_t kBroadcastBucketBytes = 250u * 1024u * 1024u;
+
+  const c10::intrusive_ptr<c10d::ProcessGroup>& group(std::string_view what) const {
+    if (!pg_) {
+      detail::raise(
+          "{}: the DDP processes are not connected yet; call fabric.launch() first (once, before setup, "
+          "collectives and save)",
+          what);
+    }
+    return pg_;
+  }
+  /// Runs a collective, turning c10d's failures into errors that say which rank and what to check.
+  template <class Fn>
+  void collective(std::string_view what, Fn&& fn) const {
+    try {
+      std::forward<Fn>(fn)();
+    } catch (const fabric::Error&) {
+      throw;
+    } catch (const std::exception& e) {
+      detail::raise(
+          "{} failed on rank {} of {} ({}); another process probably failed, was killed or did not reach the same "
+          "collective within the timeout of {} s: check the other processes' output",
+          what, global_rank(), world_size(), detail::first_line(e.what()),
+          std::chrono::duration_cast<std::chrono::seconds>(options_.timeout).count());
+    }
+  }
+  void wait(const c10::intrusive_ptr<c10d::Work>& work, std::string_view what) const {
+    collective(what, [&] { work->wait(options_.timeout); });
+  }
+  void broadcast_bytes(std::vector<char>& bytes, int src, std::string_view what) {
+    auto& pg = group(what);
+    const auto on_device = at::TensorOptions().device(device_);
+    at::Tensor size =
+        at::scalar_tensor(static_cast<std::int64_t>(bytes.size()), on_device.dtype(at::kLong)).reshape({1});
+    c10d::BroadcastOptions opts;
+    opts.rootRank = src;
+    opts.timeout = options_.timeout;
+    std::vector<at::Tensor> sizes{size};
+    wait(pg->broadcast(sizes, opts), what);
+    const auto n = size.item<std::int64_t>();
+    at::Tensor data = global_rank() == src
+                          ? at::from_blob(bytes.data(), {n}, at::TensorOptions().dtype(at::kByte)).to(device_)
+                          : at::empty({n}, on_device.dtype(at::kByte));
+    std::vector<at::Tensor> datas{data};
+    wait(pg->broadcast(datas, opts), what);
+    if (global_rank() != src) {
+      at::Tensor host = data.cpu();
+      bytes.assign(static_cast<const char*>(host.data_ptr()), static_cast<const char*>(host.data_ptr()) + n);
+    }
+  }
+  void check_same_shape(const at::Tensor& t, std::string_view what) {
+    std::string text = detail::shape_text(t.sizes()) + " " + std::string(c10::toString(t.scalar_type()));
+    std::vector<char> bytes(text.begin(), text.end());
+    broadcast_bytes(bytes, 0, what);
+    const bool same = std::string(bytes.begin(), bytes.end()) == text;
+    if (!reduce_boolean_decision(same, true)) {
+      detail::raise("{}: expected the same shape and dtype on every rank, found {} on rank {} and {} on rank 0{}", what,
+                    text, global_rank(), std::string(bytes.begin(), bytes.end()),
+                    same ? " (this rank matches; another one does not)" : "");
+    }
+  }
+  /// Fails on every rank, naming the first difference, when the module differs from rank 0's.
+  void verify_same_model(const std::string& description) {
+    std::vector<char> bytes(description.begin(), description.end());
+    broadcast_bytes(bytes, 0, "setup");
+    const std::string reference(bytes.begin(), bytes.end());
+    std::string difference;
+    if (reference != description) {
+      std::istringstream mine(description), theirs(reference);
+      std::string a, b;
+      while (true) {
+        const bool ha = static_cast<bool>(std::getline(mine, a));
+        const bool hb = static_cast<bool>(std::getline(theirs, b));
+        if (!ha && !hb) break;
+        if (a != b || ha != hb) {
+          difference = fmt::format("this rank has {} where rank 0 has {}", ha ? a : "nothing", hb ? b : "nothing");
+          break;
+        }
+      }
+    }
+    if (!reduce_boolean_decision(difference.empty(), true)) {
+      if (!difference.empty()) {
+        detail::raise("DDP: rank {} has a different model than rank 0: {}; build the same model on every rank",
+                      global_rank(), difference);
+      }
+      detail::raise(
+          "DDP: another rank has a different model than rank {} (its error names the parameter); build the same "
+          "model on every rank",
+          global_rank());
+    }
+  }
+
+  Options options_{};
+  ClusterEnvironment env_{};
+  int devices_ = 1;
+  int num_nodes_ = 1;
+  c10::Device device_{c10::DeviceType::CPU};
+  std::string backend_{};
+  // NOTE: declared before pg_ so that the process group closes before the launcher waits for its children.
+  std::unique_ptr<detail::SubprocessLauncher> launcher_{};
+  c10::intrusive_ptr<c10d::ProcessGroup> pg_{};
+};
+
+}  // namespace fabric
+// ---- end fabric/strategies/ddp.hpp
 // ---- end fabric/fabric.hpp

@@ -1,0 +1,225 @@
+#pragma once
+// The one place that knows how LibTorch's distributed engine (c10d) is spelled in each version:
+// stores, process groups (a Gloo group *is* a ProcessGroup in 1.13; 2.x wraps Backends in one),
+// the DDP Reducer's constructor, and the bf16 gradient-compression hook.
+
+#include "fabric/error.hpp"
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/intrusive_ptr.h>
+#include <torch/csrc/distributed/c10d/debug.h>
+#include <torch/version.h>
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
+#include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
+#include <torch/csrc/distributed/c10d/comm.hpp>
+#include <torch/csrc/distributed/c10d/reducer.hpp>
+
+// NOTE: LibTorch's CMake config defines USE_C10D_GLOO even where the gloo headers are missing (the
+// PyTorch wheel), so check for the headers as well.
+#if defined(USE_C10D_GLOO) && __has_include(<gloo/config.h>)
+#define FABRIC_HAS_GLOO 1
+#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
+#else
+#define FABRIC_HAS_GLOO 0
+#endif
+#if defined(USE_C10D_NCCL) && __has_include(<nccl.h>)
+#define FABRIC_HAS_NCCL 1
+#include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
+#else
+#define FABRIC_HAS_NCCL 0
+#endif
+
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <cstdlib>
+#include <string>
+#include <string_view>
+#include <type_traits>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+namespace fabric::detail {
+
+#define FABRIC_TORCH_AT_LEAST(major, minor) \
+  (TORCH_VERSION_MAJOR > (major) || (TORCH_VERSION_MAJOR == (major) && TORCH_VERSION_MINOR >= (minor)))
+
+/// Where and how the processes of a job meet.
+struct Rendezvous {
+  std::string address;
+  int port = 0;
+  int rank = 0;
+  int world_size = 1;
+  std::chrono::milliseconds timeout{std::chrono::minutes(30)};
+  /// Rank 0 serves the store unless the launcher does (torchrun's agent).
+  bool launcher_hosts_store = false;
+};
+
+/// Connects to the job's TCPStore (rank 0 serves it) and returns a store private to the default group.
+inline c10::intrusive_ptr<c10d::Store> make_store(const Rendezvous& r) {
+  c10d::TCPStoreOptions options;
+  options.port = static_cast<std::uint16_t>(r.port);
+  options.isServer = r.rank == 0 && !r.launcher_hosts_store;
+  options.numWorkers = static_cast<std::size_t>(r.world_size);
+  options.waitWorkers = true;
+  options.timeout = r.timeout;
+  try {
+    auto tcp = c10::make_intrusive<c10d::TCPStore>(r.address, options);
+    return c10::make_intrusive<c10d::PrefixStore>("default_pg", std::move(tcp));
+  } catch (const std::exception& e) {
+    raise(
+        "rank {} could not meet the other {} process{} at {}:{} within {} s ({}); check MASTER_ADDR and "
+        "MASTER_PORT, that the port is free on the main node, and that every process was started",
+        r.rank, r.world_size - 1, r.world_size == 2 ? "" : "es", r.address, r.port,
+        std::chrono::duration_cast<std::chrono::seconds>(r.timeout).count(), first_line(e.what()));
+  }
+}
+
+/// Returns true when this LibTorch can make a process group with the named backend.
+inline bool has_backend(std::string_view backend) {
+  if (backend == "gloo") return FABRIC_HAS_GLOO;
+  if (backend == "nccl") return FABRIC_HAS_NCCL;
+  return false;
+}
+
+#if FABRIC_HAS_GLOO
+inline bool is_loopback(const std::string& address) {
+  return address == "localhost" || address.rfind("127.", 0) == 0 || address == "::1";
+}
+#endif
+
+/// Creates the default process group of the job with the backend ("gloo" or "nccl").
+inline c10::intrusive_ptr<c10d::ProcessGroup> make_process_group(const std::string& backend, const Rendezvous& r,
+                                                                 bool single_node) {
+  if (!has_backend(backend)) {
+    raise(
+        "the process group backend \"{}\" is not available in this LibTorch (gloo: {}, nccl: {}); use the "
+        "accelerator whose backend exists (gloo for the CPU, nccl for CUDA) or set DDP's process_group_backend",
+        backend, FABRIC_HAS_GLOO ? "yes" : "no", FABRIC_HAS_NCCL ? "yes" : "no");
+  }
+  c10d::setDebugLevelFromEnvironment();
+  auto store = make_store(r);
+  [[maybe_unused]] const bool single = single_node;
+#if FABRIC_HAS_GLOO
+  if (backend == "gloo") {
+    auto options = c10d::ProcessGroupGloo::Options::create(r.timeout);
+    if (const char* ifname = std::getenv("GLOO_SOCKET_IFNAME"); ifname != nullptr && *ifname != '\0') {
+      options->devices.push_back(c10d::ProcessGroupGloo::createDeviceForInterface(ifname));
+    } else if (single && is_loopback(r.address)) {
+      options->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname("127.0.0.1"));
+    } else {
+      options->devices.push_back(c10d::ProcessGroupGloo::createDefaultDevice());
+    }
+    auto gloo = c10::make_intrusive<c10d::ProcessGroupGloo>(store, r.rank, r.world_size, options);
+#if TORCH_VERSION_MAJOR >= 2
+    auto pg = c10::make_intrusive<c10d::ProcessGroup>(store, r.rank, r.world_size);
+    pg->setBackend(c10::DeviceType::CPU, c10d::ProcessGroup::BackendType::GLOO,
+                   c10::intrusive_ptr<c10d::Backend>(gloo));
+    pg->setDefaultBackend(c10d::ProcessGroup::BackendType::GLOO);
+    return pg;
+#else
+    return gloo;
+#endif
+  }
+#endif
+#if FABRIC_HAS_NCCL
+  if (backend == "nccl") {
+    auto options = c10d::ProcessGroupNCCL::Options::create();
+    options->timeout = r.timeout;
+    auto nccl = c10::make_intrusive<c10d::ProcessGroupNCCL>(store, r.rank, r.world_size, options);
+#if TORCH_VERSION_MAJOR >= 2
+    auto pg = c10::make_intrusive<c10d::ProcessGroup>(store, r.rank, r.world_size);
+    pg->setBackend(c10::DeviceType::CUDA, c10d::ProcessGroup::BackendType::NCCL,
+                   c10::intrusive_ptr<c10d::Backend>(nccl));
+    pg->setDefaultBackend(c10d::ProcessGroup::BackendType::NCCL);
+    return pg;
+#else
+    return nccl;
+#endif
+  }
+#endif
+  raise("unknown process group backend \"{}\"; expected \"gloo\" or \"nccl\"", backend);
+}
+
+/// Shuts a process group down where LibTorch has that step (2.x; NCCL warns at exit without it).
+template <class PG>
+void shutdown_process_group(PG& pg) {
+  if constexpr (requires { pg->shutdown(); }) {
+    try {
+      pg->shutdown();
+    } catch (...) {  // NOTE: teardown must not throw; a failed shutdown only means the peers are gone.
+    }
+  }
+}
+
+/// Creates c10d's Reducer (PyTorch's DDP engine) with whichever constructor this LibTorch has.
+template <class R = c10d::Reducer>
+std::unique_ptr<R> make_reducer(std::vector<at::Tensor> params, std::vector<std::vector<std::size_t>> buckets,
+                                std::vector<std::size_t> bucket_limits,
+                                const c10::intrusive_ptr<c10d::ProcessGroup>& pg, std::int64_t bucket_bytes,
+                                bool find_unused, bool gradient_as_bucket_view,
+                                std::unordered_map<std::size_t, std::string> names, std::int64_t first_bucket_bytes) {
+  using Params = std::vector<at::Tensor>;
+  using Buckets = std::vector<std::vector<std::size_t>>;
+  using Names = std::unordered_map<std::size_t, std::string>;
+  using PG = c10::intrusive_ptr<c10d::ProcessGroup>;
+  std::vector<bool> sparse(params.size(), false);
+  if constexpr (std::is_constructible_v<R, Params, Buckets, std::vector<std::size_t>, PG, std::vector<bool>,
+                                        std::int64_t, bool, bool, Names, std::int64_t>) {
+    // LibTorch 1.13
+    return std::make_unique<R>(std::move(params), std::move(buckets), std::move(bucket_limits), pg, std::move(sparse),
+                               bucket_bytes, find_unused, gradient_as_bucket_view, std::move(names),
+                               first_bucket_bytes);
+  } else if constexpr (std::is_constructible_v<R, Params, Buckets, PG, std::vector<bool>, std::int64_t, bool, bool,
+                                               Names, std::int64_t, bool, bool, std::vector<std::int64_t>>) {
+    // LibTorch 2.x: skip_all_reduce_unused_params, use_python_reducer, bucket_bytes_cap_list
+    (void)bucket_limits;
+    return std::make_unique<R>(std::move(params), std::move(buckets), pg, std::move(sparse), bucket_bytes, find_unused,
+                               gradient_as_bucket_view, std::move(names), first_bucket_bytes, false, false,
+                               std::vector<std::int64_t>{});
+  } else if constexpr (std::is_constructible_v<R, Params, Buckets, PG, std::vector<bool>, std::int64_t, bool, bool,
+                                               Names, std::int64_t, bool, bool, std::vector<std::int64_t>, bool>) {
+    // later 2.x: batched_grad_copy
+    (void)bucket_limits;
+    return std::make_unique<R>(std::move(params), std::move(buckets), pg, std::move(sparse), bucket_bytes, find_unused,
+                               gradient_as_bucket_view, std::move(names), first_bucket_bytes, false, false,
+                               std::vector<std::int64_t>{}, false);
+  } else {
+    static_assert(sizeof(R) == 0,
+                  "fabric: this LibTorch's c10d::Reducer constructor is not known; add it to make_reducer in "
+                  "fabric/detail/c10d.hpp");
+  }
+}
+
+/// The bf16 gradient-compression hook (c10d has only fp16 built in): each bucket is cast to bfloat16,
+/// divided by the world size, all-reduced and copied back.
+// NOTE: derives from CommHookInterface, not CppCommHookInterface, whose parse helper Debian's 1.13
+// does not export.
+class BF16CompressHook final : public c10d::CommHookInterface {
+ public:
+  explicit BF16CompressHook(c10::intrusive_ptr<c10d::ProcessGroup> pg) : pg_(std::move(pg)) {}
+
+  c10::intrusive_ptr<c10::ivalue::Future> runHook(c10d::GradBucket& bucket) override {
+    at::Tensor buffer = bucket.getBufferRef();
+    std::vector<at::Tensor> compressed{buffer.to(at::kBFloat16).div_(pg_->getSize())};
+    return pg_->allreduce(compressed)
+        ->getFuture()
+        ->then(
+            [buffer](c10::ivalue::Future& f) {
+              at::Tensor out = buffer;
+              out.copy_(f.value().toTensorVector()[0]);
+              return c10::IValue(out);
+            },
+            c10::TensorType::get());
+  }
+  at::Tensor parseHookResult(const c10::IValue& result) override {
+    return result.isTensor() ? result.toTensor() : result.toTensorVector()[0];
+  }
+
+ private:
+  c10::intrusive_ptr<c10d::ProcessGroup> pg_;
+};
+
+}  // namespace fabric::detail

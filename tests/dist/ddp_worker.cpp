@@ -1,0 +1,410 @@
+// The program behind the multi-process tests (tests/dist/CMakeLists.txt): real processes, real Gloo.
+//
+//     ddp_worker SCENARIO [--devices N] [--steps N] [--bucket-cap-mb X] [--grad-as-view] [--static-graph]
+//                [--find-unused] [--comm-hook fp16|bf16] [--accumulate K] [--timeout-s S] [--dir D]
+//                [--fault throw|kill] [--external] [--tag T]
+//
+// Each scenario checks its own results and exits 0 only when they hold; any failed check prints
+// "rank R: FAILED: ..." and exits 1.
+
+#include <fabric/fabric.hpp>
+
+#include <torch/torch.h>
+
+#include <csignal>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <set>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <unistd.h>
+
+namespace {
+
+using DDPFabric = fabric::Fabric<fabric::CPU, fabric::DDP>;
+
+struct Args {
+  std::string scenario;
+  int devices = 2;
+  int steps = 5;
+  double bucket_cap_mb = 25.0;
+  bool grad_as_view = false;
+  bool static_graph = false;
+  bool find_unused = false;
+  bool use_extra = false;
+  std::string comm_hook = "none";
+  int accumulate = 1;
+  int timeout_s = 20;
+  std::string dir = ".";
+  std::string fault;
+  bool external = false;
+};
+
+int rank_of_env() {
+  for (const char* name : {"RANK", "OMPI_COMM_WORLD_RANK", "SLURM_PROCID", "LOCAL_RANK"}) {
+    if (const char* v = std::getenv(name)) return std::atoi(v);
+  }
+  return 0;
+}
+
+template <class T>
+std::string str(const T& value) {
+  std::ostringstream out;
+  out << value;
+  return out.str();
+}
+
+class CheckFailed : public std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+#define WORKER_CHECK(cond, ...)                                                                                        \
+  do {                                                                                                                 \
+    if (!(cond)) throw CheckFailed(fmt::format("{}:{}: {}: {}", __FILE__, __LINE__, #cond, fmt::format(__VA_ARGS__))); \
+  } while (false)
+
+Args parse(int argc, char** argv) {
+  if (argc < 2) throw std::invalid_argument("usage: ddp_worker SCENARIO [options]");
+  Args a;
+  a.scenario = argv[1];
+  for (int i = 2; i < argc; ++i) {
+    const std::string flag = argv[i];
+    auto value = [&] {
+      if (i + 1 >= argc) throw std::invalid_argument(flag + " needs a value");
+      return std::string(argv[++i]);
+    };
+    if (flag == "--devices")
+      a.devices = std::stoi(value());
+    else if (flag == "--steps")
+      a.steps = std::stoi(value());
+    else if (flag == "--bucket-cap-mb")
+      a.bucket_cap_mb = std::stod(value());
+    else if (flag == "--grad-as-view")
+      a.grad_as_view = true;
+    else if (flag == "--static-graph")
+      a.static_graph = true;
+    else if (flag == "--find-unused")
+      a.find_unused = true;
+    else if (flag == "--comm-hook")
+      a.comm_hook = value();
+    else if (flag == "--accumulate")
+      a.accumulate = std::stoi(value());
+    else if (flag == "--timeout-s")
+      a.timeout_s = std::stoi(value());
+    else if (flag == "--dir")
+      a.dir = value();
+    else if (flag == "--fault")
+      a.fault = value();
+    else if (flag == "--external")
+      a.external = true;
+    else if (flag == "--tag")
+      (void)value();
+    else
+      throw std::invalid_argument("unknown flag " + flag);
+  }
+  return a;
+}
+
+/// Two layers and, for find_unused_parameters, a third that the forward skips.
+struct NetImpl : torch::nn::Module {
+  explicit NetImpl(int hidden = 32, bool with_extra = false)
+      : fc1(register_module("fc1", torch::nn::Linear(16, hidden))),
+        fc2(register_module("fc2", torch::nn::Linear(hidden, 4))) {
+    if (with_extra) extra = register_module("extra", torch::nn::Linear(hidden, 4));
+  }
+  torch::Tensor forward(const torch::Tensor& x) { return fc2(torch::tanh(fc1(x))); }
+  torch::nn::Linear fc1, fc2, extra{nullptr};
+};
+TORCH_MODULE(Net);
+
+/// The global batch of a step, the same on every rank.
+std::pair<torch::Tensor, torch::Tensor> global_batch(int step, int size) {
+  auto gen = at::detail::createCPUGenerator(1000 + step);
+  auto x = at::randn({size, 16}, gen);
+  auto y = at::randn({size, 4}, gen);
+  return {x, y};
+}
+
+Net make_net(int hidden = 32, bool with_extra = false) {
+  torch::manual_seed(7);
+  return Net(hidden, with_extra);
+}
+
+void copy_params(const Net& from, Net& to) {
+  torch::NoGradGuard no_grad;
+  auto src = from->parameters();
+  auto dst = to->parameters();
+  for (std::size_t i = 0; i < src.size(); ++i) dst[i].copy_(src[i]);
+}
+
+fabric::DDP::Options ddp_options(const Args& a) {
+  fabric::DDP::Options o;
+  o.bucket_cap_mb = a.bucket_cap_mb;
+  o.gradient_as_bucket_view = a.grad_as_view;
+  o.static_graph = a.static_graph;
+  o.find_unused_parameters = a.find_unused;
+  o.timeout = std::chrono::seconds(a.timeout_s);
+  if (a.comm_hook == "fp16") o.comm_hook = fabric::DDP::CommHook::fp16;
+  if (a.comm_hook == "bf16") o.comm_hook = fabric::DDP::CommHook::bf16;
+  return o;
+}
+
+template <class A, class B>
+std::vector<std::pair<A, B>> ranges_zip(const std::vector<A>& a, const std::vector<B>& b) {
+  std::vector<std::pair<A, B>> out;
+  for (std::size_t i = 0; i < std::min(a.size(), b.size()); ++i) out.emplace_back(a[i], b[i]);
+  return out;
+}
+
+/// DDP over W ranks, each on its slice of the global batch, against one process on the whole batch.
+int train_equivalence(DDPFabric& fabric, const Args& a) {
+  const int world = fabric.world_size();
+  const int rank = fabric.global_rank();
+  const int local = 4;  // samples per rank and micro-batch
+  Net reference = make_net(32, a.find_unused);
+  Net net = make_net(32, a.find_unused);
+  if (rank != 0) {
+    // Different starting weights on the other ranks: setup must replace them with rank 0's.
+    torch::NoGradGuard no_grad;
+    for (auto& p : net->parameters()) p.add_(1.0);
+  }
+  torch::optim::SGD ref_opt(reference->parameters(), torch::optim::SGDOptions(0.05).momentum(0.9));
+  torch::optim::SGD sgd(net->parameters(), torch::optim::SGDOptions(0.05).momentum(0.9));
+  auto [model, optimizer] = fabric.setup(net, sgd);
+  for (const auto& [p, q] : ranges_zip(net->parameters(), reference->parameters())) {
+    WORKER_CHECK(torch::equal(p, q), "parameters differ from rank 0's after setup");
+  }
+  const int micro = a.accumulate;
+  for (int step = 0; step < a.steps; ++step) {
+    if (!a.fault.empty() && rank == 1 && step == 2) {
+      if (a.fault == "throw") throw std::runtime_error("injected failure on rank 1");
+      if (a.fault == "kill") std::raise(SIGKILL);
+      if (a.fault == "hang") std::this_thread::sleep_for(std::chrono::hours(1));
+    }
+    auto [x, y] = global_batch(step, local * world * micro);
+    for (int k = 0; k < micro; ++k) {
+      const int begin = (k * world + rank) * local;
+      auto xs = x.narrow(0, begin, local);
+      auto ys = y.narrow(0, begin, local);
+      const bool last = k == micro - 1;
+      auto guard = fabric.no_backward_sync(model, !last);
+      auto loss = torch::mse_loss(model(xs), ys) / micro;
+      fabric.backward(loss);
+    }
+    optimizer.step();
+    optimizer.zero_grad();
+    auto loss = torch::mse_loss(reference(x), y);
+    loss.backward();
+    ref_opt.step();
+    ref_opt.zero_grad();
+  }
+  // Every rank holds the same parameters, and they are those of one process on the global batches.
+  const double tolerance = a.comm_hook == "none" ? 1e-5 : 5e-3;
+  double worst = 0;
+  for (const auto& [p, q] : ranges_zip(net->parameters(), reference->parameters())) {
+    worst = std::max(worst, (p - q).abs().max().item<double>());
+    auto gathered = fabric.all_gather(p.detach().clone());
+    WORKER_CHECK(torch::equal(gathered[0], gathered[world - 1]), "ranks hold different parameters");
+  }
+  WORKER_CHECK(worst <= tolerance, "max |DDP - single process| = {} > {}", worst, tolerance);
+  fabric.print("equivalence ok: world {} steps {} accumulate {} max |DDP - single| = {:.3g} (tolerance {})", world,
+               a.steps, micro, worst, tolerance);
+  return 0;
+}
+
+int collectives(DDPFabric& fabric, const Args& /*a*/) {
+  const int world = fabric.world_size();
+  const int rank = fabric.global_rank();
+  const double sum_ranks = world * (world - 1) / 2.0;
+  // all_reduce: every op, in place, tensors and containers, numbers.
+  auto t = torch::full({3}, static_cast<float>(rank + 1));
+  auto reduced = fabric.all_reduce(t, fabric::ReduceOp::sum);
+  WORKER_CHECK(torch::allclose(reduced, torch::full({3}, static_cast<float>(sum_ranks + world))), "sum {}",
+               str(reduced));
+  WORKER_CHECK(t.data_ptr() == reduced.data_ptr() && t[0].item<float>() == sum_ranks + world, "not in place");
+  auto mean = fabric.all_reduce(torch::full({2}, rank, torch::kDouble));
+  WORKER_CHECK(torch::allclose(mean, torch::full({2}, sum_ranks / world, torch::kDouble)), "mean {}", str(mean));
+  auto mn = fabric.all_reduce(torch::tensor({rank, -rank}), fabric::ReduceOp::min);
+  WORKER_CHECK(mn[0].item<int64_t>() == 0 && mn[1].item<int64_t>() == -(world - 1), "min {}", str(mn));
+  auto mx = fabric.all_reduce(torch::tensor({rank, -rank}), fabric::ReduceOp::max);
+  WORKER_CHECK(mx[0].item<int64_t>() == world - 1 && mx[1].item<int64_t>() == 0, "max {}", str(mx));
+  auto int_mean = fabric.all_reduce(torch::tensor({2 * rank}));
+  WORKER_CHECK(int_mean.is_floating_point() && std::abs(int_mean.item<double>() - 2 * sum_ranks / world) < 1e-6,
+               "integer mean {}", str(int_mean));
+  std::map<std::string, std::vector<torch::Tensor>> nested{{"a", {torch::ones({1}) * rank, torch::ones({2})}}};
+  auto nested_sum = fabric.all_reduce(nested, fabric::ReduceOp::sum);
+  WORKER_CHECK(nested_sum["a"][0].item<float>() == sum_ranks && nested_sum["a"][1][1].item<float>() == world, "nested");
+  auto number = fabric.all_reduce(rank + 0.5, fabric::ReduceOp::max);
+  WORKER_CHECK(number.item<double>() == world - 0.5, "number {}", str(number));
+  // all_gather: a leading world-size dimension.
+  auto gathered = fabric.all_gather(torch::full({2, 3}, rank));
+  WORKER_CHECK(gathered.sizes() == torch::IntArrayRef({world, 2, 3}), "gather shape {}", str(gathered));
+  for (int r = 0; r < world; ++r) WORKER_CHECK(gathered[r].eq(r).all().item<bool>(), "gather value at {}", r);
+  auto gathered_list = fabric.all_gather(std::vector<torch::Tensor>{torch::tensor({rank})});
+  WORKER_CHECK(gathered_list[0].sizes() == torch::IntArrayRef({world, 1}), "gather list");
+  bool shape_error = false;
+  try {
+    (void)fabric.all_gather(torch::zeros({rank + 1}));
+  } catch (const fabric::Error& e) {
+    shape_error = std::string(e.what()).find("same shape") != std::string::npos;
+  }
+  WORKER_CHECK(world == 1 || shape_error, "all_gather with different shapes must fail on every rank");
+  // broadcast: tensors and serializable values.
+  const int src = world - 1;
+  auto bt = fabric.broadcast(torch::full({2}, rank), src);
+  WORKER_CHECK(bt.eq(src).all().item<bool>(), "broadcast tensor {}", str(bt));
+  WORKER_CHECK(fabric.broadcast(rank * 10, src) == src * 10, "broadcast int");
+  WORKER_CHECK(fabric.broadcast(rank + 0.25, 0) == 0.25, "broadcast double");
+  WORKER_CHECK(fabric.broadcast(std::string(rank + 1, 'x'), src) == std::string(src + 1, 'x'), "broadcast string");
+  auto vec = fabric.broadcast(std::vector<int64_t>(rank + 1, rank), src);
+  WORKER_CHECK(vec == std::vector<int64_t>(src + 1, src), "broadcast vector");
+  WORKER_CHECK(fabric.broadcast(rank == 0, 0), "broadcast bool");
+  bool bad_src = false;
+  try {
+    (void)fabric.broadcast(1, world);
+  } catch (const fabric::Error&) {
+    bad_src = true;
+  }
+  WORKER_CHECK(bad_src, "broadcast from a rank that does not exist must fail");
+  // Boolean decisions.
+  WORKER_CHECK(fabric.strategy().reduce_boolean_decision(rank == 0, false), "any");
+  WORKER_CHECK(fabric.strategy().reduce_boolean_decision(rank == 0, true) == (world == 1), "all");
+  // rank_zero_first: the others enter only after rank zero has left.
+  const auto marker = std::filesystem::path(std::getenv("FABRIC_TEST_TMP") ? std::getenv("FABRIC_TEST_TMP") : "/tmp") /
+                      fmt::format("rank_zero_first_{}", fabric.broadcast(static_cast<int64_t>(::getpid()), 0));
+  {
+    auto guard = fabric.rank_zero_first();
+    if (rank == 0) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(300));
+      std::ofstream(marker) << "done";
+    } else {
+      WORKER_CHECK(std::filesystem::exists(marker), "rank {} entered before rank zero finished", rank);
+    }
+  }
+  fabric.barrier();
+  if (rank == 0) std::filesystem::remove(marker);
+  fabric.print("collectives ok: world {}", world);
+  return 0;
+}
+
+struct IndexDataset : torch::data::datasets::Dataset<IndexDataset> {
+  explicit IndexDataset(std::size_t n) : n_(n) {}
+  torch::data::Example<> get(std::size_t i) override {
+    return {torch::tensor({static_cast<int64_t>(i)}), torch::tensor({0})};
+  }
+  torch::optional<std::size_t> size() const override { return n_; }
+  std::size_t n_;
+};
+
+std::vector<int64_t> one_epoch(auto& loader) {
+  std::vector<int64_t> seen;
+  for (auto& batch : loader) {
+    for (int64_t i = 0; i < batch.data.size(0); ++i) seen.push_back(batch.data[i][0].template item<int64_t>());
+  }
+  return seen;
+}
+
+int sampler(DDPFabric& fabric, const Args& /*a*/) {
+  const int world = fabric.world_size();
+  const int n = 10;
+  fabric.seed_everything(3);
+  auto loader =
+      fabric.dataloader(IndexDataset(n).map(torch::data::transforms::Stack<>()), {.batch_size = 2, .shuffle = true});
+  auto epoch0 = one_epoch(loader);
+  auto epoch1 = one_epoch(loader);
+  const int per_rank = (n + world - 1) / world;
+  WORKER_CHECK(static_cast<int>(epoch0.size()) == per_rank, "rank sees {} samples, expected {}", epoch0.size(),
+               per_rank);
+  auto all0 = fabric.all_gather(torch::tensor(epoch0));
+  auto all1 = fabric.all_gather(torch::tensor(epoch1));
+  std::multiset<int64_t> s0(all0.data_ptr<int64_t>(), all0.data_ptr<int64_t>() + all0.numel());
+  std::set<int64_t> distinct(s0.begin(), s0.end());
+  WORKER_CHECK(static_cast<int>(distinct.size()) == n, "the shards cover {} of {} samples", distinct.size(), n);
+  WORKER_CHECK(static_cast<int>(s0.size()) == per_rank * world, "padding: {} samples in all", s0.size());
+  // Disjoint apart from the padding: exactly per_rank*world - n samples appear twice.
+  int repeats = 0;
+  for (auto v : distinct) repeats += static_cast<int>(s0.count(v)) - 1;
+  WORKER_CHECK(repeats == per_rank * world - n, "{} repeated samples, expected {}", repeats, per_rank * world - n);
+  WORKER_CHECK(!torch::equal(all0, all1), "epoch 1 must be shuffled differently from epoch 0");
+  auto unsharded = fabric.dataloader(IndexDataset(n).map(torch::data::transforms::Stack<>()), {.batch_size = 3},
+                                     {.use_distributed_sampler = false});
+  auto everything = one_epoch(unsharded);
+  WORKER_CHECK(static_cast<int>(everything.size()) == n, "use_distributed_sampler = false must not shard");
+  fabric.print("sampler ok: world {} per rank {} repeats {}", world, per_rank, repeats);
+  return 0;
+}
+
+int mismatch(DDPFabric& fabric, const Args& /*a*/) {
+  Net net = make_net(fabric.global_rank() == 1 ? 33 : 32);
+  try {
+    auto model = fabric.setup(net);
+  } catch (const fabric::Error& e) {
+    const std::string what = e.what();
+    fmt::print("rank {}: expected error: {}\n", fabric.global_rank(), what);
+    if (fabric.global_rank() == 1) {
+      WORKER_CHECK(what.find("fc1.weight") != std::string::npos && what.find("[33, 16]") != std::string::npos,
+                   "the error must name the parameter and both shapes: {}", what);
+    }
+    return 0;
+  }
+  WORKER_CHECK(false, "setup with different models on the ranks must fail");
+  return 1;
+}
+
+int save_load(DDPFabric& fabric, const Args& a) {
+  Net net = make_net();
+  auto model = fabric.setup(net);
+  const auto dir = std::filesystem::path(a.dir);
+  const auto path = dir / "ddp.ckpt";
+  fabric.save(path, {{"model", model}, {"step", 5}});
+  WORKER_CHECK(std::filesystem::exists(path), "rank {} does not see the checkpoint after save", fabric.global_rank());
+  Net other(32);
+  fabric::State state{{"model", other}};
+  auto rest = fabric.load(path, state);
+  WORKER_CHECK(rest.at("step").value().toInt() == 5, "step");
+  WORKER_CHECK(torch::equal(other->fc1->weight, net->fc1->weight), "loaded weights differ");
+  // Rank 0 cannot write: every rank fails instead of waiting at the barrier.
+  const auto blocked = dir / "a-file";
+  if (fabric.is_global_zero()) std::ofstream(blocked) << "x";
+  fabric.barrier();
+  bool failed = false;
+  try {
+    fabric.save(blocked / "ckpt", {{"step", 1}});
+  } catch (const std::exception& e) {
+    failed = true;
+    fmt::print("rank {}: expected error: {}\n", fabric.global_rank(), e.what());
+  }
+  WORKER_CHECK(failed, "a failed save on rank 0 must fail on every rank");
+  fabric.print("save ok");
+  return 0;
+}
+
+int run(const Args& a) {
+  DDPFabric fabric(fabric::Options{.devices = a.devices}, fabric::DDP(ddp_options(a)), fabric::FP32{});
+  fabric.launch();
+  if (a.scenario == "train") return train_equivalence(fabric, a);
+  if (a.scenario == "collectives") return collectives(fabric, a);
+  if (a.scenario == "sampler") return sampler(fabric, a);
+  if (a.scenario == "mismatch") return mismatch(fabric, a);
+  if (a.scenario == "save") return save_load(fabric, a);
+  throw std::invalid_argument("unknown scenario " + a.scenario);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    return run(parse(argc, argv));
+  } catch (const CheckFailed& e) {
+    fmt::print(stderr, "rank {}: FAILED: {}\n", rank_of_env(), e.what());
+  } catch (const std::exception& e) {
+    fmt::print(stderr, "rank {}: error: {}\n", rank_of_env(), e.what());
+  }
+  return 1;
+}
