@@ -1,0 +1,594 @@
+// bench_race: the C++ side of the race of bench/race.sh. Trains the reference workloads of
+// shared BENCH.md (mlp in fp32 and bf16-mixed, GPT-2 small in bf16-mixed) with three C++ loops, one
+// after the other in one process, and reports ms/step, tokens/s, MFU and peak GPU memory of each:
+//
+//   libtorch        a hand-written LibTorch loop: autocast switched on with LibTorch's own calls,
+//                   loss.backward(), torch::optim::AdamW::step() (LibTorch's per-parameter step),
+//                   zero_grad();
+//   libtorch-fused  the same loop with the optimizer step of fabric (fabric::detail::optimizer_step:
+//                   the multi-tensor / fused AdamW kernels), i.e. exactly fabric's work without
+//                   fabric: fabric/libtorch-fused is fabric's overhead;
+//   fabric          fabric::Fabric<CUDA or CPU, SingleDevice, FP32 or BF16Mixed>: setup, model(x),
+//                   fabric.backward(loss), optimizer.step(), optimizer.zero_grad().
+//
+// Each loop builds its own model from the same seed, warms up, then times each step with CUDA
+// events (a steady clock on the CPU); the median is reported. Peak GPU memory is the caching
+// allocator's peak of allocated (and reserved) bytes from the loop's construction to its end.
+//
+//     bench_race --json race-cpp.json                    # all workloads on the GPU
+//     bench_race --device cpu --workload mlp --steps 3 --warmup 1
+//     bench_race --device cpu --workload gpt2 --gpt2-config tiny --steps 2 --warmup 1
+
+#include "gpt2/gpt2.hpp"
+
+#include <torch/torch.h>
+#include <fabric/fabric.hpp>
+#include <fabric/precision/autocast.hpp>
+
+#if defined(BENCH_RACE_CUDA)
+#include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
+#include <torch/cuda.h>
+#endif
+
+#include <algorithm>
+#include <charconv>
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <exception>
+#include <fstream>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace {
+
+/// A bad command line.
+class UsageError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+struct Settings {
+  std::string device = "auto";             // auto, cuda or cpu
+  std::vector<std::string> workloads{};    // mlp-fp32, mlp-bf16-mixed, gpt2-bf16-mixed
+  std::vector<std::string> competitors{};  // libtorch, libtorch-fused, fabric
+  int steps = 0;                           // 0: the workload's default (mlp 300, gpt2 30)
+  int warmup = -1;                         // -1: the workload's default (mlp 50, gpt2 10)
+  std::string gpt2_config = "small";
+  int gpt2_batch = 8;
+  double peak_tflops = 790.0;
+  std::string json{};
+  bool help = false;
+};
+
+constexpr std::string_view usage = R"(usage: bench_race [flags]
+
+Times the training step of the reference workloads (shared BENCH.md) with three C++ loops:
+libtorch (hand-written, LibTorch's AdamW step), libtorch-fused (hand-written, fabric's multi-tensor
+AdamW step) and fabric; prints ms/step (median), tokens/s, MFU and peak memory of each.
+
+flags:
+  --device D             auto (CUDA when there is a GPU), cuda or cpu (default auto)
+  --workload W           mlp (fp32 and bf16-mixed), mlp-fp32, mlp-bf16-mixed, gpt2 (bf16-mixed) or all;
+                         repeat or separate with commas (default all)
+  --competitors LIST     comma-separated subset of libtorch,libtorch-fused,fabric (default all three)
+  --steps N              timed steps (default: mlp 300, gpt2 30)
+  --warmup N             untimed steps first (default: mlp 50, gpt2 10)
+  --gpt2-config C        small (GPT-2 small, 124.5 M parameters) or tiny (for CPU checks) (default small)
+  --gpt2-batch N         sequences per gpt2 batch (default 8)
+  --peak-tflops X        the card's peak for MFU (default 790, an H100's measured bf16 matmul)
+  --json PATH            write the results to PATH as JSON
+  --help                 print this and exit
+)";
+
+int parse_int(std::string_view flag, std::string_view text, int min) {
+  int value = 0;
+  const auto [end, err] = std::from_chars(text.data(), text.data() + text.size(), value);
+  if (err != std::errc{} || end != text.data() + text.size() || value < min) {
+    throw UsageError(fmt::format("expected an integer >= {} after {}, found \"{}\"", min, flag, text));
+  }
+  return value;
+}
+
+std::vector<std::string> split(std::string_view text) {
+  std::vector<std::string> out;
+  while (!text.empty()) {
+    const auto comma = text.find(',');
+    if (comma != 0) out.emplace_back(text.substr(0, comma));
+    if (comma == std::string_view::npos) break;
+    text.remove_prefix(comma + 1);
+  }
+  return out;
+}
+
+Settings parse_args(int argc, char** argv) {
+  Settings s;
+  for (int i = 1; i < argc; ++i) {
+    const std::string_view flag = argv[i];
+    const auto value = [&]() -> std::string_view {
+      if (i + 1 >= argc) throw UsageError(fmt::format("expected a value after {}, found none", flag));
+      return argv[++i];
+    };
+    if (flag == "--help" || flag == "-h") {
+      s.help = true;
+    } else if (flag == "--device") {
+      s.device = value();
+      if (s.device != "auto" && s.device != "cuda" && s.device != "cpu") {
+        throw UsageError(fmt::format("expected auto, cuda or cpu after --device, found \"{}\"", s.device));
+      }
+    } else if (flag == "--workload") {
+      for (const auto& w : split(value())) {
+        if (w == "all") {
+          s.workloads.insert(s.workloads.end(), {"mlp-fp32", "mlp-bf16-mixed", "gpt2-bf16-mixed"});
+        } else if (w == "mlp") {
+          s.workloads.insert(s.workloads.end(), {"mlp-fp32", "mlp-bf16-mixed"});
+        } else if (w == "gpt2" || w == "gpt2-bf16-mixed") {
+          s.workloads.emplace_back("gpt2-bf16-mixed");
+        } else if (w == "mlp-fp32" || w == "mlp-bf16-mixed") {
+          s.workloads.push_back(w);
+        } else {
+          throw UsageError(
+              fmt::format("expected mlp, mlp-fp32, mlp-bf16-mixed, gpt2 or all after --workload, found \"{}\"", w));
+        }
+      }
+    } else if (flag == "--competitors") {
+      for (const auto& c : split(value())) {
+        if (c != "libtorch" && c != "libtorch-fused" && c != "fabric") {
+          throw UsageError(
+              fmt::format("expected libtorch, libtorch-fused or fabric in --competitors, found \"{}\"", c));
+        }
+        s.competitors.push_back(c);
+      }
+    } else if (flag == "--steps") {
+      s.steps = parse_int(flag, value(), 1);
+    } else if (flag == "--warmup") {
+      s.warmup = parse_int(flag, value(), 0);
+    } else if (flag == "--gpt2-config") {
+      s.gpt2_config = value();
+      if (s.gpt2_config != "small" && s.gpt2_config != "tiny") {
+        throw UsageError(fmt::format("expected small or tiny after --gpt2-config, found \"{}\"", s.gpt2_config));
+      }
+    } else if (flag == "--gpt2-batch") {
+      s.gpt2_batch = parse_int(flag, value(), 1);
+    } else if (flag == "--peak-tflops") {
+      s.peak_tflops = parse_int(flag, value(), 1);
+    } else if (flag == "--json") {
+      s.json = value();
+    } else {
+      throw UsageError(fmt::format("unknown flag \"{}\"; run bench_race --help for the list", flag));
+    }
+  }
+  if (s.workloads.empty()) s.workloads = {"mlp-fp32", "mlp-bf16-mixed", "gpt2-bf16-mixed"};
+  if (s.competitors.empty()) s.competitors = {"libtorch", "libtorch-fused", "fabric"};
+  return s;
+}
+
+// ---- the device: synchronisation, timing, memory ------------------------------------------------
+
+bool cuda_built() {
+#if defined(BENCH_RACE_CUDA)
+  return true;
+#else
+  return false;
+#endif
+}
+
+void synchronize(const torch::Device& device) {
+#if defined(BENCH_RACE_CUDA)
+  if (device.is_cuda()) torch::cuda::synchronize(device.index());
+#else
+  (void)device;
+#endif
+}
+
+/// Frees the allocator's cache and restarts its peak statistics (before a loop is built).
+void reset_memory(const torch::Device& device) {
+  synchronize(device);
+#if defined(BENCH_RACE_CUDA)
+  if (device.is_cuda()) {
+    c10::cuda::CUDACachingAllocator::emptyCache();
+    c10::cuda::CUDACachingAllocator::resetPeakStats(device.index());
+  }
+#endif
+}
+
+/// The peak allocated and reserved bytes since reset_memory (zeros on the CPU).
+std::pair<std::int64_t, std::int64_t> peak_memory(const torch::Device& device) {
+#if defined(BENCH_RACE_CUDA)
+  if (device.is_cuda()) {
+    const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(device.index());
+    return {stats.allocated_bytes[0].peak, stats.reserved_bytes[0].peak};  // [0]: all pools together
+  }
+#endif
+  (void)device;
+  return {0, 0};
+}
+
+/// Times steps: CUDA events around each step on the GPU (no synchronisation between steps), a
+/// steady clock on the CPU.
+class StepTimer {
+ public:
+  StepTimer(const torch::Device& device, int steps) : cuda_(device.is_cuda()) {
+#if defined(BENCH_RACE_CUDA)
+    if (cuda_) {
+      events_.resize(2 * static_cast<std::size_t>(steps));
+      for (auto& e : events_) check(cudaEventCreate(&e), "cudaEventCreate");
+    }
+#endif
+    cpu_ms_.reserve(static_cast<std::size_t>(steps));
+  }
+  ~StepTimer() {
+#if defined(BENCH_RACE_CUDA)
+    for (auto& e : events_) cudaEventDestroy(e);
+#endif
+  }
+  StepTimer(const StepTimer&) = delete;
+  StepTimer& operator=(const StepTimer&) = delete;
+
+  void start() {
+#if defined(BENCH_RACE_CUDA)
+    if (cuda_) {
+      check(cudaEventRecord(events_[2 * n_], c10::cuda::getCurrentCUDAStream()), "cudaEventRecord");
+      return;
+    }
+#endif
+    t0_ = std::chrono::steady_clock::now();
+  }
+  void stop() {
+#if defined(BENCH_RACE_CUDA)
+    if (cuda_) {
+      check(cudaEventRecord(events_[2 * n_ + 1], c10::cuda::getCurrentCUDAStream()), "cudaEventRecord");
+      ++n_;
+      return;
+    }
+#endif
+    cpu_ms_.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0_).count());
+    ++n_;
+  }
+  /// Returns the milliseconds of each step (call after synchronising).
+  std::vector<double> ms() const {
+#if defined(BENCH_RACE_CUDA)
+    if (cuda_) {
+      std::vector<double> out;
+      for (std::size_t i = 0; i < n_; ++i) {
+        float ms = 0;
+        check(cudaEventElapsedTime(&ms, events_[2 * i], events_[2 * i + 1]), "cudaEventElapsedTime");
+        out.push_back(ms);
+      }
+      return out;
+    }
+#endif
+    return cpu_ms_;
+  }
+
+ private:
+#if defined(BENCH_RACE_CUDA)
+  static void check(cudaError_t err, const char* what) {
+    if (err != cudaSuccess) throw std::runtime_error(fmt::format("{} failed: {}", what, cudaGetErrorString(err)));
+  }
+  std::vector<cudaEvent_t> events_;
+#endif
+  bool cuda_;
+  std::size_t n_ = 0;
+  std::chrono::steady_clock::time_point t0_{};
+  std::vector<double> cpu_ms_;
+};
+
+/// Autocast as a hand-written LibTorch loop spells it (what Python's torch.autocast does on entry
+/// and exit); the version adapter of fabric/precision/autocast.hpp only names the calls.
+class RawAutocast {
+ public:
+  RawAutocast(c10::DeviceType device, c10::ScalarType dtype)
+      : device_(device),
+        prev_enabled_(fabric::detail::autocast_enabled(device)),
+        prev_dtype_(fabric::detail::autocast_dtype(device)) {
+    fabric::detail::set_autocast_enabled(device, true);
+    fabric::detail::set_autocast_dtype(device, dtype);
+    at::autocast::increment_nesting();
+  }
+  ~RawAutocast() {
+    if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
+    fabric::detail::set_autocast_enabled(device_, prev_enabled_);
+    fabric::detail::set_autocast_dtype(device_, prev_dtype_);
+  }
+  RawAutocast(const RawAutocast&) = delete;
+  RawAutocast& operator=(const RawAutocast&) = delete;
+
+ private:
+  c10::DeviceType device_;
+  bool prev_enabled_;
+  c10::ScalarType prev_dtype_;
+};
+
+// ---- the workloads ----------------------------------------------------------------------------
+
+/// The mlp workload's model: Linear 784->1024, ReLU, Linear 1024->1024, ReLU, Linear 1024->10.
+struct MlpImpl : torch::nn::Module {
+  MlpImpl()
+      : fc1(register_module("fc1", torch::nn::Linear(784, 1024))),
+        fc2(register_module("fc2", torch::nn::Linear(1024, 1024))),
+        fc3(register_module("fc3", torch::nn::Linear(1024, 10))) {}
+  torch::Tensor forward(const torch::Tensor& x) { return fc3(torch::relu(fc2(torch::relu(fc1(x))))); }
+  torch::nn::Linear fc1, fc2, fc3;
+};
+TORCH_MODULE(Mlp);
+
+at::Tensor mlp_loss(const at::Tensor& logits, const at::Tensor& y) {
+  return torch::nn::functional::cross_entropy(logits, y);
+}
+
+/// What a loop needs to know about a workload.
+struct Workload {
+  std::string name;  // mlp or gpt2
+  bool bf16 = false;
+  at::Tensor x, y;  // one batch, random, on the device
+  double lr = 1e-3;
+  double weight_decay = 1e-2;
+  gpt2::Config gpt2{};
+  double tokens_per_step = 0;  // tokens (gpt2) or samples (mlp)
+  int steps = 0, warmup = 0;
+};
+
+/// One competitor's figures.
+struct Result {
+  std::string competitor;
+  std::vector<double> ms;
+  double wall_ms_mean = 0;
+  std::int64_t params = 0;
+  std::int64_t peak_allocated = 0, peak_reserved = 0;
+  double last_loss = 0;
+  std::string optimizer_kernels;
+};
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  const std::size_t n = v.size();
+  return n % 2 == 1 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+std::string kernels_name() {
+  switch (fabric::detail::last_optimizer_step_path()) {
+    case fabric::detail::StepPath::fused:
+      return "fused";
+    case fabric::detail::StepPath::foreach:
+      return "foreach";
+    case fabric::detail::StepPath::own:
+      return "own";
+  }
+  return "?";
+}
+
+std::int64_t count(const std::vector<at::Tensor>& params) {
+  std::int64_t n = 0;
+  for (const auto& p : params) n += p.numel();
+  return n;
+}
+
+/// Runs warm-up and timed steps of `step` (which returns the loss) and fills the timing fields.
+template <class Step>
+void time_steps(const torch::Device& device, const Workload& w, Step&& step, Result& r) {
+  at::Tensor loss;
+  for (int i = 0; i < w.warmup; ++i) loss = step();
+  synchronize(device);
+  StepTimer timer(device, w.steps);
+  const auto start = std::chrono::steady_clock::now();
+  for (int i = 0; i < w.steps; ++i) {
+    timer.start();
+    loss = step();
+    timer.stop();
+  }
+  synchronize(device);
+  r.wall_ms_mean =
+      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count() / w.steps;
+  r.ms = timer.ms();
+  r.last_loss = loss.item<double>();
+}
+
+template <class Net>
+Net build(const Workload& w) {
+  torch::manual_seed(0);
+  if constexpr (std::is_same_v<Net, Mlp>) {
+    return Mlp();
+  } else {
+    return gpt2::GPT(w.gpt2);
+  }
+}
+
+template <class Net>
+at::Tensor workload_loss(const at::Tensor& out, const at::Tensor& y) {
+  if constexpr (std::is_same_v<Net, Mlp>) {
+    return mlp_loss(out, y);
+  } else {
+    return gpt2::loss(out, y);
+  }
+}
+
+/// The hand-written LibTorch loop; `fused` steps with fabric's multi-tensor AdamW instead of
+/// torch::optim::AdamW::step().
+template <class Net>
+Result run_raw(const torch::Device& device, const Workload& w, bool fused) {
+  Result r{.competitor = fused ? "libtorch-fused" : "libtorch"};
+  reset_memory(device);
+  {
+    Net net = build<Net>(w);
+    net->to(device);
+    torch::optim::AdamW adamw(net->parameters(), torch::optim::AdamWOptions(w.lr).weight_decay(w.weight_decay));
+    r.params = count(net->parameters());
+    const auto step = [&] {
+      at::Tensor loss;
+      if (w.bf16) {
+        RawAutocast autocast(device.type(), at::kBFloat16);
+        loss = workload_loss<Net>(net->forward(w.x), w.y);
+      } else {
+        loss = workload_loss<Net>(net->forward(w.x), w.y);
+      }
+      loss.backward();
+      if (fused) {
+        fabric::detail::optimizer_step(adamw, nullptr);
+      } else {
+        adamw.step();
+      }
+      adamw.zero_grad();
+      return loss;
+    };
+    time_steps(device, w, step, r);
+    r.optimizer_kernels = fused ? kernels_name() : "own";
+    synchronize(device);
+    std::tie(r.peak_allocated, r.peak_reserved) = peak_memory(device);
+  }
+  return r;
+}
+
+/// The same loop through fabric.
+template <class Net, class Fabric>
+Result run_fabric(const torch::Device& device, const Workload& w) {
+  Result r{.competitor = "fabric"};
+  reset_memory(device);
+  {
+    Fabric fabric;
+    if (fabric.device() != device) {
+      throw std::runtime_error(fmt::format("fabric chose {}, expected {}", fabric.device().str(), device.str()));
+    }
+    Net net = build<Net>(w);
+    torch::optim::AdamW adamw(net->parameters(), torch::optim::AdamWOptions(w.lr).weight_decay(w.weight_decay));
+    auto [model, optimizer] = fabric.setup(net, adamw);
+    r.params = count(net->parameters());
+    const auto step = [&] {
+      at::Tensor loss = workload_loss<Net>(model(w.x), w.y);
+      fabric.backward(loss);
+      optimizer.step();
+      optimizer.zero_grad();
+      return loss;
+    };
+    time_steps(device, w, step, r);
+    r.optimizer_kernels = kernels_name();
+    synchronize(device);
+    std::tie(r.peak_allocated, r.peak_reserved) = peak_memory(device);
+  }
+  return r;
+}
+
+template <class Net, class Precision>
+Result run_competitor(const std::string& competitor, const torch::Device& device, const Workload& w) {
+  if (competitor == "libtorch") return run_raw<Net>(device, w, false);
+  if (competitor == "libtorch-fused") return run_raw<Net>(device, w, true);
+  if (device.is_cuda())
+    return run_fabric<Net, fabric::Fabric<fabric::CUDA, fabric::SingleDevice, Precision>>(device, w);
+  return run_fabric<Net, fabric::Fabric<fabric::CPU, fabric::SingleDevice, Precision>>(device, w);
+}
+
+int run(const Settings& s) {
+  const bool has_cuda = cuda_built() && torch::cuda::is_available();
+  if (s.device == "cuda" && !has_cuda) {
+    throw std::runtime_error(cuda_built() ? "--device cuda: no GPU is visible"
+                                          : "--device cuda: this bench_race was built against a LibTorch without CUDA");
+  }
+  const torch::Device device = (s.device == "cuda" || (s.device == "auto" && has_cuda)) ? torch::Device(torch::kCUDA, 0)
+                                                                                        : torch::Device(torch::kCPU);
+  const gpt2::Config small{};
+  const gpt2::Config config = s.gpt2_config == "tiny" ? gpt2::Config::tiny() : small;
+
+  std::string json =
+      fmt::format("{{\n  \"device\": \"{}\",\n  \"torch\": \"{}\",\n  \"peak_tflops\": {},\n  \"results\": [",
+                  device.str(), TORCH_VERSION, s.peak_tflops);
+  bool first_json = true;
+  fmt::print("bench_race on {} (LibTorch {}){}\n", device.str(), TORCH_VERSION,
+             device.is_cuda() ? "" : " -- CPU times are for checking, not for the race");
+  for (const auto& name : s.workloads) {
+    Workload w;
+    const bool gpt = name.rfind("gpt2", 0) == 0;
+    w.name = gpt ? "gpt2" : "mlp";
+    w.bf16 = name.find("bf16") != std::string::npos;
+    w.steps = s.steps > 0 ? s.steps : gpt ? 30 : 300;
+    w.warmup = s.warmup >= 0 ? s.warmup : gpt ? 10 : 50;
+    torch::manual_seed(1);
+    const auto on = torch::TensorOptions().device(device);
+    double flops_per_step = 0;
+    if (gpt) {
+      w.gpt2 = config;
+      w.lr = 6e-4;
+      w.weight_decay = 0.1;
+      const at::Tensor tokens =
+          torch::randint(config.vocab_size, {s.gpt2_batch, config.block_size + 1}, on.dtype(torch::kLong));
+      w.x = tokens.narrow(1, 0, config.block_size);
+      w.y = tokens.narrow(1, 1, config.block_size);
+      w.tokens_per_step = static_cast<double>(s.gpt2_batch * config.block_size);
+    } else {
+      w.x = torch::rand({256, 784}, on) * 0.9 + 0.1;  // in [0.1, 1): no zeros
+      w.y = torch::randint(0, 10, {256}, on.dtype(torch::kLong));
+      w.tokens_per_step = 256;
+    }
+    const std::string precision = w.bf16 ? "bf16-mixed" : "32-true";
+    for (const auto& competitor : s.competitors) {
+      Result r;
+      if (gpt) {
+        r = run_competitor<gpt2::GPT, fabric::BF16Mixed>(competitor, device, w);
+      } else if (w.bf16) {
+        r = run_competitor<Mlp, fabric::BF16Mixed>(competitor, device, w);
+      } else {
+        r = run_competitor<Mlp, fabric::FP32>(competitor, device, w);
+      }
+      // MFU (shared BENCH.md): 6 N per token, plus attention 12 L W T per token for gpt2.
+      flops_per_step = 6.0 * static_cast<double>(r.params) * w.tokens_per_step;
+      if (gpt) {
+        flops_per_step +=
+            12.0 * static_cast<double>(config.n_layer * config.n_embd * config.block_size) * w.tokens_per_step;
+      }
+      const double med = median(r.ms);
+      const auto [lo, hi] = std::minmax_element(r.ms.begin(), r.ms.end());
+      const double mfu = flops_per_step / (med * 1e-3) / (s.peak_tflops * 1e12);
+      const double per_s = w.tokens_per_step / (med * 1e-3);
+      fmt::print(
+          "  {:<5} {:<10} {:<15} {:9.3f} ms/step (min {:.3f}, max {:.3f}, wall mean {:.3f})  {:10.0f} {}/s  MFU {:.3f} "
+          " "
+          "peak {:.2f} GiB (reserved {:.2f})  loss {:.4f}  AdamW {}\n",
+          w.name, precision, r.competitor, med, *lo, *hi, r.wall_ms_mean, per_s, gpt ? "tok" : "samples", mfu,
+          static_cast<double>(r.peak_allocated) / (1 << 30), static_cast<double>(r.peak_reserved) / (1 << 30),
+          r.last_loss, r.optimizer_kernels);
+      std::fflush(stdout);
+      json += fmt::format(
+          "{}\n    {{\"workload\": \"{}\", \"precision\": \"{}\", \"competitor\": \"{}\", \"language\": \"C++\", "
+          "\"steps\": {}, \"warmup\": {}, \"ms_median\": {:.6f}, \"ms_min\": {:.6f}, \"ms_max\": {:.6f}, "
+          "\"wall_ms_mean\": {:.6f}, \"params\": {}, \"tokens_per_step\": {}, \"per_s\": {:.3f}, "
+          "\"flops_per_step\": {:.6e}, \"mfu\": {:.6f}, \"peak_allocated_bytes\": {}, \"peak_reserved_bytes\": {}, "
+          "\"last_loss\": {:.6f}, \"optimizer_kernels\": \"{}\"}}",
+          first_json ? "" : ",", w.name, precision, r.competitor, w.steps, w.warmup, med, *lo, *hi, r.wall_ms_mean,
+          r.params, w.tokens_per_step, per_s, flops_per_step, mfu, r.peak_allocated, r.peak_reserved, r.last_loss,
+          r.optimizer_kernels);
+      first_json = false;
+    }
+  }
+  json += "\n  ]\n}\n";
+  if (!s.json.empty()) {
+    std::ofstream out(s.json, std::ios::trunc);
+    out << json;
+    if (!out.flush()) throw std::runtime_error(fmt::format("could not write {}", s.json));
+  }
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    const Settings settings = parse_args(argc, argv);
+    if (settings.help) {
+      std::fputs(usage.data(), stdout);
+      return 0;
+    }
+    return run(settings);
+  } catch (const UsageError& e) {
+    std::fprintf(stderr, "bench_race: %s\n", e.what());
+    return 2;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "bench_race: %s\n", e.what());
+    return 1;
+  }
+}
