@@ -308,9 +308,8 @@ int train(const Config& config) {
   return status;
 }
 
-/// The policies the command line picks from. NOTE: each combination instantiates train(); "cuda"
-/// runs as Auto once CUDA is known to be there, which saves six instantiations.
-using Accelerators = fabric::TypeList<fabric::Auto, fabric::CPU>;
+/// The policies the command line picks from, by name. NOTE: each combination instantiates train().
+using Accelerators = fabric::TypeList<fabric::Auto, fabric::CPU, fabric::CUDA>;
 using Precisions = fabric::TypeList<fabric::FP32, fabric::FP64, fabric::BF16Mixed, fabric::FP16Mixed, fabric::BF16True,
                                     fabric::FP16True>;
 
@@ -326,12 +325,7 @@ int with_policy(std::string_view name, fabric::TypeList<Ts...> /*list*/, Fn&& fn
 /// Picks the policies named on the command line and trains with them. A strategy (--devices) is one
 /// more with_policy level.
 int run(const Config& config) {
-  std::string_view accelerator = config.accelerator;
-  if (accelerator == "cuda") {
-    fabric::CUDA::check_available();
-    accelerator = "auto";
-  }
-  return with_policy(accelerator, Accelerators{}, [&]<class A>() {
+  return with_policy(config.accelerator, Accelerators{}, [&]<class A>() {
     return with_policy(config.precision, Precisions{},
                        [&]<class P>() { return train<fabric::Fabric<A, fabric::SingleDevice, P>>(config); });
   });

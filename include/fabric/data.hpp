@@ -10,8 +10,8 @@
 #include <ATen/ops/randperm.h>
 #include <c10/core/Device.h>
 #include <c10/util/Optional.h>
+#include <torch/data/datasets/base.h>
 #include <torch/data/samplers/base.h>
-#include <torch/data/transforms/base.h>
 #include <torch/serialize/archive.h>
 
 #include <cstddef>
@@ -113,19 +113,32 @@ class DistributedSampler final : public torch::data::samplers::Sampler<> {
   std::size_t position_ = 0;
 };
 
-/// A dataset transform that copies every CPU tensor of a batch into pinned (page-locked) memory, as
-/// PyTorch's `pin_memory=True` does, so that the loader's copy to a GPU is asynchronous. Mapped onto
-/// a dataset it runs in the loader's worker threads; disabled, it passes batches through (one type
-/// for both, so the choice can be made at run time). Pinning needs a LibTorch with CUDA.
+/// Wraps a dataset so that every CPU tensor of its batches is copied into pinned (page-locked)
+/// memory, as PyTorch's `pin_memory=True` does, which makes the loader's copy to a GPU asynchronous.
+/// It runs in the loader's worker threads; disabled, it passes batches through (one type for both,
+/// so the choice can be made at run time). Pinning needs a LibTorch with CUDA.
 ///
-///     auto pinned = dataset.map(torch::data::transforms::Stack<>()).map(fabric::PinMemory<torch::data::Example<>>());
-template <class Batch>
-struct PinMemory : torch::data::transforms::BatchTransform<Batch, Batch> {
-  explicit PinMemory(bool enabled = true) : enabled(enabled) {}
-  /// Returns the batch with its tensors pinned (or unchanged when disabled).
-  Batch apply_batch(Batch batch) override { return enabled ? detail::pin_memory(std::move(batch)) : batch; }
-  /// Pin the batches.
-  bool enabled;
+///     fabric::PinMemoryDataset pinned(dataset.map(torch::data::transforms::Stack<>()));
+///     auto loader = torch::data::make_data_loader(std::move(pinned), torch::data::DataLoaderOptions(64).workers(2));
+template <class D>
+class PinMemoryDataset : public torch::data::datasets::BatchDataset<PinMemoryDataset<D>, typename D::BatchType,
+                                                                    typename D::BatchRequestType> {
+ public:
+  explicit PinMemoryDataset(D dataset, bool enabled = true) : dataset_(std::move(dataset)), enabled_(enabled) {}
+
+  /// Returns the wrapped dataset's batch with its tensors pinned (or unchanged when disabled).
+  typename D::BatchType get_batch(typename D::BatchRequestType request) override {
+    auto batch = dataset_.get_batch(std::move(request));
+    return enabled_ ? detail::pin_memory(std::move(batch)) : batch;
+  }
+  /// Returns the wrapped dataset's size.
+  c10::optional<std::size_t> size() const override { return dataset_.size(); }
+  /// Returns true when batches are pinned.
+  bool enabled() const noexcept { return enabled_; }
+
+ private:
+  D dataset_;
+  bool enabled_;
 };
 
 /// Wraps a LibTorch data loader: iterating it yields batches already on the fabric's device (tensors

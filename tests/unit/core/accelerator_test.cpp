@@ -14,8 +14,10 @@
 #include <ATen/Context.h>
 #include <c10/core/impl/VirtualGuardImpl.h>
 
+#include <optional>
 #include <string_view>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 using Catch::Matchers::ContainsSubstring;
@@ -68,12 +70,78 @@ struct GlobalSettingsGuard {
   GlobalSettingsGuard(const GlobalSettingsGuard&) = delete;
   GlobalSettingsGuard& operator=(const GlobalSettingsGuard&) = delete;
   ~GlobalSettingsGuard() {
-    at::globalContext().setFloat32MatmulPrecision(matmul);
+    // NOTE: the string overload is the one both LibTorch 1.13 and 2.x have.
+    at::globalContext().setFloat32MatmulPrecision(matmul == at::Float32MatmulPrecision::HIGHEST ? "highest"
+                                                  : matmul == at::Float32MatmulPrecision::HIGH  ? "high"
+                                                                                                : "medium");
     at::globalContext().setBenchmarkCuDNN(benchmark);
   }
 };
 
+/// Builds a Fabric from a configured accelerator object and returns its device, or nothing where
+/// Fabric has no constructor that takes one.
+template <class A, class F = fabric::Fabric<A>>
+std::optional<c10::Device> device_of_fabric_with(A accelerator) {
+  if constexpr (std::is_constructible_v<F, fabric::Options, A, fabric::SingleDevice, fabric::FP32>) {
+    F fabric({}, std::move(accelerator), fabric::SingleDevice{}, fabric::FP32{});
+    return fabric.device();
+  } else {
+    return std::nullopt;
+  }
+}
+
+/// Iterates Fabric::dataloader with pin_memory on a GPU and checks every batch; false where the
+/// loader options have no pin_memory.
+template <class O = fabric::LoaderOptions>
+bool check_pinned_dataloader() {
+  if constexpr (requires(O o) { o.pin_memory = true; }) {
+    fabric::Fabric<fabric::CUDA> fabric;
+    O options{};
+    options.batch_size = 16;
+    options.pin_memory = true;
+    const auto values = torch::randn({64, 8});
+    auto dataset =
+        torch::data::datasets::TensorDataset(values).map(torch::data::transforms::Stack<torch::data::TensorExample>());
+    std::vector<torch::Tensor> seen;
+    for (auto& batch : fabric.dataloader(std::move(dataset), options)) {
+      CHECK(batch.data.is_cuda());
+      seen.push_back(batch.data.cpu());
+    }
+    CHECK(torch::equal(torch::cat(seen), values));  // no shuffle: the order is kept
+    return true;
+  } else {
+    return false;
+  }
+}
+
 }  // namespace
+
+TEST_CASE("Fabric takes a configured accelerator object", "[accelerator]") {
+  const auto device = device_of_fabric_with(fabric::Auto{{.cudnn_benchmark = std::nullopt}});
+  if (!device) SKIP("this Fabric has no constructor that takes an accelerator object yet");
+  CHECK(device->type() == fabric::Auto::chosen_type());
+  CHECK_THROWS_WITH(device_of_fabric_with(fabric::Auto{{.float32_matmul_precision = "fast"}}),
+                    ContainsSubstring("expected float32_matmul_precision"));
+  if (!fabric::CUDA::is_available()) {
+    CHECK_THROWS_WITH(device_of_fabric_with(fabric::CUDA{}), ContainsSubstring("found a CPU-only LibTorch"));
+  }
+}
+
+TEST_CASE("Fabric with a configured CUDA object uses its device list and settings", "[accelerator][cuda]") {
+  if (!fabric::CUDA::is_available()) SKIP("no CUDA device here");
+  GlobalSettingsGuard restore;
+  const int last = fabric::CUDA::device_count() - 1;
+  const auto device = device_of_fabric_with(fabric::CUDA{{.device_ids = {last}, .float32_matmul_precision = "high"}});
+  if (!device) SKIP("this Fabric has no constructor that takes an accelerator object yet");
+  CHECK(*device == torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(last)));
+  CHECK(at::globalContext().float32MatmulPrecision() == at::Float32MatmulPrecision::HIGH);
+  c10::impl::VirtualGuardImpl(c10::DeviceType::CUDA).setDevice(torch::Device(torch::kCUDA, 0));
+}
+
+TEST_CASE("Fabric::dataloader with pin_memory delivers correct batches to the GPU", "[accelerator][cuda][data]") {
+  if (!fabric::CUDA::is_available()) SKIP("no CUDA device here");
+  if (!check_pinned_dataloader()) SKIP("this Fabric's LoaderOptions have no pin_memory yet");
+}
 
 TEST_CASE("Auto is an accelerator that may run on CUDA and the CPU", "[accelerator]") {
   STATIC_REQUIRE(fabric::Accelerator<fabric::Auto>);
@@ -196,7 +264,7 @@ TEST_CASE("CUDA places each local rank on its device and makes it current", "[ac
 TEST_CASE("CUDA applies the matmul precision and cuDNN benchmark options", "[accelerator][cuda]") {
   if (!fabric::CUDA::is_available()) SKIP("no CUDA device here");
   GlobalSettingsGuard restore;
-  at::globalContext().setFloat32MatmulPrecision(at::Float32MatmulPrecision::HIGHEST);
+  at::globalContext().setFloat32MatmulPrecision("highest");
   at::globalContext().setBenchmarkCuDNN(false);
   fabric::CUDA{}.select_device(0, 1);  // unset options keep LibTorch's settings
   CHECK(at::globalContext().float32MatmulPrecision() == at::Float32MatmulPrecision::HIGHEST);
@@ -220,8 +288,10 @@ TEST_CASE("the loader copies pinned batches to the GPU asynchronously and correc
   CHECK(batches[0].data.is_pinned());
   CHECK_FALSE(batches.back().data.is_pinned());
   CHECK(fabric::detail::pin_memory(batches.back()).data.is_pinned());
-  CHECK(fabric::PinMemory<torch::data::Example<>>().apply_batch(batches.back()).target.is_pinned());
-  CHECK_FALSE(fabric::PinMemory<torch::data::Example<>>(false).apply_batch(batches.back()).data.is_pinned());
+  auto stacked = torch::data::datasets::TensorDataset(torch::randn({8, 4}))
+                     .map(torch::data::transforms::Stack<torch::data::TensorExample>());
+  CHECK(fabric::PinMemoryDataset(stacked).get_batch({0, 1, 2}).data.is_pinned());
+  CHECK_FALSE(fabric::PinMemoryDataset(stacked, false).get_batch({0, 1, 2}).data.is_pinned());
   std::size_t i = 0;
   for (auto& batch : fabric.setup_dataloaders(batches)) {
     REQUIRE(batch.data.is_cuda());
