@@ -22,6 +22,7 @@ Where Lightning is not installed, the lightning competitor is skipped with a mes
 """
 
 import argparse
+import gc
 import json
 import math
 import statistics
@@ -155,6 +156,7 @@ def synchronize(device):
 
 
 def reset_memory(device):
+    gc.collect()  # the previous competitor's objects, cycles included
     synchronize(device)
     if device.type == "cuda":
         torch.cuda.empty_cache()
