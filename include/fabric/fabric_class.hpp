@@ -1,6 +1,7 @@
 #pragma once
 // fabric::Fabric: the class a training loop talks to.
 
+#include "fabric/accelerators/auto.hpp"
 #include "fabric/accelerators/cpu.hpp"
 #include "fabric/accelerators/cuda.hpp"
 #include "fabric/checkpoint.hpp"
@@ -125,7 +126,7 @@ std::shared_ptr<T> share(Arg&& arg) {
 ///       optimizer.zero_grad();
 ///     }
 ///     fabric.save("ckpt/last.ckpt", {{"model", model}, {"optimizer", optimizer}, {"epoch", epoch}});
-template <Policy A = CPU, Policy S = SingleDevice, Policy P = FP32, Callback... Cbs>
+template <Policy A = Auto, Policy S = SingleDevice, Policy P = FP32, Callback... Cbs>
 class Fabric {
   static consteval bool check_policies() {
     if constexpr (!Accelerator<A>) {
@@ -162,24 +163,40 @@ class Fabric {
 
   /// Creates a fabric from runtime options and callback objects.
   explicit Fabric(Options options = {}, Cbs... callbacks)
-      : Fabric(std::move(options), S{}, P{}, std::move(callbacks)...) {}
+      : Fabric(std::move(options), A{}, S{}, P{}, std::move(callbacks)...) {}
   /// Creates a fabric from runtime options, configured strategy and precision objects, and callbacks.
   Fabric(Options options, S strategy, P precision, Cbs... callbacks)
+      : Fabric(std::move(options), A{}, std::move(strategy), std::move(precision), std::move(callbacks)...) {}
+  /// Creates a fabric from runtime options, configured accelerator, strategy and precision objects,
+  /// and callbacks.
+  ///
+  ///     fabric::Fabric<fabric::CUDA, fabric::SingleDevice, fabric::BF16> fabric(
+  ///         {}, fabric::CUDA{{.float32_matmul_precision = "high"}}, {}, {});
+  Fabric(Options options, A accelerator, S strategy, P precision, Cbs... callbacks)
       : options_(std::move(options)),
+        accelerator_(std::move(accelerator)),
         strategy_(std::move(strategy)),
         precision_(std::move(precision)),
         callbacks_(std::move(callbacks)...) {
     if (options_.num_nodes < 1) {
       detail::raise("expected num_nodes >= 1, found {}; pass the number of machines", options_.num_nodes);
     }
-    if (!A::is_available()) {
-      detail::raise("the accelerator \"{}\" is not available on this machine; choose another accelerator policy",
-                    A::name);
+    if constexpr (requires { accelerator_.select_device(0, 1); }) {
+      // An accelerator object with settings (CUDA, Auto) checks everything before any process starts,
+      // then picks and prepares the device of the local rank.
+      accelerator_.check(options_.devices);
+      strategy_.setup_environment(options_);
+      device_ = accelerator_.select_device(strategy_.local_rank(), options_.devices);
+    } else {
+      if (!A::is_available()) {
+        detail::raise("the accelerator \"{}\" is not available on this machine; choose another accelerator policy",
+                      A::name);
+      }
+      A::check_devices(options_.devices);
+      strategy_.setup_environment(options_);
+      device_ = A::device(strategy_.local_rank());
+      A::setup_device(device_);
     }
-    A::check_devices(options_.devices);
-    strategy_.setup_environment(options_);
-    device_ = A::device(strategy_.local_rank());
-    A::setup_device(device_);
     if constexpr (requires { precision_.setup_device(device_); }) precision_.setup_device(device_);
   }
   Fabric(const Fabric&) = delete;
@@ -220,6 +237,8 @@ class Fabric {
   bool is_global_zero() const noexcept { return global_rank() == 0; }
   /// Returns the runtime options.
   const Options& options() const noexcept { return options_; }
+  /// Returns the accelerator object.
+  A& accelerator() noexcept { return accelerator_; }
   /// Returns the strategy object.
   S& strategy() noexcept { return strategy_; }
   /// Returns the precision object.
@@ -309,7 +328,10 @@ class Fabric {
                                        .shuffle = options.shuffle,
                                        .seed = global_seed(),
                                        .drop_last = false});
-    auto loader = torch::data::make_data_loader(std::move(dataset), std::move(sampler),
+    // NOTE: pinning runs in the loader's workers; switched off, the wrapper passes batches through,
+    // so the loader has one type either way.
+    PinMemoryDataset<D> pinned(std::move(dataset), options.pin_memory && device_.is_cuda());
+    auto loader = torch::data::make_data_loader(std::move(pinned), std::move(sampler),
                                                 torch::data::DataLoaderOptions()
                                                     .batch_size(options.batch_size)
                                                     .workers(options.num_workers)
@@ -702,6 +724,7 @@ class Fabric {
   }
 
   Options options_;
+  FABRIC_NO_UNIQUE_ADDRESS A accelerator_;
   S strategy_;
   P precision_;
   std::tuple<Cbs...> callbacks_;

@@ -44,6 +44,9 @@ struct LoaderOptions {
   std::size_t num_workers = 0;
   /// Drop the last batch when it is smaller than batch_size.
   bool drop_last = false;
+  /// Copy batches into pinned memory in the workers, so that their copy to a GPU is asynchronous
+  /// (PyTorch's pin_memory; ignored unless the device is a GPU).
+  bool pin_memory = false;
 };
 
 /// What `Fabric::clip_gradients` clips: exactly one of max_norm and clip_val.

@@ -2397,8 +2397,8 @@ inline void load_raw_optimizer(const std::filesystem::path& path, torch::optim::
 #include <ATen/ops/randperm.h>
 #include <c10/core/Device.h>
 #include <c10/util/Optional.h>
+#include <torch/data/datasets/base.h>
 #include <torch/data/samplers/base.h>
-#include <torch/data/transforms/base.h>
 #include <torch/serialize/archive.h>
 
 #include <cstddef>
@@ -2500,19 +2500,32 @@ class DistributedSampler final : public torch::data::samplers::Sampler<> {
   std::size_t position_ = 0;
 };
 
-/// A dataset transform that copies every CPU tensor of a batch into pinned (page-locked) memory, as
-/// PyTorch's `pin_memory=True` does, so that the loader's copy to a GPU is asynchronous. Mapped onto
-/// a dataset it runs in the loader's worker threads; disabled, it passes batches through (one type
-/// for both, so the choice can be made at run time). Pinning needs a LibTorch with CUDA.
+/// Wraps a dataset so that every CPU tensor of its batches is copied into pinned (page-locked)
+/// memory, as PyTorch's `pin_memory=True` does, which makes the loader's copy to a GPU asynchronous.
+/// It runs in the loader's worker threads; disabled, it passes batches through (one type for both,
+/// so the choice can be made at run time). Pinning needs a LibTorch with CUDA.
 ///
-///     auto pinned = dataset.map(torch::data::transforms::Stack<>()).map(fabric::PinMemory<torch::data::Example<>>());
-template <class Batch>
-struct PinMemory : torch::data::transforms::BatchTransform<Batch, Batch> {
-  explicit PinMemory(bool enabled = true) : enabled(enabled) {}
-  /// Returns the batch with its tensors pinned (or unchanged when disabled).
-  Batch apply_batch(Batch batch) override { return enabled ? detail::pin_memory(std::move(batch)) : batch; }
-  /// Pin the batches.
-  bool enabled;
+///     fabric::PinMemoryDataset pinned(dataset.map(torch::data::transforms::Stack<>()));
+///     auto loader = torch::data::make_data_loader(std::move(pinned), torch::data::DataLoaderOptions(64).workers(2));
+template <class D>
+class PinMemoryDataset : public torch::data::datasets::BatchDataset<PinMemoryDataset<D>, typename D::BatchType,
+                                                                    typename D::BatchRequestType> {
+ public:
+  explicit PinMemoryDataset(D dataset, bool enabled = true) : dataset_(std::move(dataset)), enabled_(enabled) {}
+
+  /// Returns the wrapped dataset's batch with its tensors pinned (or unchanged when disabled).
+  typename D::BatchType get_batch(typename D::BatchRequestType request) override {
+    auto batch = dataset_.get_batch(std::move(request));
+    return enabled_ ? detail::pin_memory(std::move(batch)) : batch;
+  }
+  /// Returns the wrapped dataset's size.
+  c10::optional<std::size_t> size() const override { return dataset_.size(); }
+  /// Returns true when batches are pinned.
+  bool enabled() const noexcept { return enabled_; }
+
+ private:
+  D dataset_;
+  bool enabled_;
 };
 
 /// Wraps a LibTorch data loader: iterating it yields batches already on the fabric's device (tensors
@@ -2680,6 +2693,9 @@ struct LoaderOptions {
   std::size_t num_workers = 0;
   /// Drop the last batch when it is smaller than batch_size.
   bool drop_last = false;
+  /// Copy batches into pinned memory in the workers, so that their copy to a GPU is asynchronous
+  /// (PyTorch's pin_memory; ignored unless the device is a GPU).
+  bool pin_memory = false;
 };
 
 /// What `Fabric::clip_gradients` clips: exactly one of max_norm and clip_val.
@@ -3187,7 +3203,7 @@ std::shared_ptr<T> share(Arg&& arg) {
 ///       optimizer.zero_grad();
 ///     }
 ///     fabric.save("ckpt/last.ckpt", {{"model", model}, {"optimizer", optimizer}, {"epoch", epoch}});
-template <Policy A = CPU, Policy S = SingleDevice, Policy P = FP32, Callback... Cbs>
+template <Policy A = Auto, Policy S = SingleDevice, Policy P = FP32, Callback... Cbs>
 class Fabric {
   static consteval bool check_policies() {
     if constexpr (!Accelerator<A>) {
@@ -3224,24 +3240,40 @@ class Fabric {
 
   /// Creates a fabric from runtime options and callback objects.
   explicit Fabric(Options options = {}, Cbs... callbacks)
-      : Fabric(std::move(options), S{}, P{}, std::move(callbacks)...) {}
+      : Fabric(std::move(options), A{}, S{}, P{}, std::move(callbacks)...) {}
   /// Creates a fabric from runtime options, configured strategy and precision objects, and callbacks.
   Fabric(Options options, S strategy, P precision, Cbs... callbacks)
+      : Fabric(std::move(options), A{}, std::move(strategy), std::move(precision), std::move(callbacks)...) {}
+  /// Creates a fabric from runtime options, configured accelerator, strategy and precision objects,
+  /// and callbacks.
+  ///
+  ///     fabric::Fabric<fabric::CUDA, fabric::SingleDevice, fabric::BF16> fabric(
+  ///         {}, fabric::CUDA{{.float32_matmul_precision = "high"}}, {}, {});
+  Fabric(Options options, A accelerator, S strategy, P precision, Cbs... callbacks)
       : options_(std::move(options)),
+        accelerator_(std::move(accelerator)),
         strategy_(std::move(strategy)),
         precision_(std::move(precision)),
         callbacks_(std::move(callbacks)...) {
     if (options_.num_nodes < 1) {
       detail::raise("expected num_nodes >= 1, found {}; pass the number of machines", options_.num_nodes);
     }
-    if (!A::is_available()) {
-      detail::raise("the accelerator \"{}\" is not available on this machine; choose another accelerator policy",
-                    A::name);
+    if constexpr (requires { accelerator_.select_device(0, 1); }) {
+      // An accelerator object with settings (CUDA, Auto) checks everything before any process starts,
+      // then picks and prepares the device of the local rank.
+      accelerator_.check(options_.devices);
+      strategy_.setup_environment(options_);
+      device_ = accelerator_.select_device(strategy_.local_rank(), options_.devices);
+    } else {
+      if (!A::is_available()) {
+        detail::raise("the accelerator \"{}\" is not available on this machine; choose another accelerator policy",
+                      A::name);
+      }
+      A::check_devices(options_.devices);
+      strategy_.setup_environment(options_);
+      device_ = A::device(strategy_.local_rank());
+      A::setup_device(device_);
     }
-    A::check_devices(options_.devices);
-    strategy_.setup_environment(options_);
-    device_ = A::device(strategy_.local_rank());
-    A::setup_device(device_);
     if constexpr (requires { precision_.setup_device(device_); }) precision_.setup_device(device_);
   }
   Fabric(const Fabric&) = delete;
@@ -3282,6 +3314,8 @@ class Fabric {
   bool is_global_zero() const noexcept { return global_rank() == 0; }
   /// Returns the runtime options.
   const Options& options() const noexcept { return options_; }
+  /// Returns the accelerator object.
+  A& accelerator() noexcept { return accelerator_; }
   /// Returns the strategy object.
   S& strategy() noexcept { return strategy_; }
   /// Returns the precision object.
@@ -3371,7 +3405,10 @@ class Fabric {
                                        .shuffle = options.shuffle,
                                        .seed = global_seed(),
                                        .drop_last = false});
-    auto loader = torch::data::make_data_loader(std::move(dataset), std::move(sampler),
+    // NOTE: pinning runs in the loader's workers; switched off, the wrapper passes batches through,
+    // so the loader has one type either way.
+    PinMemoryDataset<D> pinned(std::move(dataset), options.pin_memory && device_.is_cuda());
+    auto loader = torch::data::make_data_loader(std::move(pinned), std::move(sampler),
                                                 torch::data::DataLoaderOptions()
                                                     .batch_size(options.batch_size)
                                                     .workers(options.num_workers)
@@ -3764,6 +3801,7 @@ class Fabric {
   }
 
   Options options_;
+  FABRIC_NO_UNIQUE_ADDRESS A accelerator_;
   S strategy_;
   P precision_;
   std::tuple<Cbs...> callbacks_;
@@ -4130,9 +4168,10 @@ struct TruePrecision : detail::UnscaledSteps {
   static void setup_device(const c10::Device& device) {
     constexpr bool cpu_half = TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 1);
     if (Dtype == c10::ScalarType::Half && device.is_cpu() && !cpu_half) {
-      detail::raise("16-true cannot run on the CPU with LibTorch {} (no float16 matmul there); use bf16-true, or a "
-                    "CUDA device",
-                    TORCH_VERSION);
+      detail::raise(
+          "16-true cannot run on the CPU with LibTorch {} (no float16 matmul there); use bf16-true, or a "
+          "CUDA device",
+          TORCH_VERSION);
     }
   }
 

@@ -17,10 +17,11 @@ static_assert(fabric::Precision<fabric::FP32>);
 static_assert(!fabric::Accelerator<fabric::SingleDevice> && !fabric::Accelerator<fabric::FP32>);
 static_assert(!fabric::Strategy<fabric::CPU> && !fabric::Precision<fabric::CPU>);
 
-// Defaults follow Lightning: single device, fp32, CPU.
+// Defaults follow Lightning: "auto" accelerator (CUDA when present), single device, fp32.
 using Default = fabric::Fabric<>;
-static_assert(std::is_same_v<Default, fabric::Fabric<fabric::CPU, fabric::SingleDevice, fabric::FP32>>);
-static_assert(std::is_same_v<Default::accelerator_type, fabric::CPU>);
+static_assert(std::is_same_v<Default, fabric::Fabric<fabric::Auto, fabric::SingleDevice, fabric::FP32>>);
+static_assert(std::is_same_v<Default::accelerator_type, fabric::Auto>);
+static_assert(fabric::Strategy<fabric::DDP> && fabric::DDP::is_distributed && fabric::DDP::name == "ddp");
 static_assert(fabric::FP32::name == "32-true" && fabric::SingleDevice::name == "single_device");
 static_assert(!std::is_copy_constructible_v<Default> && !std::is_move_constructible_v<Default>);
 

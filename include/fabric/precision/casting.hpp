@@ -61,9 +61,10 @@ struct TruePrecision : detail::UnscaledSteps {
   static void setup_device(const c10::Device& device) {
     constexpr bool cpu_half = TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 1);
     if (Dtype == c10::ScalarType::Half && device.is_cpu() && !cpu_half) {
-      detail::raise("16-true cannot run on the CPU with LibTorch {} (no float16 matmul there); use bf16-true, or a "
-                    "CUDA device",
-                    TORCH_VERSION);
+      detail::raise(
+          "16-true cannot run on the CPU with LibTorch {} (no float16 matmul there); use bf16-true, or a "
+          "CUDA device",
+          TORCH_VERSION);
     }
   }
 

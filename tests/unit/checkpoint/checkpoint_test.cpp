@@ -188,7 +188,7 @@ std::vector<fs::path> tmp_leftovers(const fs::path& dir, const std::string& leaf
 // ---- round trips ------------------------------------------------------------------------------
 
 TEST_CASE("save/load round trip: modules, optimizer state and plain values", "[checkpoint]") {
-  fabric::Fabric<> fabric;
+  fabric::Fabric<fabric::CPU> fabric;
   TempDir dir;
   const fs::path path = dir / "ckpt" / "last.ckpt";  // the parent directory does not exist yet
 
@@ -270,7 +270,7 @@ TEST_CASE("save/load round trip: modules, optimizer state and plain values", "[c
 }
 
 TEST_CASE("save/load round trip through setup() wrappers", "[checkpoint]") {
-  fabric::Fabric<> fabric;
+  fabric::Fabric<fabric::CPU> fabric;
   TempDir dir;
   const fs::path path = dir / "wrapped.ckpt";
 
@@ -303,7 +303,7 @@ TEST_CASE("save/load round trip through setup() wrappers", "[checkpoint]") {
 }
 
 TEST_CASE("std::ref entries receive the loaded values", "[checkpoint]") {
-  fabric::Fabric<> fabric;
+  fabric::Fabric<fabric::CPU> fabric;
   TempDir dir;
   const fs::path path = dir / "refs.ckpt";
 
@@ -347,7 +347,7 @@ TEST_CASE("std::ref entries receive the loaded values", "[checkpoint]") {
 }
 
 TEST_CASE("load returns what the state did not ask for; load(path) returns everything", "[checkpoint]") {
-  fabric::Fabric<> fabric;
+  fabric::Fabric<fabric::CPU> fabric;
   TempDir dir;
   const fs::path path = dir / "all.ckpt";
 
@@ -384,7 +384,7 @@ TEST_CASE("load returns what the state did not ask for; load(path) returns every
 // ---- strict and non-strict loading --------------------------------------------------------------
 
 TEST_CASE("non-strict load skips missing keys and missing module tensors", "[checkpoint]") {
-  fabric::Fabric<> fabric;
+  fabric::Fabric<fabric::CPU> fabric;
   TempDir dir;
   const fs::path path = dir / "small.ckpt";
 
@@ -415,7 +415,7 @@ TEST_CASE("non-strict load skips missing keys and missing module tensors", "[che
 }
 
 TEST_CASE("strict load reports unexpected module tensors; non-strict ignores them", "[checkpoint]") {
-  fabric::Fabric<> fabric;
+  fabric::Fabric<fabric::CPU> fabric;
   TempDir dir;
   const fs::path path = dir / "big.ckpt";
 
@@ -437,7 +437,7 @@ TEST_CASE("strict load reports unexpected module tensors; non-strict ignores the
 }
 
 TEST_CASE("load reports every problem by name in one message and changes nothing", "[checkpoint]") {
-  fabric::Fabric<> fabric;
+  fabric::Fabric<fabric::CPU> fabric;
   TempDir dir;
   const fs::path path = dir / "problems.ckpt";
 
@@ -538,7 +538,7 @@ TEST_CASE("load reports every problem by name in one message and changes nothing
 }
 
 TEST_CASE("an optimizer that had no state yet is restored as saved (its old state is dropped)", "[checkpoint]") {
-  fabric::Fabric<> fabric;
+  fabric::Fabric<fabric::CPU> fabric;
   TempDir dir;
   const fs::path path = dir / "fresh.ckpt";
 
@@ -558,7 +558,7 @@ TEST_CASE("an optimizer that had no state yet is restored as saved (its old stat
 // ---- the file on disk ---------------------------------------------------------------------------
 
 TEST_CASE("save creates parent directories and replaces an existing checkpoint", "[checkpoint]") {
-  fabric::Fabric<> fabric;
+  fabric::Fabric<fabric::CPU> fabric;
   TempDir dir;
   const fs::path path = dir / "a" / "b" / "c" / "ckpt.pt";
 
@@ -582,7 +582,7 @@ TEST_CASE("save creates parent directories and replaces an existing checkpoint",
 }
 
 TEST_CASE("save rejects what it cannot store, before touching the file", "[checkpoint]") {
-  fabric::Fabric<> fabric;
+  fabric::Fabric<fabric::CPU> fabric;
   TempDir dir;
   const fs::path path = dir / "bad.ckpt";
   fabric.save(path, {{"epoch", 1}});
@@ -599,7 +599,7 @@ TEST_CASE("save rejects what it cannot store, before touching the file", "[check
 }
 
 TEST_CASE("save is atomic: a writer killed mid-write leaves the previous checkpoint intact", "[checkpoint]") {
-  fabric::Fabric<> fabric;
+  fabric::Fabric<fabric::CPU> fabric;
   TempDir dir;
   const fs::path path = dir / "atomic.ckpt";
   const torch::Tensor old_blob = torch::arange(10, torch::kFloat32);
@@ -684,7 +684,7 @@ TEST_CASE("save is atomic: a writer killed mid-write leaves the previous checkpo
 // ---- bad files ----------------------------------------------------------------------------------
 
 TEST_CASE("load reports missing, empty, truncated and foreign files as fabric::Error", "[checkpoint]") {
-  fabric::Fabric<> fabric;
+  fabric::Fabric<fabric::CPU> fabric;
   TempDir dir;
 
   torch::manual_seed(12);
@@ -832,7 +832,7 @@ TEST_CASE("load reports missing, empty, truncated and foreign files as fabric::E
 // ---- load_raw: files of torch::save -------------------------------------------------------------
 
 TEST_CASE("load_raw loads torch::save(module) and torch::save(optimizer) files", "[checkpoint]") {
-  fabric::Fabric<> fabric;
+  fabric::Fabric<fabric::CPU> fabric;
   TempDir dir;
   const fs::path module_file = dir / "model.pt";
   const fs::path optimizer_file = dir / "optimizer.pt";
@@ -943,7 +943,7 @@ TEST_CASE("load_raw loads torch::save(module) and torch::save(optimizer) files",
 }
 
 TEST_CASE("load_raw strict checks by dotted name: missing and unexpected tensors", "[checkpoint]") {
-  fabric::Fabric<> fabric;
+  fabric::Fabric<fabric::CPU> fabric;
   TempDir dir;
   torch::manual_seed(16);
   torch::nn::Sequential small(torch::nn::Linear(4, 8));
@@ -1000,7 +1000,7 @@ TEST_CASE("load_raw strict checks by dotted name: missing and unexpected tensors
 }
 
 TEST_CASE("optimizers with several parameter groups and held by pointers", "[checkpoint]") {
-  fabric::Fabric<> fabric;
+  fabric::Fabric<fabric::CPU> fabric;
   TempDir dir;
   const fs::path path = dir / "groups.ckpt";
 
@@ -1053,7 +1053,7 @@ TEST_CASE("optimizers with several parameter groups and held by pointers", "[che
 }
 
 TEST_CASE("LBFGS: options round trip; LibTorch cannot serialize its state after a step", "[checkpoint]") {
-  fabric::Fabric<> fabric;
+  fabric::Fabric<fabric::CPU> fabric;
   TempDir dir;
   torch::manual_seed(20);
   torch::nn::Linear net(4, 2);
@@ -1087,7 +1087,7 @@ TEST_CASE("LBFGS: options round trip; LibTorch cannot serialize its state after 
 }
 
 TEST_CASE("edge values round trip exactly", "[checkpoint]") {
-  fabric::Fabric<> fabric;
+  fabric::Fabric<fabric::CPU> fabric;
   TempDir dir;
   const fs::path path = dir / "edge.ckpt";
 
@@ -1185,7 +1185,7 @@ std::vector<char> unloadable_adamw_archive(const torch::optim::AdamW& optimizer)
 }  // namespace
 
 TEST_CASE("an optimizer state that fails while loading is rolled back", "[checkpoint]") {
-  fabric::Fabric<> fabric;
+  fabric::Fabric<fabric::CPU> fabric;
   TempDir dir;
   torch::manual_seed(21);
   Net net_a;

@@ -1,7 +1,6 @@
 // Accelerators: fabric::Auto (CUDA when a GPU is visible, else the CPU) with every precision,
 // fabric::CUDA's options, device choice and errors, and the loader's transfers to a GPU. The [cuda]
 // tests SKIP without a GPU; on a GPU machine they also train the Fashion-MNIST CNN on every precision.
-#include <fabric/accelerators/auto.hpp>
 #include <fabric/fabric.hpp>
 
 #include "fashion_mnist/fashion_mnist.hpp"
@@ -296,7 +295,8 @@ TEST_CASE("the loader copies pinned batches to the GPU asynchronously and correc
   for (auto& batch : fabric.setup_dataloaders(batches)) {
     REQUIRE(batch.data.is_cuda());
     const auto sum = (batch.data * 2).sum(1);  // runs on the stream the copy was queued on
-    CHECK(torch::allclose(sum.cpu(), (batches[i].data * 2).sum(1)));
+    // NOTE: reduction order differs between devices; sums near zero need an absolute tolerance.
+    CHECK(torch::allclose(sum.cpu(), (batches[i].data * 2).sum(1), /*rtol=*/1e-5, /*atol=*/1e-4));
     CHECK(torch::equal(batch.target.cpu(), batches[i].target));
     ++i;
   }

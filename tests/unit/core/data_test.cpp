@@ -33,7 +33,7 @@ auto make_loader(std::int64_t n, std::size_t batch) {
 }  // namespace
 
 TEST_CASE("setup_dataloaders wraps LibTorch loaders into input ranges", "[data]") {
-  fabric::Fabric<> fabric;
+  fabric::Fabric<fabric::CPU> fabric;
   auto loader = fabric.setup_dataloaders(make_loader(10, 4));
   STATIC_REQUIRE(std::ranges::input_range<decltype(loader)>);
   std::vector<std::int64_t> seen;
@@ -53,7 +53,7 @@ TEST_CASE("setup_dataloaders wraps LibTorch loaders into input ranges", "[data]"
 }
 
 TEST_CASE("the loader composes with std::ranges and range-v3 views", "[data][ranges]") {
-  fabric::Fabric<> fabric;
+  fabric::Fabric<fabric::CPU> fabric;
   auto loader = fabric.setup_dataloaders(make_loader(20, 5));
   int n = 0;
   for (auto& batch : loader | std::views::take(2)) {
@@ -78,7 +78,7 @@ TEST_CASE("the loader composes with std::ranges and range-v3 views", "[data][ran
 }
 
 TEST_CASE("setup_dataloaders takes several loaders, references and options", "[data]") {
-  fabric::Fabric<> fabric;
+  fabric::Fabric<fabric::CPU> fabric;
   auto owned = make_loader(6, 3);
   auto& raw = *owned;
   auto [a, b] = fabric.setup_dataloaders(make_loader(4, 2), raw);
@@ -94,7 +94,7 @@ TEST_CASE("setup_dataloaders takes several loaders, references and options", "[d
 }
 
 TEST_CASE("the convenience loader batches, shuffles per epoch and follows the seed", "[data][sampler]") {
-  fabric::Fabric<> fabric;
+  fabric::Fabric<fabric::CPU> fabric;
   fabric.seed_everything(3);
   auto loader =
       fabric.dataloader(indexed(10).map(torch::data::transforms::Stack<>()), {.batch_size = 4, .shuffle = true});

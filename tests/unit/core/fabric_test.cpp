@@ -41,7 +41,7 @@ bool same_tensor(const torch::Tensor& a, const torch::Tensor& b) {
 }  // namespace
 
 TEST_CASE("a default Fabric is one CPU process in fp32", "[fabric]") {
-  fabric::Fabric<> fabric;
+  fabric::Fabric<fabric::CPU> fabric;
   CHECK(fabric.device() == torch::Device(torch::kCPU));
   CHECK(fabric.global_rank() == 0);
   CHECK(fabric.local_rank() == 0);
@@ -63,7 +63,7 @@ TEST_CASE("bad options are clear errors", "[fabric][errors]") {
 }
 
 TEST_CASE("setup accepts holders, shared pointers and module references", "[fabric][setup]") {
-  fabric::Fabric<> fabric;
+  fabric::Fabric<fabric::CPU> fabric;
   SECTION("TORCH_MODULE holder with an optimizer") {
     Net net;
     torch::optim::AdamW adamw(net->parameters(), torch::optim::AdamWOptions(1e-2));
@@ -89,7 +89,7 @@ TEST_CASE("setup accepts holders, shared pointers and module references", "[fabr
     auto model = fabric.setup(net);
     CHECK(&model.module() == &net);
     CHECK(model(torch::ones({3, 4})).sizes() == torch::IntArrayRef({3, 2}));
-    fabric::Fabric<> other;
+    fabric::Fabric<fabric::CPU> other;
     NetImpl net2;
     auto [m2, o2] = other.setup(net2, torch::optim::SGD(net2.parameters(), torch::optim::SGDOptions(0.1)));
     CHECK(o2.param_groups().front().params().size() == 4);
@@ -101,7 +101,7 @@ TEST_CASE("setup accepts holders, shared pointers and module references", "[fabr
     auto model = fabric.setup_module(net, {.move_to_device = false});
     auto one = fabric.setup_optimizers(sgd);
     CHECK(&one.optimizer() == &sgd);
-    fabric::Fabric<> other;
+    fabric::Fabric<fabric::CPU> other;
     auto [a, b] = other.setup_optimizers(torch::optim::SGD(net->parameters(), torch::optim::SGDOptions(0.1)), adam);
     CHECK(&b.optimizer() == &adam);
     (void)model;
@@ -110,7 +110,7 @@ TEST_CASE("setup accepts holders, shared pointers and module references", "[fabr
 }
 
 TEST_CASE("setup keeps the optimizer's parameter references", "[fabric][setup]") {
-  fabric::Fabric<> fabric;
+  fabric::Fabric<fabric::CPU> fabric;
   Net net;
   torch::optim::SGD sgd(net->parameters(), torch::optim::SGDOptions(0.5));
   const auto before = net->parameters();
@@ -128,7 +128,7 @@ TEST_CASE("setup keeps the optimizer's parameter references", "[fabric][setup]")
 }
 
 TEST_CASE("setting up twice or a foreign optimizer is an error", "[fabric][setup][errors]") {
-  fabric::Fabric<> fabric;
+  fabric::Fabric<fabric::CPU> fabric;
   Net net;
   Net other;
   torch::optim::SGD foreign(other->parameters(), torch::optim::SGDOptions(0.1));
@@ -146,7 +146,7 @@ TEST_CASE("setting up twice or a foreign optimizer is an error", "[fabric][setup
 }
 
 TEST_CASE("the module wrapper forwards like the module", "[fabric][wrappers]") {
-  fabric::Fabric<> fabric;
+  fabric::Fabric<fabric::CPU> fabric;
   torch::manual_seed(0);
   Net net;
   auto model = fabric.setup(net);
@@ -163,7 +163,7 @@ TEST_CASE("the module wrapper forwards like the module", "[fabric][wrappers]") {
 }
 
 TEST_CASE("optimizer wrapper: zero_grad, param groups, state", "[fabric][wrappers]") {
-  fabric::Fabric<> fabric;
+  fabric::Fabric<fabric::CPU> fabric;
   Net net;
   torch::optim::Adam adam(net->parameters(), torch::optim::AdamOptions(1e-3));
   auto [model, optimizer] = fabric.setup(net, adam);
@@ -183,7 +183,7 @@ TEST_CASE("optimizer wrapper: zero_grad, param groups, state", "[fabric][wrapper
 }
 
 TEST_CASE("backward rejects losses that cannot be differentiated", "[fabric][errors]") {
-  fabric::Fabric<> fabric;
+  fabric::Fabric<fabric::CPU> fabric;
   CHECK_THROWS_WITH(fabric.backward(torch::Tensor()), ContainsSubstring("undefined tensor"));
   CHECK_THROWS_WITH(fabric.backward(torch::ones({1})), ContainsSubstring("expected a loss that requires grad"));
   auto w = torch::ones({2}, torch::requires_grad());
@@ -194,7 +194,7 @@ TEST_CASE("backward rejects losses that cannot be differentiated", "[fabric][err
 }
 
 TEST_CASE("clip_gradients by norm and by value", "[fabric][clip]") {
-  fabric::Fabric<> fabric;
+  fabric::Fabric<fabric::CPU> fabric;
   auto lin = torch::nn::Linear(torch::nn::LinearOptions(2, 1).bias(false));
   torch::optim::SGD sgd(lin->parameters(), torch::optim::SGDOptions(0.1));
   auto [model, optimizer] = fabric.setup(lin, sgd);
@@ -230,7 +230,7 @@ TEST_CASE("clip_gradients by norm and by value", "[fabric][clip]") {
 }
 
 TEST_CASE("to_device moves tensors in nested containers and modules", "[fabric][device]") {
-  fabric::Fabric<> fabric;
+  fabric::Fabric<fabric::CPU> fabric;
   const auto t = torch::ones({2});
   using Nested =
       std::tuple<std::vector<torch::Tensor>, std::map<std::string, torch::Tensor>, std::optional<torch::Tensor>,
@@ -265,7 +265,7 @@ TEST_CASE("seed_everything seeds torch and fabric's engine and exports PL_GLOBAL
   CHECK(std::string(std::getenv("PL_SEED_WORKERS")) == "0");
   const auto a = torch::rand({4});
   const auto r1 = fabric::random_engine()();
-  fabric::Fabric<>::seed_everything(1234, /*workers=*/true);
+  fabric::Fabric<fabric::CPU>::seed_everything(1234, /*workers=*/true);
   CHECK(std::string(std::getenv("PL_SEED_WORKERS")) == "1");
   CHECK(torch::equal(a, torch::rand({4})));
   CHECK(r1 == fabric::random_engine()());
@@ -294,7 +294,7 @@ TEST_CASE("seed_everything seeds torch and fabric's engine and exports PL_GLOBAL
 
 TEST_CASE("same seed, same losses, bit for bit", "[fabric][seed][determinism]") {
   auto train = [] {
-    fabric::Fabric<> fabric;
+    fabric::Fabric<fabric::CPU> fabric;
     fabric.seed_everything(7);
     Net net;
     torch::optim::AdamW adamw(net->parameters(), torch::optim::AdamWOptions(1e-2));
@@ -323,7 +323,7 @@ TEST_CASE("same seed, same losses, bit for bit", "[fabric][seed][determinism]") 
 }
 
 TEST_CASE("collectives on one device keep Lightning's shapes", "[fabric][collectives]") {
-  fabric::Fabric<> fabric;
+  fabric::Fabric<fabric::CPU> fabric;
   const auto t = torch::arange(6).reshape({2, 3});
   CHECK(torch::equal(fabric.all_reduce(t), t));
   CHECK(torch::equal(fabric.all_reduce(t, fabric::ReduceOp::sum), t));
@@ -410,7 +410,7 @@ TEST_CASE("call dispatches hooks to the callbacks that declare them", "[fabric][
 }
 
 TEST_CASE("print writes an fmt-formatted line on local rank zero", "[fabric][print]") {
-  fabric::Fabric<> fabric;
+  fabric::Fabric<fabric::CPU> fabric;
   const auto path = std::filesystem::temp_directory_path() / fmt::format("fabric_print_{}.txt", ::getpid());
   std::fflush(stdout);
   const int saved = ::dup(STDOUT_FILENO);

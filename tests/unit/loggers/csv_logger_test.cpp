@@ -354,7 +354,7 @@ TEST_CASE("CSVLogger: hyper-parameters go to hparams.yaml", "[loggers]") {
 TEST_CASE("CSVLogger: fabric.log and log_dict reach the file", "[loggers]") {
   TempDir tmp;
   auto csv = make_logger(tmp.path());
-  fabric::Fabric<> fabric{{.loggers = {csv}}};
+  fabric::Fabric<fabric::CPU> fabric{{.loggers = {csv}}};
   REQUIRE(fabric.loggers().size() == 1);
   CHECK(fabric.logger() == csv.get());
 
@@ -382,7 +382,7 @@ TEST_CASE("CSVLogger: fabric.log and log_dict reach the file", "[loggers]") {
 }
 
 TEST_CASE("CSVLogger: a Fabric without loggers ignores log calls", "[loggers]") {
-  fabric::Fabric<> fabric;
+  fabric::Fabric<fabric::CPU> fabric;
   CHECK(fabric.logger() == nullptr);
   CHECK_NOTHROW(fabric.log("loss", 1.0));
   CHECK_NOTHROW(fabric.log_dict({{"a", 1.0}}, 3));

@@ -273,7 +273,7 @@ TEST_CASE("the fast step with foreach kernels only matches the own step on the C
 }
 
 TEST_CASE("Fabric's optimizer.step() takes the fast path for AdamW and the own step for the rest", "[optim]") {
-  fabric::Fabric<> fabric;
+  fabric::Fabric<fabric::CPU> fabric;
   fabric.seed_everything(3);
   Net net, net_own;
   net_own = copy_of(net);
@@ -317,7 +317,7 @@ TEST_CASE("Fabric's optimizer.step() takes the fast path for AdamW and the own s
 }
 
 TEST_CASE("RMSprop and subclasses of Adam keep their own step and give the same result", "[optim]") {
-  fabric::Fabric<> fabric;
+  fabric::Fabric<fabric::CPU> fabric;
   fabric.seed_everything(5);
   Net net;
   Net net_own = copy_of(net);

@@ -357,7 +357,7 @@ TEST_CASE("FP16Mixed on CUDA: an injected inf gradient skips the step and halves
 }
 
 TEST_CASE("a GradScaler's state is saved and restored with checkpoints", "[precision][scaler][checkpoint]") {
-  fabric::Fabric<> fabric;
+  fabric::Fabric<fabric::CPU> fabric;
   ScalerRig rig;
   fabric::GradScaler scaler({.init_scale = 1024.0, .growth_interval = 7});
   (void)scaler.scale(torch::tensor(1.0f));
