@@ -8,7 +8,6 @@
 #include "fashion_mnist/fashion_mnist.hpp"
 
 #include <torch/torch.h>
-#include <fabric/accelerators/auto.hpp>
 #include <fabric/fabric.hpp>
 
 #include <algorithm>
@@ -26,6 +25,7 @@
 #include <stdexcept>
 #include <string>
 #include <string_view>
+#include <thread>
 #include <vector>
 
 namespace {
@@ -50,6 +50,7 @@ struct Config {
   std::optional<int> threads{};
   std::string_view accelerator = "auto";
   std::string_view precision = "32-true";
+  int devices = 1;
   bool expect_loss_decrease = false;
   std::optional<double> min_accuracy{};
   bool help = false;
@@ -65,6 +66,8 @@ flags:
   --accelerator NAME       cpu, cuda, or auto: CUDA when a GPU is visible, else the CPU (default auto)
   --precision NAME         32-true, 64-true, bf16-mixed, 16-mixed, bf16-true or 16-true, or the
                            short names 32, 64, bf16 (bf16-mixed), 16 (16-mixed) (default 32-true)
+  --devices N              processes, one per device: with N > 1 the example trains with DDP; the
+                           first process starts the others (default 1)
   --epochs N               epochs to train (default 3)
   --batch-size N           samples per training batch (default 64)
   --lr X                   peak learning rate of AdamW, decayed to 0 by a cosine (default 0.002)
@@ -153,6 +156,8 @@ Config parse_args(int argc, char** argv) {
       config.accelerator = parse_accelerator(value());
     } else if (flag == "--precision") {
       config.precision = parse_precision(value());
+    } else if (flag == "--devices") {
+      config.devices = parse_positive<int>(flag, value(), "2");
     } else if (flag == "--epochs") {
       config.epochs = parse_positive<int>(flag, value(), "3");
     } else if (flag == "--batch-size") {
@@ -196,14 +201,20 @@ template <class F>
 int train(const Config& config) {
   using Clock = std::chrono::steady_clock;
   const auto start = Clock::now();
-  if (config.threads) torch::set_num_threads(*config.threads);
+  if (config.threads) {
+    torch::set_num_threads(*config.threads);
+  } else if (config.devices > 1) {
+    // NOTE: the processes share the machine's cores.
+    torch::set_num_threads(std::max(1, static_cast<int>(std::thread::hardware_concurrency()) / config.devices));
+  }
 
-  fabric::Options options;
+  fabric::Options options{.devices = config.devices};
   if (config.log_dir) {
     options.loggers.push_back(std::make_shared<fabric::CSVLogger>(
         fabric::CSVLogger::Options{.root_dir = *config.log_dir, .name = "fashion_mnist"}));
   }
   F fabric(std::move(options));
+  fabric.launch();  // with DDP: starts the other processes and connects them; nothing to do on one device
   fabric.seed_everything(config.seed);
 
   using fashion_mnist::FashionMNIST;
@@ -221,13 +232,16 @@ int train(const Config& config) {
   torch::optim::AdamW adamw(net->parameters(), torch::optim::AdamWOptions(config.lr).weight_decay(1e-4).eps(eps));
   auto [model, optimizer] = fabric.setup(net, adamw);
 
-  const std::size_t batches_per_epoch = (train_size + config.batch_size - 1) / config.batch_size;
+  // Under DDP each process trains on its shard of every epoch.
+  const std::size_t shard = (train_size + fabric.world_size() - 1) / fabric.world_size();
+  const std::size_t batches_per_epoch = (shard + config.batch_size - 1) / config.batch_size;
   const std::size_t total_steps = batches_per_epoch * static_cast<std::size_t>(config.epochs);
   fabric.print("fashion_mnist: {} train / {} test samples, {} epoch{} of {} batches of {}, lr {}, {} thread{}",
                train_size, test_size, config.epochs, config.epochs == 1 ? "" : "s", batches_per_epoch,
                config.batch_size, config.lr, torch::get_num_threads(), torch::get_num_threads() == 1 ? "" : "s");
-  fabric.print("fashion_mnist: accelerator {} on {}, precision {}", F::accelerator_type::name, fabric.device().str(),
-               F::precision_type::name);
+  fabric.print("fashion_mnist: accelerator {} on {}, precision {}, strategy {} with {} process{}",
+               F::accelerator_type::name, fabric.device().str(), F::precision_type::name, F::strategy_type::name,
+               fabric.world_size(), fabric.world_size() == 1 ? "" : "es");
   if (auto* logger = fabric.logger()) {
     logger->log_hyperparams({{"epochs", std::to_string(config.epochs)},
                              {"batch_size", std::to_string(config.batch_size)},
@@ -267,12 +281,19 @@ int train(const Config& config) {
 
     model->eval();
     std::int64_t correct = 0;
+    std::int64_t evaluated = 0;
     {
       torch::NoGradGuard no_grad;
-      for (auto& batch : test)
+      for (auto& batch : test) {
         correct += model(batch.data).argmax(1).eq(batch.target).sum().template item<std::int64_t>();
+        evaluated += batch.target.size(0);
+      }
     }
-    accuracy = 100.0 * static_cast<double>(correct) / static_cast<double>(test_size);
+    // NOTE: under DDP each rank tests its shard; the shards are padded to equal size, so a few samples
+    // may count twice (as in Lightning).
+    const auto totals =
+        fabric.all_reduce(torch::tensor({correct, evaluated}).to(fabric.device()), fabric::ReduceOp::sum);
+    accuracy = 100.0 * totals[0].template item<double>() / totals[1].template item<double>();
     const double seconds = std::chrono::duration<double>(Clock::now() - epoch_start).count();
     fabric.print("epoch {}/{}  train loss {:.4f}  test accuracy {:.2f}%  ({:.1f} s)", epoch, config.epochs, train_loss,
                  accuracy, seconds);
@@ -322,12 +343,13 @@ int with_policy(std::string_view name, fabric::TypeList<Ts...> /*list*/, Fn&& fn
   return status;
 }
 
-/// Picks the policies named on the command line and trains with them. A strategy (--devices) is one
-/// more with_policy level.
+/// Picks the policies named on the command line and trains with them: DDP with more than one device.
 int run(const Config& config) {
   return with_policy(config.accelerator, Accelerators{}, [&]<class A>() {
-    return with_policy(config.precision, Precisions{},
-                       [&]<class P>() { return train<fabric::Fabric<A, fabric::SingleDevice, P>>(config); });
+    return with_policy(config.precision, Precisions{}, [&]<class P>() {
+      if (config.devices > 1) return train<fabric::Fabric<A, fabric::DDP, P>>(config);
+      return train<fabric::Fabric<A, fabric::SingleDevice, P>>(config);
+    });
   });
 }
 

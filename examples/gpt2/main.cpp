@@ -9,7 +9,6 @@
 #include "gpt2/gpt2.hpp"
 
 #include <torch/torch.h>
-#include <fabric/accelerators/auto.hpp>
 #include <fabric/fabric.hpp>
 
 #include <charconv>

@@ -2,7 +2,7 @@
 //
 //     ddp_worker SCENARIO [--devices N] [--steps N] [--bucket-cap-mb X] [--grad-as-view] [--static-graph]
 //                [--find-unused] [--comm-hook fp16|bf16] [--accumulate K] [--timeout-s S] [--dir D]
-//                [--fault throw|kill] [--external] [--tag T]
+//                [--fault throw|kill|hang] [--external] [--cuda] [--tag T]
 //
 // Each scenario checks its own results and exits 0 only when they hold; any failed check prints
 // "rank R: FAILED: ..." and exits 1.
@@ -27,8 +27,6 @@
 
 namespace {
 
-using DDPFabric = fabric::Fabric<fabric::CPU, fabric::DDP>;
-
 struct Args {
   std::string scenario;
   int devices = 2;
@@ -44,6 +42,7 @@ struct Args {
   std::string dir = ".";
   std::string fault;
   bool external = false;
+  bool cuda = false;
 };
 
 int rank_of_env() {
@@ -103,6 +102,8 @@ Args parse(int argc, char** argv) {
       a.fault = value();
     else if (flag == "--external")
       a.external = true;
+    else if (flag == "--cuda")
+      a.cuda = true;
     else if (flag == "--tag")
       (void)value();
     else
@@ -163,7 +164,8 @@ std::vector<std::pair<A, B>> ranges_zip(const std::vector<A>& a, const std::vect
 }
 
 /// DDP over W ranks, each on its slice of the global batch, against one process on the whole batch.
-int train_equivalence(DDPFabric& fabric, const Args& a) {
+template <class F>
+int train_equivalence(F& fabric, const Args& a) {
   const int world = fabric.world_size();
   const int rank = fabric.global_rank();
   const int local = 4;  // samples per rank and micro-batch
@@ -178,7 +180,7 @@ int train_equivalence(DDPFabric& fabric, const Args& a) {
   torch::optim::SGD sgd(net->parameters(), torch::optim::SGDOptions(0.05).momentum(0.9));
   auto [model, optimizer] = fabric.setup(net, sgd);
   for (const auto& [p, q] : ranges_zip(net->parameters(), reference->parameters())) {
-    WORKER_CHECK(torch::equal(p, q), "parameters differ from rank 0's after setup");
+    WORKER_CHECK(torch::equal(p.cpu(), q), "parameters differ from rank 0's after setup");
   }
   const int micro = a.accumulate;
   for (int step = 0; step < a.steps; ++step) {
@@ -190,8 +192,8 @@ int train_equivalence(DDPFabric& fabric, const Args& a) {
     auto [x, y] = global_batch(step, local * world * micro);
     for (int k = 0; k < micro; ++k) {
       const int begin = (k * world + rank) * local;
-      auto xs = x.narrow(0, begin, local);
-      auto ys = y.narrow(0, begin, local);
+      auto xs = x.narrow(0, begin, local).to(fabric.device());
+      auto ys = y.narrow(0, begin, local).to(fabric.device());
       const bool last = k == micro - 1;
       auto guard = fabric.no_backward_sync(model, !last);
       auto loss = torch::mse_loss(model(xs), ys) / micro;
@@ -208,7 +210,7 @@ int train_equivalence(DDPFabric& fabric, const Args& a) {
   const double tolerance = a.comm_hook == "none" ? 1e-5 : 5e-3;
   double worst = 0;
   for (const auto& [p, q] : ranges_zip(net->parameters(), reference->parameters())) {
-    worst = std::max(worst, (p - q).abs().max().item<double>());
+    worst = std::max(worst, (p.cpu() - q).abs().max().template item<double>());
     auto gathered = fabric.all_gather(p.detach().clone());
     WORKER_CHECK(torch::equal(gathered[0], gathered[world - 1]), "ranks hold different parameters");
   }
@@ -218,47 +220,54 @@ int train_equivalence(DDPFabric& fabric, const Args& a) {
   return 0;
 }
 
-int collectives(DDPFabric& fabric, const Args& /*a*/) {
+template <class F>
+int collectives(F& fabric, const Args& /*a*/) {
   const int world = fabric.world_size();
   const int rank = fabric.global_rank();
   const double sum_ranks = world * (world - 1) / 2.0;
+  const auto dev = fabric.device();
+  auto on = [&](torch::Tensor t) { return t.to(dev); };
   // all_reduce: every op, in place, tensors and containers, numbers.
-  auto t = torch::full({3}, static_cast<float>(rank + 1));
+  auto t = on(torch::full({3}, static_cast<float>(rank + 1)));
   auto reduced = fabric.all_reduce(t, fabric::ReduceOp::sum);
-  WORKER_CHECK(torch::allclose(reduced, torch::full({3}, static_cast<float>(sum_ranks + world))), "sum {}",
+  WORKER_CHECK(torch::allclose(reduced.cpu(), torch::full({3}, static_cast<float>(sum_ranks + world))), "sum {}",
                str(reduced));
-  WORKER_CHECK(t.data_ptr() == reduced.data_ptr() && t[0].item<float>() == sum_ranks + world, "not in place");
-  auto mean = fabric.all_reduce(torch::full({2}, rank, torch::kDouble));
-  WORKER_CHECK(torch::allclose(mean, torch::full({2}, sum_ranks / world, torch::kDouble)), "mean {}", str(mean));
-  auto mn = fabric.all_reduce(torch::tensor({rank, -rank}), fabric::ReduceOp::min);
-  WORKER_CHECK(mn[0].item<int64_t>() == 0 && mn[1].item<int64_t>() == -(world - 1), "min {}", str(mn));
-  auto mx = fabric.all_reduce(torch::tensor({rank, -rank}), fabric::ReduceOp::max);
-  WORKER_CHECK(mx[0].item<int64_t>() == world - 1 && mx[1].item<int64_t>() == 0, "max {}", str(mx));
-  auto int_mean = fabric.all_reduce(torch::tensor({2 * rank}));
-  WORKER_CHECK(int_mean.is_floating_point() && std::abs(int_mean.item<double>() - 2 * sum_ranks / world) < 1e-6,
-               "integer mean {}", str(int_mean));
-  std::map<std::string, std::vector<torch::Tensor>> nested{{"a", {torch::ones({1}) * rank, torch::ones({2})}}};
+  WORKER_CHECK(t.data_ptr() == reduced.data_ptr() && t[0].template item<float>() == sum_ranks + world, "not in place");
+  auto mean = fabric.all_reduce(on(torch::full({2}, rank, torch::kDouble)));
+  WORKER_CHECK(torch::allclose(mean.cpu(), torch::full({2}, sum_ranks / world, torch::kDouble)), "mean {}", str(mean));
+  auto mn = fabric.all_reduce(on(torch::tensor({rank, -rank})), fabric::ReduceOp::min);
+  WORKER_CHECK(mn[0].template item<int64_t>() == 0 && mn[1].template item<int64_t>() == -(world - 1), "min {}",
+               str(mn));
+  auto mx = fabric.all_reduce(on(torch::tensor({rank, -rank})), fabric::ReduceOp::max);
+  WORKER_CHECK(mx[0].template item<int64_t>() == world - 1 && mx[1].template item<int64_t>() == 0, "max {}", str(mx));
+  auto int_mean = fabric.all_reduce(on(torch::tensor({2 * rank})));
+  WORKER_CHECK(
+      int_mean.is_floating_point() && std::abs(int_mean.template item<double>() - 2 * sum_ranks / world) < 1e-6,
+      "integer mean {}", str(int_mean));
+  std::map<std::string, std::vector<torch::Tensor>> nested{{"a", {on(torch::ones({1}) * rank), on(torch::ones({2}))}}};
   auto nested_sum = fabric.all_reduce(nested, fabric::ReduceOp::sum);
-  WORKER_CHECK(nested_sum["a"][0].item<float>() == sum_ranks && nested_sum["a"][1][1].item<float>() == world, "nested");
+  WORKER_CHECK(
+      nested_sum["a"][0].template item<float>() == sum_ranks && nested_sum["a"][1][1].template item<float>() == world,
+      "nested");
   auto number = fabric.all_reduce(rank + 0.5, fabric::ReduceOp::max);
-  WORKER_CHECK(number.item<double>() == world - 0.5, "number {}", str(number));
+  WORKER_CHECK(number.template item<double>() == world - 0.5, "number {}", str(number));
   // all_gather: a leading world-size dimension.
-  auto gathered = fabric.all_gather(torch::full({2, 3}, rank));
+  auto gathered = fabric.all_gather(on(torch::full({2, 3}, rank)));
   WORKER_CHECK(gathered.sizes() == torch::IntArrayRef({world, 2, 3}), "gather shape {}", str(gathered));
-  for (int r = 0; r < world; ++r) WORKER_CHECK(gathered[r].eq(r).all().item<bool>(), "gather value at {}", r);
-  auto gathered_list = fabric.all_gather(std::vector<torch::Tensor>{torch::tensor({rank})});
+  for (int r = 0; r < world; ++r) WORKER_CHECK(gathered[r].eq(r).all().template item<bool>(), "gather value at {}", r);
+  auto gathered_list = fabric.all_gather(std::vector<torch::Tensor>{on(torch::tensor({rank}))});
   WORKER_CHECK(gathered_list[0].sizes() == torch::IntArrayRef({world, 1}), "gather list");
   bool shape_error = false;
   try {
-    (void)fabric.all_gather(torch::zeros({rank + 1}));
+    (void)fabric.all_gather(on(torch::zeros({rank + 1})));
   } catch (const fabric::Error& e) {
     shape_error = std::string(e.what()).find("same shape") != std::string::npos;
   }
   WORKER_CHECK(world == 1 || shape_error, "all_gather with different shapes must fail on every rank");
   // broadcast: tensors and serializable values.
   const int src = world - 1;
-  auto bt = fabric.broadcast(torch::full({2}, rank), src);
-  WORKER_CHECK(bt.eq(src).all().item<bool>(), "broadcast tensor {}", str(bt));
+  auto bt = fabric.broadcast(on(torch::full({2}, rank)), src);
+  WORKER_CHECK(bt.eq(src).all().template item<bool>(), "broadcast tensor {}", str(bt));
   WORKER_CHECK(fabric.broadcast(rank * 10, src) == src * 10, "broadcast int");
   WORKER_CHECK(fabric.broadcast(rank + 0.25, 0) == 0.25, "broadcast double");
   WORKER_CHECK(fabric.broadcast(std::string(rank + 1, 'x'), src) == std::string(src + 1, 'x'), "broadcast string");
@@ -310,7 +319,8 @@ std::vector<int64_t> one_epoch(auto& loader) {
   return seen;
 }
 
-int sampler(DDPFabric& fabric, const Args& /*a*/) {
+template <class F>
+int sampler(F& fabric, const Args& /*a*/) {
   const int world = fabric.world_size();
   const int n = 10;
   fabric.seed_everything(3);
@@ -321,9 +331,9 @@ int sampler(DDPFabric& fabric, const Args& /*a*/) {
   const int per_rank = (n + world - 1) / world;
   WORKER_CHECK(static_cast<int>(epoch0.size()) == per_rank, "rank sees {} samples, expected {}", epoch0.size(),
                per_rank);
-  auto all0 = fabric.all_gather(torch::tensor(epoch0));
-  auto all1 = fabric.all_gather(torch::tensor(epoch1));
-  std::multiset<int64_t> s0(all0.data_ptr<int64_t>(), all0.data_ptr<int64_t>() + all0.numel());
+  auto all0 = fabric.all_gather(torch::tensor(epoch0).to(fabric.device())).cpu();
+  auto all1 = fabric.all_gather(torch::tensor(epoch1).to(fabric.device())).cpu();
+  std::multiset<int64_t> s0(all0.template data_ptr<int64_t>(), all0.template data_ptr<int64_t>() + all0.numel());
   std::set<int64_t> distinct(s0.begin(), s0.end());
   WORKER_CHECK(static_cast<int>(distinct.size()) == n, "the shards cover {} of {} samples", distinct.size(), n);
   WORKER_CHECK(static_cast<int>(s0.size()) == per_rank * world, "padding: {} samples in all", s0.size());
@@ -340,7 +350,8 @@ int sampler(DDPFabric& fabric, const Args& /*a*/) {
   return 0;
 }
 
-int mismatch(DDPFabric& fabric, const Args& /*a*/) {
+template <class F>
+int mismatch(F& fabric, const Args& /*a*/) {
   Net net = make_net(fabric.global_rank() == 1 ? 33 : 32);
   try {
     auto model = fabric.setup(net);
@@ -357,7 +368,8 @@ int mismatch(DDPFabric& fabric, const Args& /*a*/) {
   return 1;
 }
 
-int save_load(DDPFabric& fabric, const Args& a) {
+template <class F>
+int save_load(F& fabric, const Args& a) {
   Net net = make_net();
   auto model = fabric.setup(net);
   const auto dir = std::filesystem::path(a.dir);
@@ -368,7 +380,7 @@ int save_load(DDPFabric& fabric, const Args& a) {
   fabric::State state{{"model", other}};
   auto rest = fabric.load(path, state);
   WORKER_CHECK(rest.at("step").value().toInt() == 5, "step");
-  WORKER_CHECK(torch::equal(other->fc1->weight, net->fc1->weight), "loaded weights differ");
+  WORKER_CHECK(torch::equal(other->fc1->weight.cpu(), net->fc1->weight.cpu()), "loaded weights differ");
   // Rank 0 cannot write: every rank fails instead of waiting at the barrier.
   const auto blocked = dir / "a-file";
   if (fabric.is_global_zero()) std::ofstream(blocked) << "x";
@@ -385,8 +397,10 @@ int save_load(DDPFabric& fabric, const Args& a) {
   return 0;
 }
 
+template <class Accelerator>
 int run(const Args& a) {
-  DDPFabric fabric(fabric::Options{.devices = a.devices}, fabric::DDP(ddp_options(a)), fabric::FP32{});
+  fabric::Fabric<Accelerator, fabric::DDP> fabric(fabric::Options{.devices = a.devices}, fabric::DDP(ddp_options(a)),
+                                                  fabric::FP32{});
   fabric.launch();
   if (a.scenario == "train") return train_equivalence(fabric, a);
   if (a.scenario == "collectives") return collectives(fabric, a);
@@ -400,7 +414,8 @@ int run(const Args& a) {
 
 int main(int argc, char** argv) {
   try {
-    return run(parse(argc, argv));
+    const Args args = parse(argc, argv);
+    return args.cuda ? run<fabric::CUDA>(args) : run<fabric::CPU>(args);
   } catch (const CheckFailed& e) {
     fmt::print(stderr, "rank {}: FAILED: {}\n", rank_of_env(), e.what());
   } catch (const std::exception& e) {
