@@ -24,6 +24,7 @@
 #include "fabric/precision/grad_scaler.hpp"
 #include "fabric/seed.hpp"
 #include "fabric/strategies/ddp.hpp"
+#include "fabric/strategies/dp.hpp"
 #include "fabric/strategies/single_device.hpp"
 #include "fabric/type_list.hpp"
 #include "fabric/version.hpp"

@@ -197,6 +197,7 @@ class Fabric {
       device_ = A::device(strategy_.local_rank());
       A::setup_device(device_);
     }
+    if constexpr (requires { strategy_.setup_device(device_); }) strategy_.setup_device(device_);
     if constexpr (requires { precision_.setup_device(device_); }) precision_.setup_device(device_);
   }
   Fabric(const Fabric&) = delete;

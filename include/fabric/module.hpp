@@ -39,7 +39,15 @@ class Module {
     auto& strategy = fabric_->strategy();
     [[maybe_unused]] auto guard = precision.forward_context();
     strategy.pre_forward(state_);
-    if constexpr (std::is_void_v<decltype(module_->forward(precision.convert_input(std::forward<Args>(args))...))>) {
+    if constexpr (requires {
+                    strategy.forward(state_, module_, precision.convert_input(std::forward<Args>(args))...);
+                  }) {
+      // The strategy runs the module itself (DP: across GPUs).
+      auto output = strategy.forward(state_, module_, precision.convert_input(std::forward<Args>(args))...);
+      strategy.post_forward(state_, output);
+      return precision.convert_output(std::move(output));
+    } else if constexpr (std::is_void_v<decltype(module_->forward(
+                             precision.convert_input(std::forward<Args>(args))...))>) {
       module_->forward(precision.convert_input(std::forward<Args>(args))...);
     } else {
       auto output = module_->forward(precision.convert_input(std::forward<Args>(args))...);

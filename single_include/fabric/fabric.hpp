@@ -632,7 +632,15 @@ class Module {
     auto& strategy = fabric_->strategy();
     [[maybe_unused]] auto guard = precision.forward_context();
     strategy.pre_forward(state_);
-    if constexpr (std::is_void_v<decltype(module_->forward(precision.convert_input(std::forward<Args>(args))...))>) {
+    if constexpr (requires {
+                    strategy.forward(state_, module_, precision.convert_input(std::forward<Args>(args))...);
+                  }) {
+      // The strategy runs the module itself (DP: across GPUs).
+      auto output = strategy.forward(state_, module_, precision.convert_input(std::forward<Args>(args))...);
+      strategy.post_forward(state_, output);
+      return precision.convert_output(std::move(output));
+    } else if constexpr (std::is_void_v<decltype(module_->forward(
+                             precision.convert_input(std::forward<Args>(args))...))>) {
       module_->forward(precision.convert_input(std::forward<Args>(args))...);
     } else {
       auto output = module_->forward(precision.convert_input(std::forward<Args>(args))...);
@@ -3274,6 +3282,7 @@ class Fabric {
       device_ = A::device(strategy_.local_rank());
       A::setup_device(device_);
     }
+    if constexpr (requires { strategy_.setup_device(device_); }) strategy_.setup_device(device_);
     if constexpr (requires { precision_.setup_device(device_); }) precision_.setup_device(device_);
   }
   Fabric(const Fabric&) = delete;
@@ -5815,4 +5824,160 @@ class DDP {
 
 }  // namespace fabric
 // ---- end fabric/strategies/ddp.hpp
+// ---- begin fabric/strategies/dp.hpp
+// fabric::DP: one process driving several GPUs with LibTorch's data_parallel, Lightning's "dp".
+
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/Device.h>
+#include <c10/util/Exception.h>
+#include <torch/nn/cloneable.h>
+
+// NOTE: data_parallel.h reaches CUDA's own headers; a CPU-only LibTorch cannot run DP anyway.
+#if __has_include(<cuda.h>)
+#define FABRIC_HAS_DATA_PARALLEL 1
+#include <torch/nn/parallel/data_parallel.h>
+#else
+#define FABRIC_HAS_DATA_PARALLEL 0
+#endif
+
+#include <memory>
+#include <string_view>
+#include <type_traits>
+#include <vector>
+
+namespace fabric {
+
+struct CPU;
+
+/// Runs one process that splits each batch across the GPUs of the machine: every forward scatters
+/// the input, replicates the module (clone()) on each GPU, runs the replicas in parallel and gathers
+/// the outputs on the first GPU; gradients flow back to the one module. There is one process, so
+/// collectives are local, `setup_dataloaders` never shards and `no_backward_sync` warns and does
+/// nothing, as in Lightning. Prefer DDP: it is faster and also runs on the CPU.
+///
+///     fabric::Fabric<fabric::CUDA, fabric::DP> fabric{{.devices = 4}};
+class DP {
+ public:
+  using category = strategy_tag;
+  static constexpr std::string_view name = "dp";
+  static constexpr bool is_distributed = false;
+
+  /// Settings of the strategy (none).
+  struct Options {};
+  /// What the strategy keeps per set-up module: the GPUs it runs on.
+  struct ModuleState {
+    std::vector<c10::Device> devices{};
+  };
+
+  DP() = default;
+  explicit DP(Options /*options*/) noexcept {}
+
+  /// Rejects the CPU accelerator at compile time (data_parallel replicates onto GPUs).
+  template <Accelerator A, Precision P>
+  static constexpr void check() noexcept {
+    static_assert(!std::is_same_v<A, CPU>,
+                  "fabric: DP runs one process on several GPUs; use fabric::CUDA or fabric::Auto with DP, or "
+                  "fabric::DDP for several CPU processes");
+  }
+
+  /// Validates the topology: one machine, `devices` GPUs.
+  void setup_environment(const fabric::Options& options) {
+    if (options.num_nodes != 1) {
+      detail::raise("DP runs one process on one machine: expected num_nodes = 1, found {}; use fabric::DDP",
+                    options.num_nodes);
+    }
+    devices_ = options.devices;
+  }
+  /// Checks the device the accelerator chose (a GPU; DP has no CPU mode).
+  void setup_device(const c10::Device& device) {
+    if (!device.is_cuda()) {
+      detail::raise(
+          "DP splits batches across GPUs: expected a CUDA device, found {}; use fabric::DDP for several CPU "
+          "processes, or SingleDevice",
+          device.str());
+    }
+    first_ = device;
+  }
+
+  int global_rank() const noexcept { return 0; }
+  int local_rank() const noexcept { return 0; }
+  int node_rank() const noexcept { return 0; }
+  int world_size() const noexcept { return 1; }
+
+  /// Waits for all processes (there is only this one).
+  void barrier() const noexcept {}
+
+  /// Records the GPUs the module will be replicated on (the chosen one and the next devices - 1).
+  template <class M>
+  ModuleState setup_module(M& /*module*/) const {
+    static_assert(std::is_base_of_v<torch::nn::Cloneable<M>, M>,
+                  "fabric: DP replicates the module on every GPU with clone(); derive the module from "
+                  "torch::nn::Cloneable<M> (and implement reset()), or use fabric::DDP");
+    ModuleState state;
+    for (int i = 0; i < devices_; ++i) {
+      state.devices.emplace_back(c10::DeviceType::CUDA, static_cast<c10::DeviceIndex>(first_.index() + i));
+    }
+    return state;
+  }
+  /// Runs the forward across the GPUs (LibTorch's data_parallel: one tensor in, one tensor out).
+  template <class M>
+  at::Tensor forward(ModuleState& state, const std::shared_ptr<M>& module, at::Tensor input) {
+#if FABRIC_HAS_DATA_PARALLEL
+    return torch::nn::parallel::data_parallel(module, std::move(input), state.devices, state.devices.front());
+#else
+    (void)state;
+    (void)module;
+    (void)input;
+    detail::raise("DP needs LibTorch's data_parallel, which needs CUDA's headers; build with a CUDA LibTorch");
+#endif
+  }
+  /// Runs before each wrapped forward (nothing to do).
+  void pre_forward(ModuleState& /*state*/) const noexcept {}
+  /// Runs after each wrapped forward (nothing to do).
+  template <class Out>
+  void post_forward(ModuleState& /*state*/, const Out& /*output*/) const noexcept {}
+  /// Warns once that there is no gradient synchronisation to skip, and returns a guard that does nothing.
+  NullGuard no_backward_sync(ModuleState& /*state*/, bool enabled) const {
+    if (enabled) {
+      TORCH_WARN_ONCE(
+          "fabric: no_backward_sync does nothing with DP (one process, nothing to synchronise); gradients "
+          "accumulate as usual");
+    }
+    return {};
+  }
+
+  /// Reduces the elements of a tensor, as Lightning's DP does (there is one process): mean, sum, min or max.
+  at::Tensor all_reduce(const at::Tensor& tensor, ReduceOp op) const {
+    switch (op) {
+      case ReduceOp::sum:
+        return tensor.sum();
+      case ReduceOp::min:
+        return tensor.min();
+      case ReduceOp::max:
+        return tensor.max();
+      case ReduceOp::mean:
+        break;
+    }
+    return tensor.is_floating_point() ? tensor.mean() : tensor.to(at::kFloat).mean();
+  }
+  /// Gathers a tensor from all processes (identity: one process).
+  const at::Tensor& all_gather(const at::Tensor& tensor) const noexcept { return tensor; }
+  /// Broadcasts a value (identity: one process).
+  template <class T>
+  T broadcast(T value, int /*src*/) const {
+    return value;
+  }
+  /// Combines a boolean decision across processes (identity).
+  bool reduce_boolean_decision(bool decision, bool /*all*/) const noexcept { return decision; }
+  /// Says whether setup_dataloaders shards data across ranks (never: one process).
+  bool shards_data() const noexcept { return false; }
+
+ private:
+  int devices_ = 1;
+  c10::Device first_{c10::DeviceType::CUDA, 0};
+};
+
+}  // namespace fabric
+// ---- end fabric/strategies/dp.hpp
 // ---- end fabric/fabric.hpp
