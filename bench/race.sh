@@ -105,7 +105,9 @@ for key in workloads:
     params = {r["params"] for r in rows}
     losses = [r["last_loss"] for r in rows]
     spread = (max(losses) - min(losses)) / max(abs(min(losses)), 1e-12)
-    ok = len(params) == 1 and spread < 0.02
+    # NOTE: the mlp memorises its one batch (losses near 5e-4 after 300 steps), where a relative
+    # spread means nothing; losses that close to zero agree when they differ by less than 1e-3.
+    ok = len(params) == 1 and (spread < 0.02 or max(losses) - min(losses) < 1e-3)
     checks.append(f"{'ok  ' if ok else 'FAIL'} {key[0]} {key[1]}: parameters {sorted(params)}, last losses "
                   + ", ".join(f"{r['competitor']} {r['last_loss']:.4f}" for r in rows) + f" (spread {spread:.2%})")
 print("\n".join(lines))
