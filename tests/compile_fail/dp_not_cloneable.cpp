@@ -1,5 +1,5 @@
 // DP clones the module onto every GPU: a module that is not Cloneable is rejected at setup.
-// EXPECT: fabric: DP replicates the module on every GPU with clone(); derive the module from torch::nn::Cloneable<M>
+// EXPECT: fabric: DP replicates the module on every GPU with clone.*derive the module from torch::nn::Cloneable<M>
 #include <fabric/fabric.hpp>
 
 struct PlainImpl : torch::nn::Module {
