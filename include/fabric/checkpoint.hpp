@@ -486,8 +486,6 @@ inline bool same_value_type(const c10::IValue& expected, const c10::IValue& foun
   return true;
 }
 
-inline std::string shape_str(at::IntArrayRef s) { return fmt::format("[{}]", fmt::join(s, ", ")); }
-
 /// Checks a module entry against a module; appends every problem to errors.
 inline void check_module(const std::string& key, const torch::nn::Module& module, const c10::IValue& stored,
                          bool strict, std::vector<std::string>& errors) {

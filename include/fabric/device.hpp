@@ -8,11 +8,15 @@
 #include <torch/nn/module.h>
 #include <torch/nn/pimpl.h>
 
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+
 #include <array>
 #include <cstddef>
 #include <map>
 #include <memory>
 #include <optional>
+#include <string>
 #include <tuple>
 #include <type_traits>
 #include <unordered_map>
@@ -163,6 +167,23 @@ torch::nn::Module& module_ref(M& m) {
     return m;
   }
 }
+
+/// Calls fn on every tensor in a (nested) value, as map_tensors visits them.
+template <class T, class F>
+void for_each_tensor(const T& value, F&& fn) {
+  if constexpr (std::is_same_v<T, at::Tensor>) {
+    fn(value);
+  } else {
+    auto visit = [&](at::Tensor t) {
+      fn(t);
+      return t;
+    };
+    (void)map_tensors(T(value), visit);
+  }
+}
+
+/// Writes a shape as "[2, 3]" for messages.
+inline std::string shape_str(at::IntArrayRef sizes) { return fmt::format("[{}]", fmt::join(sizes, ", ")); }
 
 }  // namespace detail
 

@@ -394,11 +394,15 @@ struct Auto {
 #include <torch/nn/module.h>
 #include <torch/nn/pimpl.h>
 
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+
 #include <array>
 #include <cstddef>
 #include <map>
 #include <memory>
 #include <optional>
+#include <string>
 #include <tuple>
 #include <type_traits>
 #include <unordered_map>
@@ -549,6 +553,23 @@ torch::nn::Module& module_ref(M& m) {
     return m;
   }
 }
+
+/// Calls fn on every tensor in a (nested) value, as map_tensors visits them.
+template <class T, class F>
+void for_each_tensor(const T& value, F&& fn) {
+  if constexpr (std::is_same_v<T, at::Tensor>) {
+    fn(value);
+  } else {
+    auto visit = [&](at::Tensor t) {
+      fn(t);
+      return t;
+    };
+    (void)map_tensors(T(value), visit);
+  }
+}
+
+/// Writes a shape as "[2, 3]" for messages.
+inline std::string shape_str(at::IntArrayRef sizes) { return fmt::format("[{}]", fmt::join(sizes, ", ")); }
 
 }  // namespace detail
 
@@ -1929,8 +1950,6 @@ inline bool same_value_type(const c10::IValue& expected, const c10::IValue& foun
   }
   return true;
 }
-
-inline std::string shape_str(at::IntArrayRef s) { return fmt::format("[{}]", fmt::join(s, ", ")); }
 
 /// Checks a module entry against a module; appends every problem to errors.
 inline void check_module(const std::string& key, const torch::nn::Module& module, const c10::IValue& stored,
@@ -5355,27 +5374,6 @@ struct DDPModule {
   bool broadcast_buffers = true;
 };
 
-/// Calls fn on every tensor in a (nested) value, as map_tensors visits them.
-template <class T, class F>
-void for_each_tensor(const T& value, F&& fn) {
-  if constexpr (std::is_same_v<T, at::Tensor>) {
-    fn(value);
-  } else {
-    T copy = value;
-    auto visit = [&](at::Tensor t) {
-      fn(t);
-      return t;
-    };
-    (void)map_tensors(std::move(copy), visit);
-  }
-}
-
-inline std::string shape_text(at::IntArrayRef sizes) {
-  std::string out = "[";
-  for (std::size_t i = 0; i < sizes.size(); ++i) out += (i ? ", " : "") + std::to_string(sizes[i]);
-  return out + "]";
-}
-
 /// The bytes that pickle a value for broadcast (tensors travel on the CPU).
 template <class T>
 std::vector<char> pickle_value(const T& value) {
@@ -5539,14 +5537,14 @@ class DDP {
       params.push_back(p);
     }
     for (const auto& item : module.named_parameters(true)) {
-      description += fmt::format("parameter \"{}\" of shape {} ({})\n", item.key(), detail::shape_text(item->sizes()),
+      description += fmt::format("parameter \"{}\" of shape {} ({})\n", item.key(), detail::shape_str(item->sizes()),
                                  c10::toString(item->scalar_type()));
     }
     std::vector<at::Tensor> sync;
     for (const auto& p : module.parameters(true)) sync.push_back(p.detach());
     for (const auto& b : module.named_buffers(true)) {
       if (!b->defined()) continue;
-      description += fmt::format("buffer \"{}\" of shape {} ({})\n", b.key(), detail::shape_text(b->sizes()),
+      description += fmt::format("buffer \"{}\" of shape {} ({})\n", b.key(), detail::shape_str(b->sizes()),
                                  c10::toString(b->scalar_type()));
       state->buffers.push_back(*b);
       sync.push_back(b->detach());
@@ -5670,7 +5668,7 @@ class DDP {
     auto& pg = group("all_reduce");
     if (!tensor.is_contiguous()) {
       detail::raise("all_reduce: expected a contiguous tensor, found one with strides {}; call .contiguous() first",
-                    detail::shape_text(tensor.strides()));
+                    detail::shape_str(tensor.strides()));
     }
     c10d::AllreduceOptions opts;
     opts.reduceOp = op == ReduceOp::min   ? c10d::ReduceOp::MIN
@@ -5770,7 +5768,7 @@ class DDP {
     }
   }
   void check_same_shape(const at::Tensor& t, std::string_view what) {
-    std::string text = detail::shape_text(t.sizes()) + " " + std::string(c10::toString(t.scalar_type()));
+    std::string text = detail::shape_str(t.sizes()) + " " + std::string(c10::toString(t.scalar_type()));
     std::vector<char> bytes(text.begin(), text.end());
     broadcast_bytes(bytes, 0, what);
     const bool same = std::string(bytes.begin(), bytes.end()) == text;

@@ -52,27 +52,6 @@ struct DDPModule {
   bool broadcast_buffers = true;
 };
 
-/// Calls fn on every tensor in a (nested) value, as map_tensors visits them.
-template <class T, class F>
-void for_each_tensor(const T& value, F&& fn) {
-  if constexpr (std::is_same_v<T, at::Tensor>) {
-    fn(value);
-  } else {
-    T copy = value;
-    auto visit = [&](at::Tensor t) {
-      fn(t);
-      return t;
-    };
-    (void)map_tensors(std::move(copy), visit);
-  }
-}
-
-inline std::string shape_text(at::IntArrayRef sizes) {
-  std::string out = "[";
-  for (std::size_t i = 0; i < sizes.size(); ++i) out += (i ? ", " : "") + std::to_string(sizes[i]);
-  return out + "]";
-}
-
 /// The bytes that pickle a value for broadcast (tensors travel on the CPU).
 template <class T>
 std::vector<char> pickle_value(const T& value) {
@@ -236,14 +215,14 @@ class DDP {
       params.push_back(p);
     }
     for (const auto& item : module.named_parameters(true)) {
-      description += fmt::format("parameter \"{}\" of shape {} ({})\n", item.key(), detail::shape_text(item->sizes()),
+      description += fmt::format("parameter \"{}\" of shape {} ({})\n", item.key(), detail::shape_str(item->sizes()),
                                  c10::toString(item->scalar_type()));
     }
     std::vector<at::Tensor> sync;
     for (const auto& p : module.parameters(true)) sync.push_back(p.detach());
     for (const auto& b : module.named_buffers(true)) {
       if (!b->defined()) continue;
-      description += fmt::format("buffer \"{}\" of shape {} ({})\n", b.key(), detail::shape_text(b->sizes()),
+      description += fmt::format("buffer \"{}\" of shape {} ({})\n", b.key(), detail::shape_str(b->sizes()),
                                  c10::toString(b->scalar_type()));
       state->buffers.push_back(*b);
       sync.push_back(b->detach());
@@ -367,7 +346,7 @@ class DDP {
     auto& pg = group("all_reduce");
     if (!tensor.is_contiguous()) {
       detail::raise("all_reduce: expected a contiguous tensor, found one with strides {}; call .contiguous() first",
-                    detail::shape_text(tensor.strides()));
+                    detail::shape_str(tensor.strides()));
     }
     c10d::AllreduceOptions opts;
     opts.reduceOp = op == ReduceOp::min   ? c10d::ReduceOp::MIN
@@ -467,7 +446,7 @@ class DDP {
     }
   }
   void check_same_shape(const at::Tensor& t, std::string_view what) {
-    std::string text = detail::shape_text(t.sizes()) + " " + std::string(c10::toString(t.scalar_type()));
+    std::string text = detail::shape_str(t.sizes()) + " " + std::string(c10::toString(t.scalar_type()));
     std::vector<char> bytes(text.begin(), text.end());
     broadcast_bytes(bytes, 0, what);
     const bool same = std::string(bytes.begin(), bytes.end()) == text;
