@@ -185,7 +185,12 @@ int train_equivalence(F& fabric, const Args& a) {
   const int micro = a.accumulate;
   for (int step = 0; step < a.steps; ++step) {
     if (!a.fault.empty() && rank == 1 && step == 2) {
-      if (a.fault == "throw") throw std::runtime_error("injected failure on rank 1");
+      if (a.fault == "throw") {
+        // NOTE: say it before throwing: unwinding closes this rank's connections, the others fail at
+        // once, and the launcher may stop this process before main prints the exception.
+        fmt::print(stderr, "rank 1: throwing: injected failure on rank 1\n");
+        throw std::runtime_error("injected failure on rank 1");
+      }
       if (a.fault == "kill") std::raise(SIGKILL);
       if (a.fault == "hang") std::this_thread::sleep_for(std::chrono::hours(1));
     }
