@@ -11,6 +11,11 @@ output as bench_race (bench/race.cpp):
              fabric.setup(model, optimizer), fabric.backward(loss), optimizer.step(),
              optimizer.zero_grad().
 
+With --devices N > 1 only the lightning competitor runs, as Fabric(devices=N, strategy="ddp"), on one
+workload: fabric.launch() starts N - 1 more processes running this script, each with its own batch of
+the workload's size (global batch N times that), as bench_ddp_race (bench/ddp_race.cpp) does for
+bench/multi_gpu.sh. Rank 0 reports its median and the slowest rank's.
+
 Each loop builds its own model from the same seed, warms up, then times each step with CUDA events
 (time.perf_counter on the CPU); the median is reported, with peak GPU memory from
 torch.cuda.max_memory_allocated / max_memory_reserved since the loop was built.
@@ -25,6 +30,7 @@ import argparse
 import gc
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -169,12 +175,14 @@ def peak_memory(device):
     return 0, 0
 
 
-def time_steps(device, w, step):
+def time_steps(device, w, step, barrier=None):
     """Warm-up, then timed steps; returns (ms per step, wall mean ms, last loss)."""
     loss = None
     for _ in range(w["warmup"]):
         loss = step()
     synchronize(device)
+    if barrier is not None:
+        barrier()
     cuda = device.type == "cuda"
     if cuda:
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(w["steps"])]
@@ -243,17 +251,22 @@ def run_pytorch(device, w):
     return result
 
 
-def run_lightning(device, w):
-    reset_memory(device)
-    fabric = Fabric(accelerator=device.type, devices=1, precision=w["precision"])
+def run_lightning(device, w, devices=1):
+    if devices == 1:  # with DDP, only after launch: the device of a rank is known then
+        reset_memory(device)
+    fabric = Fabric(accelerator=device.type, devices=devices, strategy="ddp" if devices > 1 else "auto",
+                    precision=w["precision"])
     fabric.launch()
+    if devices > 1:
+        device = fabric.device
+        reset_memory(device)
     net = build(w)
     optimizer = make_optimizer(w, net.parameters())
     model, optimizer = fabric.setup(net, optimizer)
     if fabric.device.type != device.type:
         raise RuntimeError(f"Lightning Fabric chose {fabric.device}, expected {device}")
     loss_fn = gpt2_loss if w["name"] == "gpt2" else mlp_loss
-    x, y = w["x"], w["y"]
+    x, y = w["x"].to(device), w["y"].to(device)
 
     def step():
         loss = loss_fn(model(x), y)
@@ -262,12 +275,17 @@ def run_lightning(device, w):
         optimizer.zero_grad()
         return loss
 
-    ms, wall, last = time_steps(device, w, step)
+    ms, wall, last = time_steps(device, w, step, barrier=fabric.barrier if devices > 1 else None)
     synchronize(device)
     params = sum(p.numel() for p in net.parameters())
     result = dict(competitor="lightning", ms=ms, wall=wall, last_loss=last, params=params,
-                  kernels=optimizer_kernels(getattr(optimizer, "optimizer", optimizer), device))
+                  kernels=optimizer_kernels(getattr(optimizer, "optimizer", optimizer), device),
+                  rank=fabric.global_rank, world=fabric.world_size)
     result["peak_allocated"], result["peak_reserved"] = peak_memory(device)
+    if devices > 1:
+        med = torch.tensor(statistics.median(ms), device=device)
+        result["slowest"] = fabric.all_reduce(med, reduce_op="max").item()
+        result["last_loss"] = fabric.all_reduce(torch.tensor(last, device=device), reduce_op="mean").item()
     del model, optimizer, net, fabric
     return result
 
@@ -281,7 +299,9 @@ def parse_args(argv):
     p.add_argument("--workload", action="append",
                    choices=["all", "mlp", "mlp-fp32", "mlp-bf16-mixed", "gpt2", "gpt2-bf16-mixed"],
                    help="repeatable (default all)")
-    p.add_argument("--competitors", default="pytorch,lightning", help="comma-separated subset of pytorch,lightning")
+    p.add_argument("--competitors", help="comma-separated subset of pytorch,lightning (default both; lightning "
+                   "with --devices > 1)")
+    p.add_argument("--devices", type=int, default=1, help="GPUs; more than 1 runs Lightning Fabric's DDP")
     p.add_argument("--steps", type=int, default=0, help="timed steps (default: mlp 300, gpt2 30)")
     p.add_argument("--warmup", type=int, default=-1, help="untimed steps first (default: mlp 50, gpt2 10)")
     p.add_argument("--gpt2-config", choices=["small", "tiny"], default="small")
@@ -300,10 +320,19 @@ def parse_args(argv):
         else:
             workloads.append(w)
     args.workloads = workloads
-    args.competitor_list = [c for c in args.competitors.split(",") if c]
+    default = "lightning" if args.devices > 1 else "pytorch,lightning"
+    args.competitor_list = [c for c in (args.competitors or default).split(",") if c]
     for c in args.competitor_list:
         if c not in ("pytorch", "lightning"):
             p.error(f"expected pytorch or lightning in --competitors, found {c!r}")
+    if args.devices < 1:
+        p.error(f"expected --devices >= 1, found {args.devices}")
+    if args.devices > 1 and args.competitor_list != ["lightning"]:
+        p.error(f"--devices {args.devices} runs only the lightning competitor (Fabric's DDP); "
+                f"found --competitors {args.competitors}")
+    if args.devices > 1 and len(workloads) != 1:
+        p.error(f"--devices {args.devices} runs one workload (each launch starts the processes); "
+                f"found {', '.join(workloads)}")
     return args
 
 
@@ -313,6 +342,10 @@ def main(argv):
     if args.device == "cuda" and not has_cuda:
         sys.exit("race.py: --device cuda: no GPU is visible")
     device = torch.device("cuda", 0) if args.device == "cuda" or (args.device == "auto" and has_cuda) else torch.device("cpu")
+    if args.devices > 1:
+        # Every process runs this script; the batch is made on the CPU and moved to each rank's device.
+        device = torch.device(device.type)
+    rank_zero = os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("RANK", "0") == "0"
     competitors = list(args.competitor_list)
     skipped = []
     if "lightning" in competitors and Fabric is None:
@@ -323,8 +356,10 @@ def main(argv):
     config = GPTConfig.tiny() if args.gpt2_config == "tiny" else GPTConfig()
     version = getattr(sys.modules.get("lightning"), "__version__", None) or getattr(
         sys.modules.get("lightning_fabric"), "__version__", None)
-    print(f"race.py on {device} (torch {torch.__version__}, Lightning {version or 'missing'})"
-          + ("" if device.type == "cuda" else " -- CPU times are for checking, not for the race"))
+    if rank_zero:
+        print(f"race.py on {device}{f' x {args.devices} (DDP)' if args.devices > 1 else ''} (torch {torch.__version__}, "
+              f"Lightning {version or 'missing'})"
+              + ("" if device.type == "cuda" else " -- CPU times are for checking, not for the race"), flush=True)
     out = dict(device=str(device), torch=torch.__version__, lightning=version, peak_tflops=args.peak_tflops,
                skipped=skipped, results=[])
     for name in args.workloads:
@@ -336,31 +371,42 @@ def main(argv):
         torch.manual_seed(1)
         if gpt:
             w.update(gpt2=config, lr=6e-4, weight_decay=0.1, tokens_per_step=args.gpt2_batch * config.block_size)
-            tokens = torch.randint(config.vocab_size, (args.gpt2_batch, config.block_size + 1), device=device)
+            tokens = torch.randint(config.vocab_size, (args.gpt2_batch, config.block_size + 1),
+                                   device=device if args.devices == 1 else "cpu")
             w["x"], w["y"] = tokens[:, :-1], tokens[:, 1:]
         else:
             w.update(lr=1e-3, weight_decay=1e-2, tokens_per_step=256)
-            w["x"] = torch.rand(256, 784, device=device) * 0.9 + 0.1  # in [0.1, 1): no zeros
-            w["y"] = torch.randint(0, 10, (256,), device=device)
+            on = device if args.devices == 1 else "cpu"
+            w["x"] = torch.rand(256, 784, device=on) * 0.9 + 0.1  # in [0.1, 1): no zeros
+            w["y"] = torch.randint(0, 10, (256,), device=on)
         for competitor in competitors:
-            r = run_pytorch(device, w) if competitor == "pytorch" else run_lightning(device, w)
-            flops = 6.0 * r["params"] * w["tokens_per_step"]
+            r = run_pytorch(device, w) if competitor == "pytorch" else run_lightning(device, w, args.devices)
+            world = r.get("world", 1)
+            rank_zero = r.get("rank", 0) == 0
+            tokens_per_step = w["tokens_per_step"] * world
+            flops = 6.0 * r["params"] * tokens_per_step
             if gpt:
-                flops += 12.0 * config.n_layer * config.n_embd * config.block_size * w["tokens_per_step"]
+                flops += 12.0 * config.n_layer * config.n_embd * config.block_size * tokens_per_step
             med = statistics.median(r["ms"])
-            mfu = flops / (med * 1e-3) / (args.peak_tflops * 1e12)
-            per_s = w["tokens_per_step"] / (med * 1e-3)
-            print(f"  {w['name']:<5} {w['precision']:<10} {competitor:<15} {med:9.3f} ms/step (min {min(r['ms']):.3f}, "
-                  f"max {max(r['ms']):.3f}, wall mean {r['wall']:.3f})  {per_s:10.0f} {'tok' if gpt else 'samples'}/s  "
-                  f"MFU {mfu:.3f}  peak {r['peak_allocated'] / 2**30:.2f} GiB (reserved {r['peak_reserved'] / 2**30:.2f})  "
-                  f"loss {r['last_loss']:.4f}  AdamW {r['kernels']}", flush=True)
+            mfu = flops / (med * 1e-3) / (args.peak_tflops * 1e12 * world)
+            per_s = tokens_per_step / (med * 1e-3)
+            slowest = r.get("slowest", med)
+            if rank_zero:
+                label = competitor if world == 1 else f"{competitor} {world} x DDP"
+                print(f"  {w['name']:<5} {w['precision']:<10} {label:<15} {med:9.3f} ms/step (min {min(r['ms']):.3f}, "
+                      f"max {max(r['ms']):.3f}, wall mean {r['wall']:.3f}, slowest rank {slowest:.3f})  "
+                      f"{per_s:10.0f} {'tok' if gpt else 'samples'}/s ({per_s / world:.0f} per device)  "
+                      f"MFU {mfu:.3f}  peak {r['peak_allocated'] / 2**30:.2f} GiB (reserved {r['peak_reserved'] / 2**30:.2f})  "
+                      f"loss {r['last_loss']:.4f}  AdamW {r['kernels']}", flush=True)
             out["results"].append(dict(
                 workload=w["name"], precision=w["precision"], competitor=competitor, language="Python",
-                steps=w["steps"], warmup=w["warmup"], ms_median=med, ms_min=min(r["ms"]), ms_max=max(r["ms"]),
-                wall_ms_mean=r["wall"], params=r["params"], tokens_per_step=w["tokens_per_step"], per_s=per_s,
+                devices=world, strategy="ddp" if world > 1 else "single-device",
+                steps=w["steps"], warmup=w["warmup"], ms_median=med, ms_median_slowest_rank=slowest,
+                ms_min=min(r["ms"]), ms_max=max(r["ms"]), wall_ms_mean=r["wall"], params=r["params"],
+                tokens_per_step=tokens_per_step, per_s=per_s, per_s_per_device=per_s / world,
                 flops_per_step=flops, mfu=mfu, peak_allocated_bytes=r["peak_allocated"],
                 peak_reserved_bytes=r["peak_reserved"], last_loss=r["last_loss"], optimizer_kernels=r["kernels"]))
-    if args.json:
+    if args.json and rank_zero:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)
             f.write("\n")

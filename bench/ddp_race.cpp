@@ -1,0 +1,471 @@
+// bench_ddp_race: fabric's DDP on several GPUs (or Gloo processes on the CPU), for bench/multi_gpu.sh.
+// One workload per run; two modes:
+//
+//   time   fabric's training step on --devices N: N = 1 is Fabric<Auto, SingleDevice, P> (the
+//          one-GPU baseline, no DDP); N > 1 is Fabric<Auto, DDP, P> over N processes started by
+//          fabric.launch(), each with its own batch of --batch rows (global batch N x batch). Steps are
+//          timed with CUDA events on every rank (a steady clock on the CPU); rank 0's median is the
+//          figure, the slowest rank's median is printed beside it.
+//   check  N processes train with DDP on the same global batches as a one-device reference that each
+//          process also trains on its own device: the global batch in N slices of --batch rows, the
+//          mean of the slices' gradients (the global batch's gradient), the same fused AdamW step. The
+//          first step's gradients must agree within --grad-tolerance; after --steps steps the
+//          parameters must agree within --tolerance (relative to how far training moved them), and
+//          all ranks must hold the same parameters.
+//
+//     bench_ddp_race --mode check --workload gpt2 --devices 2 --steps 10
+//     bench_ddp_race --mode time --workload gpt2 --devices 2 --json ddp-gpt2-2.json
+//     bench_ddp_race --mode time --workload mlp-fp32 --devices 2 --kill-rank 1 --kill-at-step 20
+//
+// The optimizer is AdamW as in the race (bench/race.cpp), with fabric's fused or multi-tensor step.
+
+#include "gpt2/gpt2.hpp"
+#include "race_common.hpp"
+
+#include <cmath>
+#include <csignal>
+#include <cstdio>
+#include <exception>
+#include <fstream>
+#include <string>
+#include <string_view>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+using namespace bench;
+
+struct Settings {
+  std::string mode = "time";  // time or check
+  std::string workload;       // mlp-fp32, mlp-bf16-mixed or gpt2
+  int devices = 1;
+  int steps = 0;    // 0: time mlp 300, gpt2 30; check 10
+  int warmup = -1;  // -1: mlp 50, gpt2 10
+  int batch = 0;    // rows per device; 0: mlp 256, gpt2 8
+  std::string gpt2_config = "small";
+  double tolerance = 0;  // 0: 1e-3 for mlp-fp32, 5e-2 for bf16-mixed
+  double grad_tolerance = 1e-5;
+  int kill_rank = -1;
+  int kill_at_step = -1;
+  int timeout_s = 60;
+  double peak_tflops = 790.0;
+  std::string json;
+  bool help = false;
+};
+
+constexpr std::string_view usage = R"(usage: bench_ddp_race --workload W [flags]
+
+Times fabric's DDP training step over N processes (--mode time), or checks that N processes with DDP
+train the same parameters as one device on the same global batches (--mode check).
+
+flags:
+  --mode M             time or check (default time)
+  --workload W         mlp-fp32, mlp-bf16-mixed or gpt2 (bf16-mixed); required
+  --devices N          processes, one GPU each (default 1; time with 1 = one device without DDP)
+  --steps N            time: timed steps (mlp 300, gpt2 30); check: steps (10)
+  --warmup N           untimed steps first (mlp 50, gpt2 10)
+  --batch N            rows per device: samples (mlp, default 256) or sequences (gpt2, default 8)
+  --gpt2-config C      small (GPT-2 small) or tiny (for CPU checks) (default small)
+  --tolerance X        check: largest |DDP - one device| / |one device - initial| of the parameters
+                       after the last step (L2 over all parameters) that passes (default 1e-3 for
+                       mlp-fp32, 5e-2 for bf16-mixed)
+  --grad-tolerance X   check: largest |DDP - one device| / |one device| of the first step's gradients
+                       (L2 over all parameters) that passes (default 1e-5)
+  --kill-rank R        fault injection (time): rank R kills itself with SIGKILL ...
+  --kill-at-step S     ... at step S (counting warm-up steps)
+  --timeout-s S        DDP's collective timeout (default 60)
+  --peak-tflops X      the card's peak for MFU (default 790)
+  --json PATH          rank 0 writes the results to PATH
+  --tag T              ignored (names the processes of a run for pgrep)
+  --help               print this and exit
+)";
+
+double parse_positive(std::string_view flag, std::string_view text) {
+  const std::string copy(text);
+  std::size_t used = 0;
+  double value = 0;
+  try {
+    value = std::stod(copy, &used);
+  } catch (const std::exception&) {
+    used = 0;
+  }
+  if (used != copy.size() || !(value > 0)) {
+    throw UsageError(fmt::format("expected a positive number after {}, found \"{}\"", flag, text));
+  }
+  return value;
+}
+
+Settings parse_args(int argc, char** argv) {
+  Settings s;
+  for (int i = 1; i < argc; ++i) {
+    const std::string_view flag = argv[i];
+    const auto value = [&]() -> std::string_view {
+      if (i + 1 >= argc) throw UsageError(fmt::format("expected a value after {}, found none", flag));
+      return argv[++i];
+    };
+    if (flag == "--help" || flag == "-h") {
+      s.help = true;
+    } else if (flag == "--mode") {
+      s.mode = value();
+      if (s.mode != "time" && s.mode != "check") {
+        throw UsageError(fmt::format("expected time or check after --mode, found \"{}\"", s.mode));
+      }
+    } else if (flag == "--workload") {
+      s.workload = value();
+      if (s.workload == "gpt2-bf16-mixed") s.workload = "gpt2";
+      if (s.workload != "mlp-fp32" && s.workload != "mlp-bf16-mixed" && s.workload != "gpt2") {
+        throw UsageError(
+            fmt::format("expected mlp-fp32, mlp-bf16-mixed or gpt2 after --workload, found \"{}\"", s.workload));
+      }
+    } else if (flag == "--devices") {
+      s.devices = parse_int(flag, value(), 1);
+    } else if (flag == "--steps") {
+      s.steps = parse_int(flag, value(), 1);
+    } else if (flag == "--warmup") {
+      s.warmup = parse_int(flag, value(), 0);
+    } else if (flag == "--batch") {
+      s.batch = parse_int(flag, value(), 1);
+    } else if (flag == "--gpt2-config") {
+      s.gpt2_config = value();
+      if (s.gpt2_config != "small" && s.gpt2_config != "tiny") {
+        throw UsageError(fmt::format("expected small or tiny after --gpt2-config, found \"{}\"", s.gpt2_config));
+      }
+    } else if (flag == "--tolerance") {
+      s.tolerance = parse_positive(flag, value());
+    } else if (flag == "--grad-tolerance") {
+      s.grad_tolerance = parse_positive(flag, value());
+    } else if (flag == "--kill-rank") {
+      s.kill_rank = parse_int(flag, value(), 0);
+    } else if (flag == "--kill-at-step") {
+      s.kill_at_step = parse_int(flag, value(), 0);
+    } else if (flag == "--timeout-s") {
+      s.timeout_s = parse_int(flag, value(), 1);
+    } else if (flag == "--peak-tflops") {
+      s.peak_tflops = parse_int(flag, value(), 1);
+    } else if (flag == "--json") {
+      s.json = value();
+    } else if (flag == "--tag") {
+      (void)value();
+    } else {
+      throw UsageError(fmt::format("unknown flag \"{}\"; run bench_ddp_race --help for the list", flag));
+    }
+  }
+  if (s.help) return s;
+  if (s.workload.empty()) throw UsageError("expected --workload mlp-fp32, mlp-bf16-mixed or gpt2, found none");
+  if ((s.kill_rank >= 0) != (s.kill_at_step >= 0)) {
+    throw UsageError("expected --kill-rank and --kill-at-step together, found only one of them");
+  }
+  if (s.kill_rank >= s.devices) {
+    throw UsageError(fmt::format("expected --kill-rank below --devices = {}, found {}", s.devices, s.kill_rank));
+  }
+  const bool gpt = s.workload == "gpt2";
+  if (s.steps == 0) s.steps = s.mode == "check" ? 10 : gpt ? 30 : 300;
+  if (s.warmup < 0) s.warmup = s.mode == "check" ? 0 : gpt ? 10 : 50;
+  if (s.batch == 0) s.batch = gpt ? 8 : 256;
+  // NOTE: under bf16-mixed, a last-bit difference of a float32 weight can flip its bfloat16 rounding
+  // in the forward, and AdamW turns last-bit differences of gradient sums that cancel into full-size
+  // updates: when the all-reduce adds in another order than the one device does (3 ranks, or a ring
+  // over 4 and more), the parameters drift apart by a few percent of their movement within 5 steps
+  // although the first gradients agree to 1e-7 (bench/README.md). Sums in the same order agree exactly.
+  if (s.tolerance == 0) s.tolerance = s.workload == "mlp-fp32" ? 1e-3 : 5e-2;
+  return s;
+}
+
+/// The workload of a run: model configuration, optimizer settings, batch geometry.
+struct Workload {
+  bool gpt = false;
+  bool bf16 = false;
+  gpt2::Config gpt2{};
+  double lr = 1e-3;
+  double weight_decay = 1e-2;
+  std::int64_t batch = 0;     // rows per device
+  double tokens_per_row = 1;  // gpt2: block_size tokens per sequence
+  std::string precision() const { return bf16 ? "bf16-mixed" : "32-true"; }
+  std::string name() const { return gpt ? "gpt2" : "mlp"; }
+};
+
+template <class Net>
+Net build(const Workload& w) {
+  torch::manual_seed(0);
+  if constexpr (std::is_same_v<Net, Mlp>) {
+    return Mlp();
+  } else {
+    return gpt2::GPT(w.gpt2);
+  }
+}
+
+template <class Net>
+at::Tensor workload_loss(const at::Tensor& out, const at::Tensor& y) {
+  if constexpr (std::is_same_v<Net, Mlp>) {
+    return mlp_loss(out, y);
+  } else {
+    return gpt2::loss(out, y);
+  }
+}
+
+/// `rows` random rows of inputs and targets (never zeros) from a generator seeded with `seed`, on `device`.
+std::pair<at::Tensor, at::Tensor> make_batch(const Workload& w, std::int64_t rows, std::uint64_t seed,
+                                             const c10::Device& device) {
+  auto gen = at::detail::createCPUGenerator(seed);
+  if (w.gpt) {
+    const auto t = w.gpt2.block_size;
+    const at::Tensor tokens = at::randint(w.gpt2.vocab_size, {rows, t + 1}, gen, at::TensorOptions(at::kLong));
+    return {tokens.narrow(1, 0, t).contiguous().to(device), tokens.narrow(1, 1, t).contiguous().to(device)};
+  }
+  const at::Tensor x = at::rand({rows, 784}, gen) * 0.9 + 0.1;  // in [0.1, 1)
+  return {x.to(device), at::randint(10, {rows}, gen, at::TensorOptions(at::kLong)).to(device)};
+}
+
+torch::optim::AdamW make_adamw(const Workload& w, const std::vector<at::Tensor>& params) {
+  return torch::optim::AdamW(params, torch::optim::AdamWOptions(w.lr).weight_decay(w.weight_decay));
+}
+
+/// What a run prints and writes.
+struct Report {
+  std::string json;  // the members of the run's JSON object, without braces
+  bool ok = true;
+};
+
+template <class Net, class F>
+Report time_steps(F& fabric, const Workload& w, const Settings& s) {
+  const int world = fabric.world_size();
+  const int rank = fabric.global_rank();
+  const c10::Device device = fabric.device();
+  reset_memory(device);
+  Net net = build<Net>(w);
+  auto adamw = make_adamw(w, net->parameters());
+  auto [model, optimizer] = fabric.setup(net, adamw);
+  const auto [x, y] = make_batch(w, w.batch, 1000 + static_cast<std::uint64_t>(rank), device);
+  at::Tensor loss;
+  const auto step = [&](int i) {
+    if (i == s.kill_at_step && rank == s.kill_rank) {
+      std::fprintf(stderr, "bench_ddp_race: rank %d kills itself (SIGKILL) at step %d\n", rank, i);
+      std::fflush(stderr);
+      std::raise(SIGKILL);
+    }
+    loss = workload_loss<Net>(model(x), y);
+    fabric.backward(loss);
+    optimizer.step();
+    optimizer.zero_grad();
+  };
+  for (int i = 0; i < s.warmup; ++i) step(i);
+  synchronize(device);
+  fabric.barrier();
+  StepTimer timer(device, s.steps);
+  for (int i = 0; i < s.steps; ++i) {
+    timer.start();
+    step(s.warmup + i);
+    timer.stop();
+  }
+  synchronize(device);
+  const auto ms = timer.ms();
+  const double med = median(ms);
+  const auto [peak_allocated, peak_reserved] = peak_memory(device);
+  const double slowest = fabric.all_reduce(med, fabric::ReduceOp::max).template item<double>();
+  const double mean_loss = fabric.all_reduce(loss.detach().to(at::kDouble)).template item<double>();
+  const std::int64_t params = count(net->parameters());
+  const double rows = static_cast<double>(w.batch) * world;
+  const double tokens = rows * w.tokens_per_row;
+  double flops = 6.0 * static_cast<double>(params) * tokens;
+  if (w.gpt) flops += 12.0 * static_cast<double>(w.gpt2.n_layer * w.gpt2.n_embd * w.gpt2.block_size) * tokens;
+  const double per_s = tokens / (med * 1e-3);
+  const double mfu = flops / (med * 1e-3) / (s.peak_tflops * 1e12 * world);
+  fabric.print(
+      "  {:<5} {:<10} {} x {:<7} {:9.3f} ms/step (slowest rank {:.3f})  {:10.0f} {}/s ({:.0f} per device)  MFU {:.3f}  "
+      "peak {:.2f} GiB (reserved {:.2f})  loss {:.4f}  AdamW {}",
+      w.name(), w.precision(), world, world == 1 ? "device" : "DDP", med, slowest, per_s, w.gpt ? "tok" : "samples",
+      per_s / world, mfu, static_cast<double>(peak_allocated) / (1 << 30),
+      static_cast<double>(peak_reserved) / (1 << 30), mean_loss, kernels_name());
+  return {
+      fmt::format("\"ms_median\": {:.6f}, \"ms_median_slowest_rank\": {:.6f}, \"steps\": {}, \"warmup\": {}, "
+                  "\"params\": {}, \"global_rows\": {}, \"tokens_per_step\": {}, \"per_s\": {:.3f}, "
+                  "\"per_s_per_device\": {:.3f}, \"flops_per_step\": {:.6e}, \"mfu\": {:.6f}, "
+                  "\"peak_allocated_bytes\": {}, \"peak_reserved_bytes\": {}, \"last_loss\": {:.6f}, "
+                  "\"optimizer_kernels\": \"{}\"",
+                  med, slowest, s.steps, s.warmup, params, rows, tokens, per_s, per_s / world, flops, mfu,
+                  peak_allocated, peak_reserved, mean_loss, kernels_name())};
+}
+
+template <class Net, class F>
+Report check(F& fabric, const Workload& w, const Settings& s) {
+  const int world = fabric.world_size();
+  const int rank = fabric.global_rank();
+  const c10::Device device = fabric.device();
+  Net net = build<Net>(w);
+  Net reference = build<Net>(w);
+  reference->to(device);
+  std::vector<at::Tensor> initial;
+  for (const auto& p : reference->parameters()) initial.push_back(p.detach().clone());
+  auto adamw = make_adamw(w, net->parameters());
+  auto ref_adamw = make_adamw(w, reference->parameters());
+  auto [model, optimizer] = fabric.setup(net, adamw);
+  double ddp_loss = 0;
+  double ref_loss = 0;
+  double grad_drift = 0;
+  for (int step = 0; step < s.steps; ++step) {
+    const auto [x, y] = make_batch(w, w.batch * world, 2000 + static_cast<std::uint64_t>(step), device);
+    const auto slice = [&](const at::Tensor& t, int k) { return t.narrow(0, k * w.batch, w.batch); };
+    // One device: every slice, as fabric's precision runs it (forward under autocast, float32 output,
+    // loss outside autocast); the gradient is the mean of the slices' gradients, which is the
+    // gradient of the global batch's mean loss.
+    const auto ref_params = reference->parameters();
+    std::vector<at::Tensor> mean_grad(ref_params.size());
+    at::Tensor total = at::zeros({}, at::TensorOptions().dtype(at::kDouble).device(device));
+    for (int k = 0; k < world; ++k) {
+      at::Tensor out;
+      if (w.bf16) {
+        RawAutocast autocast(device.type(), at::kBFloat16);
+        out = reference->forward(slice(x, k));
+      } else {
+        out = reference->forward(slice(x, k));
+      }
+      const at::Tensor part = workload_loss<Net>(out.to(at::kFloat), slice(y, k));
+      part.backward();
+      total += part.detach().to(at::kDouble) / world;
+      torch::NoGradGuard no_grad;
+      for (std::size_t i = 0; i < ref_params.size(); ++i) {
+        at::Tensor& g = ref_params[i].mutable_grad();
+        mean_grad[i] = k == 0 ? g / world : mean_grad[i] + g / world;
+        g = at::Tensor();
+      }
+    }
+    for (std::size_t i = 0; i < ref_params.size(); ++i) ref_params[i].mutable_grad() = mean_grad[i];
+    // DDP: this rank's slice of the global batch.
+    const at::Tensor loss = workload_loss<Net>(model(slice(x, rank)), slice(y, rank));
+    fabric.backward(loss);
+    if (step == 0) {
+      // Same parameters on both sides: the all-reduced gradient is the global batch's gradient.
+      torch::NoGradGuard no_grad;
+      double diff_sq = 0, norm_sq = 0;
+      const auto ddp_params = net->parameters();
+      for (std::size_t i = 0; i < ddp_params.size(); ++i) {
+        const at::Tensor g = mean_grad[i].to(at::kDouble);
+        diff_sq += (ddp_params[i].grad().to(at::kDouble) - g).pow(2).sum().template item<double>();
+        norm_sq += g.pow(2).sum().template item<double>();
+      }
+      grad_drift = std::sqrt(diff_sq / norm_sq);
+    }
+    optimizer.step();
+    optimizer.zero_grad();
+    fabric::detail::optimizer_step(ref_adamw, nullptr);
+    ref_adamw.zero_grad();
+    ddp_loss = fabric.all_reduce(loss.detach().to(at::kDouble)).template item<double>();
+    ref_loss = total.item<double>();
+  }
+  // How far DDP is from one device, relative to how far training moved the parameters.
+  torch::NoGradGuard no_grad;
+  const auto ddp_params = net->parameters();
+  const auto ref_params = reference->parameters();
+  double max_abs = 0, diff_sq = 0, moved_sq = 0;
+  std::vector<at::Tensor> fingerprint;
+  for (std::size_t i = 0; i < ddp_params.size(); ++i) {
+    const at::Tensor p = ddp_params[i].to(at::kDouble);
+    const at::Tensor q = ref_params[i].to(at::kDouble);
+    const at::Tensor d = p - q;
+    max_abs = std::max(max_abs, d.abs().max().item<double>());
+    diff_sq += d.pow(2).sum().item<double>();
+    moved_sq += (q - initial[i].to(at::kDouble)).pow(2).sum().item<double>();
+    fingerprint.push_back(p.sum().reshape({1}));
+    fingerprint.push_back(p.pow(2).sum().reshape({1}));
+  }
+  const double drift = std::sqrt(diff_sq / moved_sq);
+  // Every rank holds the same DDP parameters: the per-parameter sums agree exactly.
+  const at::Tensor mine = at::cat(fingerprint);
+  const at::Tensor highest = fabric.all_reduce(mine.clone(), fabric::ReduceOp::max);
+  const at::Tensor lowest = fabric.all_reduce(mine.clone(), fabric::ReduceOp::min);
+  const bool ranks_agree = at::equal(highest, lowest);
+  const double worst_drift = fabric.all_reduce(drift, fabric::ReduceOp::max).template item<double>();
+  const double worst_abs = fabric.all_reduce(max_abs, fabric::ReduceOp::max).template item<double>();
+  const double worst_grad = fabric.all_reduce(grad_drift, fabric::ReduceOp::max).template item<double>();
+  const bool ok = ranks_agree && worst_drift <= s.tolerance && std::isfinite(worst_drift) && moved_sq > 0 &&
+                  worst_grad <= s.grad_tolerance && std::isfinite(worst_grad);
+  fabric.print(
+      "  {} {:<5} {:<10} {} x DDP against one device, {} steps, global batch {}: first gradient drift {:.3g} "
+      "(tolerance {:g}); parameters: max |DDP - one device| = {:.3g}, relative drift {:.3g} (tolerance {:g}); ranks "
+      "agree: {}; last loss DDP {:.6f} one device {:.6f}",
+      ok ? "ok    " : "FAILED", w.name(), w.precision(), world, s.steps, w.batch * world, worst_grad, s.grad_tolerance,
+      worst_abs, worst_drift, s.tolerance, ranks_agree ? "yes" : "NO", ddp_loss, ref_loss);
+  return {fmt::format("\"steps\": {}, \"global_rows\": {}, \"first_gradient_drift\": {:.6e}, "
+                      "\"gradient_tolerance\": {:g}, \"max_abs_diff\": {:.6e}, \"relative_drift\": {:.6e}, "
+                      "\"tolerance\": {:g}, \"ranks_agree\": {}, \"last_loss_ddp\": {:.6f}, "
+                      "\"last_loss_one_device\": {:.6f}, \"ok\": {}",
+                      s.steps, w.batch * world, worst_grad, s.grad_tolerance, worst_abs, worst_drift, s.tolerance,
+                      ranks_agree, ddp_loss, ref_loss, ok),
+          ok};
+}
+
+template <class Net, class Strategy, class Precision>
+int run(const Settings& s, const Workload& w) {
+  using F = fabric::Fabric<fabric::Auto, Strategy, Precision>;
+  auto make = [&] {
+    if constexpr (std::is_same_v<Strategy, fabric::DDP>) {
+      fabric::DDP::Options options;
+      options.timeout = std::chrono::seconds(s.timeout_s);
+      return F(fabric::Options{.devices = s.devices}, fabric::Auto{}, fabric::DDP(options), Precision{});
+    } else {
+      return F();
+    }
+  };
+  F fabric = make();
+  fabric.launch();
+  if (fabric.is_global_zero()) {
+    fmt::print("bench_ddp_race {} on {} x {} (LibTorch {})\n", s.mode, fabric.world_size(), fabric.device().str(),
+               TORCH_VERSION);
+    std::fflush(stdout);
+  }
+  const Report r = s.mode == "check" ? check<Net>(fabric, w, s) : time_steps<Net>(fabric, w, s);
+  if (fabric.is_global_zero() && !s.json.empty()) {
+    std::ofstream out(s.json, std::ios::trunc);
+    out << fmt::format(
+        "{{\"mode\": \"{}\", \"workload\": \"{}\", \"precision\": \"{}\", \"devices\": {}, "
+        "\"strategy\": \"{}\", \"device\": \"{}\", \"torch\": \"{}\", \"batch_per_device\": {}, {}}}\n",
+        s.mode, w.name(), w.precision(), fabric.world_size(),
+        std::is_same_v<Strategy, fabric::DDP> ? "ddp" : "single-device", fabric.device().str(), TORCH_VERSION, w.batch,
+        r.json);
+    if (!out.flush()) throw std::runtime_error(fmt::format("could not write {}", s.json));
+  }
+  return r.ok ? 0 : 1;
+}
+
+template <class Net, class Precision>
+int dispatch_strategy(const Settings& s, const Workload& w) {
+  // One device without DDP is the baseline of the time mode; the check always runs DDP.
+  if (s.mode == "time" && s.devices == 1) return run<Net, fabric::SingleDevice, Precision>(s, w);
+  return run<Net, fabric::DDP, Precision>(s, w);
+}
+
+int dispatch(const Settings& s) {
+  Workload w;
+  w.gpt = s.workload == "gpt2";
+  w.bf16 = s.workload != "mlp-fp32";
+  w.batch = s.batch;
+  if (w.gpt) {
+    w.gpt2 = s.gpt2_config == "tiny" ? gpt2::Config::tiny() : gpt2::Config{};
+    w.lr = 6e-4;
+    w.weight_decay = 0.1;
+    w.tokens_per_row = static_cast<double>(w.gpt2.block_size);
+    return dispatch_strategy<gpt2::GPT, fabric::BF16Mixed>(s, w);
+  }
+  if (w.bf16) return dispatch_strategy<Mlp, fabric::BF16Mixed>(s, w);
+  return dispatch_strategy<Mlp, fabric::FP32>(s, w);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    const Settings settings = parse_args(argc, argv);
+    if (settings.help) {
+      std::fputs(usage.data(), stdout);
+      return 0;
+    }
+    return dispatch(settings);
+  } catch (const UsageError& e) {
+    std::fprintf(stderr, "bench_ddp_race: %s\n", e.what());
+    return 2;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "bench_ddp_race: %s\n", e.what());
+    return 1;
+  }
+}

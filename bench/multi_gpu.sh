@@ -1,0 +1,129 @@
+#!/usr/bin/env bash
+# fabric's DDP on several GPUs, in one command (shared BENCH.md, last target row; bench/README.md,
+# "DDP on several GPUs"). On a machine with N >= 2 GPUs it builds bench_ddp_race and fabric-run, then
+# prints, for every device count D in 2 4 8 up to N:
+#
+#   check    DDP over D GPUs against one device on the same global batches (bench_ddp_race --mode
+#            check): the first step's gradients and the parameters after the last step, for mlp fp32,
+#            mlp bf16-mixed and gpt2 bf16-mixed;
+#   time     fabric (bench_ddp_race --mode time) and Python Lightning Fabric (bench/python/race.py
+#            --devices D, strategy="ddp") on 1 and D GPUs, each GPU with the workload's batch (global
+#            batch D x batch); a table of ms/step, fabric/Lightning, per-GPU throughput and scaling
+#            efficiency (per-GPU throughput on D GPUs / throughput on one GPU without DDP);
+#   faults   rank 1 of D killed with SIGKILL during gpt2 training, started by fabric.launch(),
+#            fabric-run and torchrun: the job must fail with the launcher's message within 60 s and
+#            leave no process behind (tests/dist/expect_failure.sh).
+#
+# Usage, from the repository root on the GPU machine (carry .deps, see tools/gpu.sh):
+#
+#   bench/multi_gpu.sh                      # everything
+#   bench/multi_gpu.sh check faults         # a subset of: build check time faults
+#
+# Environment: OUT (logs and multi_gpu.json; default build-gpu/multi-gpu), PYTHON (default python3),
+# MULTI_GPU_DEVICES (the device counts, default "2 4 8" up to the GPUs present), BUILD_DIR (default
+# build-gpu). A dry run of the script's logic on the CPU (Gloo; Lightning is skipped where missing):
+#   RACE_DEVICE=cpu MULTI_GPU_GPUS=2 BUILD_DIR=build PYTHON=/usr/bin/python3 \
+#     MULTI_GPU_ARGS="--gpt2-config tiny --steps 3 --warmup 1" bench/multi_gpu.sh check time faults
+set -uo pipefail
+cd "$(dirname "$0")/.."
+steps=${*:-build check time faults}
+OUT_DIR=${OUT:-build-gpu/multi-gpu}
+PY=${PYTHON:-python3}
+mkdir -p "$OUT_DIR"
+export NCCL_NVLS_ENABLE=0  # NVLink multicast stays off, in every process the launchers start too
+start=$(date +%s)
+say() { echo "multi_gpu.sh [$(($(date +%s) - start)) s]: $*"; }
+
+DEVICE=${RACE_DEVICE:-cuda}
+BUILD=${BUILD_DIR:-build-gpu}
+read -r -a extra <<<"${MULTI_GPU_ARGS:-}"
+gpus=${MULTI_GPU_GPUS:-$($PY -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)}
+counts=""
+for d in ${MULTI_GPU_DEVICES:-2 4 8}; do [ "$d" -le "$gpus" ] && counts="$counts $d"; done
+say "$gpus GPU(s): $(nvidia-smi -L 2>/dev/null | tr '\n' ';') device counts:${counts:- none}"
+[ -n "$counts" ] || { say "needs at least 2 GPUs"; exit 1; }
+
+if [[ " $steps " == *" build "* ]]; then
+  FABRIC_GPU_TARGETS='bench_ddp_race|fabric-run' OUT="$OUT_DIR" tools/gpu.sh build | grep -E "^==>|error"
+fi
+bench=$BUILD/bench/bench_ddp_race
+[ -x "$bench" ] || { say "no $bench: build it first"; exit 1; }
+
+failed=0
+if [[ " $steps " == *" check "* ]]; then
+  for d in $counts; do
+    for w in "mlp-fp32 --steps 20" "mlp-bf16-mixed --steps 20" "gpt2 --steps 10"; do
+      name=$(echo "$w" | cut -d' ' -f1)
+      $bench --mode check --workload $w --devices "$d" "${extra[@]}" --json "$OUT_DIR/check-$name-$d.json" \
+        >"$OUT_DIR/check-$name-$d.log" 2>&1 || failed=1
+      grep -E "^  (ok|FAILED)|error" "$OUT_DIR/check-$name-$d.log" || { tail -5 "$OUT_DIR/check-$name-$d.log"; failed=1; }
+    done
+  done
+fi
+
+if [[ " $steps " == *" time "* ]]; then
+  for w in mlp-fp32 mlp-bf16-mixed gpt2; do
+    for d in 1 $counts; do
+      $bench --mode time --workload "$w" --devices "$d" "${extra[@]}" --json "$OUT_DIR/time-fabric-$w-$d.json" \
+        >"$OUT_DIR/time-fabric-$w-$d.log" 2>&1 || failed=1
+      grep -E "^  (mlp|gpt2)|error" "$OUT_DIR/time-fabric-$w-$d.log" | sed "s/^/fabric    /"
+      $PY bench/python/race.py --device "$DEVICE" --competitors lightning --devices "$d" --workload "$w" "${extra[@]}" \
+        --json "$OUT_DIR/time-lightning-$w-$d.json" >"$OUT_DIR/time-lightning-$w-$d.log" 2>&1 || failed=1
+      grep -E "^  (mlp|gpt2)|Error" "$OUT_DIR/time-lightning-$w-$d.log" | sed "s/^/lightning /"
+    done
+  done
+  $PY - "$OUT_DIR" <<'EOF'
+import glob, json, os, sys
+
+out = sys.argv[1]
+rows = {}
+for path in glob.glob(os.path.join(out, "time-*.json")):
+    with open(path) as f:
+        data = json.load(f)
+    who = "fabric" if "time-fabric-" in path else "lightning"
+    for r in data["results"] if "results" in data else [data]:
+        rows[(r["workload"], r["precision"], r["devices"], who)] = r
+lines = ["| workload | GPUs | fabric ms/step | Lightning ms/step | fabric/Lightning | fabric per-GPU throughput | "
+         "fabric scaling efficiency | Lightning scaling efficiency | peak GiB fabric / Lightning (rank 0) |",
+         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+keys = sorted({(w, p, d) for (w, p, d, _) in rows}, key=lambda k: (k[0] != "mlp", k[1], k[2]))
+for w, p, d in keys:
+    f, l = rows.get((w, p, d, "fabric")), rows.get((w, p, d, "lightning"))
+    f1, l1 = rows.get((w, p, 1, "fabric")), rows.get((w, p, 1, "lightning"))
+    unit = "tok/s" if w == "gpt2" else "samples/s"
+    eff = lambda r, r1: f"{r['per_s_per_device'] / r1['per_s_per_device']:.1%}" if r and r1 else "n/a"
+    ms = lambda r: f"{r['ms_median']:.3f}" if r else "n/a"
+    ratio = f"{f['ms_median'] / l['ms_median']:.3f}" if f and l else "n/a"
+    mem = lambda r: f"{r['peak_allocated_bytes'] / 2**30:.2f}" if r else "n/a"
+    lines.append(f"| {w} {p} | {d} | {ms(f)} | {ms(l)} | {ratio} | "
+                 f"{f['per_s_per_device']:,.0f} {unit} | {eff(f, f1)} | {eff(l, l1)} | {mem(f)} / {mem(l)} |"
+                 if f else f"| {w} {p} | {d} | n/a | {ms(l)} | n/a | n/a | n/a | {eff(l, l1)} | n/a / {mem(l)} |")
+print("\n".join(lines))
+with open(os.path.join(out, "multi_gpu.json"), "w") as fh:
+    json.dump({"table": lines, "rows": [dict(r, who=k[3]) for k, r in sorted(rows.items())]}, fh, indent=2)
+    fh.write("\n")
+EOF
+fi
+
+if [[ " $steps " == *" faults "* ]]; then
+  d=$(echo $counts | awk '{print $NF}')
+  kill=(--mode time --workload gpt2 --devices "$d" "${extra[@]}" --steps 1000 --warmup 0 --kill-rank 1 --kill-at-step 5
+    --timeout-s 30)
+  expect=tests/dist/expect_failure.sh
+  $expect 60 "local rank 1 .*killed by signal 9" -- $bench "${kill[@]}" >"$OUT_DIR/fault-launch.log" 2>&1 || failed=1
+  say "fault, fabric.launch(), $d GPUs: $(grep -E "^expect_failure:|stopping" "$OUT_DIR/fault-launch.log" | tr '\n' ' ')"
+  if [ -x $BUILD/tools/fabric_run/fabric-run ]; then
+    $expect 60 "local rank 1 .*killed by signal 9" -- $BUILD/tools/fabric_run/fabric-run --devices "$d" -- \
+      $bench "${kill[@]}" >"$OUT_DIR/fault-fabric-run.log" 2>&1 || failed=1
+    say "fault, fabric-run, $d GPUs: $(grep -E "^expect_failure:|stopping" "$OUT_DIR/fault-fabric-run.log" | tr '\n' ' ')"
+  fi
+  if command -v torchrun >/dev/null; then
+    # NOTE: Debian's torchrun (the CPU dry run) crashes with its default output settings.
+    [ "$DEVICE" = cpu ] && tr_extra=(--redirects 1 --tee 1 --log_dir "$OUT_DIR/torchrun") || tr_extra=()
+    $expect 60 "(SIGKILL|Signal 9|exitcode *: *-9)" -- torchrun --standalone --nproc_per_node "$d" "${tr_extra[@]}" --no_python \
+      $bench "${kill[@]}" >"$OUT_DIR/fault-torchrun.log" 2>&1 || failed=1
+    say "fault, torchrun, $d GPUs: $(grep -E "^expect_failure:|SIGKILL|Signal 9" "$OUT_DIR/fault-torchrun.log" | head -3 | tr '\n' ' ')"
+  fi
+fi
+if [ "$failed" = 0 ]; then say "done: every check passed"; else say "done: something FAILED (see above and $OUT_DIR)"; fi
+exit $failed

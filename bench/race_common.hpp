@@ -1,0 +1,233 @@
+// What bench_race (race.cpp) and bench_ddp_race (ddp_race.cpp) share: the command-line helpers, the
+// device's synchronisation, step timing with CUDA events and peak memory, autocast as a hand-written
+// LibTorch loop spells it, and the mlp workload's model. BENCH_RACE_CUDA compiles the GPU parts in.
+#pragma once
+
+#include <torch/torch.h>
+#include <fabric/fabric.hpp>
+#include <fabric/precision/autocast.hpp>
+
+#if defined(BENCH_RACE_CUDA)
+#include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
+#include <torch/cuda.h>
+#endif
+
+#include <algorithm>
+#include <charconv>
+#include <chrono>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+namespace bench {
+
+/// A bad command line.
+class UsageError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+inline int parse_int(std::string_view flag, std::string_view text, int min) {
+  int value = 0;
+  const auto [end, err] = std::from_chars(text.data(), text.data() + text.size(), value);
+  if (err != std::errc{} || end != text.data() + text.size() || value < min) {
+    throw UsageError(fmt::format("expected an integer >= {} after {}, found \"{}\"", min, flag, text));
+  }
+  return value;
+}
+
+inline std::vector<std::string> split(std::string_view text) {
+  std::vector<std::string> out;
+  while (!text.empty()) {
+    const auto comma = text.find(',');
+    if (comma != 0) out.emplace_back(text.substr(0, comma));
+    if (comma == std::string_view::npos) break;
+    text.remove_prefix(comma + 1);
+  }
+  return out;
+}
+
+// ---- the device: synchronisation, timing, memory ------------------------------------------------
+
+inline bool cuda_built() {
+#if defined(BENCH_RACE_CUDA)
+  return true;
+#else
+  return false;
+#endif
+}
+
+inline void synchronize(const torch::Device& device) {
+#if defined(BENCH_RACE_CUDA)
+  if (device.is_cuda()) torch::cuda::synchronize(device.index());
+#else
+  (void)device;
+#endif
+}
+
+/// Frees the allocator's cache and restarts its peak statistics (before a loop is built).
+inline void reset_memory(const torch::Device& device) {
+  synchronize(device);
+#if defined(BENCH_RACE_CUDA)
+  if (device.is_cuda()) {
+    c10::cuda::CUDACachingAllocator::emptyCache();
+    c10::cuda::CUDACachingAllocator::resetPeakStats(device.index());
+  }
+#endif
+}
+
+/// The peak allocated and reserved bytes since reset_memory (zeros on the CPU).
+inline std::pair<std::int64_t, std::int64_t> peak_memory(const torch::Device& device) {
+#if defined(BENCH_RACE_CUDA)
+  if (device.is_cuda()) {
+    const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(device.index());
+    return {stats.allocated_bytes[0].peak, stats.reserved_bytes[0].peak};  // [0]: all pools together
+  }
+#endif
+  (void)device;
+  return {0, 0};
+}
+
+/// Times steps: CUDA events around each step on the GPU (no synchronisation between steps), a
+/// steady clock on the CPU.
+class StepTimer {
+ public:
+  StepTimer(const torch::Device& device, int steps) : cuda_(device.is_cuda()) {
+#if defined(BENCH_RACE_CUDA)
+    if (cuda_) {
+      events_.resize(2 * static_cast<std::size_t>(steps));
+      for (auto& e : events_) check(cudaEventCreate(&e), "cudaEventCreate");
+    }
+#endif
+    cpu_ms_.reserve(static_cast<std::size_t>(steps));
+  }
+  ~StepTimer() {
+#if defined(BENCH_RACE_CUDA)
+    for (auto& e : events_) cudaEventDestroy(e);
+#endif
+  }
+  StepTimer(const StepTimer&) = delete;
+  StepTimer& operator=(const StepTimer&) = delete;
+
+  void start() {
+#if defined(BENCH_RACE_CUDA)
+    if (cuda_) {
+      check(cudaEventRecord(events_[2 * n_], c10::cuda::getCurrentCUDAStream()), "cudaEventRecord");
+      return;
+    }
+#endif
+    t0_ = std::chrono::steady_clock::now();
+  }
+  void stop() {
+#if defined(BENCH_RACE_CUDA)
+    if (cuda_) {
+      check(cudaEventRecord(events_[2 * n_ + 1], c10::cuda::getCurrentCUDAStream()), "cudaEventRecord");
+      ++n_;
+      return;
+    }
+#endif
+    cpu_ms_.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0_).count());
+    ++n_;
+  }
+  /// Returns the milliseconds of each step (call after synchronising).
+  std::vector<double> ms() const {
+#if defined(BENCH_RACE_CUDA)
+    if (cuda_) {
+      std::vector<double> out;
+      for (std::size_t i = 0; i < n_; ++i) {
+        float ms = 0;
+        check(cudaEventElapsedTime(&ms, events_[2 * i], events_[2 * i + 1]), "cudaEventElapsedTime");
+        out.push_back(ms);
+      }
+      return out;
+    }
+#endif
+    return cpu_ms_;
+  }
+
+ private:
+#if defined(BENCH_RACE_CUDA)
+  static void check(cudaError_t err, const char* what) {
+    if (err != cudaSuccess) throw std::runtime_error(fmt::format("{} failed: {}", what, cudaGetErrorString(err)));
+  }
+  std::vector<cudaEvent_t> events_;
+#endif
+  bool cuda_;
+  std::size_t n_ = 0;
+  std::chrono::steady_clock::time_point t0_{};
+  std::vector<double> cpu_ms_;
+};
+
+/// Autocast as a hand-written LibTorch loop spells it (what Python's torch.autocast does on entry
+/// and exit); the version adapter of fabric/precision/autocast.hpp only names the calls.
+class RawAutocast {
+ public:
+  RawAutocast(c10::DeviceType device, c10::ScalarType dtype)
+      : device_(device),
+        prev_enabled_(fabric::detail::autocast_enabled(device)),
+        prev_dtype_(fabric::detail::autocast_dtype(device)) {
+    fabric::detail::set_autocast_enabled(device, true);
+    fabric::detail::set_autocast_dtype(device, dtype);
+    at::autocast::increment_nesting();
+  }
+  ~RawAutocast() {
+    if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
+    fabric::detail::set_autocast_enabled(device_, prev_enabled_);
+    fabric::detail::set_autocast_dtype(device_, prev_dtype_);
+  }
+  RawAutocast(const RawAutocast&) = delete;
+  RawAutocast& operator=(const RawAutocast&) = delete;
+
+ private:
+  c10::DeviceType device_;
+  bool prev_enabled_;
+  c10::ScalarType prev_dtype_;
+};
+
+// ---- the workloads ----------------------------------------------------------------------------
+
+/// The mlp workload's model: Linear 784->1024, ReLU, Linear 1024->1024, ReLU, Linear 1024->10.
+struct MlpImpl : torch::nn::Module {
+  MlpImpl()
+      : fc1(register_module("fc1", torch::nn::Linear(784, 1024))),
+        fc2(register_module("fc2", torch::nn::Linear(1024, 1024))),
+        fc3(register_module("fc3", torch::nn::Linear(1024, 10))) {}
+  torch::Tensor forward(const torch::Tensor& x) { return fc3(torch::relu(fc2(torch::relu(fc1(x))))); }
+  torch::nn::Linear fc1, fc2, fc3;
+};
+TORCH_MODULE(Mlp);
+
+inline at::Tensor mlp_loss(const at::Tensor& logits, const at::Tensor& y) {
+  return torch::nn::functional::cross_entropy(logits, y);
+}
+
+inline double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  const std::size_t n = v.size();
+  return n % 2 == 1 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+inline std::string kernels_name() {
+  switch (fabric::detail::last_optimizer_step_path()) {
+    case fabric::detail::StepPath::fused:
+      return "fused";
+    case fabric::detail::StepPath::foreach:
+      return "foreach";
+    case fabric::detail::StepPath::own:
+      return "own";
+  }
+  return "?";
+}
+
+inline std::int64_t count(const std::vector<at::Tensor>& params) {
+  std::int64_t n = 0;
+  for (const auto& p : params) n += p.numel();
+  return n;
+}
+
+}  // namespace bench
