@@ -10,6 +10,9 @@
 #            --devices D, strategy="ddp") on 1 and D GPUs, each GPU with the workload's batch (global
 #            batch D x batch); a table of ms/step, fabric/Lightning, per-GPU throughput and scaling
 #            efficiency (per-GPU throughput on D GPUs / throughput on one GPU without DDP);
+#   worker   the multi-process tests' scenarios (tests/dist/ddp_worker.cpp) over NCCL on D GPUs:
+#            DDP options against one process, collectives, the distributed sampler, a model mismatch,
+#            collective save/load;
 #   faults   rank 1 of D killed with SIGKILL during gpt2 training, started by fabric.launch(),
 #            fabric-run and torchrun: the job must fail with the launcher's message within 60 s and
 #            leave no process behind (tests/dist/expect_failure.sh).
@@ -17,7 +20,7 @@
 # Usage, from the repository root on the GPU machine (carry .deps, see tools/gpu.sh):
 #
 #   bench/multi_gpu.sh                      # everything
-#   bench/multi_gpu.sh check faults         # a subset of: build check time faults
+#   bench/multi_gpu.sh check faults         # a subset of: build check time faults worker
 #
 # Environment: OUT (logs and multi_gpu.json; default build-gpu/multi-gpu), PYTHON (default python3),
 # MULTI_GPU_DEVICES (the device counts, default "2 4 8" up to the GPUs present), BUILD_DIR (default
@@ -26,7 +29,7 @@
 #     MULTI_GPU_ARGS="--gpt2-config tiny --steps 3 --warmup 1" bench/multi_gpu.sh check time faults
 set -uo pipefail
 cd "$(dirname "$0")/.."
-steps=${*:-build check time faults}
+steps=${*:-build check time faults worker}
 OUT_DIR=${OUT:-build-gpu/multi-gpu}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT_DIR"
@@ -44,7 +47,8 @@ say "$gpus GPU(s): $(nvidia-smi -L 2>/dev/null | tr '\n' ';') device counts:${co
 [ -n "$counts" ] || { say "needs at least 2 GPUs"; exit 1; }
 
 if [[ " $steps " == *" build "* ]]; then
-  FABRIC_GPU_TARGETS='bench_ddp_race|fabric-run' OUT="$OUT_DIR" tools/gpu.sh build | grep -E "^==>|error"
+  FABRIC_DIST_WORKER_PCH=OFF FABRIC_GPU_TARGETS='bench_ddp_race|fabric-run|fabric_ddp_worker' OUT="$OUT_DIR" \
+    tools/gpu.sh build | grep -E "^==>|error"
 fi
 bench=$BUILD/bench/bench_ddp_race
 [ -x "$bench" ] || { say "no $bench: build it first"; exit 1; }
@@ -125,5 +129,20 @@ if [[ " $steps " == *" faults "* ]]; then
     say "fault, torchrun, $d GPUs: $(grep -E "^expect_failure:|SIGKILL|Signal 9" "$OUT_DIR/fault-torchrun.log" | head -3 | tr '\n' ' ')"
   fi
 fi
+if [[ " $steps " == *" worker "* ]]; then
+  worker=$BUILD/tests/dist/fabric_ddp_worker
+  mkdir -p "$OUT_DIR/save"
+  for d in $counts; do
+    for s in "train" "train --grad-as-view --comm-hook bf16" "train --static-graph" "train --find-unused" \
+      "train --accumulate 3" "collectives" "sampler" "mismatch" "save --dir $OUT_DIR/save"; do
+      [ "$DEVICE" = cuda ] && on=--cuda || on=""
+      $worker $s --devices "$d" $on >"$OUT_DIR/worker.log" 2>&1
+      code=$?
+      [ "$code" = 0 ] || failed=1
+      say "ddp_worker $s --devices $d $on: exit $code | $(grep -E "ok|FAILED|error" "$OUT_DIR/worker.log" | head -2 | cut -c1-220 | tr '\n' ' ')"
+    done
+  done
+fi
+
 if [ "$failed" = 0 ]; then say "done: every check passed"; else say "done: something FAILED (see above and $OUT_DIR)"; fi
 exit $failed

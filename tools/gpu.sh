@@ -25,6 +25,7 @@ if [[ " $steps " == *" build "* ]]; then
   start=$(date +%s)
   cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$P;$PWD/.deps/root/usr" \
     -DCMAKE_CXX_FLAGS="$flags" -DCMAKE_EXE_LINKER_FLAGS=-rdynamic -DFABRIC_INSTALL=OFF -DFABRIC_BUILD_EXAMPLES=ON -DFABRIC_BUILD_BENCH=ON \
+    -DFABRIC_DIST_WORKER_PCH="${FABRIC_DIST_WORKER_PCH:-ON}" \
     >"$logs/configure.log" 2>&1 || { tail -30 "$logs/configure.log"; note "configure FAILED"; }
   targets=$(cmake --build build-gpu --target help 2>/dev/null | awk -F: '/^[a-z_0-9-]+: /{print $1}' |
     grep -E "^(${FABRIC_GPU_TARGETS:-fabric_tests|fabric_ddp_worker|fashion_mnist|gpt2|bench_race|bench_optim_step|fabric-run})\$" | tr '\n' ' ')
