@@ -45,6 +45,7 @@ counts=""
 for d in ${MULTI_GPU_DEVICES:-2 4 8}; do [ "$d" -le "$gpus" ] && counts="$counts $d"; done
 say "$gpus GPU(s): $(nvidia-smi -L 2>/dev/null | tr '\n' ';') device counts:${counts:- none}"
 [ -n "$counts" ] || { say "needs at least 2 GPUs"; exit 1; }
+nvidia-smi topo -m 2>/dev/null | head -8
 
 if [[ " $steps " == *" build "* ]]; then
   FABRIC_DIST_WORKER_PCH=OFF FABRIC_GPU_TARGETS='bench_ddp_race|fabric-run|fabric_ddp_worker' OUT="$OUT_DIR" \
@@ -141,6 +142,13 @@ if [[ " $steps " == *" worker "* ]]; then
       [ "$code" = 0 ] || failed=1
       say "ddp_worker $s --devices $d $on: exit $code | $(grep -E "ok|FAILED|error" "$OUT_DIR/worker.log" | head -2 | cut -c1-220 | tr '\n' ' ')"
     done
+    if command -v torchrun >/dev/null && [ "$DEVICE" = cuda ]; then
+      torchrun --standalone --nproc_per_node "$d" --no_python $worker train --devices "$d" --cuda --external \
+        >"$OUT_DIR/worker-torchrun.log" 2>&1
+      code=$?
+      [ "$code" = 0 ] || failed=1
+      say "torchrun ddp_worker train --devices $d --cuda: exit $code | $(grep -E "ok|FAILED|error" "$OUT_DIR/worker-torchrun.log" | head -2 | cut -c1-220 | tr '\n' ' ')"
+    fi
   done
 fi
 
