@@ -11,7 +11,8 @@
 //          mean of the slices' gradients (the global batch's gradient), the same fused AdamW step. The
 //          first step's gradients must agree within --grad-tolerance; after --steps steps the
 //          parameters must agree within --tolerance (relative to how far training moved them), and
-//          all ranks must hold the same parameters.
+//          all ranks must hold the same parameters. The check runs with LibTorch's deterministic
+//          algorithms, and prints as a control how far the one-device gradient computed twice differs.
 //
 //     bench_ddp_race --mode check --workload gpt2 --devices 2 --steps 10
 //     bench_ddp_race --mode time --workload gpt2 --devices 2 --json ddp-gpt2-2.json
@@ -32,6 +33,8 @@
 #include <type_traits>
 #include <vector>
 
+#include <stdlib.h>
+
 namespace {
 
 using namespace bench;
@@ -46,6 +49,7 @@ struct Settings {
   std::string gpt2_config = "small";
   double tolerance = 0;  // 0: 1e-3 for mlp-fp32, 5e-2 for bf16-mixed
   double grad_tolerance = 1e-5;
+  bool nondeterministic = false;
   int kill_rank = -1;
   int kill_at_step = -1;
   int timeout_s = 60;
@@ -72,6 +76,8 @@ flags:
                        mlp-fp32, 5e-2 for bf16-mixed)
   --grad-tolerance X   check: largest |DDP - one device| / |one device| of the first step's gradients
                        (L2 over all parameters) that passes (default 1e-5)
+  --nondeterministic   check: leave the device's non-deterministic kernels on (by default the check
+                       runs with LibTorch's deterministic algorithms, as torch.use_deterministic_algorithms)
   --kill-rank R        fault injection (time): rank R kills itself with SIGKILL ...
   --kill-at-step S     ... at step S (counting warm-up steps)
   --timeout-s S        DDP's collective timeout (default 60)
@@ -135,6 +141,8 @@ Settings parse_args(int argc, char** argv) {
       s.tolerance = parse_positive(flag, value());
     } else if (flag == "--grad-tolerance") {
       s.grad_tolerance = parse_positive(flag, value());
+    } else if (flag == "--nondeterministic") {
+      s.nondeterministic = true;
     } else if (flag == "--kill-rank") {
       s.kill_rank = parse_int(flag, value(), 0);
     } else if (flag == "--kill-at-step") {
@@ -303,60 +311,71 @@ Report check(F& fabric, const Workload& w, const Settings& s) {
   double ddp_loss = 0;
   double ref_loss = 0;
   double grad_drift = 0;
+  double noise = 0;
+  const auto ref_params = reference->parameters();
+  // The relative L2 distance of two gradients, over all parameters.
+  const auto distance = [](const std::vector<at::Tensor>& a, const std::vector<at::Tensor>& b) {
+    torch::NoGradGuard no_grad;
+    double diff_sq = 0, norm_sq = 0;
+    for (std::size_t i = 0; i < a.size(); ++i) {
+      diff_sq += (a[i].to(at::kDouble) - b[i].to(at::kDouble)).pow(2).sum().template item<double>();
+      norm_sq += b[i].to(at::kDouble).pow(2).sum().template item<double>();
+    }
+    return std::sqrt(diff_sq / norm_sq);
+  };
   for (int step = 0; step < s.steps; ++step) {
     const auto [x, y] = make_batch(w, w.batch * world, 2000 + static_cast<std::uint64_t>(step), device);
     const auto slice = [&](const at::Tensor& t, int k) { return t.narrow(0, k * w.batch, w.batch); };
     // One device: every slice, as fabric's precision runs it (forward under autocast, float32 output,
     // loss outside autocast); the gradient is the mean of the slices' gradients, which is the
-    // gradient of the global batch's mean loss.
-    const auto ref_params = reference->parameters();
-    std::vector<at::Tensor> mean_grad(ref_params.size());
-    at::Tensor total = at::zeros({}, at::TensorOptions().dtype(at::kDouble).device(device));
-    for (int k = 0; k < world; ++k) {
-      at::Tensor out;
-      if (w.bf16) {
-        RawAutocast autocast(device.type(), at::kBFloat16);
-        out = reference->forward(slice(x, k));
-      } else {
-        out = reference->forward(slice(x, k));
+    // gradient of the global batch's mean loss. Returns it and the mean loss; leaves no gradients.
+    const auto one_device_gradient = [&] {
+      std::vector<at::Tensor> mean_grad(ref_params.size());
+      at::Tensor total = at::zeros({}, at::TensorOptions().dtype(at::kDouble).device(device));
+      for (int k = 0; k < world; ++k) {
+        at::Tensor out;
+        if (w.bf16) {
+          RawAutocast autocast(device.type(), at::kBFloat16);
+          out = reference->forward(slice(x, k));
+        } else {
+          out = reference->forward(slice(x, k));
+        }
+        const at::Tensor part = workload_loss<Net>(out.to(at::kFloat), slice(y, k));
+        part.backward();
+        total += part.detach().to(at::kDouble) / world;
+        torch::NoGradGuard no_grad;
+        for (std::size_t i = 0; i < ref_params.size(); ++i) {
+          at::Tensor& g = ref_params[i].mutable_grad();
+          mean_grad[i] = k == 0 ? g / world : mean_grad[i] + g / world;
+          g = at::Tensor();
+        }
       }
-      const at::Tensor part = workload_loss<Net>(out.to(at::kFloat), slice(y, k));
-      part.backward();
-      total += part.detach().to(at::kDouble) / world;
-      torch::NoGradGuard no_grad;
-      for (std::size_t i = 0; i < ref_params.size(); ++i) {
-        at::Tensor& g = ref_params[i].mutable_grad();
-        mean_grad[i] = k == 0 ? g / world : mean_grad[i] + g / world;
-        g = at::Tensor();
-      }
-    }
+      return std::pair{mean_grad, total.item<double>()};
+    };
+    auto [mean_grad, total] = one_device_gradient();
+    ref_loss = total;
+    // The control: the same gradient computed again on the same device; it differs only where the
+    // device's kernels are not deterministic.
+    if (step == 0) noise = distance(one_device_gradient().first, mean_grad);
     for (std::size_t i = 0; i < ref_params.size(); ++i) ref_params[i].mutable_grad() = mean_grad[i];
     // DDP: this rank's slice of the global batch.
     const at::Tensor loss = workload_loss<Net>(model(slice(x, rank)), slice(y, rank));
     fabric.backward(loss);
     if (step == 0) {
       // Same parameters on both sides: the all-reduced gradient is the global batch's gradient.
-      torch::NoGradGuard no_grad;
-      double diff_sq = 0, norm_sq = 0;
-      const auto ddp_params = net->parameters();
-      for (std::size_t i = 0; i < ddp_params.size(); ++i) {
-        const at::Tensor g = mean_grad[i].to(at::kDouble);
-        diff_sq += (ddp_params[i].grad().to(at::kDouble) - g).pow(2).sum().template item<double>();
-        norm_sq += g.pow(2).sum().template item<double>();
-      }
-      grad_drift = std::sqrt(diff_sq / norm_sq);
+      std::vector<at::Tensor> ddp_grads;
+      for (const auto& p : net->parameters()) ddp_grads.push_back(p.grad());
+      grad_drift = distance(ddp_grads, mean_grad);
     }
     optimizer.step();
     optimizer.zero_grad();
     fabric::detail::optimizer_step(ref_adamw, nullptr);
     ref_adamw.zero_grad();
     ddp_loss = fabric.all_reduce(loss.detach().to(at::kDouble)).template item<double>();
-    ref_loss = total.item<double>();
   }
   // How far DDP is from one device, relative to how far training moved the parameters.
   torch::NoGradGuard no_grad;
   const auto ddp_params = net->parameters();
-  const auto ref_params = reference->parameters();
   double max_abs = 0, diff_sq = 0, moved_sq = 0;
   std::vector<at::Tensor> fingerprint;
   for (std::size_t i = 0; i < ddp_params.size(); ++i) {
@@ -378,20 +397,24 @@ Report check(F& fabric, const Workload& w, const Settings& s) {
   const double worst_drift = fabric.all_reduce(drift, fabric::ReduceOp::max).template item<double>();
   const double worst_abs = fabric.all_reduce(max_abs, fabric::ReduceOp::max).template item<double>();
   const double worst_grad = fabric.all_reduce(grad_drift, fabric::ReduceOp::max).template item<double>();
+  const double worst_noise = fabric.all_reduce(noise, fabric::ReduceOp::max).template item<double>();
   const bool ok = ranks_agree && worst_drift <= s.tolerance && std::isfinite(worst_drift) && moved_sq > 0 &&
                   worst_grad <= s.grad_tolerance && std::isfinite(worst_grad);
   fabric.print(
-      "  {} {:<5} {:<10} {} x DDP against one device, {} steps, global batch {}: first gradient drift {:.3g} "
-      "(tolerance {:g}); parameters: max |DDP - one device| = {:.3g}, relative drift {:.3g} (tolerance {:g}); ranks "
+      "  {} {:<5} {:<10} {} x DDP against one device, {} steps, global batch {}{}: first gradient drift {:.3g} "
+      "(tolerance {:g}; one device against itself {:.3g}); parameters: max |DDP - one device| = {:.3g}, relative drift "
+      "{:.3g} (tolerance {:g}); ranks "
       "agree: {}; last loss DDP {:.6f} one device {:.6f}",
-      ok ? "ok    " : "FAILED", w.name(), w.precision(), world, s.steps, w.batch * world, worst_grad, s.grad_tolerance,
-      worst_abs, worst_drift, s.tolerance, ranks_agree ? "yes" : "NO", ddp_loss, ref_loss);
+      ok ? "ok    " : "FAILED", w.name(), w.precision(), world, s.steps, w.batch * world,
+      s.nondeterministic ? "" : ", deterministic algorithms", worst_grad, s.grad_tolerance, worst_noise, worst_abs,
+      worst_drift, s.tolerance, ranks_agree ? "yes" : "NO", ddp_loss, ref_loss);
   return {fmt::format("\"steps\": {}, \"global_rows\": {}, \"first_gradient_drift\": {:.6e}, "
-                      "\"gradient_tolerance\": {:g}, \"max_abs_diff\": {:.6e}, \"relative_drift\": {:.6e}, "
+                      "\"gradient_tolerance\": {:g}, \"first_gradient_noise\": {:.6e}, \"deterministic\": {}, "
+                      "\"max_abs_diff\": {:.6e}, \"relative_drift\": {:.6e}, "
                       "\"tolerance\": {:g}, \"ranks_agree\": {}, \"last_loss_ddp\": {:.6f}, "
                       "\"last_loss_one_device\": {:.6f}, \"ok\": {}",
-                      s.steps, w.batch * world, worst_grad, s.grad_tolerance, worst_abs, worst_drift, s.tolerance,
-                      ranks_agree, ddp_loss, ref_loss, ok),
+                      s.steps, w.batch * world, worst_grad, s.grad_tolerance, worst_noise, !s.nondeterministic,
+                      worst_abs, worst_drift, s.tolerance, ranks_agree, ddp_loss, ref_loss, ok),
           ok};
 }
 
@@ -407,6 +430,13 @@ int run(const Settings& s, const Workload& w) {
       return F();
     }
   };
+  if (s.mode == "check" && !s.nondeterministic) {
+    // As torch.use_deterministic_algorithms(True): FlashAttention's backward then adds in a fixed
+    // order, and cuBLAS wants a fixed workspace (set before its first handle; launch() passes the
+    // environment on to the other ranks).
+    ::setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8", 0);
+    at::globalContext().setDeterministicAlgorithms(true, false);
+  }
   F fabric = make();
   fabric.launch();
   if (fabric.is_global_zero()) {

@@ -70,10 +70,11 @@ if [[ " $steps " == *" time "* ]]; then
   for w in mlp-fp32 mlp-bf16-mixed gpt2; do
     for d in 1 $counts; do
       $bench --mode time --workload "$w" --devices "$d" "${extra[@]}" --json "$OUT_DIR/time-fabric-$w-$d.json" \
-        >"$OUT_DIR/time-fabric-$w-$d.log" 2>&1 || failed=1
+        >"$OUT_DIR/time-fabric-$w-$d.log" 2>&1 || { failed=1; tail -3 "$OUT_DIR/time-fabric-$w-$d.log"; }
       grep -E "^  (mlp|gpt2)|error" "$OUT_DIR/time-fabric-$w-$d.log" | sed "s/^/fabric    /"
       $PY bench/python/race.py --device "$DEVICE" --competitors lightning --devices "$d" --workload "$w" "${extra[@]}" \
-        --json "$OUT_DIR/time-lightning-$w-$d.json" >"$OUT_DIR/time-lightning-$w-$d.log" 2>&1 || failed=1
+        --json "$OUT_DIR/time-lightning-$w-$d.json" >"$OUT_DIR/time-lightning-$w-$d.log" 2>&1 ||
+        { failed=1; tail -3 "$OUT_DIR/time-lightning-$w-$d.log"; }
       grep -E "^  (mlp|gpt2)|Error" "$OUT_DIR/time-lightning-$w-$d.log" | sed "s/^/lightning /"
     done
   done
@@ -115,7 +116,8 @@ if [[ " $steps " == *" faults "* ]]; then
   kill=(--mode time --workload gpt2 --devices "$d" "${extra[@]}" --steps 1000 --warmup 0 --kill-rank 1 --kill-at-step 5
     --timeout-s 30)
   expect=tests/dist/expect_failure.sh
-  $expect 60 "local rank 1 .*killed by signal 9" -- $bench "${kill[@]}" >"$OUT_DIR/fault-launch.log" 2>&1 || failed=1
+  $expect 60 "local rank 1 .*killed by signal 9" -- $bench "${kill[@]}" >"$OUT_DIR/fault-launch.log" 2>&1 ||
+    { failed=1; tail -5 "$OUT_DIR/fault-launch.log"; }
   say "fault, fabric.launch(), $d GPUs: $(grep -E "^expect_failure:|stopping" "$OUT_DIR/fault-launch.log" | tr '\n' ' ')"
   if [ -x $BUILD/tools/fabric_run/fabric-run ]; then
     $expect 60 "local rank 1 .*killed by signal 9" -- $BUILD/tools/fabric_run/fabric-run --devices "$d" -- \

@@ -75,6 +75,9 @@ inline void reset_memory(const torch::Device& device) {
   synchronize(device);
 #if defined(BENCH_RACE_CUDA)
   if (device.is_cuda()) {
+    // NOTE: the caching allocator keeps statistics only for devices it has been initialised for,
+    // which the first allocation does; resetPeakStats fails before ("Invalid device argument").
+    (void)at::empty({1}, at::TensorOptions().device(device));
     c10::cuda::CUDACachingAllocator::emptyCache();
     c10::cuda::CUDACachingAllocator::resetPeakStats(device.index());
   }
