@@ -53,6 +53,9 @@ struct Settings {
   int kill_rank = -1;
   int kill_at_step = -1;
   int timeout_s = 60;
+  double bucket_cap_mb = 25.0;
+  bool grad_as_view = false;
+  bool static_graph = false;
   double peak_tflops = 790.0;
   std::string json;
   bool help = false;
@@ -81,6 +84,9 @@ flags:
   --kill-rank R        fault injection (time): rank R kills itself with SIGKILL ...
   --kill-at-step S     ... at step S (counting warm-up steps)
   --timeout-s S        DDP's collective timeout (default 60)
+  --bucket-cap-mb X    DDP's bucket size (default 25, as PyTorch's and Lightning's)
+  --grad-as-view       DDP's gradient_as_bucket_view (default off, as PyTorch's and Lightning's)
+  --static-graph       DDP's static_graph (default off)
   --peak-tflops X      the card's peak for MFU (default 790)
   --json PATH          rank 0 writes the results to PATH
   --tag T              ignored (names the processes of a run for pgrep)
@@ -147,6 +153,12 @@ Settings parse_args(int argc, char** argv) {
       s.kill_rank = parse_int(flag, value(), 0);
     } else if (flag == "--kill-at-step") {
       s.kill_at_step = parse_int(flag, value(), 0);
+    } else if (flag == "--bucket-cap-mb") {
+      s.bucket_cap_mb = parse_positive(flag, value());
+    } else if (flag == "--grad-as-view") {
+      s.grad_as_view = true;
+    } else if (flag == "--static-graph") {
+      s.static_graph = true;
     } else if (flag == "--timeout-s") {
       s.timeout_s = parse_int(flag, value(), 1);
     } else if (flag == "--peak-tflops") {
@@ -425,6 +437,9 @@ int run(const Settings& s, const Workload& w) {
     if constexpr (std::is_same_v<Strategy, fabric::DDP>) {
       fabric::DDP::Options options;
       options.timeout = std::chrono::seconds(s.timeout_s);
+      options.bucket_cap_mb = s.bucket_cap_mb;
+      options.gradient_as_bucket_view = s.grad_as_view;
+      options.static_graph = s.static_graph;
       return F(fabric::Options{.devices = s.devices}, fabric::Auto{}, fabric::DDP(options), Precision{});
     } else {
       return F();
@@ -449,10 +464,11 @@ int run(const Settings& s, const Workload& w) {
     std::ofstream out(s.json, std::ios::trunc);
     out << fmt::format(
         "{{\"mode\": \"{}\", \"workload\": \"{}\", \"precision\": \"{}\", \"devices\": {}, "
-        "\"strategy\": \"{}\", \"device\": \"{}\", \"torch\": \"{}\", \"batch_per_device\": {}, {}}}\n",
+        "\"strategy\": \"{}\", \"bucket_cap_mb\": {}, \"gradient_as_bucket_view\": {}, \"static_graph\": {}, "
+        "\"device\": \"{}\", \"torch\": \"{}\", \"batch_per_device\": {}, {}}}\n",
         s.mode, w.name(), w.precision(), fabric.world_size(),
-        std::is_same_v<Strategy, fabric::DDP> ? "ddp" : "single-device", fabric.device().str(), TORCH_VERSION, w.batch,
-        r.json);
+        std::is_same_v<Strategy, fabric::DDP> ? "ddp" : "single-device", s.bucket_cap_mb, s.grad_as_view,
+        s.static_graph, fabric.device().str(), TORCH_VERSION, w.batch, r.json);
     if (!out.flush()) throw std::runtime_error(fmt::format("could not write {}", s.json));
   }
   return r.ok ? 0 : 1;

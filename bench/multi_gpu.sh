@@ -23,8 +23,10 @@
 #   bench/multi_gpu.sh check faults         # a subset of: build check time faults worker
 #
 # Environment: OUT (logs and multi_gpu.json; default build-gpu/multi-gpu), PYTHON (default python3),
-# MULTI_GPU_DEVICES (the device counts, default "2 4 8" up to the GPUs present), BUILD_DIR (default
-# build-gpu). A dry run of the script's logic on the CPU (Gloo; Lightning is skipped where missing):
+# MULTI_GPU_DEVICES (the device counts, default "2 4 8" up to the GPUs present), MULTI_GPU_ROUNDS
+# (timing rounds, default 1), MULTI_GPU_WORKLOADS (default "mlp-fp32 mlp-bf16-mixed gpt2"),
+# MULTI_GPU_FABRIC_VARIANTS (fabric DDP options also timed, e.g. "--grad-as-view --bucket-cap-mb=100"),
+# BUILD_DIR (default build-gpu). A dry run of the script's logic on the CPU (Gloo; Lightning is skipped where missing):
 #   RACE_DEVICE=cpu MULTI_GPU_GPUS=2 BUILD_DIR=build PYTHON=/usr/bin/python3 \
 #     MULTI_GPU_ARGS="--gpt2-config tiny --steps 3 --warmup 1" bench/multi_gpu.sh check time faults
 set -uo pipefail
@@ -67,46 +69,88 @@ if [[ " $steps " == *" check "* ]]; then
 fi
 
 if [[ " $steps " == *" time "* ]]; then
-  for w in mlp-fp32 mlp-bf16-mixed gpt2; do
-    for d in 1 $counts; do
-      $bench --mode time --workload "$w" --devices "$d" "${extra[@]}" --json "$OUT_DIR/time-fabric-$w-$d.json" \
-        >"$OUT_DIR/time-fabric-$w-$d.log" 2>&1 || { failed=1; tail -3 "$OUT_DIR/time-fabric-$w-$d.log"; }
-      grep -E "^  (mlp|gpt2)|error" "$OUT_DIR/time-fabric-$w-$d.log" | sed "s/^/fabric    /"
-      $PY bench/python/race.py --device "$DEVICE" --competitors lightning --devices "$d" --workload "$w" "${extra[@]}" \
-        --json "$OUT_DIR/time-lightning-$w-$d.json" >"$OUT_DIR/time-lightning-$w-$d.log" 2>&1 ||
-        { failed=1; tail -3 "$OUT_DIR/time-lightning-$w-$d.log"; }
-      grep -E "^  (mlp|gpt2)|Error" "$OUT_DIR/time-lightning-$w-$d.log" | sed "s/^/lightning /"
+  # Rounds alternate the competitors (fabric, Lightning, fabric's variants) so that drifts of the
+  # machine hit all of them; the table takes each figure's median over the rounds.
+  read -r -a variants <<<"${MULTI_GPU_FABRIC_VARIANTS:-}"
+  for r in $(seq 1 "${MULTI_GPU_ROUNDS:-1}"); do
+    for w in ${MULTI_GPU_WORKLOADS:-mlp-fp32 mlp-bf16-mixed gpt2}; do
+      for d in 1 $counts; do
+        f="$OUT_DIR/time-fabric-$w-$d-r$r"
+        $bench --mode time --workload "$w" --devices "$d" "${extra[@]}" --json "$f.json" >"$f.log" 2>&1 ||
+          { failed=1; tail -3 "$f.log"; }
+        grep -E "^  (mlp|gpt2)|error" "$f.log" | sed "s/^/fabric    /"
+        f="$OUT_DIR/time-lightning-$w-$d-r$r"
+        $PY bench/python/race.py --device "$DEVICE" --competitors lightning --devices "$d" --workload "$w" \
+          "${extra[@]}" --json "$f.json" >"$f.log" 2>&1 || { failed=1; tail -3 "$f.log"; }
+        grep -E "^  (mlp|gpt2)|Error" "$f.log" | sed "s/^/lightning /"
+        # fabric's DDP options (MULTI_GPU_FABRIC_VARIANTS="--grad-as-view --bucket-cap-mb=100": one
+        # variant per word, = for a space), on more than one GPU.
+        [ "$d" -gt 1 ] || continue
+        for v in "${variants[@]}"; do
+          f="$OUT_DIR/time-fabric${v//[ =]/_}-$w-$d-r$r"
+          # shellcheck disable=SC2086 # the variant's words are flags
+          $bench --mode time --workload "$w" --devices "$d" "${extra[@]}" ${v//=/ } --json "$f.json" >"$f.log" 2>&1 ||
+            { failed=1; tail -3 "$f.log"; }
+          grep -E "^  (mlp|gpt2)|error" "$f.log" | sed "s/^/fabric $v /"
+        done
+      done
     done
   done
   $PY - "$OUT_DIR" <<'EOF'
-import glob, json, os, sys
+import glob, json, os, re, sys
 
 out = sys.argv[1]
-rows = {}
-for path in glob.glob(os.path.join(out, "time-*.json")):
+runs = {}  # (workload, precision, devices, who) -> the results of every round
+for path in sorted(glob.glob(os.path.join(out, "time-*-r*.json"))):
     with open(path) as f:
         data = json.load(f)
-    who = "fabric" if "time-fabric-" in path else "lightning"
+    m = re.match(r"time-(fabric|lightning)(\S*?)-(mlp|gpt2)", os.path.basename(path))
+    who = m.group(1) + (" " + m.group(2).strip("_").replace("_", " ") if m.group(2) else "")
     for r in data["results"] if "results" in data else [data]:
-        rows[(r["workload"], r["precision"], r["devices"], who)] = r
+        runs.setdefault((r["workload"], r["precision"], r["devices"], who), []).append(r)
+
+
+def pick(key):
+    """The round with the median step time (the lower middle one of an even count), and every round's time."""
+    rs = sorted(runs.get(key, []), key=lambda r: r["ms_median"])
+    return (rs[(len(rs) - 1) // 2], [r["ms_median"] for r in runs[key]]) if rs else (None, [])
+
+
+na = "n/a"
+def ms(r, all_ms):
+    if not r:
+        return na
+    return f"{r['ms_median']:.3f}" + (f" ({' / '.join(f'{m:.2f}' for m in all_ms)})" if len(all_ms) > 1 else "")
+eff = lambda r, r1: f"{r['per_s_per_device'] / r1['per_s_per_device']:.1%}" if r and r1 else na
+mem = lambda r: f"{r['peak_allocated_bytes'] / 2**30:.2f}" if r else na
+
 lines = ["| workload | GPUs | fabric ms/step | Lightning ms/step | fabric/Lightning | fabric per-GPU throughput | "
          "fabric scaling efficiency | Lightning scaling efficiency | peak GiB fabric / Lightning (rank 0) |",
          "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-keys = sorted({(w, p, d) for (w, p, d, _) in rows}, key=lambda k: (k[0] != "mlp", k[1], k[2]))
-for w, p, d in keys:
-    f, l = rows.get((w, p, d, "fabric")), rows.get((w, p, d, "lightning"))
-    f1, l1 = rows.get((w, p, 1, "fabric")), rows.get((w, p, 1, "lightning"))
-    unit = "tok/s" if w == "gpt2" else "samples/s"
-    eff = lambda r, r1: f"{r['per_s_per_device'] / r1['per_s_per_device']:.1%}" if r and r1 else "n/a"
-    ms = lambda r: f"{r['ms_median']:.3f}" if r else "n/a"
-    ratio = f"{f['ms_median'] / l['ms_median']:.3f}" if f and l else "n/a"
-    mem = lambda r: f"{r['peak_allocated_bytes'] / 2**30:.2f}" if r else "n/a"
-    lines.append(f"| {w} {p} | {d} | {ms(f)} | {ms(l)} | {ratio} | "
-                 f"{f['per_s_per_device']:,.0f} {unit} | {eff(f, f1)} | {eff(l, l1)} | {mem(f)} / {mem(l)} |"
-                 if f else f"| {w} {p} | {d} | n/a | {ms(l)} | n/a | n/a | n/a | {eff(l, l1)} | n/a / {mem(l)} |")
+variant_lines = ["| workload | GPUs | fabric DDP options | ms/step | scaling efficiency | against fabric's defaults |",
+                 "| --- | ---: | --- | ---: | ---: | ---: |"]
+keys = sorted(runs, key=lambda k: (k[0] != "mlp", k[1], k[2], k[3]))
+for w, p, d, who in keys:
+    (f, fms), (f1, _) = pick((w, p, d, "fabric")), pick((w, p, 1, "fabric"))
+    if who == "fabric":
+        (l, lms), (l1, _) = pick((w, p, d, "lightning")), pick((w, p, 1, "lightning"))
+        unit = "tok/s" if w == "gpt2" else "samples/s"
+        ratio = f"{f['ms_median'] / l['ms_median']:.3f}" if f and l else na
+        lines.append(f"| {w} {p} | {d} | {ms(f, fms)} | {ms(l, lms)} | {ratio} | {f['per_s_per_device']:,.0f} {unit} | "
+                     f"{eff(f, f1)} | {eff(l, l1)} | {mem(f)} / {mem(l)} |")
+    elif who.startswith("fabric "):
+        v, vms = pick((w, p, d, who))
+        against = f"{v['ms_median'] / f['ms_median']:.3f}" if f else na
+        variant_lines.append(f"| {w} {p} | {d} | {who[len('fabric '):]} | {ms(v, vms)} | {eff(v, f1)} | {against} |")
+rounds = max((len(v) for v in runs.values()), default=0)
+print(f"{rounds} round(s); ms/step is the median over the rounds (each round's in parentheses)")
 print("\n".join(lines))
+if len(variant_lines) > 2:
+    print()
+    print("\n".join(variant_lines))
 with open(os.path.join(out, "multi_gpu.json"), "w") as fh:
-    json.dump({"table": lines, "rows": [dict(r, who=k[3]) for k, r in sorted(rows.items())]}, fh, indent=2)
+    json.dump({"table": lines, "variants": variant_lines[2:],
+               "runs": [dict(r, who=k[3]) for k, rs in sorted(runs.items()) for r in rs]}, fh, indent=2)
     fh.write("\n")
 EOF
 fi
