@@ -56,6 +56,7 @@ struct Settings {
   double bucket_cap_mb = 25.0;
   bool grad_as_view = false;
   bool static_graph = false;
+  std::string comm_hook = "none";
   double peak_tflops = 790.0;
   std::string json;
   bool help = false;
@@ -87,6 +88,7 @@ flags:
   --bucket-cap-mb X    DDP's bucket size (default 25, as PyTorch's and Lightning's)
   --grad-as-view       DDP's gradient_as_bucket_view (default off, as PyTorch's and Lightning's)
   --static-graph       DDP's static_graph (default off)
+  --comm-hook H        DDP's gradient compression: none, fp16 or bf16 (default none)
   --peak-tflops X      the card's peak for MFU (default 790)
   --json PATH          rank 0 writes the results to PATH
   --tag T              ignored (names the processes of a run for pgrep)
@@ -157,6 +159,11 @@ Settings parse_args(int argc, char** argv) {
       s.bucket_cap_mb = parse_positive(flag, value());
     } else if (flag == "--grad-as-view") {
       s.grad_as_view = true;
+    } else if (flag == "--comm-hook") {
+      s.comm_hook = value();
+      if (s.comm_hook != "none" && s.comm_hook != "fp16" && s.comm_hook != "bf16") {
+        throw UsageError(fmt::format("expected none, fp16 or bf16 after --comm-hook, found \"{}\"", s.comm_hook));
+      }
     } else if (flag == "--static-graph") {
       s.static_graph = true;
     } else if (flag == "--timeout-s") {
@@ -440,6 +447,8 @@ int run(const Settings& s, const Workload& w) {
       options.bucket_cap_mb = s.bucket_cap_mb;
       options.gradient_as_bucket_view = s.grad_as_view;
       options.static_graph = s.static_graph;
+      if (s.comm_hook == "fp16") options.comm_hook = fabric::DDP::CommHook::fp16;
+      if (s.comm_hook == "bf16") options.comm_hook = fabric::DDP::CommHook::bf16;
       return F(fabric::Options{.devices = s.devices}, fabric::Auto{}, fabric::DDP(options), Precision{});
     } else {
       return F();
@@ -465,10 +474,11 @@ int run(const Settings& s, const Workload& w) {
     out << fmt::format(
         "{{\"mode\": \"{}\", \"workload\": \"{}\", \"precision\": \"{}\", \"devices\": {}, "
         "\"strategy\": \"{}\", \"bucket_cap_mb\": {}, \"gradient_as_bucket_view\": {}, \"static_graph\": {}, "
+        "\"comm_hook\": \"{}\", "
         "\"device\": \"{}\", \"torch\": \"{}\", \"batch_per_device\": {}, {}}}\n",
         s.mode, w.name(), w.precision(), fabric.world_size(),
         std::is_same_v<Strategy, fabric::DDP> ? "ddp" : "single-device", s.bucket_cap_mb, s.grad_as_view,
-        s.static_graph, fabric.device().str(), TORCH_VERSION, w.batch, r.json);
+        s.static_graph, s.comm_hook, fabric.device().str(), TORCH_VERSION, w.batch, r.json);
     if (!out.flush()) throw std::runtime_error(fmt::format("could not write {}", s.json));
   }
   return r.ok ? 0 : 1;
