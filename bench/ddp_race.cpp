@@ -50,6 +50,7 @@ struct Settings {
   double tolerance = 0;  // 0: 1e-3 for mlp-fp32, 5e-2 for bf16-mixed
   double grad_tolerance = 1e-5;
   bool nondeterministic = false;
+  bool ddp_on_one = false;
   int kill_rank = -1;
   int kill_at_step = -1;
   int timeout_s = 60;
@@ -71,6 +72,7 @@ flags:
   --mode M             time or check (default time)
   --workload W         mlp-fp32, mlp-bf16-mixed or gpt2 (bf16-mixed); required
   --devices N          processes, one GPU each (default 1; time with 1 = one device without DDP)
+  --ddp                time: DDP even on one device (a world of one: the Reducer's own cost)
   --steps N            time: timed steps (mlp 300, gpt2 30); check: steps (10)
   --warmup N           untimed steps first (mlp 50, gpt2 10)
   --batch N            rows per device: samples (mlp, default 256) or sequences (gpt2, default 8)
@@ -149,6 +151,8 @@ Settings parse_args(int argc, char** argv) {
       s.tolerance = parse_positive(flag, value());
     } else if (flag == "--grad-tolerance") {
       s.grad_tolerance = parse_positive(flag, value());
+    } else if (flag == "--ddp") {
+      s.ddp_on_one = true;
     } else if (flag == "--nondeterministic") {
       s.nondeterministic = true;
     } else if (flag == "--kill-rank") {
@@ -487,7 +491,7 @@ int run(const Settings& s, const Workload& w) {
 template <class Net, class Precision>
 int dispatch_strategy(const Settings& s, const Workload& w) {
   // One device without DDP is the baseline of the time mode; the check always runs DDP.
-  if (s.mode == "time" && s.devices == 1) return run<Net, fabric::SingleDevice, Precision>(s, w);
+  if (s.mode == "time" && s.devices == 1 && !s.ddp_on_one) return run<Net, fabric::SingleDevice, Precision>(s, w);
   return run<Net, fabric::DDP, Precision>(s, w);
 }
 
