@@ -305,8 +305,9 @@ Report time_steps(F& fabric, const Workload& w, const Settings& s) {
   fabric.print(
       "  {:<5} {:<10} {} x {:<7} {:9.3f} ms/step (slowest rank {:.3f})  {:10.0f} {}/s ({:.0f} per device)  MFU {:.3f}  "
       "peak {:.2f} GiB (reserved {:.2f})  loss {:.4f}  AdamW {}",
-      w.name(), w.precision(), world, world == 1 ? "device" : "DDP", med, slowest, per_s, w.gpt ? "tok" : "samples",
-      per_s / world, mfu, static_cast<double>(peak_allocated) / (1 << 30),
+      w.name(), w.precision(), world,
+      std::is_same_v<std::remove_cvref_t<decltype(fabric.strategy())>, fabric::DDP> ? "DDP" : "device", med, slowest,
+      per_s, w.gpt ? "tok" : "samples", per_s / world, mfu, static_cast<double>(peak_allocated) / (1 << 30),
       static_cast<double>(peak_reserved) / (1 << 30), mean_loss, kernels_name());
   return {
       fmt::format("\"ms_median\": {:.6f}, \"ms_median_slowest_rank\": {:.6f}, \"steps\": {}, \"warmup\": {}, "
