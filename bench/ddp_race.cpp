@@ -216,25 +216,6 @@ struct Workload {
   std::string name() const { return gpt ? "gpt2" : "mlp"; }
 };
 
-template <class Net>
-Net build(const Workload& w) {
-  torch::manual_seed(0);
-  if constexpr (std::is_same_v<Net, Mlp>) {
-    return Mlp();
-  } else {
-    return gpt2::GPT(w.gpt2);
-  }
-}
-
-template <class Net>
-at::Tensor workload_loss(const at::Tensor& out, const at::Tensor& y) {
-  if constexpr (std::is_same_v<Net, Mlp>) {
-    return mlp_loss(out, y);
-  } else {
-    return gpt2::loss(out, y);
-  }
-}
-
 /// `rows` random rows of inputs and targets (never zeros) from a generator seeded with `seed`, on `device`.
 std::pair<at::Tensor, at::Tensor> make_batch(const Workload& w, std::int64_t rows, std::uint64_t seed,
                                              const c10::Device& device) {
@@ -264,7 +245,7 @@ Report time_steps(F& fabric, const Workload& w, const Settings& s) {
   const int rank = fabric.global_rank();
   const c10::Device device = fabric.device();
   reset_memory(device);
-  Net net = build<Net>(w);
+  Net net = build<Net>(w.gpt2);
   auto adamw = make_adamw(w, net->parameters());
   auto [model, optimizer] = fabric.setup(net, adamw);
   const auto [x, y] = make_batch(w, w.batch, 1000 + static_cast<std::uint64_t>(rank), device);
@@ -324,8 +305,8 @@ Report check(F& fabric, const Workload& w, const Settings& s) {
   const int world = fabric.world_size();
   const int rank = fabric.global_rank();
   const c10::Device device = fabric.device();
-  Net net = build<Net>(w);
-  Net reference = build<Net>(w);
+  Net net = build<Net>(w.gpt2);
+  Net reference = build<Net>(w.gpt2);
   reference->to(device);
   std::vector<at::Tensor> initial;
   for (const auto& p : reference->parameters()) initial.push_back(p.detach().clone());

@@ -181,25 +181,6 @@ void time_steps(const torch::Device& device, const Workload& w, Step&& step, Res
   r.last_loss = loss.item<double>();
 }
 
-template <class Net>
-Net build(const Workload& w) {
-  torch::manual_seed(0);
-  if constexpr (std::is_same_v<Net, Mlp>) {
-    return Mlp();
-  } else {
-    return gpt2::GPT(w.gpt2);
-  }
-}
-
-template <class Net>
-at::Tensor workload_loss(const at::Tensor& out, const at::Tensor& y) {
-  if constexpr (std::is_same_v<Net, Mlp>) {
-    return mlp_loss(out, y);
-  } else {
-    return gpt2::loss(out, y);
-  }
-}
-
 /// The hand-written LibTorch loop; `fused` steps with fabric's multi-tensor AdamW instead of
 /// torch::optim::AdamW::step().
 template <class Net>
@@ -207,7 +188,7 @@ Result run_raw(const torch::Device& device, const Workload& w, bool fused) {
   Result r{.competitor = fused ? "libtorch-fused" : "libtorch"};
   reset_memory(device);
   {
-    Net net = build<Net>(w);
+    Net net = build<Net>(w.gpt2);
     net->to(device);
     torch::optim::AdamW adamw(net->parameters(), torch::optim::AdamWOptions(w.lr).weight_decay(w.weight_decay));
     r.params = count(net->parameters());
@@ -246,7 +227,7 @@ Result run_fabric(const torch::Device& device, const Workload& w) {
     if (fabric.device() != device) {
       throw std::runtime_error(fmt::format("fabric chose {}, expected {}", fabric.device().str(), device.str()));
     }
-    Net net = build<Net>(w);
+    Net net = build<Net>(w.gpt2);
     torch::optim::AdamW adamw(net->parameters(), torch::optim::AdamWOptions(w.lr).weight_decay(w.weight_decay));
     auto [model, optimizer] = fabric.setup(net, adamw);
     r.params = count(net->parameters());

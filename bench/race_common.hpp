@@ -1,7 +1,10 @@
 // What bench_race (race.cpp) and bench_ddp_race (ddp_race.cpp) share: the command-line helpers, the
 // device's synchronisation, step timing with CUDA events and peak memory, autocast as a hand-written
-// LibTorch loop spells it, and the mlp workload's model. BENCH_RACE_CUDA compiles the GPU parts in.
+// LibTorch loop spells it, and the workloads' models and losses. BENCH_RACE_CUDA compiles the GPU
+// parts in.
 #pragma once
+
+#include "gpt2/gpt2.hpp"
 
 #include <torch/torch.h>
 #include <fabric/fabric.hpp>
@@ -21,6 +24,7 @@
 #include <stdexcept>
 #include <string>
 #include <string_view>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -207,6 +211,27 @@ TORCH_MODULE(Mlp);
 
 inline at::Tensor mlp_loss(const at::Tensor& logits, const at::Tensor& y) {
   return torch::nn::functional::cross_entropy(logits, y);
+}
+
+/// A workload's model, built from seed 0: the mlp, or GPT-2 with `config`.
+template <class Net>
+Net build(const gpt2::Config& config) {
+  torch::manual_seed(0);
+  if constexpr (std::is_same_v<Net, Mlp>) {
+    return Mlp();
+  } else {
+    return gpt2::GPT(config);
+  }
+}
+
+/// A workload's loss: cross-entropy over the classes (mlp) or over every position (gpt2).
+template <class Net>
+at::Tensor workload_loss(const at::Tensor& out, const at::Tensor& y) {
+  if constexpr (std::is_same_v<Net, Mlp>) {
+    return mlp_loss(out, y);
+  } else {
+    return gpt2::loss(out, y);
+  }
 }
 
 inline double median(std::vector<double> v) {
