@@ -10,6 +10,8 @@
 //     bench_cpu_overhead --steps 30 --warmup 10 --json results.json
 //     bench_cpu_overhead --mode fabric --steps 3 --warmup 1     # one loop only, e.g. under callgrind
 
+#include "common.hpp"
+
 #include <torch/torch.h>
 #include <fabric/fabric.hpp>
 
@@ -20,13 +22,10 @@
 #define BENCH_CALLGRIND_DUMP(name) ((void)0)
 #endif
 
-#include <algorithm>
-#include <charconv>
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
 #include <exception>
-#include <fstream>
 #include <optional>
 #include <stdexcept>
 #include <string>
@@ -37,11 +36,7 @@
 
 namespace {
 
-/// A bad command line.
-class UsageError : public std::runtime_error {
- public:
-  using std::runtime_error::runtime_error;
-};
+using namespace bench;
 
 /// Which loops to run.
 enum class Mode { raw, fabric, both };
@@ -72,15 +67,6 @@ flags:
   --json PATH      also write the results to PATH as JSON
   --help           print this and exit
 )";
-
-int parse_int(std::string_view flag, std::string_view text, int min) {
-  int value = 0;
-  const auto [end, err] = std::from_chars(text.data(), text.data() + text.size(), value);
-  if (err != std::errc{} || end != text.data() + text.size() || value < min) {
-    throw UsageError(fmt::format("expected an integer >= {} after {}, found \"{}\"", min, flag, text));
-  }
-  return value;
-}
 
 Config parse_args(int argc, char** argv, bool& help) {
   Config config;
@@ -120,29 +106,8 @@ Config parse_args(int argc, char** argv, bool& help) {
   return config;
 }
 
-/// The mlp workload's model.
-struct MlpImpl : torch::nn::Module {
-  MlpImpl()
-      : fc1(register_module("fc1", torch::nn::Linear(784, 1024))),
-        fc2(register_module("fc2", torch::nn::Linear(1024, 1024))),
-        fc3(register_module("fc3", torch::nn::Linear(1024, 10))) {}
-  /// Returns the logits of a batch [N, 784].
-  torch::Tensor forward(const torch::Tensor& x) { return fc3(torch::relu(fc2(torch::relu(fc1(x))))); }
-  torch::nn::Linear fc1, fc2, fc3;
-};
-TORCH_MODULE(Mlp);
-
 /// Builds the model from a fixed seed, so both loops start from the same weights.
-Mlp make_model() {
-  torch::manual_seed(0);
-  return Mlp();
-}
-
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  const std::size_t n = v.size();
-  return n % 2 == 1 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
+Mlp make_model() { return build<Mlp>({}); }
 
 using Clock = std::chrono::steady_clock;
 using Fabric = fabric::Fabric<fabric::CPU, fabric::SingleDevice, fabric::FP32>;
@@ -264,11 +229,7 @@ int run(const Config& config) {
     json += fmt::format(",\n  \"ratio\": {:.6f}", ratio);
   }
   json += "\n}\n";
-  if (!config.json.empty()) {
-    std::ofstream out(config.json, std::ios::trunc);
-    out << json;
-    if (!out.flush()) throw std::runtime_error(fmt::format("could not write {}", config.json));
-  }
+  if (!config.json.empty()) write_text(config.json, json);
   return 0;
 }
 

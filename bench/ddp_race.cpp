@@ -20,14 +20,13 @@
 //
 // The optimizer is AdamW as in the race (bench/race.cpp), with fabric's fused or multi-tensor step.
 
+#include "common.hpp"
 #include "gpt2/gpt2.hpp"
-#include "race_common.hpp"
 
 #include <cmath>
 #include <csignal>
 #include <cstdio>
 #include <exception>
-#include <fstream>
 #include <string>
 #include <string_view>
 #include <type_traits>
@@ -456,16 +455,16 @@ int run(const Settings& s, const Workload& w) {
   }
   const Report r = s.mode == "check" ? check<Net>(fabric, w, s) : time_steps<Net>(fabric, w, s);
   if (fabric.is_global_zero() && !s.json.empty()) {
-    std::ofstream out(s.json, std::ios::trunc);
-    out << fmt::format(
-        "{{\"mode\": \"{}\", \"workload\": \"{}\", \"precision\": \"{}\", \"devices\": {}, "
-        "\"strategy\": \"{}\", \"bucket_cap_mb\": {}, \"gradient_as_bucket_view\": {}, \"static_graph\": {}, "
-        "\"comm_hook\": \"{}\", "
-        "\"device\": \"{}\", \"torch\": \"{}\", \"batch_per_device\": {}, {}}}\n",
-        s.mode, w.name(), w.precision(), fabric.world_size(),
-        std::is_same_v<Strategy, fabric::DDP> ? "ddp" : "single-device", s.bucket_cap_mb, s.grad_as_view,
-        s.static_graph, s.comm_hook, fabric.device().str(), TORCH_VERSION, w.batch, r.json);
-    if (!out.flush()) throw std::runtime_error(fmt::format("could not write {}", s.json));
+    write_text(
+        s.json,
+        fmt::format(
+            "{{\"mode\": \"{}\", \"workload\": \"{}\", \"precision\": \"{}\", \"devices\": {}, "
+            "\"strategy\": \"{}\", \"bucket_cap_mb\": {}, \"gradient_as_bucket_view\": {}, \"static_graph\": {}, "
+            "\"comm_hook\": \"{}\", "
+            "\"device\": \"{}\", \"torch\": \"{}\", \"batch_per_device\": {}, {}}}\n",
+            s.mode, w.name(), w.precision(), fabric.world_size(),
+            std::is_same_v<Strategy, fabric::DDP> ? "ddp" : "single-device", s.bucket_cap_mb, s.grad_as_view,
+            s.static_graph, s.comm_hook, fabric.device().str(), TORCH_VERSION, w.batch, r.json));
   }
   return r.ok ? 0 : 1;
 }

@@ -19,15 +19,14 @@
 //     bench_race --device cpu --workload mlp --steps 3 --warmup 1
 //     bench_race --device cpu --workload gpt2 --gpt2-config tiny --steps 2 --warmup 1
 
+#include "common.hpp"
 #include "gpt2/gpt2.hpp"
-#include "race_common.hpp"
 
 #include <charconv>
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
 #include <exception>
-#include <fstream>
 #include <functional>
 #include <memory>
 #include <optional>
@@ -337,11 +336,7 @@ int run(const Settings& s) {
     }
   }
   json += "\n  ]\n}\n";
-  if (!s.json.empty()) {
-    std::ofstream out(s.json, std::ios::trunc);
-    out << json;
-    if (!out.flush()) throw std::runtime_error(fmt::format("could not write {}", s.json));
-  }
+  if (!s.json.empty()) write_text(s.json, json);
   return 0;
 }
 

@@ -1,7 +1,7 @@
-// What bench_race (race.cpp) and bench_ddp_race (ddp_race.cpp) share: the command-line helpers, the
-// device's synchronisation, step timing with CUDA events and peak memory, autocast as a hand-written
-// LibTorch loop spells it, and the workloads' models and losses. BENCH_RACE_CUDA compiles the GPU
-// parts in.
+// What the benchmarks (cpu_overhead.cpp, race.cpp, ddp_race.cpp) share: the command-line helpers,
+// the device's synchronisation, step timing with CUDA events and peak memory, autocast as a
+// hand-written LibTorch loop spells it, the workloads' models and losses, and writing results.
+// BENCH_RACE_CUDA compiles the GPU parts in.
 #pragma once
 
 #include "gpt2/gpt2.hpp"
@@ -21,6 +21,7 @@
 #include <charconv>
 #include <chrono>
 #include <cstdint>
+#include <fstream>
 #include <stdexcept>
 #include <string>
 #include <string_view>
@@ -232,6 +233,13 @@ at::Tensor workload_loss(const at::Tensor& out, const at::Tensor& y) {
   } else {
     return gpt2::loss(out, y);
   }
+}
+
+/// Writes `text` to `path`, replacing it; throws when it cannot.
+inline void write_text(const std::string& path, const std::string& text) {
+  std::ofstream out(path, std::ios::trunc);
+  out << text;
+  if (!out.flush()) throw std::runtime_error(fmt::format("could not write {}", path));
 }
 
 inline double median(std::vector<double> v) {
