@@ -20,6 +20,7 @@
 //
 // The optimizer is AdamW as in the race (bench/race.cpp), with fabric's fused or multi-tensor step.
 
+#include <fabric/distributed.hpp>
 #include "common.hpp"
 #include "gpt2/gpt2.hpp"
 

@@ -6,7 +6,7 @@
 //
 // Prints the median ms/step of rank 0 and, with --json, writes it.
 
-#include <fabric/fabric.hpp>
+#include <fabric/distributed.hpp>
 
 #include <torch/torch.h>
 

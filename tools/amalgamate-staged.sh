@@ -6,4 +6,4 @@ cd "$(dirname "$0")/.."
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 git checkout-index -a --prefix="$tmp/"
-python3 "$tmp/tools/amalgamate.py" --output single_include/fabric/fabric.hpp
+python3 "$tmp/tools/amalgamate.py" --output single_include/fabric

@@ -8,7 +8,7 @@
 #include "fashion_mnist/fashion_mnist.hpp"
 
 #include <torch/torch.h>
-#include <fabric/fabric.hpp>
+#include <fabric/distributed.hpp>
 
 #include <algorithm>
 #include <array>

@@ -5,8 +5,14 @@ namespace fabric {
 
 struct CPU;
 struct CUDA;
-class SingleDevice;
+struct Auto;
+struct PrecisionBase;
 struct FP32;
+class StrategyBase;
+class SingleDevice;
+class DP;
+class ParallelStrategy;
+class DDP;
 class GradScaler;
 class AutocastGuard;
 class DefaultDtypeGuard;
@@ -15,10 +21,16 @@ struct SetupOptions;
 struct DataOptions;
 struct LoaderOptions;
 struct ClipOptions;
+struct StrategyOptions;
+struct ParallelOptions;
 class Error;
 class Logger;
 class CSVLogger;
 class StateEntry;
+class NativeCheckpointIO;
+class AnyCheckpointIO;
+class AnyEnvironment;
+struct Topology;
 class DistributedSampler;
 template <class... Ts>
 struct TypeList;

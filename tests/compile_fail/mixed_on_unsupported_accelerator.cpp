@@ -8,9 +8,9 @@ struct MetaAccelerator {
   static constexpr c10::DeviceType device_type = c10::DeviceType::Meta;
   static bool is_available() noexcept { return true; }
   static int device_count() noexcept { return 1; }
-  static void check_devices(int) {}
-  static c10::Device device(int) { return c10::Device(c10::DeviceType::Meta); }
-  static void setup_device(const c10::Device&) {}
+  void check(int) const {}
+  c10::Device select_device(int, int) const { return c10::Device(c10::DeviceType::Meta); }
+  void teardown() {}
 };
 
 int main() {

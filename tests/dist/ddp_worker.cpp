@@ -7,7 +7,7 @@
 // Each scenario checks its own results and exits 0 only when they hold; any failed check prints
 // "rank R: FAILED: ..." and exits 1.
 
-#include <fabric/fabric.hpp>
+#include <fabric/distributed.hpp>
 
 #include <torch/torch.h>
 

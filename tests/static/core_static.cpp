@@ -1,15 +1,19 @@
 // Compile-time tests of the torch-free core. This file is compiled WITHOUT LibTorch on the include
 // path: if a core header pulled in torch, it would not build.
-#include <fabric/concepts.hpp>
-#include <fabric/config.hpp>
-#include <fabric/error.hpp>
+#include <fabric/core/concepts.hpp>
+#include <fabric/core/config.hpp>
+#include <fabric/core/error.hpp>
+#include <fabric/core/guard.hpp>
+#include <fabric/core/hooks.hpp>
+#include <fabric/core/options.hpp>
+#include <fabric/core/type_list.hpp>
+#include <fabric/core/version.hpp>
 #include <fabric/fwd.hpp>
-#include <fabric/hooks.hpp>
-#include <fabric/logger.hpp>
 #include <fabric/loggers/csv.hpp>
-#include <fabric/options.hpp>
-#include <fabric/type_list.hpp>
-#include <fabric/version.hpp>
+#include <fabric/loggers/logger.hpp>
+#include <fabric/strategies/environments/detect.hpp>
+#include <fabric/strategies/launchers/process_set.hpp>
+#include <fabric/strategies/launchers/subprocess.hpp>
 
 #include <string>
 #include <tuple>
@@ -41,40 +45,53 @@ constexpr int count_types() {
 }
 static_assert(count_types() == 3);
 
-// Policies are told apart by their category tag.
+// Policies are told apart by their category tag (the complete concepts, which need LibTorch's types,
+// are checked in policies_static.cpp).
 struct FakeAccelerator {
   using category = fabric::accelerator_tag;
   static constexpr std::string_view name = "fake";
-  static bool is_available() noexcept { return true; }
-  static int device_count() noexcept { return 1; }
 };
 struct FakeStrategy {
   using category = fabric::strategy_tag;
   static constexpr std::string_view name = "fake";
-  static constexpr bool is_distributed = false;
-  struct ModuleState {};
-  int global_rank() const { return 0; }
-  int local_rank() const { return 0; }
-  int node_rank() const { return 0; }
-  int world_size() const { return 1; }
-  void barrier() {}
 };
 struct FakePrecision {
   using category = fabric::precision_tag;
   static constexpr std::string_view name = "fake";
-  int forward_context() { return 0; }
 };
 struct NotAPolicy {};
 
-static_assert(fabric::Accelerator<FakeAccelerator>);
-static_assert(!fabric::Accelerator<FakeStrategy>);
-static_assert(!fabric::Accelerator<NotAPolicy>);
-static_assert(fabric::Strategy<FakeStrategy>);
-static_assert(!fabric::Strategy<FakeAccelerator>);
-static_assert(fabric::Precision<FakePrecision>);
-static_assert(!fabric::Precision<FakeStrategy>);
+static_assert(fabric::PolicyOf<FakeAccelerator, fabric::accelerator_tag>);
+static_assert(!fabric::PolicyOf<FakeStrategy, fabric::accelerator_tag>);
+static_assert(!fabric::PolicyOf<NotAPolicy, fabric::accelerator_tag>);
+static_assert(fabric::PolicyOf<FakeStrategy, fabric::strategy_tag>);
+static_assert(!fabric::PolicyOf<FakeAccelerator, fabric::strategy_tag>);
+static_assert(fabric::PolicyOf<FakePrecision, fabric::precision_tag>);
+static_assert(!fabric::PolicyOf<FakeStrategy, fabric::precision_tag>);
 static_assert(fabric::Policy<FakeAccelerator> && !fabric::Policy<NotAPolicy> && !fabric::Policy<int>);
 static_assert(fabric::Callback<NotAPolicy> && !fabric::Callback<int>);
+
+// Cluster environments: the built-in ones and a user's satisfy the concept; incomplete types do not.
+static_assert(fabric::ClusterEnvironment<fabric::LightningEnvironment>);
+static_assert(fabric::ClusterEnvironment<fabric::TorchElasticEnvironment>);
+static_assert(fabric::ClusterEnvironment<fabric::SLURMEnvironment>);
+static_assert(fabric::ClusterEnvironment<fabric::LSFEnvironment>);
+static_assert(fabric::ClusterEnvironment<fabric::MPIEnvironment>);
+static_assert(fabric::ClusterEnvironment<fabric::KubeflowEnvironment>);
+static_assert(fabric::ClusterEnvironment<fabric::AutoEnvironment>);
+struct MyScheduler {
+  static constexpr std::string_view name = "my_scheduler";
+  static bool detect(const fabric::EnvLookup& env) { return env("MY_RANK").has_value(); }
+  fabric::Topology topology(const fabric::EnvLookup&, int, int) const { return {}; }
+};
+struct NoTopology {
+  static constexpr std::string_view name = "no_topology";
+  static bool detect(const fabric::EnvLookup&) { return true; }
+};
+static_assert(fabric::ClusterEnvironment<MyScheduler>);
+static_assert(fabric::ClusterEnvironment<fabric::DetectEnvironment<MyScheduler, fabric::SLURMEnvironment>>);
+static_assert(!fabric::ClusterEnvironment<NoTopology> && !fabric::ClusterEnvironment<NotAPolicy>);
+static_assert(fabric::AutoEnvironment::name == "auto" && fabric::LSFEnvironment::name == "lsf");
 
 // Hooks: declared or not, invocable or not, found through inheritance, overloads and final classes.
 FABRIC_HOOK(on_custom_event);

@@ -1,8 +1,8 @@
 // fabric-run: starts the local processes of a distributed job with torchrun's environment variables, like
 // `fabric run` / `torchrun`, and stops them all when one fails. Links fmt only (no LibTorch).
 
-#include <fabric/environment.hpp>
-#include <fabric/launcher.hpp>
+#include <fabric/strategies/environments/detect.hpp>
+#include <fabric/strategies/launchers/subprocess.hpp>
 
 #include <fmt/format.h>
 

@@ -2,9 +2,10 @@
 // fabric::Auto: the accelerator policy that picks CUDA when a GPU is visible and the CPU otherwise,
 // at run time (Lightning's accelerator="auto" without TPUs and MPS).
 
+#include "fabric/accelerators/accelerator.hpp"
 #include "fabric/accelerators/cpu.hpp"
 #include "fabric/accelerators/cuda.hpp"
-#include "fabric/concepts.hpp"
+#include "fabric/core/concepts.hpp"
 
 #include <c10/core/Device.h>
 #include <c10/core/DeviceType.h>

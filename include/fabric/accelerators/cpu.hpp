@@ -1,8 +1,9 @@
 #pragma once
 // fabric::CPU: the accelerator policy for the host CPU.
 
-#include "fabric/concepts.hpp"
-#include "fabric/error.hpp"
+#include "fabric/accelerators/accelerator.hpp"
+#include "fabric/core/concepts.hpp"
+#include "fabric/core/error.hpp"
 
 #include <c10/core/Device.h>
 
@@ -33,6 +34,16 @@ struct CPU {
   static c10::Device device(int /*local_rank*/) noexcept { return c10::Device(c10::DeviceType::CPU); }
   /// Prepares the device before anything is allocated on it.
   static void setup_device(const c10::Device& /*device*/) noexcept {}
+
+  /// Checks the number of processes per node (before any process starts).
+  void check(int devices) const { check_devices(devices); }
+  /// Checks, and returns the CPU device (every local rank shares it).
+  c10::Device select_device(int local_rank, int devices) const {
+    check(devices);
+    return device(local_rank);
+  }
+  /// Releases nothing: the CPU holds no cache.
+  void teardown() noexcept {}
 };
 
 }  // namespace fabric

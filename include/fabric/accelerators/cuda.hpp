@@ -2,8 +2,10 @@
 // fabric::CUDA: the accelerator policy for NVIDIA GPUs, one device per process, and its settings
 // fabric::CUDAOptions.
 
-#include "fabric/concepts.hpp"
-#include "fabric/error.hpp"
+#include "fabric/accelerators/accelerator.hpp"
+#include "fabric/core/concepts.hpp"
+#include "fabric/core/error.hpp"
+#include "fabric/detail/torch_version.hpp"
 
 #include <ATen/Context.h>
 #include <ATen/detail/CUDAHooksInterface.h>
@@ -21,12 +23,8 @@
 
 // NOTE: LibTorch 2.9 gave every device allocator a common base with emptyCache(); before it, emptying
 // the CUDA cache needs c10_cuda, which a CPU-only LibTorch does not have, so teardown() does nothing there.
-#if (TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 9)) && \
-    __has_include(<c10/core/CachingDeviceAllocator.h>)
+#if FABRIC_TORCH_DEVICE_ALLOCATOR
 #include <c10/core/CachingDeviceAllocator.h>
-#define FABRIC_HAS_DEVICE_ALLOCATOR 1
-#else
-#define FABRIC_HAS_DEVICE_ALLOCATOR 0
 #endif
 
 namespace fabric {
@@ -161,7 +159,7 @@ struct CUDA {
   /// Releases the cached, unused GPU memory of this process (LibTorch 2.9 and later; nothing to do
   /// before, or without CUDA).
   static void teardown() {
-#if FABRIC_HAS_DEVICE_ALLOCATOR
+#if FABRIC_TORCH_DEVICE_ALLOCATOR
     if (!is_available()) return;
     if (auto* allocator = dynamic_cast<c10::DeviceAllocator*>(c10::GetAllocator(c10::DeviceType::CUDA))) {
       allocator->emptyCache();

@@ -3,7 +3,10 @@
 // stores, process groups (a Gloo group *is* a ProcessGroup in 1.13; 2.x wraps Backends in one),
 // the DDP Reducer's constructor, and the bf16 gradient-compression hook.
 
-#include "fabric/error.hpp"
+#include "fabric/core/error.hpp"
+#include "fabric/detail/torch_version.hpp"
+
+#include <fmt/format.h>
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/intrusive_ptr.h>
@@ -13,7 +16,15 @@
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 #include <torch/csrc/distributed/c10d/comm.hpp>
+// NOTE: reducer.hpp needs a distributed-autograd header that Debian's libtorch-dev omits; fabric then
+// declares the Reducer's members it calls itself.
+#if __has_include(<torch/csrc/distributed/autograd/context/context.h>)
 #include <torch/csrc/distributed/c10d/reducer.hpp>
+#define FABRIC_REDUCER_COMPAT 0
+#else
+#include "fabric/detail/reducer_compat.hpp"
+#define FABRIC_REDUCER_COMPAT 1
+#endif
 
 // NOTE: LibTorch's CMake config defines USE_C10D_GLOO even where the gloo headers are missing (the
 // PyTorch wheel), so check for the headers as well.
@@ -30,21 +41,20 @@
 #define FABRIC_HAS_NCCL 0
 #endif
 
+#include <algorithm>
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
 #include <string>
 #include <string_view>
+#include <thread>
 #include <type_traits>
 #include <unordered_map>
 #include <utility>
 #include <vector>
 
 namespace fabric::detail {
-
-#define FABRIC_TORCH_AT_LEAST(major, minor) \
-  (TORCH_VERSION_MAJOR > (major) || (TORCH_VERSION_MAJOR == (major) && TORCH_VERSION_MINOR >= (minor)))
 
 /// Where and how the processes of a job meet.
 struct Rendezvous {
@@ -57,24 +67,76 @@ struct Rendezvous {
   bool launcher_hosts_store = false;
 };
 
-/// Connects to the job's TCPStore (rank 0 serves it) and returns a store private to the default group.
+/// Names the ranks in `missing` for a message: "rank 1", "ranks 1, 3 and 5", "ranks 1, 2, 3, ... (7 in all)".
+inline std::string rank_list(const std::vector<int>& missing) {
+  std::string text = missing.size() == 1 ? "rank " : "ranks ";
+  const std::size_t shown = std::min<std::size_t>(missing.size(), 8);
+  for (std::size_t i = 0; i < shown; ++i) {
+    if (i > 0) text += i + 1 == missing.size() ? " and " : ", ";
+    text += std::to_string(missing[i]);
+  }
+  if (shown < missing.size()) text += fmt::format(", ... ({} in all)", missing.size());
+  return text;
+}
+
+/// Connects to the job's TCPStore (rank 0 serves it, unless the launcher does) and waits, within the
+/// timeout, until every rank has checked in; returns a store private to the default group. A rank
+/// that cannot reach the store, or a world in which some ranks never arrive, fails with an error that
+/// names the address and the missing ranks.
 inline c10::intrusive_ptr<c10d::Store> make_store(const Rendezvous& r) {
+  using clock = std::chrono::steady_clock;
+  const auto seconds = std::chrono::duration_cast<std::chrono::seconds>(r.timeout).count();
+  const auto deadline = clock::now() + r.timeout;
   c10d::TCPStoreOptions options;
   options.port = static_cast<std::uint16_t>(r.port);
   options.isServer = r.rank == 0 && !r.launcher_hosts_store;
-  options.numWorkers = static_cast<std::size_t>(r.world_size);
-  options.waitWorkers = true;
+  // NOTE: the store does not wait for the workers itself: fabric's own check-in below honours the
+  // timeout and can say which ranks are missing.
+  options.waitWorkers = false;
   options.timeout = r.timeout;
+  c10::intrusive_ptr<c10d::TCPStore> tcp;
   try {
-    auto tcp = c10::make_intrusive<c10d::TCPStore>(r.address, options);
-    return c10::make_intrusive<c10d::PrefixStore>("default_pg", std::move(tcp));
+    tcp = c10::make_intrusive<c10d::TCPStore>(r.address, options);
+  } catch (const std::exception& e) {
+    if (options.isServer) {
+      raise("rank 0 could not serve the rendezvous store at {}:{} ({}); check that MASTER_PORT is free on this node",
+            r.address, r.port, first_line(e.what()));
+    }
+    raise(
+        "rank {} could not reach the rendezvous store at {}:{} within {} s ({}); {} did not come up: check "
+        "MASTER_ADDR and MASTER_PORT, and that the process of rank 0 was started",
+        r.rank, r.address, r.port, seconds, first_line(e.what()),
+        r.launcher_hosts_store ? "the launcher's store" : "rank 0");
+  }
+  // NOTE: keys of an earlier attempt of the same job (torchrun restarts workers on the agent's store)
+  // must not count: they carry the attempt.
+  const char* attempt = std::getenv("TORCHELASTIC_RESTART_COUNT");
+  const std::string prefix = fmt::format("fabric/rendezvous/{}/", attempt != nullptr ? attempt : "0");
+  try {
+    tcp->set(prefix + std::to_string(r.rank), std::vector<std::uint8_t>{1});
+    const std::int64_t arrived = tcp->add(prefix + "arrived", 1);
+    for (std::int64_t count = arrived; count < r.world_size; count = tcp->add(prefix + "arrived", 0)) {
+      if (clock::now() >= deadline) {
+        std::vector<int> missing;
+        for (int rank = 0; rank < r.world_size; ++rank) {
+          if (!tcp->check({prefix + std::to_string(rank)})) missing.push_back(rank);
+        }
+        raise(
+            "rank {} waited {} s at {}:{} for the other processes of a world of {}, and {} never arrived; start "
+            "every process of the job (devices * num_nodes = WORLD_SIZE), or raise the timeout",
+            r.rank, seconds, r.address, r.port, r.world_size, rank_list(missing));
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+  } catch (const fabric::Error&) {
+    throw;
   } catch (const std::exception& e) {
     raise(
-        "rank {} could not meet the other {} process{} at {}:{} within {} s ({}); check MASTER_ADDR and "
-        "MASTER_PORT, that the port is free on the main node, and that every process was started",
-        r.rank, r.world_size - 1, r.world_size == 2 ? "" : "es", r.address, r.port,
-        std::chrono::duration_cast<std::chrono::seconds>(r.timeout).count(), first_line(e.what()));
+        "rank {} lost the rendezvous store at {}:{} while waiting for the other processes ({}); the process that "
+        "serves it (rank 0) probably ended",
+        r.rank, r.address, r.port, first_line(e.what()));
   }
+  return c10::make_intrusive<c10d::PrefixStore>("default_pg", std::move(tcp));
 }
 
 /// Returns true when this LibTorch can make a process group with the named backend.
@@ -90,17 +152,10 @@ inline bool is_loopback(const std::string& address) {
 }
 #endif
 
-/// Creates the default process group of the job with the backend ("gloo" or "nccl").
-inline c10::intrusive_ptr<c10d::ProcessGroup> make_process_group(const std::string& backend, const Rendezvous& r,
-                                                                 bool single_node) {
-  if (!has_backend(backend)) {
-    raise(
-        "the process group backend \"{}\" is not available in this LibTorch (gloo: {}, nccl: {}); use the "
-        "accelerator whose backend exists (gloo for the CPU, nccl for CUDA) or set DDP's process_group_backend",
-        backend, FABRIC_HAS_GLOO ? "yes" : "no", FABRIC_HAS_NCCL ? "yes" : "no");
-  }
-  c10d::setDebugLevelFromEnvironment();
-  auto store = make_store(r);
+/// Creates the backend's group over a store every rank has checked in to.
+inline c10::intrusive_ptr<c10d::ProcessGroup> connect_group(const std::string& backend,
+                                                            const c10::intrusive_ptr<c10d::Store>& store,
+                                                            const Rendezvous& r, bool single_node) {
   [[maybe_unused]] const bool single = single_node;
 #if FABRIC_HAS_GLOO
   if (backend == "gloo") {
@@ -113,7 +168,7 @@ inline c10::intrusive_ptr<c10d::ProcessGroup> make_process_group(const std::stri
       options->devices.push_back(c10d::ProcessGroupGloo::createDefaultDevice());
     }
     auto gloo = c10::make_intrusive<c10d::ProcessGroupGloo>(store, r.rank, r.world_size, options);
-#if TORCH_VERSION_MAJOR >= 2
+#if FABRIC_TORCH_PROCESS_GROUP_BACKENDS
     auto pg = c10::make_intrusive<c10d::ProcessGroup>(store, r.rank, r.world_size);
     pg->setBackend(c10::DeviceType::CPU, c10d::ProcessGroup::BackendType::GLOO,
                    c10::intrusive_ptr<c10d::Backend>(gloo));
@@ -129,7 +184,7 @@ inline c10::intrusive_ptr<c10d::ProcessGroup> make_process_group(const std::stri
     auto options = c10d::ProcessGroupNCCL::Options::create();
     options->timeout = r.timeout;
     auto nccl = c10::make_intrusive<c10d::ProcessGroupNCCL>(store, r.rank, r.world_size, options);
-#if TORCH_VERSION_MAJOR >= 2
+#if FABRIC_TORCH_PROCESS_GROUP_BACKENDS
     auto pg = c10::make_intrusive<c10d::ProcessGroup>(store, r.rank, r.world_size);
     pg->setBackend(c10::DeviceType::CUDA, c10d::ProcessGroup::BackendType::NCCL,
                    c10::intrusive_ptr<c10d::Backend>(nccl));
@@ -141,6 +196,31 @@ inline c10::intrusive_ptr<c10d::ProcessGroup> make_process_group(const std::stri
   }
 #endif
   raise("unknown process group backend \"{}\"; expected \"gloo\" or \"nccl\"", backend);
+}
+
+/// Creates the default process group of the job with the backend ("gloo" or "nccl"): the rendezvous,
+/// then the backend's connections, each within the timeout and failing with a fabric::Error.
+inline c10::intrusive_ptr<c10d::ProcessGroup> make_process_group(const std::string& backend, const Rendezvous& r,
+                                                                 bool single_node) {
+  if (!has_backend(backend)) {
+    raise(
+        "the process group backend \"{}\" is not available in this LibTorch (gloo: {}, nccl: {}); use the "
+        "accelerator whose backend exists (gloo for the CPU, nccl for CUDA) or set DDP's process_group_backend",
+        backend, FABRIC_HAS_GLOO ? "yes" : "no", FABRIC_HAS_NCCL ? "yes" : "no");
+  }
+  c10d::setDebugLevelFromEnvironment();
+  auto store = make_store(r);
+  try {
+    return connect_group(backend, store, r, single_node);
+  } catch (const fabric::Error&) {
+    throw;
+  } catch (const std::exception& e) {
+    raise(
+        "rank {} could not connect the {} process group of {} processes ({}); another process probably ended "
+        "during the rendezvous, or the network between the nodes is blocked (GLOO_SOCKET_IFNAME chooses the "
+        "interface)",
+        r.rank, backend, r.world_size, first_line(e.what()));
+  }
 }
 
 /// Shuts a process group down where LibTorch has that step (2.x; NCCL warns at exit without it).

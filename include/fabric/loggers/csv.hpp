@@ -1,8 +1,8 @@
 #pragma once
 // fabric::CSVLogger: Lightning's CSV layout, root_dir/name/version_N/metrics.csv. Torch-free.
 
-#include "fabric/error.hpp"
-#include "fabric/logger.hpp"
+#include "fabric/core/error.hpp"
+#include "fabric/loggers/logger.hpp"
 
 #include <fmt/format.h>
 

@@ -24,7 +24,9 @@
 #include <torch/optim/sgd.h>
 #include <torch/version.h>
 
-#if TORCH_VERSION_MAJOR >= 2 && __has_include(<ATen/ops/_fused_adam.h>) && __has_include(<ATen/ops/_fused_adamw.h>)
+#include "fabric/detail/torch_version.hpp"
+
+#if FABRIC_TORCH_FUSED_ADAM
 #include <ATen/ops/_fused_adam.h>
 #include <ATen/ops/_fused_adamw.h>
 #define FABRIC_HAS_FUSED_ADAM 1
@@ -96,7 +98,7 @@ inline bool fused_adam_supported(const c10::Device& device, c10::ScalarType dtyp
   // step once per operation, which differs visibly in half precision.
   if (dtype != c10::ScalarType::Float && dtype != c10::ScalarType::Double) return false;
   if (device.is_cuda()) return true;
-  return device.is_cpu() && (TORCH_VERSION_MAJOR > 2 || TORCH_VERSION_MINOR >= 4);
+  return device.is_cpu() && FABRIC_TORCH_FUSED_ADAM_CPU;
 #else
   (void)device;
   (void)dtype;

@@ -7,14 +7,15 @@
 #include <c10/core/DeviceType.h>
 #include <c10/core/ScalarType.h>
 #include <c10/util/typeid.h>
-#include <torch/version.h>
+
+#include "fabric/detail/torch_version.hpp"
 
 namespace fabric {
 namespace detail {
 
 // NOTE: LibTorch 2.4 added device-generic autocast functions and deprecated the per-device ones;
 // 1.13 only has the per-device spellings (CPU and CUDA are the ones fabric runs on).
-#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 4)
+#if FABRIC_TORCH_GENERIC_AUTOCAST
 inline bool autocast_enabled(c10::DeviceType d) { return at::autocast::is_autocast_enabled(d); }
 inline void set_autocast_enabled(c10::DeviceType d, bool on) { at::autocast::set_autocast_enabled(d, on); }
 inline c10::ScalarType autocast_dtype(c10::DeviceType d) { return at::autocast::get_autocast_dtype(d); }
@@ -38,7 +39,7 @@ inline void set_autocast_dtype(c10::DeviceType d, c10::ScalarType t) {
 constexpr bool can_autocast(c10::DeviceType device, c10::ScalarType dtype) noexcept {
   if (device == c10::DeviceType::CUDA) return dtype == c10::ScalarType::BFloat16 || dtype == c10::ScalarType::Half;
   if (device == c10::DeviceType::CPU) {
-    return dtype == c10::ScalarType::BFloat16 || (TORCH_VERSION_MAJOR >= 2 && dtype == c10::ScalarType::Half);
+    return dtype == c10::ScalarType::BFloat16 || (torch_cpu_autocast_half && dtype == c10::ScalarType::Half);
   }
   return false;
 }

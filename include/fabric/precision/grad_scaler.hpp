@@ -1,7 +1,8 @@
 #pragma once
 // fabric::GradScaler: PyTorch's gradient scaler for float16 mixed precision, in C++ (LibTorch has none).
 
-#include "fabric/error.hpp"
+#include "fabric/core/error.hpp"
+#include "fabric/detail/torch_version.hpp"
 #include "fabric/optim/foreach_step.hpp"
 
 #include <ATen/core/Dict.h>
@@ -13,7 +14,6 @@
 #include <ATen/ops/zeros.h>
 #include <c10/core/Device.h>
 #include <torch/optim/optimizer.h>
-#include <torch/version.h>
 
 #include <cstdint>
 #include <map>
@@ -190,7 +190,7 @@ class GradScaler {
 
   bool kernels_available() const {
     // NOTE: LibTorch 1.13 has the _amp_* kernels for CUDA only; 2.x for the CPU too.
-    return scale_.is_cuda() || TORCH_VERSION_MAJOR >= 2;
+    return scale_.is_cuda() || detail::torch_cpu_amp_kernels;
   }
 
   Options options_;

@@ -1,42 +1,36 @@
 #pragma once
 // fabric::DDP: distributed data parallel over c10d (Gloo on the CPU, NCCL on CUDA), Lightning's "ddp".
 
-#include "fabric/concepts.hpp"
+#include "fabric/core/concepts.hpp"
+#include "fabric/core/error.hpp"
+#include "fabric/core/options.hpp"
 #include "fabric/detail/c10d.hpp"
-#include "fabric/device.hpp"
-#include "fabric/environment.hpp"
-#include "fabric/error.hpp"
-#include "fabric/launcher.hpp"
-#include "fabric/options.hpp"
+#include "fabric/detail/torch_version.hpp"
+#include "fabric/strategies/parallel.hpp"
+#include "fabric/utils/apply.hpp"
 
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/from_blob.h>
-#include <ATen/ops/scalar_tensor.h>
-#include <ATen/ops/stack.h>
 #include <c10/core/Device.h>
 #include <c10/core/GradMode.h>
 #include <torch/csrc/autograd/engine.h>
-#include <torch/csrc/jit/serialization/pickle.h>
 #include <torch/nn/module.h>
 
+#include <fmt/format.h>
+
+#include <algorithm>
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
-#include <exception>
 #include <memory>
-#include <optional>
 #include <sstream>
 #include <string>
 #include <string_view>
-#include <type_traits>
 #include <unordered_map>
 #include <unordered_set>
 #include <utility>
 #include <vector>
 
 namespace fabric {
-
 namespace detail {
 
 /// What DDP keeps per set-up module: the Reducer and the flags Python's DistributedDataParallel keeps.
@@ -52,38 +46,6 @@ struct DDPModule {
   bool broadcast_buffers = true;
 };
 
-/// The bytes that pickle a value for broadcast (tensors travel on the CPU).
-template <class T>
-std::vector<char> pickle_value(const T& value) {
-  if constexpr (std::is_same_v<T, at::Tensor>) {
-    return torch::jit::pickle_save(c10::IValue(value.detach().cpu()));
-  } else if constexpr (std::is_same_v<T, bool>) {
-    return torch::jit::pickle_save(c10::IValue(value));
-  } else if constexpr (std::is_integral_v<T>) {
-    return torch::jit::pickle_save(c10::IValue(static_cast<std::int64_t>(value)));
-  } else if constexpr (std::is_floating_point_v<T>) {
-    return torch::jit::pickle_save(c10::IValue(static_cast<double>(value)));
-  } else {
-    return torch::jit::pickle_save(c10::IValue(value));
-  }
-}
-
-template <class T>
-T unpickle_value(const std::vector<char>& bytes, const c10::Device& device) {
-  c10::IValue v = torch::jit::pickle_load(bytes);
-  if constexpr (std::is_same_v<T, at::Tensor>) {
-    return v.toTensor().to(device);
-  } else if constexpr (std::is_same_v<T, bool>) {
-    return v.toBool();
-  } else if constexpr (std::is_integral_v<T>) {
-    return static_cast<T>(v.toInt());
-  } else if constexpr (std::is_floating_point_v<T>) {
-    return static_cast<T>(v.toDouble());
-  } else {
-    return std::move(v).to<T>();
-  }
-}
-
 }  // namespace detail
 
 /// Trains one replica of the model per process and averages the gradients across processes in
@@ -94,11 +56,9 @@ T unpickle_value(const std::vector<char>& bytes, const c10::Device& device) {
 ///     fabric::Fabric<fabric::CPU, fabric::DDP> fabric{{.devices = 4}};
 ///     fabric.launch();
 ///     auto [model, optimizer] = fabric.setup(net, adamw);
-class DDP {
+class DDP : public ParallelStrategy {
  public:
-  using category = strategy_tag;
   static constexpr std::string_view name = "ddp";
-  static constexpr bool is_distributed = true;
 
   /// How gradient buckets travel: as they are, or compressed to 16 bits (and back) for the all-reduce.
   enum class CommHook { none, fp16, bf16 };
@@ -121,27 +81,26 @@ class DDP {
     std::chrono::milliseconds timeout = std::chrono::minutes(30);
     /// Compression of gradient buckets.
     CommHook comm_hook = CommHook::none;
+    /// Where the processes come from; default: detected in Lightning's order (fabric::AutoEnvironment).
+    AnyEnvironment cluster_environment{};
+    /// The checkpoint format of save and load; empty: fabric::NativeCheckpointIO.
+    AnyCheckpointIO checkpoint_io{};
   };
   /// What the strategy keeps per set-up module.
   struct ModuleState {
     std::shared_ptr<detail::DDPModule> ddp{};
   };
 
-  DDP() = default;
-  explicit DDP(Options options) : options_(std::move(options)) {}
-  DDP(DDP&&) noexcept = default;
-  DDP& operator=(DDP&&) noexcept = default;
-  DDP(const DDP&) = delete;
-  DDP& operator=(const DDP&) = delete;
-  ~DDP() {
-    if (pg_) detail::shutdown_process_group(pg_);
-  }
+  DDP() : DDP(Options{}) {}
+  /// Creates the strategy with settings, e.g. `DDP({.static_graph = true})`.
+  explicit DDP(Options options)
+      : ParallelStrategy({.process_group_backend = options.process_group_backend,
+                          .timeout = options.timeout,
+                          .cluster_environment = options.cluster_environment,
+                          .checkpoint_io = options.checkpoint_io}),
+        options_(std::move(options)) {}
 
-  /// Checks the combination with an accelerator and a precision at compile time (all combine).
-  template <Accelerator A, Precision P>
-  static constexpr void check() noexcept {}
-
-  /// Reads the cluster environment (launcher variables, or Lightning's defaults) for the topology.
+  /// Checks the settings, then reads the cluster environment for the topology.
   void setup_environment(const fabric::Options& options) {
     if (options_.bucket_cap_mb <= 0) {
       detail::raise("DDP: expected bucket_cap_mb > 0, found {}; the default is 25", options_.bucket_cap_mb);
@@ -149,49 +108,10 @@ class DDP {
     if (options_.timeout.count() <= 0) {
       detail::raise("DDP: expected a positive timeout, found {} ms", options_.timeout.count());
     }
-    devices_ = options.devices;
-    num_nodes_ = options.num_nodes;
-    env_ = detail::detect_environment(devices_, num_nodes_);
+    ParallelStrategy::setup_environment(options);
   }
-
-  int global_rank() const noexcept { return env_.global_rank; }
-  int local_rank() const noexcept { return env_.local_rank; }
-  int node_rank() const noexcept { return env_.node_rank; }
-  int world_size() const noexcept { return env_.world_size; }
-  /// Returns the cluster environment this process runs in.
-  const ClusterEnvironment& environment() const noexcept { return env_; }
   /// Returns the settings.
   const Options& options() const noexcept { return options_; }
-  /// Returns the process group (null before launch).
-  const c10::intrusive_ptr<c10d::ProcessGroup>& process_group() const noexcept { return pg_; }
-  /// Says whether launch() has created the process group.
-  bool launched() const noexcept { return static_cast<bool>(pg_); }
-
-  /// Starts the other local processes (unless a launcher already did) and joins the process group.
-  void launch(const c10::Device& device) {
-    if (pg_) detail::raise("launch() was called twice; call it once, before setup()");
-    device_ = device;
-    if (!env_.creates_processes_externally) {
-      launcher_ = std::make_unique<detail::SubprocessLauncher>();
-      launcher_->launch(env_, devices_, num_nodes_);
-    }
-    backend_ =
-        options_.process_group_backend.empty() ? (device.is_cuda() ? "nccl" : "gloo") : options_.process_group_backend;
-    pg_ = detail::make_process_group(backend_,
-                                     {.address = env_.main_address,
-                                      .port = env_.main_port,
-                                      .rank = env_.global_rank,
-                                      .world_size = env_.world_size,
-                                      .timeout = options_.timeout,
-                                      .launcher_hosts_store = env_.store_hosted_by_launcher},
-                                     num_nodes_ == 1);
-  }
-
-  /// Waits for all processes.
-  void barrier() {
-    auto& pg = group("barrier");
-    wait(pg->barrier(), "barrier");
-  }
 
   /// Verifies the module is the same on every rank, broadcasts rank 0's parameters and buffers, and
   /// creates the Reducer that averages the gradients during backward.
@@ -248,7 +168,7 @@ class DDP {
         state->reducer->register_builtin_comm_hook(c10d::BuiltinCommHookType::FP16_COMPRESS);
         break;
       case CommHook::bf16:
-        if (backend_ == "gloo" && TORCH_VERSION_MAJOR < 2) {
+        if (backend() == "gloo" && !detail::torch_gloo_bfloat16) {
           detail::raise(
               "DDP: bf16 gradient compression needs a backend that all-reduces bfloat16, found gloo of LibTorch {}.{} "
               "(it has none); use comm_hook = fp16, or NCCL, or LibTorch 2",
@@ -340,122 +260,9 @@ class DDP {
   /// passes made while it lives.
   NoSyncGuard no_backward_sync(ModuleState& state, bool enabled) { return NoSyncGuard(*state.ddp, enabled); }
 
-  /// Reduces a tensor across processes in place (mean: sum, then divide; an integer tensor's mean is
-  /// returned as a new floating tensor).
-  at::Tensor all_reduce(at::Tensor tensor, ReduceOp op) {
-    auto& pg = group("all_reduce");
-    if (!tensor.is_contiguous()) {
-      detail::raise("all_reduce: expected a contiguous tensor, found one with strides {}; call .contiguous() first",
-                    detail::shape_str(tensor.strides()));
-    }
-    c10d::AllreduceOptions opts;
-    opts.reduceOp = op == ReduceOp::min   ? c10d::ReduceOp::MIN
-                    : op == ReduceOp::max ? c10d::ReduceOp::MAX
-                                          : c10d::ReduceOp::SUM;
-    opts.timeout = options_.timeout;
-    std::vector<at::Tensor> tensors{tensor};
-    wait(pg->allreduce(tensors, opts), "all_reduce");
-    if (op != ReduceOp::mean) return tensor;
-    if (at::isFloatingType(tensor.scalar_type()) || at::isComplexType(tensor.scalar_type())) {
-      return tensor.div_(world_size());
-    }
-    return tensor.div(world_size());
-  }
-  /// Gathers a tensor from all processes into a new tensor with a leading world-size dimension.
-  at::Tensor all_gather(const at::Tensor& tensor) {
-    auto& pg = group("all_gather");
-    at::Tensor input = tensor.contiguous();
-    std::vector<std::vector<at::Tensor>> outputs(1);
-    for (int r = 0; r < world_size(); ++r) outputs[0].push_back(at::empty_like(input));
-    std::vector<at::Tensor> inputs{input};
-    c10d::AllgatherOptions opts;
-    opts.timeout = options_.timeout;
-    check_same_shape(input, "all_gather");
-    wait(pg->allgather(outputs, inputs, opts), "all_gather");
-    return at::stack(outputs[0]);
-  }
-  /// Returns rank src's value on every process: tensors, numbers, strings and what c10::IValue holds
-  /// (vectors, dictionaries, tuples).
-  template <class T>
-  T broadcast(T value, int src) {
-    std::vector<char> bytes;
-    if (global_rank() == src) bytes = detail::pickle_value(value);
-    broadcast_bytes(bytes, src, "broadcast");
-    if (global_rank() == src) return value;
-    return detail::unpickle_value<T>(bytes, device_);
-  }
-  /// Combines a boolean decision across processes: all of them (all = true) or any of them.
-  bool reduce_boolean_decision(bool decision, bool all) {
-    at::Tensor t = at::scalar_tensor(decision ? 1 : 0, at::TensorOptions().dtype(at::kInt).device(device_));
-    t = all_reduce(t, ReduceOp::sum);
-    const int votes = t.item<int>();
-    return all ? votes == world_size() : votes > 0;
-  }
-  /// Says whether setup_dataloaders shards data across ranks.
-  bool shards_data() const noexcept { return true; }
-
  private:
   static constexpr std::size_t kBroadcastBucketBytes = 250u * 1024u * 1024u;
 
-  const c10::intrusive_ptr<c10d::ProcessGroup>& group(std::string_view what) const {
-    if (!pg_) {
-      detail::raise(
-          "{}: the DDP processes are not connected yet; call fabric.launch() first (once, before setup, "
-          "collectives and save)",
-          what);
-    }
-    return pg_;
-  }
-  /// Runs a collective, turning c10d's failures into errors that say which rank and what to check.
-  template <class Fn>
-  void collective(std::string_view what, Fn&& fn) const {
-    try {
-      std::forward<Fn>(fn)();
-    } catch (const fabric::Error&) {
-      throw;
-    } catch (const std::exception& e) {
-      detail::raise(
-          "{} failed on rank {} of {} ({}); another process probably failed, was killed or did not reach the same "
-          "collective within the timeout of {} s: check the other processes' output",
-          what, global_rank(), world_size(), detail::first_line(e.what()),
-          std::chrono::duration_cast<std::chrono::seconds>(options_.timeout).count());
-    }
-  }
-  void wait(const c10::intrusive_ptr<c10d::Work>& work, std::string_view what) const {
-    collective(what, [&] { work->wait(options_.timeout); });
-  }
-  void broadcast_bytes(std::vector<char>& bytes, int src, std::string_view what) {
-    auto& pg = group(what);
-    const auto on_device = at::TensorOptions().device(device_);
-    at::Tensor size =
-        at::scalar_tensor(static_cast<std::int64_t>(bytes.size()), on_device.dtype(at::kLong)).reshape({1});
-    c10d::BroadcastOptions opts;
-    opts.rootRank = src;
-    opts.timeout = options_.timeout;
-    std::vector<at::Tensor> sizes{size};
-    wait(pg->broadcast(sizes, opts), what);
-    const auto n = size.item<std::int64_t>();
-    at::Tensor data = global_rank() == src
-                          ? at::from_blob(bytes.data(), {n}, at::TensorOptions().dtype(at::kByte)).to(device_)
-                          : at::empty({n}, on_device.dtype(at::kByte));
-    std::vector<at::Tensor> datas{data};
-    wait(pg->broadcast(datas, opts), what);
-    if (global_rank() != src) {
-      at::Tensor host = data.cpu();
-      bytes.assign(static_cast<const char*>(host.data_ptr()), static_cast<const char*>(host.data_ptr()) + n);
-    }
-  }
-  void check_same_shape(const at::Tensor& t, std::string_view what) {
-    std::string text = detail::shape_str(t.sizes()) + " " + std::string(c10::toString(t.scalar_type()));
-    std::vector<char> bytes(text.begin(), text.end());
-    broadcast_bytes(bytes, 0, what);
-    const bool same = std::string(bytes.begin(), bytes.end()) == text;
-    if (!reduce_boolean_decision(same, true)) {
-      detail::raise("{}: expected the same shape and dtype on every rank, found {} on rank {} and {} on rank 0{}", what,
-                    text, global_rank(), std::string(bytes.begin(), bytes.end()),
-                    same ? " (this rank matches; another one does not)" : "");
-    }
-  }
   /// Fails on every rank, naming the first difference, when the module differs from rank 0's.
   void verify_same_model(const std::string& description) {
     std::vector<char> bytes(description.begin(), description.end());
@@ -488,14 +295,6 @@ class DDP {
   }
 
   Options options_{};
-  ClusterEnvironment env_{};
-  int devices_ = 1;
-  int num_nodes_ = 1;
-  c10::Device device_{c10::DeviceType::CPU};
-  std::string backend_{};
-  // NOTE: declared before pg_ so that the process group closes before the launcher waits for its children.
-  std::unique_ptr<detail::SubprocessLauncher> launcher_{};
-  c10::intrusive_ptr<c10d::ProcessGroup> pg_{};
 };
 
 }  // namespace fabric

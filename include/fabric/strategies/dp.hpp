@@ -1,10 +1,11 @@
 #pragma once
 // fabric::DP: one process driving several GPUs with LibTorch's data_parallel, Lightning's "dp".
 
-#include "fabric/concepts.hpp"
-#include "fabric/detail/guard.hpp"
-#include "fabric/error.hpp"
-#include "fabric/options.hpp"
+#include "fabric/core/concepts.hpp"
+#include "fabric/core/error.hpp"
+#include "fabric/core/guard.hpp"
+#include "fabric/core/options.hpp"
+#include "fabric/strategies/strategy.hpp"
 
 #include <ATen/core/Tensor.h>
 #include <c10/core/Device.h>
@@ -35,24 +36,22 @@ struct CPU;
 /// nothing, as in Lightning. Prefer DDP: it is faster and also runs on the CPU.
 ///
 ///     fabric::Fabric<fabric::CUDA, fabric::DP> fabric{{.devices = 4}};
-class DP {
+class DP : public StrategyBase {
  public:
-  using category = strategy_tag;
   static constexpr std::string_view name = "dp";
-  static constexpr bool is_distributed = false;
 
-  /// Settings of the strategy (none).
-  struct Options {};
+  /// Settings of the strategy (the checkpoint format).
+  using Options = StrategyOptions;
   /// What the strategy keeps per set-up module: the GPUs it runs on.
   struct ModuleState {
     std::vector<c10::Device> devices{};
   };
 
   DP() = default;
-  explicit DP(Options /*options*/) noexcept {}
+  explicit DP(Options options) : StrategyBase(std::move(options)) {}
 
   /// Rejects the CPU accelerator at compile time (data_parallel replicates onto GPUs).
-  template <Accelerator A, Precision P>
+  template <class A, class P>
   static constexpr void check() noexcept {
     static_assert(!std::is_same_v<A, CPU>,
                   "fabric: DP runs one process on several GPUs; use fabric::CUDA or fabric::Auto with DP, or "
@@ -75,26 +74,18 @@ class DP {
           "processes, or SingleDevice",
           device.str());
     }
-    first_ = device;
+    device_ = device;
   }
-
-  int global_rank() const noexcept { return 0; }
-  int local_rank() const noexcept { return 0; }
-  int node_rank() const noexcept { return 0; }
-  int world_size() const noexcept { return 1; }
-
-  /// Waits for all processes (there is only this one).
-  void barrier() const noexcept {}
 
   /// Records the GPUs the module will be replicated on (the chosen one and the next devices - 1).
   template <class M>
-  ModuleState setup_module(M& /*module*/) const {
+  ModuleState setup_module(M& /*module*/) {
     static_assert(std::is_base_of_v<torch::nn::Cloneable<M>, M>,
                   "fabric: DP replicates the module on every GPU with clone(); derive the module from "
                   "torch::nn::Cloneable<M> (and implement reset()), or use fabric::DDP");
     ModuleState state;
     for (int i = 0; i < devices_; ++i) {
-      state.devices.emplace_back(c10::DeviceType::CUDA, static_cast<c10::DeviceIndex>(first_.index() + i));
+      state.devices.emplace_back(c10::DeviceType::CUDA, static_cast<c10::DeviceIndex>(device_.index() + i));
     }
     return state;
   }
@@ -110,13 +101,8 @@ class DP {
     detail::raise("DP needs LibTorch's data_parallel, which needs CUDA's headers; build with a CUDA LibTorch");
 #endif
   }
-  /// Runs before each wrapped forward (nothing to do).
-  void pre_forward(ModuleState& /*state*/) const noexcept {}
-  /// Runs after each wrapped forward (nothing to do).
-  template <class Out>
-  void post_forward(ModuleState& /*state*/, const Out& /*output*/) const noexcept {}
   /// Warns once that there is no gradient synchronisation to skip, and returns a guard that does nothing.
-  NullGuard no_backward_sync(ModuleState& /*state*/, bool enabled) const {
+  NullGuard no_backward_sync(ModuleState& /*state*/, bool enabled) {
     if (enabled) {
       TORCH_WARN_ONCE(
           "fabric: no_backward_sync does nothing with DP (one process, nothing to synchronise); gradients "
@@ -139,21 +125,9 @@ class DP {
     }
     return tensor.is_floating_point() ? tensor.mean() : tensor.to(at::kFloat).mean();
   }
-  /// Gathers a tensor from all processes (identity: one process).
-  const at::Tensor& all_gather(const at::Tensor& tensor) const noexcept { return tensor; }
-  /// Broadcasts a value (identity: one process).
-  template <class T>
-  T broadcast(T value, int /*src*/) const {
-    return value;
-  }
-  /// Combines a boolean decision across processes (identity).
-  bool reduce_boolean_decision(bool decision, bool /*all*/) const noexcept { return decision; }
-  /// Says whether setup_dataloaders shards data across ranks (never: one process).
-  bool shards_data() const noexcept { return false; }
 
  private:
   int devices_ = 1;
-  c10::Device first_{c10::DeviceType::CUDA, 0};
 };
 
 }  // namespace fabric

@@ -1,0 +1,503 @@
+#pragma once
+// fabric::Fabric: the class a training loop talks to. It holds the policies, checks what it is given and
+// hands every step to the strategy, which hands precision work to the precision and file work to its
+// CheckpointIO.
+
+#include "fabric/accelerators/accelerator.hpp"
+#include "fabric/accelerators/auto.hpp"
+#include "fabric/core/concepts.hpp"
+#include "fabric/core/config.hpp"
+#include "fabric/core/error.hpp"
+#include "fabric/core/hooks.hpp"
+#include "fabric/core/options.hpp"
+#include "fabric/core/type_list.hpp"
+#include "fabric/detail/setup.hpp"
+#include "fabric/io/state.hpp"
+#include "fabric/loggers/logger.hpp"
+#include "fabric/precision/autocast.hpp"
+#include "fabric/precision/fp32.hpp"
+#include "fabric/precision/precision.hpp"
+#include "fabric/strategies/single_device.hpp"
+#include "fabric/strategies/strategy.hpp"
+#include "fabric/utils/apply.hpp"
+#include "fabric/utils/seed.hpp"
+#include "fabric/wrappers/data_loader.hpp"
+#include "fabric/wrappers/module.hpp"
+#include "fabric/wrappers/optimizer.hpp"
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/scalar_tensor.h>
+#include <c10/core/Device.h>
+#include <fmt/format.h>
+
+#include <cstdint>
+#include <filesystem>
+#include <memory>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <tuple>
+#include <type_traits>
+#include <unordered_set>
+#include <utility>
+#include <vector>
+
+namespace fabric {
+namespace detail {
+
+/// Checks Fabric's parameters slot by slot: one message for a policy in the wrong slot or lacking a
+/// member, then the combination checks of the strategy and the precision.
+template <class A, class S, class P, class... Cbs>
+consteval bool check_policies() {
+  if constexpr (!PolicyOf<A, accelerator_tag>) {
+    static_assert(dependent_false_v<A>,
+                  "fabric: the first argument of Fabric must be an accelerator policy; write "
+                  "Fabric<Accelerator, Strategy, Precision, Callbacks...>, e.g. Fabric<fabric::CPU, "
+                  "fabric::SingleDevice, fabric::FP32>");
+  } else if constexpr (!PolicyOf<S, strategy_tag>) {
+    static_assert(dependent_false_v<S>,
+                  "fabric: the second argument of Fabric must be a strategy policy; write "
+                  "Fabric<Accelerator, Strategy, Precision, Callbacks...>, e.g. Fabric<fabric::CPU, "
+                  "fabric::SingleDevice, fabric::FP32>");
+  } else if constexpr (!PolicyOf<P, precision_tag>) {
+    static_assert(dependent_false_v<P>,
+                  "fabric: the third argument of Fabric must be a precision policy; write "
+                  "Fabric<Accelerator, Strategy, Precision, Callbacks...>, e.g. Fabric<fabric::CPU, "
+                  "fabric::SingleDevice, fabric::FP32>");
+  } else if constexpr (!is_unique_v<TypeList<Cbs...>>) {
+    static_assert(dependent_false_v<A>,
+                  "fabric: a callback type appears twice in Fabric's callback list; list each callback type once");
+  } else if constexpr (check_accelerator<A>() && check_strategy<S>() && check_precision<P>()) {
+    S::template check<A, P>();
+    P::template check<A>();
+  }
+  // NOTE: every failed check above has fired its own static_assert; returning true keeps it the only error.
+  return true;
+}
+
+}  // namespace detail
+
+/// The training engine: `Fabric<Accelerator, Strategy, Precision, Callbacks...>`.
+///
+/// Each policy is a type checked by a concept; a policy that lacks a member, or a wrong combination,
+/// fails to compile with one message that says how to fix it. Runtime settings come in an aggregate
+/// (fabric::Options). Every step goes to the strategy.
+///
+///     fabric::Fabric<fabric::CPU, fabric::SingleDevice, fabric::FP32> fabric;
+///     auto [model, optimizer] = fabric.setup(net, adamw);
+///     for (auto& batch : fabric.setup_dataloaders(loader)) {
+///       auto loss = torch::nn::functional::cross_entropy(model(batch.data), batch.target);
+///       fabric.backward(loss);
+///       optimizer.step();
+///       optimizer.zero_grad();
+///     }
+///     fabric.save("ckpt/last.ckpt", {{"model", model}, {"optimizer", optimizer}, {"epoch", epoch}});
+template <Policy A = Auto, Policy S = SingleDevice, Policy P = FP32, Callback... Cbs>
+class Fabric {
+  static_assert(detail::check_policies<A, S, P, Cbs...>());
+
+ public:
+  using accelerator_type = A;
+  using strategy_type = S;
+  using precision_type = P;
+  using callbacks_type = TypeList<Cbs...>;
+
+  /// Creates a fabric from runtime options and callback objects.
+  explicit Fabric(Options options = {}, Cbs... callbacks)
+      : Fabric(std::move(options), A{}, S{}, P{}, std::move(callbacks)...) {}
+  /// Creates a fabric from runtime options, configured strategy and precision objects, and callbacks.
+  Fabric(Options options, S strategy, P precision, Cbs... callbacks)
+      : Fabric(std::move(options), A{}, std::move(strategy), std::move(precision), std::move(callbacks)...) {}
+  /// Creates a fabric from runtime options, configured accelerator, strategy and precision objects,
+  /// and callbacks: the accelerator checks the devices, the strategy reads the topology, the
+  /// accelerator picks this process's device, and strategy and precision bind to it.
+  ///
+  ///     fabric::Fabric<fabric::CUDA, fabric::SingleDevice, fabric::BF16> fabric(
+  ///         {}, fabric::CUDA{{.float32_matmul_precision = "high"}}, {}, {});
+  Fabric(Options options, A accelerator, S strategy, P precision, Cbs... callbacks)
+      : options_(std::move(options)),
+        accelerator_(std::move(accelerator)),
+        strategy_(std::move(strategy)),
+        precision_(std::move(precision)),
+        callbacks_(std::move(callbacks)...) {
+    if (options_.num_nodes < 1) {
+      detail::raise("expected num_nodes >= 1, found {}; pass the number of machines", options_.num_nodes);
+    }
+    accelerator_.check(options_.devices);
+    strategy_.setup_environment(options_);
+    device_ = accelerator_.select_device(strategy_.local_rank(), options_.devices);
+    strategy_.setup_device(device_);
+    precision_.setup_device(device_);
+  }
+  Fabric(const Fabric&) = delete;
+  Fabric& operator=(const Fabric&) = delete;
+  Fabric(Fabric&&) = delete;
+  Fabric& operator=(Fabric&&) = delete;
+  /// Tears the strategy down (closing process groups, ending started processes), then the accelerator.
+  ~Fabric() {
+    strategy_.teardown();
+    accelerator_.teardown();
+  }
+
+  // ---- launch and topology ---------------------------------------------------------------------
+
+  /// Starts the processes of the strategy (nothing to start for one device).
+  ///
+  /// With DDP the original process becomes local rank 0 and re-executes the program for the other
+  /// local ranks (unless fabric-run, torchrun, mpirun or SLURM started them), then every process
+  /// joins the process group. Call it once, before setup.
+  void launch() {
+    strategy_.launch(device_);
+    launched_ = true;
+  }
+  /// Starts the processes and runs fn(fabric) in each, returning its result.
+  template <std::invocable<Fabric&> Fn>
+  decltype(auto) launch(Fn&& fn) {
+    launch();
+    return std::forward<Fn>(fn)(*this);
+  }
+
+  /// Returns the device of this process.
+  const c10::Device& device() const noexcept { return device_; }
+  /// Returns the rank of this process among all processes.
+  int global_rank() const noexcept { return strategy_.global_rank(); }
+  /// Returns the rank of this process on its machine.
+  int local_rank() const noexcept { return strategy_.local_rank(); }
+  /// Returns the index of this machine.
+  int node_rank() const noexcept { return strategy_.node_rank(); }
+  /// Returns the number of processes.
+  int world_size() const noexcept { return strategy_.world_size(); }
+  /// Returns true on global rank zero.
+  bool is_global_zero() const noexcept { return global_rank() == 0; }
+  /// Returns the runtime options.
+  const Options& options() const noexcept { return options_; }
+  /// Returns the accelerator object.
+  A& accelerator() noexcept { return accelerator_; }
+  /// Returns the strategy object.
+  S& strategy() noexcept { return strategy_; }
+  /// Returns the precision object.
+  P& precision() noexcept { return precision_; }
+
+  // ---- setup -----------------------------------------------------------------------------------
+
+  /// Sets up a module and its optimizers: converts the module to the precision, moves it to the
+  /// device (optimizers keep their references), lets the strategy prepare both, and returns the
+  /// wrapped module, or a tuple of the module and one wrapper per optimizer.
+  template <class M, class... Os>
+  auto setup(M&& module, Os&&... optimizers) {
+    return setup(SetupOptions{}, std::forward<M>(module), std::forward<Os>(optimizers)...);
+  }
+  /// setup with options, e.g. `setup({.move_to_device = false}, model, optimizer)`.
+  template <class M, class... Os>
+  auto setup(SetupOptions options, M&& module, Os&&... optimizers) {
+    check_launched("setup");
+    detail::check_module_arg<M>();
+    (detail::check_optimizer_arg<Os>(), ...);
+    const torch::nn::Module& raw = detail::module_ref(module);
+    check_not_set_up(&raw, "module");
+    (check_not_set_up(&detail::optimizer_ref(optimizers), "optimizer"), ...);
+    (detail::check_belongs(raw, detail::optimizer_ref(optimizers)), ...);
+    auto wrapped = setup_module_impl(options, std::forward<M>(module));
+    if constexpr (sizeof...(Os) == 0) {
+      call(hooks::on_after_setup, *this, wrapped);
+      return wrapped;
+    } else {
+      auto result = std::tuple{std::move(wrapped), setup_optimizer_impl(std::forward<Os>(optimizers))...};
+      call(hooks::on_after_setup, *this, std::get<0>(result));
+      return result;
+    }
+  }
+  /// Sets up a module alone (as setup without optimizers, without the on_after_setup hook).
+  template <class M>
+  auto setup_module(M&& module, SetupOptions options = {}) {
+    check_launched("setup_module");
+    detail::check_module_arg<M>();
+    check_not_set_up(&detail::module_ref(module), "module");
+    return setup_module_impl(options, std::forward<M>(module));
+  }
+  /// Sets up optimizers alone; returns one wrapper, or a tuple of them.
+  template <class... Os>
+  requires(sizeof...(Os) > 0) auto setup_optimizers(Os&&... optimizers) {
+    check_launched("setup_optimizers");
+    (detail::check_optimizer_arg<Os>(), ...);
+    (check_not_set_up(&detail::optimizer_ref(optimizers), "optimizer"), ...);
+    return one_or_tuple(setup_optimizer_impl(std::forward<Os>(optimizers))...);
+  }
+
+  /// Wraps LibTorch data loaders (std::unique_ptr from make_data_loader, a shared_ptr, or a loader
+  /// object that outlives the wrapper) so that iterating yields batches on the device; returns one
+  /// wrapper or a tuple of them.
+  template <class... Ls>
+  requires(sizeof...(Ls) > 0) auto setup_dataloaders(Ls&&... loaders) {
+    return setup_dataloaders(DataOptions{}, std::forward<Ls>(loaders)...);
+  }
+  /// setup_dataloaders with options, e.g. `setup_dataloaders({.move_to_device = false}, loader)`.
+  template <class... Ls>
+  requires(sizeof...(Ls) > 0) auto setup_dataloaders(DataOptions options, Ls&&... loaders) {
+    check_launched("setup_dataloaders");
+    (detail::check_loader_arg<Ls>(), ...);
+    return one_or_tuple(DataLoader<typename detail::pointee<std::remove_cvref_t<Ls>>::type>(
+        detail::share<typename detail::pointee<std::remove_cvref_t<Ls>>::type>(std::forward<Ls>(loaders)), device_,
+        options.move_to_device)...);
+  }
+  /// Builds a set-up loader from a map-style dataset: batches of `options.batch_size`, shuffled per
+  /// epoch from the global seed when `options.shuffle`, sharded across ranks by distributed strategies.
+  ///
+  ///     auto train = fabric.dataloader(dataset.map(torch::data::transforms::Stack<>()), {.batch_size = 64});
+  template <class D>
+  auto dataloader(D dataset, LoaderOptions options, DataOptions data_options = {}) {
+    check_launched("dataloader");
+    const bool shard = data_options.use_distributed_sampler && strategy_.shards_data();
+    return setup_dataloaders(data_options, detail::make_loader(std::move(dataset), options,
+                                                               shard ? static_cast<std::size_t>(world_size()) : 1,
+                                                               shard ? static_cast<std::size_t>(global_rank()) : 0,
+                                                               global_seed(), options.pin_memory && device_.is_cuda()));
+  }
+
+  // ---- the step --------------------------------------------------------------------------------
+
+  /// Runs backward on the loss through the strategy and the precision (loss scaling); extra
+  /// arguments go to at::Tensor::backward (gradient, retain_graph, create_graph).
+  template <class... Args>
+  void backward(const at::Tensor& loss, Args&&... args) {
+    if (!loss.defined()) detail::raise("backward: expected a loss tensor, found an undefined tensor");
+    if (!loss.requires_grad()) {
+      detail::raise(
+          "backward: expected a loss that requires grad, found one that does not; compute it from the output of "
+          "the module returned by setup(), outside of a NoGradGuard");
+    }
+    strategy_.backward(loss, precision_, std::forward<Args>(args)...);
+  }
+  /// Clips the gradients of the optimizer's parameters through the strategy, unscaling them first
+  /// where the precision scales; returns the total norm before clipping for max_norm, nothing for
+  /// clip_val.
+  ///
+  ///     fabric.clip_gradients(model, optimizer, {.max_norm = 1.0});
+  template <class M, class O>
+  std::optional<at::Tensor> clip_gradients(Module<M, Fabric>& module, Optimizer<O, Fabric>& optimizer,
+                                           const ClipOptions& options) {
+    if (options.max_norm.has_value() == options.clip_val.has_value()) {
+      detail::raise("clip_gradients: expected exactly one of max_norm and clip_val, found {}",
+                    options.max_norm ? "both" : "neither");
+    }
+    return strategy_.clip_gradients(*module, module.strategy_state(), *optimizer, precision_, options);
+  }
+  /// Returns the guard that runs code outside forward (e.g. the loss) in the precision's context.
+  ///
+  ///     { auto guard = fabric.autocast(); loss = criterion(model(x), y); }
+  auto autocast() { return precision_.forward_context(); }
+  /// Returns the guard under which new modules are created in the precision's dtype (float64 for
+  /// FP64, bfloat16 for BF16True, ...). NOTE: LibTorch has no default device, so modules are created
+  /// on the CPU and setup() moves them.
+  DefaultDtypeGuard init_module() const { return DefaultDtypeGuard(P::param_dtype()); }
+  /// Returns the guard under which new tensors are created in the precision's dtype.
+  DefaultDtypeGuard init_tensor() const { return DefaultDtypeGuard(P::param_dtype()); }
+  /// Returns the guard that skips the gradient synchronisation of the module while it lives (for
+  /// gradient accumulation); nothing to skip on one device.
+  template <class W>
+  auto no_backward_sync(W& module, bool enabled = true) {
+    static_assert(detail::is_fabric_module_v<W>,
+                  "fabric: no_backward_sync needs the module returned by setup(); pass that wrapper, not the "
+                  "original module");
+    return strategy_.no_backward_sync(module.strategy_state(), enabled);
+  }
+
+  /// Moves a module to the fabric's device in place and returns it.
+  template <ModuleLike M>
+  M& to_device(M& module) {
+    return fabric::to_device(module, device_);
+  }
+  /// Returns data (tensors, Example, nested standard containers) with every tensor on the device.
+  template <class T>
+  requires(!ModuleLike<T>) std::remove_cvref_t<T> to_device(T&& data) {
+    return fabric::to_device(std::forward<T>(data), device_);
+  }
+  /// Seeds every generator; see fabric::seed_everything.
+  static std::uint64_t seed_everything(std::optional<std::uint64_t> seed = std::nullopt, bool workers = false) {
+    return fabric::seed_everything(seed, workers);
+  }
+  /// Prints an fmt-formatted line on local rank zero only (once per machine).
+  template <class... Args>
+  void print(fmt::format_string<Args...> format, Args&&... args) const {
+    if (local_rank() == 0) fmt::print("{}\n", fmt::format(format, std::forward<Args>(args)...));
+  }
+
+  // ---- collectives -----------------------------------------------------------------------------
+
+  /// Waits until every process reaches it.
+  void barrier() { strategy_.barrier(); }
+  /// Reduces every tensor in data across processes (mean by default) and returns the result; a
+  /// number becomes a tensor on the device first, as in Lightning.
+  template <class T>
+  auto all_reduce(T&& data, ReduceOp op = ReduceOp::mean) {
+    auto fn = [&](at::Tensor t) { return strategy_.all_reduce(t, op); };
+    return detail::map_tensors(as_collective_data(std::forward<T>(data)), fn);
+  }
+  /// Gathers every tensor in data from all processes; with several processes each gains a leading
+  /// world-size dimension, with one it is returned as it is (Lightning's shapes).
+  template <class T>
+  auto all_gather(T&& data) {
+    auto fn = [&](at::Tensor t) { return strategy_.all_gather(t); };
+    return detail::map_tensors(as_collective_data(std::forward<T>(data)), fn);
+  }
+  /// Returns the value of rank src on every process.
+  template <class T>
+  std::remove_cvref_t<T> broadcast(T&& value, int src = 0) {
+    if (src < 0 || src >= world_size()) {
+      detail::raise("broadcast: expected 0 <= src < world_size = {}, found {}", world_size(), src);
+    }
+    return strategy_.broadcast(std::remove_cvref_t<T>(std::forward<T>(value)), src);
+  }
+
+  /// The guard returned by rank_zero_first.
+  class RankZeroFirstGuard {
+   public:
+    RankZeroFirstGuard(Fabric& fabric, bool first) : fabric_(fabric), first_(first) {
+      if (!first_) fabric_.barrier();
+    }
+    ~RankZeroFirstGuard() noexcept(false) {
+      if (first_) fabric_.barrier();
+    }
+    RankZeroFirstGuard(const RankZeroFirstGuard&) = delete;
+    RankZeroFirstGuard& operator=(const RankZeroFirstGuard&) = delete;
+
+   private:
+    Fabric& fabric_;
+    bool first_;
+  };
+  /// Lets rank zero (of the machine, with local) run the guarded block before the others, e.g. to
+  /// download or preprocess data once.
+  RankZeroFirstGuard rank_zero_first(bool local = false) {
+    return RankZeroFirstGuard(*this, (local ? local_rank() : global_rank()) == 0);
+  }
+
+  // ---- callbacks and loggers -------------------------------------------------------------------
+
+  /// Calls the hook on every callback that declares it, with the arguments; callbacks without it
+  /// are skipped at compile time.
+  ///
+  ///     fabric.call(fabric::hooks::on_train_epoch_end, epoch, loss);
+  template <Hook H, class... Args>
+  void call(const H& /*hook*/, Args&&... args) {
+    detail::dispatch<H>(callbacks_, args...);
+  }
+  /// Returns the callback object of type C.
+  template <class C>
+  C& callback() noexcept {
+    static_assert(contains_v<C, callbacks_type>,
+                  "fabric: callback<C>() needs a C from Fabric's callback list; add C to Fabric<..., Callbacks...>");
+    return std::get<C>(callbacks_);
+  }
+  /// Returns the loggers.
+  const std::vector<std::shared_ptr<Logger>>& loggers() const noexcept { return options_.loggers; }
+  /// Returns the first logger (or null).
+  Logger* logger() const noexcept { return options_.loggers.empty() ? nullptr : options_.loggers.front().get(); }
+  /// Logs one metric to every logger (on global rank zero only).
+  void log(const std::string& name, double value, std::optional<std::int64_t> step = std::nullopt) {
+    log_dict({{name, value}}, step);
+  }
+  /// Logs one scalar tensor to every logger (on global rank zero only).
+  void log(const std::string& name, const at::Tensor& value, std::optional<std::int64_t> step = std::nullopt) {
+    if (value.numel() != 1) {
+      detail::raise("log: expected a tensor with one element for \"{}\", found {} elements; reduce it first", name,
+                    value.numel());
+    }
+    log(name, value.item<double>(), step);
+  }
+  /// Logs several metrics to every logger (on global rank zero only).
+  void log_dict(const Metrics& metrics, std::optional<std::int64_t> step = std::nullopt) {
+    if (!is_global_zero()) return;
+    for (const auto& logger : options_.loggers) logger->log_metrics(metrics, step);
+  }
+
+  // ---- checkpoints -----------------------------------------------------------------------------
+
+  /// Saves the state through the strategy (rank zero writes, atomically; every rank agrees):
+  /// modules and optimizers by their state, plain values as they are. Parent directories are created.
+  void save(const std::filesystem::path& path, const State& state) { strategy_.save_checkpoint(path, state); }
+  /// Restores the state in place from a checkpoint and returns the entries of the file that the
+  /// state did not ask for. With strict, a missing key (or module tensor) is an error; shapes and
+  /// types must always match. Nothing is changed when any check fails.
+  State load(const std::filesystem::path& path, State& state, bool strict = true) {
+    return strategy_.load_checkpoint(path, state, strict);
+  }
+  /// Loads every entry of a checkpoint as plain values.
+  State load(const std::filesystem::path& path) {
+    State none;
+    return load(path, none, false);
+  }
+  /// Loads a module's or an optimizer's state from a file written by torch::save (without fabric).
+  template <class T>
+  void load_raw(const std::filesystem::path& path, T& target, bool strict = true) {
+    strategy_.load_raw(path, target, strict);
+  }
+
+ private:
+  void check_launched(std::string_view what) const {
+    if (S::is_distributed && !launched_) {
+      detail::raise(
+          "{}: the {} strategy needs its processes first; call fabric.launch() before {} (fabric-run, torchrun, "
+          "mpirun and srun start the processes, launch() then only connects them)",
+          what, S::name, what);
+    }
+  }
+  void check_not_set_up(const void* object, std::string_view what) const {
+    if (set_up_.contains(object)) {
+      detail::raise(
+          "this {0} was already set up by this Fabric; expected a {0} not set up yet, found one that "
+          "setup() wrapped before; keep using the wrapper the first setup() returned",
+          what);
+    }
+  }
+  template <class T>
+  decltype(auto) as_collective_data(T&& data) const {
+    if constexpr (std::is_arithmetic_v<std::remove_cvref_t<T>>) {
+      return at::scalar_tensor(static_cast<double>(data), at::TensorOptions().device(device_));
+    } else {
+      return std::remove_cvref_t<T>(std::forward<T>(data));
+    }
+  }
+  template <class... Ts>
+  static auto one_or_tuple(Ts&&... values) {
+    if constexpr (sizeof...(Ts) == 1) {
+      return (std::forward<Ts>(values), ...);
+    } else {
+      return std::tuple<std::remove_cvref_t<Ts>...>{std::forward<Ts>(values)...};
+    }
+  }
+  template <class M>
+  auto setup_module_impl(const SetupOptions& options, M&& module) {
+    using Impl = typename detail::module_class<std::remove_cvref_t<M>>::type;
+    std::shared_ptr<Impl> ptr = detail::share<Impl>(std::forward<M>(module));
+    precision_.convert_module(*ptr);
+    if (options.move_to_device) ptr->to(device_);
+    auto state = strategy_.setup_module(*ptr);
+    set_up_.insert(static_cast<const torch::nn::Module*>(ptr.get()));
+    return Module<Impl, Fabric>(std::move(ptr), *this, std::move(state));
+  }
+  template <class O>
+  auto setup_optimizer_impl(O&& optimizer) {
+    using Opt = typename detail::pointee<std::remove_cvref_t<O>>::type;
+    std::shared_ptr<Opt> ptr = detail::share<Opt>(std::forward<O>(optimizer));
+    strategy_.setup_optimizer(*ptr);
+    set_up_.insert(static_cast<const torch::optim::Optimizer*>(ptr.get()));
+    return Optimizer<Opt, Fabric>(std::move(ptr), *this);
+  }
+
+  Options options_;
+  FABRIC_NO_UNIQUE_ADDRESS A accelerator_;
+  S strategy_;
+  P precision_;
+  std::tuple<Cbs...> callbacks_;
+  c10::Device device_{c10::DeviceType::CPU};
+  std::unordered_set<const void*> set_up_{};
+  bool launched_ = false;
+};
+
+/// True for the wrappers that setup, setup_optimizers and setup_dataloaders return.
+template <class T>
+inline constexpr bool is_wrapped_v =
+    detail::is_fabric_module_v<std::remove_cvref_t<T>> || detail::is_fabric_optimizer_v<std::remove_cvref_t<T>> ||
+    detail::is_fabric_loader_v<std::remove_cvref_t<T>>;
+
+}  // namespace fabric

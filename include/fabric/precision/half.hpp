@@ -1,0 +1,67 @@
+#pragma once
+// fabric::TruePrecision: the precisions that convert the module's weights to a dtype, and the half ones,
+// BF16True ("bf16-true") and FP16True ("16-true"); FP64 is in precision/double.hpp.
+
+#include "fabric/core/error.hpp"
+#include "fabric/detail/torch_version.hpp"
+#include "fabric/precision/autocast.hpp"
+#include "fabric/precision/precision.hpp"
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/Device.h>
+#include <c10/core/ScalarType.h>
+#include <torch/version.h>
+
+#include <string_view>
+#include <type_traits>
+#include <utility>
+
+namespace fabric {
+
+/// Weights, compute and the default dtype of a dtype ("64-true", "bf16-true", "16-true"): the
+/// module is converted (no float32 master copy, no scaler), floating inputs are cast to the dtype
+/// and floating outputs back to float32; `init_module`/`init_tensor` create tensors in the dtype.
+template <c10::ScalarType Dtype>
+struct TruePrecision : PrecisionBase {
+  static constexpr std::string_view name = Dtype == c10::ScalarType::Double     ? "64-true"
+                                           : Dtype == c10::ScalarType::BFloat16 ? "bf16-true"
+                                                                                : "16-true";
+
+  /// Returns the dtype of parameters and of what `init_module`/`init_tensor` create.
+  static constexpr c10::ScalarType param_dtype() noexcept { return Dtype; }
+  /// Fails at construction where the device cannot compute in the dtype: float16 matmuls on the CPU
+  /// need LibTorch 2.1.
+  static void setup_device(const c10::Device& device) {
+    if (Dtype == c10::ScalarType::Half && device.is_cpu() && !detail::torch_cpu_half_matmul) {
+      detail::raise(
+          "16-true cannot run on the CPU with LibTorch {} (no float16 matmul there); use bf16-true, or a "
+          "CUDA device",
+          TORCH_VERSION);
+    }
+  }
+
+  /// Converts the module's floating-point parameters and buffers to the dtype.
+  template <class M>
+  void convert_module(M& module) {
+    module.to(Dtype);
+  }
+  /// Casts floating inputs of the wrapped forward to the dtype.
+  template <class T>
+  std::remove_cvref_t<T> convert_input(T&& x) {
+    return detail::cast_floating(std::forward<T>(x), Dtype);
+  }
+  /// Casts floating outputs of the wrapped forward back to float32.
+  template <class T>
+  std::remove_cvref_t<T> convert_output(T&& x) {
+    return detail::cast_floating(std::forward<T>(x), c10::ScalarType::Float);
+  }
+  /// Makes the dtype the default while forward (or `Fabric::autocast`) runs.
+  DefaultDtypeGuard forward_context() const { return DefaultDtypeGuard(Dtype); }
+};
+
+/// bfloat16 weights and compute, no master copy ("bf16-true").
+using BF16True = TruePrecision<c10::ScalarType::BFloat16>;
+/// float16 weights and compute, no master copy and no scaler ("16-true").
+using FP16True = TruePrecision<c10::ScalarType::Half>;
+
+}  // namespace fabric

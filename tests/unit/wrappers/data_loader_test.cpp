@@ -1,0 +1,165 @@
+// Data: the set-up loader as a C++20 input range, fabric's DistributedSampler, the convenience loader.
+#include <fabric/fabric.hpp>
+
+#include "unit/test_data.hpp"
+
+#include <torch/torch.h>
+#include <catch2/catch_test_macros.hpp>
+#include <catch2/matchers/catch_matchers_string.hpp>
+#include <range/v3/view/enumerate.hpp>
+#include <range/v3/view/take.hpp>
+
+#include <algorithm>
+#include <numeric>
+#include <ranges>
+#include <set>
+#include <vector>
+
+using Catch::Matchers::ContainsSubstring;
+using fabric_test::indexed;
+
+namespace {
+
+std::vector<std::int64_t> ids(const torch::data::Example<>& batch) {
+  const auto t = batch.target.contiguous();
+  return {t.data_ptr<std::int64_t>(), t.data_ptr<std::int64_t>() + t.numel()};
+}
+
+auto make_loader(std::int64_t n, std::size_t batch) {
+  return torch::data::make_data_loader<torch::data::samplers::SequentialSampler>(
+      indexed(n).map(torch::data::transforms::Stack<>()), torch::data::DataLoaderOptions().batch_size(batch));
+}
+
+}  // namespace
+
+TEST_CASE("setup_dataloaders wraps LibTorch loaders into input ranges", "[data]") {
+  fabric::Fabric<fabric::CPU> fabric;
+  auto loader = fabric.setup_dataloaders(make_loader(10, 4));
+  STATIC_REQUIRE(std::ranges::input_range<decltype(loader)>);
+  std::vector<std::int64_t> seen;
+  std::vector<std::int64_t> sizes;
+  for (auto& batch : loader) {
+    CHECK(batch.data.device() == fabric.device());
+    auto i = ids(batch);
+    seen.insert(seen.end(), i.begin(), i.end());
+    sizes.push_back(batch.data.size(0));
+  }
+  CHECK(sizes == std::vector<std::int64_t>{4, 4, 2});
+  std::vector<std::int64_t> all(10);
+  std::iota(all.begin(), all.end(), 0);
+  CHECK(seen == all);
+  // A second pass yields the data again.
+  CHECK(std::ranges::distance(loader.begin(), loader.end()) == 3);
+}
+
+TEST_CASE("the loader composes with std::ranges and range-v3 views", "[data][ranges]") {
+  fabric::Fabric<fabric::CPU> fabric;
+  auto loader = fabric.setup_dataloaders(make_loader(20, 5));
+  int n = 0;
+  for (auto& batch : loader | std::views::take(2)) {
+    CHECK(ids(batch).front() == 5 * n);
+    ++n;
+  }
+  CHECK(n == 2);
+  std::vector<std::size_t> indices;
+  for (auto&& [i, batch] : loader | ranges::views::enumerate) {
+    indices.push_back(i);
+    CHECK(ids(batch).front() == static_cast<std::int64_t>(5 * i));
+  }
+  CHECK(indices == std::vector<std::size_t>{0, 1, 2, 3});
+  int taken = 0;
+  for (auto&& batch : loader | ranges::views::take(3)) {
+    (void)batch;
+    ++taken;
+  }
+  CHECK(taken == 3);
+  auto firsts = loader | std::views::transform([](auto& b) { return b.data.size(0); }) | std::views::take(1);
+  CHECK(*std::ranges::begin(firsts) == 5);
+}
+
+TEST_CASE("setup_dataloaders takes several loaders, references and options", "[data]") {
+  fabric::Fabric<fabric::CPU> fabric;
+  auto owned = make_loader(6, 3);
+  auto& raw = *owned;
+  auto [a, b] = fabric.setup_dataloaders(make_loader(4, 2), raw);
+  CHECK(&b.loader() == &raw);
+  CHECK(std::ranges::distance(a) == 2);
+  CHECK(std::ranges::distance(b) == 2);
+  auto c = fabric.setup_dataloaders({.move_to_device = false, .use_distributed_sampler = false}, make_loader(3, 3));
+  CHECK(std::ranges::distance(c) == 1);
+  // Pairs and other nested batches are moved too.
+  auto pairs = fabric.setup_dataloaders(torch::data::make_data_loader(
+      indexed(4), torch::data::samplers::SequentialSampler(4), torch::data::DataLoaderOptions().batch_size(2)));
+  for (auto& batch : pairs) CHECK(batch.size() == 2);
+}
+
+TEST_CASE("the convenience loader batches, shuffles per epoch and follows the seed", "[data][sampler]") {
+  fabric::Fabric<fabric::CPU> fabric;
+  fabric.seed_everything(3);
+  auto loader =
+      fabric.dataloader(indexed(10).map(torch::data::transforms::Stack<>()), {.batch_size = 4, .shuffle = true});
+  auto epoch = [&] {
+    std::vector<std::int64_t> order;
+    for (auto& batch : loader) {
+      auto i = ids(batch);
+      order.insert(order.end(), i.begin(), i.end());
+    }
+    return order;
+  };
+  const auto e0 = epoch();
+  const auto e1 = epoch();
+  CHECK(e0.size() == 10);
+  CHECK(std::set<std::int64_t>(e0.begin(), e0.end()).size() == 10);
+  CHECK(e0 != e1);  // a new order each epoch
+  // The same seed gives the same orders (they come from seed + epoch, as PyTorch's DistributedSampler).
+  auto again =
+      fabric.dataloader(indexed(10).map(torch::data::transforms::Stack<>()), {.batch_size = 4, .shuffle = true});
+  std::vector<std::int64_t> a0;
+  for (auto& batch : again) {
+    auto i = ids(batch);
+    a0.insert(a0.end(), i.begin(), i.end());
+  }
+  CHECK(a0 == e0);
+  auto ordered =
+      fabric.dataloader(indexed(5).map(torch::data::transforms::Stack<>()), {.batch_size = 2, .drop_last = true});
+  std::vector<std::int64_t> o;
+  for (auto& batch : ordered) {
+    auto i = ids(batch);
+    o.insert(o.end(), i.begin(), i.end());
+  }
+  CHECK(o == std::vector<std::int64_t>{0, 1, 2, 3});
+  CHECK_THROWS_WITH(fabric.dataloader(indexed(5), {.batch_size = 0}), ContainsSubstring("expected batch_size >= 1"));
+}
+
+TEST_CASE("DistributedSampler shards are disjoint, cover the data and pad like PyTorch", "[data][sampler]") {
+  for (std::size_t replicas : {1u, 2u, 3u, 4u}) {
+    std::vector<std::size_t> all;
+    for (std::size_t rank = 0; rank < replicas; ++rank) {
+      fabric::DistributedSampler sampler(10, {.num_replicas = replicas, .rank = rank, .shuffle = true, .seed = 9});
+      const auto mine = sampler.shard_indices(0);
+      CHECK(mine.size() == (10 + replicas - 1) / replicas);
+      CHECK(mine.size() == sampler.num_samples());
+      all.insert(all.end(), mine.begin(), mine.end());
+    }
+    CHECK(std::set<std::size_t>(all.begin(), all.end()).size() == 10);  // covers everything
+    CHECK(all.size() == ((10 + replicas - 1) / replicas) * replicas);   // padded to equal shards
+    CHECK(all.size() - 10 == (replicas - 10 % replicas) % replicas);    // only the padding repeats
+  }
+  // Without shuffle, rank r takes every replicas-th index starting at r, padding from the start.
+  fabric::DistributedSampler seq(5, {.num_replicas = 2, .rank = 1, .shuffle = false});
+  CHECK(seq.shard_indices(0) == std::vector<std::size_t>{1, 3, 0});
+  fabric::DistributedSampler dropped(5, {.num_replicas = 2, .rank = 1, .shuffle = false, .drop_last = true});
+  CHECK(dropped.shard_indices(0) == std::vector<std::size_t>{1, 3});
+  // Epochs reshuffle; the same epoch and seed reproduce.
+  fabric::DistributedSampler s(100, {.seed = 1});
+  CHECK(s.shard_indices(0) != s.shard_indices(1));
+  CHECK(s.shard_indices(2) == fabric::DistributedSampler(100, {.seed = 1}).shard_indices(2));
+  // Batching through the torch Sampler interface.
+  s.reset();
+  std::size_t total = 0;
+  while (auto batch = s.next(30)) total += batch->size();
+  CHECK(total == 100);
+  CHECK(s.epoch() == 1);
+  CHECK_THROWS_WITH(fabric::DistributedSampler(10, {.num_replicas = 2, .rank = 2}),
+                    ContainsSubstring("expected 0 <= rank < num_replicas"));
+}
