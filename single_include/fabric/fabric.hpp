@@ -6348,6 +6348,11 @@ struct LSFEnvironment {
       e.main_port = *port;
     } else {
       const auto job = env("LSB_JOBID");
+      if (!job) {
+        detail::raise(
+            "expected LSB_JOBID to be set by LSF, found it unset; set MASTER_PORT to choose the port "
+            "yourself, or run under jsrun");
+      }
       const auto id = detail::parse_integer(*job);
       if (!id || *id < 0) {
         detail::raise("expected LSB_JOBID to be a number, found {:?}; set MASTER_PORT to choose the port yourself",

@@ -1,11 +1,15 @@
 // The program behind the multi-process tests (tests/dist/CMakeLists.txt): real processes, real Gloo.
 //
-//     ddp_worker SCENARIO [--devices N] [--steps N] [--bucket-cap-mb X] [--grad-as-view] [--static-graph]
-//                [--find-unused] [--comm-hook fp16|bf16] [--accumulate K] [--timeout-s S] [--dir D]
-//                [--fault throw|kill|hang] [--external] [--cuda] [--tag T]
+//     ddp_worker SCENARIO [--devices N] [--num-nodes N] [--steps N] [--bucket-cap-mb X] [--grad-as-view]
+//                [--static-graph] [--find-unused] [--comm-hook fp16|bf16] [--accumulate K] [--timeout-s S]
+//                [--dir D] [--fault throw|kill|hang] [--catch] [--env scheduler|kubeflow] [--external] [--cuda]
+//                [--tag T]
 //
 // Each scenario checks its own results and exits 0 only when they hold; any failed check prints
-// "rank R: FAILED: ..." and exits 1.
+// "rank R: FAILED: ..." and exits 1. With --catch a fabric::Error during training is caught while the
+// Fabric lives ("rank R: caught: ...") and the worker returns 2, as a training loop that handles its errors
+// does. --env picks the cluster environment: "scheduler" is one written in this file (SCHED_* variables,
+// see fake_scheduler.sh), "kubeflow" fabric::KubeflowEnvironment.
 
 #include <fabric/distributed.hpp>
 
@@ -30,6 +34,7 @@ namespace {
 struct Args {
   std::string scenario;
   int devices = 2;
+  int num_nodes = 1;
   int steps = 5;
   double bucket_cap_mb = 25.0;
   bool grad_as_view = false;
@@ -41,12 +46,14 @@ struct Args {
   int timeout_s = 20;
   std::string dir = ".";
   std::string fault;
+  bool catch_errors = false;
+  std::string env;
   bool external = false;
   bool cuda = false;
 };
 
 int rank_of_env() {
-  for (const char* name : {"RANK", "OMPI_COMM_WORLD_RANK", "SLURM_PROCID", "LOCAL_RANK"}) {
+  for (const char* name : {"RANK", "OMPI_COMM_WORLD_RANK", "SLURM_PROCID", "SCHED_RANK", "LOCAL_RANK"}) {
     if (const char* v = std::getenv(name)) return std::atoi(v);
   }
   return 0;
@@ -80,6 +87,12 @@ Args parse(int argc, char** argv) {
     };
     if (flag == "--devices")
       a.devices = std::stoi(value());
+    else if (flag == "--num-nodes")
+      a.num_nodes = std::stoi(value());
+    else if (flag == "--catch")
+      a.catch_errors = true;
+    else if (flag == "--env")
+      a.env = value();
     else if (flag == "--steps")
       a.steps = std::stoi(value());
     else if (flag == "--bucket-cap-mb")
@@ -144,6 +157,26 @@ void copy_params(const Net& from, Net& to) {
   for (std::size_t i = 0; i < src.size(); ++i) dst[i].copy_(src[i]);
 }
 
+/// A cluster environment written outside the library: SCHED_RANK of SCHED_SIZE processes, SCHED_PER_NODE
+/// per node, meeting at SCHED_ADDR:SCHED_PORT (fake_scheduler.sh sets them).
+struct SchedulerEnvironment {
+  static constexpr std::string_view name = "scheduler";
+  static bool detect(const fabric::EnvLookup& env) { return env("SCHED_RANK").has_value(); }
+  fabric::Topology topology(const fabric::EnvLookup& env, int /*devices*/, int /*num_nodes*/) const {
+    const int per_node = fabric::detail::env_required_int(env, "SCHED_PER_NODE", "the scheduler");
+    fabric::Topology t;
+    t.name = name;
+    t.creates_processes_externally = true;
+    t.world_size = fabric::detail::env_required_int(env, "SCHED_SIZE", "the scheduler");
+    t.global_rank = fabric::detail::env_required_int(env, "SCHED_RANK", "the scheduler");
+    t.local_rank = t.global_rank % per_node;
+    t.node_rank = t.global_rank / per_node;
+    t.main_address = env("SCHED_ADDR").value_or("127.0.0.1");
+    t.main_port = fabric::detail::env_port(env, "SCHED_PORT").value_or(29400);
+    return t;
+  }
+};
+
 fabric::DDP::Options ddp_options(const Args& a) {
   fabric::DDP::Options o;
   o.bucket_cap_mb = a.bucket_cap_mb;
@@ -153,6 +186,9 @@ fabric::DDP::Options ddp_options(const Args& a) {
   o.timeout = std::chrono::seconds(a.timeout_s);
   if (a.comm_hook == "fp16") o.comm_hook = fabric::DDP::CommHook::fp16;
   if (a.comm_hook == "bf16") o.comm_hook = fabric::DDP::CommHook::bf16;
+  if (a.env == "scheduler") o.cluster_environment = SchedulerEnvironment{};
+  if (a.env == "kubeflow") o.cluster_environment = fabric::KubeflowEnvironment{};
+  if (!a.env.empty() && a.env != "scheduler" && a.env != "kubeflow") throw std::invalid_argument("unknown --env");
   return o;
 }
 
@@ -184,32 +220,39 @@ int train_equivalence(F& fabric, const Args& a) {
   }
   const int micro = a.accumulate;
   for (int step = 0; step < a.steps; ++step) {
-    if (!a.fault.empty() && rank == 1 && step == 2) {
-      if (a.fault == "throw") {
-        // NOTE: say it before throwing: unwinding closes this rank's connections, the others fail at
-        // once, and the launcher may stop this process before main prints the exception.
-        fmt::print(stderr, "rank 1: throwing: injected failure on rank 1\n");
-        throw std::runtime_error("injected failure on rank 1");
+    try {
+      if (!a.fault.empty() && rank == 1 && step == 2) {
+        if (a.fault == "throw") {
+          // NOTE: say it before throwing: unwinding closes this rank's connections, the others fail at
+          // once, and the launcher may stop this process before main prints the exception.
+          fmt::print(stderr, "rank 1: throwing: injected failure on rank 1\n");
+          throw std::runtime_error("injected failure on rank 1");
+        }
+        if (a.fault == "kill") std::raise(SIGKILL);
+        if (a.fault == "hang") std::this_thread::sleep_for(std::chrono::hours(1));
       }
-      if (a.fault == "kill") std::raise(SIGKILL);
-      if (a.fault == "hang") std::this_thread::sleep_for(std::chrono::hours(1));
+      auto [x, y] = global_batch(step, local * world * micro);
+      for (int k = 0; k < micro; ++k) {
+        const int begin = (k * world + rank) * local;
+        auto xs = x.narrow(0, begin, local).to(fabric.device());
+        auto ys = y.narrow(0, begin, local).to(fabric.device());
+        const bool last = k == micro - 1;
+        auto guard = fabric.no_backward_sync(model, !last);
+        auto loss = torch::mse_loss(model(xs), ys) / micro;
+        fabric.backward(loss);
+      }
+      optimizer.step();
+      optimizer.zero_grad();
+      auto loss = torch::mse_loss(reference(x), y);
+      loss.backward();
+      ref_opt.step();
+      ref_opt.zero_grad();
+    } catch (const fabric::Error& e) {
+      if (!a.catch_errors) throw;
+      // NOTE: the Fabric still lives: its teardown must end the processes it started, hung peers included.
+      fmt::print(stderr, "rank {}: caught: {}\n", rank, e.what());
+      return 2;
     }
-    auto [x, y] = global_batch(step, local * world * micro);
-    for (int k = 0; k < micro; ++k) {
-      const int begin = (k * world + rank) * local;
-      auto xs = x.narrow(0, begin, local).to(fabric.device());
-      auto ys = y.narrow(0, begin, local).to(fabric.device());
-      const bool last = k == micro - 1;
-      auto guard = fabric.no_backward_sync(model, !last);
-      auto loss = torch::mse_loss(model(xs), ys) / micro;
-      fabric.backward(loss);
-    }
-    optimizer.step();
-    optimizer.zero_grad();
-    auto loss = torch::mse_loss(reference(x), y);
-    loss.backward();
-    ref_opt.step();
-    ref_opt.zero_grad();
   }
   // Every rank holds the same parameters, and they are those of one process on the global batches.
   const double tolerance = a.comm_hook == "none" ? 1e-5 : 5e-3;
@@ -404,9 +447,13 @@ int save_load(F& fabric, const Args& a) {
 
 template <class Accelerator>
 int run(const Args& a) {
-  fabric::Fabric<Accelerator, fabric::DDP> fabric(fabric::Options{.devices = a.devices}, fabric::DDP(ddp_options(a)),
-                                                  fabric::FP32{});
+  fabric::Fabric<Accelerator, fabric::DDP> fabric(fabric::Options{.devices = a.devices, .num_nodes = a.num_nodes},
+                                                  fabric::DDP(ddp_options(a)), fabric::FP32{});
   fabric.launch();
+  if (!a.env.empty()) {
+    WORKER_CHECK(fabric.strategy().environment().name == a.env, "environment {}, expected {}",
+                 fabric.strategy().environment().name, a.env);
+  }
   if (a.scenario == "train") return train_equivalence(fabric, a);
   if (a.scenario == "collectives") return collectives(fabric, a);
   if (a.scenario == "sampler") return sampler(fabric, a);

@@ -4,6 +4,8 @@
 #include <fabric/core/error.hpp>
 #include <fabric/strategies/environments/detect.hpp>
 
+#include "unit/strategies/environments/fake_env.hpp"
+
 #include <catch2/catch_test_macros.hpp>
 #include <catch2/matchers/catch_matchers_string.hpp>
 
@@ -16,19 +18,12 @@ using Catch::Matchers::ContainsSubstring;
 using fabric::Topology;
 using fabric::detail::detect_environment;
 using fabric::detail::EnvLookup;
+using fabric_test::fake;
+using fabric_test::Vars;
+using fabric_test::with;
+using fabric_test::without;
 
 namespace {
-
-using Vars = std::map<std::string, std::string, std::less<>>;
-
-/// An EnvLookup over a fixed map of variables.
-EnvLookup fake(Vars vars) {
-  return [vars = std::move(vars)](std::string_view name) -> std::optional<std::string> {
-    auto it = vars.find(name);
-    if (it == vars.end()) return std::nullopt;
-    return it->second;
-  };
-}
 
 Topology detect(const Vars& vars, int devices = 1, int num_nodes = 1) {
   return detect_environment(devices, num_nodes, fake(vars));
@@ -49,16 +44,6 @@ const Vars slurm{{"SLURM_NTASKS", "8"},
 const Vars openmpi{
     {"OMPI_COMM_WORLD_SIZE", "4"},       {"OMPI_COMM_WORLD_RANK", "3"}, {"OMPI_COMM_WORLD_LOCAL_RANK", "1"},
     {"OMPI_COMM_WORLD_LOCAL_SIZE", "2"}, {"MASTER_ADDR", "head"},       {"OMPI_MCA_ess_base_jobid", "42"}};
-
-Vars with(Vars base, const Vars& more) {
-  for (const auto& [k, v] : more) base[k] = v;
-  return base;
-}
-
-Vars without(Vars base, const std::string& name) {
-  base.erase(name);
-  return base;
-}
 
 }  // namespace
 
