@@ -4413,6 +4413,44 @@ consteval bool check_policies() {
   return true;
 }
 
+/// Waits, for the ranks that do not go first, until rank zero has left the guarded block.
+template <class F>
+class RankZeroFirstGuard {
+ public:
+  RankZeroFirstGuard(F& fabric, bool first) : fabric_(fabric), first_(first) {
+    if (!first_) fabric_.barrier();
+  }
+  ~RankZeroFirstGuard() noexcept(false) {
+    if (first_) fabric_.barrier();
+  }
+  RankZeroFirstGuard(const RankZeroFirstGuard&) = delete;
+  RankZeroFirstGuard& operator=(const RankZeroFirstGuard&) = delete;
+
+ private:
+  F& fabric_;
+  bool first_;
+};
+
+/// Returns the data of a collective as it travels: a number becomes a scalar tensor on the device.
+template <class T>
+decltype(auto) as_collective_data(T&& data, const c10::Device& device) {
+  if constexpr (std::is_arithmetic_v<std::remove_cvref_t<T>>) {
+    return at::scalar_tensor(static_cast<double>(data), at::TensorOptions().device(device));
+  } else {
+    return std::remove_cvref_t<T>(std::forward<T>(data));
+  }
+}
+
+/// Returns one value as it is, several as a tuple (what setup_optimizers and setup_dataloaders return).
+template <class... Ts>
+auto one_or_tuple(Ts&&... values) {
+  if constexpr (sizeof...(Ts) == 1) {
+    return (std::forward<Ts>(values), ...);
+  } else {
+    return std::tuple<std::remove_cvref_t<Ts>...>{std::forward<Ts>(values)...};
+  }
+}
+
 }  // namespace detail
 
 /// The training engine: `Fabric<Accelerator, Strategy, Precision, Callbacks...>`.
@@ -4559,7 +4597,7 @@ class Fabric {
     check_launched("setup_optimizers");
     (detail::check_optimizer_arg<Os>(), ...);
     (check_not_set_up(&detail::optimizer_ref(optimizers), "optimizer"), ...);
-    return one_or_tuple(setup_optimizer_impl(std::forward<Os>(optimizers))...);
+    return detail::one_or_tuple(setup_optimizer_impl(std::forward<Os>(optimizers))...);
   }
 
   /// Wraps LibTorch data loaders (std::unique_ptr from make_data_loader, a shared_ptr, or a loader
@@ -4574,7 +4612,7 @@ class Fabric {
   requires(sizeof...(Ls) > 0) auto setup_dataloaders(DataOptions options, Ls&&... loaders) {
     check_launched("setup_dataloaders");
     (detail::check_loader_arg<Ls>(), ...);
-    return one_or_tuple(DataLoader<typename detail::pointee<std::remove_cvref_t<Ls>>::type>(
+    return detail::one_or_tuple(DataLoader<typename detail::pointee<std::remove_cvref_t<Ls>>::type>(
         detail::share<typename detail::pointee<std::remove_cvref_t<Ls>>::type>(std::forward<Ls>(loaders)), device_,
         options.move_to_device)...);
   }
@@ -4669,14 +4707,14 @@ class Fabric {
   template <class T>
   auto all_reduce(T&& data, ReduceOp op = ReduceOp::mean) {
     auto fn = [&](at::Tensor t) { return strategy_.all_reduce(t, op); };
-    return detail::map_tensors(as_collective_data(std::forward<T>(data)), fn);
+    return detail::map_tensors(detail::as_collective_data(std::forward<T>(data), device_), fn);
   }
   /// Gathers every tensor in data from all processes; with several processes each gains a leading
   /// world-size dimension, with one it is returned as it is (Lightning's shapes).
   template <class T>
   auto all_gather(T&& data) {
     auto fn = [&](at::Tensor t) { return strategy_.all_gather(t); };
-    return detail::map_tensors(as_collective_data(std::forward<T>(data)), fn);
+    return detail::map_tensors(detail::as_collective_data(std::forward<T>(data), device_), fn);
   }
   /// Returns the value of rank src on every process.
   template <class T>
@@ -4687,26 +4725,10 @@ class Fabric {
     return strategy_.broadcast(std::remove_cvref_t<T>(std::forward<T>(value)), src);
   }
 
-  /// The guard returned by rank_zero_first.
-  class RankZeroFirstGuard {
-   public:
-    RankZeroFirstGuard(Fabric& fabric, bool first) : fabric_(fabric), first_(first) {
-      if (!first_) fabric_.barrier();
-    }
-    ~RankZeroFirstGuard() noexcept(false) {
-      if (first_) fabric_.barrier();
-    }
-    RankZeroFirstGuard(const RankZeroFirstGuard&) = delete;
-    RankZeroFirstGuard& operator=(const RankZeroFirstGuard&) = delete;
-
-   private:
-    Fabric& fabric_;
-    bool first_;
-  };
   /// Lets rank zero (of the machine, with local) run the guarded block before the others, e.g. to
   /// download or preprocess data once.
-  RankZeroFirstGuard rank_zero_first(bool local = false) {
-    return RankZeroFirstGuard(*this, (local ? local_rank() : global_rank()) == 0);
+  detail::RankZeroFirstGuard<Fabric> rank_zero_first(bool local = false) {
+    return detail::RankZeroFirstGuard<Fabric>(*this, (local ? local_rank() : global_rank()) == 0);
   }
 
   // ---- callbacks and loggers -------------------------------------------------------------------
@@ -4785,22 +4807,6 @@ class Fabric {
           "this {0} was already set up by this Fabric; expected a {0} not set up yet, found one that "
           "setup() wrapped before; keep using the wrapper the first setup() returned",
           what);
-    }
-  }
-  template <class T>
-  decltype(auto) as_collective_data(T&& data) const {
-    if constexpr (std::is_arithmetic_v<std::remove_cvref_t<T>>) {
-      return at::scalar_tensor(static_cast<double>(data), at::TensorOptions().device(device_));
-    } else {
-      return std::remove_cvref_t<T>(std::forward<T>(data));
-    }
-  }
-  template <class... Ts>
-  static auto one_or_tuple(Ts&&... values) {
-    if constexpr (sizeof...(Ts) == 1) {
-      return (std::forward<Ts>(values), ...);
-    } else {
-      return std::tuple<std::remove_cvref_t<Ts>...>{std::forward<Ts>(values)...};
     }
   }
   template <class M>
