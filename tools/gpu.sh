@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Builds and runs fabric's GPU checks on the GPU machine (PyTorch wheel's LibTorch, NCCL, one H100) in
-# one go: the unit tests ([cuda] included), the DDP worker over NCCL with one process, the Fashion-MNIST
-# example on CUDA in every precision, and the benchmarks. Logs go to $OUT (or build-gpu/logs); a short
+# Builds and runs fabric's GPU checks on the GPU machine (PyTorch wheel's LibTorch, NCCL, one GPU) in
+# one go: every public header on its own and the compile-time tests, the unit tests ([cuda] included)
+# and the torch-free ones, the DDP worker over NCCL with one process, the Fashion-MNIST example on CUDA
+# in every precision, and the benchmarks. Logs go to $OUT (or build-gpu/logs); a short
 # summary is printed last. Prepare on the CPU machine first:
 #     bash ../shared/gpu/fetch-deps.sh; mkdir -p .deps/fashion-mnist; cp /usr/share/datasets/fashion-mnist/* .deps/fashion-mnist/
 # then run it there with .deps carried:   tools/gpu.sh [steps...]   (default: build test dist example bench)
@@ -28,7 +29,7 @@ if [[ " $steps " == *" build "* ]]; then
     -DFABRIC_DIST_WORKER_PCH="${FABRIC_DIST_WORKER_PCH:-ON}" \
     >"$logs/configure.log" 2>&1 || { tail -30 "$logs/configure.log"; note "configure FAILED"; }
   targets=$(cmake --build build-gpu --target help 2>/dev/null | awk -F: '/^[a-z_0-9-]+: /{print $1}' |
-    grep -E "^(${FABRIC_GPU_TARGETS:-fabric_tests|fabric_ddp_worker|fashion_mnist|gpt2|bench_race|bench_optim_step|fabric-run})\$" | tr '\n' ' ')
+    grep -E "^(${FABRIC_GPU_TARGETS:-fabric_tests|fabric_core_tests|launch_worker|fabric_ddp_worker|fashion_mnist|gpt2|bench_race|bench_ddp_race|bench_optim_step|fabric-run|fabric_static_policies|fabric_static_one_process|fabric_header_check})\$" | tr '\n' ' ')
   cmake --build build-gpu -j 16 --target $targets -- -k 0 >"$logs/build.log" 2>&1 ||
     { grep -E "error|Error" "$logs/build.log" | head -40; note "build FAILED (see build.log)"; }
   note "build: $targets in $(($(date +%s) - start)) s"
@@ -36,24 +37,18 @@ fi
 
 if [[ " $steps " == *" test "* ]]; then
   t=build-gpu/tests/fabric_tests
-  $t "~save/load round trip*" --reporter compact >"$logs/unit.log" 2>&1
-  note "unit tests (all but the two round-trip cases, CUDA visible): exit $? | $(tail -2 "$logs/unit.log" | tr '\n' ' ')"
+  # NOTE: fabric's CMake names libstdc++ before libtorch (the wheel's libtorch exports std::filesystem).
+  note "NEEDED of fabric_tests: $(readelf -d $t | awk '/NEEDED/ {print $5}' | tr -d '[]' | tr '\n' ' ')"
+  $t --reporter compact >"$logs/unit.log" 2>&1
+  note "unit tests (all, CUDA visible): exit $? | $(tail -2 "$logs/unit.log" | tr '\n' ' ')"
+  grep -E "failed|FAILED|error" "$logs/unit.log" | head -20
   $t "[cuda]" --reporter compact >"$logs/cuda.log" 2>&1
   note "[cuda] tests: exit $? | $(tail -2 "$logs/cuda.log" | tr '\n' ' ')"
-  grep -E "failed|FAILED|error" "$logs/unit.log" | head -20
-  gcc -shared -fPIC -O1 -o build-gpu/segv_backtrace.so tools/segv_backtrace.c -ldl &&
-    LD_PRELOAD=$PWD/build-gpu/segv_backtrace.so $t "save/load round trip: modules*" >"$logs/roundtrip.log" 2>&1
-  note "round trip (checkpoint test) alone: exit $?"
-  grep -A40 "segv_backtrace" "$logs/roundtrip.log" | c++filt | cut -c1-260 | head -45
-  tail -5 "$logs/roundtrip.log"
-  if command -v gdb >/dev/null; then
-    gdb -batch -ex run -ex bt --args $t "save/load round trip: modules*" \
-      >"$logs/gdb-roundtrip.log" 2>&1
-    note "round trip under gdb: $(grep -E 'passed|failed|SIGSEGV' "$logs/gdb-roundtrip.log" | head -3 | tr '\n' ' ')"
-    grep -A25 SIGSEGV "$logs/gdb-roundtrip.log" | head -40
-  else
-    note "no gdb on this machine"
-  fi
+  build-gpu/tests/fabric_core_tests --reporter compact >"$logs/core.log" 2>&1
+  note "torch-free tests (environments, launchers): exit $? | $(tail -2 "$logs/core.log" | tr '\n' ' ')"
+  for s in build-gpu/tests/static/fabric_static_policies build-gpu/tests/static/fabric_static_one_process; do
+    [ -x "$s" ] && { $s; note "$(basename $s) (built, ran): exit $?"; }
+  done
 fi
 
 if [[ " $steps " == *" dist "* ]]; then
