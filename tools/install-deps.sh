@@ -4,7 +4,7 @@ set -euo pipefail
 
 need=(build-essential cmake ninja-build pkg-config git
       libtorch-dev libgloo-dev libfmt-dev librange-v3-dev dataset-fashion-mnist zlib1g-dev
-      python3-torch openmpi-bin)
+      python3-torch openmpi-bin iproute2)
 backports=(catch2)
 
 missing=()
