@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs a job on two simulated machines: two Linux network namespaces joined by a veth pair, each "node" with
 # its own interface and address, and one launcher per node started inside its namespace, as on two hosts.
-#     two_nodes.sh [--fail-within S] [--expect REGEX]... LAUNCHER -- WORKER ARGS...
+#     two_nodes.sh [--fail-within S] [--expect REGEX]... [--partition] LAUNCHER -- WORKER ARGS...
 # LAUNCHER is one of
 #     fabric-run PATH   fabric-run --num-nodes 2 --node-rank R --main-address A --main-port P --devices 2
 #     torchrun PATH     torchrun --nnodes 2 --node_rank R --nproc_per_node 2 --rdzv_backend static
@@ -15,6 +15,9 @@
 # non-zero within S seconds of the start. Either way every --expect REGEX must match the output (each line is
 # prefixed with "[nodeR] "), and no process may be left in the namespaces (or anywhere with the tag) once the
 # launchers have ended. The namespaces are deleted at exit, whatever happens.
+# --partition: once node 1's processes hold their Gloo connections to node 0 (and a second more, so that
+# training runs), node 1's interface goes down: it vanishes from the network without closing its connections
+# (no FIN, no RST), as a machine that loses power or its link; only the timeouts can stop the job then.
 # Exits 77 (the tests' SKIP_RETURN_CODE) when network namespaces cannot be made here (root or CAP_NET_ADMIN and
 # CAP_SYS_ADMIN are needed), saying why.
 set -u
@@ -41,15 +44,18 @@ if [ "${1:-}" = "--slurm-node" ]; then
 fi
 
 usage() {
-  echo "usage: two_nodes.sh [--fail-within S] [--expect REGEX]... fabric-run PATH|torchrun PATH|slurm -- WORKER ARGS..." >&2
+  echo "usage: two_nodes.sh [--fail-within S] [--expect REGEX]... [--partition] fabric-run PATH|torchrun PATH|slurm" \
+    "-- WORKER ARGS..." >&2
   exit 2
 }
 fail_within=""
 expects=()
+partition=false
 while [ $# -gt 0 ]; do
   case $1 in
   --fail-within) fail_within=$2 && shift 2 ;;
   --expect) expects+=("$2") && shift 2 ;;
+  --partition) partition=true && shift ;;
   *) break ;;
   esac
 done
@@ -57,7 +63,11 @@ done
 launcher=$1
 launcher_path=""
 case $launcher in
-fabric-run | torchrun) [ $# -ge 2 ] || usage && launcher_path=$2 && shift 2 ;;
+fabric-run | torchrun)
+  [ $# -ge 2 ] || usage
+  launcher_path=$2
+  shift 2
+  ;;
 slurm) shift ;;
 *) usage ;;
 esac
@@ -74,7 +84,7 @@ port=29500  # NOTE: the namespaces have their own port spaces: no clash with the
 namespaces=()
 addresses=()
 ifnames=()
-pids=()
+running=()  # the nodes' pids (each its process group) not yet reaped
 timer=""
 logs_shown=false
 tmp=$(mktemp -d "${FABRIC_TEST_TMP:-${TMPDIR:-/tmp}}/two_nodes.XXXXXX") || exit 1
@@ -96,7 +106,8 @@ cleanup() {
   trap - EXIT INT TERM
   [ -n "$timer" ] && kill "$timer" 2>/dev/null
   show_logs
-  for pid in "${pids[@]}"; do kill -KILL -- "-$pid" 2>/dev/null; done
+  for pid in "${running[@]}"; do kill -KILL -- "-$pid" 2>/dev/null; done
+  [ ${#running[@]} -eq 0 ] || { wait "${running[@]}"; } 2>/dev/null
   for ns in "${namespaces[@]}"; do
     local left
     left=$(ip netns pids "$ns" 2>/dev/null)
@@ -161,6 +172,14 @@ node_command() {
   slurm) cmd=("$self" --slurm-node "$r" "$main" "$job" -- "${worker[@]}" --tag "$tag") ;;
   esac
 }
+# The rendezvous store's port on node 0: fabric's SLURM environment takes the job id's last 4 digits + 15000.
+store_port=$port
+[ "$launcher" != slurm ] || store_port=$((15000 + job))
+
+# Node 1's established connections to node 0 other than those to the store: its Gloo pairs with node 0's ranks.
+pairs_to_node0() {
+  ip netns exec "${namespaces[1]}" ss -Htn state established dst "$main" and not dport = ":$store_port" | wc -l
+}
 
 # Each node in a session of its own (setsid: its pid is its process group), inside its namespace.
 declare -A node_of
@@ -169,9 +188,23 @@ for ((r = 0; r < nodes; r++)); do
   node_command "$r"
   setsid ip netns exec "${namespaces[r]}" env GLOO_SOCKET_IFNAME="${ifnames[r]}" OMP_NUM_THREADS=1 "${cmd[@]}" \
     >"$tmp/node$r.log" 2>&1 </dev/null &
-  pids+=($!)
+  running+=($!)
   node_of[$!]=$r
 done
+
+cut_ms=""
+if $partition; then
+  for ((i = 0; i < 300; i++)); do
+    [ "$(pairs_to_node0)" -ge $((per_node * per_node)) ] && break
+    for pid in "${running[@]}"; do kill -0 "$pid" 2>/dev/null || fail "node ${node_of[$pid]} ended before the partition"; done
+    sleep 0.1
+  done
+  [ "$(pairs_to_node0)" -ge $((per_node * per_node)) ] || fail "node 1's processes did not connect to node 0's"
+  sleep 1
+  ip -n "${namespaces[1]}" link set "${ifnames[1]}" down || fail "cannot take ${ifnames[1]} down"
+  cut_ms=$(($(now_ms) - start_ms))
+  echo "two_nodes: node 1's link went down after $cut_ms ms"
+fi
 
 # Wait for both nodes, or for the limit: the failure's limit, else well below CTest's TIMEOUT of 180 s so that
 # this script (and its cleanup) always ends first.
@@ -183,13 +216,15 @@ elapsed=()
 hung=false
 for ((n = 0; n < nodes; n++)); do
   done_pid=""
-  wait -n -p done_pid "${pids[@]}" "$timer"
+  wait -n -p done_pid "${running[@]}" "$timer"
   code=$?
   if [ "$done_pid" = "$timer" ]; then
     hung=true
     break
   fi
+  [ -n "$done_pid" ] || fail "wait failed with code $code"
   r=${node_of[$done_pid]}
+  for i in "${!running[@]}"; do [ "${running[i]}" != "$done_pid" ] || unset "running[i]"; done
   codes[r]=$code
   elapsed[r]=$(($(now_ms) - start_ms))
 done
@@ -198,12 +233,15 @@ timer=""
 show_logs
 for ((r = 0; r < nodes; r++)); do
   if [ -n "${codes[r]:-}" ]; then
-    echo "two_nodes: node $r exited with code ${codes[r]} after ${elapsed[r]} ms"
+    echo "two_nodes: node $r exited with code ${codes[r]} after ${elapsed[r]} ms${cut_ms:+ ($((elapsed[r] - cut_ms)) ms after the partition)}"
   else
     echo "two_nodes: node $r was still running after $limit s"
   fi
 done
-$hung && fail "a node did not end within $limit s"
+if $hung; then
+  ps -o pid,args -p "$(for ns in "${namespaces[@]}"; do ip netns pids "$ns"; done | paste -sd,)" 2>/dev/null
+  fail "a node did not end within $limit s"
+fi
 output=$(for ((r = 0; r < nodes; r++)); do sed "s/^/[node$r] /" "$tmp/node$r.log"; done)
 
 # Nothing may outlive the launchers (the kernel may take a moment to reap what they killed).
@@ -214,8 +252,7 @@ for ((i = 0; i < 20; i++)); do
   sleep 0.1
 done
 if [ -n "$left" ]; then
-  # shellcheck disable=SC2086 # one pid per word
-  ps -o pid,args -p $(echo $left | tr ' ' ',') 2>/dev/null
+  ps -o pid,args -p "$(paste -sd, <<<"$left")" 2>/dev/null
   fail "processes were left behind after the launchers ended"
 fi
 
