@@ -39,6 +39,7 @@ if [[ " $steps " == *" test "* ]]; then
   t=build-gpu/tests/fabric_tests
   # NOTE: fabric's CMake names libstdc++ before libtorch (the wheel's libtorch exports std::filesystem).
   note "NEEDED of fabric_tests: $(readelf -d $t | awk '/NEEDED/ {print $5}' | tr -d '[]' | tr '\n' ' ')"
+  note "std::filesystem::remove_all in fabric_tests: $(nm -C $t | grep -c ' [Tt] std::filesystem::remove_all') definition(s) of its own"
   $t --reporter compact >"$logs/unit.log" 2>&1
   note "unit tests (all, CUDA visible): exit $? | $(tail -2 "$logs/unit.log" | tr '\n' ' ')"
   grep -E "failed|FAILED|error" "$logs/unit.log" | head -20

@@ -96,7 +96,9 @@ TEST_CASE("gpt2: fabric trains a tiny GPT (the loss falls on a repeated batch)",
   gpt2::GPT net(config);
   torch::optim::AdamW adamw(net->parameters(), torch::optim::AdamWOptions(3e-3).weight_decay(0.1));
   auto [model, optimizer] = fabric.setup(net, adamw);
-  const at::Tensor tokens = torch::randint(config.vocab_size, {4, config.block_size + 1}, torch::kLong);
+  // NOTE: Fabric<> picks the GPU where there is one; the batch goes to the fabric's device.
+  const at::Tensor tokens =
+      fabric.to_device(torch::randint(config.vocab_size, {4, config.block_size + 1}, torch::kLong));
   const at::Tensor x = tokens.narrow(1, 0, config.block_size), y = tokens.narrow(1, 1, config.block_size);
   double first = 0.0, last = 0.0;
   for (int step = 0; step < 8; ++step) {
