@@ -67,15 +67,20 @@ inline constexpr bool dependent_false_v = false;
 namespace fabric {
 namespace detail {
 
+/// The accelerator chooses among several device types at run time (fabric::Auto): `device_types`.
+template <class A>
+concept chooses_device_type = requires {
+  { *A::device_types.begin() } -> std::convertible_to<c10::DeviceType>;
+};
+/// The accelerator runs on one device type: `device_type`.
+template <class A>
+concept has_device_type = requires {
+  { A::device_type } -> std::convertible_to<c10::DeviceType>;
+};
 /// The accelerator says which device types it may run on: one `device_type`, or `device_types`
 /// (fabric::Auto, which chooses at run time); precisions check their combinations against them.
 template <class A>
-concept names_device_types = requires {
-  { A::device_type } -> std::convertible_to<c10::DeviceType>;
-}
-|| requires {
-  { *A::device_types.begin() } -> std::convertible_to<c10::DeviceType>;
-};
+concept names_device_types = has_device_type<A> || chooses_device_type<A>;
 /// The accelerator can tell whether it is usable on this machine (before any device is touched).
 template <class A>
 concept reports_availability = requires {
@@ -166,7 +171,7 @@ consteval bool check_accelerator() {
 /// accelerator that chooses at run time (fabric::Auto), else its one `A::device_type`.
 template <class A>
 constexpr bool may_run_on(c10::DeviceType type) noexcept {
-  if constexpr (requires { A::device_types; }) {
+  if constexpr (chooses_device_type<A>) {
     for (const auto t : A::device_types) {
       if (t == type) return true;
     }
@@ -3101,6 +3106,22 @@ template <class L>
 concept logger_logs_hyperparams = requires(L& l, const Hyperparameters& h) {
   l.log_hyperparams(h);
 };
+/// Optional: the logger names its directories.
+template <class L>
+concept logger_has_dirs = requires(const L& l) {
+  { l.root_dir() } -> std::convertible_to<std::filesystem::path>;
+  { l.log_dir() } -> std::convertible_to<std::filesystem::path>;
+};
+/// Optional: the logger writes what it buffers.
+template <class L>
+concept logger_saves = requires(L& l) {
+  l.save();
+};
+/// Optional: the logger closes its run with a status.
+template <class L>
+concept logger_finalizes = requires(L& l, std::string_view status) {
+  l.finalize(status);
+};
 
 }  // namespace detail
 
@@ -3142,11 +3163,11 @@ class LoggerAdapter final : public Logger {
   std::string name() const override { return logger_->name(); }
   std::string version() const override { return logger_->version(); }
   std::filesystem::path root_dir() const override {
-    if constexpr (requires { logger_->root_dir(); }) return logger_->root_dir();
+    if constexpr (logger_has_dirs<L>) return logger_->root_dir();
     return {};
   }
   std::filesystem::path log_dir() const override {
-    if constexpr (requires { logger_->log_dir(); }) return logger_->log_dir();
+    if constexpr (logger_has_dirs<L>) return logger_->log_dir();
     return {};
   }
   void log_metrics(const Metrics& metrics, std::optional<std::int64_t> step) override {
@@ -3154,10 +3175,10 @@ class LoggerAdapter final : public Logger {
   }
   void log_hyperparams(const Hyperparameters& params) override { logger_->log_hyperparams(params); }
   void save() override {
-    if constexpr (requires { logger_->save(); }) logger_->save();
+    if constexpr (logger_saves<L>) logger_->save();
   }
   void finalize(std::string_view status) override {
-    if constexpr (requires { logger_->finalize(status); }) {
+    if constexpr (logger_finalizes<L>) {
       logger_->finalize(status);
     } else {
       save();

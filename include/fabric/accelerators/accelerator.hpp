@@ -13,15 +13,20 @@
 namespace fabric {
 namespace detail {
 
+/// The accelerator chooses among several device types at run time (fabric::Auto): `device_types`.
+template <class A>
+concept chooses_device_type = requires {
+  { *A::device_types.begin() } -> std::convertible_to<c10::DeviceType>;
+};
+/// The accelerator runs on one device type: `device_type`.
+template <class A>
+concept has_device_type = requires {
+  { A::device_type } -> std::convertible_to<c10::DeviceType>;
+};
 /// The accelerator says which device types it may run on: one `device_type`, or `device_types`
 /// (fabric::Auto, which chooses at run time); precisions check their combinations against them.
 template <class A>
-concept names_device_types = requires {
-  { A::device_type } -> std::convertible_to<c10::DeviceType>;
-}
-|| requires {
-  { *A::device_types.begin() } -> std::convertible_to<c10::DeviceType>;
-};
+concept names_device_types = has_device_type<A> || chooses_device_type<A>;
 /// The accelerator can tell whether it is usable on this machine (before any device is touched).
 template <class A>
 concept reports_availability = requires {
@@ -112,7 +117,7 @@ consteval bool check_accelerator() {
 /// accelerator that chooses at run time (fabric::Auto), else its one `A::device_type`.
 template <class A>
 constexpr bool may_run_on(c10::DeviceType type) noexcept {
-  if constexpr (requires { A::device_types; }) {
+  if constexpr (chooses_device_type<A>) {
     for (const auto t : A::device_types) {
       if (t == type) return true;
     }

@@ -64,6 +64,22 @@ template <class L>
 concept logger_logs_hyperparams = requires(L& l, const Hyperparameters& h) {
   l.log_hyperparams(h);
 };
+/// Optional: the logger names its directories.
+template <class L>
+concept logger_has_dirs = requires(const L& l) {
+  { l.root_dir() } -> std::convertible_to<std::filesystem::path>;
+  { l.log_dir() } -> std::convertible_to<std::filesystem::path>;
+};
+/// Optional: the logger writes what it buffers.
+template <class L>
+concept logger_saves = requires(L& l) {
+  l.save();
+};
+/// Optional: the logger closes its run with a status.
+template <class L>
+concept logger_finalizes = requires(L& l, std::string_view status) {
+  l.finalize(status);
+};
 
 }  // namespace detail
 
@@ -105,11 +121,11 @@ class LoggerAdapter final : public Logger {
   std::string name() const override { return logger_->name(); }
   std::string version() const override { return logger_->version(); }
   std::filesystem::path root_dir() const override {
-    if constexpr (requires { logger_->root_dir(); }) return logger_->root_dir();
+    if constexpr (logger_has_dirs<L>) return logger_->root_dir();
     return {};
   }
   std::filesystem::path log_dir() const override {
-    if constexpr (requires { logger_->log_dir(); }) return logger_->log_dir();
+    if constexpr (logger_has_dirs<L>) return logger_->log_dir();
     return {};
   }
   void log_metrics(const Metrics& metrics, std::optional<std::int64_t> step) override {
@@ -117,10 +133,10 @@ class LoggerAdapter final : public Logger {
   }
   void log_hyperparams(const Hyperparameters& params) override { logger_->log_hyperparams(params); }
   void save() override {
-    if constexpr (requires { logger_->save(); }) logger_->save();
+    if constexpr (logger_saves<L>) logger_->save();
   }
   void finalize(std::string_view status) override {
-    if constexpr (requires { logger_->finalize(status); }) {
+    if constexpr (logger_finalizes<L>) {
       logger_->finalize(status);
     } else {
       save();
