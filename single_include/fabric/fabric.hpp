@@ -7321,14 +7321,20 @@ class ParallelStrategy : public StrategyBase {
     }
     backend_ =
         options_.process_group_backend.empty() ? (device.is_cuda() ? "nccl" : "gloo") : options_.process_group_backend;
-    pg_ = detail::make_process_group(backend_,
-                                     {.address = topology_.main_address,
-                                      .port = topology_.main_port,
-                                      .rank = topology_.global_rank,
-                                      .world_size = topology_.world_size,
-                                      .timeout = options_.timeout,
-                                      .launcher_hosts_store = topology_.store_hosted_by_launcher},
-                                     num_nodes_ == 1);
+    try {
+      pg_ = detail::make_process_group(backend_,
+                                       {.address = topology_.main_address,
+                                        .port = topology_.main_port,
+                                        .rank = topology_.global_rank,
+                                        .world_size = topology_.world_size,
+                                        .timeout = options_.timeout,
+                                        .launcher_hosts_store = topology_.store_hosted_by_launcher},
+                                       num_nodes_ == 1);
+    } catch (...) {
+      // NOTE: the processes this one started cannot meet without it: teardown stops them.
+      failed_ = true;
+      throw;
+    }
   }
 
   // ---- the step ----
