@@ -59,6 +59,11 @@ if [[ " $steps " == *" dist "* ]]; then
     $w $s >"$logs/dist.log" 2>&1
     note "nccl ddp_worker $s: exit $? | $(tail -1 "$logs/dist.log")"
   done
+  # The rendezvous of a world of two nodes whose second never comes names it, within the timeout.
+  tests/dist/expect_failure.sh 20 "rank 1 never arrived" -- env TORCHELASTIC_RUN_ID=gpu WORLD_SIZE=2 RANK=0 \
+    LOCAL_RANK=0 GROUP_RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT=29581 $w train --devices 1 --num-nodes 2 --external \
+    --cuda --timeout-s 5 >"$logs/rendezvous.log" 2>&1
+  note "nccl rendezvous without its second node: exit $? | $(grep -m1 'never arrived' "$logs/rendezvous.log" | cut -c1-160)"
 fi
 
 if [[ " $steps " == *" example "* ]]; then
