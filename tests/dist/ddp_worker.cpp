@@ -13,6 +13,8 @@
 
 #include <fabric/distributed.hpp>
 
+#include "unit/strategies/environments/scheduler.hpp"
+
 #include <torch/torch.h>
 
 #include <csignal>
@@ -157,26 +159,6 @@ void copy_params(const Net& from, Net& to) {
   for (std::size_t i = 0; i < src.size(); ++i) dst[i].copy_(src[i]);
 }
 
-/// A cluster environment written outside the library: SCHED_RANK of SCHED_SIZE processes, SCHED_PER_NODE
-/// per node, meeting at SCHED_ADDR:SCHED_PORT (fake_scheduler.sh sets them).
-struct SchedulerEnvironment {
-  static constexpr std::string_view name = "scheduler";
-  static bool detect(const fabric::EnvLookup& env) { return env("SCHED_RANK").has_value(); }
-  fabric::Topology topology(const fabric::EnvLookup& env, int /*devices*/, int /*num_nodes*/) const {
-    const int per_node = fabric::detail::env_required_int(env, "SCHED_PER_NODE", "the scheduler");
-    fabric::Topology t;
-    t.name = name;
-    t.creates_processes_externally = true;
-    t.world_size = fabric::detail::env_required_int(env, "SCHED_SIZE", "the scheduler");
-    t.global_rank = fabric::detail::env_required_int(env, "SCHED_RANK", "the scheduler");
-    t.local_rank = t.global_rank % per_node;
-    t.node_rank = t.global_rank / per_node;
-    t.main_address = env("SCHED_ADDR").value_or("127.0.0.1");
-    t.main_port = fabric::detail::env_port(env, "SCHED_PORT").value_or(29400);
-    return t;
-  }
-};
-
 fabric::DDP::Options ddp_options(const Args& a) {
   fabric::DDP::Options o;
   o.bucket_cap_mb = a.bucket_cap_mb;
@@ -186,7 +168,7 @@ fabric::DDP::Options ddp_options(const Args& a) {
   o.timeout = std::chrono::seconds(a.timeout_s);
   if (a.comm_hook == "fp16") o.comm_hook = fabric::DDP::CommHook::fp16;
   if (a.comm_hook == "bf16") o.comm_hook = fabric::DDP::CommHook::bf16;
-  if (a.env == "scheduler") o.cluster_environment = SchedulerEnvironment{};
+  if (a.env == "scheduler") o.cluster_environment = fabric_test::SchedulerEnvironment{};
   if (a.env == "kubeflow") o.cluster_environment = fabric::KubeflowEnvironment{};
   if (!a.env.empty() && a.env != "scheduler" && a.env != "kubeflow") throw std::invalid_argument("unknown --env");
   return o;

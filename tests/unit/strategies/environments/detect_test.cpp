@@ -5,6 +5,7 @@
 #include <fabric/strategies/environments/detect.hpp>
 
 #include "unit/strategies/environments/fake_env.hpp"
+#include "unit/strategies/environments/scheduler.hpp"
 
 #include <catch2/catch_test_macros.hpp>
 #include <catch2/matchers/catch_matchers_string.hpp>
@@ -19,28 +20,9 @@ using fabric_test::with;
 
 namespace {
 
-/// A scheduler of one's own: SCHED_RANK of SCHED_SIZE processes, SCHED_PER_NODE per node, meeting at SCHED_HOST.
-struct Scheduler {
-  static constexpr std::string_view name = "scheduler";
-  std::string host_variable = "SCHED_HOST";
+using Scheduler = fabric_test::SchedulerEnvironment;
 
-  static bool detect(const fabric::EnvLookup& env) { return env("SCHED_RANK").has_value(); }
-  fabric::Topology topology(const fabric::EnvLookup& env, int /*devices*/, int /*num_nodes*/) const {
-    const int per_node = fabric::detail::env_required_int(env, "SCHED_PER_NODE", "the scheduler");
-    fabric::Topology t;
-    t.name = name;
-    t.creates_processes_externally = true;
-    t.world_size = fabric::detail::env_required_int(env, "SCHED_SIZE", "the scheduler");
-    t.global_rank = fabric::detail::env_required_int(env, "SCHED_RANK", "the scheduler");
-    t.local_rank = t.global_rank % per_node;
-    t.node_rank = t.global_rank / per_node;
-    t.main_address = env(host_variable).value_or("127.0.0.1");
-    t.main_port = 4242;
-    return t;
-  }
-};
-
-const Vars scheduled{{"SCHED_RANK", "3"}, {"SCHED_SIZE", "4"}, {"SCHED_PER_NODE", "2"}, {"SCHED_HOST", "head"}};
+const Vars scheduled{{"SCHED_RANK", "3"}, {"SCHED_SIZE", "4"}, {"SCHED_PER_NODE", "2"}, {"SCHED_ADDR", "head"}};
 const Vars slurm{{"SLURM_NTASKS", "2"},       {"SLURM_JOB_NAME", "SOME_NAME"}, {"SLURM_NODEID", "0"},
                  {"LOCAL_RANK", "0"},         {"SLURM_PROCID", "0"},           {"SLURM_LOCALID", "0"},
                  {"SLURM_NODELIST", "n[1-2]"}};
@@ -60,7 +42,7 @@ TEST_CASE("a user's environment passed explicitly is used even where SLURM's var
   CHECK(t.main_address == "head");
   CHECK(t.main_port == 4242);
   // Settings travel with the environment object.
-  CHECK(fabric::AnyEnvironment(Scheduler{.host_variable = "OTHER"}).topology(fake(scheduled), 2, 2).main_address ==
+  CHECK(fabric::AnyEnvironment(Scheduler{.address_variable = "OTHER"}).topology(fake(scheduled), 2, 2).main_address ==
         "127.0.0.1");
 }
 
