@@ -797,7 +797,8 @@ inline constexpr bool is_unique_v<TypeList<Ts...>> = ((detail::count_of<Ts, Ts..
 }  // namespace fabric
 // ---- end fabric/core/type_list.hpp
 // ---- begin fabric/core/version.hpp
-// The library's version, as macros and as a constexpr value. Torch-free.
+// The library's version, as macros and as a constexpr value: the one place it is written (the CMake
+// project reads it from here). Torch-free.
 
 #include <string_view>
 
@@ -806,10 +807,16 @@ inline constexpr bool is_unique_v<TypeList<Ts...>> = ((detail::count_of<Ts, Ts..
 #define FABRIC_VERSION_PATCH 0
 #define FABRIC_VERSION (FABRIC_VERSION_MAJOR * 10000 + FABRIC_VERSION_MINOR * 100 + FABRIC_VERSION_PATCH)
 
+#define FABRIC_DETAIL_STRINGIFY(x) #x
+#define FABRIC_DETAIL_VERSION_STRING(major, minor, patch) \
+  FABRIC_DETAIL_STRINGIFY(major) "." FABRIC_DETAIL_STRINGIFY(minor) "." FABRIC_DETAIL_STRINGIFY(patch)
+
 namespace fabric {
 
 /// Returns the library version as "major.minor.patch".
-constexpr std::string_view version() noexcept { return "0.1.0"; }
+constexpr std::string_view version() noexcept {
+  return FABRIC_DETAIL_VERSION_STRING(FABRIC_VERSION_MAJOR, FABRIC_VERSION_MINOR, FABRIC_VERSION_PATCH);
+}
 
 }  // namespace fabric
 // ---- end fabric/core/version.hpp
@@ -5674,9 +5681,14 @@ TORCH_API std::tuple<std::vector<std::vector<size_t>>, std::vector<size_t>> comp
 #endif
 
 // NOTE: LibTorch's CMake config defines USE_C10D_GLOO even where the gloo headers are missing (the
-// PyTorch wheel), so check for the headers as well.
-#if defined(USE_C10D_GLOO) && __has_include(<gloo/config.h>)
+// PyTorch wheel), and a plain compiler line does not define it at all: fabric decides by the headers, and
+// defines the macro ProcessGroupGloo.hpp is guarded by where they exist (Debian's libtorch-dev with
+// libgloo-dev, whose libtorch_cpu has Gloo built in).
+#if __has_include(<gloo/config.h>) && __has_include(<torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>)
 #define FABRIC_HAS_GLOO 1
+#ifndef USE_C10D_GLOO
+#define USE_C10D_GLOO 1
+#endif
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #else
 #define FABRIC_HAS_GLOO 0

@@ -27,9 +27,14 @@
 #endif
 
 // NOTE: LibTorch's CMake config defines USE_C10D_GLOO even where the gloo headers are missing (the
-// PyTorch wheel), so check for the headers as well.
-#if defined(USE_C10D_GLOO) && __has_include(<gloo/config.h>)
+// PyTorch wheel), and a plain compiler line does not define it at all: fabric decides by the headers, and
+// defines the macro ProcessGroupGloo.hpp is guarded by where they exist (Debian's libtorch-dev with
+// libgloo-dev, whose libtorch_cpu has Gloo built in).
+#if __has_include(<gloo/config.h>) && __has_include(<torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>)
 #define FABRIC_HAS_GLOO 1
+#ifndef USE_C10D_GLOO
+#define USE_C10D_GLOO 1
+#endif
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #else
 #define FABRIC_HAS_GLOO 0
