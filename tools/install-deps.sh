@@ -4,7 +4,7 @@ set -euo pipefail
 
 need=(build-essential cmake ninja-build pkg-config git
       libtorch-dev libgloo-dev libfmt-dev librange-v3-dev dataset-fashion-mnist zlib1g-dev
-      python3-torch openmpi-bin iproute2)
+      libcli11-dev nlohmann-json3-dev python3-torch openmpi-bin iproute2 clang-19)
 backports=(catch2)
 
 missing=()
