@@ -5,8 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 build=${FABRIC_BUILD_DIR:-build/example}
 
-echo "==> fabric: installing missing dependencies"
-tools/install-deps.sh
+echo "==> fabric: installing what the example needs and is missing"
+tools/install-deps.sh example
 echo "==> fabric: configuring and building the example in $build"
 cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DFABRIC_BUILD_TESTS=OFF -DFABRIC_BUILD_BENCH=OFF
 cmake --build "$build" -j "$(nproc)" --target fashion_mnist

@@ -1,14 +1,29 @@
 #!/usr/bin/env bash
 # Installs what fabric needs on Debian 12 (bookworm), only what is missing. Idempotent.
+#     tools/install-deps.sh [example|all]
 set -euo pipefail
 
-need=(build-essential cmake ninja-build pkg-config git
-      libtorch-dev libgloo-dev libfmt-dev librange-v3-dev dataset-fashion-mnist zlib1g-dev
-      libcli11-dev nlohmann-json3-dev python3-torch openmpi-bin iproute2 clang-19)
-backports=(catch2)
+# What each command needs: `example` (tools/example.sh: build and train the Fashion-MNIST example), or all
+# of it (tools/test.sh: the tests also need Catch2, Python's torchrun, mpirun, ip and clang).
+example=(build-essential cmake ninja-build
+         libtorch-dev libgloo-dev libfmt-dev librange-v3-dev libcli11-dev zlib1g-dev dataset-fashion-mnist)
+case "${1:-all}" in
+  example)
+    need=("${example[@]}")
+    backports=()
+    ;;
+  all)
+    need=("${example[@]}" pkg-config git nlohmann-json3-dev python3-torch openmpi-bin iproute2 clang-19)
+    backports=(catch2)
+    ;;
+  *)
+    echo "install-deps.sh: expected 'example' or 'all' (the default), found '$1'" >&2
+    exit 2
+    ;;
+esac
 
 missing=()
-for p in "${need[@]}" "${backports[@]}"; do
+for p in "${need[@]}" "${backports[@]+"${backports[@]}"}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
 done
 if [ ${#missing[@]} -eq 0 ]; then
@@ -21,7 +36,7 @@ sudo=""
 [ "$(id -u)" -eq 0 ] || sudo="sudo"
 export DEBIAN_FRONTEND=noninteractive
 
-if ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
+if [ ${#backports[@]} -gt 0 ] && ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
   echo "fabric: adding the bookworm-backports suite (for Catch2 v3)"
   printf 'Types: deb\nURIs: http://deb.debian.org/debian\nSuites: bookworm-backports\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' |
     $sudo tee /etc/apt/sources.list.d/fabric-backports.sources >/dev/null
