@@ -1,0 +1,61 @@
+# Configures, builds and runs a consumer project (the Conan recipe's test_package, which is plain CMake:
+# find_package(fabric CONFIG REQUIRED) and fabric::fabric) against an installed prefix, and checks that
+# it found fabric there and printed the expected version.
+#   cmake -DCONSUMER_DIR=... -DPREFIX=... -DBINARY_DIR=... -DEXPECT_VERSION=... [-DGENERATOR=...]
+#         [-DCXX_COMPILER=...] [-DJOBS=2] -P consumer.cmake
+cmake_minimum_required(VERSION 3.20)
+foreach(var CONSUMER_DIR PREFIX BINARY_DIR EXPECT_VERSION)
+  if(NOT DEFINED ${var})
+    message(FATAL_ERROR "consumer.cmake needs -D${var}=...")
+  endif()
+endforeach()
+if(NOT JOBS)
+  set(JOBS 2)
+endif()
+
+set(args -DCMAKE_BUILD_TYPE=Release "-DCMAKE_PREFIX_PATH=${PREFIX}" -DCMAKE_FIND_PACKAGE_NO_PACKAGE_REGISTRY=ON)
+if(GENERATOR)
+  list(APPEND args -G "${GENERATOR}")
+endif()
+if(CXX_COMPILER)
+  list(APPEND args "-DCMAKE_CXX_COMPILER=${CXX_COMPILER}")
+endif()
+file(REMOVE_RECURSE "${BINARY_DIR}")
+execute_process(COMMAND "${CMAKE_COMMAND}" -S "${CONSUMER_DIR}" -B "${BINARY_DIR}" ${args} RESULT_VARIABLE rc)
+if(rc)
+  message(FATAL_ERROR "configuring the consumer against ${PREFIX} failed")
+endif()
+
+# find_package must have taken the prefix's fabric, not another installed one.
+file(STRINGS "${BINARY_DIR}/CMakeCache.txt" fabric_dir REGEX "^fabric_DIR:")
+string(REGEX REPLACE "^fabric_DIR:[A-Z]+=" "" fabric_dir "${fabric_dir}")
+file(REAL_PATH "${PREFIX}" real_prefix)
+if(fabric_dir)
+  file(REAL_PATH "${fabric_dir}" fabric_dir)
+endif()
+if(NOT fabric_dir STREQUAL "${real_prefix}/share/fabric")
+  message(FATAL_ERROR "find_package(fabric) found '${fabric_dir}', expected ${real_prefix}/share/fabric")
+endif()
+
+string(TIMESTAMP start "%s")
+execute_process(COMMAND "${CMAKE_COMMAND}" --build "${BINARY_DIR}" --config Release -j ${JOBS} RESULT_VARIABLE rc)
+if(rc)
+  message(FATAL_ERROR "building the consumer failed")
+endif()
+string(TIMESTAMP end "%s")
+math(EXPR seconds "${end} - ${start}")
+message(STATUS "consumer built in ${seconds} s")
+
+set(program "${BINARY_DIR}/test_package")
+if(NOT EXISTS "${program}")
+  set(program "${BINARY_DIR}/Release/test_package") # a multi-configuration generator's
+endif()
+execute_process(COMMAND "${program}" RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE out)
+message("${out}")
+if(NOT rc EQUAL 0)
+  message(FATAL_ERROR "the consumer exited with ${rc}")
+endif()
+string(REPLACE "." "\\." version_regex "${EXPECT_VERSION}")
+if(NOT out MATCHES "fabric ${version_regex}[,\n]")
+  message(FATAL_ERROR "the consumer did not print 'fabric ${EXPECT_VERSION}'")
+endif()
