@@ -1,10 +1,11 @@
 // fabric-run: starts the local processes of a distributed job with torchrun's environment variables, like
-// `fabric run` / `torchrun`, and stops them all when one fails. Links fmt only (no LibTorch).
+// `fabric run` / `torchrun`, and stops them all when one fails. Links fmt and CLI11 only (no LibTorch).
 
 #include <fabric/strategies/environments/detect.hpp>
 #include <fabric/strategies/launchers/subprocess.hpp>
 
 #include <fmt/format.h>
+#include <CLI/CLI.hpp>
 
 #include <signal.h>
 #include <unistd.h>
@@ -12,7 +13,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdio>
-#include <optional>
+#include <cstdlib>
 #include <string>
 #include <string_view>
 #include <thread>
@@ -21,22 +22,19 @@
 
 namespace {
 
-constexpr std::string_view usage = R"(usage: fabric-run [options] [--] PROGRAM [ARGS...]
+constexpr std::string_view description = R"(usage: fabric-run [options] [--] PROGRAM [ARGS...]
 
 Starts --devices copies of PROGRAM on this node with the variables torchrun sets (RANK, LOCAL_RANK, WORLD_SIZE,
 LOCAL_WORLD_SIZE, GROUP_RANK, NODE_RANK, MASTER_ADDR, MASTER_PORT, TORCHELASTIC_RUN_ID), so that fabric detects the
 "torchelastic" environment; NCCL_NVLS_ENABLE=0 and OMP_NUM_THREADS=<cores / N> unless they are set. Run it once on
 every node. The program's fabric.launch() starts nothing more under it. When one process fails, the others are
-stopped and fabric-run exits with its code; SIGINT and SIGTERM are passed on to the processes.
+stopped and fabric-run exits with its code; SIGINT and SIGTERM are passed on to the processes.)";
 
-options (also --name=value):
-  --devices N         processes on this node (default 1)
-  --num-nodes M       number of nodes (default 1)
-  --node-rank R       rank of this node, 0..M-1 (default 0)
-  --main-address A    address of the node of rank 0 (default 127.0.0.1; required with M > 1)
-  --main-port P       port of the rendezvous on the main address, 1..65535 (default 29400)
-  -h, --help          show this help
-)";
+/// CLI11's help with the usage line first (it opens the description), then the options.
+class Help : public CLI::Formatter {
+ public:
+  std::string make_usage(const CLI::App* /*app*/, std::string /*name*/) const override { return {}; }
+};
 
 /// The parsed command line.
 struct Arguments {
@@ -55,52 +53,73 @@ struct Arguments {
   std::exit(2);
 }
 
-/// Parses an integer flag value in [low, high].
-int parse_flag(std::string_view flag, std::string_view text, long long low, long long high) {
-  auto value = fabric::detail::parse_integer(text);
-  if (!value) fail(fmt::format("expected an integer for {}, found {:?}", flag, text));
-  if (*value < low || *value > high) fail(fmt::format("expected {} in {}..{}, found {}", flag, low, high, *value));
-  return static_cast<int>(*value);
-}
-
+/// Parses the command line with CLI11: the options end at the first argument that is not one (or at --), where
+/// the program's command line starts. Exits with 2 when it is bad, with 0 after printing the help.
 Arguments parse(int argc, char** argv) {
   Arguments args;
-  int i = 1;
-  for (; i < argc; ++i) {
-    std::string_view arg = argv[i];
-    if (arg == "--") {
-      ++i;
-      break;
-    }
-    if (arg == "-h" || arg == "--help") {
-      std::fputs(usage.data(), stdout);
-      std::exit(0);
-    }
-    if (!arg.starts_with("-")) break;
-    std::string_view name = arg;
-    std::optional<std::string_view> value;
-    if (auto eq = arg.find('='); eq != std::string_view::npos) {
-      name = arg.substr(0, eq);
-      value = arg.substr(eq + 1);
-    }
-    const bool known = name == "--devices" || name == "--num-nodes" || name == "--node-rank" ||
-                       name == "--main-address" || name == "--main-port";
-    if (!known) fail(fmt::format("unknown option {:?}", std::string(name)));
-    if (!value) {
-      if (i + 1 >= argc) fail(fmt::format("expected a value after {}", name));
-      value = argv[++i];
-    }
-    if (name == "--devices") args.devices = parse_flag(name, *value, 1, 4096);
-    if (name == "--num-nodes") args.num_nodes = parse_flag(name, *value, 1, 1 << 20);
-    if (name == "--node-rank") args.node_rank = parse_flag(name, *value, 0, 1 << 20);
-    if (name == "--main-port") args.main_port = parse_flag(name, *value, 1, 65535);
-    if (name == "--main-address") {
-      if (value->empty()) fail("expected a host name or address for --main-address, found an empty value");
-      args.main_address = std::string(*value);
-      args.main_address_given = true;
+  CLI::App app(std::string(description), "fabric-run");
+  app.formatter(std::make_shared<Help>());
+  app.get_formatter()->column_width(22);
+  app.option_defaults()->group("options (also --name=value)")->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
+  // An integer option in [low, high]; a bad value is refused in fabric's words (a CLI::ValidationError thrown in
+  // an option's callback reaches CLI::App::parse's caller unchanged).
+  const auto integer = [&app](const std::string& flag, const char* type, int& into, long long low, long long high,
+                              const std::string& help) {
+    app.add_option_function<std::string>(
+           flag,
+           [flag, &into, low, high](const std::string& text) {
+             const auto value = fabric::detail::parse_integer(text);
+             if (!value) throw CLI::ValidationError(fmt::format("expected an integer for {}, found {:?}", flag, text));
+             if (*value < low || *value > high) {
+               throw CLI::ValidationError(fmt::format("expected {} in {}..{}, found {}", flag, low, high, *value));
+             }
+             into = static_cast<int>(*value);
+           },
+           help)
+        ->type_name(type);
+  };
+  integer("--devices", "N", args.devices, 1, 4096, "processes on this node (default 1)");
+  integer("--num-nodes", "M", args.num_nodes, 1, 1 << 20, "number of nodes (default 1)");
+  integer("--node-rank", "R", args.node_rank, 0, 1 << 20, "rank of this node, 0..M-1 (default 0)");
+  app.add_option_function<std::string>(
+         "--main-address",
+         [&args](const std::string& text) {
+           if (text.empty()) {
+             throw CLI::ValidationError("expected a host name or address for --main-address, found an empty value");
+           }
+           args.main_address = text;
+           args.main_address_given = true;
+         },
+         "address of the node of rank 0 (default 127.0.0.1; required with M > 1)")
+      ->type_name("A");
+  integer("--main-port", "P", args.main_port, 1, 65535,
+          "port of the rendezvous on the main address, 1..65535 (default 29400)");
+  // The program and its arguments: everything from the first positional argument on, options included.
+  app.add_option("PROGRAM", args.command)->group("");
+  app.positionals_at_end();
+  app.set_help_flag("-h,--help", "show this help");  // after the others: listed last
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::CallForHelp&) {
+    std::fputs(app.help().c_str(), stdout);
+    std::exit(0);
+  } catch (const CLI::ExtrasError&) {
+    fail(fmt::format("unknown option {:?}", app.remaining().front()));
+  } catch (const CLI::ArgumentMismatch&) {
+    // NOTE: CLI11 takes whatever follows an option as its value, so only the last argument can lack one.
+    fail(fmt::format("expected a value after {}", argv[argc - 1]));
+  } catch (const CLI::ParseError& error) {
+    fail(error.what());
+  }
+  // NOTE: CLI11 reads `--name=` as `--name` followed by its value; refuse the empty value that a job script with an
+  // empty variable writes instead of taking the next argument.
+  for (int i = 1; i < argc - static_cast<int>(args.command.size()); ++i) {
+    const std::string_view arg = argv[i];
+    if (arg == "--main-address=") fail("expected a host name or address for --main-address, found an empty value");
+    if (arg.starts_with("--") && arg.ends_with('=')) {
+      fail(fmt::format("expected a value after {}, found an empty one", arg.substr(0, arg.size() - 1)));
     }
   }
-  for (; i < argc; ++i) args.command.emplace_back(argv[i]);
   if (args.command.empty()) fail("expected a program to run, found none; write it after the options (or after --)");
   if (args.node_rank >= args.num_nodes) {
     fail(fmt::format("expected --node-rank below --num-nodes = {}, found {}", args.num_nodes, args.node_rank));
