@@ -8,6 +8,7 @@
 #include "fashion_mnist/fashion_mnist.hpp"
 
 #include <torch/torch.h>
+#include <CLI/CLI.hpp>
 #include <fabric/distributed.hpp>
 
 #include <algorithm>
@@ -30,11 +31,9 @@
 
 namespace {
 
-/// A bad command line: the message says what was expected and what was found.
-class UsageError : public std::runtime_error {
- public:
-  using std::runtime_error::runtime_error;
-};
+/// A bad command line (exit status 2): the message says what was expected and what was found. A
+/// CLI::ValidationError thrown in an option's callback reaches CLI::App::parse's caller unchanged.
+using UsageError = CLI::ValidationError;
 
 /// The command-line settings of a run.
 struct Config {
@@ -53,37 +52,19 @@ struct Config {
   int devices = 1;
   bool expect_loss_decrease = false;
   std::optional<double> min_accuracy{};
-  bool help = false;
 };
 
-constexpr std::string_view usage = R"(usage: fashion_mnist [flags]
+constexpr std::string_view description = R"(usage: fashion_mnist [flags]
 
 Trains a small CNN (conv 32 -> conv 64 with batch norm, ReLU and max-pool, dropout, a linear
 head) on Fashion-MNIST with fabric: AdamW with cosine learning-rate decay. Prints the train loss,
-test accuracy and seconds of each epoch, then the final test accuracy.
+test accuracy and seconds of each epoch, then the final test accuracy.)";
 
-flags:
-  --accelerator NAME       cpu, cuda, or auto: CUDA when a GPU is visible, else the CPU (default auto)
-  --precision NAME         32-true, 64-true, bf16-mixed, 16-mixed, bf16-true or 16-true, or the
-                           short names 32, 64, bf16 (bf16-mixed), 16 (16-mixed) (default 32-true)
-  --devices N              processes, one per device: with N > 1 the example trains with DDP; the
-                           first process starts the others (default 1)
-  --epochs N               epochs to train (default 3)
-  --batch-size N           samples per training batch (default 64)
-  --lr X                   peak learning rate of AdamW, decayed to 0 by a cosine (default 0.002)
-  --train-subset N         train on the first N of the 60000 training samples (default: all)
-  --test-subset N          test on the first N of the 10000 test samples (default: all)
-  --data-dir PATH          directory of the four *-ubyte.gz files
-                           (default /usr/share/datasets/fashion-mnist, from dataset-fashion-mnist)
-  --seed N                 seed of every generator (default 42)
-  --checkpoint PATH        save model, optimizer and epoch to PATH at the end of each epoch
-  --log-dir PATH           write metrics with a CSVLogger under PATH
-  --threads N              intra-op threads of LibTorch (default: LibTorch's choice)
-  --expect-loss-decrease   exit with status 1 unless the mean loss of the last training batches
-                           is at least 10% below the loss of the first batch (a smoke test)
-  --min-accuracy X         exit with status 1 unless the final test accuracy is at least X percent
-  --help                   print this and exit
-)";
+/// CLI11's help with the usage line first (it opens the description), then the flags.
+class Help : public CLI::Formatter {
+ public:
+  std::string make_usage(const CLI::App* /*app*/, std::string /*name*/) const override { return {}; }
+};
 
 template <class T>
 T parse_number(std::string_view flag, std::string_view text, std::string_view example) {
@@ -105,6 +86,17 @@ T parse_positive(std::string_view flag, std::string_view text, std::string_view 
   return value;
 }
 
+/// The parsers of the flags' values: each takes the flag and its text.
+template <class T>
+auto number(std::string_view example) {
+  return [example](std::string_view flag, std::string_view text) { return parse_number<T>(flag, text, example); };
+}
+template <class T>
+auto positive(std::string_view example) {
+  return [example](std::string_view flag, std::string_view text) { return parse_positive<T>(flag, text, example); };
+}
+std::filesystem::path path(std::string_view /*flag*/, std::string_view text) { return text; }
+
 /// The accelerators and precisions of the command line, by Lightning name; the first is the canonical name.
 constexpr std::array<std::string_view, 3> accelerator_names = {"cpu", "cuda", "auto"};
 constexpr std::array<std::array<std::string_view, 2>, 6> precision_names = {{{"32-true", "32"},
@@ -114,14 +106,14 @@ constexpr std::array<std::array<std::string_view, 2>, 6> precision_names = {{{"3
                                                                              {"bf16-true", ""},
                                                                              {"16-true", ""}}};
 
-std::string_view parse_accelerator(std::string_view text) {
+std::string_view parse_accelerator(std::string_view /*flag*/, std::string_view text) {
   for (const auto name : accelerator_names) {
     if (text == name) return name;
   }
   throw UsageError(fmt::format("expected --accelerator cpu, cuda or auto, found \"{}\"", text));
 }
 
-std::string_view parse_precision(std::string_view text) {
+std::string_view parse_precision(std::string_view /*flag*/, std::string_view text) {
   for (const auto& [name, alias] : precision_names) {
     if (text == name || (!alias.empty() && text == alias)) return name;
   }
@@ -131,63 +123,61 @@ std::string_view parse_precision(std::string_view text) {
                   text));
 }
 
-Config parse_args(int argc, char** argv) {
-  Config config;
-  std::vector<std::string_view> args(argv + 1, argv + argc);
-  for (std::size_t i = 0; i < args.size(); ++i) {
-    std::string_view flag = args[i];
-    std::optional<std::string_view> inline_value;
-    if (const auto eq = flag.find('='); flag.starts_with("--") && eq != std::string_view::npos) {
-      inline_value = flag.substr(eq + 1);
-      flag = flag.substr(0, eq);
-    }
-    const auto value = [&]() -> std::string_view {
-      if (inline_value) return *inline_value;
-      if (i + 1 >= args.size()) throw UsageError(fmt::format("expected a value after {}, found none", flag));
-      return args[++i];
-    };
-    const auto no_value = [&] {
-      if (inline_value) throw UsageError(fmt::format("expected no value after {}, found \"{}\"", flag, *inline_value));
-    };
-    if (flag == "--help" || flag == "-h") {
-      no_value();
-      config.help = true;
-    } else if (flag == "--accelerator") {
-      config.accelerator = parse_accelerator(value());
-    } else if (flag == "--precision") {
-      config.precision = parse_precision(value());
-    } else if (flag == "--devices") {
-      config.devices = parse_positive<int>(flag, value(), "2");
-    } else if (flag == "--epochs") {
-      config.epochs = parse_positive<int>(flag, value(), "3");
-    } else if (flag == "--batch-size") {
-      config.batch_size = parse_positive<std::size_t>(flag, value(), "64");
-    } else if (flag == "--lr") {
-      config.lr = parse_positive<double>(flag, value(), "0.001");
-    } else if (flag == "--train-subset") {
-      config.train_subset = parse_positive<std::size_t>(flag, value(), "3000");
-    } else if (flag == "--test-subset") {
-      config.test_subset = parse_positive<std::size_t>(flag, value(), "1000");
-    } else if (flag == "--data-dir") {
-      config.data_dir = value();
-    } else if (flag == "--seed") {
-      config.seed = parse_number<std::uint64_t>(flag, value(), "42");
-    } else if (flag == "--checkpoint") {
-      config.checkpoint = std::filesystem::path(value());
-    } else if (flag == "--log-dir") {
-      config.log_dir = std::filesystem::path(value());
-    } else if (flag == "--threads") {
-      config.threads = parse_positive<int>(flag, value(), "2");
-    } else if (flag == "--expect-loss-decrease") {
-      no_value();
-      config.expect_loss_decrease = true;
-    } else if (flag == "--min-accuracy") {
-      config.min_accuracy = parse_number<double>(flag, value(), "90");
-    } else {
-      throw UsageError(fmt::format("unknown flag \"{}\"; run fashion_mnist --help for the list of flags", args[i]));
-    }
+/// Reads the command line with CLI11; returns nothing when it printed the help (--help).
+std::optional<Config> parse_args(int argc, char** argv) {
+  Config c;
+  CLI::App app(std::string(description), "fashion_mnist");
+  app.formatter(std::make_shared<Help>());
+  app.get_formatter()->column_width(27);
+  app.option_defaults()->group("flags")->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
+  // A flag with a value: `parse(flag, text)` reads it into `into`, or refuses it in fabric's words.
+  const auto add = [&app](const std::string& flag, const char* type, auto& into, auto parse, const std::string& help) {
+    app.add_option_function<std::string>(
+           flag, [flag, &into, parse](const std::string& text) { into = parse(flag, text); }, help)
+        ->type_name(type);
+  };
+  add("--accelerator", "NAME", c.accelerator, parse_accelerator,
+      "cpu, cuda, or auto: CUDA when a GPU is visible, else the CPU (default auto)");
+  add("--precision", "NAME", c.precision, parse_precision,
+      "32-true, 64-true, bf16-mixed, 16-mixed, bf16-true or 16-true, or the\n"
+      "short names 32, 64, bf16 (bf16-mixed), 16 (16-mixed) (default 32-true)");
+  add("--devices", "N", c.devices, positive<int>("2"),
+      "processes, one per device: with N > 1 the example trains with DDP; the\n"
+      "first process starts the others (default 1)");
+  add("--epochs", "N", c.epochs, positive<int>("3"), "epochs to train (default 3)");
+  add("--batch-size", "N", c.batch_size, positive<std::size_t>("64"), "samples per training batch (default 64)");
+  add("--lr", "X", c.lr, positive<double>("0.001"),
+      "peak learning rate of AdamW, decayed to 0 by a cosine (default 0.002)");
+  add("--train-subset", "N", c.train_subset, positive<std::size_t>("3000"),
+      "train on the first N of the 60000 training samples (default: all)");
+  add("--test-subset", "N", c.test_subset, positive<std::size_t>("1000"),
+      "test on the first N of the 10000 test samples (default: all)");
+  add("--data-dir", "PATH", c.data_dir, path,
+      "directory of the four *-ubyte.gz files\n(default /usr/share/datasets/fashion-mnist, from "
+      "dataset-fashion-mnist)");
+  add("--seed", "N", c.seed, number<std::uint64_t>("42"), "seed of every generator (default 42)");
+  add("--checkpoint", "PATH", c.checkpoint, path, "save model, optimizer and epoch to PATH at the end of each epoch");
+  add("--log-dir", "PATH", c.log_dir, path, "write metrics with a CSVLogger under PATH");
+  add("--threads", "N", c.threads, positive<int>("2"), "intra-op threads of LibTorch (default: LibTorch's choice)");
+  app.add_flag("--expect-loss-decrease", c.expect_loss_decrease,
+               "exit with status 1 unless the mean loss of the last training batches\n"
+               "is at least 10% below the loss of the first batch (a smoke test)");
+  add("--min-accuracy", "X", c.min_accuracy, number<double>("90"),
+      "exit with status 1 unless the final test accuracy is at least X percent");
+  app.set_help_flag("-h,--help", "print this and exit");  // after the others: listed last
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::CallForHelp&) {
+    std::fputs(app.help().c_str(), stdout);
+    return std::nullopt;
+  } catch (const CLI::ExtrasError&) {
+    throw UsageError(
+        fmt::format("unknown flag \"{}\"; run fashion_mnist --help for the list of flags", app.remaining().front()));
+  } catch (const CLI::ArgumentMismatch&) {
+    // NOTE: CLI11 takes whatever follows a flag as its value, so only the last argument can lack one.
+    throw UsageError(fmt::format("expected a value after {}, found none", argv[argc - 1]));
   }
-  return config;
+  return c;
 }
 
 double mean_of(const std::vector<double>& v, std::size_t first, std::size_t count) {
@@ -357,13 +347,9 @@ int run(const Config& config) {
 
 int main(int argc, char** argv) {
   try {
-    const Config config = parse_args(argc, argv);
-    if (config.help) {
-      std::fputs(usage.data(), stdout);
-      return 0;
-    }
-    return run(config);
-  } catch (const UsageError& e) {
+    const std::optional<Config> config = parse_args(argc, argv);
+    return config ? run(*config) : 0;
+  } catch (const CLI::ParseError& e) {  // a bad command line
     std::fprintf(stderr, "fashion_mnist: %s\n", e.what());
     return 2;
   } catch (const std::exception& e) {

@@ -9,6 +9,7 @@
 #include "gpt2/gpt2.hpp"
 
 #include <torch/torch.h>
+#include <CLI/CLI.hpp>
 #include <fabric/fabric.hpp>
 
 #include <charconv>
@@ -16,17 +17,16 @@
 #include <cstdint>
 #include <cstdio>
 #include <exception>
-#include <stdexcept>
+#include <optional>
 #include <string>
 #include <string_view>
+#include <type_traits>
 
 namespace {
 
-/// A bad command line: the message says what was expected and what was found.
-class UsageError : public std::runtime_error {
- public:
-  using std::runtime_error::runtime_error;
-};
+/// A bad command line (exit status 2): the message says what was expected and what was found. A
+/// CLI::ValidationError thrown in an option's callback reaches CLI::App::parse's caller unchanged.
+using UsageError = CLI::ValidationError;
 
 /// The command-line settings of a run.
 struct Settings {
@@ -36,72 +36,70 @@ struct Settings {
   std::uint64_t seed = 42;
   bool tiny = false;
   bool expect_loss_decrease = false;
-  bool help = false;
 };
 
-constexpr std::string_view usage = R"(usage: gpt2 [flags]
+constexpr std::string_view description = R"(usage: gpt2 [flags]
 
 Trains GPT-2 small (12 layers, 12 heads, width 768, context 1024, vocabulary 50304; 124.5 M
 parameters) with fabric::Fabric<Auto, SingleDevice, BF16Mixed> and AdamW (weight decay 0.1) on one
-batch of random tokens, and prints the loss, time and tokens per second of each step.
+batch of random tokens, and prints the loss, time and tokens per second of each step.)";
 
-flags:
-  --steps N                optimizer steps (default 20)
-  --batch-size N           sequences per batch (default 8; 4 with --tiny)
-  --lr X                   learning rate of AdamW (default 0.0006; 0.001 with --tiny)
-  --seed N                 seed of the weights and the tokens (default 42)
-  --tiny                   a tiny GPT (2 layers, 2 heads, width 64, 32 positions, 256 tokens)
-  --expect-loss-decrease   exit with status 1 unless the last loss is below the first (a smoke test)
-  --help                   print this and exit
-)";
+/// CLI11's help with the usage line first (it opens the description), then the flags.
+class Help : public CLI::Formatter {
+ public:
+  std::string make_usage(const CLI::App* /*app*/, std::string /*name*/) const override { return {}; }
+};
 
 template <class T>
-T parse_number(std::string_view flag, std::string_view text) {
+T parse_positive(std::string_view flag, std::string_view text) {
   T value{};
   const auto [end, err] = std::from_chars(text.data(), text.data() + text.size(), value);
-  if (err != std::errc{} || end != text.data() + text.size() || value <= T{}) {
+  if (err != std::errc{} || end != text.data() + text.size() || !(value > T{})) {
     throw UsageError(fmt::format("expected a positive number after {}, found \"{}\"", flag, text));
   }
   return value;
 }
 
-Settings parse_args(int argc, char** argv) {
+/// Reads the command line with CLI11; returns nothing when it printed the help (--help).
+std::optional<Settings> parse_args(int argc, char** argv) {
   Settings s;
-  bool lr_given = false;
-  for (int i = 1; i < argc; ++i) {
-    const std::string_view flag = argv[i];
-    const auto value = [&]() -> std::string_view {
-      if (i + 1 >= argc) throw UsageError(fmt::format("expected a value after {}, found none", flag));
-      return argv[++i];
-    };
-    if (flag == "--help" || flag == "-h") {
-      s.help = true;
-    } else if (flag == "--steps") {
-      s.steps = parse_number<int>(flag, value());
-    } else if (flag == "--batch-size") {
-      s.batch_size = parse_number<int>(flag, value());
-    } else if (flag == "--lr") {
-      const std::string text(value());
-      try {
-        std::size_t used = 0;
-        s.lr = std::stod(text, &used);
-        if (used != text.size() || !(s.lr > 0)) throw std::invalid_argument(text);
-      } catch (const std::exception&) {
-        throw UsageError(fmt::format("expected a positive number after --lr, found \"{}\"", text));
-      }
-      lr_given = true;
-    } else if (flag == "--seed") {
-      s.seed = parse_number<std::uint64_t>(flag, value());
-    } else if (flag == "--tiny") {
-      s.tiny = true;
-    } else if (flag == "--expect-loss-decrease") {
-      s.expect_loss_decrease = true;
-    } else {
-      throw UsageError(fmt::format("unknown flag \"{}\"; run gpt2 --help for the list", flag));
-    }
+  CLI::App app(std::string(description), "gpt2");
+  app.formatter(std::make_shared<Help>());
+  app.get_formatter()->column_width(27);
+  app.option_defaults()->group("flags")->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
+  // A positive number: read into `into`, or refused in fabric's words.
+  const auto positive = [&app](const std::string& flag, auto& into, const std::string& help) {
+    return app
+        .add_option_function<std::string>(
+            flag,
+            [flag, &into](const std::string& text) {
+              into = parse_positive<std::remove_cvref_t<decltype(into)>>(flag, text);
+            },
+            help)
+        ->type_name("N");
+  };
+  positive("--steps", s.steps, "optimizer steps (default 20)");
+  positive("--batch-size", s.batch_size, "sequences per batch (default 8; 4 with --tiny)");
+  const CLI::Option* lr =
+      positive("--lr", s.lr, "learning rate of AdamW (default 0.0006; 0.001 with --tiny)")->type_name("X");
+  positive("--seed", s.seed, "seed of the weights and the tokens (default 42)");
+  app.add_flag("--tiny", s.tiny, "a tiny GPT (2 layers, 2 heads, width 64, 32 positions, 256 tokens)");
+  app.add_flag("--expect-loss-decrease", s.expect_loss_decrease,
+               "exit with status 1 unless the last loss is below the first (a smoke test)");
+  app.set_help_flag("-h,--help", "print this and exit");  // after the others: listed last
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::CallForHelp&) {
+    std::fputs(app.help().c_str(), stdout);
+    return std::nullopt;
+  } catch (const CLI::ExtrasError&) {
+    throw UsageError(fmt::format("unknown flag \"{}\"; run gpt2 --help for the list", app.remaining().front()));
+  } catch (const CLI::ArgumentMismatch&) {
+    // NOTE: CLI11 takes whatever follows a flag as its value, so only the last argument can lack one.
+    throw UsageError(fmt::format("expected a value after {}, found none", argv[argc - 1]));
   }
   if (s.batch_size == 0) s.batch_size = s.tiny ? 4 : 8;
-  if (s.tiny && !lr_given) s.lr = 1e-3;
+  if (s.tiny && lr->count() == 0) s.lr = 1e-3;
   return s;
 }
 
@@ -149,13 +147,9 @@ int train(const Settings& s) {
 
 int main(int argc, char** argv) {
   try {
-    const Settings settings = parse_args(argc, argv);
-    if (settings.help) {
-      std::fputs(usage.data(), stdout);
-      return 0;
-    }
-    return train(settings);
-  } catch (const UsageError& e) {
+    const std::optional<Settings> settings = parse_args(argc, argv);
+    return settings ? train(*settings) : 0;
+  } catch (const CLI::ParseError& e) {  // a bad command line
     std::fprintf(stderr, "gpt2: %s\n", e.what());
     return 2;
   } catch (const std::exception& e) {
