@@ -1,14 +1,16 @@
-// What the benchmarks (cpu_overhead.cpp, race.cpp, ddp_race.cpp) share: the command-line helpers,
-// the device's synchronisation, step timing with CUDA events and peak memory, autocast as a
-// hand-written LibTorch loop spells it, the workloads' models and losses, and writing results.
-// BENCH_RACE_CUDA compiles the GPU parts in.
+// What the benchmarks (cpu_overhead.cpp, race.cpp, ddp_race.cpp, ddp_step.cpp, optim_step.cpp) share:
+// the command-line helpers (CLI11), the device's synchronisation, step timing with CUDA events and peak memory,
+// autocast as a hand-written LibTorch loop spells it, the workloads' models and losses, and writing results
+// (nlohmann::json). BENCH_RACE_CUDA compiles the GPU parts in.
 #pragma once
 
 #include "gpt2/gpt2.hpp"
 
 #include <torch/torch.h>
+#include <CLI/CLI.hpp>
 #include <fabric/fabric.hpp>
 #include <fabric/precision/autocast.hpp>
+#include <nlohmann/json.hpp>
 
 #if defined(BENCH_RACE_CUDA)
 #include <c10/cuda/CUDACachingAllocator.h>
@@ -21,7 +23,10 @@
 #include <charconv>
 #include <chrono>
 #include <cstdint>
+#include <cstdio>
+#include <exception>
 #include <fstream>
+#include <memory>
 #include <stdexcept>
 #include <string>
 #include <string_view>
@@ -31,30 +36,118 @@
 
 namespace bench {
 
-/// A bad command line.
-class UsageError : public std::runtime_error {
+// ---- the command line --------------------------------------------------------------------------
+
+/// A bad command line (exit status 2): the message says what was expected and what was found. A
+/// CLI::ValidationError thrown in an option's callback reaches CLI::App::parse's caller unchanged.
+using UsageError = CLI::ValidationError;
+
+/// CLI11's help with the usage line first (it opens the App's description), then the flags.
+class Help : public CLI::Formatter {
  public:
-  using std::runtime_error::runtime_error;
+  std::string make_usage(const CLI::App* /*app*/, std::string /*name*/) const override { return {}; }
 };
 
-inline int parse_int(std::string_view flag, std::string_view text, int min) {
-  int value = 0;
-  const auto [end, err] = std::from_chars(text.data(), text.data() + text.size(), value);
-  if (err != std::errc{} || end != text.data() + text.size() || value < min) {
-    throw UsageError(fmt::format("expected an integer >= {} after {}, found \"{}\"", min, flag, text));
-  }
-  return value;
+/// Sets up a benchmark's command line before its flags are added: the help's layout (the flags' descriptions
+/// start at `column`), and the last value of a repeated flag wins.
+inline void configure(CLI::App& app, std::size_t column) {
+  app.formatter(std::make_shared<Help>());
+  app.get_formatter()->column_width(column);
+  app.option_defaults()->group("flags")->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
 }
 
-inline std::vector<std::string> split(std::string_view text) {
-  std::vector<std::string> out;
-  while (!text.empty()) {
-    const auto comma = text.find(',');
-    if (comma != 0) out.emplace_back(text.substr(0, comma));
-    if (comma == std::string_view::npos) break;
-    text.remove_prefix(comma + 1);
+/// "a", "a or b", "a, b or c".
+inline std::string one_of(const std::vector<std::string>& names) {
+  std::string out;
+  for (std::size_t i = 0; i < names.size(); ++i) {
+    out += i == 0 ? "" : i + 1 == names.size() ? " or " : ", ";
+    out += names[i];
   }
   return out;
+}
+
+/// Adds `flag N` to `app`: an integer of at least `min`, read into `into`.
+inline CLI::Option* add_int(CLI::App& app, const std::string& flag, int& into, int min, const std::string& help) {
+  return app
+      .add_option_function<std::string>(
+          flag,
+          [flag, &into, min](const std::string& text) {
+            int value = 0;
+            const auto [end, err] = std::from_chars(text.data(), text.data() + text.size(), value);
+            if (err != std::errc{} || end != text.data() + text.size() || value < min) {
+              throw UsageError(fmt::format("expected an integer >= {} after {}, found \"{}\"", min, flag, text));
+            }
+            into = value;
+          },
+          help)
+      ->type_name("N");
+}
+
+/// Adds `flag X` to `app`: a positive number, read into `into`.
+inline CLI::Option* add_positive(CLI::App& app, const std::string& flag, double& into, const std::string& help) {
+  return app
+      .add_option_function<std::string>(
+          flag,
+          [flag, &into](const std::string& text) {
+            double value = 0;
+            const auto [end, err] = std::from_chars(text.data(), text.data() + text.size(), value);
+            if (err != std::errc{} || end != text.data() + text.size() || !(value > 0)) {
+              throw UsageError(fmt::format("expected a positive number after {}, found \"{}\"", flag, text));
+            }
+            into = value;
+          },
+          help)
+      ->type_name("X");
+}
+
+/// Adds `flag NAME` to `app`: one of `names`, read into `into`.
+inline CLI::Option* add_choice(CLI::App& app, const std::string& flag, std::string& into,
+                               const std::vector<std::string>& names, const std::string& help) {
+  return app
+      .add_option_function<std::string>(
+          flag,
+          [flag, &into, names](const std::string& text) {
+            if (std::find(names.begin(), names.end(), text) == names.end()) {
+              throw UsageError(fmt::format("expected {} after {}, found \"{}\"", one_of(names), flag, text));
+            }
+            into = text;
+          },
+          help)
+      ->type_name("NAME");
+}
+
+/// Parses the command line into the variables of `app`'s flags (added last: --help). Returns false when it
+/// printed the help; throws a CLI::ParseError (UsageError for fabric's own messages) when the line is bad.
+inline bool parse(CLI::App& app, int argc, char** argv) {
+  app.set_help_flag("-h,--help", "print this and exit");
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::CallForHelp&) {
+    std::fputs(app.help().c_str(), stdout);
+    return false;
+  } catch (const CLI::ExtrasError&) {
+    throw UsageError(
+        fmt::format("unknown flag \"{}\"; run {} --help for the list", app.remaining().front(), app.get_name()));
+  } catch (const CLI::ArgumentMismatch&) {
+    // NOTE: CLI11 takes whatever follows a flag as its value, so only the last argument can lack one.
+    throw UsageError(fmt::format("expected a value after {}, found none", argv[argc - 1]));
+  }
+  return true;
+}
+
+/// Runs a benchmark's main: `run()` parses and runs (it returns the exit status); a bad command line exits
+/// with 2, any other error with 1, each with the benchmark's name and the message.
+template <class Run>
+int run_main(const char* name, Run&& run) {
+  try {
+    return run();
+  } catch (const CLI::ParseError& e) {
+    std::fprintf(stderr, "%s: %s\n", name, e.what());
+    return 2;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "%s: %s\n", name, e.what());
+    return 1;
+  }
 }
 
 // ---- the device: synchronisation, timing, memory ------------------------------------------------
@@ -235,10 +328,13 @@ at::Tensor workload_loss(const at::Tensor& out, const at::Tensor& y) {
   }
 }
 
-/// Writes `text` to `path`, replacing it; throws when it cannot.
-inline void write_text(const std::string& path, const std::string& text) {
+/// A JSON document whose members keep the order they were written in.
+using Json = nlohmann::ordered_json;
+
+/// Writes `json` to `path` (indented by 2), replacing it; throws when it cannot.
+inline void write_json(const std::string& path, const Json& json) {
   std::ofstream out(path, std::ios::trunc);
-  out << text;
+  out << json.dump(2) << '\n';
   if (!out.flush()) throw std::runtime_error(fmt::format("could not write {}", path));
 }
 

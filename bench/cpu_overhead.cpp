@@ -51,58 +51,29 @@ struct Config {
   int threads = 0;
 };
 
-constexpr std::string_view usage = R"(usage: bench_cpu_overhead [flags]
+constexpr std::string_view description = R"(usage: bench_cpu_overhead [flags]
 
 Times a training step of the mlp workload (Linear 784-1024-1024-10, ReLU, cross-entropy, batch
 256, AdamW lr 1e-3) written by hand in LibTorch ("raw") and through fabric::Fabric<CPU,
 SingleDevice, FP32> ("fabric"), interleaved in blocks of steps, and prints the median ms/step of
-each and the ratio fabric/raw.
+each and the ratio fabric/raw.)";
 
-flags:
-  --steps N        timed steps of each loop (default 30)
-  --warmup N       untimed steps of each loop first (default 10)
-  --block N        steps of one loop before switching to the other (default 5)
-  --mode M         raw, fabric or both (default both); one loop only is for callgrind
-  --threads N      intra-op threads of LibTorch (default: LibTorch's choice)
-  --json PATH      also write the results to PATH as JSON
-  --help           print this and exit
-)";
-
-Config parse_args(int argc, char** argv, bool& help) {
+/// Reads the command line; returns nothing when it printed the help.
+std::optional<Config> parse_args(int argc, char** argv) {
   Config config;
-  for (int i = 1; i < argc; ++i) {
-    const std::string_view flag = argv[i];
-    const auto value = [&]() -> std::string_view {
-      if (i + 1 >= argc) throw UsageError(fmt::format("expected a value after {}, found none", flag));
-      return argv[++i];
-    };
-    if (flag == "--help" || flag == "-h") {
-      help = true;
-    } else if (flag == "--steps") {
-      config.steps = parse_int(flag, value(), 1);
-    } else if (flag == "--warmup") {
-      config.warmup = parse_int(flag, value(), 0);
-    } else if (flag == "--block") {
-      config.block = parse_int(flag, value(), 1);
-    } else if (flag == "--threads") {
-      config.threads = parse_int(flag, value(), 1);
-    } else if (flag == "--json") {
-      config.json = value();
-    } else if (flag == "--mode") {
-      const std::string_view mode = value();
-      if (mode == "raw") {
-        config.mode = Mode::raw;
-      } else if (mode == "fabric") {
-        config.mode = Mode::fabric;
-      } else if (mode == "both") {
-        config.mode = Mode::both;
-      } else {
-        throw UsageError(fmt::format("expected raw, fabric or both after --mode, found \"{}\"", mode));
-      }
-    } else {
-      throw UsageError(fmt::format("unknown flag \"{}\"; run bench_cpu_overhead --help for the list", flag));
-    }
-  }
+  std::string mode = "both";
+  CLI::App app(std::string(description), "bench_cpu_overhead");
+  configure(app, 19);
+  add_int(app, "--steps", config.steps, 1, "timed steps of each loop (default 30)");
+  add_int(app, "--warmup", config.warmup, 0, "untimed steps of each loop first (default 10)");
+  add_int(app, "--block", config.block, 1, "steps of one loop before switching to the other (default 5)");
+  add_choice(app, "--mode", mode, {"raw", "fabric", "both"},
+             "raw, fabric or both (default both); one loop only is for callgrind")
+      ->type_name("M");
+  add_int(app, "--threads", config.threads, 1, "intra-op threads of LibTorch (default: LibTorch's choice)");
+  app.add_option("--json", config.json, "also write the results to PATH as JSON")->type_name("PATH");
+  if (!parse(app, argc, argv)) return std::nullopt;
+  config.mode = mode == "raw" ? Mode::raw : mode == "fabric" ? Mode::fabric : Mode::both;
   return config;
 }
 
@@ -208,16 +179,20 @@ int run(const Config& config) {
       "mode {}, {} thread{}\n",
       config.steps, config.warmup, config.block, mode_name, torch::get_num_threads(),
       torch::get_num_threads() == 1 ? "" : "s");
-  std::string json = fmt::format(
-      "{{\n  \"workload\": \"mlp\",\n  \"batch_size\": 256,\n  \"steps\": {},\n  "
-      "\"warmup\": {},\n  \"block\": {},\n  \"mode\": \"{}\",\n  \"threads\": {}",
-      config.steps, config.warmup, config.block, mode_name, torch::get_num_threads());
+  Json json = {{"workload", "mlp"},
+               {"batch_size", 256},
+               {"steps", config.steps},
+               {"warmup", config.warmup},
+               {"block", config.block},
+               {"mode", mode_name},
+               {"threads", torch::get_num_threads()}};
   const auto report = [&](std::string_view name, const std::vector<double>& ms) {
     const double med = median(ms);
     const auto [lo, hi] = std::minmax_element(ms.begin(), ms.end());
     fmt::print("  {:<6} median {:9.3f} ms/step  (min {:.3f}, max {:.3f}, {} steps)\n", name, med, *lo, *hi, ms.size());
-    json += fmt::format(",\n  \"{0}_ms_median\": {1:.6f},\n  \"{0}_ms_min\": {2:.6f},\n  \"{0}_ms_max\": {3:.6f}", name,
-                        med, *lo, *hi);
+    json[fmt::format("{}_ms_median", name)] = med;
+    json[fmt::format("{}_ms_min", name)] = *lo;
+    json[fmt::format("{}_ms_max", name)] = *hi;
     return med;
   };
   double raw_median = 0.0, fabric_median = 0.0;
@@ -226,29 +201,17 @@ int run(const Config& config) {
   if (run_raw && run_fabric) {
     const double ratio = fabric_median / raw_median;
     fmt::print("  ratio fabric/raw {:.4f} (target <= 1.01)\n", ratio);
-    json += fmt::format(",\n  \"ratio\": {:.6f}", ratio);
+    json["ratio"] = ratio;
   }
-  json += "\n}\n";
-  if (!config.json.empty()) write_text(config.json, json);
+  if (!config.json.empty()) write_json(config.json, json);
   return 0;
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
-  try {
-    bool help = false;
-    const Config config = parse_args(argc, argv, help);
-    if (help) {
-      std::fputs(usage.data(), stdout);
-      return 0;
-    }
-    return run(config);
-  } catch (const UsageError& e) {
-    std::fprintf(stderr, "bench_cpu_overhead: %s\n", e.what());
-    return 2;
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "bench_cpu_overhead: %s\n", e.what());
-    return 1;
-  }
+  return bench::run_main("bench_cpu_overhead", [&] {
+    const std::optional<Config> config = parse_args(argc, argv);
+    return config ? run(*config) : 0;
+  });
 }

@@ -27,7 +27,7 @@
 #include <cmath>
 #include <csignal>
 #include <cstdio>
-#include <exception>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <type_traits>
@@ -60,129 +60,64 @@ struct Settings {
   std::string comm_hook = "none";
   double peak_tflops = 790.0;
   std::string json;
-  bool help = false;
 };
 
-constexpr std::string_view usage = R"(usage: bench_ddp_race --workload W [flags]
+constexpr std::string_view description = R"(usage: bench_ddp_race --workload W [flags]
 
 Times fabric's DDP training step over N processes (--mode time), or checks that N processes with DDP
-train the same parameters as one device on the same global batches (--mode check).
+train the same parameters as one device on the same global batches (--mode check).)";
 
-flags:
-  --mode M             time or check (default time)
-  --workload W         mlp-fp32, mlp-bf16-mixed or gpt2 (bf16-mixed); required
-  --devices N          processes, one GPU each (default 1; time with 1 = one device without DDP)
-  --ddp                time: DDP even on one device (a world of one: the Reducer's own cost)
-  --steps N            time: timed steps (mlp 300, gpt2 30); check: steps (10)
-  --warmup N           untimed steps first (mlp 50, gpt2 10)
-  --batch N            rows per device: samples (mlp, default 256) or sequences (gpt2, default 8)
-  --gpt2-config C      small (GPT-2 small) or tiny (for CPU checks) (default small)
-  --tolerance X        check: largest |DDP - one device| / |one device - initial| of the parameters
-                       after the last step (L2 over all parameters) that passes (default 1e-3 for
-                       mlp-fp32, 5e-2 for bf16-mixed)
-  --grad-tolerance X   check: largest |DDP - one device| / |one device| of the first step's gradients
-                       (L2 over all parameters) that passes (default 1e-5)
-  --nondeterministic   check: leave the device's non-deterministic kernels on (by default the check
-                       runs with LibTorch's deterministic algorithms, as torch.use_deterministic_algorithms)
-  --kill-rank R        fault injection (time): rank R kills itself with SIGKILL ...
-  --kill-at-step S     ... at step S (counting warm-up steps)
-  --timeout-s S        DDP's collective timeout (default 60)
-  --bucket-cap-mb X    DDP's bucket size (default 25, as PyTorch's and Lightning's)
-  --grad-as-view       DDP's gradient_as_bucket_view (default off, as PyTorch's and Lightning's)
-  --static-graph       DDP's static_graph (default off)
-  --comm-hook H        DDP's gradient compression: none, fp16 or bf16 (default none)
-  --peak-tflops X      the card's peak for MFU (default 790)
-  --json PATH          rank 0 writes the results to PATH
-  --tag T              ignored (names the processes of a run for pgrep)
-  --help               print this and exit
-)";
-
-double parse_positive(std::string_view flag, std::string_view text) {
-  const std::string copy(text);
-  std::size_t used = 0;
-  double value = 0;
-  try {
-    value = std::stod(copy, &used);
-  } catch (const std::exception&) {
-    used = 0;
-  }
-  if (used != copy.size() || !(value > 0)) {
-    throw UsageError(fmt::format("expected a positive number after {}, found \"{}\"", flag, text));
-  }
-  return value;
-}
-
-Settings parse_args(int argc, char** argv) {
+/// Reads the command line; returns nothing when it printed the help.
+std::optional<Settings> parse_args(int argc, char** argv) {
   Settings s;
-  for (int i = 1; i < argc; ++i) {
-    const std::string_view flag = argv[i];
-    const auto value = [&]() -> std::string_view {
-      if (i + 1 >= argc) throw UsageError(fmt::format("expected a value after {}, found none", flag));
-      return argv[++i];
-    };
-    if (flag == "--help" || flag == "-h") {
-      s.help = true;
-    } else if (flag == "--mode") {
-      s.mode = value();
-      if (s.mode != "time" && s.mode != "check") {
-        throw UsageError(fmt::format("expected time or check after --mode, found \"{}\"", s.mode));
-      }
-    } else if (flag == "--workload") {
-      s.workload = value();
-      if (s.workload == "gpt2-bf16-mixed") s.workload = "gpt2";
-      if (s.workload != "mlp-fp32" && s.workload != "mlp-bf16-mixed" && s.workload != "gpt2") {
-        throw UsageError(
-            fmt::format("expected mlp-fp32, mlp-bf16-mixed or gpt2 after --workload, found \"{}\"", s.workload));
-      }
-    } else if (flag == "--devices") {
-      s.devices = parse_int(flag, value(), 1);
-    } else if (flag == "--steps") {
-      s.steps = parse_int(flag, value(), 1);
-    } else if (flag == "--warmup") {
-      s.warmup = parse_int(flag, value(), 0);
-    } else if (flag == "--batch") {
-      s.batch = parse_int(flag, value(), 1);
-    } else if (flag == "--gpt2-config") {
-      s.gpt2_config = value();
-      if (s.gpt2_config != "small" && s.gpt2_config != "tiny") {
-        throw UsageError(fmt::format("expected small or tiny after --gpt2-config, found \"{}\"", s.gpt2_config));
-      }
-    } else if (flag == "--tolerance") {
-      s.tolerance = parse_positive(flag, value());
-    } else if (flag == "--grad-tolerance") {
-      s.grad_tolerance = parse_positive(flag, value());
-    } else if (flag == "--ddp") {
-      s.ddp_on_one = true;
-    } else if (flag == "--nondeterministic") {
-      s.nondeterministic = true;
-    } else if (flag == "--kill-rank") {
-      s.kill_rank = parse_int(flag, value(), 0);
-    } else if (flag == "--kill-at-step") {
-      s.kill_at_step = parse_int(flag, value(), 0);
-    } else if (flag == "--bucket-cap-mb") {
-      s.bucket_cap_mb = parse_positive(flag, value());
-    } else if (flag == "--grad-as-view") {
-      s.grad_as_view = true;
-    } else if (flag == "--comm-hook") {
-      s.comm_hook = value();
-      if (s.comm_hook != "none" && s.comm_hook != "fp16" && s.comm_hook != "bf16") {
-        throw UsageError(fmt::format("expected none, fp16 or bf16 after --comm-hook, found \"{}\"", s.comm_hook));
-      }
-    } else if (flag == "--static-graph") {
-      s.static_graph = true;
-    } else if (flag == "--timeout-s") {
-      s.timeout_s = parse_int(flag, value(), 1);
-    } else if (flag == "--peak-tflops") {
-      s.peak_tflops = parse_int(flag, value(), 1);
-    } else if (flag == "--json") {
-      s.json = value();
-    } else if (flag == "--tag") {
-      (void)value();
-    } else {
-      throw UsageError(fmt::format("unknown flag \"{}\"; run bench_ddp_race --help for the list", flag));
-    }
-  }
-  if (s.help) return s;
+  CLI::App app(std::string(description), "bench_ddp_race");
+  configure(app, 23);
+  add_choice(app, "--mode", s.mode, {"time", "check"}, "time or check (default time)")->type_name("M");
+  app.add_option_function<std::string>(
+         "--workload",
+         [&s](const std::string& text) {
+           s.workload = text == "gpt2-bf16-mixed" ? "gpt2" : text;
+           if (s.workload != "mlp-fp32" && s.workload != "mlp-bf16-mixed" && s.workload != "gpt2") {
+             throw UsageError(
+                 fmt::format("expected mlp-fp32, mlp-bf16-mixed or gpt2 after --workload, found \"{}\"", text));
+           }
+         },
+         "mlp-fp32, mlp-bf16-mixed or gpt2 (bf16-mixed); required")
+      ->type_name("W");
+  add_int(app, "--devices", s.devices, 1, "processes, one GPU each (default 1; time with 1 = one device without DDP)");
+  app.add_flag("--ddp", s.ddp_on_one, "time: DDP even on one device (a world of one: the Reducer's own cost)");
+  add_int(app, "--steps", s.steps, 1, "time: timed steps (mlp 300, gpt2 30); check: steps (10)");
+  add_int(app, "--warmup", s.warmup, 0, "untimed steps first (mlp 50, gpt2 10)");
+  add_int(app, "--batch", s.batch, 1, "rows per device: samples (mlp, default 256) or sequences (gpt2, default 8)");
+  add_choice(app, "--gpt2-config", s.gpt2_config, {"small", "tiny"},
+             "small (GPT-2 small) or tiny (for CPU checks) (default small)")
+      ->type_name("C");
+  add_positive(app, "--tolerance", s.tolerance,
+               "check: largest |DDP - one device| / |one device - initial| of the parameters\n"
+               "after the last step (L2 over all parameters) that passes (default 1e-3 for\n"
+               "mlp-fp32, 5e-2 for bf16-mixed)");
+  add_positive(app, "--grad-tolerance", s.grad_tolerance,
+               "check: largest |DDP - one device| / |one device| of the first step's gradients\n"
+               "(L2 over all parameters) that passes (default 1e-5)");
+  app.add_flag("--nondeterministic", s.nondeterministic,
+               "check: leave the device's non-deterministic kernels on (by default the check\n"
+               "runs with LibTorch's deterministic algorithms, as torch.use_deterministic_algorithms)");
+  add_int(app, "--kill-rank", s.kill_rank, 0, "fault injection (time): rank R kills itself with SIGKILL ...")
+      ->type_name("R");
+  add_int(app, "--kill-at-step", s.kill_at_step, 0, "... at step S (counting warm-up steps)")->type_name("S");
+  add_int(app, "--timeout-s", s.timeout_s, 1, "DDP's collective timeout (default 60)")->type_name("S");
+  add_positive(app, "--bucket-cap-mb", s.bucket_cap_mb, "DDP's bucket size (default 25, as PyTorch's and Lightning's)");
+  app.add_flag("--grad-as-view", s.grad_as_view,
+               "DDP's gradient_as_bucket_view (default off, as PyTorch's and Lightning's)");
+  app.add_flag("--static-graph", s.static_graph, "DDP's static_graph (default off)");
+  add_choice(app, "--comm-hook", s.comm_hook, {"none", "fp16", "bf16"},
+             "DDP's gradient compression: none, fp16 or bf16 (default none)")
+      ->type_name("H");
+  add_positive(app, "--peak-tflops", s.peak_tflops, "the card's peak for MFU (default 790)");
+  app.add_option("--json", s.json, "rank 0 writes the results to PATH")->type_name("PATH");
+  std::string tag;  // ignored
+  app.add_option("--tag", tag, "ignored (names the processes of a run for pgrep)")->type_name("T");
+  if (!parse(app, argc, argv)) return std::nullopt;
   if (s.workload.empty()) throw UsageError("expected --workload mlp-fp32, mlp-bf16-mixed or gpt2, found none");
   if ((s.kill_rank >= 0) != (s.kill_at_step >= 0)) {
     throw UsageError("expected --kill-rank and --kill-at-step together, found only one of them");
@@ -235,7 +170,7 @@ torch::optim::AdamW make_adamw(const Workload& w, const std::vector<at::Tensor>&
 
 /// What a run prints and writes.
 struct Report {
-  std::string json;  // the members of the run's JSON object, without braces
+  Json json;  // the members of the run's JSON object
   bool ok = true;
 };
 
@@ -290,14 +225,21 @@ Report time_steps(F& fabric, const Workload& w, const Settings& s) {
       std::is_same_v<std::remove_cvref_t<decltype(fabric.strategy())>, fabric::DDP> ? "DDP" : "device", med, slowest,
       per_s, w.gpt ? "tok" : "samples", per_s / world, mfu, static_cast<double>(peak_allocated) / (1 << 30),
       static_cast<double>(peak_reserved) / (1 << 30), mean_loss, kernels_name());
-  return {
-      fmt::format("\"ms_median\": {:.6f}, \"ms_median_slowest_rank\": {:.6f}, \"steps\": {}, \"warmup\": {}, "
-                  "\"params\": {}, \"global_rows\": {}, \"tokens_per_step\": {}, \"per_s\": {:.3f}, "
-                  "\"per_s_per_device\": {:.3f}, \"flops_per_step\": {:.6e}, \"mfu\": {:.6f}, "
-                  "\"peak_allocated_bytes\": {}, \"peak_reserved_bytes\": {}, \"last_loss\": {:.6f}, "
-                  "\"optimizer_kernels\": \"{}\"",
-                  med, slowest, s.steps, s.warmup, params, rows, tokens, per_s, per_s / world, flops, mfu,
-                  peak_allocated, peak_reserved, mean_loss, kernels_name())};
+  return {Json{{"ms_median", med},
+               {"ms_median_slowest_rank", slowest},
+               {"steps", s.steps},
+               {"warmup", s.warmup},
+               {"params", params},
+               {"global_rows", w.batch * world},
+               {"tokens_per_step", static_cast<std::int64_t>(tokens)},
+               {"per_s", per_s},
+               {"per_s_per_device", per_s / world},
+               {"flops_per_step", flops},
+               {"mfu", mfu},
+               {"peak_allocated_bytes", peak_allocated},
+               {"peak_reserved_bytes", peak_reserved},
+               {"last_loss", mean_loss},
+               {"optimizer_kernels", kernels_name()}}};
 }
 
 template <class Net, class F>
@@ -413,13 +355,19 @@ Report check(F& fabric, const Workload& w, const Settings& s) {
       ok ? "ok    " : "FAILED", w.name(), w.precision(), world, s.steps, w.batch * world,
       s.nondeterministic ? "" : ", deterministic algorithms", worst_grad, s.grad_tolerance, worst_noise, worst_abs,
       worst_drift, s.tolerance, ranks_agree ? "yes" : "NO", ddp_loss, ref_loss);
-  return {fmt::format("\"steps\": {}, \"global_rows\": {}, \"first_gradient_drift\": {:.6e}, "
-                      "\"gradient_tolerance\": {:g}, \"first_gradient_noise\": {:.6e}, \"deterministic\": {}, "
-                      "\"max_abs_diff\": {:.6e}, \"relative_drift\": {:.6e}, "
-                      "\"tolerance\": {:g}, \"ranks_agree\": {}, \"last_loss_ddp\": {:.6f}, "
-                      "\"last_loss_one_device\": {:.6f}, \"ok\": {}",
-                      s.steps, w.batch * world, worst_grad, s.grad_tolerance, worst_noise, !s.nondeterministic,
-                      worst_abs, worst_drift, s.tolerance, ranks_agree, ddp_loss, ref_loss, ok),
+  return {Json{{"steps", s.steps},
+               {"global_rows", w.batch * world},
+               {"first_gradient_drift", worst_grad},
+               {"gradient_tolerance", s.grad_tolerance},
+               {"first_gradient_noise", worst_noise},
+               {"deterministic", !s.nondeterministic},
+               {"max_abs_diff", worst_abs},
+               {"relative_drift", worst_drift},
+               {"tolerance", s.tolerance},
+               {"ranks_agree", ranks_agree},
+               {"last_loss_ddp", ddp_loss},
+               {"last_loss_one_device", ref_loss},
+               {"ok", ok}},
           ok};
 }
 
@@ -456,16 +404,20 @@ int run(const Settings& s, const Workload& w) {
   }
   const Report r = s.mode == "check" ? check<Net>(fabric, w, s) : time_steps<Net>(fabric, w, s);
   if (fabric.is_global_zero() && !s.json.empty()) {
-    write_text(
-        s.json,
-        fmt::format(
-            "{{\"mode\": \"{}\", \"workload\": \"{}\", \"precision\": \"{}\", \"devices\": {}, "
-            "\"strategy\": \"{}\", \"bucket_cap_mb\": {}, \"gradient_as_bucket_view\": {}, \"static_graph\": {}, "
-            "\"comm_hook\": \"{}\", "
-            "\"device\": \"{}\", \"torch\": \"{}\", \"batch_per_device\": {}, {}}}\n",
-            s.mode, w.name(), w.precision(), fabric.world_size(),
-            std::is_same_v<Strategy, fabric::DDP> ? "ddp" : "single-device", s.bucket_cap_mb, s.grad_as_view,
-            s.static_graph, s.comm_hook, fabric.device().str(), TORCH_VERSION, w.batch, r.json));
+    Json json = {{"mode", s.mode},
+                 {"workload", w.name()},
+                 {"precision", w.precision()},
+                 {"devices", fabric.world_size()},
+                 {"strategy", std::is_same_v<Strategy, fabric::DDP> ? "ddp" : "single-device"},
+                 {"bucket_cap_mb", s.bucket_cap_mb},
+                 {"gradient_as_bucket_view", s.grad_as_view},
+                 {"static_graph", s.static_graph},
+                 {"comm_hook", s.comm_hook},
+                 {"device", fabric.device().str()},
+                 {"torch", TORCH_VERSION},
+                 {"batch_per_device", w.batch}};
+    json.update(r.json);
+    write_json(s.json, json);
   }
   return r.ok ? 0 : 1;
 }
@@ -496,18 +448,8 @@ int dispatch(const Settings& s) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  try {
-    const Settings settings = parse_args(argc, argv);
-    if (settings.help) {
-      std::fputs(usage.data(), stdout);
-      return 0;
-    }
-    return dispatch(settings);
-  } catch (const UsageError& e) {
-    std::fprintf(stderr, "bench_ddp_race: %s\n", e.what());
-    return 2;
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "bench_ddp_race: %s\n", e.what());
-    return 1;
-  }
+  return bench::run_main("bench_ddp_race", [&] {
+    const std::optional<Settings> settings = parse_args(argc, argv);
+    return settings ? dispatch(*settings) : 0;
+  });
 }

@@ -4,17 +4,19 @@
 //     bench_ddp_step --devices 1 [--threads T]     one process, the whole global batch per step
 //     bench_ddp_step --devices N [--threads T]     N processes (fabric.launch()), global batch / N each
 //
-// Prints the median ms/step of rank 0 and, with --json, writes it.
+// Prints the median ms/step of rank 0 and, with --json, writes it (bench_ddp_step --help lists the flags).
 
 #include <fabric/distributed.hpp>
+#include "common.hpp"
 
 #include <torch/torch.h>
 
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
-#include <fstream>
+#include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 namespace {
@@ -28,30 +30,26 @@ struct Args {
   std::string json;
 };
 
-Args parse(int argc, char** argv) {
+constexpr std::string_view description = R"(usage: bench_ddp_step [flags]
+
+The step time of the mlp workload with DDP over Gloo (--devices N > 1: N processes started by
+fabric.launch(), the global batch split between them) or in one process (--devices 1); prints the
+median ms/step of rank 0.)";
+
+/// Reads the command line; returns nothing when it printed the help.
+std::optional<Args> parse(int argc, char** argv) {
   Args a;
-  for (int i = 1; i < argc; ++i) {
-    const std::string flag = argv[i];
-    auto next = [&] {
-      if (i + 1 >= argc) throw std::invalid_argument(flag + " needs a value");
-      return std::string(argv[++i]);
-    };
-    if (flag == "--devices") {
-      a.devices = std::stoi(next());
-    } else if (flag == "--steps") {
-      a.steps = std::stoi(next());
-    } else if (flag == "--warmup") {
-      a.warmup = std::stoi(next());
-    } else if (flag == "--batch") {
-      a.batch = std::stoi(next());
-    } else if (flag == "--threads") {
-      a.threads = std::stoi(next());
-    } else if (flag == "--json") {
-      a.json = next();
-    } else {
-      throw std::invalid_argument("unknown flag " + flag +
-                                  "; flags: --devices N --steps N --warmup N --batch N --threads N --json PATH");
-    }
+  CLI::App app(std::string(description), "bench_ddp_step");
+  bench::configure(app, 17);
+  bench::add_int(app, "--devices", a.devices, 1, "processes (default 1)");
+  bench::add_int(app, "--steps", a.steps, 1, "timed steps (default 30)");
+  bench::add_int(app, "--warmup", a.warmup, 0, "untimed steps first (default 10)");
+  bench::add_int(app, "--batch", a.batch, 1, "global batch (default 256)");
+  bench::add_int(app, "--threads", a.threads, 1, "intra-op threads of LibTorch per process (default 1)");
+  app.add_option("--json", a.json, "rank 0 writes the result to PATH")->type_name("PATH");
+  if (!bench::parse(app, argc, argv)) return std::nullopt;
+  if (a.batch % a.devices != 0) {
+    throw bench::UsageError(fmt::format("expected --batch divisible by --devices = {}, found {}", a.devices, a.batch));
   }
   return a;
 }
@@ -83,30 +81,30 @@ double run(F& fabric, const Args& a) {
 
 }  // namespace
 
-int main(int argc, char** argv) try {
-  const Args a = parse(argc, argv);
-  if (a.batch % a.devices != 0) throw std::invalid_argument("--batch must be divisible by --devices");
-  torch::set_num_threads(a.threads);
-  double median = 0;
-  int world = 1;
-  if (a.devices == 1) {
-    fabric::Fabric<fabric::CPU> fabric;
-    median = run(fabric, a);
-  } else {
-    fabric::Fabric<fabric::CPU, fabric::DDP> fabric({.devices = a.devices});
-    fabric.launch();
-    median = run(fabric, a);
-    world = fabric.world_size();
-    if (!fabric.is_global_zero()) return 0;
-  }
-  std::printf("mlp cpu: %d process(es) x %d thread(s), global batch %d: %.2f ms/step (median of %d)\n", world,
-              a.threads, a.batch, median, a.steps);
-  if (!a.json.empty()) {
-    std::ofstream(a.json) << "{\"processes\": " << world << ", \"threads\": " << a.threads
-                          << ", \"global_batch\": " << a.batch << ", \"ms_per_step\": " << median << "}\n";
-  }
-  return 0;
-} catch (const std::exception& e) {
-  std::fprintf(stderr, "bench_ddp_step: %s\n", e.what());
-  return 1;
+int main(int argc, char** argv) {
+  return bench::run_main("bench_ddp_step", [&] {
+    const std::optional<Args> args = parse(argc, argv);
+    if (!args) return 0;
+    const Args& a = *args;
+    torch::set_num_threads(a.threads);
+    double median = 0;
+    int world = 1;
+    if (a.devices == 1) {
+      fabric::Fabric<fabric::CPU> fabric;
+      median = run(fabric, a);
+    } else {
+      fabric::Fabric<fabric::CPU, fabric::DDP> fabric({.devices = a.devices});
+      fabric.launch();
+      median = run(fabric, a);
+      world = fabric.world_size();
+      if (!fabric.is_global_zero()) return 0;
+    }
+    std::printf("mlp cpu: %d process(es) x %d thread(s), global batch %d: %.2f ms/step (median of %d)\n", world,
+                a.threads, a.batch, median, a.steps);
+    if (!a.json.empty()) {
+      bench::write_json(
+          a.json, {{"processes", world}, {"threads", a.threads}, {"global_batch", a.batch}, {"ms_per_step", median}});
+    }
+    return 0;
+  });
 }

@@ -12,16 +12,17 @@
 //     bench_optim_step --device cuda --steps 50 --optimizer adam
 //     bench_optim_step --layers 2 --vocab 4096          # a smaller model
 
+#include "common.hpp"
+
 #include <torch/cuda.h>
 #include <torch/torch.h>
 #include <fabric/fabric.hpp>
 
 #include <algorithm>
-#include <charconv>
 #include <chrono>
 #include <cstdio>
-#include <exception>
 #include <memory>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <string_view>
@@ -40,61 +41,28 @@ struct Config {
   std::string optimizer = "adamw";
 };
 
-constexpr std::string_view usage = R"(usage: bench_optim_step [flags]
-  --device cpu|cuda              where the parameters live (default cpu)
-  --optimizer adamw|adam|sgd     AdamW lr 6e-4 wd 0.1 (default), Adam lr 6e-4, SGD lr 0.1 momentum 0.9 nesterov
-  --steps N                      timed steps of each (default 10)
-  --warmup N                     untimed steps of each first (default 2)
-  --block N                      steps per block of the alternation (default 2)
-  --layers N                     transformer blocks (default 12)
-  --vocab N                      vocabulary size (default 50304)
-  --threads N                    intra-op threads of LibTorch (default: LibTorch's choice)
-)";
+constexpr std::string_view description = R"(usage: bench_optim_step [flags]
 
-int parse_int(std::string_view flag, std::string_view text) {
-  int value = 0;
-  const auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), value);
-  if (ec != std::errc() || end != text.data() + text.size() || value < 0) {
-    throw std::invalid_argument(std::string(flag) + " expects a non-negative integer, found \"" + std::string(text) +
-                                "\"");
-  }
-  return value;
-}
+Times the optimizer step alone on GPT-2 small's parameters: LibTorch's own step() against fabric's
+multi-tensor step, in alternating blocks; prints the median ms/step of each and the ratio fast/own.)";
 
-Config parse(int argc, char** argv) {
+/// Reads the command line; returns nothing when it printed the help.
+std::optional<Config> parse(int argc, char** argv) {
   Config c;
-  for (int i = 1; i < argc; ++i) {
-    const std::string_view flag = argv[i];
-    if (flag == "--help" || flag == "-h") {
-      std::fputs(usage.data(), stdout);
-      std::exit(0);
-    }
-    if (i + 1 >= argc) throw std::invalid_argument(std::string(flag) + " expects a value");
-    const std::string_view value = argv[++i];
-    if (flag == "--device") {
-      c.device = value;
-    } else if (flag == "--optimizer") {
-      c.optimizer = value;
-    } else if (flag == "--steps") {
-      c.steps = std::max(1, parse_int(flag, value));
-    } else if (flag == "--warmup") {
-      c.warmup = parse_int(flag, value);
-    } else if (flag == "--block") {
-      c.block = std::max(1, parse_int(flag, value));
-    } else if (flag == "--layers") {
-      c.layers = parse_int(flag, value);
-    } else if (flag == "--vocab") {
-      c.vocab = std::max(1, parse_int(flag, value));
-    } else if (flag == "--threads") {
-      c.threads = parse_int(flag, value);
-    } else {
-      throw std::invalid_argument("unknown flag " + std::string(flag) + "\n" + std::string(usage));
-    }
-  }
-  if (c.device != "cpu" && c.device != "cuda") throw std::invalid_argument("--device expects cpu or cuda");
-  if (c.optimizer != "adamw" && c.optimizer != "adam" && c.optimizer != "sgd") {
-    throw std::invalid_argument("--optimizer expects adamw, adam or sgd");
-  }
+  CLI::App app(std::string(description), "bench_optim_step");
+  bench::configure(app, 33);
+  bench::add_choice(app, "--device", c.device, {"cpu", "cuda"}, "where the parameters live (default cpu)")
+      ->type_name("cpu|cuda");
+  bench::add_choice(app, "--optimizer", c.optimizer, {"adamw", "adam", "sgd"},
+                    "AdamW lr 6e-4 wd 0.1 (default), Adam lr 6e-4, SGD lr 0.1 momentum 0.9 nesterov")
+      ->type_name("adamw|adam|sgd");
+  bench::add_int(app, "--steps", c.steps, 1, "timed steps of each (default 10)");
+  bench::add_int(app, "--warmup", c.warmup, 0, "untimed steps of each first (default 2)");
+  bench::add_int(app, "--block", c.block, 1, "steps per block of the alternation (default 2)");
+  bench::add_int(app, "--layers", c.layers, 0, "transformer blocks (default 12)");
+  bench::add_int(app, "--vocab", c.vocab, 1, "vocabulary size (default 50304)");
+  bench::add_int(app, "--threads", c.threads, 0, "intra-op threads of LibTorch (default: LibTorch's choice)");
+  if (!bench::parse(app, argc, argv)) return std::nullopt;
   return c;
 }
 
@@ -129,12 +97,6 @@ std::unique_ptr<torch::optim::Optimizer> make_optimizer(const std::string& name,
     return std::make_unique<torch::optim::SGD>(params, torch::optim::SGDOptions(0.1).momentum(0.9).nesterov(true));
   }
   return std::make_unique<torch::optim::AdamW>(params, torch::optim::AdamWOptions(6e-4).weight_decay(0.1));
-}
-
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  const std::size_t n = v.size();
-  return n % 2 == 1 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
 }
 
 int run(const Config& config) {
@@ -181,9 +143,7 @@ int run(const Config& config) {
     time_own();
     time_fast();
   }
-  const char* path = fabric::detail::last_optimizer_step_path() == fabric::detail::StepPath::fused     ? "fused"
-                     : fabric::detail::last_optimizer_step_path() == fabric::detail::StepPath::foreach ? "foreach"
-                                                                                                       : "own";
+  const std::string path = bench::kernels_name();
   std::vector<double> own_ms, fast_ms;
   for (int round = 0; static_cast<int>(own_ms.size()) < config.steps; ++round) {
     const int n = std::min(config.block, config.steps - static_cast<int>(own_ms.size()));
@@ -208,9 +168,10 @@ int run(const Config& config) {
   std::printf("optimizer step, %s, %s, %zu tensors, %.1f M parameters, %d threads, LibTorch %s\n",
               config.optimizer.c_str(), config.device.c_str(), own_params.size(), numel / 1e6, torch::get_num_threads(),
               TORCH_VERSION);
-  std::printf("own step():        %9.2f ms/step (median of %zu)\n", median(own_ms), own_ms.size());
-  std::printf("fabric fast step:  %9.2f ms/step (median of %zu, %s kernels)\n", median(fast_ms), fast_ms.size(), path);
-  std::printf("ratio fast/own:    %9.3f\n", median(fast_ms) / median(own_ms));
+  std::printf("own step():        %9.2f ms/step (median of %zu)\n", bench::median(own_ms), own_ms.size());
+  std::printf("fabric fast step:  %9.2f ms/step (median of %zu, %s kernels)\n", bench::median(fast_ms), fast_ms.size(),
+              path.c_str());
+  std::printf("ratio fast/own:    %9.3f\n", bench::median(fast_ms) / bench::median(own_ms));
   std::printf("max |param difference| after %zu steps: %.3g\n", own_ms.size() + config.warmup, max_diff);
   return 0;
 }
@@ -218,10 +179,8 @@ int run(const Config& config) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  try {
-    return run(parse(argc, argv));
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "bench_optim_step: %s\n", e.what());
-    return 2;
-  }
+  return bench::run_main("bench_optim_step", [&] {
+    const std::optional<Config> config = parse(argc, argv);
+    return config ? run(*config) : 0;
+  });
 }

@@ -22,7 +22,6 @@
 #include "common.hpp"
 #include "gpt2/gpt2.hpp"
 
-#include <charconv>
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
@@ -52,46 +51,42 @@ struct Settings {
   int gpt2_batch = 8;
   double peak_tflops = 790.0;
   std::string json{};
-  bool help = false;
 };
 
-constexpr std::string_view usage = R"(usage: bench_race [flags]
+constexpr std::string_view description = R"(usage: bench_race [flags]
 
 Times the training step of the reference workloads (shared BENCH.md) with three C++ loops:
 libtorch (hand-written, LibTorch's AdamW step), libtorch-fused (hand-written, fabric's multi-tensor
-AdamW step) and fabric; prints ms/step (median), tokens/s, MFU and peak memory of each.
+AdamW step) and fabric; prints ms/step (median), tokens/s, MFU and peak memory of each.)";
 
-flags:
-  --device D             auto (CUDA when there is a GPU), cuda or cpu (default auto)
-  --workload W           mlp (fp32 and bf16-mixed), mlp-fp32, mlp-bf16-mixed, gpt2 (bf16-mixed) or all;
-                         repeat or separate with commas (default all)
-  --competitors LIST     comma-separated subset of libtorch,libtorch-fused,fabric (default all three)
-  --steps N              timed steps (default: mlp 300, gpt2 30)
-  --warmup N             untimed steps first (default: mlp 50, gpt2 10)
-  --gpt2-config C        small (GPT-2 small, 124.5 M parameters) or tiny (for CPU checks) (default small)
-  --gpt2-batch N         sequences per gpt2 batch (default 8)
-  --peak-tflops X        the card's peak for MFU (default 790, an H100's measured bf16 matmul)
-  --json PATH            write the results to PATH as JSON
-  --help                 print this and exit
-)";
-
-Settings parse_args(int argc, char** argv) {
+/// Reads the command line; returns nothing when it printed the help.
+std::optional<Settings> parse_args(int argc, char** argv) {
   Settings s;
-  for (int i = 1; i < argc; ++i) {
-    const std::string_view flag = argv[i];
-    const auto value = [&]() -> std::string_view {
-      if (i + 1 >= argc) throw UsageError(fmt::format("expected a value after {}, found none", flag));
-      return argv[++i];
-    };
-    if (flag == "--help" || flag == "-h") {
-      s.help = true;
-    } else if (flag == "--device") {
-      s.device = value();
-      if (s.device != "auto" && s.device != "cuda" && s.device != "cpu") {
-        throw UsageError(fmt::format("expected auto, cuda or cpu after --device, found \"{}\"", s.device));
-      }
-    } else if (flag == "--workload") {
-      for (const auto& w : split(value())) {
+  CLI::App app(std::string(description), "bench_race");
+  configure(app, 25);
+  add_choice(app, "--device", s.device, {"auto", "cuda", "cpu"},
+             "auto (CUDA when there is a GPU), cuda or cpu (default auto)")
+      ->type_name("D");
+  // Repeatable lists: one value after each occurrence (as race.py reads them), which may hold several names
+  // separated by commas; the occurrences add up.
+  const auto list = [&app](const std::string& flag, const char* type, auto add, const std::string& help) {
+    app.add_option_function<std::vector<std::string>>(
+           flag,
+           [add](const std::vector<std::string>& names) {
+             for (const auto& name : names) {
+               if (!name.empty()) add(name);
+             }
+           },
+           help)
+        ->type_name(type)
+        ->expected(1)
+        ->allow_extra_args(false)
+        ->delimiter(',')
+        ->multi_option_policy(CLI::MultiOptionPolicy::TakeAll);
+  };
+  list(
+      "--workload", "W",
+      [&s](const std::string& w) {
         if (w == "all") {
           s.workloads.insert(s.workloads.end(), {"mlp-fp32", "mlp-bf16-mixed", "gpt2-bf16-mixed"});
         } else if (w == "mlp") {
@@ -104,34 +99,29 @@ Settings parse_args(int argc, char** argv) {
           throw UsageError(
               fmt::format("expected mlp, mlp-fp32, mlp-bf16-mixed, gpt2 or all after --workload, found \"{}\"", w));
         }
-      }
-    } else if (flag == "--competitors") {
-      for (const auto& c : split(value())) {
+      },
+      "mlp (fp32 and bf16-mixed), mlp-fp32, mlp-bf16-mixed, gpt2 (bf16-mixed) or all;\n"
+      "repeat or separate with commas (default all)");
+  list(
+      "--competitors", "LIST",
+      [&s](const std::string& c) {
         if (c != "libtorch" && c != "libtorch-fused" && c != "fabric") {
           throw UsageError(
               fmt::format("expected libtorch, libtorch-fused or fabric in --competitors, found \"{}\"", c));
         }
         s.competitors.push_back(c);
-      }
-    } else if (flag == "--steps") {
-      s.steps = parse_int(flag, value(), 1);
-    } else if (flag == "--warmup") {
-      s.warmup = parse_int(flag, value(), 0);
-    } else if (flag == "--gpt2-config") {
-      s.gpt2_config = value();
-      if (s.gpt2_config != "small" && s.gpt2_config != "tiny") {
-        throw UsageError(fmt::format("expected small or tiny after --gpt2-config, found \"{}\"", s.gpt2_config));
-      }
-    } else if (flag == "--gpt2-batch") {
-      s.gpt2_batch = parse_int(flag, value(), 1);
-    } else if (flag == "--peak-tflops") {
-      s.peak_tflops = parse_int(flag, value(), 1);
-    } else if (flag == "--json") {
-      s.json = value();
-    } else {
-      throw UsageError(fmt::format("unknown flag \"{}\"; run bench_race --help for the list", flag));
-    }
-  }
+      },
+      "comma-separated subset of libtorch,libtorch-fused,fabric (default all three)");
+  add_int(app, "--steps", s.steps, 1, "timed steps (default: mlp 300, gpt2 30)");
+  add_int(app, "--warmup", s.warmup, 0, "untimed steps first (default: mlp 50, gpt2 10)");
+  add_choice(app, "--gpt2-config", s.gpt2_config, {"small", "tiny"},
+             "small (GPT-2 small, 124.5 M parameters) or tiny (for CPU checks) (default small)")
+      ->type_name("C");
+  add_int(app, "--gpt2-batch", s.gpt2_batch, 1, "sequences per gpt2 batch (default 8)");
+  add_positive(app, "--peak-tflops", s.peak_tflops,
+               "the card's peak for MFU (default 790, an H100's measured bf16 matmul)");
+  app.add_option("--json", s.json, "write the results to PATH as JSON")->type_name("PATH");
+  if (!parse(app, argc, argv)) return std::nullopt;
   if (s.workloads.empty()) s.workloads = {"mlp-fp32", "mlp-bf16-mixed", "gpt2-bf16-mixed"};
   if (s.competitors.empty()) s.competitors = {"libtorch", "libtorch-fused", "fabric"};
   return s;
@@ -265,10 +255,7 @@ int run(const Settings& s) {
   const gpt2::Config small{};
   const gpt2::Config config = s.gpt2_config == "tiny" ? gpt2::Config::tiny() : small;
 
-  std::string json =
-      fmt::format("{{\n  \"device\": \"{}\",\n  \"torch\": \"{}\",\n  \"peak_tflops\": {},\n  \"results\": [",
-                  device.str(), TORCH_VERSION, s.peak_tflops);
-  bool first_json = true;
+  Json results = Json::array();
   fmt::print("bench_race on {} (LibTorch {}){}\n", device.str(), TORCH_VERSION,
              device.is_cuda() ? "" : " -- CPU times are for checking, not for the race");
   for (const auto& name : s.workloads) {
@@ -323,38 +310,41 @@ int run(const Settings& s) {
           static_cast<double>(r.peak_allocated) / (1 << 30), static_cast<double>(r.peak_reserved) / (1 << 30),
           r.last_loss, r.optimizer_kernels);
       std::fflush(stdout);
-      json += fmt::format(
-          "{}\n    {{\"workload\": \"{}\", \"precision\": \"{}\", \"competitor\": \"{}\", \"language\": \"C++\", "
-          "\"steps\": {}, \"warmup\": {}, \"ms_median\": {:.6f}, \"ms_min\": {:.6f}, \"ms_max\": {:.6f}, "
-          "\"wall_ms_mean\": {:.6f}, \"params\": {}, \"tokens_per_step\": {}, \"per_s\": {:.3f}, "
-          "\"flops_per_step\": {:.6e}, \"mfu\": {:.6f}, \"peak_allocated_bytes\": {}, \"peak_reserved_bytes\": {}, "
-          "\"last_loss\": {:.6f}, \"optimizer_kernels\": \"{}\"}}",
-          first_json ? "" : ",", w.name, precision, r.competitor, w.steps, w.warmup, med, *lo, *hi, r.wall_ms_mean,
-          r.params, w.tokens_per_step, per_s, flops_per_step, mfu, r.peak_allocated, r.peak_reserved, r.last_loss,
-          r.optimizer_kernels);
-      first_json = false;
+      results.push_back({{"workload", w.name},
+                         {"precision", precision},
+                         {"competitor", r.competitor},
+                         {"language", "C++"},
+                         {"steps", w.steps},
+                         {"warmup", w.warmup},
+                         {"ms_median", med},
+                         {"ms_min", *lo},
+                         {"ms_max", *hi},
+                         {"wall_ms_mean", r.wall_ms_mean},
+                         {"params", r.params},
+                         {"tokens_per_step", static_cast<std::int64_t>(w.tokens_per_step)},
+                         {"per_s", per_s},
+                         {"flops_per_step", flops_per_step},
+                         {"mfu", mfu},
+                         {"peak_allocated_bytes", r.peak_allocated},
+                         {"peak_reserved_bytes", r.peak_reserved},
+                         {"last_loss", r.last_loss},
+                         {"optimizer_kernels", r.optimizer_kernels}});
     }
   }
-  json += "\n  ]\n}\n";
-  if (!s.json.empty()) write_text(s.json, json);
+  if (!s.json.empty()) {
+    write_json(s.json, {{"device", device.str()},
+                        {"torch", TORCH_VERSION},
+                        {"peak_tflops", s.peak_tflops},
+                        {"results", std::move(results)}});
+  }
   return 0;
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
-  try {
-    const Settings settings = parse_args(argc, argv);
-    if (settings.help) {
-      std::fputs(usage.data(), stdout);
-      return 0;
-    }
-    return run(settings);
-  } catch (const UsageError& e) {
-    std::fprintf(stderr, "bench_race: %s\n", e.what());
-    return 2;
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "bench_race: %s\n", e.what());
-    return 1;
-  }
+  return bench::run_main("bench_race", [&] {
+    const std::optional<Settings> settings = parse_args(argc, argv);
+    return settings ? run(*settings) : 0;
+  });
 }
