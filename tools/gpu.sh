@@ -3,9 +3,10 @@
 # one go: every public header on its own and the compile-time tests, the unit tests ([cuda] included)
 # and the torch-free ones, the DDP worker over NCCL with one process, the Fashion-MNIST example on CUDA
 # in every precision, and the benchmarks. Logs go to $OUT (or build-gpu/logs); a short
-# summary is printed last. Prepare on the CPU machine first:
-#     bash ../shared/gpu/fetch-deps.sh; mkdir -p .deps/fashion-mnist; cp /usr/share/datasets/fashion-mnist/* .deps/fashion-mnist/
+# summary is printed last. Prepare on the CPU machine first (range-v3, CLI11, nlohmann-json, the data set):
+#     tools/fetch-gpu-deps.sh
 # then run it there with .deps carried:   tools/gpu.sh [steps...]   (default: build test dist example bench)
+# The step "readme" runs the README quick start's PyTorch-wheel compile line.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 steps=${*:-build test dist example bench}
@@ -77,6 +78,12 @@ fi
 if [[ " $steps " == *" example "* ]] && [ -x build-gpu/examples/gpt2/gpt2 ]; then
   build-gpu/examples/gpt2/gpt2 --steps 30 --expect-loss-decrease >"$logs/gpt2.log" 2>&1
   note "gpt2 example (cuda, bf16-mixed, 30 steps): exit $? | $(tail -2 "$logs/gpt2.log" | tr '\n' ' ')"
+fi
+
+if [[ " $steps " == *" readme "* ]]; then
+  python3 tests/package/quickstart.py --readme README.md --source . --work build-gpu/quickstart \
+    --blocks train.cpp,wheel --expect "accuracy 9[0-9]" >"$logs/quickstart.log" 2>&1
+  note "README quick start with the wheel's LibTorch: exit $? | $(grep -E 'accuracy' "$logs/quickstart.log" | tail -1)"
 fi
 
 if [[ " $steps " == *" bench "* ]]; then
