@@ -2,6 +2,7 @@
 // fabric::CSVLogger: Lightning's CSV layout, root_dir/name/version_N/metrics.csv. Torch-free.
 
 #include "fabric/core/error.hpp"
+#include "fabric/detail/yaml.hpp"
 #include "fabric/loggers/logger.hpp"
 
 #include <fmt/format.h>
@@ -90,13 +91,15 @@ class CSVLogger final : public Logger {
     if ((s + 1) % options_.flush_logs_every_n_steps == 0) save();
   }
 
-  void log_hyperparams(const std::map<std::string, std::string>& params) override {
+  /// Writes the hyper-parameters to log_dir()/hparams.yaml, every key and value a quoted YAML string (any
+  /// text is safe: colons, '#', newlines, unicode), replacing what an earlier call wrote.
+  void log_hyperparams(const Hyperparameters& params) override {
     start_experiment();
-    std::ofstream out(log_dir() / "hparams.yaml", std::ios::trunc);
-    for (const auto& [key, value] : params) out << key << ": " << value << '\n';
-    if (!out)
-      detail::raise("CSVLogger: could not write {}; check that the directory is writable",
-                    (log_dir() / "hparams.yaml").string());
+    const auto path = log_dir() / "hparams.yaml";
+    std::ofstream out(path, std::ios::trunc);
+    detail::write_yaml_mapping(out, params);
+    out.flush();
+    if (!out) detail::raise("CSVLogger: could not write {}; check that the directory is writable", path.string());
   }
 
   void save() override {

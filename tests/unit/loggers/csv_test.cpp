@@ -351,6 +351,69 @@ TEST_CASE("CSVLogger: hyper-parameters go to hparams.yaml", "[loggers]") {
   CHECK(lines_of(logger.log_dir() / "hparams.yaml") == std::vector<std::string>{"batch_size: 32", "lr: 0.01"});
 }
 
+TEST_CASE("hparams.yaml: plain where YAML reads the text back, quoted and escaped elsewhere", "[loggers][yaml]") {
+  using fabric::detail::yaml_scalar;
+  // Plain: numbers (as Lightning's files have them) and words that are no boolean or null.
+  CHECK(yaml_scalar("0.01") == "0.01");
+  CHECK(yaml_scalar("-3") == "-3");
+  CHECK(yaml_scalar("1e-3") == "1e-3");
+  CHECK(yaml_scalar("adamw") == "adamw");
+  CHECK(yaml_scalar("data/train_v2.bin") == "data/train_v2.bin");
+  // Quoted: what YAML would read as something else, or not read at all.
+  CHECK(yaml_scalar("C:/data: #1") == R"("C:/data: #1")");
+  CHECK(yaml_scalar("two\nlines") == R"("two\nlines")");
+  CHECK(yaml_scalar("yes") == R"("yes")");
+  CHECK(yaml_scalar("Null") == R"("Null")");
+  CHECK(yaml_scalar("010") == R"("010")");
+  CHECK(yaml_scalar("2026-12-01") == R"("2026-12-01")");
+  CHECK(yaml_scalar("") == R"("")");
+  CHECK(yaml_scalar("- item") == R"("- item")");
+  CHECK(yaml_scalar("say \"hi\" \\ bye") == R"("say \"hi\" \\ bye")");
+  CHECK(yaml_scalar("bell\a") == R"("bell\x07")");
+  CHECK(yaml_scalar("größe λ") == R"("größe λ")");
+  // Keys stay strings even when they look like numbers.
+  CHECK(yaml_scalar("42", false) == R"("42")");
+}
+
+TEST_CASE("hparams.yaml with every awkward character loads in PyYAML as written", "[loggers][yaml]") {
+  // NOTE: Debian's python3-yaml (a dependency of python3-torch, which the tests install).
+  const char* python = "/usr/bin/python3";
+  if (std::system(fmt::format("{} -c 'import yaml' 2>/dev/null", python).c_str()) != 0) {
+    SKIP("no PyYAML for /usr/bin/python3 (Debian package python3-yaml)");
+  }
+  TempDir tmp;
+  CSVLogger logger({.root_dir = tmp.path()});
+  logger.log_hyperparams({{"path", "C:/data: #1"},
+                          {"notes", "two\nlines\tand a tab"},
+                          {"quote", "say \"hi\" \\ bye"},
+                          {"flag", "yes"},
+                          {"nothing", "~"},
+                          {"lr", "0.01"},
+                          {"steps", "1000"},
+                          {"octal-looking", "010"},
+                          {"date", "2026-12-01"},
+                          {"empty", ""},
+                          {"unicode λ", "größe"},
+                          {"list", "[1, 2]"},
+                          {"42", "key that looks like a number"}});
+  const auto file = logger.log_dir() / "hparams.yaml";
+  const auto out = tmp.path() / "loaded.txt";
+  const std::string script =
+      "import sys, yaml\n"
+      "data = yaml.safe_load(open(sys.argv[1], encoding='utf-8'))\n"
+      "with open(sys.argv[2], 'w', encoding='utf-8') as out:\n"
+      "    for key in sorted(data, key=str): out.write(f'{key!r}={data[key]!r}\\n')\n";
+  const auto script_file = tmp.path() / "load.py";
+  std::ofstream(script_file) << script;
+  REQUIRE(std::system(fmt::format("{} {} {} {}", python, script_file.string(), file.string(), out.string()).c_str()) ==
+          0);
+  CHECK(lines_of(out) ==
+        std::vector<std::string>{"'42'='key that looks like a number'", "'date'='2026-12-01'", "'empty'=''",
+                                 "'flag'='yes'", "'list'='[1, 2]'", "'lr'=0.01", "'notes'='two\\nlines\\tand a tab'",
+                                 "'nothing'='~'", "'octal-looking'='010'", "'path'='C:/data: #1'",
+                                 "'quote'='say \"hi\" \\\\ bye'", "'steps'=1000", "'unicode λ'='größe'"});
+}
+
 TEST_CASE("CSVLogger: fabric.log and log_dict reach the file", "[loggers]") {
   TempDir tmp;
   auto csv = make_logger(tmp.path());
