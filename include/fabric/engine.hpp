@@ -426,10 +426,11 @@ class Fabric {
     }
     log(name, value.item<double>(), step);
   }
-  /// Logs several metrics to every logger (on global rank zero only).
+  /// Logs several metrics to every logger, then calls the `on_log_metrics` hook (on global rank zero only).
   void log_dict(const Metrics& metrics, std::optional<std::int64_t> step = std::nullopt) {
     if (!is_global_zero()) return;
     for (const auto& logger : options_.loggers) logger->log_metrics(metrics, step);
+    call(hooks::on_log_metrics, metrics, step);
   }
 
   // ---- checkpoints -----------------------------------------------------------------------------

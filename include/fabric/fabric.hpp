@@ -8,6 +8,7 @@
 #include "fabric/accelerators/auto.hpp"
 #include "fabric/accelerators/cpu.hpp"
 #include "fabric/accelerators/cuda.hpp"
+#include "fabric/callbacks/progress.hpp"
 #include "fabric/core/concepts.hpp"
 #include "fabric/core/config.hpp"
 #include "fabric/core/error.hpp"

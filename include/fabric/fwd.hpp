@@ -26,6 +26,7 @@ struct ParallelOptions;
 class Error;
 class Logger;
 class CSVLogger;
+class ProgressBar;
 class StateEntry;
 class NativeCheckpointIO;
 class AnyCheckpointIO;

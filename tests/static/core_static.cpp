@@ -1,5 +1,6 @@
 // Compile-time tests of the torch-free core. This file is compiled WITHOUT LibTorch on the include
 // path: if a core header pulled in torch, it would not build.
+#include <fabric/callbacks/progress.hpp>
 #include <fabric/core/concepts.hpp>
 #include <fabric/core/config.hpp>
 #include <fabric/core/error.hpp>

@@ -409,6 +409,41 @@ TEST_CASE("call dispatches hooks to the callbacks that declare them", "[fabric][
   CHECK(events[2] == "step 1");
 }
 
+namespace {
+struct MetricsSeen {
+  std::vector<std::pair<fabric::Metrics, std::optional<std::int64_t>>> seen;
+  void on_log_metrics(const fabric::Metrics& metrics, const std::optional<std::int64_t>& step) {
+    seen.emplace_back(metrics, step);
+  }
+};
+}  // namespace
+
+TEST_CASE("log and log_dict call on_log_metrics after the loggers; ProgressBar shows them", "[fabric][callbacks]") {
+  std::FILE* file = std::tmpfile();
+  REQUIRE(file != nullptr);
+  fabric::Fabric<fabric::CPU, fabric::SingleDevice, fabric::FP32, MetricsSeen, fabric::ProgressBar> fabric(
+      {}, MetricsSeen{}, fabric::ProgressBar({.stream = file, .mode = fabric::ProgressBar::Mode::lines}));
+  Net net;
+  auto model = fabric.setup_module(net);
+  fabric.log("loss", 0.5, 3);
+  fabric.log_dict({{"acc", 0.25}, {"loss", 0.125}});
+  const auto& seen = fabric.callback<MetricsSeen>().seen;
+  REQUIRE(seen.size() == 2);
+  CHECK(seen[0].first == fabric::Metrics{{"loss", 0.5}});
+  CHECK(seen[0].second == 3);
+  CHECK(seen[1].first == fabric::Metrics{{"acc", 0.25}, {"loss", 0.125}});
+  CHECK_FALSE(seen[1].second.has_value());
+
+  fabric.call(fabric::hooks::on_train_epoch_start, 0, 1);
+  fabric.call(fabric::hooks::on_train_batch_end, 0);
+  fabric.call(fabric::hooks::on_train_epoch_end);
+  std::rewind(file);
+  std::string text(256, '\0');
+  text.resize(std::fread(text.data(), 1, text.size(), file));
+  std::fclose(file);
+  CHECK_THAT(text, ContainsSubstring("Epoch 0: 1/1 (100%)") && ContainsSubstring("acc=0.25 loss=0.125\n"));
+}
+
 TEST_CASE("print writes an fmt-formatted line on local rank zero", "[fabric][print]") {
   fabric::Fabric<fabric::CPU> fabric;
   const auto path = std::filesystem::temp_directory_path() / fmt::format("fabric_print_{}.txt", ::getpid());

@@ -84,6 +84,9 @@ FABRIC_HOOK(on_before_zero_grad);
 FABRIC_HOOK(on_save_checkpoint);
 FABRIC_HOOK(on_load_checkpoint);
 FABRIC_HOOK(on_exception);
+/// fabric's own: `Fabric::log` and `Fabric::log_dict` call `on_log_metrics(metrics, step)` on global rank
+/// zero, after the loggers (fabric::ProgressBar shows the metrics this way).
+FABRIC_HOOK(on_log_metrics);
 }  // namespace hooks
 
 namespace detail {
