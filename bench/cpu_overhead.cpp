@@ -9,6 +9,7 @@
 //
 //     bench_cpu_overhead --steps 30 --warmup 10 --json results.json
 //     bench_cpu_overhead --mode fabric --steps 3 --warmup 1     # one loop only, e.g. under callgrind
+//     bench_cpu_overhead --progress     # the fabric loop also drives a fabric::ProgressBar and log()
 
 #include "common.hpp"
 
@@ -49,6 +50,7 @@ struct Config {
   Mode mode = Mode::both;
   std::string json{};
   int threads = 0;
+  bool progress = false;
 };
 
 constexpr std::string_view description = R"(usage: bench_cpu_overhead [flags]
@@ -71,6 +73,9 @@ std::optional<Config> parse_args(int argc, char** argv) {
              "raw, fabric or both (default both); one loop only is for callgrind")
       ->type_name("M");
   add_int(app, "--threads", config.threads, 1, "intra-op threads of LibTorch (default: LibTorch's choice)");
+  app.add_flag("--progress", config.progress,
+               "the fabric loop also logs a metric and reports the batch to a\nfabric::ProgressBar each step "
+               "(drawn to /dev/null)");
   app.add_option("--json", config.json, "also write the results to PATH as JSON")->type_name("PATH");
   if (!parse(app, argc, argv)) return std::nullopt;
   config.mode = mode == "raw" ? Mode::raw : mode == "fabric" ? Mode::fabric : Mode::both;
@@ -82,6 +87,15 @@ Mlp make_model() { return build<Mlp>({}); }
 
 using Clock = std::chrono::steady_clock;
 using Fabric = fabric::Fabric<fabric::CPU, fabric::SingleDevice, fabric::FP32>;
+/// With --progress: a progress bar among the callbacks, drawn as on a terminal but into /dev/null.
+using ProgressFabric = fabric::Fabric<fabric::CPU, fabric::SingleDevice, fabric::FP32, fabric::ProgressBar>;
+
+/// /dev/null, open while the benchmark runs.
+std::FILE* dev_null() {
+  static std::FILE* file = std::fopen("/dev/null", "w");
+  if (file == nullptr) throw std::runtime_error("bench_cpu_overhead: cannot open /dev/null");
+  return file;
+}
 
 /// The hand-written loop.
 class RawLoop {
@@ -103,15 +117,22 @@ class RawLoop {
   torch::optim::AdamW adamw_;
 };
 
-/// The same loop through fabric.
+/// The same loop through fabric; with a ProgressBar, each step also logs the previous step's time
+/// (a plain double: no device sync) and reports the batch, as a training loop with a bar does.
+template <class F>
 class FabricLoop {
  public:
+  static constexpr bool with_progress = fabric::contains_v<fabric::ProgressBar, typename F::callbacks_type>;
+
   FabricLoop(const torch::Tensor& x, const torch::Tensor& y)
       : x_(x),
         y_(y),
         net_(make_model()),
         adamw_(net_->parameters(), torch::optim::AdamWOptions(1e-3)),
-        wrapped_(fabric_.setup(net_, adamw_)) {}
+        fabric_(make_fabric()),
+        wrapped_(fabric_.setup(net_, adamw_)) {
+    if constexpr (with_progress) fabric_.call(fabric::hooks::on_train_epoch_start, 0, std::int64_t{1} << 40);
+  }
   double step() {
     auto& [model, optimizer] = wrapped_;
     const auto start = Clock::now();
@@ -119,19 +140,40 @@ class FabricLoop {
     fabric_.backward(loss);
     optimizer.step();
     optimizer.zero_grad();
-    return std::chrono::duration<double, std::milli>(Clock::now() - start).count();
+    if constexpr (with_progress) {
+      const auto before = Clock::now();
+      fabric_.log("step_ms", last_ms_, batch_);
+      fabric_.call(fabric::hooks::on_train_batch_end, batch_++);
+      progress_us_.push_back(std::chrono::duration<double, std::micro>(Clock::now() - before).count());
+    }
+    last_ms_ = std::chrono::duration<double, std::milli>(Clock::now() - start).count();
+    return last_ms_;
   }
 
  private:
-  using Wrapped = decltype(std::declval<Fabric&>().setup(std::declval<Mlp&>(), std::declval<torch::optim::AdamW&>()));
+  using Wrapped = decltype(std::declval<F&>().setup(std::declval<Mlp&>(), std::declval<torch::optim::AdamW&>()));
+
+  static F make_fabric() {
+    if constexpr (with_progress) {
+      return F({}, fabric::ProgressBar({.stream = dev_null(), .mode = fabric::ProgressBar::Mode::bar, .width = 120}));
+    } else {
+      return F{};
+    }
+  }
 
   torch::Tensor x_, y_;
   Mlp net_;
   torch::optim::AdamW adamw_;
-  Fabric fabric_{};
+  F fabric_;
   Wrapped wrapped_;  // the (model, optimizer) that fabric_.setup returned
+  std::int64_t batch_ = 0;
+  double last_ms_ = 0.0;
+
+ public:
+  std::vector<double> progress_us_;  // the time of log() + on_train_batch_end in each step
 };
 
+template <class F>
 int run(const Config& config) {
   if (config.threads > 0) torch::set_num_threads(config.threads);
   const bool run_raw = config.mode != Mode::fabric;
@@ -142,7 +184,7 @@ int run(const Config& config) {
   const torch::Tensor y = torch::randint(0, 10, {256}, torch::kLong);
 
   std::optional<RawLoop> raw;
-  std::optional<FabricLoop> fab;
+  std::optional<FabricLoop<F>> fab;
   if (run_raw) raw.emplace(x, y);
   if (run_fabric) fab.emplace(x, y);
 
@@ -176,16 +218,17 @@ int run(const Config& config) {
   const char* mode_name = config.mode == Mode::raw ? "raw" : config.mode == Mode::fabric ? "fabric" : "both";
   fmt::print(
       "bench_cpu_overhead: mlp workload, batch 256, {} timed + {} warm-up steps per loop, blocks of {}, "
-      "mode {}, {} thread{}\n",
+      "mode {}, {} thread{}{}\n",
       config.steps, config.warmup, config.block, mode_name, torch::get_num_threads(),
-      torch::get_num_threads() == 1 ? "" : "s");
+      torch::get_num_threads() == 1 ? "" : "s", config.progress ? ", fabric with a ProgressBar" : "");
   Json json = {{"workload", "mlp"},
                {"batch_size", 256},
                {"steps", config.steps},
                {"warmup", config.warmup},
                {"block", config.block},
                {"mode", mode_name},
-               {"threads", torch::get_num_threads()}};
+               {"threads", torch::get_num_threads()},
+               {"progress", config.progress}};
   const auto report = [&](std::string_view name, const std::vector<double>& ms) {
     const double med = median(ms);
     const auto [lo, hi] = std::minmax_element(ms.begin(), ms.end());
@@ -203,6 +246,18 @@ int run(const Config& config) {
     fmt::print("  ratio fabric/raw {:.4f} (target <= 1.01)\n", ratio);
     json["ratio"] = ratio;
   }
+  if (run_fabric && config.progress) {
+    // NOTE: the warm-up steps' share is dropped; what is left are the timed steps.
+    const std::vector<double> us(fab->progress_us_.end() - static_cast<std::ptrdiff_t>(fabric_ms.size()),
+                                 fab->progress_us_.end());
+    const double med = median(us);
+    fmt::print(
+        "  progress bar: log() + on_train_batch_end median {:.2f} us/step, max {:.2f} us, {:.5f}% of the "
+        "fabric step\n",
+        med, *std::max_element(us.begin(), us.end()), 100.0 * med / 1000.0 / fabric_median);
+    json["progress_us_median"] = med;
+    json["progress_share"] = med / 1000.0 / fabric_median;
+  }
   if (!config.json.empty()) write_json(config.json, json);
   return 0;
 }
@@ -212,6 +267,7 @@ int run(const Config& config) {
 int main(int argc, char** argv) {
   return bench::run_main("bench_cpu_overhead", [&] {
     const std::optional<Config> config = parse_args(argc, argv);
-    return config ? run(*config) : 0;
+    if (!config) return 0;
+    return config->progress ? run<ProgressFabric>(*config) : run<Fabric>(*config);
   });
 }
