@@ -9,10 +9,11 @@ target_compile_features(fabric_static_core PRIVATE cxx_std_20)
 add_test(NAME static.core_without_torch COMMAND fabric_static_core)
 
 # The torch-free unit tests: cluster environments from fake environments, the launchers with real child
-# processes (launch_worker, fabric-run), the callbacks (the progress bar on a real pty) and the TensorBoard
-# logger.
+# processes (launch_worker, fabric-run), the callbacks (the progress bar on a real pty), the rank-zero
+# state and the TensorBoard logger.
 file(GLOB FABRIC_CORE_TESTS CONFIGURE_DEPENDS ${CMAKE_CURRENT_SOURCE_DIR}/unit/strategies/environments/*_test.cpp
      ${CMAKE_CURRENT_SOURCE_DIR}/unit/strategies/launchers/*_test.cpp ${CMAKE_CURRENT_SOURCE_DIR}/unit/callbacks/*_test.cpp
+     ${CMAKE_CURRENT_SOURCE_DIR}/unit/core/*_test.cpp
      ${CMAKE_CURRENT_SOURCE_DIR}/unit/loggers/tensorboard_test.cpp)
 add_executable(launch_worker unit/strategies/launchers/launch_worker.cpp)
 add_executable(fabric_core_tests ${FABRIC_CORE_TESTS})

@@ -27,6 +27,7 @@ class Error;
 class Logger;
 class CSVLogger;
 class ProgressBar;
+class TensorBoardLogger;
 class StateEntry;
 class NativeCheckpointIO;
 class AnyCheckpointIO;

@@ -7,11 +7,13 @@
 #include <fabric/core/guard.hpp>
 #include <fabric/core/hooks.hpp>
 #include <fabric/core/options.hpp>
+#include <fabric/core/rank_zero.hpp>
 #include <fabric/core/type_list.hpp>
 #include <fabric/core/version.hpp>
 #include <fabric/fwd.hpp>
 #include <fabric/loggers/csv.hpp>
 #include <fabric/loggers/logger.hpp>
+#include <fabric/loggers/tensorboard.hpp>
 #include <fabric/strategies/environments/detect.hpp>
 #include <fabric/strategies/launchers/process_set.hpp>
 #include <fabric/strategies/launchers/subprocess.hpp>

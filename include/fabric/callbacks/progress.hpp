@@ -4,6 +4,7 @@
 // files, `| tee`) plain lines at an interval; on global rank zero only. Torch-free (fmt, std, POSIX).
 
 #include "fabric/core/error.hpp"
+#include "fabric/core/rank_zero.hpp"
 #include "fabric/loggers/logger.hpp"
 
 #include <fmt/format.h>
@@ -431,7 +432,7 @@ class ProgressBar {
   Options options_;
   bool bar_ = false;
   bool ascii_ = false;
-  bool rank_zero_ = true;
+  bool rank_zero_ = is_rank_zero();  // until on_after_setup says
   Run run_{};
   Metrics metrics_{};
 };

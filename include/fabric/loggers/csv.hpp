@@ -2,6 +2,7 @@
 // fabric::CSVLogger: Lightning's CSV layout, root_dir/name/version_N/metrics.csv. Torch-free.
 
 #include "fabric/core/error.hpp"
+#include "fabric/core/rank_zero.hpp"
 #include "fabric/detail/yaml.hpp"
 #include "fabric/loggers/logger.hpp"
 
@@ -30,7 +31,8 @@ namespace fabric {
 ///
 /// Like Lightning, the version (next free version_N unless given) is settled on first use, the log
 /// directory is created by the first log call, and a metrics.csv already in that directory is
-/// replaced by this run's.
+/// replaced by this run's. Only global rank zero writes (`fabric::is_rank_zero()`, Lightning's
+/// `@rank_zero_only`): on the other ranks log_metrics, log_hyperparams, save and finalize do nothing.
 ///
 ///     auto csv = std::make_shared<fabric::CSVLogger>(fabric::CSVLogger::Options{.root_dir = "logs"});
 ///     fabric::Fabric<> fabric{{.loggers = {csv}}};
@@ -76,6 +78,7 @@ class CSVLogger final : public Logger {
   std::filesystem::path metrics_file() const { return log_dir() / "metrics.csv"; }
 
   void log_metrics(const Metrics& metrics, std::optional<std::int64_t> step) override {
+    if (!is_rank_zero()) return;  // as Lightning's @rank_zero_only
     const std::int64_t s = step.value_or(static_cast<std::int64_t>(logged_));
     Row row{s, {}};
     for (const auto& [key, value] : metrics) {
@@ -94,6 +97,7 @@ class CSVLogger final : public Logger {
   /// Writes the hyper-parameters to log_dir()/hparams.yaml, every key and value a quoted YAML string (any
   /// text is safe: colons, '#', newlines, unicode), replacing what an earlier call wrote.
   void log_hyperparams(const Hyperparameters& params) override {
+    if (!is_rank_zero()) return;  // as Lightning's @rank_zero_only
     start_experiment();
     const auto path = log_dir() / "hparams.yaml";
     std::ofstream out(path, std::ios::trunc);
@@ -103,6 +107,7 @@ class CSVLogger final : public Logger {
   }
 
   void save() override {
+    if (!is_rank_zero()) return;  // as Lightning's @rank_zero_only
     if (rows_.empty()) return;
     start_experiment();
     const auto path = metrics_file();

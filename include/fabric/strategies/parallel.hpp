@@ -5,6 +5,7 @@
 // cannot hang on a dead peer. fabric::DDP derives from it, and so will FSDP.
 
 #include "fabric/core/error.hpp"
+#include "fabric/core/rank_zero.hpp"
 #include "fabric/core/options.hpp"
 #include "fabric/detail/c10d.hpp"
 #include "fabric/io/state.hpp"
@@ -113,6 +114,8 @@ class ParallelStrategy : public StrategyBase {
     devices_ = options.devices;
     num_nodes_ = options.num_nodes;
     topology_ = options_.cluster_environment.topology(detail::getenv_lookup, devices_, num_nodes_);
+    // NOTE: as Lightning's DDPStrategy._set_world_ranks: the loggers write on this rank's say.
+    set_rank_zero_only_rank(topology_.global_rank);
   }
 
   int global_rank() const noexcept { return topology_.global_rank; }

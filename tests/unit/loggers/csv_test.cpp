@@ -186,6 +186,14 @@ TEST_CASE("CSVLogger: header and rows", "[loggers]") {
     CHECK(lines_of(logger->metrics_file()) ==
           std::vector<std::string>{"\"a,b\",plain name,\"say \"\"hi\"\"\",step", "1.0,3.0,2.0,0"});
   }
+
+  SECTION("Unicode names are written as UTF-8, ordered by code point as Python's sorted() orders them") {
+    logger->log_metrics({{"验证/损失", 0.5}, {"ñ", 1.0}, {"z", 2.0}, {"a", 3.0}}, 0);
+    logger->log_metrics({{"λ", 4.0}}, 1);  // a new column mid-run, between ñ and 验
+    logger->finalize("success");
+    CHECK(lines_of(logger->metrics_file()) ==
+          std::vector<std::string>{"a,step,z,ñ,λ,验证/损失", "3.0,0,2.0,1.0,,0.5", ",1,,,4.0,"});
+  }
 }
 
 TEST_CASE("CSVLogger: flush cadence", "[loggers]") {
