@@ -125,7 +125,9 @@ class ProtoWriter {
   const std::string& data() const noexcept { return data_; }
 
  private:
-  void key(int field, int wire_type) { put_varint((static_cast<std::uint64_t>(field) << 3) | wire_type); }
+  void key(int field, int wire_type) {
+    put_varint((static_cast<std::uint64_t>(field) << 3) | static_cast<std::uint64_t>(wire_type));
+  }
   void put_varint(std::uint64_t v) {
     while (v >= 0x80u) {
       data_ += static_cast<char>((v & 0x7Fu) | 0x80u);
@@ -517,6 +519,14 @@ class TensorBoardLogger final : public Logger {
             "version_N");
       }
     }
+    // NOTE: registered here, outside the logger's lock: the flush at exit takes the registry's lock, then this one.
+    detail::tensorboard::ExitFlush::instance().add(this, [this] {
+      const std::lock_guard lock(mutex_);
+      try {
+        flush_locked();
+      } catch (...) {  // NOTE: nothing can report an error while the program exits.
+      }
+    });
   }
   ~TensorBoardLogger() override {
     detail::tensorboard::ExitFlush::instance().remove(this);
@@ -650,7 +660,7 @@ class TensorBoardLogger final : public Logger {
   }
 
   // Creates the log directory and the event file with its first record (written at once, as TensorBoard
-  // does), once; then starts the flush timer and registers the flush at exit.
+  // does), once; then starts the flush timer.
   void start_file() {
     if (!file_.empty()) return;
     const auto dir = log_dir();
@@ -678,13 +688,6 @@ class TensorBoardLogger final : public Logger {
     file_ = path;
     written_ = header_.size();
     last_flush_ = Clock::now();
-    detail::tensorboard::ExitFlush::instance().add(this, [this] {
-      const std::lock_guard lock(mutex_);
-      try {
-        flush_locked();
-      } catch (...) {  // NOTE: nothing can report an error while the program exits.
-      }
-    });
     if (options_.flush_secs > 0) timer_ = std::thread([this] { run_timer(); });
   }
 

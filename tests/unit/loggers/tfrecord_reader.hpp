@@ -132,13 +132,14 @@ class Message {
     }
   }
 
-  /// The fields numbered n, in order.
-  std::vector<const Field*> all(int n) const {
+  /// The fields numbered n, in order (pointers into this message: keep it alive while using them).
+  std::vector<const Field*> all(int n) const& {
     std::vector<const Field*> out;
     for (const auto& f : fields_)
       if (f.number == n) out.push_back(&f);
     return out;
   }
+  std::vector<const Field*> all(int n) const&& = delete;  // a temporary's fields would dangle
   /// The last field numbered n (protobuf's rule for a repeated scalar), if any.
   const Field* get(int n, int wire_type) const {
     const Field* found = nullptr;
@@ -225,7 +226,8 @@ inline Event decode_event(std::string_view data) {
         const Message tm = vm.message(8);
         Tensor t;
         t.dtype = static_cast<int>(tm.int64(1));
-        for (const Field* d : tm.message(2).all(2)) t.dims.push_back(Message(d->bytes).int64(1));
+        const Message shape = tm.message(2);  // NOTE: named, as all() points into it
+        for (const Field* d : shape.all(2)) t.dims.push_back(Message(d->bytes).int64(1));
         for (const Field* s : tm.all(8)) t.strings.push_back(s->bytes);
         v.tensor = std::move(t);
       }
