@@ -5,6 +5,7 @@
 // gethostname for the event file's name).
 
 #include "fabric/core/error.hpp"
+#include "fabric/core/rank_zero.hpp"
 #include "fabric/loggers/logger.hpp"
 
 #include <fmt/format.h>
@@ -464,13 +465,13 @@ class ExitFlush {
 /// Like Lightning, the version (next free version_N unless given) is settled on first use, and the first
 /// log call creates the log directory and the event file. Records are buffered, as SummaryWriter does:
 /// they reach the file when `max_queue` are pending, every `flush_secs` (a background thread started by
-/// the first log call), and on `save()`, `finalize()`, destruction and program exit. The logger writes
-/// wherever it is called: Fabric calls `log_metrics` on global rank zero only; call `log_hyperparams` and
-/// `log_text` under `fabric.is_global_zero()`.
+/// the first log call), and on `save()`, `finalize()`, destruction and program exit. Only global rank zero
+/// writes (`fabric::is_rank_zero()`, Lightning's `@rank_zero_only`): on the other ranks log_metrics,
+/// log_hyperparams, log_text, save and finalize do nothing.
 ///
 ///     auto tb = std::make_shared<fabric::TensorBoardLogger>(fabric::TensorBoardLogger::Options{.root_dir = "logs"});
 ///     fabric::Fabric<> fabric{{.loggers = {tb}}};
-///     if (fabric.is_global_zero()) tb->log_hyperparams({{"lr", "0.001"}, {"optimizer", "adam"}});
+///     tb->log_hyperparams({{"lr", "0.001"}, {"optimizer", "adam"}});
 ///     fabric.log("loss", 0.25, step);
 class TensorBoardLogger final : public Logger {
  public:
@@ -565,6 +566,7 @@ class TensorBoardLogger final : public Logger {
 
   /// Writes one scalar per metric at the step (without one, the logger's count of log_metrics calls).
   void log_metrics(const Metrics& metrics, std::optional<std::int64_t> step) override {
+    if (!is_rank_zero()) return;  // as Lightning's @rank_zero_only
     const std::lock_guard lock(mutex_);
     const std::int64_t s = step.value_or(logged_);
     ++logged_;
@@ -591,6 +593,7 @@ class TensorBoardLogger final : public Logger {
   /// TensorBoard reads the hyper-parameters of the first call only.
   void log_hyperparams(const Hyperparameters& params, const Metrics& metrics,
                        std::optional<std::int64_t> step = std::nullopt) {
+    if (!is_rank_zero()) return;  // as Lightning's @rank_zero_only
     Metrics all = metrics;
     if (all.empty() && options_.default_hp_metric) all.emplace("hp_metric", -1.0);
     if (all.empty()) return;
@@ -618,6 +621,7 @@ class TensorBoardLogger final : public Logger {
   /// Writes a text summary (the TEXT tab; Markdown) under the tag as given, at the step (without one,
   /// the next automatic step, which this does not advance); e.g. the command line of a run.
   void log_text(std::string_view tag, std::string_view text, std::optional<std::int64_t> step = std::nullopt) {
+    if (!is_rank_zero()) return;  // as Lightning's @rank_zero_only
     const std::lock_guard lock(mutex_);
     start_file();
     const std::int64_t s = step.value_or(logged_);
@@ -628,6 +632,7 @@ class TensorBoardLogger final : public Logger {
 
   /// Writes the pending records to the event file; on a write error throws fabric::Error and keeps them.
   void save() override {
+    if (!is_rank_zero()) return;  // as Lightning's @rank_zero_only
     const std::lock_guard lock(mutex_);
     flush_locked();
   }

@@ -4,6 +4,7 @@
 // hyper-parameters and text decoded back, the flush cadence (queue, timer, destruction, exit), and
 // the errors for bad options and unwritable directories. Torch-free: compiled into fabric_core_tests.
 
+#include <fabric/core/rank_zero.hpp>
 #include <fabric/loggers/tensorboard.hpp>
 
 #include "unit/loggers/tfrecord_reader.hpp"
@@ -68,6 +69,31 @@ class EnvGuard {
  private:
   const char* name_;
   std::optional<std::string> old_;
+};
+
+// Sets the launcher's rank variables for the scope (unset when not given) and forgets the known rank;
+// restores both after.
+class RankEnvironment {
+ public:
+  explicit RankEnvironment(const std::map<std::string, std::string>& values) {
+    for (const char* name : variables) {
+      if (const char* v = std::getenv(name)) saved_[name] = v;
+      ::unsetenv(name);
+    }
+    for (const auto& [name, value] : values) ::setenv(name.c_str(), value.c_str(), 1);
+    fabric::detail::rank_zero_only_rank().store(-1);
+  }
+  ~RankEnvironment() {
+    for (const char* name : variables) ::unsetenv(name);
+    for (const auto& [name, value] : saved_) ::setenv(name.c_str(), value.c_str(), 1);
+    fabric::detail::rank_zero_only_rank().store(-1);
+  }
+  RankEnvironment(const RankEnvironment&) = delete;
+  RankEnvironment& operator=(const RankEnvironment&) = delete;
+
+ private:
+  static constexpr const char* variables[] = {"RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"};
+  std::map<std::string, std::string> saved_;
 };
 
 // The events of the one event file in dir.
@@ -646,6 +672,29 @@ TEST_CASE("TensorBoardLogger: a logger still alive at exit() is flushed", "[tens
   REQUIRE(WEXITSTATUS(status) == 0);
   const auto events = events_in(tmp.path() / "lightning_logs" / "version_0");
   CHECK(scalars(events, "at_exit") == std::vector<std::pair<std::int64_t, float>>{{9, 42.f}});
+}
+
+// ---- rank zero --------------------------------------------------------------------------------------
+
+TEST_CASE("TensorBoardLogger: on a rank other than zero nothing is written, as Lightning's @rank_zero_only",
+          "[tensorboard]") {
+  TempDir tmp;
+  const RankEnvironment env(std::map<std::string, std::string>{{"RANK", "1"}});
+  TensorBoardLogger logger({.root_dir = tmp.path(), .flush_secs = 0});
+  logger.log_metrics({{"loss", 0.5}}, 0);
+  logger.log_hyperparams({{"lr", "0.1"}});
+  logger.log_hyperparams({{"lr", "0.1"}}, {{"acc", 1}}, 0);
+  logger.log_text("t", "x", 0);
+  logger.save();
+  logger.finalize("success");
+  CHECK(logger.event_file().empty());
+  CHECK(fs::is_empty(tmp.path()));
+
+  fabric::set_rank_zero_only_rank(0);  // the rank the strategy sets wins over RANK
+  logger.log_metrics({{"loss", 0.25}}, 1);
+  const auto events = events_in(logger.log_dir());
+  CHECK(scalars(events, "loss") == std::vector<std::pair<std::int64_t, float>>{{1, 0.25f}});
+  CHECK(logger.version() == "0");
 }
 
 // ---- errors -----------------------------------------------------------------------------------------
