@@ -4,6 +4,7 @@
 //
 //     gpt2 --steps 50                                   # GPT-2 small, batch 8 x 1024 tokens
 //     gpt2 --tiny --steps 3 --expect-loss-decrease      # a tiny GPT on the CPU (the smoke test)
+//     gpt2 --log-every 10 --csv-dir logs                # tokens/s and MFU every 10 steps, also to a CSV file
 //     gpt2 --help
 
 #include "gpt2/gpt2.hpp"
@@ -11,16 +12,19 @@
 #include <torch/torch.h>
 #include <CLI/CLI.hpp>
 #include <fabric/fabric.hpp>
+#include <fabric/utils/throughput.hpp>
 
 #include <charconv>
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
 #include <exception>
+#include <memory>
 #include <optional>
 #include <string>
 #include <string_view>
 #include <type_traits>
+#include <vector>
 
 namespace {
 
@@ -34,6 +38,8 @@ struct Settings {
   int batch_size = 0;  // 0: 8 for GPT-2 small, 4 for --tiny
   double lr = 6e-4;
   std::uint64_t seed = 42;
+  int log_every = 10;   // steps between the throughput lines (fabric::ThroughputMonitor)
+  std::string csv_dir;  // where a CSVLogger writes the throughput metrics (none: not written)
   bool tiny = false;
   bool expect_loss_decrease = false;
 };
@@ -42,7 +48,9 @@ constexpr std::string_view description = R"(usage: gpt2 [flags]
 
 Trains GPT-2 small (12 layers, 12 heads, width 768, context 1024, vocabulary 50304; 124.5 M
 parameters) with fabric::Fabric<Auto, SingleDevice, BF16Mixed> and AdamW (weight decay 0.1) on one
-batch of random tokens, and prints the loss, time and tokens per second of each step.)";
+batch of random tokens, and prints the loss, time and tokens per second of each step; every
+--log-every steps fabric::ThroughputMonitor logs (and it prints) the tokens/s, FLOP/s and MFU of
+those steps, the FLOPs counted by fabric::transformer_flops.)";
 
 /// CLI11's help with the usage line first (it opens the description), then the flags.
 class Help : public CLI::Formatter {
@@ -83,6 +91,8 @@ std::optional<Settings> parse_args(int argc, char** argv) {
   const CLI::Option* lr =
       positive("--lr", s.lr, "learning rate of AdamW (default 0.0006; 0.001 with --tiny)")->type_name("X");
   positive("--seed", s.seed, "seed of the weights and the tokens (default 42)");
+  positive("--log-every", s.log_every, "steps between throughput lines: tokens/s, FLOP/s, MFU (default 10)");
+  app.add_option("--csv-dir", s.csv_dir, "log the throughput metrics with a CSVLogger under DIR")->type_name("DIR");
   app.add_flag("--tiny", s.tiny, "a tiny GPT (2 layers, 2 heads, width 64, 32 positions, 256 tokens)");
   app.add_flag("--expect-loss-decrease", s.expect_loss_decrease,
                "exit with status 1 unless the last loss is below the first (a smoke test)");
@@ -104,7 +114,12 @@ std::optional<Settings> parse_args(int argc, char** argv) {
 }
 
 int train(const Settings& s) {
-  fabric::Fabric<fabric::Auto, fabric::SingleDevice, fabric::BF16Mixed> fabric;
+  std::vector<std::shared_ptr<fabric::Logger>> loggers;
+  if (!s.csv_dir.empty()) {
+    loggers.push_back(
+        std::make_shared<fabric::CSVLogger>(fabric::CSVLogger::Options{.root_dir = s.csv_dir, .name = "gpt2"}));
+  }
+  fabric::Fabric<fabric::Auto, fabric::SingleDevice, fabric::BF16Mixed> fabric{{.loggers = loggers}};
   fabric.seed_everything(s.seed);
 
   const gpt2::Config config = s.tiny ? gpt2::Config::tiny() : gpt2::Config{};
@@ -120,9 +135,28 @@ int train(const Settings& s) {
                                            torch::TensorOptions().dtype(torch::kLong).device(fabric.device()));
   const at::Tensor x = tokens.narrow(1, 0, config.block_size);
   const at::Tensor y = tokens.narrow(1, 1, config.block_size);
-  const double tokens_per_step = static_cast<double>(s.batch_size * config.block_size);
+  const std::int64_t tokens_per_step = s.batch_size * config.block_size;
+
+  // Throughput: FLOPs per step by the 6 N + attention rule, the peak from fabric's table for this GPU in
+  // bfloat16; the window holds the last --log-every steps (plus the update at time 0 before them).
+  const double flops_per_step = fabric::transformer_flops({.parameters = net->num_parameters(),
+                                                           .layers = config.n_layer,
+                                                           .width = config.n_embd,
+                                                           .context = config.block_size},
+                                                          tokens_per_step);
+  fabric::ThroughputMonitor monitor(fabric, {.window_size = s.log_every + 1, .using_sparse_model = false});
+  const std::string device_name = fabric::cuda_device_name(fabric.device()).value_or(fabric.device().str());
+  if (const auto peak = monitor.available_flops()) {
+    fabric.print("gpt2: {:.3g} TFLOP per step; {} peaks at {:.1f} TFLOP/s in bfloat16 (MFU's denominator)",
+                 flops_per_step / 1e12, device_name, *peak / 1e12);
+  } else {
+    fabric.print("gpt2: {:.3g} TFLOP per step; no peak FLOP/s known for {}, so no MFU", flops_per_step / 1e12,
+                 device_name);
+  }
 
   double first_loss = 0.0, last_loss = 0.0;
+  const auto t0 = std::chrono::steady_clock::now();
+  monitor.update({.time = 0, .batches = 0, .samples = 0, .lengths = 0, .flops = 0});
   for (int step = 0; step < s.steps; ++step) {
     const auto start = std::chrono::steady_clock::now();
     const at::Tensor loss = gpt2::loss(model(x), y);
@@ -130,10 +164,25 @@ int train(const Settings& s) {
     optimizer.step();
     optimizer.zero_grad();
     last_loss = loss.item<double>();  // waits for the step to finish
-    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    const auto end = std::chrono::steady_clock::now();
+    const double seconds = std::chrono::duration<double>(end - start).count();
     if (step == 0) first_loss = last_loss;
     fabric.print("step {:4d}  loss {:.4f}  {:8.1f} ms  {:10.0f} tokens/s", step, last_loss, seconds * 1e3,
-                 tokens_per_step / seconds);
+                 static_cast<double>(tokens_per_step) / seconds);
+
+    const std::int64_t done = step + 1;
+    monitor.update({.time = std::chrono::duration<double>(end - t0).count(),
+                    .batches = done,
+                    .samples = done * s.batch_size,
+                    .lengths = done * tokens_per_step,
+                    .flops = flops_per_step});
+    if (done % s.log_every == 0) {
+      const fabric::Metrics m = monitor.compute_and_log(done);
+      std::string line = fmt::format("throughput of steps {}-{}: {:.0f} tokens/s, {:.3g} TFLOP/s", done - s.log_every,
+                                     done - 1, m.at("device/items_per_sec"), m.at("device/flops_per_sec") / 1e12);
+      if (const auto mfu = m.find("device/mfu"); mfu != m.end()) line += fmt::format(", MFU {:.3f}", mfu->second);
+      fabric.print("{}", line);
+    }
   }
   if (s.expect_loss_decrease && !(last_loss < first_loss)) {
     fabric.print("gpt2: expected the loss to fall, found {:.4f} at the first step and {:.4f} at the last", first_loss,
