@@ -30,11 +30,13 @@
 #include <cstdint>
 #include <deque>
 #include <functional>
+#include <map>
 #include <numeric>
 #include <optional>
 #include <set>
 #include <string>
 #include <string_view>
+#include <tuple>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -670,9 +672,44 @@ class ThroughputMonitor : public Throughput {
 
 namespace detail {
 
+/// Sums the FLOPs of profiled operators, leaving out elementwise aten::add and aten::mul (as PyTorch's
+/// FlopCounterMode does) and an operator recorded inside itself on the same thread: autocast casts the
+/// inputs and calls the operator again (aten::addmm inside aten::addmm), which would count it twice.
+template <class Event>
+std::uint64_t counted_flops(const std::vector<Event>& events) {
+  struct Counted {
+    std::uint64_t thread, start, end, flops;
+    std::string name;
+  };
+  std::vector<Counted> counted;
+  for (const auto& e : events) {
+    if (e.flops() == 0) continue;
+    std::string name = e.name();
+    if (name == "aten::add" || name == "aten::mul") continue;
+    // NOTE: LibTorch 2.x stamps events in nanoseconds, 1.13 in microseconds.
+    if constexpr (requires { e.startNs(); }) {
+      counted.push_back({e.startThreadId(), e.startNs(), e.endNs(), e.flops(), std::move(name)});
+    } else {
+      counted.push_back({e.startThreadId(), e.startUs(), e.startUs() + e.durationUs(), e.flops(), std::move(name)});
+    }
+  }
+  std::sort(counted.begin(), counted.end(), [](const Counted& a, const Counted& b) {
+    return std::tie(a.thread, a.start, b.end) < std::tie(b.thread, b.start, a.end);
+  });
+  // The end of the last counted event per thread and name: one that starts before it ends is inside it.
+  std::map<std::pair<std::uint64_t, std::string>, std::uint64_t> open;
+  std::uint64_t flops = 0;
+  for (const auto& c : counted) {
+    auto [it, fresh] = open.try_emplace({c.thread, c.name}, c.end);
+    if (!fresh && c.start < it->second) continue;
+    it->second = c.end;
+    flops += c.flops;
+  }
+  return flops;
+}
+
 /// Runs fn under LibTorch's profiler with FLOP counting (CPU activity only: the operators are recorded
-/// where they are dispatched, on any device) and returns the FLOPs of the recorded operators, elementwise
-/// aten::add and aten::mul left out as PyTorch's FlopCounterMode leaves them out.
+/// where they are dispatched, on any device) and returns the FLOPs of the recorded operators (counted_flops).
 template <class Fn>
 std::uint64_t profile_flops(Fn&& fn) {
   namespace profiler = torch::autograd::profiler;
@@ -698,13 +735,7 @@ std::uint64_t profile_flops(Fn&& fn) {
   std::forward<Fn>(fn)();
   stop.armed = false;
   const auto result = profiler::disableProfiler();
-  std::uint64_t flops = 0;
-  for (const auto& event : result->events()) {
-    const std::string name = event.name();
-    if (name == "aten::add" || name == "aten::mul") continue;
-    flops += event.flops();
-  }
-  return flops;
+  return counted_flops(result->events());
 }
 
 }  // namespace detail

@@ -1,10 +1,9 @@
 // Throughput, ThroughputMonitor, get_available_flops, measure_flops and transformer_flops: the cases of
 // Lightning's tests/tests_fabric/utilities/test_throughput.py, one by one, and fabric's error paths.
 
+// NOTE: only the umbrella header: CI builds the tests against the single header too.
 #include <torch/torch.h>
-#include <fabric/detail/torch_version.hpp>
 #include <fabric/fabric.hpp>
-#include <fabric/utils/throughput.hpp>
 
 #include <catch2/catch_all.hpp>
 
@@ -174,6 +173,27 @@ TEST_CASE("measure_flops: matrix products count, elementwise operators do not (a
   CHECK(fabric::measure_flops([&] { return torch::relu(a); }) == 0);
 }
 
+TEST_CASE("measure_flops: under autocast a matrix product counts once", "[throughput]") {
+  // Autocast casts the inputs and calls aten::addmm again; the profiler records both calls.
+  torch::nn::Linear linear(32, 16);
+  const auto x = torch::randn({4, 32});
+  const std::uint64_t fwd = fabric::measure_flops([&] {
+    fabric::AutocastGuard autocast(c10::DeviceType::CPU, c10::ScalarType::BFloat16);
+    return linear(x);
+  });
+  CHECK(fwd == 2 * 4 * 32 * 16);
+}
+
+TEST_CASE("measure_flops: repeated identical products each count", "[throughput]") {
+  const auto a = torch::randn({2, 2});
+  const std::uint64_t flops = fabric::measure_flops([&] {
+    at::Tensor y = a;
+    for (int i = 0; i < 200; ++i) y = torch::mm(a, a);
+    return y;
+  });
+  CHECK(flops == 200 * 2 * 2 * 2 * 2);
+}
+
 TEST_CASE("measure_flops: errors", "[throughput]") {
   SECTION("a forward that throws leaves no profiler running") {
     CHECK_THROWS_WITH(fabric::measure_flops([]() -> at::Tensor { throw std::runtime_error("boom"); }), "boom");
@@ -203,6 +223,13 @@ TEST_CASE("measure_flops: a CUDA Linear's forward and backward (the backward run
   const std::uint64_t fwd = fabric::measure_flops([&] { return linear(x); });
   CHECK(fwd == static_cast<std::uint64_t>(2 * batch * in * out));
   CHECK(fabric::measure_flops([&] { return linear(x); }, [](const at::Tensor& y) { return y.sum(); }) == 3 * fwd);
+  // bf16-mixed: autocast's second aten::addmm is not counted again.
+  const auto autocast_fwd = [&] {
+    fabric::AutocastGuard autocast(c10::DeviceType::CUDA, c10::ScalarType::BFloat16);
+    return linear(x);
+  };
+  CHECK(fabric::measure_flops(autocast_fwd) == fwd);
+  CHECK(fabric::measure_flops(autocast_fwd, [](const at::Tensor& y) { return y.to(at::kFloat).sum(); }) == 3 * fwd);
 }
 
 // test_get_available_flops (the XLA cases have no counterpart: fabric has no TPU accelerator).
