@@ -40,6 +40,7 @@ string(APPEND fabric_pc_libs " -Wl,--pop-state -lc10")
 if(TARGET c10_cuda)
   string(APPEND fabric_pc_libs " -lc10_cuda")
 endif()
+string(APPEND fabric_pc_libs " -pthread")  # TensorBoardLogger's flush timer
 
 file(GENERATE OUTPUT ${CMAKE_CURRENT_BINARY_DIR}/fabric.pc CONTENT "prefix=\${pcfiledir}/../..
 includedir=\${prefix}/${CMAKE_INSTALL_INCLUDEDIR}

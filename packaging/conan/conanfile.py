@@ -80,3 +80,6 @@ class FabricConan(ConanFile):
         self.cpp_info.set_property("pkg_config_name", "fabric")
         self.cpp_info.bindirs = []
         self.cpp_info.libdirs = []
+        # NOTE: TensorBoardLogger's flush timer is a std::thread.
+        if self.settings.os in ("Linux", "FreeBSD"):
+            self.cpp_info.system_libs = ["pthread"]
