@@ -140,6 +140,18 @@ TEST_CASE("measure_flops: forward and backward of a Linear whose input needs a g
   CHECK(all == 3 * fwd);
 }
 
+TEST_CASE("measure_flops: tensors on the meta device count the same (nothing is computed)", "[throughput]") {
+  // Lightning builds the model on the meta device; LibTorch 1.13 cannot move a module there
+  // (variable.set_data refuses), but functional operators on meta tensors are profiled from their shapes.
+  const auto meta = torch::TensorOptions().device(c10::Device(c10::DeviceType::Meta));
+  const auto w = torch::empty({16, 32}, meta).requires_grad_();
+  const auto b = torch::empty({16}, meta).requires_grad_();
+  const auto x = torch::empty({4, 32}, meta).requires_grad_();
+  const auto fwd = [&] { return torch::nn::functional::linear(x, w, b); };
+  CHECK(fabric::measure_flops(fwd) == 2 * 4 * 32 * 16);
+  CHECK(fabric::measure_flops(fwd, [](const at::Tensor& y) { return y.sum(); }) == 3 * 2 * 4 * 32 * 16);
+}
+
 TEST_CASE("measure_flops: an MLP's forward and backward, layer by layer", "[throughput]") {
   const std::int64_t b = 4, d0 = 32, d1 = 64, d2 = 8;
   torch::nn::Sequential mlp(torch::nn::Linear(d0, d1), torch::nn::ReLU(), torch::nn::Linear(d1, d2));
