@@ -46,6 +46,7 @@ struct Config {
   std::uint64_t seed = 42;
   std::optional<std::filesystem::path> checkpoint{};
   std::optional<std::filesystem::path> log_dir{};
+  bool progress = true;
   std::optional<int> threads{};
   std::string_view accelerator = "auto";
   std::string_view precision = "32-true";
@@ -157,7 +158,10 @@ std::optional<Config> parse_args(int argc, char** argv) {
       "dataset-fashion-mnist)");
   add("--seed", "N", c.seed, number<std::uint64_t>("42"), "seed of every generator (default 42)");
   add("--checkpoint", "PATH", c.checkpoint, path, "save model, optimizer and epoch to PATH at the end of each epoch");
-  add("--log-dir", "PATH", c.log_dir, path, "write metrics with a CSVLogger under PATH");
+  add("--log-dir", "PATH", c.log_dir, path,
+      "write metrics and hyperparameters under PATH with a TensorBoardLogger\n"
+      "(PATH/tensorboard) and a CSVLogger (PATH/csv)");
+  app.add_flag("!--no-progress", c.progress, "no progress bar (a live bar on a terminal, else a line every 10 s)");
   add("--threads", "N", c.threads, positive<int>("2"), "intra-op threads of LibTorch (default: LibTorch's choice)");
   app.add_flag("--expect-loss-decrease", c.expect_loss_decrease,
                "exit with status 1 unless the mean loss of the last training batches\n"
@@ -200,10 +204,15 @@ int train(const Config& config) {
 
   fabric::Options options{.devices = config.devices};
   if (config.log_dir) {
+    // The first logger is fabric.logger(); log_dict writes to both.
+    options.loggers.push_back(std::make_shared<fabric::TensorBoardLogger>(
+        fabric::TensorBoardLogger::Options{.root_dir = *config.log_dir / "tensorboard", .name = "fashion_mnist"}));
     options.loggers.push_back(std::make_shared<fabric::CSVLogger>(
-        fabric::CSVLogger::Options{.root_dir = *config.log_dir, .name = "fashion_mnist"}));
+        fabric::CSVLogger::Options{.root_dir = *config.log_dir / "csv", .name = "fashion_mnist"}));
   }
-  F fabric(std::move(options));
+  // The progress bar is a callback: Fabric tells it the rank (it shows on rank zero only) and the
+  // metrics given to log_dict; the loop reports the batches through the training hooks.
+  F fabric(std::move(options), fabric::ProgressBar({.max_epochs = config.epochs, .enabled = config.progress}));
   fabric.launch();  // with DDP: starts the other processes and connects them; nothing to do on one device
   fabric.seed_everything(config.seed);
 
@@ -232,7 +241,7 @@ int train(const Config& config) {
   fabric.print("fashion_mnist: accelerator {} on {}, precision {}, strategy {} with {} process{}",
                F::accelerator_type::name, fabric.device().str(), F::precision_type::name, F::strategy_type::name,
                fabric.world_size(), fabric.world_size() == 1 ? "" : "es");
-  if (auto* logger = fabric.logger()) {
+  for (const auto& logger : fabric.loggers()) {  // on rank zero only: the loggers see to that
     logger->log_hyperparams({{"epochs", std::to_string(config.epochs)},
                              {"batch_size", std::to_string(config.batch_size)},
                              {"lr", fmt::format("{}", config.lr)},
@@ -250,6 +259,8 @@ int train(const Config& config) {
     const auto epoch_start = Clock::now();
     model->train();
     epoch_losses.clear();
+    fabric.call(fabric::hooks::on_train_epoch_start, epoch - 1, static_cast<std::int64_t>(batches_per_epoch));
+    std::int64_t batch_idx = 0;
     for (auto& batch : train) {
       // Cosine decay of the learning rate from lr to 0 over the whole run, step by step.
       const double progress = static_cast<double>(step) / static_cast<double>(total_steps);
@@ -265,8 +276,10 @@ int train(const Config& config) {
       epoch_losses.push_back(value);
       if (step == 0) first_loss = value;
       if (step % 50 == 0) fabric.log_dict({{"train_loss", value}, {"lr", lr}}, static_cast<std::int64_t>(step));
+      fabric.call(fabric::hooks::on_train_batch_end, batch_idx++);
       ++step;
     }
+    fabric.call(fabric::hooks::on_train_epoch_end);
     const double train_loss = mean_of(epoch_losses, 0, epoch_losses.size());
 
     model->eval();
@@ -274,10 +287,15 @@ int train(const Config& config) {
     std::int64_t evaluated = 0;
     {
       torch::NoGradGuard no_grad;
+      const std::size_t test_shard = (test_size + fabric.world_size() - 1) / fabric.world_size();
+      fabric.call(fabric::hooks::on_validation_epoch_start, static_cast<std::int64_t>((test_shard + 999) / 1000));
+      std::int64_t test_idx = 0;
       for (auto& batch : test) {
         correct += model(batch.data).argmax(1).eq(batch.target).sum().template item<std::int64_t>();
         evaluated += batch.target.size(0);
+        fabric.call(fabric::hooks::on_validation_batch_end, test_idx++);
       }
+      fabric.call(fabric::hooks::on_validation_epoch_end);
     }
     // NOTE: under DDP each rank tests its shard; the shards are padded to equal size, so a few samples
     // may count twice (as in Lightning).
@@ -337,8 +355,8 @@ int with_policy(std::string_view name, fabric::TypeList<Ts...> /*list*/, Fn&& fn
 int run(const Config& config) {
   return with_policy(config.accelerator, Accelerators{}, [&]<class A>() {
     return with_policy(config.precision, Precisions{}, [&]<class P>() {
-      if (config.devices > 1) return train<fabric::Fabric<A, fabric::DDP, P>>(config);
-      return train<fabric::Fabric<A, fabric::SingleDevice, P>>(config);
+      if (config.devices > 1) return train<fabric::Fabric<A, fabric::DDP, P, fabric::ProgressBar>>(config);
+      return train<fabric::Fabric<A, fabric::SingleDevice, P, fabric::ProgressBar>>(config);
     });
   });
 }

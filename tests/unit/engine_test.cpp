@@ -441,7 +441,7 @@ TEST_CASE("log and log_dict call on_log_metrics after the loggers; ProgressBar s
   std::string text(256, '\0');
   text.resize(std::fread(text.data(), 1, text.size(), file));
   std::fclose(file);
-  CHECK_THAT(text, ContainsSubstring("Epoch 0: 1/1 (100%)") && ContainsSubstring("acc=0.25 loss=0.125\n"));
+  CHECK_THAT(text, ContainsSubstring("Epoch 0: 1/1 (100%)") && ContainsSubstring("acc=0.25, loss=0.125\n"));
 }
 
 TEST_CASE("print writes an fmt-formatted line on local rank zero", "[fabric][print]") {
