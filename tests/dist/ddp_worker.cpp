@@ -5,6 +5,8 @@
 //                [--dir D] [--fault throw|kill|hang] [--catch] [--env scheduler|kubeflow] [--external] [--cuda]
 //                [--tag T]
 //
+// Scenarios: train, collectives, sampler, mismatch, save, loggers.
+//
 // Each scenario checks its own results and exits 0 only when they hold; any failed check prints
 // "rank R: FAILED: ..." and exits 1. With --catch a fabric::Error during training is caught while the
 // Fabric lives ("rank R: caught: ...") and the worker returns 2, as a training loop that handles its errors
@@ -13,10 +15,13 @@
 
 #include <fabric/distributed.hpp>
 
+#include <fmt/ranges.h>
+
 #include "unit/strategies/environments/scheduler.hpp"
 
 #include <torch/torch.h>
 
+#include <algorithm>
 #include <csignal>
 #include <cstdlib>
 #include <filesystem>
@@ -427,8 +432,82 @@ int save_load(F& fabric, const Args& a) {
   return 0;
 }
 
+/// Every rank logs through Fabric and calls the loggers directly, as a training script does; only rank
+/// zero may write: one version directory per logger, each row once, one progress bar.
+template <class Accelerator>
+int loggers(const Args& a) {
+  namespace fs = std::filesystem;
+  const fs::path dir = fs::path(a.dir);
+  // NOTE: rank 0 starts first (the others are started by its launch()), so it clears the last run alone.
+  if (rank_of_env() == 0) {
+    fs::remove_all(dir);
+    fs::create_directories(dir);
+  }
+  const fs::path progress = dir / fmt::format("progress-{}.txt", rank_of_env());
+  std::FILE* out = std::fopen(progress.c_str(), "w");
+  WORKER_CHECK(out != nullptr, "cannot write {}", progress.string());
+  auto csv = std::make_shared<fabric::CSVLogger>(
+      fabric::CSVLogger::Options{.root_dir = dir / "csv", .flush_logs_every_n_steps = 1});
+  auto tb = std::make_shared<fabric::TensorBoardLogger>(fabric::TensorBoardLogger::Options{.root_dir = dir / "tb"});
+  using Bar = fabric::ProgressBar;
+  fabric::Fabric<Accelerator, fabric::DDP, fabric::FP32, Bar> fabric(
+      fabric::Options{.devices = a.devices, .num_nodes = a.num_nodes, .loggers = {csv, tb}},
+      fabric::DDP(ddp_options(a)), fabric::FP32{}, Bar({.stream = out, .mode = Bar::Mode::lines, .line_interval = {}}));
+  fabric.launch();
+  Net net = make_net();
+  auto model = fabric.setup(net);
+  const auto rank = static_cast<double>(fabric.global_rank());
+  fabric.call(fabric::hooks::on_train_epoch_start, 0, 3);
+  for (std::int64_t i = 0; i < 3; ++i) {
+    fabric.log_dict({{"loss", 1.0 / static_cast<double>(i + 1)}, {"rank", rank}}, i);
+    fabric.call(fabric::hooks::on_train_batch_end, i);
+  }
+  fabric.call(fabric::hooks::on_train_epoch_end);
+  for (const auto& logger : fabric.loggers()) {  // direct calls, on every rank
+    logger->log_hyperparams({{"world_size", std::to_string(fabric.world_size())}});
+    logger->log_metrics({{"direct", rank}}, 10);
+    logger->finalize("success");
+  }
+  std::fclose(out);
+  fabric.barrier();
+  if (!fabric.is_global_zero()) return 0;
+
+  const auto entries = [](const fs::path& p) {
+    std::vector<std::string> names;
+    if (fs::is_directory(p)) {
+      for (const auto& e : fs::directory_iterator(p)) names.push_back(e.path().filename().string());
+    }
+    std::sort(names.begin(), names.end());
+    return names;
+  };
+  WORKER_CHECK(entries(dir / "csv" / "lightning_logs") == std::vector<std::string>{"version_0"}, "csv versions: {}",
+               fmt::join(entries(dir / "csv" / "lightning_logs"), " "));
+  WORKER_CHECK(entries(dir / "tb" / "lightning_logs") == std::vector<std::string>{"version_0"},
+               "tensorboard versions: {}", fmt::join(entries(dir / "tb" / "lightning_logs"), " "));
+  std::ifstream csv_file(csv->metrics_file());
+  std::vector<std::string> lines;
+  for (std::string line; std::getline(csv_file, line);) lines.push_back(line);
+  const std::vector<std::string> expected{"direct,loss,rank,step", ",1.0,0.0,0", ",0.5,0.0,1",
+                                          ",0.3333333333333333,0.0,2", "0.0,,,10"};
+  WORKER_CHECK(lines == expected, "metrics.csv:\n{}", fmt::join(lines, "\n"));
+  const auto events = entries(tb->log_dir());
+  WORKER_CHECK(events.size() == 1 && events[0].rfind("events.out.tfevents.", 0) == 0, "event files: {}",
+               fmt::join(events, " "));
+  for (int r = 0; r < fabric.world_size(); ++r) {
+    const auto size = fs::file_size(dir / fmt::format("progress-{}.txt", r));
+    WORKER_CHECK((r == 0) == (size > 0), "rank {} wrote {} bytes of progress", r, size);
+  }
+  std::ifstream bar_file(dir / "progress-0.txt");
+  std::string bar_line;
+  std::getline(bar_file, bar_line);
+  WORKER_CHECK(bar_line.rfind("Epoch 0: 1/3 (33%)", 0) == 0, "progress line: {}", bar_line);
+  fabric.print("loggers ok");
+  return 0;
+}
+
 template <class Accelerator>
 int run(const Args& a) {
+  if (a.scenario == "loggers") return loggers<Accelerator>(a);
   fabric::Fabric<Accelerator, fabric::DDP> fabric(fabric::Options{.devices = a.devices, .num_nodes = a.num_nodes},
                                                   fabric::DDP(ddp_options(a)), fabric::FP32{});
   fabric.launch();
