@@ -544,6 +544,681 @@ struct Auto {
 
 }  // namespace fabric
 // ---- end fabric/accelerators/auto.hpp
+// ---- begin fabric/callbacks/progress.hpp
+// fabric::ProgressBar, a callback that shows how far training is: on a terminal a live bar per epoch
+// (done/total, percent, elapsed and remaining time, rate, the last logged metrics), elsewhere (CI logs,
+// files, `| tee`) plain lines at an interval; on global rank zero only. Torch-free (fmt, std, POSIX).
+
+// ---- begin fabric/core/rank_zero.hpp
+#ifndef FABRIC_CORE_RANK_ZERO_HPP
+#define FABRIC_CORE_RANK_ZERO_HPP
+// The process's global rank as the rank-zero-only parts see it: Lightning's `rank_zero_only.rank`. The
+// loggers write on rank zero only and ProgressBar draws there; the strategies set it when they learn
+// the ranks, and before that it comes from the launcher's environment (RANK, LOCAL_RANK, SLURM_PROCID,
+// JSM_NAMESPACE_RANK, the first one set), as in Lightning.
+
+
+#include <atomic>
+#include <charconv>
+#include <cstdlib>
+#include <optional>
+#include <string_view>
+#include <system_error>
+
+namespace fabric {
+
+namespace detail {
+
+/// The rank named by the first of Lightning's rank variables that is set; nothing when none is.
+inline std::optional<int> rank_from_environment() {
+  for (const char* name : {"RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"}) {
+    const char* value = std::getenv(name);
+    if (value == nullptr) continue;
+    const std::string_view text(value);
+    int rank = -1;
+    const auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), rank);
+    if (ec != std::errc{} || end != text.data() + text.size() || rank < 0) {
+      raise("expected {} to be a rank (an integer >= 0), found \"{}\"; fix or unset the variable", name, text);
+    }
+    return rank;
+  }
+  return std::nullopt;
+}
+
+/// -1 until known.
+inline std::atomic<int>& rank_zero_only_rank() noexcept {
+  static std::atomic<int> rank{-1};
+  return rank;
+}
+
+}  // namespace detail
+
+/// Returns this process's global rank as the rank-zero-only parts see it: the rank the strategy set,
+/// else the launcher's variables', else 0.
+inline int rank_zero_only_rank() {
+  auto& rank = detail::rank_zero_only_rank();
+  if (const int known = rank.load(std::memory_order_relaxed); known >= 0) return known;
+  const int found = detail::rank_from_environment().value_or(0);
+  rank.store(found, std::memory_order_relaxed);
+  return found;
+}
+
+/// Sets this process's global rank for the rank-zero-only parts (the strategies call it).
+inline void set_rank_zero_only_rank(int rank) {
+  if (rank < 0) detail::raise("set_rank_zero_only_rank: expected a rank >= 0, found {}", rank);
+  detail::rank_zero_only_rank().store(rank, std::memory_order_relaxed);
+}
+
+/// Returns whether this process is global rank zero (the one that logs).
+inline bool is_rank_zero() { return rank_zero_only_rank() == 0; }
+
+}  // namespace fabric
+
+#endif  // FABRIC_CORE_RANK_ZERO_HPP
+// ---- end fabric/core/rank_zero.hpp
+// ---- begin fabric/loggers/logger.hpp
+// fabric::Logger, the interface Fabric logs through (Lightning's Logger), the Logger concept a logger of
+// your own may satisfy instead of deriving, and fabric::as_logger, which adapts one. Torch-free.
+
+
+#include <concepts>
+#include <cstdint>
+#include <filesystem>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <type_traits>
+#include <utility>
+
+namespace fabric {
+
+/// Metrics as logged: name to value.
+using Metrics = std::map<std::string, double>;
+/// Hyper-parameters as logged: name to value as text.
+using Hyperparameters = std::map<std::string, std::string>;
+
+/// Receives metrics from `Fabric::log` and `Fabric::log_dict` on global rank zero. As in Lightning,
+/// name, version, log_metrics and log_hyperparams are required; the directories, save and finalize
+/// have defaults.
+class Logger {
+ public:
+  virtual ~Logger() = default;
+  /// Returns the experiment name.
+  virtual std::string name() const = 0;
+  /// Returns the experiment version (e.g. "0" for version_0).
+  virtual std::string version() const = 0;
+  /// Returns the directory that holds all experiments (none by default).
+  virtual std::filesystem::path root_dir() const { return {}; }
+  /// Returns the directory this run writes into (none by default).
+  virtual std::filesystem::path log_dir() const { return {}; }
+  /// Records metrics at a step; without a step the logger counts its own.
+  virtual void log_metrics(const Metrics& metrics, std::optional<std::int64_t> step) = 0;
+  /// Records hyper-parameters.
+  virtual void log_hyperparams(const Hyperparameters& params) = 0;
+  /// Writes what is buffered (nothing by default).
+  virtual void save() {}
+  /// Writes what is buffered and closes the run ("success", "failed", ...); saves by default.
+  virtual void finalize(std::string_view /*status*/) { save(); }
+};
+
+namespace detail {
+
+/// The logger names its experiment.
+template <class L>
+concept logger_names = requires(const L& l) {
+  { l.name() } -> std::convertible_to<std::string>;
+  { l.version() } -> std::convertible_to<std::string>;
+};
+/// The logger records metrics.
+template <class L>
+concept logger_logs_metrics = requires(L& l, const Metrics& m, std::optional<std::int64_t> step) {
+  l.log_metrics(m, step);
+};
+/// The logger records hyper-parameters.
+template <class L>
+concept logger_logs_hyperparams = requires(L& l, const Hyperparameters& h) {
+  l.log_hyperparams(h);
+};
+/// Optional: the logger names its directories.
+template <class L>
+concept logger_has_dirs = requires(const L& l) {
+  { l.root_dir() } -> std::convertible_to<std::filesystem::path>;
+  { l.log_dir() } -> std::convertible_to<std::filesystem::path>;
+};
+/// Optional: the logger writes what it buffers.
+template <class L>
+concept logger_saves = requires(L& l) {
+  l.save();
+};
+/// Optional: the logger closes its run with a status.
+template <class L>
+concept logger_finalizes = requires(L& l, std::string_view status) {
+  l.finalize(status);
+};
+
+}  // namespace detail
+
+/// A logger: a fabric::Logger, or any class with `name()`, `version()`, `log_metrics(metrics, step)` and
+/// `log_hyperparams(params)` (and optionally `root_dir()`, `log_dir()`, `save()`, `finalize(status)`),
+/// which fabric::as_logger adapts without inheritance.
+template <class L>
+concept LoggerLike = std::derived_from<L, Logger> ||
+    (detail::logger_names<L>&& detail::logger_logs_metrics<L>&& detail::logger_logs_hyperparams<L>);
+
+namespace detail {
+
+/// Fails with one message naming the first member a logger lacks; true when it has all.
+template <class L>
+consteval bool check_logger() {
+  if constexpr (std::derived_from<L, Logger>) {
+    return true;
+  } else if constexpr (!logger_names<L>) {
+    static_assert(dependent_false_v<L>,
+                  "fabric: a Logger needs `std::string name() const` and `std::string version() const`; add them, "
+                  "or derive from fabric::Logger");
+  } else if constexpr (!logger_logs_metrics<L>) {
+    static_assert(dependent_false_v<L>,
+                  "fabric: a Logger needs `void log_metrics(const fabric::Metrics&, std::optional<std::int64_t> "
+                  "step)`; add it, or derive from fabric::Logger");
+  } else if constexpr (!logger_logs_hyperparams<L>) {
+    static_assert(dependent_false_v<L>,
+                  "fabric: a Logger needs `void log_hyperparams(const fabric::Hyperparameters&)`; add it, or derive "
+                  "from fabric::Logger");
+  }
+  return LoggerLike<L>;
+}
+
+/// Presents a LoggerLike object that does not derive from fabric::Logger as one.
+template <class L>
+class LoggerAdapter final : public Logger {
+ public:
+  explicit LoggerAdapter(std::shared_ptr<L> logger) : logger_(std::move(logger)) {}
+  std::string name() const override { return logger_->name(); }
+  std::string version() const override { return logger_->version(); }
+  std::filesystem::path root_dir() const override {
+    if constexpr (logger_has_dirs<L>) return logger_->root_dir();
+    return {};
+  }
+  std::filesystem::path log_dir() const override {
+    if constexpr (logger_has_dirs<L>) return logger_->log_dir();
+    return {};
+  }
+  void log_metrics(const Metrics& metrics, std::optional<std::int64_t> step) override {
+    logger_->log_metrics(metrics, step);
+  }
+  void log_hyperparams(const Hyperparameters& params) override { logger_->log_hyperparams(params); }
+  void save() override {
+    if constexpr (logger_saves<L>) logger_->save();
+  }
+  void finalize(std::string_view status) override {
+    if constexpr (logger_finalizes<L>) {
+      logger_->finalize(status);
+    } else {
+      save();
+    }
+  }
+
+ private:
+  std::shared_ptr<L> logger_;
+};
+
+}  // namespace detail
+
+/// Returns a logger for `Options::loggers`: a fabric::Logger as it is, any other LoggerLike class behind
+/// an adapter (a class that lacks a member fails with a message naming it).
+///
+///     struct Printer { std::string name() const; std::string version() const;
+///                      void log_metrics(const fabric::Metrics&, std::optional<std::int64_t>);
+///                      void log_hyperparams(const fabric::Hyperparameters&); };
+///     fabric::Fabric<> fabric{{.loggers = {fabric::as_logger(std::make_shared<Printer>())}}};
+template <class L>
+std::shared_ptr<Logger> as_logger(std::shared_ptr<L> logger) {
+  if constexpr (!detail::check_logger<L>()) {
+    return nullptr;
+  } else if constexpr (std::derived_from<L, Logger>) {
+    return logger;
+  } else {
+    return std::make_shared<detail::LoggerAdapter<L>>(std::move(logger));
+  }
+}
+
+}  // namespace fabric
+// ---- end fabric/loggers/logger.hpp
+
+#include <fmt/format.h>
+
+#include <sys/ioctl.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <concepts>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <utility>
+
+namespace fabric {
+
+namespace detail {
+
+/// The object passed to `on_after_setup` tells whether this process is global rank zero (a Fabric).
+template <class F>
+concept KnowsGlobalZero = requires(const F& fabric) {
+  { fabric.is_global_zero() } -> std::convertible_to<bool>;
+};
+
+/// Returns the columns a code point takes on a terminal, as wcwidth: 2 for East Asian wide and
+/// full-width characters and emoji, 0 for combining marks and zero-width spaces, else 1.
+constexpr int code_point_width(char32_t c) noexcept {
+  if ((c >= 0x0300 && c <= 0x036F) || (c >= 0x200B && c <= 0x200F) || (c >= 0xFE00 && c <= 0xFE0F)) return 0;
+  const bool wide = (c >= 0x1100 && c <= 0x115F) || (c >= 0x2E80 && c <= 0x303E) || (c >= 0x3041 && c <= 0x33FF) ||
+                    (c >= 0x3400 && c <= 0x4DBF) || (c >= 0x4E00 && c <= 0x9FFF) || (c >= 0xA000 && c <= 0xA4CF) ||
+                    (c >= 0xAC00 && c <= 0xD7A3) || (c >= 0xF900 && c <= 0xFAFF) || (c >= 0xFE30 && c <= 0xFE4F) ||
+                    (c >= 0xFF00 && c <= 0xFF60) || (c >= 0xFFE0 && c <= 0xFFE6) || (c >= 0x1F300 && c <= 0x1F64F) ||
+                    (c >= 0x1F900 && c <= 0x1F9FF) || (c >= 0x20000 && c <= 0x3FFFD);
+  return wide ? 2 : 1;
+}
+
+/// Reads the code point at `at` of UTF-8 text and moves past it (a bad byte reads as itself).
+constexpr char32_t next_code_point(std::string_view text, std::size_t& at) noexcept {
+  const auto lead = static_cast<unsigned char>(text[at]);
+  const std::size_t n = lead < 0x80 ? 1 : (lead >> 5) == 0x6 ? 2 : (lead >> 4) == 0xE ? 3 : (lead >> 3) == 0x1E ? 4 : 1;
+  char32_t c = n == 1 ? lead : lead & (0x7F >> n);
+  std::size_t i = 1;
+  for (; i < n && at + i < text.size() && (static_cast<unsigned char>(text[at + i]) & 0xC0) == 0x80; ++i) {
+    c = (c << 6) | (static_cast<unsigned char>(text[at + i]) & 0x3F);
+  }
+  at += i;
+  return c;
+}
+
+/// Returns the terminal columns UTF-8 text takes.
+constexpr std::size_t display_width(std::string_view text) noexcept {
+  std::size_t columns = 0;
+  for (std::size_t at = 0; at < text.size();)
+    columns += static_cast<std::size_t>(code_point_width(next_code_point(text, at)));
+  return columns;
+}
+
+/// Cuts UTF-8 text to at most `columns` terminal columns, never inside a character.
+constexpr std::string_view truncate_display(std::string_view text, std::size_t columns) noexcept {
+  std::size_t used = 0;
+  for (std::size_t at = 0; at < text.size();) {
+    const auto start = at;
+    used += static_cast<std::size_t>(code_point_width(next_code_point(text, at)));
+    if (used > columns) return text.substr(0, start);
+  }
+  return text;
+}
+
+/// Formats seconds as tqdm does: mm:ss, or h:mm:ss from an hour on.
+inline std::string format_interval(double seconds) {
+  if (!std::isfinite(seconds) || seconds < 0) return "?";
+  const auto total = static_cast<std::int64_t>(seconds);
+  const auto h = total / 3600, m = total / 60 % 60, s = total % 60;
+  return h > 0 ? fmt::format("{}:{:02}:{:02}", h, m, s) : fmt::format("{:02}:{:02}", m, s);
+}
+
+/// Formats a rate as tqdm does: "35.21it/s", or "2.50s/it" below one per second.
+inline std::string format_rate(double per_second) {
+  if (!std::isfinite(per_second) || per_second <= 0) return "?it/s";
+  return per_second >= 1 ? fmt::format("{:.2f}it/s", per_second) : fmt::format("{:.2f}s/it", 1 / per_second);
+}
+
+/// Returns whether the locale asks for UTF-8 (LC_ALL, then LC_CTYPE, then LANG, as setlocale reads them).
+inline bool locale_is_utf8() noexcept {
+  for (const char* name : {"LC_ALL", "LC_CTYPE", "LANG"}) {
+    const char* value = std::getenv(name);
+    if (value == nullptr || *value == '\0') continue;
+    const std::string_view v(value);
+    return v.find("UTF-8") != std::string_view::npos || v.find("utf8") != std::string_view::npos ||
+           v.find("utf-8") != std::string_view::npos || v.find("UTF8") != std::string_view::npos;
+  }
+  return false;
+}
+
+}  // namespace detail
+
+/// Shows training progress on global rank zero: a live bar on a terminal, plain lines elsewhere.
+///
+/// List it among Fabric's callbacks and call its hooks from the loop; `log`/`log_dict` feed it the
+/// metrics it shows (through the `on_log_metrics` hook), so nothing else changes:
+///
+///     fabric::Fabric<fabric::CPU, fabric::SingleDevice, fabric::FP32, fabric::ProgressBar> fabric(
+///         {}, fabric::ProgressBar({.max_epochs = epochs}));
+///     for (int epoch = 0; epoch < epochs; ++epoch) {
+///       fabric.call(fabric::hooks::on_train_epoch_start, epoch, train.size());
+///       for (std::int64_t i = 0; auto& batch : train) {
+///         ...
+///         fabric.log("loss", loss);
+///         fabric.call(fabric::hooks::on_train_batch_end, i++);
+///       }
+///       fabric.call(fabric::hooks::on_train_epoch_end);
+///     }
+///
+/// The bar redraws at most every `refresh_interval` and a line is written at most every
+/// `line_interval` (and at the end of every epoch), so a step costs one clock read. Output errors are
+/// ignored: a progress bar never stops training.
+class ProgressBar {
+ public:
+  /// Where the progress goes and how.
+  enum class Mode {
+    automatic,  ///< a bar when the stream is a terminal (and TERM is not "dumb"), else lines
+    bar,        ///< a bar redrawn in place with a carriage return
+    lines,      ///< one plain line per interval
+  };
+
+  /// The bar's settings.
+  struct Options {
+    /// The stream written to (stderr, as tqdm).
+    std::FILE* stream = stderr;
+    /// A bar, lines, or whichever fits the stream.
+    Mode mode = Mode::automatic;
+    /// The bar redraws at most this often.
+    std::chrono::milliseconds refresh_interval{100};
+    /// In lines mode a line is written at most this often, and at the end of every epoch.
+    std::chrono::milliseconds line_interval{10'000};
+    /// The number of epochs: epoch 3 of 10 shows as "Epoch 3/9" (epochs count from 0, as in
+    /// Lightning's RichProgressBar); without it: "Epoch 3".
+    std::optional<std::int64_t> max_epochs{};
+    /// The bar's width in columns; by default the terminal's, else $COLUMNS, else 80.
+    std::optional<int> width{};
+    /// Draws the bar with ASCII '#' instead of Unicode blocks; by default when the locale is not UTF-8.
+    std::optional<bool> ascii{};
+    /// Shows nothing when false.
+    bool enabled = true;
+  };
+
+  /// Creates a progress bar with default options.
+  ProgressBar() : ProgressBar(Options{}) {}
+  /// Creates a progress bar.
+  explicit ProgressBar(Options options) : options_(options) {
+    if (options_.stream == nullptr) {
+      detail::raise("ProgressBar: expected a stream to write to, found a null FILE*; pass stderr or stdout");
+    }
+    if (options_.refresh_interval.count() < 0 || options_.line_interval.count() < 0) {
+      detail::raise("ProgressBar: expected intervals >= 0 ms, found refresh_interval {} ms and line_interval {} ms",
+                    options_.refresh_interval.count(), options_.line_interval.count());
+    }
+    if (options_.width && *options_.width < 1) {
+      detail::raise(
+          "ProgressBar: expected a width of at least 1 column, found {}; leave it unset to use the "
+          "terminal's",
+          *options_.width);
+    }
+    bar_ = options_.mode == Mode::bar ||
+           (options_.mode == Mode::automatic && ::isatty(::fileno(options_.stream)) == 1 && !dumb_terminal());
+    ascii_ = options_.ascii.value_or(!detail::locale_is_utf8());
+  }
+  ProgressBar(const ProgressBar&) = delete;
+  ProgressBar& operator=(const ProgressBar&) = delete;
+  /// Takes over another bar (its open line is finished by this one).
+  ProgressBar(ProgressBar&& other) noexcept
+      : options_(other.options_),
+        bar_(other.bar_),
+        ascii_(other.ascii_),
+        rank_zero_(other.rank_zero_),
+        run_(std::move(other.run_)),
+        metrics_(std::move(other.metrics_)) {
+    other.run_.open = false;
+  }
+  ProgressBar& operator=(ProgressBar&&) = delete;
+  /// Ends an open bar's line.
+  ~ProgressBar() {
+    if (run_.open && bar_) write("\n");
+  }
+
+  // ---- hooks ---------------------------------------------------------------------------------------
+
+  /// Shows the bar only on global rank zero (Fabric calls this hook from `setup`).
+  template <detail::KnowsGlobalZero F, class... Modules>
+  void on_after_setup(const F& fabric, const Modules&... /*modules*/) noexcept {
+    rank_zero_ = fabric.is_global_zero();
+  }
+  /// Starts an epoch's bar without a known length.
+  void on_train_epoch_start(std::int64_t epoch) { start(fmt::format("Epoch {}", epoch_label(epoch)), {}); }
+  /// Starts an epoch's bar of `total_batches` steps.
+  void on_train_epoch_start(std::int64_t epoch, std::int64_t total_batches) {
+    start(fmt::format("Epoch {}", epoch_label(epoch)), total_batches);
+  }
+  /// Marks batch `batch_idx` (from 0) of the epoch as done.
+  void on_train_batch_end(std::int64_t batch_idx) { advance(batch_idx + 1); }
+  /// Marks batch `batch_idx` as done and shows these metrics with the logged ones.
+  void on_train_batch_end(std::int64_t batch_idx, const Metrics& metrics) {
+    merge(metrics);
+    advance(batch_idx + 1);
+  }
+  /// Ends the epoch's bar (whatever else the hook is called with).
+  template <class... Args>
+  void on_train_epoch_end(const Args&... /*args*/) {
+    finish();
+  }
+  /// Ends an open bar at the end of training.
+  template <class... Args>
+  void on_train_end(const Args&... /*args*/) {
+    finish();
+  }
+  /// Starts a validation bar without a known length.
+  void on_validation_epoch_start() { start_validation({}); }
+  /// Starts a validation bar of `total_batches` steps.
+  void on_validation_epoch_start(std::int64_t total_batches) { start_validation(total_batches); }
+  /// Marks validation batch `batch_idx` (from 0) as done.
+  void on_validation_batch_end(std::int64_t batch_idx) { advance(batch_idx + 1); }
+  /// Ends the validation bar: on a terminal it is cleared (as Lightning's), in lines mode one line stays.
+  template <class... Args>
+  void on_validation_epoch_end(const Args&... /*args*/) {
+    finish();
+  }
+  /// Remembers the metrics logged through `Fabric::log` and `Fabric::log_dict` to show them.
+  void on_log_metrics(const Metrics& metrics, const std::optional<std::int64_t>& /*step*/) { merge(metrics); }
+
+  // ---- state ---------------------------------------------------------------------------------------
+
+  /// Returns whether the bar is drawn in place (else it writes lines).
+  bool is_bar() const noexcept { return bar_; }
+  /// Returns whether anything is shown (enabled, and global rank zero).
+  bool is_enabled() const noexcept { return options_.enabled && rank_zero_; }
+  /// Returns the metrics shown: the last value of each name logged or passed.
+  const Metrics& metrics() const noexcept { return metrics_; }
+  /// Returns the steps done in the current bar.
+  std::int64_t done() const noexcept { return run_.done; }
+
+ private:
+  using Clock = std::chrono::steady_clock;
+
+  struct Run {
+    std::string label;
+    std::optional<std::int64_t> total;
+    std::int64_t done = 0;
+    Clock::time_point started{};
+    Clock::time_point shown{};
+    bool open = false;
+    bool validation = false;
+  };
+
+  static bool dumb_terminal() noexcept {
+    const char* term = std::getenv("TERM");
+    return term != nullptr && std::string_view(term) == "dumb";
+  }
+
+  std::string epoch_label(std::int64_t epoch) const {
+    // NOTE: epochs count from 0 and the label shows the last one, as Lightning's RichProgressBar.
+    return options_.max_epochs ? fmt::format("{}/{}", epoch, *options_.max_epochs - 1) : fmt::format("{}", epoch);
+  }
+
+  void start(std::string label, std::optional<std::int64_t> total) {
+    if (total && *total < 0) {
+      detail::raise("ProgressBar: expected the number of batches to be >= 0, found {}", *total);
+    }
+    finish();
+    const auto now = Clock::now();
+    run_ = Run{std::move(label), total, 0, now, now, true, false};
+    if (bar_) draw(now);
+  }
+
+  void start_validation(std::optional<std::int64_t> total) {
+    // NOTE: a validation bar inside a training epoch ends the training line first; training resumes on
+    // a new line after it.
+    if (run_.open && !run_.validation) finish();
+    start("Validation", total);
+    run_.validation = true;
+  }
+
+  void advance(std::int64_t done) {
+    if (!run_.open) return;
+    run_.done = std::max(run_.done, done);
+    const auto now = Clock::now();
+    const auto interval = bar_ ? options_.refresh_interval : options_.line_interval;
+    if (now - run_.shown < interval) return;
+    if (bar_) {
+      draw(now);
+    } else {
+      line(now);
+    }
+  }
+
+  // Ends the open bar: a training bar stays on its line, a validation bar is cleared (on a terminal).
+  void finish() {
+    if (!run_.open) return;
+    const bool keep = !run_.validation;
+    const auto now = Clock::now();
+    if (bar_) {
+      if (keep) {
+        draw(now);
+        write("\n");
+      } else {
+        write("\r\x1b[K");
+      }
+    } else {
+      line(now);
+    }
+    run_.open = false;
+  }
+
+  void merge(const Metrics& metrics) {
+    for (const auto& [name, value] : metrics) metrics_.insert_or_assign(name, value);
+  }
+
+  std::string postfix() const {
+    std::string out;
+    for (const auto& [name, value] : metrics_) {
+      if (!out.empty()) out += ", ";
+      fmt::format_to(std::back_inserter(out), "{}={:.4g}", name, value);
+    }
+    return out;
+  }
+
+  int columns() const noexcept {
+    if (options_.width) return *options_.width;
+    winsize size{};
+    if (::ioctl(::fileno(options_.stream), TIOCGWINSZ, &size) == 0 && size.ws_col > 0) return size.ws_col;
+    if (const char* env = std::getenv("COLUMNS")) {
+      const int n = std::atoi(env);
+      if (n > 0) return n;
+    }
+    return 80;
+  }
+
+  void draw(Clock::time_point now) {
+    run_.shown = now;
+    if (!is_enabled()) return;
+    const double elapsed = std::chrono::duration<double>(now - run_.started).count();
+    const double rate = elapsed > 0 ? static_cast<double>(run_.done) / elapsed : 0.0;
+    std::string stats = fmt::format("[{}", detail::format_interval(elapsed));
+    if (run_.total) {
+      const double left = rate > 0 ? static_cast<double>(*run_.total - run_.done) / rate : -1;
+      stats += "<" + detail::format_interval(left);
+    }
+    stats += ", " + detail::format_rate(rate);
+    if (const auto extra = postfix(); !extra.empty()) stats += ", " + extra;
+    stats += "]";
+
+    const auto width = static_cast<std::size_t>(columns());
+    std::string text;
+    if (run_.total) {
+      const auto total = *run_.total;
+      const double fraction = total > 0 ? std::min(1.0, static_cast<double>(run_.done) / total) : 1.0;
+      const auto left = fmt::format("{}: {:3.0f}%|", run_.label, std::floor(fraction * 100));
+      const auto right = fmt::format("| {}/{} {}", run_.done, total, stats);
+      const auto used = detail::display_width(left) + detail::display_width(right);
+      text = left;
+      // NOTE: the last column stays empty: writing into it wraps the line on some terminals. Long
+      // metrics are cut before the bar gets narrower than a quarter of the line (at most 10 cells).
+      const auto least = std::min<std::size_t>(10, (width - 1) / 4);
+      const auto cells = used + 1 < width ? std::max(width - 1 - used, least) : least;
+      if (cells > 0) text += bar(fraction, cells);
+      text += right;
+    } else {
+      text = fmt::format("{}: {}it {}", run_.label, run_.done, stats);
+    }
+    write(fmt::format("\r{}\x1b[K", detail::truncate_display(text, width - 1)));
+  }
+
+  std::string bar(double fraction, std::size_t cells) const {
+    // NOTE: eighths of a cell as tqdm draws them, or '#' for whole cells in ASCII.
+    static constexpr std::string_view eighths[] = {"", "▏", "▎", "▍", "▌", "▋", "▊", "▉"};
+    const auto filled = fraction * static_cast<double>(cells);
+    auto whole = static_cast<std::size_t>(filled);
+    std::string out;
+    if (ascii_) {
+      out.assign(whole, '#');
+    } else {
+      for (std::size_t i = 0; i < whole; ++i) out += "█";
+      if (whole < cells) {
+        const auto part = static_cast<std::size_t>((filled - static_cast<double>(whole)) * 8);
+        if (part > 0) {
+          out += eighths[part];
+          ++whole;
+        }
+      }
+    }
+    out.append(cells - std::min(cells, whole), ' ');
+    return out;
+  }
+
+  void line(Clock::time_point now) {
+    run_.shown = now;
+    if (!is_enabled()) return;
+    const double elapsed = std::chrono::duration<double>(now - run_.started).count();
+    const double rate = elapsed > 0 ? static_cast<double>(run_.done) / elapsed : 0.0;
+    std::string text;
+    if (run_.total) {
+      const auto total = *run_.total;
+      const double percent = total > 0 ? std::floor(100.0 * static_cast<double>(run_.done) / total) : 100.0;
+      const double left = rate > 0 ? static_cast<double>(total - run_.done) / rate : -1;
+      text = fmt::format("{}: {}/{} ({:.0f}%) [{}<{}, {}]", run_.label, run_.done, total, percent,
+                         detail::format_interval(elapsed), detail::format_interval(left), detail::format_rate(rate));
+    } else {
+      text = fmt::format("{}: {} [{}, {}]", run_.label, run_.done, detail::format_interval(elapsed),
+                         detail::format_rate(rate));
+    }
+    if (const auto extra = postfix(); !extra.empty()) text += " " + extra;
+    write(text + "\n");
+  }
+
+  void write(std::string_view text) const noexcept {
+    if (!is_enabled()) return;
+    std::fwrite(text.data(), 1, text.size(), options_.stream);
+    std::fflush(options_.stream);
+  }
+
+  Options options_;
+  bool bar_ = false;
+  bool ascii_ = false;
+  bool rank_zero_ = is_rank_zero();  // until on_after_setup says
+  Run run_{};
+  Metrics metrics_{};
+};
+
+}  // namespace fabric
+// ---- end fabric/callbacks/progress.hpp
 // ---- begin fabric/core/config.hpp
 // Compiler and platform configuration shared by every fabric header. Torch-free.
 
@@ -664,6 +1339,9 @@ FABRIC_HOOK(on_before_zero_grad);
 FABRIC_HOOK(on_save_checkpoint);
 FABRIC_HOOK(on_load_checkpoint);
 FABRIC_HOOK(on_exception);
+/// fabric's own: `Fabric::log` and `Fabric::log_dict` call `on_log_metrics(metrics, step)` on global rank
+/// zero, after the loggers (fabric::ProgressBar shows the metrics this way).
+FABRIC_HOOK(on_log_metrics);
 }  // namespace hooks
 
 namespace detail {
@@ -3048,176 +3726,6 @@ inline State load_state(Checkpoint root, const std::filesystem::path& path, Stat
 }  // namespace detail
 }  // namespace fabric
 // ---- end fabric/io/state.hpp
-// ---- begin fabric/loggers/logger.hpp
-// fabric::Logger, the interface Fabric logs through (Lightning's Logger), the Logger concept a logger of
-// your own may satisfy instead of deriving, and fabric::as_logger, which adapts one. Torch-free.
-
-
-#include <concepts>
-#include <cstdint>
-#include <filesystem>
-#include <map>
-#include <memory>
-#include <optional>
-#include <string>
-#include <string_view>
-#include <type_traits>
-#include <utility>
-
-namespace fabric {
-
-/// Metrics as logged: name to value.
-using Metrics = std::map<std::string, double>;
-/// Hyper-parameters as logged: name to value as text.
-using Hyperparameters = std::map<std::string, std::string>;
-
-/// Receives metrics from `Fabric::log` and `Fabric::log_dict` on global rank zero. As in Lightning,
-/// name, version, log_metrics and log_hyperparams are required; the directories, save and finalize
-/// have defaults.
-class Logger {
- public:
-  virtual ~Logger() = default;
-  /// Returns the experiment name.
-  virtual std::string name() const = 0;
-  /// Returns the experiment version (e.g. "0" for version_0).
-  virtual std::string version() const = 0;
-  /// Returns the directory that holds all experiments (none by default).
-  virtual std::filesystem::path root_dir() const { return {}; }
-  /// Returns the directory this run writes into (none by default).
-  virtual std::filesystem::path log_dir() const { return {}; }
-  /// Records metrics at a step; without a step the logger counts its own.
-  virtual void log_metrics(const Metrics& metrics, std::optional<std::int64_t> step) = 0;
-  /// Records hyper-parameters.
-  virtual void log_hyperparams(const Hyperparameters& params) = 0;
-  /// Writes what is buffered (nothing by default).
-  virtual void save() {}
-  /// Writes what is buffered and closes the run ("success", "failed", ...); saves by default.
-  virtual void finalize(std::string_view /*status*/) { save(); }
-};
-
-namespace detail {
-
-/// The logger names its experiment.
-template <class L>
-concept logger_names = requires(const L& l) {
-  { l.name() } -> std::convertible_to<std::string>;
-  { l.version() } -> std::convertible_to<std::string>;
-};
-/// The logger records metrics.
-template <class L>
-concept logger_logs_metrics = requires(L& l, const Metrics& m, std::optional<std::int64_t> step) {
-  l.log_metrics(m, step);
-};
-/// The logger records hyper-parameters.
-template <class L>
-concept logger_logs_hyperparams = requires(L& l, const Hyperparameters& h) {
-  l.log_hyperparams(h);
-};
-/// Optional: the logger names its directories.
-template <class L>
-concept logger_has_dirs = requires(const L& l) {
-  { l.root_dir() } -> std::convertible_to<std::filesystem::path>;
-  { l.log_dir() } -> std::convertible_to<std::filesystem::path>;
-};
-/// Optional: the logger writes what it buffers.
-template <class L>
-concept logger_saves = requires(L& l) {
-  l.save();
-};
-/// Optional: the logger closes its run with a status.
-template <class L>
-concept logger_finalizes = requires(L& l, std::string_view status) {
-  l.finalize(status);
-};
-
-}  // namespace detail
-
-/// A logger: a fabric::Logger, or any class with `name()`, `version()`, `log_metrics(metrics, step)` and
-/// `log_hyperparams(params)` (and optionally `root_dir()`, `log_dir()`, `save()`, `finalize(status)`),
-/// which fabric::as_logger adapts without inheritance.
-template <class L>
-concept LoggerLike = std::derived_from<L, Logger> ||
-    (detail::logger_names<L>&& detail::logger_logs_metrics<L>&& detail::logger_logs_hyperparams<L>);
-
-namespace detail {
-
-/// Fails with one message naming the first member a logger lacks; true when it has all.
-template <class L>
-consteval bool check_logger() {
-  if constexpr (std::derived_from<L, Logger>) {
-    return true;
-  } else if constexpr (!logger_names<L>) {
-    static_assert(dependent_false_v<L>,
-                  "fabric: a Logger needs `std::string name() const` and `std::string version() const`; add them, "
-                  "or derive from fabric::Logger");
-  } else if constexpr (!logger_logs_metrics<L>) {
-    static_assert(dependent_false_v<L>,
-                  "fabric: a Logger needs `void log_metrics(const fabric::Metrics&, std::optional<std::int64_t> "
-                  "step)`; add it, or derive from fabric::Logger");
-  } else if constexpr (!logger_logs_hyperparams<L>) {
-    static_assert(dependent_false_v<L>,
-                  "fabric: a Logger needs `void log_hyperparams(const fabric::Hyperparameters&)`; add it, or derive "
-                  "from fabric::Logger");
-  }
-  return LoggerLike<L>;
-}
-
-/// Presents a LoggerLike object that does not derive from fabric::Logger as one.
-template <class L>
-class LoggerAdapter final : public Logger {
- public:
-  explicit LoggerAdapter(std::shared_ptr<L> logger) : logger_(std::move(logger)) {}
-  std::string name() const override { return logger_->name(); }
-  std::string version() const override { return logger_->version(); }
-  std::filesystem::path root_dir() const override {
-    if constexpr (logger_has_dirs<L>) return logger_->root_dir();
-    return {};
-  }
-  std::filesystem::path log_dir() const override {
-    if constexpr (logger_has_dirs<L>) return logger_->log_dir();
-    return {};
-  }
-  void log_metrics(const Metrics& metrics, std::optional<std::int64_t> step) override {
-    logger_->log_metrics(metrics, step);
-  }
-  void log_hyperparams(const Hyperparameters& params) override { logger_->log_hyperparams(params); }
-  void save() override {
-    if constexpr (logger_saves<L>) logger_->save();
-  }
-  void finalize(std::string_view status) override {
-    if constexpr (logger_finalizes<L>) {
-      logger_->finalize(status);
-    } else {
-      save();
-    }
-  }
-
- private:
-  std::shared_ptr<L> logger_;
-};
-
-}  // namespace detail
-
-/// Returns a logger for `Options::loggers`: a fabric::Logger as it is, any other LoggerLike class behind
-/// an adapter (a class that lacks a member fails with a message naming it).
-///
-///     struct Printer { std::string name() const; std::string version() const;
-///                      void log_metrics(const fabric::Metrics&, std::optional<std::int64_t>);
-///                      void log_hyperparams(const fabric::Hyperparameters&); };
-///     fabric::Fabric<> fabric{{.loggers = {fabric::as_logger(std::make_shared<Printer>())}}};
-template <class L>
-std::shared_ptr<Logger> as_logger(std::shared_ptr<L> logger) {
-  if constexpr (!detail::check_logger<L>()) {
-    return nullptr;
-  } else if constexpr (std::derived_from<L, Logger>) {
-    return logger;
-  } else {
-    return std::make_shared<detail::LoggerAdapter<L>>(std::move(logger));
-  }
-}
-
-}  // namespace fabric
-// ---- end fabric/loggers/logger.hpp
 // ---- begin fabric/precision/autocast.hpp
 // fabric::AutocastGuard and fabric::DefaultDtypeGuard: the scoped contexts precisions run code in.
 // The one place that knows how autocast is spelled in each LibTorch version.
@@ -4792,10 +5300,11 @@ class Fabric {
     }
     log(name, value.item<double>(), step);
   }
-  /// Logs several metrics to every logger (on global rank zero only).
+  /// Logs several metrics to every logger, then calls the `on_log_metrics` hook (on global rank zero only).
   void log_dict(const Metrics& metrics, std::optional<std::int64_t> step = std::nullopt) {
     if (!is_global_zero()) return;
     for (const auto& logger : options_.loggers) logger->log_metrics(metrics, step);
+    call(hooks::on_log_metrics, metrics, step);
   }
 
   // ---- checkpoints -----------------------------------------------------------------------------
@@ -4902,6 +5411,8 @@ struct ParallelOptions;
 class Error;
 class Logger;
 class CSVLogger;
+class ProgressBar;
+class TensorBoardLogger;
 class StateEntry;
 class NativeCheckpointIO;
 class AnyCheckpointIO;
@@ -5058,7 +5569,8 @@ namespace fabric {
 ///
 /// Like Lightning, the version (next free version_N unless given) is settled on first use, the log
 /// directory is created by the first log call, and a metrics.csv already in that directory is
-/// replaced by this run's.
+/// replaced by this run's. Only global rank zero writes (`fabric::is_rank_zero()`, Lightning's
+/// `@rank_zero_only`): on the other ranks log_metrics, log_hyperparams, save and finalize do nothing.
 ///
 ///     auto csv = std::make_shared<fabric::CSVLogger>(fabric::CSVLogger::Options{.root_dir = "logs"});
 ///     fabric::Fabric<> fabric{{.loggers = {csv}}};
@@ -5104,6 +5616,7 @@ class CSVLogger final : public Logger {
   std::filesystem::path metrics_file() const { return log_dir() / "metrics.csv"; }
 
   void log_metrics(const Metrics& metrics, std::optional<std::int64_t> step) override {
+    if (!is_rank_zero()) return;  // as Lightning's @rank_zero_only
     const std::int64_t s = step.value_or(static_cast<std::int64_t>(logged_));
     Row row{s, {}};
     for (const auto& [key, value] : metrics) {
@@ -5122,6 +5635,7 @@ class CSVLogger final : public Logger {
   /// Writes the hyper-parameters to log_dir()/hparams.yaml, every key and value a quoted YAML string (any
   /// text is safe: colons, '#', newlines, unicode), replacing what an earlier call wrote.
   void log_hyperparams(const Hyperparameters& params) override {
+    if (!is_rank_zero()) return;  // as Lightning's @rank_zero_only
     start_experiment();
     const auto path = log_dir() / "hparams.yaml";
     std::ofstream out(path, std::ios::trunc);
@@ -5131,6 +5645,7 @@ class CSVLogger final : public Logger {
   }
 
   void save() override {
+    if (!is_rank_zero()) return;  // as Lightning's @rank_zero_only
     if (rows_.empty()) return;
     start_experiment();
     const auto path = metrics_file();
@@ -5324,6 +5839,782 @@ class CSVLogger final : public Logger {
 
 }  // namespace fabric
 // ---- end fabric/loggers/csv.hpp
+// ---- begin fabric/loggers/tensorboard.hpp
+// fabric::TensorBoardLogger: Lightning's TensorBoardLogger, writing TensorBoard event files into
+// root_dir/name/version_N[/sub_dir] without TensorFlow or a protobuf library: the TFRecord framing, the
+// CRC-32C and the few protobuf messages are encoded here. Torch-free (std, fmt, and POSIX getpid and
+// gethostname for the event file's name).
+
+
+#include <fmt/format.h>
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <bit>
+#include <cctype>
+#include <cerrno>
+#include <charconv>
+#include <chrono>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <limits>
+#include <map>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <system_error>
+#include <thread>
+#include <utility>
+#include <variant>
+#include <vector>
+
+namespace fabric {
+
+namespace detail::tensorboard {
+
+// ---- CRC-32C and TFRecord framing ----------------------------------------------------------------
+
+/// The CRC-32C (Castagnoli) table of the reflected polynomial 0x82F63B78, computed at compile time.
+inline constexpr std::array<std::uint32_t, 256> crc32c_table = [] {
+  std::array<std::uint32_t, 256> table{};
+  for (std::uint32_t i = 0; i < 256; ++i) {
+    std::uint32_t c = i;
+    for (int bit = 0; bit < 8; ++bit) c = (c & 1u) != 0 ? (c >> 1) ^ 0x82F63B78u : c >> 1;
+    table[i] = c;
+  }
+  return table;
+}();
+
+/// Returns the CRC-32C of data.
+constexpr std::uint32_t crc32c(std::string_view data) noexcept {
+  std::uint32_t crc = 0xFFFFFFFFu;
+  for (const char ch : data) crc = crc32c_table[(crc ^ static_cast<unsigned char>(ch)) & 0xFFu] ^ (crc >> 8);
+  return crc ^ 0xFFFFFFFFu;
+}
+static_assert(crc32c("123456789") == 0xE3069283u, "CRC-32C's check value");
+
+/// Returns TFRecord's masked CRC-32C of data: ((crc >> 15) | (crc << 17)) + 0xa282ead8.
+constexpr std::uint32_t masked_crc32c(std::string_view data) noexcept {
+  const std::uint32_t crc = crc32c(data);
+  return ((crc >> 15) | (crc << 17)) + 0xa282ead8u;
+}
+
+/// Appends the n low bytes of v to out, least significant first.
+inline void put_little_endian(std::string& out, std::uint64_t v, int n) {
+  for (int i = 0; i < n; ++i) out += static_cast<char>((v >> (8 * i)) & 0xFFu);
+}
+
+/// Appends one TFRecord holding data: its length (uint64, little-endian), the masked CRC-32C of those
+/// eight bytes, the data, and the masked CRC-32C of the data (both uint32, little-endian).
+inline void append_record(std::string& out, std::string_view data) {
+  std::string length;
+  put_little_endian(length, data.size(), 8);
+  out += length;
+  put_little_endian(out, masked_crc32c(length), 4);
+  out += data;
+  put_little_endian(out, masked_crc32c(data), 4);
+}
+
+// ---- protobuf wire format --------------------------------------------------------------------------
+
+/// Encodes one protobuf message field by field (wire types 0 varint, 1 fixed64, 2 length-delimited,
+/// 5 fixed32). Fields are written as they are called, including zero values: a reader takes an
+/// explicit zero as the default, and a member of a oneof must be written even when zero.
+class ProtoWriter {
+ public:
+  /// Writes a varint field (int32, int64, enum, bool); negative numbers take ten bytes, as protobuf's.
+  ProtoWriter& varint(int field, std::uint64_t v) {
+    key(field, 0);
+    put_varint(v);
+    return *this;
+  }
+  /// Writes a signed integer field (int64 or int32, two's complement).
+  ProtoWriter& int64(int field, std::int64_t v) { return varint(field, static_cast<std::uint64_t>(v)); }
+  /// Writes a double field (fixed64, little-endian IEEE 754).
+  ProtoWriter& float64(int field, double v) {
+    key(field, 1);
+    put_little_endian(data_, std::bit_cast<std::uint64_t>(v), 8);
+    return *this;
+  }
+  /// Writes a float field (fixed32, little-endian IEEE 754).
+  ProtoWriter& float32(int field, float v) {
+    key(field, 5);
+    put_little_endian(data_, std::bit_cast<std::uint32_t>(v), 4);
+    return *this;
+  }
+  /// Writes a string, bytes or embedded-message field (length-delimited).
+  ProtoWriter& bytes(int field, std::string_view v) {
+    key(field, 2);
+    put_varint(v.size());
+    data_ += v;
+    return *this;
+  }
+  /// Writes an embedded message field.
+  ProtoWriter& message(int field, const ProtoWriter& m) { return bytes(field, m.data_); }
+  /// Returns the encoded message.
+  const std::string& data() const noexcept { return data_; }
+
+ private:
+  void key(int field, int wire_type) {
+    put_varint((static_cast<std::uint64_t>(field) << 3) | static_cast<std::uint64_t>(wire_type));
+  }
+  void put_varint(std::uint64_t v) {
+    while (v >= 0x80u) {
+      data_ += static_cast<char>((v & 0x7Fu) | 0x80u);
+      v >>= 7;
+    }
+    data_ += static_cast<char>(v);
+  }
+  std::string data_;
+};
+
+// Field numbers, from TensorBoard's protos (tensorboard/compat/proto/event.proto, summary.proto,
+// tensor.proto, tensor_shape.proto, types.proto; tensorboard/plugins/hparams/api.proto, plugin_data.proto;
+// google/protobuf/struct.proto for hyper-parameter values).
+namespace field {
+// tensorboard.Event: double wall_time = 1; int64 step = 2; oneof what { string file_version = 3;
+// Summary summary = 5; } SourceMetadata source_metadata = 10.
+inline constexpr int event_wall_time = 1, event_step = 2, event_file_version = 3, event_summary = 5,
+                     event_source_metadata = 10;
+// tensorboard.SourceMetadata: string writer = 1.
+inline constexpr int source_writer = 1;
+// tensorboard.Summary: repeated Value value = 1.
+inline constexpr int summary_value = 1;
+// tensorboard.Summary.Value: string tag = 1; SummaryMetadata metadata = 9; oneof value { float
+// simple_value = 2; TensorProto tensor = 8; }.
+inline constexpr int value_tag = 1, value_simple_value = 2, value_tensor = 8, value_metadata = 9;
+// tensorboard.SummaryMetadata: PluginData plugin_data = 1. PluginData: string plugin_name = 1; bytes content = 2.
+inline constexpr int metadata_plugin_data = 1, plugin_name = 1, plugin_content = 2;
+// tensorboard.TensorProto: DataType dtype = 1; TensorShapeProto tensor_shape = 2; repeated bytes string_val = 8.
+inline constexpr int tensor_dtype = 1, tensor_shape = 2, tensor_string_val = 8;
+// tensorboard.TensorShapeProto: repeated Dim dim = 2. Dim: int64 size = 1.
+inline constexpr int shape_dim = 2, dim_size = 1;
+// tensorboard.DataType (types.proto): DT_STRING = 7.
+inline constexpr int dt_string = 7;
+// tensorboard.hparams.HParamsPluginData: int32 version = 1; oneof data { Experiment experiment = 2;
+// SessionStartInfo session_start_info = 3; SessionEndInfo session_end_info = 4; }.
+inline constexpr int hparams_experiment = 2, hparams_session_start_info = 3, hparams_session_end_info = 4;
+// tensorboard.hparams.Experiment: repeated HParamInfo hparam_infos = 4; repeated MetricInfo metric_infos = 5.
+inline constexpr int experiment_hparam_infos = 4, experiment_metric_infos = 5;
+// tensorboard.hparams.HParamInfo: string name = 1; DataType type = 4.
+inline constexpr int hparam_info_name = 1, hparam_info_type = 4;
+// tensorboard.hparams.DataType: DATA_TYPE_STRING = 1, DATA_TYPE_BOOL = 2, DATA_TYPE_FLOAT64 = 3.
+inline constexpr int data_type_string = 1, data_type_bool = 2, data_type_float64 = 3;
+// tensorboard.hparams.MetricInfo: MetricName name = 1. MetricName: string tag = 2.
+inline constexpr int metric_info_name = 1, metric_name_tag = 2;
+// tensorboard.hparams.SessionStartInfo: map<string, google.protobuf.Value> hparams = 1 (each entry a
+// message: key = 1, value = 2); double start_time_secs = 5.
+inline constexpr int start_info_hparams = 1, map_key = 1, map_value = 2, start_info_start_time_secs = 5;
+// google.protobuf.Value: oneof kind { double number_value = 2; string string_value = 3; bool bool_value = 4; }.
+inline constexpr int struct_number_value = 2, struct_string_value = 3, struct_bool_value = 4;
+// tensorboard.hparams.SessionEndInfo: Status status = 1; double end_time_secs = 2. Status: STATUS_SUCCESS = 1.
+inline constexpr int end_info_status = 1, end_info_end_time_secs = 2, status_success = 1;
+}  // namespace field
+
+// ---- TensorBoard's messages --------------------------------------------------------------------------
+
+/// The tags and plugin name of the hparams plugin (tensorboard/plugins/hparams/metadata.py).
+inline constexpr std::string_view hparams_plugin = "hparams";
+/// The summary tag of the experiment (the hyper-parameters' and metrics' names and types).
+inline constexpr std::string_view experiment_tag = "_hparams_/experiment";
+/// The summary tag of the session's start (the hyper-parameters' values).
+inline constexpr std::string_view session_start_tag = "_hparams_/session_start_info";
+/// The summary tag of the session's end (its status).
+inline constexpr std::string_view session_end_tag = "_hparams_/session_end_info";
+/// The plugin name of text summaries.
+inline constexpr std::string_view text_plugin = "text";
+/// The file version TensorBoard expects as the first event of an event file.
+inline constexpr std::string_view file_version = "brain.Event:2";
+
+/// Returns the first event of an event file: its wall time and "brain.Event:2".
+inline std::string file_version_event(double wall_time) {
+  ProtoWriter source;
+  source.bytes(field::source_writer, "fabric");
+  ProtoWriter event;
+  event.float64(field::event_wall_time, wall_time)
+      .bytes(field::event_file_version, file_version)
+      .message(field::event_source_metadata, source);
+  return event.data();
+}
+
+/// Returns an event holding a summary of one value.
+inline std::string summary_event(double wall_time, std::int64_t step, const ProtoWriter& value) {
+  ProtoWriter summary;
+  summary.message(field::summary_value, value);
+  ProtoWriter event;
+  event.float64(field::event_wall_time, wall_time)
+      .int64(field::event_step, step)
+      .message(field::event_summary, summary);
+  return event.data();
+}
+
+/// Returns a summary value with a scalar (simple_value, a float, as torch's SummaryWriter.add_scalar).
+inline ProtoWriter scalar_value(std::string_view tag, double value) {
+  ProtoWriter v;
+  // NOTE: a finite double beyond float's range would be undefined behaviour to convert; it is an infinity.
+  const float f = std::isfinite(value) && std::abs(value) > std::numeric_limits<float>::max()
+                      ? std::copysign(std::numeric_limits<float>::infinity(), static_cast<float>(value > 0 ? 1 : -1))
+                      : static_cast<float>(value);
+  v.bytes(field::value_tag, tag).float32(field::value_simple_value, f);
+  return v;
+}
+
+/// Returns summary metadata naming a plugin and its content.
+inline ProtoWriter plugin_metadata(std::string_view plugin, std::string_view content) {
+  ProtoWriter data;
+  data.bytes(field::plugin_name, plugin).bytes(field::plugin_content, content);
+  ProtoWriter metadata;
+  metadata.message(field::metadata_plugin_data, data);
+  return metadata;
+}
+
+/// Returns a summary value for the text plugin: a DT_STRING tensor of shape [1] (as torch's add_text;
+/// the plugin's content, TextPluginData with version 0, encodes to nothing).
+inline ProtoWriter text_value(std::string_view tag, std::string_view text) {
+  ProtoWriter dim;
+  dim.int64(field::dim_size, 1);
+  ProtoWriter shape;
+  shape.message(field::shape_dim, dim);
+  ProtoWriter tensor;
+  tensor.varint(field::tensor_dtype, field::dt_string)
+      .message(field::tensor_shape, shape)
+      .bytes(field::tensor_string_val, text);
+  ProtoWriter v;
+  v.bytes(field::value_tag, tag)
+      .message(field::value_metadata, plugin_metadata(text_plugin, ""))
+      .message(field::value_tensor, tensor);
+  return v;
+}
+
+/// Returns a summary value of the hparams plugin: a tag, the plugin's content, and no value (as
+/// torch.utils.tensorboard.summary.hparams writes them).
+inline ProtoWriter hparams_value(std::string_view tag, const ProtoWriter& plugin_data) {
+  ProtoWriter v;
+  v.bytes(field::value_tag, tag).message(field::value_metadata, plugin_metadata(hparams_plugin, plugin_data.data()));
+  return v;
+}
+
+/// How a hyper-parameter's text reaches TensorBoard: as a number, a bool, or a string.
+struct HparamValue {
+  /// The kind of value sent.
+  enum class Kind { number, boolean, string };
+  /// Which of the three it is.
+  Kind kind = Kind::string;
+  /// The number, for Kind::number.
+  double number = 0;
+  /// The bool, for Kind::boolean.
+  bool boolean = false;
+};
+
+/// Classifies a hyper-parameter's text: a finite number read in full ("32", "-1.5e-3") is a number,
+/// "true"/"True"/"false"/"False" a bool, anything else (" 1", "0x10", "nan", "1,5", "") a string.
+inline HparamValue classify_hparam(std::string_view text) {
+  if (text == "true" || text == "True") return {HparamValue::Kind::boolean, 0, true};
+  if (text == "false" || text == "False") return {HparamValue::Kind::boolean, 0, false};
+  double v = 0;
+  const char* last = text.data() + text.size();
+  if (auto [p, ec] = std::from_chars(text.data(), last, v); !text.empty() && ec == std::errc{} && p == last) {
+    // NOTE: NaN and infinities stay strings: the hparams plugin hands values to the browser as JSON.
+    if (std::isfinite(v)) return {HparamValue::Kind::number, v, false};
+  }
+  return {};
+}
+
+/// Returns the hparams plugin's three contents (HParamsPluginData, version 0): the experiment
+/// (hyper-parameter names and types, metric tags), the session start (the values) and the session end
+/// (status success).
+struct HparamsSummaries {
+  /// `_hparams_/experiment`'s content.
+  ProtoWriter experiment;
+  /// `_hparams_/session_start_info`'s content.
+  ProtoWriter session_start;
+  /// `_hparams_/session_end_info`'s content.
+  ProtoWriter session_end;
+};
+
+/// Encodes the hyper-parameters and the metric tags as the hparams plugin reads them.
+inline HparamsSummaries hparams_summaries(const Hyperparameters& params, const std::vector<std::string>& metric_tags,
+                                          double wall_time) {
+  ProtoWriter experiment;
+  ProtoWriter start;
+  for (const auto& [name, text] : params) {
+    const HparamValue value = classify_hparam(text);
+    ProtoWriter info;
+    ProtoWriter v;
+    switch (value.kind) {
+      case HparamValue::Kind::number:
+        info.bytes(field::hparam_info_name, name).varint(field::hparam_info_type, field::data_type_float64);
+        v.float64(field::struct_number_value, value.number);
+        break;
+      case HparamValue::Kind::boolean:
+        info.bytes(field::hparam_info_name, name).varint(field::hparam_info_type, field::data_type_bool);
+        v.varint(field::struct_bool_value, value.boolean ? 1 : 0);
+        break;
+      case HparamValue::Kind::string:
+        info.bytes(field::hparam_info_name, name).varint(field::hparam_info_type, field::data_type_string);
+        v.bytes(field::struct_string_value, text);
+        break;
+    }
+    experiment.message(field::experiment_hparam_infos, info);
+    ProtoWriter entry;
+    entry.bytes(field::map_key, name).message(field::map_value, v);
+    start.message(field::start_info_hparams, entry);
+  }
+  for (const auto& tag : metric_tags) {
+    ProtoWriter metric_name;
+    metric_name.bytes(field::metric_name_tag, tag);
+    ProtoWriter info;
+    info.message(field::metric_info_name, metric_name);
+    experiment.message(field::experiment_metric_infos, info);
+  }
+  start.float64(field::start_info_start_time_secs, wall_time);
+  ProtoWriter end;
+  end.varint(field::end_info_status, field::status_success).float64(field::end_info_end_time_secs, wall_time);
+
+  HparamsSummaries out;
+  out.experiment.message(field::hparams_experiment, experiment);
+  out.session_start.message(field::hparams_session_start_info, start);
+  out.session_end.message(field::hparams_session_end_info, end);
+  return out;
+}
+
+// ---- files -----------------------------------------------------------------------------------------
+
+/// Expands a path as Lightning's log_dir does (os.path.expandvars, then os.path.expanduser): `$NAME` and
+/// `${NAME}` by the environment (left as they are when unset), then a leading `~` or `~/` by $HOME.
+inline std::string expand_path(std::string_view path) {
+  std::string out;
+  for (std::size_t i = 0; i < path.size();) {
+    if (path[i] == '$' && i + 1 < path.size()) {
+      std::size_t end = i + 1;
+      std::string name;
+      if (path[end] == '{') {
+        const auto close = path.find('}', end + 1);
+        if (close != std::string_view::npos) {
+          name = std::string(path.substr(end + 1, close - end - 1));
+          end = close + 1;
+        }
+      } else {
+        while (end < path.size() && (std::isalnum(static_cast<unsigned char>(path[end])) != 0 || path[end] == '_'))
+          ++end;
+        name = std::string(path.substr(i + 1, end - i - 1));
+      }
+      if (const char* value = name.empty() ? nullptr : std::getenv(name.c_str()); value != nullptr) {
+        out += value;
+        i = end;
+        continue;
+      }
+    }
+    out += path[i++];
+  }
+  if (!out.empty() && out[0] == '~' && (out.size() == 1 || out[1] == '/')) {
+    if (const char* home = std::getenv("HOME"); home != nullptr && *home != '\0') out = home + out.substr(1);
+  }
+  return out;
+}
+
+/// Returns this machine's host name (as Python's socket.gethostname()), "localhost" if it cannot be read.
+inline std::string host_name() {
+  std::array<char, 256> buffer{};
+  if (::gethostname(buffer.data(), buffer.size() - 1) != 0 || buffer[0] == '\0') return "localhost";
+  return buffer.data();
+}
+
+/// Counts the event files this process opened: the last part of their names, as TensorBoard's
+/// EventFileWriter does, so two loggers writing into one directory in the same second differ.
+inline std::atomic<std::uint64_t>& event_file_counter() {
+  static std::atomic<std::uint64_t> counter{0};
+  return counter;
+}
+
+/// Returns the current time as seconds since the Unix epoch.
+inline double wall_time_now() {
+  return std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
+}
+
+/// Returns a version_N directory's N as Lightning's _get_next_version reads it (the text between
+/// "version_" and the next '_', all digits), or nothing for any other name.
+inline std::optional<int> version_number(std::string_view leaf) {
+  if (!leaf.starts_with("version_")) return std::nullopt;
+  std::string_view digits = leaf.substr(8);
+  digits = digits.substr(0, digits.find('_'));
+  int v = 0;
+  const char* last = digits.data() + digits.size();
+  if (digits.empty() || !std::all_of(digits.begin(), digits.end(), [](char c) { return c >= '0' && c <= '9'; }))
+    return std::nullopt;
+  if (auto [p, err] = std::from_chars(digits.data(), last, v); err != std::errc{} || p != last) return std::nullopt;
+  return v;
+}
+
+/// Flushes the live loggers when the program exits through `exit` or a return from main (a logger
+/// owned by main's stack or a static is destroyed and flushes itself; one owned by the heap is not).
+class ExitFlush {
+ public:
+  /// Returns the one registry; it is never destroyed, so the flush at exit may still find it.
+  static ExitFlush& instance() {
+    static ExitFlush* registry = [] {
+      auto* r = new ExitFlush;  // NOTE: leaked on purpose, it must outlive every static destructor.
+      std::atexit(&ExitFlush::run);
+      return r;
+    }();
+    return *registry;
+  }
+  /// Registers what flushes the logger at `owner` (it must not throw).
+  void add(const void* owner, std::function<void()> flush) {
+    const std::lock_guard lock(mutex_);
+    flushes_[owner] = {static_cast<long>(::getpid()), std::move(flush)};
+  }
+  /// Forgets the logger at `owner`.
+  void remove(const void* owner) {
+    const std::lock_guard lock(mutex_);
+    flushes_.erase(owner);
+  }
+
+ private:
+  static void run() {
+    ExitFlush& self = instance();
+    const std::lock_guard lock(self.mutex_);
+    // NOTE: a child forked without exec inherits the registry; it leaves its parent's loggers alone.
+    for (auto& [owner, entry] : self.flushes_) {
+      if (entry.first == static_cast<long>(::getpid())) entry.second();
+    }
+  }
+  std::mutex mutex_;
+  std::map<const void*, std::pair<long, std::function<void()>>> flushes_;  // owner: pid that registered, flush
+};
+
+}  // namespace detail::tensorboard
+
+/// Writes TensorBoard event files into `root_dir/name/version_N` (or `.../version_N/sub_dir`), like
+/// Lightning's TensorBoardLogger: `log_metrics` writes one scalar per metric (a float, as TensorBoard's
+/// simple_value; NaN and infinities as they are), `log_hyperparams` what the HPARAMS tab shows, and
+/// `log_text` a text summary. The file, `events.out.tfevents.<unix seconds>.<host>.<pid>.<n>`, starts
+/// with the `brain.Event:2` record and holds TFRecords of Event messages with their CRC-32C checksums.
+///
+/// Like Lightning, the version (next free version_N unless given) is settled on first use, and the first
+/// log call creates the log directory and the event file. Records are buffered, as SummaryWriter does:
+/// they reach the file when `max_queue` are pending, every `flush_secs` (a background thread started by
+/// the first log call), and on `save()`, `finalize()`, destruction and program exit. Only global rank zero
+/// writes (`fabric::is_rank_zero()`, Lightning's `@rank_zero_only`): on the other ranks log_metrics,
+/// log_hyperparams, log_text, save and finalize do nothing.
+///
+///     auto tb = std::make_shared<fabric::TensorBoardLogger>(fabric::TensorBoardLogger::Options{.root_dir = "logs"});
+///     fabric::Fabric<> fabric{{.loggers = {tb}}};
+///     tb->log_hyperparams({{"lr", "0.001"}, {"optimizer", "adam"}});
+///     fabric.log("loss", 0.25, step);
+class TensorBoardLogger final : public Logger {
+ public:
+  /// Settings of a TensorBoardLogger (Lightning's arguments and SummaryWriter's max_queue and flush_secs).
+  struct Options {
+    /// The directory that holds every experiment.
+    std::filesystem::path root_dir = ".";
+    /// The experiment's name, a directory under root_dir (none when empty).
+    std::string name = "lightning_logs";
+    /// The version: a number for version_N, a string for a directory of that name; unset: the next free N.
+    std::optional<std::variant<int, std::string>> version{};
+    /// Log `hp_metric` = -1 when log_hyperparams gets no metric (without it, such calls write nothing).
+    bool default_hp_metric = true;
+    /// Put before every metric's name, joined with '-'.
+    std::string prefix{};
+    /// A directory under the version's for this logger's files.
+    std::optional<std::filesystem::path> sub_dir{};
+    /// Seconds between the background flushes (0: flush on every log call, no thread).
+    double flush_secs = 120;
+    /// How many records may wait before they are written.
+    int max_queue = 10;
+  };
+
+  /// Creates a logger; nothing is written before the first log call.
+  explicit TensorBoardLogger(Options options) : options_(std::move(options)) {
+    if (options_.max_queue < 1) {
+      detail::raise("TensorBoardLogger: expected max_queue >= 1, found {}; pass a positive number", options_.max_queue);
+    }
+    if (!(options_.flush_secs >= 0) || !std::isfinite(options_.flush_secs)) {
+      detail::raise(
+          "TensorBoardLogger: expected flush_secs >= 0 (seconds), found {}; pass a finite number, 0 to "
+          "flush on every log call",
+          options_.flush_secs);
+    }
+    if (options_.version) {
+      if (const int* n = std::get_if<int>(&*options_.version); n != nullptr && *n < 0) {
+        detail::raise(
+            "TensorBoardLogger: expected version >= 0 (for version_N), found {}; pass a non-negative number, a "
+            "string for a directory name, or no version for the next free one",
+            *n);
+      }
+      if (const auto* s = std::get_if<std::string>(&*options_.version); s != nullptr && s->empty()) {
+        detail::raise(
+            "TensorBoardLogger: expected a directory name as the string version, found \"\" (the run would write "
+            "into the experiment's directory); pass a name such as \"run-a\", or no version for the next free "
+            "version_N");
+      }
+    }
+    // NOTE: registered here, outside the logger's lock: the flush at exit takes the registry's lock, then this one.
+    detail::tensorboard::ExitFlush::instance().add(this, [this] {
+      const std::lock_guard lock(mutex_);
+      try {
+        flush_locked();
+      } catch (...) {  // NOTE: nothing can report an error while the program exits.
+      }
+    });
+  }
+  ~TensorBoardLogger() override {
+    detail::tensorboard::ExitFlush::instance().remove(this);
+    stop_timer();
+    const std::lock_guard lock(mutex_);
+    try {
+      flush_locked();
+    } catch (...) {  // NOTE: a destructor must not throw; save() and finalize() report write errors.
+    }
+  }
+  TensorBoardLogger(const TensorBoardLogger&) = delete;
+  TensorBoardLogger& operator=(const TensorBoardLogger&) = delete;
+
+  /// Returns the experiment name.
+  std::string name() const override { return options_.name; }
+  /// Returns the version ("3" for version_3, or the string given), settling it on first use.
+  std::string version() const override {
+    return std::visit([](const auto& v) { return fmt::format("{}", v); }, resolved_version());
+  }
+  /// Returns root_dir as given.
+  std::filesystem::path root_dir() const override { return options_.root_dir; }
+  /// Returns root_dir/name/version[/sub_dir], with `$VAR`, `${VAR}` and a leading `~` expanded as Lightning does.
+  std::filesystem::path log_dir() const override {
+    const auto& v = resolved_version();
+    const std::string leaf =
+        std::holds_alternative<int>(v) ? fmt::format("version_{}", std::get<int>(v)) : std::get<std::string>(v);
+    std::filesystem::path dir = options_.root_dir / options_.name / leaf;
+    if (options_.sub_dir) dir /= *options_.sub_dir;
+    return detail::tensorboard::expand_path(dir.string());
+  }
+  /// Returns the event file this logger writes into (empty until the first log call creates it).
+  std::filesystem::path event_file() const {
+    const std::lock_guard lock(mutex_);
+    return file_;
+  }
+
+  /// Writes one scalar per metric at the step (without one, the logger's count of log_metrics calls).
+  void log_metrics(const Metrics& metrics, std::optional<std::int64_t> step) override {
+    if (!is_rank_zero()) return;  // as Lightning's @rank_zero_only
+    const std::lock_guard lock(mutex_);
+    const std::int64_t s = step.value_or(logged_);
+    ++logged_;
+    if (metrics.empty()) return;
+    start_file();
+    const double now = detail::tensorboard::wall_time_now();
+    for (const auto& [key, value] : metrics) {
+      add(detail::tensorboard::summary_event(now, s, detail::tensorboard::scalar_value(tag(key), value)));
+    }
+    after_log();
+  }
+
+  /// Writes the hyper-parameters for the HPARAMS tab, with `hp_metric` = -1 as the metric when
+  /// default_hp_metric is on (otherwise writes nothing, as Lightning).
+  void log_hyperparams(const Hyperparameters& params) override { log_hyperparams(params, Metrics{}); }
+
+  /// Writes the hyper-parameters and metrics for the HPARAMS tab, as Lightning does through
+  /// torch.utils.tensorboard.summary.hparams: the metrics as scalars, then the `_hparams_/experiment`,
+  /// `_hparams_/session_start_info` and `_hparams_/session_end_info` (status success) summaries of the
+  /// "hparams" plugin, all at the step (without one, the next automatic step, which this does not
+  /// advance). A value that reads in full as a finite number is sent as a number, true/false (or
+  /// True/False) as a bool, anything else as a string. Without metrics, `hp_metric` = -1 stands in when
+  /// default_hp_metric is on; otherwise nothing is written (TensorBoard's HPARAMS tab needs a metric).
+  /// TensorBoard reads the hyper-parameters of the first call only.
+  void log_hyperparams(const Hyperparameters& params, const Metrics& metrics,
+                       std::optional<std::int64_t> step = std::nullopt) {
+    if (!is_rank_zero()) return;  // as Lightning's @rank_zero_only
+    Metrics all = metrics;
+    if (all.empty() && options_.default_hp_metric) all.emplace("hp_metric", -1.0);
+    if (all.empty()) return;
+    const std::lock_guard lock(mutex_);
+    start_file();
+    const std::int64_t s = step.value_or(logged_);
+    const double now = detail::tensorboard::wall_time_now();
+    std::vector<std::string> tags;
+    for (const auto& [key, value] : all) {
+      tags.push_back(tag(key));
+      add(detail::tensorboard::summary_event(now, s, detail::tensorboard::scalar_value(tags.back(), value)));
+    }
+    // NOTE: the metric infos name the prefixed tags, which the scalars carry (Lightning names the bare ones,
+    // so its HPARAMS tab finds no value for them when a prefix is set).
+    const auto hp = detail::tensorboard::hparams_summaries(params, tags, now);
+    using detail::tensorboard::hparams_value;
+    add(detail::tensorboard::summary_event(now, s, hparams_value(detail::tensorboard::experiment_tag, hp.experiment)));
+    add(detail::tensorboard::summary_event(now, s,
+                                           hparams_value(detail::tensorboard::session_start_tag, hp.session_start)));
+    add(detail::tensorboard::summary_event(now, s,
+                                           hparams_value(detail::tensorboard::session_end_tag, hp.session_end)));
+    after_log();
+  }
+
+  /// Writes a text summary (the TEXT tab; Markdown) under the tag as given, at the step (without one,
+  /// the next automatic step, which this does not advance); e.g. the command line of a run.
+  void log_text(std::string_view tag, std::string_view text, std::optional<std::int64_t> step = std::nullopt) {
+    if (!is_rank_zero()) return;  // as Lightning's @rank_zero_only
+    const std::lock_guard lock(mutex_);
+    start_file();
+    const std::int64_t s = step.value_or(logged_);
+    add(detail::tensorboard::summary_event(detail::tensorboard::wall_time_now(), s,
+                                           detail::tensorboard::text_value(tag, text)));
+    after_log();
+  }
+
+  /// Writes the pending records to the event file; on a write error throws fabric::Error and keeps them.
+  void save() override {
+    if (!is_rank_zero()) return;  // as Lightning's @rank_zero_only
+    const std::lock_guard lock(mutex_);
+    flush_locked();
+  }
+
+  /// Writes the pending records; logging may go on after it, into the same file.
+  void finalize(std::string_view /*status*/) override { save(); }
+
+ private:
+  using Clock = std::chrono::steady_clock;
+
+  std::string tag(const std::string& key) const { return options_.prefix.empty() ? key : options_.prefix + "-" + key; }
+
+  // The version, settled on first use (the next free version_N unless one was given).
+  const std::variant<int, std::string>& resolved_version() const {
+    if (!options_.version) options_.version = next_version();
+    return *options_.version;
+  }
+
+  int next_version() const {
+    const std::filesystem::path dir = detail::tensorboard::expand_path((options_.root_dir / options_.name).string());
+    std::error_code ec;
+    if (!std::filesystem::is_directory(dir, ec)) return 0;
+    int next = 0;
+    for (const auto& entry : std::filesystem::directory_iterator(dir, ec)) {
+      if (!entry.is_directory(ec)) continue;
+      if (const auto v = detail::tensorboard::version_number(entry.path().filename().string()))
+        next = std::max(next, *v + 1);
+    }
+    return next;
+  }
+
+  // Creates the log directory and the event file with its first record (written at once, as TensorBoard
+  // does), once; then starts the flush timer.
+  void start_file() {
+    if (!file_.empty()) return;
+    const auto dir = log_dir();
+    std::error_code ec;
+    std::filesystem::create_directories(dir, ec);
+    if (ec) {
+      detail::raise(
+          "TensorBoardLogger: expected a log directory it can create, found {} fails: {}; check that root_dir "
+          "is a writable directory (and no file stands in the path)",
+          dir.string(), ec.message());
+    }
+    const double now = detail::tensorboard::wall_time_now();
+    const auto path = dir / fmt::format("events.out.tfevents.{:010}.{}.{}.{}", static_cast<std::int64_t>(now),
+                                        detail::tensorboard::host_name(), static_cast<long>(::getpid()),
+                                        detail::tensorboard::event_file_counter().fetch_add(1));
+    header_.clear();
+    detail::tensorboard::append_record(header_, detail::tensorboard::file_version_event(now));
+    std::ofstream out(path, std::ios::binary | std::ios::trunc);
+    out.write(header_.data(), static_cast<std::streamsize>(header_.size()));
+    out.flush();
+    if (!out) {
+      detail::raise("TensorBoardLogger: expected to write {}, found: {}; check that the directory is writable",
+                    path.string(), std::generic_category().message(errno));
+    }
+    file_ = path;
+    written_ = header_.size();
+    last_flush_ = Clock::now();
+    if (options_.flush_secs > 0) timer_ = std::thread([this] { run_timer(); });
+  }
+
+  void add(const std::string& event) {
+    detail::tensorboard::append_record(pending_, event);
+    ++pending_count_;
+  }
+
+  void after_log() {
+    if (pending_count_ >= static_cast<std::size_t>(options_.max_queue) || options_.flush_secs <= 0) flush_locked();
+  }
+
+  // Flushes every flush_secs until the logger is destroyed; a failed flush keeps the records for the next.
+  void run_timer() {
+    // NOTE: capped so that the time point cannot overflow; 1e7 s is about 115 days.
+    const auto period =
+        std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(std::min(options_.flush_secs, 1e7)));
+    std::unique_lock lock(mutex_);
+    while (!stop_) {
+      if (wake_.wait_until(lock, last_flush_ + period, [this] { return stop_; })) break;
+      try {
+        flush_locked();
+      } catch (...) {  // NOTE: the thread cannot report it; the records stay pending and save() reports the error.
+      }
+      last_flush_ = Clock::now();
+    }
+  }
+
+  void stop_timer() {
+    {
+      const std::lock_guard lock(mutex_);
+      stop_ = true;
+    }
+    wake_.notify_all();
+    if (timer_.joinable()) timer_.join();
+  }
+
+  // Appends the pending records to the event file (recreating the file, with its first record, if it has
+  // gone). On a write error the file is cut back to its last complete record and the records stay pending
+  // for the next flush.
+  void flush_locked() {
+    if (pending_.empty()) return;
+    std::error_code ec;
+    std::string data;
+    if (!std::filesystem::exists(file_, ec)) {
+      std::filesystem::create_directories(file_.parent_path(), ec);
+      written_ = 0;
+      data = header_;
+    }
+    data += pending_;
+    std::ofstream out(file_, std::ios::binary | std::ios::app);
+    out.write(data.data(), static_cast<std::streamsize>(data.size()));
+    out.flush();
+    if (!out) {
+      const int error = errno;
+      out.close();
+      if (std::filesystem::file_size(file_, ec) > written_ && !ec) std::filesystem::resize_file(file_, written_, ec);
+      detail::raise(
+          "TensorBoardLogger: expected to append {} bytes to {}, found: {}; make the directory writable (or free "
+          "space) and call save() again: the {} records are kept",
+          data.size(), file_.string(), std::generic_category().message(error), pending_count_);
+    }
+    written_ += data.size();
+    pending_.clear();
+    pending_count_ = 0;
+    last_flush_ = Clock::now();
+  }
+
+  mutable Options options_;   // the version is filled in on first use
+  mutable std::mutex mutex_;  // guards what follows, shared with the flush timer
+  std::filesystem::path file_{};
+  std::string header_{};        // the file's first record, written again if the file is recreated
+  std::uintmax_t written_ = 0;  // bytes of complete records in file_
+  std::string pending_{};       // framed records not yet in the file
+  std::size_t pending_count_ = 0;
+  std::int64_t logged_ = 0;  // log_metrics calls: the automatic step
+  Clock::time_point last_flush_{};
+  std::condition_variable wake_;
+  bool stop_ = false;
+  std::thread timer_;
+};
+
+}  // namespace fabric
+// ---- end fabric/loggers/tensorboard.hpp
 // ---- begin fabric/precision/double.hpp
 // fabric::FP64: float64 weights and compute ("64-true").
 
@@ -5660,6 +6951,815 @@ class DP : public StrategyBase {
 
 }  // namespace fabric
 // ---- end fabric/strategies/dp.hpp
+// ---- begin fabric/utils/throughput.hpp
+// Throughput and FLOPs, a port of lightning.fabric.utilities.throughput: Throughput (rolling batches,
+// samples, items and FLOPs per second, and MFU), ThroughputMonitor (the same, logged through a Fabric on
+// global rank zero), get_available_flops (a peak table per GPU model and dtype), measure_flops (the FLOPs
+// of a forward, or of a forward and backward, counted by LibTorch's profiler) and transformer_flops.
+
+
+#include <ATen/Context.h>
+#include <ATen/core/Tensor.h>
+#include <c10/core/Device.h>
+#include <c10/core/ScalarType.h>
+#include <c10/core/impl/DeviceGuardImplInterface.h>
+#include <c10/util/Exception.h>
+#include <fmt/format.h>
+#include <torch/csrc/autograd/profiler_kineto.h>
+
+#if __has_include(<dlfcn.h>)
+#include <dlfcn.h>
+#define FABRIC_HAS_DLOPEN 1
+#else
+#define FABRIC_HAS_DLOPEN 0
+#endif
+
+#include <algorithm>
+#include <array>
+#include <cctype>
+#include <concepts>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <map>
+#include <numeric>
+#include <optional>
+#include <set>
+#include <string>
+#include <string_view>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+namespace fabric {
+
+// ---- the peak table -------------------------------------------------------------------------------
+
+/// Peak dense FLOP/s of one device in each dtype (0: the chip has no such peak), Lightning's
+/// `_CUDA_FLOPS`: "tfloat32" is float32 matmuls run as TF32, "int4" has no ScalarType.
+struct ChipFlops {
+  std::string_view chip;
+  double float64 = 0, float32 = 0, tfloat32 = 0, bfloat16 = 0, float16 = 0, int8 = 0, int4 = 0;
+};
+
+/// Lightning's `_CUDA_FLOPS` (dense, without 2:4 sparsity), keyed by the chip names get_cuda_chip returns.
+/// The H200 SXM has the H100 SXM's tensor cores and clocks: NVIDIA's H200 datasheet lists the same
+/// figures (fabric keys it "h200"; Lightning's keys "h200 sxm1"/"h200 nvl1" match no real device name).
+inline constexpr std::array<ChipFlops, 31> cuda_flops{{
+    // Hopper. H200: https://nvdam.widen.net/s/nb5zzzsjdf/hpc-datasheet-sc23-h200-datasheet-3002446
+    {"h200", 3.4e13, 6.7e13, 4.945e14, 9.895e14, 9.895e14, 1.979e15, 0},
+    {"h200 nvl", 3.0e13, 6.0e13, 4.2e14, 8.4e14, 8.4e14, 1.68e15, 0},
+    // H100: https://resources.nvidia.com/en-us-gpu-resources/h100-datasheet-24306
+    {"h100 nvl", 3.0e13, 6.0e13, 4.175e14, 8.355e14, 8.355e14, 1.6705e15, 0},
+    {"h100 sxm", 3.4e13, 6.7e13, 4.945e14, 9.895e14, 9.895e14, 1.979e15, 0},
+    {"h100 pcie", 2.56e13, 5.12e13, 3.78e14, 7.56e14, 7.56e14, 1.513e15, 0},
+    // Ada: https://images.nvidia.com/aem-dam/Solutions/Data-Center/l4/nvidia-ada-gpu-architecture-whitepaper-v2.1.pdf
+    {"rtx 4090", 0, 8.26e13, 8.26e13, 8.26e13, 8.26e13, 6.606e14, 1.3212e15},
+    {"rtx 4080", 0, 4.87e13, 4.87e13, 4.87e13, 4.87e13, 3.899e14, 7.798e14},
+    {"rtx 4080 super", 0, 5.22e13, 5.22e13, 5.22e13, 5.22e13, 4.176e14, 8.352e14},
+    {"l4", 0, 3.03e13, 6.0e13, 1.21e14, 1.21e14, 2.42e14, 4.84e14},
+    {"l40", 0, 9.05e13, 9.05e13, 1.81e14, 1.81e14, 3.62e14, 7.24e14},
+    // Ampere. A100 (SXM and PCIe alike):
+    // https://www.nvidia.com/content/dam/en-zz/Solutions/Data-Center/a100/pdf/nvidia-a100-datasheet-us-nvidia-1758950-r4-web.pdf
+    {"a100", 9.7e12, 1.95e13, 1.56e14, 3.12e14, 3.12e14, 6.24e14, 0},
+    {"a6000", 0, 3.87e13, 7.74e13, 3.87e13, 3.87e13, 3.097e14, 6.193e14},
+    // A40: https://images.nvidia.com/content/Solutions/data-center/a40/nvidia-a40-datasheet.pdf
+    {"a40", 0, 3.74e13, 7.48e13, 1.497e14, 1.497e14, 2.993e14, 5.987e14},
+    // A10G: https://www.nvidia.com/content/dam/en-zz/Solutions/Data-Center/a10/pdf/a10-datasheet.pdf
+    {"a10g", 0, 3.12e13, 6.25e13, 1.25e14, 1.25e14, 2.5e14, 5.0e14},
+    {"rtx 3090 ti", 0, 4.0e13, 4.0e13, 4.0e13, 4.0e13, 3.2e14, 6.4e14},
+    {"rtx 3090", 0, 3.56e13, 3.56e13, 3.56e13, 3.56e13, 2.84e14, 5.68e14},
+    {"rtx 3080 ti", 0, 3.41e13, 3.41e13, 3.41e13, 3.41e13, 2.728e14, 5.466e14},
+    // GA102: https://www.nvidia.com/content/PDF/nvidia-ampere-ga-102-gpu-architecture-whitepaper-v2.pdf
+    {"rtx 3080", 0, 2.98e13, 2.98e13, 2.98e13, 2.98e13, 2.38e14, 4.76e14},
+    {"rtx 3070", 0, 2.03e13, 2.03e13, 2.03e13, 2.03e13, 1.626e14, 3.252e14},
+    // Turing. T4:
+    // https://www.nvidia.com/content/dam/en-zz/Solutions/Data-Center/tesla-t4/t4-tensor-core-datasheet-951643.pdf
+    {"t4", 0, 8.1e12, 0, 0, 6.5e13, 1.3e14, 2.6e14},
+    // https://www.nvidia.com/content/dam/en-zz/Solutions/design-visualization/quadro-product-literature/quadro-rtx-5000-data-sheet-us-nvidia-704120-r4-web.pdf
+    {"quadro rtx 5000", 0, 1.12e13, 0, 0, 8.92e13, 0, 0},
+    {"rtx 2080 super", 0, 1.12e13, 0, 0, 2.23e13, 1.784e14, 3.568e14},
+    {"rtx 2080 ti", 0, 1.42e13, 0, 0, 2.85e13, 2.277e14, 4.554e14},
+    {"rtx 2080", 0, 1.06e13, 0, 0, 2.12e13, 1.696e14, 3.391e14},
+    // GA102 whitepaper (above)
+    {"rtx 2070 super", 0, 9.1e12, 0, 0, 1.81e13, 1.45e14, 2.9e14},
+    {"titan rtx", 0, 1.63e13, 0, 0, 3.26e13, 2.61e14, 5.22e14},
+    // Volta: https://images.nvidia.com/content/technologies/volta/pdf/volta-v100-datasheet-update-us-1165301-r5.pdf
+    {"v100 sxm", 7.8e12, 1.57e13, 0, 0, 1.25e14, 0, 0},
+    {"v100 pcie", 7.0e12, 1.4e13, 0, 0, 1.12e14, 0, 0},
+    {"v100s pcie", 8.2e12, 1.64e13, 0, 0, 1.3e14, 0, 0},
+    // Lightning's spellings of the H200 (kept so that its keys still resolve).
+    {"h200 sxm1", 3.4e13, 6.7e13, 4.945e14, 9.895e14, 9.895e14, 1.979e15, 0},
+    {"h200 nvl1", 3.0e13, 6.0e13, 4.2e14, 8.4e14, 8.4e14, 1.68e15, 0},
+}};
+
+namespace detail {
+
+/// Reports a warning through c10's handler (printed to stderr by default; tests capture it).
+inline void throughput_warn(bool enabled, const std::string& message) {
+  if (enabled) TORCH_WARN("fabric: ", message);
+}
+
+/// Lower-cases ASCII.
+inline std::string lower(std::string_view text) {
+  std::string out(text);
+  std::transform(out.begin(), out.end(), out.begin(),
+                 [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
+  return out;
+}
+
+/// Returns the words of text split at single spaces (Python's str.split(" ")).
+inline std::vector<std::string> split_spaces(const std::string& text) {
+  std::vector<std::string> words;
+  std::size_t start = 0;
+  for (std::size_t i = 0; i <= text.size(); ++i) {
+    if (i == text.size() || text[i] == ' ') {
+      words.push_back(text.substr(start, i - start));
+      start = i + 1;
+    }
+  }
+  return words;
+}
+
+/// Returns torch's name of a dtype ("torch.bfloat16").
+inline std::string torch_dtype_name(c10::ScalarType dtype) {
+  switch (dtype) {
+    case c10::ScalarType::Double:
+      return "torch.float64";
+    case c10::ScalarType::Float:
+      return "torch.float32";
+    case c10::ScalarType::BFloat16:
+      return "torch.bfloat16";
+    case c10::ScalarType::Half:
+      return "torch.float16";
+    case c10::ScalarType::Char:
+      return "torch.int8";
+    default:
+      return std::string("torch.") + lower(c10::toString(dtype));
+  }
+}
+
+/// The name and compute capability of a CUDA device, as the driver reports them.
+struct CudaDeviceInfo {
+  std::string name;
+  int major = 0;
+  int minor = 0;
+};
+
+/// Reads a CUDA device's name and compute capability from the driver (libcuda.so.1, opened with dlopen),
+/// or returns nothing where there is no driver or no such device. NOTE: LibTorch's C++ API has no device
+/// name (torch.cuda.get_device_name is Python over cudaGetDeviceProperties, and at::cuda's properties
+/// need the CUDA headers), so this works the same in a CPU-only build, on 1.13 and on 2.x.
+inline std::optional<CudaDeviceInfo> cuda_device_info(int index) {
+#if FABRIC_HAS_DLOPEN
+  static void* const handle = dlopen("libcuda.so.1", RTLD_LAZY | RTLD_LOCAL);
+  if (handle == nullptr || index < 0) return std::nullopt;
+  using Init = int (*)(unsigned);
+  using Get = int (*)(int*, int);
+  using Name = int (*)(char*, int, int);
+  using Attribute = int (*)(int*, int, int);
+  const auto init = reinterpret_cast<Init>(dlsym(handle, "cuInit"));
+  const auto get = reinterpret_cast<Get>(dlsym(handle, "cuDeviceGet"));
+  const auto name = reinterpret_cast<Name>(dlsym(handle, "cuDeviceGetName"));
+  const auto attribute = reinterpret_cast<Attribute>(dlsym(handle, "cuDeviceGetAttribute"));
+  if (!init || !get || !name || !attribute || init(0) != 0) return std::nullopt;
+  int device = 0;
+  if (get(&device, index) != 0) return std::nullopt;
+  std::array<char, 256> buffer{};
+  if (name(buffer.data(), static_cast<int>(buffer.size()), device) != 0) return std::nullopt;
+  CudaDeviceInfo info{.name = buffer.data()};
+  constexpr int major_attribute = 75, minor_attribute = 76;  // CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_*
+  if (attribute(&info.major, major_attribute, device) != 0 || attribute(&info.minor, minor_attribute, device) != 0) {
+    return std::nullopt;
+  }
+  return info;
+#else
+  (void)index;
+  return std::nullopt;
+#endif
+}
+
+/// True when float32 matmuls may run as TF32 (torch.get_float32_matmul_precision() != "highest").
+inline bool float32_matmul_allows_tf32() {
+  return at::globalContext().float32MatmulPrecision() != at::Float32MatmulPrecision::HIGHEST;
+}
+
+/// Returns the index of a CUDA device, the current one where it names none.
+inline int cuda_index(const c10::Device& device) {
+  if (device.has_index()) return device.index();
+  if (c10::impl::hasDeviceGuardImpl(c10::DeviceType::CUDA)) {
+    return c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getDevice().index();
+  }
+  return 0;
+}
+
+std::optional<double> available_flops(std::string_view device_name, c10::ScalarType dtype, bool tf32, bool warn);
+
+}  // namespace detail
+
+/// Returns the key of `cuda_flops` for a CUDA device name as torch.cuda.get_device_name gives it
+/// ("NVIDIA H100 80GB HBM3" → "h100 sxm"), Lightning's parsing, or nothing for an unknown chip.
+inline std::optional<std::string> get_cuda_chip(std::string_view device_name) {
+  std::string chip = detail::lower(device_name);
+  const auto has = [&chip](std::string_view part) { return chip.find(part) != std::string::npos; };
+  if (has("h200")) {
+    if (has("sxm1")) return "h200 sxm1";
+    if (has("nvl1")) return "h200 nvl1";
+    return has("nvl") ? "h200 nvl" : "h200";
+  }
+  if (has("h100")) {
+    if (has("hbm3")) return "h100 sxm";
+    if (has("nvl")) return "h100 nvl";
+    if (has("pcie") || has("hbm2e")) return "h100 pcie";
+    return chip;
+  }
+  if (has("l40s")) return "l40s";
+  if (has("l4")) return has("tesla") || has("l40") ? "l40" : "l4";
+  if (has("geforce rtx")) {
+    const auto words = detail::split_spaces(chip);
+    if (words.size() < 4) return std::nullopt;
+    const std::string extra = has("super") ? " super" : has("ti") ? " ti" : "";
+    return "rtx " + words[3] + extra;
+  }
+  for (std::string_view part : {"a6000", "a100", "a40", "a10g", "t4", "quadro rtx 5000", "titan rtx"}) {
+    if (has(part)) return std::string(part);
+  }
+  if (has("v100-sxm")) return "v100 sxm";
+  if (has("v100-pcie")) return "v100 pcie";
+  if (has("v100s-pcie")) return "v100s pcie";
+  return std::nullopt;
+}
+
+/// Returns the name of a CUDA device as the driver reports it ("NVIDIA H200"), or nothing for another
+/// device type or without a driver.
+inline std::optional<std::string> cuda_device_name(const c10::Device& device) {
+  if (!device.is_cuda()) return std::nullopt;
+  auto info = detail::cuda_device_info(detail::cuda_index(device));
+  if (!info) return std::nullopt;
+  return std::move(info->name);
+}
+
+/// Returns the peak FLOP/s of one device of the named CUDA model in the dtype (float32 as TF32 where
+/// tf32), or nothing with a warning where the model or the dtype is not in `cuda_flops`.
+template <class Name>
+requires std::convertible_to<const Name&, std::string_view> std::optional<double> get_available_flops(
+    const Name& device_name, c10::ScalarType dtype, bool tf32 = false) {
+  return detail::available_flops(device_name, dtype, tf32, true);
+}
+
+/// Returns the theoretical peak FLOP/s of the device in the dtype, an optimistic limit that only thick
+/// matmuls approach: for CUDA from the device name (read from the driver) and `cuda_flops`, float32
+/// counted as TF32 on Ampere and later unless the float32 matmul precision is "highest", as Lightning
+/// does; nothing (with a warning) for an unknown GPU or dtype; nothing, silently, for the CPU.
+///
+///     auto peak = fabric::get_available_flops(fabric.device(), c10::ScalarType::BFloat16);
+inline std::optional<double> get_available_flops(const c10::Device& device, c10::ScalarType dtype) {
+  if (!device.is_cuda()) return std::nullopt;
+  const int index = detail::cuda_index(device);
+  const auto info = detail::cuda_device_info(index);
+  if (!info) {
+    detail::throughput_warn(true, fmt::format("FLOPs not found for CUDA device {}: the driver (libcuda.so.1) did "
+                                              "not report its name; pass available_flops yourself",
+                                              index));
+    return std::nullopt;
+  }
+  const bool tf32 = info->major >= 8 && detail::float32_matmul_allows_tf32();
+  return get_available_flops(info->name, dtype, tf32);
+}
+
+namespace detail {
+
+inline std::optional<double> available_flops(std::string_view device_name, c10::ScalarType dtype, bool tf32,
+                                             bool warn) {
+  const auto chip = get_cuda_chip(device_name);
+  if (!chip) {
+    throughput_warn(warn, fmt::format("FLOPs not found for '{}'", device_name));
+    return std::nullopt;
+  }
+  const auto row =
+      std::find_if(cuda_flops.begin(), cuda_flops.end(), [&](const ChipFlops& c) { return c.chip == *chip; });
+  if (row == cuda_flops.end()) {
+    throughput_warn(warn, fmt::format("FLOPs not found for '{}', chip is '{}'", device_name, *chip));
+    return std::nullopt;
+  }
+  double peak = 0;
+  std::string dtype_name = torch_dtype_name(dtype);
+  switch (dtype) {
+    case c10::ScalarType::Double:
+      peak = row->float64;
+      break;
+    case c10::ScalarType::Float:
+      peak = tf32 ? row->tfloat32 : row->float32;
+      if (tf32) dtype_name = "tfloat32";
+      break;
+    case c10::ScalarType::BFloat16:
+      peak = row->bfloat16;
+      break;
+    case c10::ScalarType::Half:
+      peak = row->float16;
+      break;
+    case c10::ScalarType::Char:
+      peak = row->int8;
+      break;
+    default:
+      break;
+  }
+  if (peak <= 0) {
+    throughput_warn(warn, fmt::format("'{}' does not support {}", device_name, dtype_name));
+    return std::nullopt;
+  }
+  return peak;
+}
+
+/// A fixed-size window of values that must increase with every append (Lightning's _MonotonicWindow).
+template <class T>
+class MonotonicWindow {
+ public:
+  MonotonicWindow(std::string_view what, std::size_t maxlen) : what_(what), maxlen_(maxlen) {}
+  /// Throws unless x is above the last value.
+  void check(const T& x) const {
+    if (!values_.empty() && !(values_.back() < x)) {
+      raise(
+          "Throughput.update: expected {} to increase with every call, found {} after {}; pass running totals "
+          "(the time since the start, the batches and samples seen so far), not per-step values",
+          what_, x, values_.back());
+    }
+  }
+  /// Appends x (checked first), dropping the oldest value when the window is full.
+  void append(const T& x) {
+    check(x);
+    values_.push_back(x);
+    if (values_.size() > maxlen_) values_.pop_front();
+  }
+  std::size_t size() const noexcept { return values_.size(); }
+  std::size_t size_after_append() const noexcept { return std::min(values_.size() + 1, maxlen_); }
+  std::size_t maxlen() const noexcept { return maxlen_; }
+  bool empty() const noexcept { return values_.empty(); }
+  bool full() const noexcept { return values_.size() == maxlen_; }
+  const T& front() const { return values_.front(); }
+  const T& back() const { return values_.back(); }
+  const std::deque<T>& values() const noexcept { return values_; }
+  void clear() noexcept { values_.clear(); }
+
+ private:
+  std::string_view what_;
+  std::size_t maxlen_;
+  std::deque<T> values_;
+};
+
+}  // namespace detail
+
+// ---- Throughput -----------------------------------------------------------------------------------
+
+/// Settings of Throughput and ThroughputMonitor (Lightning's constructor arguments).
+struct ThroughputOptions {
+  /// Peak FLOP/s of one device; unset: no MFU (ThroughputMonitor looks it up with get_available_flops).
+  std::optional<double> available_flops{};
+  /// Devices across hosts; the global (not "device/") rates appear only above 1. ThroughputMonitor takes
+  /// the fabric's world size.
+  int world_size = 1;
+  /// Updates in the rolling window (at least 2: a rate is the difference of its ends).
+  int window_size = 100;
+  /// Joins "device" and the metric name.
+  std::string separator = "/";
+  /// Whether the model uses 2:4 structured sparsity (the peak is then scaled); unset: dense, with a
+  /// warning where a peak is known.
+  std::optional<bool> using_sparse_model{};
+  /// The peak's multiplier when using_sparse_model.
+  double sparse_cuda_acceleration_factor = 2.0;
+};
+
+/// One update of Throughput: running totals per device, and the FLOPs since the last update.
+struct ThroughputUpdate {
+  double time = 0;                        ///< seconds since the start; increases with every update
+  std::int64_t batches = 0;               ///< batches seen so far; increases with every update
+  std::int64_t samples = 0;               ///< samples seen so far (at least batches); increases
+  std::optional<std::int64_t> lengths{};  ///< items (e.g. tokens) seen so far (at least samples)
+  std::optional<double> flops{};          ///< FLOPs of this device since the last update
+};
+
+/// Computes throughput over a rolling window, like Lightning's Throughput: compute() returns
+/// "time", "batches", "samples" (and "lengths") always; once window_size updates were seen,
+/// "device/batches_per_sec", "device/samples_per_sec" (and "device/items_per_sec" with lengths) and,
+/// above one device, "batches_per_sec", "samples_per_sec", "items_per_sec"; with flops in every update
+/// of the window "device/flops_per_sec" ("flops_per_sec" above one device) and, with a known peak,
+/// "device/mfu". Synchronize the device before reading the clock.
+///
+///     fabric::Throughput throughput({.window_size = 10});
+///     for (std::int64_t i = 1; i <= steps; ++i) {
+///       train_step();
+///       throughput.update({.time = seconds_since(t0), .batches = i, .samples = i * batch_size});
+///       if (i % 10 == 0) fabric.print("{}", throughput.compute().at("device/samples_per_sec"));
+///     }
+class Throughput {
+ public:
+  /// Checks the settings; warns (on rank zero) that MFU assumes a dense model when a peak is given and
+  /// using_sparse_model is unset.
+  explicit Throughput(ThroughputOptions options = {}) : Throughput(std::move(options), true) {}
+
+  /// Records one step's running totals (see ThroughputUpdate). Throws fabric::Error, changing nothing,
+  /// when a total does not increase, samples < batches, lengths < samples, or lengths come in some
+  /// updates of the window and not in others.
+  void update(const ThroughputUpdate& u) {
+    time_.check(u.time);
+    if (u.samples < u.batches) {
+      detail::raise(
+          "Throughput.update: expected samples >= batches, found samples = {} and batches = {}; pass the "
+          "samples seen so far (batches times the batch size)",
+          u.samples, u.batches);
+    }
+    batches_.check(u.batches);
+    samples_.check(u.samples);
+    if (u.lengths) {
+      if (*u.lengths < u.samples) {
+        detail::raise(
+            "Throughput.update: expected lengths >= samples, found lengths = {} and samples = {}; pass the "
+            "items (e.g. tokens) seen so far",
+            *u.lengths, u.samples);
+      }
+      lengths_.check(*u.lengths);
+      if (samples_.size_after_append() != lengths_.size_after_append()) {
+        detail::raise(
+            "Throughput.update: expected lengths in every update of the window once they are passed, "
+            "found {} lengths for {} samples; pass lengths from the first update on, or reset()",
+            lengths_.size_after_append(), samples_.size_after_append());
+      }
+    }
+    time_.append(u.time);
+    batches_.append(u.batches);
+    samples_.append(u.samples);
+    if (u.lengths) lengths_.append(*u.lengths);
+    if (u.flops) {
+      flops_.push_back(*u.flops * options_.world_size);  // the sum over the ranks
+      if (flops_.size() > time_.maxlen()) flops_.pop_front();
+    }
+  }
+  /// update with positional arguments: update(time, batches, samples, lengths, flops).
+  void update(double time, std::int64_t batches, std::int64_t samples, std::optional<std::int64_t> lengths = {},
+              std::optional<double> flops = {}) {
+    update(ThroughputUpdate{.time = time, .batches = batches, .samples = samples, .lengths = lengths, .flops = flops});
+  }
+
+  /// Returns the metrics (Lightning's keys; see the class). Throws before the first update.
+  Metrics compute() const {
+    if (time_.empty()) {
+      detail::raise(
+          "Throughput.compute: expected at least one update() before compute(), found none; call update "
+          "after each step");
+    }
+    const std::string device = "device" + options_.separator;
+    const bool global = options_.world_size > 1;
+    const double world = options_.world_size;
+    Metrics m{{"time", time_.back()},
+              {"batches", static_cast<double>(batches_.back())},
+              {"samples", static_cast<double>(samples_.back())}};
+    if (!lengths_.empty()) m["lengths"] = static_cast<double>(lengths_.back());
+    // NOTE: as Lightning, rates appear only once the window is full (the monotonic checks rule out a
+    // zero elapsed time).
+    if (time_.full()) {
+      const double elapsed_time = time_.back() - time_.front();
+      const double dev_batches = static_cast<double>(batches_.back() - batches_.front()) / elapsed_time;
+      const double dev_samples = static_cast<double>(samples_.back() - samples_.front()) / elapsed_time;
+      m[device + "batches_per_sec"] = dev_batches;
+      m[device + "samples_per_sec"] = dev_samples;
+      if (global) {
+        m["batches_per_sec"] = dev_batches * world;
+        m["samples_per_sec"] = dev_samples * world;
+      }
+      if (lengths_.full()) {
+        const double dev_items = static_cast<double>(lengths_.back() - lengths_.front()) / elapsed_time;
+        m[device + "items_per_sec"] = dev_items;
+        if (global) m["items_per_sec"] = dev_items * world;
+      }
+    }
+    if (flops_.size() == time_.maxlen()) {
+      // NOTE: the first update's FLOPs were spent before the window's first time stamp (Lightning's rule).
+      const double elapsed_flops = std::accumulate(flops_.begin(), flops_.end(), 0.0) - flops_.front();
+      const double flops_per_sec = elapsed_flops / (time_.back() - time_.front());
+      const double dev_flops = flops_per_sec / world;
+      if (global) m["flops_per_sec"] = flops_per_sec;
+      m[device + "flops_per_sec"] = dev_flops;
+      if (available_flops_ && *available_flops_ != 0) m[device + "mfu"] = dev_flops / *available_flops_;
+    }
+    return m;
+  }
+
+  /// Forgets every update (the settings stay).
+  void reset() noexcept {
+    time_.clear();
+    batches_.clear();
+    samples_.clear();
+    lengths_.clear();
+    flops_.clear();
+  }
+
+  /// Returns the peak FLOP/s of one device that MFU divides by (scaled for a sparse model), or nothing.
+  std::optional<double> available_flops() const noexcept { return available_flops_; }
+  /// Returns the number of devices the global rates multiply by.
+  int world_size() const noexcept { return options_.world_size; }
+  /// Returns the settings.
+  const ThroughputOptions& options() const noexcept { return options_; }
+
+ protected:
+  Throughput(ThroughputOptions options, bool warn)
+      : options_(check(std::move(options))),
+        time_("time", window()),
+        batches_("batches", window()),
+        samples_("samples", window()),
+        lengths_("lengths", window()) {
+    available_flops_ = options_.available_flops;
+    if (!options_.using_sparse_model && available_flops_) {
+      detail::throughput_warn(warn,
+                              "MFU assumes dense model FLOPs (no sparsity acceleration). Set "
+                              "'using_sparse_model = true' for MFU to use sparse FLOPs, or false to silence this");
+    }
+    if (options_.using_sparse_model.value_or(false) && available_flops_) {
+      *available_flops_ *= options_.sparse_cuda_acceleration_factor;
+    }
+  }
+
+ private:
+  static ThroughputOptions check(ThroughputOptions o) {
+    if (o.window_size < 2) {
+      detail::raise(
+          "Throughput: expected window_size >= 2 (a rate needs two updates), found {}; pass a larger "
+          "window_size",
+          o.window_size);
+    }
+    if (o.world_size < 1) {
+      detail::raise("Throughput: expected world_size >= 1, found {}; pass the number of devices", o.world_size);
+    }
+    if (!(o.sparse_cuda_acceleration_factor >= 1.0)) {
+      detail::raise(
+          "Throughput: expected sparse_cuda_acceleration_factor >= 1 (sparsity cannot reduce the peak), "
+          "found {}; pass 2 for NVIDIA's 2:4 sparsity",
+          o.sparse_cuda_acceleration_factor);
+    }
+    if (o.available_flops && !(*o.available_flops >= 0)) {
+      detail::raise("Throughput: expected available_flops >= 0, found {}; pass the peak FLOP/s of one device",
+                    *o.available_flops);
+    }
+    return o;
+  }
+  std::size_t window() const noexcept { return static_cast<std::size_t>(options_.window_size); }
+
+  ThroughputOptions options_;
+  std::optional<double> available_flops_;
+  detail::MonotonicWindow<double> time_;
+  detail::MonotonicWindow<std::int64_t> batches_;
+  detail::MonotonicWindow<std::int64_t> samples_;
+  detail::MonotonicWindow<std::int64_t> lengths_;
+  std::deque<double> flops_;
+};
+
+// ---- ThroughputMonitor ----------------------------------------------------------------------------
+
+/// What ThroughputMonitor needs of a Fabric: its device, world size and rank, and log_dict.
+template <class F>
+concept ThroughputFabric = requires(F& f, const Metrics& m, std::optional<std::int64_t> step) {
+  { f.device() } -> std::convertible_to<c10::Device>;   // where get_available_flops looks
+  { f.world_size() } -> std::convertible_to<int>;       // the devices the global rates count
+  { f.is_global_zero() } -> std::convertible_to<bool>;  // only rank zero computes and logs
+  f.log_dict(m, step);                                  // where compute_and_log sends the metrics
+};
+
+namespace detail {
+
+/// Returns the dtype a precision computes in, as Lightning's `_plugin_to_compute_dtype`: the autocast
+/// dtype of a mixed precision, the dtype of a true precision, else float32.
+template <class P>
+c10::ScalarType compute_dtype(const P& precision) {
+  if constexpr (requires { precision.compute_dtype(); }) {
+    return precision.compute_dtype();
+  } else if constexpr (requires { P::param_dtype(); }) {
+    return P::param_dtype();
+  } else {
+    return c10::ScalarType::Float;
+  }
+}
+
+}  // namespace detail
+
+/// Throughput that takes the world size from a Fabric, looks the peak up for the fabric's device and
+/// precision (unless available_flops is given), and logs through `fabric.log_dict`; as Lightning's, it
+/// updates, computes and logs on global rank zero only (elsewhere compute returns no metrics).
+///
+///     fabric::ThroughputMonitor monitor(fabric, {.window_size = 10});
+///     for (std::int64_t i = 1; i <= steps; ++i) {
+///       train_step();
+///       monitor.update({.time = seconds_since(t0), .batches = i, .samples = i * batch, .flops = step_flops});
+///       if (i % 10 == 0) monitor.compute_and_log(i);
+///     }
+template <ThroughputFabric F>
+class ThroughputMonitor : public Throughput {
+ public:
+  /// Binds the monitor to a fabric (which must outlive it). options.world_size must be left at 1 or
+  /// equal the fabric's.
+  explicit ThroughputMonitor(F& fabric, ThroughputOptions options = {})
+      : Throughput(with_fabric(fabric, std::move(options)), fabric.is_global_zero()), fabric_(&fabric) {}
+
+  /// Throughput::update, on global rank zero only.
+  void update(const ThroughputUpdate& u) {
+    if (fabric_->is_global_zero()) Throughput::update(u);
+  }
+  /// Throughput::update with positional arguments, on global rank zero only.
+  void update(double time, std::int64_t batches, std::int64_t samples, std::optional<std::int64_t> lengths = {},
+              std::optional<double> flops = {}) {
+    update(ThroughputUpdate{.time = time, .batches = batches, .samples = samples, .lengths = lengths, .flops = flops});
+  }
+  /// Throughput::compute on global rank zero; no metrics elsewhere.
+  Metrics compute() const { return fabric_->is_global_zero() ? Throughput::compute() : Metrics{}; }
+  /// Forgets every update (on global rank zero; the others hold none).
+  void reset() noexcept { Throughput::reset(); }
+  /// Computes the metrics and logs them with `fabric.log_dict` at step (one more than the last step
+  /// when not given, from 0); returns them (none away from global rank zero).
+  Metrics compute_and_log(std::optional<std::int64_t> step = std::nullopt) {
+    if (!fabric_->is_global_zero()) return {};
+    step_ = step ? *step : step_ + 1;
+    Metrics metrics = compute();
+    fabric_->log_dict(metrics, step_);
+    return metrics;
+  }
+  /// Returns the step of the last compute_and_log (-1 before the first).
+  std::int64_t step() const noexcept { return step_; }
+
+ private:
+  static ThroughputOptions with_fabric(F& fabric, ThroughputOptions options) {
+    const int world = fabric.world_size();
+    if (options.world_size != 1 && options.world_size != world) {
+      detail::raise(
+          "ThroughputMonitor: expected world_size left at 1 (the monitor takes fabric.world_size() = {}), "
+          "found {}; drop .world_size, or use fabric::Throughput",
+          world, options.world_size);
+    }
+    options.world_size = world;
+    if (!options.available_flops) {
+      c10::ScalarType dtype = c10::ScalarType::Float;
+      if constexpr (requires { fabric.precision(); }) dtype = detail::compute_dtype(fabric.precision());
+      const c10::Device device = fabric.device();
+      if (device.is_cuda()) {
+        // NOTE: as get_available_flops(device, dtype), with the warnings on rank zero only.
+        const int index = detail::cuda_index(device);
+        if (const auto info = detail::cuda_device_info(index)) {
+          const bool tf32 = info->major >= 8 && detail::float32_matmul_allows_tf32();
+          options.available_flops = detail::available_flops(info->name, dtype, tf32, fabric.is_global_zero());
+        } else {
+          detail::throughput_warn(fabric.is_global_zero(),
+                                  fmt::format("FLOPs not found for CUDA device {}: the driver (libcuda.so.1) did not "
+                                              "report its name; pass available_flops yourself",
+                                              index));
+        }
+      }
+    }
+    return options;
+  }
+
+  F* fabric_;
+  std::int64_t step_ = -1;
+};
+
+// ---- measure_flops --------------------------------------------------------------------------------
+
+namespace detail {
+
+/// Sums the FLOPs of profiled operators, leaving out elementwise aten::add and aten::mul (as PyTorch's
+/// FlopCounterMode does) and an operator recorded inside itself on the same thread: autocast casts the
+/// inputs and calls the operator again (aten::addmm inside aten::addmm), which would count it twice.
+template <class Event>
+std::uint64_t counted_flops(const std::vector<Event>& events) {
+  struct Counted {
+    std::uint64_t thread, start, end, flops;
+    std::string name;
+  };
+  std::vector<Counted> counted;
+  for (const auto& e : events) {
+    if (e.flops() == 0) continue;
+    std::string name = e.name();
+    if (name == "aten::add" || name == "aten::mul") continue;
+    // NOTE: LibTorch 2.x stamps events in nanoseconds, 1.13 in microseconds.
+    if constexpr (requires { e.startNs(); }) {
+      counted.push_back({e.startThreadId(), e.startNs(), e.endNs(), e.flops(), std::move(name)});
+    } else {
+      counted.push_back({e.startThreadId(), e.startUs(), e.startUs() + e.durationUs(), e.flops(), std::move(name)});
+    }
+  }
+  std::sort(counted.begin(), counted.end(), [](const Counted& a, const Counted& b) {
+    return std::tie(a.thread, a.start, b.end) < std::tie(b.thread, b.start, a.end);
+  });
+  // The end of the last counted event per thread and name: one that starts before it ends is inside it.
+  std::map<std::pair<std::uint64_t, std::string>, std::uint64_t> open;
+  std::uint64_t flops = 0;
+  for (const auto& c : counted) {
+    auto [it, fresh] = open.try_emplace({c.thread, c.name}, c.end);
+    if (!fresh && c.start < it->second) continue;
+    it->second = c.end;
+    flops += c.flops;
+  }
+  return flops;
+}
+
+/// Runs fn under LibTorch's profiler with FLOP counting (CPU activity only: the operators are recorded
+/// where they are dispatched, on any device) and returns the FLOPs of the recorded operators (counted_flops).
+template <class Fn>
+std::uint64_t profile_flops(Fn&& fn) {
+  namespace profiler = torch::autograd::profiler;
+  using torch::profiler::impl::ActivityType;
+  using torch::profiler::impl::ProfilerConfig;
+  using torch::profiler::impl::ProfilerState;
+  if (torch::profiler::impl::profilerEnabled()) {
+    raise(
+        "measure_flops: expected no profiler running on this thread, found one; call measure_flops outside "
+        "the profiled region");
+  }
+  const ProfilerConfig config(ProfilerState::KINETO, /*report_input_shapes=*/true, /*profile_memory=*/false,
+                              /*with_stack=*/false, /*with_flops=*/true);
+  const std::set<ActivityType> activities{ActivityType::CPU};
+  profiler::prepareProfiler(config, activities);
+  profiler::enableProfiler(config, activities);
+  struct Stop {  // NOTE: disables the profiler when fn throws.
+    bool armed = true;
+    ~Stop() {
+      if (armed) profiler::disableProfiler();
+    }
+  } stop;
+  std::forward<Fn>(fn)();
+  stop.armed = false;
+  const auto result = profiler::disableProfiler();
+  return counted_flops(result->events());
+}
+
+}  // namespace detail
+
+/// Returns the FLOPs of forward_fn(), counted by LibTorch's profiler (PyTorch's FlopCounterMode is
+/// Python): matrix products (mm, addmm, bmm, baddbmm, and conv2d forward) at 2 FLOPs per multiply-add.
+///
+///     torch::nn::Linear linear(32, 16);
+///     auto x = torch::randn({2, 32});
+///     std::uint64_t fwd = fabric::measure_flops([&] { return linear(x); });                  // 2*2*32*16
+///     std::uint64_t all = fabric::measure_flops([&] { return linear(x); }, [](const at::Tensor& y) {
+///       return y.sum();
+///     });  // forward and backward
+template <std::invocable Forward>
+std::uint64_t measure_flops(Forward&& forward_fn) {
+  return detail::profile_flops([&] { (void)std::invoke(forward_fn); });
+}
+
+/// Returns the FLOPs of `loss_fn(forward_fn()).backward()`: the forward, the loss and the backward.
+template <class Forward, class Loss>
+requires std::invocable<Loss&, const at::Tensor&> && std::invocable<Forward&> std::uint64_t measure_flops(
+    Forward&& forward_fn, Loss&& loss_fn) {
+  return detail::profile_flops([&] {
+    at::Tensor loss = std::invoke(loss_fn, std::invoke(forward_fn));
+    loss.backward();
+  });
+}
+
+/// measure_flops with Lightning's first argument, the model (unused: forward_fn runs it).
+template <class Model, class Forward>
+requires(!std::invocable<Forward&, const at::Tensor&>) && std::invocable<Forward&> std::uint64_t
+    measure_flops(const Model& /*model*/, Forward&& forward_fn) {
+  return measure_flops(std::forward<Forward>(forward_fn));
+}
+
+/// measure_flops(model, forward_fn, loss_fn): Lightning's signature.
+template <class Model, class Forward, class Loss>
+requires std::invocable<Loss&, const at::Tensor&> && std::invocable<Forward&> std::uint64_t measure_flops(
+    const Model& /*model*/, Forward&& forward_fn, Loss&& loss_fn) {
+  return measure_flops(std::forward<Forward>(forward_fn), std::forward<Loss>(loss_fn));
+}
+
+// ---- transformer_flops ----------------------------------------------------------------------------
+
+/// The sizes of a decoder-only transformer that its FLOPs depend on.
+struct TransformerShape {
+  std::int64_t parameters = 0;  ///< N, all parameters (the tied embedding once)
+  std::int64_t layers = 0;      ///< blocks
+  std::int64_t width = 0;       ///< the residual stream (heads times head size)
+  std::int64_t context = 0;     ///< the sequence length attended over
+};
+
+/// Returns the FLOPs of training a decoder-only transformer on tokens (forward and backward):
+/// 6·N·tokens for the weights plus 12·layers·width·context·tokens for attention (PaLM, appendix B;
+/// nanoGPT's estimate_mfu); a third of that with training = false (the forward only).
+///
+///     double step = fabric::transformer_flops({.parameters = 124'475'904, .layers = 12, .width = 768,
+///                                              .context = 1024}, 8 * 1024);
+inline double transformer_flops(const TransformerShape& shape, std::int64_t tokens, bool training = true) {
+  if (shape.parameters < 1 || shape.layers < 1 || shape.width < 1 || shape.context < 1 || tokens < 0) {
+    detail::raise(
+        "transformer_flops: expected positive parameters, layers, width and context and tokens >= 0, "
+        "found {}, {}, {}, {} and {}; pass the model's sizes",
+        shape.parameters, shape.layers, shape.width, shape.context, tokens);
+  }
+  const double per_token = 6.0 * static_cast<double>(shape.parameters) + 12.0 * static_cast<double>(shape.layers) *
+                                                                             static_cast<double>(shape.width) *
+                                                                             static_cast<double>(shape.context);
+  return per_token * static_cast<double>(tokens) / (training ? 1.0 : 3.0);
+}
+
+}  // namespace fabric
+// ---- end fabric/utils/throughput.hpp
 
 // The multi-process half, for translation units that define FABRIC_DISTRIBUTED before including this
 // header (as users of the single header do); otherwise include fabric/distributed.hpp.
@@ -7418,6 +9518,8 @@ class ParallelStrategy : public StrategyBase {
     devices_ = options.devices;
     num_nodes_ = options.num_nodes;
     topology_ = options_.cluster_environment.topology(detail::getenv_lookup, devices_, num_nodes_);
+    // NOTE: as Lightning's DDPStrategy._set_world_ranks: the loggers write on this rank's say.
+    set_rank_zero_only_rank(topology_.global_rank);
   }
 
   int global_rank() const noexcept { return topology_.global_rank; }
