@@ -5,8 +5,8 @@
 // cannot hang on a dead peer. fabric::DDP derives from it, and so will FSDP.
 
 #include "fabric/core/error.hpp"
-#include "fabric/core/rank_zero.hpp"
 #include "fabric/core/options.hpp"
+#include "fabric/core/rank_zero.hpp"
 #include "fabric/detail/c10d.hpp"
 #include "fabric/io/state.hpp"
 #include "fabric/strategies/environments/detect.hpp"
