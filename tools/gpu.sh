@@ -6,7 +6,8 @@
 # summary is printed last. Prepare on the CPU machine first (range-v3, CLI11, nlohmann-json, the data set):
 #     tools/fetch-gpu-deps.sh
 # then run it there with .deps carried:   tools/gpu.sh [steps...]   (default: build test dist example bench)
-# The step "readme" runs the README quick start's PyTorch-wheel compile line.
+# The step "readme" runs the README quick start's PyTorch-wheel compile line; "tensorboard" reads fabric's event
+# files with TensorBoard's EventAccumulator (tests/python/read_tensorboard.py).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 steps=${*:-build test dist example bench}
@@ -30,7 +31,7 @@ if [[ " $steps " == *" build "* ]]; then
     -DFABRIC_DIST_WORKER_PCH="${FABRIC_DIST_WORKER_PCH:-ON}" \
     >"$logs/configure.log" 2>&1 || { tail -30 "$logs/configure.log"; note "configure FAILED"; }
   targets=$(cmake --build build-gpu --target help 2>/dev/null | awk -F: '/^[a-z_0-9-]+: /{print $1}' |
-    grep -E "^(${FABRIC_GPU_TARGETS:-fabric_tests|fabric_core_tests|launch_worker|fabric_ddp_worker|fashion_mnist|gpt2|bench_race|bench_ddp_race|bench_optim_step|fabric-run|fabric_static_policies|fabric_static_one_process|fabric_header_check})\$" | tr '\n' ' ')
+    grep -E "^(${FABRIC_GPU_TARGETS:-fabric_tests|fabric_core_tests|launch_worker|fabric_ddp_worker|fashion_mnist|gpt2|bench_race|bench_ddp_race|bench_optim_step|bench_cpu_overhead|fabric-run|fabric_static_policies|fabric_static_one_process|fabric_header_check})\$" | tr '\n' ' ')
   cmake --build build-gpu -j 16 --target $targets -- -k 0 >"$logs/build.log" 2>&1 ||
     { grep -E "error|Error" "$logs/build.log" | head -40; note "build FAILED (see build.log)"; }
   note "build: $targets in $(($(date +%s) - start)) s"
@@ -80,6 +81,22 @@ if [[ " $steps " == *" example "* ]] && [ -x build-gpu/examples/gpt2/gpt2 ]; the
   note "gpt2 example (cuda, bf16-mixed, 30 steps): exit $? | $(tail -2 "$logs/gpt2.log" | tr '\n' ' ')"
 fi
 
+if [[ " $steps " == *" tensorboard "* ]]; then
+  # TensorBoard's own reader (EventAccumulator, the hparams plugin's parsers) on fabric's event files: the
+  # sample run the hidden test writes (checked against its expected.json), then a CUDA run of the example.
+  export FABRIC_TB_SAMPLE_DIR="$logs/tb-sample"
+  rm -rf "$FABRIC_TB_SAMPLE_DIR" && mkdir -p "$FABRIC_TB_SAMPLE_DIR"
+  build-gpu/tests/fabric_core_tests '[.tensorboard-sample]' >"$logs/tb-sample.log" 2>&1
+  python3 tests/python/read_tensorboard.py "$FABRIC_TB_SAMPLE_DIR" --expect-text command \
+    --expected "$FABRIC_TB_SAMPLE_DIR/lightning_logs/version_0/expected.json" >>"$logs/tb-sample.log" 2>&1
+  note "tensorboard sample read by EventAccumulator: exit $? | $(tail -1 "$logs/tb-sample.log")"
+  rm -rf "$logs/fm-logs"
+  build-gpu/examples/fashion_mnist --accelerator cuda --precision bf16-mixed --epochs 2 --train-subset 20000 \
+    --data-dir .deps/fashion-mnist --log-dir "$logs/fm-logs" >"$logs/example-logs.log" 2>&1
+  python3 tests/python/read_tensorboard.py "$logs/fm-logs/tensorboard" >"$logs/tb-example.log" 2>&1
+  note "fashion_mnist --log-dir read by EventAccumulator: exit $? | $(tail -1 "$logs/tb-example.log")"
+fi
+
 if [[ " $steps " == *" readme "* ]]; then
   python3 tests/package/quickstart.py --readme README.md --source . --work build-gpu/quickstart \
     --blocks train.cpp,wheel --expect "accuracy 9[0-9]" >"$logs/quickstart.log" 2>&1
@@ -91,6 +108,12 @@ if [[ " $steps " == *" bench "* ]]; then
     for o in adamw sgd; do
       build-gpu/bench/bench_optim_step --device cuda --optimizer $o --steps 50 >"$logs/optim-$o.log" 2>&1
       note "optim step $o: $(tail -2 "$logs/optim-$o.log" | tr '\n' ' ')"
+    done
+  fi
+  if [ -x build-gpu/bench/bench_cpu_overhead ]; then
+    for flag in "" --progress; do
+      build-gpu/bench/bench_cpu_overhead --threads 1 --steps 200 --warmup 20 $flag >"$logs/cpu-overhead$flag.log" 2>&1
+      note "cpu overhead $flag: $(tail -3 "$logs/cpu-overhead$flag.log" | tr '\n' ' ')"
     done
   fi
   if [ -x bench/race.sh ] && [ -x build-gpu/bench/bench_race ]; then
