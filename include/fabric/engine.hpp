@@ -354,10 +354,18 @@ class Fabric {
   static std::uint64_t seed_everything(std::optional<std::uint64_t> seed = std::nullopt, bool workers = false) {
     return fabric::seed_everything(seed, workers);
   }
-  /// Prints an fmt-formatted line on local rank zero only (once per machine).
+  /// Prints an fmt-formatted line on local rank zero only (once per machine), and flushes stdout.
   template <class... Args>
   void print(fmt::format_string<Args...> format, Args&&... args) const {
-    if (local_rank() == 0) fmt::print("{}\n", fmt::format(format, std::forward<Args>(args)...));
+    print(PrintOptions{}, format, std::forward<Args>(args)...);
+  }
+  /// Prints on local rank zero only, ending with `options.end` (Python's `print(..., end="")`), e.g. a
+  /// progress line redrawn in place: `fabric.print({.end = "\r"}, "step {}", step)`.
+  template <class... Args>
+  void print(const PrintOptions& options, fmt::format_string<Args...> format, Args&&... args) const {
+    if (local_rank() != 0) return;
+    fmt::print(options.file, "{}{}", fmt::format(format, std::forward<Args>(args)...), options.end);
+    if (options.flush) std::fflush(options.file);
   }
 
   // ---- collectives -----------------------------------------------------------------------------

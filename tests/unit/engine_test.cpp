@@ -462,3 +462,18 @@ TEST_CASE("print writes an fmt-formatted line on local rank zero", "[fabric][pri
   std::filesystem::remove(path);
   CHECK(text == "epoch 1 loss 0.123\n");
 }
+
+TEST_CASE("print with PrintOptions: another end, another stream (Python's end= and file=)", "[fabric][print]") {
+  fabric::Fabric<fabric::CPU> fabric;
+  std::FILE* file = std::tmpfile();
+  REQUIRE(file != nullptr);
+  fabric.print({.end = "\r", .file = file}, "step {}", 1);
+  fabric.print({.end = "\r", .file = file}, "step {}", 2);
+  fabric.print({.end = "", .file = file}, "done");
+  fabric.print({.file = file}, " {:.1f}%", 97.66);
+  std::rewind(file);
+  std::string text(64, '\0');
+  text.resize(std::fread(text.data(), 1, text.size(), file));
+  std::fclose(file);
+  CHECK(text == "step 1\rstep 2\rdone 97.7%\n");
+}

@@ -2,8 +2,10 @@
 // Runtime settings: plain aggregates, used with designated initializers. Torch-free.
 
 #include <cstddef>
+#include <cstdio>
 #include <memory>
 #include <optional>
+#include <string_view>
 #include <vector>
 
 namespace fabric {
@@ -59,6 +61,16 @@ struct ClipOptions {
   double norm_type = 2.0;
   /// Throw when the total norm is NaN or infinite.
   bool error_if_nonfinite = true;
+};
+
+/// How `Fabric::print` writes, as Python's print(end=, file=, flush=): `fabric.print({.end = "\r"}, ...)`.
+struct PrintOptions {
+  /// Written after the text: a newline by default; "" or "\r" for a line that is redrawn.
+  std::string_view end = "\n";
+  /// The stream written to.
+  std::FILE* file = stdout;
+  /// Flush the stream after writing (so that it shows at once, and in order with stderr).
+  bool flush = true;
 };
 
 /// The reduction of `Fabric::all_reduce`.
