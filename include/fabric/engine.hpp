@@ -28,6 +28,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/scalar_tensor.h>
 #include <c10/core/Device.h>
+#include <c10/util/Optional.h>
 #include <fmt/format.h>
 
 #include <cstdint>
@@ -113,6 +114,29 @@ auto one_or_tuple(Ts&&... values) {
   }
 }
 
+/// Returns true when the arguments of a backward (gradient, retain_graph, create_graph) keep the graph
+/// for another backward: retain_graph, which defaults to create_graph, as in at::Tensor::backward.
+template <class... Args>
+bool retains_graph(const Args&... args) {
+  const auto values = std::forward_as_tuple(args...);
+  bool retain = false;
+  if constexpr (sizeof...(Args) >= 3) {
+    if constexpr (std::is_convertible_v<std::tuple_element_t<2, std::tuple<Args...>>, bool>) {
+      retain = static_cast<bool>(std::get<2>(values));
+    }
+  }
+  if constexpr (sizeof...(Args) >= 2) {
+    using R = std::tuple_element_t<1, std::tuple<Args...>>;
+    if constexpr (std::is_convertible_v<R, c10::optional<bool>>) {
+      const c10::optional<bool> r = std::get<1>(values);
+      if (r.has_value()) retain = *r;
+    } else if constexpr (std::is_convertible_v<R, bool>) {
+      retain = static_cast<bool>(std::get<1>(values));
+    }
+  }
+  return retain;
+}
+
 }  // namespace detail
 
 /// The training engine: `Fabric<Accelerator, Strategy, Precision, Callbacks...>`.
@@ -139,6 +163,9 @@ class Fabric {
   using strategy_type = S;
   using precision_type = P;
   using callbacks_type = TypeList<Cbs...>;
+  /// True when the precision or the strategy works in the module wrapper's forward
+  /// (fabric::NeedsWrappedForward), so that backward rejects a loss no wrapped forward produced.
+  static constexpr bool checks_bypassed_forward = NeedsWrappedForward<P> || NeedsWrappedForward<S>;
 
   /// Creates a fabric from runtime options and callback objects.
   explicit Fabric(Options options = {}, Cbs... callbacks)
@@ -296,6 +323,10 @@ class Fabric {
 
   /// Runs backward on the loss through the strategy and the precision (loss scaling); extra
   /// arguments go to at::Tensor::backward (gradient, retain_graph, create_graph).
+  ///
+  /// When the precision or the strategy works in the wrapper's forward (checks_bypassed_forward), a
+  /// backward with no wrapped forward since the last one is an error: `model->forward(x)` would
+  /// have skipped them. A backward that retains the graph keeps the count for the next one.
   template <class... Args>
   void backward(const at::Tensor& loss, Args&&... args) {
     if (!loss.defined()) detail::raise("backward: expected a loss tensor, found an undefined tensor");
@@ -303,6 +334,10 @@ class Fabric {
       detail::raise(
           "backward: expected a loss that requires grad, found one that does not; compute it from the output of "
           "the module returned by setup(), outside of a NoGradGuard");
+    }
+    if constexpr (checks_bypassed_forward) {
+      if (modules_set_up_ && wrapped_forwards_ == 0) raise_bypassed_forward();
+      if (!detail::retains_graph(args...)) wrapped_forwards_ = 0;
     }
     strategy_.backward(loss, precision_, std::forward<Args>(args)...);
   }
@@ -464,6 +499,20 @@ class Fabric {
   }
 
  private:
+  template <class, class>
+  friend class Module;
+
+  [[noreturn]] static void raise_bypassed_forward() {
+    std::string skipped;
+    if constexpr (NeedsWrappedForward<P>) skipped = fmt::format("the precision ({})", P::name);
+    if constexpr (NeedsWrappedForward<S>) {
+      skipped += fmt::format("{}the strategy ({})", skipped.empty() ? "" : " and ", S::name);
+    }
+    detail::raise(
+        "backward: the loss did not come through a set-up module's forward; model->forward(x) skips {}: call the "
+        "wrapper, model(x) or model.forward(x)",
+        skipped);
+  }
   void check_launched(std::string_view what) const {
     if (S::is_distributed && !launched_) {
       detail::raise(
@@ -488,6 +537,7 @@ class Fabric {
     if (options.move_to_device) ptr->to(device_);
     auto state = strategy_.setup_module(*ptr);
     set_up_.insert(static_cast<const torch::nn::Module*>(ptr.get()));
+    modules_set_up_ = true;
     return Module<Impl, Fabric>(std::move(ptr), *this, std::move(state));
   }
   template <class O>
@@ -507,6 +557,9 @@ class Fabric {
   c10::Device device_{c10::DeviceType::CPU};
   std::unordered_set<const void*> set_up_{};
   bool launched_ = false;
+  bool modules_set_up_ = false;
+  /// Wrapped forwards since the last backward (counted when checks_bypassed_forward).
+  std::uint64_t wrapped_forwards_ = 0;
 };
 
 /// True for the wrappers that setup, setup_optimizers and setup_dataloaders return.

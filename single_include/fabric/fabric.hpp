@@ -1369,8 +1369,10 @@ FABRIC_ALWAYS_INLINE void dispatch(std::tuple<Callbacks...>& callbacks, Args&...
 // Runtime settings: plain aggregates, used with designated initializers. Torch-free.
 
 #include <cstddef>
+#include <cstdio>
 #include <memory>
 #include <optional>
+#include <string_view>
 #include <vector>
 
 namespace fabric {
@@ -1426,6 +1428,16 @@ struct ClipOptions {
   double norm_type = 2.0;
   /// Throw when the total norm is NaN or infinite.
   bool error_if_nonfinite = true;
+};
+
+/// How `Fabric::print` writes, as Python's print(end=, file=, flush=): `fabric.print({.end = "\r"}, ...)`.
+struct PrintOptions {
+  /// Written after the text: a newline by default; "" or "\r" for a line that is redrawn.
+  std::string_view end = "\n";
+  /// The stream written to.
+  std::FILE* file = stdout;
+  /// Flush the stream after writing (so that it shows at once, and in order with stderr).
+  bool flush = true;
 };
 
 /// The reduction of `Fabric::all_reduce`.
@@ -1922,6 +1934,20 @@ class DataLoader {
 };
 
 namespace detail {
+template <class T>
+inline constexpr bool is_fabric_loader_v = false;
+template <class L>
+inline constexpr bool is_fabric_loader_v<DataLoader<L>> = true;
+}  // namespace detail
+
+/// A set-up data loader (what setup_dataloaders and dataloader return), for the parameters of user
+/// functions:
+///
+///     double evaluate(fabric::ModelOf<Net> auto& model, fabric::SetUpLoader auto& loader);
+template <class W>
+concept SetUpLoader = detail::is_fabric_loader_v<std::remove_cvref_t<W>>;
+
+namespace detail {
 
 /// Builds the loader of `Fabric::dataloader`: batches of options.batch_size drawn by a
 /// DistributedSampler over `replicas` ranks (shuffled per epoch from seed), pinned in the workers when
@@ -1950,12 +1976,47 @@ auto make_loader(D dataset, const LoaderOptions& options, std::size_t replicas, 
 // ---- begin fabric/wrappers/module.hpp
 // fabric::Module: the typed wrapper that Fabric::setup returns for a module.
 
+// ---- begin fabric/detail/zero_grad.hpp
+// fabric::detail::zero_grad: how the wrappers reset one parameter's gradient.
 
+#include <ATen/core/Tensor.h>
+
+namespace fabric::detail {
+
+/// Resets a parameter's gradient: to an undefined tensor with set_to_none, else to zeros in place.
+// NOTE: like Python's Optimizer.zero_grad, a gradient without history is not detach_()ed: with DDP's
+// gradient_as_bucket_view it is a view into a bucket, which detach_() rejects.
+inline void zero_grad(at::Tensor& param, bool set_to_none) {
+  if (!param.grad().defined()) return;
+  if (set_to_none) {
+    param.mutable_grad() = at::Tensor();
+  } else {
+    if (param.grad().grad_fn()) {
+      param.mutable_grad().detach_();
+    } else {
+      param.mutable_grad().requires_grad_(false);
+    }
+    param.mutable_grad().zero_();
+  }
+}
+
+}  // namespace fabric::detail
+// ---- end fabric/detail/zero_grad.hpp
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/DefaultDtype.h>
+#include <c10/core/Device.h>
+#include <c10/core/ScalarType.h>
 #include <torch/nn/module.h>
+#include <torch/nn/pimpl.h>
+#include <torch/ordered_dict.h>
 
+#include <concepts>
 #include <memory>
+#include <string>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 namespace fabric {
 
@@ -1966,9 +2027,20 @@ concept RunsForward = requires(S& s, typename S::ModuleState& state, const std::
   s.forward(state, module, std::forward<Args>(args)...);
 };
 
+/// A policy whose work happens in the module wrapper's forward (autocast, input casts, DDP's Reducer
+/// bookkeeping), so that a forward which bypasses the wrapper computes something else without a word:
+/// with one, `Fabric::backward` rejects a loss that no wrapped forward produced. A policy says so with
+/// `static constexpr bool needs_wrapped_forward = true;`; without the member it is false.
+template <class P>
+concept NeedsWrappedForward = requires {
+  requires static_cast<bool>(P::needs_wrapped_forward);
+};
+
 /// Wraps a set-up module: `->` and `*` reach the module, calling it runs forward through the
 /// precision (input/output conversion, autocast) and the strategy (gradient sync bookkeeping).
-/// Holds a pointer to the module and to its Fabric, nothing else; no virtual call per forward.
+/// The members of LibTorch's module holder that training code calls (`train`, `eval`,
+/// `parameters`, `zero_grad`, ...) work on the wrapper too. Holds a pointer to the module and to its
+/// Fabric, nothing else; no virtual call per forward.
 ///
 ///     auto model = fabric.setup(net);
 ///     auto logits = model(images);   // net->forward(images) on the fabric's device and precision
@@ -1992,6 +2064,7 @@ class Module {
   FABRIC_ALWAYS_INLINE auto forward(Args&&... args) {
     auto& precision = fabric_->precision();
     auto& strategy = fabric_->strategy();
+    if constexpr (F::checks_bypassed_forward) ++fabric_->wrapped_forwards_;
     [[maybe_unused]] auto guard = precision.forward_context();
     strategy.pre_forward(state_);
     using S = typename F::strategy_type;
@@ -2010,6 +2083,51 @@ class Module {
     }
   }
 
+  /// Runs backward on the loss through the fabric (`fabric.backward(loss, args...)`), so helper
+  /// functions need not take the Fabric.
+  template <class... Args>
+  void backward(const at::Tensor& loss, Args&&... args) {
+    fabric_->backward(loss, std::forward<Args>(args)...);
+  }
+
+  /// Switches the module and its submodules to training mode (or to evaluation mode with false).
+  void train(bool on = true) { module_->train(on); }
+  /// Switches the module and its submodules to evaluation mode.
+  void eval() { module_->eval(); }
+  /// Returns true in training mode.
+  bool is_training() const noexcept { return module_->is_training(); }
+  /// Returns the module's parameters (and its submodules' with recurse).
+  std::vector<at::Tensor> parameters(bool recurse = true) const { return module_->parameters(recurse); }
+  /// Returns the module's parameters by name (and its submodules' with recurse).
+  torch::OrderedDict<std::string, at::Tensor> named_parameters(bool recurse = true) const {
+    return module_->named_parameters(recurse);
+  }
+  /// Returns the module's buffers (and its submodules' with recurse).
+  std::vector<at::Tensor> buffers(bool recurse = true) const { return module_->buffers(recurse); }
+  /// Resets the gradients of the module's parameters: to undefined tensors with set_to_none, else to
+  /// zeros in place; the default is LibTorch's (false in 1.x, true in 2.x).
+  void zero_grad(bool set_to_none = detail::torch_zero_grad_sets_none) {
+    for (auto& p : module_->parameters(true)) detail::zero_grad(p, set_to_none);
+  }
+  /// Returns the device the module is on (that of its first parameter or buffer; the fabric's device
+  /// for a module without tensors).
+  c10::Device device() const {
+    const auto params = module_->parameters(true);
+    if (!params.empty()) return params.front().device();
+    for (const auto& b : module_->buffers(true)) {
+      if (b.defined()) return b.device();
+    }
+    return fabric_->device();
+  }
+  /// Returns the dtype of the module's floating-point parameters (of its first one; the default dtype
+  /// for a module without floating parameters).
+  c10::ScalarType dtype() const {
+    for (const auto& p : module_->parameters(true)) {
+      if (p.is_floating_point()) return p.scalar_type();
+    }
+    return c10::typeMetaToScalarType(c10::get_default_dtype());
+  }
+
   /// Reaches the wrapped module.
   M* operator->() const noexcept { return module_.get(); }
   /// Reaches the wrapped module.
@@ -2018,7 +2136,7 @@ class Module {
   M& module() const noexcept { return *module_; }
   /// Returns the shared pointer to the wrapped module.
   const std::shared_ptr<M>& ptr() const noexcept { return module_; }
-  /// Returns the fabric this module was set up with.
+  /// Returns the fabric this module was set up with (for `fabric().autocast()`, `fabric().device()`, ...).
   F& fabric() const noexcept { return *fabric_; }
   /// Returns the strategy's state for this module.
   state_type& strategy_state() noexcept { return state_; }
@@ -2034,7 +2152,28 @@ template <class T>
 inline constexpr bool is_fabric_module_v = false;
 template <class M, class F>
 inline constexpr bool is_fabric_module_v<Module<M, F>> = true;
+
+/// The module class Net names: NetImpl for a TORCH_MODULE holder Net, Net itself otherwise.
+template <class Net>
+struct named_module {
+  using type = Net;
+};
+template <class Net>
+requires std::is_base_of_v<torch::detail::ModuleHolderIndicator, Net>
+struct named_module<Net> {
+  using type = typename Net::ContainedType;
+};
 }  // namespace detail
+
+/// A set-up module wrapping Net (or a class derived from it), for the parameters of user functions;
+/// Net may be the TORCH_MODULE holder `Net` or the `NetImpl`:
+///
+///     void train(fabric::ModelOf<Net> auto& model, fabric::OptimizerOf<torch::optim::Optimizer> auto& optimizer);
+// NOTE: a concept rather than the wrapper type keeps the Fabric type out of the user's signature.
+template <class W, class Net>
+concept ModelOf = detail::is_fabric_module_v<std::remove_cvref_t<W>> &&
+                  std::derived_from < typename std::remove_cvref_t<W>::module_type,
+typename detail::named_module<Net>::type > ;
 
 }  // namespace fabric
 // ---- end fabric/wrappers/module.hpp
@@ -2045,7 +2184,9 @@ inline constexpr bool is_fabric_module_v<Module<M, F>> = true;
 #include <ATen/core/Tensor.h>
 #include <torch/optim/optimizer.h>
 
+#include <concepts>
 #include <memory>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -2072,23 +2213,9 @@ class Optimizer {
   /// zeros in 1.x, to undefined tensors in 2.x).
   void zero_grad() { zero_grad(detail::torch_zero_grad_sets_none); }
   /// Resets the gradients: to undefined tensors with set_to_none, else to zeros in place.
-  // NOTE: like Python's Optimizer.zero_grad, a gradient without history is not detach_()ed:
-  // with DDP's gradient_as_bucket_view it is a view into a bucket, which detach_() rejects.
   void zero_grad(bool set_to_none) {
     for (auto& group : optimizer_->param_groups()) {
-      for (auto& p : group.params()) {
-        if (!p.grad().defined()) continue;
-        if (set_to_none) {
-          p.mutable_grad() = at::Tensor();
-        } else {
-          if (p.grad().grad_fn()) {
-            p.mutable_grad().detach_();
-          } else {
-            p.mutable_grad().requires_grad_(false);
-          }
-          p.mutable_grad().zero_();
-        }
-      }
+      for (auto& p : group.params()) detail::zero_grad(p, set_to_none);
     }
   }
   /// Returns the optimizer's parameter groups.
@@ -2117,6 +2244,15 @@ template <class O, class F>
 inline constexpr bool is_fabric_optimizer_v<Optimizer<O, F>> = true;
 }  // namespace detail
 
+/// A set-up optimizer whose optimizer is Opt or derives from it, for the parameters of user functions
+/// (`fabric::OptimizerOf<torch::optim::Optimizer> auto&` takes any):
+///
+///     void step(fabric::OptimizerOf<torch::optim::AdamW> auto& optimizer);
+// NOTE: a concept rather than the wrapper type keeps the Fabric type out of the user's signature.
+template <class W, class Opt>
+concept OptimizerOf = detail::is_fabric_optimizer_v<std::remove_cvref_t<W>> &&
+    std::derived_from<typename std::remove_cvref_t<W>::optimizer_type, Opt>;
+
 }  // namespace fabric
 // ---- end fabric/wrappers/optimizer.hpp
 
@@ -2139,10 +2275,6 @@ template <class T>
 inline constexpr bool is_unique_ptr_v = false;
 template <class T, class D>
 inline constexpr bool is_unique_ptr_v<std::unique_ptr<T, D>> = true;
-template <class T>
-inline constexpr bool is_fabric_loader_v = false;
-template <class L>
-inline constexpr bool is_fabric_loader_v<DataLoader<L>> = true;
 
 /// The module class behind whatever the user passed to setup.
 template <class T>
@@ -3943,6 +4075,9 @@ std::remove_cvref_t<T> cast_floating(T&& data, c10::ScalarType dtype) {
 ///     };
 struct PrecisionBase {
   using category = precision_tag;
+  /// Says whether the precision works in the module wrapper's forward (fabric::NeedsWrappedForward):
+  /// no, float32 computes the same when a forward bypasses the wrapper.
+  static constexpr bool needs_wrapped_forward = false;
 
   /// Returns the dtype of parameters and of what `init_module`/`init_tensor` create.
   static constexpr c10::ScalarType param_dtype() noexcept { return c10::ScalarType::Float; }
@@ -4638,6 +4773,9 @@ class StrategyBase {
  public:
   using category = strategy_tag;
   static constexpr bool is_distributed = false;
+  /// Says whether the strategy works in the module wrapper's forward (fabric::NeedsWrappedForward):
+  /// no, its pre_forward and post_forward do nothing.
+  static constexpr bool needs_wrapped_forward = false;
 
   /// What the strategy keeps per set-up module (nothing).
   struct ModuleState {};
@@ -4902,6 +5040,7 @@ inline std::uint64_t worker_seed(std::size_t worker_id, int global_rank = 0) {
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/scalar_tensor.h>
 #include <c10/core/Device.h>
+#include <c10/util/Optional.h>
 #include <fmt/format.h>
 
 #include <cstdint>
@@ -4987,6 +5126,29 @@ auto one_or_tuple(Ts&&... values) {
   }
 }
 
+/// Returns true when the arguments of a backward (gradient, retain_graph, create_graph) keep the graph
+/// for another backward: retain_graph, which defaults to create_graph, as in at::Tensor::backward.
+template <class... Args>
+bool retains_graph(const Args&... args) {
+  const auto values = std::forward_as_tuple(args...);
+  bool retain = false;
+  if constexpr (sizeof...(Args) >= 3) {
+    if constexpr (std::is_convertible_v<std::tuple_element_t<2, std::tuple<Args...>>, bool>) {
+      retain = static_cast<bool>(std::get<2>(values));
+    }
+  }
+  if constexpr (sizeof...(Args) >= 2) {
+    using R = std::tuple_element_t<1, std::tuple<Args...>>;
+    if constexpr (std::is_convertible_v<R, c10::optional<bool>>) {
+      const c10::optional<bool> r = std::get<1>(values);
+      if (r.has_value()) retain = *r;
+    } else if constexpr (std::is_convertible_v<R, bool>) {
+      retain = static_cast<bool>(std::get<1>(values));
+    }
+  }
+  return retain;
+}
+
 }  // namespace detail
 
 /// The training engine: `Fabric<Accelerator, Strategy, Precision, Callbacks...>`.
@@ -5013,6 +5175,9 @@ class Fabric {
   using strategy_type = S;
   using precision_type = P;
   using callbacks_type = TypeList<Cbs...>;
+  /// True when the precision or the strategy works in the module wrapper's forward
+  /// (fabric::NeedsWrappedForward), so that backward rejects a loss no wrapped forward produced.
+  static constexpr bool checks_bypassed_forward = NeedsWrappedForward<P> || NeedsWrappedForward<S>;
 
   /// Creates a fabric from runtime options and callback objects.
   explicit Fabric(Options options = {}, Cbs... callbacks)
@@ -5170,6 +5335,10 @@ class Fabric {
 
   /// Runs backward on the loss through the strategy and the precision (loss scaling); extra
   /// arguments go to at::Tensor::backward (gradient, retain_graph, create_graph).
+  ///
+  /// When the precision or the strategy works in the wrapper's forward (checks_bypassed_forward), a
+  /// backward with no wrapped forward since the last one is an error: `model->forward(x)` would
+  /// have skipped them. A backward that retains the graph keeps the count for the next one.
   template <class... Args>
   void backward(const at::Tensor& loss, Args&&... args) {
     if (!loss.defined()) detail::raise("backward: expected a loss tensor, found an undefined tensor");
@@ -5177,6 +5346,10 @@ class Fabric {
       detail::raise(
           "backward: expected a loss that requires grad, found one that does not; compute it from the output of "
           "the module returned by setup(), outside of a NoGradGuard");
+    }
+    if constexpr (checks_bypassed_forward) {
+      if (modules_set_up_ && wrapped_forwards_ == 0) raise_bypassed_forward();
+      if (!detail::retains_graph(args...)) wrapped_forwards_ = 0;
     }
     strategy_.backward(loss, precision_, std::forward<Args>(args)...);
   }
@@ -5228,10 +5401,18 @@ class Fabric {
   static std::uint64_t seed_everything(std::optional<std::uint64_t> seed = std::nullopt, bool workers = false) {
     return fabric::seed_everything(seed, workers);
   }
-  /// Prints an fmt-formatted line on local rank zero only (once per machine).
+  /// Prints an fmt-formatted line on local rank zero only (once per machine), and flushes stdout.
   template <class... Args>
   void print(fmt::format_string<Args...> format, Args&&... args) const {
-    if (local_rank() == 0) fmt::print("{}\n", fmt::format(format, std::forward<Args>(args)...));
+    print(PrintOptions{}, format, std::forward<Args>(args)...);
+  }
+  /// Prints on local rank zero only, ending with `options.end` (Python's `print(..., end="")`), e.g. a
+  /// progress line redrawn in place: `fabric.print({.end = "\r"}, "step {}", step)`.
+  template <class... Args>
+  void print(const PrintOptions& options, fmt::format_string<Args...> format, Args&&... args) const {
+    if (local_rank() != 0) return;
+    fmt::print(options.file, "{}{}", fmt::format(format, std::forward<Args>(args)...), options.end);
+    if (options.flush) std::fflush(options.file);
   }
 
   // ---- collectives -----------------------------------------------------------------------------
@@ -5330,6 +5511,20 @@ class Fabric {
   }
 
  private:
+  template <class, class>
+  friend class Module;
+
+  [[noreturn]] static void raise_bypassed_forward() {
+    std::string skipped;
+    if constexpr (NeedsWrappedForward<P>) skipped = fmt::format("the precision ({})", P::name);
+    if constexpr (NeedsWrappedForward<S>) {
+      skipped += fmt::format("{}the strategy ({})", skipped.empty() ? "" : " and ", S::name);
+    }
+    detail::raise(
+        "backward: the loss did not come through a set-up module's forward; model->forward(x) skips {}: call the "
+        "wrapper, model(x) or model.forward(x)",
+        skipped);
+  }
   void check_launched(std::string_view what) const {
     if (S::is_distributed && !launched_) {
       detail::raise(
@@ -5354,6 +5549,7 @@ class Fabric {
     if (options.move_to_device) ptr->to(device_);
     auto state = strategy_.setup_module(*ptr);
     set_up_.insert(static_cast<const torch::nn::Module*>(ptr.get()));
+    modules_set_up_ = true;
     return Module<Impl, Fabric>(std::move(ptr), *this, std::move(state));
   }
   template <class O>
@@ -5373,6 +5569,9 @@ class Fabric {
   c10::Device device_{c10::DeviceType::CPU};
   std::unordered_set<const void*> set_up_{};
   bool launched_ = false;
+  bool modules_set_up_ = false;
+  /// Wrapped forwards since the last backward (counted when checks_bypassed_forward).
+  std::uint64_t wrapped_forwards_ = 0;
 };
 
 /// True for the wrappers that setup, setup_optimizers and setup_dataloaders return.
@@ -6642,6 +6841,8 @@ struct TruePrecision : PrecisionBase {
   static constexpr std::string_view name = Dtype == c10::ScalarType::Double     ? "64-true"
                                            : Dtype == c10::ScalarType::BFloat16 ? "bf16-true"
                                                                                 : "16-true";
+  /// Says that the precision works in the wrapper's forward (it casts the inputs to the dtype).
+  static constexpr bool needs_wrapped_forward = true;
 
   /// Returns the dtype of parameters and of what `init_module`/`init_tensor` create.
   static constexpr c10::ScalarType param_dtype() noexcept { return Dtype; }
@@ -6725,6 +6926,8 @@ class MixedPrecision {
  public:
   using category = precision_tag;
   static constexpr std::string_view name = Dtype == c10::ScalarType::BFloat16 ? "bf16-mixed" : "16-mixed";
+  /// Says that the precision works in the wrapper's forward (autocast, input casts).
+  static constexpr bool needs_wrapped_forward = true;
 
   /// Settings: the gradient scaler's (used by float16 only).
   struct Options {
@@ -6858,6 +7061,8 @@ struct CPU;
 class DP : public StrategyBase {
  public:
   static constexpr std::string_view name = "dp";
+  /// Says that the strategy works in the wrapper's forward (it splits the batch across the GPUs).
+  static constexpr bool needs_wrapped_forward = true;
 
   /// Settings of the strategy (the checkpoint format).
   using Options = StrategyOptions;
@@ -9838,6 +10043,8 @@ struct DDPModule {
 class DDP : public ParallelStrategy {
  public:
   static constexpr std::string_view name = "ddp";
+  /// Says that the strategy works in the wrapper's forward (the Reducer's bookkeeping, buffer broadcasts).
+  static constexpr bool needs_wrapped_forward = true;
 
   /// How gradient buckets travel: as they are, or compressed to 16 bits (and back) for the all-reduce.
   enum class CommHook { none, fp16, bf16 };

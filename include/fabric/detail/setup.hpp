@@ -28,10 +28,6 @@ template <class T>
 inline constexpr bool is_unique_ptr_v = false;
 template <class T, class D>
 inline constexpr bool is_unique_ptr_v<std::unique_ptr<T, D>> = true;
-template <class T>
-inline constexpr bool is_fabric_loader_v = false;
-template <class L>
-inline constexpr bool is_fabric_loader_v<DataLoader<L>> = true;
 
 /// The module class behind whatever the user passed to setup.
 template <class T>

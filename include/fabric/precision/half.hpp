@@ -26,6 +26,8 @@ struct TruePrecision : PrecisionBase {
   static constexpr std::string_view name = Dtype == c10::ScalarType::Double     ? "64-true"
                                            : Dtype == c10::ScalarType::BFloat16 ? "bf16-true"
                                                                                 : "16-true";
+  /// Says that the precision works in the wrapper's forward (it casts the inputs to the dtype).
+  static constexpr bool needs_wrapped_forward = true;
 
   /// Returns the dtype of parameters and of what `init_module`/`init_tensor` create.
   static constexpr c10::ScalarType param_dtype() noexcept { return Dtype; }

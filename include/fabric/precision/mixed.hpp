@@ -38,6 +38,8 @@ class MixedPrecision {
  public:
   using category = precision_tag;
   static constexpr std::string_view name = Dtype == c10::ScalarType::BFloat16 ? "bf16-mixed" : "16-mixed";
+  /// Says that the precision works in the wrapper's forward (autocast, input casts).
+  static constexpr bool needs_wrapped_forward = true;
 
   /// Settings: the gradient scaler's (used by float16 only).
   struct Options {

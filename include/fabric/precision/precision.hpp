@@ -125,6 +125,9 @@ std::remove_cvref_t<T> cast_floating(T&& data, c10::ScalarType dtype) {
 ///     };
 struct PrecisionBase {
   using category = precision_tag;
+  /// Says whether the precision works in the module wrapper's forward (fabric::NeedsWrappedForward):
+  /// no, float32 computes the same when a forward bypasses the wrapper.
+  static constexpr bool needs_wrapped_forward = false;
 
   /// Returns the dtype of parameters and of what `init_module`/`init_tensor` create.
   static constexpr c10::ScalarType param_dtype() noexcept { return c10::ScalarType::Float; }

@@ -59,6 +59,8 @@ struct DDPModule {
 class DDP : public ParallelStrategy {
  public:
   static constexpr std::string_view name = "ddp";
+  /// Says that the strategy works in the wrapper's forward (the Reducer's bookkeeping, buffer broadcasts).
+  static constexpr bool needs_wrapped_forward = true;
 
   /// How gradient buckets travel: as they are, or compressed to 16 bits (and back) for the all-reduce.
   enum class CommHook { none, fp16, bf16 };

@@ -39,6 +39,8 @@ struct CPU;
 class DP : public StrategyBase {
  public:
   static constexpr std::string_view name = "dp";
+  /// Says that the strategy works in the wrapper's forward (it splits the batch across the GPUs).
+  static constexpr bool needs_wrapped_forward = true;
 
   /// Settings of the strategy (the checkpoint format).
   using Options = StrategyOptions;

@@ -241,6 +241,9 @@ class StrategyBase {
  public:
   using category = strategy_tag;
   static constexpr bool is_distributed = false;
+  /// Says whether the strategy works in the module wrapper's forward (fabric::NeedsWrappedForward):
+  /// no, its pre_forward and post_forward do nothing.
+  static constexpr bool needs_wrapped_forward = false;
 
   /// What the strategy keeps per set-up module (nothing).
   struct ModuleState {};

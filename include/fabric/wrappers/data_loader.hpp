@@ -221,6 +221,20 @@ class DataLoader {
 };
 
 namespace detail {
+template <class T>
+inline constexpr bool is_fabric_loader_v = false;
+template <class L>
+inline constexpr bool is_fabric_loader_v<DataLoader<L>> = true;
+}  // namespace detail
+
+/// A set-up data loader (what setup_dataloaders and dataloader return), for the parameters of user
+/// functions:
+///
+///     double evaluate(fabric::ModelOf<Net> auto& model, fabric::SetUpLoader auto& loader);
+template <class W>
+concept SetUpLoader = detail::is_fabric_loader_v<std::remove_cvref_t<W>>;
+
+namespace detail {
 
 /// Builds the loader of `Fabric::dataloader`: batches of options.batch_size drawn by a
 /// DistributedSampler over `replicas` ranks (shuffled per epoch from seed), pinned in the workers when

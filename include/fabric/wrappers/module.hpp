@@ -2,12 +2,23 @@
 // fabric::Module: the typed wrapper that Fabric::setup returns for a module.
 
 #include "fabric/core/config.hpp"
+#include "fabric/detail/torch_version.hpp"
+#include "fabric/detail/zero_grad.hpp"
 
+#include <ATen/core/Tensor.h>
+#include <c10/core/DefaultDtype.h>
+#include <c10/core/Device.h>
+#include <c10/core/ScalarType.h>
 #include <torch/nn/module.h>
+#include <torch/nn/pimpl.h>
+#include <torch/ordered_dict.h>
 
+#include <concepts>
 #include <memory>
+#include <string>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 namespace fabric {
 
@@ -18,9 +29,20 @@ concept RunsForward = requires(S& s, typename S::ModuleState& state, const std::
   s.forward(state, module, std::forward<Args>(args)...);
 };
 
+/// A policy whose work happens in the module wrapper's forward (autocast, input casts, DDP's Reducer
+/// bookkeeping), so that a forward which bypasses the wrapper computes something else without a word:
+/// with one, `Fabric::backward` rejects a loss that no wrapped forward produced. A policy says so with
+/// `static constexpr bool needs_wrapped_forward = true;`; without the member it is false.
+template <class P>
+concept NeedsWrappedForward = requires {
+  requires static_cast<bool>(P::needs_wrapped_forward);
+};
+
 /// Wraps a set-up module: `->` and `*` reach the module, calling it runs forward through the
 /// precision (input/output conversion, autocast) and the strategy (gradient sync bookkeeping).
-/// Holds a pointer to the module and to its Fabric, nothing else; no virtual call per forward.
+/// The members of LibTorch's module holder that training code calls (`train`, `eval`,
+/// `parameters`, `zero_grad`, ...) work on the wrapper too. Holds a pointer to the module and to its
+/// Fabric, nothing else; no virtual call per forward.
 ///
 ///     auto model = fabric.setup(net);
 ///     auto logits = model(images);   // net->forward(images) on the fabric's device and precision
@@ -44,6 +66,7 @@ class Module {
   FABRIC_ALWAYS_INLINE auto forward(Args&&... args) {
     auto& precision = fabric_->precision();
     auto& strategy = fabric_->strategy();
+    if constexpr (F::checks_bypassed_forward) ++fabric_->wrapped_forwards_;
     [[maybe_unused]] auto guard = precision.forward_context();
     strategy.pre_forward(state_);
     using S = typename F::strategy_type;
@@ -62,6 +85,51 @@ class Module {
     }
   }
 
+  /// Runs backward on the loss through the fabric (`fabric.backward(loss, args...)`), so helper
+  /// functions need not take the Fabric.
+  template <class... Args>
+  void backward(const at::Tensor& loss, Args&&... args) {
+    fabric_->backward(loss, std::forward<Args>(args)...);
+  }
+
+  /// Switches the module and its submodules to training mode (or to evaluation mode with false).
+  void train(bool on = true) { module_->train(on); }
+  /// Switches the module and its submodules to evaluation mode.
+  void eval() { module_->eval(); }
+  /// Returns true in training mode.
+  bool is_training() const noexcept { return module_->is_training(); }
+  /// Returns the module's parameters (and its submodules' with recurse).
+  std::vector<at::Tensor> parameters(bool recurse = true) const { return module_->parameters(recurse); }
+  /// Returns the module's parameters by name (and its submodules' with recurse).
+  torch::OrderedDict<std::string, at::Tensor> named_parameters(bool recurse = true) const {
+    return module_->named_parameters(recurse);
+  }
+  /// Returns the module's buffers (and its submodules' with recurse).
+  std::vector<at::Tensor> buffers(bool recurse = true) const { return module_->buffers(recurse); }
+  /// Resets the gradients of the module's parameters: to undefined tensors with set_to_none, else to
+  /// zeros in place; the default is LibTorch's (false in 1.x, true in 2.x).
+  void zero_grad(bool set_to_none = detail::torch_zero_grad_sets_none) {
+    for (auto& p : module_->parameters(true)) detail::zero_grad(p, set_to_none);
+  }
+  /// Returns the device the module is on (that of its first parameter or buffer; the fabric's device
+  /// for a module without tensors).
+  c10::Device device() const {
+    const auto params = module_->parameters(true);
+    if (!params.empty()) return params.front().device();
+    for (const auto& b : module_->buffers(true)) {
+      if (b.defined()) return b.device();
+    }
+    return fabric_->device();
+  }
+  /// Returns the dtype of the module's floating-point parameters (of its first one; the default dtype
+  /// for a module without floating parameters).
+  c10::ScalarType dtype() const {
+    for (const auto& p : module_->parameters(true)) {
+      if (p.is_floating_point()) return p.scalar_type();
+    }
+    return c10::typeMetaToScalarType(c10::get_default_dtype());
+  }
+
   /// Reaches the wrapped module.
   M* operator->() const noexcept { return module_.get(); }
   /// Reaches the wrapped module.
@@ -70,7 +138,7 @@ class Module {
   M& module() const noexcept { return *module_; }
   /// Returns the shared pointer to the wrapped module.
   const std::shared_ptr<M>& ptr() const noexcept { return module_; }
-  /// Returns the fabric this module was set up with.
+  /// Returns the fabric this module was set up with (for `fabric().autocast()`, `fabric().device()`, ...).
   F& fabric() const noexcept { return *fabric_; }
   /// Returns the strategy's state for this module.
   state_type& strategy_state() noexcept { return state_; }
@@ -86,6 +154,27 @@ template <class T>
 inline constexpr bool is_fabric_module_v = false;
 template <class M, class F>
 inline constexpr bool is_fabric_module_v<Module<M, F>> = true;
+
+/// The module class Net names: NetImpl for a TORCH_MODULE holder Net, Net itself otherwise.
+template <class Net>
+struct named_module {
+  using type = Net;
+};
+template <class Net>
+requires std::is_base_of_v<torch::detail::ModuleHolderIndicator, Net>
+struct named_module<Net> {
+  using type = typename Net::ContainedType;
+};
 }  // namespace detail
+
+/// A set-up module wrapping Net (or a class derived from it), for the parameters of user functions;
+/// Net may be the TORCH_MODULE holder `Net` or the `NetImpl`:
+///
+///     void train(fabric::ModelOf<Net> auto& model, fabric::OptimizerOf<torch::optim::Optimizer> auto& optimizer);
+// NOTE: a concept rather than the wrapper type keeps the Fabric type out of the user's signature.
+template <class W, class Net>
+concept ModelOf = detail::is_fabric_module_v<std::remove_cvref_t<W>> &&
+                  std::derived_from < typename std::remove_cvref_t<W>::module_type,
+typename detail::named_module<Net>::type > ;
 
 }  // namespace fabric

@@ -3,11 +3,14 @@
 
 #include "fabric/core/hooks.hpp"
 #include "fabric/detail/torch_version.hpp"
+#include "fabric/detail/zero_grad.hpp"
 
 #include <ATen/core/Tensor.h>
 #include <torch/optim/optimizer.h>
 
+#include <concepts>
 #include <memory>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -34,23 +37,9 @@ class Optimizer {
   /// zeros in 1.x, to undefined tensors in 2.x).
   void zero_grad() { zero_grad(detail::torch_zero_grad_sets_none); }
   /// Resets the gradients: to undefined tensors with set_to_none, else to zeros in place.
-  // NOTE: like Python's Optimizer.zero_grad, a gradient without history is not detach_()ed:
-  // with DDP's gradient_as_bucket_view it is a view into a bucket, which detach_() rejects.
   void zero_grad(bool set_to_none) {
     for (auto& group : optimizer_->param_groups()) {
-      for (auto& p : group.params()) {
-        if (!p.grad().defined()) continue;
-        if (set_to_none) {
-          p.mutable_grad() = at::Tensor();
-        } else {
-          if (p.grad().grad_fn()) {
-            p.mutable_grad().detach_();
-          } else {
-            p.mutable_grad().requires_grad_(false);
-          }
-          p.mutable_grad().zero_();
-        }
-      }
+      for (auto& p : group.params()) detail::zero_grad(p, set_to_none);
     }
   }
   /// Returns the optimizer's parameter groups.
@@ -78,5 +67,14 @@ inline constexpr bool is_fabric_optimizer_v = false;
 template <class O, class F>
 inline constexpr bool is_fabric_optimizer_v<Optimizer<O, F>> = true;
 }  // namespace detail
+
+/// A set-up optimizer whose optimizer is Opt or derives from it, for the parameters of user functions
+/// (`fabric::OptimizerOf<torch::optim::Optimizer> auto&` takes any):
+///
+///     void step(fabric::OptimizerOf<torch::optim::AdamW> auto& optimizer);
+// NOTE: a concept rather than the wrapper type keeps the Fabric type out of the user's signature.
+template <class W, class Opt>
+concept OptimizerOf = detail::is_fabric_optimizer_v<std::remove_cvref_t<W>> &&
+    std::derived_from<typename std::remove_cvref_t<W>::optimizer_type, Opt>;
 
 }  // namespace fabric
