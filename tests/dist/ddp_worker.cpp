@@ -5,7 +5,7 @@
 //                [--dir D] [--fault throw|kill|hang] [--catch] [--env scheduler|kubeflow] [--external] [--cuda]
 //                [--tag T]
 //
-// Scenarios: train, collectives, sampler, mismatch, save, loggers.
+// Scenarios: train, collectives, sampler, mismatch, save, loggers, bypass, bypass-bf16.
 //
 // Each scenario checks its own results and exits 0 only when they hold; any failed check prints
 // "rank R: FAILED: ..." and exits 1. With --catch a fabric::Error during training is caught while the
@@ -31,6 +31,7 @@
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <string_view>
 #include <thread>
 #include <vector>
 
@@ -505,9 +506,53 @@ int loggers(const Args& a) {
   return 0;
 }
 
+/// A forward that bypasses the wrapper (`model->forward`) fails at backward on every rank, naming what it
+/// skips, before any collective; the wrapper's forward then trains, its gradients averaged across ranks.
+template <class Accelerator, class Precision>
+int bypass(const Args& a, std::string_view skipped) {
+  fabric::Fabric<Accelerator, fabric::DDP, Precision> fabric(
+      fabric::Options{.devices = a.devices, .num_nodes = a.num_nodes}, fabric::DDP(ddp_options(a)), Precision{});
+  fabric.launch();
+  Net net = make_net();
+  torch::optim::SGD sgd(net->parameters(), torch::optim::SGDOptions(0.05));
+  auto [model, optimizer] = fabric.setup(net, sgd);
+  const int world = fabric.world_size();
+  const int rank = fabric.global_rank();
+  auto [x, y] = global_batch(0, 4 * world);
+  const auto xs = x.narrow(0, 4 * rank, 4).to(fabric.device());
+  const auto ys = y.narrow(0, 4 * rank, 4).to(fabric.device());
+  const std::string expected =
+      fmt::format("model->forward(x) skips {}: call the wrapper, model(x) or model.forward(x)", skipped);
+  for (int attempt = 0; attempt < 2; ++attempt) {  // through Fabric, then through the wrapper
+    std::string error;
+    try {
+      auto loss = torch::mse_loss(model->forward(xs), ys);
+      attempt == 0 ? fabric.backward(loss) : model.backward(loss);
+    } catch (const fabric::Error& e) {
+      error = e.what();
+    }
+    WORKER_CHECK(error.find(expected) != std::string::npos,
+                 "bypassed forward: expected an error with \"{}\", found \"{}\"", expected, error);
+  }
+  WORKER_CHECK(!net->fc1->weight.grad().defined(), "the bypassed backward ran");
+  model.backward(torch::mse_loss(model(xs), ys));
+  const auto grads = fabric.all_gather(net->fc1->weight.grad()).cpu();
+  for (int r = 1; r < world; ++r) {
+    WORKER_CHECK(torch::allclose(grads[r], grads[0]), "rank {}'s gradient differs from rank 0's: not averaged", r);
+  }
+  optimizer.step();
+  optimizer.zero_grad();
+  fabric.print("{} ok", a.scenario);
+  return 0;
+}
+
 template <class Accelerator>
 int run(const Args& a) {
   if (a.scenario == "loggers") return loggers<Accelerator>(a);
+  if (a.scenario == "bypass") return bypass<Accelerator, fabric::FP32>(a, "the strategy (ddp)");
+  if (a.scenario == "bypass-bf16") {
+    return bypass<Accelerator, fabric::BF16Mixed>(a, "the precision (bf16-mixed) and the strategy (ddp)");
+  }
   fabric::Fabric<Accelerator, fabric::DDP> fabric(fabric::Options{.devices = a.devices, .num_nodes = a.num_nodes},
                                                   fabric::DDP(ddp_options(a)), fabric::FP32{});
   fabric.launch();
