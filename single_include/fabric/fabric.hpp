@@ -1724,17 +1724,24 @@ requires(!ModuleLike<T>) std::remove_cvref_t<T> to_device(T&& data, const c10::D
 #include <ATen/ops/randperm.h>
 #include <c10/core/Device.h>
 #include <c10/util/Optional.h>
+#include <c10/util/Type.h>
 #include <torch/data/dataloader.h>
 #include <torch/data/dataloader_options.h>
 #include <torch/data/datasets/base.h>
 #include <torch/data/samplers/base.h>
+#include <torch/data/samplers/distributed.h>
+#include <torch/data/samplers/random.h>
+#include <torch/data/samplers/sequential.h>
+#include <torch/data/samplers/stream.h>
 #include <torch/serialize/archive.h>
 
+#include <concepts>
 #include <cstddef>
 #include <cstdint>
 #include <iterator>
 #include <memory>
 #include <optional>
+#include <string>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -1827,6 +1834,32 @@ class DistributedSampler final : public torch::data::samplers::Sampler<> {
   std::size_t epoch_ = 0;
   std::vector<std::size_t> indices_{};
   std::size_t position_ = 0;
+};
+
+/// Says whether a sampler gives each rank its own part of the data (fabric's DistributedSampler and
+/// LibTorch's distributed samplers do); setup_dataloaders refuses, under a strategy that shards data,
+/// a loader whose sampler does not. Specialize it for a sampler of your own that shards by rank.
+template <class S>
+struct is_distributed_sampler : std::bool_constant<std::is_base_of_v<DistributedSampler, S> ||
+                                                   std::is_base_of_v<torch::data::samplers::DistributedSampler<>, S>> {
+};
+/// True for the samplers fabric::is_distributed_sampler accepts.
+template <class S>
+inline constexpr bool is_distributed_sampler_v = is_distributed_sampler<S>::value;
+
+/// A LibTorch dataset (what torch::data::make_data_loader takes): it answers batch requests and says
+/// whether it is stateful (then it has no sampler).
+template <class D>
+concept TorchDataset = requires {
+  typename D::BatchRequestType;
+  { D::is_stateful } -> std::convertible_to<bool>;
+};
+/// A LibTorch sampler: reset at the start of each pass, then asked for batches of indices.
+template <class S>
+concept TorchSampler = requires(S& s, std::size_t n) {
+  typename S::BatchRequestType;
+  s.reset();
+  s.next(n);
 };
 
 /// Wraps a dataset so that every CPU tensor of its batches is copied into pinned (page-locked)
@@ -1968,6 +2001,45 @@ auto make_loader(D dataset, const LoaderOptions& options, std::size_t replicas, 
                                            .batch_size(options.batch_size)
                                            .workers(options.num_workers)
                                            .drop_last(options.drop_last));
+}
+
+/// The sampler type of a LibTorch loader type (void for a stateful loader, which has none).
+template <class L>
+struct loader_sampler {
+  using type = void;
+};
+template <class D, class S>
+struct loader_sampler<torch::data::StatelessDataLoader<D, S>> {
+  using type = S;
+};
+
+/// Returns the name messages give a sampler type.
+template <class S>
+std::string sampler_name() {
+  if constexpr (std::is_same_v<S, torch::data::samplers::RandomSampler>) {
+    return "RandomSampler";
+  } else if constexpr (std::is_same_v<S, torch::data::samplers::SequentialSampler>) {
+    return "SequentialSampler";
+  } else if constexpr (std::is_same_v<S, torch::data::samplers::StreamSampler>) {
+    return "StreamSampler";
+  } else {
+    return c10::demangle_type<S>();
+  }
+}
+
+/// Returns the DistributedSampler that stands in for LibTorch's default sampler S of make_data_loader
+/// when the data is sharded: RandomSampler becomes a shuffled one (a new order each epoch from seed),
+/// SequentialSampler an ordered one.
+template <class S>
+DistributedSampler distributed_sampler_for(std::size_t size, std::size_t replicas, std::size_t rank,
+                                           std::uint64_t seed) {
+  constexpr bool random = std::is_same_v<S, torch::data::samplers::RandomSampler>;
+  static_assert(random || std::is_same_v<S, torch::data::samplers::SequentialSampler>,
+                "fabric: make_data_loader<Sampler> under a distributed strategy shards RandomSampler and "
+                "SequentialSampler only; pass a sampler that shards by rank as fabric.make_data_loader(dataset, "
+                "sampler, options)");
+  return DistributedSampler(
+      size, {.num_replicas = replicas, .rank = rank, .shuffle = random, .seed = seed, .drop_last = false});
 }
 
 }  // namespace detail
@@ -5313,6 +5385,7 @@ class Fabric {
   requires(sizeof...(Ls) > 0) auto setup_dataloaders(DataOptions options, Ls&&... loaders) {
     check_launched("setup_dataloaders");
     (detail::check_loader_arg<Ls>(), ...);
+    (check_shards<typename detail::pointee<std::remove_cvref_t<Ls>>::type>(options), ...);
     return detail::one_or_tuple(DataLoader<typename detail::pointee<std::remove_cvref_t<Ls>>::type>(
         detail::share<typename detail::pointee<std::remove_cvref_t<Ls>>::type>(std::forward<Ls>(loaders)), device_,
         options.move_to_device)...);
@@ -5385,6 +5458,40 @@ class Fabric {
                   "fabric: no_backward_sync needs the module returned by setup(); pass that wrapper, not the "
                   "original module");
     return strategy_.no_backward_sync(module.strategy_state(), enabled);
+  }
+  /// Builds a set-up loader as torch::data::make_data_loader does, from the same arguments
+  /// (`(dataset, options)`, `(dataset, batch_size)`, `make_data_loader<SequentialSampler>(...)`), so that
+  /// porting a loader changes only `torch::data::` to `fabric.`. Batches come on the device; under a
+  /// strategy that shards data the sampler is fabric's DistributedSampler over the ranks (shuffled per
+  /// epoch from the global seed for LibTorch's default RandomSampler, in order for SequentialSampler);
+  /// on one process it is LibTorch's own, so the batches are LibTorch's.
+  ///
+  ///     auto train = fabric.make_data_loader(std::move(dataset), torch::data::DataLoaderOptions(64).workers(2));
+  template <TorchSampler Sampler = torch::data::samplers::RandomSampler, TorchDataset D>
+  auto make_data_loader(D dataset, torch::data::DataLoaderOptions options = torch::data::DataLoaderOptions()) {
+    check_launched("make_data_loader");
+    if constexpr (D::is_stateful) {
+      // NOTE: a stateful dataset has no sampler; it decides itself what each rank reads.
+      return setup_dataloaders(torch::data::make_data_loader(std::move(dataset), std::move(options)));
+    } else if constexpr (S::is_distributed) {
+      const auto size = dataset.size();
+      if (!size) detail::raise("make_data_loader needs a dataset with a known size, found size() = nullopt");
+      const bool shard = strategy_.shards_data();
+      auto sampler =
+          detail::distributed_sampler_for<Sampler>(*size, shard ? static_cast<std::size_t>(world_size()) : 1,
+                                                   shard ? static_cast<std::size_t>(global_rank()) : 0, global_seed());
+      return setup_dataloaders(
+          torch::data::make_data_loader(std::move(dataset), std::move(sampler), std::move(options)));
+    } else {
+      return setup_dataloaders(torch::data::make_data_loader<Sampler>(std::move(dataset), std::move(options)));
+    }
+  }
+  /// make_data_loader with a sampler of one's own, as torch::data::make_data_loader(dataset, sampler,
+  /// options); under a strategy that shards data the sampler must shard by rank (see setup_dataloaders).
+  template <TorchDataset D, TorchSampler Sampler>
+  auto make_data_loader(D dataset, Sampler sampler, torch::data::DataLoaderOptions options) {
+    check_launched("make_data_loader");
+    return setup_dataloaders(torch::data::make_data_loader(std::move(dataset), std::move(sampler), std::move(options)));
   }
 
   /// Moves a module to the fabric's device in place and returns it.
@@ -5531,6 +5638,22 @@ class Fabric {
           "{}: the {} strategy needs its processes first; call fabric.launch() before {} (fabric-run, torchrun, "
           "mpirun and srun start the processes, launch() then only connects them)",
           what, S::name, what);
+    }
+  }
+  /// Refuses, under a strategy that shards data, a LibTorch loader whose sampler gives every rank every
+  /// sample (unless options.use_distributed_sampler is off).
+  template <class L>
+  void check_shards(const DataOptions& options) {
+    using Sampler = typename detail::loader_sampler<L>::type;
+    if constexpr (!std::is_void_v<Sampler> && !is_distributed_sampler_v<Sampler>) {
+      if (options.use_distributed_sampler && strategy_.shards_data()) {
+        detail::raise(
+            "setup_dataloaders: expected a loader that shards across the {} processes of the {} strategy, found one "
+            "whose sampler ({}) gives every rank every sample; build it with fabric.make_data_loader(dataset, "
+            "options) or with a fabric::DistributedSampler, or pass {{.use_distributed_sampler = false}} to "
+            "setup_dataloaders to keep it as it is",
+            world_size(), S::name, detail::sampler_name<Sampler>());
+      }
     }
   }
   void check_not_set_up(const void* object, std::string_view what) const {
@@ -9623,6 +9746,7 @@ class SubprocessLauncher {
 }  // namespace fabric::detail
 // ---- end fabric/strategies/launchers/subprocess.hpp
 
+#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
@@ -9631,14 +9755,20 @@ class SubprocessLauncher {
 #include <c10/core/Device.h>
 #include <torch/csrc/jit/serialization/pickle.h>
 
+#include <sched.h>
+#include <stdlib.h>
+
+#include <algorithm>
 #include <chrono>
 #include <cstdint>
+#include <cstdlib>
 #include <exception>
 #include <filesystem>
 #include <memory>
 #include <optional>
 #include <string>
 #include <string_view>
+#include <thread>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -9677,6 +9807,26 @@ T unpickle_value(const std::vector<char>& bytes, const c10::Device& device) {
   } else {
     return std::move(v).to<T>();
   }
+}
+
+/// Returns the CPUs this process may run on (its affinity mask, as Lightning's `_num_cpus_available`), or
+/// the hardware's count where the mask cannot be read.
+inline int available_cpus() {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  if (::sched_getaffinity(0, sizeof(set), &set) == 0 && CPU_COUNT(&set) > 0) return CPU_COUNT(&set);
+  return std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
+}
+
+/// Gives each of the local processes its share of the cores, as Lightning's `_set_num_threads_if_needed`:
+/// with more than one process on this node and OMP_NUM_THREADS unset, sets torch's intra-op threads to
+/// max(1, cores / local processes) and exports OMP_NUM_THREADS (so the processes started next inherit
+/// it). A user's OMP_NUM_THREADS is kept as it is.
+inline void set_num_threads_if_needed(int local_processes) {
+  if (local_processes <= 1 || std::getenv("OMP_NUM_THREADS") != nullptr) return;
+  const int threads = std::max(1, available_cpus() / local_processes);
+  at::set_num_threads(threads);
+  ::setenv("OMP_NUM_THREADS", std::to_string(threads).c_str(), 1);
 }
 
 }  // namespace detail
@@ -9742,10 +9892,14 @@ class ParallelStrategy : public StrategyBase {
   /// Says whether a collective failed on this rank (teardown then stops the processes it started).
   bool failed() const noexcept { return failed_; }
 
-  /// Starts the other local processes (unless a launcher already did) and joins the process group.
+  /// Starts the other local processes (unless a launcher already did) and joins the process group; with
+  /// several processes per node and OMP_NUM_THREADS unset, first gives each its share of the cores.
   void launch(const c10::Device& device) {
     if (pg_) detail::raise("launch() was called twice; call it once, before setup()");
     device_ = device;
+    // NOTE: before the local processes start, so that they inherit OMP_NUM_THREADS; processes started by
+    // fabric-run, torchrun, mpirun or SLURM each set it here themselves.
+    detail::set_num_threads_if_needed(devices_);
     if (!topology_.creates_processes_externally) {
       launcher_ = std::make_unique<detail::SubprocessLauncher>();
       launcher_->launch(topology_, devices_, num_nodes_);

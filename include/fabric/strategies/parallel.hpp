@@ -14,6 +14,7 @@
 #include "fabric/strategies/strategy.hpp"
 #include "fabric/utils/apply.hpp"
 
+#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
@@ -22,14 +23,20 @@
 #include <c10/core/Device.h>
 #include <torch/csrc/jit/serialization/pickle.h>
 
+#include <sched.h>
+#include <stdlib.h>
+
+#include <algorithm>
 #include <chrono>
 #include <cstdint>
+#include <cstdlib>
 #include <exception>
 #include <filesystem>
 #include <memory>
 #include <optional>
 #include <string>
 #include <string_view>
+#include <thread>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -68,6 +75,26 @@ T unpickle_value(const std::vector<char>& bytes, const c10::Device& device) {
   } else {
     return std::move(v).to<T>();
   }
+}
+
+/// Returns the CPUs this process may run on (its affinity mask, as Lightning's `_num_cpus_available`), or
+/// the hardware's count where the mask cannot be read.
+inline int available_cpus() {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  if (::sched_getaffinity(0, sizeof(set), &set) == 0 && CPU_COUNT(&set) > 0) return CPU_COUNT(&set);
+  return std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
+}
+
+/// Gives each of the local processes its share of the cores, as Lightning's `_set_num_threads_if_needed`:
+/// with more than one process on this node and OMP_NUM_THREADS unset, sets torch's intra-op threads to
+/// max(1, cores / local processes) and exports OMP_NUM_THREADS (so the processes started next inherit
+/// it). A user's OMP_NUM_THREADS is kept as it is.
+inline void set_num_threads_if_needed(int local_processes) {
+  if (local_processes <= 1 || std::getenv("OMP_NUM_THREADS") != nullptr) return;
+  const int threads = std::max(1, available_cpus() / local_processes);
+  at::set_num_threads(threads);
+  ::setenv("OMP_NUM_THREADS", std::to_string(threads).c_str(), 1);
 }
 
 }  // namespace detail
@@ -133,10 +160,14 @@ class ParallelStrategy : public StrategyBase {
   /// Says whether a collective failed on this rank (teardown then stops the processes it started).
   bool failed() const noexcept { return failed_; }
 
-  /// Starts the other local processes (unless a launcher already did) and joins the process group.
+  /// Starts the other local processes (unless a launcher already did) and joins the process group; with
+  /// several processes per node and OMP_NUM_THREADS unset, first gives each its share of the cores.
   void launch(const c10::Device& device) {
     if (pg_) detail::raise("launch() was called twice; call it once, before setup()");
     device_ = device;
+    // NOTE: before the local processes start, so that they inherit OMP_NUM_THREADS; processes started by
+    // fabric-run, torchrun, mpirun or SLURM each set it here themselves.
+    detail::set_num_threads_if_needed(devices_);
     if (!topology_.creates_processes_externally) {
       launcher_ = std::make_unique<detail::SubprocessLauncher>();
       launcher_->launch(topology_, devices_, num_nodes_);

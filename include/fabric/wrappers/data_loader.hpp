@@ -11,17 +11,24 @@
 #include <ATen/ops/randperm.h>
 #include <c10/core/Device.h>
 #include <c10/util/Optional.h>
+#include <c10/util/Type.h>
 #include <torch/data/dataloader.h>
 #include <torch/data/dataloader_options.h>
 #include <torch/data/datasets/base.h>
 #include <torch/data/samplers/base.h>
+#include <torch/data/samplers/distributed.h>
+#include <torch/data/samplers/random.h>
+#include <torch/data/samplers/sequential.h>
+#include <torch/data/samplers/stream.h>
 #include <torch/serialize/archive.h>
 
+#include <concepts>
 #include <cstddef>
 #include <cstdint>
 #include <iterator>
 #include <memory>
 #include <optional>
+#include <string>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -114,6 +121,32 @@ class DistributedSampler final : public torch::data::samplers::Sampler<> {
   std::size_t epoch_ = 0;
   std::vector<std::size_t> indices_{};
   std::size_t position_ = 0;
+};
+
+/// Says whether a sampler gives each rank its own part of the data (fabric's DistributedSampler and
+/// LibTorch's distributed samplers do); setup_dataloaders refuses, under a strategy that shards data,
+/// a loader whose sampler does not. Specialize it for a sampler of your own that shards by rank.
+template <class S>
+struct is_distributed_sampler : std::bool_constant<std::is_base_of_v<DistributedSampler, S> ||
+                                                   std::is_base_of_v<torch::data::samplers::DistributedSampler<>, S>> {
+};
+/// True for the samplers fabric::is_distributed_sampler accepts.
+template <class S>
+inline constexpr bool is_distributed_sampler_v = is_distributed_sampler<S>::value;
+
+/// A LibTorch dataset (what torch::data::make_data_loader takes): it answers batch requests and says
+/// whether it is stateful (then it has no sampler).
+template <class D>
+concept TorchDataset = requires {
+  typename D::BatchRequestType;
+  { D::is_stateful } -> std::convertible_to<bool>;
+};
+/// A LibTorch sampler: reset at the start of each pass, then asked for batches of indices.
+template <class S>
+concept TorchSampler = requires(S& s, std::size_t n) {
+  typename S::BatchRequestType;
+  s.reset();
+  s.next(n);
 };
 
 /// Wraps a dataset so that every CPU tensor of its batches is copied into pinned (page-locked)
@@ -255,6 +288,45 @@ auto make_loader(D dataset, const LoaderOptions& options, std::size_t replicas, 
                                            .batch_size(options.batch_size)
                                            .workers(options.num_workers)
                                            .drop_last(options.drop_last));
+}
+
+/// The sampler type of a LibTorch loader type (void for a stateful loader, which has none).
+template <class L>
+struct loader_sampler {
+  using type = void;
+};
+template <class D, class S>
+struct loader_sampler<torch::data::StatelessDataLoader<D, S>> {
+  using type = S;
+};
+
+/// Returns the name messages give a sampler type.
+template <class S>
+std::string sampler_name() {
+  if constexpr (std::is_same_v<S, torch::data::samplers::RandomSampler>) {
+    return "RandomSampler";
+  } else if constexpr (std::is_same_v<S, torch::data::samplers::SequentialSampler>) {
+    return "SequentialSampler";
+  } else if constexpr (std::is_same_v<S, torch::data::samplers::StreamSampler>) {
+    return "StreamSampler";
+  } else {
+    return c10::demangle_type<S>();
+  }
+}
+
+/// Returns the DistributedSampler that stands in for LibTorch's default sampler S of make_data_loader
+/// when the data is sharded: RandomSampler becomes a shuffled one (a new order each epoch from seed),
+/// SequentialSampler an ordered one.
+template <class S>
+DistributedSampler distributed_sampler_for(std::size_t size, std::size_t replicas, std::size_t rank,
+                                           std::uint64_t seed) {
+  constexpr bool random = std::is_same_v<S, torch::data::samplers::RandomSampler>;
+  static_assert(random || std::is_same_v<S, torch::data::samplers::SequentialSampler>,
+                "fabric: make_data_loader<Sampler> under a distributed strategy shards RandomSampler and "
+                "SequentialSampler only; pass a sampler that shards by rank as fabric.make_data_loader(dataset, "
+                "sampler, options)");
+  return DistributedSampler(
+      size, {.num_replicas = replicas, .rank = rank, .shuffle = random, .seed = seed, .drop_last = false});
 }
 
 }  // namespace detail
