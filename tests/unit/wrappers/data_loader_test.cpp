@@ -1,4 +1,6 @@
-// Data: the set-up loader as a C++20 input range, fabric's DistributedSampler, the convenience loader.
+// Data: the set-up loader as a C++20 input range, fabric's DistributedSampler, the convenience loader,
+// make_data_loader and the refusal of loaders that do not shard under DDP.
+#include <fabric/distributed.hpp>
 #include <fabric/fabric.hpp>
 
 #include "unit/test_data.hpp"
@@ -13,6 +15,7 @@
 #include <numeric>
 #include <ranges>
 #include <set>
+#include <type_traits>
 #include <vector>
 
 using Catch::Matchers::ContainsSubstring;
@@ -24,6 +27,36 @@ std::vector<std::int64_t> ids(const torch::data::Example<>& batch) {
   const auto t = batch.target.contiguous();
   return {t.data_ptr<std::int64_t>(), t.data_ptr<std::int64_t>() + t.numel()};
 }
+
+/// Returns the sample ids of one pass over a loader.
+template <class L>
+std::vector<std::int64_t> pass(L& loader) {
+  std::vector<std::int64_t> order;
+  for (auto& batch : loader) {
+    auto i = ids(batch);
+    order.insert(order.end(), i.begin(), i.end());
+  }
+  return order;
+}
+
+/// One process of a DDP job that nothing launched: rank 0 of 1, meeting on a free port of this host.
+struct SoloEnvironment {
+  static constexpr std::string_view name = "solo";
+  static bool detect(const fabric::EnvLookup& /*env*/) { return true; }
+  fabric::Topology topology(const fabric::EnvLookup& /*env*/, int /*devices*/, int /*num_nodes*/) const {
+    fabric::Topology t;
+    t.name = name;
+    t.creates_processes_externally = true;
+    t.main_port = fabric::detail::find_free_port();
+    return t;
+  }
+};
+
+/// A launched one-process DDP fabric (Gloo).
+struct SoloDDP {
+  SoloDDP() { fabric.launch(); }
+  fabric::Fabric<fabric::CPU, fabric::DDP> fabric{{}, fabric::DDP({.cluster_environment = SoloEnvironment{}}), {}};
+};
 
 auto make_loader(std::int64_t n, std::size_t batch) {
   return torch::data::make_data_loader<torch::data::samplers::SequentialSampler>(
@@ -162,4 +195,101 @@ TEST_CASE("DistributedSampler shards are disjoint, cover the data and pad like P
   CHECK(s.epoch() == 1);
   CHECK_THROWS_WITH(fabric::DistributedSampler(10, {.num_replicas = 2, .rank = 2}),
                     ContainsSubstring("expected 0 <= rank < num_replicas"));
+}
+
+TEST_CASE("make_data_loader takes torch's argument forms and yields torch's batches on one process", "[data]") {
+  fabric::Fabric<fabric::CPU> fabric;
+  auto dataset = [] { return indexed(23).map(torch::data::transforms::Stack<>()); };
+  // (dataset, options): torch's RandomSampler, the same order as torch's loader for the same seed.
+  torch::manual_seed(11);
+  auto reference = torch::data::make_data_loader(dataset(), torch::data::DataLoaderOptions(5));
+  std::vector<std::vector<std::int64_t>> expected;
+  for (int epoch = 0; epoch < 2; ++epoch) {
+    for (auto& batch : *reference) expected.push_back(ids(batch));
+  }
+  torch::manual_seed(11);
+  auto loader = fabric.make_data_loader(dataset(), torch::data::DataLoaderOptions(5));
+  STATIC_REQUIRE(
+      std::is_same_v<decltype(loader)::loader_type,
+                     torch::data::StatelessDataLoader<decltype(dataset()), torch::data::samplers::RandomSampler>>);
+  std::vector<std::vector<std::int64_t>> got;
+  for (int epoch = 0; epoch < 2; ++epoch) {
+    for (auto& batch : loader) {
+      CHECK(batch.data.device() == fabric.device());
+      got.push_back(ids(batch));
+    }
+  }
+  CHECK(got == expected);
+  CHECK(got.size() == 10);
+  CHECK(got[0] != got[5]);  // a new order each epoch, as torch's
+  // (dataset, batch_size), as torch::data::make_data_loader(dataset, 4) through DataLoaderOptions.
+  torch::manual_seed(12);
+  auto by_size_torch = torch::data::make_data_loader(dataset(), 4);
+  const auto torch_order = pass(*by_size_torch);
+  torch::manual_seed(12);
+  auto by_size = fabric.make_data_loader(dataset(), 4);
+  CHECK(pass(by_size) == torch_order);
+  // An explicit sampler type, and (dataset, sampler, options).
+  auto sequential = fabric.make_data_loader<torch::data::samplers::SequentialSampler>(dataset(), 10);
+  std::vector<std::int64_t> all(23);
+  std::iota(all.begin(), all.end(), 0);
+  CHECK(pass(sequential) == all);
+  auto with_sampler = fabric.make_data_loader(dataset(), torch::data::samplers::SequentialSampler(23),
+                                              torch::data::DataLoaderOptions(6).drop_last(true));
+  CHECK(pass(with_sampler) == std::vector<std::int64_t>(all.begin(), all.begin() + 18));
+}
+
+TEST_CASE("under DDP make_data_loader shards with fabric's sampler, seeded from the global seed", "[data][ddp]") {
+  SoloDDP solo;
+  auto& fabric = solo.fabric;
+  fabric.seed_everything(5);
+  auto loader =
+      fabric.make_data_loader(indexed(17).map(torch::data::transforms::Stack<>()), torch::data::DataLoaderOptions(4));
+  STATIC_REQUIRE(
+      std::is_same_v<fabric::detail::loader_sampler<decltype(loader)::loader_type>::type, fabric::DistributedSampler>);
+  const auto e0 = pass(loader);
+  const auto e1 = pass(loader);
+  // Rank 0 of 1: every sample once, in the order of DistributedSampler(seed 5) for epochs 0 and 1.
+  const fabric::DistributedSampler sampler(17, {.num_replicas = 1, .rank = 0, .shuffle = true, .seed = 5});
+  const auto order0 = sampler.shard_indices(0);
+  const auto order1 = sampler.shard_indices(1);
+  CHECK(e0 == std::vector<std::int64_t>(order0.begin(), order0.end()));
+  CHECK(e1 == std::vector<std::int64_t>(order1.begin(), order1.end()));
+  CHECK(e0 != e1);
+  // SequentialSampler becomes an ordered DistributedSampler.
+  auto ordered = fabric.make_data_loader<torch::data::samplers::SequentialSampler>(
+      indexed(5).map(torch::data::transforms::Stack<>()), 2);
+  CHECK(pass(ordered) == std::vector<std::int64_t>{0, 1, 2, 3, 4});
+}
+
+TEST_CASE("under DDP setup_dataloaders refuses a loader that does not shard, unless told to keep it", "[data][ddp]") {
+  SoloDDP solo;
+  auto& fabric = solo.fabric;
+  auto dataset = [] { return indexed(6).map(torch::data::transforms::Stack<>()); };
+  CHECK_THROWS_WITH(
+      fabric.setup_dataloaders(torch::data::make_data_loader(dataset(), torch::data::DataLoaderOptions(2))),
+      ContainsSubstring("expected a loader that shards across the 1 processes of the ddp strategy") &&
+          ContainsSubstring("sampler (RandomSampler) gives every rank every sample") &&
+          ContainsSubstring("fabric.make_data_loader(dataset, options)") &&
+          ContainsSubstring("{.use_distributed_sampler = false}"));
+  CHECK_THROWS_WITH(fabric.setup_dataloaders(make_loader(6, 2)), ContainsSubstring("sampler (SequentialSampler)"));
+  // The same through make_data_loader with a sampler object that does not shard.
+  CHECK_THROWS_WITH(fabric.make_data_loader(dataset(), torch::data::samplers::RandomSampler(6), 2),
+                    ContainsSubstring("sampler (RandomSampler) gives every rank every sample"));
+  // The opt-out keeps the loader as it is: every sample, on every rank.
+  auto kept = fabric.setup_dataloaders({.use_distributed_sampler = false}, make_loader(6, 4));
+  CHECK(pass(kept) == std::vector<std::int64_t>{0, 1, 2, 3, 4, 5});
+  // Loaders that shard pass: fabric's DistributedSampler and LibTorch's distributed samplers.
+  auto own = fabric.setup_dataloaders(torch::data::make_data_loader(
+      dataset(), fabric::DistributedSampler(6, {.shuffle = false}), torch::data::DataLoaderOptions(3)));
+  CHECK(pass(own) == std::vector<std::int64_t>{0, 1, 2, 3, 4, 5});
+  auto libtorch = fabric.setup_dataloaders(torch::data::make_data_loader(
+      dataset(), torch::data::samplers::DistributedSequentialSampler(6, 1, 0), torch::data::DataLoaderOptions(3)));
+  CHECK(pass(libtorch).size() == 6);
+  STATIC_REQUIRE(fabric::is_distributed_sampler_v<torch::data::samplers::DistributedRandomSampler>);
+  STATIC_REQUIRE_FALSE(fabric::is_distributed_sampler_v<torch::data::samplers::RandomSampler>);
+  // A single device never refuses.
+  fabric::Fabric<fabric::CPU> single;
+  auto plain = single.setup_dataloaders(make_loader(3, 3));
+  CHECK(pass(plain) == std::vector<std::int64_t>{0, 1, 2});
 }
