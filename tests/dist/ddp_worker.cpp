@@ -3,9 +3,9 @@
 //     ddp_worker SCENARIO [--devices N] [--num-nodes N] [--steps N] [--bucket-cap-mb X] [--grad-as-view]
 //                [--static-graph] [--find-unused] [--comm-hook fp16|bf16] [--accumulate K] [--timeout-s S]
 //                [--dir D] [--fault throw|kill|hang] [--catch] [--env scheduler|kubeflow] [--external] [--cuda]
-//                [--tag T]
+//                [--tag T] [--threads auto|N]
 //
-// Scenarios: train, collectives, sampler, mismatch, save, loggers, bypass, bypass-bf16.
+// Scenarios: train, collectives, sampler, mismatch, save, loggers, shard, bypass, bypass-bf16.
 //
 // Each scenario checks its own results and exits 0 only when they hold; any failed check prints
 // "rank R: FAILED: ..." and exits 1. With --catch a fabric::Error during training is caught while the
@@ -35,6 +35,7 @@
 #include <thread>
 #include <vector>
 
+#include <sched.h>
 #include <unistd.h>
 
 namespace {
@@ -58,6 +59,7 @@ struct Args {
   std::string env;
   bool external = false;
   bool cuda = false;
+  std::string threads;
 };
 
 int rank_of_env() {
@@ -125,6 +127,8 @@ Args parse(int argc, char** argv) {
       a.external = true;
     else if (flag == "--cuda")
       a.cuda = true;
+    else if (flag == "--threads")
+      a.threads = value();
     else if (flag == "--tag")
       (void)value();
     else
@@ -506,6 +510,64 @@ int loggers(const Args& a) {
   return 0;
 }
 
+/// A user's LibTorch loader ported by one change (torch::data::make_data_loader -> fabric.make_data_loader):
+/// each rank reads its own part of the data, the parts are disjoint and cover it, and every epoch draws a
+/// new order. With --threads, torch's intra-op threads and OMP_NUM_THREADS must be N, or with "auto"
+/// (OMP_NUM_THREADS unset at the start) max(1, cores / local processes), as Lightning sets them.
+template <class F>
+int shard(F& fabric, const Args& a) {
+  const int world = fabric.world_size();
+  const int rank = fabric.global_rank();
+  const int n = 5 * world;
+  fabric.seed_everything(17);
+  auto loader = fabric.make_data_loader(IndexDataset(n).map(torch::data::transforms::Stack<>()),
+                                        torch::data::DataLoaderOptions(2));
+  const auto epoch0 = one_epoch(loader);
+  const auto epoch1 = one_epoch(loader);
+  WORKER_CHECK(static_cast<int>(epoch0.size()) == 5, "rank {} saw {} samples, expected {} of {}", rank, epoch0.size(),
+               5, n);
+  auto all0 = fabric.all_gather(torch::tensor(epoch0).to(fabric.device())).cpu();
+  auto all1 = fabric.all_gather(torch::tensor(epoch1).to(fabric.device())).cpu();
+  std::multiset<int64_t> s0(all0.template data_ptr<int64_t>(), all0.template data_ptr<int64_t>() + all0.numel());
+  std::set<int64_t> distinct(s0.begin(), s0.end());
+  WORKER_CHECK(static_cast<int>(s0.size()) == n && static_cast<int>(distinct.size()) == n,
+               "the ranks' parts hold {} samples, {} distinct, expected {} disjoint ones", s0.size(), distinct.size(),
+               n);
+  WORKER_CHECK(*distinct.begin() == 0 && *distinct.rbegin() == n - 1, "samples outside 0..{}", n - 1);
+  WORKER_CHECK(!torch::equal(all0, all1), "epoch 1 must be shuffled differently from epoch 0");
+  // A loader built by LibTorch itself would give every rank every sample: refused, and kept when asked.
+  bool refused = false;
+  try {
+    (void)fabric.setup_dataloaders(torch::data::make_data_loader(
+        IndexDataset(n).map(torch::data::transforms::Stack<>()), torch::data::DataLoaderOptions(2)));
+  } catch (const fabric::Error& e) {
+    refused = std::string(e.what()).find(fmt::format("shards across the {} processes", world)) != std::string::npos;
+  }
+  WORKER_CHECK(refused, "setup_dataloaders accepted a RandomSampler loader under DDP");
+  auto kept = fabric.setup_dataloaders(
+      {.use_distributed_sampler = false},
+      torch::data::make_data_loader(IndexDataset(n).map(torch::data::transforms::Stack<>()), 3));
+  WORKER_CHECK(static_cast<int>(one_epoch(kept).size()) == n, "the kept loader must yield every sample");
+  if (!a.threads.empty()) {
+    int expected = 0;
+    if (a.threads == "auto") {
+      cpu_set_t set;
+      CPU_ZERO(&set);
+      WORKER_CHECK(::sched_getaffinity(0, sizeof(set), &set) == 0, "sched_getaffinity");
+      expected = std::max(1, CPU_COUNT(&set) / a.devices);
+    } else {
+      expected = std::stoi(a.threads);
+    }
+    const char* omp = std::getenv("OMP_NUM_THREADS");
+    WORKER_CHECK(omp != nullptr && std::string(omp) == std::to_string(expected),
+                 "rank {}: OMP_NUM_THREADS = {}, expected {}", rank, omp ? omp : "(unset)", expected);
+    WORKER_CHECK(torch::get_num_threads() == expected, "rank {}: torch::get_num_threads() = {}, expected {}", rank,
+                 torch::get_num_threads(), expected);
+  }
+  fabric.print("shard ok: world {}, {} threads per process", world, torch::get_num_threads());
+  return 0;
+}
+
 /// A forward that bypasses the wrapper (`model->forward`) fails at backward on every rank, naming what it
 /// skips, before any collective; the wrapper's forward then trains, its gradients averaged across ranks.
 template <class Accelerator, class Precision>
@@ -565,6 +627,7 @@ int run(const Args& a) {
   if (a.scenario == "sampler") return sampler(fabric, a);
   if (a.scenario == "mismatch") return mismatch(fabric, a);
   if (a.scenario == "save") return save_load(fabric, a);
+  if (a.scenario == "shard") return shard(fabric, a);
   throw std::invalid_argument("unknown scenario " + a.scenario);
 }
 
