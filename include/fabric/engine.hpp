@@ -319,6 +319,40 @@ class Fabric {
                                                                shard ? static_cast<std::size_t>(global_rank()) : 0,
                                                                global_seed(), options.pin_memory && device_.is_cuda()));
   }
+  /// Builds a set-up loader as torch::data::make_data_loader does, from the same arguments
+  /// (`(dataset, options)`, `(dataset, batch_size)`, `make_data_loader<SequentialSampler>(...)`), so that
+  /// porting a loader changes only `torch::data::` to `fabric.`. Batches come on the device; under a
+  /// strategy that shards data the sampler is fabric's DistributedSampler over the ranks (shuffled per
+  /// epoch from the global seed for LibTorch's default RandomSampler, in order for SequentialSampler);
+  /// on one process it is LibTorch's own, so the batches are LibTorch's.
+  ///
+  ///     auto train = fabric.make_data_loader(std::move(dataset), torch::data::DataLoaderOptions(64).workers(2));
+  template <TorchSampler Sampler = torch::data::samplers::RandomSampler, TorchDataset D>
+  auto make_data_loader(D dataset, torch::data::DataLoaderOptions options = torch::data::DataLoaderOptions()) {
+    check_launched("make_data_loader");
+    if constexpr (D::is_stateful) {
+      // NOTE: a stateful dataset has no sampler; it decides itself what each rank reads.
+      return setup_dataloaders(torch::data::make_data_loader(std::move(dataset), std::move(options)));
+    } else if constexpr (S::is_distributed) {
+      const auto size = dataset.size();
+      if (!size) detail::raise("make_data_loader needs a dataset with a known size, found size() = nullopt");
+      const bool shard = strategy_.shards_data();
+      auto sampler =
+          detail::distributed_sampler_for<Sampler>(*size, shard ? static_cast<std::size_t>(world_size()) : 1,
+                                                   shard ? static_cast<std::size_t>(global_rank()) : 0, global_seed());
+      return setup_dataloaders(
+          torch::data::make_data_loader(std::move(dataset), std::move(sampler), std::move(options)));
+    } else {
+      return setup_dataloaders(torch::data::make_data_loader<Sampler>(std::move(dataset), std::move(options)));
+    }
+  }
+  /// make_data_loader with a sampler of one's own, as torch::data::make_data_loader(dataset, sampler,
+  /// options); under a strategy that shards data the sampler must shard by rank (see setup_dataloaders).
+  template <TorchDataset D, TorchSampler Sampler>
+  auto make_data_loader(D dataset, Sampler sampler, torch::data::DataLoaderOptions options) {
+    check_launched("make_data_loader");
+    return setup_dataloaders(torch::data::make_data_loader(std::move(dataset), std::move(sampler), std::move(options)));
+  }
 
   // ---- the step --------------------------------------------------------------------------------
 
@@ -374,40 +408,6 @@ class Fabric {
                   "fabric: no_backward_sync needs the module returned by setup(); pass that wrapper, not the "
                   "original module");
     return strategy_.no_backward_sync(module.strategy_state(), enabled);
-  }
-  /// Builds a set-up loader as torch::data::make_data_loader does, from the same arguments
-  /// (`(dataset, options)`, `(dataset, batch_size)`, `make_data_loader<SequentialSampler>(...)`), so that
-  /// porting a loader changes only `torch::data::` to `fabric.`. Batches come on the device; under a
-  /// strategy that shards data the sampler is fabric's DistributedSampler over the ranks (shuffled per
-  /// epoch from the global seed for LibTorch's default RandomSampler, in order for SequentialSampler);
-  /// on one process it is LibTorch's own, so the batches are LibTorch's.
-  ///
-  ///     auto train = fabric.make_data_loader(std::move(dataset), torch::data::DataLoaderOptions(64).workers(2));
-  template <TorchSampler Sampler = torch::data::samplers::RandomSampler, TorchDataset D>
-  auto make_data_loader(D dataset, torch::data::DataLoaderOptions options = torch::data::DataLoaderOptions()) {
-    check_launched("make_data_loader");
-    if constexpr (D::is_stateful) {
-      // NOTE: a stateful dataset has no sampler; it decides itself what each rank reads.
-      return setup_dataloaders(torch::data::make_data_loader(std::move(dataset), std::move(options)));
-    } else if constexpr (S::is_distributed) {
-      const auto size = dataset.size();
-      if (!size) detail::raise("make_data_loader needs a dataset with a known size, found size() = nullopt");
-      const bool shard = strategy_.shards_data();
-      auto sampler =
-          detail::distributed_sampler_for<Sampler>(*size, shard ? static_cast<std::size_t>(world_size()) : 1,
-                                                   shard ? static_cast<std::size_t>(global_rank()) : 0, global_seed());
-      return setup_dataloaders(
-          torch::data::make_data_loader(std::move(dataset), std::move(sampler), std::move(options)));
-    } else {
-      return setup_dataloaders(torch::data::make_data_loader<Sampler>(std::move(dataset), std::move(options)));
-    }
-  }
-  /// make_data_loader with a sampler of one's own, as torch::data::make_data_loader(dataset, sampler,
-  /// options); under a strategy that shards data the sampler must shard by rank (see setup_dataloaders).
-  template <TorchDataset D, TorchSampler Sampler>
-  auto make_data_loader(D dataset, Sampler sampler, torch::data::DataLoaderOptions options) {
-    check_launched("make_data_loader");
-    return setup_dataloaders(torch::data::make_data_loader(std::move(dataset), std::move(sampler), std::move(options)));
   }
 
   /// Moves a module to the fabric's device in place and returns it.
