@@ -522,6 +522,9 @@ class Fabric {
   State load(const std::filesystem::path& path, State& state, bool strict = true) {
     return strategy_.load_checkpoint(path, state, strict);
   }
+  /// load with the state written in place, for modules and optimizers restored where they are:
+  /// `fabric.load(path, {{"model", model}, {"optimizer", optimizer}})`.
+  State load(const std::filesystem::path& path, State&& state, bool strict = true) { return load(path, state, strict); }
   /// Loads every entry of a checkpoint as plain values.
   State load(const std::filesystem::path& path) {
     State none;

@@ -302,6 +302,30 @@ TEST_CASE("save/load round trip through setup() wrappers", "[checkpoint]") {
   CHECK_NOTHROW(fabric.load(path, by_object, false));
 }
 
+TEST_CASE("load takes the state in place, restoring modules and optimizers where they are", "[checkpoint]") {
+  fabric::Fabric<fabric::CPU> fabric;
+  TempDir dir;
+  const fs::path path = dir / "in_place.ckpt";
+  torch::manual_seed(5);
+  Net net;
+  torch::optim::AdamW adamw(net->parameters(), torch::optim::AdamWOptions(1e-2));
+  auto [model, optimizer] = fabric.setup(net, adamw);
+  fabric.backward(model(batches(1, 22)[0]).sum());
+  optimizer.step();
+  fabric.save(path, {{"model", model}, {"optimizer", optimizer}, {"step", 1}});
+
+  torch::manual_seed(6);
+  Net other;
+  torch::optim::AdamW other_adamw(other->parameters(), torch::optim::AdamWOptions(3e-3));
+  auto [model2, optimizer2] = fabric.setup(other, other_adamw);
+  const fabric::State rest = fabric.load(path, {{"model", model2}, {"optimizer", optimizer2}});
+  CHECK(same(snapshot(*other), snapshot(*net)));
+  CHECK(same_state(other_adamw, adamw));
+  REQUIRE(rest.count("step") == 1);  // what the state did not ask for comes back
+  CHECK(rest.at("step").get<int>() == 1);
+  CHECK_THROWS_WITH(fabric.load(path, {{"model", model2}, {"missing", 0}}), ContainsSubstring("missing"));
+}
+
 TEST_CASE("std::ref entries receive the loaded values", "[checkpoint]") {
   fabric::Fabric<fabric::CPU> fabric;
   TempDir dir;
