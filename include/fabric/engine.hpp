@@ -420,8 +420,9 @@ class Fabric {
   requires(!ModuleLike<T>) std::remove_cvref_t<T> to_device(T&& data) {
     return fabric::to_device(std::forward<T>(data), device_);
   }
-  /// Seeds every generator; see fabric::seed_everything.
-  static std::uint64_t seed_everything(std::optional<std::uint64_t> seed = std::nullopt, bool workers = false) {
+  /// Seeds every generator; see fabric::seed_everything. Unlike the free function, `workers` defaults to
+  /// true (`PL_SEED_WORKERS=1`), as Lightning's `Fabric.seed_everything`.
+  static std::uint64_t seed_everything(std::optional<std::uint64_t> seed = std::nullopt, bool workers = true) {
     return fabric::seed_everything(seed, workers);
   }
   /// Prints an fmt-formatted line on local rank zero only (once per machine), and flushes stdout.

@@ -5065,9 +5065,10 @@ inline void set_env(const char* name, const std::string& value) {
 
 }  // namespace detail
 
-/// Seeds torch's CPU and CUDA generators and fabric::random_engine(), exports PL_GLOBAL_SEED (and
-/// PL_SEED_WORKERS) so relaunched processes and data-loader samplers see the seed, and returns it.
-/// Without a seed, PL_GLOBAL_SEED is used, else 0, as in Lightning.
+/// Seeds torch's CPU and CUDA generators and fabric::random_engine(), exports PL_GLOBAL_SEED and
+/// PL_SEED_WORKERS (`"1"` or `"0"`) so relaunched processes and data-loader samplers see them, and
+/// returns the seed. Without a seed, PL_GLOBAL_SEED is used, else 0. As Lightning's free function,
+/// `workers` defaults to false here; `Fabric::seed_everything` defaults it to true.
 ///
 ///     fabric::seed_everything(42);
 inline std::uint64_t seed_everything(std::optional<std::uint64_t> seed = std::nullopt, bool workers = false) {
@@ -5087,6 +5088,15 @@ inline std::uint64_t seed_everything(std::optional<std::uint64_t> seed = std::nu
   at::manual_seed(*seed);
   random_engine().seed(*seed);
   return *seed;
+}
+
+/// Seeds again with the seed and `workers` flag seed_everything exported (PL_GLOBAL_SEED,
+/// PL_SEED_WORKERS), as Lightning's `reset_seed`; does nothing when seed_everything was not called.
+inline void reset_seed() {
+  const auto seed = detail::env_int("PL_GLOBAL_SEED");
+  if (!seed) return;
+  const auto workers = detail::env_int("PL_SEED_WORKERS");
+  seed_everything(static_cast<std::uint64_t>(*seed), workers.value_or(0) != 0);
 }
 
 /// Returns the seed exported by seed_everything (PL_GLOBAL_SEED), or 0 when none was set.
@@ -5504,8 +5514,9 @@ class Fabric {
   requires(!ModuleLike<T>) std::remove_cvref_t<T> to_device(T&& data) {
     return fabric::to_device(std::forward<T>(data), device_);
   }
-  /// Seeds every generator; see fabric::seed_everything.
-  static std::uint64_t seed_everything(std::optional<std::uint64_t> seed = std::nullopt, bool workers = false) {
+  /// Seeds every generator; see fabric::seed_everything. Unlike the free function, `workers` defaults to
+  /// true (`PL_SEED_WORKERS=1`), as Lightning's `Fabric.seed_everything`.
+  static std::uint64_t seed_everything(std::optional<std::uint64_t> seed = std::nullopt, bool workers = true) {
     return fabric::seed_everything(seed, workers);
   }
   /// Prints an fmt-formatted line on local rank zero only (once per machine), and flushes stdout.
@@ -6950,6 +6961,7 @@ class TensorBoardLogger final : public Logger {
 
 #include <ATen/core/Tensor.h>
 #include <c10/core/Device.h>
+#include <c10/core/GradMode.h>
 #include <c10/core/ScalarType.h>
 #include <torch/version.h>
 
@@ -6958,6 +6970,24 @@ class TensorBoardLogger final : public Logger {
 #include <utility>
 
 namespace fabric {
+namespace detail {
+
+/// Casts a module's floating-point parameters and buffers (its children's too) to a dtype in place, as
+/// PyTorch's `module.double()`: integer, bool and complex tensors keep their dtype, and each parameter
+/// stays the same tensor (its data is swapped), so an optimizer built on it before still steps it.
+template <class M>
+void cast_floating_state(M& module, c10::ScalarType dtype) {
+  // NOTE: LibTorch's Module::to(dtype) casts every tensor, turning BatchNorm's int64
+  // num_batches_tracked into a float and complex buffers into reals; Python's casts floating ones only.
+  c10::NoGradGuard no_grad;
+  const auto cast = [dtype](const at::Tensor& t) {
+    if (t.defined() && t.is_floating_point() && t.scalar_type() != dtype) t.set_data(t.to(dtype));
+  };
+  for (const auto& parameter : module.parameters(/*recurse=*/true)) cast(parameter);
+  for (const auto& buffer : module.buffers(/*recurse=*/true)) cast(buffer);
+}
+
+}  // namespace detail
 
 /// Weights, compute and the default dtype of a dtype ("64-true", "bf16-true", "16-true"): the
 /// module is converted (no float32 master copy, no scaler), floating inputs are cast to the dtype
@@ -6983,10 +7013,12 @@ struct TruePrecision : PrecisionBase {
     }
   }
 
-  /// Converts the module's floating-point parameters and buffers to the dtype.
+  /// Converts the module's floating-point parameters and buffers to the dtype, as Lightning's
+  /// `module.double()`: integer (BatchNorm's `num_batches_tracked`), bool and complex tensors are left as
+  /// they are, and parameters keep their identity and `requires_grad`.
   template <class M>
   void convert_module(M& module) {
-    module.to(Dtype);
+    detail::cast_floating_state(module, Dtype);
   }
   /// Casts floating inputs of the wrapped forward to the dtype.
   template <class T>

@@ -9,6 +9,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <c10/core/Device.h>
+#include <c10/core/GradMode.h>
 #include <c10/core/ScalarType.h>
 #include <torch/version.h>
 
@@ -17,6 +18,24 @@
 #include <utility>
 
 namespace fabric {
+namespace detail {
+
+/// Casts a module's floating-point parameters and buffers (its children's too) to a dtype in place, as
+/// PyTorch's `module.double()`: integer, bool and complex tensors keep their dtype, and each parameter
+/// stays the same tensor (its data is swapped), so an optimizer built on it before still steps it.
+template <class M>
+void cast_floating_state(M& module, c10::ScalarType dtype) {
+  // NOTE: LibTorch's Module::to(dtype) casts every tensor, turning BatchNorm's int64
+  // num_batches_tracked into a float and complex buffers into reals; Python's casts floating ones only.
+  c10::NoGradGuard no_grad;
+  const auto cast = [dtype](const at::Tensor& t) {
+    if (t.defined() && t.is_floating_point() && t.scalar_type() != dtype) t.set_data(t.to(dtype));
+  };
+  for (const auto& parameter : module.parameters(/*recurse=*/true)) cast(parameter);
+  for (const auto& buffer : module.buffers(/*recurse=*/true)) cast(buffer);
+}
+
+}  // namespace detail
 
 /// Weights, compute and the default dtype of a dtype ("64-true", "bf16-true", "16-true"): the
 /// module is converted (no float32 master copy, no scaler), floating inputs are cast to the dtype
@@ -42,10 +61,12 @@ struct TruePrecision : PrecisionBase {
     }
   }
 
-  /// Converts the module's floating-point parameters and buffers to the dtype.
+  /// Converts the module's floating-point parameters and buffers to the dtype, as Lightning's
+  /// `module.double()`: integer (BatchNorm's `num_batches_tracked`), bool and complex tensors are left as
+  /// they are, and parameters keep their identity and `requires_grad`.
   template <class M>
   void convert_module(M& module) {
-    module.to(Dtype);
+    detail::cast_floating_state(module, Dtype);
   }
   /// Casts floating inputs of the wrapped forward to the dtype.
   template <class T>

@@ -48,9 +48,10 @@ inline void set_env(const char* name, const std::string& value) {
 
 }  // namespace detail
 
-/// Seeds torch's CPU and CUDA generators and fabric::random_engine(), exports PL_GLOBAL_SEED (and
-/// PL_SEED_WORKERS) so relaunched processes and data-loader samplers see the seed, and returns it.
-/// Without a seed, PL_GLOBAL_SEED is used, else 0, as in Lightning.
+/// Seeds torch's CPU and CUDA generators and fabric::random_engine(), exports PL_GLOBAL_SEED and
+/// PL_SEED_WORKERS (`"1"` or `"0"`) so relaunched processes and data-loader samplers see them, and
+/// returns the seed. Without a seed, PL_GLOBAL_SEED is used, else 0. As Lightning's free function,
+/// `workers` defaults to false here; `Fabric::seed_everything` defaults it to true.
 ///
 ///     fabric::seed_everything(42);
 inline std::uint64_t seed_everything(std::optional<std::uint64_t> seed = std::nullopt, bool workers = false) {
@@ -70,6 +71,15 @@ inline std::uint64_t seed_everything(std::optional<std::uint64_t> seed = std::nu
   at::manual_seed(*seed);
   random_engine().seed(*seed);
   return *seed;
+}
+
+/// Seeds again with the seed and `workers` flag seed_everything exported (PL_GLOBAL_SEED,
+/// PL_SEED_WORKERS), as Lightning's `reset_seed`; does nothing when seed_everything was not called.
+inline void reset_seed() {
+  const auto seed = detail::env_int("PL_GLOBAL_SEED");
+  if (!seed) return;
+  const auto workers = detail::env_int("PL_SEED_WORKERS");
+  seed_everything(static_cast<std::uint64_t>(*seed), workers.value_or(0) != 0);
 }
 
 /// Returns the seed exported by seed_everything (PL_GLOBAL_SEED), or 0 when none was set.

@@ -388,3 +388,76 @@ TEST_CASE("a GradScaler's state is saved and restored with checkpoints", "[preci
   CHECK(restored.get_scale() == 512.0);
   std::filesystem::remove_all(dir);
 }
+
+namespace {
+
+/// Holds every kind of state a conversion meets: float parameters (one frozen), a BatchNorm (float
+/// running stats, int64 num_batches_tracked), an int, a bool and a complex buffer, a complex parameter.
+struct StatefulImpl : torch::nn::Module {
+  StatefulImpl() {
+    fc = register_module("fc", torch::nn::Linear(2, 2));
+    bn = register_module("bn", torch::nn::BatchNorm1d(2));
+    frozen = register_parameter("frozen", torch::ones({2}), /*requires_grad=*/false);
+    rotation = register_parameter("rotation", torch::complex(torch::ones({2}), torch::full({2}, 3.0)));
+    steps = register_buffer("steps", torch::tensor({7}, torch::kLong));
+    mask = register_buffer("mask", torch::tensor({true, false}));
+    phase = register_buffer("phase", torch::complex(torch::ones({2}), torch::full({2}, 2.0)));
+  }
+  torch::Tensor forward(const torch::Tensor& x) { return bn(fc(x)); }
+  torch::nn::Linear fc{nullptr};
+  torch::nn::BatchNorm1d bn{nullptr};
+  torch::Tensor frozen, rotation, steps, mask, phase;
+};
+TORCH_MODULE(Stateful);
+
+}  // namespace
+
+using TruePrecisions = std::tuple<fabric::FP64, fabric::BF16True, fabric::FP16True>;
+
+TEMPLATE_LIST_TEST_CASE(
+    "test_double.py/test_half.py::test_convert_module: floating-point state only is converted, as Lightning",
+    "[precision][lightning]", TruePrecisions) {
+  Stateful net;
+  const auto* weight_impl = net->fc->weight.unsafeGetTensorImpl();
+  TestType precision;
+  precision.convert_module(*net);  // the plugin itself, as Lightning's test (no device: FP16True runs on the CPU)
+  const auto dtype = TestType::param_dtype();
+  CHECK(net->fc->weight.scalar_type() == dtype);
+  CHECK(net->fc->bias.scalar_type() == dtype);
+  CHECK(net->bn->weight.scalar_type() == dtype);
+  CHECK(net->bn->running_mean.scalar_type() == dtype);
+  CHECK(net->bn->running_var.scalar_type() == dtype);
+  CHECK(net->frozen.scalar_type() == dtype);
+  // Parameters stay the same tensors and keep requires_grad.
+  CHECK(net->fc->weight.unsafeGetTensorImpl() == weight_impl);
+  CHECK(net->fc->weight.requires_grad());
+  CHECK_FALSE(net->frozen.requires_grad());
+  CHECK(net->fc->weight.is_leaf());
+  // Integer, bool and complex state keeps its dtype and values (module.double() semantics).
+  CHECK(net->bn->num_batches_tracked.scalar_type() == torch::kLong);
+  CHECK(net->steps.scalar_type() == torch::kLong);
+  CHECK(net->steps.item<int64_t>() == 7);
+  CHECK(net->mask.scalar_type() == torch::kBool);
+  CHECK(net->phase.scalar_type() == torch::kComplexFloat);
+  CHECK(torch::equal(torch::imag(net->phase), torch::full({2}, 2.0)));
+  CHECK(net->rotation.scalar_type() == torch::kComplexFloat);
+  CHECK(net->rotation.requires_grad());
+  CHECK(torch::equal(torch::imag(net->rotation.detach()), torch::full({2}, 3.0)));
+}
+
+TEST_CASE("test_double.py::test_convert_module: FP64 setup keeps the optimizer's parameters and BatchNorm's counter",
+          "[precision][lightning]") {
+  CpuFabric<fabric::FP64> fabric;
+  Stateful net;
+  torch::optim::SGD sgd(net->parameters(), torch::optim::SGDOptions(0.1));
+  auto [model, optimizer] = fabric.setup(net, sgd);
+  CHECK(net->fc->weight.scalar_type() == torch::kDouble);
+  const auto before = net->fc->weight.detach().clone();
+  auto out = model(torch::randn({4, 2}));
+  fabric.backward(out.sum() + out.pow(2).sum());
+  optimizer.step();
+  CHECK_FALSE(torch::equal(before, net->fc->weight.detach()));  // the optimizer steps the converted weight
+  CHECK(net->fc->weight.scalar_type() == torch::kDouble);
+  CHECK(net->bn->num_batches_tracked.scalar_type() == torch::kLong);
+  CHECK(net->bn->num_batches_tracked.item<int64_t>() == 1);
+}
