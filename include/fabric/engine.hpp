@@ -39,7 +39,7 @@
 #include <string_view>
 #include <tuple>
 #include <type_traits>
-#include <unordered_set>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -300,7 +300,7 @@ class Fabric {
   template <class... Ls>
   requires(sizeof...(Ls) > 0) auto setup_dataloaders(DataOptions options, Ls&&... loaders) {
     check_launched("setup_dataloaders");
-    (detail::check_loader_arg<Ls>(), ...);
+    static_assert((detail::check_loader_arg<Ls>() && ...));
     (check_shards<typename detail::pointee<std::remove_cvref_t<Ls>>::type>(options), ...);
     return detail::one_or_tuple(DataLoader<typename detail::pointee<std::remove_cvref_t<Ls>>::type>(
         detail::share<typename detail::pointee<std::remove_cvref_t<Ls>>::type>(std::forward<Ls>(loaders)), device_,
@@ -397,7 +397,10 @@ class Fabric {
   /// Returns the guard under which new modules are created in the precision's dtype (float64 for
   /// FP64, bfloat16 for BF16True, ...). NOTE: LibTorch has no default device, so modules are created
   /// on the CPU and setup() moves them.
-  DefaultDtypeGuard init_module() const { return DefaultDtypeGuard(P::param_dtype()); }
+  DefaultDtypeGuard init_module() const {
+    check_launched("init_module");
+    return DefaultDtypeGuard(P::param_dtype());
+  }
   /// Returns the guard under which new tensors are created in the precision's dtype.
   DefaultDtypeGuard init_tensor() const { return DefaultDtypeGuard(P::param_dtype()); }
   /// Returns the guard that skips the gradient synchronisation of the module while it lives (for
@@ -577,12 +580,18 @@ class Fabric {
     }
   }
   void check_not_set_up(const void* object, std::string_view what) const {
-    if (set_up_.contains(object)) {
+    if (const auto it = set_up_.find(object); it != set_up_.end() && !it->second.expired()) {
       detail::raise(
           "this {0} was already set up by this Fabric; expected a {0} not set up yet, found one that "
           "setup() wrapped before; keep using the wrapper the first setup() returned",
           what);
     }
+  }
+  /// Records a set-up object until its entry expires, forgetting the expired ones: an object that died
+  /// (or whose wrapper did) no longer counts, so a new one built at its address can be set up.
+  void remember(const void* object, std::weak_ptr<const void> life) {
+    std::erase_if(set_up_, [](const auto& entry) { return entry.second.expired(); });
+    set_up_.insert_or_assign(object, std::move(life));
   }
   template <class M>
   auto setup_module_impl(const SetupOptions& options, M&& module) {
@@ -591,7 +600,8 @@ class Fabric {
     precision_.convert_module(*ptr);
     if (options.move_to_device) ptr->to(device_);
     auto state = strategy_.setup_module(*ptr);
-    set_up_.insert(static_cast<const torch::nn::Module*>(ptr.get()));
+    auto life = detail::track_set_up(ptr);
+    remember(static_cast<const torch::nn::Module*>(ptr.get()), std::move(life));
     modules_set_up_ = true;
     return Module<Impl, Fabric>(std::move(ptr), *this, std::move(state));
   }
@@ -600,7 +610,8 @@ class Fabric {
     using Opt = typename detail::pointee<std::remove_cvref_t<O>>::type;
     std::shared_ptr<Opt> ptr = detail::share<Opt>(std::forward<O>(optimizer));
     strategy_.setup_optimizer(*ptr);
-    set_up_.insert(static_cast<const torch::optim::Optimizer*>(ptr.get()));
+    auto life = detail::track_set_up(ptr);
+    remember(static_cast<const torch::optim::Optimizer*>(ptr.get()), std::move(life));
     return Optimizer<Opt, Fabric>(std::move(ptr), *this);
   }
 
@@ -610,7 +621,9 @@ class Fabric {
   P precision_;
   std::tuple<Cbs...> callbacks_;
   c10::Device device_{c10::DeviceType::CPU};
-  std::unordered_set<const void*> set_up_{};
+  /// The set-up modules and optimizers by address, each with what it counts as set up for (see
+  /// detail::track_set_up).
+  std::unordered_map<const void*, std::weak_ptr<const void>> set_up_{};
   bool launched_ = false;
   bool modules_set_up_ = false;
   /// Wrapped forwards since the last backward (counted when checks_bypassed_forward).

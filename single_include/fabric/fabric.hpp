@@ -2395,6 +2395,20 @@ std::shared_ptr<T> share(Arg&& arg) {
   }
 }
 
+/// Returns how long a set-up module or optimizer counts as set up: as long as the object lives where a
+/// shared_ptr owns it (its own, or, for a module kept by reference, the one shared_from_this sees),
+/// otherwise as long as some copy of its wrapper does, through a control block of its own given to ptr.
+/// NOTE: an address alone is not enough: a new object built where a destroyed one lived would pass for it.
+template <class T>
+std::weak_ptr<const void> track_set_up(std::shared_ptr<T>& ptr) {
+  if (ptr.use_count() > 0) return ptr;
+  if constexpr (std::is_base_of_v<torch::nn::Module, T>) {
+    if (auto owner = static_cast<torch::nn::Module&>(*ptr).weak_from_this(); !owner.expired()) return owner;
+  }
+  ptr = std::shared_ptr<T>(std::make_shared<char>(), ptr.get());
+  return ptr;
+}
+
 /// Rejects, at compile time, what setup cannot take as a module.
 template <class M>
 constexpr void check_module_arg() {
@@ -2421,9 +2435,10 @@ constexpr void check_optimizer_arg() {
                 "std::shared_ptr or a std::unique_ptr to one");
 }
 
-/// Rejects, at compile time, what setup_dataloaders cannot take.
+/// Rejects, at compile time, what setup_dataloaders cannot take; returns true (in a static_assert, so that
+/// its message comes before any error of the wrapper's instantiation).
 template <class L>
-constexpr void check_loader_arg() {
+constexpr bool check_loader_arg() {
   using U = std::remove_cvref_t<L>;
   static_assert(!is_fabric_loader_v<U>,
                 "fabric: this data loader is already set up; iterate the wrapper setup_dataloaders() returned");
@@ -2433,7 +2448,9 @@ constexpr void check_loader_arg() {
         l.begin();
         l.end();
       },
-      "fabric: setup_dataloaders takes LibTorch data loaders (from torch::data::make_data_loader)");
+      "fabric: setup_dataloaders takes LibTorch data loaders (from torch::data::make_data_loader) or ranges of "
+      "batches; pass the loader, not its dataset, or build one with fabric.make_data_loader(dataset, options)");
+  return true;
 }
 
 /// Returns the optimizer an argument of setup holds.
@@ -5133,7 +5150,7 @@ inline std::uint64_t worker_seed(std::size_t worker_id, int global_rank = 0) {
 #include <string_view>
 #include <tuple>
 #include <type_traits>
-#include <unordered_set>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -5394,7 +5411,7 @@ class Fabric {
   template <class... Ls>
   requires(sizeof...(Ls) > 0) auto setup_dataloaders(DataOptions options, Ls&&... loaders) {
     check_launched("setup_dataloaders");
-    (detail::check_loader_arg<Ls>(), ...);
+    static_assert((detail::check_loader_arg<Ls>() && ...));
     (check_shards<typename detail::pointee<std::remove_cvref_t<Ls>>::type>(options), ...);
     return detail::one_or_tuple(DataLoader<typename detail::pointee<std::remove_cvref_t<Ls>>::type>(
         detail::share<typename detail::pointee<std::remove_cvref_t<Ls>>::type>(std::forward<Ls>(loaders)), device_,
@@ -5491,7 +5508,10 @@ class Fabric {
   /// Returns the guard under which new modules are created in the precision's dtype (float64 for
   /// FP64, bfloat16 for BF16True, ...). NOTE: LibTorch has no default device, so modules are created
   /// on the CPU and setup() moves them.
-  DefaultDtypeGuard init_module() const { return DefaultDtypeGuard(P::param_dtype()); }
+  DefaultDtypeGuard init_module() const {
+    check_launched("init_module");
+    return DefaultDtypeGuard(P::param_dtype());
+  }
   /// Returns the guard under which new tensors are created in the precision's dtype.
   DefaultDtypeGuard init_tensor() const { return DefaultDtypeGuard(P::param_dtype()); }
   /// Returns the guard that skips the gradient synchronisation of the module while it lives (for
@@ -5671,12 +5691,18 @@ class Fabric {
     }
   }
   void check_not_set_up(const void* object, std::string_view what) const {
-    if (set_up_.contains(object)) {
+    if (const auto it = set_up_.find(object); it != set_up_.end() && !it->second.expired()) {
       detail::raise(
           "this {0} was already set up by this Fabric; expected a {0} not set up yet, found one that "
           "setup() wrapped before; keep using the wrapper the first setup() returned",
           what);
     }
+  }
+  /// Records a set-up object until its entry expires, forgetting the expired ones: an object that died
+  /// (or whose wrapper did) no longer counts, so a new one built at its address can be set up.
+  void remember(const void* object, std::weak_ptr<const void> life) {
+    std::erase_if(set_up_, [](const auto& entry) { return entry.second.expired(); });
+    set_up_.insert_or_assign(object, std::move(life));
   }
   template <class M>
   auto setup_module_impl(const SetupOptions& options, M&& module) {
@@ -5685,7 +5711,8 @@ class Fabric {
     precision_.convert_module(*ptr);
     if (options.move_to_device) ptr->to(device_);
     auto state = strategy_.setup_module(*ptr);
-    set_up_.insert(static_cast<const torch::nn::Module*>(ptr.get()));
+    auto life = detail::track_set_up(ptr);
+    remember(static_cast<const torch::nn::Module*>(ptr.get()), std::move(life));
     modules_set_up_ = true;
     return Module<Impl, Fabric>(std::move(ptr), *this, std::move(state));
   }
@@ -5694,7 +5721,8 @@ class Fabric {
     using Opt = typename detail::pointee<std::remove_cvref_t<O>>::type;
     std::shared_ptr<Opt> ptr = detail::share<Opt>(std::forward<O>(optimizer));
     strategy_.setup_optimizer(*ptr);
-    set_up_.insert(static_cast<const torch::optim::Optimizer*>(ptr.get()));
+    auto life = detail::track_set_up(ptr);
+    remember(static_cast<const torch::optim::Optimizer*>(ptr.get()), std::move(life));
     return Optimizer<Opt, Fabric>(std::move(ptr), *this);
   }
 
@@ -5704,7 +5732,9 @@ class Fabric {
   P precision_;
   std::tuple<Cbs...> callbacks_;
   c10::Device device_{c10::DeviceType::CPU};
-  std::unordered_set<const void*> set_up_{};
+  /// The set-up modules and optimizers by address, each with what it counts as set up for (see
+  /// detail::track_set_up).
+  std::unordered_map<const void*, std::weak_ptr<const void>> set_up_{};
   bool launched_ = false;
   bool modules_set_up_ = false;
   /// Wrapped forwards since the last backward (counted when checks_bypassed_forward).

@@ -10,11 +10,14 @@
 
 #include <unistd.h>
 
+#include <cstddef>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <memory>
+#include <new>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -143,6 +146,61 @@ TEST_CASE("setting up twice or a foreign optimizer is an error", "[fabric][setup
   CHECK_THROWS_WITH(fabric.setup_module(net), ContainsSubstring("already set up"));
   (void)model;
   (void)optimizer;
+}
+
+// Lightning: test_fabric.py::test_setup_tracks_num_models (models set up one after another),
+// test_setup_twice_fails, test_setup_module_twice_fails, test_setup_optimizers_twice_fails.
+TEST_CASE("a module or optimizer built where a destroyed one lived can be set up", "[fabric][setup]") {
+  fabric::Fabric<fabric::CPU> fabric;
+  SECTION("kept by reference: set up while its wrapper lives") {
+    alignas(NetImpl) std::byte net_storage[sizeof(NetImpl)];
+    alignas(torch::optim::SGD) std::byte sgd_storage[sizeof(torch::optim::SGD)];
+    for (int i = 0; i < 3; ++i) {
+      auto* net = new (net_storage) NetImpl();
+      auto* sgd = new (sgd_storage) torch::optim::SGD(net->parameters(), torch::optim::SGDOptions(0.1));
+      {
+        // The same addresses each time round: the objects of the round before were destroyed there.
+        auto [model, optimizer] = fabric.setup(*net, *sgd);
+        CHECK(&model.module() == net);
+        CHECK(&optimizer.optimizer() == sgd);
+        CHECK_THROWS_WITH(fabric.setup(*net), ContainsSubstring("this module was already set up"));
+        CHECK_THROWS_WITH(fabric.setup_module(*net), ContainsSubstring("this module was already set up"));
+        CHECK_THROWS_WITH(fabric.setup_optimizers(*sgd), ContainsSubstring("this optimizer was already set up"));
+        auto copy = model;  // a copy of the wrapper keeps the module set up
+        (void)copy;
+      }
+      sgd->~SGD();
+      net->~NetImpl();
+    }
+  }
+  SECTION("owned by a shared_ptr: set up while it lives") {
+    alignas(NetImpl) std::byte net_storage[sizeof(NetImpl)];
+    alignas(torch::optim::Adam) std::byte adam_storage[sizeof(torch::optim::Adam)];
+    for (int i = 0; i < 3; ++i) {
+      std::shared_ptr<NetImpl> net(new (net_storage) NetImpl(), [](NetImpl* p) { p->~NetImpl(); });
+      std::shared_ptr<torch::optim::Adam> adam(new (adam_storage) torch::optim::Adam(net->parameters()),
+                                               [](torch::optim::Adam* p) { p->~Adam(); });
+      REQUIRE(static_cast<void*>(net.get()) == static_cast<void*>(net_storage));
+      {
+        auto [model, optimizer] = fabric.setup(net, adam);
+        (void)model;
+        (void)optimizer;
+      }
+      // Its wrappers are gone, but the module and the optimizer live: still set up.
+      CHECK_THROWS_WITH(fabric.setup(net), ContainsSubstring("this module was already set up"));
+      CHECK_THROWS_WITH(fabric.setup(*net), ContainsSubstring("this module was already set up"));
+      CHECK_THROWS_WITH(fabric.setup_optimizers(adam), ContainsSubstring("this optimizer was already set up"));
+    }
+  }
+  SECTION("TORCH_MODULE holders built one after another, as a training loop over models does") {
+    for (int i = 0; i < 20; ++i) {
+      Net net;
+      torch::optim::Adam adam(net->parameters());
+      auto [model, optimizer] = fabric.setup(net, adam);
+      fabric.backward(model(torch::randn({2, 4})).sum());
+      optimizer.step();
+    }
+  }
 }
 
 TEST_CASE("the module wrapper forwards like the module", "[fabric][wrappers]") {

@@ -76,6 +76,20 @@ std::shared_ptr<T> share(Arg&& arg) {
   }
 }
 
+/// Returns how long a set-up module or optimizer counts as set up: as long as the object lives where a
+/// shared_ptr owns it (its own, or, for a module kept by reference, the one shared_from_this sees),
+/// otherwise as long as some copy of its wrapper does, through a control block of its own given to ptr.
+/// NOTE: an address alone is not enough: a new object built where a destroyed one lived would pass for it.
+template <class T>
+std::weak_ptr<const void> track_set_up(std::shared_ptr<T>& ptr) {
+  if (ptr.use_count() > 0) return ptr;
+  if constexpr (std::is_base_of_v<torch::nn::Module, T>) {
+    if (auto owner = static_cast<torch::nn::Module&>(*ptr).weak_from_this(); !owner.expired()) return owner;
+  }
+  ptr = std::shared_ptr<T>(std::make_shared<char>(), ptr.get());
+  return ptr;
+}
+
 /// Rejects, at compile time, what setup cannot take as a module.
 template <class M>
 constexpr void check_module_arg() {
@@ -102,9 +116,10 @@ constexpr void check_optimizer_arg() {
                 "std::shared_ptr or a std::unique_ptr to one");
 }
 
-/// Rejects, at compile time, what setup_dataloaders cannot take.
+/// Rejects, at compile time, what setup_dataloaders cannot take; returns true (in a static_assert, so that
+/// its message comes before any error of the wrapper's instantiation).
 template <class L>
-constexpr void check_loader_arg() {
+constexpr bool check_loader_arg() {
   using U = std::remove_cvref_t<L>;
   static_assert(!is_fabric_loader_v<U>,
                 "fabric: this data loader is already set up; iterate the wrapper setup_dataloaders() returned");
@@ -114,7 +129,9 @@ constexpr void check_loader_arg() {
         l.begin();
         l.end();
       },
-      "fabric: setup_dataloaders takes LibTorch data loaders (from torch::data::make_data_loader)");
+      "fabric: setup_dataloaders takes LibTorch data loaders (from torch::data::make_data_loader) or ranges of "
+      "batches; pass the loader, not its dataset, or build one with fabric.make_data_loader(dataset, options)");
+  return true;
 }
 
 /// Returns the optimizer an argument of setup holds.

@@ -1,10 +1,11 @@
 // Data: the set-up loader as a C++20 input range, fabric's DistributedSampler, the convenience loader,
-// make_data_loader and the refusal of loaders that do not shard under DDP.
+// make_data_loader, the refusal of loaders that do not shard under DDP and of set-up calls before launch().
 #include <fabric/distributed.hpp>
 #include <fabric/fabric.hpp>
 
 #include "unit/test_data.hpp"
 
+#include <fmt/format.h>
 #include <torch/torch.h>
 #include <catch2/catch_test_macros.hpp>
 #include <catch2/matchers/catch_matchers_string.hpp>
@@ -15,6 +16,7 @@
 #include <numeric>
 #include <ranges>
 #include <set>
+#include <string_view>
 #include <type_traits>
 #include <vector>
 
@@ -292,4 +294,37 @@ TEST_CASE("under DDP setup_dataloaders refuses a loader that does not shard, unl
   fabric::Fabric<fabric::CPU> single;
   auto plain = single.setup_dataloaders(make_loader(3, 3));
   CHECK(pass(plain) == std::vector<std::int64_t>{0, 1, 2});
+}
+
+// Lightning: test_fabric.py::test_verify_launch_called (setup, setup_module, setup_dataloaders, the
+// collectives and the init_module context before launch()).
+TEST_CASE("under DDP what needs the processes is an error before launch()", "[data][ddp][errors]") {
+  fabric::Fabric<fabric::CPU, fabric::DDP> fabric{{}, fabric::DDP({.cluster_environment = SoloEnvironment{}}), {}};
+  torch::nn::Linear net(2, 2);
+  torch::optim::SGD sgd(net->parameters(), torch::optim::SGDOptions(0.1));
+  const auto before_launch = [](std::string_view what) {
+    return ContainsSubstring(
+        fmt::format("{0}: the ddp strategy needs its processes first; call fabric.launch() before {0}", what));
+  };
+  CHECK_THROWS_WITH(fabric.setup(net, sgd), before_launch("setup"));
+  CHECK_THROWS_WITH(fabric.setup_module(net), before_launch("setup_module"));
+  CHECK_THROWS_WITH(fabric.setup_optimizers(sgd), before_launch("setup_optimizers"));
+  CHECK_THROWS_WITH(fabric.setup_dataloaders({.use_distributed_sampler = false}, make_loader(4, 2)),
+                    before_launch("setup_dataloaders"));
+  CHECK_THROWS_WITH(fabric.dataloader(indexed(4).map(torch::data::transforms::Stack<>()), {.batch_size = 2}),
+                    before_launch("dataloader"));
+  CHECK_THROWS_WITH(fabric.init_module(), before_launch("init_module"));
+  const auto not_connected = ContainsSubstring("not connected yet; call fabric.launch() first");
+  CHECK_THROWS_WITH(fabric.barrier(), not_connected);
+  CHECK_THROWS_WITH(fabric.all_reduce(1.0), not_connected);
+  CHECK_THROWS_WITH(fabric.all_gather(torch::ones({2})), not_connected);
+  CHECK_THROWS_WITH(fabric.broadcast(torch::ones({2})), not_connected);
+  // The checks changed nothing: after launch() the same objects set up, and init_module gives the dtype.
+  fabric.launch();
+  auto [model, optimizer] = fabric.setup(net, sgd);
+  (void)optimizer;
+  CHECK(&model.fabric() == &fabric);
+  auto guard = fabric.init_module();
+  CHECK(torch::nn::Linear(2, 2)->weight.dtype() == torch::kFloat32);
+  CHECK(fabric.all_reduce(2.0).item<double>() == 2.0);
 }
