@@ -621,6 +621,8 @@ inline bool is_rank_zero() { return rank_zero_only_rank() == 0; }
 // your own may satisfy instead of deriving, and fabric::as_logger, which adapts one. Torch-free.
 
 
+#include <algorithm>
+#include <charconv>
 #include <concepts>
 #include <cstdint>
 #include <filesystem>
@@ -629,8 +631,10 @@ inline bool is_rank_zero() { return rank_zero_only_rank() == 0; }
 #include <optional>
 #include <string>
 #include <string_view>
+#include <system_error>
 #include <type_traits>
 #include <utility>
+#include <variant>
 
 namespace fabric {
 
@@ -664,6 +668,47 @@ class Logger {
 };
 
 namespace detail {
+
+// ---- Lightning's version_N layout, shared by the file loggers ---------------------------------------
+
+/// A logger's version: N for `version_N`, or a directory name given as it is.
+using LoggerVersion = std::variant<int, std::string>;
+
+/// Returns a version_N directory's N as Lightning's loggers read it (`_get_next_version`: the text
+/// between "version_" and the next '_', all digits, so "version_5_old" is 5), or nothing for other names.
+inline std::optional<int> version_number(std::string_view leaf) {
+  if (!leaf.starts_with("version_")) return std::nullopt;
+  std::string_view digits = leaf.substr(8);
+  digits = digits.substr(0, digits.find('_'));
+  if (digits.empty() || !std::all_of(digits.begin(), digits.end(), [](char c) { return c >= '0' && c <= '9'; }))
+    return std::nullopt;
+  int v = 0;
+  const char* last = digits.data() + digits.size();
+  if (auto [p, err] = std::from_chars(digits.data(), last, v); err != std::errc{} || p != last) return std::nullopt;
+  return v;
+}
+
+/// Returns the next free version under dir: one past the highest version_N directory, 0 when none.
+inline int next_version(const std::filesystem::path& dir) {
+  std::error_code ec;
+  if (!std::filesystem::is_directory(dir, ec)) return 0;
+  int next = 0;
+  for (const auto& entry : std::filesystem::directory_iterator(dir, ec)) {
+    if (!entry.is_directory(ec)) continue;
+    if (const auto v = version_number(entry.path().filename().string())) next = std::max(next, *v + 1);
+  }
+  return next;
+}
+
+/// Returns the version as `Logger::version` reports it: "3" for version_3, else the name.
+inline std::string version_text(const LoggerVersion& v) {
+  return std::holds_alternative<int>(v) ? std::to_string(std::get<int>(v)) : std::get<std::string>(v);
+}
+
+/// Returns the version's directory name: "version_3", or the name given.
+inline std::string version_leaf(const LoggerVersion& v) {
+  return std::holds_alternative<int>(v) ? "version_" + std::to_string(std::get<int>(v)) : std::get<std::string>(v);
+}
 
 /// The logger names its experiment.
 template <class L>
@@ -5968,15 +6013,10 @@ class CSVLogger final : public Logger {
   CSVLogger& operator=(const CSVLogger&) = delete;
 
   std::string name() const override { return options_.name; }
-  std::string version() const override {
-    return std::visit([](const auto& v) { return fmt::format("{}", v); }, resolved_version());
-  }
+  std::string version() const override { return detail::version_text(resolved_version()); }
   std::filesystem::path root_dir() const override { return options_.root_dir; }
   std::filesystem::path log_dir() const override {
-    const auto& v = resolved_version();
-    const std::string leaf =
-        std::holds_alternative<int>(v) ? fmt::format("version_{}", std::get<int>(v)) : std::get<std::string>(v);
-    return options_.root_dir / options_.name / leaf;
+    return options_.root_dir / options_.name / detail::version_leaf(resolved_version());
   }
   /// Returns the path of metrics.csv.
   std::filesystem::path metrics_file() const { return log_dir() / "metrics.csv"; }
@@ -6053,7 +6093,7 @@ class CSVLogger final : public Logger {
 
   // The version, settled on first use (the next free version_N unless one was given).
   const std::variant<int, std::string>& resolved_version() const {
-    if (!options_.version) options_.version = next_version();
+    if (!options_.version) options_.version = detail::next_version(options_.root_dir / options_.name);
     return *options_.version;
   }
 
@@ -6176,23 +6216,6 @@ class CSVLogger final : public Logger {
     }
     if (any) records.push_back(std::move(fields));
     return records;
-  }
-
-  int next_version() const {
-    const auto dir = options_.root_dir / options_.name;
-    std::error_code ec;
-    if (!std::filesystem::is_directory(dir, ec)) return 0;
-    int next = 0;
-    for (const auto& entry : std::filesystem::directory_iterator(dir, ec)) {
-      const std::string leaf = entry.path().filename().string();
-      if (!entry.is_directory() || !leaf.starts_with("version_")) continue;
-      int v = 0;
-      const char* first = leaf.data() + 8;
-      const char* last = leaf.data() + leaf.size();
-      if (auto [p, err] = std::from_chars(first, last, v); err == std::errc{} && p == last)
-        next = std::max(next, v + 1);
-    }
-    return next;
   }
 
   mutable Options options_;  // the version is filled in on first use
@@ -6607,20 +6630,6 @@ inline double wall_time_now() {
   return std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
 }
 
-/// Returns a version_N directory's N as Lightning's _get_next_version reads it (the text between
-/// "version_" and the next '_', all digits), or nothing for any other name.
-inline std::optional<int> version_number(std::string_view leaf) {
-  if (!leaf.starts_with("version_")) return std::nullopt;
-  std::string_view digits = leaf.substr(8);
-  digits = digits.substr(0, digits.find('_'));
-  int v = 0;
-  const char* last = digits.data() + digits.size();
-  if (digits.empty() || !std::all_of(digits.begin(), digits.end(), [](char c) { return c >= '0' && c <= '9'; }))
-    return std::nullopt;
-  if (auto [p, err] = std::from_chars(digits.data(), last, v); err != std::errc{} || p != last) return std::nullopt;
-  return v;
-}
-
 /// Flushes the live loggers when the program exits through `exit` or a return from main (a logger
 /// owned by main's stack or a static is destroyed and flushes itself; one owned by the heap is not).
 class ExitFlush {
@@ -6748,17 +6757,12 @@ class TensorBoardLogger final : public Logger {
   /// Returns the experiment name.
   std::string name() const override { return options_.name; }
   /// Returns the version ("3" for version_3, or the string given), settling it on first use.
-  std::string version() const override {
-    return std::visit([](const auto& v) { return fmt::format("{}", v); }, resolved_version());
-  }
+  std::string version() const override { return detail::version_text(resolved_version()); }
   /// Returns root_dir as given.
   std::filesystem::path root_dir() const override { return options_.root_dir; }
   /// Returns root_dir/name/version[/sub_dir], with `$VAR`, `${VAR}` and a leading `~` expanded as Lightning does.
   std::filesystem::path log_dir() const override {
-    const auto& v = resolved_version();
-    const std::string leaf =
-        std::holds_alternative<int>(v) ? fmt::format("version_{}", std::get<int>(v)) : std::get<std::string>(v);
-    std::filesystem::path dir = options_.root_dir / options_.name / leaf;
+    std::filesystem::path dir = options_.root_dir / options_.name / detail::version_leaf(resolved_version());
     if (options_.sub_dir) dir /= *options_.sub_dir;
     return detail::tensorboard::expand_path(dir.string());
   }
@@ -6851,21 +6855,12 @@ class TensorBoardLogger final : public Logger {
 
   // The version, settled on first use (the next free version_N unless one was given).
   const std::variant<int, std::string>& resolved_version() const {
-    if (!options_.version) options_.version = next_version();
-    return *options_.version;
-  }
-
-  int next_version() const {
-    const std::filesystem::path dir = detail::tensorboard::expand_path((options_.root_dir / options_.name).string());
-    std::error_code ec;
-    if (!std::filesystem::is_directory(dir, ec)) return 0;
-    int next = 0;
-    for (const auto& entry : std::filesystem::directory_iterator(dir, ec)) {
-      if (!entry.is_directory(ec)) continue;
-      if (const auto v = detail::tensorboard::version_number(entry.path().filename().string()))
-        next = std::max(next, *v + 1);
+    // NOTE: the versions are numbered in the expanded directory, where log_dir() puts them.
+    if (!options_.version) {
+      options_.version =
+          detail::next_version(detail::tensorboard::expand_path((options_.root_dir / options_.name).string()));
     }
-    return next;
+    return *options_.version;
   }
 
   // Creates the log directory and the event file with its first record (written at once, as TensorBoard

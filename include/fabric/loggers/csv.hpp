@@ -64,15 +64,10 @@ class CSVLogger final : public Logger {
   CSVLogger& operator=(const CSVLogger&) = delete;
 
   std::string name() const override { return options_.name; }
-  std::string version() const override {
-    return std::visit([](const auto& v) { return fmt::format("{}", v); }, resolved_version());
-  }
+  std::string version() const override { return detail::version_text(resolved_version()); }
   std::filesystem::path root_dir() const override { return options_.root_dir; }
   std::filesystem::path log_dir() const override {
-    const auto& v = resolved_version();
-    const std::string leaf =
-        std::holds_alternative<int>(v) ? fmt::format("version_{}", std::get<int>(v)) : std::get<std::string>(v);
-    return options_.root_dir / options_.name / leaf;
+    return options_.root_dir / options_.name / detail::version_leaf(resolved_version());
   }
   /// Returns the path of metrics.csv.
   std::filesystem::path metrics_file() const { return log_dir() / "metrics.csv"; }
@@ -149,7 +144,7 @@ class CSVLogger final : public Logger {
 
   // The version, settled on first use (the next free version_N unless one was given).
   const std::variant<int, std::string>& resolved_version() const {
-    if (!options_.version) options_.version = next_version();
+    if (!options_.version) options_.version = detail::next_version(options_.root_dir / options_.name);
     return *options_.version;
   }
 
@@ -272,23 +267,6 @@ class CSVLogger final : public Logger {
     }
     if (any) records.push_back(std::move(fields));
     return records;
-  }
-
-  int next_version() const {
-    const auto dir = options_.root_dir / options_.name;
-    std::error_code ec;
-    if (!std::filesystem::is_directory(dir, ec)) return 0;
-    int next = 0;
-    for (const auto& entry : std::filesystem::directory_iterator(dir, ec)) {
-      const std::string leaf = entry.path().filename().string();
-      if (!entry.is_directory() || !leaf.starts_with("version_")) continue;
-      int v = 0;
-      const char* first = leaf.data() + 8;
-      const char* last = leaf.data() + leaf.size();
-      if (auto [p, err] = std::from_chars(first, last, v); err == std::errc{} && p == last)
-        next = std::max(next, v + 1);
-    }
-    return next;
   }
 
   mutable Options options_;  // the version is filled in on first use

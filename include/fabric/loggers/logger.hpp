@@ -4,6 +4,8 @@
 
 #include "fabric/core/concepts.hpp"
 
+#include <algorithm>
+#include <charconv>
 #include <concepts>
 #include <cstdint>
 #include <filesystem>
@@ -12,8 +14,10 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <system_error>
 #include <type_traits>
 #include <utility>
+#include <variant>
 
 namespace fabric {
 
@@ -47,6 +51,47 @@ class Logger {
 };
 
 namespace detail {
+
+// ---- Lightning's version_N layout, shared by the file loggers ---------------------------------------
+
+/// A logger's version: N for `version_N`, or a directory name given as it is.
+using LoggerVersion = std::variant<int, std::string>;
+
+/// Returns a version_N directory's N as Lightning's loggers read it (`_get_next_version`: the text
+/// between "version_" and the next '_', all digits, so "version_5_old" is 5), or nothing for other names.
+inline std::optional<int> version_number(std::string_view leaf) {
+  if (!leaf.starts_with("version_")) return std::nullopt;
+  std::string_view digits = leaf.substr(8);
+  digits = digits.substr(0, digits.find('_'));
+  if (digits.empty() || !std::all_of(digits.begin(), digits.end(), [](char c) { return c >= '0' && c <= '9'; }))
+    return std::nullopt;
+  int v = 0;
+  const char* last = digits.data() + digits.size();
+  if (auto [p, err] = std::from_chars(digits.data(), last, v); err != std::errc{} || p != last) return std::nullopt;
+  return v;
+}
+
+/// Returns the next free version under dir: one past the highest version_N directory, 0 when none.
+inline int next_version(const std::filesystem::path& dir) {
+  std::error_code ec;
+  if (!std::filesystem::is_directory(dir, ec)) return 0;
+  int next = 0;
+  for (const auto& entry : std::filesystem::directory_iterator(dir, ec)) {
+    if (!entry.is_directory(ec)) continue;
+    if (const auto v = version_number(entry.path().filename().string())) next = std::max(next, *v + 1);
+  }
+  return next;
+}
+
+/// Returns the version as `Logger::version` reports it: "3" for version_3, else the name.
+inline std::string version_text(const LoggerVersion& v) {
+  return std::holds_alternative<int>(v) ? std::to_string(std::get<int>(v)) : std::get<std::string>(v);
+}
+
+/// Returns the version's directory name: "version_3", or the name given.
+inline std::string version_leaf(const LoggerVersion& v) {
+  return std::holds_alternative<int>(v) ? "version_" + std::to_string(std::get<int>(v)) : std::get<std::string>(v);
+}
 
 /// The logger names its experiment.
 template <class L>

@@ -6,6 +6,7 @@
 #include <fabric/core/rank_zero.hpp>
 #include <fabric/loggers/csv.hpp>
 
+#include "unit/rank_environment.hpp"
 #include "unit/temp_dir.hpp"
 
 #include <catch2/catch_test_macros.hpp>
@@ -20,36 +21,9 @@
 
 using Catch::Matchers::ContainsSubstring;
 
-namespace {
-
-using Vars = std::map<std::string, std::string>;
-constexpr const char* rank_variables[] = {"RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"};
-
-/// Sets the rank variables for a scope (unset when not given), forgets the known rank, and restores
-/// both afterwards.
-class RankEnvironment {
- public:
-  explicit RankEnvironment(const std::map<std::string, std::string>& values) {
-    for (const char* name : rank_variables) {
-      if (const char* v = std::getenv(name)) saved_[name] = v;
-      ::unsetenv(name);
-    }
-    for (const auto& [name, value] : values) ::setenv(name.c_str(), value.c_str(), 1);
-    fabric::detail::rank_zero_only_rank().store(-1);
-  }
-  RankEnvironment(const RankEnvironment&) = delete;
-  RankEnvironment& operator=(const RankEnvironment&) = delete;
-  ~RankEnvironment() {
-    for (const char* name : rank_variables) ::unsetenv(name);
-    for (const auto& [name, value] : saved_) ::setenv(name.c_str(), value.c_str(), 1);
-    fabric::detail::rank_zero_only_rank().store(-1);
-  }
-
- private:
-  std::map<std::string, std::string> saved_;
-};
-
-}  // namespace
+using fabric_test::rank_variables;
+using fabric_test::RankEnvironment;
+using Vars = RankEnvironment::Vars;
 
 TEST_CASE("rank_zero_only_rank comes from the launcher's variables", "[rank_zero]") {
   SECTION("none set: rank zero") {

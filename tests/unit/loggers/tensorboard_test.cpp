@@ -8,6 +8,7 @@
 #include <fabric/loggers/tensorboard.hpp>
 
 #include "unit/loggers/tfrecord_reader.hpp"
+#include "unit/rank_environment.hpp"
 #include "unit/temp_dir.hpp"
 
 #include <catch2/catch_test_macros.hpp>
@@ -69,31 +70,6 @@ class EnvGuard {
  private:
   const char* name_;
   std::optional<std::string> old_;
-};
-
-// Sets the launcher's rank variables for the scope (unset when not given) and forgets the known rank;
-// restores both after.
-class RankEnvironment {
- public:
-  explicit RankEnvironment(const std::map<std::string, std::string>& values) {
-    for (const char* name : variables) {
-      if (const char* v = std::getenv(name)) saved_[name] = v;
-      ::unsetenv(name);
-    }
-    for (const auto& [name, value] : values) ::setenv(name.c_str(), value.c_str(), 1);
-    fabric::detail::rank_zero_only_rank().store(-1);
-  }
-  ~RankEnvironment() {
-    for (const char* name : variables) ::unsetenv(name);
-    for (const auto& [name, value] : saved_) ::setenv(name.c_str(), value.c_str(), 1);
-    fabric::detail::rank_zero_only_rank().store(-1);
-  }
-  RankEnvironment(const RankEnvironment&) = delete;
-  RankEnvironment& operator=(const RankEnvironment&) = delete;
-
- private:
-  static constexpr const char* variables[] = {"RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"};
-  std::map<std::string, std::string> saved_;
 };
 
 // The events of the one event file in dir.
@@ -679,7 +655,7 @@ TEST_CASE("TensorBoardLogger: a logger still alive at exit() is flushed", "[tens
 TEST_CASE("TensorBoardLogger: on a rank other than zero nothing is written, as Lightning's @rank_zero_only",
           "[tensorboard]") {
   TempDir tmp;
-  const RankEnvironment env(std::map<std::string, std::string>{{"RANK", "1"}});
+  const fabric_test::RankEnvironment env(fabric_test::RankEnvironment::Vars{{"RANK", "1"}});
   TensorBoardLogger logger({.root_dir = tmp.path(), .flush_secs = 0});
   logger.log_metrics({{"loss", 0.5}}, 0);
   logger.log_hyperparams({{"lr", "0.1"}});
