@@ -518,8 +518,20 @@ class Fabric {
   // ---- checkpoints -----------------------------------------------------------------------------
 
   /// Saves the state through the strategy (rank zero writes, atomically; every rank agrees):
-  /// modules and optimizers by their state, plain values as they are. Parent directories are created.
-  void save(const std::filesystem::path& path, const State& state) { strategy_.save_checkpoint(path, state); }
+  /// modules and optimizers by their state, Stateful objects by their state_dict(), plain values as
+  /// they are. Parent directories are created. With filters, an entry keeps the items of its state that
+  /// its Filter chooses (Lightning's `filter=`); a filter key that is not in the state is an error.
+  void save(const std::filesystem::path& path, const State& state, const Filters& filters = {}) {
+    if constexpr (detail::strategy_saves_filtered<S>) {
+      strategy_.save_checkpoint(path, state, filters);
+    } else {
+      if (!filters.empty()) {
+        detail::raise("save: this strategy's save_checkpoint(path, state) takes no filters; expected "
+                      "save_checkpoint(path, state, filters), as fabric::StrategyBase has, or save without filters");
+      }
+      strategy_.save_checkpoint(path, state);
+    }
+  }
   /// Restores the state in place from a checkpoint and returns the entries of the file that the
   /// state did not ask for. With strict, a missing key (or module tensor) is an error; shapes and
   /// types must always match. Nothing is changed when any check fails.

@@ -2528,17 +2528,21 @@ inline void check_belongs(const torch::nn::Module& module, const torch::optim::O
 }  // namespace fabric::detail
 // ---- end fabric/detail/setup.hpp
 // ---- begin fabric/io/state.hpp
-// Checkpoint state: fabric::State (what save and load take), its conversion into the dictionary a
-// CheckpointIO writes, and its strict or non-strict restore from one.
+// Checkpoint state: fabric::State (what save and load take), the Stateful concept (any object with
+// state_dict() and load_state_dict(), or a StateAdapter, such as LibTorch's LR schedulers), save's
+// per-entry Filters, the conversion into the dictionary a CheckpointIO writes, and the strict or
+// non-strict restore from one.
 //
 // In the dictionary, "__fabric__" holds the format and the kind of every entry; a module is a flat
 // dictionary of its parameters and buffers under their dotted names (the keys of a PyTorch
 // state_dict); an optimizer is its LibTorch archive plus the shapes of its parameters and its C++
-// type; plain values (integers, floating point, booleans, strings, tensors) are stored as they are.
+// type; a Stateful object is its state_dict(); plain values (integers, floating point, booleans,
+// strings, tensors) are stored as they are.
 //
 // Loading checks everything first (names, shapes, types, optimizer groups and options) and reports
-// all problems in one fabric::Error; only then are optimizers restored (undone if one fails),
-// followed by modules and values, so a failed load changes nothing.
+// all problems in one fabric::Error; only then are optimizers restored, then Stateful objects (both
+// undone if one fails, and the error names the entry), followed by modules and values, which cannot
+// fail, so a failed load changes nothing.
 
 // ---- begin fabric/detail/archive.hpp
 // What the checkpoint formats share about LibTorch's modules and optimizers: a module's tensors under
@@ -2787,6 +2791,7 @@ inline OptimizerBackup load_optimizer_archive(torch::serialize::InputArchive& ar
 #include <concepts>
 #include <filesystem>
 #include <memory>
+#include <string>
 #include <type_traits>
 #include <utility>
 
@@ -2795,6 +2800,19 @@ namespace fabric {
 /// A checkpoint as a CheckpointIO writes and reads it: a dictionary of names to values (tensors,
 /// numbers, strings and nested dictionaries and lists of them), the shape of a PyTorch checkpoint.
 using Checkpoint = c10::impl::GenericDict;
+
+/// The state of a Stateful object (see fabric::Stateful): names to values, the shape of a PyTorch
+/// `state_dict()`. Make an empty one with fabric::make_state_dict().
+using StateDict = c10::Dict<std::string, c10::IValue>;
+
+/// Returns an empty StateDict (c10::Dict has no default constructor for IValue values).
+///
+///     fabric::StateDict state = fabric::make_state_dict();
+///     state.insert("count", std::int64_t{3});
+inline StateDict make_state_dict() {
+  return c10::impl::toTypedDict<std::string, c10::IValue>(
+      c10::impl::GenericDict(c10::StringType::get(), c10::AnyType::get()));
+}
 
 namespace detail {
 
@@ -2917,8 +2935,938 @@ class AnyCheckpointIO {
 
 }  // namespace fabric
 // ---- end fabric/io/checkpoint_io.hpp
-// ---- begin fabric/precision/grad_scaler.hpp
-// fabric::GradScaler: PyTorch's gradient scaler for float16 mixed precision, in C++ (LibTorch has none).
+
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+
+#include <ATen/core/Dict.h>
+#include <ATen/core/List.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/core/grad_mode.h>
+#include <ATen/core/ivalue.h>
+#include <ATen/ops/empty.h>
+#include <torch/nn/module.h>
+#include <torch/optim/optimizer.h>
+#include <torch/optim/schedulers/lr_scheduler.h>
+#include <torch/serialize/input-archive.h>
+#include <torch/serialize/output-archive.h>
+
+#include <concepts>
+#include <cstdint>
+#include <cstring>
+#include <filesystem>
+#include <functional>
+#include <map>
+#include <memory>
+#include <optional>
+#include <set>
+#include <string>
+#include <string_view>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+namespace fabric {
+
+/// Makes a type Stateful without members of its own (as nlohmann's adl_serializer): a specialization
+/// has `static fabric::StateDict state_dict(const T&)` and `static void load_state_dict(T&, const
+/// fabric::StateDict&)`. fabric specializes it for LibTorch's LR schedulers.
+///
+///     template <> struct fabric::StateAdapter<Counter> {
+///       static fabric::StateDict state_dict(const Counter& c) {
+///         fabric::StateDict d = fabric::make_state_dict();
+///         d.insert("n", c.n);
+///         return d;
+///       }
+///       static void load_state_dict(Counter& c, const fabric::StateDict& d) { c.n = d.at("n").toInt(); }
+///     };
+template <class T>
+struct StateAdapter;
+
+namespace detail {
+
+/// What state_dict() may return: PyTorch's shape of a state (string keys) or any dictionary.
+template <class D>
+concept state_dict_type =
+    std::same_as<std::remove_cvref_t<D>, StateDict> || std::same_as<std::remove_cvref_t<D>, c10::impl::GenericDict>;
+/// load_state_dict takes the state as a StateDict.
+template <class T>
+concept loads_state_dict = requires(T& object, const StateDict& dict) {
+  object.load_state_dict(dict);
+};
+/// load_state_dict takes the state as a GenericDict (what fabric::GradScaler takes).
+template <class T>
+concept loads_generic_dict = requires(T& object, const c10::impl::GenericDict& dict) {
+  object.load_state_dict(dict);
+};
+/// The object has PyTorch's two members: state_dict() const and load_state_dict(state).
+template <class T>
+concept has_state_dict_members = requires(const T& object) {
+  { object.state_dict() } -> state_dict_type;
+}
+&&(loads_state_dict<T> || loads_generic_dict<T>);
+/// A StateAdapter<T> specialization saves and restores the object.
+template <class T>
+concept has_state_adapter = requires(const T& saved, T& loaded, const StateDict& dict) {
+  { StateAdapter<T>::state_dict(saved) } -> std::same_as<StateDict>;
+  StateAdapter<T>::load_state_dict(loaded, dict);
+};
+
+}  // namespace detail
+
+/// An object whose state save writes and load restores in place, as Lightning saves any object with
+/// `state_dict()` and `load_state_dict()`: members `state_dict() const` returning fabric::StateDict (or
+/// a c10::impl::GenericDict) and `load_state_dict(const fabric::StateDict&)` (or of a GenericDict), or a
+/// fabric::StateAdapter<T> specialization.
+template <class T>
+concept Stateful = detail::has_state_dict_members<T> || detail::has_state_adapter<T>;
+
+namespace detail {
+
+/// Reaches LibTorch's protected LRScheduler::step_count_ through a member pointer named in a derived
+/// class; it is a scheduler's only state (the learning rates live in the optimizer's state).
+struct LRSchedulerAccess : torch::optim::LRScheduler {
+  static unsigned& step_count(torch::optim::LRScheduler& scheduler) {
+    return scheduler.*(&LRSchedulerAccess::step_count_);
+  }
+};
+
+}  // namespace detail
+
+/// LibTorch's LR schedulers (torch::optim::StepLR and every LRScheduler subclass) as Stateful: their
+/// state is the number of steps taken, under "step_count" (PyTorch's schedulers call it last_epoch).
+template <class T>
+requires std::derived_from<T, torch::optim::LRScheduler>
+struct StateAdapter<T> {
+  static StateDict state_dict(const T& scheduler) {
+    StateDict dict = make_state_dict();
+    dict.insert("step_count",
+                static_cast<std::int64_t>(detail::LRSchedulerAccess::step_count(const_cast<T&>(scheduler))));
+    return dict;
+  }
+  static void load_state_dict(T& scheduler, const StateDict& dict) {
+    if (!dict.contains("step_count") || !dict.at("step_count").isInt() || dict.at("step_count").toInt() < 0) {
+      detail::raise(
+          "LR scheduler: expected a non-negative integer \"step_count\" in the scheduler state, found {}; pass a "
+          "state saved from an LR scheduler",
+          dict.contains("step_count") ? detail::describe(dict.at("step_count")) : std::string("none"));
+    }
+    detail::LRSchedulerAccess::step_count(scheduler) = static_cast<unsigned>(dict.at("step_count").toInt());
+  }
+};
+
+namespace detail {
+
+/// A dictionary read from a file as a StateDict; a key that is not a string is an error.
+inline StateDict to_state_dict(const c10::impl::GenericDict& dict) {
+  StateDict out = make_state_dict();
+  for (const auto& item : dict) {
+    if (!item.key().isString()) {
+      raise("expected a state with string keys, found a key that is {}; save it from a Stateful object",
+            describe(item.key()));
+    }
+    out.insert(item.key().toStringRef(), item.value());
+  }
+  return out;
+}
+
+template <Stateful T>
+c10::IValue stateful_save(const T& object) {
+  if constexpr (has_state_dict_members<T>) {
+    return c10::IValue(object.state_dict());
+  } else {
+    return c10::IValue(StateAdapter<T>::state_dict(object));
+  }
+}
+
+template <Stateful T>
+void stateful_load(T& object, const c10::impl::GenericDict& dict) {
+  if constexpr (has_state_dict_members<T>) {
+    if constexpr (loads_generic_dict<T>) {
+      object.load_state_dict(dict);
+    } else {
+      object.load_state_dict(to_state_dict(dict));
+    }
+  } else {
+    StateAdapter<T>::load_state_dict(object, to_state_dict(dict));
+  }
+}
+
+/// The state's object is the process's (fabric::RngState): an entry may hold a temporary of it.
+template <class T>
+concept global_stateful = Stateful<T> && requires {
+  requires T::global_state;
+};
+
+}  // namespace detail
+
+/// One entry of a checkpoint state: a module, an optimizer, a Stateful object or a plain value.
+///
+/// Modules, optimizers and Stateful objects are restored in place. Plain values are replaced in the
+/// entry (read them with get<T>()); an entry made from std::ref(variable) also writes the loaded value
+/// back into it.
+class StateEntry {
+ public:
+  /// What an entry holds.
+  enum class Kind { module, optimizer, stateful, value };
+
+  /// Refers to a module: a TORCH_MODULE holder, a shared_ptr or a module object (not copied).
+  template <ModuleLike M>
+  StateEntry(M& module)
+      : kind_(Kind::module), module_(module_pointer(module)) {}  // NOLINT(google-explicit-constructor)
+  /// Refers to the module of a set-up wrapper.
+  template <class M, class F>
+  StateEntry(const Module<M, F>& module) : kind_(Kind::module), module_(module.ptr()) {}  // NOLINT
+  /// Refers to an optimizer (not copied).
+  template <class O>
+  requires std::derived_from<O, torch::optim::Optimizer> StateEntry(O& optimizer)
+      : kind_(Kind::optimizer), optimizer_(&optimizer) {}  // NOLINT
+  /// Refers to the optimizer of a set-up wrapper.
+  template <class O, class F>
+  StateEntry(const Optimizer<O, F>& optimizer)
+      : kind_(Kind::optimizer), optimizer_(&optimizer.optimizer()) {}  // NOLINT
+  /// Refers to an optimizer held by a std::shared_ptr (not copied; the pointer must outlive the entry).
+  template <class O>
+  requires std::derived_from<O, torch::optim::Optimizer> StateEntry(const std::shared_ptr<O>& optimizer)
+      : StateEntry(optimizer.get(), "std::shared_ptr") {}  // NOLINT
+  /// Refers to an optimizer held by a std::unique_ptr (not copied; the pointer must outlive the entry).
+  template <class O, class D>
+  requires std::derived_from<O, torch::optim::Optimizer> StateEntry(const std::unique_ptr<O, D>& optimizer)
+      : StateEntry(optimizer.get(), "std::unique_ptr") {}  // NOLINT
+  /// Holds a tensor.
+  StateEntry(at::Tensor value) : value_(std::move(value)) {}  // NOLINT
+  /// Holds a boolean.
+  StateEntry(bool value) : value_(value) {}  // NOLINT
+  /// Holds an integer (stored as int64).
+  template <std::integral T>
+  requires(!std::same_as<T, bool>) StateEntry(T value) : value_(static_cast<std::int64_t>(value)) {}  // NOLINT
+  /// Holds a floating-point number (stored as double).
+  template <std::floating_point T>
+  StateEntry(T value) : value_(static_cast<double>(value)) {}  // NOLINT
+  /// Holds a string.
+  StateEntry(std::string value) : value_(std::move(value)) {}  // NOLINT
+  /// Holds a string.
+  StateEntry(const char* value) : value_(std::string(value)) {}  // NOLINT
+  /// Holds a value read from a file.
+  explicit StateEntry(c10::IValue value) : value_(std::move(value)) {}
+  /// Refers to a variable: saves its value, and load writes the loaded value back into it
+  /// (std::cref: saved only, never written back).
+  template <class T>
+  requires(std::is_arithmetic_v<T> || std::same_as<std::remove_const_t<T>, std::string> ||
+           std::same_as<std::remove_const_t<T>, at::Tensor>) StateEntry(std::reference_wrapper<T> ref)
+      : StateEntry(std::remove_const_t<T>(ref.get())) {  // NOLINT
+    if constexpr (!std::is_const_v<T>) {
+      write_back_ = [p = &ref.get()](const c10::IValue& v) { *p = StateEntry(v).get<T>(); };
+    }
+  }
+
+  /// Refers to a Stateful object (an LR scheduler, the set-up loader, a fabric::GradScaler, one's own):
+  /// save writes its state_dict() and load calls its load_state_dict() (not copied; a const object is
+  /// saved only).
+  template <class T>
+  requires(Stateful<std::remove_const_t<T>> && !ModuleLike<T> &&
+           !std::derived_from<std::remove_const_t<T>, torch::optim::Optimizer>) StateEntry(T& object)  // NOLINT
+      : kind_(Kind::stateful) {
+    refer_to(&object);
+  }
+  /// Holds a temporary of a Stateful type whose state is the process's, e.g. `{"rng", fabric::RngState{}}`.
+  template <class T>
+  requires(!std::is_lvalue_reference_v<T> && Stateful<T>) StateEntry(T&& object)  // NOLINT
+      : kind_(Kind::stateful) {
+    static_assert(detail::global_stateful<T>,
+                  "fabric: a Stateful state entry refers to its object, which save reads and load restores in place; "
+                  "pass a named object (an lvalue), not a temporary");
+    auto owned = std::make_shared<T>(std::move(object));
+    refer_to(owned.get());
+    owner_ = std::move(owned);
+  }
+  /// Refers to a Stateful object held by a std::shared_ptr (shares it).
+  template <class T>
+  requires(Stateful<std::remove_const_t<T>> && !ModuleLike<std::shared_ptr<T>>)
+      StateEntry(const std::shared_ptr<T>& object)  // NOLINT
+      : kind_(Kind::stateful) {
+    if (!object)
+      detail::raise("state entry: expected a Stateful object, found an empty std::shared_ptr; pass the object");
+    refer_to(object.get());
+    owner_ = object;
+  }
+
+  /// Returns what the entry holds.
+  Kind kind() const noexcept { return kind_; }
+  /// Returns the plain value (for entries that hold one).
+  const c10::IValue& value() const noexcept { return value_; }
+  /// Returns the module an entry refers to.
+  const std::shared_ptr<torch::nn::Module>& module() const noexcept { return module_; }
+  /// Returns the optimizer an entry refers to.
+  torch::optim::Optimizer* optimizer() const noexcept { return optimizer_; }
+  /// Returns the state of the Stateful object an entry refers to (its state_dict() now).
+  c10::IValue state_dict() const { return save_state_(); }
+  /// Says whether load can restore the Stateful object (it is not const).
+  bool restorable() const noexcept { return static_cast<bool>(load_state_); }
+  /// Restores the Stateful object an entry refers to; a const object is an error.
+  void load_state_dict(const c10::impl::GenericDict& dict) const {
+    if (!load_state_) {
+      detail::raise("state entry: the object is const, so load cannot restore it; pass it non-const to load into it");
+    }
+    load_state_(dict);
+  }
+
+  /// Returns the plain value as T (integer, floating point, bool, std::string or at::Tensor).
+  template <class T>
+  T get() const {
+    if constexpr (std::same_as<T, bool>) {
+      if (value_.isBool()) return value_.toBool();
+    } else if constexpr (std::integral<T>) {
+      if (value_.isInt()) return static_cast<T>(value_.toInt());
+    } else if constexpr (std::floating_point<T>) {
+      if (value_.isDouble()) return static_cast<T>(value_.toDouble());
+      if (value_.isInt()) return static_cast<T>(value_.toInt());
+    } else if constexpr (std::same_as<T, std::string>) {
+      if (value_.isString()) return value_.toStringRef();
+    } else if constexpr (std::same_as<T, at::Tensor>) {
+      if (value_.isTensor()) return value_.toTensor();
+    } else {
+      static_assert(sizeof(T) == 0,
+                    "fabric: StateEntry::get<T> supports integers, floating point, bool, "
+                    "std::string and at::Tensor; read other values through value()");
+    }
+    detail::raise(
+        "state entry: expected a value of the requested type, found {}; read it with the type it was "
+        "saved with",
+        value_.tagKind());
+  }
+
+ private:
+  template <class M>
+  static std::shared_ptr<torch::nn::Module> module_pointer(M& m) {
+    using U = std::remove_cv_t<M>;
+    if constexpr (detail::is_module_holder_v<U>) {
+      return m.ptr();
+    } else if constexpr (detail::is_module_ptr_v<U>) {
+      return m;
+    } else {
+      return std::shared_ptr<torch::nn::Module>(std::shared_ptr<void>{}, &m);  // non-owning
+    }
+  }
+
+  template <class T>
+  void refer_to(T* object) {
+    save_state_ = [object] { return detail::stateful_save<std::remove_const_t<T>>(*object); };
+    if constexpr (!std::is_const_v<T>) {
+      load_state_ = [object](const c10::impl::GenericDict& dict) { detail::stateful_load(*object, dict); };
+    }
+  }
+
+  StateEntry(torch::optim::Optimizer* optimizer, const char* holder) : kind_(Kind::optimizer), optimizer_(optimizer) {
+    if (optimizer == nullptr) {
+      detail::raise("state entry: expected an optimizer, found an empty {}; pass the optimizer itself", holder);
+    }
+  }
+
+  Kind kind_ = Kind::value;
+  std::shared_ptr<torch::nn::Module> module_{};
+  torch::optim::Optimizer* optimizer_ = nullptr;
+  c10::IValue value_{};
+  std::function<void(const c10::IValue&)> write_back_{};
+  std::function<c10::IValue()> save_state_{};
+  std::function<void(const c10::impl::GenericDict&)> load_state_{};
+  std::shared_ptr<void> owner_{};
+
+ public:
+  /// Replaces the plain value (and writes it back to a referenced variable).
+  void assign(c10::IValue v) {
+    if (write_back_) write_back_(v);
+    value_ = std::move(v);
+  }
+};
+
+/// What save and load take: names to modules, optimizers, Stateful objects and plain values.
+///
+///     fabric::State state{{"model", model}, {"optimizer", optimizer}, {"scheduler", scheduler},
+///                         {"loader", loader}, {"rng", fabric::RngState{}}, {"epoch", epoch}};
+using State = std::map<std::string, StateEntry>;
+
+/// Chooses what save writes of one state entry, as a callable of Lightning's `save(filter=...)`: it is
+/// called with each item of the entry's state (a module's tensors under their dotted names, the keys
+/// of a Stateful object's state_dict() or of a dictionary value) and returns whether to keep it. It
+/// takes `(std::string_view name, const c10::IValue& value)`, or `(std::string_view, const at::Tensor&)`
+/// for entries of tensors only.
+class Filter {
+ public:
+  /// Wraps a predicate over (name, value).
+  template <class F>
+  requires std::is_invocable_r_v<bool, F&, std::string_view, const c10::IValue&> Filter(F predicate)  // NOLINT
+      : predicate_(std::move(predicate)) {}
+  /// Wraps a predicate over (name, tensor); an item that is not a tensor is an error at save.
+  template <class F>
+  requires(!std::is_invocable_r_v<bool, F&, std::string_view, const c10::IValue&> &&
+           std::is_invocable_r_v<bool, F&, std::string_view, const at::Tensor&>) Filter(F predicate)  // NOLINT
+      : predicate_([predicate = std::move(predicate)](std::string_view name, const c10::IValue& value) mutable {
+          if (!value.isTensor()) {
+            detail::raise(
+                "save: the filter takes tensors, but the item \"{}\" is {}; write the filter over "
+                "(std::string_view, const c10::IValue&)",
+                name, detail::describe(value));
+          }
+          return static_cast<bool>(predicate(name, value.toTensor()));
+        }) {}
+  /// Says whether to save the item.
+  bool operator()(std::string_view name, const c10::IValue& value) const { return predicate_(name, value); }
+
+ private:
+  std::function<bool(std::string_view, const c10::IValue&)> predicate_;
+};
+
+/// save's filters: state keys to the Filter of that entry (entries without one are saved whole).
+///
+///     fabric.save(path, state, {{"model", [](std::string_view name, const at::Tensor&) {
+///                                  return name.find("bias") == std::string_view::npos; }}});
+using Filters = std::map<std::string, Filter>;
+
+namespace detail {
+
+// Format 2 adds the "stateful" kind (format 1 stored a GradScaler as a "value").
+inline constexpr std::int64_t checkpoint_format = 2;
+inline constexpr const char* marker_key = "__fabric__";
+
+inline const char* kind_name(StateEntry::Kind k) {
+  switch (k) {
+    case StateEntry::Kind::module:
+      return "module";
+    case StateEntry::Kind::optimizer:
+      return "optimizer";
+    case StateEntry::Kind::stateful:
+      return "stateful";
+    default:
+      return "value";
+  }
+}
+
+inline c10::IValue module_to_ivalue(const torch::nn::Module& module) {
+  c10::Dict<std::string, at::Tensor> dict;
+  for (auto& [name, tensor] : module_tensors(module)) dict.insert(name, tensor.detach());
+  return dict;
+}
+
+inline c10::IValue optimizer_to_ivalue(const std::string& key, const torch::optim::Optimizer& optimizer) {
+  std::vector<char> bytes;
+  try {
+    torch::serialize::OutputArchive archive;
+    optimizer.save(archive);
+    archive.save_to([&](const void* data, std::size_t n) {
+      bytes.insert(bytes.end(), static_cast<const char*>(data), static_cast<const char*>(data) + n);
+      return n;
+    });
+  } catch (const c10::Error& e) {
+    raise("state entry \"{}\": LibTorch could not serialize this {} ({}); nothing was written", key,
+          optimizer_type(optimizer), first_line(e.what_without_backtrace()));
+  }
+  at::Tensor blob = at::empty({static_cast<std::int64_t>(bytes.size())}, at::kByte);
+  std::memcpy(blob.data_ptr(), bytes.data(), bytes.size());
+  c10::impl::GenericList shapes(c10::ListType::ofInts());
+  for (const auto& p : optimizer_params(optimizer)) shapes.push_back(c10::List<std::int64_t>(p.sizes().vec()));
+  c10::impl::GenericDict dict(c10::StringType::get(), c10::AnyType::get());
+  dict.insert("archive", blob);
+  dict.insert("shapes", shapes);
+  dict.insert("type", optimizer_type(optimizer));
+  return dict;
+}
+
+/// Checks save's filters against the state: every key names an entry, and none an optimizer.
+inline void check_filters(const State& state, const Filters& filters) {
+  std::vector<std::string> unknown;
+  for (const auto& [key, filter] : filters) {
+    if (!state.contains(key)) unknown.push_back(fmt::format("\"{}\"", key));
+  }
+  if (!unknown.empty()) {
+    std::vector<std::string> keys;
+    for (const auto& [key, entry] : state) keys.push_back(fmt::format("\"{}\"", key));
+    raise("save: the filter keys {{{}}} are not present in the state keys {{{}}}; filter only entries of the state",
+          fmt::join(unknown, ", "), fmt::join(keys, ", "));
+  }
+  for (const auto& [key, filter] : filters) {
+    if (state.at(key).kind() == StateEntry::Kind::optimizer) {
+      raise(
+          "save: the filter for \"{}\" is for an optimizer, whose LibTorch state is one archive (Optimizer::save) "
+          "that cannot be split by item; leave \"{}\" out of the filter, or the optimizer out of the state",
+          key, key);
+    }
+  }
+}
+
+/// The items of a dictionary that filter keeps; nothing when it keeps none (the entry is left out).
+inline std::optional<c10::IValue> filtered(const std::string& key, const c10::impl::GenericDict& dict,
+                                           const Filter& filter) {
+  c10::impl::GenericDict out(dict.keyType(), dict.valueType());
+  for (const auto& item : dict) {
+    if (!item.key().isString()) {
+      raise("save: state entry \"{}\" has a key that is {}, which a filter cannot name; expected string keys", key,
+            describe(item.key()));
+    }
+    if (filter(item.key().toStringRef(), item.value())) out.insert(item.key(), item.value());
+  }
+  if (out.empty()) return std::nullopt;
+  return c10::IValue(out);
+}
+
+/// Converts a state into the dictionary a CheckpointIO writes: modules as {dotted name: tensor},
+/// optimizers as their archive, Stateful objects as their state_dict(), values as they are, and the
+/// "__fabric__" entry with the kinds. An entry with a filter keeps the items its filter chooses and
+/// is left out when it keeps none (Lightning's `_apply_filter`).
+inline Checkpoint to_checkpoint(const State& state, const Filters& filters = {}) {
+  check_filters(state, filters);
+  Checkpoint root(c10::StringType::get(), c10::AnyType::get());
+  c10::Dict<std::string, std::string> kinds;
+  for (const auto& [key, entry] : state) {
+    if (key == marker_key) raise("the state key \"{}\" is reserved; rename that entry", key);
+    c10::IValue stored;
+    switch (entry.kind()) {
+      case StateEntry::Kind::module:
+        stored = module_to_ivalue(*entry.module());
+        break;
+      case StateEntry::Kind::optimizer:
+        stored = optimizer_to_ivalue(key, *entry.optimizer());
+        break;
+      case StateEntry::Kind::stateful:
+        try {
+          stored = entry.state_dict();
+        } catch (const std::exception& e) {
+          raise("state entry \"{}\": its state_dict() failed ({}); nothing was written", key, first_line(e.what()));
+        }
+        break;
+      case StateEntry::Kind::value:
+        if (entry.value().isNone()) raise("state entry \"{}\" holds no value; give it one or remove it", key);
+        if (entry.value().isTensor() && !entry.value().toTensor().defined()) {
+          raise("state entry \"{}\" holds an undefined tensor; expected a defined tensor, give it one or remove it",
+                key);
+        }
+        stored = entry.value();
+        break;
+    }
+    const auto filter = filters.find(key);
+    if (filter != filters.end() && stored.isGenericDict()) {
+      auto kept = filtered(key, stored.toGenericDict(), filter->second);
+      if (!kept) continue;
+      stored = std::move(*kept);
+    }
+    root.insert(key, std::move(stored));
+    kinds.insert(key, kind_name(entry.kind()));
+  }
+  c10::impl::GenericDict marker(c10::StringType::get(), c10::AnyType::get());
+  marker.insert("format", checkpoint_format);
+  marker.insert("version", std::string(version()));
+  marker.insert("kinds", kinds);
+  root.insert(marker_key, marker);
+  return root;
+}
+
+[[noreturn]] inline void malformed_marker(const std::filesystem::path& path, const std::string& why) {
+  raise("the checkpoint {} has a malformed \"{}\" entry ({}); expected a file written by fabric's save, unaltered",
+        path.string(), marker_key, why);
+}
+
+/// Checks the "__fabric__" entry of a checkpoint read from path, removes it from root and returns the
+/// kind of every entry ("module", "optimizer", "stateful", "value"); nothing for a dictionary without
+/// it (one torch.save wrote in Python), whose entries are taken for what the state asks.
+inline std::optional<std::map<std::string, std::string>> take_marker(Checkpoint& root,
+                                                                     const std::filesystem::path& path) {
+  if (!root.contains(marker_key)) return std::nullopt;
+  std::map<std::string, std::string> result;
+  const c10::IValue marker = root.at(marker_key);
+  if (!marker.isGenericDict()) malformed_marker(path, fmt::format("expected a dictionary, found {}", describe(marker)));
+  const auto m = marker.toGenericDict();
+  if (!m.contains("format") || !m.at("format").isInt()) malformed_marker(path, "no integer \"format\"");
+  if (m.at("format").toInt() > checkpoint_format) {
+    raise(
+        "the checkpoint {} has format {}, which this fabric ({}) cannot read; expected format <= {}; load it with a "
+        "newer fabric",
+        path.string(), m.at("format").toInt(), version(), checkpoint_format);
+  }
+  if (m.contains("kinds")) {
+    const c10::IValue kinds = m.at("kinds");
+    if (!kinds.isGenericDict())
+      malformed_marker(path, fmt::format("\"kinds\" is {}, not a dictionary", describe(kinds)));
+    for (const auto& k : kinds.toGenericDict()) {
+      if (!k.key().isString() || !k.value().isString()) {
+        malformed_marker(path, fmt::format("a kind is {}, not a string", describe(k.value())));
+      }
+      const std::string& kind = k.value().toStringRef();
+      if (kind != "module" && kind != "optimizer" && kind != "stateful" && kind != "value") {
+        malformed_marker(path, fmt::format("unknown kind \"{}\" of \"{}\"", kind, k.key().toStringRef()));
+      }
+      result[k.key().toStringRef()] = kind;
+    }
+  }
+  (void)root.erase(marker_key);
+  return result;
+}
+
+inline bool same_value_type(const c10::IValue& expected, const c10::IValue& found) {
+  if (expected.isDouble()) return found.isDouble() || found.isInt();
+  if (expected.isInt()) return found.isInt();
+  if (expected.isBool()) return found.isBool();
+  if (expected.isString()) return found.isString();
+  if (expected.isTensor()) return found.isTensor();
+  if (expected.isGenericDict()) {
+    if (!found.isGenericDict()) return false;
+    // A dictionary entry (e.g. a GradScaler's state) needs the same keys.
+    for (const auto& item : expected.toGenericDict()) {
+      if (!found.toGenericDict().contains(item.key())) return false;
+    }
+  }
+  return true;
+}
+
+/// Checks a module entry against a module; appends every problem to errors.
+inline void check_module(const std::string& key, const torch::nn::Module& module, const c10::IValue& stored,
+                         bool strict, std::vector<std::string>& errors) {
+  if (!stored.isGenericDict()) {
+    errors.push_back(fmt::format("\"{}\": expected a module's tensors, found {}", key, describe(stored)));
+    return;
+  }
+  const auto dict = stored.toGenericDict();
+  std::set<std::string> seen;
+  for (const auto& [name, tensor] : module_tensors(module)) {
+    seen.insert(name);
+    if (!dict.contains(name)) {
+      if (strict) errors.push_back(fmt::format("\"{}.{}\": missing from the checkpoint", key, name));
+      continue;
+    }
+    const c10::IValue& v = dict.at(name);
+    if (!v.isTensor() || !v.toTensor().defined()) {
+      errors.push_back(fmt::format("\"{}.{}\": expected a tensor, found {}", key, name, describe(v)));
+    } else if (v.toTensor().sizes() != tensor.sizes()) {
+      errors.push_back(fmt::format("\"{}.{}\": expected shape {}, found shape {} in the checkpoint", key, name,
+                                   shape_str(tensor.sizes()), shape_str(v.toTensor().sizes())));
+    }
+  }
+  if (strict) {
+    for (const auto& item : dict) {
+      if (!item.key().isString()) {
+        errors.push_back(
+            fmt::format("\"{}\": found a tensor name that is {}, not a string", key, describe(item.key())));
+      } else if (!seen.contains(item.key().toStringRef())) {
+        errors.push_back(
+            fmt::format("\"{}.{}\": in the checkpoint but not in the module", key, item.key().toStringRef()));
+      }
+    }
+  }
+}
+
+inline void restore_module(torch::nn::Module& module, const c10::IValue& stored) {
+  const auto dict = stored.toGenericDict();
+  at::NoGradGuard no_grad;
+  for (auto& [name, tensor] : module_tensors(module)) {
+    if (dict.contains(name)) tensor.copy_(dict.at(name).toTensor());
+  }
+}
+
+/// Checks a Stateful entry of a checkpoint: a dictionary, const objects refused, and with strict
+/// every key of the object's state_dict() present (the object's load_state_dict checks the rest).
+inline void check_stateful(const std::string& key, const StateEntry& entry, const c10::IValue& stored, bool strict,
+                           std::vector<std::string>& errors) {
+  if (!stored.isGenericDict()) {
+    errors.push_back(fmt::format("\"{}\": expected a dictionary (the state_dict() of a Stateful object), found {}", key,
+                                 describe(stored)));
+    return;
+  }
+  if (!entry.restorable()) {
+    errors.push_back(fmt::format("\"{}\": the object is const, so load cannot restore it; pass it non-const", key));
+    return;
+  }
+  if (!strict) return;
+  c10::IValue current;
+  try {
+    current = entry.state_dict();
+  } catch (const std::exception& e) {
+    errors.push_back(fmt::format("\"{}\": its state_dict() failed ({})", key, first_line(e.what())));
+    return;
+  }
+  const auto dict = stored.toGenericDict();
+  for (const auto& item : current.toGenericDict()) {
+    if (!dict.contains(item.key())) {
+      errors.push_back(fmt::format("\"{}.{}\": missing from the checkpoint", key,
+                                   item.key().isString() ? item.key().toStringRef() : describe(item.key())));
+    }
+  }
+}
+
+/// Checks an optimizer entry of a checkpoint; on success its parsed archive goes into archives.
+inline void check_optimizer(const std::string& key, const torch::optim::Optimizer& optimizer, const c10::IValue& stored,
+                            std::vector<std::string>& errors,
+                            std::map<std::string, torch::serialize::InputArchive>& archives) {
+  const std::string label = fmt::format("\"{}\"", key);
+  if (!stored.isGenericDict()) {
+    errors.push_back(fmt::format("{}: expected an optimizer's state, found {}", label, describe(stored)));
+    return;
+  }
+  const auto dict = stored.toGenericDict();
+  if (!dict.contains("archive") || !dict.at("archive").isTensor() || !dict.contains("shapes") ||
+      !dict.at("shapes").isList()) {
+    errors.push_back(fmt::format("{}: expected an optimizer's state, found a dictionary without its archive", label));
+    return;
+  }
+  if (dict.contains("type") && dict.at("type").isString()) {
+    const std::string saved = dict.at("type").toStringRef();
+    const std::string wanted = optimizer_type(optimizer);
+    if (saved != wanted) {
+      errors.push_back(
+          fmt::format("{}: expected the state of a {}, found the state of a {} in the checkpoint; build "
+                      "the optimizer the same way as when it was saved",
+                      label, wanted, saved));
+      return;
+    }
+  }
+  const auto params = optimizer_params(optimizer);
+  const auto shapes = dict.at("shapes").toList();
+  if (shapes.size() != params.size()) {
+    errors.push_back(fmt::format("{}: expected state for {} parameters, found {} in the checkpoint", label,
+                                 params.size(), shapes.size()));
+    return;
+  }
+  const std::size_t before = errors.size();
+  for (std::size_t i = 0; i < params.size(); ++i) {
+    const c10::IValue shape_value = shapes.get(i);
+    if (!shape_value.isIntList()) {
+      errors.push_back(fmt::format("{}: parameter {}: the saved shape is {}, not a list of integers", label, i,
+                                   describe(shape_value)));
+      continue;
+    }
+    const auto shape = shape_value.toIntVector();
+    if (at::IntArrayRef(shape) != params[i].sizes()) {
+      errors.push_back(fmt::format("{}: parameter {}: expected shape {}, found shape {} in the checkpoint", label, i,
+                                   shape_str(params[i].sizes()), shape_str(shape)));
+    }
+  }
+  if (errors.size() != before) return;
+  const at::Tensor blob = dict.at("archive").toTensor().contiguous();
+  torch::serialize::InputArchive archive;
+  try {
+    if (blob.scalar_type() != at::kByte) throw std::runtime_error("the archive is not a byte tensor");
+    archive.load_from(static_cast<const char*>(blob.data_ptr()), static_cast<std::size_t>(blob.numel()));
+  } catch (const std::exception& e) {
+    errors.push_back(
+        fmt::format("{}: the optimizer state in the checkpoint is corrupt ({})", label, first_line(e.what())));
+    return;
+  }
+  check_optimizer_archive(label, archive, optimizer, "the checkpoint", errors);
+  if (errors.size() == before) archives.emplace(key, std::move(archive));
+}
+
+/// Restores state in place from a checkpoint read from path (see Fabric::load): everything is checked
+/// first, then optimizers, modules and values are restored; returns the entries state did not ask for.
+inline State load_state(Checkpoint root, const std::filesystem::path& path, State& state, bool strict) {
+  const auto kinds = take_marker(root, path);
+  std::vector<std::string> errors;
+  std::map<std::string, torch::serialize::InputArchive> archives;
+  try {
+    for (auto& [key, entry] : state) {
+      if (!root.contains(key)) {
+        if (strict) errors.push_back(fmt::format("\"{}\": missing from the checkpoint", key));
+        continue;
+      }
+      const c10::IValue stored = root.at(key);
+      std::string stored_kind = kind_name(entry.kind());
+      if (kinds) {
+        const auto kind_it = kinds->find(key);
+        stored_kind = kind_it != kinds->end() ? kind_it->second : "value";
+      }
+      // Format 1 stored a GradScaler, the one Stateful object then, as a value.
+      if (entry.kind() == StateEntry::Kind::stateful && stored_kind == "value") stored_kind = "stateful";
+      if (stored_kind != kind_name(entry.kind())) {
+        errors.push_back(fmt::format("\"{}\": expected a {}, found a {} in the checkpoint", key,
+                                     kind_name(entry.kind()), stored_kind));
+        continue;
+      }
+      switch (entry.kind()) {
+        case StateEntry::Kind::module:
+          check_module(key, *entry.module(), stored, strict, errors);
+          break;
+        case StateEntry::Kind::optimizer:
+          check_optimizer(key, *entry.optimizer(), stored, errors, archives);
+          break;
+        case StateEntry::Kind::stateful:
+          check_stateful(key, entry, stored, strict, errors);
+          break;
+        case StateEntry::Kind::value:
+          if (!same_value_type(entry.value(), stored)) {
+            errors.push_back(
+                fmt::format("\"{}\": expected {}, found {}", key, describe(entry.value()), describe(stored)));
+          }
+          break;
+      }
+    }
+  } catch (const c10::Error& e) {
+    raise("cannot load {}: the checkpoint is malformed ({}); nothing was changed", path.string(),
+          first_line(e.what_without_backtrace()));
+  }
+  if (!errors.empty()) {
+    raise("cannot load {} ({} problem{}; nothing was changed):\n  {}\n{}", path.string(), errors.size(),
+          errors.size() == 1 ? "" : "s", fmt::join(errors, "\n  "),
+          strict ? "Pass strict = false to skip missing and unexpected keys; shapes and types must match."
+                 : "Shapes and types must match.");
+  }
+  // Optimizers first: theirs is the only restore that can still fail, and it is undone if it does.
+  std::vector<OptimizerBackup> backups;
+  for (auto& [key, entry] : state) {
+    const auto archive = archives.find(key);
+    if (entry.kind() != StateEntry::Kind::optimizer || archive == archives.end()) continue;
+    try {
+      backups.push_back(load_optimizer_archive(archive->second, *entry.optimizer()));
+    } catch (const c10::Error& e) {
+      for (auto it = backups.rbegin(); it != backups.rend(); ++it) it->restore();
+      raise(
+          "cannot load {}: \"{}\": the optimizer state does not fit this optimizer ({}); nothing was changed; build "
+          "the optimizer the same way as when it was saved",
+          path.string(), key, first_line(e.what_without_backtrace()));
+    }
+  }
+  // Then Stateful objects, each undone (with the optimizers) when a later one fails.
+  std::vector<std::pair<const StateEntry*, c10::IValue>> restored;
+  for (auto& [key, entry] : state) {
+    if (entry.kind() != StateEntry::Kind::stateful || !root.contains(key)) continue;
+    c10::IValue before;
+    try {
+      before = entry.state_dict();
+      restored.emplace_back(&entry, before);
+      entry.load_state_dict(root.at(key).toGenericDict());
+    } catch (const std::exception& e) {
+      for (auto it = restored.rbegin(); it != restored.rend(); ++it) {
+        try {
+          if (it->second.isGenericDict()) it->first->load_state_dict(it->second.toGenericDict());
+        } catch (const std::exception&) {  // NOTE: the entry's own error is the one to report.
+        }
+      }
+      for (auto it = backups.rbegin(); it != backups.rend(); ++it) it->restore();
+      raise("cannot load {}: \"{}\": its load_state_dict failed ({}); nothing was changed", path.string(), key,
+            first_line(e.what()));
+    }
+  }
+  for (auto& [key, entry] : state) {
+    if (!root.contains(key)) continue;
+    const c10::IValue stored = root.at(key);
+    switch (entry.kind()) {
+      case StateEntry::Kind::module:
+        restore_module(*entry.module(), stored);
+        break;
+      case StateEntry::Kind::optimizer:
+      case StateEntry::Kind::stateful:
+        break;
+      case StateEntry::Kind::value:
+        entry.assign(stored);
+        break;
+    }
+  }
+  State rest;
+  for (const auto& item : root) {
+    const std::string& key = item.key().toStringRef();
+    if (!state.contains(key)) rest.emplace(key, StateEntry(item.value()));
+  }
+  return rest;
+}
+
+}  // namespace detail
+}  // namespace fabric
+// ---- end fabric/io/state.hpp
+// ---- begin fabric/precision/autocast.hpp
+// fabric::AutocastGuard and fabric::DefaultDtypeGuard: the scoped contexts precisions run code in.
+// The one place that knows how autocast is spelled in each LibTorch version.
+
+#include <ATen/autocast_mode.h>
+#include <c10/core/DefaultDtype.h>
+#include <c10/core/DeviceType.h>
+#include <c10/core/ScalarType.h>
+#include <c10/util/typeid.h>
+
+
+namespace fabric {
+namespace detail {
+
+// NOTE: LibTorch 2.4 added device-generic autocast functions and deprecated the per-device ones;
+// 1.13 only has the per-device spellings (CPU and CUDA are the ones fabric runs on).
+#if FABRIC_TORCH_GENERIC_AUTOCAST
+inline bool autocast_enabled(c10::DeviceType d) { return at::autocast::is_autocast_enabled(d); }
+inline void set_autocast_enabled(c10::DeviceType d, bool on) { at::autocast::set_autocast_enabled(d, on); }
+inline c10::ScalarType autocast_dtype(c10::DeviceType d) { return at::autocast::get_autocast_dtype(d); }
+inline void set_autocast_dtype(c10::DeviceType d, c10::ScalarType t) { at::autocast::set_autocast_dtype(d, t); }
+#else
+inline bool autocast_enabled(c10::DeviceType d) {
+  return d == c10::DeviceType::CPU ? at::autocast::is_cpu_enabled() : at::autocast::is_enabled();
+}
+inline void set_autocast_enabled(c10::DeviceType d, bool on) {
+  d == c10::DeviceType::CPU ? at::autocast::set_cpu_enabled(on) : at::autocast::set_enabled(on);
+}
+inline c10::ScalarType autocast_dtype(c10::DeviceType d) {
+  return d == c10::DeviceType::CPU ? at::autocast::get_autocast_cpu_dtype() : at::autocast::get_autocast_gpu_dtype();
+}
+inline void set_autocast_dtype(c10::DeviceType d, c10::ScalarType t) {
+  d == c10::DeviceType::CPU ? at::autocast::set_autocast_cpu_dtype(t) : at::autocast::set_autocast_gpu_dtype(t);
+}
+#endif
+
+/// True when this LibTorch can autocast to dtype on the device type.
+constexpr bool can_autocast(c10::DeviceType device, c10::ScalarType dtype) noexcept {
+  if (device == c10::DeviceType::CUDA) return dtype == c10::ScalarType::BFloat16 || dtype == c10::ScalarType::Half;
+  if (device == c10::DeviceType::CPU) {
+    return dtype == c10::ScalarType::BFloat16 || (torch_cpu_autocast_half && dtype == c10::ScalarType::Half);
+  }
+  return false;
+}
+
+}  // namespace detail
+
+/// Enables autocast for a device type and dtype while it lives, like Python's `torch.autocast`:
+/// the previous state is restored on every exit (exceptions included), guards nest, and the
+/// autocast cache is cleared when the outermost guard exits.
+class AutocastGuard {
+ public:
+  AutocastGuard(c10::DeviceType device, c10::ScalarType dtype, bool enabled = true)
+      : device_(device),
+        prev_enabled_(detail::autocast_enabled(device)),
+        prev_dtype_(detail::autocast_dtype(device)),
+        prev_cache_(at::autocast::is_autocast_cache_enabled()) {
+    detail::set_autocast_enabled(device_, enabled);
+    detail::set_autocast_dtype(device_, dtype);
+    at::autocast::increment_nesting();
+  }
+  ~AutocastGuard() {
+    if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
+    detail::set_autocast_enabled(device_, prev_enabled_);
+    detail::set_autocast_dtype(device_, prev_dtype_);
+    at::autocast::set_autocast_cache_enabled(prev_cache_);
+  }
+  AutocastGuard(const AutocastGuard&) = delete;
+  AutocastGuard& operator=(const AutocastGuard&) = delete;
+
+ private:
+  c10::DeviceType device_;
+  bool prev_enabled_;
+  c10::ScalarType prev_dtype_;
+  bool prev_cache_;
+};
+
+/// Sets the default dtype (what factory functions and new modules use) while it lives.
+class DefaultDtypeGuard {
+ public:
+  explicit DefaultDtypeGuard(c10::ScalarType dtype) : prev_(c10::get_default_dtype()) {
+    c10::set_default_dtype(c10::scalarTypeToTypeMeta(dtype));
+  }
+  ~DefaultDtypeGuard() { c10::set_default_dtype(prev_); }
+  DefaultDtypeGuard(const DefaultDtypeGuard&) = delete;
+  DefaultDtypeGuard& operator=(const DefaultDtypeGuard&) = delete;
+
+ private:
+  caffe2::TypeMeta prev_;
+};
+
+}  // namespace fabric
+// ---- end fabric/precision/autocast.hpp
+// ---- begin fabric/precision/fp32.hpp
+// fabric::FP32: full precision ("32-true"), Lightning's default.
+
+// ---- begin fabric/precision/precision.hpp
+// The Precision concept (everything Fabric and the strategies ask of a precision policy), the check that
+// names what a policy lacks, and fabric::PrecisionBase, the defaults a precision derives from.
 
 // ---- begin fabric/optim/foreach_step.hpp
 // The fast optimizer step: LibTorch's own Adam, AdamW and SGD stepped with multi-tensor kernels
@@ -3298,800 +4246,6 @@ at::Tensor optimizer_step(O& optimizer, torch::optim::Optimizer::LossClosure clo
 
 }  // namespace fabric::detail
 // ---- end fabric/optim/foreach_step.hpp
-
-#include <ATen/core/Dict.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/core/ivalue.h>
-#include <ATen/ops/_amp_foreach_non_finite_check_and_unscale.h>
-#include <ATen/ops/_amp_update_scale.h>
-#include <ATen/ops/full.h>
-#include <ATen/ops/zeros.h>
-#include <c10/core/Device.h>
-#include <torch/optim/optimizer.h>
-
-#include <cstdint>
-#include <map>
-#include <vector>
-
-namespace fabric {
-
-/// Scales the loss so float16 gradients do not underflow, unscales the gradients before the step,
-/// skips the step when any gradient is inf/NaN, and grows or backs off the scale like PyTorch's
-/// torch.amp.GradScaler (initial 2^16, growth 2 every 2000 good steps, backoff 0.5 on inf/NaN).
-/// Uses LibTorch's own kernels where they exist (CUDA; CPU from LibTorch 2) and equivalent tensor
-/// operations elsewhere.
-class GradScaler {
- public:
-  /// Settings of the scaler (PyTorch's defaults).
-  struct Options {
-    double init_scale = 65536.0;
-    double growth_factor = 2.0;
-    double backoff_factor = 0.5;
-    std::int64_t growth_interval = 2000;
-  };
-
-  GradScaler() : GradScaler(Options{}) {}
-  explicit GradScaler(Options options) : options_(options) {
-    if (options_.growth_factor <= 1.0 || options_.backoff_factor >= 1.0 || options_.backoff_factor <= 0.0 ||
-        options_.growth_interval < 1 || options_.init_scale <= 0.0) {
-      detail::raise(
-          "GradScaler: expected growth_factor > 1, 0 < backoff_factor < 1, growth_interval >= 1 and init_scale > 0, "
-          "found {}, {}, {} and {}",
-          options_.growth_factor, options_.backoff_factor, options_.growth_interval, options_.init_scale);
-    }
-  }
-
-  /// Returns loss multiplied by the current scale (the scale lives on the loss's device).
-  at::Tensor scale(const at::Tensor& loss) {
-    lazy_init(loss.device());
-    return loss.mul(scale_.to(loss.scalar_type()));
-  }
-
-  /// Divides the optimizer's gradients by the scale in place and records whether any is inf/NaN.
-  /// Once per step: a second call before update() is an error.
-  void unscale_(torch::optim::Optimizer& optimizer) {
-    auto& state = per_optimizer_[&optimizer];
-    if (state.unscaled) {
-      detail::raise(
-          "GradScaler: unscale_ was already called for this optimizer since the last update(); "
-          "clip gradients at most once per step, after backward and before step");
-    }
-    if (!scale_.defined()) {
-      detail::raise("GradScaler: unscale_ before any scaled backward; call fabric.backward(loss) first");
-    }
-    const at::Tensor inv_scale = scale_.to(at::kDouble).reciprocal().to(at::kFloat);
-    at::Tensor found_inf = at::zeros({1}, scale_.options());
-    std::map<c10::ScalarType, std::vector<at::Tensor>> by_dtype;
-    for (auto& group : optimizer.param_groups()) {
-      for (auto& p : group.params()) {
-        if (!p.grad().defined()) continue;
-        if (p.grad().scalar_type() == at::kHalf) {
-          detail::raise(
-              "GradScaler: expected float32 gradients, found float16 ones; keep the parameters in float32 "
-              "(FP16Mixed does) or use FP16True, which has no scaler");
-        }
-        by_dtype[p.grad().scalar_type()].push_back(p.grad());
-      }
-    }
-    for (auto& [dtype, grads] : by_dtype) {
-      if (kernels_available()) {
-        at::_amp_foreach_non_finite_check_and_unscale_(grads, found_inf, inv_scale);
-      } else {
-        for (auto& g : grads) {
-          found_inf.logical_or_(g.isfinite().logical_not().any().reshape({1}));
-          g.mul_(inv_scale.to(g.scalar_type()));
-        }
-      }
-    }
-    state.found_inf = found_inf;
-    state.unscaled = true;
-  }
-
-  /// Unscales if needed and steps the optimizer unless a gradient was inf/NaN; returns the
-  /// optimizer's result, or an undefined tensor when the step was skipped.
-  template <class Closure>
-  at::Tensor step(torch::optim::Optimizer& optimizer, Closure&& closure) {
-    if (!scale_.defined()) return detail::optimizer_step(optimizer, std::forward<Closure>(closure));
-    auto& state = per_optimizer_[&optimizer];
-    if (!state.unscaled) unscale_(optimizer);
-    // NOTE: LibTorch's optimizers cannot take found_inf, so the decision needs the host (as in PyTorch).
-    skipped_ = state.found_inf.item<double>() != 0.0;
-    if (skipped_) return {};
-    return detail::optimizer_step(optimizer, std::forward<Closure>(closure));
-  }
-
-  /// Updates the scale from the steps since the last update: backoff when any gradient was inf/NaN,
-  /// growth after growth_interval clean steps.
-  void update() {
-    if (!scale_.defined()) return;
-    at::Tensor found = at::zeros({1}, scale_.options());
-    for (auto& [opt, state] : per_optimizer_) {
-      if (state.found_inf.defined()) found.add_(state.found_inf.to(found.device()));
-    }
-    if (kernels_available()) {
-      at::_amp_update_scale_(scale_, growth_tracker_, found, options_.growth_factor, options_.backoff_factor,
-                             options_.growth_interval);
-    } else if (found.item<double>() != 0.0) {
-      scale_.mul_(options_.backoff_factor);
-      growth_tracker_.zero_();
-    } else if (growth_tracker_.item<std::int64_t>() + 1 == options_.growth_interval) {
-      scale_.mul_(options_.growth_factor);
-      growth_tracker_.zero_();
-    } else {
-      growth_tracker_.add_(1);
-    }
-    per_optimizer_.clear();
-  }
-
-  /// Returns the current scale.
-  double get_scale() const { return scale_.defined() ? scale_.item<double>() : options_.init_scale; }
-  /// Returns the number of clean steps since the last growth or backoff.
-  std::int64_t growth_tracker() const { return growth_tracker_.defined() ? growth_tracker_.item<std::int64_t>() : 0; }
-  /// Returns true when the last step() was skipped because of inf/NaN gradients.
-  bool last_step_skipped() const noexcept { return skipped_; }
-  /// Returns the options.
-  const Options& options() const noexcept { return options_; }
-
-  /// Returns the state under PyTorch's keys: scale, growth_factor, backoff_factor, growth_interval,
-  /// _growth_tracker.
-  c10::impl::GenericDict state_dict() const {
-    c10::impl::GenericDict dict(c10::StringType::get(), c10::AnyType::get());
-    dict.insert("scale", get_scale());
-    dict.insert("growth_factor", options_.growth_factor);
-    dict.insert("backoff_factor", options_.backoff_factor);
-    dict.insert("growth_interval", options_.growth_interval);
-    dict.insert("_growth_tracker", growth_tracker());
-    return dict;
-  }
-  /// Restores the state written by state_dict (or by PyTorch's GradScaler).
-  void load_state_dict(const c10::impl::GenericDict& dict) {
-    for (const char* key : {"scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker"}) {
-      if (!dict.contains(key))
-        detail::raise("GradScaler: expected the key \"{}\" in the scaler state, found none", key);
-    }
-    auto number = [&](const char* key) {
-      const c10::IValue v = dict.at(key);
-      if (!v.isDouble() && !v.isInt()) detail::raise("GradScaler: expected a number under \"{}\"", key);
-      return v.isDouble() ? v.toDouble() : static_cast<double>(v.toInt());
-    };
-    options_.init_scale = number("scale");
-    options_.growth_factor = number("growth_factor");
-    options_.backoff_factor = number("backoff_factor");
-    options_.growth_interval = static_cast<std::int64_t>(number("growth_interval"));
-    const auto tracker = static_cast<std::int64_t>(number("_growth_tracker"));
-    const c10::Device device = scale_.defined() ? scale_.device() : c10::Device(c10::DeviceType::CPU);
-    scale_ = at::full(at::IntArrayRef{}, options_.init_scale, at::TensorOptions().dtype(at::kFloat).device(device));
-    growth_tracker_ = at::full(at::IntArrayRef{}, tracker, at::TensorOptions().dtype(at::kInt).device(device));
-  }
-
- private:
-  struct OptimizerState {
-    bool unscaled = false;
-    at::Tensor found_inf{};
-  };
-
-  void lazy_init(const c10::Device& device) {
-    if (scale_.defined()) {
-      if (scale_.device() != device) {
-        scale_ = scale_.to(device);
-        growth_tracker_ = growth_tracker_.to(device);
-      }
-      return;
-    }
-    scale_ = at::full(at::IntArrayRef{}, options_.init_scale, at::TensorOptions().dtype(at::kFloat).device(device));
-    growth_tracker_ = at::zeros(at::IntArrayRef{}, at::TensorOptions().dtype(at::kInt).device(device));
-  }
-
-  bool kernels_available() const {
-    // NOTE: LibTorch 1.13 has the _amp_* kernels for CUDA only; 2.x for the CPU too.
-    return scale_.is_cuda() || detail::torch_cpu_amp_kernels;
-  }
-
-  Options options_;
-  at::Tensor scale_{};
-  at::Tensor growth_tracker_{};
-  std::map<const torch::optim::Optimizer*, OptimizerState> per_optimizer_{};
-  bool skipped_ = false;
-};
-
-}  // namespace fabric
-// ---- end fabric/precision/grad_scaler.hpp
-
-#include <fmt/format.h>
-#include <fmt/ranges.h>
-
-#include <ATen/core/Dict.h>
-#include <ATen/core/List.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/core/grad_mode.h>
-#include <ATen/core/ivalue.h>
-#include <ATen/ops/empty.h>
-#include <torch/nn/module.h>
-#include <torch/optim/optimizer.h>
-#include <torch/serialize/input-archive.h>
-#include <torch/serialize/output-archive.h>
-
-#include <concepts>
-#include <cstdint>
-#include <cstring>
-#include <filesystem>
-#include <functional>
-#include <map>
-#include <memory>
-#include <set>
-#include <string>
-#include <type_traits>
-#include <utility>
-#include <vector>
-
-namespace fabric {
-
-/// One entry of a checkpoint state: a module, an optimizer or a plain value.
-///
-/// Modules and optimizers are restored in place. Plain values are replaced in the entry (read them
-/// with get<T>()); an entry made from std::ref(variable) also writes the loaded value back into it.
-class StateEntry {
- public:
-  /// What an entry holds.
-  enum class Kind { module, optimizer, value };
-
-  /// Refers to a module: a TORCH_MODULE holder, a shared_ptr or a module object (not copied).
-  template <ModuleLike M>
-  StateEntry(M& module)
-      : kind_(Kind::module), module_(module_pointer(module)) {}  // NOLINT(google-explicit-constructor)
-  /// Refers to the module of a set-up wrapper.
-  template <class M, class F>
-  StateEntry(const Module<M, F>& module) : kind_(Kind::module), module_(module.ptr()) {}  // NOLINT
-  /// Refers to an optimizer (not copied).
-  template <class O>
-  requires std::derived_from<O, torch::optim::Optimizer> StateEntry(O& optimizer)
-      : kind_(Kind::optimizer), optimizer_(&optimizer) {}  // NOLINT
-  /// Refers to the optimizer of a set-up wrapper.
-  template <class O, class F>
-  StateEntry(const Optimizer<O, F>& optimizer)
-      : kind_(Kind::optimizer), optimizer_(&optimizer.optimizer()) {}  // NOLINT
-  /// Refers to an optimizer held by a std::shared_ptr (not copied; the pointer must outlive the entry).
-  template <class O>
-  requires std::derived_from<O, torch::optim::Optimizer> StateEntry(const std::shared_ptr<O>& optimizer)
-      : StateEntry(optimizer.get(), "std::shared_ptr") {}  // NOLINT
-  /// Refers to an optimizer held by a std::unique_ptr (not copied; the pointer must outlive the entry).
-  template <class O, class D>
-  requires std::derived_from<O, torch::optim::Optimizer> StateEntry(const std::unique_ptr<O, D>& optimizer)
-      : StateEntry(optimizer.get(), "std::unique_ptr") {}  // NOLINT
-  /// Holds a tensor.
-  StateEntry(at::Tensor value) : value_(std::move(value)) {}  // NOLINT
-  /// Holds a boolean.
-  StateEntry(bool value) : value_(value) {}  // NOLINT
-  /// Holds an integer (stored as int64).
-  template <std::integral T>
-  requires(!std::same_as<T, bool>) StateEntry(T value) : value_(static_cast<std::int64_t>(value)) {}  // NOLINT
-  /// Holds a floating-point number (stored as double).
-  template <std::floating_point T>
-  StateEntry(T value) : value_(static_cast<double>(value)) {}  // NOLINT
-  /// Holds a string.
-  StateEntry(std::string value) : value_(std::move(value)) {}  // NOLINT
-  /// Holds a string.
-  StateEntry(const char* value) : value_(std::string(value)) {}  // NOLINT
-  /// Holds a value read from a file.
-  explicit StateEntry(c10::IValue value) : value_(std::move(value)) {}
-  /// Refers to a variable: saves its value, and load writes the loaded value back into it
-  /// (std::cref: saved only, never written back).
-  template <class T>
-  requires(std::is_arithmetic_v<T> || std::same_as<std::remove_const_t<T>, std::string> ||
-           std::same_as<std::remove_const_t<T>, at::Tensor>) StateEntry(std::reference_wrapper<T> ref)
-      : StateEntry(std::remove_const_t<T>(ref.get())) {  // NOLINT
-    if constexpr (!std::is_const_v<T>) {
-      write_back_ = [p = &ref.get()](const c10::IValue& v) { *p = StateEntry(v).get<T>(); };
-    }
-  }
-
-  /// Refers to a gradient scaler: saves its state under PyTorch's keys, and load restores it.
-  StateEntry(GradScaler& scaler) : value_(scaler.state_dict()) {  // NOLINT
-    write_back_ = [p = &scaler](const c10::IValue& v) { p->load_state_dict(v.toGenericDict()); };
-  }
-
-  /// Returns what the entry holds.
-  Kind kind() const noexcept { return kind_; }
-  /// Returns the plain value (for entries that hold one).
-  const c10::IValue& value() const noexcept { return value_; }
-  /// Returns the module an entry refers to.
-  const std::shared_ptr<torch::nn::Module>& module() const noexcept { return module_; }
-  /// Returns the optimizer an entry refers to.
-  torch::optim::Optimizer* optimizer() const noexcept { return optimizer_; }
-
-  /// Returns the plain value as T (integer, floating point, bool, std::string or at::Tensor).
-  template <class T>
-  T get() const {
-    if constexpr (std::same_as<T, bool>) {
-      if (value_.isBool()) return value_.toBool();
-    } else if constexpr (std::integral<T>) {
-      if (value_.isInt()) return static_cast<T>(value_.toInt());
-    } else if constexpr (std::floating_point<T>) {
-      if (value_.isDouble()) return static_cast<T>(value_.toDouble());
-      if (value_.isInt()) return static_cast<T>(value_.toInt());
-    } else if constexpr (std::same_as<T, std::string>) {
-      if (value_.isString()) return value_.toStringRef();
-    } else if constexpr (std::same_as<T, at::Tensor>) {
-      if (value_.isTensor()) return value_.toTensor();
-    } else {
-      static_assert(sizeof(T) == 0,
-                    "fabric: StateEntry::get<T> supports integers, floating point, bool, "
-                    "std::string and at::Tensor; read other values through value()");
-    }
-    detail::raise(
-        "state entry: expected a value of the requested type, found {}; read it with the type it was "
-        "saved with",
-        value_.tagKind());
-  }
-
- private:
-  template <class M>
-  static std::shared_ptr<torch::nn::Module> module_pointer(M& m) {
-    using U = std::remove_cv_t<M>;
-    if constexpr (detail::is_module_holder_v<U>) {
-      return m.ptr();
-    } else if constexpr (detail::is_module_ptr_v<U>) {
-      return m;
-    } else {
-      return std::shared_ptr<torch::nn::Module>(std::shared_ptr<void>{}, &m);  // non-owning
-    }
-  }
-
-  StateEntry(torch::optim::Optimizer* optimizer, const char* holder) : kind_(Kind::optimizer), optimizer_(optimizer) {
-    if (optimizer == nullptr) {
-      detail::raise("state entry: expected an optimizer, found an empty {}; pass the optimizer itself", holder);
-    }
-  }
-
-  Kind kind_ = Kind::value;
-  std::shared_ptr<torch::nn::Module> module_{};
-  torch::optim::Optimizer* optimizer_ = nullptr;
-  c10::IValue value_{};
-  std::function<void(const c10::IValue&)> write_back_{};
-
- public:
-  /// Replaces the plain value (and writes it back to a referenced variable).
-  void assign(c10::IValue v) {
-    if (write_back_) write_back_(v);
-    value_ = std::move(v);
-  }
-};
-
-/// What save and load take: names to modules, optimizers and plain values.
-///
-///     fabric::State state{{"model", model}, {"optimizer", optimizer}, {"epoch", epoch}};
-using State = std::map<std::string, StateEntry>;
-
-namespace detail {
-
-inline constexpr std::int64_t checkpoint_format = 1;
-inline constexpr const char* marker_key = "__fabric__";
-
-inline const char* kind_name(StateEntry::Kind k) {
-  switch (k) {
-    case StateEntry::Kind::module:
-      return "module";
-    case StateEntry::Kind::optimizer:
-      return "optimizer";
-    default:
-      return "value";
-  }
-}
-
-inline c10::IValue module_to_ivalue(const torch::nn::Module& module) {
-  c10::Dict<std::string, at::Tensor> dict;
-  for (auto& [name, tensor] : module_tensors(module)) dict.insert(name, tensor.detach());
-  return dict;
-}
-
-inline c10::IValue optimizer_to_ivalue(const std::string& key, const torch::optim::Optimizer& optimizer) {
-  std::vector<char> bytes;
-  try {
-    torch::serialize::OutputArchive archive;
-    optimizer.save(archive);
-    archive.save_to([&](const void* data, std::size_t n) {
-      bytes.insert(bytes.end(), static_cast<const char*>(data), static_cast<const char*>(data) + n);
-      return n;
-    });
-  } catch (const c10::Error& e) {
-    raise("state entry \"{}\": LibTorch could not serialize this {} ({}); nothing was written", key,
-          optimizer_type(optimizer), first_line(e.what_without_backtrace()));
-  }
-  at::Tensor blob = at::empty({static_cast<std::int64_t>(bytes.size())}, at::kByte);
-  std::memcpy(blob.data_ptr(), bytes.data(), bytes.size());
-  c10::impl::GenericList shapes(c10::ListType::ofInts());
-  for (const auto& p : optimizer_params(optimizer)) shapes.push_back(c10::List<std::int64_t>(p.sizes().vec()));
-  c10::impl::GenericDict dict(c10::StringType::get(), c10::AnyType::get());
-  dict.insert("archive", blob);
-  dict.insert("shapes", shapes);
-  dict.insert("type", optimizer_type(optimizer));
-  return dict;
-}
-
-/// Converts a state into the dictionary a CheckpointIO writes: modules as {dotted name: tensor},
-/// optimizers as their archive, values as they are, and the "__fabric__" entry with the kinds.
-inline Checkpoint to_checkpoint(const State& state) {
-  Checkpoint root(c10::StringType::get(), c10::AnyType::get());
-  c10::Dict<std::string, std::string> kinds;
-  for (const auto& [key, entry] : state) {
-    if (key == marker_key) raise("the state key \"{}\" is reserved; rename that entry", key);
-    switch (entry.kind()) {
-      case StateEntry::Kind::module:
-        root.insert(key, module_to_ivalue(*entry.module()));
-        break;
-      case StateEntry::Kind::optimizer:
-        root.insert(key, optimizer_to_ivalue(key, *entry.optimizer()));
-        break;
-      case StateEntry::Kind::value:
-        if (entry.value().isNone()) raise("state entry \"{}\" holds no value; give it one or remove it", key);
-        if (entry.value().isTensor() && !entry.value().toTensor().defined()) {
-          raise("state entry \"{}\" holds an undefined tensor; expected a defined tensor, give it one or remove it",
-                key);
-        }
-        root.insert(key, entry.value());
-        break;
-    }
-    kinds.insert(key, kind_name(entry.kind()));
-  }
-  c10::impl::GenericDict marker(c10::StringType::get(), c10::AnyType::get());
-  marker.insert("format", checkpoint_format);
-  marker.insert("version", std::string(version()));
-  marker.insert("kinds", kinds);
-  root.insert(marker_key, marker);
-  return root;
-}
-
-[[noreturn]] inline void malformed_marker(const std::filesystem::path& path, const std::string& why) {
-  raise("the checkpoint {} has a malformed \"{}\" entry ({}); expected a file written by fabric's save, unaltered",
-        path.string(), marker_key, why);
-}
-
-/// Checks the "__fabric__" entry of a checkpoint read from path, removes it from root and returns the
-/// kind of every entry ("module", "optimizer", "value").
-inline std::map<std::string, std::string> take_marker(Checkpoint& root, const std::filesystem::path& path) {
-  if (!root.contains(marker_key)) {
-    raise(
-        "expected a fabric checkpoint at {}, found a dictionary without fabric's \"{}\" entry; it was not written "
-        "by fabric's save (use load_raw for files written by torch::save)",
-        path.string(), marker_key);
-  }
-  std::map<std::string, std::string> result;
-  const c10::IValue marker = root.at(marker_key);
-  if (!marker.isGenericDict()) malformed_marker(path, fmt::format("expected a dictionary, found {}", describe(marker)));
-  const auto m = marker.toGenericDict();
-  if (!m.contains("format") || !m.at("format").isInt()) malformed_marker(path, "no integer \"format\"");
-  if (m.at("format").toInt() > checkpoint_format) {
-    raise(
-        "the checkpoint {} has format {}, which this fabric ({}) cannot read; expected format <= {}; load it with a "
-        "newer fabric",
-        path.string(), m.at("format").toInt(), version(), checkpoint_format);
-  }
-  if (m.contains("kinds")) {
-    const c10::IValue kinds = m.at("kinds");
-    if (!kinds.isGenericDict())
-      malformed_marker(path, fmt::format("\"kinds\" is {}, not a dictionary", describe(kinds)));
-    for (const auto& k : kinds.toGenericDict()) {
-      if (!k.key().isString() || !k.value().isString()) {
-        malformed_marker(path, fmt::format("a kind is {}, not a string", describe(k.value())));
-      }
-      const std::string& kind = k.value().toStringRef();
-      if (kind != "module" && kind != "optimizer" && kind != "value") {
-        malformed_marker(path, fmt::format("unknown kind \"{}\" of \"{}\"", kind, k.key().toStringRef()));
-      }
-      result[k.key().toStringRef()] = kind;
-    }
-  }
-  (void)root.erase(marker_key);
-  return result;
-}
-
-inline bool same_value_type(const c10::IValue& expected, const c10::IValue& found) {
-  if (expected.isDouble()) return found.isDouble() || found.isInt();
-  if (expected.isInt()) return found.isInt();
-  if (expected.isBool()) return found.isBool();
-  if (expected.isString()) return found.isString();
-  if (expected.isTensor()) return found.isTensor();
-  if (expected.isGenericDict()) {
-    if (!found.isGenericDict()) return false;
-    // A dictionary entry (e.g. a GradScaler's state) needs the same keys.
-    for (const auto& item : expected.toGenericDict()) {
-      if (!found.toGenericDict().contains(item.key())) return false;
-    }
-  }
-  return true;
-}
-
-/// Checks a module entry against a module; appends every problem to errors.
-inline void check_module(const std::string& key, const torch::nn::Module& module, const c10::IValue& stored,
-                         bool strict, std::vector<std::string>& errors) {
-  if (!stored.isGenericDict()) {
-    errors.push_back(fmt::format("\"{}\": expected a module's tensors, found {}", key, describe(stored)));
-    return;
-  }
-  const auto dict = stored.toGenericDict();
-  std::set<std::string> seen;
-  for (const auto& [name, tensor] : module_tensors(module)) {
-    seen.insert(name);
-    if (!dict.contains(name)) {
-      if (strict) errors.push_back(fmt::format("\"{}.{}\": missing from the checkpoint", key, name));
-      continue;
-    }
-    const c10::IValue& v = dict.at(name);
-    if (!v.isTensor() || !v.toTensor().defined()) {
-      errors.push_back(fmt::format("\"{}.{}\": expected a tensor, found {}", key, name, describe(v)));
-    } else if (v.toTensor().sizes() != tensor.sizes()) {
-      errors.push_back(fmt::format("\"{}.{}\": expected shape {}, found shape {} in the checkpoint", key, name,
-                                   shape_str(tensor.sizes()), shape_str(v.toTensor().sizes())));
-    }
-  }
-  if (strict) {
-    for (const auto& item : dict) {
-      if (!item.key().isString()) {
-        errors.push_back(
-            fmt::format("\"{}\": found a tensor name that is {}, not a string", key, describe(item.key())));
-      } else if (!seen.contains(item.key().toStringRef())) {
-        errors.push_back(
-            fmt::format("\"{}.{}\": in the checkpoint but not in the module", key, item.key().toStringRef()));
-      }
-    }
-  }
-}
-
-inline void restore_module(torch::nn::Module& module, const c10::IValue& stored) {
-  const auto dict = stored.toGenericDict();
-  at::NoGradGuard no_grad;
-  for (auto& [name, tensor] : module_tensors(module)) {
-    if (dict.contains(name)) tensor.copy_(dict.at(name).toTensor());
-  }
-}
-
-/// Checks an optimizer entry of a checkpoint; on success its parsed archive goes into archives.
-inline void check_optimizer(const std::string& key, const torch::optim::Optimizer& optimizer, const c10::IValue& stored,
-                            std::vector<std::string>& errors,
-                            std::map<std::string, torch::serialize::InputArchive>& archives) {
-  const std::string label = fmt::format("\"{}\"", key);
-  if (!stored.isGenericDict()) {
-    errors.push_back(fmt::format("{}: expected an optimizer's state, found {}", label, describe(stored)));
-    return;
-  }
-  const auto dict = stored.toGenericDict();
-  if (!dict.contains("archive") || !dict.at("archive").isTensor() || !dict.contains("shapes") ||
-      !dict.at("shapes").isList()) {
-    errors.push_back(fmt::format("{}: expected an optimizer's state, found a dictionary without its archive", label));
-    return;
-  }
-  if (dict.contains("type") && dict.at("type").isString()) {
-    const std::string saved = dict.at("type").toStringRef();
-    const std::string wanted = optimizer_type(optimizer);
-    if (saved != wanted) {
-      errors.push_back(
-          fmt::format("{}: expected the state of a {}, found the state of a {} in the checkpoint; build "
-                      "the optimizer the same way as when it was saved",
-                      label, wanted, saved));
-      return;
-    }
-  }
-  const auto params = optimizer_params(optimizer);
-  const auto shapes = dict.at("shapes").toList();
-  if (shapes.size() != params.size()) {
-    errors.push_back(fmt::format("{}: expected state for {} parameters, found {} in the checkpoint", label,
-                                 params.size(), shapes.size()));
-    return;
-  }
-  const std::size_t before = errors.size();
-  for (std::size_t i = 0; i < params.size(); ++i) {
-    const c10::IValue shape_value = shapes.get(i);
-    if (!shape_value.isIntList()) {
-      errors.push_back(fmt::format("{}: parameter {}: the saved shape is {}, not a list of integers", label, i,
-                                   describe(shape_value)));
-      continue;
-    }
-    const auto shape = shape_value.toIntVector();
-    if (at::IntArrayRef(shape) != params[i].sizes()) {
-      errors.push_back(fmt::format("{}: parameter {}: expected shape {}, found shape {} in the checkpoint", label, i,
-                                   shape_str(params[i].sizes()), shape_str(shape)));
-    }
-  }
-  if (errors.size() != before) return;
-  const at::Tensor blob = dict.at("archive").toTensor().contiguous();
-  torch::serialize::InputArchive archive;
-  try {
-    if (blob.scalar_type() != at::kByte) throw std::runtime_error("the archive is not a byte tensor");
-    archive.load_from(static_cast<const char*>(blob.data_ptr()), static_cast<std::size_t>(blob.numel()));
-  } catch (const std::exception& e) {
-    errors.push_back(
-        fmt::format("{}: the optimizer state in the checkpoint is corrupt ({})", label, first_line(e.what())));
-    return;
-  }
-  check_optimizer_archive(label, archive, optimizer, "the checkpoint", errors);
-  if (errors.size() == before) archives.emplace(key, std::move(archive));
-}
-
-/// Restores state in place from a checkpoint read from path (see Fabric::load): everything is checked
-/// first, then optimizers, modules and values are restored; returns the entries state did not ask for.
-inline State load_state(Checkpoint root, const std::filesystem::path& path, State& state, bool strict) {
-  const auto kinds = take_marker(root, path);
-  std::vector<std::string> errors;
-  std::map<std::string, torch::serialize::InputArchive> archives;
-  try {
-    for (auto& [key, entry] : state) {
-      if (!root.contains(key)) {
-        if (strict) errors.push_back(fmt::format("\"{}\": missing from the checkpoint", key));
-        continue;
-      }
-      const c10::IValue stored = root.at(key);
-      const auto kind_it = kinds.find(key);
-      const std::string stored_kind = kind_it != kinds.end() ? kind_it->second : "value";
-      if (stored_kind != kind_name(entry.kind())) {
-        errors.push_back(fmt::format("\"{}\": expected a {}, found a {} in the checkpoint", key,
-                                     kind_name(entry.kind()), stored_kind));
-        continue;
-      }
-      switch (entry.kind()) {
-        case StateEntry::Kind::module:
-          check_module(key, *entry.module(), stored, strict, errors);
-          break;
-        case StateEntry::Kind::optimizer:
-          check_optimizer(key, *entry.optimizer(), stored, errors, archives);
-          break;
-        case StateEntry::Kind::value:
-          if (!same_value_type(entry.value(), stored)) {
-            errors.push_back(
-                fmt::format("\"{}\": expected {}, found {}", key, describe(entry.value()), describe(stored)));
-          }
-          break;
-      }
-    }
-  } catch (const c10::Error& e) {
-    raise("cannot load {}: the checkpoint is malformed ({}); nothing was changed", path.string(),
-          first_line(e.what_without_backtrace()));
-  }
-  if (!errors.empty()) {
-    raise("cannot load {} ({} problem{}; nothing was changed):\n  {}\n{}", path.string(), errors.size(),
-          errors.size() == 1 ? "" : "s", fmt::join(errors, "\n  "),
-          strict ? "Pass strict = false to skip missing and unexpected keys; shapes and types must match."
-                 : "Shapes and types must match.");
-  }
-  // Optimizers first: theirs is the only restore that can still fail, and it is undone if it does.
-  std::vector<OptimizerBackup> backups;
-  for (auto& [key, entry] : state) {
-    const auto archive = archives.find(key);
-    if (entry.kind() != StateEntry::Kind::optimizer || archive == archives.end()) continue;
-    try {
-      backups.push_back(load_optimizer_archive(archive->second, *entry.optimizer()));
-    } catch (const c10::Error& e) {
-      for (auto it = backups.rbegin(); it != backups.rend(); ++it) it->restore();
-      raise(
-          "cannot load {}: \"{}\": the optimizer state does not fit this optimizer ({}); nothing was changed; build "
-          "the optimizer the same way as when it was saved",
-          path.string(), key, first_line(e.what_without_backtrace()));
-    }
-  }
-  for (auto& [key, entry] : state) {
-    if (!root.contains(key)) continue;
-    const c10::IValue stored = root.at(key);
-    switch (entry.kind()) {
-      case StateEntry::Kind::module:
-        restore_module(*entry.module(), stored);
-        break;
-      case StateEntry::Kind::optimizer:
-        break;
-      case StateEntry::Kind::value:
-        entry.assign(stored);
-        break;
-    }
-  }
-  State rest;
-  for (const auto& item : root) {
-    const std::string& key = item.key().toStringRef();
-    if (!state.contains(key)) rest.emplace(key, StateEntry(item.value()));
-  }
-  return rest;
-}
-
-}  // namespace detail
-}  // namespace fabric
-// ---- end fabric/io/state.hpp
-// ---- begin fabric/precision/autocast.hpp
-// fabric::AutocastGuard and fabric::DefaultDtypeGuard: the scoped contexts precisions run code in.
-// The one place that knows how autocast is spelled in each LibTorch version.
-
-#include <ATen/autocast_mode.h>
-#include <c10/core/DefaultDtype.h>
-#include <c10/core/DeviceType.h>
-#include <c10/core/ScalarType.h>
-#include <c10/util/typeid.h>
-
-
-namespace fabric {
-namespace detail {
-
-// NOTE: LibTorch 2.4 added device-generic autocast functions and deprecated the per-device ones;
-// 1.13 only has the per-device spellings (CPU and CUDA are the ones fabric runs on).
-#if FABRIC_TORCH_GENERIC_AUTOCAST
-inline bool autocast_enabled(c10::DeviceType d) { return at::autocast::is_autocast_enabled(d); }
-inline void set_autocast_enabled(c10::DeviceType d, bool on) { at::autocast::set_autocast_enabled(d, on); }
-inline c10::ScalarType autocast_dtype(c10::DeviceType d) { return at::autocast::get_autocast_dtype(d); }
-inline void set_autocast_dtype(c10::DeviceType d, c10::ScalarType t) { at::autocast::set_autocast_dtype(d, t); }
-#else
-inline bool autocast_enabled(c10::DeviceType d) {
-  return d == c10::DeviceType::CPU ? at::autocast::is_cpu_enabled() : at::autocast::is_enabled();
-}
-inline void set_autocast_enabled(c10::DeviceType d, bool on) {
-  d == c10::DeviceType::CPU ? at::autocast::set_cpu_enabled(on) : at::autocast::set_enabled(on);
-}
-inline c10::ScalarType autocast_dtype(c10::DeviceType d) {
-  return d == c10::DeviceType::CPU ? at::autocast::get_autocast_cpu_dtype() : at::autocast::get_autocast_gpu_dtype();
-}
-inline void set_autocast_dtype(c10::DeviceType d, c10::ScalarType t) {
-  d == c10::DeviceType::CPU ? at::autocast::set_autocast_cpu_dtype(t) : at::autocast::set_autocast_gpu_dtype(t);
-}
-#endif
-
-/// True when this LibTorch can autocast to dtype on the device type.
-constexpr bool can_autocast(c10::DeviceType device, c10::ScalarType dtype) noexcept {
-  if (device == c10::DeviceType::CUDA) return dtype == c10::ScalarType::BFloat16 || dtype == c10::ScalarType::Half;
-  if (device == c10::DeviceType::CPU) {
-    return dtype == c10::ScalarType::BFloat16 || (torch_cpu_autocast_half && dtype == c10::ScalarType::Half);
-  }
-  return false;
-}
-
-}  // namespace detail
-
-/// Enables autocast for a device type and dtype while it lives, like Python's `torch.autocast`:
-/// the previous state is restored on every exit (exceptions included), guards nest, and the
-/// autocast cache is cleared when the outermost guard exits.
-class AutocastGuard {
- public:
-  AutocastGuard(c10::DeviceType device, c10::ScalarType dtype, bool enabled = true)
-      : device_(device),
-        prev_enabled_(detail::autocast_enabled(device)),
-        prev_dtype_(detail::autocast_dtype(device)),
-        prev_cache_(at::autocast::is_autocast_cache_enabled()) {
-    detail::set_autocast_enabled(device_, enabled);
-    detail::set_autocast_dtype(device_, dtype);
-    at::autocast::increment_nesting();
-  }
-  ~AutocastGuard() {
-    if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
-    detail::set_autocast_enabled(device_, prev_enabled_);
-    detail::set_autocast_dtype(device_, prev_dtype_);
-    at::autocast::set_autocast_cache_enabled(prev_cache_);
-  }
-  AutocastGuard(const AutocastGuard&) = delete;
-  AutocastGuard& operator=(const AutocastGuard&) = delete;
-
- private:
-  c10::DeviceType device_;
-  bool prev_enabled_;
-  c10::ScalarType prev_dtype_;
-  bool prev_cache_;
-};
-
-/// Sets the default dtype (what factory functions and new modules use) while it lives.
-class DefaultDtypeGuard {
- public:
-  explicit DefaultDtypeGuard(c10::ScalarType dtype) : prev_(c10::get_default_dtype()) {
-    c10::set_default_dtype(c10::scalarTypeToTypeMeta(dtype));
-  }
-  ~DefaultDtypeGuard() { c10::set_default_dtype(prev_); }
-  DefaultDtypeGuard(const DefaultDtypeGuard&) = delete;
-  DefaultDtypeGuard& operator=(const DefaultDtypeGuard&) = delete;
-
- private:
-  caffe2::TypeMeta prev_;
-};
-
-}  // namespace fabric
-// ---- end fabric/precision/autocast.hpp
-// ---- begin fabric/precision/fp32.hpp
-// fabric::FP32: full precision ("32-true"), Lightning's default.
-
-// ---- begin fabric/precision/precision.hpp
-// The Precision concept (everything Fabric and the strategies ask of a precision policy), the check that
-// names what a policy lacks, and fabric::PrecisionBase, the defaults a precision derives from.
-
 
 #include <ATen/core/Tensor.h>
 #include <c10/core/Device.h>
@@ -4781,6 +4935,12 @@ concept strategy_checkpoints = requires(S& s, const std::filesystem::path& path,
   { s.load_checkpoint(path, state, true) } -> std::same_as<State>;
   s.load_raw(path, m, true);
 };
+/// The strategy's save takes save's filters (StrategyBase's does); without, save refuses filters.
+template <class S>
+concept strategy_saves_filtered = requires(S& s, const std::filesystem::path& path, const State& cs,
+                                           const Filters& filters) {
+  s.save_checkpoint(path, cs, filters);
+};
 template <class S>
 concept strategy_shards = requires(const S& s) {
   { s.shards_data() } -> std::same_as<bool>;
@@ -5005,9 +5165,9 @@ class StrategyBase {
 
   // ---- checkpoints ----
 
-  /// Writes the state through the checkpoint format.
-  void save_checkpoint(const std::filesystem::path& path, const State& state) {
-    write_checkpoint(detail::to_checkpoint(state), path);
+  /// Writes the state through the checkpoint format, each filtered entry with what its filter keeps.
+  void save_checkpoint(const std::filesystem::path& path, const State& state, const Filters& filters = {}) {
+    write_checkpoint(detail::to_checkpoint(state, filters), path);
   }
   /// Reads a checkpoint through the format and restores state from it; returns what state did not ask for.
   State load_checkpoint(const std::filesystem::path& path, State& state, bool strict) {
@@ -5079,20 +5239,31 @@ class SingleDevice : public StrategyBase {
 }  // namespace fabric
 // ---- end fabric/strategies/single_device.hpp
 // ---- begin fabric/utils/seed.hpp
-// Seeding: fabric::seed_everything and the library's own random engine.
+// Seeding: fabric::seed_everything and the library's own random engine; the random states of a process
+// (collect_rng_states, set_rng_states) and fabric::RngState, the state entry that saves them with a
+// checkpoint.
 
 
+#include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Context.h>
+#include <ATen/core/Generator.h>
+#include <ATen/core/List.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+#include <torch/cuda.h>
 
 #include <cerrno>
 #include <charconv>
 #include <cstdint>
 #include <cstdlib>
 #include <limits>
+#include <mutex>
 #include <optional>
 #include <random>
+#include <sstream>
 #include <string>
 #include <string_view>
+#include <vector>
 
 namespace fabric {
 
@@ -5177,6 +5348,135 @@ inline std::uint64_t worker_seed(std::size_t worker_id, int global_rank = 0) {
   sequence.generate(out, out + 2);
   return (static_cast<std::uint64_t>(out[0]) << 32) | out[1];
 }
+
+namespace detail {
+
+inline at::Tensor generator_state(at::Generator generator) {
+  std::lock_guard<std::mutex> lock(generator.mutex());
+  return generator.get_state();
+}
+
+inline void set_generator_state(at::Generator generator, const at::Tensor& state) {
+  std::lock_guard<std::mutex> lock(generator.mutex());
+  generator.set_state(state);
+}
+
+inline at::Generator cuda_generator(int index) {
+  return at::globalContext().defaultGenerator(c10::Device(c10::DeviceType::CUDA, static_cast<c10::DeviceIndex>(index)));
+}
+
+inline int cuda_devices() { return torch::cuda::is_available() ? static_cast<int>(torch::cuda::device_count()) : 0; }
+
+}  // namespace detail
+
+/// Returns this process's random states, as Lightning's `_collect_rng_states`: torch's CPU generator
+/// under "torch", every CUDA device's generator under "torch.cuda" (an empty list without CUDA; left
+/// out with include_cuda = false) and fabric::random_engine() under "fabric" (where Lightning keeps
+/// Python's `random`).
+///
+///     auto states = fabric::collect_rng_states();
+///     // ... draw random numbers ...
+///     fabric::set_rng_states(states);  // the same numbers again
+inline StateDict collect_rng_states(bool include_cuda = true) {
+  StateDict states = make_state_dict();
+  states.insert("torch", detail::generator_state(at::detail::getDefaultCPUGenerator()));
+  if (include_cuda) {
+    c10::List<at::Tensor> cuda;
+    for (int i = 0; i < detail::cuda_devices(); ++i) cuda.push_back(detail::generator_state(detail::cuda_generator(i)));
+    states.insert("torch.cuda", cuda);
+  }
+  std::ostringstream engine;
+  engine << random_engine();
+  states.insert("fabric", engine.str());
+  return states;
+}
+
+/// Restores random states taken by collect_rng_states, as Lightning's `_set_rng_states`: "torch" is
+/// required, "torch.cuda" and "fabric" are restored when present (older states without them load).
+/// Malformed states are a fabric::Error, and then no generator is changed.
+inline void set_rng_states(const StateDict& states) {
+  if (!states.contains("torch") || !states.at("torch").isTensor()) {
+    detail::raise(
+        "set_rng_states: expected torch's CPU generator state (a byte tensor) under \"torch\", found {}; pass a "
+        "dictionary from fabric::collect_rng_states",
+        states.contains("torch") ? states.at("torch").tagKind() : std::string("no such key"));
+  }
+  std::vector<at::Tensor> cuda;
+  if (states.contains("torch.cuda")) {
+    const c10::IValue& value = states.at("torch.cuda");
+    if (!value.isList()) {
+      detail::raise("set_rng_states: expected a list of CUDA generator states under \"torch.cuda\", found {}",
+                    value.tagKind());
+    }
+    for (const c10::IValue& item : value.toListRef()) {
+      if (!item.isTensor()) {
+        detail::raise("set_rng_states: expected CUDA generator states (byte tensors) under \"torch.cuda\", found {}",
+                      item.tagKind());
+      }
+      cuda.push_back(item.toTensor());
+    }
+    if (static_cast<int>(cuda.size()) > detail::cuda_devices()) {
+      detail::raise(
+          "set_rng_states: expected at most {} CUDA generator states (the CUDA devices of this process), found {}; "
+          "restore them in a process that sees as many devices",
+          detail::cuda_devices(), cuda.size());
+    }
+  }
+  std::mt19937_64 engine;
+  const bool has_engine = states.contains("fabric");
+  if (has_engine) {
+    const c10::IValue& value = states.at("fabric");
+    std::istringstream in(value.isString() ? value.toStringRef() : std::string());
+    in >> engine;
+    if (!value.isString() || in.fail()) {
+      detail::raise(
+          "set_rng_states: expected the state of fabric::random_engine() (a string) under \"fabric\", found "
+          "{}; pass a dictionary from fabric::collect_rng_states",
+          value.isString() ? std::string("a malformed string") : value.tagKind());
+    }
+  }
+  // NOTE: a generator rejects a malformed state only when it is set; the states taken first put back
+  // what was set before, so a failure changes no generator.
+  const StateDict before = collect_rng_states(!cuda.empty());
+  try {
+    detail::set_generator_state(at::detail::getDefaultCPUGenerator(), states.at("torch").toTensor());
+    for (std::size_t i = 0; i < cuda.size(); ++i)
+      detail::set_generator_state(detail::cuda_generator(static_cast<int>(i)), cuda[i]);
+  } catch (const c10::Error& e) {
+    detail::set_generator_state(at::detail::getDefaultCPUGenerator(), before.at("torch").toTensor());
+    if (before.contains("torch.cuda")) {
+      const auto list = before.at("torch.cuda").toTensorList();
+      for (std::size_t i = 0; i < list.size(); ++i)
+        detail::set_generator_state(detail::cuda_generator(static_cast<int>(i)), list.get(i));
+    }
+    detail::raise("set_rng_states: a generator state does not fit this LibTorch ({}); no generator was changed",
+                  detail::first_line(e.what_without_backtrace()));
+  }
+  if (has_engine) random_engine() = engine;
+}
+
+/// A state entry for the random states of the process: `{"rng", fabric::RngState{}}` saves
+/// collect_rng_states() with the checkpoint, and load restores them with set_rng_states(). Save it when
+/// a resumed run must draw the same random numbers (dropout, augmentation) as an uninterrupted one.
+/// Under several processes the file holds rank 0's states, as Lightning saves them.
+///
+///     fabric.save(path, {{"model", model}, {"optimizer", optimizer}, {"rng", fabric::RngState{}}});
+///     fabric.load(path, {{"model", model}, {"optimizer", optimizer}, {"rng", fabric::RngState{}}});
+class RngState {
+ public:
+  /// Says that the state is the process's, not the object's: a state entry may hold a temporary.
+  static constexpr bool global_state = true;
+
+  /// Takes the CUDA generators too unless include_cuda is false.
+  explicit RngState(bool include_cuda = true) noexcept : include_cuda_(include_cuda) {}
+  /// Returns the random states now (collect_rng_states).
+  StateDict state_dict() const { return collect_rng_states(include_cuda_); }
+  /// Restores the random states (set_rng_states).
+  void load_state_dict(const StateDict& states) const { set_rng_states(states); }
+
+ private:
+  bool include_cuda_ = true;
+};
 
 }  // namespace fabric
 // ---- end fabric/utils/seed.hpp
@@ -5674,8 +5974,20 @@ class Fabric {
   // ---- checkpoints -----------------------------------------------------------------------------
 
   /// Saves the state through the strategy (rank zero writes, atomically; every rank agrees):
-  /// modules and optimizers by their state, plain values as they are. Parent directories are created.
-  void save(const std::filesystem::path& path, const State& state) { strategy_.save_checkpoint(path, state); }
+  /// modules and optimizers by their state, Stateful objects by their state_dict(), plain values as
+  /// they are. Parent directories are created. With filters, an entry keeps the items of its state that
+  /// its Filter chooses (Lightning's `filter=`); a filter key that is not in the state is an error.
+  void save(const std::filesystem::path& path, const State& state, const Filters& filters = {}) {
+    if constexpr (detail::strategy_saves_filtered<S>) {
+      strategy_.save_checkpoint(path, state, filters);
+    } else {
+      if (!filters.empty()) {
+        detail::raise("save: this strategy's save_checkpoint(path, state) takes no filters; expected "
+                      "save_checkpoint(path, state, filters), as fabric::StrategyBase has, or save without filters");
+      }
+      strategy_.save_checkpoint(path, state);
+    }
+  }
   /// Restores the state in place from a checkpoint and returns the entries of the file that the
   /// state did not ask for. With strict, a missing key (or module tensor) is an error; shapes and
   /// types must always match. Nothing is changed when any check fails.
@@ -7075,6 +7387,207 @@ namespace fabric {
 using FP64 = TruePrecision<c10::ScalarType::Double>;
 }  // namespace fabric
 // ---- end fabric/precision/double.hpp
+// ---- begin fabric/precision/grad_scaler.hpp
+// fabric::GradScaler: PyTorch's gradient scaler for float16 mixed precision, in C++ (LibTorch has none).
+
+
+#include <ATen/core/Dict.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/core/ivalue.h>
+#include <ATen/ops/_amp_foreach_non_finite_check_and_unscale.h>
+#include <ATen/ops/_amp_update_scale.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/zeros.h>
+#include <c10/core/Device.h>
+#include <torch/optim/optimizer.h>
+
+#include <cstdint>
+#include <map>
+#include <vector>
+
+namespace fabric {
+
+/// Scales the loss so float16 gradients do not underflow, unscales the gradients before the step,
+/// skips the step when any gradient is inf/NaN, and grows or backs off the scale like PyTorch's
+/// torch.amp.GradScaler (initial 2^16, growth 2 every 2000 good steps, backoff 0.5 on inf/NaN).
+/// Uses LibTorch's own kernels where they exist (CUDA; CPU from LibTorch 2) and equivalent tensor
+/// operations elsewhere.
+class GradScaler {
+ public:
+  /// Settings of the scaler (PyTorch's defaults).
+  struct Options {
+    double init_scale = 65536.0;
+    double growth_factor = 2.0;
+    double backoff_factor = 0.5;
+    std::int64_t growth_interval = 2000;
+  };
+
+  GradScaler() : GradScaler(Options{}) {}
+  explicit GradScaler(Options options) : options_(options) {
+    if (options_.growth_factor <= 1.0 || options_.backoff_factor >= 1.0 || options_.backoff_factor <= 0.0 ||
+        options_.growth_interval < 1 || options_.init_scale <= 0.0) {
+      detail::raise(
+          "GradScaler: expected growth_factor > 1, 0 < backoff_factor < 1, growth_interval >= 1 and init_scale > 0, "
+          "found {}, {}, {} and {}",
+          options_.growth_factor, options_.backoff_factor, options_.growth_interval, options_.init_scale);
+    }
+  }
+
+  /// Returns loss multiplied by the current scale (the scale lives on the loss's device).
+  at::Tensor scale(const at::Tensor& loss) {
+    lazy_init(loss.device());
+    return loss.mul(scale_.to(loss.scalar_type()));
+  }
+
+  /// Divides the optimizer's gradients by the scale in place and records whether any is inf/NaN.
+  /// Once per step: a second call before update() is an error.
+  void unscale_(torch::optim::Optimizer& optimizer) {
+    auto& state = per_optimizer_[&optimizer];
+    if (state.unscaled) {
+      detail::raise(
+          "GradScaler: unscale_ was already called for this optimizer since the last update(); "
+          "clip gradients at most once per step, after backward and before step");
+    }
+    if (!scale_.defined()) {
+      detail::raise("GradScaler: unscale_ before any scaled backward; call fabric.backward(loss) first");
+    }
+    const at::Tensor inv_scale = scale_.to(at::kDouble).reciprocal().to(at::kFloat);
+    at::Tensor found_inf = at::zeros({1}, scale_.options());
+    std::map<c10::ScalarType, std::vector<at::Tensor>> by_dtype;
+    for (auto& group : optimizer.param_groups()) {
+      for (auto& p : group.params()) {
+        if (!p.grad().defined()) continue;
+        if (p.grad().scalar_type() == at::kHalf) {
+          detail::raise(
+              "GradScaler: expected float32 gradients, found float16 ones; keep the parameters in float32 "
+              "(FP16Mixed does) or use FP16True, which has no scaler");
+        }
+        by_dtype[p.grad().scalar_type()].push_back(p.grad());
+      }
+    }
+    for (auto& [dtype, grads] : by_dtype) {
+      if (kernels_available()) {
+        at::_amp_foreach_non_finite_check_and_unscale_(grads, found_inf, inv_scale);
+      } else {
+        for (auto& g : grads) {
+          found_inf.logical_or_(g.isfinite().logical_not().any().reshape({1}));
+          g.mul_(inv_scale.to(g.scalar_type()));
+        }
+      }
+    }
+    state.found_inf = found_inf;
+    state.unscaled = true;
+  }
+
+  /// Unscales if needed and steps the optimizer unless a gradient was inf/NaN; returns the
+  /// optimizer's result, or an undefined tensor when the step was skipped.
+  template <class Closure>
+  at::Tensor step(torch::optim::Optimizer& optimizer, Closure&& closure) {
+    if (!scale_.defined()) return detail::optimizer_step(optimizer, std::forward<Closure>(closure));
+    auto& state = per_optimizer_[&optimizer];
+    if (!state.unscaled) unscale_(optimizer);
+    // NOTE: LibTorch's optimizers cannot take found_inf, so the decision needs the host (as in PyTorch).
+    skipped_ = state.found_inf.item<double>() != 0.0;
+    if (skipped_) return {};
+    return detail::optimizer_step(optimizer, std::forward<Closure>(closure));
+  }
+
+  /// Updates the scale from the steps since the last update: backoff when any gradient was inf/NaN,
+  /// growth after growth_interval clean steps.
+  void update() {
+    if (!scale_.defined()) return;
+    at::Tensor found = at::zeros({1}, scale_.options());
+    for (auto& [opt, state] : per_optimizer_) {
+      if (state.found_inf.defined()) found.add_(state.found_inf.to(found.device()));
+    }
+    if (kernels_available()) {
+      at::_amp_update_scale_(scale_, growth_tracker_, found, options_.growth_factor, options_.backoff_factor,
+                             options_.growth_interval);
+    } else if (found.item<double>() != 0.0) {
+      scale_.mul_(options_.backoff_factor);
+      growth_tracker_.zero_();
+    } else if (growth_tracker_.item<std::int64_t>() + 1 == options_.growth_interval) {
+      scale_.mul_(options_.growth_factor);
+      growth_tracker_.zero_();
+    } else {
+      growth_tracker_.add_(1);
+    }
+    per_optimizer_.clear();
+  }
+
+  /// Returns the current scale.
+  double get_scale() const { return scale_.defined() ? scale_.item<double>() : options_.init_scale; }
+  /// Returns the number of clean steps since the last growth or backoff.
+  std::int64_t growth_tracker() const { return growth_tracker_.defined() ? growth_tracker_.item<std::int64_t>() : 0; }
+  /// Returns true when the last step() was skipped because of inf/NaN gradients.
+  bool last_step_skipped() const noexcept { return skipped_; }
+  /// Returns the options.
+  const Options& options() const noexcept { return options_; }
+
+  /// Returns the state under PyTorch's keys: scale, growth_factor, backoff_factor, growth_interval,
+  /// _growth_tracker.
+  c10::impl::GenericDict state_dict() const {
+    c10::impl::GenericDict dict(c10::StringType::get(), c10::AnyType::get());
+    dict.insert("scale", get_scale());
+    dict.insert("growth_factor", options_.growth_factor);
+    dict.insert("backoff_factor", options_.backoff_factor);
+    dict.insert("growth_interval", options_.growth_interval);
+    dict.insert("_growth_tracker", growth_tracker());
+    return dict;
+  }
+  /// Restores the state written by state_dict (or by PyTorch's GradScaler).
+  void load_state_dict(const c10::impl::GenericDict& dict) {
+    for (const char* key : {"scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker"}) {
+      if (!dict.contains(key))
+        detail::raise("GradScaler: expected the key \"{}\" in the scaler state, found none", key);
+    }
+    auto number = [&](const char* key) {
+      const c10::IValue v = dict.at(key);
+      if (!v.isDouble() && !v.isInt()) detail::raise("GradScaler: expected a number under \"{}\"", key);
+      return v.isDouble() ? v.toDouble() : static_cast<double>(v.toInt());
+    };
+    options_.init_scale = number("scale");
+    options_.growth_factor = number("growth_factor");
+    options_.backoff_factor = number("backoff_factor");
+    options_.growth_interval = static_cast<std::int64_t>(number("growth_interval"));
+    const auto tracker = static_cast<std::int64_t>(number("_growth_tracker"));
+    const c10::Device device = scale_.defined() ? scale_.device() : c10::Device(c10::DeviceType::CPU);
+    scale_ = at::full(at::IntArrayRef{}, options_.init_scale, at::TensorOptions().dtype(at::kFloat).device(device));
+    growth_tracker_ = at::full(at::IntArrayRef{}, tracker, at::TensorOptions().dtype(at::kInt).device(device));
+  }
+
+ private:
+  struct OptimizerState {
+    bool unscaled = false;
+    at::Tensor found_inf{};
+  };
+
+  void lazy_init(const c10::Device& device) {
+    if (scale_.defined()) {
+      if (scale_.device() != device) {
+        scale_ = scale_.to(device);
+        growth_tracker_ = growth_tracker_.to(device);
+      }
+      return;
+    }
+    scale_ = at::full(at::IntArrayRef{}, options_.init_scale, at::TensorOptions().dtype(at::kFloat).device(device));
+    growth_tracker_ = at::zeros(at::IntArrayRef{}, at::TensorOptions().dtype(at::kInt).device(device));
+  }
+
+  bool kernels_available() const {
+    // NOTE: LibTorch 1.13 has the _amp_* kernels for CUDA only; 2.x for the CPU too.
+    return scale_.is_cuda() || detail::torch_cpu_amp_kernels;
+  }
+
+  Options options_;
+  at::Tensor scale_{};
+  at::Tensor growth_tracker_{};
+  std::map<const torch::optim::Optimizer*, OptimizerState> per_optimizer_{};
+  bool skipped_ = false;
+};
+
+}  // namespace fabric
+// ---- end fabric/precision/grad_scaler.hpp
 // ---- begin fabric/precision/mixed.hpp
 // fabric::MixedPrecision: float32 weights, forward under autocast: BF16Mixed ("bf16-mixed") and
 // FP16Mixed ("16-mixed", with a gradient scaler).
@@ -10054,8 +10567,8 @@ class ParallelStrategy : public StrategyBase {
 
   /// Writes the state on rank 0; when rank 0 fails, every rank fails (no rank waits for a writer
   /// that died).
-  void save_checkpoint(const std::filesystem::path& path, const State& state) {
-    on_rank_zero_agreed("save", [&] { StrategyBase::save_checkpoint(path, state); });
+  void save_checkpoint(const std::filesystem::path& path, const State& state, const Filters& filters = {}) {
+    on_rank_zero_agreed("save", [&] { StrategyBase::save_checkpoint(path, state, filters); });
   }
   /// Loads on every rank; a failure on one fails them all.
   State load_checkpoint(const std::filesystem::path& path, State& state, bool strict) {

@@ -11,6 +11,7 @@
 #include <concepts>
 #include <filesystem>
 #include <memory>
+#include <string>
 #include <type_traits>
 #include <utility>
 
@@ -19,6 +20,19 @@ namespace fabric {
 /// A checkpoint as a CheckpointIO writes and reads it: a dictionary of names to values (tensors,
 /// numbers, strings and nested dictionaries and lists of them), the shape of a PyTorch checkpoint.
 using Checkpoint = c10::impl::GenericDict;
+
+/// The state of a Stateful object (see fabric::Stateful): names to values, the shape of a PyTorch
+/// `state_dict()`. Make an empty one with fabric::make_state_dict().
+using StateDict = c10::Dict<std::string, c10::IValue>;
+
+/// Returns an empty StateDict (c10::Dict has no default constructor for IValue values).
+///
+///     fabric::StateDict state = fabric::make_state_dict();
+///     state.insert("count", std::int64_t{3});
+inline StateDict make_state_dict() {
+  return c10::impl::toTypedDict<std::string, c10::IValue>(
+      c10::impl::GenericDict(c10::StringType::get(), c10::AnyType::get()));
+}
 
 namespace detail {
 

@@ -262,8 +262,8 @@ class ParallelStrategy : public StrategyBase {
 
   /// Writes the state on rank 0; when rank 0 fails, every rank fails (no rank waits for a writer
   /// that died).
-  void save_checkpoint(const std::filesystem::path& path, const State& state) {
-    on_rank_zero_agreed("save", [&] { StrategyBase::save_checkpoint(path, state); });
+  void save_checkpoint(const std::filesystem::path& path, const State& state, const Filters& filters = {}) {
+    on_rank_zero_agreed("save", [&] { StrategyBase::save_checkpoint(path, state, filters); });
   }
   /// Loads on every rank; a failure on one fails them all.
   State load_checkpoint(const std::filesystem::path& path, State& state, bool strict) {

@@ -115,6 +115,12 @@ concept strategy_checkpoints = requires(S& s, const std::filesystem::path& path,
   { s.load_checkpoint(path, state, true) } -> std::same_as<State>;
   s.load_raw(path, m, true);
 };
+/// The strategy's save takes save's filters (StrategyBase's does); without, save refuses filters.
+template <class S>
+concept strategy_saves_filtered = requires(S& s, const std::filesystem::path& path, const State& cs,
+                                           const Filters& filters) {
+  s.save_checkpoint(path, cs, filters);
+};
 template <class S>
 concept strategy_shards = requires(const S& s) {
   { s.shards_data() } -> std::same_as<bool>;
@@ -339,9 +345,9 @@ class StrategyBase {
 
   // ---- checkpoints ----
 
-  /// Writes the state through the checkpoint format.
-  void save_checkpoint(const std::filesystem::path& path, const State& state) {
-    write_checkpoint(detail::to_checkpoint(state), path);
+  /// Writes the state through the checkpoint format, each filtered entry with what its filter keeps.
+  void save_checkpoint(const std::filesystem::path& path, const State& state, const Filters& filters = {}) {
+    write_checkpoint(detail::to_checkpoint(state, filters), path);
   }
   /// Reads a checkpoint through the format and restores state from it; returns what state did not ask for.
   State load_checkpoint(const std::filesystem::path& path, State& state, bool strict) {

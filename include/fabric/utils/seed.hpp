@@ -1,19 +1,31 @@
 #pragma once
-// Seeding: fabric::seed_everything and the library's own random engine.
+// Seeding: fabric::seed_everything and the library's own random engine; the random states of a process
+// (collect_rng_states, set_rng_states) and fabric::RngState, the state entry that saves them with a
+// checkpoint.
 
 #include "fabric/core/error.hpp"
+#include "fabric/io/checkpoint_io.hpp"
 
+#include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Context.h>
+#include <ATen/core/Generator.h>
+#include <ATen/core/List.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+#include <torch/cuda.h>
 
 #include <cerrno>
 #include <charconv>
 #include <cstdint>
 #include <cstdlib>
 #include <limits>
+#include <mutex>
 #include <optional>
 #include <random>
+#include <sstream>
 #include <string>
 #include <string_view>
+#include <vector>
 
 namespace fabric {
 
@@ -98,5 +110,134 @@ inline std::uint64_t worker_seed(std::size_t worker_id, int global_rank = 0) {
   sequence.generate(out, out + 2);
   return (static_cast<std::uint64_t>(out[0]) << 32) | out[1];
 }
+
+namespace detail {
+
+inline at::Tensor generator_state(at::Generator generator) {
+  std::lock_guard<std::mutex> lock(generator.mutex());
+  return generator.get_state();
+}
+
+inline void set_generator_state(at::Generator generator, const at::Tensor& state) {
+  std::lock_guard<std::mutex> lock(generator.mutex());
+  generator.set_state(state);
+}
+
+inline at::Generator cuda_generator(int index) {
+  return at::globalContext().defaultGenerator(c10::Device(c10::DeviceType::CUDA, static_cast<c10::DeviceIndex>(index)));
+}
+
+inline int cuda_devices() { return torch::cuda::is_available() ? static_cast<int>(torch::cuda::device_count()) : 0; }
+
+}  // namespace detail
+
+/// Returns this process's random states, as Lightning's `_collect_rng_states`: torch's CPU generator
+/// under "torch", every CUDA device's generator under "torch.cuda" (an empty list without CUDA; left
+/// out with include_cuda = false) and fabric::random_engine() under "fabric" (where Lightning keeps
+/// Python's `random`).
+///
+///     auto states = fabric::collect_rng_states();
+///     // ... draw random numbers ...
+///     fabric::set_rng_states(states);  // the same numbers again
+inline StateDict collect_rng_states(bool include_cuda = true) {
+  StateDict states = make_state_dict();
+  states.insert("torch", detail::generator_state(at::detail::getDefaultCPUGenerator()));
+  if (include_cuda) {
+    c10::List<at::Tensor> cuda;
+    for (int i = 0; i < detail::cuda_devices(); ++i) cuda.push_back(detail::generator_state(detail::cuda_generator(i)));
+    states.insert("torch.cuda", cuda);
+  }
+  std::ostringstream engine;
+  engine << random_engine();
+  states.insert("fabric", engine.str());
+  return states;
+}
+
+/// Restores random states taken by collect_rng_states, as Lightning's `_set_rng_states`: "torch" is
+/// required, "torch.cuda" and "fabric" are restored when present (older states without them load).
+/// Malformed states are a fabric::Error, and then no generator is changed.
+inline void set_rng_states(const StateDict& states) {
+  if (!states.contains("torch") || !states.at("torch").isTensor()) {
+    detail::raise(
+        "set_rng_states: expected torch's CPU generator state (a byte tensor) under \"torch\", found {}; pass a "
+        "dictionary from fabric::collect_rng_states",
+        states.contains("torch") ? states.at("torch").tagKind() : std::string("no such key"));
+  }
+  std::vector<at::Tensor> cuda;
+  if (states.contains("torch.cuda")) {
+    const c10::IValue& value = states.at("torch.cuda");
+    if (!value.isList()) {
+      detail::raise("set_rng_states: expected a list of CUDA generator states under \"torch.cuda\", found {}",
+                    value.tagKind());
+    }
+    for (const c10::IValue& item : value.toListRef()) {
+      if (!item.isTensor()) {
+        detail::raise("set_rng_states: expected CUDA generator states (byte tensors) under \"torch.cuda\", found {}",
+                      item.tagKind());
+      }
+      cuda.push_back(item.toTensor());
+    }
+    if (static_cast<int>(cuda.size()) > detail::cuda_devices()) {
+      detail::raise(
+          "set_rng_states: expected at most {} CUDA generator states (the CUDA devices of this process), found {}; "
+          "restore them in a process that sees as many devices",
+          detail::cuda_devices(), cuda.size());
+    }
+  }
+  std::mt19937_64 engine;
+  const bool has_engine = states.contains("fabric");
+  if (has_engine) {
+    const c10::IValue& value = states.at("fabric");
+    std::istringstream in(value.isString() ? value.toStringRef() : std::string());
+    in >> engine;
+    if (!value.isString() || in.fail()) {
+      detail::raise(
+          "set_rng_states: expected the state of fabric::random_engine() (a string) under \"fabric\", found "
+          "{}; pass a dictionary from fabric::collect_rng_states",
+          value.isString() ? std::string("a malformed string") : value.tagKind());
+    }
+  }
+  // NOTE: a generator rejects a malformed state only when it is set; the states taken first put back
+  // what was set before, so a failure changes no generator.
+  const StateDict before = collect_rng_states(!cuda.empty());
+  try {
+    detail::set_generator_state(at::detail::getDefaultCPUGenerator(), states.at("torch").toTensor());
+    for (std::size_t i = 0; i < cuda.size(); ++i)
+      detail::set_generator_state(detail::cuda_generator(static_cast<int>(i)), cuda[i]);
+  } catch (const c10::Error& e) {
+    detail::set_generator_state(at::detail::getDefaultCPUGenerator(), before.at("torch").toTensor());
+    if (before.contains("torch.cuda")) {
+      const auto list = before.at("torch.cuda").toTensorList();
+      for (std::size_t i = 0; i < list.size(); ++i)
+        detail::set_generator_state(detail::cuda_generator(static_cast<int>(i)), list.get(i));
+    }
+    detail::raise("set_rng_states: a generator state does not fit this LibTorch ({}); no generator was changed",
+                  detail::first_line(e.what_without_backtrace()));
+  }
+  if (has_engine) random_engine() = engine;
+}
+
+/// A state entry for the random states of the process: `{"rng", fabric::RngState{}}` saves
+/// collect_rng_states() with the checkpoint, and load restores them with set_rng_states(). Save it when
+/// a resumed run must draw the same random numbers (dropout, augmentation) as an uninterrupted one.
+/// Under several processes the file holds rank 0's states, as Lightning saves them.
+///
+///     fabric.save(path, {{"model", model}, {"optimizer", optimizer}, {"rng", fabric::RngState{}}});
+///     fabric.load(path, {{"model", model}, {"optimizer", optimizer}, {"rng", fabric::RngState{}}});
+class RngState {
+ public:
+  /// Says that the state is the process's, not the object's: a state entry may hold a temporary.
+  static constexpr bool global_state = true;
+
+  /// Takes the CUDA generators too unless include_cuda is false.
+  explicit RngState(bool include_cuda = true) noexcept : include_cuda_(include_cuda) {}
+  /// Returns the random states now (collect_rng_states).
+  StateDict state_dict() const { return collect_rng_states(include_cuda_); }
+  /// Restores the random states (set_rng_states).
+  void load_state_dict(const StateDict& states) const { set_rng_states(states); }
+
+ private:
+  bool include_cuda_ = true;
+};
 
 }  // namespace fabric
