@@ -314,17 +314,18 @@ class Fabric {
   auto dataloader(D dataset, LoaderOptions options, DataOptions data_options = {}) {
     check_launched("dataloader");
     const bool shard = data_options.use_distributed_sampler && strategy_.shards_data();
-    return setup_dataloaders(data_options, detail::make_loader(std::move(dataset), options,
-                                                               shard ? static_cast<std::size_t>(world_size()) : 1,
-                                                               shard ? static_cast<std::size_t>(global_rank()) : 0,
-                                                               global_seed(), options.pin_memory && device_.is_cuda()));
+    return setup_built(data_options, detail::make_loader(std::move(dataset), options,
+                                                         shard ? static_cast<std::size_t>(world_size()) : 1,
+                                                         shard ? static_cast<std::size_t>(global_rank()) : 0,
+                                                         global_seed(), options.pin_memory && device_.is_cuda()));
   }
   /// Builds a set-up loader as torch::data::make_data_loader does, from the same arguments
   /// (`(dataset, options)`, `(dataset, batch_size)`, `make_data_loader<SequentialSampler>(...)`), so that
   /// porting a loader changes only `torch::data::` to `fabric.`. Batches come on the device; under a
   /// strategy that shards data the sampler is fabric's DistributedSampler over the ranks (shuffled per
   /// epoch from the global seed for LibTorch's default RandomSampler, in order for SequentialSampler);
-  /// on one process it is LibTorch's own, so the batches are LibTorch's.
+  /// on one process it is LibTorch's own, so the batches are LibTorch's. The sampler is wrapped in a
+  /// fabric::ResumableSampler, so the loader's position can be saved (state_dict).
   ///
   ///     auto train = fabric.make_data_loader(std::move(dataset), torch::data::DataLoaderOptions(64).workers(2));
   template <TorchSampler Sampler = torch::data::samplers::RandomSampler, TorchDataset D>
@@ -333,25 +334,39 @@ class Fabric {
     if constexpr (D::is_stateful) {
       // NOTE: a stateful dataset has no sampler; it decides itself what each rank reads.
       return setup_dataloaders(torch::data::make_data_loader(std::move(dataset), std::move(options)));
-    } else if constexpr (S::is_distributed) {
+    } else {
       const auto size = dataset.size();
       if (!size) detail::raise("make_data_loader needs a dataset with a known size, found size() = nullopt");
-      const bool shard = strategy_.shards_data();
-      auto sampler =
-          detail::distributed_sampler_for<Sampler>(*size, shard ? static_cast<std::size_t>(world_size()) : 1,
-                                                   shard ? static_cast<std::size_t>(global_rank()) : 0, global_seed());
-      return setup_dataloaders(
-          torch::data::make_data_loader(std::move(dataset), std::move(sampler), std::move(options)));
-    } else {
-      return setup_dataloaders(torch::data::make_data_loader<Sampler>(std::move(dataset), std::move(options)));
+      if constexpr (S::is_distributed) {
+        const bool shard = strategy_.shards_data();
+        auto sampler = detail::distributed_sampler_for<Sampler>(
+            *size, shard ? static_cast<std::size_t>(world_size()) : 1,
+            shard ? static_cast<std::size_t>(global_rank()) : 0, global_seed());
+        return setup_built(
+            {}, detail::build_loader(std::move(dataset), std::move(sampler), std::move(options), std::nullopt));
+      } else {
+        Sampler sampler(*size);
+        const auto samples = detail::sampler_samples(sampler, *size);
+        return setup_built({},
+                           detail::build_loader(std::move(dataset), std::move(sampler), std::move(options), samples));
+      }
     }
   }
   /// make_data_loader with a sampler of one's own, as torch::data::make_data_loader(dataset, sampler,
   /// options); under a strategy that shards data the sampler must shard by rank (see setup_dataloaders).
+  /// LibTorch's and fabric's samplers are wrapped in a fabric::ResumableSampler (a sampler of your own
+  /// can be positioned once you wrap it yourself: fabric cannot know that its save() captures a pass).
   template <TorchDataset D, TorchSampler Sampler>
   auto make_data_loader(D dataset, Sampler sampler, torch::data::DataLoaderOptions options) {
     check_launched("make_data_loader");
-    return setup_dataloaders(torch::data::make_data_loader(std::move(dataset), std::move(sampler), std::move(options)));
+    if constexpr (detail::is_known_sampler_v<Sampler> || detail::is_resumable_sampler_v<Sampler>) {
+      const auto size = dataset.size();
+      const auto samples = size ? detail::sampler_samples(sampler, *size) : std::nullopt;
+      return setup_built({}, detail::build_loader(std::move(dataset), std::move(sampler), std::move(options), samples));
+    } else {
+      return setup_dataloaders(
+          torch::data::make_data_loader(std::move(dataset), std::move(sampler), std::move(options)));
+    }
   }
 
   // ---- the step --------------------------------------------------------------------------------
@@ -590,6 +605,13 @@ class Fabric {
             world_size(), S::name, detail::sampler_name<Sampler>());
       }
     }
+  }
+  /// Sets up a loader that fabric built, keeping its sampler and dataset beside it.
+  template <class L>
+  DataLoader<L> setup_built(const DataOptions& options, detail::BuiltLoader<L> built) {
+    check_shards<L>(options);
+    return DataLoader<L>(std::shared_ptr<L>(std::move(built.loader)), device_, options.move_to_device,
+                         std::move(built.parts));
   }
   void check_not_set_up(const void* object, std::string_view what) const {
     if (const auto it = set_up_.find(object); it != set_up_.end() && !it->second.expired()) {

@@ -7,7 +7,10 @@
 #include "fabric/utils/apply.hpp"
 
 #include <ATen/CPUGeneratorImpl.h>
+#include <ATen/core/Dict.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/core/ivalue.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/randperm.h>
 #include <c10/core/Device.h>
 #include <c10/util/Optional.h>
@@ -25,20 +28,106 @@
 #include <concepts>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <iterator>
 #include <memory>
 #include <optional>
+#include <ranges>
 #include <string>
 #include <type_traits>
 #include <utility>
 #include <vector>
 
 namespace fabric {
+namespace detail {
+
+/// What a set-up loader and a sampler that can be positioned exchange while the loader starts a pass:
+/// LibTorch's `loader.begin()` calls the sampler's `reset()` on the calling thread, where the set-up
+/// loader has put this record. The loader asks for a restored position; the sampler gives back its state
+/// at the start of the pass (what a resume needs), in its own save() format.
+struct PassHandshake {
+  /// The sampler's archive (as bytes) to restore, or null for a plain reset.
+  const at::Tensor* restore = nullptr;
+  /// With restore: the saved pass was finished, so load the state and then start the next pass.
+  bool new_pass = false;
+  /// With restore of an unfinished pass: the indices the user already had, skipped unread.
+  std::size_t skip = 0;
+  /// Set by the sampler: its archive at the start of this pass.
+  at::Tensor pass_state{};
+  /// Set by the sampler: it took part.
+  bool positioned = false;
+};
+inline thread_local PassHandshake* pass_handshake = nullptr;
+
+/// Puts a handshake in place for the calling thread while it lives (restoring the previous one, so
+/// that a loader started inside another's dataset keeps its own).
+class PassHandshakeGuard {
+ public:
+  explicit PassHandshakeGuard(PassHandshake* handshake) noexcept : previous_(pass_handshake) {
+    pass_handshake = handshake;
+  }
+  ~PassHandshakeGuard() { pass_handshake = previous_; }
+  PassHandshakeGuard(const PassHandshakeGuard&) = delete;
+  PassHandshakeGuard& operator=(const PassHandshakeGuard&) = delete;
+
+ private:
+  PassHandshake* previous_;
+};
+
+/// Returns a sampler's save() archive as a tensor of bytes.
+template <class S>
+at::Tensor sampler_archive(const S& sampler) {
+  torch::serialize::OutputArchive archive;
+  sampler.save(archive);
+  std::string bytes;
+  archive.save_to([&](const void* data, std::size_t n) {
+    bytes.append(static_cast<const char*>(data), n);
+    return n;
+  });
+  at::Tensor t = at::empty({static_cast<std::int64_t>(bytes.size())}, at::kByte);
+  if (!bytes.empty()) std::memcpy(t.data_ptr(), bytes.data(), bytes.size());
+  return t;
+}
+/// Loads a sampler from the bytes sampler_archive wrote.
+template <class S>
+void load_sampler_archive(S& sampler, const at::Tensor& bytes) {
+  const at::Tensor b = bytes.contiguous();
+  torch::serialize::InputArchive archive;
+  archive.load_from(static_cast<const char*>(b.data_ptr()), static_cast<std::size_t>(b.numel()));
+  sampler.load(archive);
+}
+
+/// Starts a pass of a sampler that can be positioned: `reset()` starts a plain pass, `skip(n)` passes
+/// over n indices unread. Without a handshake (the loader iterated directly) it is a plain reset.
+template <class S, class Reset, class Skip>
+void reset_positioned(S& sampler, Reset&& reset, Skip&& skip) {
+  PassHandshake* handshake = pass_handshake;
+  {
+    // NOTE: a sampler wrapped in another that can be positioned sees no handshake: the outer one answers.
+    PassHandshakeGuard inner(nullptr);
+    if (handshake != nullptr && handshake->restore != nullptr) {
+      load_sampler_archive(sampler, *handshake->restore);
+      if (handshake->new_pass) reset();
+    } else {
+      reset();
+    }
+  }
+  if (handshake == nullptr) return;
+  handshake->pass_state = sampler_archive(sampler);
+  handshake->positioned = true;
+  if (handshake->restore != nullptr && !handshake->new_pass && handshake->skip > 0) {
+    PassHandshakeGuard inner(nullptr);
+    skip(handshake->skip);
+  }
+}
+
+}  // namespace detail
 
 /// Yields the indices of this rank's shard, in batches, like PyTorch's DistributedSampler: with
 /// shuffle a new permutation each epoch from `seed + epoch`; without drop_last the index list is
 /// padded by repeating its start so every rank gets the same number of samples (an evaluation can
-/// count those samples twice); with one replica it is a plain random or sequential sampler.
+/// count those samples twice); with one replica it is a plain random or sequential sampler. A set-up
+/// loader can position it (state_dict / load_state_dict).
 class DistributedSampler final : public torch::data::samplers::Sampler<> {
  public:
   /// Settings of the sampler.
@@ -59,10 +148,15 @@ class DistributedSampler final : public torch::data::samplers::Sampler<> {
 
   /// Builds the next epoch's indices (called by the loader at the start of each pass).
   void reset(c10::optional<std::size_t> new_size = c10::nullopt) override {
-    if (new_size) size_ = *new_size;
-    indices_ = shard_indices(epoch_);
-    position_ = 0;
-    ++epoch_;
+    detail::reset_positioned(
+        *this,
+        [&] {
+          if (new_size) size_ = *new_size;
+          indices_ = shard_indices(epoch_);
+          position_ = 0;
+          ++epoch_;
+        },
+        [&](std::size_t n) { position_ = std::min(indices_.size(), position_ + n); });
   }
   /// Returns the next batch of indices, or nothing at the end of the shard.
   c10::optional<std::vector<std::size_t>> next(std::size_t batch_size) override {
@@ -73,19 +167,34 @@ class DistributedSampler final : public torch::data::samplers::Sampler<> {
     position_ += n;
     return batch;
   }
+  /// Writes the epoch the next pass uses and the position in the current one.
   void save(torch::serialize::OutputArchive& archive) const override {
     archive.write("epoch", c10::IValue(static_cast<std::int64_t>(epoch_)));
+    archive.write("position", c10::IValue(static_cast<std::int64_t>(position_)));
   }
+  /// Reads what save wrote and rebuilds the current pass's indices (those of epoch - 1).
   void load(torch::serialize::InputArchive& archive) override {
     c10::IValue epoch;
     archive.read("epoch", epoch);
+    c10::IValue position(static_cast<std::int64_t>(0));
+    archive.try_read("position", position);
+    if (!epoch.isInt() || epoch.toInt() < 0 || !position.isInt() || position.toInt() < 0) {
+      detail::raise("DistributedSampler::load: expected a non-negative epoch and position, found {} and {}",
+                    epoch.tagKind(), position.tagKind());
+    }
     epoch_ = static_cast<std::size_t>(epoch.toInt());
+    indices_ = epoch_ > 0 ? shard_indices(epoch_ - 1) : std::vector<std::size_t>{};
+    position_ = std::min(indices_.size(), static_cast<std::size_t>(position.toInt()));
   }
 
   /// Sets the epoch the next pass uses (the loader counts passes by itself).
   void set_epoch(std::size_t epoch) noexcept { epoch_ = epoch; }
   /// Returns the epoch the next pass will use.
   std::size_t epoch() const noexcept { return epoch_; }
+  /// Returns the size of the dataset it samples from.
+  std::size_t size() const noexcept { return size_; }
+  /// Returns its settings.
+  const Options& options() const noexcept { return options_; }
   /// Returns how many samples this rank sees per epoch.
   std::size_t num_samples() const noexcept {
     const std::size_t r = options_.num_replicas;
@@ -149,6 +258,60 @@ concept TorchSampler = requires(S& s, std::size_t n) {
   s.next(n);
 };
 
+/// Makes a LibTorch sampler one that a set-up loader can position: it passes every call through, and at
+/// the start of each pass gives the loader its `save()` state, so that `state_dict()` can resume the pass
+/// where the user was. The loaders fabric builds use it around LibTorch's samplers; wrap a sampler of
+/// your own in it when its `save()`/`load()` capture a pass (LibTorch's samplers do). Copies share the
+/// sampler, so the set-up loader can hand it out while the LibTorch loader holds it.
+///
+///     auto loader = torch::data::make_data_loader(dataset, fabric::ResumableSampler(MySampler(n)), options);
+template <TorchSampler S>
+class ResumableSampler final : public torch::data::samplers::Sampler<typename S::BatchRequestType> {
+ public:
+  using sampler_type = S;
+  using BatchRequestType = typename S::BatchRequestType;
+
+  /// Wraps a sampler; num_samples says how many indices it yields per pass, where that is known (size()
+  /// of the set-up loader needs it).
+  explicit ResumableSampler(S sampler, std::optional<std::size_t> num_samples = std::nullopt)
+      : state_(std::make_shared<State>(State{std::move(sampler), num_samples})) {}
+
+  /// Starts a pass (restoring the position a set-up loader asks for).
+  void reset(c10::optional<std::size_t> new_size = c10::nullopt) override {
+    S& s = state_->sampler;
+    detail::reset_positioned(
+        s, [&] { s.reset(new_size); }, [&](std::size_t n) { (void)s.next(n); });
+  }
+  /// Returns the wrapped sampler's next batch request.
+  c10::optional<BatchRequestType> next(std::size_t batch_size) override { return state_->sampler.next(batch_size); }
+  /// Saves the wrapped sampler.
+  void save(torch::serialize::OutputArchive& archive) const override { state_->sampler.save(archive); }
+  /// Loads the wrapped sampler.
+  void load(torch::serialize::InputArchive& archive) override { state_->sampler.load(archive); }
+
+  /// Returns the wrapped sampler (the one the loader draws from).
+  S& sampler() const noexcept { return state_->sampler; }
+  /// Returns how many indices a pass yields, where known.
+  std::optional<std::size_t> num_samples() const noexcept { return state_->num_samples; }
+
+ private:
+  struct State {
+    S sampler;
+    std::optional<std::size_t> num_samples;
+  };
+  std::shared_ptr<State> state_;
+};
+
+template <class S>
+struct is_distributed_sampler<ResumableSampler<S>> : is_distributed_sampler<S> {};
+
+/// Says whether a set-up loader can position a sampler (state_dict / load_state_dict): fabric's
+/// DistributedSampler and ResumableSampler.
+template <class S>
+inline constexpr bool is_positionable_sampler_v = std::is_base_of_v<DistributedSampler, S>;
+template <class S>
+inline constexpr bool is_positionable_sampler_v<ResumableSampler<S>> = true;
+
 /// Wraps a dataset so that every CPU tensor of its batches is copied into pinned (page-locked)
 /// memory, as PyTorch's `pin_memory=True` does, which makes the loader's copy to a GPU asynchronous.
 /// It runs in the loader's worker threads; disabled, it passes batches through (one type for both,
@@ -171,24 +334,109 @@ class PinMemoryDataset : public torch::data::datasets::BatchDataset<PinMemoryDat
   c10::optional<std::size_t> size() const override { return dataset_.size(); }
   /// Returns true when batches are pinned.
   bool enabled() const noexcept { return enabled_; }
+  /// Returns the wrapped dataset.
+  const D& dataset() const noexcept { return dataset_; }
 
  private:
   D dataset_;
   bool enabled_;
 };
 
+namespace detail {
+
+/// Where a set-up loader is: passes started, batches the user had in the current one, and the
+/// sampler's state at its start; and a position loaded but not applied yet (applied by the next pass).
+struct LoaderPosition {
+  std::size_t passes = 0;
+  std::size_t batches = 0;
+  bool in_pass = false;
+  at::Tensor sampler_state{};
+  /// Bumped by load_state_dict, so that an iterator of an earlier pass no longer counts.
+  std::uint64_t generation = 0;
+  bool pending = false;
+  bool pending_in_pass = false;
+  std::size_t pending_batches = 0;
+  at::Tensor pending_state{};
+};
+
+/// The sampler and dataset types of a LibTorch loader type (void for a stateful loader, which has no
+/// sampler).
+template <class L>
+struct loader_sampler {
+  using type = void;
+  using dataset = void;
+};
+template <class D, class S>
+struct loader_sampler<torch::data::StatelessDataLoader<D, S>> {
+  using type = S;
+  using dataset = D;
+};
+
+template <class D>
+struct unwrap_pinned {
+  using type = std::conditional_t<std::is_void_v<D>, int, D>;
+  template <class T>
+  static const T& get(const T& d) noexcept {
+    return d;
+  }
+};
+template <class D>
+struct unwrap_pinned<PinMemoryDataset<D>> {
+  using type = D;
+  static const D& get(const PinMemoryDataset<D>& d) noexcept { return d.dataset(); }
+};
+
+/// Returns the name messages give a sampler type.
+template <class S>
+std::string sampler_name();
+
+template <class T>
+inline constexpr bool is_resumable_sampler_v = false;
+template <class S>
+inline constexpr bool is_resumable_sampler_v<ResumableSampler<S>> = true;
+template <class T>
+struct resumable_inner {
+  using type = std::conditional_t<std::is_void_v<T>, int, T>;
+};
+template <class S>
+struct resumable_inner<ResumableSampler<S>> {
+  using type = S;
+};
+
+/// What the loaders fabric builds keep beside the LibTorch loader, which hides them: a handle on the
+/// sampler and a copy of the dataset (LibTorch gives each worker its own copy too).
+template <class L>
+struct LoaderParts {
+  using Sampler = typename loader_sampler<L>::type;
+  using Dataset = typename loader_sampler<L>::dataset;
+  std::optional<std::conditional_t<is_resumable_sampler_v<Sampler>, Sampler, int>> sampler{};
+  std::shared_ptr<const std::conditional_t<std::is_void_v<Dataset>, int, Dataset>> dataset{};
+};
+
+}  // namespace detail
+
 /// Wraps a LibTorch data loader: iterating it yields batches already on the fabric's device (tensors
 /// in pinned memory are copied to a GPU asynchronously). It is a C++20 input range (`std::ranges::input_range`), so
 /// standard and range-v3 views compose with it:
 ///
 ///     for (auto& [images, labels] : fabric.setup_dataloaders(loader) | std::views::take(100)) { ... }
+///
+/// Its position is state: `state_dict()` says where the user is (the epoch, the batches already yielded,
+/// the sampler's order), and after `load_state_dict` the next pass continues with the next batch, in the
+/// same order, without loading the skipped batches.
 template <class L>
 class DataLoader {
   using torch_iterator = decltype(std::declval<L&>().begin());
+  using torch_sampler = typename detail::loader_sampler<L>::type;
+  using torch_dataset = typename detail::loader_sampler<L>::dataset;
 
  public:
   using loader_type = L;
   using batch_type = std::remove_cvref_t<decltype(*std::declval<torch_iterator&>())>;
+  /// The type sampler() returns: what fabric::ResumableSampler wraps (the loader's sampler otherwise).
+  using sampler_type = typename detail::resumable_inner<torch_sampler>::type;
+  /// The type dataset() returns: the dataset the loader was built from.
+  using dataset_type = typename detail::unwrap_pinned<torch_dataset>::type;
 
   /// The input iterator over batches; copies share the underlying loader position.
   class iterator {
@@ -200,9 +448,10 @@ class DataLoader {
     using iterator_category = std::input_iterator_tag;
 
     iterator() = default;
-    iterator(L& loader, const c10::Device& device, bool move) : device_(device), move_(move) {
-      it_.emplace(loader.begin());
-      end_.emplace(loader.end());
+    iterator(torch_iterator it, torch_iterator end, const c10::Device& device, bool move,
+             std::shared_ptr<detail::LoaderPosition> position)
+        : it_(std::move(it)), end_(std::move(end)), device_(device), move_(move), position_(std::move(position)) {
+      generation_ = position_->generation;
       fetch();
     }
 
@@ -225,6 +474,14 @@ class DataLoader {
       } else {
         current_.emplace(std::move(**it_));
       }
+      // NOTE: a batch counts as yielded once the user holds it: a checkpoint written while training on it
+      // resumes with the one after.
+      if (position_->generation != generation_ || !position_->in_pass) return;
+      if (current_) {
+        ++position_->batches;
+      } else {
+        position_->in_pass = false;
+      }
     }
 
     std::optional<torch_iterator> it_{};
@@ -232,15 +489,152 @@ class DataLoader {
     mutable std::optional<batch_type> current_{};
     c10::Device device_{c10::DeviceType::CPU};
     bool move_ = true;
+    std::shared_ptr<detail::LoaderPosition> position_{};
+    std::uint64_t generation_ = 0;
   };
 
-  DataLoader(std::shared_ptr<L> loader, c10::Device device, bool move_to_device)
-      : loader_(std::move(loader)), device_(device), move_(move_to_device && !device.is_cpu()) {}
+  DataLoader(std::shared_ptr<L> loader, c10::Device device, bool move_to_device, detail::LoaderParts<L> parts = {})
+      : loader_(std::move(loader)),
+        device_(device),
+        move_(move_to_device && !device.is_cpu()),
+        parts_(std::move(parts)),
+        position_(std::make_shared<detail::LoaderPosition>()) {}
 
-  /// Starts a pass over the data (a new epoch for fabric's sampler).
-  iterator begin() { return iterator(*loader_, device_, move_); }
+  /// Starts a pass over the data (a new epoch for fabric's sampler), or continues the pass that
+  /// load_state_dict restored.
+  iterator begin() {
+    auto& p = *position_;
+    detail::PassHandshake handshake;
+    if (p.pending) {
+      handshake.restore = &p.pending_state;
+      handshake.new_pass = !p.pending_in_pass;
+      handshake.skip = p.pending_batches * loader_->options().batch_size;
+    }
+    std::optional<torch_iterator> it;
+    {
+      detail::PassHandshakeGuard guard(&handshake);
+      it.emplace(loader_->begin());
+    }
+    if (p.pending && !handshake.positioned) {
+      detail::raise(
+          "DataLoader: expected the loader's sampler to take the restored position, found that it did not "
+          "(was it reset outside this loader?); build the loader with fabric.make_data_loader");
+    }
+    p.batches = p.pending && p.pending_in_pass ? p.pending_batches : 0;
+    p.pending = false;
+    p.pending_state = at::Tensor();
+    ++p.passes;
+    p.in_pass = true;
+    p.sampler_state = handshake.positioned ? std::move(handshake.pass_state) : at::Tensor();
+    return iterator(std::move(*it), loader_->end(), device_, move_, position_);
+  }
   /// Marks the end of a pass.
   std::default_sentinel_t end() const noexcept { return {}; }
+
+  /// Returns the loader's position: `epoch` (the pass under way, or the next one when the last has
+  /// finished), `batches` (yielded to the user in it), `mid_epoch`, `batch_size` and the `sampler`'s
+  /// order at the start of the pass. A checkpoint entry (`{"loader", loader}`) saves it.
+  c10::Dict<std::string, c10::IValue> state_dict() const {
+    check_positionable("state_dict");
+    const auto& p = *position_;
+    auto state = c10::impl::toTypedDict<std::string, c10::IValue>(
+        c10::impl::GenericDict(c10::StringType::get(), c10::AnyType::get()));
+    const bool mid = p.pending ? p.pending_in_pass : p.in_pass;
+    const std::size_t epoch = p.pending ? p.passes : (p.in_pass ? p.passes - 1 : p.passes);
+    const at::Tensor& sampler = p.pending ? p.pending_state : p.sampler_state;
+    state.insert("epoch", static_cast<std::int64_t>(epoch));
+    state.insert("batches", static_cast<std::int64_t>(p.pending ? p.pending_batches : (mid ? p.batches : 0)));
+    state.insert("mid_epoch", mid);
+    state.insert("batch_size", static_cast<std::int64_t>(loader_->options().batch_size));
+    state.insert("sampler", sampler.defined() ? sampler : at::empty({0}, at::kByte));
+    return state;
+  }
+  /// Restores a position state_dict returned: the next pass (begin()) continues that epoch with the next
+  /// batch, in the same order, skipping the batches already yielded without loading them; after a
+  /// finished epoch it starts the next one. Nothing changes when the state is malformed.
+  void load_state_dict(const c10::Dict<std::string, c10::IValue>& state) {
+    check_positionable("load_state_dict");
+    const auto get = [&](const char* key, bool (c10::IValue::*is)() const, const char* kind) {
+      if (!state.contains(key)) {
+        detail::raise(
+            "DataLoader::load_state_dict: expected the key \"{}\" ({}) of a loader's state_dict(), found "
+            "a state without it; pass what DataLoader::state_dict() returned",
+            key, kind);
+      }
+      c10::IValue v = state.at(key);
+      if (!(v.*is)()) {
+        detail::raise("DataLoader::load_state_dict: expected \"{}\" to be {}, found {}", key, kind, v.tagKind());
+      }
+      return v;
+    };
+    const std::int64_t epoch = get("epoch", &c10::IValue::isInt, "an integer").toInt();
+    const std::int64_t batches = get("batches", &c10::IValue::isInt, "an integer").toInt();
+    const bool mid = get("mid_epoch", &c10::IValue::isBool, "a bool").toBool();
+    const std::int64_t batch_size = get("batch_size", &c10::IValue::isInt, "an integer").toInt();
+    const at::Tensor sampler = get("sampler", &c10::IValue::isTensor, "a tensor").toTensor();
+    if (epoch < 0 || batches < 0) {
+      detail::raise("DataLoader::load_state_dict: expected epoch >= 0 and batches >= 0, found {} and {}", epoch,
+                    batches);
+    }
+    if (sampler.scalar_type() != at::kByte || sampler.dim() != 1) {
+      detail::raise(
+          "DataLoader::load_state_dict: expected \"sampler\" to be a 1-D uint8 tensor (the sampler's "
+          "archive), found {} of {} dimensions",
+          c10::toString(sampler.scalar_type()), sampler.dim());
+    }
+    if (mid && sampler.numel() == 0) {
+      detail::raise(
+          "DataLoader::load_state_dict: expected the sampler's order of the epoch under way, found an "
+          "empty \"sampler\"; pass what DataLoader::state_dict() returned");
+    }
+    if (!mid && batches != 0) {
+      detail::raise("DataLoader::load_state_dict: expected batches = 0 between epochs (mid_epoch false), found {}",
+                    batches);
+    }
+    const auto own = static_cast<std::int64_t>(loader_->options().batch_size);
+    if (batch_size != own) {
+      detail::raise(
+          "DataLoader::load_state_dict: expected the batch size of the saved loader, {}, found a loader "
+          "with batch size {}; build the loader with the batch size it was saved with",
+          batch_size, own);
+    }
+    auto& p = *position_;
+    ++p.generation;
+    p.in_pass = false;
+    p.batches = 0;
+    p.passes = static_cast<std::size_t>(epoch);
+    p.sampler_state = at::Tensor();
+    p.pending = sampler.numel() > 0;
+    p.pending_in_pass = mid;
+    p.pending_batches = static_cast<std::size_t>(batches);
+    p.pending_state = p.pending ? sampler.clone() : at::Tensor();
+  }
+
+  /// Returns the number of batches a pass yields on this rank (Lightning's `len(dataloader)`), for the
+  /// loaders fabric builds (fabric.dataloader, fabric.make_data_loader), whose sampler it knows.
+  std::size_t size() const {
+    const std::size_t n = num_samples("size");
+    const auto& options = loader_->options();
+    return options.drop_last ? n / options.batch_size : (n + options.batch_size - 1) / options.batch_size;
+  }
+  /// Returns the sampler the loader draws from (a fabric::DistributedSampler under a strategy that
+  /// shards data, LibTorch's otherwise), for the loaders fabric builds.
+  sampler_type& sampler() const {
+    static_assert(detail::is_resumable_sampler_v<torch_sampler>,
+                  "fabric: sampler() needs a loader that fabric built (LibTorch's loader hides its sampler); build "
+                  "it with fabric.make_data_loader(dataset, ...) or fabric.dataloader(dataset, ...)");
+    if (!parts_.sampler) raise_hidden("sampler");
+    return parts_.sampler->sampler();
+  }
+  /// Returns the dataset the loader reads (a copy: LibTorch gives each worker its own), for the loaders
+  /// fabric builds.
+  const dataset_type& dataset() const {
+    static_assert(!std::is_void_v<torch_dataset>,
+                  "fabric: dataset() needs a loader of a map-style dataset; a stateful LibTorch loader has none to "
+                  "give");
+    if (!parts_.dataset) raise_hidden("dataset");
+    return detail::unwrap_pinned<torch_dataset>::get(*parts_.dataset);
+  }
 
   /// Returns the wrapped LibTorch loader.
   L& loader() const noexcept { return *loader_; }
@@ -248,9 +642,50 @@ class DataLoader {
   const c10::Device& device() const noexcept { return device_; }
 
  private:
+  [[noreturn]] static void raise_hidden(const char* what) {
+    detail::raise(
+        "DataLoader::{0}(): a LibTorch loader given to setup_dataloaders hides its sampler and dataset; "
+        "build it with fabric.make_data_loader(dataset, ...) or fabric.dataloader(dataset, ...) to have "
+        "{0}()",
+        what);
+  }
+  std::size_t num_samples(const char* what) const {
+    if constexpr (detail::is_resumable_sampler_v<torch_sampler>) {
+      if (parts_.sampler) {
+        if constexpr (std::is_base_of_v<DistributedSampler, typename torch_sampler::sampler_type>) {
+          return parts_.sampler->sampler().num_samples();
+        } else {
+          if (const auto n = parts_.sampler->num_samples()) return *n;
+          detail::raise(
+              "DataLoader::{}(): the loader's sampler ({}) does not say how many indices it yields per "
+              "pass; give fabric::ResumableSampler(sampler, num_samples) the number",
+              what, detail::sampler_name<typename torch_sampler::sampler_type>());
+        }
+      }
+    }
+    raise_hidden(what);
+  }
+  static void check_positionable(const char* what) {
+    if constexpr (std::is_void_v<torch_sampler>) {
+      detail::raise(
+          "DataLoader::{}: a stateful LibTorch loader (a ChunkDataset's) has no sampler to position; save "
+          "the dataset's own state instead",
+          what);
+    } else if constexpr (!is_positionable_sampler_v<torch_sampler>) {
+      detail::raise(
+          "DataLoader::{}: the loader's sampler ({}) cannot be positioned (LibTorch's loader hides it); "
+          "build the loader with fabric.make_data_loader(...) or fabric.dataloader(...), or give "
+          "torch::data::make_data_loader a fabric::DistributedSampler or a "
+          "fabric::ResumableSampler(sampler)",
+          what, detail::sampler_name<torch_sampler>());
+    }
+  }
+
   std::shared_ptr<L> loader_;
   c10::Device device_;
   bool move_;
+  detail::LoaderParts<L> parts_;
+  std::shared_ptr<detail::LoaderPosition> position_;
 };
 
 namespace detail {
@@ -269,6 +704,33 @@ concept SetUpLoader = detail::is_fabric_loader_v<std::remove_cvref_t<W>>;
 
 namespace detail {
 
+/// A LibTorch loader that fabric built, with what the set-up loader keeps beside it.
+template <class L>
+struct BuiltLoader {
+  std::unique_ptr<L> loader;
+  LoaderParts<L> parts;
+};
+
+/// Builds a LibTorch loader over the sampler wrapped in fabric::ResumableSampler (so the set-up loader
+/// can position it and hand it out), keeping a copy of the dataset for DataLoader::dataset().
+template <class D, class S>
+auto build_loader(D dataset, S sampler, torch::data::DataLoaderOptions options, std::optional<std::size_t> samples) {
+  using Sampler = std::conditional_t<is_resumable_sampler_v<S>, S, ResumableSampler<S>>;
+  Sampler resumable = [&] {
+    if constexpr (is_resumable_sampler_v<S>) {
+      return std::move(sampler);
+    } else {
+      return Sampler(std::move(sampler), samples);
+    }
+  }();
+  using L = torch::data::StatelessDataLoader<D, Sampler>;
+  BuiltLoader<L> built;
+  built.parts.sampler.emplace(resumable);
+  built.parts.dataset = std::make_shared<const D>(dataset);
+  built.loader = std::make_unique<L>(std::move(dataset), std::move(resumable), std::move(options));
+  return built;
+}
+
 /// Builds the loader of `Fabric::dataloader`: batches of options.batch_size drawn by a
 /// DistributedSampler over `replicas` ranks (shuffled per epoch from seed), pinned in the workers when
 /// `pin` is set.
@@ -283,27 +745,43 @@ auto make_loader(D dataset, const LoaderOptions& options, std::size_t replicas, 
   // NOTE: pinning runs in the loader's workers; switched off, the wrapper passes batches through, so
   // the loader has one type either way.
   PinMemoryDataset<D> pinned(std::move(dataset), pin);
-  return torch::data::make_data_loader(std::move(pinned), std::move(sampler),
-                                       torch::data::DataLoaderOptions()
-                                           .batch_size(options.batch_size)
-                                           .workers(options.num_workers)
-                                           .drop_last(options.drop_last));
+  return build_loader(std::move(pinned), std::move(sampler),
+                      torch::data::DataLoaderOptions()
+                          .batch_size(options.batch_size)
+                          .workers(options.num_workers)
+                          .drop_last(options.drop_last),
+                      std::nullopt);
 }
 
-/// The sampler type of a LibTorch loader type (void for a stateful loader, which has none).
-template <class L>
-struct loader_sampler {
-  using type = void;
-};
-template <class D, class S>
-struct loader_sampler<torch::data::StatelessDataLoader<D, S>> {
-  using type = S;
-};
+/// Returns how many indices a LibTorch sampler yields per pass over a dataset of `size`, where fabric
+/// knows (its own samplers and LibTorch's).
+template <class S>
+std::optional<std::size_t> sampler_samples(const S& sampler, std::size_t size) {
+  namespace samplers = torch::data::samplers;
+  if constexpr (std::is_same_v<S, samplers::RandomSampler> || std::is_same_v<S, samplers::SequentialSampler>) {
+    return size;
+  } else if constexpr (std::is_base_of_v<DistributedSampler, S>) {
+    return sampler.num_samples();
+  } else {
+    return std::nullopt;
+  }
+}
+
+/// True for the samplers of LibTorch whose save()/load() capture a pass, which fabric wraps in a
+/// ResumableSampler itself (a sampler of the user's is kept as it is: fabric cannot know).
+template <class S>
+inline constexpr bool is_known_sampler_v =
+    std::is_same_v<S, torch::data::samplers::RandomSampler> ||
+    std::is_same_v<S, torch::data::samplers::SequentialSampler> ||
+    std::is_same_v<S, torch::data::samplers::DistributedRandomSampler> ||
+    std::is_same_v<S, torch::data::samplers::DistributedSequentialSampler> || std::is_base_of_v<DistributedSampler, S>;
 
 /// Returns the name messages give a sampler type.
 template <class S>
 std::string sampler_name() {
-  if constexpr (std::is_same_v<S, torch::data::samplers::RandomSampler>) {
+  if constexpr (is_resumable_sampler_v<S>) {
+    return sampler_name<typename S::sampler_type>();
+  } else if constexpr (std::is_same_v<S, torch::data::samplers::RandomSampler>) {
     return "RandomSampler";
   } else if constexpr (std::is_same_v<S, torch::data::samplers::SequentialSampler>) {
     return "SequentialSampler";
@@ -331,3 +809,17 @@ DistributedSampler distributed_sampler_for(std::size_t size, std::size_t replica
 
 }  // namespace detail
 }  // namespace fabric
+
+// NOTE: size() is the batches of a whole pass, not what a restored pass yields, and it needs a loader
+// fabric built: std::ranges and range-v3 must count by iterating.
+namespace std::ranges {
+template <class L>
+inline constexpr bool disable_sized_range<fabric::DataLoader<L>> = true;
+}  // namespace std::ranges
+#if __has_include(<range/v3/range/primitives.hpp>)
+#include <range/v3/range/primitives.hpp>
+namespace ranges {
+template <class L>
+inline constexpr bool disable_sized_range<fabric::DataLoader<L>> = true;
+}  // namespace ranges
+#endif

@@ -8,12 +8,15 @@
 #include <fmt/format.h>
 #include <torch/torch.h>
 #include <catch2/catch_test_macros.hpp>
+#include <catch2/generators/catch_generators.hpp>
 #include <catch2/matchers/catch_matchers_string.hpp>
 #include <range/v3/view/enumerate.hpp>
 #include <range/v3/view/take.hpp>
 
 #include <algorithm>
+#include <atomic>
 #include <numeric>
+#include <optional>
 #include <ranges>
 #include <set>
 #include <string_view>
@@ -213,7 +216,8 @@ TEST_CASE("make_data_loader takes torch's argument forms and yields torch's batc
   auto loader = fabric.make_data_loader(dataset(), torch::data::DataLoaderOptions(5));
   STATIC_REQUIRE(
       std::is_same_v<decltype(loader)::loader_type,
-                     torch::data::StatelessDataLoader<decltype(dataset()), torch::data::samplers::RandomSampler>>);
+                     torch::data::StatelessDataLoader<decltype(dataset()),
+                                                      fabric::ResumableSampler<torch::data::samplers::RandomSampler>>>);
   std::vector<std::vector<std::int64_t>> got;
   for (int epoch = 0; epoch < 2; ++epoch) {
     for (auto& batch : loader) {
@@ -247,8 +251,7 @@ TEST_CASE("under DDP make_data_loader shards with fabric's sampler, seeded from 
   fabric.seed_everything(5);
   auto loader =
       fabric.make_data_loader(indexed(17).map(torch::data::transforms::Stack<>()), torch::data::DataLoaderOptions(4));
-  STATIC_REQUIRE(
-      std::is_same_v<fabric::detail::loader_sampler<decltype(loader)::loader_type>::type, fabric::DistributedSampler>);
+  STATIC_REQUIRE(std::is_same_v<decltype(loader)::sampler_type, fabric::DistributedSampler>);
   const auto e0 = pass(loader);
   const auto e1 = pass(loader);
   // Rank 0 of 1: every sample once, in the order of DistributedSampler(seed 5) for epochs 0 and 1.
@@ -296,8 +299,8 @@ TEST_CASE("under DDP setup_dataloaders refuses a loader that does not shard, unl
   CHECK(pass(plain) == std::vector<std::int64_t>{0, 1, 2});
 }
 
-// Lightning: test_fabric.py::test_verify_launch_called (setup, setup_module, setup_dataloaders, the
-// collectives and the init_module context before launch()).
+// Lightning: tests_fabric/test_fabric.py::test_verify_launch_called
+// (setup, setup_module, setup_dataloaders, the collectives and the init_module context before launch().)
 TEST_CASE("under DDP what needs the processes is an error before launch()", "[data][ddp][errors]") {
   fabric::Fabric<fabric::CPU, fabric::DDP> fabric{{}, fabric::DDP({.cluster_environment = SoloEnvironment{}}), {}};
   torch::nn::Linear net(2, 2);
@@ -327,4 +330,250 @@ TEST_CASE("under DDP what needs the processes is an error before launch()", "[da
   auto guard = fabric.init_module();
   CHECK(torch::nn::Linear(2, 2)->weight.dtype() == torch::kFloat32);
   CHECK(fabric.all_reduce(2.0).item<double>() == 2.0);
+}
+
+namespace {
+
+/// Batches of a loader as lists of sample ids: the whole pass, or its first `count` batches.
+template <class L>
+std::vector<std::vector<std::int64_t>> batches(L& loader, std::size_t count = static_cast<std::size_t>(-1)) {
+  std::vector<std::vector<std::int64_t>> out;
+  if (count == 0) return out;
+  for (auto& batch : loader) {
+    out.push_back(ids(batch));
+    if (out.size() == count) break;
+  }
+  return out;
+}
+
+template <class T>
+std::vector<T> tail(const std::vector<T>& v, std::size_t from) {
+  return {v.begin() + static_cast<std::ptrdiff_t>(from), v.end()};
+}
+
+/// indexed(n), counting the samples read (shared by the workers' copies).
+struct Counted : torch::data::datasets::Dataset<Counted> {
+  explicit Counted(std::int64_t n) : inner(indexed(n)), reads(std::make_shared<std::atomic<int>>(0)) {}
+  torch::data::Example<> get(std::size_t i) override {
+    ++*reads;
+    return inner.get(i);
+  }
+  torch::optional<std::size_t> size() const override { return inner.size(); }
+  fabric_test::XY inner;
+  std::shared_ptr<std::atomic<int>> reads;
+};
+
+}  // namespace
+
+TEST_CASE("a restored loader continues mid-epoch with the next batch, in the same order", "[data][state]") {
+  const std::size_t workers = GENERATE(0u, 2u);
+  CAPTURE(workers);
+  fabric::Fabric<fabric::CPU> fabric;
+  fabric.seed_everything(21);
+  auto make = [&] {
+    return fabric.dataloader(indexed(23).map(torch::data::transforms::Stack<>()),
+                             {.batch_size = 4, .shuffle = true, .num_workers = workers});
+  };
+  auto reference = make();
+  const auto e0 = batches(reference);
+  const auto e1 = batches(reference);
+  const auto e2 = batches(reference);
+  REQUIRE(e0.size() == 6);
+  REQUIRE(e0 != e1);
+  // The interrupted run: epoch 0 whole, then three batches of epoch 1 (the third being trained on).
+  auto run = make();
+  CHECK(batches(run) == e0);
+  std::vector<std::vector<std::int64_t>> seen;
+  auto state = [&] {
+    for (auto& batch : run) {
+      seen.push_back(ids(batch));
+      if (seen.size() == 3) return run.state_dict();
+    }
+    FAIL("the pass ended early");
+    return run.state_dict();
+  }();
+  CHECK(seen == std::vector(e1.begin(), e1.begin() + 3));
+  CHECK(state.at("epoch").toInt() == 1);
+  CHECK(state.at("batches").toInt() == 3);
+  CHECK(state.at("mid_epoch").toBool());
+  CHECK(state.at("batch_size").toInt() == 4);
+  // The resumed run, in a fresh loader: the rest of epoch 1, then epoch 2, as the uninterrupted run.
+  auto resumed = make();
+  resumed.load_state_dict(state);
+  CHECK(resumed.state_dict().at("batches").toInt() == 3);  // what was loaded, until the pass starts
+  CHECK(batches(resumed) == tail(e1, 3));
+  CHECK(batches(resumed) == e2);
+}
+
+TEST_CASE("a loader restored at an epoch boundary starts the next epoch", "[data][state]") {
+  fabric::Fabric<fabric::CPU> fabric;
+  fabric.seed_everything(4);
+  auto make = [&] {
+    return fabric.dataloader(indexed(10).map(torch::data::transforms::Stack<>()), {.batch_size = 3, .shuffle = true});
+  };
+  auto reference = make();
+  const auto e0 = batches(reference);
+  const auto e1 = batches(reference);
+  auto run = make();
+  // Before the first pass: epoch 0, nothing under way; restoring it changes nothing.
+  auto fresh = run.state_dict();
+  CHECK(fresh.at("epoch").toInt() == 0);
+  CHECK_FALSE(fresh.at("mid_epoch").toBool());
+  (void)batches(run);
+  const auto boundary = run.state_dict();
+  CHECK(boundary.at("epoch").toInt() == 1);
+  CHECK(boundary.at("batches").toInt() == 0);
+  CHECK_FALSE(boundary.at("mid_epoch").toBool());
+  auto resumed = make();
+  resumed.load_state_dict(boundary);
+  CHECK(batches(resumed) == e1);
+  auto from_start = make();
+  from_start.load_state_dict(fresh);
+  CHECK(batches(from_start) == e0);
+  // Saved while training on the last batch of a pass: the resumed pass yields nothing, the next is epoch 1.
+  auto last = make();
+  std::size_t n = 0;
+  std::optional<c10::Dict<std::string, c10::IValue>> at_last;
+  for (auto& batch : last) {
+    (void)batch;
+    if (++n == e0.size()) at_last = last.state_dict();
+  }
+  REQUIRE(at_last);
+  CHECK(at_last->at("batches").toInt() == static_cast<std::int64_t>(e0.size()));
+  auto after_last = make();
+  after_last.load_state_dict(*at_last);
+  CHECK(batches(after_last).empty());
+  CHECK(batches(after_last) == e1);
+}
+
+TEST_CASE("the restored loader skips the batches already yielded without reading them", "[data][state]") {
+  fabric::Fabric<fabric::CPU> fabric;
+  auto make = [&](Counted dataset) {
+    return fabric.make_data_loader<torch::data::samplers::SequentialSampler>(
+        dataset.map(torch::data::transforms::Stack<>()), torch::data::DataLoaderOptions(5));
+  };
+  Counted first(20);
+  auto run = make(first);
+  CHECK(batches(run, 2).size() == 2);
+  const auto state = run.state_dict();
+  Counted second(20);
+  auto resumed = make(second);
+  resumed.load_state_dict(state);
+  const auto rest = batches(resumed);
+  CHECK(rest == std::vector<std::vector<std::int64_t>>{{10, 11, 12, 13, 14}, {15, 16, 17, 18, 19}});
+  CHECK(second.reads->load() == 10);  // only the two batches it yielded
+}
+
+TEST_CASE("make_data_loader's RandomSampler resumes the epoch's permutation, not a new draw", "[data][state]") {
+  fabric::Fabric<fabric::CPU> fabric;
+  auto dataset = [] { return indexed(19).map(torch::data::transforms::Stack<>()); };
+  torch::manual_seed(8);
+  auto reference = fabric.make_data_loader(dataset(), torch::data::DataLoaderOptions(4).workers(2));
+  const auto e0 = batches(reference);
+  const auto e1 = batches(reference);
+  torch::manual_seed(8);
+  auto run = fabric.make_data_loader(dataset(), torch::data::DataLoaderOptions(4).workers(2));
+  CHECK(batches(run, 2) == std::vector(e0.begin(), e0.begin() + 2));
+  const auto state = run.state_dict();
+  // The generator as a checkpoint with the random states restores it.
+  const at::Tensor rng = at::detail::getDefaultCPUGenerator().get_state();
+  torch::manual_seed(1234);  // the resumed process starts with another state
+  auto resumed = fabric.make_data_loader(dataset(), torch::data::DataLoaderOptions(4));
+  resumed.load_state_dict(state);
+  auto generator = at::detail::getDefaultCPUGenerator();
+  generator.set_state(rng);
+  CHECK(batches(resumed) == tail(e0, 2));  // the saved permutation, drawing nothing from the generator
+  CHECK(batches(resumed) == e1);
+}
+
+TEST_CASE("loaders with fabric's or a resumable sampler resume; others say what to use", "[data][state]") {
+  fabric::Fabric<fabric::CPU> fabric;
+  auto dataset = [] { return indexed(12).map(torch::data::transforms::Stack<>()); };
+  // setup_dataloaders of a LibTorch loader over fabric's DistributedSampler.
+  auto own = [&] {
+    return fabric.setup_dataloaders(torch::data::make_data_loader(
+        dataset(), fabric::DistributedSampler(12, {.seed = 3}), torch::data::DataLoaderOptions(5).workers(1)));
+  };
+  auto reference = own();
+  const auto e0 = batches(reference);
+  const auto e1 = batches(reference);
+  auto run = own();
+  (void)batches(run);
+  (void)batches(run, 1);
+  auto resumed = own();
+  resumed.load_state_dict(run.state_dict());
+  CHECK(batches(resumed) == tail(e1, 1));
+  // A sampler of one's own wrapped in ResumableSampler, here LibTorch's DistributedRandomSampler.
+  auto wrapped = [&] {
+    return fabric.setup_dataloaders(torch::data::make_data_loader(
+        dataset(), fabric::ResumableSampler(torch::data::samplers::DistributedRandomSampler(12, 1, 0)),
+        torch::data::DataLoaderOptions(5)));
+  };
+  auto wref = wrapped();
+  const auto w0 = batches(wref);
+  auto wrun = wrapped();
+  (void)batches(wrun, 2);
+  auto wresumed = wrapped();
+  wresumed.load_state_dict(wrun.state_dict());
+  CHECK(batches(wresumed) == tail(w0, 2));
+  // LibTorch's loader with LibTorch's sampler hides it: a clear error, saying what to use.
+  auto hidden = fabric.setup_dataloaders(make_loader(6, 2));
+  CHECK_THROWS_WITH(hidden.state_dict(),
+                    ContainsSubstring("DataLoader::state_dict: the loader's sampler (SequentialSampler) cannot be "
+                                      "positioned") &&
+                        ContainsSubstring("fabric.make_data_loader(...)") &&
+                        ContainsSubstring("fabric::ResumableSampler(sampler)"));
+  CHECK_THROWS_WITH(hidden.load_state_dict(run.state_dict()),
+                    ContainsSubstring("DataLoader::load_state_dict: the loader's sampler (SequentialSampler)"));
+}
+
+TEST_CASE("load_state_dict refuses a state of the wrong shape and changes nothing", "[data][state][errors]") {
+  fabric::Fabric<fabric::CPU> fabric;
+  auto make = [&] { return fabric.dataloader(indexed(9).map(torch::data::transforms::Stack<>()), {.batch_size = 2}); };
+  auto run = make();
+  (void)batches(run, 2);
+  const auto good = run.state_dict();
+  auto with = [&](const char* key, c10::IValue value) {
+    auto s = good.copy();
+    s.insert_or_assign(key, std::move(value));
+    return s;
+  };
+  auto target = make();
+  auto without = good.copy();
+  without.erase("sampler");
+  CHECK_THROWS_WITH(target.load_state_dict(without), ContainsSubstring("expected the key \"sampler\""));
+  CHECK_THROWS_WITH(target.load_state_dict(with("epoch", c10::IValue("one"))),
+                    ContainsSubstring("expected \"epoch\" to be an integer, found String"));
+  CHECK_THROWS_WITH(target.load_state_dict(with("batches", c10::IValue(static_cast<std::int64_t>(-1)))),
+                    ContainsSubstring("expected epoch >= 0 and batches >= 0"));
+  CHECK_THROWS_WITH(target.load_state_dict(with("sampler", c10::IValue(torch::zeros({2, 2})))),
+                    ContainsSubstring("expected \"sampler\" to be a 1-D uint8 tensor"));
+  CHECK_THROWS_WITH(target.load_state_dict(with("sampler", c10::IValue(torch::empty({0}, torch::kByte)))),
+                    ContainsSubstring("found an empty \"sampler\""));
+  CHECK_THROWS_WITH(target.load_state_dict(with("batch_size", c10::IValue(static_cast<std::int64_t>(3)))),
+                    ContainsSubstring("expected the batch size of the saved loader, 3, found a loader with batch "
+                                      "size 2"));
+  auto between = with("mid_epoch", c10::IValue(false));
+  CHECK_THROWS_WITH(target.load_state_dict(between), ContainsSubstring("expected batches = 0 between epochs"));
+  // Nothing changed: the target starts at the beginning.
+  CHECK(batches(target, 1) == std::vector<std::vector<std::int64_t>>{{0, 1}});
+}
+
+TEST_CASE("under DDP make_data_loader's sharded loader resumes", "[data][state][ddp]") {
+  SoloDDP solo;
+  auto& fabric = solo.fabric;
+  fabric.seed_everything(6);
+  auto make = [&] {
+    return fabric.make_data_loader(indexed(15).map(torch::data::transforms::Stack<>()),
+                                   torch::data::DataLoaderOptions(4));
+  };
+  auto reference = make();
+  const auto e0 = batches(reference);
+  const auto e1 = batches(reference);
+  auto run = make();
+  (void)batches(run, 3);
+  auto resumed = make();
+  resumed.load_state_dict(run.state_dict());
+  CHECK(batches(resumed) == tail(e0, 3));
+  CHECK(batches(resumed) == e1);
 }
