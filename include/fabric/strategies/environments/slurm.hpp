@@ -17,12 +17,12 @@ namespace detail {
 /// Expands a SLURM host list such as `node[001-004,007],gpu5` into host names, in order.
 inline std::vector<std::string> expand_slurm_nodelist(std::string_view list) {
   std::vector<std::string> hosts;
-  // Split on the commas outside brackets.
+  // Split on the commas and spaces outside brackets ("a, b" and "a b c" are lists too, as Lightning reads them).
   std::vector<std::string_view> items;
   int depth = 0;
   std::size_t start = 0;
   for (std::size_t i = 0; i <= list.size(); ++i) {
-    if (i == list.size() || (list[i] == ',' && depth == 0)) {
+    if (i == list.size() || ((list[i] == ',' || list[i] == ' ') && depth == 0)) {
       if (i > start) items.push_back(list.substr(start, i - start));
       start = i + 1;
     } else if (list[i] == '[') {
@@ -50,6 +50,8 @@ inline std::vector<std::string> expand_slurm_nodelist(std::string_view list) {
       if (comma == std::string_view::npos) comma = ranges.size();
       auto range = ranges.substr(from, comma - from);
       from = comma + 1;
+      while (!range.empty() && range.front() == ' ') range.remove_prefix(1);
+      while (!range.empty() && range.back() == ' ') range.remove_suffix(1);
       auto dash = range.find('-');
       auto low_text = range.substr(0, dash);
       auto high_text = dash == std::string_view::npos ? low_text : range.substr(dash + 1);

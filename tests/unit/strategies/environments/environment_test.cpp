@@ -211,6 +211,7 @@ TEST_CASE("validation: ranks out of range", "[launch]") {
                     ContainsSubstring("below num_nodes = 2") && ContainsSubstring("node rank 2"));
 }
 
+// Lightning: tests_fabric/strategies/launchers/test_subprocess_script.py::test_validate_cluster_environment_user_settings
 TEST_CASE("validation: the launcher's world size must be devices * num_nodes", "[launch]") {
   CHECK_THROWS_WITH(detect(torchelastic, 2, 2), ContainsSubstring("devices * num_nodes = 2 * 2 = 4") &&
                                                     ContainsSubstring("found 8") && ContainsSubstring("torchelastic") &&
@@ -268,3 +269,11 @@ TEST_CASE("validation: mpirun's processes per node must be devices", "[launch]")
   CHECK_THROWS_WITH(detect(openmpi, 4, 1), ContainsSubstring("devices = 4") && ContainsSubstring("local size of 2") &&
                                                ContainsSubstring("ppr:4:node"));
 }
+
+// Lightning left out: tests_fabric/plugins/environments/test_xla.py::test_default_attributes - XLA/TPU (Python's torch_xla runtime), which LibTorch and fabric do not have
+// Lightning left out: tests_fabric/plugins/environments/test_xla.py::test_attributes_from_environment_variables - XLA/TPU (Python's torch_xla runtime), which LibTorch and fabric do not have
+// Lightning left out: tests_fabric/plugins/environments/test_xla.py::test_detect - XLA/TPU (Python's torch_xla runtime), which LibTorch and fabric do not have
+// Lightning left out: tests_fabric/plugins/environments/test_xla.py::test_world_size_from_xla_runtime_greater_2_1 - XLA/TPU (Python's torch_xla runtime), which LibTorch and fabric do not have
+// Lightning left out: tests_fabric/plugins/environments/test_xla.py::test_global_rank_from_xla_runtime_greater_2_1 - XLA/TPU (Python's torch_xla runtime), which LibTorch and fabric do not have
+// Lightning left out: tests_fabric/plugins/environments/test_xla.py::test_local_rank_from_xla_runtime_greater_2_1 - XLA/TPU (Python's torch_xla runtime), which LibTorch and fabric do not have
+// Lightning left out: tests_fabric/plugins/environments/test_xla.py::test_setters_readonly_when_xla_runtime_greater_2_1 - XLA/TPU (Python's torch_xla runtime), which LibTorch and fabric do not have

@@ -1,5 +1,5 @@
-// fabric::KubeflowEnvironment from fake environments.
-// Lightning: tests_fabric/plugins/environments/test_kubeflow.py, tests_fabric/test_connector.py
+// fabric::KubeflowEnvironment from fake environments: Lightning's plugins/environments/test_kubeflow.py and a
+// test of its test_connector.py.
 
 #include <fabric/core/error.hpp>
 #include <fabric/strategies/environments/detect.hpp>
@@ -25,7 +25,7 @@ const Vars pod{{"KUBERNETES_PORT", "tcp://127.0.0.1:443"},
 
 }  // namespace
 
-// Lightning: test_kubeflow.py::test_default_attributes
+// Lightning: tests_fabric/plugins/environments/test_kubeflow.py::test_default_attributes
 TEST_CASE("kubeflow: every variable the operator sets is required", "[launch][kubeflow]") {
   const fabric::KubeflowEnvironment kubeflow;
   for (const char* name : {"MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK"}) {
@@ -34,7 +34,7 @@ TEST_CASE("kubeflow: every variable the operator sets is required", "[launch][ku
   }
 }
 
-// Lightning: test_kubeflow.py::test_attributes_from_environment_variables
+// Lightning: tests_fabric/plugins/environments/test_kubeflow.py::test_attributes_from_environment_variables
 TEST_CASE("kubeflow: one process per pod; the node rank is the global rank", "[launch][kubeflow]") {
   const auto t = fabric::KubeflowEnvironment{}.topology(fake(pod), 1, 20);
   CHECK(t.name == "kubeflow");
@@ -47,8 +47,9 @@ TEST_CASE("kubeflow: one process per pod; the node rank is the global rank", "[l
   CHECK(t.node_rank == 1);
 }
 
-// Lightning: test_kubeflow.py::test_detect_kubeflow (Lightning refuses to detect it; fabric's detect() tells a
-// PyTorchJob pod, and only a detection list that names Kubeflow uses it).
+// Lightning: tests_fabric/plugins/environments/test_kubeflow.py::test_detect_kubeflow
+// (Lightning refuses to detect it; fabric's detect() tells a PyTorchJob pod, and only a detection list that names
+// Kubeflow uses it.)
 TEST_CASE("kubeflow: not auto-detected, as in Lightning; detectable when listed", "[launch][kubeflow]") {
   CHECK(fabric::KubeflowEnvironment::detect(fake(pod)));
   CHECK_FALSE(fabric::KubeflowEnvironment::detect(fake(without(pod, "KUBERNETES_PORT"))));
@@ -60,8 +61,8 @@ TEST_CASE("kubeflow: not auto-detected, as in Lightning; detectable when listed"
   CHECK(listed.topology(fake({}), 2, 1).name == "lightning");
 }
 
-// Lightning: test_connector.py::test_strategy_choice_ddp_cpu_kubeflow (fabric checks the world the pod reports
-// against devices * num_nodes, where Lightning trusts it).
+// Lightning: tests_fabric/test_connector.py::test_strategy_choice_ddp_cpu_kubeflow
+// (fabric checks the world the pod reports against devices * num_nodes, where Lightning trusts it.)
 TEST_CASE("kubeflow: passed explicitly it is used, and checked against devices and num_nodes", "[launch][kubeflow]") {
   const fabric::AnyEnvironment kubeflow(fabric::KubeflowEnvironment{});
   CHECK(kubeflow.name() == "kubeflow");

@@ -1,5 +1,4 @@
-// fabric::LSFEnvironment from fake environments and rank files.
-// Lightning: tests_fabric/plugins/environments/test_lsf.py
+// fabric::LSFEnvironment from fake environments and rank files: Lightning's plugins/environments/test_lsf.py.
 
 #include <fabric/core/error.hpp>
 #include <fabric/strategies/environments/detect.hpp>
@@ -41,7 +40,8 @@ Vars jsrun(const std::string& rankfile) {
 
 }  // namespace
 
-// Lightning: test_lsf.py::test_missing_lsb_djob_rankfile, test_empty_lsb_djob_rankfile
+// Lightning: tests_fabric/plugins/environments/test_lsf.py::test_missing_lsb_djob_rankfile
+// Lightning: tests_fabric/plugins/environments/test_lsf.py::test_empty_lsb_djob_rankfile
 TEST_CASE("lsf: a missing or empty LSB_DJOB_RANKFILE is an error naming it", "[launch][lsf]") {
   const fabric::LSFEnvironment lsf{.hostname = "10.10.10.2"};
   CHECK_THROWS_WITH(lsf.topology(fake({{"LSB_JOBID", "1234"},
@@ -58,7 +58,7 @@ TEST_CASE("lsf: a missing or empty LSB_DJOB_RANKFILE is an error naming it", "[l
       ContainsSubstring("no readable file"));
 }
 
-// Lightning: test_lsf.py::test_missing_lsb_job_id
+// Lightning: tests_fabric/plugins/environments/test_lsf.py::test_missing_lsb_job_id
 TEST_CASE("lsf: without MASTER_PORT the port needs LSB_JOBID", "[launch][lsf]") {
   fabric_test::TempDir dir("lsf");
   const fabric::LSFEnvironment lsf{.hostname = "10.10.10.2"};
@@ -68,8 +68,9 @@ TEST_CASE("lsf: without MASTER_PORT the port needs LSB_JOBID", "[launch][lsf]") 
                     ContainsSubstring("LSB_JOBID") && ContainsSubstring("\"job\""));
 }
 
-// Lightning: test_lsf.py::test_manual_main_port_and_address, test_attributes_from_environment_variables,
-// test_node_rank
+// Lightning: tests_fabric/plugins/environments/test_lsf.py::test_manual_main_port_and_address
+// Lightning: tests_fabric/plugins/environments/test_lsf.py::test_attributes_from_environment_variables
+// Lightning: tests_fabric/plugins/environments/test_lsf.py::test_node_rank
 TEST_CASE("lsf: ranks, main address and port come from jsrun's variables and the rank file", "[launch][lsf]") {
   fabric_test::TempDir dir("lsf");
   const auto vars = jsrun(make_rankfile(dir));
@@ -88,7 +89,7 @@ TEST_CASE("lsf: ranks, main address and port come from jsrun's variables and the
                     ContainsSubstring("elsewhere") && ContainsSubstring("10.10.10.0, 10.10.10.1"));
 }
 
-// Lightning: test_lsf.py::test_detect
+// Lightning: tests_fabric/plugins/environments/test_lsf.py::test_detect
 TEST_CASE("lsf: detected by LSB_JOBID, LSB_DJOB_RANKFILE and jsrun's namespace variables", "[launch][lsf]") {
   CHECK_FALSE(fabric::LSFEnvironment::detect(fake({})));
   CHECK(fabric::LSFEnvironment::detect(fake(

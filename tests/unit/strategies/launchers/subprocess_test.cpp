@@ -188,6 +188,7 @@ std::vector<std::string> worker_args(const std::string& mode, const fs::path& di
 
 }  // namespace
 
+// Lightning: tests_fabric/strategies/launchers/test_subprocess_script.py::test_subprocess_script_launcher_launch_processes
 TEST_CASE("launcher: every local rank runs once, with its own rank and the same port", "[launch]") {
   TempDir dir;
   auto r = run(worker_args("normal", dir.path, 3), dir.path);
@@ -231,6 +232,7 @@ TEST_CASE("launcher: one device starts no other process", "[launch]") {
   CHECK(ranks[0].world == 1);
 }
 
+// Lightning: tests_fabric/strategies/launchers/test_subprocess_script.py::test_child_process_observer
 TEST_CASE("launcher: a failing rank stops the others and the parent exits with its code", "[launch]") {
   TempDir dir;
   auto r = run(worker_args("fail", dir.path, 3), dir.path);
@@ -374,3 +376,42 @@ TEST_CASE("find_free_port returns a bindable port", "[launch]") {
   CHECK(port > 0);
   CHECK(port <= 65535);
 }
+
+// Lightning: tests_fabric/strategies/launchers/test_subprocess_script.py::test_subprocess_script_launcher_external_processes
+TEST_CASE("launcher: processes started outside (torchrun, srun, ...) start nothing more", "[launch]") {
+  fabric::Topology env;
+  env.creates_processes_externally = true;
+  env.world_size = 8;
+  env.local_rank = 1;
+  fabric::detail::SubprocessLauncher launcher;
+  launcher.launch(env, 4, 2);
+  CHECK(launcher.child_pids().empty());
+  CHECK(env.main_port == 0);  // nothing chosen or exported: the launcher outside did that
+}
+
+// Lightning: tests_fabric/strategies/launchers/test_subprocess_script.py::test_subprocess_script_launcher_can_launch
+TEST_CASE("launcher: only local rank 0 of a world of devices * num_nodes starts processes", "[launch]") {
+  fabric::Topology env;
+  env.world_size = 2;
+  env.local_rank = 1;
+  fabric::detail::SubprocessLauncher launcher;
+  CHECK_THROWS_WITH(launcher.launch(env, 2, 1),
+                    ContainsSubstring("expected the launching process to be local rank 0 of a world of devices * "
+                                      "num_nodes = 2, found local rank 1 of 2"));
+  CHECK(launcher.child_pids().empty());
+  // Lightning's launcher refuses to start processes twice; fabric's launch state belongs to the process, and a
+  // second launch (a second Fabric) reuses the first one's processes and port (launch_worker's normal mode runs
+  // once per process: see "every local rank runs once").
+}
+
+// Lightning left out: tests_fabric/strategies/launchers/test_subprocess_script.py::test_subprocess_script_launcher_interactive_compatible - whether a launcher works in a notebook (interactive Python); a C++ program is never interactive
+// Lightning left out: tests_fabric/strategies/launchers/test_subprocess_script.py::test_subprocess_script_launcher_hydra_in_use - the child command under Hydra (a Python configuration framework) and its working directory; fabric re-executes /proc/self/exe with the same arguments
+// Lightning left out: tests_fabric/strategies/launchers/test_multiprocessing.py::test_interactive_compatible - Python multiprocessing start methods in notebooks; fabric's launcher re-executes the program (no fork or spawn of Python functions)
+// Lightning left out: tests_fabric/strategies/launchers/test_multiprocessing.py::test_forking_on_unsupported_platform - Python multiprocessing's start methods per platform; fabric's launcher re-executes the program
+// Lightning left out: tests_fabric/strategies/launchers/test_multiprocessing.py::test_start_method - Python multiprocessing's get_context/start_processes; fabric's launcher re-executes the program
+// Lightning left out: tests_fabric/strategies/launchers/test_multiprocessing.py::test_restore_globals - pickling a snapshot of Python globals to spawned workers; fabric's processes run main() themselves
+// Lightning left out: tests_fabric/strategies/launchers/test_multiprocessing.py::test_global_state_snapshot - restoring torch's Python-side globals in a spawned worker; re-executed processes set their own (seeds come through PL_GLOBAL_SEED, see utils/seed_test.cpp)
+// Lightning left out: tests_fabric/strategies/launchers/test_multiprocessing.py::test_check_for_bad_cuda_fork - Python fork after CUDA initialisation; fabric never forks a process that runs on, it execs a new program
+// Lightning left out: tests_fabric/strategies/launchers/test_multiprocessing.py::test_check_for_bad_cuda_fork_with_is_in_bad_fork - torch.cuda._is_in_bad_fork of Python forked workers; fabric execs a new program instead of forking
+// Lightning left out: tests_fabric/strategies/launchers/test_multiprocessing.py::test_check_for_missing_main_guard - Python's `if __name__ == "__main__"` guard for spawn; a C++ program has main()
+// Lightning left out: tests_fabric/strategies/launchers/test_multiprocessing_integration.py::test_memory_sharing_disabled - tensors shared through Python multiprocessing between spawned workers; fabric's processes are separate programs that share no memory
