@@ -1714,3 +1714,85 @@ TEST_CASE("fabric::RngState saves the random states with a checkpoint and load r
   CHECK(fabric::random_engine()() == engine_next);
   fabric::seed_everything(0);
 }
+
+namespace {
+
+struct Indices : torch::data::datasets::Dataset<Indices> {
+  torch::data::Example<> get(std::size_t i) override {
+    return {torch::tensor({static_cast<std::int64_t>(i)}), torch::tensor({0})};
+  }
+  torch::optional<std::size_t> size() const override { return 12; }
+};
+
+template <class Batch>
+void append(std::vector<std::int64_t>& out, const Batch& batch) {
+  for (std::int64_t i = 0; i < batch.data.size(0); ++i) out.push_back(batch.data[i][0].template item<std::int64_t>());
+}
+
+/// One whole pass of a loader.
+template <class L>
+std::vector<std::int64_t> pass(L& loader) {
+  std::vector<std::int64_t> out;
+  for (auto& batch : loader) append(out, batch);
+  return out;
+}
+
+/// A strategy whose save_checkpoint takes no filters (it hides StrategyBase's).
+struct NoFilters : fabric::SingleDevice {
+  using fabric::SingleDevice::SingleDevice;
+  int saves = 0;
+  void save_checkpoint(const std::filesystem::path& path, const fabric::State& state) {
+    ++saves;
+    fabric::SingleDevice::save_checkpoint(path, state);
+  }
+};
+
+}  // namespace
+
+TEST_CASE("the set-up loader is a state entry: a resumed loader continues mid-epoch with the next batch",
+          "[checkpoint][stateful][loader]") {
+  TempDir dir;
+  fabric::Fabric<fabric::CPU> fabric;
+  fabric.seed_everything(11);
+  auto loader =
+      fabric.dataloader(Indices().map(torch::data::transforms::Stack<>()), {.batch_size = 2, .shuffle = true});
+  (void)pass(loader);  // epoch 0
+  // Two batches of epoch 1, a checkpoint while the user holds the second, then the rest of the epoch.
+  auto it = loader.begin();
+  std::vector<std::int64_t> seen;
+  append(seen, *it);
+  ++it;
+  append(seen, *it);
+  const auto path = dir.path() / "loader.ckpt";
+  fabric.save(path, {{"loader", loader}});
+  std::vector<std::int64_t> expected;
+  for (++it; it != std::default_sentinel; ++it) append(expected, *it);
+  CHECK(expected.size() == 8);
+
+  auto fresh = fabric.dataloader(Indices().map(torch::data::transforms::Stack<>()), {.batch_size = 2, .shuffle = true});
+  fabric.load(path, {{"loader", fresh}});
+  CHECK(pass(fresh) == expected);
+
+  // A loader of another batch size is refused by name, and nothing changes (its next pass is a whole one).
+  auto other = fabric.dataloader(Indices().map(torch::data::transforms::Stack<>()), {.batch_size = 3, .shuffle = true});
+  int epoch = 0;
+  CHECK_THAT(error_of([&] {
+               fabric.load(path, {{"loader", other}, {"epoch", std::ref(epoch)}}, false);
+             }),
+             ContainsSubstring("\"loader\": its load_state_dict failed"));
+  CHECK(pass(other).size() == 12);
+}
+
+TEST_CASE("a strategy whose save_checkpoint takes no filters saves, and refuses filters", "[checkpoint][filter]") {
+  TempDir dir;
+  fabric::Fabric<fabric::CPU, NoFilters> fabric;
+  const auto path = dir.path() / "nofilter.ckpt";
+  fabric.save(path, {{"epoch", 1}});
+  CHECK(fabric.strategy().saves == 1);
+  CHECK_THAT(
+      error_of([&] {
+        fabric.save(path, {{"epoch", 1}}, {{"epoch", [](std::string_view, const c10::IValue&) { return true; }}});
+      }),
+      ContainsSubstring("this strategy's save_checkpoint(path, state) takes no filters"));
+  CHECK(fabric.strategy().saves == 1);
+}
