@@ -17,6 +17,7 @@
 #include "fabric/precision/autocast.hpp"
 #include "fabric/precision/fp32.hpp"
 #include "fabric/precision/precision.hpp"
+#include "fabric/strategies/group.hpp"
 #include "fabric/strategies/single_device.hpp"
 #include "fabric/strategies/strategy.hpp"
 #include "fabric/utils/apply.hpp"
@@ -30,9 +31,12 @@
 #include <c10/core/Device.h>
 #include <c10/util/Optional.h>
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 
 #include <cstdint>
 #include <filesystem>
+#include <functional>
+#include <map>
 #include <memory>
 #include <optional>
 #include <string>
@@ -81,10 +85,10 @@ template <class F>
 class RankZeroFirstGuard {
  public:
   RankZeroFirstGuard(F& fabric, bool first) : fabric_(fabric), first_(first) {
-    if (!first_) fabric_.barrier();
+    if (!first_) fabric_.barrier("rank_zero_first");
   }
   ~RankZeroFirstGuard() noexcept(false) {
-    if (first_) fabric_.barrier();
+    if (first_) fabric_.barrier("rank_zero_first");
   }
   RankZeroFirstGuard(const RankZeroFirstGuard&) = delete;
   RankZeroFirstGuard& operator=(const RankZeroFirstGuard&) = delete;
@@ -215,11 +219,15 @@ class Fabric {
     strategy_.launch(device_);
     launched_ = true;
   }
-  /// Starts the processes and runs fn(fabric) in each, returning its result.
-  template <std::invocable<Fabric&> Fn>
-  decltype(auto) launch(Fn&& fn) {
+  /// Starts the processes and runs fn(fabric, args...) in each, returning its result (Lightning's
+  /// `launch(function, *args)`). A function that does not take the Fabric first does not compile.
+  ///
+  ///     auto loss = fabric.launch([](auto& fabric, int epochs) { return train(fabric, epochs); }, 10);
+  template <class Fn, class... Args>
+  requires std::invocable<Fn, Fabric&, Args...>
+  decltype(auto) launch(Fn&& fn, Args&&... args) {
     launch();
-    return std::forward<Fn>(fn)(*this);
+    return std::invoke(std::forward<Fn>(fn), *this, std::forward<Args>(args)...);
   }
 
   /// Returns the device of this process.
@@ -459,30 +467,65 @@ class Fabric {
 
   // ---- collectives -----------------------------------------------------------------------------
 
-  /// Waits until every process reaches it.
-  void barrier() { strategy_.barrier(); }
+  /// Waits until every process (of the group, default: all) reaches it; the name, as Lightning's
+  /// `barrier(name)`, shows in the error of a barrier that fails or times out.
+  ///
+  ///     fabric.barrier("data ready");
+  void barrier(std::string_view name = {}, const ProcessGroup& group = {}) {
+    detail::check_member(group, global_rank(), "barrier");
+    strategy_.barrier(name, group);
+  }
   /// Reduces every tensor in data across processes (mean by default) and returns the result; a
   /// number becomes a tensor on the device first, as in Lightning.
   template <class T>
   auto all_reduce(T&& data, ReduceOp op = ReduceOp::mean) {
-    auto fn = [&](at::Tensor t) { return strategy_.all_reduce(t, op); };
+    return all_reduce(std::forward<T>(data), ProcessGroup{}, op);
+  }
+  /// all_reduce over the processes of a group made by new_group (Lightning's `all_reduce(data, group,
+  /// reduce_op)`); the mean divides by the group's size.
+  template <class T>
+  auto all_reduce(T&& data, const ProcessGroup& group, ReduceOp op = ReduceOp::mean) {
+    detail::check_member(group, global_rank(), "all_reduce");
+    auto fn = [&](at::Tensor t) { return strategy_.all_reduce(t, op, group); };
     return detail::map_tensors(detail::as_collective_data(std::forward<T>(data), device_), fn);
   }
-  /// Gathers every tensor in data from all processes; with several processes each gains a leading
-  /// world-size dimension, with one it is returned as it is (Lightning's shapes).
+  /// Gathers every tensor in data from all processes (of the group); with several processes each gains a
+  /// leading dimension of their number, with one it is returned as it is (Lightning's shapes). With
+  /// sync_grads the gradient flows back through the gather (Lightning's `sync_grads=True`): every
+  /// process gets the gradient of its own tensor summed over the processes, and all of them must run
+  /// the backward.
+  ///
+  ///     auto all = fabric.all_gather(embedding, {}, /*sync_grads=*/true);   // {} is every process
   template <class T>
-  auto all_gather(T&& data) {
-    auto fn = [&](at::Tensor t) { return strategy_.all_gather(t); };
+  auto all_gather(T&& data, const ProcessGroup& group = {}, bool sync_grads = false) {
+    detail::check_member(group, global_rank(), "all_gather");
+    auto fn = [&](at::Tensor t) { return strategy_.all_gather(t, group, sync_grads); };
     return detail::map_tensors(detail::as_collective_data(std::forward<T>(data), device_), fn);
   }
-  /// Returns the value of rank src on every process.
+  /// Returns the value of rank src (a global rank; of the group, when one is given) on every process.
+  /// As Lightning's, src defaults to 0; a src that is not a rank of the job is an error on one device
+  /// too (where Lightning returns the value), so that the code fails before it runs under DDP.
   template <class T>
-  std::remove_cvref_t<T> broadcast(T&& value, int src = 0) {
+  std::remove_cvref_t<T> broadcast(T&& value, int src = 0, const ProcessGroup& group = {}) {
     if (src < 0 || src >= world_size()) {
       detail::raise("broadcast: expected 0 <= src < world_size = {}, found {}", world_size(), src);
     }
-    return strategy_.broadcast(std::remove_cvref_t<T>(std::forward<T>(value)), src);
+    detail::check_member(group, global_rank(), "broadcast");
+    if (!group.contains(src)) {
+      detail::raise(
+          "broadcast: expected src to be a member of the group of ranks [{}], found src = {}; pass one of them",
+          fmt::join(group.ranks(), ", "), src);
+    }
+    return strategy_.broadcast(std::remove_cvref_t<T>(std::forward<T>(value)), src, group);
   }
+  /// Creates a group of processes for the collectives (torch.distributed's `new_group(ranks)`): every
+  /// process calls it, with the same global ranks and in the same order of new_group calls; the
+  /// members connect, and a collective over the group runs on its members only (elsewhere it is an
+  /// error). On one device the only group is {0}.
+  ///
+  ///     auto evens = fabric.new_group({0, 2});
+  ///     if (evens.is_member()) fabric.all_reduce(metric, evens, fabric::ReduceOp::sum);
+  ProcessGroup new_group(std::vector<int> ranks) { return strategy_.new_group(std::move(ranks)); }
 
   /// Lets rank zero (of the machine, with local) run the guarded block before the others, e.g. to
   /// download or preprocess data once.

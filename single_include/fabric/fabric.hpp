@@ -4913,6 +4913,102 @@ struct FP32 : PrecisionBase {
 
 }  // namespace fabric
 // ---- end fabric/precision/fp32.hpp
+// ---- begin fabric/strategies/group.hpp
+// fabric::ProcessGroup: the handle that Fabric::new_group returns and the collectives take as their
+// `group` (torch.distributed's `new_group(ranks)` and `group=`); a default-constructed one is the world.
+
+
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+
+#include <algorithm>
+#include <memory>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+namespace fabric {
+namespace detail {
+/// What a strategy keeps for a group it created (for c10d: the backend's group); defined by the strategy.
+struct ProcessGroupImpl;
+}  // namespace detail
+
+/// A subset of the processes that collectives run over: `fabric.new_group({0, 1})` on every process,
+/// then `fabric.all_reduce(x, group)`, `fabric.all_gather(x, group)`, `fabric.broadcast(x, src, group)`,
+/// `fabric.barrier("name", group)` on its members. A default-constructed group is every process (the
+/// world, Lightning's `group=None`). Copies share the connection.
+///
+///     auto pair = fabric.new_group({0, 1});   // every process calls it, in the same order
+///     if (pair.is_member()) loss = fabric.all_reduce(loss, pair);
+class ProcessGroup {
+ public:
+  /// The world: every process.
+  ProcessGroup() = default;
+  /// A group of the global ranks `ranks` in which this process is `rank` (-1: not a member); made by a
+  /// strategy's new_group.
+  ProcessGroup(std::vector<int> ranks, int rank, std::shared_ptr<detail::ProcessGroupImpl> impl = nullptr)
+      : ranks_(std::move(ranks)), rank_(rank), impl_(std::move(impl)) {}
+
+  /// Says whether this is the world (the default group).
+  bool is_world() const noexcept { return ranks_.empty(); }
+  /// Returns the global ranks of the members, in group-rank order (empty for the world).
+  const std::vector<int>& ranks() const noexcept { return ranks_; }
+  /// Returns the number of members (0 for the world: ask the Fabric's world_size()).
+  int size() const noexcept { return static_cast<int>(ranks_.size()); }
+  /// Returns this process's rank in the group, or -1 when it is not a member (the world: -1 too; ask
+  /// the Fabric's global_rank()).
+  int rank() const noexcept { return rank_; }
+  /// Says whether this process belongs to the group (always, for the world).
+  bool is_member() const noexcept { return is_world() || rank_ >= 0; }
+  /// Says whether the global rank belongs to the group (every rank belongs to the world).
+  bool contains(int global_rank) const noexcept {
+    return is_world() || std::find(ranks_.begin(), ranks_.end(), global_rank) != ranks_.end();
+  }
+  /// Returns the group rank of a global rank of the group, or -1.
+  int group_rank(int global_rank) const noexcept {
+    const auto it = std::find(ranks_.begin(), ranks_.end(), global_rank);
+    return it == ranks_.end() ? -1 : static_cast<int>(it - ranks_.begin());
+  }
+  /// Returns what the strategy keeps for the group (null for the world, for one process and for non-members).
+  const std::shared_ptr<detail::ProcessGroupImpl>& impl() const noexcept { return impl_; }
+
+ private:
+  std::vector<int> ranks_{};
+  int rank_ = -1;
+  std::shared_ptr<detail::ProcessGroupImpl> impl_{};
+};
+
+namespace detail {
+
+/// Sorts the ranks of a new group (as torch.distributed.new_group does) and checks them: not empty, each
+/// a rank of the world, none twice.
+inline void normalize_group_ranks(std::vector<int>& ranks, int world_size) {
+  if (ranks.empty()) {
+    raise("new_group: expected the global ranks of the group's members, found none; list them, e.g. {{0, 1}}");
+  }
+  std::sort(ranks.begin(), ranks.end());
+  if (ranks.front() < 0 || ranks.back() >= world_size) {
+    raise("new_group: expected ranks in [0, {}) (the world size is {}), found {}; list ranks of this job", world_size,
+          world_size, fmt::join(ranks, ", "));
+  }
+  if (std::adjacent_find(ranks.begin(), ranks.end()) != ranks.end()) {
+    raise("new_group: expected each rank once, found {}; list each member once", fmt::join(ranks, ", "));
+  }
+}
+
+/// Fails when this process (global rank `rank`) is not a member of the group a collective runs over.
+inline void check_member(const ProcessGroup& group, int rank, std::string_view what) {
+  if (!group.is_member()) {
+    raise(
+        "{}: expected a member of the group of ranks [{}], found rank {}, which is not one; call collectives on a "
+        "group only on its members (if (group.is_member()) ...)",
+        what, fmt::join(group.ranks(), ", "), rank);
+  }
+}
+
+}  // namespace detail
+}  // namespace fabric
+// ---- end fabric/strategies/group.hpp
 // ---- begin fabric/strategies/single_device.hpp
 // fabric::SingleDevice: one process on one device, Lightning's "single_device" strategy.
 
@@ -5342,6 +5438,7 @@ inline std::optional<at::Tensor> clip_gradients(const torch::optim::Optimizer& o
 #include <string_view>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 namespace fabric {
 namespace detail {
@@ -5413,11 +5510,12 @@ concept strategy_clips = requires(S& s, torch::nn::Module& m, typename S::Module
   { s.clip_gradients(m, state, o, p, c) } -> std::same_as<std::optional<at::Tensor>>;
 };
 template <class S>
-concept strategy_has_collectives = requires(S& s, const at::Tensor& t) {
-  s.barrier();
-  { s.all_reduce(t, ReduceOp::sum) } -> std::convertible_to<at::Tensor>;
-  { s.all_gather(t) } -> std::convertible_to<at::Tensor>;
-  { s.broadcast(1, 0) } -> std::convertible_to<int>;
+concept strategy_has_collectives = requires(S& s, const at::Tensor& t, const ProcessGroup& g, std::vector<int> ranks) {
+  s.barrier(std::string_view{}, g);
+  { s.all_reduce(t, ReduceOp::sum, g) } -> std::convertible_to<at::Tensor>;
+  { s.all_gather(t, g, true) } -> std::convertible_to<at::Tensor>;
+  { s.broadcast(1, 0, g) } -> std::convertible_to<int>;
+  { s.new_group(std::move(ranks)) } -> std::same_as<ProcessGroup>;
   { s.reduce_boolean_decision(true, true) } -> std::same_as<bool>;
 };
 template <class S>
@@ -5517,8 +5615,9 @@ consteval bool check_strategy() {
                   "std::optional<at::Tensor>; derive from fabric::StrategyBase or add it");
   } else if constexpr (!strategy_has_collectives<S>) {
     static_assert(dependent_false_v<S>,
-                  "fabric: a Strategy needs barrier(), all_reduce(tensor, op), all_gather(tensor), broadcast(value, "
-                  "src) and reduce_boolean_decision(decision, all); derive from fabric::StrategyBase or add them");
+                  "fabric: a Strategy needs barrier(name, group), all_reduce(tensor, op, group), all_gather(tensor, "
+                  "group, sync_grads), broadcast(value, src, group), new_group(ranks) and "
+                  "reduce_boolean_decision(decision, all); derive from fabric::StrategyBase or add them");
   } else if constexpr (!strategy_checkpoints<S>) {
     static_assert(dependent_false_v<S>,
                   "fabric: a Strategy needs save_checkpoint(path, state), load_checkpoint(path, state, strict) "
@@ -5641,16 +5740,28 @@ class StrategyBase {
 
   // ---- collectives (identities: one process) ----
 
-  /// Waits for all processes (there is only this one).
-  void barrier() const noexcept {}
-  /// Reduces a tensor across processes (identity).
-  const at::Tensor& all_reduce(const at::Tensor& tensor, ReduceOp /*op*/) const noexcept { return tensor; }
-  /// Gathers a tensor from all processes (identity, no new dimension, as Lightning's single device).
-  const at::Tensor& all_gather(const at::Tensor& tensor) const noexcept { return tensor; }
+  /// Waits for all processes of the group (there is only this one); the name is for messages.
+  void barrier(std::string_view /*name*/ = {}, const ProcessGroup& /*group*/ = {}) const noexcept {}
+  /// Reduces a tensor across the processes of the group (identity).
+  const at::Tensor& all_reduce(const at::Tensor& tensor, ReduceOp /*op*/,
+                               const ProcessGroup& /*group*/ = {}) const noexcept {
+    return tensor;
+  }
+  /// Gathers a tensor from the processes of the group (identity, no new dimension, as Lightning's single
+  /// device; the gradient flows as through any identity, sync_grads or not).
+  const at::Tensor& all_gather(const at::Tensor& tensor, const ProcessGroup& /*group*/ = {},
+                               bool /*sync_grads*/ = false) const noexcept {
+    return tensor;
+  }
   /// Broadcasts a value from rank src (identity).
   template <class T>
-  T broadcast(T value, int /*src*/) const {
+  T broadcast(T value, int /*src*/, const ProcessGroup& /*group*/ = {}) const {
     return value;
+  }
+  /// Creates a group of the ranks (here only rank 0 exists): collectives over it are identities too.
+  ProcessGroup new_group(std::vector<int> ranks) const {
+    detail::normalize_group_ranks(ranks, 1);
+    return ProcessGroup(std::move(ranks), 0);
   }
   /// Combines a boolean decision across processes (identity).
   bool reduce_boolean_decision(bool decision, bool /*all*/) const noexcept { return decision; }
@@ -5978,9 +6089,12 @@ class RngState {
 #include <c10/core/Device.h>
 #include <c10/util/Optional.h>
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 
 #include <cstdint>
 #include <filesystem>
+#include <functional>
+#include <map>
 #include <memory>
 #include <optional>
 #include <string>
@@ -6029,10 +6143,10 @@ template <class F>
 class RankZeroFirstGuard {
  public:
   RankZeroFirstGuard(F& fabric, bool first) : fabric_(fabric), first_(first) {
-    if (!first_) fabric_.barrier();
+    if (!first_) fabric_.barrier("rank_zero_first");
   }
   ~RankZeroFirstGuard() noexcept(false) {
-    if (first_) fabric_.barrier();
+    if (first_) fabric_.barrier("rank_zero_first");
   }
   RankZeroFirstGuard(const RankZeroFirstGuard&) = delete;
   RankZeroFirstGuard& operator=(const RankZeroFirstGuard&) = delete;
@@ -6163,11 +6277,15 @@ class Fabric {
     strategy_.launch(device_);
     launched_ = true;
   }
-  /// Starts the processes and runs fn(fabric) in each, returning its result.
-  template <std::invocable<Fabric&> Fn>
-  decltype(auto) launch(Fn&& fn) {
+  /// Starts the processes and runs fn(fabric, args...) in each, returning its result (Lightning's
+  /// `launch(function, *args)`). A function that does not take the Fabric first does not compile.
+  ///
+  ///     auto loss = fabric.launch([](auto& fabric, int epochs) { return train(fabric, epochs); }, 10);
+  template <class Fn, class... Args>
+  requires std::invocable<Fn, Fabric&, Args...>
+  decltype(auto) launch(Fn&& fn, Args&&... args) {
     launch();
-    return std::forward<Fn>(fn)(*this);
+    return std::invoke(std::forward<Fn>(fn), *this, std::forward<Args>(args)...);
   }
 
   /// Returns the device of this process.
@@ -6407,30 +6525,65 @@ class Fabric {
 
   // ---- collectives -----------------------------------------------------------------------------
 
-  /// Waits until every process reaches it.
-  void barrier() { strategy_.barrier(); }
+  /// Waits until every process (of the group, default: all) reaches it; the name, as Lightning's
+  /// `barrier(name)`, shows in the error of a barrier that fails or times out.
+  ///
+  ///     fabric.barrier("data ready");
+  void barrier(std::string_view name = {}, const ProcessGroup& group = {}) {
+    detail::check_member(group, global_rank(), "barrier");
+    strategy_.barrier(name, group);
+  }
   /// Reduces every tensor in data across processes (mean by default) and returns the result; a
   /// number becomes a tensor on the device first, as in Lightning.
   template <class T>
   auto all_reduce(T&& data, ReduceOp op = ReduceOp::mean) {
-    auto fn = [&](at::Tensor t) { return strategy_.all_reduce(t, op); };
+    return all_reduce(std::forward<T>(data), ProcessGroup{}, op);
+  }
+  /// all_reduce over the processes of a group made by new_group (Lightning's `all_reduce(data, group,
+  /// reduce_op)`); the mean divides by the group's size.
+  template <class T>
+  auto all_reduce(T&& data, const ProcessGroup& group, ReduceOp op = ReduceOp::mean) {
+    detail::check_member(group, global_rank(), "all_reduce");
+    auto fn = [&](at::Tensor t) { return strategy_.all_reduce(t, op, group); };
     return detail::map_tensors(detail::as_collective_data(std::forward<T>(data), device_), fn);
   }
-  /// Gathers every tensor in data from all processes; with several processes each gains a leading
-  /// world-size dimension, with one it is returned as it is (Lightning's shapes).
+  /// Gathers every tensor in data from all processes (of the group); with several processes each gains a
+  /// leading dimension of their number, with one it is returned as it is (Lightning's shapes). With
+  /// sync_grads the gradient flows back through the gather (Lightning's `sync_grads=True`): every
+  /// process gets the gradient of its own tensor summed over the processes, and all of them must run
+  /// the backward.
+  ///
+  ///     auto all = fabric.all_gather(embedding, {}, /*sync_grads=*/true);   // {} is every process
   template <class T>
-  auto all_gather(T&& data) {
-    auto fn = [&](at::Tensor t) { return strategy_.all_gather(t); };
+  auto all_gather(T&& data, const ProcessGroup& group = {}, bool sync_grads = false) {
+    detail::check_member(group, global_rank(), "all_gather");
+    auto fn = [&](at::Tensor t) { return strategy_.all_gather(t, group, sync_grads); };
     return detail::map_tensors(detail::as_collective_data(std::forward<T>(data), device_), fn);
   }
-  /// Returns the value of rank src on every process.
+  /// Returns the value of rank src (a global rank; of the group, when one is given) on every process.
+  /// As Lightning's, src defaults to 0; a src that is not a rank of the job is an error on one device
+  /// too (where Lightning returns the value), so that the code fails before it runs under DDP.
   template <class T>
-  std::remove_cvref_t<T> broadcast(T&& value, int src = 0) {
+  std::remove_cvref_t<T> broadcast(T&& value, int src = 0, const ProcessGroup& group = {}) {
     if (src < 0 || src >= world_size()) {
       detail::raise("broadcast: expected 0 <= src < world_size = {}, found {}", world_size(), src);
     }
-    return strategy_.broadcast(std::remove_cvref_t<T>(std::forward<T>(value)), src);
+    detail::check_member(group, global_rank(), "broadcast");
+    if (!group.contains(src)) {
+      detail::raise(
+          "broadcast: expected src to be a member of the group of ranks [{}], found src = {}; pass one of them",
+          fmt::join(group.ranks(), ", "), src);
+    }
+    return strategy_.broadcast(std::remove_cvref_t<T>(std::forward<T>(value)), src, group);
   }
+  /// Creates a group of processes for the collectives (torch.distributed's `new_group(ranks)`): every
+  /// process calls it, with the same global ranks and in the same order of new_group calls; the
+  /// members connect, and a collective over the group runs on its members only (elsewhere it is an
+  /// error). On one device the only group is {0}.
+  ///
+  ///     auto evens = fabric.new_group({0, 2});
+  ///     if (evens.is_member()) fabric.all_reduce(metric, evens, fabric::ReduceOp::sum);
+  ProcessGroup new_group(std::vector<int> ranks) { return strategy_.new_group(std::move(ranks)); }
 
   /// Lets rank zero (of the machine, with local) run the guarded block before the others, e.g. to
   /// download or preprocess data once.
@@ -8346,7 +8499,7 @@ class DP : public StrategyBase {
   }
 
   /// Reduces the elements of a tensor, as Lightning's DP does (there is one process): mean, sum, min or max.
-  at::Tensor all_reduce(const at::Tensor& tensor, ReduceOp op) const {
+  at::Tensor all_reduce(const at::Tensor& tensor, ReduceOp op, const ProcessGroup& /*group*/ = {}) const {
     switch (op) {
       case ReduceOp::sum:
         return tensor.sum();
@@ -9204,6 +9357,7 @@ inline double transformer_flops(const TransformerShape& shape, std::int64_t toke
 
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/intrusive_ptr.h>
@@ -9484,10 +9638,15 @@ inline c10::intrusive_ptr<c10d::ProcessGroup> connect_group(const std::string& b
   raise("unknown process group backend \"{}\"; expected \"gloo\" or \"nccl\"", backend);
 }
 
+/// The default process group of a job and the store its processes met at (new groups meet there too).
+struct Connection {
+  c10::intrusive_ptr<c10d::Store> store;
+  c10::intrusive_ptr<c10d::ProcessGroup> pg;
+};
+
 /// Creates the default process group of the job with the backend ("gloo" or "nccl"): the rendezvous,
 /// then the backend's connections, each within the timeout and failing with a fabric::Error.
-inline c10::intrusive_ptr<c10d::ProcessGroup> make_process_group(const std::string& backend, const Rendezvous& r,
-                                                                 bool single_node) {
+inline Connection make_process_group(const std::string& backend, const Rendezvous& r, bool single_node) {
   if (!has_backend(backend)) {
     raise(
         "the process group backend \"{}\" is not available in this LibTorch (gloo: {}, nccl: {}); use the "
@@ -9497,7 +9656,8 @@ inline c10::intrusive_ptr<c10d::ProcessGroup> make_process_group(const std::stri
   c10d::setDebugLevelFromEnvironment();
   auto store = make_store(r);
   try {
-    return connect_group(backend, store, r, single_node);
+    auto pg = connect_group(backend, store, r, single_node);
+    return {std::move(store), std::move(pg)};
   } catch (const fabric::Error&) {
     throw;
   } catch (const std::exception& e) {
@@ -9506,6 +9666,29 @@ inline c10::intrusive_ptr<c10d::ProcessGroup> make_process_group(const std::stri
         "during the rendezvous, or the network between the nodes is blocked (GLOO_SOCKET_IFNAME chooses the "
         "interface)",
         r.rank, backend, r.world_size, first_line(e.what()));
+  }
+}
+
+/// Creates the backend's group of `ranks` (global ranks, sorted) over a store of its own under the job's
+/// store; only the members call it, `rank` being this process's index in `ranks`. `index` numbers the
+/// groups of the job (every process creates them in the same order).
+inline c10::intrusive_ptr<c10d::ProcessGroup> make_subgroup(const std::string& backend,
+                                                            const c10::intrusive_ptr<c10d::Store>& store,
+                                                            std::size_t index, const std::vector<int>& ranks, int rank,
+                                                            const Rendezvous& world, bool single_node) {
+  auto prefixed = c10::make_intrusive<c10d::PrefixStore>(fmt::format("fabric/group/{}", index), store);
+  Rendezvous r = world;
+  r.rank = rank;
+  r.world_size = static_cast<int>(ranks.size());
+  try {
+    return connect_group(backend, prefixed, r, single_node);
+  } catch (const fabric::Error&) {
+    throw;
+  } catch (const std::exception& e) {
+    raise(
+        "new_group: rank {} could not connect the {} group of ranks [{}] ({}); every member must call new_group with "
+        "the same ranks, after the same earlier new_group calls",
+        world.rank, backend, fmt::join(ranks, ", "), first_line(e.what()));
   }
 }
 
@@ -10841,15 +11024,24 @@ class SubprocessLauncher {
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/scalar_tensor.h>
 #include <ATen/ops/stack.h>
+#include <ATen/ops/zeros.h>
 #include <c10/core/Device.h>
+#include <c10/core/GradMode.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/jit/serialization/pickle.h>
+
+#include <fmt/format.h>
+#include <fmt/ranges.h>
 
 #include <sched.h>
 #include <stdlib.h>
 
 #include <algorithm>
 #include <chrono>
+#include <cstddef>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <exception>
 #include <filesystem>
@@ -10864,6 +11056,43 @@ class SubprocessLauncher {
 
 namespace fabric {
 namespace detail {
+
+/// What a parallel strategy keeps for a group made by new_group: the backend's group of its members.
+struct ProcessGroupImpl {
+  c10::intrusive_ptr<c10d::ProcessGroup> pg;
+};
+
+/// The backward of a gather with sync_grads (Lightning's `_AllGather`): the gradient of the gathered
+/// tensor (group size, ...) is summed over the group's processes, and each keeps the slice of its own
+/// input; so the gradient of a loss computed from the gather on every process is that of their sum.
+struct AllGatherBackward final : torch::autograd::Node {
+  AllGatherBackward(c10::intrusive_ptr<c10d::ProcessGroup> group, int group_rank, std::chrono::milliseconds wait_for,
+                    std::vector<std::int64_t> gathered_sizes, at::TensorOptions gathered_options)
+      : pg(std::move(group)),
+        rank(group_rank),
+        timeout(wait_for),
+        sizes(std::move(gathered_sizes)),
+        options(gathered_options) {}
+
+  std::string name() const override { return "fabric::AllGatherBackward"; }
+
+  torch::autograd::variable_list apply(torch::autograd::variable_list&& grads) override {
+    // NOTE: every member must take part in the sum, also one whose loss did not use the gather.
+    at::Tensor grad = grads[0].defined() ? grads[0].contiguous().clone() : at::zeros(sizes, options);
+    std::vector<at::Tensor> tensors{grad};
+    c10d::AllreduceOptions opts;
+    opts.reduceOp = c10d::ReduceOp::SUM;
+    opts.timeout = timeout;
+    pg->allreduce(tensors, opts)->wait(timeout);
+    return {grad.select(0, rank)};
+  }
+
+  c10::intrusive_ptr<c10d::ProcessGroup> pg;
+  int rank;
+  std::chrono::milliseconds timeout;
+  std::vector<std::int64_t> sizes;
+  at::TensorOptions options;
+};
 
 /// The bytes that pickle a value for broadcast (tensors travel on the CPU).
 template <class T>
@@ -10976,6 +11205,9 @@ class ParallelStrategy : public StrategyBase {
   const ParallelOptions& parallel_options() const noexcept { return options_; }
   /// Returns the process group (null before launch).
   const c10::intrusive_ptr<c10d::ProcessGroup>& process_group() const noexcept { return pg_; }
+  /// Returns the c10d backend launch() chose ("gloo" on the CPU, "nccl" on CUDA, unless one was named;
+  /// empty before launch()).
+  const std::string& process_group_backend() const noexcept { return backend_; }
   /// Says whether launch() has created the process group.
   bool launched() const noexcept { return static_cast<bool>(pg_); }
   /// Says whether a collective failed on this rank (teardown then stops the processes it started).
@@ -10996,14 +11228,16 @@ class ParallelStrategy : public StrategyBase {
     backend_ =
         options_.process_group_backend.empty() ? (device.is_cuda() ? "nccl" : "gloo") : options_.process_group_backend;
     try {
-      pg_ = detail::make_process_group(backend_,
-                                       {.address = topology_.main_address,
-                                        .port = topology_.main_port,
-                                        .rank = topology_.global_rank,
-                                        .world_size = topology_.world_size,
-                                        .timeout = options_.timeout,
-                                        .launcher_hosts_store = topology_.store_hosted_by_launcher},
-                                       num_nodes_ == 1);
+      auto connection = detail::make_process_group(backend_,
+                                                   {.address = topology_.main_address,
+                                                    .port = topology_.main_port,
+                                                    .rank = topology_.global_rank,
+                                                    .world_size = topology_.world_size,
+                                                    .timeout = options_.timeout,
+                                                    .launcher_hosts_store = topology_.store_hosted_by_launcher},
+                                                   num_nodes_ == 1);
+      store_ = std::move(connection.store);
+      pg_ = std::move(connection.pg);
     } catch (...) {
       // NOTE: the processes this one started cannot meet without it: teardown stops them.
       failed_ = true;
@@ -11022,15 +11256,23 @@ class ParallelStrategy : public StrategyBase {
 
   // ---- collectives ----
 
-  /// Waits for all processes.
-  void barrier() {
-    auto& pg = group("barrier");
-    wait(pg->barrier(), "barrier");
+  /// Waits for all processes of the group (default: the world); the name shows in the error of a barrier
+  /// that fails or times out, and, with TORCH_DISTRIBUTED_DEBUG=INFO or DETAIL, on stderr as each process
+  /// enters and leaves it.
+  void barrier(std::string_view name = {}, const ProcessGroup& group = {}) {
+    const std::string what = name.empty() ? std::string("barrier") : fmt::format("barrier \"{}\"", name);
+    const auto g = resolve(group, what);
+    const bool debug = c10d::debug_level() != c10d::DebugLevel::Off;
+    if (debug) fmt::print(stderr, "fabric: rank {} of {} enters {}\n", global_rank(), world_size(), what);
+    c10d::BarrierOptions opts;
+    opts.timeout = options_.timeout;
+    wait(g.pg->barrier(opts), what);
+    if (debug) fmt::print(stderr, "fabric: rank {} of {} leaves {}\n", global_rank(), world_size(), what);
   }
-  /// Reduces a tensor across processes in place (mean: sum, then divide; an integer tensor's mean is
-  /// returned as a new floating tensor).
-  at::Tensor all_reduce(at::Tensor tensor, ReduceOp op) {
-    auto& pg = group("all_reduce");
+  /// Reduces a tensor across the processes of the group in place (mean: sum, then divide by the group's
+  /// size; an integer tensor's mean is returned as a new floating tensor).
+  at::Tensor all_reduce(at::Tensor tensor, ReduceOp op, const ProcessGroup& group = {}) {
+    const auto g = resolve(group, "all_reduce");
     if (!tensor.is_contiguous()) {
       detail::raise("all_reduce: expected a contiguous tensor, found one with strides {}; call .contiguous() first",
                     detail::shape_str(tensor.strides()));
@@ -11041,35 +11283,83 @@ class ParallelStrategy : public StrategyBase {
                                           : c10d::ReduceOp::SUM;
     opts.timeout = options_.timeout;
     std::vector<at::Tensor> tensors{tensor};
-    wait(pg->allreduce(tensors, opts), "all_reduce");
+    wait(g.pg->allreduce(tensors, opts), "all_reduce");
     if (op != ReduceOp::mean) return tensor;
     if (at::isFloatingType(tensor.scalar_type()) || at::isComplexType(tensor.scalar_type())) {
-      return tensor.div_(world_size());
+      return tensor.div_(g.size);
     }
-    return tensor.div(world_size());
+    return tensor.div(g.size);
   }
-  /// Gathers a tensor from all processes into a new tensor with a leading world-size dimension.
-  at::Tensor all_gather(const at::Tensor& tensor) {
-    auto& pg = group("all_gather");
+  /// Gathers a tensor from the processes of the group into a new tensor with a leading group-size
+  /// dimension. With sync_grads the result is part of the autograd graph (Lightning's `_AllGather`): its
+  /// backward sums the gradient over the group and gives each process the slice of its own tensor, so
+  /// every member must run that backward; without, the result has no gradient (Lightning's no_grad).
+  at::Tensor all_gather(const at::Tensor& tensor, const ProcessGroup& group = {}, bool sync_grads = false) {
+    const auto g = resolve(group, "all_gather");
     at::Tensor input = tensor.contiguous();
     std::vector<std::vector<at::Tensor>> outputs(1);
-    for (int r = 0; r < world_size(); ++r) outputs[0].push_back(at::empty_like(input));
-    std::vector<at::Tensor> inputs{input};
+    for (int r = 0; r < g.size; ++r) outputs[0].push_back(at::empty_like(input));
+    std::vector<at::Tensor> inputs{input.detach()};
     c10d::AllgatherOptions opts;
     opts.timeout = options_.timeout;
-    check_same_shape(input, "all_gather");
-    wait(pg->allgather(outputs, inputs, opts), "all_gather");
-    return at::stack(outputs[0]);
+    check_same_shape(input, "all_gather", g);
+    wait(g.pg->allgather(outputs, inputs, opts), "all_gather");
+    at::Tensor gathered = at::stack(outputs[0]);
+    if (sync_grads && c10::GradMode::is_enabled() && tensor.requires_grad()) {
+      auto node = std::make_shared<detail::AllGatherBackward>(g.pg, g.rank, options_.timeout, gathered.sizes().vec(),
+                                                              gathered.options());
+      node->set_next_edges(torch::autograd::collect_next_edges(tensor));
+      torch::autograd::set_history(gathered, node);
+    }
+    return gathered;
   }
-  /// Returns rank src's value on every process: tensors, numbers, strings and what c10::IValue holds
-  /// (vectors, dictionaries, tuples).
+  /// Returns rank src's value on every process of the group (src is a global rank; default group: the
+  /// world): tensors, numbers, strings and what c10::IValue holds (vectors, dictionaries, tuples).
   template <class T>
-  T broadcast(T value, int src) {
+  T broadcast(T value, int src, const ProcessGroup& group = {}) {
+    const auto g = resolve(group, "broadcast");
+    const int root = group.is_world() ? src : group.group_rank(src);
+    if (root < 0) {
+      detail::raise(
+          "broadcast: expected src to be a member of the group of ranks [{}], found src = {}; pass one of them",
+          fmt::join(group.ranks(), ", "), src);
+    }
     std::vector<char> bytes;
-    if (global_rank() == src) bytes = detail::pickle_value(value);
-    broadcast_bytes(bytes, src, "broadcast");
-    if (global_rank() == src) return value;
+    if (g.rank == root) bytes = detail::pickle_value(value);
+    broadcast_bytes(bytes, root, "broadcast", g);
+    if (g.rank == root) return value;
     return detail::unpickle_value<T>(bytes, device_);
+  }
+  /// Creates a group of the global ranks (sorted, as torch.distributed.new_group): a collective of the
+  /// world, called by every process with the same ranks in the same order of new_group calls (checked:
+  /// different ranks fail on every process). The members connect a group of the backend of their own;
+  /// the others get a handle whose is_member() is false.
+  ProcessGroup new_group(std::vector<int> ranks) {
+    group("new_group");
+    detail::normalize_group_ranks(ranks, world_size());
+    const std::string mine = fmt::format("{}", fmt::join(ranks, ","));
+    std::vector<char> bytes(mine.begin(), mine.end());
+    broadcast_bytes(bytes, 0, "new_group");
+    const std::string reference(bytes.begin(), bytes.end());
+    if (!reduce_boolean_decision(reference == mine, true)) {
+      detail::raise(
+          "new_group: expected the same ranks on every process, found [{}] on rank {} and [{}] on rank 0{}; call "
+          "new_group on every process with the same ranks",
+          mine, global_rank(), reference, reference == mine ? " (this rank matches; another one does not)" : "");
+    }
+    const std::size_t index = groups_made_++;
+    const auto it = std::find(ranks.begin(), ranks.end(), global_rank());
+    if (it == ranks.end()) return ProcessGroup(std::move(ranks), -1);
+    const int rank = static_cast<int>(it - ranks.begin());
+    auto impl = std::make_shared<detail::ProcessGroupImpl>();
+    impl->pg = detail::make_subgroup(backend_, store_, index, ranks, rank,
+                                     {.address = topology_.main_address,
+                                      .port = topology_.main_port,
+                                      .rank = global_rank(),
+                                      .world_size = world_size(),
+                                      .timeout = options_.timeout},
+                                     num_nodes_ == 1);
+    return ProcessGroup(std::move(ranks), rank, std::move(impl));
   }
   /// Combines a boolean decision across processes: all of them (all = true) or any of them.
   bool reduce_boolean_decision(bool decision, bool all) {
@@ -11109,6 +11399,7 @@ class ParallelStrategy : public StrategyBase {
     if (pg_) {
       detail::shutdown_process_group(pg_);
       pg_.reset();
+      store_.reset();
     }
     if (launcher_) {
       if (failed_) launcher_->stop_children();
@@ -11126,6 +11417,26 @@ class ParallelStrategy : public StrategyBase {
           what);
     }
     return pg_;
+  }
+  /// A group resolved for a collective: the backend's group, this process's rank in it and its size.
+  struct ResolvedGroup {
+    c10::intrusive_ptr<c10d::ProcessGroup> pg;
+    int rank = 0;
+    int size = 1;
+  };
+  /// Returns the backend's group of `group` (the world when default); raises naming `what` before
+  /// launch(), on a process that is not a member, and for a group that no parallel strategy made.
+  ResolvedGroup resolve(const ProcessGroup& group, std::string_view what) const {
+    const auto& world = this->group(what);
+    if (group.is_world()) return {world, global_rank(), world_size()};
+    detail::check_member(group, global_rank(), what);
+    if (!group.impl() || !group.impl()->pg) {
+      detail::raise(
+          "{}: expected a group made by this Fabric's new_group, found one of ranks [{}] without a connection (made "
+          "by a one-process Fabric?); create it with fabric.new_group(ranks) after launch()",
+          what, fmt::join(group.ranks(), ", "));
+    }
+    return {group.impl()->pg, group.rank(), group.size()};
   }
   /// Returns the c10d backend launch() chose ("gloo", "nccl").
   const std::string& backend() const noexcept { return backend_; }
@@ -11151,7 +11462,11 @@ class ParallelStrategy : public StrategyBase {
   }
   /// Sends rank src's bytes to every rank.
   void broadcast_bytes(std::vector<char>& bytes, int src, std::string_view what) {
-    auto& pg = group(what);
+    broadcast_bytes(bytes, src, what, resolve({}, what));
+  }
+  /// Sends the bytes of the group's rank src to every member of the group.
+  void broadcast_bytes(std::vector<char>& bytes, int src, std::string_view what, const ResolvedGroup& g) {
+    const auto& pg = g.pg;
     const auto on_device = at::TensorOptions().device(device_);
     at::Tensor size =
         at::scalar_tensor(static_cast<std::int64_t>(bytes.size()), on_device.dtype(at::kLong)).reshape({1});
@@ -11161,23 +11476,28 @@ class ParallelStrategy : public StrategyBase {
     std::vector<at::Tensor> sizes{size};
     wait(pg->broadcast(sizes, opts), what);
     const auto n = size.item<std::int64_t>();
-    at::Tensor data = global_rank() == src
-                          ? at::from_blob(bytes.data(), {n}, at::TensorOptions().dtype(at::kByte)).to(device_)
-                          : at::empty({n}, on_device.dtype(at::kByte));
+    at::Tensor data = g.rank == src ? at::from_blob(bytes.data(), {n}, at::TensorOptions().dtype(at::kByte)).to(device_)
+                                    : at::empty({n}, on_device.dtype(at::kByte));
     std::vector<at::Tensor> datas{data};
     wait(pg->broadcast(datas, opts), what);
-    if (global_rank() != src) {
+    if (g.rank != src) {
       at::Tensor host = data.cpu();
       bytes.assign(static_cast<const char*>(host.data_ptr()), static_cast<const char*>(host.data_ptr()) + n);
     }
   }
-  /// Fails on every rank when a tensor's shape or dtype differs from rank 0's.
-  void check_same_shape(const at::Tensor& t, std::string_view what) {
+  /// Fails on every member of the group when a tensor's shape or dtype differs from the group's rank 0's.
+  void check_same_shape(const at::Tensor& t, std::string_view what, const ResolvedGroup& g) {
     std::string text = detail::shape_str(t.sizes()) + " " + std::string(c10::toString(t.scalar_type()));
     std::vector<char> bytes(text.begin(), text.end());
-    broadcast_bytes(bytes, 0, what);
+    broadcast_bytes(bytes, 0, what, g);
     const bool same = std::string(bytes.begin(), bytes.end()) == text;
-    if (!reduce_boolean_decision(same, true)) {
+    at::Tensor vote = at::scalar_tensor(same ? 1 : 0, at::TensorOptions().dtype(at::kInt).device(device_)).reshape({1});
+    std::vector<at::Tensor> votes{vote};
+    c10d::AllreduceOptions opts;
+    opts.reduceOp = c10d::ReduceOp::MIN;
+    opts.timeout = options_.timeout;
+    wait(g.pg->allreduce(votes, opts), what);
+    if (vote.item<int>() == 0) {
       detail::raise("{}: expected the same shape and dtype on every rank, found {} on rank {} and {} on rank 0{}", what,
                     text, global_rank(), std::string(bytes.begin(), bytes.end()),
                     same ? " (this rank matches; another one does not)" : "");
@@ -11227,6 +11547,10 @@ class ParallelStrategy : public StrategyBase {
   Topology topology_{};
   std::string backend_{};
   bool failed_ = false;
+  /// The groups made by new_group so far (each connects under a store prefix of its own).
+  std::size_t groups_made_ = 0;
+  /// The store the processes met at; new groups meet there too.
+  c10::intrusive_ptr<c10d::Store> store_{};
   // NOTE: teardown closes the process group before the launcher waits for its children; declared in that
   // order so that the implicit destruction of a moved-into strategy agrees.
   std::unique_ptr<detail::SubprocessLauncher> launcher_{};

@@ -5,7 +5,7 @@
 //                [--dir D] [--fault throw|kill|hang] [--catch] [--env scheduler|kubeflow] [--external] [--cuda]
 //                [--tag T] [--threads auto|N]
 //
-// Scenarios: train, collectives, sampler, mismatch, save, loggers, shard, bypass, bypass-bf16.
+// Scenarios: train, collectives, sampler, mismatch, save, loggers, shard, bypass, bypass-bf16, barrier-timeout.
 //
 // Each scenario checks its own results and exits 0 only when they hold; any failed check prints
 // "rank R: FAILED: ..." and exits 1. With --catch a fabric::Error during training is caught while the
@@ -260,6 +260,106 @@ int train_equivalence(F& fabric, const Args& a) {
   return 0;
 }
 
+/// all_gather with sync_grads (Lightning's _AllGather), process groups from new_group, and their errors.
+// Lightning: tests_fabric/test_fabric.py::test_all_gather
+template <class F>
+void groups_and_gradients(F& fabric) {
+  const int world = fabric.world_size();
+  const int rank = fabric.global_rank();
+  const auto dev = fabric.device();
+  const double triangle = world * (world + 1) / 2.0;
+  // Each rank's loss weighs the gathered rows by (q + 1) * (rank + 1); the gradient of rank r's input is
+  // the sum over every rank p of d loss_p / d x_r = (r + 1) * (p + 1), so (r + 1) * W (W + 1) / 2.
+  auto x = (torch::tensor({1.0, 2.0}) * (rank + 1)).to(dev).requires_grad_();
+  auto gathered = fabric.all_gather(x, {}, /*sync_grads=*/true);
+  WORKER_CHECK(gathered.sizes() == torch::IntArrayRef({world, 2}), "gather shape {}", str(gathered.sizes()));
+  WORKER_CHECK(gathered.requires_grad(), "a gather with sync_grads must be part of the graph");
+  for (int q = 0; q < world; ++q) {
+    WORKER_CHECK(gathered[q][1].template item<double>() == 2.0 * (q + 1), "gathered row {}: {}", q, str(gathered));
+  }
+  auto weights = (torch::arange(1, world + 1, torch::kDouble).to(dev) * (rank + 1)).to(x.dtype()).unsqueeze(1);
+  (gathered * weights).sum().backward();
+  WORKER_CHECK(x.grad().defined(), "no gradient through all_gather(sync_grads = true)");
+  WORKER_CHECK(torch::allclose(x.grad().cpu(), torch::full({2}, (rank + 1) * triangle, x.grad().cpu().options())),
+               "gradient {} on rank {}, expected {}", str(x.grad()), rank, (rank + 1) * triangle);
+  // Without sync_grads the gather is a constant, as Lightning's (under torch.no_grad).
+  WORKER_CHECK(!fabric.all_gather(x).requires_grad(), "a gather without sync_grads must not require grad");
+  // A container: every tensor gathered, each with its gradient.
+  auto y = torch::ones({1}, torch::TensorOptions().device(dev)).requires_grad_();
+  auto both = fabric.all_gather(std::vector<torch::Tensor>{x, y}, {}, true);
+  (both[1].sum() * (rank + 1)).backward();
+  WORKER_CHECK(y.grad().template item<double>() == triangle, "container gradient {}", str(y.grad()));
+
+  // Groups: every rank creates them in the same order; members use them.
+  auto ends = fabric.new_group({world - 1, 0});  // sorted: [0, world - 1]
+  WORKER_CHECK(ends.ranks() == (std::vector<int>{0, world - 1}) || world == 1, "group ranks");
+  const bool member = rank == 0 || rank == world - 1;
+  WORKER_CHECK(ends.is_member() == member, "membership of rank {}", rank);
+  if (member) {
+    WORKER_CHECK(ends.rank() == (rank == 0 ? 0 : 1), "group rank {}", ends.rank());
+    auto summed = fabric.all_reduce(torch::full({1}, rank + 1.0).to(dev), ends, fabric::ReduceOp::sum);
+    WORKER_CHECK(summed.template item<double>() == 1.0 + world, "group sum {}", str(summed));
+    auto mean = fabric.all_reduce(torch::full({1}, rank + 1.0).to(dev), ends);
+    WORKER_CHECK(mean.template item<double>() == (1.0 + world) / 2, "group mean {}", str(mean));
+    auto g = fabric.all_gather(torch::tensor({rank}).to(dev), ends);
+    WORKER_CHECK(g.size(0) == 2 && g[0].template item<int64_t>() == 0 && g[1].template item<int64_t>() == world - 1,
+                 "group gather {}", str(g));
+    WORKER_CHECK(fabric.broadcast(rank * 10, world - 1, ends) == (world - 1) * 10, "group broadcast");
+    fabric.barrier("ends", ends);
+    // The gradient through a group's gather sums over the members only.
+    auto z = torch::ones({1}, torch::TensorOptions().device(dev)).requires_grad_();
+    (fabric.all_gather(z, ends, true).sum() * (rank + 1)).backward();
+    WORKER_CHECK(z.grad().template item<double>() == 1.0 + world, "group gradient {}", str(z.grad()));
+    // src must belong to the group.
+    if (world > 2) {
+      bool refused = false;
+      try {
+        (void)fabric.broadcast(1, 1, ends);
+      } catch (const fabric::Error& e) {
+        refused = std::string(e.what()).find("member of the group") != std::string::npos;
+      }
+      WORKER_CHECK(refused, "broadcast from a src outside the group must fail");
+    }
+  } else {
+    // A collective on a group this process is not a member of is a clear error, not a hang.
+    bool refused = false;
+    try {
+      (void)fabric.all_reduce(torch::ones({1}).to(dev), ends);
+    } catch (const fabric::Error& e) {
+      refused = std::string(e.what()).find("expected a member of the group of ranks [0, " + std::to_string(world - 1) +
+                                           "], found rank " + std::to_string(rank)) != std::string::npos;
+    }
+    WORKER_CHECK(refused, "a collective on a group of others must fail on rank {}", rank);
+  }
+  // A second group, created after the first, gets a connection of its own.
+  auto all = fabric.new_group([&] {
+    std::vector<int> ranks(world);
+    for (int r = 0; r < world; ++r) ranks[r] = r;
+    return ranks;
+  }());
+  WORKER_CHECK(fabric.all_reduce(torch::ones({1}).to(dev), all, fabric::ReduceOp::sum).template item<double>() == world,
+               "second group");
+  // Ranks that differ between processes fail on every process.
+  if (world > 1) {
+    bool refused = false;
+    try {
+      (void)fabric.new_group({rank == 0 ? 0 : 1});
+    } catch (const fabric::Error& e) {
+      refused = std::string(e.what()).find("expected the same ranks on every process") != std::string::npos;
+    }
+    WORKER_CHECK(refused, "new_group with different ranks must fail on rank {}", rank);
+  }
+  bool bad_rank = false;
+  try {
+    (void)fabric.new_group({0, world});
+  } catch (const fabric::Error& e) {
+    bad_rank = std::string(e.what()).find("expected ranks in [0, " + std::to_string(world) + ")") != std::string::npos;
+  }
+  WORKER_CHECK(bad_rank, "new_group with a rank outside the world must fail");
+}
+
+// Lightning: tests_fabric/test_fabric.py::test_all_reduce, tests_fabric/test_fabric.py::test_broadcast
+// Lightning: tests_fabric/test_fabric.py::test_barrier, tests_fabric/test_fabric.py::test_rank_zero_first
 template <class F>
 int collectives(F& fabric, const Args& /*a*/) {
   const int world = fabric.world_size();
@@ -338,7 +438,20 @@ int collectives(F& fabric, const Args& /*a*/) {
   }
   fabric.barrier();
   if (rank == 0) std::filesystem::remove(marker);
+  groups_and_gradients(fabric);
+  fabric.barrier("collectives done");
   fabric.print("collectives ok: world {}", world);
+  return 0;
+}
+
+/// A barrier that one rank never reaches: the other fails within the timeout, naming the barrier.
+template <class F>
+int barrier_timeout(F& fabric, const Args& a) {
+  if (fabric.global_rank() == 1) {
+    std::this_thread::sleep_for(std::chrono::seconds(3 * a.timeout_s));
+    return 0;
+  }
+  fabric.barrier("before eval");
   return 0;
 }
 
@@ -608,6 +721,9 @@ int bypass(const Args& a, std::string_view skipped) {
   return 0;
 }
 
+// Lightning: tests_fabric/test_fabric.py::test_launch_and_cli_not_allowed
+// (Lightning refuses launch() under its CLI; fabric's CLI, fabric-run, starts the processes and launch() then
+// only connects them, so the same program runs under every launcher: dist.fabric_run.* call launch() here.)
 template <class Accelerator>
 int run(const Args& a) {
   if (a.scenario == "loggers") return loggers<Accelerator>(a);
@@ -628,6 +744,7 @@ int run(const Args& a) {
   if (a.scenario == "mismatch") return mismatch(fabric, a);
   if (a.scenario == "save") return save_load(fabric, a);
   if (a.scenario == "shard") return shard(fabric, a);
+  if (a.scenario == "barrier-timeout") return barrier_timeout(fabric, a);
   throw std::invalid_argument("unknown scenario " + a.scenario);
 }
 

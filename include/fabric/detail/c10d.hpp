@@ -7,6 +7,7 @@
 #include "fabric/detail/torch_version.hpp"
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/intrusive_ptr.h>
@@ -203,10 +204,15 @@ inline c10::intrusive_ptr<c10d::ProcessGroup> connect_group(const std::string& b
   raise("unknown process group backend \"{}\"; expected \"gloo\" or \"nccl\"", backend);
 }
 
+/// The default process group of a job and the store its processes met at (new groups meet there too).
+struct Connection {
+  c10::intrusive_ptr<c10d::Store> store;
+  c10::intrusive_ptr<c10d::ProcessGroup> pg;
+};
+
 /// Creates the default process group of the job with the backend ("gloo" or "nccl"): the rendezvous,
 /// then the backend's connections, each within the timeout and failing with a fabric::Error.
-inline c10::intrusive_ptr<c10d::ProcessGroup> make_process_group(const std::string& backend, const Rendezvous& r,
-                                                                 bool single_node) {
+inline Connection make_process_group(const std::string& backend, const Rendezvous& r, bool single_node) {
   if (!has_backend(backend)) {
     raise(
         "the process group backend \"{}\" is not available in this LibTorch (gloo: {}, nccl: {}); use the "
@@ -216,7 +222,8 @@ inline c10::intrusive_ptr<c10d::ProcessGroup> make_process_group(const std::stri
   c10d::setDebugLevelFromEnvironment();
   auto store = make_store(r);
   try {
-    return connect_group(backend, store, r, single_node);
+    auto pg = connect_group(backend, store, r, single_node);
+    return {std::move(store), std::move(pg)};
   } catch (const fabric::Error&) {
     throw;
   } catch (const std::exception& e) {
@@ -225,6 +232,29 @@ inline c10::intrusive_ptr<c10d::ProcessGroup> make_process_group(const std::stri
         "during the rendezvous, or the network between the nodes is blocked (GLOO_SOCKET_IFNAME chooses the "
         "interface)",
         r.rank, backend, r.world_size, first_line(e.what()));
+  }
+}
+
+/// Creates the backend's group of `ranks` (global ranks, sorted) over a store of its own under the job's
+/// store; only the members call it, `rank` being this process's index in `ranks`. `index` numbers the
+/// groups of the job (every process creates them in the same order).
+inline c10::intrusive_ptr<c10d::ProcessGroup> make_subgroup(const std::string& backend,
+                                                            const c10::intrusive_ptr<c10d::Store>& store,
+                                                            std::size_t index, const std::vector<int>& ranks, int rank,
+                                                            const Rendezvous& world, bool single_node) {
+  auto prefixed = c10::make_intrusive<c10d::PrefixStore>(fmt::format("fabric/group/{}", index), store);
+  Rendezvous r = world;
+  r.rank = rank;
+  r.world_size = static_cast<int>(ranks.size());
+  try {
+    return connect_group(backend, prefixed, r, single_node);
+  } catch (const fabric::Error&) {
+    throw;
+  } catch (const std::exception& e) {
+    raise(
+        "new_group: rank {} could not connect the {} group of ranks [{}] ({}); every member must call new_group with "
+        "the same ranks, after the same earlier new_group calls",
+        world.rank, backend, fmt::join(ranks, ", "), first_line(e.what()));
   }
 }
 

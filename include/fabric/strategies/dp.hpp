@@ -114,7 +114,7 @@ class DP : public StrategyBase {
   }
 
   /// Reduces the elements of a tensor, as Lightning's DP does (there is one process): mean, sum, min or max.
-  at::Tensor all_reduce(const at::Tensor& tensor, ReduceOp op) const {
+  at::Tensor all_reduce(const at::Tensor& tensor, ReduceOp op, const ProcessGroup& /*group*/ = {}) const {
     switch (op) {
       case ReduceOp::sum:
         return tensor.sum();

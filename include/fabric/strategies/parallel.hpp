@@ -10,6 +10,7 @@
 #include "fabric/detail/c10d.hpp"
 #include "fabric/io/state.hpp"
 #include "fabric/strategies/environments/detect.hpp"
+#include "fabric/strategies/group.hpp"
 #include "fabric/strategies/launchers/subprocess.hpp"
 #include "fabric/strategies/strategy.hpp"
 #include "fabric/utils/apply.hpp"
@@ -20,15 +21,24 @@
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/scalar_tensor.h>
 #include <ATen/ops/stack.h>
+#include <ATen/ops/zeros.h>
 #include <c10/core/Device.h>
+#include <c10/core/GradMode.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/jit/serialization/pickle.h>
+
+#include <fmt/format.h>
+#include <fmt/ranges.h>
 
 #include <sched.h>
 #include <stdlib.h>
 
 #include <algorithm>
 #include <chrono>
+#include <cstddef>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <exception>
 #include <filesystem>
@@ -43,6 +53,43 @@
 
 namespace fabric {
 namespace detail {
+
+/// What a parallel strategy keeps for a group made by new_group: the backend's group of its members.
+struct ProcessGroupImpl {
+  c10::intrusive_ptr<c10d::ProcessGroup> pg;
+};
+
+/// The backward of a gather with sync_grads (Lightning's `_AllGather`): the gradient of the gathered
+/// tensor (group size, ...) is summed over the group's processes, and each keeps the slice of its own
+/// input; so the gradient of a loss computed from the gather on every process is that of their sum.
+struct AllGatherBackward final : torch::autograd::Node {
+  AllGatherBackward(c10::intrusive_ptr<c10d::ProcessGroup> group, int group_rank, std::chrono::milliseconds wait_for,
+                    std::vector<std::int64_t> gathered_sizes, at::TensorOptions gathered_options)
+      : pg(std::move(group)),
+        rank(group_rank),
+        timeout(wait_for),
+        sizes(std::move(gathered_sizes)),
+        options(gathered_options) {}
+
+  std::string name() const override { return "fabric::AllGatherBackward"; }
+
+  torch::autograd::variable_list apply(torch::autograd::variable_list&& grads) override {
+    // NOTE: every member must take part in the sum, also one whose loss did not use the gather.
+    at::Tensor grad = grads[0].defined() ? grads[0].contiguous().clone() : at::zeros(sizes, options);
+    std::vector<at::Tensor> tensors{grad};
+    c10d::AllreduceOptions opts;
+    opts.reduceOp = c10d::ReduceOp::SUM;
+    opts.timeout = timeout;
+    pg->allreduce(tensors, opts)->wait(timeout);
+    return {grad.select(0, rank)};
+  }
+
+  c10::intrusive_ptr<c10d::ProcessGroup> pg;
+  int rank;
+  std::chrono::milliseconds timeout;
+  std::vector<std::int64_t> sizes;
+  at::TensorOptions options;
+};
 
 /// The bytes that pickle a value for broadcast (tensors travel on the CPU).
 template <class T>
@@ -155,6 +202,9 @@ class ParallelStrategy : public StrategyBase {
   const ParallelOptions& parallel_options() const noexcept { return options_; }
   /// Returns the process group (null before launch).
   const c10::intrusive_ptr<c10d::ProcessGroup>& process_group() const noexcept { return pg_; }
+  /// Returns the c10d backend launch() chose ("gloo" on the CPU, "nccl" on CUDA, unless one was named;
+  /// empty before launch()).
+  const std::string& process_group_backend() const noexcept { return backend_; }
   /// Says whether launch() has created the process group.
   bool launched() const noexcept { return static_cast<bool>(pg_); }
   /// Says whether a collective failed on this rank (teardown then stops the processes it started).
@@ -175,14 +225,16 @@ class ParallelStrategy : public StrategyBase {
     backend_ =
         options_.process_group_backend.empty() ? (device.is_cuda() ? "nccl" : "gloo") : options_.process_group_backend;
     try {
-      pg_ = detail::make_process_group(backend_,
-                                       {.address = topology_.main_address,
-                                        .port = topology_.main_port,
-                                        .rank = topology_.global_rank,
-                                        .world_size = topology_.world_size,
-                                        .timeout = options_.timeout,
-                                        .launcher_hosts_store = topology_.store_hosted_by_launcher},
-                                       num_nodes_ == 1);
+      auto connection = detail::make_process_group(backend_,
+                                                   {.address = topology_.main_address,
+                                                    .port = topology_.main_port,
+                                                    .rank = topology_.global_rank,
+                                                    .world_size = topology_.world_size,
+                                                    .timeout = options_.timeout,
+                                                    .launcher_hosts_store = topology_.store_hosted_by_launcher},
+                                                   num_nodes_ == 1);
+      store_ = std::move(connection.store);
+      pg_ = std::move(connection.pg);
     } catch (...) {
       // NOTE: the processes this one started cannot meet without it: teardown stops them.
       failed_ = true;
@@ -201,15 +253,23 @@ class ParallelStrategy : public StrategyBase {
 
   // ---- collectives ----
 
-  /// Waits for all processes.
-  void barrier() {
-    auto& pg = group("barrier");
-    wait(pg->barrier(), "barrier");
+  /// Waits for all processes of the group (default: the world); the name shows in the error of a barrier
+  /// that fails or times out, and, with TORCH_DISTRIBUTED_DEBUG=INFO or DETAIL, on stderr as each process
+  /// enters and leaves it.
+  void barrier(std::string_view name = {}, const ProcessGroup& group = {}) {
+    const std::string what = name.empty() ? std::string("barrier") : fmt::format("barrier \"{}\"", name);
+    const auto g = resolve(group, what);
+    const bool debug = c10d::debug_level() != c10d::DebugLevel::Off;
+    if (debug) fmt::print(stderr, "fabric: rank {} of {} enters {}\n", global_rank(), world_size(), what);
+    c10d::BarrierOptions opts;
+    opts.timeout = options_.timeout;
+    wait(g.pg->barrier(opts), what);
+    if (debug) fmt::print(stderr, "fabric: rank {} of {} leaves {}\n", global_rank(), world_size(), what);
   }
-  /// Reduces a tensor across processes in place (mean: sum, then divide; an integer tensor's mean is
-  /// returned as a new floating tensor).
-  at::Tensor all_reduce(at::Tensor tensor, ReduceOp op) {
-    auto& pg = group("all_reduce");
+  /// Reduces a tensor across the processes of the group in place (mean: sum, then divide by the group's
+  /// size; an integer tensor's mean is returned as a new floating tensor).
+  at::Tensor all_reduce(at::Tensor tensor, ReduceOp op, const ProcessGroup& group = {}) {
+    const auto g = resolve(group, "all_reduce");
     if (!tensor.is_contiguous()) {
       detail::raise("all_reduce: expected a contiguous tensor, found one with strides {}; call .contiguous() first",
                     detail::shape_str(tensor.strides()));
@@ -220,35 +280,83 @@ class ParallelStrategy : public StrategyBase {
                                           : c10d::ReduceOp::SUM;
     opts.timeout = options_.timeout;
     std::vector<at::Tensor> tensors{tensor};
-    wait(pg->allreduce(tensors, opts), "all_reduce");
+    wait(g.pg->allreduce(tensors, opts), "all_reduce");
     if (op != ReduceOp::mean) return tensor;
     if (at::isFloatingType(tensor.scalar_type()) || at::isComplexType(tensor.scalar_type())) {
-      return tensor.div_(world_size());
+      return tensor.div_(g.size);
     }
-    return tensor.div(world_size());
+    return tensor.div(g.size);
   }
-  /// Gathers a tensor from all processes into a new tensor with a leading world-size dimension.
-  at::Tensor all_gather(const at::Tensor& tensor) {
-    auto& pg = group("all_gather");
+  /// Gathers a tensor from the processes of the group into a new tensor with a leading group-size
+  /// dimension. With sync_grads the result is part of the autograd graph (Lightning's `_AllGather`): its
+  /// backward sums the gradient over the group and gives each process the slice of its own tensor, so
+  /// every member must run that backward; without, the result has no gradient (Lightning's no_grad).
+  at::Tensor all_gather(const at::Tensor& tensor, const ProcessGroup& group = {}, bool sync_grads = false) {
+    const auto g = resolve(group, "all_gather");
     at::Tensor input = tensor.contiguous();
     std::vector<std::vector<at::Tensor>> outputs(1);
-    for (int r = 0; r < world_size(); ++r) outputs[0].push_back(at::empty_like(input));
-    std::vector<at::Tensor> inputs{input};
+    for (int r = 0; r < g.size; ++r) outputs[0].push_back(at::empty_like(input));
+    std::vector<at::Tensor> inputs{input.detach()};
     c10d::AllgatherOptions opts;
     opts.timeout = options_.timeout;
-    check_same_shape(input, "all_gather");
-    wait(pg->allgather(outputs, inputs, opts), "all_gather");
-    return at::stack(outputs[0]);
+    check_same_shape(input, "all_gather", g);
+    wait(g.pg->allgather(outputs, inputs, opts), "all_gather");
+    at::Tensor gathered = at::stack(outputs[0]);
+    if (sync_grads && c10::GradMode::is_enabled() && tensor.requires_grad()) {
+      auto node = std::make_shared<detail::AllGatherBackward>(g.pg, g.rank, options_.timeout, gathered.sizes().vec(),
+                                                              gathered.options());
+      node->set_next_edges(torch::autograd::collect_next_edges(tensor));
+      torch::autograd::set_history(gathered, node);
+    }
+    return gathered;
   }
-  /// Returns rank src's value on every process: tensors, numbers, strings and what c10::IValue holds
-  /// (vectors, dictionaries, tuples).
+  /// Returns rank src's value on every process of the group (src is a global rank; default group: the
+  /// world): tensors, numbers, strings and what c10::IValue holds (vectors, dictionaries, tuples).
   template <class T>
-  T broadcast(T value, int src) {
+  T broadcast(T value, int src, const ProcessGroup& group = {}) {
+    const auto g = resolve(group, "broadcast");
+    const int root = group.is_world() ? src : group.group_rank(src);
+    if (root < 0) {
+      detail::raise(
+          "broadcast: expected src to be a member of the group of ranks [{}], found src = {}; pass one of them",
+          fmt::join(group.ranks(), ", "), src);
+    }
     std::vector<char> bytes;
-    if (global_rank() == src) bytes = detail::pickle_value(value);
-    broadcast_bytes(bytes, src, "broadcast");
-    if (global_rank() == src) return value;
+    if (g.rank == root) bytes = detail::pickle_value(value);
+    broadcast_bytes(bytes, root, "broadcast", g);
+    if (g.rank == root) return value;
     return detail::unpickle_value<T>(bytes, device_);
+  }
+  /// Creates a group of the global ranks (sorted, as torch.distributed.new_group): a collective of the
+  /// world, called by every process with the same ranks in the same order of new_group calls (checked:
+  /// different ranks fail on every process). The members connect a group of the backend of their own;
+  /// the others get a handle whose is_member() is false.
+  ProcessGroup new_group(std::vector<int> ranks) {
+    group("new_group");
+    detail::normalize_group_ranks(ranks, world_size());
+    const std::string mine = fmt::format("{}", fmt::join(ranks, ","));
+    std::vector<char> bytes(mine.begin(), mine.end());
+    broadcast_bytes(bytes, 0, "new_group");
+    const std::string reference(bytes.begin(), bytes.end());
+    if (!reduce_boolean_decision(reference == mine, true)) {
+      detail::raise(
+          "new_group: expected the same ranks on every process, found [{}] on rank {} and [{}] on rank 0{}; call "
+          "new_group on every process with the same ranks",
+          mine, global_rank(), reference, reference == mine ? " (this rank matches; another one does not)" : "");
+    }
+    const std::size_t index = groups_made_++;
+    const auto it = std::find(ranks.begin(), ranks.end(), global_rank());
+    if (it == ranks.end()) return ProcessGroup(std::move(ranks), -1);
+    const int rank = static_cast<int>(it - ranks.begin());
+    auto impl = std::make_shared<detail::ProcessGroupImpl>();
+    impl->pg = detail::make_subgroup(backend_, store_, index, ranks, rank,
+                                     {.address = topology_.main_address,
+                                      .port = topology_.main_port,
+                                      .rank = global_rank(),
+                                      .world_size = world_size(),
+                                      .timeout = options_.timeout},
+                                     num_nodes_ == 1);
+    return ProcessGroup(std::move(ranks), rank, std::move(impl));
   }
   /// Combines a boolean decision across processes: all of them (all = true) or any of them.
   bool reduce_boolean_decision(bool decision, bool all) {
@@ -288,6 +396,7 @@ class ParallelStrategy : public StrategyBase {
     if (pg_) {
       detail::shutdown_process_group(pg_);
       pg_.reset();
+      store_.reset();
     }
     if (launcher_) {
       if (failed_) launcher_->stop_children();
@@ -305,6 +414,26 @@ class ParallelStrategy : public StrategyBase {
           what);
     }
     return pg_;
+  }
+  /// A group resolved for a collective: the backend's group, this process's rank in it and its size.
+  struct ResolvedGroup {
+    c10::intrusive_ptr<c10d::ProcessGroup> pg;
+    int rank = 0;
+    int size = 1;
+  };
+  /// Returns the backend's group of `group` (the world when default); raises naming `what` before
+  /// launch(), on a process that is not a member, and for a group that no parallel strategy made.
+  ResolvedGroup resolve(const ProcessGroup& group, std::string_view what) const {
+    const auto& world = this->group(what);
+    if (group.is_world()) return {world, global_rank(), world_size()};
+    detail::check_member(group, global_rank(), what);
+    if (!group.impl() || !group.impl()->pg) {
+      detail::raise(
+          "{}: expected a group made by this Fabric's new_group, found one of ranks [{}] without a connection (made "
+          "by a one-process Fabric?); create it with fabric.new_group(ranks) after launch()",
+          what, fmt::join(group.ranks(), ", "));
+    }
+    return {group.impl()->pg, group.rank(), group.size()};
   }
   /// Returns the c10d backend launch() chose ("gloo", "nccl").
   const std::string& backend() const noexcept { return backend_; }
@@ -330,7 +459,11 @@ class ParallelStrategy : public StrategyBase {
   }
   /// Sends rank src's bytes to every rank.
   void broadcast_bytes(std::vector<char>& bytes, int src, std::string_view what) {
-    auto& pg = group(what);
+    broadcast_bytes(bytes, src, what, resolve({}, what));
+  }
+  /// Sends the bytes of the group's rank src to every member of the group.
+  void broadcast_bytes(std::vector<char>& bytes, int src, std::string_view what, const ResolvedGroup& g) {
+    const auto& pg = g.pg;
     const auto on_device = at::TensorOptions().device(device_);
     at::Tensor size =
         at::scalar_tensor(static_cast<std::int64_t>(bytes.size()), on_device.dtype(at::kLong)).reshape({1});
@@ -340,23 +473,28 @@ class ParallelStrategy : public StrategyBase {
     std::vector<at::Tensor> sizes{size};
     wait(pg->broadcast(sizes, opts), what);
     const auto n = size.item<std::int64_t>();
-    at::Tensor data = global_rank() == src
-                          ? at::from_blob(bytes.data(), {n}, at::TensorOptions().dtype(at::kByte)).to(device_)
-                          : at::empty({n}, on_device.dtype(at::kByte));
+    at::Tensor data = g.rank == src ? at::from_blob(bytes.data(), {n}, at::TensorOptions().dtype(at::kByte)).to(device_)
+                                    : at::empty({n}, on_device.dtype(at::kByte));
     std::vector<at::Tensor> datas{data};
     wait(pg->broadcast(datas, opts), what);
-    if (global_rank() != src) {
+    if (g.rank != src) {
       at::Tensor host = data.cpu();
       bytes.assign(static_cast<const char*>(host.data_ptr()), static_cast<const char*>(host.data_ptr()) + n);
     }
   }
-  /// Fails on every rank when a tensor's shape or dtype differs from rank 0's.
-  void check_same_shape(const at::Tensor& t, std::string_view what) {
+  /// Fails on every member of the group when a tensor's shape or dtype differs from the group's rank 0's.
+  void check_same_shape(const at::Tensor& t, std::string_view what, const ResolvedGroup& g) {
     std::string text = detail::shape_str(t.sizes()) + " " + std::string(c10::toString(t.scalar_type()));
     std::vector<char> bytes(text.begin(), text.end());
-    broadcast_bytes(bytes, 0, what);
+    broadcast_bytes(bytes, 0, what, g);
     const bool same = std::string(bytes.begin(), bytes.end()) == text;
-    if (!reduce_boolean_decision(same, true)) {
+    at::Tensor vote = at::scalar_tensor(same ? 1 : 0, at::TensorOptions().dtype(at::kInt).device(device_)).reshape({1});
+    std::vector<at::Tensor> votes{vote};
+    c10d::AllreduceOptions opts;
+    opts.reduceOp = c10d::ReduceOp::MIN;
+    opts.timeout = options_.timeout;
+    wait(g.pg->allreduce(votes, opts), what);
+    if (vote.item<int>() == 0) {
       detail::raise("{}: expected the same shape and dtype on every rank, found {} on rank {} and {} on rank 0{}", what,
                     text, global_rank(), std::string(bytes.begin(), bytes.end()),
                     same ? " (this rank matches; another one does not)" : "");
@@ -406,6 +544,10 @@ class ParallelStrategy : public StrategyBase {
   Topology topology_{};
   std::string backend_{};
   bool failed_ = false;
+  /// The groups made by new_group so far (each connects under a store prefix of its own).
+  std::size_t groups_made_ = 0;
+  /// The store the processes met at; new groups meet there too.
+  c10::intrusive_ptr<c10d::Store> store_{};
   // NOTE: teardown closes the process group before the launcher waits for its children; declared in that
   // order so that the implicit destruction of a moved-into strategy agrees.
   std::unique_ptr<detail::SubprocessLauncher> launcher_{};

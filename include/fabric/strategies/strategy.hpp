@@ -16,6 +16,7 @@
 #include "fabric/io/state.hpp"
 #include "fabric/io/torch_archive.hpp"
 #include "fabric/precision/precision.hpp"
+#include "fabric/strategies/group.hpp"
 #include "fabric/utils/clip.hpp"
 
 #include <ATen/core/Tensor.h>
@@ -30,6 +31,7 @@
 #include <string_view>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 namespace fabric {
 namespace detail {
@@ -101,11 +103,12 @@ concept strategy_clips = requires(S& s, torch::nn::Module& m, typename S::Module
   { s.clip_gradients(m, state, o, p, c) } -> std::same_as<std::optional<at::Tensor>>;
 };
 template <class S>
-concept strategy_has_collectives = requires(S& s, const at::Tensor& t) {
-  s.barrier();
-  { s.all_reduce(t, ReduceOp::sum) } -> std::convertible_to<at::Tensor>;
-  { s.all_gather(t) } -> std::convertible_to<at::Tensor>;
-  { s.broadcast(1, 0) } -> std::convertible_to<int>;
+concept strategy_has_collectives = requires(S& s, const at::Tensor& t, const ProcessGroup& g, std::vector<int> ranks) {
+  s.barrier(std::string_view{}, g);
+  { s.all_reduce(t, ReduceOp::sum, g) } -> std::convertible_to<at::Tensor>;
+  { s.all_gather(t, g, true) } -> std::convertible_to<at::Tensor>;
+  { s.broadcast(1, 0, g) } -> std::convertible_to<int>;
+  { s.new_group(std::move(ranks)) } -> std::same_as<ProcessGroup>;
   { s.reduce_boolean_decision(true, true) } -> std::same_as<bool>;
 };
 template <class S>
@@ -205,8 +208,9 @@ consteval bool check_strategy() {
                   "std::optional<at::Tensor>; derive from fabric::StrategyBase or add it");
   } else if constexpr (!strategy_has_collectives<S>) {
     static_assert(dependent_false_v<S>,
-                  "fabric: a Strategy needs barrier(), all_reduce(tensor, op), all_gather(tensor), broadcast(value, "
-                  "src) and reduce_boolean_decision(decision, all); derive from fabric::StrategyBase or add them");
+                  "fabric: a Strategy needs barrier(name, group), all_reduce(tensor, op, group), all_gather(tensor, "
+                  "group, sync_grads), broadcast(value, src, group), new_group(ranks) and "
+                  "reduce_boolean_decision(decision, all); derive from fabric::StrategyBase or add them");
   } else if constexpr (!strategy_checkpoints<S>) {
     static_assert(dependent_false_v<S>,
                   "fabric: a Strategy needs save_checkpoint(path, state), load_checkpoint(path, state, strict) "
@@ -329,16 +333,28 @@ class StrategyBase {
 
   // ---- collectives (identities: one process) ----
 
-  /// Waits for all processes (there is only this one).
-  void barrier() const noexcept {}
-  /// Reduces a tensor across processes (identity).
-  const at::Tensor& all_reduce(const at::Tensor& tensor, ReduceOp /*op*/) const noexcept { return tensor; }
-  /// Gathers a tensor from all processes (identity, no new dimension, as Lightning's single device).
-  const at::Tensor& all_gather(const at::Tensor& tensor) const noexcept { return tensor; }
+  /// Waits for all processes of the group (there is only this one); the name is for messages.
+  void barrier(std::string_view /*name*/ = {}, const ProcessGroup& /*group*/ = {}) const noexcept {}
+  /// Reduces a tensor across the processes of the group (identity).
+  const at::Tensor& all_reduce(const at::Tensor& tensor, ReduceOp /*op*/,
+                               const ProcessGroup& /*group*/ = {}) const noexcept {
+    return tensor;
+  }
+  /// Gathers a tensor from the processes of the group (identity, no new dimension, as Lightning's single
+  /// device; the gradient flows as through any identity, sync_grads or not).
+  const at::Tensor& all_gather(const at::Tensor& tensor, const ProcessGroup& /*group*/ = {},
+                               bool /*sync_grads*/ = false) const noexcept {
+    return tensor;
+  }
   /// Broadcasts a value from rank src (identity).
   template <class T>
-  T broadcast(T value, int /*src*/) const {
+  T broadcast(T value, int /*src*/, const ProcessGroup& /*group*/ = {}) const {
     return value;
+  }
+  /// Creates a group of the ranks (here only rank 0 exists): collectives over it are identities too.
+  ProcessGroup new_group(std::vector<int> ranks) const {
+    detail::normalize_group_ranks(ranks, 1);
+    return ProcessGroup(std::move(ranks), 0);
   }
   /// Combines a boolean decision across processes (identity).
   bool reduce_boolean_decision(bool decision, bool /*all*/) const noexcept { return decision; }
