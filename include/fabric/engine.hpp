@@ -192,6 +192,7 @@ class Fabric {
     if (options_.num_nodes < 1) {
       detail::raise("expected num_nodes >= 1, found {}; pass the number of machines", options_.num_nodes);
     }
+    resolve_devices();
     accelerator_.check(options_.devices);
     strategy_.setup_environment(options_);
     device_ = accelerator_.select_device(strategy_.local_rank(), options_.devices);
@@ -420,12 +421,25 @@ class Fabric {
   /// Returns the guard under which new modules are created in the precision's dtype (float64 for
   /// FP64, bfloat16 for BF16True, ...). NOTE: LibTorch has no default device, so modules are created
   /// on the CPU and setup() moves them.
-  DefaultDtypeGuard init_module() const {
+  /// A strategy with `module_init_context(precision)` (fabric::ProvidesModuleInitContext) returns the guard
+  /// itself, as Lightning's `strategy.module_init_context()`.
+  auto init_module() const {
     check_launched("init_module");
-    return DefaultDtypeGuard(P::param_dtype());
+    if constexpr (ProvidesModuleInitContext<S, P>) {
+      return strategy_.module_init_context(precision_);
+    } else {
+      return DefaultDtypeGuard(P::param_dtype());
+    }
   }
-  /// Returns the guard under which new tensors are created in the precision's dtype.
-  DefaultDtypeGuard init_tensor() const { return DefaultDtypeGuard(P::param_dtype()); }
+  /// Returns the guard under which new tensors are created in the precision's dtype; a strategy with
+  /// `tensor_init_context(precision)` (fabric::ProvidesTensorInitContext) returns it itself.
+  auto init_tensor() const {
+    if constexpr (ProvidesTensorInitContext<S, P>) {
+      return strategy_.tensor_init_context(precision_);
+    } else {
+      return DefaultDtypeGuard(P::param_dtype());
+    }
+  }
   /// Returns the guard that skips the gradient synchronisation of the module while it lives (for
   /// gradient accumulation); nothing to skip on one device.
   template <class W>
@@ -560,11 +574,14 @@ class Fabric {
   }
   /// Logs one scalar tensor to every logger (on global rank zero only).
   void log(const std::string& name, const at::Tensor& value, std::optional<std::int64_t> step = std::nullopt) {
-    if (value.numel() != 1) {
-      detail::raise("log: expected a tensor with one element for \"{}\", found {} elements; reduce it first", name,
-                    value.numel());
-    }
-    log(name, value.item<double>(), step);
+    log(name, scalar_of("log", name, value), step);
+  }
+  /// Logs several one-element tensors (e.g. losses) to every logger, as numbers (Lightning's log_dict of
+  /// tensors): `fabric.log_dict({{"loss", loss}, {"acc", acc}}, step)`.
+  void log_dict(const std::map<std::string, at::Tensor>& metrics, std::optional<std::int64_t> step = std::nullopt) {
+    Metrics values;
+    for (const auto& [name, value] : metrics) values.emplace(name, scalar_of("log_dict", name, value));
+    log_dict(values, step);
   }
   /// Logs several metrics to every logger, then calls the `on_log_metrics` hook (on global rank zero only).
   void log_dict(const Metrics& metrics, std::optional<std::int64_t> step = std::nullopt) {
@@ -614,6 +631,16 @@ class Fabric {
   template <class, class>
   friend class Module;
 
+  /// Returns the number a one-element tensor holds; raises for any other tensor.
+  static double scalar_of(std::string_view what, const std::string& name, const at::Tensor& value) {
+    if (!value.defined() || value.numel() != 1) {
+      detail::raise(
+          "{}: expected a tensor with one element for \"{}\", found {}; it cannot be converted to a scalar: reduce "
+          "it first (mean(), sum())",
+          what, name, value.defined() ? fmt::format("{} elements", value.numel()) : std::string("an undefined tensor"));
+    }
+    return value.item<double>();
+  }
   [[noreturn]] static void raise_bypassed_forward() {
     std::string skipped;
     if constexpr (NeedsWrappedForward<P>) skipped = fmt::format("the precision ({})", P::name);
@@ -624,6 +651,24 @@ class Fabric {
         "backward: the loss did not come through a set-up module's forward; model->forward(x) skips {}: call the "
         "wrapper, model(x) or model.forward(x)",
         skipped);
+  }
+  /// Settles `devices`: the launcher's processes per node under a distributed strategy whose cluster environment
+  /// detected a launcher that says how many (torchrun, fabric-run, srun, jsrun, mpirun), else 1; a number given
+  /// that disagrees with the launcher's is an error.
+  void resolve_devices() {
+    if constexpr (ReportsLauncherDevices<S>) {
+      if (const auto launched = strategy_.parallel_options().cluster_environment.launcher_devices()) {
+        if (options_.devices == Options::auto_devices) {
+          options_.devices = launched->devices;
+        } else if (options_.devices != launched->devices) {
+          detail::raise(
+              "expected devices = {} processes per node, as {} started, found devices = {}; leave devices at its "
+              "default (fabric::Options::auto_devices) to take the launcher's number, or start {} per node",
+              launched->devices, launched->source, options_.devices, options_.devices);
+        }
+      }
+    }
+    if (options_.devices == Options::auto_devices) options_.devices = 1;
   }
   void check_launched(std::string_view what) const {
     if (S::is_distributed && !launched_) {

@@ -48,6 +48,26 @@ concept PolicyOf = Policy<T> && std::derived_from<typename T::category, Tag>;
 template <class T>
 concept Callback = std::is_class_v<T> && std::move_constructible<T>;
 
+/// The strategy makes the context under which `Fabric::init_module` creates modules (Lightning's
+/// `Strategy.module_init_context`), e.g. to create them sharded or on another device; without it the
+/// context is the precision's dtype.
+template <class S, class P>
+concept ProvidesModuleInitContext = requires(const S& s, const P& p) {
+  s.module_init_context(p);
+};
+
+/// The strategy makes the context under which `Fabric::init_tensor` creates tensors (Lightning's
+/// `Strategy.tensor_init_context`); without it the context is the precision's dtype.
+template <class S, class P>
+concept ProvidesTensorInitContext = requires(const S& s, const P& p) {
+  s.tensor_init_context(p);
+};
+
+/// The strategy's cluster environment can tell how many processes per node the launcher started (the parallel
+/// strategies: `parallel_options().cluster_environment.launcher_devices()`), which `Options::auto_devices` takes.
+template <class S>
+concept ReportsLauncherDevices = requires(const S& s) { s.parallel_options().cluster_environment.launcher_devices(); };
+
 namespace detail {
 
 /// False for every type; lets a static_assert in a discarded branch fire only when instantiated.
@@ -1303,10 +1323,13 @@ struct NullGuard {
 // Hooks: compile-time names that `Fabric::call` dispatches to callbacks. Torch-free.
 //
 // A hook is a constant object made by FABRIC_HOOK(name). A callback implements it by declaring a
-// member function of that name; callbacks without it are skipped at compile time.
+// member function of that name; callbacks without it are skipped at compile time. A callback's hook gets
+// the longest prefix of call()'s arguments that it takes (so `on_train_epoch_end()` ignores the epoch
+// and loss given to call()); one that takes none of them is a compile error.
 
 
 #include <concepts>
+#include <cstddef>
 #include <string_view>
 #include <tuple>
 #include <type_traits>
@@ -1391,13 +1414,32 @@ FABRIC_HOOK(on_log_metrics);
 
 namespace detail {
 
+/// True when the callback's hook takes the first N of the arguments.
+template <Hook H, class C, class Args, std::size_t... I>
+constexpr bool invocable_with_first(std::index_sequence<I...> /*first*/) noexcept {
+  return H::template invocable_by<C, std::tuple_element_t<I, Args>...>;
+}
+
+/// Calls the callback's hook with the longest prefix of the arguments it takes (Lightning passes a callback
+/// only the keyword arguments its signature names); none fitting is a compile error.
+template <Hook H, std::size_t N, class C, class... Args>
+FABRIC_ALWAYS_INLINE void call_with_prefix(C& callback, std::tuple<Args&...> args) {
+  if constexpr (invocable_with_first<H, C, std::tuple<Args&...>>(std::make_index_sequence<N>{})) {
+    [&]<std::size_t... I>(std::index_sequence<I...>) { H::invoke(callback, std::get<I>(args)...); }
+    (std::make_index_sequence<N>{});
+  } else if constexpr (N > 0) {
+    call_with_prefix<H, N - 1>(callback, args);
+  } else {
+    static_assert(N > 0,
+                  "fabric: a callback declares this hook but its signature cannot take the arguments "
+                  "given to call(); change that member function's parameters to accept them");
+  }
+}
+
 template <Hook H, class C, class... Args>
 FABRIC_ALWAYS_INLINE void call_one(C& callback, Args&... args) {
   if constexpr (H::template declared_by<C>()) {
-    static_assert(H::template invocable_by<C, Args&...>,
-                  "fabric: a callback declares this hook but its signature cannot take the arguments "
-                  "given to call(); change that member function's parameters to accept them");
-    H::invoke(callback, args...);
+    call_with_prefix<H, sizeof...(Args)>(callback, std::tuple<Args&...>(args...));
   }
 }
 
@@ -1415,6 +1457,7 @@ FABRIC_ALWAYS_INLINE void dispatch(std::tuple<Callbacks...>& callbacks, Args&...
 
 #include <cstddef>
 #include <cstdio>
+#include <limits>
 #include <memory>
 #include <optional>
 #include <string_view>
@@ -1426,8 +1469,13 @@ class Logger;
 
 /// Fabric's runtime settings: `fabric::Fabric<> fabric{{.devices = 1}}`.
 struct Options {
-  /// Processes (devices) per node.
-  int devices = 1;
+  /// The value of `devices` that leaves the number to the launcher (the default).
+  static constexpr int auto_devices = std::numeric_limits<int>::min();
+  /// Processes (devices) per node. Left at `auto_devices`, a distributed strategy takes the number of processes
+  /// per node that torchrun, fabric-run, srun, jsrun or mpirun started, and 1 when no launcher started this
+  /// process; `Fabric::options().devices` tells the number chosen. A number given that disagrees with the
+  /// launcher's is an error.
+  int devices = auto_devices;
   /// Number of machines.
   int num_nodes = 1;
   /// Loggers that `log` and `log_dict` write to (on global rank zero).
@@ -6250,6 +6298,7 @@ class Fabric {
     if (options_.num_nodes < 1) {
       detail::raise("expected num_nodes >= 1, found {}; pass the number of machines", options_.num_nodes);
     }
+    resolve_devices();
     accelerator_.check(options_.devices);
     strategy_.setup_environment(options_);
     device_ = accelerator_.select_device(strategy_.local_rank(), options_.devices);
@@ -6478,12 +6527,25 @@ class Fabric {
   /// Returns the guard under which new modules are created in the precision's dtype (float64 for
   /// FP64, bfloat16 for BF16True, ...). NOTE: LibTorch has no default device, so modules are created
   /// on the CPU and setup() moves them.
-  DefaultDtypeGuard init_module() const {
+  /// A strategy with `module_init_context(precision)` (fabric::ProvidesModuleInitContext) returns the guard
+  /// itself, as Lightning's `strategy.module_init_context()`.
+  auto init_module() const {
     check_launched("init_module");
-    return DefaultDtypeGuard(P::param_dtype());
+    if constexpr (ProvidesModuleInitContext<S, P>) {
+      return strategy_.module_init_context(precision_);
+    } else {
+      return DefaultDtypeGuard(P::param_dtype());
+    }
   }
-  /// Returns the guard under which new tensors are created in the precision's dtype.
-  DefaultDtypeGuard init_tensor() const { return DefaultDtypeGuard(P::param_dtype()); }
+  /// Returns the guard under which new tensors are created in the precision's dtype; a strategy with
+  /// `tensor_init_context(precision)` (fabric::ProvidesTensorInitContext) returns it itself.
+  auto init_tensor() const {
+    if constexpr (ProvidesTensorInitContext<S, P>) {
+      return strategy_.tensor_init_context(precision_);
+    } else {
+      return DefaultDtypeGuard(P::param_dtype());
+    }
+  }
   /// Returns the guard that skips the gradient synchronisation of the module while it lives (for
   /// gradient accumulation); nothing to skip on one device.
   template <class W>
@@ -6618,11 +6680,14 @@ class Fabric {
   }
   /// Logs one scalar tensor to every logger (on global rank zero only).
   void log(const std::string& name, const at::Tensor& value, std::optional<std::int64_t> step = std::nullopt) {
-    if (value.numel() != 1) {
-      detail::raise("log: expected a tensor with one element for \"{}\", found {} elements; reduce it first", name,
-                    value.numel());
-    }
-    log(name, value.item<double>(), step);
+    log(name, scalar_of("log", name, value), step);
+  }
+  /// Logs several one-element tensors (e.g. losses) to every logger, as numbers (Lightning's log_dict of
+  /// tensors): `fabric.log_dict({{"loss", loss}, {"acc", acc}}, step)`.
+  void log_dict(const std::map<std::string, at::Tensor>& metrics, std::optional<std::int64_t> step = std::nullopt) {
+    Metrics values;
+    for (const auto& [name, value] : metrics) values.emplace(name, scalar_of("log_dict", name, value));
+    log_dict(values, step);
   }
   /// Logs several metrics to every logger, then calls the `on_log_metrics` hook (on global rank zero only).
   void log_dict(const Metrics& metrics, std::optional<std::int64_t> step = std::nullopt) {
@@ -6672,6 +6737,16 @@ class Fabric {
   template <class, class>
   friend class Module;
 
+  /// Returns the number a one-element tensor holds; raises for any other tensor.
+  static double scalar_of(std::string_view what, const std::string& name, const at::Tensor& value) {
+    if (!value.defined() || value.numel() != 1) {
+      detail::raise(
+          "{}: expected a tensor with one element for \"{}\", found {}; it cannot be converted to a scalar: reduce "
+          "it first (mean(), sum())",
+          what, name, value.defined() ? fmt::format("{} elements", value.numel()) : std::string("an undefined tensor"));
+    }
+    return value.item<double>();
+  }
   [[noreturn]] static void raise_bypassed_forward() {
     std::string skipped;
     if constexpr (NeedsWrappedForward<P>) skipped = fmt::format("the precision ({})", P::name);
@@ -6682,6 +6757,24 @@ class Fabric {
         "backward: the loss did not come through a set-up module's forward; model->forward(x) skips {}: call the "
         "wrapper, model(x) or model.forward(x)",
         skipped);
+  }
+  /// Settles `devices`: the launcher's processes per node under a distributed strategy whose cluster environment
+  /// detected a launcher that says how many (torchrun, fabric-run, srun, jsrun, mpirun), else 1; a number given
+  /// that disagrees with the launcher's is an error.
+  void resolve_devices() {
+    if constexpr (ReportsLauncherDevices<S>) {
+      if (const auto launched = strategy_.parallel_options().cluster_environment.launcher_devices()) {
+        if (options_.devices == Options::auto_devices) {
+          options_.devices = launched->devices;
+        } else if (options_.devices != launched->devices) {
+          detail::raise(
+              "expected devices = {} processes per node, as {} started, found devices = {}; leave devices at its "
+              "default (fabric::Options::auto_devices) to take the launcher's number, or start {} per node",
+              launched->devices, launched->source, options_.devices, options_.devices);
+        }
+      }
+    }
+    if (options_.devices == Options::auto_devices) options_.devices = 1;
   }
   void check_launched(std::string_view what) const {
     if (S::is_distributed && !launched_) {
@@ -8087,6 +8180,8 @@ class GradScaler {
     double growth_factor = 2.0;
     double backoff_factor = 0.5;
     std::int64_t growth_interval = 2000;
+    /// Compares every setting.
+    bool operator==(const Options&) const = default;
   };
 
   GradScaler() : GradScaler(Options{}) {}
@@ -8298,7 +8393,18 @@ class MixedPrecision {
   };
 
   MixedPrecision() = default;
-  explicit MixedPrecision(Options options) : options_(options) {}
+  /// Creates the precision with its settings; bfloat16 has no gradient scaler, so BF16Mixed refuses scaler
+  /// settings (as Lightning's `MixedPrecision("bf16-mixed", scaler=...)`).
+  explicit MixedPrecision(Options options) : options_(options) {
+    if (Dtype == c10::ScalarType::BFloat16 && !(options_.scaler == GradScaler::Options{})) {
+      detail::raise(
+          "bf16-mixed does not use a gradient scaler: expected the default MixedPrecision::Options::scaler, found "
+          "init_scale = {}, growth_factor = {}, backoff_factor = {}, growth_interval = {}; drop the scaler settings "
+          "or use FP16Mixed",
+          options_.scaler.init_scale, options_.scaler.growth_factor, options_.scaler.backoff_factor,
+          options_.scaler.growth_interval);
+    }
+  }
 
   /// Returns the dtype of parameters (float32: mixed precision keeps them).
   static constexpr c10::ScalarType param_dtype() noexcept { return c10::ScalarType::Float; }
@@ -10480,6 +10586,7 @@ struct TorchElasticEnvironment {
 }  // namespace fabric
 // ---- end fabric/strategies/environments/torchelastic.hpp
 
+#include <concepts>
 #include <functional>
 #include <optional>
 #include <string>
@@ -10524,6 +10631,72 @@ struct DetectEnvironment {
 /// detected, as in Lightning; pass fabric::KubeflowEnvironment.)
 using AutoEnvironment = DetectEnvironment<TorchElasticEnvironment, SLURMEnvironment, LSFEnvironment, MPIEnvironment>;
 
+/// The number of processes per node that a launcher started, as `Options::auto_devices` takes it.
+struct LauncherDevices {
+  /// Processes on each node.
+  int devices = 1;
+  /// The launcher and the variable that says it, for messages: "torchrun (LOCAL_WORLD_SIZE)".
+  std::string_view source;
+};
+
+namespace detail {
+
+/// Reads the processes per node from SLURM_NTASKS_PER_NODE, else from SLURM_TASKS_PER_NODE when every node has
+/// as many (`4`, `4(x2)`, `4,4`).
+inline std::optional<int> slurm_tasks_per_node(const EnvLookup& env) {
+  if (auto n = env_int(env, "SLURM_NTASKS_PER_NODE")) return n;
+  const auto list = env("SLURM_TASKS_PER_NODE");
+  if (!list) return std::nullopt;
+  std::optional<long long> same;
+  for (std::string_view rest = *list; !rest.empty();) {
+    const auto comma = rest.find(',');
+    std::string_view item = rest.substr(0, comma);
+    rest = comma == std::string_view::npos ? std::string_view() : rest.substr(comma + 1);
+    const auto count = parse_integer(item.substr(0, item.find('(')));
+    if (!count || (same && *same != *count)) return std::nullopt;
+    same = count;
+  }
+  if (!same || *same < 1 || *same > 0x7fffffff) return std::nullopt;
+  return static_cast<int>(*same);
+}
+
+/// Returns the processes per node that E's launcher reports, when E is detected and its launcher reports them.
+template <class E>
+std::optional<LauncherDevices> launcher_devices_of(const E& e, const EnvLookup& env) {
+  const auto from = [&](std::string_view variable, std::string_view source) -> std::optional<LauncherDevices> {
+    if (auto n = env_int(env, variable); n && *n >= 1) return LauncherDevices{*n, source};
+    return std::nullopt;
+  };
+  if (!e.detect(env)) return std::nullopt;
+  if constexpr (std::same_as<E, TorchElasticEnvironment>) {
+    return from("LOCAL_WORLD_SIZE", "torchrun or fabric-run (LOCAL_WORLD_SIZE)");
+  } else if constexpr (std::same_as<E, SLURMEnvironment>) {
+    if (auto n = slurm_tasks_per_node(env); n && *n >= 1) {
+      return LauncherDevices{*n, "srun (SLURM_NTASKS_PER_NODE / SLURM_TASKS_PER_NODE)"};
+    }
+    return std::nullopt;
+  } else if constexpr (std::same_as<E, LSFEnvironment>) {
+    return from("JSM_NAMESPACE_LOCAL_SIZE", "jsrun (JSM_NAMESPACE_LOCAL_SIZE)");
+  } else if constexpr (std::same_as<E, MPIEnvironment>) {
+    if (env("OMPI_COMM_WORLD_SIZE")) return from("OMPI_COMM_WORLD_LOCAL_SIZE", "mpirun (OMPI_COMM_WORLD_LOCAL_SIZE)");
+    return from("MPI_LOCALNRANKS", "mpirun (MPI_LOCALNRANKS)");
+  } else if constexpr (requires { std::tuple_size<decltype(e.environments)>::value; }) {
+    // NOTE: a detection list: the first environment detected decides, as in topology().
+    std::optional<LauncherDevices> found;
+    bool decided = false;
+    std::apply(
+        [&](const auto&... each) {
+          ((decided = decided || (each.detect(env) ? (found = launcher_devices_of(each, env), true) : false)), ...);
+        },
+        e.environments);
+    return found;
+  } else {
+    return std::nullopt;
+  }
+}
+
+}  // namespace detail
+
 /// Holds any cluster environment behind one type, as a parallel strategy keeps it (Lightning's
 /// `plugins=[MyClusterEnvironment()]`); default: fabric::AutoEnvironment. What it reports is checked
 /// against the Fabric's devices and num_nodes.
@@ -10543,6 +10716,7 @@ class AnyEnvironment {
       topology_ = [environment](const EnvLookup& env, int devices, int num_nodes) {
         return environment.topology(env, devices, num_nodes);
       };
+      launcher_devices_ = [environment](const EnvLookup& env) { return detail::launcher_devices_of(environment, env); };
     }
   }
 
@@ -10550,6 +10724,12 @@ class AnyEnvironment {
   const std::string& name() const noexcept { return name_; }
   /// Says whether the held environment applies to this process.
   bool detect(const EnvLookup& env) const { return detect_(env); }
+  /// Returns the processes per node that the launcher of this process started, when the held environment (or
+  /// the first one a detection list detects) is torchrun's, SLURM's, LSF's or MPI's and its launcher says how many;
+  /// env defaults to this process's variables.
+  std::optional<LauncherDevices> launcher_devices(const EnvLookup& env = {}) const {
+    return launcher_devices_(env ? env : EnvLookup(detail::getenv_lookup));
+  }
   /// Reads this process's place in the job and checks it against devices and num_nodes.
   Topology topology(const EnvLookup& env, int devices, int num_nodes) const {
     if (devices < 1) detail::raise("expected devices >= 1, found {}; set Options{{.devices = N}} with N >= 1", devices);
@@ -10574,6 +10754,7 @@ class AnyEnvironment {
   std::string name_;
   std::function<bool(const EnvLookup&)> detect_;
   std::function<Topology(const EnvLookup&, int, int)> topology_;
+  std::function<std::optional<LauncherDevices>(const EnvLookup&)> launcher_devices_;
 };
 
 namespace detail {

@@ -1,4 +1,5 @@
 // A strategy in the accelerator's slot is rejected with the order to write instead.
+// Lightning: tests_fabric/test_connector.py::test_invalid_accelerator_choice
 // EXPECT: fabric: the first argument of Fabric must be an accelerator policy
 #include <fabric/fabric.hpp>
 

@@ -1,4 +1,5 @@
 // An accelerator in the precision's slot is rejected.
+// Lightning: tests_fabric/test_connector.py::test_validate_precision_type
 // EXPECT: fabric: the third argument of Fabric must be a precision policy
 #include <fabric/fabric.hpp>
 

@@ -95,8 +95,11 @@ Args parse(int argc, char** argv) {
       if (i + 1 >= argc) throw std::invalid_argument(flag + " needs a value");
       return std::string(argv[++i]);
     };
-    if (flag == "--devices")
-      a.devices = std::stoi(value());
+    if (flag == "--devices") {
+      // NOTE: "auto" leaves devices at fabric's default: the launcher's processes per node.
+      const std::string devices = value();
+      a.devices = devices == "auto" ? fabric::Options::auto_devices : std::stoi(devices);
+    }
     else if (flag == "--num-nodes")
       a.num_nodes = std::stoi(value());
     else if (flag == "--catch")
@@ -737,6 +740,12 @@ int run(const Args& a) {
   if (!a.env.empty()) {
     WORKER_CHECK(fabric.strategy().environment().name == a.env, "environment {}, expected {}",
                  fabric.strategy().environment().name, a.env);
+  }
+  if (a.devices == fabric::Options::auto_devices) {
+    WORKER_CHECK(fabric.options().devices * a.num_nodes == fabric.world_size(),
+                 "devices from the launcher: {} per node on {} nodes, but a world of {}", fabric.options().devices,
+                 a.num_nodes, fabric.world_size());
+    fabric.print("devices from the launcher: {}", fabric.options().devices);
   }
   if (a.scenario == "train") return train_equivalence(fabric, a);
   if (a.scenario == "collectives") return collectives(fabric, a);

@@ -131,7 +131,7 @@ static_assert(fabric::hooks::on_train_epoch_end.name == "on_train_epoch_end");
 // Options are aggregates with Lightning's defaults.
 static_assert(std::is_aggregate_v<fabric::Options>);
 static_assert(std::is_aggregate_v<fabric::ClipOptions>);
-static_assert(fabric::Options{}.devices == 1 && fabric::Options{}.num_nodes == 1);
+static_assert(fabric::Options{}.devices == fabric::Options::auto_devices && fabric::Options{}.num_nodes == 1);
 static_assert(fabric::ClipOptions{}.norm_type == 2.0);
 
 static_assert(fabric::version() == "0.1.0");

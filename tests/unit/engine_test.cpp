@@ -443,6 +443,9 @@ struct Saver {
 
 }  // namespace
 
+// Lightning: tests_fabric/test_fabric.py::test_callbacks_input
+// Lightning: tests_fabric/test_fabric.py::test_call
+// Lightning: tests_fabric/test_fabric.py::test_special_callbacks
 TEST_CASE("call dispatches hooks to the callbacks that declare them", "[fabric][callbacks]") {
   fabric::Fabric<fabric::CPU, fabric::SingleDevice, fabric::FP32, Recorder, Silent, Counter, Saver> fabric(
       {}, Recorder{}, Silent{}, Counter{5}, Saver{});
@@ -534,4 +537,63 @@ TEST_CASE("print with PrintOptions: another end, another stream (Python's end= a
   text.resize(std::fread(text.data(), 1, text.size(), file));
   std::fclose(file);
   CHECK(text == "step 1\rstep 2\rdone 97.7%\n");
+}
+
+namespace {
+
+// Lightning's callbacks of test_callback_kwargs_filtering: each takes only part of what call() gives.
+struct WithLimitedArguments {
+  int epoch = -1;
+  void on_train_epoch_end(int e) { epoch = e; }
+};
+struct WithAllArguments {
+  int epoch = -1;
+  double loss = 0;
+  std::string rest;
+  template <class... Rest>
+  void on_train_epoch_end(int e, double l, const Rest&... rest_args) {
+    epoch = e;
+    loss = l;
+    rest = fmt::format("{} more", sizeof...(rest_args));
+  }
+};
+struct WithNoParameters {
+  bool called = false;
+  void on_train_epoch_end() { called = true; }
+};
+/// Takes anything, as Lightning's Mock callback does.
+struct TakesAnything {
+  std::size_t arguments = 0;
+  template <class... Args>
+  void on_test_hook(const Args&... /*args*/) {
+    arguments = sizeof...(Args);
+  }
+};
+FABRIC_HOOK(on_test_hook);
+
+}  // namespace
+
+// Lightning: tests_fabric/test_fabric.py::test_callback_kwargs_filtering
+TEST_CASE("call gives each callback the leading arguments its hook takes", "[fabric][callbacks]") {
+  fabric::Fabric<fabric::CPU, fabric::SingleDevice, fabric::FP32, WithLimitedArguments, WithAllArguments,
+                 WithNoParameters>
+      fabric({}, {}, {}, {});
+  const std::map<std::string, double> metrics{{"acc", 0.9}};
+  fabric.call(fabric::hooks::on_train_epoch_end, 5, 0.1, metrics);
+  CHECK(fabric.callback<WithLimitedArguments>().epoch == 5);
+  CHECK(fabric.callback<WithAllArguments>().epoch == 5);
+  CHECK(fabric.callback<WithAllArguments>().loss == 0.1);
+  CHECK(fabric.callback<WithAllArguments>().rest == "1 more");
+  CHECK(fabric.callback<WithNoParameters>().called);
+}
+
+// Lightning: tests_fabric/test_fabric.py::test_callback_kwargs_filtering_signature_inspection_failure
+TEST_CASE("call gives a hook that takes any arguments all of them", "[fabric][callbacks]") {
+  // Lightning passes all keyword arguments when it cannot inspect a callback's signature; in C++ the signature
+  // is always known, and a variadic hook takes everything.
+  fabric::Fabric<fabric::CPU, fabric::SingleDevice, fabric::FP32, TakesAnything> fabric({}, TakesAnything{});
+  fabric.call(on_test_hook, std::string("value1"), std::string("value2"));
+  CHECK(fabric.callback<TakesAnything>().arguments == 2);
+  fabric.call(on_test_hook);
+  CHECK(fabric.callback<TakesAnything>().arguments == 0);
 }

@@ -32,6 +32,26 @@ concept PolicyOf = Policy<T> && std::derived_from<typename T::category, Tag>;
 template <class T>
 concept Callback = std::is_class_v<T> && std::move_constructible<T>;
 
+/// The strategy makes the context under which `Fabric::init_module` creates modules (Lightning's
+/// `Strategy.module_init_context`), e.g. to create them sharded or on another device; without it the
+/// context is the precision's dtype.
+template <class S, class P>
+concept ProvidesModuleInitContext = requires(const S& s, const P& p) {
+  s.module_init_context(p);
+};
+
+/// The strategy makes the context under which `Fabric::init_tensor` creates tensors (Lightning's
+/// `Strategy.tensor_init_context`); without it the context is the precision's dtype.
+template <class S, class P>
+concept ProvidesTensorInitContext = requires(const S& s, const P& p) {
+  s.tensor_init_context(p);
+};
+
+/// The strategy's cluster environment can tell how many processes per node the launcher started (the parallel
+/// strategies: `parallel_options().cluster_environment.launcher_devices()`), which `Options::auto_devices` takes.
+template <class S>
+concept ReportsLauncherDevices = requires(const S& s) { s.parallel_options().cluster_environment.launcher_devices(); };
+
 namespace detail {
 
 /// False for every type; lets a static_assert in a discarded branch fire only when instantiated.

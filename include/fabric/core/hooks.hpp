@@ -2,11 +2,14 @@
 // Hooks: compile-time names that `Fabric::call` dispatches to callbacks. Torch-free.
 //
 // A hook is a constant object made by FABRIC_HOOK(name). A callback implements it by declaring a
-// member function of that name; callbacks without it are skipped at compile time.
+// member function of that name; callbacks without it are skipped at compile time. A callback's hook gets
+// the longest prefix of call()'s arguments that it takes (so `on_train_epoch_end()` ignores the epoch
+// and loss given to call()); one that takes none of them is a compile error.
 
 #include "fabric/core/config.hpp"
 
 #include <concepts>
+#include <cstddef>
 #include <string_view>
 #include <tuple>
 #include <type_traits>
@@ -91,13 +94,32 @@ FABRIC_HOOK(on_log_metrics);
 
 namespace detail {
 
+/// True when the callback's hook takes the first N of the arguments.
+template <Hook H, class C, class Args, std::size_t... I>
+constexpr bool invocable_with_first(std::index_sequence<I...> /*first*/) noexcept {
+  return H::template invocable_by<C, std::tuple_element_t<I, Args>...>;
+}
+
+/// Calls the callback's hook with the longest prefix of the arguments it takes (Lightning passes a callback
+/// only the keyword arguments its signature names); none fitting is a compile error.
+template <Hook H, std::size_t N, class C, class... Args>
+FABRIC_ALWAYS_INLINE void call_with_prefix(C& callback, std::tuple<Args&...> args) {
+  if constexpr (invocable_with_first<H, C, std::tuple<Args&...>>(std::make_index_sequence<N>{})) {
+    [&]<std::size_t... I>(std::index_sequence<I...>) { H::invoke(callback, std::get<I>(args)...); }
+    (std::make_index_sequence<N>{});
+  } else if constexpr (N > 0) {
+    call_with_prefix<H, N - 1>(callback, args);
+  } else {
+    static_assert(N > 0,
+                  "fabric: a callback declares this hook but its signature cannot take the arguments "
+                  "given to call(); change that member function's parameters to accept them");
+  }
+}
+
 template <Hook H, class C, class... Args>
 FABRIC_ALWAYS_INLINE void call_one(C& callback, Args&... args) {
   if constexpr (H::template declared_by<C>()) {
-    static_assert(H::template invocable_by<C, Args&...>,
-                  "fabric: a callback declares this hook but its signature cannot take the arguments "
-                  "given to call(); change that member function's parameters to accept them");
-    H::invoke(callback, args...);
+    call_with_prefix<H, sizeof...(Args)>(callback, std::tuple<Args&...>(args...));
   }
 }
 

@@ -3,6 +3,7 @@
 
 #include <cstddef>
 #include <cstdio>
+#include <limits>
 #include <memory>
 #include <optional>
 #include <string_view>
@@ -14,8 +15,13 @@ class Logger;
 
 /// Fabric's runtime settings: `fabric::Fabric<> fabric{{.devices = 1}}`.
 struct Options {
-  /// Processes (devices) per node.
-  int devices = 1;
+  /// The value of `devices` that leaves the number to the launcher (the default).
+  static constexpr int auto_devices = std::numeric_limits<int>::min();
+  /// Processes (devices) per node. Left at `auto_devices`, a distributed strategy takes the number of processes
+  /// per node that torchrun, fabric-run, srun, jsrun or mpirun started, and 1 when no launcher started this
+  /// process; `Fabric::options().devices` tells the number chosen. A number given that disagrees with the
+  /// launcher's is an error.
+  int devices = auto_devices;
   /// Number of machines.
   int num_nodes = 1;
   /// Loggers that `log` and `log_dict` write to (on global rank zero).

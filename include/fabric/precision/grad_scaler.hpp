@@ -34,6 +34,8 @@ class GradScaler {
     double growth_factor = 2.0;
     double backoff_factor = 0.5;
     std::int64_t growth_interval = 2000;
+    /// Compares every setting.
+    bool operator==(const Options&) const = default;
   };
 
   GradScaler() : GradScaler(Options{}) {}

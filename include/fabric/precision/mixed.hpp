@@ -47,7 +47,18 @@ class MixedPrecision {
   };
 
   MixedPrecision() = default;
-  explicit MixedPrecision(Options options) : options_(options) {}
+  /// Creates the precision with its settings; bfloat16 has no gradient scaler, so BF16Mixed refuses scaler
+  /// settings (as Lightning's `MixedPrecision("bf16-mixed", scaler=...)`).
+  explicit MixedPrecision(Options options) : options_(options) {
+    if (Dtype == c10::ScalarType::BFloat16 && !(options_.scaler == GradScaler::Options{})) {
+      detail::raise(
+          "bf16-mixed does not use a gradient scaler: expected the default MixedPrecision::Options::scaler, found "
+          "init_scale = {}, growth_factor = {}, backoff_factor = {}, growth_interval = {}; drop the scaler settings "
+          "or use FP16Mixed",
+          options_.scaler.init_scale, options_.scaler.growth_factor, options_.scaler.backoff_factor,
+          options_.scaler.growth_interval);
+    }
+  }
 
   /// Returns the dtype of parameters (float32: mixed precision keeps them).
   static constexpr c10::ScalarType param_dtype() noexcept { return c10::ScalarType::Float; }

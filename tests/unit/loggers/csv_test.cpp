@@ -18,8 +18,10 @@
 #include <fstream>
 #include <limits>
 #include <memory>
+#include <optional>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -50,6 +52,10 @@ std::shared_ptr<CSVLogger> make_logger(const fs::path& root, int flush_every = 1
 
 }  // namespace
 
+// Lightning: tests_fabric/loggers/test_csv.py::test_automatic_versioning
+// Lightning: tests_fabric/loggers/test_csv.py::test_named_version
+// Lightning: tests_fabric/loggers/test_csv.py::test_no_name
+// Lightning: tests_fabric/loggers/test_csv.py::test_manual_versioning_file_exists
 TEST_CASE("CSVLogger: Lightning's directory layout and version numbering", "[loggers]") {
   TempDir tmp;
   const fs::path root = tmp.path();
@@ -137,6 +143,7 @@ TEST_CASE("CSVLogger: Lightning's directory layout and version numbering", "[log
   }
 }
 
+// Lightning: tests_fabric/loggers/test_csv.py::test_log_metrics_column_order_sorted
 TEST_CASE("CSVLogger: header and rows", "[loggers]") {
   TempDir tmp;
   auto logger = make_logger(tmp.path());
@@ -196,6 +203,9 @@ TEST_CASE("CSVLogger: header and rows", "[loggers]") {
   }
 }
 
+// Lightning: tests_fabric/loggers/test_csv.py::test_flush_n_steps
+// Lightning: tests_fabric/loggers/test_csv.py::test_metrics_reset_after_save
+// Lightning: tests_fabric/loggers/test_csv.py::test_append_metrics_file
 TEST_CASE("CSVLogger: flush cadence", "[loggers]") {
   TempDir tmp;
 
@@ -242,6 +252,8 @@ TEST_CASE("CSVLogger: flush cadence", "[loggers]") {
   }
 }
 
+// Lightning: tests_fabric/loggers/test_csv.py::test_append_columns
+// Lightning: tests_fabric/loggers/test_csv.py::test_rewrite_with_new_header
 TEST_CASE("CSVLogger: a metric first seen mid-run widens the header", "[loggers]") {
   TempDir tmp;
 
@@ -283,6 +295,7 @@ TEST_CASE("CSVLogger: a metric first seen mid-run widens the header", "[loggers]
   }
 }
 
+// Lightning: tests_fabric/loggers/test_csv.py::test_automatic_step_tracking
 TEST_CASE("CSVLogger: prefix and step counting", "[loggers]") {
   TempDir tmp;
 
@@ -352,7 +365,10 @@ TEST_CASE("CSVLogger: invalid options and metric names", "[loggers]") {
   }
 }
 
+// Lightning: tests_fabric/loggers/test_csv.py::test_log_hyperparams
 TEST_CASE("CSVLogger: hyper-parameters go to hparams.yaml", "[loggers]") {
+  // Lightning Fabric's CSVLogger raises NotImplementedError here; fabric's writes hparams.yaml, as the
+  // CSVLogger of Lightning's Trainer does.
   TempDir tmp;
   CSVLogger logger({.root_dir = tmp.path()});
   logger.log_hyperparams({{"lr", "0.01"}, {"batch_size", "32"}});
@@ -422,6 +438,7 @@ TEST_CASE("hparams.yaml with every awkward character loads in PyYAML as written"
                                  "'quote'='say \"hi\" \\\\ bye'", "'steps'=1000", "'unicode λ'='größe'"});
 }
 
+// Lightning: tests_fabric/test_fabric.py::test_log_dict_input_parsing
 TEST_CASE("CSVLogger: fabric.log and log_dict reach the file", "[loggers]") {
   TempDir tmp;
   auto csv = make_logger(tmp.path());
@@ -457,4 +474,123 @@ TEST_CASE("CSVLogger: a Fabric without loggers ignores log calls", "[loggers]") 
   CHECK(fabric.logger() == nullptr);
   CHECK_NOTHROW(fabric.log("loss", 1.0));
   CHECK_NOTHROW(fabric.log_dict({{"a", 1.0}}, 3));
+}
+
+// Lightning: tests_fabric/loggers/test_csv.py::test_automatic_versioning_relative_root_dir
+// Lightning: tests_fabric/loggers/test_csv.py::test_manual_versioning
+TEST_CASE("CSVLogger: a relative root_dir numbers its versions; a version given is kept", "[loggers]") {
+  TempDir tmp;
+  fs::create_directories(tmp.path() / "exp" / "logs" / "version_0");
+  fs::create_directories(tmp.path() / "exp" / "logs" / "version_1");
+  fs::create_directories(tmp.path() / "exp" / "logs" / "version_2");
+  const auto previous = fs::current_path();
+  fs::current_path(tmp.path());
+  std::string automatic, manual;
+  try {
+    automatic = CSVLogger({.root_dir = "exp", .name = "logs"}).version();
+    manual = CSVLogger({.root_dir = "exp", .name = "logs", .version = 1}).version();
+  } catch (...) {
+    fs::current_path(previous);
+    throw;
+  }
+  fs::current_path(previous);
+  CHECK(automatic == "3");
+  CHECK(manual == "1");
+}
+
+// Lightning: tests_fabric/loggers/test_csv.py::test_log_metrics
+TEST_CASE("CSVLogger: one call of log_metrics is one row under a header naming every metric", "[loggers]") {
+  TempDir tmp;
+  for (const std::optional<std::int64_t> step : {std::optional<std::int64_t>(10), std::optional<std::int64_t>()}) {
+    CSVLogger logger({.root_dir = tmp.path(), .version = step ? 10 : 11});
+    // Lightning's metrics: a float, an int and two one-element tensors (fabric.log turns tensors into numbers).
+    logger.log_metrics({{"float", 0.3},
+                        {"int", 1},
+                        {"FloatTensor", torch::tensor(0.1).item<double>()},
+                        {"IntTensor", torch::tensor(1).item<double>()}},
+                       step);
+    logger.save();
+    const auto lines = lines_of(logger.metrics_file());
+    REQUIRE(lines.size() == 2);
+    for (const char* name : {"float", "int", "FloatTensor", "IntTensor", "step"}) {
+      CHECK_THAT(lines[0], ContainsSubstring(name));
+    }
+    CHECK_THAT(lines[1], ContainsSubstring(step ? ",10" : ",0"));
+  }
+}
+
+namespace {
+
+/// Records every log_metrics call (Lightning's tests use a Mock logger).
+struct RecordingLogger : fabric::Logger {
+  explicit RecordingLogger(std::string name) : name_(std::move(name)) {}
+  std::string name() const override { return name_; }
+  std::string version() const override { return "0"; }
+  void log_metrics(const fabric::Metrics& metrics, std::optional<std::int64_t> step) override {
+    calls.emplace_back(metrics, step);
+  }
+  void log_hyperparams(const fabric::Hyperparameters& /*params*/) override {}
+  std::vector<std::pair<fabric::Metrics, std::optional<std::int64_t>>> calls;
+
+ private:
+  std::string name_;
+};
+
+using Call = std::pair<fabric::Metrics, std::optional<std::int64_t>>;
+
+}  // namespace
+
+// Lightning: tests_fabric/test_fabric.py::test_loggers_input
+TEST_CASE("Fabric's loggers: none, one or several, in order", "[loggers]") {
+  CHECK(fabric::Fabric<fabric::CPU>().loggers().empty());
+  CHECK(fabric::Fabric<fabric::CPU>({.loggers = {}}).logger() == nullptr);
+  auto logger0 = std::make_shared<RecordingLogger>("0");
+  auto logger1 = std::make_shared<RecordingLogger>("1");
+  fabric::Fabric<fabric::CPU> one({.loggers = {logger0}});
+  REQUIRE(one.loggers().size() == 1);
+  CHECK(one.loggers()[0] == logger0);
+  CHECK(one.logger() == logger0.get());
+  fabric::Fabric<fabric::CPU> two({.loggers = {logger0, logger1}});
+  REQUIRE(two.loggers().size() == 2);
+  CHECK(two.loggers()[0] == logger0);
+  CHECK(two.loggers()[1] == logger1);
+  CHECK(two.logger() == logger0.get());
+}
+
+// Lightning: tests_fabric/test_fabric.py::test_log
+// Lightning: tests_fabric/test_fabric.py::test_log_dict
+TEST_CASE("Fabric::log and log_dict send the metrics and the step to each logger", "[loggers]") {
+  auto logger0 = std::make_shared<RecordingLogger>("0");
+  auto logger1 = std::make_shared<RecordingLogger>("1");
+  fabric::Fabric<fabric::CPU> fabric({.loggers = {logger0, logger1}});
+  fabric.log("test", 1);
+  fabric.log("test", 2, 15);
+  fabric.log_dict({{"foo", 1}, {"bar", 2}});
+  fabric.log_dict({{"foo", 3}, {"bar", 4}}, 15);
+  const std::vector<Call> expected{{{{"test", 1.0}}, std::nullopt},
+                                   {{{"test", 2.0}}, 15},
+                                   {{{"foo", 1.0}, {"bar", 2.0}}, std::nullopt},
+                                   {{{"foo", 3.0}, {"bar", 4.0}}, 15}};
+  CHECK((logger0->calls == expected));
+  CHECK((logger1->calls == expected));
+}
+
+// Lightning: tests_fabric/test_fabric.py::test_log_dict_input_parsing
+TEST_CASE("Fabric::log and log_dict take one-element tensors and refuse others", "[loggers]") {
+  auto logger = std::make_shared<RecordingLogger>("0");
+  fabric::Fabric<fabric::CPU> fabric({.loggers = {logger}});
+  fabric.log("log", torch::tensor(1));
+  fabric.log_dict({{"log_dict", torch::tensor(1)}});
+  fabric.log("log", torch::tensor({2}));
+  fabric.log_dict({{"log_dict", torch::tensor({2})}, {"other", torch::tensor({0.5})}});
+  const std::vector<Call> expected{{{{"log", 1.0}}, std::nullopt},
+                                   {{{"log_dict", 1.0}}, std::nullopt},
+                                   {{{"log", 2.0}}, std::nullopt},
+                                   {{{"log_dict", 2.0}, {"other", 0.5}}, std::nullopt}};
+  CHECK((logger->calls == expected));
+  CHECK_THROWS_WITH(fabric.log("log", torch::tensor({3, 4})), ContainsSubstring("it cannot be converted to a scalar"));
+  CHECK_THROWS_WITH(fabric.log_dict({{"log_dict", torch::tensor({3, 4})}}),
+                    ContainsSubstring("log_dict: expected a tensor with one element for \"log_dict\", found 2 "
+                                      "elements; it cannot be converted to a scalar"));
+  CHECK(logger->calls.size() == 4);  // nothing logged by a refused call
 }

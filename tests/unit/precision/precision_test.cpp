@@ -1,6 +1,7 @@
 // Precision policies on the CPU: FP32, FP64, BF16Mixed, BF16True, FP16Mixed (float16 autocast on
 // the CPU needs LibTorch 2; on 1.13 FP16Mixed falls back to bfloat16), the autocast guard, the init
 // contexts and the gradient scaler's logic.
+#include <fabric/distributed.hpp>
 #include <fabric/fabric.hpp>
 
 #include <torch/torch.h>
@@ -12,6 +13,7 @@
 
 #include <cstdio>
 #include <filesystem>
+#include <limits>
 #include <stdexcept>
 #include <string>
 #include <tuple>
@@ -55,6 +57,7 @@ torch::ScalarType expected_compute(c10::ScalarType param, std::string_view name)
 
 using CpuPrecisions = std::tuple<fabric::FP32, fabric::FP64, fabric::BF16Mixed, fabric::BF16True, fabric::FP16Mixed>;
 
+// Lightning: tests_fabric/plugins/precision/test_amp_integration.py::test_amp
 TEMPLATE_LIST_TEST_CASE("every precision trains on the CPU with the documented dtypes", "[precision]", CpuPrecisions) {
   CpuFabric<TestType> fabric;
   fabric.seed_everything(0);
@@ -149,6 +152,8 @@ TEST_CASE("autocast guards nest and restore the enclosing state", "[precision][a
   CHECK(fabric::detail::autocast_dtype(torch::kCPU) == dtype0);
 }
 
+// Lightning: tests_fabric/test_connector.py::test_precision_selection_16_on_cpu_warns
+// Lightning: tests_fabric/test_connector.py::test_precision_conversion
 TEST_CASE("FP16Mixed on a CPU without float16 autocast runs as bfloat16 without a scaler", "[precision]") {
   CpuFabric<fabric::FP16Mixed> fabric;
   if (TORCH_VERSION_MAJOR >= 2) {
@@ -414,9 +419,10 @@ TORCH_MODULE(Stateful);
 
 using TruePrecisions = std::tuple<fabric::FP64, fabric::BF16True, fabric::FP16True>;
 
-TEMPLATE_LIST_TEST_CASE(
-    "test_double.py/test_half.py::test_convert_module: floating-point state only is converted, as Lightning",
-    "[precision][lightning]", TruePrecisions) {
+// Lightning: tests_fabric/plugins/precision/test_double.py::test_convert_module
+// Lightning: tests_fabric/plugins/precision/test_half.py::test_convert_module
+TEMPLATE_LIST_TEST_CASE("the true precisions convert floating-point state only, as Lightning", "[precision][lightning]",
+                        TruePrecisions) {
   Stateful net;
   const auto* weight_impl = net->fc->weight.unsafeGetTensorImpl();
   TestType precision;
@@ -445,8 +451,8 @@ TEMPLATE_LIST_TEST_CASE(
   CHECK(torch::equal(torch::imag(net->rotation.detach()), torch::full({2}, 3.0)));
 }
 
-TEST_CASE("test_double.py::test_convert_module: FP64 setup keeps the optimizer's parameters and BatchNorm's counter",
-          "[precision][lightning]") {
+// Lightning: tests_fabric/plugins/precision/test_double.py::test_convert_module
+TEST_CASE("FP64 setup keeps the optimizer's parameters and BatchNorm's counter", "[precision][lightning]") {
   CpuFabric<fabric::FP64> fabric;
   Stateful net;
   torch::optim::SGD sgd(net->parameters(), torch::optim::SGDOptions(0.1));
@@ -461,3 +467,338 @@ TEST_CASE("test_double.py::test_convert_module: FP64 setup keeps the optimizer's
   CHECK(net->bn->num_batches_tracked.scalar_type() == torch::kLong);
   CHECK(net->bn->num_batches_tracked.item<int64_t>() == 1);
 }
+
+// ---- Lightning's tests_fabric/plugins/precision/ and the precision choice of test_connector.py -----
+
+// Lightning: tests_fabric/plugins/precision/test_all.py::test_default_dtype_is_restored
+// Lightning: tests_fabric/plugins/precision/test_utils.py::test_dtype_context_manager
+TEST_CASE("the dtype guards restore the default dtype, also on an exception", "[precision][lightning]") {
+  const auto throws_inside = [](auto make_guard, torch::ScalarType expected) {
+    REQUIRE(torch::ones({1}).scalar_type() == torch::kFloat);
+    try {
+      auto guard = make_guard();
+      CHECK(torch::ones({1}).scalar_type() == expected);
+      throw std::runtime_error("foo");
+    } catch (const std::runtime_error& e) {
+      CHECK(std::string(e.what()) == "foo");
+    }
+    CHECK(torch::ones({1}).scalar_type() == torch::kFloat);
+  };
+  throws_inside([] { return fabric::DefaultDtypeGuard(torch::kHalf); }, torch::kHalf);
+  // The contexts of the true precisions: forward's and init_module's.
+  throws_inside([] { return fabric::FP64{}.forward_context(); }, torch::kDouble);
+  throws_inside([] { return fabric::FP16True{}.forward_context(); }, torch::kHalf);
+  throws_inside([] { return fabric::BF16True{}.forward_context(); }, torch::kBFloat16);
+  CpuFabric<fabric::FP64> fabric;
+  throws_inside([&] { return fabric.init_module(); }, torch::kDouble);
+  throws_inside([&] { return fabric.init_tensor(); }, torch::kDouble);
+}
+
+// Lightning: tests_fabric/plugins/precision/test_double.py::test_double_precision_forward_context
+// Lightning: tests_fabric/plugins/precision/test_half.py::test_forward_context
+// Lightning: tests_fabric/plugins/precision/test_half.py::test_selected_dtype
+TEST_CASE("the true precisions' dtype and forward context", "[precision][lightning]") {
+  STATIC_REQUIRE(fabric::FP64::name == "64-true");
+  STATIC_REQUIRE(fabric::FP64::param_dtype() == torch::kDouble);
+  STATIC_REQUIRE(fabric::BF16True::name == "bf16-true");
+  STATIC_REQUIRE(fabric::BF16True::param_dtype() == torch::kBFloat16);
+  STATIC_REQUIRE(fabric::FP16True::name == "16-true");
+  STATIC_REQUIRE(fabric::FP16True::param_dtype() == torch::kHalf);
+  const auto in_context = [](const auto& precision) {
+    auto guard = precision.forward_context();
+    return torch::ones({1}).scalar_type();
+  };
+  CHECK(in_context(fabric::FP64{}) == torch::kDouble);
+  CHECK(in_context(fabric::BF16True{}) == torch::kBFloat16);
+  CHECK(in_context(fabric::FP16True{}) == torch::kHalf);
+  CHECK(torch::ones({1}).scalar_type() == torch::kFloat);
+  // The input the wrapped forward gets: floating tensors in the dtype, integers untouched.
+  CHECK(fabric::BF16True{}.convert_input(torch::ones({2})).scalar_type() == torch::kBFloat16);
+  CHECK(fabric::FP16True{}.convert_input(torch::ones({2})).scalar_type() == torch::kHalf);
+  CHECK(fabric::FP16True{}.convert_input(torch::arange(2)).scalar_type() == torch::kLong);
+}
+
+// Lightning: tests_fabric/plugins/precision/test_half.py::test_module_init_context
+TEST_CASE("init_module creates modules in the half dtypes", "[precision][lightning]") {
+  {
+    CpuFabric<fabric::BF16True> fabric;
+    torch::nn::Linear model{nullptr};
+    {
+      auto guard = fabric.init_module();
+      model = torch::nn::Linear(2, 2);
+      CHECK(torch::ones({1}).scalar_type() == torch::kBFloat16);
+    }
+    CHECK(model->weight.scalar_type() == torch::kBFloat16);
+  }
+  // 16-true: Fabric::init_module is this guard (FP16True cannot run on the CPU of LibTorch 1.13, so the guard
+  // is made directly, as Lightning's test calls the plugin's context).
+  torch::nn::Linear model{nullptr};
+  {
+    fabric::DefaultDtypeGuard guard(fabric::FP16True::param_dtype());
+    model = torch::nn::Linear(2, 2);
+  }
+  CHECK(model->weight.scalar_type() == torch::kHalf);
+}
+
+namespace {
+
+/// A mixed-precision module that checks, inside forward, what Lightning's MixedPrecisionModule checks.
+struct DoubleModuleImpl : torch::nn::Module {
+  DoubleModuleImpl() {
+    layer = register_module("layer", torch::nn::Linear(32, 2));
+    complex_buffer = register_buffer("complex_buffer", torch::complex(torch::rand({10}), torch::rand({10})));
+  }
+  torch::Tensor forward(const torch::Tensor& x) {
+    input_dtype = x.scalar_type();
+    new_tensor_dtype = torch::tensor({0.0}).scalar_type();  // the default dtype inside forward
+    return layer(x);
+  }
+  torch::nn::Linear layer{nullptr};
+  torch::Tensor complex_buffer;
+  torch::ScalarType input_dtype = torch::kFloat, new_tensor_dtype = torch::kFloat;
+};
+TORCH_MODULE(DoubleModule);
+
+/// Counts the init contexts Fabric asks it for (Lightning's test wraps the strategy's in a Mock).
+struct CountingStrategy : fabric::SingleDevice {
+  CountingStrategy() = default;
+  mutable int module_contexts = 0;
+  mutable int tensor_contexts = 0;
+  template <class P>
+  fabric::DefaultDtypeGuard module_init_context(const P& /*precision*/) const {
+    ++module_contexts;
+    return fabric::DefaultDtypeGuard(P::param_dtype());
+  }
+  template <class P>
+  fabric::DefaultDtypeGuard tensor_init_context(const P& /*precision*/) const {
+    ++tensor_contexts;
+    return fabric::DefaultDtypeGuard(P::param_dtype());
+  }
+};
+
+}  // namespace
+
+// Lightning: tests_fabric/plugins/precision/test_double_integration.py::test_double_precision
+TEST_CASE("64-true: a module built under init_module trains in float64, its complex buffer complex128",
+          "[precision][lightning]") {
+  CpuFabric<fabric::FP64> fabric;
+  DoubleModule net{nullptr};
+  {
+    auto guard = fabric.init_module();
+    net = DoubleModule();
+  }
+  torch::optim::Adam adam(net->parameters(), torch::optim::AdamOptions(0.1));
+  auto [model, optimizer] = fabric.setup(net, adam);
+  const auto batch = torch::rand({2, 32});
+  CHECK(net->layer->weight.scalar_type() == torch::kDouble);
+  CHECK(net->layer->bias.scalar_type() == torch::kDouble);
+  CHECK(net->complex_buffer.scalar_type() == torch::kComplexDouble);
+  CHECK(batch.scalar_type() == torch::kFloat);
+  const auto output = model(batch);
+  CHECK(net->input_dtype == torch::kDouble);
+  CHECK(net->new_tensor_dtype == torch::kDouble);
+  CHECK(output.scalar_type() == torch::kFloat);
+  fabric.backward(torch::mse_loss(output, torch::ones_like(output)));
+  CHECK(net->layer->weight.grad().scalar_type() == torch::kDouble);
+  optimizer.step();
+  optimizer.zero_grad();
+}
+
+// Lightning: tests_fabric/test_fabric.py::test_init_module_context
+// Lightning: tests_fabric/test_fabric.py::test_init_tensor_context
+TEST_CASE("init_module and init_tensor: the strategy's context where it makes one, else the precision's dtype",
+          "[precision][lightning]") {
+  fabric::Fabric<fabric::CPU, CountingStrategy, fabric::FP64> fabric;
+  STATIC_REQUIRE(fabric::ProvidesModuleInitContext<CountingStrategy, fabric::FP64>);
+  STATIC_REQUIRE_FALSE(fabric::ProvidesModuleInitContext<fabric::SingleDevice, fabric::FP64>);
+  {
+    auto guard = fabric.init_module();
+    CHECK(torch::ones({1}).scalar_type() == torch::kDouble);
+  }
+  CHECK(fabric.strategy().module_contexts == 1);
+  CHECK(fabric.strategy().tensor_contexts == 0);
+  {
+    auto guard = fabric.init_tensor();
+    CHECK(torch::ones({1}).scalar_type() == torch::kDouble);
+  }
+  CHECK(fabric.strategy().module_contexts == 1);
+  CHECK(fabric.strategy().tensor_contexts == 1);
+  CHECK(torch::ones({1}).scalar_type() == torch::kFloat);
+  // Without one, the precision's dtype (fp32 keeps the default).
+  CpuFabric<fabric::FP32> plain;
+  auto guard = plain.init_module();
+  CHECK(torch::ones({1}).scalar_type() == torch::kFloat);
+}
+
+// Lightning: tests_fabric/plugins/precision/test_amp.py::test_amp_precision_default_scaler
+// Lightning: tests_fabric/plugins/precision/test_amp.py::test_amp_precision_scaler_with_bf16
+TEST_CASE("16-mixed scales with a GradScaler where float16 autocasts; bf16-mixed has none and refuses one",
+          "[precision][scaler][lightning]") {
+  fabric::FP16Mixed half;
+  half.setup_device(torch::Device(torch::kCPU));
+  CHECK((half.scaler() != nullptr) == (half.compute_dtype() == torch::kHalf));
+  fabric::BF16Mixed bf16;
+  bf16.setup_device(torch::Device(torch::kCPU));
+  CHECK(bf16.scaler() == nullptr);
+  CHECK_NOTHROW(fabric::BF16Mixed(fabric::BF16Mixed::Options{}));
+  CHECK_THROWS_WITH(fabric::BF16Mixed({.scaler = {.init_scale = 1024.0}}),
+                    ContainsSubstring("bf16-mixed does not use a gradient scaler"));
+  CHECK_NOTHROW(fabric::FP16Mixed({.scaler = {.init_scale = 1024.0}}));
+  if (fabric::CUDA::is_available()) {
+    fabric::FP16Mixed cuda;
+    cuda.setup_device(torch::Device(torch::kCUDA, 0));
+    CHECK(cuda.scaler() != nullptr);
+  }
+}
+
+// Lightning: tests_fabric/plugins/precision/test_amp.py::test_amp_precision_forward_context
+TEST_CASE("the mixed precisions' forward context autocasts to their dtype", "[precision][autocast][lightning]") {
+  fabric::BF16Mixed bf16;
+  bf16.setup_device(torch::Device(torch::kCPU));
+  CHECK(torch::ones({1}).scalar_type() == torch::kFloat);
+  CHECK_FALSE(fabric::detail::autocast_enabled(torch::kCPU));
+  {
+    auto guard = bf16.forward_context();
+    CHECK(fabric::detail::autocast_enabled(torch::kCPU));
+    CHECK(fabric::detail::autocast_dtype(torch::kCPU) == torch::kBFloat16);
+    CHECK(torch::ones({1}).scalar_type() == torch::kFloat);  // autocast, not the default dtype
+  }
+  CHECK_FALSE(fabric::detail::autocast_enabled(torch::kCPU));
+  if (fabric::CUDA::is_available()) {
+    fabric::FP16Mixed half;
+    half.setup_device(torch::Device(torch::kCUDA, 0));
+    auto guard = half.forward_context();
+    CHECK(fabric::detail::autocast_enabled(torch::kCUDA));
+    CHECK(fabric::detail::autocast_dtype(torch::kCUDA) == torch::kHalf);
+  }
+}
+
+namespace {
+
+/// A one-weight problem: the gradient of sum(w * x) is x.
+struct Rig {
+  torch::Tensor w = torch::ones({3}, torch::requires_grad());
+  torch::optim::SGD sgd{std::vector<torch::Tensor>{w}, torch::optim::SGDOptions(0.5)};
+  torch::Tensor loss() const { return (w * torch::tensor({1.0f, 2.0f, 3.0f})).sum(); }
+};
+
+template <class P>
+P on_cpu() {
+  P precision;
+  precision.setup_device(torch::Device(torch::kCPU));
+  return precision;
+}
+
+}  // namespace
+
+// Lightning: tests_fabric/plugins/precision/test_amp.py::test_amp_precision_backward
+TEST_CASE("the mixed precisions' backward scales the loss with a scaler and passes backward's arguments",
+          "[precision][scaler][lightning]") {
+  const auto check = [](auto precision) {
+    Rig rig;
+    auto loss = rig.loss();
+    precision.backward(loss, torch::Tensor(), /*retain_graph=*/true);
+    const double scale = precision.scaler() != nullptr ? precision.scaler()->get_scale() : 1.0;
+    CHECK(torch::allclose(rig.w.grad(), torch::tensor({1.0f, 2.0f, 3.0f}) * scale));
+    precision.backward(loss);  // the graph was retained: a second backward accumulates
+    CHECK(torch::allclose(rig.w.grad(), torch::tensor({2.0f, 4.0f, 6.0f}) * scale));
+  };
+  check(on_cpu<fabric::BF16Mixed>());
+  check(on_cpu<fabric::FP16Mixed>());
+}
+
+// Lightning: tests_fabric/plugins/precision/test_amp.py::test_amp_precision_optimizer_step_with_scaler
+TEST_CASE("16-mixed steps through its scaler: the step unscales, and the scale is updated",
+          "[precision][scaler][lightning]") {
+  auto precision = on_cpu<fabric::FP16Mixed>();
+  if (precision.scaler() == nullptr) SKIP("float16 does not autocast on this LibTorch's CPU (no scaler)");
+  Rig rig;
+  precision.backward(rig.loss());
+  precision.optimizer_step(rig.sgd, nullptr);
+  // scaler.step unscales before stepping: w - 0.5 * x, not w - 0.5 * scale * x.
+  CHECK(torch::allclose(rig.w.detach(), torch::tensor({0.5f, 0.0f, -0.5f})));
+  // scaler.update ran: an inf gradient halves the scale at the next step.
+  const double before = precision.scaler()->get_scale();
+  rig.w.mutable_grad() = torch::full({3}, std::numeric_limits<float>::infinity());
+  precision.optimizer_step(rig.sgd, nullptr);
+  CHECK(precision.scaler()->get_scale() == before / 2);
+  CHECK(torch::allclose(rig.w.detach(), torch::tensor({0.5f, 0.0f, -0.5f})));  // the inf step was skipped
+}
+
+// Lightning: tests_fabric/plugins/precision/test_amp.py::test_amp_precision_optimizer_step_without_scaler
+TEST_CASE("bf16-mixed steps the optimizer itself", "[precision][lightning]") {
+  auto precision = on_cpu<fabric::BF16Mixed>();
+  Rig rig;
+  precision.backward(rig.loss());
+  precision.optimizer_step(rig.sgd, nullptr);
+  CHECK(torch::allclose(rig.w.detach(), torch::tensor({0.5f, 0.0f, -0.5f})));
+}
+
+// Lightning: tests_fabric/test_connector.py::test_precision_selection
+TEST_CASE("each precision type is the policy of Lightning's precision string", "[precision][lightning]") {
+  // Lightning picks DoublePrecision, Precision, HalfPrecision and MixedPrecision from the strings; fabric's
+  // precision is the type: each of them is a policy with that name.
+  STATIC_REQUIRE(fabric::Precision<fabric::FP64> && fabric::FP64::name == "64-true");
+  STATIC_REQUIRE(fabric::Precision<fabric::FP32> && fabric::FP32::name == "32-true");
+  STATIC_REQUIRE(fabric::Precision<fabric::FP16True> && fabric::FP16True::name == "16-true");
+  STATIC_REQUIRE(fabric::Precision<fabric::BF16True> && fabric::BF16True::name == "bf16-true");
+  STATIC_REQUIRE(fabric::Precision<fabric::FP16Mixed> && fabric::FP16Mixed::name == "16-mixed");
+  STATIC_REQUIRE(fabric::Precision<fabric::BF16Mixed> && fabric::BF16Mixed::name == "bf16-mixed");
+  CHECK(CpuFabric<fabric::FP64>().precision().param_dtype() == torch::kDouble);
+  CHECK(CpuFabric<fabric::BF16Mixed>().precision().compute_dtype() == torch::kBFloat16);
+}
+
+namespace {
+
+/// A user's mixed precision derived from fabric's (Lightning's MyAMP).
+struct MyAMP : fabric::FP16Mixed {
+  static constexpr std::string_view name = "my-amp";
+};
+
+}  // namespace
+
+// Lightning: tests_fabric/test_connector.py::test_precision_selection_amp_ddp
+TEST_CASE("16-mixed and a user's subclass of it under DDP on the CPU", "[precision][lightning]") {
+  fabric::Fabric<fabric::CPU, fabric::DDP, fabric::FP16Mixed> amp({.devices = 2});
+  CHECK(amp.world_size() == 2);
+  STATIC_REQUIRE(std::is_same_v<decltype(amp)::precision_type, fabric::FP16Mixed>);
+  fabric::Fabric<fabric::CPU, fabric::DDP, MyAMP> mine({.devices = 2});
+  STATIC_REQUIRE(std::is_same_v<decltype(mine)::precision_type, MyAMP>);
+  CHECK(mine.precision().compute_dtype() == amp.precision().compute_dtype());
+}
+
+// Lightning left out: tests_fabric/plugins/precision/test_amp_integration.py::test_amp_fused_optimizer_parity - LibTorch's C++ Adam has no fused implementation to compare with
+// Lightning left out: tests_fabric/plugins/precision/test_utils.py::test_class_replacement_context_manager - swaps classes in Python modules (torch.nn.Linear) for a scope; C++ classes cannot be replaced at run time
+// Lightning left out: tests_fabric/test_connector.py::test_precision_and_precision_plugin_raises - the precision is one template argument of Fabric: there is no second way to give it, so nothing to conflict
+// Lightning left out: tests_fabric/test_connector.py::test_precision_from_environment - LT_PRECISION comes from Lightning's CLI; fabric's precision is a template argument fixed at compile time, and fabric-run has no --precision
+// Lightning left out: tests_fabric/test_connector.py::test_precision_selection_model_parallel - fabric has no ModelParallel strategy (it builds on DTensor and torch.distributed.tensor.parallel, which LibTorch's C++ API lacks)
+// Lightning left out: tests_fabric/test_connector.py::test_bitsandbytes_precision_cuda_required - bitsandbytes is a Python library
+// Lightning left out: tests_fabric/plugins/precision/test_bitsandbytes.py::test_bitsandbytes_plugin - bitsandbytes is a Python library
+// Lightning left out: tests_fabric/plugins/precision/test_bitsandbytes.py::test_bitsandbytes_layers - bitsandbytes is a Python library
+// Lightning left out: tests_fabric/plugins/precision/test_bitsandbytes.py::test_bitsandbytes_layers_meta_device - bitsandbytes is a Python library
+// Lightning left out: tests_fabric/plugins/precision/test_bitsandbytes.py::test_load_quantized_checkpoint - bitsandbytes is a Python library
+// Lightning left out: tests_fabric/plugins/precision/test_deepspeed.py::test_invalid_precision_with_deepspeed_precision - DeepSpeed is a Python library
+// Lightning left out: tests_fabric/plugins/precision/test_deepspeed.py::test_deepspeed_precision_backward - DeepSpeed is a Python library
+// Lightning left out: tests_fabric/plugins/precision/test_deepspeed.py::test_deepspeed_engine_is_steppable - DeepSpeed is a Python library
+// Lightning left out: tests_fabric/plugins/precision/test_deepspeed.py::test_deepspeed_precision_optimizer_step - DeepSpeed is a Python library
+// Lightning left out: tests_fabric/plugins/precision/test_deepspeed.py::test_selected_dtype - DeepSpeed is a Python library
+// Lightning left out: tests_fabric/plugins/precision/test_deepspeed.py::test_module_init_context - DeepSpeed is a Python library
+// Lightning left out: tests_fabric/plugins/precision/test_deepspeed.py::test_convert_module - DeepSpeed is a Python library
+// Lightning left out: tests_fabric/plugins/precision/test_deepspeed_integration.py::test_deepspeed_precision_choice - DeepSpeed is a Python library
+// Lightning left out: tests_fabric/plugins/precision/test_transformer_engine.py::test_transformer_engine_plugin - Transformer Engine is a Python library
+// Lightning left out: tests_fabric/plugins/precision/test_transformer_engine.py::test_convert_module_handles_linear_without_bias - Transformer Engine is a Python library
+// Lightning left out: tests_fabric/plugins/precision/test_xla.py::test_precision_input_validation - XLA/TPU: fabric has no XLA accelerator
+// Lightning left out: tests_fabric/plugins/precision/test_xla.py::test_selected_dtype - XLA/TPU: fabric has no XLA accelerator
+// Lightning left out: tests_fabric/plugins/precision/test_xla.py::test_teardown - XLA/TPU: fabric has no XLA accelerator
+// Lightning left out: tests_fabric/plugins/precision/test_xla_integration.py::test_xla_precision - XLA/TPU: fabric has no XLA accelerator
+// Lightning left out: tests_fabric/plugins/precision/test_fsdp.py::test_fsdp_precision_config - fabric has no FSDP strategy yet (issue 18)
+// Lightning left out: tests_fabric/plugins/precision/test_fsdp.py::test_module_init_context - fabric has no FSDP strategy yet (issue 18)
+// Lightning left out: tests_fabric/plugins/precision/test_fsdp.py::test_fsdp_precision_default_scaler - fabric has no FSDP strategy yet (issue 18)
+// Lightning left out: tests_fabric/plugins/precision/test_fsdp.py::test_fsdp_precision_scaler_with_bf16 - fabric has no FSDP strategy yet (issue 18)
+// Lightning left out: tests_fabric/plugins/precision/test_fsdp.py::test_fsdp_precision_forward_context_f16 - fabric has no FSDP strategy yet (issue 18)
+// Lightning left out: tests_fabric/plugins/precision/test_fsdp.py::test_fsdp_precision_forward_context_bf16 - fabric has no FSDP strategy yet (issue 18)
+// Lightning left out: tests_fabric/plugins/precision/test_fsdp.py::test_fsdp_precision_backward - fabric has no FSDP strategy yet (issue 18)
+// Lightning left out: tests_fabric/plugins/precision/test_fsdp.py::test_fsdp_precision_optimizer_step_with_scaler - fabric has no FSDP strategy yet (issue 18)
+// Lightning left out: tests_fabric/plugins/precision/test_fsdp.py::test_fsdp_precision_optimizer_step_without_scaler - fabric has no FSDP strategy yet (issue 18)
+// Lightning left out: tests_fabric/plugins/precision/test_fsdp.py::test_invalid_precision_with_fsdp_precision - fabric has no FSDP strategy yet (issue 18)
+// Lightning left out: tests_fabric/plugins/precision/test_fsdp.py::test_convert_module - fabric has no FSDP strategy yet (issue 18)

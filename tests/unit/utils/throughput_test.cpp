@@ -1,5 +1,6 @@
 // Throughput, ThroughputMonitor, get_available_flops, measure_flops and transformer_flops: the cases of
-// Lightning's tests/tests_fabric/utilities/test_throughput.py, one by one, and fabric's error paths.
+// Lightning's tests_fabric/utilities/test_throughput.py, one by one (each names its Lightning test), and
+// fabric's error paths.
 
 // NOTE: only the umbrella header: CI builds the tests against the single header too.
 #include <torch/torch.h>
@@ -109,7 +110,8 @@ std::vector<std::int64_t> steps_of(const Calls& calls) {
 
 }  // namespace
 
-// test_measure_flops (Lightning's BoringModel is a Linear(32, 2); batch 2), with the exact counts.
+// Lightning: tests_fabric/utilities/test_throughput.py::test_measure_flops
+// Lightning's BoringModel is a Linear(32, 2), batch 2; here with the exact counts.
 TEST_CASE("measure_flops: a Linear forward is 2*B*in*out, forward and backward more", "[throughput]") {
   torch::nn::Linear model(32, 2);
   const auto x = torch::randn({2, 32});
@@ -244,7 +246,8 @@ TEST_CASE("measure_flops: a CUDA Linear's forward and backward (the backward run
   CHECK(fabric::measure_flops(autocast_fwd, [](const at::Tensor& y) { return y.to(at::kFloat).sum(); }) == 3 * fwd);
 }
 
-// test_get_available_flops (the XLA cases have no counterpart: fabric has no TPU accelerator).
+// Lightning: tests_fabric/utilities/test_throughput.py::test_get_available_flops
+// The XLA cases have no counterpart: fabric has no TPU accelerator.
 TEST_CASE("get_available_flops: a known name, an unknown one, an unsupported dtype", "[throughput]") {
   CHECK(fabric::get_available_flops("NVIDIA H100 PCIe", c10::ScalarType::BFloat16) == 756e12);
 
@@ -269,7 +272,8 @@ TEST_CASE("get_available_flops: a known name, an unknown one, an unsupported dty
   CHECK(warnings.messages.empty());
 }
 
-// test_get_available_flops_cuda_mapping_exists, with _is_ampere_or_later patched to False (tf32 = false).
+// Lightning: tests_fabric/utilities/test_throughput.py::test_get_available_flops_cuda_mapping_exists
+// With Lightning's _is_ampere_or_later patched to False (tf32 = false).
 TEST_CASE("get_available_flops: Lightning's known CUDA device names", "[throughput]") {
   const char* name = GENERATE(
       "NVIDIA H200 SXM1", "NVIDIA H200 NVL1", "h100-nvl", "h100-hbm3", "NVIDIA H100 PCIe", "h100-hbm2e",
@@ -285,7 +289,7 @@ TEST_CASE("get_available_flops: Lightning's known CUDA device names", "[throughp
   CHECK(fabric::get_available_flops(name, c10::ScalarType::Float, false).has_value());
 }
 
-// The xfail cases of test_get_available_flops_cuda_mapping_exists: parsed, but no figures.
+// The xfail cases of Lightning's test_get_available_flops_cuda_mapping_exists: parsed, but no figures.
 TEST_CASE("get_available_flops: devices without figures", "[throughput]") {
   const char* name = GENERATE("NVIDIA GeForce RTX 3070 Ti", "NVIDIA GeForce RTX 3060", "NVIDIA GeForce RTX 3060 Ti",
                               "NVIDIA GeForce RTX 3050", "NVIDIA GeForce RTX 3050 Ti", "NVIDIA L40S");
@@ -326,7 +330,7 @@ TEST_CASE("get_available_flops: the CUDA device's name from the driver", "[throu
   CHECK(*peak == fabric::get_available_flops(*name, c10::ScalarType::BFloat16));
 }
 
-// test_throughput
+// Lightning: tests_fabric/utilities/test_throughput.py::test_throughput
 TEST_CASE("Throughput: Lightning's cases", "[throughput]") {
   // required args only
   {
@@ -441,7 +445,7 @@ TEST_CASE("Throughput: errors in the settings", "[throughput]") {
   CHECK_THROWS_AS(fabric::Throughput({.window_size = 0}), fabric::Error);
 }
 
-// test_throughput_sparse_model_scaling
+// Lightning: tests_fabric/utilities/test_throughput.py::test_throughput_sparse_model_scaling
 TEST_CASE("Throughput: using_sparse_model scales the peak", "[throughput]") {
   CHECK(fabric::Throughput({.available_flops = 100.0, .using_sparse_model = false}).available_flops() == 100.0);
   CHECK(fabric::Throughput({.available_flops = 100.0, .using_sparse_model = true}).available_flops() == 200.0);
@@ -454,7 +458,7 @@ TEST_CASE("Throughput: using_sparse_model scales the peak", "[throughput]") {
                     ContainsSubstring("sparsity cannot reduce the peak"));
 }
 
-// test_throughput_sparse_model_warning
+// Lightning: tests_fabric/utilities/test_throughput.py::test_throughput_sparse_model_warning
 TEST_CASE("Throughput: a peak without using_sparse_model warns that MFU assumes a dense model", "[throughput]") {
   {
     WarningCapture warnings;
@@ -469,7 +473,7 @@ TEST_CASE("Throughput: a peak without using_sparse_model warns that MFU assumes 
   CHECK(warnings.messages.empty());
 }
 
-// test_throughput_sparse_model_mfu
+// Lightning: tests_fabric/utilities/test_throughput.py::test_throughput_sparse_model_mfu
 TEST_CASE("Throughput: MFU halves when the sparse peak doubles", "[throughput]") {
   const auto mfu = [](bool sparse) {
     fabric::Throughput throughput({.available_flops = 50, .window_size = 2, .using_sparse_model = sparse});
@@ -481,7 +485,8 @@ TEST_CASE("Throughput: MFU halves when the sparse peak doubles", "[throughput]")
   CHECK(mfu(true) == 0.1);
 }
 
-// test_throughput_monitor (get_available_flops patched to 100 there: the explicit peak here).
+// Lightning: tests_fabric/utilities/test_throughput.py::test_throughput_monitor
+// Lightning patches get_available_flops to 100; here the explicit peak.
 TEST_CASE("ThroughputMonitor: logs through a Fabric's loggers with a custom separator", "[throughput]") {
   auto logger = std::make_shared<RecordingLogger>();
   fabric::Fabric<fabric::CPU> fabric{{.loggers = {logger}}};
@@ -509,7 +514,7 @@ TEST_CASE("ThroughputMonitor: logs through a Fabric's loggers with a custom sepa
   CHECK(steps_of(logger->calls) == std::vector<std::int64_t>{0, 1, 2, 3, 4});
 }
 
-// test_throughput_monitor_step
+// Lightning: tests_fabric/utilities/test_throughput.py::test_throughput_monitor_step
 TEST_CASE("ThroughputMonitor: the step counts up, or is given", "[throughput]") {
   FakeFabric fake;
   fabric::ThroughputMonitor monitor(fake);
@@ -525,7 +530,8 @@ TEST_CASE("ThroughputMonitor: the step counts up, or is given", "[throughput]") 
   CHECK(steps_of(fake.logged) == std::vector<std::int64_t>{0, 5});
 }
 
-// test_throughput_monitor_world_size (Lightning sets monitor.world_size = 2; here the fabric has two).
+// Lightning: tests_fabric/utilities/test_throughput.py::test_throughput_monitor_world_size
+// Lightning sets monitor.world_size = 2; here the fabric has two.
 TEST_CASE("ThroughputMonitor: the world size comes from the fabric", "[throughput]") {
   FakeFabric fake{.world = 2};
   fabric::ThroughputMonitor monitor(fake, {.available_flops = 100, .window_size = 4, .using_sparse_model = false});
@@ -557,7 +563,7 @@ TEST_CASE("ThroughputMonitor: the world size comes from the fabric", "[throughpu
                                       "found 3"));
 }
 
-// test_throughput_monitor_sparse_model
+// Lightning: tests_fabric/utilities/test_throughput.py::test_throughput_monitor_sparse_model
 TEST_CASE("ThroughputMonitor: using_sparse_model scales the peak", "[throughput]") {
   FakeFabric fake;
   fabric::ThroughputMonitor monitor(fake, {.available_flops = 100, .using_sparse_model = true});
@@ -596,7 +602,7 @@ TEST_CASE("ThroughputMonitor: the dtype of the peak follows the precision", "[th
   CHECK(fabric::detail::compute_dtype(fabric.precision()) == c10::ScalarType::BFloat16);
 }
 
-// test_monotonic_window
+// Lightning: tests_fabric/utilities/test_throughput.py::test_monotonic_window
 TEST_CASE("MonotonicWindow: appends increasing values and keeps the last maxlen", "[throughput]") {
   fabric::detail::MonotonicWindow<int> w("value", 3);
   CHECK(w.empty());

@@ -12,6 +12,7 @@
 #include "fabric/strategies/environments/slurm.hpp"
 #include "fabric/strategies/environments/torchelastic.hpp"
 
+#include <concepts>
 #include <functional>
 #include <optional>
 #include <string>
@@ -56,6 +57,72 @@ struct DetectEnvironment {
 /// detected, as in Lightning; pass fabric::KubeflowEnvironment.)
 using AutoEnvironment = DetectEnvironment<TorchElasticEnvironment, SLURMEnvironment, LSFEnvironment, MPIEnvironment>;
 
+/// The number of processes per node that a launcher started, as `Options::auto_devices` takes it.
+struct LauncherDevices {
+  /// Processes on each node.
+  int devices = 1;
+  /// The launcher and the variable that says it, for messages: "torchrun (LOCAL_WORLD_SIZE)".
+  std::string_view source;
+};
+
+namespace detail {
+
+/// Reads the processes per node from SLURM_NTASKS_PER_NODE, else from SLURM_TASKS_PER_NODE when every node has
+/// as many (`4`, `4(x2)`, `4,4`).
+inline std::optional<int> slurm_tasks_per_node(const EnvLookup& env) {
+  if (auto n = env_int(env, "SLURM_NTASKS_PER_NODE")) return n;
+  const auto list = env("SLURM_TASKS_PER_NODE");
+  if (!list) return std::nullopt;
+  std::optional<long long> same;
+  for (std::string_view rest = *list; !rest.empty();) {
+    const auto comma = rest.find(',');
+    std::string_view item = rest.substr(0, comma);
+    rest = comma == std::string_view::npos ? std::string_view() : rest.substr(comma + 1);
+    const auto count = parse_integer(item.substr(0, item.find('(')));
+    if (!count || (same && *same != *count)) return std::nullopt;
+    same = count;
+  }
+  if (!same || *same < 1 || *same > 0x7fffffff) return std::nullopt;
+  return static_cast<int>(*same);
+}
+
+/// Returns the processes per node that E's launcher reports, when E is detected and its launcher reports them.
+template <class E>
+std::optional<LauncherDevices> launcher_devices_of(const E& e, const EnvLookup& env) {
+  const auto from = [&](std::string_view variable, std::string_view source) -> std::optional<LauncherDevices> {
+    if (auto n = env_int(env, variable); n && *n >= 1) return LauncherDevices{*n, source};
+    return std::nullopt;
+  };
+  if (!e.detect(env)) return std::nullopt;
+  if constexpr (std::same_as<E, TorchElasticEnvironment>) {
+    return from("LOCAL_WORLD_SIZE", "torchrun or fabric-run (LOCAL_WORLD_SIZE)");
+  } else if constexpr (std::same_as<E, SLURMEnvironment>) {
+    if (auto n = slurm_tasks_per_node(env); n && *n >= 1) {
+      return LauncherDevices{*n, "srun (SLURM_NTASKS_PER_NODE / SLURM_TASKS_PER_NODE)"};
+    }
+    return std::nullopt;
+  } else if constexpr (std::same_as<E, LSFEnvironment>) {
+    return from("JSM_NAMESPACE_LOCAL_SIZE", "jsrun (JSM_NAMESPACE_LOCAL_SIZE)");
+  } else if constexpr (std::same_as<E, MPIEnvironment>) {
+    if (env("OMPI_COMM_WORLD_SIZE")) return from("OMPI_COMM_WORLD_LOCAL_SIZE", "mpirun (OMPI_COMM_WORLD_LOCAL_SIZE)");
+    return from("MPI_LOCALNRANKS", "mpirun (MPI_LOCALNRANKS)");
+  } else if constexpr (requires { std::tuple_size<decltype(e.environments)>::value; }) {
+    // NOTE: a detection list: the first environment detected decides, as in topology().
+    std::optional<LauncherDevices> found;
+    bool decided = false;
+    std::apply(
+        [&](const auto&... each) {
+          ((decided = decided || (each.detect(env) ? (found = launcher_devices_of(each, env), true) : false)), ...);
+        },
+        e.environments);
+    return found;
+  } else {
+    return std::nullopt;
+  }
+}
+
+}  // namespace detail
+
 /// Holds any cluster environment behind one type, as a parallel strategy keeps it (Lightning's
 /// `plugins=[MyClusterEnvironment()]`); default: fabric::AutoEnvironment. What it reports is checked
 /// against the Fabric's devices and num_nodes.
@@ -75,6 +142,7 @@ class AnyEnvironment {
       topology_ = [environment](const EnvLookup& env, int devices, int num_nodes) {
         return environment.topology(env, devices, num_nodes);
       };
+      launcher_devices_ = [environment](const EnvLookup& env) { return detail::launcher_devices_of(environment, env); };
     }
   }
 
@@ -82,6 +150,12 @@ class AnyEnvironment {
   const std::string& name() const noexcept { return name_; }
   /// Says whether the held environment applies to this process.
   bool detect(const EnvLookup& env) const { return detect_(env); }
+  /// Returns the processes per node that the launcher of this process started, when the held environment (or
+  /// the first one a detection list detects) is torchrun's, SLURM's, LSF's or MPI's and its launcher says how many;
+  /// env defaults to this process's variables.
+  std::optional<LauncherDevices> launcher_devices(const EnvLookup& env = {}) const {
+    return launcher_devices_(env ? env : EnvLookup(detail::getenv_lookup));
+  }
   /// Reads this process's place in the job and checks it against devices and num_nodes.
   Topology topology(const EnvLookup& env, int devices, int num_nodes) const {
     if (devices < 1) detail::raise("expected devices >= 1, found {}; set Options{{.devices = N}} with N >= 1", devices);
@@ -106,6 +180,7 @@ class AnyEnvironment {
   std::string name_;
   std::function<bool(const EnvLookup&)> detect_;
   std::function<Topology(const EnvLookup&, int, int)> topology_;
+  std::function<std::optional<LauncherDevices>(const EnvLookup&)> launcher_devices_;
 };
 
 namespace detail {
