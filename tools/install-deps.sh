@@ -6,7 +6,8 @@ set -euo pipefail
 # What each command needs: `example` (tools/example.sh: build and train the Fashion-MNIST example), or all
 # of it (tools/test.sh: the tests also need Catch2, Python's torchrun, mpirun, ip and clang).
 example=(build-essential cmake ninja-build
-         libtorch-dev libgloo-dev libfmt-dev librange-v3-dev libcli11-dev zlib1g-dev dataset-fashion-mnist)
+         libtorch-dev libgloo-dev libfmt-dev librange-v3-dev nlohmann-json3-dev libcli11-dev zlib1g-dev
+         dataset-fashion-mnist)
 case "${1:-all}" in
   example)
     need=("${example[@]}")

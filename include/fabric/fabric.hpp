@@ -22,6 +22,7 @@
 #include "fabric/fwd.hpp"
 #include "fabric/io/checkpoint_io.hpp"
 #include "fabric/io/native.hpp"
+#include "fabric/io/safetensors.hpp"
 #include "fabric/io/state.hpp"
 #include "fabric/io/torch_archive.hpp"
 #include "fabric/loggers/csv.hpp"

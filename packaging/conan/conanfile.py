@@ -55,6 +55,7 @@ class FabricConan(ConanFile):
         # first and then conflict with it.
         self.requires("fmt/[^10]")
         self.requires("range-v3/0.12.0")
+        self.requires("nlohmann_json/3.11.2")
 
     def package_id(self):
         self.info.clear()

@@ -207,12 +207,12 @@ def main(conan_dir, source_dir, work_dir, expected_version):
         problems.append(f"layout() puts the sources in {src!r}, but export_sources() copies them to the root")
     recipe.source_folder = os.path.join(recipe.export_sources_folder, src or ".")
 
-    # requirements(): libtorch, fmt and range-v3, by their ConanCenter names.
+    # requirements(): libtorch, fmt, range-v3 and nlohmann_json, by their ConanCenter names.
     recipe.requirements()
     refs = [ref for ref, _ in recipe.declared_requires]
     names = sorted(ref.split("/", 1)[0] for ref in refs)
-    if names != ["fmt", "libtorch", "range-v3"]:
-        problems.append(f"requirements() declares {refs}, expected fmt, range-v3 and libtorch")
+    if names != ["fmt", "libtorch", "nlohmann_json", "range-v3"]:
+        problems.append(f"requirements() declares {refs}, expected fmt, range-v3, nlohmann_json and libtorch")
     for ref in refs:
         if "/" not in ref or not ref.split("/", 1)[1]:
             problems.append(f"requirement {ref!r} has no version")

@@ -54,7 +54,7 @@ def main(port_dir, source_dir, expected_version):
         if isinstance(dep, dict) and set(dep) - DEPENDENCY_FIELDS:
             problems.append(f"dependency {dep.get('name')!r} has unknown fields {sorted(set(dep) - DEPENDENCY_FIELDS)}")
     names = dependency_names(deps)
-    for name in ("fmt", "range-v3", "libtorch", "vcpkg-cmake", "vcpkg-cmake-config"):
+    for name in ("fmt", "range-v3", "nlohmann-json", "libtorch", "vcpkg-cmake", "vcpkg-cmake-config"):
         if names.count(name) != 1:
             problems.append(f"dependency {name!r} listed {names.count(name)} times, expected once")
     for dep in deps:
@@ -62,7 +62,7 @@ def main(port_dir, source_dir, expected_version):
         host = isinstance(dep, dict) and dep.get("host", False)
         if name in ("vcpkg-cmake", "vcpkg-cmake-config") and not host:
             problems.append(f"{name} must be a host dependency")
-        if name in ("fmt", "range-v3", "libtorch") and host:
+        if name in ("fmt", "range-v3", "nlohmann-json", "libtorch") and host:
             problems.append(f"{name} must be a target dependency, not a host one")
 
     features = manifest.get("features", {})

@@ -50,11 +50,11 @@ function(vcpkg_cmake_configure)
   if(CXX_COMPILER)
     list(APPEND generator_args "-DCMAKE_CXX_COMPILER=${CXX_COMPILER}")
   endif()
-  # vcpkg's installed tree holds the declared dependencies only (fmt, range-v3, libtorch); hide what this
+  # vcpkg's installed tree holds the declared dependencies only (fmt, range-v3, nlohmann-json, libtorch); hide what this
   # system has besides them (the tests', examples' and benchmarks' dependencies), so that the port is
   # shown to configure without them.
   set(hide_undeclared)
-  foreach(package Catch2 ZLIB CLI11 nlohmann_json)
+  foreach(package Catch2 ZLIB CLI11)
     list(APPEND hide_undeclared -DCMAKE_DISABLE_FIND_PACKAGE_${package}=ON)
   endforeach()
   set(dirs)

@@ -5237,6 +5237,978 @@ class NativeCheckpointIO {
 
 }  // namespace fabric
 // ---- end fabric/io/native.hpp
+// ---- begin fabric/io/safetensors.hpp
+// fabric::SafetensorsCheckpointIO: checkpoints in Hugging Face's safetensors format, which Python's
+// `safetensors.torch.load_file` reads (a module's tensors under the names of its state_dict()), and
+// which fabric reads back memory-mapped, from fabric or from anyone else; fabric::AutoCheckpointIO picks
+// it or the native format by the path's extension (what save and load do by default).
+
+// ---- begin fabric/detail/safetensors_header.hpp
+// The safetensors header, torch-free (so that it can be fuzzed with any compiler): the bytes of a file
+// become a validated list of tensors (name, dtype, shape, byte range) and the `__metadata__` strings,
+// and back. The layout (huggingface/safetensors, README "Format"): an 8-byte little-endian header
+// length N, N bytes of UTF-8 JSON (`{"__metadata__": {str: str}, name: {"dtype": "F32", "shape": [..],
+// "data_offsets": [begin, end]}, ...}`, space-padded), then the data, which the tensors' byte ranges
+// (relative to its start) cover exactly, without gaps or overlaps.
+
+
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+#include <nlohmann/json.hpp>
+
+#include <algorithm>
+#include <array>
+#include <cstddef>
+#include <cstdint>
+#include <limits>
+#include <optional>
+#include <set>
+#include <span>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+namespace fabric::detail::safetensors {
+
+/// The largest header fabric reads (the Rust reader's bound, 100 MB).
+inline constexpr std::uint64_t max_header_bytes = 100'000'000;
+/// The deepest nesting a valid header has: the root object, a tensor's object, its shape or offsets.
+inline constexpr int max_depth = 3;
+
+/// One tensor of a safetensors file: its byte range is relative to the start of the data.
+struct TensorInfo {
+  std::string name;
+  std::string dtype;  // "F32", "BF16", "I64", "BOOL", ...
+  std::vector<std::int64_t> shape;
+  std::uint64_t begin = 0;
+  std::uint64_t end = 0;
+};
+
+/// A parsed header: the tensors in the order of their data, the metadata, and where the data starts
+/// in the file (8 + the header length).
+struct Header {
+  std::vector<TensorInfo> tensors;
+  std::vector<std::pair<std::string, std::string>> metadata;
+  std::uint64_t data_start = 0;
+};
+
+/// The size in bytes of one element of a safetensors dtype; nothing for a dtype fabric does not know
+/// (the sub-byte F4/F6 types have no whole-byte size).
+inline std::optional<std::size_t> dtype_size(std::string_view dtype) {
+  static constexpr std::array<std::pair<std::string_view, std::size_t>, 16> sizes{{{"BOOL", 1},
+                                                                                   {"U8", 1},
+                                                                                   {"I8", 1},
+                                                                                   {"F8_E5M2", 1},
+                                                                                   {"F8_E4M3", 1},
+                                                                                   {"I16", 2},
+                                                                                   {"U16", 2},
+                                                                                   {"F16", 2},
+                                                                                   {"BF16", 2},
+                                                                                   {"I32", 4},
+                                                                                   {"U32", 4},
+                                                                                   {"F32", 4},
+                                                                                   {"F64", 8},
+                                                                                   {"I64", 8},
+                                                                                   {"U64", 8},
+                                                                                   {"C64", 8}}};
+  for (const auto& [name, size] : sizes) {
+    if (name == dtype) return size;
+  }
+  return std::nullopt;
+}
+
+/// The number of elements of a shape times the element size; nothing when it overflows 64 bits.
+inline std::optional<std::uint64_t> byte_size(const std::vector<std::int64_t>& shape, std::size_t item) {
+  std::uint64_t n = item;
+  for (const std::int64_t d : shape) {
+    if (d < 0 || __builtin_mul_overflow(n, static_cast<std::uint64_t>(d), &n)) return std::nullopt;
+  }
+  return n;
+}
+
+namespace impl {
+
+using json = nlohmann::json;
+
+inline std::uint64_t read_u64_le(const unsigned char* p) {
+  std::uint64_t v = 0;
+  for (int i = 7; i >= 0; --i) v = (v << 8) | p[i];
+  return v;
+}
+
+inline std::uint64_t unsigned_value(const json& v, std::string_view what, std::string_view name) {
+  if (!v.is_number_unsigned() && !(v.is_number_integer() && v.get<std::int64_t>() >= 0)) {
+    raise("invalid safetensors header: tensor \"{}\": expected {} to be a non-negative integer, found {}", name, what,
+          v.dump());
+  }
+  return v.get<std::uint64_t>();
+}
+
+/// Parses the JSON text: nesting deeper than a header has and a key given twice in one object are
+/// refused while parsing (nlohmann keeps the last of repeated keys silently).
+inline json parse_json(std::string_view text) {
+  std::vector<std::set<std::string>> keys;  // the keys seen in each open object
+  const json::parser_callback_t check = [&](int depth, json::parse_event_t event, json& parsed) {
+    switch (event) {
+      case json::parse_event_t::object_start:
+      case json::parse_event_t::array_start:
+        if (depth >= max_depth) {
+          raise(
+              "invalid safetensors header: nested deeper than {} levels; expected {{name: {{dtype, shape, "
+              "data_offsets}}}}",
+              max_depth);
+        }
+        if (event == json::parse_event_t::object_start) keys.emplace_back();
+        break;
+      case json::parse_event_t::object_end:
+        if (!keys.empty()) keys.pop_back();
+        break;
+      case json::parse_event_t::key:
+        if (!keys.empty() && !keys.back().insert(parsed.get<std::string>()).second) {
+          raise("invalid safetensors header: the key \"{}\" appears twice in one object; expected unique names",
+                parsed.get<std::string>());
+        }
+        break;
+      default:
+        break;
+    }
+    return true;
+  };
+  try {
+    return json::parse(text.begin(), text.end(), check, /*allow_exceptions=*/true, /*ignore_comments=*/false);
+  } catch (const json::exception& e) {
+    raise("invalid safetensors header: not valid UTF-8 JSON ({})", e.what());
+  }
+}
+
+}  // namespace impl
+
+/// Parses and validates the header of a safetensors file of file_size bytes whose first bytes are in
+/// prefix (at least the 8-byte length and the header; more is ignored). Refuses, with fabric::Error:
+/// a length beyond the file or over max_header_bytes, JSON that is not valid UTF-8 or nested deeper
+/// than a header, names given twice, unknown dtypes, negative dimensions, a shape whose byte size
+/// overflows or differs from its byte range, and byte ranges that are reversed, overlap, leave gaps or
+/// do not end at the end of the file.
+inline Header parse_header(std::span<const unsigned char> prefix, std::uint64_t file_size) {
+  if (file_size < 8 || prefix.size() < 8) {
+    raise("invalid safetensors file: {} bytes, expected at least the 8-byte header length", file_size);
+  }
+  const std::uint64_t n = impl::read_u64_le(prefix.data());
+  if (n > max_header_bytes) {
+    raise("invalid safetensors file: the header length is {} bytes, over the {} bytes fabric reads", n,
+          max_header_bytes);
+  }
+  if (n > file_size - 8) {
+    raise("invalid safetensors file: the header length is {} bytes but the file has {} bytes after it", n,
+          file_size - 8);
+  }
+  if (prefix.size() < 8 + n) raise("invalid safetensors file: {} header bytes given, expected {}", prefix.size(), n);
+  const std::string_view text(reinterpret_cast<const char*>(prefix.data()) + 8, static_cast<std::size_t>(n));
+  if (text.empty() || text.front() != '{') {
+    raise("invalid safetensors header: expected a JSON object starting with '{{', found {}",
+          text.empty() ? std::string("nothing") : fmt::format("byte {:#04x}", static_cast<unsigned char>(text[0])));
+  }
+  const impl::json root = impl::parse_json(text);
+  if (!root.is_object()) raise("invalid safetensors header: expected a JSON object, found {}", root.type_name());
+
+  Header header;
+  header.data_start = 8 + n;
+  const std::uint64_t data_size = file_size - header.data_start;
+  for (const auto& [name, value] : root.items()) {
+    if (name == "__metadata__") {
+      if (!value.is_object()) {
+        raise("invalid safetensors header: expected \"__metadata__\" to map strings to strings, found {}",
+              value.type_name());
+      }
+      for (const auto& [key, text_value] : value.items()) {
+        if (!text_value.is_string()) {
+          raise("invalid safetensors header: \"__metadata__\" entry \"{}\" is {}, expected a string", key,
+                text_value.type_name());
+        }
+        header.metadata.emplace_back(key, text_value.get<std::string>());
+      }
+      continue;
+    }
+    if (!value.is_object()) {
+      raise("invalid safetensors header: tensor \"{}\" is {}, expected an object with dtype, shape and data_offsets",
+            name, value.type_name());
+    }
+    for (const char* field : {"dtype", "shape", "data_offsets"}) {
+      if (!value.contains(field)) raise("invalid safetensors header: tensor \"{}\" has no \"{}\"", name, field);
+    }
+    TensorInfo info;
+    info.name = name;
+    const auto& dtype = value.at("dtype");
+    if (!dtype.is_string()) raise("invalid safetensors header: tensor \"{}\": dtype is {}", name, dtype.type_name());
+    info.dtype = dtype.get<std::string>();
+    const auto item = dtype_size(info.dtype);
+    if (!item) {
+      raise(
+          "invalid safetensors header: tensor \"{}\" has the dtype \"{}\", which fabric does not read; expected one "
+          "of BOOL, U8, I8, I16, I32, I64, F16, BF16, F32, F64 (and U16, U32, U64, F8_E5M2, F8_E4M3, C64)",
+          name, info.dtype);
+    }
+    const auto& shape = value.at("shape");
+    if (!shape.is_array()) raise("invalid safetensors header: tensor \"{}\": shape is {}", name, shape.type_name());
+    for (const auto& d : shape) {
+      const std::uint64_t dim = impl::unsigned_value(d, "every dimension", name);
+      if (dim > static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max())) {
+        raise("invalid safetensors header: tensor \"{}\": the dimension {} is too large", name, dim);
+      }
+      info.shape.push_back(static_cast<std::int64_t>(dim));
+    }
+    const auto& offsets = value.at("data_offsets");
+    if (!offsets.is_array() || offsets.size() != 2) {
+      raise("invalid safetensors header: tensor \"{}\": expected data_offsets [begin, end], found {}", name,
+            offsets.dump());
+    }
+    info.begin = impl::unsigned_value(offsets[0], "data_offsets", name);
+    info.end = impl::unsigned_value(offsets[1], "data_offsets", name);
+    if (info.begin > info.end) {
+      raise("invalid safetensors header: tensor \"{}\": data_offsets [{}, {}] end before they begin", name, info.begin,
+            info.end);
+    }
+    const auto bytes = byte_size(info.shape, *item);
+    if (!bytes) raise("invalid safetensors header: tensor \"{}\": the byte size of its shape overflows", name);
+    if (*bytes != info.end - info.begin) {
+      raise(
+          "invalid safetensors header: tensor \"{}\": a {} tensor of shape [{}] has {} bytes, but its data_offsets "
+          "[{}, {}] hold {}",
+          name, info.dtype, fmt::join(info.shape, ", "), *bytes, info.begin, info.end, info.end - info.begin);
+    }
+    header.tensors.push_back(std::move(info));
+  }
+  std::sort(header.tensors.begin(), header.tensors.end(), [](const TensorInfo& a, const TensorInfo& b) {
+    return a.begin != b.begin ? a.begin < b.begin : a.end < b.end;
+  });
+  std::uint64_t at = 0;
+  for (const auto& t : header.tensors) {
+    if (t.begin != at) {
+      raise("invalid safetensors header: tensor \"{}\" starts at byte {} of the data, expected {} ({})", t.name,
+            t.begin, at, t.begin < at ? "it overlaps the tensor before it" : "a gap before it");
+    }
+    at = t.end;
+  }
+  if (at != data_size) {
+    raise("invalid safetensors file: the tensors cover {} bytes of data, but the file has {} after the header", at,
+          data_size);
+  }
+  return header;
+}
+
+/// Writes the 8-byte length and the JSON header of tensors laid out in the given order (their byte
+/// ranges are assigned here, one after another), space-padded to a multiple of 8 bytes as Python's
+/// writer does. A name or metadata string that is not valid UTF-8 is an error.
+inline std::string write_header(std::vector<TensorInfo>& tensors,
+                                const std::vector<std::pair<std::string, std::string>>& metadata) {
+  nlohmann::ordered_json root = nlohmann::ordered_json::object();
+  if (!metadata.empty()) {
+    nlohmann::ordered_json meta = nlohmann::ordered_json::object();
+    std::set<std::string_view> keys;
+    for (const auto& [key, value] : metadata) {
+      if (!keys.insert(key).second) raise("cannot write safetensors: the metadata key \"{}\" is given twice", key);
+      meta[key] = value;
+    }
+    root["__metadata__"] = std::move(meta);
+  }
+  std::set<std::string_view> names;
+  std::uint64_t at = 0;
+  for (auto& t : tensors) {
+    if (t.name == "__metadata__" || !names.insert(t.name).second) {
+      raise("cannot write safetensors: the tensor name \"{}\" is {}; expected unique names", t.name,
+            t.name == "__metadata__" ? "reserved" : "given twice");
+    }
+    const auto item = dtype_size(t.dtype);
+    const auto bytes = item ? byte_size(t.shape, *item) : std::nullopt;
+    if (!bytes) raise("cannot write safetensors: tensor \"{}\" has an unknown dtype or an overflowing size", t.name);
+    t.begin = at;
+    t.end = at + *bytes;
+    at = t.end;
+    root[t.name] = {{"dtype", t.dtype}, {"shape", t.shape}, {"data_offsets", {t.begin, t.end}}};
+  }
+  std::string text;
+  try {
+    text = root.dump();
+  } catch (const nlohmann::json::exception& e) {
+    raise("cannot write safetensors: a name or metadata value is not valid UTF-8 ({})", e.what());
+  }
+  text.append((8 - text.size() % 8) % 8, ' ');
+  std::string out(8, '\0');
+  for (int i = 0; i < 8; ++i) out[i] = static_cast<char>((static_cast<std::uint64_t>(text.size()) >> (8 * i)) & 0xff);
+  return out + text;
+}
+
+}  // namespace fabric::detail::safetensors
+// ---- end fabric/detail/safetensors_header.hpp
+
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+
+#include <ATen/ATen.h>
+#include <ATen/core/Dict.h>
+#include <ATen/core/ivalue.h>
+#include <c10/util/Exception.h>
+#include <torch/serialize/input-archive.h>
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <bit>
+#include <cerrno>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <map>
+#include <memory>
+#include <optional>
+#include <set>
+#include <span>
+#include <string>
+#include <system_error>
+#include <utility>
+#include <vector>
+
+namespace fabric {
+namespace detail::safetensors {
+
+static_assert(std::endian::native == std::endian::little,
+              "fabric: safetensors data is little-endian; fabric reads it on little-endian machines only");
+
+/// The metadata key of fabric's layout (JSON): what each checkpoint entry was and where its parts are.
+inline constexpr const char* layout_key = "__fabric__";
+
+inline const char* dtype_name(at::ScalarType t) {
+  switch (t) {
+    case at::kBool:
+      return "BOOL";
+    case at::kByte:
+      return "U8";
+    case at::kChar:
+      return "I8";
+    case at::kShort:
+      return "I16";
+    case at::kInt:
+      return "I32";
+    case at::kLong:
+      return "I64";
+    case at::kHalf:
+      return "F16";
+    case at::kBFloat16:
+      return "BF16";
+    case at::kFloat:
+      return "F32";
+    case at::kDouble:
+      return "F64";
+    case at::kComplexFloat:
+      return "C64";
+    default:
+      return nullptr;
+  }
+}
+
+inline std::optional<at::ScalarType> scalar_type(std::string_view dtype) {
+  for (const at::ScalarType t : {at::kBool, at::kByte, at::kChar, at::kShort, at::kInt, at::kLong, at::kHalf,
+                                 at::kBFloat16, at::kFloat, at::kDouble, at::kComplexFloat}) {
+    if (dtype == dtype_name(t)) return t;
+  }
+  return std::nullopt;
+}
+
+/// A file mapped into memory (private, copy-on-write), unmapped when the last tensor over it dies.
+class Mapping {
+ public:
+  explicit Mapping(const std::filesystem::path& path) {
+    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0) raise("could not open {}: {}", path.string(), std::generic_category().message(errno));
+    struct stat st {};
+    if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+      ::close(fd);
+      raise("could not read {}: expected a regular file", path.string());
+    }
+    size_ = static_cast<std::size_t>(st.st_size);
+    if (size_ < 8) {
+      ::close(fd);
+      raise("could not read {} as safetensors: the file has {} bytes, expected at least 8", path.string(), size_);
+    }
+    void* addr = ::mmap(nullptr, size_, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0);
+    const int error = errno;
+    ::close(fd);
+    if (addr == MAP_FAILED) raise("could not map {}: {}", path.string(), std::generic_category().message(error));
+    data_ = static_cast<unsigned char*>(addr);
+  }
+  Mapping(const Mapping&) = delete;
+  Mapping& operator=(const Mapping&) = delete;
+  ~Mapping() { ::munmap(data_, size_); }
+
+  unsigned char* data() const noexcept { return data_; }
+  std::size_t size() const noexcept { return size_; }
+
+ private:
+  unsigned char* data_ = nullptr;
+  std::size_t size_ = 0;
+};
+
+/// A file read: its header, and its tensors over the mapping (each keeps the mapping alive).
+struct File {
+  Header header;
+  std::map<std::string, at::Tensor> tensors;
+  std::map<std::string, std::string> metadata;
+};
+
+/// Maps and validates a safetensors file; tensors are views of the mapping, not copies (a tensor whose
+/// data is not aligned for its type is copied).
+inline File read(const std::filesystem::path& path) {
+  auto mapping = std::make_shared<Mapping>(path);
+  File file;
+  try {
+    file.header = parse_header(std::span<const unsigned char>(mapping->data(), mapping->size()), mapping->size());
+  } catch (const Error& e) {
+    raise("could not read {}: {}", path.string(), e.what());
+  }
+  for (const auto& [key, value] : file.header.metadata) file.metadata[key] = value;
+  for (const auto& info : file.header.tensors) {
+    const auto type = scalar_type(info.dtype);
+    if (!type) {
+      raise("could not read {}: tensor \"{}\" has the dtype {}, which this LibTorch has no type for", path.string(),
+            info.name, info.dtype);
+    }
+    unsigned char* data = mapping->data() + file.header.data_start + info.begin;
+    const auto options = at::TensorOptions().dtype(*type);
+    at::Tensor t;
+    const auto item = static_cast<std::uintptr_t>(c10::elementSize(*type));
+    if (info.begin == info.end) {
+      t = at::empty(info.shape, options);
+    } else if (reinterpret_cast<std::uintptr_t>(data) % item != 0) {
+      t = at::empty(info.shape, options);
+      std::memcpy(t.data_ptr(), data, info.end - info.begin);
+    } else {
+      t = at::from_blob(
+          data, info.shape, [keep = mapping](void*) {}, options);
+    }
+    file.tensors.emplace(info.name, std::move(t));
+  }
+  return file;
+}
+
+// ---- values: type-tagged strings in __metadata__ ----
+
+inline std::string encode_value(const c10::IValue& v, const std::string& where) {
+  if (v.isBool()) return v.toBool() ? "bool:true" : "bool:false";
+  if (v.isInt()) return fmt::format("int:{}", v.toInt());
+  if (v.isDouble()) return fmt::format("float:{}", v.toDouble());
+  if (v.isString()) return "str:" + v.toStringRef();
+  if (v.isNone()) return "none:";
+  raise(
+      "cannot write \"{}\" to safetensors: it is {}; expected tensors, dictionaries, lists, numbers, booleans and "
+      "strings",
+      where, describe(v));
+}
+
+inline c10::IValue decode_value(const std::string& text) {
+  const auto colon = text.find(':');
+  const std::string tag = colon == std::string::npos ? "" : text.substr(0, colon);
+  const std::string rest = colon == std::string::npos ? text : text.substr(colon + 1);
+  if (tag == "bool" && (rest == "true" || rest == "false")) return rest == "true";
+  if (tag == "int" || tag == "float") {
+    const char* begin = rest.c_str();
+    char* end = nullptr;
+    errno = 0;
+    if (tag == "int") {
+      const long long n = std::strtoll(begin, &end, 10);
+      if (!rest.empty() && *end == '\0' && errno == 0) return static_cast<std::int64_t>(n);
+    } else {
+      const double d = std::strtod(begin, &end);
+      if (!rest.empty() && *end == '\0') return d;
+    }
+  }
+  if (tag == "str") return rest;
+  if (tag == "none" && rest.empty()) return c10::IValue();
+  return text;  // a string another writer put there, as it is
+}
+
+// ---- the optimizer: LibTorch's archive flattened as Python's optimizer.state_dict() ----
+
+inline std::vector<std::string> archive_keys(torch::serialize::InputArchive& archive) {
+  std::vector<std::string> out;
+  for (auto& key : archive.keys()) {
+    if (key != "training") out.push_back(std::move(key));  // every TorchScript module has it
+  }
+  return out;
+}
+
+inline nlohmann::ordered_json option_json(const c10::IValue& v, const std::string& where) {
+  if (v.isBool()) return v.toBool();
+  if (v.isInt()) return v.toInt();
+  if (v.isDouble()) return v.toDouble();
+  if (v.isString()) return v.toStringRef();
+  if (v.isNone()) return nullptr;
+  if (v.isTuple() || v.isList()) {
+    nlohmann::ordered_json out = nlohmann::ordered_json::array();
+    const auto items = v.isTuple() ? v.toTupleRef().elements().vec() : v.toListRef().vec();
+    for (const auto& item : items) out.push_back(option_json(item, where));
+    return out;
+  }
+  raise("cannot write the optimizer option {} to safetensors: it is {}", where, describe(v));
+}
+
+/// Appends the optimizer's state as `<key>.state.<i>.<name>` tensors (i: the parameter's index over all
+/// groups, as in Python's optimizer.state_dict()) and returns its param_groups as Python has them
+/// (options and "params": [indices]).
+inline nlohmann::ordered_json flatten_optimizer(const std::string& key, const at::Tensor& blob,
+                                                std::vector<std::pair<std::string, at::Tensor>>& tensors) {
+  torch::serialize::InputArchive archive;
+  const at::Tensor bytes = blob.contiguous();
+  archive.load_from(static_cast<const char*>(bytes.data_ptr()), static_cast<std::size_t>(bytes.numel()));
+  torch::serialize::InputArchive groups;
+  archive.read("param_groups", groups);
+  at::Tensor size;
+  groups.read("param_groups/size", size);
+  std::map<std::string, std::int64_t> index;  // LibTorch's state key (a TensorImpl address) to the index
+  nlohmann::ordered_json out = nlohmann::ordered_json::array();
+  for (std::int64_t g = 0; g < size.item<std::int64_t>(); ++g) {
+    torch::serialize::InputArchive group;
+    groups.read(fmt::format("param_groups/{}", g), group);
+    at::Tensor count;
+    group.read("params/size", count);
+    nlohmann::ordered_json entry = nlohmann::ordered_json::object();
+    torch::serialize::InputArchive options;
+    group.read("options", options);
+    for (const auto& name : archive_keys(options)) {
+      c10::IValue v;
+      options.read(name, v);
+      entry[name] = option_json(v, fmt::format("\"{}\" of \"{}\"", name, key));
+    }
+    nlohmann::ordered_json params = nlohmann::ordered_json::array();
+    for (std::int64_t p = 0; p < count.item<std::int64_t>(); ++p) {
+      c10::IValue id;
+      group.read(fmt::format("params/{}", p), id);
+      const auto i = static_cast<std::int64_t>(index.size());
+      index.emplace(id.toStringRef(), i);
+      params.push_back(i);
+    }
+    entry["params"] = std::move(params);
+    out.push_back(std::move(entry));
+  }
+  torch::serialize::InputArchive state;
+  archive.read("state", state);
+  std::vector<std::pair<std::int64_t, std::string>> order;
+  for (const auto& id : archive_keys(state)) {
+    const auto it = index.find(id);
+    if (it == index.end()) raise("cannot write \"{}\" to safetensors: its state names an unknown parameter", key);
+    order.emplace_back(it->second, id);
+  }
+  std::sort(order.begin(), order.end());
+  for (const auto& [i, id] : order) {
+    torch::serialize::InputArchive param;
+    state.read(id, param);
+    for (const auto& name : archive_keys(param)) {
+      c10::IValue v;
+      param.read(name, v);
+      const std::string file_name = fmt::format("{}.state.{}.{}", key, i, name);
+      if (v.isTensor()) {
+        tensors.emplace_back(file_name, v.toTensor());
+      } else if (v.isInt() || v.isDouble()) {
+        // NOTE: PyTorch keeps "step" as a float32 scalar tensor; other numbers keep their type.
+        const bool step = name == "step";
+        tensors.emplace_back(file_name, v.isInt() && !step
+                                            ? at::scalar_tensor(v.toInt(), at::kLong)
+                                            : at::scalar_tensor(v.toScalar(), step ? at::kFloat : at::kDouble));
+      } else {
+        raise(
+            "cannot write \"{}\" to safetensors: its state \"{}\" is {}, not a tensor or a number (LBFGS keeps lists); "
+            "save it in fabric's native format",
+            key, name, describe(v));
+      }
+    }
+  }
+  return out;
+}
+
+// ---- writing ----
+
+struct Writer {
+  std::vector<std::pair<std::string, at::Tensor>> tensors;
+  std::vector<std::pair<std::string, std::string>> metadata;
+
+  /// Writes a value of a Stateful object or a plain value under name; returns its layout leaf.
+  nlohmann::ordered_json value(const std::string& name, const c10::IValue& v) {
+    if (v.isTensor()) {
+      if (!v.toTensor().defined()) raise("cannot write \"{}\" to safetensors: the tensor is undefined", name);
+      tensors.emplace_back(name, v.toTensor());
+      return "tensor:" + name;
+    }
+    if (v.isGenericDict()) {
+      nlohmann::ordered_json out = nlohmann::ordered_json::object();
+      for (const auto& item : v.toGenericDict()) {
+        if (!item.key().isString()) {
+          raise("cannot write \"{}\" to safetensors: a key is {}; expected string keys", name, describe(item.key()));
+        }
+        out[item.key().toStringRef()] = value(name + "." + item.key().toStringRef(), item.value());
+      }
+      return nlohmann::ordered_json{{"dict", std::move(out)}};
+    }
+    if (v.isList() || v.isTuple()) {
+      nlohmann::ordered_json out = nlohmann::ordered_json::array();
+      const auto items = v.isTuple() ? v.toTupleRef().elements().vec() : v.toListRef().vec();
+      for (std::size_t i = 0; i < items.size(); ++i) out.push_back(value(fmt::format("{}.{}", name, i), items[i]));
+      return nlohmann::ordered_json{{"list", std::move(out)}};
+    }
+    metadata.emplace_back(name, encode_value(v, name));
+    return "meta:" + name;
+  }
+};
+
+/// Writes a checkpoint dictionary as safetensors bytes (see SafetensorsCheckpointIO for the layout).
+inline std::string to_bytes(const Checkpoint& checkpoint) {
+  Writer w;
+  nlohmann::ordered_json layout = nlohmann::ordered_json::object();
+  nlohmann::ordered_json entries = nlohmann::ordered_json::object();
+  std::map<std::string, std::string> kinds;
+  if (checkpoint.contains(marker_key)) {
+    const auto marker = checkpoint.at(marker_key).toGenericDict();
+    layout["format"] = marker.at("format").toInt();
+    layout["version"] = marker.at("version").toStringRef();
+    for (const auto& k : marker.at("kinds").toGenericDict()) kinds[k.key().toStringRef()] = k.value().toStringRef();
+  } else {
+    layout["format"] = checkpoint_format;
+    layout["version"] = std::string(version());
+  }
+  int modules = 0;
+  for (const auto& [key, kind] : kinds) modules += kind == "module" ? 1 : 0;
+  for (const auto& item : checkpoint) {
+    const std::string key = item.key().toStringRef();
+    if (key == marker_key) continue;
+    const auto kind_it = kinds.find(key);
+    const std::string kind = kind_it != kinds.end() ? kind_it->second : "value";
+    nlohmann::ordered_json entry{{"kind", kind}};
+    if (kind == "module") {
+      // NOTE: one module: its tensors under their state_dict() names, as Python's model.state_dict() has them.
+      nlohmann::ordered_json names = nlohmann::ordered_json::object();
+      for (const auto& t : item.value().toGenericDict()) {
+        const std::string name = modules == 1 ? t.key().toStringRef() : key + "." + t.key().toStringRef();
+        w.tensors.emplace_back(name, t.value().toTensor());
+        names[t.key().toStringRef()] = name;
+      }
+      entry["tensors"] = std::move(names);
+    } else if (kind == "optimizer") {
+      const auto dict = item.value().toGenericDict();
+      const std::string archive = key + ".libtorch_archive";
+      w.tensors.emplace_back(archive, dict.at("archive").toTensor());
+      nlohmann::ordered_json groups;
+      try {
+        groups = flatten_optimizer(key, dict.at("archive").toTensor(), w.tensors);
+      } catch (const c10::Error& e) {
+        raise("cannot write \"{}\" to safetensors: its LibTorch state has an unexpected layout ({})", key,
+              first_line(e.what_without_backtrace()));
+      }
+      w.metadata.emplace_back(key + ".param_groups", groups.dump());
+      entry["type"] = dict.at("type").toStringRef();
+      nlohmann::ordered_json shapes = nlohmann::ordered_json::array();
+      for (const auto& s : dict.at("shapes").toListRef()) shapes.push_back(s.toIntVector());
+      entry["shapes"] = std::move(shapes);
+      entry["archive"] = archive;
+    } else {
+      entry["value"] = w.value(key, item.value());
+    }
+    entries[key] = std::move(entry);
+  }
+  layout["entries"] = std::move(entries);
+  w.metadata.emplace_back(layout_key, layout.dump());
+
+  std::vector<TensorInfo> infos;
+  std::vector<at::Tensor> data;
+  for (auto& [name, tensor] : w.tensors) {
+    at::Tensor t = tensor.detach().to(at::kCPU).contiguous();
+    const char* dtype = dtype_name(t.scalar_type());
+    if (dtype == nullptr) {
+      raise("cannot write \"{}\" to safetensors: its dtype {} has no safetensors type; convert it first", name,
+            c10::toString(t.scalar_type()));
+    }
+    infos.push_back(TensorInfo{name, dtype, t.sizes().vec(), 0, 0});
+    data.push_back(std::move(t));
+  }
+  std::string out = write_header(infos, w.metadata);
+  const std::size_t header = out.size();
+  out.resize(header + (infos.empty() ? 0 : infos.back().end));
+  for (std::size_t i = 0; i < infos.size(); ++i) {
+    if (infos[i].end > infos[i].begin) {
+      std::memcpy(out.data() + header + infos[i].begin, data[i].data_ptr(), infos[i].end - infos[i].begin);
+    }
+  }
+  return out;
+}
+
+// ---- reading ----
+
+/// Parses fabric's layout (a JSON string in the metadata), nested at most a few levels per value.
+inline nlohmann::json parse_layout(const std::string& text, const std::filesystem::path& path) {
+  int depth_seen = 0;
+  const nlohmann::json::parser_callback_t bound = [&](int depth, nlohmann::json::parse_event_t, nlohmann::json&) {
+    depth_seen = std::max(depth_seen, depth);
+    if (depth > 64)
+      raise("the safetensors file {} has a \"{}\" layout nested over 64 levels", path.string(), layout_key);
+    return true;
+  };
+  try {
+    return nlohmann::json::parse(text, bound);
+  } catch (const nlohmann::json::exception& e) {
+    raise("the safetensors file {} has a malformed \"{}\" layout ({}); expected one fabric's save wrote", path.string(),
+          layout_key, e.what());
+  }
+}
+
+struct Reader {
+  const File& file;
+  const std::filesystem::path& path;
+  std::set<std::string> used;
+
+  [[noreturn]] void malformed(const std::string& why) const {
+    raise("the safetensors file {} has a malformed \"{}\" layout ({}); expected one fabric's save wrote, unaltered",
+          path.string(), layout_key, why);
+  }
+  at::Tensor tensor(const std::string& name) {
+    const auto it = file.tensors.find(name);
+    if (it == file.tensors.end()) malformed(fmt::format("it names the tensor \"{}\", which the file lacks", name));
+    used.insert(name);
+    return it->second;
+  }
+  c10::IValue value(const nlohmann::json& leaf) {
+    if (leaf.is_string()) {
+      const std::string s = leaf.get<std::string>();
+      if (s.rfind("tensor:", 0) == 0) return tensor(s.substr(7));
+      if (s.rfind("meta:", 0) == 0) {
+        const auto it = file.metadata.find(s.substr(5));
+        if (it == file.metadata.end()) malformed(fmt::format("it names the metadata \"{}\", which is missing", s));
+        return decode_value(it->second);
+      }
+    } else if (leaf.is_object() && leaf.size() == 1 && leaf.contains("dict") && leaf.at("dict").is_object()) {
+      c10::impl::GenericDict out(c10::StringType::get(), c10::AnyType::get());
+      for (const auto& [k, v] : leaf.at("dict").items()) out.insert(k, value(v));
+      return out;
+    } else if (leaf.is_object() && leaf.size() == 1 && leaf.contains("list") && leaf.at("list").is_array()) {
+      std::vector<c10::IValue> items;
+      for (const auto& v : leaf.at("list")) items.push_back(value(v));
+      return make_list(items);
+    }
+    malformed(fmt::format("unexpected entry {}", leaf.dump().substr(0, 80)));
+  }
+  static c10::IValue make_list(const std::vector<c10::IValue>& items) {
+    const auto all = [&](auto pred) { return !items.empty() && std::all_of(items.begin(), items.end(), pred); };
+    if (all([](const c10::IValue& v) { return v.isInt(); })) {
+      c10::List<std::int64_t> out;
+      for (const auto& v : items) out.push_back(v.toInt());
+      return out;
+    }
+    if (all([](const c10::IValue& v) { return v.isDouble(); })) {
+      c10::List<double> out;
+      for (const auto& v : items) out.push_back(v.toDouble());
+      return out;
+    }
+    if (all([](const c10::IValue& v) { return v.isTensor(); })) {
+      c10::List<at::Tensor> out;
+      for (const auto& v : items) out.push_back(v.toTensor());
+      return out;
+    }
+    c10::impl::GenericList out(c10::AnyType::get());
+    for (const auto& v : items) out.push_back(v);
+    return out;
+  }
+};
+
+/// Rebuilds the checkpoint dictionary of a file fabric wrote (its layout in the metadata); a file
+/// written elsewhere becomes its tensors and metadata strings, each under its own name.
+inline Checkpoint to_checkpoint(const File& file, const std::filesystem::path& path) {
+  Checkpoint root(c10::StringType::get(), c10::AnyType::get());
+  const auto layout_it = file.metadata.find(layout_key);
+  if (layout_it == file.metadata.end()) {
+    for (const auto& [name, tensor] : file.tensors) root.insert(name, tensor);
+    for (const auto& [key, value] : file.metadata) {
+      if (!root.contains(key)) root.insert(key, decode_value(value));
+    }
+    return root;
+  }
+  const nlohmann::json layout = parse_layout(layout_it->second, path);
+  Reader r{file, path, {}};
+  if (!layout.is_object() || !layout.contains("format") || !layout.at("format").is_number_integer() ||
+      !layout.contains("entries") || !layout.at("entries").is_object()) {
+    r.malformed("expected {\"format\": n, \"entries\": {...}}");
+  }
+  c10::Dict<std::string, std::string> kinds;
+  for (const auto& [key, entry] : layout.at("entries").items()) {
+    if (!entry.is_object() || !entry.contains("kind") || !entry.at("kind").is_string()) {
+      r.malformed(fmt::format("entry \"{}\" has no kind", key));
+    }
+    const std::string kind = entry.at("kind").get<std::string>();
+    kinds.insert(key, kind);
+    if (kind == "module") {
+      if (!entry.contains("tensors") || !entry.at("tensors").is_object()) r.malformed("a module without tensors");
+      c10::Dict<std::string, at::Tensor> tensors;
+      for (const auto& [name, file_name] : entry.at("tensors").items()) {
+        if (!file_name.is_string()) r.malformed(fmt::format("module \"{}\": a tensor name is not a string", key));
+        tensors.insert(name, r.tensor(file_name.get<std::string>()));
+      }
+      root.insert(key, tensors);
+    } else if (kind == "optimizer") {
+      if (!entry.contains("archive") || !entry.at("archive").is_string() || !entry.contains("shapes") ||
+          !entry.at("shapes").is_array() || !entry.contains("type") || !entry.at("type").is_string()) {
+        r.malformed(fmt::format("optimizer \"{}\" lacks its archive, shapes or type", key));
+      }
+      c10::impl::GenericDict dict(c10::StringType::get(), c10::AnyType::get());
+      dict.insert("archive", r.tensor(entry.at("archive").get<std::string>()));
+      c10::impl::GenericList shapes(c10::ListType::ofInts());
+      for (const auto& s : entry.at("shapes")) {
+        c10::List<std::int64_t> shape;
+        if (!s.is_array()) r.malformed(fmt::format("optimizer \"{}\": a shape is not a list", key));
+        for (const auto& d : s) {
+          if (!d.is_number_integer()) r.malformed(fmt::format("optimizer \"{}\": a dimension is not an integer", key));
+          shape.push_back(d.get<std::int64_t>());
+        }
+        shapes.push_back(shape);
+      }
+      dict.insert("shapes", shapes);
+      dict.insert("type", entry.at("type").get<std::string>());
+      root.insert(key, dict);
+    } else {
+      if (!entry.contains("value")) r.malformed(fmt::format("entry \"{}\" has no value", key));
+      root.insert(key, r.value(entry.at("value")));
+    }
+  }
+  c10::impl::GenericDict marker(c10::StringType::get(), c10::AnyType::get());
+  marker.insert("format", layout.at("format").get<std::int64_t>());
+  marker.insert("version", layout.contains("version") && layout.at("version").is_string()
+                               ? layout.at("version").get<std::string>()
+                               : std::string());
+  marker.insert("kinds", kinds);
+  root.insert(marker_key, marker);
+  return root;
+}
+
+/// Says whether a path names a safetensors file (its extension is ".safetensors").
+inline bool is_safetensors_path(const std::filesystem::path& path) { return path.extension() == ".safetensors"; }
+
+/// Loads a module from a safetensors file written by anyone (a Python model.state_dict() saved with
+/// safetensors.torch.save_file): names, shapes and dtypes are checked before anything changes; floating
+/// point converts to the parameter's floating-point type, as PyTorch's load_state_dict does.
+inline void load_module(const std::filesystem::path& path, torch::nn::Module& module, bool strict) {
+  const File file = read(path);
+  std::map<std::string, at::Tensor> found = file.tensors;
+  // A file fabric wrote with several modules names the tensors "<entry>.<name>": one module's names are
+  // the state_dict() names already.
+  std::vector<std::string> errors;
+  std::vector<std::pair<at::Tensor, at::Tensor>> copies;
+  std::set<std::string> seen;
+  for (auto& [name, target] : module_tensors(module)) {
+    seen.insert(name);
+    const auto it = found.find(name);
+    if (it == found.end()) {
+      if (strict) errors.push_back(fmt::format("\"{}\": missing from the file", name));
+      continue;
+    }
+    const at::Tensor& t = it->second;
+    if (t.sizes() != target.sizes()) {
+      errors.push_back(fmt::format("\"{}\": expected shape {}, found shape {} in the file", name,
+                                   shape_str(target.sizes()), shape_str(t.sizes())));
+    } else if (t.scalar_type() != target.scalar_type() &&
+               !(at::isFloatingType(t.scalar_type()) && at::isFloatingType(target.scalar_type()))) {
+      errors.push_back(fmt::format("\"{}\": expected dtype {}, found {} in the file", name,
+                                   dtype_name(target.scalar_type()) ? dtype_name(target.scalar_type()) : "?",
+                                   dtype_name(t.scalar_type())));
+    } else {
+      copies.emplace_back(target, t);
+    }
+  }
+  if (strict) {
+    for (const auto& [name, t] : found) {
+      if (!seen.contains(name)) errors.push_back(fmt::format("\"{}\": in the file but not in the module", name));
+    }
+  }
+  if (!errors.empty()) {
+    raise("cannot load {} into the module ({} problem{}; nothing was changed):\n  {}\n{}", path.string(), errors.size(),
+          errors.size() == 1 ? "" : "s", fmt::join(errors, "\n  "),
+          strict ? "Pass strict = false to skip missing and unexpected tensors; shapes and dtypes must match."
+                 : "Shapes and dtypes must match.");
+  }
+  at::NoGradGuard no_grad;
+  for (auto& [target, loaded] : copies) target.copy_(loaded);
+}
+
+/// load_raw of a safetensors file: a module (or its set-up wrapper); an optimizer's state is read by
+/// Fabric::load from a file fabric wrote.
+template <class T>
+void load_raw(const std::filesystem::path& path, T& target, bool strict) {
+  if constexpr (is_fabric_module_v<T>) {
+    load_module(path, *target, strict);
+  } else if constexpr (ModuleLike<T>) {
+    load_module(path, module_ref(target), strict);
+  } else {
+    raise(
+        "load_raw reads a module from a safetensors file ({}), not an optimizer; load an optimizer's state with "
+        "Fabric::load from a checkpoint fabric saved",
+        path.string());
+  }
+}
+
+}  // namespace detail::safetensors
+
+/// Writes checkpoints as safetensors (atomically, as fabric::NativeCheckpointIO) and reads them back
+/// memory-mapped, from fabric or from anyone else. Python reads the file with
+/// `safetensors.torch.load_file(path)`:
+///
+/// | in the checkpoint           | in the file                                                          |
+/// |-----------------------------|----------------------------------------------------------------------|
+/// | one module                  | its tensors under its state_dict() names (`0.weight`, ...)           |
+/// | several modules             | `<entry>.<name>`                                                     |
+/// | an optimizer                | `<entry>.state.<i>.<name>` (i: the parameter's index over all groups,|
+/// |                             | as Python's optimizer.state_dict()), metadata `<entry>.param_groups` |
+/// |                             | (JSON, Python's param_groups), and `<entry>.libtorch_archive` (U8)   |
+/// | tensors of values, Stateful | `<entry>` or `<entry>.<key>...`                                      |
+/// | numbers, booleans, strings  | metadata `<entry>[.<key>...]`: "int:3", "float:0.5", "bool:true",   |
+/// |                             | "str:text" (safetensors metadata is strings only)                     |
+///
+/// The metadata `__fabric__` (JSON) says what each entry was, so that load rebuilds the checkpoint; a
+/// file without it (written elsewhere) loads as its tensors and metadata strings under their own names
+/// (read a Python state_dict into a module with Fabric::load_raw).
+class SafetensorsCheckpointIO {
+ public:
+  /// Writes the checkpoint as safetensors, atomically.
+  void save_checkpoint(const Checkpoint& checkpoint, const std::filesystem::path& path) const {
+    const std::string bytes = detail::safetensors::to_bytes(checkpoint);
+    detail::write_atomically(path, bytes.data(), bytes.size());
+  }
+  /// Reads a safetensors file (mapped, not copied whole); a malformed or hostile file is a fabric::Error.
+  Checkpoint load_checkpoint(const std::filesystem::path& path) const {
+    const auto file = detail::safetensors::read(path);
+    return detail::safetensors::to_checkpoint(file, path);
+  }
+  /// Removes the checkpoint at path (nothing when there is none).
+  void remove_checkpoint(const std::filesystem::path& path) const { NativeCheckpointIO{}.remove_checkpoint(path); }
+};
+
+/// The format save and load use when the strategy names none: fabric::SafetensorsCheckpointIO for a
+/// path ending in `.safetensors`, else fabric::NativeCheckpointIO.
+class AutoCheckpointIO {
+ public:
+  /// Writes the checkpoint in the format of the path's extension.
+  void save_checkpoint(const Checkpoint& checkpoint, const std::filesystem::path& path) const {
+    detail::safetensors::is_safetensors_path(path) ? SafetensorsCheckpointIO{}.save_checkpoint(checkpoint, path)
+                                                   : NativeCheckpointIO{}.save_checkpoint(checkpoint, path);
+  }
+  /// Reads the checkpoint in the format of the path's extension.
+  Checkpoint load_checkpoint(const std::filesystem::path& path) const {
+    return detail::safetensors::is_safetensors_path(path) ? SafetensorsCheckpointIO{}.load_checkpoint(path)
+                                                          : NativeCheckpointIO{}.load_checkpoint(path);
+  }
+  /// Removes the checkpoint at path.
+  void remove_checkpoint(const std::filesystem::path& path) const { NativeCheckpointIO{}.remove_checkpoint(path); }
+};
+
+}  // namespace fabric
+// ---- end fabric/io/safetensors.hpp
 // ---- begin fabric/io/torch_archive.hpp
 // Loading files written by LibTorch's own torch::save(module, path) and torch::save(optimizer, path)
 // (`Fabric::load_raw`), with the same name, shape and type checks as fabric's checkpoints.
@@ -5687,7 +6659,7 @@ consteval bool check_strategy() {
 
 /// Settings every strategy takes.
 struct StrategyOptions {
-  /// The checkpoint format of save and load; empty: fabric::NativeCheckpointIO.
+  /// The checkpoint format of save and load; empty: fabric::AutoCheckpointIO, by the extension.
   AnyCheckpointIO checkpoint_io{};
 };
 
@@ -5827,13 +6799,14 @@ class StrategyBase {
   /// Loads a module or an optimizer from a file of torch::save.
   template <class T>
   void load_raw(const std::filesystem::path& path, T& target, bool strict) {
-    detail::load_raw(path, target, strict);
+    detail::safetensors::is_safetensors_path(path) ? detail::safetensors::load_raw(path, target, strict)
+                                                   : detail::load_raw(path, target, strict);
   }
   /// Removes a checkpoint through the format.
   void remove_checkpoint(const std::filesystem::path& path) {
-    checkpoint_io_ ? checkpoint_io_.remove_checkpoint(path) : NativeCheckpointIO{}.remove_checkpoint(path);
+    checkpoint_io_ ? checkpoint_io_.remove_checkpoint(path) : AutoCheckpointIO{}.remove_checkpoint(path);
   }
-  /// Returns the checkpoint format (empty: fabric::NativeCheckpointIO).
+  /// Returns the checkpoint format (empty: fabric::AutoCheckpointIO, by the extension).
   const AnyCheckpointIO& checkpoint_io() const noexcept { return checkpoint_io_; }
   /// Replaces the checkpoint format.
   void set_checkpoint_io(AnyCheckpointIO io) { checkpoint_io_ = std::move(io); }
@@ -5849,11 +6822,11 @@ class StrategyBase {
   /// Writes a checkpoint dictionary through the format.
   void write_checkpoint(const Checkpoint& checkpoint, const std::filesystem::path& path) {
     checkpoint_io_ ? checkpoint_io_.save_checkpoint(checkpoint, path)
-                   : NativeCheckpointIO{}.save_checkpoint(checkpoint, path);
+                   : AutoCheckpointIO{}.save_checkpoint(checkpoint, path);
   }
   /// Reads a checkpoint dictionary through the format.
   Checkpoint read_checkpoint(const std::filesystem::path& path) {
-    return checkpoint_io_ ? checkpoint_io_.load_checkpoint(path) : NativeCheckpointIO{}.load_checkpoint(path);
+    return checkpoint_io_ ? checkpoint_io_.load_checkpoint(path) : AutoCheckpointIO{}.load_checkpoint(path);
   }
 
   /// The device of this process (set by setup_device).

@@ -13,6 +13,7 @@
 #include "fabric/core/options.hpp"
 #include "fabric/io/checkpoint_io.hpp"
 #include "fabric/io/native.hpp"
+#include "fabric/io/safetensors.hpp"
 #include "fabric/io/state.hpp"
 #include "fabric/io/torch_archive.hpp"
 #include "fabric/precision/precision.hpp"
@@ -232,7 +233,7 @@ consteval bool check_strategy() {
 
 /// Settings every strategy takes.
 struct StrategyOptions {
-  /// The checkpoint format of save and load; empty: fabric::NativeCheckpointIO.
+  /// The checkpoint format of save and load; empty: fabric::AutoCheckpointIO, by the extension.
   AnyCheckpointIO checkpoint_io{};
 };
 
@@ -372,13 +373,14 @@ class StrategyBase {
   /// Loads a module or an optimizer from a file of torch::save.
   template <class T>
   void load_raw(const std::filesystem::path& path, T& target, bool strict) {
-    detail::load_raw(path, target, strict);
+    detail::safetensors::is_safetensors_path(path) ? detail::safetensors::load_raw(path, target, strict)
+                                                   : detail::load_raw(path, target, strict);
   }
   /// Removes a checkpoint through the format.
   void remove_checkpoint(const std::filesystem::path& path) {
-    checkpoint_io_ ? checkpoint_io_.remove_checkpoint(path) : NativeCheckpointIO{}.remove_checkpoint(path);
+    checkpoint_io_ ? checkpoint_io_.remove_checkpoint(path) : AutoCheckpointIO{}.remove_checkpoint(path);
   }
-  /// Returns the checkpoint format (empty: fabric::NativeCheckpointIO).
+  /// Returns the checkpoint format (empty: fabric::AutoCheckpointIO, by the extension).
   const AnyCheckpointIO& checkpoint_io() const noexcept { return checkpoint_io_; }
   /// Replaces the checkpoint format.
   void set_checkpoint_io(AnyCheckpointIO io) { checkpoint_io_ = std::move(io); }
@@ -394,11 +396,11 @@ class StrategyBase {
   /// Writes a checkpoint dictionary through the format.
   void write_checkpoint(const Checkpoint& checkpoint, const std::filesystem::path& path) {
     checkpoint_io_ ? checkpoint_io_.save_checkpoint(checkpoint, path)
-                   : NativeCheckpointIO{}.save_checkpoint(checkpoint, path);
+                   : AutoCheckpointIO{}.save_checkpoint(checkpoint, path);
   }
   /// Reads a checkpoint dictionary through the format.
   Checkpoint read_checkpoint(const std::filesystem::path& path) {
-    return checkpoint_io_ ? checkpoint_io_.load_checkpoint(path) : NativeCheckpointIO{}.load_checkpoint(path);
+    return checkpoint_io_ ? checkpoint_io_.load_checkpoint(path) : AutoCheckpointIO{}.load_checkpoint(path);
   }
 
   /// The device of this process (set by setup_device).
