@@ -294,25 +294,30 @@ void groups_and_gradients(F& fabric) {
   WORKER_CHECK(y.grad().template item<double>() == triangle, "container gradient {}", str(y.grad()));
 
   // Groups: every rank creates them in the same order; members use them.
-  auto ends = fabric.new_group({world - 1, 0});  // sorted: [0, world - 1]
-  WORKER_CHECK(ends.ranks() == (std::vector<int>{0, world - 1}) || world == 1, "group ranks");
-  const bool member = rank == 0 || rank == world - 1;
+  const std::vector<int> members = world == 1 ? std::vector<int>{0} : std::vector<int>{0, world - 1};
+  auto ends = world == 1 ? fabric.new_group({0}) : fabric.new_group({world - 1, 0});  // sorted: [0, world - 1]
+  WORKER_CHECK(ends.ranks() == members, "group ranks");
+  const bool member = std::find(members.begin(), members.end(), rank) != members.end();
   WORKER_CHECK(ends.is_member() == member, "membership of rank {}", rank);
+  double member_sum = 0;
+  for (int m : members) member_sum += m + 1;
+  const int last = members.back();
   if (member) {
     WORKER_CHECK(ends.rank() == (rank == 0 ? 0 : 1), "group rank {}", ends.rank());
     auto summed = fabric.all_reduce(torch::full({1}, rank + 1.0).to(dev), ends, fabric::ReduceOp::sum);
-    WORKER_CHECK(summed.template item<double>() == 1.0 + world, "group sum {}", str(summed));
+    WORKER_CHECK(summed.template item<double>() == member_sum, "group sum {}", str(summed));
     auto mean = fabric.all_reduce(torch::full({1}, rank + 1.0).to(dev), ends);
-    WORKER_CHECK(mean.template item<double>() == (1.0 + world) / 2, "group mean {}", str(mean));
+    WORKER_CHECK(mean.template item<double>() == member_sum / members.size(), "group mean {}", str(mean));
     auto g = fabric.all_gather(torch::tensor({rank}).to(dev), ends);
-    WORKER_CHECK(g.size(0) == 2 && g[0].template item<int64_t>() == 0 && g[1].template item<int64_t>() == world - 1,
+    WORKER_CHECK(g.size(0) == static_cast<int64_t>(members.size()) && g[0].template item<int64_t>() == 0 &&
+                     g[g.size(0) - 1].template item<int64_t>() == last,
                  "group gather {}", str(g));
-    WORKER_CHECK(fabric.broadcast(rank * 10, world - 1, ends) == (world - 1) * 10, "group broadcast");
+    WORKER_CHECK(fabric.broadcast(rank * 10, last, ends) == last * 10, "group broadcast");
     fabric.barrier("ends", ends);
     // The gradient through a group's gather sums over the members only.
     auto z = torch::ones({1}, torch::TensorOptions().device(dev)).requires_grad_();
     (fabric.all_gather(z, ends, true).sum() * (rank + 1)).backward();
-    WORKER_CHECK(z.grad().template item<double>() == 1.0 + world, "group gradient {}", str(z.grad()));
+    WORKER_CHECK(z.grad().template item<double>() == member_sum, "group gradient {}", str(z.grad()));
     // src must belong to the group.
     if (world > 2) {
       bool refused = false;
