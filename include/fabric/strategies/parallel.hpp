@@ -54,9 +54,16 @@
 namespace fabric {
 namespace detail {
 
-/// What a parallel strategy keeps for a group made by new_group: the backend's group of its members.
+/// What a parallel strategy keeps for a group made by new_group: the backend's group of its members, shut
+/// down when the last handle goes (LibTorch 2's NCCL warns at exit about a group that was not).
 struct ProcessGroupImpl {
   c10::intrusive_ptr<c10d::ProcessGroup> pg;
+  ProcessGroupImpl() = default;
+  ProcessGroupImpl(const ProcessGroupImpl&) = delete;
+  ProcessGroupImpl& operator=(const ProcessGroupImpl&) = delete;
+  ~ProcessGroupImpl() {
+    if (pg) shutdown_process_group(pg);
+  }
 };
 
 /// The backward of a gather with sync_grads (Lightning's `_AllGather`): the gradient of the gathered
