@@ -170,6 +170,15 @@ class Fabric {
   /// True when the precision or the strategy works in the module wrapper's forward
   /// (fabric::NeedsWrappedForward), so that backward rejects a loss no wrapped forward produced.
   static constexpr bool checks_bypassed_forward = NeedsWrappedForward<P> || NeedsWrappedForward<S>;
+  /// True when the precision or the strategy must run the backward itself (fabric::NeedsFabricBackward),
+  /// so that the wrapper's forward hooks its outputs and `loss.backward()` on them throws.
+  static constexpr bool checks_fabric_backward = NeedsFabricBackward<P> || NeedsFabricBackward<S>;
+  /// True when a step of the LibTorch optimizer behind a set-up optimizer would skip something: the
+  /// precision's (fabric::NeedsFabricStep: FP16Mixed's gradient scaler) or the strategy's step, or the
+  /// `on_after_optimizer_step` hook of a callback; backward then checks that none happened.
+  static constexpr bool checks_optimizer_step =
+      NeedsFabricStep<P> || NeedsFabricStep<S> ||
+      (std::remove_cvref_t<decltype(hooks::on_after_optimizer_step)>::template declared_by<Cbs>() || ...);
 
   /// Creates a fabric from runtime options and callback objects.
   explicit Fabric(Options options = {}, Cbs... callbacks)
@@ -271,6 +280,7 @@ class Fabric {
     check_not_set_up(&raw, "module");
     (check_not_set_up(&detail::optimizer_ref(optimizers), "optimizer"), ...);
     (detail::check_belongs(raw, detail::optimizer_ref(optimizers)), ...);
+    (detail::check_not_meta(detail::optimizer_ref(optimizers), "setup"), ...);
     auto wrapped = setup_module_impl(options, std::forward<M>(module));
     if constexpr (sizeof...(Os) == 0) {
       call(hooks::on_after_setup, *this, wrapped);
@@ -295,6 +305,7 @@ class Fabric {
     check_launched("setup_optimizers");
     (detail::check_optimizer_arg<Os>(), ...);
     (check_not_set_up(&detail::optimizer_ref(optimizers), "optimizer"), ...);
+    (detail::check_not_meta(detail::optimizer_ref(optimizers), "setup_optimizers"), ...);
     return detail::one_or_tuple(setup_optimizer_impl(std::forward<Os>(optimizers))...);
   }
 
@@ -386,6 +397,9 @@ class Fabric {
   /// When the precision or the strategy works in the wrapper's forward (checks_bypassed_forward), a
   /// backward with no wrapped forward since the last one is an error: `model->forward(x)` would
   /// have skipped them. A backward that retains the graph keeps the count for the next one.
+  /// Where a step of the LibTorch optimizer itself would skip something (checks_optimizer_step), a
+  /// backward also fails when the parameters of a set-up optimizer changed since the previous backward
+  /// while no step of a set-up optimizer ran (`optimizer->step()` instead of `optimizer.step()`).
   template <class... Args>
   void backward(const at::Tensor& loss, Args&&... args) {
     if (!loss.defined()) detail::raise("backward: expected a loss tensor, found an undefined tensor");
@@ -398,7 +412,13 @@ class Fabric {
       if (modules_set_up_ && wrapped_forwards_ == 0) raise_bypassed_forward();
       if (!detail::retains_graph(args...)) wrapped_forwards_ = 0;
     }
-    strategy_.backward(loss, precision_, std::forward<Args>(args)...);
+    if constexpr (checks_optimizer_step) check_optimizer_steps();
+    if constexpr (checks_fabric_backward) {
+      detail::FabricBackwardScope in_fabric_backward;
+      strategy_.backward(loss, precision_, std::forward<Args>(args)...);
+    } else {
+      strategy_.backward(loss, precision_, std::forward<Args>(args)...);
+    }
   }
   /// Clips the gradients of the optimizer's parameters through the strategy, unscaling them first
   /// where the precision scales; returns the total norm before clipping for max_norm, nothing for
@@ -630,6 +650,59 @@ class Fabric {
  private:
   template <class, class>
   friend class Module;
+  template <class, class>
+  friend class Optimizer;
+
+  /// What the step check keeps of a set-up optimizer: how long it counts, and what a step changes
+  /// (detail::step_fingerprint) at the last backward (nothing before the first).
+  struct StepRecord {
+    std::weak_ptr<const void> life;
+    const torch::optim::Optimizer* optimizer;
+    std::optional<std::int64_t> versions;
+  };
+
+  /// What the policies do in backward, for the messages of the guards.
+  static std::string policies_that(bool precision, bool strategy) {
+    std::string policies;
+    if (precision) policies = fmt::format("the precision ({})", P::name);
+    if (strategy) policies += fmt::format("{}the strategy ({})", policies.empty() ? "" : " and ", S::name);
+    return policies;
+  }
+  /// Throws from the hook of a set-up module's output when a backward runs outside Fabric::backward.
+  [[noreturn]] static void raise_raw_backward() {
+    detail::raise(
+        "loss.backward() on the output of a set-up module skips the backward of {}: the current strategy and "
+        "precision selection requires you to call fabric.backward(loss) (or model.backward(loss)) instead of "
+        "loss.backward()",
+        policies_that(NeedsFabricBackward<P>, NeedsFabricBackward<S>));
+  }
+  /// Fails when what a step changes of a set-up optimizer changed since the previous backward while no
+  /// step of a set-up optimizer ran; then records it for the next backward.
+  void check_optimizer_steps() {
+    // NOTE: a closure's backward inside fabric's step (LBFGS) sees the step's own updates.
+    if (optimizer_steps_running_ > 0) return;
+    const bool stepped = std::exchange(stepped_since_backward_, false);
+    for (auto& record : step_records_) {
+      if (record.life.expired()) continue;
+      const std::int64_t versions = detail::step_fingerprint(*record.optimizer);
+      if (!stepped && record.versions && *record.versions != versions) raise_raw_step();
+      record.versions = versions;
+    }
+  }
+  [[noreturn]] static void raise_raw_step() {
+    std::string skipped;
+    if constexpr (NeedsFabricStep<P> || NeedsFabricStep<S>) {
+      skipped = "the step of " + policies_that(NeedsFabricStep<P>, NeedsFabricStep<S>);
+    }
+    if constexpr ((std::remove_cvref_t<decltype(hooks::on_after_optimizer_step)>::template declared_by<Cbs>() || ...)) {
+      skipped += fmt::format("{}the callbacks' on_after_optimizer_step", skipped.empty() ? "" : " and ");
+    }
+    detail::raise(
+        "backward: the parameters of a set-up optimizer changed since the last backward, but no step of a set-up "
+        "optimizer ran: optimizer->step() (the LibTorch optimizer behind the wrapper) skips {}; call "
+        "optimizer.step() on the wrapper setup() returned",
+        skipped);
+  }
 
   /// Returns the number a one-element tensor holds; raises for any other tensor.
   static double scalar_of(std::string_view what, const std::string& name, const at::Tensor& value) {
@@ -720,7 +793,10 @@ class Fabric {
     using Impl = typename detail::module_class<std::remove_cvref_t<M>>::type;
     std::shared_ptr<Impl> ptr = detail::share<Impl>(std::forward<M>(module));
     precision_.convert_module(*ptr);
-    if (options.move_to_device) ptr->to(device_);
+    if (options.move_to_device) {
+      detail::warn_mixed_devices(*ptr);
+      ptr->to(device_);
+    }
     auto state = strategy_.setup_module(*ptr);
     auto life = detail::track_set_up(ptr);
     remember(static_cast<const torch::nn::Module*>(ptr.get()), std::move(life));
@@ -733,6 +809,10 @@ class Fabric {
     std::shared_ptr<Opt> ptr = detail::share<Opt>(std::forward<O>(optimizer));
     strategy_.setup_optimizer(*ptr);
     auto life = detail::track_set_up(ptr);
+    if constexpr (checks_optimizer_step) {
+      std::erase_if(step_records_, [](const StepRecord& r) { return r.life.expired(); });
+      step_records_.push_back({life, ptr.get(), std::nullopt});
+    }
     remember(static_cast<const torch::optim::Optimizer*>(ptr.get()), std::move(life));
     return Optimizer<Opt, Fabric>(std::move(ptr), *this);
   }
@@ -750,6 +830,11 @@ class Fabric {
   bool modules_set_up_ = false;
   /// Wrapped forwards since the last backward (counted when checks_bypassed_forward).
   std::uint64_t wrapped_forwards_ = 0;
+  /// The set-up optimizers the step check watches (when checks_optimizer_step).
+  std::vector<StepRecord> step_records_{};
+  /// Whether a set-up optimizer's step ran since the last backward, and how many are running.
+  bool stepped_since_backward_ = false;
+  int optimizer_steps_running_ = 0;
 };
 
 /// True for the wrappers that setup, setup_optimizers and setup_dataloaders return.

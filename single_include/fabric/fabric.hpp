@@ -2668,7 +2668,9 @@ inline void zero_grad(at::Tensor& param, bool set_to_none) {
 #include <torch/nn/pimpl.h>
 #include <torch/ordered_dict.h>
 
+#include <atomic>
 #include <concepts>
+#include <functional>
 #include <memory>
 #include <string>
 #include <type_traits>
@@ -2692,6 +2694,33 @@ template <class P>
 concept NeedsWrappedForward = requires {
   requires static_cast<bool>(P::needs_wrapped_forward);
 };
+
+/// A policy whose backward does more than `loss.backward()` (FP16Mixed's loss scaling, DDP's
+/// synchronisation and its failure reports), so that `loss.backward()` on the output of a set-up module
+/// must be `fabric.backward(loss)`: with one, the wrapper's forward hooks its outputs so that a
+/// backward outside fabric's throws. A policy says so with `static constexpr bool
+/// needs_fabric_backward = true;`; without the member it is false (no hook, no cost).
+template <class P>
+concept NeedsFabricBackward = requires {
+  requires static_cast<bool>(P::needs_fabric_backward);
+};
+
+namespace detail {
+
+/// The number of `Fabric::backward` calls running (in any thread): the autograd engine may call the
+/// output hooks on a device thread, so a thread-local flag would not do (Lightning's is a global too).
+inline std::atomic<int> fabric_backward_depth{0};
+
+/// Marks a backward as fabric's while it lives.
+class FabricBackwardScope {
+ public:
+  FabricBackwardScope() noexcept { fabric_backward_depth.fetch_add(1, std::memory_order_relaxed); }
+  ~FabricBackwardScope() { fabric_backward_depth.fetch_sub(1, std::memory_order_relaxed); }
+  FabricBackwardScope(const FabricBackwardScope&) = delete;
+  FabricBackwardScope& operator=(const FabricBackwardScope&) = delete;
+};
+
+}  // namespace detail
 
 /// Wraps a set-up module: `->` and `*` reach the module, calling it runs forward through the
 /// precision (input/output conversion, autocast) and the strategy (gradient sync bookkeeping).
@@ -2727,16 +2756,53 @@ class Module {
     using S = typename F::strategy_type;
     if constexpr (RunsForward<S, M, decltype(precision.convert_input(std::forward<Args>(args)))...>) {
       // The strategy runs the module itself (DP: across GPUs).
-      auto output = strategy.forward(state_, module_, precision.convert_input(std::forward<Args>(args))...);
-      strategy.post_forward(state_, output);
-      return precision.convert_output(std::move(output));
+      return finish(strategy.forward(state_, module_, precision.convert_input(std::forward<Args>(args))...));
     } else if constexpr (std::is_void_v<decltype(module_->forward(
                              precision.convert_input(std::forward<Args>(args))...))>) {
       module_->forward(precision.convert_input(std::forward<Args>(args))...);
     } else {
-      auto output = module_->forward(precision.convert_input(std::forward<Args>(args))...);
-      strategy.post_forward(state_, output);
-      return precision.convert_output(std::move(output));
+      return finish(module_->forward(precision.convert_input(std::forward<Args>(args))...));
+    }
+  }
+
+  /// Runs another method of the module (a `training_step`) as forward runs: under the precision's
+  /// context with its input and output conversion, and inside the strategy's forward bookkeeping (DDP's
+  /// Reducer), so that the method may call the module's own forward and submodules and its loss
+  /// trains as one from forward would (Lightning's `mark_forward_method`). The method is a member
+  /// pointer of the module's class (or of a base), or any callable taking the module first; the
+  /// result is what it returns, with floating tensors converted as forward's output.
+  ///
+  ///     auto loss = model.call(&NetImpl::training_step, batch);
+  ///     fabric.backward(loss);
+  template <class Method, class... Args>
+  FABRIC_ALWAYS_INLINE auto call(Method&& method, Args&&... args) {
+    using S = typename F::strategy_type;
+    static_assert(!std::is_member_object_pointer_v<std::remove_cvref_t<Method>>,
+                  "fabric: model.call(method, args...) runs a method of the module; a data member is no method: "
+                  "read it through model->member");
+    static_assert(!RunsForward<S, M, at::Tensor>,
+                  "fabric: model.call(method, args...) runs the method on this process's device, but this strategy "
+                  "runs the module's forward itself (DP splits it across GPUs) and cannot run another method; call "
+                  "the method from forward, or use fabric::DDP");
+    auto& precision = fabric_->precision();
+    using Invoked = std::is_invocable<Method, M&, decltype(precision.convert_input(std::forward<Args>(args)))...>;
+    if constexpr (!Invoked::value) {
+      static_assert(Invoked::value,
+                    "fabric: model.call(method, args...) calls method on the module with args: pass a member "
+                    "function pointer of the module's class (&NetImpl::training_step) or a callable taking the "
+                    "module first, with arguments it accepts");
+    } else {
+      auto& strategy = fabric_->strategy();
+      if constexpr (F::checks_bypassed_forward) ++fabric_->wrapped_forwards_;
+      [[maybe_unused]] auto guard = precision.forward_context();
+      strategy.pre_forward(state_);
+      if constexpr (std::is_void_v<std::invoke_result_t<
+                        Method, M&, decltype(precision.convert_input(std::forward<Args>(args)))...>>) {
+        std::invoke(std::forward<Method>(method), *module_, precision.convert_input(std::forward<Args>(args))...);
+      } else {
+        return finish(
+            std::invoke(std::forward<Method>(method), *module_, precision.convert_input(std::forward<Args>(args))...));
+      }
     }
   }
 
@@ -2799,6 +2865,27 @@ class Module {
   state_type& strategy_state() noexcept { return state_; }
 
  private:
+  /// Ends a wrapped forward: the strategy sees the output, the precision converts it, and where a
+  /// policy must run the backward (F::checks_fabric_backward) its tensors get the guard's hook.
+  template <class Out>
+  FABRIC_ALWAYS_INLINE auto finish(Out&& output) {
+    fabric_->strategy().post_forward(state_, output);
+    auto converted = fabric_->precision().convert_output(std::forward<Out>(output));
+    if constexpr (F::checks_fabric_backward) hook_outputs(converted);
+    return converted;
+  }
+  /// Hooks every output tensor that requires grad so that a backward through it outside
+  /// `Fabric::backward` throws (the exception leaves `loss.backward()` as it is).
+  template <class Out>
+  static void hook_outputs(const Out& output) {
+    detail::for_each_tensor(output, [](const at::Tensor& t) {
+      if (!t.defined() || !t.requires_grad()) return;
+      at::Tensor(t).register_hook([](const at::Tensor& /*grad*/) {
+        if (detail::fabric_backward_depth.load(std::memory_order_relaxed) == 0) F::raise_raw_backward();
+      });
+    });
+  }
+
   std::shared_ptr<M> module_;
   F* fabric_;
   FABRIC_NO_UNIQUE_ADDRESS state_type state_;
@@ -2840,14 +2927,50 @@ typename detail::named_module<Net>::type > ;
 
 #include <ATen/core/Tensor.h>
 #include <torch/optim/optimizer.h>
+#include <torch/optim/sgd.h>
 
 #include <concepts>
+#include <cstdint>
 #include <memory>
 #include <type_traits>
 #include <utility>
 #include <vector>
 
 namespace fabric {
+
+/// A policy whose optimizer step does more than the optimizer's own (FP16Mixed's gradient scaler:
+/// unscaling, the inf/NaN check, the scale update), so that a step of the LibTorch optimizer behind a
+/// set-up optimizer would skip it: with one, `Fabric::backward` checks that no such step ran. A policy
+/// says so with `static constexpr bool needs_fabric_step = true;`; without the member it is false.
+template <class P>
+concept NeedsFabricStep = requires {
+  requires static_cast<bool>(P::needs_fabric_step);
+};
+
+namespace detail {
+
+/// Returns what a step of the optimizer changes and the step check watches: the sum of its parameters'
+/// version counters (bumped by in-place updates: Adam, AdamW, RMSprop, Adagrad, fabric's own step), the
+/// number of its per-parameter states (created at the first step) and the version counters of SGD's
+/// momentum buffers. Each only grows, so the sum changes when any does.
+/// NOTE: LibTorch's SGD writes the parameters through `.data()`, which has a counter of its own: without
+/// momentum its steps change none of these.
+inline std::int64_t step_fingerprint(const torch::optim::Optimizer& optimizer) {
+  std::int64_t sum = 0;
+  for (const auto& group : optimizer.param_groups()) {
+    for (const auto& p : group.params()) sum += p.defined() ? p._version() : 0;
+  }
+  const auto& state = optimizer.state();
+  sum += static_cast<std::int64_t>(state.size());
+  for (const auto& entry : state) {
+    if (const auto* sgd = dynamic_cast<const torch::optim::SGDParamState*>(entry.second.get())) {
+      if (sgd->momentum_buffer().defined()) sum += sgd->momentum_buffer()._version();
+    }
+  }
+  return sum;
+}
+
+}  // namespace detail
 
 /// Wraps a set-up optimizer: `step` goes through the strategy and the precision (loss scaling,
 /// skipped steps) and then calls the `on_after_optimizer_step` hook; `->` and `*` reach the optimizer
@@ -2862,7 +2985,21 @@ class Optimizer {
 
   /// Performs one optimisation step and returns what the optimizer's step returns.
   at::Tensor step(torch::optim::Optimizer::LossClosure closure = nullptr) {
-    at::Tensor loss = fabric_->strategy().optimizer_step(*optimizer_, fabric_->precision(), std::move(closure));
+    at::Tensor loss;
+    if constexpr (F::checks_optimizer_step) {
+      // NOTE: the step check at backward knows this step ran (and skips the backwards of its closure).
+      ++fabric_->optimizer_steps_running_;
+      struct Done {
+        F& fabric;
+        ~Done() {
+          --fabric.optimizer_steps_running_;
+          fabric.stepped_since_backward_ = true;
+        }
+      } done{*fabric_};
+      loss = fabric_->strategy().optimizer_step(*optimizer_, fabric_->precision(), std::move(closure));
+    } else {
+      loss = fabric_->strategy().optimizer_step(*optimizer_, fabric_->precision(), std::move(closure));
+    }
     fabric_->call(hooks::on_after_optimizer_step, *this);
     return loss;
   }
@@ -2913,11 +3050,15 @@ concept OptimizerOf = detail::is_fabric_optimizer_v<std::remove_cvref_t<W>> &&
 }  // namespace fabric
 // ---- end fabric/wrappers/optimizer.hpp
 
+#include <c10/util/Exception.h>
 #include <torch/nn/module.h>
 #include <torch/optim/optimizer.h>
+#include <torch/ordered_dict.h>
 
 #include <cstddef>
 #include <memory>
+#include <string>
+#include <string_view>
 #include <type_traits>
 #include <unordered_set>
 #include <utility>
@@ -3063,6 +3204,45 @@ inline void check_belongs(const torch::nn::Module& module, const torch::optim::O
       "expected an optimizer over the module's parameters, found one whose {} parameter{} belong to "
       "another module; build the optimizer from this module's parameters()",
       total, total == 1 ? " does not" : "s do not");
+}
+
+/// Raises when an optimizer refers to parameters on the meta device (Lightning's check in setup_optimizers).
+inline void check_not_meta(const torch::optim::Optimizer& optimizer, std::string_view what) {
+  for (const auto& group : optimizer.param_groups()) {
+    for (const auto& p : group.params()) {
+      if (p.defined() && p.is_meta()) {
+        raise(
+            "{}: expected an optimizer over parameters that hold data, found one with references to the model's "
+            "meta-device parameters; materializing them is not supported: build the module on a real device (or "
+            "set it up first), then create the optimizer from its parameters and call "
+            "fabric.setup_optimizers(optimizer)",
+            what);
+      }
+    }
+  }
+}
+
+/// Warns, as Lightning's setup does, when the module's parameters are on different devices before setup
+/// moves all of them to the fabric's device.
+inline void warn_mixed_devices(const torch::nn::Module& module) {
+  const auto params = module.named_parameters(true);
+  if (params.is_empty()) return;
+  const auto& initial = params[0];
+  std::size_t count = 0;
+  const torch::OrderedDict<std::string, at::Tensor>::Item* first = nullptr;
+  for (const auto& item : params) {
+    if (item.value().device() != initial.value().device()) {
+      ++count;
+      if (first == nullptr) first = &item;
+    }
+  }
+  if (count > 0) {
+    TORCH_WARN("fabric: the model passed to setup() has ", count, " parameters on different devices (for example '",
+               first->key(), "' on ", first->value().device(), " and '", initial.key(), "' on ",
+               initial.value().device(),
+               "); since move_to_device is on, all parameters will be moved to the fabric's device; pass "
+               "{.move_to_device = false} to setup() if this is not desired");
+  }
 }
 
 }  // namespace fabric::detail
@@ -7249,6 +7429,15 @@ class Fabric {
   /// True when the precision or the strategy works in the module wrapper's forward
   /// (fabric::NeedsWrappedForward), so that backward rejects a loss no wrapped forward produced.
   static constexpr bool checks_bypassed_forward = NeedsWrappedForward<P> || NeedsWrappedForward<S>;
+  /// True when the precision or the strategy must run the backward itself (fabric::NeedsFabricBackward),
+  /// so that the wrapper's forward hooks its outputs and `loss.backward()` on them throws.
+  static constexpr bool checks_fabric_backward = NeedsFabricBackward<P> || NeedsFabricBackward<S>;
+  /// True when a step of the LibTorch optimizer behind a set-up optimizer would skip something: the
+  /// precision's (fabric::NeedsFabricStep: FP16Mixed's gradient scaler) or the strategy's step, or the
+  /// `on_after_optimizer_step` hook of a callback; backward then checks that none happened.
+  static constexpr bool checks_optimizer_step =
+      NeedsFabricStep<P> || NeedsFabricStep<S> ||
+      (std::remove_cvref_t<decltype(hooks::on_after_optimizer_step)>::template declared_by<Cbs>() || ...);
 
   /// Creates a fabric from runtime options and callback objects.
   explicit Fabric(Options options = {}, Cbs... callbacks)
@@ -7350,6 +7539,7 @@ class Fabric {
     check_not_set_up(&raw, "module");
     (check_not_set_up(&detail::optimizer_ref(optimizers), "optimizer"), ...);
     (detail::check_belongs(raw, detail::optimizer_ref(optimizers)), ...);
+    (detail::check_not_meta(detail::optimizer_ref(optimizers), "setup"), ...);
     auto wrapped = setup_module_impl(options, std::forward<M>(module));
     if constexpr (sizeof...(Os) == 0) {
       call(hooks::on_after_setup, *this, wrapped);
@@ -7374,6 +7564,7 @@ class Fabric {
     check_launched("setup_optimizers");
     (detail::check_optimizer_arg<Os>(), ...);
     (check_not_set_up(&detail::optimizer_ref(optimizers), "optimizer"), ...);
+    (detail::check_not_meta(detail::optimizer_ref(optimizers), "setup_optimizers"), ...);
     return detail::one_or_tuple(setup_optimizer_impl(std::forward<Os>(optimizers))...);
   }
 
@@ -7465,6 +7656,9 @@ class Fabric {
   /// When the precision or the strategy works in the wrapper's forward (checks_bypassed_forward), a
   /// backward with no wrapped forward since the last one is an error: `model->forward(x)` would
   /// have skipped them. A backward that retains the graph keeps the count for the next one.
+  /// Where a step of the LibTorch optimizer itself would skip something (checks_optimizer_step), a
+  /// backward also fails when the parameters of a set-up optimizer changed since the previous backward
+  /// while no step of a set-up optimizer ran (`optimizer->step()` instead of `optimizer.step()`).
   template <class... Args>
   void backward(const at::Tensor& loss, Args&&... args) {
     if (!loss.defined()) detail::raise("backward: expected a loss tensor, found an undefined tensor");
@@ -7477,7 +7671,13 @@ class Fabric {
       if (modules_set_up_ && wrapped_forwards_ == 0) raise_bypassed_forward();
       if (!detail::retains_graph(args...)) wrapped_forwards_ = 0;
     }
-    strategy_.backward(loss, precision_, std::forward<Args>(args)...);
+    if constexpr (checks_optimizer_step) check_optimizer_steps();
+    if constexpr (checks_fabric_backward) {
+      detail::FabricBackwardScope in_fabric_backward;
+      strategy_.backward(loss, precision_, std::forward<Args>(args)...);
+    } else {
+      strategy_.backward(loss, precision_, std::forward<Args>(args)...);
+    }
   }
   /// Clips the gradients of the optimizer's parameters through the strategy, unscaling them first
   /// where the precision scales; returns the total norm before clipping for max_norm, nothing for
@@ -7709,6 +7909,59 @@ class Fabric {
  private:
   template <class, class>
   friend class Module;
+  template <class, class>
+  friend class Optimizer;
+
+  /// What the step check keeps of a set-up optimizer: how long it counts, and what a step changes
+  /// (detail::step_fingerprint) at the last backward (nothing before the first).
+  struct StepRecord {
+    std::weak_ptr<const void> life;
+    const torch::optim::Optimizer* optimizer;
+    std::optional<std::int64_t> versions;
+  };
+
+  /// What the policies do in backward, for the messages of the guards.
+  static std::string policies_that(bool precision, bool strategy) {
+    std::string policies;
+    if (precision) policies = fmt::format("the precision ({})", P::name);
+    if (strategy) policies += fmt::format("{}the strategy ({})", policies.empty() ? "" : " and ", S::name);
+    return policies;
+  }
+  /// Throws from the hook of a set-up module's output when a backward runs outside Fabric::backward.
+  [[noreturn]] static void raise_raw_backward() {
+    detail::raise(
+        "loss.backward() on the output of a set-up module skips the backward of {}: the current strategy and "
+        "precision selection requires you to call fabric.backward(loss) (or model.backward(loss)) instead of "
+        "loss.backward()",
+        policies_that(NeedsFabricBackward<P>, NeedsFabricBackward<S>));
+  }
+  /// Fails when what a step changes of a set-up optimizer changed since the previous backward while no
+  /// step of a set-up optimizer ran; then records it for the next backward.
+  void check_optimizer_steps() {
+    // NOTE: a closure's backward inside fabric's step (LBFGS) sees the step's own updates.
+    if (optimizer_steps_running_ > 0) return;
+    const bool stepped = std::exchange(stepped_since_backward_, false);
+    for (auto& record : step_records_) {
+      if (record.life.expired()) continue;
+      const std::int64_t versions = detail::step_fingerprint(*record.optimizer);
+      if (!stepped && record.versions && *record.versions != versions) raise_raw_step();
+      record.versions = versions;
+    }
+  }
+  [[noreturn]] static void raise_raw_step() {
+    std::string skipped;
+    if constexpr (NeedsFabricStep<P> || NeedsFabricStep<S>) {
+      skipped = "the step of " + policies_that(NeedsFabricStep<P>, NeedsFabricStep<S>);
+    }
+    if constexpr ((std::remove_cvref_t<decltype(hooks::on_after_optimizer_step)>::template declared_by<Cbs>() || ...)) {
+      skipped += fmt::format("{}the callbacks' on_after_optimizer_step", skipped.empty() ? "" : " and ");
+    }
+    detail::raise(
+        "backward: the parameters of a set-up optimizer changed since the last backward, but no step of a set-up "
+        "optimizer ran: optimizer->step() (the LibTorch optimizer behind the wrapper) skips {}; call "
+        "optimizer.step() on the wrapper setup() returned",
+        skipped);
+  }
 
   /// Returns the number a one-element tensor holds; raises for any other tensor.
   static double scalar_of(std::string_view what, const std::string& name, const at::Tensor& value) {
@@ -7799,7 +8052,10 @@ class Fabric {
     using Impl = typename detail::module_class<std::remove_cvref_t<M>>::type;
     std::shared_ptr<Impl> ptr = detail::share<Impl>(std::forward<M>(module));
     precision_.convert_module(*ptr);
-    if (options.move_to_device) ptr->to(device_);
+    if (options.move_to_device) {
+      detail::warn_mixed_devices(*ptr);
+      ptr->to(device_);
+    }
     auto state = strategy_.setup_module(*ptr);
     auto life = detail::track_set_up(ptr);
     remember(static_cast<const torch::nn::Module*>(ptr.get()), std::move(life));
@@ -7812,6 +8068,10 @@ class Fabric {
     std::shared_ptr<Opt> ptr = detail::share<Opt>(std::forward<O>(optimizer));
     strategy_.setup_optimizer(*ptr);
     auto life = detail::track_set_up(ptr);
+    if constexpr (checks_optimizer_step) {
+      std::erase_if(step_records_, [](const StepRecord& r) { return r.life.expired(); });
+      step_records_.push_back({life, ptr.get(), std::nullopt});
+    }
     remember(static_cast<const torch::optim::Optimizer*>(ptr.get()), std::move(life));
     return Optimizer<Opt, Fabric>(std::move(ptr), *this);
   }
@@ -7829,6 +8089,11 @@ class Fabric {
   bool modules_set_up_ = false;
   /// Wrapped forwards since the last backward (counted when checks_bypassed_forward).
   std::uint64_t wrapped_forwards_ = 0;
+  /// The set-up optimizers the step check watches (when checks_optimizer_step).
+  std::vector<StepRecord> step_records_{};
+  /// Whether a set-up optimizer's step ran since the last backward, and how many are running.
+  bool stepped_since_backward_ = false;
+  int optimizer_steps_running_ = 0;
 };
 
 /// True for the wrappers that setup, setup_optimizers and setup_dataloaders return.
@@ -9359,6 +9624,11 @@ class MixedPrecision {
   static constexpr std::string_view name = Dtype == c10::ScalarType::BFloat16 ? "bf16-mixed" : "16-mixed";
   /// Says that the precision works in the wrapper's forward (autocast, input casts).
   static constexpr bool needs_wrapped_forward = true;
+  /// Says that `loss.backward()` must be `fabric.backward(loss)` (float16 scales the loss; bfloat16
+  /// too, as in Lightning, so that a program runs under both).
+  static constexpr bool needs_fabric_backward = true;
+  /// Says that the optimizer's own step would skip the gradient scaler (float16 only).
+  static constexpr bool needs_fabric_step = Dtype == c10::ScalarType::Half;
 
   /// Settings: the gradient scaler's (used by float16 only).
   struct Options {
@@ -12334,6 +12604,9 @@ struct ParallelOptions {
 class ParallelStrategy : public StrategyBase {
  public:
   static constexpr bool is_distributed = true;
+  /// Says that `loss.backward()` must be `fabric.backward(loss)`: the backward reports a failed gradient
+  /// synchronisation with the rank (fabric::NeedsFabricBackward).
+  static constexpr bool needs_fabric_backward = true;
 
   /// Creates the strategy with its settings (nothing connects before launch()).
   explicit ParallelStrategy(ParallelOptions options = {})

@@ -9,11 +9,15 @@
 #include "fabric/wrappers/module.hpp"
 #include "fabric/wrappers/optimizer.hpp"
 
+#include <c10/util/Exception.h>
 #include <torch/nn/module.h>
 #include <torch/optim/optimizer.h>
+#include <torch/ordered_dict.h>
 
 #include <cstddef>
 #include <memory>
+#include <string>
+#include <string_view>
 #include <type_traits>
 #include <unordered_set>
 #include <utility>
@@ -159,6 +163,45 @@ inline void check_belongs(const torch::nn::Module& module, const torch::optim::O
       "expected an optimizer over the module's parameters, found one whose {} parameter{} belong to "
       "another module; build the optimizer from this module's parameters()",
       total, total == 1 ? " does not" : "s do not");
+}
+
+/// Raises when an optimizer refers to parameters on the meta device (Lightning's check in setup_optimizers).
+inline void check_not_meta(const torch::optim::Optimizer& optimizer, std::string_view what) {
+  for (const auto& group : optimizer.param_groups()) {
+    for (const auto& p : group.params()) {
+      if (p.defined() && p.is_meta()) {
+        raise(
+            "{}: expected an optimizer over parameters that hold data, found one with references to the model's "
+            "meta-device parameters; materializing them is not supported: build the module on a real device (or "
+            "set it up first), then create the optimizer from its parameters and call "
+            "fabric.setup_optimizers(optimizer)",
+            what);
+      }
+    }
+  }
+}
+
+/// Warns, as Lightning's setup does, when the module's parameters are on different devices before setup
+/// moves all of them to the fabric's device.
+inline void warn_mixed_devices(const torch::nn::Module& module) {
+  const auto params = module.named_parameters(true);
+  if (params.is_empty()) return;
+  const auto& initial = params[0];
+  std::size_t count = 0;
+  const torch::OrderedDict<std::string, at::Tensor>::Item* first = nullptr;
+  for (const auto& item : params) {
+    if (item.value().device() != initial.value().device()) {
+      ++count;
+      if (first == nullptr) first = &item;
+    }
+  }
+  if (count > 0) {
+    TORCH_WARN("fabric: the model passed to setup() has ", count, " parameters on different devices (for example '",
+               first->key(), "' on ", first->value().device(), " and '", initial.key(), "' on ",
+               initial.value().device(),
+               "); since move_to_device is on, all parameters will be moved to the fabric's device; pass "
+               "{.move_to_device = false} to setup() if this is not desired");
+  }
 }
 
 }  // namespace fabric::detail

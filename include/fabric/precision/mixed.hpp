@@ -40,6 +40,11 @@ class MixedPrecision {
   static constexpr std::string_view name = Dtype == c10::ScalarType::BFloat16 ? "bf16-mixed" : "16-mixed";
   /// Says that the precision works in the wrapper's forward (autocast, input casts).
   static constexpr bool needs_wrapped_forward = true;
+  /// Says that `loss.backward()` must be `fabric.backward(loss)` (float16 scales the loss; bfloat16
+  /// too, as in Lightning, so that a program runs under both).
+  static constexpr bool needs_fabric_backward = true;
+  /// Says that the optimizer's own step would skip the gradient scaler (float16 only).
+  static constexpr bool needs_fabric_step = Dtype == c10::ScalarType::Half;
 
   /// Settings: the gradient scaler's (used by float16 only).
   struct Options {

@@ -177,6 +177,9 @@ struct ParallelOptions {
 class ParallelStrategy : public StrategyBase {
  public:
   static constexpr bool is_distributed = true;
+  /// Says that `loss.backward()` must be `fabric.backward(loss)`: the backward reports a failed gradient
+  /// synchronisation with the rank (fabric::NeedsFabricBackward).
+  static constexpr bool needs_fabric_backward = true;
 
   /// Creates the strategy with its settings (nothing connects before launch()).
   explicit ParallelStrategy(ParallelOptions options = {})

@@ -4,6 +4,7 @@
 #include "fabric/core/config.hpp"
 #include "fabric/detail/torch_version.hpp"
 #include "fabric/detail/zero_grad.hpp"
+#include "fabric/utils/apply.hpp"
 
 #include <ATen/core/Tensor.h>
 #include <c10/core/DefaultDtype.h>
@@ -13,7 +14,9 @@
 #include <torch/nn/pimpl.h>
 #include <torch/ordered_dict.h>
 
+#include <atomic>
 #include <concepts>
+#include <functional>
 #include <memory>
 #include <string>
 #include <type_traits>
@@ -37,6 +40,33 @@ template <class P>
 concept NeedsWrappedForward = requires {
   requires static_cast<bool>(P::needs_wrapped_forward);
 };
+
+/// A policy whose backward does more than `loss.backward()` (FP16Mixed's loss scaling, DDP's
+/// synchronisation and its failure reports), so that `loss.backward()` on the output of a set-up module
+/// must be `fabric.backward(loss)`: with one, the wrapper's forward hooks its outputs so that a
+/// backward outside fabric's throws. A policy says so with `static constexpr bool
+/// needs_fabric_backward = true;`; without the member it is false (no hook, no cost).
+template <class P>
+concept NeedsFabricBackward = requires {
+  requires static_cast<bool>(P::needs_fabric_backward);
+};
+
+namespace detail {
+
+/// The number of `Fabric::backward` calls running (in any thread): the autograd engine may call the
+/// output hooks on a device thread, so a thread-local flag would not do (Lightning's is a global too).
+inline std::atomic<int> fabric_backward_depth{0};
+
+/// Marks a backward as fabric's while it lives.
+class FabricBackwardScope {
+ public:
+  FabricBackwardScope() noexcept { fabric_backward_depth.fetch_add(1, std::memory_order_relaxed); }
+  ~FabricBackwardScope() { fabric_backward_depth.fetch_sub(1, std::memory_order_relaxed); }
+  FabricBackwardScope(const FabricBackwardScope&) = delete;
+  FabricBackwardScope& operator=(const FabricBackwardScope&) = delete;
+};
+
+}  // namespace detail
 
 /// Wraps a set-up module: `->` and `*` reach the module, calling it runs forward through the
 /// precision (input/output conversion, autocast) and the strategy (gradient sync bookkeeping).
@@ -72,16 +102,53 @@ class Module {
     using S = typename F::strategy_type;
     if constexpr (RunsForward<S, M, decltype(precision.convert_input(std::forward<Args>(args)))...>) {
       // The strategy runs the module itself (DP: across GPUs).
-      auto output = strategy.forward(state_, module_, precision.convert_input(std::forward<Args>(args))...);
-      strategy.post_forward(state_, output);
-      return precision.convert_output(std::move(output));
+      return finish(strategy.forward(state_, module_, precision.convert_input(std::forward<Args>(args))...));
     } else if constexpr (std::is_void_v<decltype(module_->forward(
                              precision.convert_input(std::forward<Args>(args))...))>) {
       module_->forward(precision.convert_input(std::forward<Args>(args))...);
     } else {
-      auto output = module_->forward(precision.convert_input(std::forward<Args>(args))...);
-      strategy.post_forward(state_, output);
-      return precision.convert_output(std::move(output));
+      return finish(module_->forward(precision.convert_input(std::forward<Args>(args))...));
+    }
+  }
+
+  /// Runs another method of the module (a `training_step`) as forward runs: under the precision's
+  /// context with its input and output conversion, and inside the strategy's forward bookkeeping (DDP's
+  /// Reducer), so that the method may call the module's own forward and submodules and its loss
+  /// trains as one from forward would (Lightning's `mark_forward_method`). The method is a member
+  /// pointer of the module's class (or of a base), or any callable taking the module first; the
+  /// result is what it returns, with floating tensors converted as forward's output.
+  ///
+  ///     auto loss = model.call(&NetImpl::training_step, batch);
+  ///     fabric.backward(loss);
+  template <class Method, class... Args>
+  FABRIC_ALWAYS_INLINE auto call(Method&& method, Args&&... args) {
+    using S = typename F::strategy_type;
+    static_assert(!std::is_member_object_pointer_v<std::remove_cvref_t<Method>>,
+                  "fabric: model.call(method, args...) runs a method of the module; a data member is no method: "
+                  "read it through model->member");
+    static_assert(!RunsForward<S, M, at::Tensor>,
+                  "fabric: model.call(method, args...) runs the method on this process's device, but this strategy "
+                  "runs the module's forward itself (DP splits it across GPUs) and cannot run another method; call "
+                  "the method from forward, or use fabric::DDP");
+    auto& precision = fabric_->precision();
+    using Invoked = std::is_invocable<Method, M&, decltype(precision.convert_input(std::forward<Args>(args)))...>;
+    if constexpr (!Invoked::value) {
+      static_assert(Invoked::value,
+                    "fabric: model.call(method, args...) calls method on the module with args: pass a member "
+                    "function pointer of the module's class (&NetImpl::training_step) or a callable taking the "
+                    "module first, with arguments it accepts");
+    } else {
+      auto& strategy = fabric_->strategy();
+      if constexpr (F::checks_bypassed_forward) ++fabric_->wrapped_forwards_;
+      [[maybe_unused]] auto guard = precision.forward_context();
+      strategy.pre_forward(state_);
+      if constexpr (std::is_void_v<std::invoke_result_t<
+                        Method, M&, decltype(precision.convert_input(std::forward<Args>(args)))...>>) {
+        std::invoke(std::forward<Method>(method), *module_, precision.convert_input(std::forward<Args>(args))...);
+      } else {
+        return finish(
+            std::invoke(std::forward<Method>(method), *module_, precision.convert_input(std::forward<Args>(args))...));
+      }
     }
   }
 
@@ -144,6 +211,27 @@ class Module {
   state_type& strategy_state() noexcept { return state_; }
 
  private:
+  /// Ends a wrapped forward: the strategy sees the output, the precision converts it, and where a
+  /// policy must run the backward (F::checks_fabric_backward) its tensors get the guard's hook.
+  template <class Out>
+  FABRIC_ALWAYS_INLINE auto finish(Out&& output) {
+    fabric_->strategy().post_forward(state_, output);
+    auto converted = fabric_->precision().convert_output(std::forward<Out>(output));
+    if constexpr (F::checks_fabric_backward) hook_outputs(converted);
+    return converted;
+  }
+  /// Hooks every output tensor that requires grad so that a backward through it outside
+  /// `Fabric::backward` throws (the exception leaves `loss.backward()` as it is).
+  template <class Out>
+  static void hook_outputs(const Out& output) {
+    detail::for_each_tensor(output, [](const at::Tensor& t) {
+      if (!t.defined() || !t.requires_grad()) return;
+      at::Tensor(t).register_hook([](const at::Tensor& /*grad*/) {
+        if (detail::fabric_backward_depth.load(std::memory_order_relaxed) == 0) F::raise_raw_backward();
+      });
+    });
+  }
+
   std::shared_ptr<M> module_;
   F* fabric_;
   FABRIC_NO_UNIQUE_ADDRESS state_type state_;

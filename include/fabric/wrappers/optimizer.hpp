@@ -7,14 +7,50 @@
 
 #include <ATen/core/Tensor.h>
 #include <torch/optim/optimizer.h>
+#include <torch/optim/sgd.h>
 
 #include <concepts>
+#include <cstdint>
 #include <memory>
 #include <type_traits>
 #include <utility>
 #include <vector>
 
 namespace fabric {
+
+/// A policy whose optimizer step does more than the optimizer's own (FP16Mixed's gradient scaler:
+/// unscaling, the inf/NaN check, the scale update), so that a step of the LibTorch optimizer behind a
+/// set-up optimizer would skip it: with one, `Fabric::backward` checks that no such step ran. A policy
+/// says so with `static constexpr bool needs_fabric_step = true;`; without the member it is false.
+template <class P>
+concept NeedsFabricStep = requires {
+  requires static_cast<bool>(P::needs_fabric_step);
+};
+
+namespace detail {
+
+/// Returns what a step of the optimizer changes and the step check watches: the sum of its parameters'
+/// version counters (bumped by in-place updates: Adam, AdamW, RMSprop, Adagrad, fabric's own step), the
+/// number of its per-parameter states (created at the first step) and the version counters of SGD's
+/// momentum buffers. Each only grows, so the sum changes when any does.
+/// NOTE: LibTorch's SGD writes the parameters through `.data()`, which has a counter of its own: without
+/// momentum its steps change none of these.
+inline std::int64_t step_fingerprint(const torch::optim::Optimizer& optimizer) {
+  std::int64_t sum = 0;
+  for (const auto& group : optimizer.param_groups()) {
+    for (const auto& p : group.params()) sum += p.defined() ? p._version() : 0;
+  }
+  const auto& state = optimizer.state();
+  sum += static_cast<std::int64_t>(state.size());
+  for (const auto& entry : state) {
+    if (const auto* sgd = dynamic_cast<const torch::optim::SGDParamState*>(entry.second.get())) {
+      if (sgd->momentum_buffer().defined()) sum += sgd->momentum_buffer()._version();
+    }
+  }
+  return sum;
+}
+
+}  // namespace detail
 
 /// Wraps a set-up optimizer: `step` goes through the strategy and the precision (loss scaling,
 /// skipped steps) and then calls the `on_after_optimizer_step` hook; `->` and `*` reach the optimizer
@@ -29,7 +65,21 @@ class Optimizer {
 
   /// Performs one optimisation step and returns what the optimizer's step returns.
   at::Tensor step(torch::optim::Optimizer::LossClosure closure = nullptr) {
-    at::Tensor loss = fabric_->strategy().optimizer_step(*optimizer_, fabric_->precision(), std::move(closure));
+    at::Tensor loss;
+    if constexpr (F::checks_optimizer_step) {
+      // NOTE: the step check at backward knows this step ran (and skips the backwards of its closure).
+      ++fabric_->optimizer_steps_running_;
+      struct Done {
+        F& fabric;
+        ~Done() {
+          --fabric.optimizer_steps_running_;
+          fabric.stepped_since_backward_ = true;
+        }
+      } done{*fabric_};
+      loss = fabric_->strategy().optimizer_step(*optimizer_, fabric_->precision(), std::move(closure));
+    } else {
+      loss = fabric_->strategy().optimizer_step(*optimizer_, fabric_->precision(), std::move(closure));
+    }
     fabric_->call(hooks::on_after_optimizer_step, *this);
     return loss;
   }
