@@ -25,6 +25,7 @@
 #include "fabric/io/safetensors.hpp"
 #include "fabric/io/state.hpp"
 #include "fabric/io/torch_archive.hpp"
+#include "fabric/io/torch_pickle.hpp"
 #include "fabric/loggers/csv.hpp"
 #include "fabric/loggers/logger.hpp"
 #include "fabric/loggers/tensorboard.hpp"

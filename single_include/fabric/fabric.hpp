@@ -4321,8 +4321,8 @@ inline void check_optimizer(const std::string& key, const torch::optim::Optimize
     return;
   }
   const auto dict = stored.toGenericDict();
-  if (!dict.contains("archive") || !dict.at("archive").isTensor() || !dict.contains("shapes") ||
-      !dict.at("shapes").isList()) {
+  if (!dict.contains("archive") || !dict.at("archive").isTensor() ||
+      (dict.contains("shapes") && !dict.at("shapes").isList())) {
     errors.push_back(fmt::format("{}: expected an optimizer's state, found a dictionary without its archive", label));
     return;
   }
@@ -4338,14 +4338,15 @@ inline void check_optimizer(const std::string& key, const torch::optim::Optimize
     }
   }
   const auto params = optimizer_params(optimizer);
-  const auto shapes = dict.at("shapes").toList();
-  if (shapes.size() != params.size()) {
+  // Without "shapes" (an optimizer.state_dict() of PyTorch, see TorchCheckpointIO) the archive's checks below apply.
+  const auto shapes = dict.contains("shapes") ? dict.at("shapes").toList() : c10::impl::GenericList(c10::AnyType::get());
+  if (dict.contains("shapes") && shapes.size() != params.size()) {
     errors.push_back(fmt::format("{}: expected state for {} parameters, found {} in the checkpoint", label,
                                  params.size(), shapes.size()));
     return;
   }
   const std::size_t before = errors.size();
-  for (std::size_t i = 0; i < params.size(); ++i) {
+  for (std::size_t i = 0; i < shapes.size(); ++i) {
     const c10::IValue shape_value = shapes.get(i);
     if (!shape_value.isIntList()) {
       errors.push_back(fmt::format("{}: parameter {}: the saved shape is {}, not a list of integers", label, i,
@@ -6393,6 +6394,1727 @@ class AutoCheckpointIO {
 // Loading files written by LibTorch's own torch::save(module, path) and torch::save(optimizer, path)
 // (`Fabric::load_raw`), with the same name, shape and type checks as fabric's checkpoints.
 
+// ---- begin fabric/io/torch_pickle.hpp
+// fabric::TorchCheckpointIO: checkpoints Python reads and writes. It writes the zip file of Python's
+// torch.save (a protocol-2 pickle of plain dictionaries, lists, numbers, strings and tensors, with
+// optimizers in PyTorch's optimizer.state_dict() layout), which torch.load(path, weights_only=True),
+// model.load_state_dict, optimizer.load_state_dict and Lightning's fabric.load read; and it reads files
+// of Python's torch.save (state_dicts as OrderedDicts, Lightning's fabric.save, optimizer state_dicts)
+// through fabric's restricted unpickler (detail/unpickler.hpp), which runs no pickled code.
+
+// ---- begin fabric/detail/unpickler.hpp
+// The torch-free core of reading and writing Python's checkpoints: a reader of the zip container
+// torch.save writes (stored entries, zip64, every offset and size checked against the file), a
+// restricted unpickler that builds a tree of plain values from the pickle opcodes torch.save emits
+// (protocols 2-5) and refuses every global outside an allow-list (it never calls anything), and a
+// writer of protocol-2 pickles. fabric::TorchCheckpointIO (io/torch_pickle.hpp) turns the tree into
+// tensors and dictionaries; the fuzz target tests/fuzz/unpickler_fuzz.cpp drives this file alone.
+
+
+#include <fmt/format.h>
+
+#include <cstdint>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+namespace fabric::detail::pickle {
+
+// ---- the value tree ------------------------------------------------------------------------------
+
+struct Value;
+using ValuePtr = std::shared_ptr<Value>;
+
+/// A storage named by a persistent id ('storage', torch.FloatStorage, key, location, numel).
+struct StorageRef {
+  std::string dtype;  ///< "Float", "Long", "BFloat16", ... ("Byte" for an untyped storage)
+  std::string key;    ///< the record data/<key> holding its bytes
+  std::string location;
+  std::int64_t numel = 0;  ///< elements of dtype (bytes for an untyped storage)
+};
+
+/// A tensor as `_rebuild_tensor_v2` describes it: a view of a storage.
+struct TensorRef {
+  std::shared_ptr<StorageRef> storage;
+  std::int64_t offset = 0;
+  std::vector<std::int64_t> size;
+  std::vector<std::int64_t> stride;
+  bool requires_grad = false;
+};
+
+/// One value of the tree. Lists, tuples and dictionaries hold shared children (a memoized value can
+/// appear several times); dictionaries keep their insertion order as alternating keys and values.
+struct Value {
+  enum class Kind { none, boolean, integer, floating, string, bytes, list, tuple, dict, global, storage, tensor };
+  Kind kind = Kind::none;
+  bool boolean = false;
+  std::int64_t integer = 0;
+  double floating = 0.0;
+  std::string text;  ///< string, bytes, or the "module.name" of a global
+  std::vector<ValuePtr> items;
+  std::shared_ptr<StorageRef> storage;
+  std::shared_ptr<TensorRef> tensor;
+
+  static ValuePtr make(Kind k) {
+    auto v = std::make_shared<Value>();
+    v->kind = k;
+    return v;
+  }
+};
+
+inline const char* kind_name(Value::Kind k) {
+  switch (k) {
+    case Value::Kind::none:
+      return "None";
+    case Value::Kind::boolean:
+      return "a bool";
+    case Value::Kind::integer:
+      return "an int";
+    case Value::Kind::floating:
+      return "a float";
+    case Value::Kind::string:
+      return "a str";
+    case Value::Kind::bytes:
+      return "bytes";
+    case Value::Kind::list:
+      return "a list";
+    case Value::Kind::tuple:
+      return "a tuple";
+    case Value::Kind::dict:
+      return "a dict";
+    case Value::Kind::global:
+      return "a global";
+    case Value::Kind::storage:
+      return "a storage";
+    case Value::Kind::tensor:
+      return "a tensor";
+  }
+  return "a value";
+}
+
+// ---- limits ---------------------------------------------------------------------------------------
+
+/// Bounds of the reader: a hostile file fails with fabric::Error instead of exhausting memory.
+struct Limits {
+  std::size_t max_stack = 1u << 20;        ///< values on the stack and mark stack together
+  std::size_t max_memo = 1u << 20;         ///< memo entries
+  std::size_t max_values = 1u << 24;       ///< values created in all
+  std::size_t max_container = 1u << 24;    ///< items in one list, tuple or dictionary
+  std::size_t max_zip_entries = 1u << 20;  ///< records in the zip archive
+  std::size_t max_dims = 64;               ///< dimensions of a tensor
+};
+
+// ---- the allow-list -------------------------------------------------------------------------------
+
+/// The element type of a storage global ("torch.FloatStorage" -> "Float"), empty when it is not one.
+inline std::string storage_dtype(std::string_view global) {
+  static constexpr const char* typed[] = {"Double",       "Float",         "Half",  "BFloat16", "Long",
+                                          "Int",          "Short",         "Char",  "Byte",     "Bool",
+                                          "ComplexFloat", "ComplexDouble", "QInt8", "QUInt8"};
+  if (global == "torch.UntypedStorage" || global == "torch.storage.UntypedStorage" ||
+      global == "torch.storage._UntypedStorage" || global == "torch._UntypedStorage") {
+    return "Byte";
+  }
+  for (const char* t : typed) {
+    if (global == fmt::format("torch.{}Storage", t) || global == fmt::format("torch.cuda.{}Storage", t)) {
+      if (std::string_view(t).starts_with("Q")) return {};
+      return t;
+    }
+  }
+  return {};
+}
+
+/// The globals a checkpoint may name; everything else is refused. None of them is ever called: each
+/// is recognized by name and its effect built from plain values.
+inline bool allowed_global(std::string_view name) {
+  static constexpr const char* names[] = {
+      "collections.OrderedDict",
+      "torch._utils._rebuild_tensor_v2",
+      "torch._utils._rebuild_tensor",
+      "torch._utils._rebuild_parameter",
+      "torch._utils._rebuild_parameter_with_state",
+      "torch.Size",
+      "torch.device",
+      // What LibTorch's own pickler (torch::pickle_save, fabric's native checkpoints) writes.
+      "torch.jit._pickle.restore_type_tag",
+      "torch.jit._pickle.build_intlist",
+      "torch.jit._pickle.build_doublelist",
+      "torch.jit._pickle.build_boollist",
+      "torch.jit._pickle.build_tensorlist",
+      "torch.jit._pickle.build_tensor_from_id",
+  };
+  for (const char* n : names) {
+    if (name == n) return true;
+  }
+  return !storage_dtype(name).empty();
+}
+
+// ---- the unpickler --------------------------------------------------------------------------------
+
+class Tree;
+
+/// Reads one pickle into a value tree (use fabric::detail::pickle::Tree, which owns it), refusing opcodes and globals
+/// outside what torch.save writes.
+class Unpickler {
+ public:
+  explicit Unpickler(std::string_view data, Limits limits = {}) : data_(data), limits_(limits) {}
+
+  ValuePtr load() {
+    while (true) {
+      const std::size_t at = pos_;
+      const auto op = static_cast<unsigned char>(byte());
+      switch (op) {
+        case 0x80:  // PROTO
+          if (const auto v = static_cast<unsigned char>(byte()); v < 2 || v > 5) {
+            fail(at, fmt::format("pickle protocol {}; expected protocol 2 to 5 as torch.save writes", v));
+          }
+          break;
+        case 0x95:  // FRAME: a length hint
+          (void)take(8);
+          break;
+        case '.': {  // STOP
+          if (!marks_.empty()) fail(at, "STOP inside an unclosed MARK");
+          if (stack_.size() != 1) fail(at, fmt::format("STOP with {} values on the stack; expected 1", stack_.size()));
+          return stack_.back();
+        }
+        case '(':  // MARK
+          if (marks_.size() >= limits_.max_stack) fail(at, "too many nested MARKs");
+          marks_.push_back(stack_.size());
+          break;
+        case '0':  // POP
+          (void)pop(at);
+          break;
+        case '1':  // POP_MARK
+          (void)pop_mark(at);
+          break;
+        case '2':  // DUP
+          push(top(at), at);
+          break;
+        case 'N':
+          push(Value::make(Value::Kind::none), at);
+          break;
+        case 0x88:
+        case 0x89: {  // NEWTRUE, NEWFALSE
+          auto v = Value::make(Value::Kind::boolean);
+          v->boolean = op == 0x88;
+          push(v, at);
+          break;
+        }
+        case 'J':
+          push_int(static_cast<std::int32_t>(little(4)), at);
+          break;
+        case 'K':
+          push_int(static_cast<std::uint8_t>(little(1)), at);
+          break;
+        case 'M':
+          push_int(static_cast<std::uint16_t>(little(2)), at);
+          break;
+        case 0x8a: {  // LONG1
+          const std::size_t n = static_cast<std::uint8_t>(byte());
+          push_int(long_value(take(n), at), at);
+          break;
+        }
+        case 0x8b: {  // LONG4
+          const std::uint64_t n = little(4);
+          if (n > 8) fail(at, fmt::format("an integer of {} bytes; expected at most 8", n));
+          push_int(long_value(take(static_cast<std::size_t>(n)), at), at);
+          break;
+        }
+        case 'G': {  // BINFLOAT, big-endian
+          const std::string_view b = take(8);
+          std::uint64_t bits = 0;
+          for (char c : b) bits = (bits << 8) | static_cast<std::uint8_t>(c);
+          auto v = Value::make(Value::Kind::floating);
+          std::memcpy(&v->floating, &bits, sizeof bits);
+          push(v, at);
+          break;
+        }
+        case 0x8c:  // SHORT_BINUNICODE
+          push_text(Value::Kind::string, take(static_cast<std::uint8_t>(byte())), at);
+          break;
+        case 'X':  // BINUNICODE
+          push_text(Value::Kind::string, take(checked_length(little(4), at)), at);
+          break;
+        case 0x8d:  // BINUNICODE8
+          push_text(Value::Kind::string, take(checked_length(little(8), at)), at);
+          break;
+        case 'U':  // SHORT_BINSTRING (Python 2 str, read as text)
+          push_text(Value::Kind::string, take(static_cast<std::uint8_t>(byte())), at);
+          break;
+        case 'T':  // BINSTRING
+          push_text(Value::Kind::string, take(checked_length(little(4), at)), at);
+          break;
+        case 'C':  // SHORT_BINBYTES
+          push_text(Value::Kind::bytes, take(static_cast<std::uint8_t>(byte())), at);
+          break;
+        case 'B':  // BINBYTES
+          push_text(Value::Kind::bytes, take(checked_length(little(4), at)), at);
+          break;
+        case 0x8e:  // BINBYTES8
+          push_text(Value::Kind::bytes, take(checked_length(little(8), at)), at);
+          break;
+        case ']':
+          push(Value::make(Value::Kind::list), at);
+          break;
+        case ')':
+          push(Value::make(Value::Kind::tuple), at);
+          break;
+        case '}':
+          push(Value::make(Value::Kind::dict), at);
+          break;
+        case 'l': {  // LIST
+          auto v = Value::make(Value::Kind::list);
+          v->items = pop_mark(at);
+          push(v, at);
+          break;
+        }
+        case 't': {  // TUPLE
+          auto v = Value::make(Value::Kind::tuple);
+          v->items = pop_mark(at);
+          push(v, at);
+          break;
+        }
+        case 0x85:
+        case 0x86:
+        case 0x87: {  // TUPLE1-3
+          const std::size_t n = op - 0x84u;
+          if (stack_.size() < base() + n) fail(at, "TUPLE with too few values on the stack");
+          auto v = Value::make(Value::Kind::tuple);
+          v->items.assign(stack_.end() - static_cast<std::ptrdiff_t>(n), stack_.end());
+          stack_.resize(stack_.size() - n);
+          push(v, at);
+          break;
+        }
+        case 'd': {  // DICT
+          auto items = pop_mark(at);
+          auto v = Value::make(Value::Kind::dict);
+          set_items(*v, items, at);
+          push(v, at);
+          break;
+        }
+        case 'a': {  // APPEND
+          ValuePtr item = pop(at);
+          append(top(at), {item}, at);
+          break;
+        }
+        case 'e': {  // APPENDS
+          auto items = pop_mark(at);
+          append(top(at), items, at);
+          break;
+        }
+        case 's': {  // SETITEM
+          ValuePtr value = pop(at);
+          ValuePtr key = pop(at);
+          ValuePtr dict = top(at);
+          if (dict->kind != Value::Kind::dict) fail(at, fmt::format("SETITEM on {}", kind_name(dict->kind)));
+          set_items(*dict, {key, value}, at);
+          break;
+        }
+        case 'u': {  // SETITEMS
+          auto items = pop_mark(at);
+          ValuePtr dict = top(at);
+          if (dict->kind != Value::Kind::dict) fail(at, fmt::format("SETITEMS on {}", kind_name(dict->kind)));
+          set_items(*dict, items, at);
+          break;
+        }
+        case 'c': {  // GLOBAL "module\nname\n"
+          const std::string module = line(at);
+          const std::string name = line(at);
+          push_global(module + "." + name, at);
+          break;
+        }
+        case 0x93: {  // STACK_GLOBAL
+          ValuePtr name = pop(at);
+          ValuePtr module = pop(at);
+          if (name->kind != Value::Kind::string || module->kind != Value::Kind::string) {
+            fail(at, "STACK_GLOBAL of values that are not strings");
+          }
+          push_global(module->text + "." + name->text, at);
+          break;
+        }
+        case 'R': {  // REDUCE
+          ValuePtr args = pop(at);
+          ValuePtr callable = pop(at);
+          push(reduce(callable, args, at), at);
+          break;
+        }
+        case 'b': {  // BUILD: the state of an OrderedDict (its _metadata) or a tensor is dropped
+          ValuePtr state = pop(at);
+          ValuePtr target = top(at);
+          if (target->kind != Value::Kind::dict && target->kind != Value::Kind::tensor) {
+            fail(at,
+                 fmt::format("BUILD of {}; only dictionaries and tensors may carry state", kind_name(target->kind)));
+          }
+          (void)state;
+          break;
+        }
+        case 'Q': {  // BINPERSID
+          push(persistent(pop(at), at), at);
+          break;
+        }
+        case 'q':  // BINPUT
+          memo_put(static_cast<std::uint8_t>(byte()), at);
+          break;
+        case 'r':  // LONG_BINPUT
+          memo_put(little(4), at);
+          break;
+        case 0x94:  // MEMOIZE
+          memo_put(memo_.size(), at);
+          break;
+        case 'h':  // BINGET
+          memo_get(static_cast<std::uint8_t>(byte()), at);
+          break;
+        case 'j':  // LONG_BINGET
+          memo_get(little(4), at);
+          break;
+        case 0x81:
+        case 0x92:
+          fail(at, "NEWOBJ: the pickle instantiates a class, which a checkpoint never needs");
+        case 'i':
+        case 'o':
+          fail(at, "INST/OBJ: the pickle instantiates a class, which a checkpoint never needs");
+        case 'P':
+          fail(at, "PERSID (text persistent id); expected BINPERSID as torch.save writes");
+        case 0x8f:
+        case 0x90:
+        case 0x91:
+          fail(at, "a set; checkpoints hold dictionaries, lists and tuples");
+        default:
+          fail(at, fmt::format("opcode 0x{:02x}, which torch.save does not write", op));
+      }
+    }
+  }
+
+ private:
+  [[noreturn]] void fail(std::size_t at, const std::string& what) const {
+    raise("the pickle is not a checkpoint fabric can read: {} (at byte {})", what, at);
+  }
+
+  char byte() {
+    if (pos_ >= data_.size()) fail(pos_, "the pickle ends before its STOP opcode (truncated)");
+    return data_[pos_++];
+  }
+  std::string_view take(std::size_t n) {
+    if (n > data_.size() - pos_) {
+      fail(pos_, fmt::format("the pickle ends inside a value of {} bytes (truncated)", n));
+    }
+    std::string_view out = data_.substr(pos_, n);
+    pos_ += n;
+    return out;
+  }
+  std::uint64_t little(std::size_t n) {
+    const std::string_view b = take(n);
+    std::uint64_t v = 0;
+    for (std::size_t i = 0; i < n; ++i) v |= static_cast<std::uint64_t>(static_cast<std::uint8_t>(b[i])) << (8 * i);
+    return v;
+  }
+  std::size_t checked_length(std::uint64_t n, std::size_t at) const {
+    if (n > data_.size() - pos_) fail(at, fmt::format("a length of {} bytes past the end of the pickle", n));
+    return static_cast<std::size_t>(n);
+  }
+  std::string line(std::size_t at) {
+    const std::size_t end = data_.find('\n', pos_);
+    if (end == std::string_view::npos || end - pos_ > 512) fail(at, "a GLOBAL without its newline-ended names");
+    std::string out(data_.substr(pos_, end - pos_));
+    pos_ = end + 1;
+    return out;
+  }
+  std::int64_t long_value(std::string_view b, std::size_t at) const {
+    if (b.size() > 8) fail(at, fmt::format("an integer of {} bytes; expected at most 8 (int64)", b.size()));
+    if (b.empty()) return 0;
+    std::uint64_t v = 0;
+    for (std::size_t i = 0; i < b.size(); ++i)
+      v |= static_cast<std::uint64_t>(static_cast<std::uint8_t>(b[i])) << (8 * i);
+    if (b.size() < 8 && (static_cast<std::uint8_t>(b.back()) & 0x80u) != 0) v |= ~std::uint64_t{0} << (8 * b.size());
+    return static_cast<std::int64_t>(v);
+  }
+
+  std::size_t base() const { return marks_.empty() ? 0 : marks_.back(); }
+  void push(ValuePtr v, std::size_t at) {
+    if (stack_.size() + marks_.size() >= limits_.max_stack) fail(at, "the stack exceeds its bound");
+    if (++created_ > limits_.max_values) fail(at, "more values than the reader's bound");
+    if (v->kind == Value::Kind::list || v->kind == Value::Kind::tuple || v->kind == Value::Kind::dict) {
+      arena_.push_back(v);
+    }
+    stack_.push_back(std::move(v));
+  }
+  void push_int(std::int64_t i, std::size_t at) {
+    auto v = Value::make(Value::Kind::integer);
+    v->integer = i;
+    push(v, at);
+  }
+  void push_text(Value::Kind k, std::string_view text, std::size_t at) {
+    auto v = Value::make(k);
+    v->text = std::string(text);
+    push(v, at);
+  }
+  void push_global(const std::string& name, std::size_t at) {
+    if (!allowed_global(name)) {
+      raise(
+          "refused the global {} in the pickle (at byte {}): a checkpoint holds tensors, numbers, strings, "
+          "dictionaries, lists and tuples, and fabric never runs pickled code; this file names a Python object that "
+          "is not one of those. Save plain data in Python (e.g. model.state_dict(), optimizer.state_dict())",
+          name, at);
+    }
+    auto v = Value::make(Value::Kind::global);
+    v->text = name;
+    push(v, at);
+  }
+  ValuePtr pop(std::size_t at) {
+    if (stack_.size() <= base()) fail(at, "an opcode pops from an empty stack");
+    ValuePtr v = std::move(stack_.back());
+    stack_.pop_back();
+    return v;
+  }
+  ValuePtr top(std::size_t at) const {
+    if (stack_.size() <= base()) fail(at, "an opcode reads an empty stack");
+    return stack_.back();
+  }
+  std::vector<ValuePtr> pop_mark(std::size_t at) {
+    if (marks_.empty()) fail(at, "an opcode needs a MARK that is not there");
+    const std::size_t mark = marks_.back();
+    marks_.pop_back();
+    std::vector<ValuePtr> items(stack_.begin() + static_cast<std::ptrdiff_t>(mark), stack_.end());
+    stack_.resize(mark);
+    return items;
+  }
+  void append(const ValuePtr& list, const std::vector<ValuePtr>& items, std::size_t at) {
+    if (list->kind != Value::Kind::list) fail(at, fmt::format("APPEND to {}", kind_name(list->kind)));
+    if (list->items.size() + items.size() > limits_.max_container) fail(at, "a list exceeds the reader's bound");
+    list->items.insert(list->items.end(), items.begin(), items.end());
+  }
+  void set_items(Value& dict, const std::vector<ValuePtr>& items, std::size_t at) {
+    if (items.size() % 2 != 0) fail(at, "SETITEMS with an odd number of values");
+    if (dict.items.size() + items.size() > 2 * limits_.max_container) fail(at, "a dict exceeds the reader's bound");
+    for (std::size_t i = 0; i < items.size(); i += 2) {
+      const Value& k = *items[i];
+      if (k.kind != Value::Kind::string && k.kind != Value::Kind::integer && k.kind != Value::Kind::boolean &&
+          k.kind != Value::Kind::floating) {
+        fail(at, fmt::format("a dictionary key that is {}; expected str, int, float or bool keys", kind_name(k.kind)));
+      }
+      dict.items.push_back(items[i]);
+      dict.items.push_back(items[i + 1]);
+    }
+  }
+  void memo_put(std::uint64_t index, std::size_t at) {
+    if (memo_.size() >= limits_.max_memo && !memo_.contains(index)) fail(at, "the memo exceeds the reader's bound");
+    memo_[index] = top(at);
+  }
+  void memo_get(std::uint64_t index, std::size_t at) {
+    const auto it = memo_.find(index);
+    if (it == memo_.end()) fail(at, fmt::format("a memo lookup of entry {}, which was never stored", index));
+    push(it->second, at);
+  }
+
+  static std::int64_t int_of(const ValuePtr& v, const char* what, std::size_t at, const Unpickler& self) {
+    if (v->kind == Value::Kind::integer) return v->integer;
+    if (v->kind == Value::Kind::boolean) return v->boolean ? 1 : 0;
+    self.fail(at, fmt::format("{} is {}; expected an int", what, kind_name(v->kind)));
+  }
+  std::vector<std::int64_t> ints_of(const ValuePtr& v, const char* what, std::size_t at) const {
+    if (v->kind != Value::Kind::tuple && v->kind != Value::Kind::list) {
+      fail(at, fmt::format("{} is {}; expected a tuple of ints", what, kind_name(v->kind)));
+    }
+    if (v->items.size() > limits_.max_dims) fail(at, fmt::format("{} has {} dimensions", what, v->items.size()));
+    std::vector<std::int64_t> out;
+    for (const auto& item : v->items) out.push_back(int_of(item, what, at, *this));
+    return out;
+  }
+
+  ValuePtr persistent(const ValuePtr& id, std::size_t at) const {
+    if (id->kind != Value::Kind::tuple || id->items.size() != 5 || id->items[0]->kind != Value::Kind::string ||
+        id->items[0]->text != "storage") {
+      fail(at, "a persistent id that is not ('storage', type, key, location, numel)");
+    }
+    const auto& type = id->items[1];
+    const auto& key = id->items[2];
+    const auto& location = id->items[3];
+    if (type->kind != Value::Kind::global || storage_dtype(type->text).empty()) {
+      fail(at, "a persistent id whose storage type is not a torch storage class");
+    }
+    if (key->kind != Value::Kind::string || location->kind != Value::Kind::string) {
+      fail(at, "a persistent id whose key or location is not a string");
+    }
+    const std::int64_t numel = int_of(id->items[4], "a storage's size", at, *this);
+    if (numel < 0) fail(at, fmt::format("a storage of {} elements", numel));
+    auto v = Value::make(Value::Kind::storage);
+    v->storage = std::make_shared<StorageRef>(StorageRef{storage_dtype(type->text), key->text, location->text, numel});
+    return v;
+  }
+
+  ValuePtr make_tensor(const std::vector<ValuePtr>& a, bool v2, std::size_t at) const {
+    if (a.size() < 4 || a[0]->kind != Value::Kind::storage) {
+      fail(at, "_rebuild_tensor without (storage, offset, size, stride)");
+    }
+    auto t = std::make_shared<TensorRef>();
+    t->storage = a[0]->storage;
+    t->offset = int_of(a[1], "a tensor's storage offset", at, *this);
+    t->size = ints_of(a[2], "a tensor's size", at);
+    t->stride = ints_of(a[3], "a tensor's stride", at);
+    if (v2 && a.size() >= 5) t->requires_grad = int_of(a[4], "requires_grad", at, *this) != 0;
+    if (t->size.size() != t->stride.size()) fail(at, "a tensor whose size and stride differ in length");
+    auto v = Value::make(Value::Kind::tensor);
+    v->tensor = std::move(t);
+    return v;
+  }
+
+  ValuePtr reduce(const ValuePtr& callable, const ValuePtr& args, std::size_t at) const {
+    if (callable->kind != Value::Kind::global) {
+      fail(at, fmt::format("REDUCE calls {}, not an allowed global", kind_name(callable->kind)));
+    }
+    if (args->kind != Value::Kind::tuple) fail(at, "REDUCE with arguments that are not a tuple");
+    const std::string& f = callable->text;
+    const auto& a = args->items;
+    if (f == "collections.OrderedDict") {
+      auto v = Value::make(Value::Kind::dict);
+      if (!a.empty()) fail(at, "OrderedDict(...) with arguments; expected OrderedDict() then SETITEMS");
+      return v;
+    }
+    if (f == "torch._utils._rebuild_tensor_v2") {
+      if (a.size() < 6 || a.size() > 7) fail(at, "_rebuild_tensor_v2 with other than 6 or 7 arguments");
+      return make_tensor(a, true, at);
+    }
+    if (f == "torch._utils._rebuild_tensor") {
+      if (a.size() != 4) fail(at, "_rebuild_tensor with other than 4 arguments");
+      return make_tensor(a, false, at);
+    }
+    if (f == "torch._utils._rebuild_parameter" || f == "torch._utils._rebuild_parameter_with_state") {
+      if (a.size() < 3 || a[0]->kind != Value::Kind::tensor) fail(at, "_rebuild_parameter without a tensor");
+      return a[0];
+    }
+    if (f == "torch.Size") {
+      if (a.size() != 1) fail(at, "torch.Size with other than one argument");
+      auto v = Value::make(Value::Kind::tuple);
+      (void)ints_of(a[0], "a torch.Size", at);
+      v->items = a[0]->items;
+      return v;
+    }
+    if (f == "torch.device") {
+      if (a.empty() || a.size() > 2 || a[0]->kind != Value::Kind::string) fail(at, "torch.device without a type");
+      auto v = Value::make(Value::Kind::string);
+      v->text = a[0]->text;
+      if (a.size() == 2) v->text += fmt::format(":{}", int_of(a[1], "a device index", at, *this));
+      return v;
+    }
+    if (f == "torch.jit._pickle.restore_type_tag") {
+      if (a.size() != 2) fail(at, "restore_type_tag with other than 2 arguments");
+      return a[0];
+    }
+    if (f.starts_with("torch.jit._pickle.build_")) {
+      if (a.size() != 1 || a[0]->kind != Value::Kind::list) fail(at, fmt::format("{} without a list", f));
+      return a[0];
+    }
+    fail(at, fmt::format("REDUCE calls {}, which builds no value of a checkpoint", f));
+  }
+
+  std::string_view data_;
+  Limits limits_;
+  std::size_t pos_ = 0;
+  std::size_t created_ = 0;
+  std::vector<ValuePtr> stack_;
+  std::vector<std::size_t> marks_;
+  std::unordered_map<std::uint64_t, ValuePtr> memo_;
+  std::vector<ValuePtr> arena_;
+
+  friend class Tree;
+};
+
+/// A pickle's value tree, which owns its containers: a pickle can make a list that holds itself, so
+/// the containers are emptied when the tree goes (shared pointers alone would leak the cycle).
+class Tree {
+ public:
+  explicit Tree(std::string_view data, Limits limits = {}) {
+    Unpickler reader(data, limits);
+    try {
+      root_ = reader.load();
+    } catch (...) {
+      for (auto& v : reader.arena_) v->items.clear();
+      throw;
+    }
+    arena_ = std::move(reader.arena_);
+  }
+  Tree(const Tree&) = delete;
+  Tree& operator=(const Tree&) = delete;
+  ~Tree() {
+    for (auto& v : arena_) v->items.clear();
+  }
+  const ValuePtr& root() const { return root_; }
+
+ private:
+  ValuePtr root_;
+  std::vector<ValuePtr> arena_;
+};
+
+// ---- the zip container ----------------------------------------------------------------------------
+
+/// The records of a zip archive of stored (uncompressed) entries, as torch.save writes: names to the
+/// bytes of each, all checked to lie within the file.
+class ZipArchive {
+ public:
+  explicit ZipArchive(std::string_view file, const Limits& limits = {}) : file_(file) { parse(limits); }
+
+  bool contains(const std::string& name) const { return entries_.contains(name); }
+  std::string_view record(const std::string& name) const {
+    const auto it = entries_.find(name);
+    if (it == entries_.end()) raise("the archive has no record \"{}\"", name);
+    return file_.substr(it->second.first, it->second.second);
+  }
+  const std::map<std::string, std::pair<std::size_t, std::size_t>>& entries() const { return entries_; }
+
+ private:
+  [[noreturn]] static void fail(const std::string& what) {
+    raise("the file is not a readable zip archive: {}; expected a file written by torch.save", what);
+  }
+  std::uint64_t at(std::size_t offset, std::size_t n) const {
+    if (offset > file_.size() || n > file_.size() - offset) fail("a header runs past the end of the file (truncated)");
+    std::uint64_t v = 0;
+    for (std::size_t i = 0; i < n; ++i) {
+      v |= static_cast<std::uint64_t>(static_cast<std::uint8_t>(file_[offset + i])) << (8 * i);
+    }
+    return v;
+  }
+
+  void parse(const Limits& limits) {
+    if (file_.size() < 22) fail("it is shorter than a zip end record");
+    // The end-of-central-directory record, within the last 64 KiB + 22 bytes.
+    std::size_t eocd = std::string_view::npos;
+    const std::size_t lowest = file_.size() > 65557 ? file_.size() - 65557 : 0;
+    for (std::size_t p = file_.size() - 22 + 1; p-- > lowest;) {
+      if (at(p, 4) == 0x06054b50) {
+        eocd = p;
+        break;
+      }
+    }
+    if (eocd == std::string_view::npos) fail("no end-of-central-directory record");
+    std::uint64_t count = at(eocd + 10, 2);
+    std::uint64_t cd_size = at(eocd + 12, 4);
+    std::uint64_t cd_offset = at(eocd + 16, 4);
+    if (count == 0xFFFF || cd_size == 0xFFFFFFFF || cd_offset == 0xFFFFFFFF) {
+      if (eocd < 20 || at(eocd - 20, 4) != 0x07064b50) fail("a zip64 archive without its zip64 locator");
+      const std::uint64_t record = at(eocd - 20 + 8, 8);
+      if (record > file_.size() || at(static_cast<std::size_t>(record), 4) != 0x06064b50) {
+        fail("a zip64 locator pointing outside the file");
+      }
+      count = at(static_cast<std::size_t>(record) + 32, 8);
+      cd_size = at(static_cast<std::size_t>(record) + 40, 8);
+      cd_offset = at(static_cast<std::size_t>(record) + 48, 8);
+    }
+    if (count > limits.max_zip_entries) fail(fmt::format("{} entries", count));
+    if (cd_offset > file_.size() || cd_size > file_.size() - cd_offset) fail("a central directory outside the file");
+    std::size_t p = static_cast<std::size_t>(cd_offset);
+    const std::size_t cd_end = static_cast<std::size_t>(cd_offset + cd_size);
+    for (std::uint64_t i = 0; i < count; ++i) {
+      if (p + 46 > cd_end || at(p, 4) != 0x02014b50) fail(fmt::format("central directory entry {} is malformed", i));
+      const std::uint64_t flags = at(p + 8, 2);
+      const std::uint64_t method = at(p + 10, 2);
+      std::uint64_t compressed = at(p + 20, 4);
+      std::uint64_t size = at(p + 24, 4);
+      const std::size_t name_len = static_cast<std::size_t>(at(p + 28, 2));
+      const std::size_t extra_len = static_cast<std::size_t>(at(p + 30, 2));
+      const std::size_t comment_len = static_cast<std::size_t>(at(p + 32, 2));
+      std::uint64_t local = at(p + 42, 4);
+      if (p + 46 + name_len + extra_len + comment_len > cd_end)
+        fail(fmt::format("entry {} runs past its directory", i));
+      std::string name(file_.substr(p + 46, name_len));
+      // The zip64 extra field holds, in order, the fields that are 0xFFFFFFFF above.
+      for (std::size_t e = p + 46 + name_len; e + 4 <= p + 46 + name_len + extra_len;) {
+        const std::uint64_t id = at(e, 2);
+        const std::size_t len = static_cast<std::size_t>(at(e + 2, 2));
+        if (e + 4 + len > p + 46 + name_len + extra_len)
+          fail(fmt::format("entry \"{}\" has a malformed extra field", name));
+        if (id == 0x0001) {
+          std::size_t q = e + 4;
+          auto next = [&](std::uint64_t& field) {
+            if (field != 0xFFFFFFFF) return;
+            if (q + 8 > e + 4 + len) fail(fmt::format("entry \"{}\" has a short zip64 field", name));
+            field = at(q, 8);
+            q += 8;
+          };
+          next(size);
+          next(compressed);
+          next(local);
+        }
+        e += 4 + len;
+      }
+      if (method != 0 || (flags & 1u) != 0) {
+        fail(fmt::format("entry \"{}\" is compressed or encrypted; torch.save stores records uncompressed", name));
+      }
+      if (compressed != size) fail(fmt::format("entry \"{}\" has differing stored and real sizes", name));
+      if (local > file_.size() || at(static_cast<std::size_t>(local), 4) != 0x04034b50) {
+        fail(fmt::format("entry \"{}\" points to no local header", name));
+      }
+      const std::size_t l = static_cast<std::size_t>(local);
+      const std::uint64_t data = local + 30 + at(l + 26, 2) + at(l + 28, 2);
+      if (data > file_.size() || size > file_.size() - data) {
+        fail(fmt::format("entry \"{}\" ({} bytes) runs past the end of the file (truncated)", name, size));
+      }
+      if (!entries_.emplace(name, std::make_pair(static_cast<std::size_t>(data), static_cast<std::size_t>(size)))
+               .second) {
+        fail(fmt::format("entry \"{}\" appears twice", name));
+      }
+      p += 46 + name_len + extra_len + comment_len;
+    }
+  }
+
+  std::string_view file_;
+  std::map<std::string, std::pair<std::size_t, std::size_t>> entries_;
+};
+
+/// The archive's folder ("archive" in "archive/data.pkl"): the one top-level folder with a data.pkl.
+inline std::string archive_prefix(const ZipArchive& zip) {
+  std::string prefix;
+  for (const auto& [name, where] : zip.entries()) {
+    const auto slash = name.find('/');
+    if (slash == std::string::npos || name.substr(slash + 1) != "data.pkl") continue;
+    if (!prefix.empty()) raise("the archive holds two pickles ({}/data.pkl and {}); expected one", prefix, name);
+    prefix = name.substr(0, slash);
+  }
+  if (prefix.empty()) {
+    raise(
+        "the zip archive has no <name>/data.pkl record, so it was not written by torch.save; expected a file of "
+        "torch.save (Python) or fabric");
+  }
+  return prefix;
+}
+
+/// Says whether bytes start like a torch.save file of the legacy format (_use_new_zipfile_serialization=False):
+/// a pickle whose first value is torch's magic number 0x1950a86a20f9469cfc6c.
+inline bool legacy_torch_file(std::string_view file) {
+  static constexpr unsigned char magic[] = {0x80, 0x02, 0x8a, 0x0a, 0x6c, 0xfc, 0x9c,
+                                            0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19};
+  return file.size() >= sizeof magic && std::memcmp(file.data(), magic, sizeof magic) == 0;
+}
+
+// ---- the writer -----------------------------------------------------------------------------------
+
+/// Writes a protocol-2 pickle of plain values, as Python's pickle does (without memoization), for
+/// files that Python's torch.load reads with weights_only=True.
+class Writer {
+ public:
+  void proto() { out_ += "\x80\x02"; }
+  void stop() { out_ += '.'; }
+  void mark() { out_ += '('; }
+  void none() { out_ += 'N'; }
+  void boolean(bool b) { out_ += b ? '\x88' : '\x89'; }
+  void integer(std::int64_t v) {
+    if (v >= 0 && v < 256) {
+      out_ += 'K';
+      out_ += static_cast<char>(v);
+    } else if (v >= 0 && v < 65536) {
+      out_ += 'M';
+      put(static_cast<std::uint64_t>(v), 2);
+    } else if (v >= INT32_MIN && v <= INT32_MAX) {
+      out_ += 'J';
+      put(static_cast<std::uint64_t>(static_cast<std::uint32_t>(static_cast<std::int32_t>(v))), 4);
+    } else {
+      out_ += "\x8a\x08";
+      put(static_cast<std::uint64_t>(v), 8);
+    }
+  }
+  void floating(double d) {
+    out_ += 'G';
+    std::uint64_t bits = 0;
+    std::memcpy(&bits, &d, sizeof bits);
+    for (int i = 7; i >= 0; --i) out_ += static_cast<char>((bits >> (8 * i)) & 0xFF);
+  }
+  void string(std::string_view s) {
+    out_ += 'X';
+    put(s.size(), 4);
+    out_ += s;
+  }
+  void global(std::string_view module, std::string_view name) {
+    out_ += 'c';
+    out_ += module;
+    out_ += '\n';
+    out_ += name;
+    out_ += '\n';
+  }
+  void empty_dict() { out_ += '}'; }
+  void setitems() { out_ += 'u'; }
+  void empty_list() { out_ += ']'; }
+  void appends() { out_ += 'e'; }
+  void empty_tuple() { out_ += ')'; }
+  void tuple() { out_ += 't'; }
+  void reduce() { out_ += 'R'; }
+  void binpersid() { out_ += 'Q'; }
+  const std::string& bytes() const { return out_; }
+
+ private:
+  void put(std::uint64_t v, int n) {
+    for (int i = 0; i < n; ++i) out_ += static_cast<char>((v >> (8 * i)) & 0xFF);
+  }
+  std::string out_;
+};
+
+}  // namespace fabric::detail::pickle
+// ---- end fabric/detail/unpickler.hpp
+
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+
+#include <ATen/Functions.h>
+#include <ATen/core/Dict.h>
+#include <ATen/core/List.h>
+#include <ATen/core/grad_mode.h>
+#include <ATen/core/ivalue.h>
+#include <c10/util/Exception.h>
+#include <caffe2/serialize/inline_container.h>
+#include <torch/nn/module.h>
+#include <torch/optim/optimizer.h>
+#include <torch/serialize/input-archive.h>
+#include <torch/serialize/output-archive.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <filesystem>
+#include <map>
+#include <optional>
+#include <set>
+#include <string>
+#include <string_view>
+#include <system_error>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+namespace fabric {
+namespace detail::torch_pickle {
+
+using pickle::Value;
+using pickle::ValuePtr;
+
+inline std::optional<at::ScalarType> scalar_type(const std::string& name) {
+  static const std::map<std::string, at::ScalarType> types = {{"Double", at::kDouble},
+                                                              {"Float", at::kFloat},
+                                                              {"Half", at::kHalf},
+                                                              {"BFloat16", at::kBFloat16},
+                                                              {"Long", at::kLong},
+                                                              {"Int", at::kInt},
+                                                              {"Short", at::kShort},
+                                                              {"Char", at::kChar},
+                                                              {"Byte", at::kByte},
+                                                              {"Bool", at::kBool},
+                                                              {"ComplexFloat", at::kComplexFloat},
+                                                              {"ComplexDouble", at::kComplexDouble}};
+  const auto it = types.find(name);
+  if (it == types.end()) return std::nullopt;
+  return it->second;
+}
+
+inline const char* storage_name(at::ScalarType t) {
+  switch (t) {
+    case at::kDouble:
+      return "DoubleStorage";
+    case at::kFloat:
+      return "FloatStorage";
+    case at::kHalf:
+      return "HalfStorage";
+    case at::kBFloat16:
+      return "BFloat16Storage";
+    case at::kLong:
+      return "LongStorage";
+    case at::kInt:
+      return "IntStorage";
+    case at::kShort:
+      return "ShortStorage";
+    case at::kChar:
+      return "CharStorage";
+    case at::kByte:
+      return "ByteStorage";
+    case at::kBool:
+      return "BoolStorage";
+    case at::kComplexFloat:
+      return "ComplexFloatStorage";
+    case at::kComplexDouble:
+      return "ComplexDoubleStorage";
+    default:
+      return nullptr;
+  }
+}
+
+// ---- reading --------------------------------------------------------------------------------------
+
+/// Turns the unpickler's value tree into IValues, building each storage once (views share it) from
+/// the archive's data/<key> records, with every size, stride and offset checked against it.
+class Builder {
+ public:
+  Builder(const pickle::ZipArchive& zip, std::string prefix) : zip_(zip), prefix_(std::move(prefix)) {}
+
+  /// The IValue of v; last_size_ is then the number of values v expands to (a memoized value counts
+  /// each time it appears, so a "memo bomb" that doubles a list at each level is refused).
+  c10::IValue build(const ValuePtr& v, std::size_t depth = 0) {
+    if (depth > 512) raise("the checkpoint nests values more than 512 deep");
+    if (const auto it = done_.find(v.get()); it != done_.end()) {
+      last_size_ = it->second.second;
+      return it->second.first;
+    }
+    if (!active_.insert(v.get()).second) raise("the checkpoint holds a value that contains itself (a cycle)");
+    std::uint64_t size = 1;
+    c10::IValue out = make(*v, depth, size);
+    active_.erase(v.get());
+    done_.emplace(v.get(), std::make_pair(out, size));
+    last_size_ = size;
+    return out;
+  }
+
+ private:
+  c10::IValue child(const ValuePtr& v, std::size_t depth, std::uint64_t& size) {
+    c10::IValue out = build(v, depth + 1);
+    size += last_size_;
+    if (size > max_expanded) {
+      raise(
+          "the checkpoint's values expand to more than {} items (memoized values repeated: a memo bomb); "
+          "expected a checkpoint of plain data",
+          max_expanded);
+    }
+    return out;
+  }
+
+  c10::IValue make(const Value& v, std::size_t depth, std::uint64_t& size) {
+    switch (v.kind) {
+      case Value::Kind::none:
+        return c10::IValue();
+      case Value::Kind::boolean:
+        return v.boolean;
+      case Value::Kind::integer:
+        return v.integer;
+      case Value::Kind::floating:
+        return v.floating;
+      case Value::Kind::string:
+      case Value::Kind::bytes:
+        return v.text;
+      case Value::Kind::tensor:
+        return tensor(*v.tensor);
+      case Value::Kind::tuple: {
+        std::vector<c10::IValue> items;
+        for (const auto& item : v.items) items.push_back(child(item, depth, size));
+        return c10::ivalue::Tuple::create(std::move(items));
+      }
+      case Value::Kind::list:
+        return list(v, depth, size);
+      case Value::Kind::dict:
+        return dict(v, depth, size);
+      case Value::Kind::global:
+        raise("the checkpoint holds the class or function {} as a value; expected plain data", v.text);
+      case Value::Kind::storage:
+        raise("the checkpoint holds a bare storage; expected tensors");
+    }
+    raise("the checkpoint holds a value fabric does not know");
+  }
+
+  c10::IValue list(const Value& v, std::size_t depth, std::uint64_t& size) {
+    std::vector<c10::IValue> items;
+    for (const auto& item : v.items) items.push_back(child(item, depth, size));
+    auto all = [&](auto pred) { return !items.empty() && std::all_of(items.begin(), items.end(), pred); };
+    if (all([](const c10::IValue& i) { return i.isInt(); })) {
+      c10::List<std::int64_t> out;
+      for (const auto& i : items) out.push_back(i.toInt());
+      return out;
+    }
+    if (all([](const c10::IValue& i) { return i.isDouble(); })) {
+      c10::List<double> out;
+      for (const auto& i : items) out.push_back(i.toDouble());
+      return out;
+    }
+    if (all([](const c10::IValue& i) { return i.isBool(); })) {
+      c10::List<bool> out;
+      for (const auto& i : items) out.push_back(i.toBool());
+      return out;
+    }
+    if (all([](const c10::IValue& i) { return i.isString(); })) {
+      c10::List<std::string> out;
+      for (const auto& i : items) out.push_back(i.toStringRef());
+      return out;
+    }
+    if (all([](const c10::IValue& i) { return i.isTensor(); })) {
+      c10::List<at::Tensor> out;
+      for (const auto& i : items) out.push_back(i.toTensor());
+      return out;
+    }
+    c10::impl::GenericList out(c10::AnyType::get());
+    for (auto& i : items) out.push_back(std::move(i));
+    return out;
+  }
+
+  c10::IValue dict(const Value& v, std::size_t depth, std::uint64_t& size) {
+    bool strings = true, ints = true;
+    for (std::size_t i = 0; i < v.items.size(); i += 2) {
+      strings = strings && v.items[i]->kind == Value::Kind::string;
+      ints = ints && v.items[i]->kind == Value::Kind::integer;
+    }
+    c10::TypePtr key_type = c10::StringType::get();
+    if (!strings) {
+      if (!ints) raise("the checkpoint holds a dictionary with keys of mixed types; expected all str or all int keys");
+      key_type = c10::IntType::get();
+    }
+    c10::impl::GenericDict out(key_type, c10::AnyType::get());
+    for (std::size_t i = 0; i + 1 < v.items.size(); i += 2) {
+      c10::IValue key = child(v.items[i], depth, size);
+      out.insert_or_assign(std::move(key), child(v.items[i + 1], depth, size));
+    }
+    return out;
+  }
+
+  at::Tensor storage(const pickle::StorageRef& s) {
+    if (const auto it = storages_.find(s.key); it != storages_.end()) {
+      if (it->second.first != s.dtype) {
+        raise("storage \"{}\" is named as {} and as {}; the checkpoint is corrupt", s.key, it->second.first, s.dtype);
+      }
+      return it->second.second;
+    }
+    const auto type = scalar_type(s.dtype);
+    if (!type) raise("storage \"{}\" has the element type {}, which fabric does not read", s.key, s.dtype);
+    const std::string record = prefix_ + "/data/" + s.key;
+    if (!zip_.contains(record)) {
+      raise("the checkpoint names storage \"{}\" but has no record {}; the file is truncated or corrupt", s.key,
+            record);
+    }
+    const std::string_view bytes = zip_.record(record);
+    const auto element = static_cast<std::uint64_t>(c10::elementSize(*type));
+    if (static_cast<std::uint64_t>(s.numel) > bytes.size() / element) {
+      raise("storage \"{}\" should hold {} elements of {} ({} bytes), its record {} has {} bytes; the file is corrupt",
+            s.key, s.numel, s.dtype, static_cast<std::uint64_t>(s.numel) * element, record, bytes.size());
+    }
+    at::Tensor flat = at::empty({s.numel}, at::TensorOptions().dtype(*type));
+    if (s.numel > 0) std::memcpy(flat.data_ptr(), bytes.data(), static_cast<std::size_t>(s.numel) * element);
+    storages_.emplace(s.key, std::make_pair(s.dtype, flat));
+    return flat;
+  }
+
+  at::Tensor tensor(const pickle::TensorRef& t) {
+    at::Tensor flat = storage(*t.storage);
+    std::int64_t last = t.offset;
+    bool empty = false;
+    if (t.offset < 0) raise("a tensor of storage \"{}\" has the negative offset {}", t.storage->key, t.offset);
+    for (std::size_t d = 0; d < t.size.size(); ++d) {
+      if (t.size[d] < 0 || t.stride[d] < 0) {
+        raise("a tensor of storage \"{}\" has a negative size or stride; the checkpoint is corrupt", t.storage->key);
+      }
+      if (t.size[d] == 0) empty = true;
+      std::int64_t span = 0;
+      if (t.size[d] > 0 &&
+          (__builtin_mul_overflow(t.size[d] - 1, t.stride[d], &span) || __builtin_add_overflow(last, span, &last))) {
+        raise("a tensor of storage \"{}\" has a size and stride that overflow", t.storage->key);
+      }
+    }
+    if (!empty && last >= flat.numel()) {
+      raise("a tensor reaches element {} of storage \"{}\", which has {}; the checkpoint is corrupt", last,
+            t.storage->key, flat.numel());
+    }
+    if (empty && t.offset > flat.numel()) raise("an empty tensor starts past its storage \"{}\"", t.storage->key);
+    return flat.as_strided(t.size, t.stride, t.offset);
+  }
+
+  const pickle::ZipArchive& zip_;
+  std::string prefix_;
+  static constexpr std::uint64_t max_expanded = 1u << 24;
+  std::unordered_map<const Value*, std::pair<c10::IValue, std::uint64_t>> done_;
+  std::uint64_t last_size_ = 0;
+  std::set<const Value*> active_;
+  std::map<std::string, std::pair<std::string, at::Tensor>> storages_;
+};
+
+/// Reads the value a torch.save file holds (zip format), refusing anything but plain data.
+inline c10::IValue read_bytes(std::string_view file, const std::string& where) {
+  try {
+    if (pickle::legacy_torch_file(file)) {
+      raise(
+          "it is in the legacy format of torch.save(..., _use_new_zipfile_serialization=False), which fabric does not "
+          "read; re-save it in Python with torch.save(torch.load(path), path)");
+    }
+    if (file.size() < 4 || file.substr(0, 4) != std::string_view("PK\x03\x04", 4)) {
+      raise("it is not a zip archive, so not a torch.save file (nor a fabric checkpoint)");
+    }
+    const pickle::ZipArchive zip(file);
+    const std::string prefix = pickle::archive_prefix(zip);
+    if (zip.contains(prefix + "/constants.pkl")) {
+      raise(
+          "it is a TorchScript archive (torch::save of a module or optimizer, or torch.jit.save), not a torch.save "
+          "file; load it with load_raw");
+    }
+    if (zip.contains(prefix + "/byteorder") && zip.record(prefix + "/byteorder") != "little") {
+      raise("its tensors are stored big-endian (byteorder \"{}\"); expected little-endian",
+            std::string(zip.record(prefix + "/byteorder")));
+    }
+    const pickle::Tree tree(zip.record(prefix + "/data.pkl"));
+    Builder builder(zip, prefix);
+    return builder.build(tree.root());
+  } catch (const Error& e) {
+    raise("could not read {}: {}", where, e.what());
+  } catch (const c10::Error& e) {
+    raise("could not read {}: {}", where, first_line(e.what_without_backtrace()));
+  }
+}
+
+// ---- optimizers: LibTorch's archive <-> PyTorch's optimizer.state_dict() --------------------------
+
+inline bool double_option(const std::string& name) {
+  static const std::set<std::string> names = {
+      "lr",    "momentum",       "dampening",       "weight_decay", "eps", "lr_decay", "initial_accumulator_value",
+      "alpha", "tolerance_grad", "tolerance_change"};
+  return names.contains(name);
+}
+inline bool bool_option(const std::string& name) {
+  return name == "nesterov" || name == "amsgrad" || name == "centered";
+}
+
+/// PyTorch's optimizer.state_dict() of fabric's optimizer entry ({"archive", "shapes", "type"}):
+/// {"state": {index: {name: value}}, "param_groups": [{options..., "params": [indices]}]}, with "step"
+/// a float tensor as PyTorch keeps it and PyTorch's own group options at their defaults.
+inline c10::IValue optimizer_to_python(const std::string& key, const c10::impl::GenericDict& entry) {
+  const std::string type = entry.contains("type") && entry.at("type").isString() ? entry.at("type").toStringRef() : "";
+  if (type.find("LBFGS") != std::string::npos) {
+    raise(
+        "state entry \"{}\": an LBFGS keeps whole-model state that PyTorch's LBFGS lays out differently, so "
+        "TorchCheckpointIO cannot write it for Python; save it with fabric's native format (a path without "
+        "TorchCheckpointIO)",
+        key);
+  }
+  const at::Tensor blob = entry.at("archive").toTensor().contiguous();
+  torch::serialize::InputArchive archive;
+  archive.load_from(static_cast<const char*>(blob.data_ptr()), static_cast<std::size_t>(blob.numel()));
+  torch::serialize::InputArchive groups_archive;
+  archive.read("param_groups", groups_archive);
+  const std::int64_t group_count = archive_int(groups_archive, "param_groups/size");
+  std::map<std::string, std::int64_t> index_of;
+  std::int64_t next = 0;
+  c10::impl::GenericList groups(c10::AnyType::get());
+  const bool adam = type.find("Adam") != std::string::npos;
+  for (std::int64_t g = 0; g < group_count; ++g) {
+    torch::serialize::InputArchive group_archive;
+    groups_archive.read("param_groups/" + std::to_string(g), group_archive);
+    torch::serialize::InputArchive options;
+    group_archive.read("options", options);
+    c10::impl::GenericDict group(c10::StringType::get(), c10::AnyType::get());
+    for (const auto& name : options.keys()) {
+      c10::IValue v;
+      options.read(name, v);
+      group.insert(name, v);
+    }
+    // PyTorch's options that LibTorch lacks, at PyTorch's defaults (what LibTorch's step does).
+    if (adam || type.find("SGD") != std::string::npos || type.find("RMSprop") != std::string::npos ||
+        type.find("Adagrad") != std::string::npos) {
+      group.insert("maximize", false);
+      group.insert("foreach", c10::IValue());
+      group.insert("differentiable", false);
+      if (adam) group.insert("capturable", false);
+    }
+    c10::List<std::int64_t> params;
+    const std::int64_t count = archive_int(group_archive, "params/size");
+    for (std::int64_t j = 0; j < count; ++j) {
+      c10::IValue old_key;
+      group_archive.read("params/" + std::to_string(j), old_key);
+      index_of[old_key.toStringRef()] = next;
+      params.push_back(next++);
+    }
+    group.insert("params", params);
+    groups.push_back(group);
+  }
+  c10::impl::GenericDict state(c10::IntType::get(), c10::AnyType::get());
+  torch::serialize::InputArchive state_archive;
+  if (archive.try_read("state", state_archive)) {
+    for (const auto& old_key : state_archive.keys()) {
+      const auto index = index_of.find(old_key);
+      if (index == index_of.end()) continue;  // state of a parameter no group holds
+      torch::serialize::InputArchive param_state;
+      state_archive.read(old_key, param_state);
+      c10::impl::GenericDict s(c10::StringType::get(), c10::AnyType::get());
+      for (const auto& name : param_state.keys()) {
+        c10::IValue v;
+        param_state.read(name, v);
+        if (name == "step" && v.isInt()) v = at::scalar_tensor(static_cast<double>(v.toInt()), at::kFloat);
+        if (v.isTensor() && v.toTensor().dim() > 0) v = v.toTensor().detach();
+        s.insert(name, v);
+      }
+      state.insert(index->second, s);
+    }
+  }
+  c10::impl::GenericDict out(c10::StringType::get(), c10::AnyType::get());
+  out.insert("state", state);
+  out.insert("param_groups", groups);
+  return out;
+}
+
+/// Says whether a value has the shape of PyTorch's optimizer.state_dict().
+inline bool is_python_optimizer(const c10::IValue& v) {
+  if (!v.isGenericDict()) return false;
+  const auto d = v.toGenericDict();
+  if (d.size() != 2 || d.keyType()->kind() != c10::TypeKind::StringType || !d.contains("state") ||
+      !d.contains("param_groups")) {
+    return false;
+  }
+  return d.at("state").isGenericDict() && d.at("param_groups").isList();
+}
+
+inline double as_double(const std::string& where, const c10::IValue& v) {
+  if (v.isDouble()) return v.toDouble();
+  if (v.isInt()) return static_cast<double>(v.toInt());
+  if (v.isBool()) return v.toBool() ? 1.0 : 0.0;
+  if (v.isTensor() && v.toTensor().numel() == 1) return v.toTensor().item<double>();
+  raise("{}: expected a number, found {}", where, describe(v));
+}
+
+/// fabric's optimizer entry ({"archive": LibTorch's archive}) of PyTorch's optimizer.state_dict();
+/// parameters are matched by position as PyTorch's load_state_dict does, and state shapes are checked
+/// when the optimizer is loaded.
+inline c10::IValue optimizer_from_python(const std::string& key, const c10::impl::GenericDict& d) {
+  torch::serialize::OutputArchive archive;
+  archive.write("pytorch_version", c10::IValue("1.5.0"));
+  torch::serialize::OutputArchive groups_archive(archive.compilation_unit());
+  const auto groups = d.at("param_groups").toList();
+  groups_archive.write("param_groups/size", at::scalar_tensor(static_cast<std::int64_t>(groups.size()), at::kLong));
+  std::set<std::int64_t> ids;
+  for (std::size_t g = 0; g < groups.size(); ++g) {
+    const std::string where = fmt::format("\"{}\": param_groups[{}]", key, g);
+    const c10::IValue gv = groups.get(g);
+    if (!gv.isGenericDict() || gv.toGenericDict().keyType()->kind() != c10::TypeKind::StringType ||
+        !gv.toGenericDict().contains("params") || !gv.toGenericDict().at("params").isList()) {
+      raise("{}: expected a dictionary with \"params\", found {}", where, describe(gv));
+    }
+    const auto group = gv.toGenericDict();
+    torch::serialize::OutputArchive group_archive(archive.compilation_unit());
+    const auto params = group.at("params").toList();
+    group_archive.write("params/size", at::scalar_tensor(static_cast<std::int64_t>(params.size()), at::kLong));
+    for (std::size_t j = 0; j < params.size(); ++j) {
+      const c10::IValue p = params.get(j);
+      if (!p.isInt()) raise("{}: a parameter id is {}, not an integer", where, describe(p));
+      ids.insert(p.toInt());
+      group_archive.write("params/" + std::to_string(j), c10::IValue(std::to_string(p.toInt())));
+    }
+    torch::serialize::OutputArchive options(archive.compilation_unit());
+    for (const auto& item : group) {
+      const std::string& name = item.key().toStringRef();
+      const c10::IValue& v = item.value();
+      if (name == "maximize" && v.isBool() && v.toBool()) {
+        raise("{}: maximize=True, which LibTorch's optimizers do not have; train with maximize=False", where);
+      }
+      if (double_option(name)) {
+        options.write(name, c10::IValue(as_double(where + "." + name, v)));
+      } else if (bool_option(name)) {
+        if (!v.isBool()) raise("{}.{}: expected a bool, found {}", where, name, describe(v));
+        options.write(name, v);
+      } else if (name == "betas") {
+        std::vector<c10::IValue> items;
+        if (v.isTuple()) {
+          for (const auto& b : v.toTupleRef().elements()) items.push_back(b);
+        } else if (v.isList()) {
+          for (const auto& b : v.toList()) items.push_back(b);
+        }
+        if (items.size() != 2) raise("{}.betas: expected two numbers, found {}", where, describe(v));
+        options.write(name, c10::IValue(std::make_tuple(as_double(where + ".betas", items[0]),
+                                                        as_double(where + ".betas", items[1]))));
+      }
+      // Other keys are PyTorch's alone (foreach, capturable, differentiable, fused, initial_lr, ...).
+    }
+    group_archive.write("options", options);
+    groups_archive.write("param_groups/" + std::to_string(g), group_archive);
+  }
+  torch::serialize::OutputArchive state_archive(archive.compilation_unit());
+  for (const auto& item : d.at("state").toGenericDict()) {
+    if (!item.key().isInt() || !ids.contains(item.key().toInt())) {
+      raise("\"{}\": the state of parameter {} names no parameter of param_groups", key, describe(item.key()));
+    }
+    if (!item.value().isGenericDict()) {
+      raise("\"{}\": the state of parameter {} is {}, not a dictionary", key, item.key().toInt(),
+            describe(item.value()));
+    }
+    torch::serialize::OutputArchive param_state(archive.compilation_unit());
+    bool any = false;
+    for (const auto& field : item.value().toGenericDict()) {
+      if (!field.key().isString()) continue;
+      const std::string& name = field.key().toStringRef();
+      const c10::IValue& v = field.value();
+      if (v.isNone()) continue;  // e.g. SGD's momentum_buffer without momentum
+      if (name == "step") {
+        param_state.write(name, c10::IValue(static_cast<std::int64_t>(std::llround(as_double("step", v)))));
+      } else if (v.isTensor()) {
+        param_state.write(name, v.toTensor(), /*is_buffer=*/true);
+      } else {
+        param_state.write(name, v);
+      }
+      any = true;
+    }
+    if (any) state_archive.write(std::to_string(item.key().toInt()), param_state);
+  }
+  archive.write("state", state_archive);
+  archive.write("param_groups", groups_archive);
+  std::vector<char> bytes;
+  archive.save_to([&](const void* data, std::size_t n) {
+    bytes.insert(bytes.end(), static_cast<const char*>(data), static_cast<const char*>(data) + n);
+    return n;
+  });
+  at::Tensor blob = at::empty({static_cast<std::int64_t>(bytes.size())}, at::kByte);
+  if (!bytes.empty()) std::memcpy(blob.data_ptr(), bytes.data(), bytes.size());
+  c10::impl::GenericDict out(c10::StringType::get(), c10::AnyType::get());
+  out.insert("archive", blob);
+  return out;
+}
+
+// ---- writing --------------------------------------------------------------------------------------
+
+/// Writes IValues as Python's pickler does for the same Python values, collecting tensor storages
+/// (each storage once; views keep their offsets and strides).
+class PickleWriter {
+ public:
+  void value(const c10::IValue& v, std::size_t depth = 0) {
+    if (depth > 512) raise("the state nests values more than 512 deep");
+    if (v.isNone()) {
+      w_.none();
+    } else if (v.isBool()) {
+      w_.boolean(v.toBool());
+    } else if (v.isInt()) {
+      w_.integer(v.toInt());
+    } else if (v.isDouble()) {
+      w_.floating(v.toDouble());
+    } else if (v.isString()) {
+      w_.string(v.toStringRef());
+    } else if (v.isTensor()) {
+      tensor(v.toTensor());
+    } else if (v.isTuple()) {
+      const auto& items = v.toTupleRef().elements();
+      if (items.empty()) {
+        w_.empty_tuple();
+        return;
+      }
+      w_.mark();
+      for (const auto& item : items) value(item, depth + 1);
+      w_.tuple();
+    } else if (v.isList()) {
+      w_.empty_list();
+      const auto list = v.toList();
+      if (list.empty()) return;
+      w_.mark();
+      for (const auto& item : list) value(item, depth + 1);
+      w_.appends();
+    } else if (v.isGenericDict()) {
+      w_.empty_dict();
+      const auto dict = v.toGenericDict();
+      if (dict.empty()) return;
+      w_.mark();
+      for (const auto& item : dict) {
+        value(item.key(), depth + 1);
+        value(item.value(), depth + 1);
+      }
+      w_.setitems();
+    } else if (v.isDevice()) {
+      w_.global("torch", "device");
+      w_.mark();
+      w_.string(v.toDevice().str());
+      w_.tuple();
+      w_.reduce();
+    } else {
+      raise("cannot write {} ({}) for Python; expected tensors, numbers, strings, dictionaries, lists and tuples",
+            describe(v), v.tagKind());
+    }
+  }
+
+  void tensor(const at::Tensor& input) {
+    if (!input.defined()) raise("cannot write an undefined tensor for Python; give it a value or leave it out");
+    at::Tensor t = input.detach();
+    if (t.layout() != at::kStrided || t.is_quantized()) raise("cannot write a sparse or quantized tensor for Python");
+    if (!t.device().is_cpu()) t = t.cpu();
+    const char* name = storage_name(t.scalar_type());
+    if (name == nullptr) raise("cannot write a tensor of {} for Python", c10::toString(t.scalar_type()));
+    const void* impl = t.storage().unsafeGetStorageImpl();
+    auto it = keys_.find(impl);
+    if (it == keys_.end()) {
+      const std::string key = std::to_string(storages_.size());
+      it = keys_.emplace(impl, key).first;
+      storages_.emplace_back(key, t);
+    } else if (storages_[std::stoul(it->second)].second.scalar_type() != t.scalar_type()) {
+      // A storage viewed with two element types: write this one on its own.
+      t = t.clone();
+      const std::string key = std::to_string(storages_.size());
+      storages_.emplace_back(key, t);
+      it = keys_.emplace(t.storage().unsafeGetStorageImpl(), key).first;
+    }
+    const std::int64_t element = static_cast<std::int64_t>(t.element_size());
+    w_.global("torch._utils", "_rebuild_tensor_v2");
+    w_.mark();
+    w_.mark();
+    w_.string("storage");
+    w_.global("torch", name);
+    w_.string(it->second);
+    w_.string("cpu");
+    w_.integer(static_cast<std::int64_t>(t.storage().nbytes()) / element);
+    w_.tuple();
+    w_.binpersid();
+    w_.integer(t.storage_offset());
+    ints(t.sizes());
+    ints(t.strides());
+    w_.boolean(false);
+    w_.global("collections", "OrderedDict");
+    w_.empty_tuple();
+    w_.reduce();
+    w_.tuple();
+    w_.reduce();
+  }
+
+  /// The pickle and the storages (key, a tensor of that storage), after `value`.
+  std::string finish() {
+    w_.stop();
+    return w_.bytes();
+  }
+  const std::vector<std::pair<std::string, at::Tensor>>& storages() const { return storages_; }
+  void start() { w_.proto(); }
+
+ private:
+  void ints(at::IntArrayRef values) {
+    if (values.empty()) {
+      w_.empty_tuple();
+      return;
+    }
+    w_.mark();
+    for (const auto v : values) w_.integer(v);
+    w_.tuple();
+  }
+
+  pickle::Writer w_;
+  std::unordered_map<const void*, std::string> keys_;
+  std::vector<std::pair<std::string, at::Tensor>> storages_;
+};
+
+/// The bytes of a torch.save zip file holding value.
+inline std::vector<char> write_bytes(const c10::IValue& value) {
+  PickleWriter writer;
+  writer.start();
+  writer.value(value);
+  const std::string data = writer.finish();
+  std::vector<char> out;
+  {
+    caffe2::serialize::PyTorchStreamWriter zip([&](const void* buf, std::size_t n) {
+      out.insert(out.end(), static_cast<const char*>(buf), static_cast<const char*>(buf) + n);
+      return n;
+    });
+    zip.writeRecord("data.pkl", data.data(), data.size());
+    zip.writeRecord("byteorder", "little", 6);
+    for (const auto& [key, tensor] : writer.storages()) {
+      const auto& storage = tensor.storage();
+      zip.writeRecord("data/" + key, storage.data(), storage.nbytes());
+    }
+    zip.writeEndOfFile();
+  }
+  return out;
+}
+
+}  // namespace detail::torch_pickle
+
+namespace detail {
+
+/// The value of a torch.save file of Python at path; nothing when the file is not one (a LibTorch
+/// torch::save archive, which load_raw reads through LibTorch). A Python file naming anything but
+/// plain data is a fabric::Error.
+inline std::optional<c10::IValue> read_python_file(const std::filesystem::path& path) {
+  const std::vector<char> bytes = read_file(path);
+  const std::string_view file(bytes.data(), bytes.size());
+  if (pickle::legacy_torch_file(file)) return torch_pickle::read_bytes(file, path.string());  // its clear error
+  if (file.size() < 4 || file.substr(0, 4) != std::string_view("PK\x03\x04", 4)) return std::nullopt;
+  try {
+    const pickle::ZipArchive zip(file);
+    if (zip.contains(pickle::archive_prefix(zip) + "/constants.pkl")) return std::nullopt;
+  } catch (const Error&) {
+    return std::nullopt;
+  }
+  return torch_pickle::read_bytes(file, path.string());
+}
+
+/// Says whether bytes are a file of Python's torch.save rather than one of LibTorch's pickler (fabric's
+/// native checkpoints), whose pickles tag their containers with torch.jit._pickle globals.
+inline bool is_python_torch_bytes(std::string_view file) {
+  if (pickle::legacy_torch_file(file)) return true;
+  if (file.size() < 4 || file.substr(0, 4) != std::string_view("PK\x03\x04", 4)) return false;
+  try {
+    const pickle::ZipArchive zip(file);
+    const std::string prefix = pickle::archive_prefix(zip);
+    if (zip.contains(prefix + "/constants.pkl")) return false;
+    return zip.record(prefix + "/data.pkl").find("torch.jit._pickle") == std::string_view::npos;
+  } catch (const Error&) {
+    return false;
+  }
+}
+
+/// Loads a Python state_dict (names to tensors) into a module, checking names and shapes first.
+inline void load_python_module(const std::filesystem::path& path, const c10::IValue& value, torch::nn::Module& module,
+                               bool strict) {
+  if (!value.isGenericDict() || value.toGenericDict().keyType()->kind() != c10::TypeKind::StringType) {
+    raise("expected a module's state_dict (names to tensors) in {}, found {}", path.string(), describe(value));
+  }
+  const auto dict = value.toGenericDict();
+  std::vector<std::string> errors;
+  std::vector<std::pair<at::Tensor, at::Tensor>> copies;
+  std::set<std::string> known;
+  for (auto& [name, tensor] : module_tensors(module)) {
+    known.insert(name);
+    if (!dict.contains(name)) {
+      if (strict) errors.push_back(fmt::format("\"{}\": missing from the file", name));
+      continue;
+    }
+    const c10::IValue& v = dict.at(name);
+    if (!v.isTensor()) {
+      errors.push_back(fmt::format("\"{}\": expected a tensor, found {}", name, describe(v)));
+    } else if (v.toTensor().sizes() != tensor.sizes()) {
+      errors.push_back(fmt::format("\"{}\": expected shape {}, found shape {} in the file", name,
+                                   shape_str(tensor.sizes()), shape_str(v.toTensor().sizes())));
+    } else {
+      copies.emplace_back(tensor, v.toTensor());
+    }
+  }
+  if (strict) {
+    for (const auto& item : dict) {
+      if (!known.contains(item.key().toStringRef())) {
+        errors.push_back(fmt::format("\"{}\": in the file but not in the module", item.key().toStringRef()));
+      }
+    }
+  }
+  if (!errors.empty()) {
+    raise("cannot load {} into the module ({} problem{}; nothing was changed):\n  {}\n{}", path.string(), errors.size(),
+          errors.size() == 1 ? "" : "s", fmt::join(errors, "\n  "),
+          strict ? "Pass strict = false to skip missing and unexpected tensors; shapes must match."
+                 : "Shapes must match.");
+  }
+  at::NoGradGuard no_grad;
+  for (auto& [target, loaded] : copies) target.copy_(loaded);
+}
+
+/// Loads a Python optimizer.state_dict() into an optimizer, checking groups, type and shapes first.
+inline void load_python_optimizer(const std::filesystem::path& path, const c10::IValue& value,
+                                  torch::optim::Optimizer& optimizer) {
+  if (!torch_pickle::is_python_optimizer(value)) {
+    raise("expected an optimizer's state_dict ({{\"state\", \"param_groups\"}}) in {}, found {}", path.string(),
+          describe(value));
+  }
+  torch::serialize::InputArchive archive;
+  std::vector<std::string> errors;
+  try {
+    const at::Tensor blob = torch_pickle::optimizer_from_python("optimizer", value.toGenericDict())
+                                .toGenericDict()
+                                .at("archive")
+                                .toTensor();
+    archive.load_from(static_cast<const char*>(blob.data_ptr()), static_cast<std::size_t>(blob.numel()));
+  } catch (const c10::Error& e) {
+    raise("could not read the optimizer state in {} ({})", path.string(), first_line(e.what_without_backtrace()));
+  }
+  check_optimizer_archive("", archive, optimizer, "the file", errors);
+  if (!errors.empty()) {
+    raise("cannot load {} into the optimizer ({} problem{}; nothing was changed):\n  {}", path.string(), errors.size(),
+          errors.size() == 1 ? "" : "s", fmt::join(errors, "\n  "));
+  }
+  try {
+    (void)load_optimizer_archive(archive, optimizer);
+  } catch (const c10::Error& e) {
+    raise("could not load the optimizer state in {} ({}); nothing was changed", path.string(),
+          first_line(e.what_without_backtrace()));
+  }
+}
+
+}  // namespace detail
+
+/// Checkpoints in Python's torch.save format, readable by Python with
+/// `torch.load(path, weights_only=True)` (torch 2.x) as a plain dictionary: modules as `{name: tensor}`,
+/// optimizers in PyTorch's `optimizer.state_dict()` layout (so `model.load_state_dict`,
+/// `optimizer.load_state_dict` and Lightning's `fabric.load` resume from it), other values as they are,
+/// and fabric's "__fabric__" entry. It reads those files and Python's own (`torch.save(model.state_dict())`,
+/// Lightning's `fabric.save`) through a restricted unpickler that runs no pickled code: a file naming any
+/// Python object outside tensors, storages, OrderedDict, torch.Size and torch.device is refused.
+///
+///     fabric::Fabric fabric(fabric::SingleDevice({.checkpoint_io = fabric::TorchCheckpointIO{}}));
+///     fabric.save("model.ckpt", {{"model", model}, {"optimizer", optimizer}, {"step", step}});
+class TorchCheckpointIO {
+ public:
+  /// Writes the checkpoint as torch.save does, atomically.
+  void save_checkpoint(const Checkpoint& checkpoint, const std::filesystem::path& path) const {
+    c10::impl::GenericDict root(c10::StringType::get(), c10::AnyType::get());
+    std::map<std::string, std::string> kinds = entry_kinds(checkpoint);
+    for (const auto& item : checkpoint) {
+      const std::string& key = item.key().toStringRef();
+      c10::IValue value = item.value();
+      if (kinds[key] == "optimizer" && value.isGenericDict() && value.toGenericDict().contains("archive")) {
+        try {
+          value = detail::torch_pickle::optimizer_to_python(key, value.toGenericDict());
+        } catch (const c10::Error& e) {
+          detail::raise(
+              "state entry \"{}\": could not convert the optimizer state for Python ({}); nothing was written", key,
+              detail::first_line(e.what_without_backtrace()));
+        }
+      }
+      root.insert(key, value);
+    }
+    std::vector<char> bytes;
+    try {
+      bytes = detail::torch_pickle::write_bytes(root);
+    } catch (const c10::Error& e) {
+      detail::raise("could not write {} for Python ({}); nothing was written", path.string(),
+                    detail::first_line(e.what_without_backtrace()));
+    }
+    detail::write_atomically(path, bytes.data(), bytes.size());
+  }
+
+  /// Reads a file of torch.save (Python's, or this format's) as a checkpoint; optimizer entries in
+  /// PyTorch's layout become fabric's. A file that is not one, or names anything but plain data, is a
+  /// fabric::Error.
+  Checkpoint load_checkpoint(const std::filesystem::path& path) const {
+    const std::vector<char> bytes = detail::read_file(path);
+    const c10::IValue value =
+        detail::torch_pickle::read_bytes(std::string_view(bytes.data(), bytes.size()), path.string());
+    if (!value.isGenericDict() || value.toGenericDict().keyType()->kind() != c10::TypeKind::StringType) {
+      detail::raise(
+          "expected a checkpoint dictionary with string keys in {}, found {}; to load a bare state_dict use "
+          "fabric.load(path, {{{{\"model\", model}}}}) on a file of torch.save({{\"model\": model.state_dict()}})",
+          path.string(), detail::describe(value));
+    }
+    Checkpoint checkpoint(c10::StringType::get(), c10::AnyType::get());
+    try {
+      for (const auto& item : value.toGenericDict()) {
+        const std::string& key = item.key().toStringRef();
+        c10::IValue v = item.value();
+        if (detail::torch_pickle::is_python_optimizer(v)) {
+          v = detail::torch_pickle::optimizer_from_python(key, v.toGenericDict());
+        }
+        checkpoint.insert(key, v);
+      }
+    } catch (const c10::Error& e) {
+      detail::raise("could not read the optimizer state in {} ({})", path.string(),
+                    detail::first_line(e.what_without_backtrace()));
+    }
+    return checkpoint;
+  }
+
+  /// Removes the checkpoint at path (nothing when there is none).
+  void remove_checkpoint(const std::filesystem::path& path) const {
+    std::error_code ec;
+    std::filesystem::remove_all(path, ec);
+    if (ec) detail::raise("could not remove the checkpoint {}: {}", path.string(), ec.message());
+  }
+
+  /// Reads any torch.save file into a value (a state_dict, an optimizer state_dict, ...), through the
+  /// same restricted reader; nothing in it is converted.
+  static c10::IValue read(const std::filesystem::path& path) {
+    const std::vector<char> bytes = detail::read_file(path);
+    return detail::torch_pickle::read_bytes(std::string_view(bytes.data(), bytes.size()), path.string());
+  }
+
+ private:
+  static std::map<std::string, std::string> entry_kinds(const Checkpoint& checkpoint) {
+    std::map<std::string, std::string> out;
+    if (!checkpoint.contains("__fabric__") || !checkpoint.at("__fabric__").isGenericDict()) return out;
+    const auto marker = checkpoint.at("__fabric__").toGenericDict();
+    if (!marker.contains("kinds") || !marker.at("kinds").isGenericDict()) return out;
+    for (const auto& k : marker.at("kinds").toGenericDict()) {
+      if (k.key().isString() && k.value().isString()) out[k.key().toStringRef()] = k.value().toStringRef();
+    }
+    return out;
+  }
+};
+
+}  // namespace fabric
+// ---- end fabric/io/torch_pickle.hpp
 
 #include <fmt/format.h>
 #include <fmt/ranges.h>
@@ -6535,6 +8257,22 @@ inline void load_raw_optimizer(const std::filesystem::path& path, torch::optim::
 /// Loads a module's or an optimizer's state (or that of their set-up wrappers) from a torch::save file.
 template <class T>
 void load_raw(const std::filesystem::path& path, T& target, bool strict) {
+  // A file of Python's torch.save (a state_dict, an optimizer.state_dict()): fabric's restricted reader.
+  if (const auto python = read_python_file(path)) {
+    if constexpr (is_fabric_module_v<T>) {
+      load_python_module(path, *python, *target, strict);
+    } else if constexpr (is_fabric_optimizer_v<T>) {
+      load_python_optimizer(path, *python, *target);
+    } else if constexpr (ModuleLike<T>) {
+      load_python_module(path, *python, module_ref(target), strict);
+    } else if constexpr (std::is_base_of_v<torch::optim::Optimizer, T>) {
+      load_python_optimizer(path, *python, target);
+    }
+    if constexpr (is_fabric_module_v<T> || is_fabric_optimizer_v<T> || ModuleLike<T> ||
+                  std::is_base_of_v<torch::optim::Optimizer, T>) {
+      return;
+    }
+  }
   if constexpr (is_fabric_module_v<T>) {
     load_raw_module(path, *target, strict);
   } else if constexpr (is_fabric_optimizer_v<T>) {

@@ -688,8 +688,8 @@ inline void check_optimizer(const std::string& key, const torch::optim::Optimize
     return;
   }
   const auto dict = stored.toGenericDict();
-  if (!dict.contains("archive") || !dict.at("archive").isTensor() || !dict.contains("shapes") ||
-      !dict.at("shapes").isList()) {
+  if (!dict.contains("archive") || !dict.at("archive").isTensor() ||
+      (dict.contains("shapes") && !dict.at("shapes").isList())) {
     errors.push_back(fmt::format("{}: expected an optimizer's state, found a dictionary without its archive", label));
     return;
   }
@@ -705,14 +705,15 @@ inline void check_optimizer(const std::string& key, const torch::optim::Optimize
     }
   }
   const auto params = optimizer_params(optimizer);
-  const auto shapes = dict.at("shapes").toList();
-  if (shapes.size() != params.size()) {
+  // Without "shapes" (an optimizer.state_dict() of PyTorch, see TorchCheckpointIO) the archive's checks below apply.
+  const auto shapes = dict.contains("shapes") ? dict.at("shapes").toList() : c10::impl::GenericList(c10::AnyType::get());
+  if (dict.contains("shapes") && shapes.size() != params.size()) {
     errors.push_back(fmt::format("{}: expected state for {} parameters, found {} in the checkpoint", label,
                                  params.size(), shapes.size()));
     return;
   }
   const std::size_t before = errors.size();
-  for (std::size_t i = 0; i < params.size(); ++i) {
+  for (std::size_t i = 0; i < shapes.size(); ++i) {
     const c10::IValue shape_value = shapes.get(i);
     if (!shape_value.isIntList()) {
       errors.push_back(fmt::format("{}: parameter {}: the saved shape is {}, not a list of integers", label, i,

@@ -6,6 +6,7 @@
 #include "fabric/core/error.hpp"
 #include "fabric/detail/archive.hpp"
 #include "fabric/detail/atomic_file.hpp"
+#include "fabric/io/torch_pickle.hpp"
 #include "fabric/utils/apply.hpp"
 #include "fabric/wrappers/module.hpp"
 #include "fabric/wrappers/optimizer.hpp"
@@ -151,6 +152,22 @@ inline void load_raw_optimizer(const std::filesystem::path& path, torch::optim::
 /// Loads a module's or an optimizer's state (or that of their set-up wrappers) from a torch::save file.
 template <class T>
 void load_raw(const std::filesystem::path& path, T& target, bool strict) {
+  // A file of Python's torch.save (a state_dict, an optimizer.state_dict()): fabric's restricted reader.
+  if (const auto python = read_python_file(path)) {
+    if constexpr (is_fabric_module_v<T>) {
+      load_python_module(path, *python, *target, strict);
+    } else if constexpr (is_fabric_optimizer_v<T>) {
+      load_python_optimizer(path, *python, *target);
+    } else if constexpr (ModuleLike<T>) {
+      load_python_module(path, *python, module_ref(target), strict);
+    } else if constexpr (std::is_base_of_v<torch::optim::Optimizer, T>) {
+      load_python_optimizer(path, *python, target);
+    }
+    if constexpr (is_fabric_module_v<T> || is_fabric_optimizer_v<T> || ModuleLike<T> ||
+                  std::is_base_of_v<torch::optim::Optimizer, T>) {
+      return;
+    }
+  }
   if constexpr (is_fabric_module_v<T>) {
     load_raw_module(path, *target, strict);
   } else if constexpr (is_fabric_optimizer_v<T>) {

@@ -1,0 +1,396 @@
+// Python's checkpoints both ways: fabric::TorchCheckpointIO and load_raw read files of Python's
+// torch.save (fixtures made by tests/python/make_pickle_fixtures.py with Debian's torch 1.13, their
+// values in fixtures/expected.txt) through the restricted unpickler, refuse hostile and broken ones
+// with a fabric::Error, resume training from Lightning-shaped checkpoints exactly as Python continues,
+// and write .ckpt files that Python loads (tests/python/check_ckpt.py).
+
+#include <torch/torch.h>
+#include <fabric/fabric.hpp>
+
+#include "unit/temp_dir.hpp"
+
+#include <catch2/catch_test_macros.hpp>
+#include <catch2/matchers/catch_matchers_string.hpp>
+
+#include <cstdint>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <sstream>
+#include <string>
+#include <vector>
+
+namespace {
+
+using Catch::Matchers::ContainsSubstring;
+using fabric_test::TempDir;
+
+const std::filesystem::path fixtures = std::filesystem::path(__FILE__).parent_path() / "fixtures";
+const std::filesystem::path python_dir =
+    std::filesystem::path(__FILE__).parent_path().parent_path().parent_path() / "python";
+
+struct Expected {
+  std::string path, kind;
+  std::vector<std::int64_t> shape;
+  std::vector<std::string> values;
+};
+
+std::map<std::string, std::vector<Expected>> expected_values() {
+  std::map<std::string, std::vector<Expected>> out;
+  std::ifstream in(fixtures / "expected.txt");
+  REQUIRE(in.good());
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.empty() || line[0] == '#') continue;
+    std::vector<std::string> fields;
+    std::stringstream ss(line);
+    std::string field;
+    while (std::getline(ss, field, '|')) fields.push_back(field);
+    if (fields.size() == 4) fields.emplace_back();
+    REQUIRE(fields.size() == 5);
+    Expected e{fields[1], fields[2], {}, {}};
+    std::stringstream shape(fields[3]);
+    while (std::getline(shape, field, ',')) e.shape.push_back(std::stoll(field));
+    std::stringstream values(fields[4]);
+    while (values >> field) e.values.push_back(field);
+    if (e.kind == "str") e.values = {fields[4]};
+    out[fields[0]].push_back(e);
+  }
+  return out;
+}
+
+/// The value at a '/'-separated path (dictionary keys, list and tuple indices).
+c10::IValue at_path(c10::IValue v, const std::string& path) {
+  std::stringstream ss(path);
+  std::string part;
+  while (std::getline(ss, part, '/')) {
+    if (v.isGenericDict()) {
+      const auto d = v.toGenericDict();
+      const c10::IValue key = d.keyType()->kind() == c10::TypeKind::IntType
+                                  ? c10::IValue(static_cast<std::int64_t>(std::stoll(part)))
+                                  : c10::IValue(part);
+      INFO(path);
+      REQUIRE(d.contains(key));
+      v = d.at(key);
+    } else if (v.isList()) {
+      v = v.toList().get(std::stoul(part));
+    } else if (v.isTuple()) {
+      v = v.toTupleRef().elements().at(std::stoul(part));
+    } else {
+      FAIL("no " << part << " in " << path);
+    }
+  }
+  return v;
+}
+
+void check_tensor(const at::Tensor& t, const Expected& e);
+
+void check_value(const c10::IValue& v, const Expected& e) {
+  INFO(e.path << " (" << e.kind << ")");
+  if (v.isTensor()) {
+    check_tensor(v.toTensor(), e);
+  } else if (e.kind == "int") {
+    REQUIRE(v.isInt());
+    CHECK(v.toInt() == std::stoll(e.values.at(0)));
+  } else if (e.kind == "float") {
+    REQUIRE(v.isDouble());
+    CHECK(v.toDouble() == std::strtod(e.values.at(0).c_str(), nullptr));
+  } else if (e.kind == "bool") {
+    REQUIRE(v.isBool());
+    CHECK(v.toBool() == (e.values.at(0) == "1"));
+  } else if (e.kind == "str") {
+    REQUIRE(v.isString());
+    CHECK(v.toStringRef() == e.values.at(0));
+  } else if (e.kind == "none") {
+    CHECK(v.isNone());
+  } else {
+    FAIL("expected a tensor, found " << v.tagKind());
+  }
+}
+
+void check_tensor(const at::Tensor& t, const Expected& e) {
+  CHECK(c10::toString(t.scalar_type()) == std::map<std::string, std::string>{{"float32", "Float"},
+                                                                             {"float64", "Double"},
+                                                                             {"float16", "Half"},
+                                                                             {"bfloat16", "BFloat16"},
+                                                                             {"int64", "Long"},
+                                                                             {"int32", "Int"},
+                                                                             {"uint8", "Byte"},
+                                                                             {"int8", "Char"},
+                                                                             {"bool", "Bool"}}
+                                              .at(e.kind));
+  CHECK(t.sizes().vec() == e.shape);
+  const at::Tensor flat = t.reshape({-1});
+  REQUIRE(flat.numel() == static_cast<std::int64_t>(e.values.size()));
+  const bool floating = t.is_floating_point();
+  const at::Tensor as = floating ? flat.to(at::kDouble) : flat.to(at::kLong);
+  for (std::int64_t i = 0; i < flat.numel(); ++i) {
+    if (floating) {
+      CHECK(as[i].item<double>() == std::strtod(e.values[i].c_str(), nullptr));
+    } else {
+      CHECK(as[i].item<std::int64_t>() == std::stoll(e.values[i]));
+    }
+  }
+}
+
+std::map<std::string, at::Tensor> params_of(const torch::nn::Sequential& model) {
+  std::map<std::string, at::Tensor> out;
+  for (const auto& item : model->named_parameters(true)) out.emplace(item.key(), item.value());
+  return out;
+}
+
+torch::nn::Sequential python_model() {
+  return torch::nn::Sequential(torch::nn::Linear(3, 4), torch::nn::BatchNorm1d(4), torch::nn::Linear(4, 2));
+}
+
+at::Tensor input() { return torch::arange(6, torch::kFloat).reshape({2, 3}) / 10; }
+
+template <class Optimizer>
+void train_step(torch::nn::Sequential& model, Optimizer& optimizer) {
+  optimizer.zero_grad();
+  model->forward(input()).pow(2).sum().backward();
+  optimizer.step();
+}
+
+fabric::Fabric<fabric::CPU> torch_fabric() {
+  return fabric::Fabric<fabric::CPU>({}, fabric::SingleDevice({.checkpoint_io = fabric::TorchCheckpointIO{}}),
+                                     fabric::FP32{});
+}
+
+std::string error_of(const std::filesystem::path& path) {
+  try {
+    (void)fabric::TorchCheckpointIO::read(path);
+  } catch (const fabric::Error& e) {
+    return e.what();
+  }
+  return "(no error)";
+}
+
+TEST_CASE("TorchCheckpointIO reads Python's torch.save files value for value", "[torch_pickle]") {
+  const auto expected = expected_values();
+  for (const char* file :
+       {"state_dict.pt", "views.pt", "dtypes.pt", "sgd.pt", "adamw.pt", "fabric_sgd.ckpt", "fabric_adamw.ckpt"}) {
+    INFO(file);
+    const c10::IValue root = fabric::TorchCheckpointIO::read(fixtures / file);
+    REQUIRE(expected.contains(file));
+    for (const auto& e : expected.at(file)) check_value(at_path(root, e.path), e);
+  }
+}
+
+TEST_CASE("TorchCheckpointIO keeps views of one storage as views with their strides and offsets", "[torch_pickle]") {
+  const auto root = fabric::TorchCheckpointIO::read(fixtures / "views.pt").toGenericDict();
+  const at::Tensor base = root.at("base").toTensor();
+  const at::Tensor t = root.at("t").toTensor();
+  const at::Tensor row = root.at("row").toTensor();
+  const at::Tensor cols = root.at("cols").toTensor();
+  CHECK_FALSE(t.is_contiguous());
+  CHECK(t.strides().vec() == std::vector<std::int64_t>{1, 5});
+  CHECK(row.storage_offset() == 10);
+  CHECK(cols.storage_offset() == 1);
+  CHECK(cols.strides().vec() == std::vector<std::int64_t>{5, 1});
+  for (const auto& view : {t, row, cols}) CHECK(view.storage().data() == base.storage().data());
+  base.fill_(7);  // one storage: a write through one shows through all
+  CHECK(row.eq(7).all().item<bool>());
+}
+
+TEST_CASE("fabric.load resumes from Lightning's fabric.save and continues as Python does", "[torch_pickle]") {
+  const auto expected = expected_values();
+  for (const std::string name : {"sgd", "adamw"}) {
+    INFO(name);
+    auto model = python_model();
+    model->train();
+    auto fabric = torch_fabric();
+    std::int64_t step = 0;
+    std::shared_ptr<torch::optim::Optimizer> optimizer;
+    if (name == "sgd") {
+      optimizer = std::make_shared<torch::optim::SGD>(model->parameters(),
+                                                      torch::optim::SGDOptions(0.5).momentum(0.9).weight_decay(0.01));
+    } else {
+      optimizer =
+          std::make_shared<torch::optim::AdamW>(model->parameters(), torch::optim::AdamWOptions(0.5).weight_decay(0.1));
+    }
+    fabric::State state{{"model", model}, {"optimizer", *optimizer}, {"step", std::ref(step)}};
+    const fabric::State rest = fabric.load(fixtures / ("fabric_" + name + ".ckpt"), state);
+    CHECK(step == 5);
+    CHECK(rest.at("name").get<std::string>() == "x");
+    CHECK(rest.contains("nested"));
+    // The group options came from the file (lr 0.1 / 0.01, not the 0.5 above).
+    CHECK(optimizer->param_groups()[0].options().get_lr() == (name == "sgd" ? 0.1 : 0.01));
+    optimizer->zero_grad();
+    model->forward(input()).pow(2).sum().backward();
+    optimizer->step();
+    const auto params = model->named_parameters(true);
+    for (const auto& e : expected.at("after_step3_" + name)) {
+      if (!params.contains(e.path)) continue;  // buffers: the step does not change them
+      INFO(e.path);
+      const at::Tensor got = params[e.path].detach().reshape({-1}).to(at::kDouble);
+      for (std::size_t i = 0; i < e.values.size(); ++i) {
+        const double want = std::strtod(e.values[i].c_str(), nullptr);
+        CHECK(std::abs(got[static_cast<std::int64_t>(i)].item<double>() - want) <= 1e-6 * (1 + std::abs(want)));
+      }
+    }
+  }
+}
+
+TEST_CASE("load_raw reads Python's torch.save of a state_dict and of an optimizer.state_dict()", "[torch_pickle]") {
+  auto model = python_model();
+  auto fabric = torch_fabric();
+  fabric.load_raw(fixtures / "state_dict.pt", model);
+  const auto root = fabric::TorchCheckpointIO::read(fixtures / "state_dict.pt").toGenericDict();
+  for (const auto& [name, tensor] : params_of(model)) CHECK(torch::equal(tensor, root.at(name).toTensor()));
+  CHECK(model->named_buffers(true)["1.num_batches_tracked"].item<std::int64_t>() == 0);
+  CHECK(model->named_buffers(true)["1.num_batches_tracked"].scalar_type() == at::kLong);
+
+  torch::optim::AdamW adamw(model->parameters(), torch::optim::AdamWOptions(0.5));
+  fabric.load_raw(fixtures / "adamw.pt", adamw);
+  CHECK(adamw.param_groups()[0].options().get_lr() == 0.01);
+  CHECK(adamw.state().size() == 6);
+  // The wrong optimizer type and a wrong model are refused, naming the problem.
+  torch::optim::SGD sgd(model->parameters(), torch::optim::SGDOptions(0.1));
+  CHECK_THROWS_WITH(fabric.load_raw(fixtures / "adamw.pt", sgd), ContainsSubstring("another type of optimizer"));
+  auto other = torch::nn::Sequential(torch::nn::Linear(3, 5));
+  CHECK_THROWS_WITH(fabric.load_raw(fixtures / "state_dict.pt", other), ContainsSubstring("expected shape [5, 3]"));
+}
+
+TEST_CASE("hostile and broken pickles are refused with a fabric::Error naming what was refused", "[torch_pickle]") {
+  CHECK_THAT(error_of(fixtures / "hostile_os_system.pt"), ContainsSubstring("refused the global os.system"));
+  CHECK_THAT(error_of(fixtures / "hostile_eval.pt"), ContainsSubstring("refused the global builtins.eval"));
+  CHECK_THAT(error_of(fixtures / "hostile_torch_load.pt"),
+             ContainsSubstring("refused the global torch.serialization.load"));
+  CHECK_THAT(error_of(fixtures / "hostile_memo_bomb.pt"), ContainsSubstring("a memo bomb"));
+  CHECK_THAT(error_of(fixtures / "hostile_memo_missing.pt"), ContainsSubstring("never stored"));
+  CHECK_THAT(error_of(fixtures / "hostile_cycle.pt"), ContainsSubstring("contains itself"));
+  CHECK_THAT(error_of(fixtures / "truncated_pickle.pt"), ContainsSubstring("truncated"));
+  CHECK_THAT(error_of(fixtures / "missing_storage.pt"), ContainsSubstring("has no record state_dict/data/0"));
+  CHECK_THAT(error_of(fixtures / "truncated_file.pt"), ContainsSubstring("not a readable zip archive"));
+  CHECK_THAT(error_of(fixtures / "legacy.pt"), ContainsSubstring("_use_new_zipfile_serialization=False"));
+  // Through fabric.load and load_raw too.
+  auto fabric = torch_fabric();
+  auto model = python_model();
+  CHECK_THROWS_WITH(fabric.load(fixtures / "hostile_os_system.pt", {{"model", model}}),
+                    ContainsSubstring("refused the global os.system"));
+  CHECK_THROWS_WITH(fabric.load_raw(fixtures / "hostile_os_system.pt", model),
+                    ContainsSubstring("refused the global os.system"));
+}
+
+TEST_CASE("every truncation of a torch.save file is a fabric::Error", "[torch_pickle]") {
+  std::ifstream in(fixtures / "fabric_adamw.ckpt", std::ios::binary);
+  const std::string whole((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  TempDir tmp;
+  const auto path = tmp / "cut.pt";
+  for (std::size_t n = 0; n < whole.size(); n += 7) {
+    std::ofstream(path, std::ios::binary | std::ios::trunc).write(whole.data(), static_cast<std::streamsize>(n));
+    CHECK_THROWS_AS(fabric::TorchCheckpointIO::read(path), fabric::Error);
+  }
+}
+
+/// A C++ run: a model and an AdamW after two steps, a second model and an SGD with momentum.
+struct Run {
+  torch::nn::Sequential model = python_model();
+  torch::nn::Sequential model2 = python_model();
+  torch::optim::AdamW adamw{model->parameters(), torch::optim::AdamWOptions(0.01).weight_decay(0.1)};
+  torch::optim::SGD sgd{model2->parameters(), torch::optim::SGDOptions(0.1).momentum(0.9).weight_decay(0.01)};
+  std::int64_t step = 7;
+  fabric::State state() {
+    return {{"model", model}, {"optimizer", adamw}, {"model2", model2}, {"optimizer2", sgd}, {"step", std::ref(step)}};
+  }
+};
+
+TEST_CASE("TorchCheckpointIO's own files load back exactly and continue training identically", "[torch_pickle]") {
+  TempDir tmp;
+  torch::manual_seed(1);
+  Run a;
+  for (int i = 0; i < 2; ++i) {
+    train_step(a.model, a.adamw);
+    train_step(a.model2, a.sgd);
+  }
+  auto fabric = torch_fabric();
+  auto state = a.state();
+  state.emplace("name", std::string("run"));
+  fabric.save(tmp / "run.ckpt", state);
+  // What Python sees: plain dictionaries, PyTorch's optimizer layout.
+  const auto root = fabric::TorchCheckpointIO::read(tmp / "run.ckpt").toGenericDict();
+  const auto opt = root.at("optimizer").toGenericDict();
+  CHECK(opt.at("state").toGenericDict().at(0).toGenericDict().at("step").toTensor().item<double>() == 2.0);
+  CHECK(opt.at("param_groups").toList().get(0).toGenericDict().at("params").toIntVector() ==
+        std::vector<std::int64_t>{0, 1, 2, 3, 4, 5});
+
+  torch::manual_seed(2);
+  Run b;
+  b.step = 0;
+  auto b_state = b.state();
+  (void)fabric.load(tmp / "run.ckpt", b_state, false);
+  CHECK(b.step == 7);
+  train_step(a.model, a.adamw);
+  train_step(a.model2, a.sgd);
+  train_step(b.model, b.adamw);
+  train_step(b.model2, b.sgd);
+  for (const auto& [name, p] : params_of(a.model)) CHECK(torch::equal(p, params_of(b.model).at(name)));
+  for (const auto& [name, p] : params_of(a.model2)) CHECK(torch::equal(p, params_of(b.model2).at(name)));
+}
+
+TEST_CASE("TorchCheckpointIO reads fabric's native checkpoints", "[torch_pickle]") {
+  TempDir tmp;
+  Run a;
+  train_step(a.model, a.adamw);
+  fabric::Fabric<fabric::CPU> native;
+  native.save(tmp / "native.ckpt", {{"model", a.model},
+                                    {"optimizer", a.adamw},
+                                    {"values", fabric::StateEntry(c10::IValue(c10::List<std::int64_t>({1, 2})))}});
+  Run b;
+  auto fabric = torch_fabric();
+  (void)fabric.load(tmp / "native.ckpt", {{"model", b.model}, {"optimizer", b.adamw}});
+  for (const auto& [name, p] : params_of(a.model)) CHECK(torch::equal(p, params_of(b.model).at(name)));
+  CHECK(b.adamw.state().size() == a.adamw.state().size());
+}
+
+/// Writes dir/run.ckpt (after two steps of Run) and dir/expected.txt (the parameters after a third).
+void write_python_sample(const std::filesystem::path& dir) {
+  Run a;
+  for (int i = 0; i < 2; ++i) {
+    train_step(a.model, a.adamw);
+    train_step(a.model2, a.sgd);
+  }
+  auto fabric = torch_fabric();
+  auto state = a.state();
+  state.emplace("name", std::string("run"));
+  state.emplace("nested", fabric::StateEntry(c10::IValue(c10::List<double>({1.5, 2.5}))));
+  fabric.save(dir / "run.ckpt", state);
+  // The step Python must reproduce: one more on each model.
+  train_step(a.model, a.adamw);
+  train_step(a.model2, a.sgd);
+  std::ofstream out(dir / "expected.txt");
+  for (const auto& [label, model] : {std::pair{"model", a.model}, std::pair{"model2", a.model2}}) {
+    for (const auto& [name, p] : params_of(model)) {
+      out << label << '|' << name;
+      const at::Tensor flat = p.detach().reshape({-1}).to(at::kDouble);
+      for (std::int64_t i = 0; i < flat.numel(); ++i) out << fmt::format("|{:a}", flat[i].item<double>());
+      out << '\n';
+    }
+  }
+}
+
+TEST_CASE("Python's torch.load(weights_only=True) reads TorchCheckpointIO's .ckpt and resumes from it",
+          "[torch_pickle][python]") {
+  const char* python = "/usr/bin/python3";
+  if (std::system(fmt::format("{} -c 'import torch' 2>/dev/null", python).c_str()) != 0) {
+    SKIP("no torch for /usr/bin/python3 (Debian package python3-torch)");
+  }
+  TempDir tmp;
+  write_python_sample(tmp.path());
+  const std::string command = fmt::format("{} {} {} {}", python, (python_dir / "check_ckpt.py").string(),
+                                          (tmp / "run.ckpt").string(), (tmp / "expected.txt").string());
+  CHECK(std::system(command.c_str()) == 0);
+}
+
+// For torch 2.x and Python Lightning elsewhere (the GPU machine): FABRIC_PICKLE_SAMPLE_DIR=dir fabric_tests
+// "[.torch_pickle_sample]", then there: python3 tests/python/check_ckpt.py dir/run.ckpt dir/expected.txt
+TEST_CASE("TorchCheckpointIO: a sample .ckpt for tests/python/check_ckpt.py", "[.torch_pickle_sample]") {
+  const char* dir = std::getenv("FABRIC_PICKLE_SAMPLE_DIR");
+  REQUIRE(dir != nullptr);
+  std::filesystem::create_directories(dir);
+  write_python_sample(dir);
+}
+
+}  // namespace
