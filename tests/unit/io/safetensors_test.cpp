@@ -24,6 +24,7 @@
 #include <set>
 #include <sstream>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -176,8 +177,9 @@ TEST_CASE("safetensors: the file holds the state_dict() names, the optimizer fla
   const auto file = st::read(path);
   const auto params = model->parameters();
   for (std::size_t i = 0; i < params.size(); ++i) {
+    using StateMap = std::remove_cvref_t<decltype(optimizer.state())>;
     const auto& s = static_cast<torch::optim::AdamParamState&>(
-        *optimizer.state().at(c10::guts::to_string(params[i].unsafeGetTensorImpl())));
+        *optimizer.state().at(fabric::detail::optimizer_state_key<StateMap>(params[i])));
     CHECK(torch::equal(file.tensors.at("optimizer.state." + std::to_string(i) + ".exp_avg"), s.exp_avg()));
     CHECK(file.tensors.at("optimizer.state." + std::to_string(i) + ".step").item<float>() == 2.0f);
   }
