@@ -66,7 +66,9 @@ concept ProvidesTensorInitContext = requires(const S& s, const P& p) {
 /// The strategy's cluster environment can tell how many processes per node the launcher started (the parallel
 /// strategies: `parallel_options().cluster_environment.launcher_devices()`), which `Options::auto_devices` takes.
 template <class S>
-concept ReportsLauncherDevices = requires(const S& s) { s.parallel_options().cluster_environment.launcher_devices(); };
+concept ReportsLauncherDevices = requires(const S& s) {
+  s.parallel_options().cluster_environment.launcher_devices();
+};
 
 namespace detail {
 
