@@ -12,6 +12,7 @@
 #include "fabric/io/checkpoint_io.hpp"
 #include "fabric/io/native.hpp"
 #include "fabric/io/state.hpp"
+#include "fabric/io/torch_pickle.hpp"
 #include "fabric/utils/apply.hpp"
 #include "fabric/wrappers/module.hpp"
 
@@ -673,8 +674,10 @@ class AutoCheckpointIO {
   }
   /// Reads the checkpoint in the format of the path's extension.
   Checkpoint load_checkpoint(const std::filesystem::path& path) const {
-    return detail::safetensors::is_safetensors_path(path) ? SafetensorsCheckpointIO{}.load_checkpoint(path)
-                                                          : NativeCheckpointIO{}.load_checkpoint(path);
+    if (detail::safetensors::is_safetensors_path(path)) return SafetensorsCheckpointIO{}.load_checkpoint(path);
+    // Python's torch.save (OrderedDict state dicts, Lightning's fabric.save): fabric's restricted unpickler.
+    if (detail::is_python_torch_file(path)) return TorchCheckpointIO{}.load_checkpoint(path);
+    return NativeCheckpointIO{}.load_checkpoint(path);
   }
   /// Removes the checkpoint at path.
   void remove_checkpoint(const std::filesystem::path& path) const { NativeCheckpointIO{}.remove_checkpoint(path); }

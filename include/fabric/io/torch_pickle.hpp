@@ -683,6 +683,7 @@ inline std::optional<c10::IValue> read_python_file(const std::filesystem::path& 
   return torch_pickle::read_bytes(file, path.string());
 }
 
+namespace torch_pickle {
 /// Says whether bytes are a file of Python's torch.save rather than one of LibTorch's pickler (fabric's
 /// native checkpoints), whose pickles tag their containers with torch.jit._pickle globals.
 inline bool is_python_torch_bytes(std::string_view file) {
@@ -696,6 +697,14 @@ inline bool is_python_torch_bytes(std::string_view file) {
   } catch (const Error&) {
     return false;
   }
+}
+}  // namespace torch_pickle
+
+/// Says whether the file at path is one of Python's torch.save (see is_python_torch_bytes); a missing
+/// or empty file is a fabric::Error.
+inline bool is_python_torch_file(const std::filesystem::path& path) {
+  const std::vector<char> bytes = read_file(path);
+  return torch_pickle::is_python_torch_bytes(std::string_view(bytes.data(), bytes.size()));
 }
 
 /// Loads a Python state_dict (names to tensors) into a module, checking names and shapes first.

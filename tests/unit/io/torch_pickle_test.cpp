@@ -38,24 +38,27 @@ struct Expected {
 
 std::map<std::string, std::vector<Expected>> expected_values() {
   std::map<std::string, std::vector<Expected>> out;
-  std::ifstream in(fixtures / "expected.txt");
-  REQUIRE(in.good());
-  std::string line;
-  while (std::getline(in, line)) {
-    if (line.empty() || line[0] == '#') continue;
-    std::vector<std::string> fields;
-    std::stringstream ss(line);
-    std::string field;
-    while (std::getline(ss, field, '|')) fields.push_back(field);
-    if (fields.size() == 4) fields.emplace_back();
-    REQUIRE(fields.size() == 5);
-    Expected e{fields[1], fields[2], {}, {}};
-    std::stringstream shape(fields[3]);
-    while (std::getline(shape, field, ',')) e.shape.push_back(std::stoll(field));
-    std::stringstream values(fields[4]);
-    while (values >> field) e.values.push_back(field);
-    if (e.kind == "str") e.values = {fields[4]};
-    out[fields[0]].push_back(e);
+  // expected_lightning.txt: made by tests/python/make_lightning_fixtures.py (torch 2.11, Lightning 2.6.6).
+  for (const char* name : {"expected.txt", "expected_lightning.txt"}) {
+    std::ifstream in(fixtures / name);
+    REQUIRE(in.good());
+    std::string line;
+    while (std::getline(in, line)) {
+      if (line.empty() || line[0] == '#') continue;
+      std::vector<std::string> fields;
+      std::stringstream ss(line);
+      std::string field;
+      while (std::getline(ss, field, '|')) fields.push_back(field);
+      if (fields.size() == 4) fields.emplace_back();
+      REQUIRE(fields.size() == 5);
+      Expected e{fields[1], fields[2], {}, {}};
+      std::stringstream shape(fields[3]);
+      while (std::getline(shape, field, ',')) e.shape.push_back(std::stoll(field));
+      std::stringstream values(fields[4]);
+      while (values >> field) e.values.push_back(field);
+      if (e.kind == "str") e.values = {fields[4]};
+      out[fields[0]].push_back(e);
+    }
   }
   return out;
 }
@@ -169,8 +172,8 @@ std::string error_of(const std::filesystem::path& path) {
 
 TEST_CASE("TorchCheckpointIO reads Python's torch.save files value for value", "[torch_pickle]") {
   const auto expected = expected_values();
-  for (const char* file :
-       {"state_dict.pt", "views.pt", "dtypes.pt", "sgd.pt", "adamw.pt", "fabric_sgd.ckpt", "fabric_adamw.ckpt"}) {
+  for (const char* file : {"state_dict.pt", "views.pt", "dtypes.pt", "sgd.pt", "adamw.pt", "fabric_sgd.ckpt",
+                           "fabric_adamw.ckpt", "lightning_adamw.ckpt", "lightning_state_dict.pt"}) {
     INFO(file);
     const c10::IValue root = fabric::TorchCheckpointIO::read(fixtures / file);
     REQUIRE(expected.contains(file));
@@ -194,13 +197,15 @@ TEST_CASE("TorchCheckpointIO keeps views of one storage as views with their stri
   CHECK(row.eq(7).all().item<bool>());
 }
 
+// Python Lightning's fabric.save (torch 2.11) is read by fabric's default format too, chosen from the file.
 TEST_CASE("fabric.load resumes from Lightning's fabric.save and continues as Python does", "[torch_pickle]") {
   const auto expected = expected_values();
-  for (const std::string name : {"sgd", "adamw"}) {
+  for (const std::string name : {"sgd", "adamw", "lightning"}) {
     INFO(name);
     auto model = python_model();
     model->train();
-    auto fabric = torch_fabric();
+    fabric::Fabric<fabric::CPU> fabric = name == "lightning" ? fabric::Fabric<fabric::CPU>() : torch_fabric();
+    const std::string file = name == "lightning" ? "lightning_adamw.ckpt" : "fabric_" + name + ".ckpt";
     std::int64_t step = 0;
     std::shared_ptr<torch::optim::Optimizer> optimizer;
     if (name == "sgd") {
@@ -211,7 +216,7 @@ TEST_CASE("fabric.load resumes from Lightning's fabric.save and continues as Pyt
           std::make_shared<torch::optim::AdamW>(model->parameters(), torch::optim::AdamWOptions(0.5).weight_decay(0.1));
     }
     fabric::State state{{"model", model}, {"optimizer", *optimizer}, {"step", std::ref(step)}};
-    const fabric::State rest = fabric.load(fixtures / ("fabric_" + name + ".ckpt"), state);
+    const fabric::State rest = fabric.load(fixtures / file, state);
     CHECK(step == 5);
     CHECK(rest.at("name").get<std::string>() == "x");
     CHECK(rest.contains("nested"));
@@ -244,6 +249,11 @@ TEST_CASE("load_raw reads Python's torch.save of a state_dict and of an optimize
 
   torch::optim::AdamW adamw(model->parameters(), torch::optim::AdamWOptions(0.5));
   fabric.load_raw(fixtures / "adamw.pt", adamw);
+  // And through the default format: a torch.save of torch 2.11.
+  fabric::Fabric<fabric::CPU> plain;
+  plain.load_raw(fixtures / "lightning_state_dict.pt", model);
+  const auto lightning = fabric::TorchCheckpointIO::read(fixtures / "lightning_state_dict.pt").toGenericDict();
+  CHECK(torch::equal(params_of(model).at("0.weight"), lightning.at("0.weight").toTensor()));
   CHECK(adamw.param_groups()[0].options().get_lr() == 0.01);
   CHECK(adamw.state().size() == 6);
   // The wrong optimizer type and a wrong model are refused, naming the problem.
@@ -328,6 +338,25 @@ TEST_CASE("TorchCheckpointIO's own files load back exactly and continue training
   train_step(b.model2, b.sgd);
   for (const auto& [name, p] : params_of(a.model)) CHECK(torch::equal(p, params_of(b.model).at(name)));
   for (const auto& [name, p] : params_of(a.model2)) CHECK(torch::equal(p, params_of(b.model2).at(name)));
+}
+
+TEST_CASE("the default format tells Python's files from fabric's native ones", "[torch_pickle]") {
+  TempDir tmp;
+  Run a;
+  fabric::Fabric<fabric::CPU> native;
+  native.save(tmp / "native.ckpt", {{"model", a.model}, {"optimizer", a.adamw}});
+  auto bytes = [](const std::filesystem::path& p) {
+    std::ifstream in(p, std::ios::binary);
+    return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  };
+  CHECK_FALSE(fabric::detail::torch_pickle::is_python_torch_bytes(bytes(tmp / "native.ckpt")));
+  for (const char* file : {"state_dict.pt", "fabric_adamw.ckpt", "lightning_adamw.ckpt", "legacy.pt"}) {
+    CHECK(fabric::detail::torch_pickle::is_python_torch_bytes(bytes(fixtures / file)));
+  }
+  // The default load refuses a hostile Python file as TorchCheckpointIO does.
+  auto model = python_model();
+  CHECK_THROWS_WITH(native.load(fixtures / "hostile_eval.pt", {{"model", model}}),
+                    ContainsSubstring("refused the global builtins.eval"));
 }
 
 TEST_CASE("TorchCheckpointIO reads fabric's native checkpoints", "[torch_pickle]") {
