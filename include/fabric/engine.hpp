@@ -349,43 +349,47 @@ class Fabric {
   ///
   ///     auto train = fabric.make_data_loader(std::move(dataset), torch::data::DataLoaderOptions(64).workers(2));
   template <TorchSampler Sampler = torch::data::samplers::RandomSampler, TorchDataset D>
-  auto make_data_loader(D dataset, torch::data::DataLoaderOptions options = torch::data::DataLoaderOptions()) {
+  auto make_data_loader(D dataset, torch::data::DataLoaderOptions options = torch::data::DataLoaderOptions(),
+                        DataOptions data_options = {}) {
     check_launched("make_data_loader");
     if constexpr (D::is_stateful) {
       // NOTE: a stateful dataset has no sampler; it decides itself what each rank reads.
-      return setup_dataloaders(torch::data::make_data_loader(std::move(dataset), std::move(options)));
+      return setup_dataloaders(data_options, torch::data::make_data_loader(std::move(dataset), std::move(options)));
     } else {
       const auto size = dataset.size();
       if (!size) detail::raise("make_data_loader needs a dataset with a known size, found size() = nullopt");
       if constexpr (S::is_distributed) {
-        const bool shard = strategy_.shards_data();
+        const bool shard = data_options.use_distributed_sampler && strategy_.shards_data();
         auto sampler = detail::distributed_sampler_for<Sampler>(
             *size, shard ? static_cast<std::size_t>(world_size()) : 1,
             shard ? static_cast<std::size_t>(global_rank()) : 0, global_seed());
-        return setup_built(
-            {}, detail::build_loader(std::move(dataset), std::move(sampler), std::move(options), std::nullopt));
+        return setup_built(data_options, detail::build_loader(std::move(dataset), std::move(sampler),
+                                                              std::move(options), std::nullopt, shard_rank()));
       } else {
         Sampler sampler(*size);
         const auto samples = detail::sampler_samples(sampler, *size);
-        return setup_built({},
-                           detail::build_loader(std::move(dataset), std::move(sampler), std::move(options), samples));
+        return setup_built(data_options, detail::build_loader(std::move(dataset), std::move(sampler),
+                                                              std::move(options), samples, shard_rank()));
       }
     }
   }
   /// make_data_loader with a sampler of one's own, as torch::data::make_data_loader(dataset, sampler,
-  /// options); under a strategy that shards data the sampler must shard by rank (see setup_dataloaders).
-  /// LibTorch's and fabric's samplers are wrapped in a fabric::ResumableSampler (a sampler of your own
-  /// can be positioned once you wrap it yourself: fabric cannot know that its save() captures a pass).
+  /// options); under a strategy that shards data the sampler must shard by rank (see setup_dataloaders), or
+  /// `{.use_distributed_sampler = false}` keeps it. LibTorch's and fabric's samplers are wrapped in a
+  /// fabric::ResumableSampler (wrap a sampler of your own yourself: fabric cannot know that its save()
+  /// captures a pass).
   template <TorchDataset D, TorchSampler Sampler>
-  auto make_data_loader(D dataset, Sampler sampler, torch::data::DataLoaderOptions options) {
+  auto make_data_loader(D dataset, Sampler sampler, torch::data::DataLoaderOptions options,
+                        DataOptions data_options = {}) {
     check_launched("make_data_loader");
     if constexpr (detail::is_known_sampler_v<Sampler> || detail::is_resumable_sampler_v<Sampler>) {
       const auto size = dataset.size();
       const auto samples = size ? detail::sampler_samples(sampler, *size) : std::nullopt;
-      return setup_built({}, detail::build_loader(std::move(dataset), std::move(sampler), std::move(options), samples));
+      return setup_built(data_options, detail::build_loader(std::move(dataset), std::move(sampler), std::move(options),
+                                                            samples, shard_rank()));
     } else {
       return setup_dataloaders(
-          torch::data::make_data_loader(std::move(dataset), std::move(sampler), std::move(options)));
+          data_options, torch::data::make_data_loader(std::move(dataset), std::move(sampler), std::move(options)));
     }
   }
 
@@ -767,6 +771,8 @@ class Fabric {
       }
     }
   }
+  /// Returns the shard of the data this process reads (its rank when the strategy shards data, else 0).
+  std::size_t shard_rank() { return strategy_.shards_data() ? static_cast<std::size_t>(global_rank()) : 0; }
   /// Sets up a loader that fabric built, keeping its sampler and dataset beside it.
   template <class L>
   DataLoader<L> setup_built(const DataOptions& options, detail::BuiltLoader<L> built) {

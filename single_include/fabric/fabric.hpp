@@ -1618,6 +1618,7 @@ constexpr std::string_view version() noexcept {
 // Applying functions to nested data: fabric::to_device (tensors, modules and nested standard containers
 // to a device), map_tensors and for_each_tensor, and the module traits the wrappers use.
 
+
 #include <ATen/core/Tensor.h>
 #include <c10/core/Device.h>
 #include <c10/core/DeviceType.h>
@@ -1665,12 +1666,18 @@ struct MapTensors;
 /// Applies fn to every tensor inside value (tensors, Example, and nestings of vector, array, tuple,
 /// pair, map, unordered_map, optional) and returns the result; the result has the input's type and
 /// everything that is not a tensor is kept as it is.
+/// A value of another type gets `fn.object(value)` where fn has it (to_device gives an object with
+/// `to(device)` a chance to move itself).
 template <class T, class F>
 T map_tensors(T value, F& fn) {
   if constexpr (std::is_same_v<T, at::Tensor>) {
     return fn(std::move(value));
+  } else if constexpr (requires { MapTensors<T>::apply(value, fn); }) {
+    MapTensors<T>::apply(value, fn);
+    return value;
+  } else if constexpr (requires { fn.object(std::move(value)); }) {
+    return fn.object(std::move(value));
   } else {
-    if constexpr (requires { MapTensors<T>::apply(value, fn); }) MapTensors<T>::apply(value, fn);
     return value;
   }
 }
@@ -1734,10 +1741,37 @@ struct MapTensors<torch::data::Example<D, T>> {
   }
 };
 
+/// A type that moves itself: it has `to(device)`, returning the moved object or moving in place (Lightning's
+/// `_TransferableDataType`).
+template <class T>
+concept Transferable = !std::is_same_v<T, at::Tensor> && requires(T & v, const c10::Device& d) {
+  v.to(d);
+};
+
+/// Moves tensors, and objects that have `to(device)`, to a device.
+struct MoveTo {
+  c10::Device device;
+  bool non_blocking;
+  at::Tensor operator()(at::Tensor t) const {
+    return t.defined() && t.device() != device ? t.to(device, non_blocking) : t;
+  }
+  /// Returns what `to(device)` returned when that is the object's type, else the object moved in place
+  /// (a `to` that returns nothing, or something else, as Lightning keeps the object then).
+  template <Transferable T>
+  T object(T value) const {
+    if constexpr (std::is_convertible_v<decltype(value.to(device)), T>) {
+      return value.to(device);
+    } else {
+      (void)value.to(device);
+      return value;
+    }
+  }
+};
+
 /// Moves every tensor inside value to the device.
 template <class T>
 T move_data(T value, const c10::Device& device, bool non_blocking) {
-  auto move = [&](at::Tensor t) { return t.defined() && t.device() != device ? t.to(device, non_blocking) : t; };
+  MoveTo move{device, non_blocking};
   return map_tensors(std::move(value), move);
 }
 
@@ -1785,6 +1819,74 @@ void for_each_tensor(const T& value, F&& fn) {
   }
 }
 
+template <class T>
+struct ToScalars {
+  static T apply(const T& value) { return value; }
+};
+template <>
+struct ToScalars<at::Tensor> {
+  static double apply(const at::Tensor& t) {
+    if (t.numel() != 1) {
+      raise(
+          "convert_tensors_to_scalars: the tensor of shape {} does not contain a single element; expected one "
+          "element, found {}; reduce it first (mean, sum)",
+          fmt::format("[{}]", fmt::join(t.sizes(), ", ")), t.numel());
+    }
+    return t.item<double>();
+  }
+};
+template <class E, class A>
+struct ToScalars<std::vector<E, A>> {
+  static auto apply(const std::vector<E, A>& v) {
+    std::vector<decltype(ToScalars<E>::apply(std::declval<const E&>()))> out;
+    out.reserve(v.size());
+    for (const auto& e : v) out.push_back(ToScalars<E>::apply(e));
+    return out;
+  }
+};
+template <class E, std::size_t N>
+struct ToScalars<std::array<E, N>> {
+  static auto apply(const std::array<E, N>& v) {
+    return [&]<std::size_t... I>(std::index_sequence<I...>) { return std::array{ToScalars<E>::apply(v[I])...}; }
+    (std::make_index_sequence<N>{});
+  }
+};
+template <class... Ts>
+struct ToScalars<std::tuple<Ts...>> {
+  static auto apply(const std::tuple<Ts...>& t) {
+    return std::apply([](const auto&... e) { return std::tuple{ToScalars<Ts>::apply(e)...}; }, t);
+  }
+};
+template <class A, class B>
+struct ToScalars<std::pair<A, B>> {
+  static auto apply(const std::pair<A, B>& p) {
+    return std::pair{ToScalars<A>::apply(p.first), ToScalars<B>::apply(p.second)};
+  }
+};
+template <class K, class V, class C, class A>
+struct ToScalars<std::map<K, V, C, A>> {
+  static auto apply(const std::map<K, V, C, A>& m) {
+    std::map<K, decltype(ToScalars<V>::apply(std::declval<const V&>())), C> out;
+    for (const auto& [k, v] : m) out.emplace(k, ToScalars<V>::apply(v));
+    return out;
+  }
+};
+template <class K, class V, class H, class E, class A>
+struct ToScalars<std::unordered_map<K, V, H, E, A>> {
+  static auto apply(const std::unordered_map<K, V, H, E, A>& m) {
+    std::unordered_map<K, decltype(ToScalars<V>::apply(std::declval<const V&>())), H, E> out;
+    for (const auto& [k, v] : m) out.emplace(k, ToScalars<V>::apply(v));
+    return out;
+  }
+};
+template <class T>
+struct ToScalars<std::optional<T>> {
+  static auto apply(const std::optional<T>& o) {
+    using R = decltype(ToScalars<T>::apply(std::declval<const T&>()));
+    return o ? std::optional<R>(ToScalars<T>::apply(*o)) : std::optional<R>();
+  }
+};
+
 /// Writes a shape as "[2, 3]" for messages.
 inline std::string shape_str(at::IntArrayRef sizes) { return fmt::format("[{}]", fmt::join(sizes, ", ")); }
 
@@ -1801,10 +1903,23 @@ M& to_device(M& module, const c10::Device& device, bool non_blocking = false) {
 /// vector, array, tuple, pair, map, unordered_map and optional; other values are returned unchanged.
 ///
 ///     auto batch = fabric::to_device(std::pair{images, labels}, torch::kCPU);
+///
+/// An object of one's own that has `to(device)` (alone or inside a container) moves itself: what `to`
+/// returns is kept when it is the object's type, else the object itself (a `to` that moves in place).
 template <class T>
 requires(!ModuleLike<T>) std::remove_cvref_t<T> to_device(T&& data, const c10::Device& device,
                                                           bool non_blocking = false) {
   return detail::move_data(std::remove_cvref_t<T>(std::forward<T>(data)), device, non_blocking);
+}
+
+/// Returns data with every tensor replaced by its value as a double (vector, array, tuple, pair, map,
+/// unordered_map and optional are rebuilt around the numbers; other values are kept), as Lightning's
+/// `convert_tensors_to_scalars` prepares metrics for loggers. A tensor of more than one element is an error.
+///
+///     std::map<std::string, double> metrics = fabric::convert_tensors_to_scalars(std::map{{"loss"s, loss}});
+template <class T>
+auto convert_tensors_to_scalars(const T& data) {
+  return detail::ToScalars<T>::apply(data);
 }
 
 }  // namespace fabric
@@ -1813,6 +1928,760 @@ requires(!ModuleLike<T>) std::remove_cvref_t<T> to_device(T&& data, const c10::D
 // Data loading: fabric::DataLoader (the wrapper setup_dataloaders returns, a C++20 input range of
 // batches on the device) and fabric::DistributedSampler (PyTorch's DistributedSampler in C++).
 
+// ---- begin fabric/detail/zip_check.hpp
+// A torch-free validator of the zip archives torch writes (torch::pickle_save, torch::save, Python's
+// torch.save), run on a file's bytes before LibTorch's zip reader sees them: LibTorch reads an
+// in-memory archive without bounds checks, so a truncated or hostile file could crash the process.
+
+// ---- begin fabric/detail/crc.hpp
+// CRC-32 (the zip checksum, polynomial 0xEDB88320) and CRC-32C (Castagnoli, 0x82F63B78; the SSE4.2 crc32
+// instruction where the CPU has it): the checksums of checkpoint files. Torch-free.
+
+#include <array>
+#include <bit>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <cpuid.h>
+#define FABRIC_CRC32C_X86 1
+#endif
+
+namespace fabric::detail {
+
+/// Slicing-by-8 tables of a reflected CRC polynomial.
+template <std::uint32_t Poly>
+struct CrcTables {
+  std::array<std::array<std::uint32_t, 256>, 8> t{};
+  constexpr CrcTables() {
+    for (std::uint32_t i = 0; i < 256; ++i) {
+      std::uint32_t c = i;
+      for (int k = 0; k < 8; ++k) c = (c & 1U) != 0 ? (c >> 1) ^ Poly : c >> 1;
+      t[0][i] = c;
+    }
+    for (std::uint32_t i = 0; i < 256; ++i) {
+      for (std::size_t s = 1; s < 8; ++s) t[s][i] = (t[s - 1][i] >> 8) ^ t[0][t[s - 1][i] & 0xFFU];
+    }
+  }
+};
+
+template <std::uint32_t Poly>
+inline constexpr CrcTables<Poly> crc_tables{};
+
+/// Continues a reflected CRC over bytes in software (slicing by 8); crc is the running value, not inverted.
+template <std::uint32_t Poly>
+inline std::uint32_t crc_software(std::uint32_t crc, const unsigned char* p, std::size_t n) noexcept {
+  const auto& t = crc_tables<Poly>.t;
+  while (n >= 8) {
+    std::uint32_t lo = 0;
+    std::uint32_t hi = 0;
+    std::memcpy(&lo, p, 4);
+    std::memcpy(&hi, p + 4, 4);
+    if constexpr (std::endian::native == std::endian::big) {
+      lo = __builtin_bswap32(lo);
+      hi = __builtin_bswap32(hi);
+    }
+    lo ^= crc;
+    crc = t[7][lo & 0xFFU] ^ t[6][(lo >> 8) & 0xFFU] ^ t[5][(lo >> 16) & 0xFFU] ^ t[4][lo >> 24] ^ t[3][hi & 0xFFU] ^
+          t[2][(hi >> 8) & 0xFFU] ^ t[1][(hi >> 16) & 0xFFU] ^ t[0][hi >> 24];
+    p += 8;
+    n -= 8;
+  }
+  while (n-- > 0) crc = (crc >> 8) ^ t[0][(crc ^ *p++) & 0xFFU];
+  return crc;
+}
+
+/// Returns the CRC-32 of bytes as zip files store it, continuing from a previous result (0 to start).
+inline std::uint32_t crc32(const void* data, std::size_t n, std::uint32_t previous = 0) noexcept {
+  return ~crc_software<0xEDB88320U>(~previous, static_cast<const unsigned char*>(data), n);
+}
+
+#ifdef FABRIC_CRC32C_X86
+__attribute__((target("sse4.2"))) inline std::uint32_t crc32c_sse42(std::uint32_t crc, const unsigned char* p,
+                                                                    std::size_t n) noexcept {
+  std::uint64_t c = crc;
+  while (n >= 8) {
+    std::uint64_t v = 0;
+    std::memcpy(&v, p, 8);
+    c = __builtin_ia32_crc32di(c, v);
+    p += 8;
+    n -= 8;
+  }
+  auto c32 = static_cast<std::uint32_t>(c);
+  while (n-- > 0) c32 = __builtin_ia32_crc32qi(c32, *p++);
+  return c32;
+}
+
+inline bool cpu_has_sse42() noexcept {
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  return __get_cpuid(1, &a, &b, &c, &d) != 0 && (c & bit_SSE4_2) != 0;
+}
+#endif
+
+/// Returns the CRC-32C of bytes, continuing from a previous result (0 to start); uses the CPU's crc32
+/// instruction when it has one (several GB/s), else tables.
+inline std::uint32_t crc32c(const void* data, std::size_t n, std::uint32_t previous = 0) noexcept {
+  const auto* p = static_cast<const unsigned char*>(data);
+#ifdef FABRIC_CRC32C_X86
+  static const bool hardware = cpu_has_sse42();
+  if (hardware) return ~crc32c_sse42(~previous, p, n);
+#endif
+  return ~crc_software<0x82F63B78U>(~previous, p, n);
+}
+
+}  // namespace fabric::detail
+// ---- end fabric/detail/crc.hpp
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace fabric::detail {
+
+/// One stored entry of a checked zip archive: its name and where its bytes lie in the file.
+struct ZipEntry {
+  std::string name;
+  std::uint64_t header_offset = 0;
+  std::uint64_t data_offset = 0;
+  std::uint64_t size = 0;
+  std::uint32_t crc = 0;
+};
+
+/// A checked zip archive: the folder its entries share (torch's archive name) and its entries, in the
+/// order of its central directory.
+struct ZipArchive {
+  std::string prefix;
+  std::vector<ZipEntry> entries;
+  /// Returns the entry named prefix + "/" + name, or null.
+  const ZipEntry* find(std::string_view name) const {
+    for (const auto& e : entries) {
+      if (e.name.size() == prefix.size() + 1 + name.size() && e.name.compare(prefix.size() + 1, name.size(), name) == 0)
+        return &e;
+    }
+    return nullptr;
+  }
+};
+
+namespace zip {
+
+inline constexpr std::uint32_t local_sig = 0x04034b50U;
+inline constexpr std::uint32_t central_sig = 0x02014b50U;
+inline constexpr std::uint32_t end_sig = 0x06054b50U;
+inline constexpr std::uint32_t end64_sig = 0x06064b50U;
+inline constexpr std::uint32_t locator64_sig = 0x07064b50U;
+inline constexpr std::size_t local_size = 30;
+inline constexpr std::size_t central_size = 46;
+inline constexpr std::size_t end_size = 22;
+inline constexpr std::size_t end64_size = 56;
+inline constexpr std::size_t locator64_size = 20;
+
+inline std::uint64_t le(const unsigned char* p, int bytes) noexcept {
+  std::uint64_t v = 0;
+  for (int i = bytes - 1; i >= 0; --i) v = (v << 8) | p[i];
+  return v;
+}
+
+}  // namespace zip
+
+/// Checks that bytes hold a zip archive as torch writes it, so that LibTorch's reader only reads inside
+/// the buffer: the end-of-central-directory record (and the zip64 records, if any) found and consistent,
+/// every directory entry and its local header inside the file, sizes and offsets without overflow, entries
+/// stored (uncompressed) and not overlapping, names sane and unique, all in one folder, with torch's
+/// `data.pkl` and `version` records. Raises fabric::Error naming `what` (the file) otherwise.
+inline ZipArchive check_torch_zip(const char* bytes, std::size_t size, std::string_view what) {
+  const auto* d = reinterpret_cast<const unsigned char*>(bytes);
+  auto fail = [&](const std::string& found) {
+    raise(
+        "could not read {}: expected a zip archive as torch writes it, found {}; the file is truncated, corrupt or "
+        "of another format: write it again or restore it from a good copy",
+        what, found);
+  };
+  using zip::le;
+  if (size < zip::end_size) fail(fmt::format("a file of {} bytes, too short for a zip archive", size));
+  // NOTE: miniz takes the last end-of-central-directory signature of the file; so does this search.
+  std::size_t end = size;
+  const std::size_t lowest = size - zip::end_size > 65535 ? size - zip::end_size - 65535 : 0;
+  for (std::size_t pos = size - zip::end_size + 1; pos-- > lowest;) {
+    if (le(d + pos, 4) == zip::end_sig) {
+      end = pos;
+      break;
+    }
+  }
+  if (end == size) fail("no end-of-central-directory record (the end of the file is missing or it is no zip)");
+  const std::uint64_t comment = le(d + end + 20, 2);
+  if (end + zip::end_size + comment != size) {
+    fail(
+        fmt::format("an end-of-central-directory record at byte {} whose comment ({} bytes) does not end the file "
+                    "({} bytes)",
+                    end, comment, size));
+  }
+  if (le(d + end + 4, 2) != 0 || le(d + end + 6, 2) != 0 || le(d + end + 8, 2) != le(d + end + 10, 2)) {
+    fail("an archive spanning several disks");
+  }
+  std::uint64_t count = le(d + end + 10, 2);
+  std::uint64_t dir_size = le(d + end + 12, 4);
+  std::uint64_t dir_offset = le(d + end + 16, 4);
+  std::uint64_t dir_end = end;
+  if (end >= zip::locator64_size && le(d + end - zip::locator64_size, 4) == zip::locator64_sig) {
+    const auto* loc = d + end - zip::locator64_size;
+    const std::uint64_t record = le(loc + 8, 8);
+    const std::uint64_t locator = end - zip::locator64_size;
+    if (le(loc + 4, 4) != 0 || le(loc + 16, 4) != 1) fail("a zip64 archive spanning several disks");
+    if (record > locator || locator - record < zip::end64_size || le(d + record, 4) != zip::end64_sig) {
+      fail(fmt::format("a zip64 locator pointing at byte {}, where there is no zip64 end-of-central-directory record",
+                       record));
+    }
+    const auto* r = d + record;
+    if (le(r + 4, 8) != locator - record - 12) fail("a zip64 end-of-central-directory record of the wrong size");
+    if (le(r + 16, 4) != 0 || le(r + 20, 4) != 0 || le(r + 24, 8) != le(r + 32, 8)) {
+      fail("a zip64 archive spanning several disks");
+    }
+    count = le(r + 32, 8);
+    dir_size = le(r + 40, 8);
+    dir_offset = le(r + 48, 8);
+    dir_end = record;
+  }
+  if (dir_offset > dir_end || dir_end - dir_offset != dir_size) {
+    fail(
+        fmt::format("a central directory of {} bytes at byte {} that does not end where the end record begins "
+                    "(byte {})",
+                    dir_size, dir_offset, dir_end));
+  }
+  if (count == 0) fail("an archive without entries");
+  if (count > dir_size / zip::central_size) {
+    fail(fmt::format("{} entries announced in a central directory of {} bytes", count, dir_size));
+  }
+  ZipArchive archive;
+  archive.entries.reserve(static_cast<std::size_t>(count));
+  std::uint64_t p = dir_offset;
+  for (std::uint64_t i = 0; i < count; ++i) {
+    auto bad = [&](const std::string& found) { fail(fmt::format("central directory entry {}: {}", i, found)); };
+    if (dir_end - p < zip::central_size || le(d + p, 4) != zip::central_sig) bad("no entry header");
+    const auto* c = d + p;
+    const std::uint64_t flags = le(c + 8, 2);
+    const std::uint64_t method = le(c + 10, 2);
+    std::uint64_t packed = le(c + 20, 4);
+    std::uint64_t unpacked = le(c + 24, 4);
+    const std::uint64_t name_len = le(c + 28, 2);
+    const std::uint64_t extra_len = le(c + 30, 2);
+    const std::uint64_t comment_len = le(c + 32, 2);
+    std::uint64_t disk = le(c + 34, 2);
+    std::uint64_t header = le(c + 42, 4);
+    if (dir_end - p - zip::central_size < name_len + extra_len + comment_len)
+      bad("a name or extra field past the directory");
+    if ((flags & 0x41U) != 0) bad("an encrypted entry");
+    if (method != 0) {
+      bad(
+          fmt::format("compression method {} (torch stores entries uncompressed; an archive re-packed by a zip tool "
+                      "must be stored with `zip -0`)",
+                      method));
+    }
+    const std::string name(reinterpret_cast<const char*>(c + zip::central_size), static_cast<std::size_t>(name_len));
+    // The zip64 extended information: 8-byte values for those of the fixed fields that are saturated.
+    const auto* extra = c + zip::central_size + name_len;
+    for (std::uint64_t x = 0; x < extra_len;) {
+      if (extra_len - x < 4) bad("a malformed extra field");
+      const std::uint64_t id = le(extra + x, 2);
+      const std::uint64_t len = le(extra + x + 2, 2);
+      if (extra_len - x - 4 < len) bad("a malformed extra field");
+      if (id == 1) {
+        const auto* z = extra + x + 4;
+        std::uint64_t left = len;
+        auto take = [&](std::uint64_t& field, std::uint64_t saturated, int bytes) {
+          if (field != saturated) return;
+          if (left < static_cast<std::uint64_t>(bytes)) bad("a zip64 field missing from the extra field");
+          field = le(z, bytes);
+          z += bytes;
+          left -= static_cast<std::uint64_t>(bytes);
+        };
+        take(unpacked, 0xFFFFFFFFU, 8);
+        take(packed, 0xFFFFFFFFU, 8);
+        take(header, 0xFFFFFFFFU, 8);
+        take(disk, 0xFFFFU, 4);
+      }
+      x += 4 + len;
+    }
+    if (packed == 0xFFFFFFFFU || unpacked == 0xFFFFFFFFU || header == 0xFFFFFFFFU)
+      bad("a zip64 size or offset without its extra field");
+    if (disk != 0) bad("an entry on another disk");
+    if (packed != unpacked) bad(fmt::format("a stored entry of {} bytes that unpacks to {}", packed, unpacked));
+    const bool name_ok = !name.empty() && name.size() <= 4096 && name.front() != '/' &&
+                         name.find('\0') == std::string::npos && name.find('\\') == std::string::npos &&
+                         name.find('/') != std::string::npos && name.find('/') != 0 &&
+                         name.find("//") == std::string::npos && name != ".." && !name.starts_with("../") &&
+                         name.find("/../") == std::string::npos && !name.ends_with("/..") && !name.ends_with("/");
+    if (!name_ok)
+      bad(fmt::format("the name \"{}\", not a file inside torch's archive folder", fmt::format("{:.64}", name)));
+    const std::string prefix = name.substr(0, name.find('/'));
+    if (i == 0) {
+      archive.prefix = prefix;
+    } else if (prefix != archive.prefix) {
+      bad(fmt::format("\"{}\" outside the archive folder \"{}\"", name, archive.prefix));
+    }
+    if (header > dir_offset || dir_offset - header < zip::local_size || le(d + header, 4) != zip::local_sig) {
+      bad(fmt::format("\"{}\": no local header at byte {}", name, header));
+    }
+    const auto* l = d + header;
+    const std::uint64_t local_name = le(l + 26, 2);
+    const std::uint64_t local_extra = le(l + 28, 2);
+    if (le(l + 8, 2) != 0) bad(fmt::format("\"{}\": a compressed local header", name));
+    if (dir_offset - header - zip::local_size < local_name + local_extra)
+      bad(fmt::format("\"{}\": a local header past the data", name));
+    if (local_name != name_len ||
+        std::string_view(reinterpret_cast<const char*>(l + zip::local_size), local_name) != name) {
+      bad(fmt::format("\"{}\": a local header of another name", name));
+    }
+    const std::uint64_t data = header + zip::local_size + local_name + local_extra;
+    if (dir_offset - data < packed) {
+      bad(fmt::format("\"{}\": {} bytes at byte {}, past the end of the entries (byte {})", name, packed, data,
+                      dir_offset));
+    }
+    archive.entries.push_back({name, header, data, packed, static_cast<std::uint32_t>(le(c + 16, 4))});
+    p += zip::central_size + name_len + extra_len + comment_len;
+  }
+  if (p != dir_end) fail(fmt::format("{} bytes after the last central directory entry", dir_end - p));
+  std::vector<const ZipEntry*> order;
+  order.reserve(archive.entries.size());
+  for (const auto& e : archive.entries) order.push_back(&e);
+  std::sort(order.begin(), order.end(), [](auto* a, auto* b) { return a->header_offset < b->header_offset; });
+  for (std::size_t i = 1; i < order.size(); ++i) {
+    if (order[i]->header_offset < order[i - 1]->data_offset + order[i - 1]->size) {
+      fail(fmt::format("the entries \"{}\" and \"{}\" overlapping", order[i - 1]->name, order[i]->name));
+    }
+  }
+  std::sort(order.begin(), order.end(), [](auto* a, auto* b) { return a->name < b->name; });
+  for (std::size_t i = 1; i < order.size(); ++i) {
+    if (order[i]->name == order[i - 1]->name) fail(fmt::format("the entry \"{}\" twice", order[i]->name));
+  }
+  if (archive.find("data.pkl") == nullptr) fail(fmt::format("no \"{}/data.pkl\" record", archive.prefix));
+  if (archive.find("version") == nullptr && archive.find(".data/version") == nullptr) {
+    fail(fmt::format("no \"{}/version\" record", archive.prefix));
+  }
+  return archive;
+}
+
+/// Checks the zip CRC-32 of the entries of a checked archive that `select(entry)` picks; raises
+/// fabric::Error naming the first corrupt entry.
+template <class Select>
+void check_zip_crcs(const char* bytes, const ZipArchive& archive, Select&& select, std::string_view what) {
+  for (const auto& e : archive.entries) {
+    if (!select(e)) continue;
+    const std::uint32_t crc = crc32(bytes + e.data_offset, static_cast<std::size_t>(e.size));
+    if (crc != e.crc) {
+      raise(
+          "{} is corrupt: the record \"{}\" ({} bytes) has CRC-32 {:08x}, expected {:08x} as its zip header says; "
+          "restore the file from a good copy",
+          what, e.name, e.size, crc, e.crc);
+    }
+  }
+}
+
+}  // namespace fabric::detail
+// ---- end fabric/detail/zip_check.hpp
+// ---- begin fabric/utils/seed.hpp
+// Seeding: fabric::seed_everything and the library's own random engine; the random states of a process
+// (collect_rng_states, set_rng_states) and fabric::RngState, the state entry that saves them with a
+// checkpoint.
+
+// ---- begin fabric/io/checkpoint_io.hpp
+// The CheckpointIO concept (Lightning's CheckpointIO: how a checkpoint dictionary reaches a file and
+// comes back), the check that names what a format lacks, and fabric::AnyCheckpointIO, which holds any
+// format where a strategy keeps it.
+
+
+#include <ATen/core/Dict.h>
+#include <ATen/core/ivalue.h>
+
+#include <concepts>
+#include <filesystem>
+#include <memory>
+#include <string>
+#include <type_traits>
+#include <utility>
+
+namespace fabric {
+
+/// A checkpoint as a CheckpointIO writes and reads it: a dictionary of names to values (tensors,
+/// numbers, strings and nested dictionaries and lists of them), the shape of a PyTorch checkpoint.
+using Checkpoint = c10::impl::GenericDict;
+
+/// The state of a Stateful object (see fabric::Stateful): names to values, the shape of a PyTorch
+/// `state_dict()`. Make an empty one with fabric::make_state_dict().
+using StateDict = c10::Dict<std::string, c10::IValue>;
+
+/// Returns an empty StateDict (c10::Dict has no default constructor for IValue values).
+///
+///     fabric::StateDict state = fabric::make_state_dict();
+///     state.insert("count", std::int64_t{3});
+inline StateDict make_state_dict() {
+  return c10::impl::toTypedDict<std::string, c10::IValue>(
+      c10::impl::GenericDict(c10::StringType::get(), c10::AnyType::get()));
+}
+
+namespace detail {
+
+/// The format writes a checkpoint to a path.
+template <class IO>
+concept saves_checkpoints = requires(IO& io, const Checkpoint& checkpoint, const std::filesystem::path& path) {
+  io.save_checkpoint(checkpoint, path);
+};
+/// The format reads a checkpoint back from a path.
+template <class IO>
+concept loads_checkpoints = requires(IO& io, const std::filesystem::path& path) {
+  { io.load_checkpoint(path) } -> std::same_as<Checkpoint>;
+};
+/// The format removes a checkpoint it wrote.
+template <class IO>
+concept removes_checkpoints = requires(IO& io, const std::filesystem::path& path) {
+  io.remove_checkpoint(path);
+};
+
+}  // namespace detail
+
+/// A checkpoint format: `save_checkpoint(checkpoint, path)`, `load_checkpoint(path) -> Checkpoint` and
+/// `remove_checkpoint(path)`, as Lightning's CheckpointIO. The strategy converts fabric::State into a
+/// Checkpoint, writes it through the format on the ranks that write, and agrees across ranks.
+///
+///     struct Counting {
+///       int saves = 0;
+///       void save_checkpoint(const fabric::Checkpoint& c, const std::filesystem::path& p) { ++saves;
+///       native.save_checkpoint(c, p); } fabric::Checkpoint load_checkpoint(const std::filesystem::path& p) { return
+///       native.load_checkpoint(p); } void remove_checkpoint(const std::filesystem::path& p) {
+///       native.remove_checkpoint(p); } fabric::NativeCheckpointIO native;
+///     };
+template <class IO>
+concept CheckpointIO = std::move_constructible<IO> && detail::saves_checkpoints<IO> && detail::loads_checkpoints<IO> &&
+    detail::removes_checkpoints<IO>;
+
+namespace detail {
+
+/// Fails with one message naming the first member a checkpoint format lacks; true when it has all.
+template <class IO>
+consteval bool check_checkpoint_io() {
+  if constexpr (!std::move_constructible<IO>) {
+    static_assert(dependent_false_v<IO>, "fabric: a CheckpointIO must be move constructible");
+  } else if constexpr (!saves_checkpoints<IO>) {
+    static_assert(dependent_false_v<IO>,
+                  "fabric: a CheckpointIO needs `void save_checkpoint(const fabric::Checkpoint&, const "
+                  "std::filesystem::path&)`; add it (see fabric::NativeCheckpointIO)");
+  } else if constexpr (!loads_checkpoints<IO>) {
+    static_assert(dependent_false_v<IO>,
+                  "fabric: a CheckpointIO needs `fabric::Checkpoint load_checkpoint(const std::filesystem::path&)`; "
+                  "add it (see fabric::NativeCheckpointIO)");
+  } else if constexpr (!removes_checkpoints<IO>) {
+    static_assert(dependent_false_v<IO>,
+                  "fabric: a CheckpointIO needs `void remove_checkpoint(const std::filesystem::path&)`; add it (see "
+                  "fabric::NativeCheckpointIO)");
+  }
+  return CheckpointIO<IO>;
+}
+
+}  // namespace detail
+
+/// Holds any CheckpointIO behind one type, as a strategy keeps it (checkpoints are not in the hot path,
+/// so the calls are virtual). Empty, the strategy writes fabric's native format.
+///
+///     fabric::SingleDevice strategy({.checkpoint_io = Counting{}});
+class AnyCheckpointIO {
+ public:
+  /// Holds nothing: the strategy uses fabric::NativeCheckpointIO.
+  AnyCheckpointIO() = default;
+  /// Holds a copy of a format; a type that is not a CheckpointIO fails with a message naming what it lacks.
+  template <class IO>
+  requires(!std::same_as<std::remove_cvref_t<IO>, AnyCheckpointIO>) AnyCheckpointIO(IO io)  // NOLINT
+      : impl_(make(std::move(io))) {}
+
+  /// Says whether a format is held.
+  explicit operator bool() const noexcept { return impl_ != nullptr; }
+  /// Returns the held format if it is an IO, else null (as std::function::target).
+  template <class IO>
+  IO* target() const noexcept {
+    auto* model = dynamic_cast<Model<IO>*>(impl_.get());
+    return model != nullptr ? &model->io : nullptr;
+  }
+  /// Writes a checkpoint through the held format.
+  void save_checkpoint(const Checkpoint& checkpoint, const std::filesystem::path& path) const {
+    impl_->save_checkpoint(checkpoint, path);
+  }
+  /// Reads a checkpoint through the held format.
+  Checkpoint load_checkpoint(const std::filesystem::path& path) const { return impl_->load_checkpoint(path); }
+  /// Removes a checkpoint through the held format.
+  void remove_checkpoint(const std::filesystem::path& path) const { impl_->remove_checkpoint(path); }
+
+ private:
+  struct Interface {
+    virtual ~Interface() = default;
+    virtual void save_checkpoint(const Checkpoint& checkpoint, const std::filesystem::path& path) = 0;
+    virtual Checkpoint load_checkpoint(const std::filesystem::path& path) = 0;
+    virtual void remove_checkpoint(const std::filesystem::path& path) = 0;
+  };
+  template <class IO>
+  struct Model final : Interface {
+    explicit Model(IO value) : io(std::move(value)) {}
+    void save_checkpoint(const Checkpoint& checkpoint, const std::filesystem::path& path) override {
+      io.save_checkpoint(checkpoint, path);
+    }
+    Checkpoint load_checkpoint(const std::filesystem::path& path) override { return io.load_checkpoint(path); }
+    void remove_checkpoint(const std::filesystem::path& path) override { io.remove_checkpoint(path); }
+    IO io;
+  };
+  template <class IO>
+  static std::shared_ptr<Interface> make(IO io) {
+    if constexpr (detail::check_checkpoint_io<IO>()) {
+      return std::make_shared<Model<IO>>(std::move(io));
+    } else {
+      return nullptr;
+    }
+  }
+
+  std::shared_ptr<Interface> impl_{};
+};
+
+}  // namespace fabric
+// ---- end fabric/io/checkpoint_io.hpp
+
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/Context.h>
+#include <ATen/core/Generator.h>
+#include <ATen/core/List.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+#include <torch/cuda.h>
+
+#include <cerrno>
+#include <charconv>
+#include <cstdint>
+#include <cstdlib>
+#include <limits>
+#include <mutex>
+#include <optional>
+#include <random>
+#include <sstream>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace fabric {
+
+/// Returns the library's own random engine (seeded by seed_everything), for user-side randomness
+/// that must follow the global seed, e.g. random augmentations.
+inline std::mt19937_64& random_engine() {
+  static std::mt19937_64 engine{0};
+  return engine;
+}
+
+namespace detail {
+
+inline constexpr std::uint64_t max_seed = std::numeric_limits<std::uint32_t>::max();
+
+/// Reads an integer environment variable; absent gives nothing, malformed throws.
+inline std::optional<std::int64_t> env_int(const char* name) {
+  const char* raw = std::getenv(name);
+  if (raw == nullptr || *raw == '\0') return std::nullopt;
+  const std::string_view text(raw);
+  std::int64_t value = 0;
+  auto [end, err] = std::from_chars(text.data(), text.data() + text.size(), value);
+  if (err != std::errc{} || end != text.data() + text.size()) {
+    raise("expected an integer in the environment variable {}, found \"{}\"; set it to a number or unset it", name,
+          text);
+  }
+  return value;
+}
+
+inline void set_env(const char* name, const std::string& value) {
+  if (::setenv(name, value.c_str(), 1) != 0) raise("could not set the environment variable {}", name);
+}
+
+}  // namespace detail
+
+/// Seeds torch's CPU and CUDA generators and fabric::random_engine(), exports PL_GLOBAL_SEED and
+/// PL_SEED_WORKERS (`"1"` or `"0"`) so relaunched processes and data-loader samplers see them, and
+/// returns the seed. Without a seed, PL_GLOBAL_SEED is used, else 0. As Lightning's free function,
+/// `workers` defaults to false here; `Fabric::seed_everything` defaults it to true.
+///
+///     fabric::seed_everything(42);
+inline std::uint64_t seed_everything(std::optional<std::uint64_t> seed = std::nullopt, bool workers = false) {
+  if (!seed) {
+    const auto env = detail::env_int("PL_GLOBAL_SEED");
+    if (env && (*env < 0 || static_cast<std::uint64_t>(*env) > detail::max_seed)) {
+      detail::raise("expected PL_GLOBAL_SEED in [0, {}], found {}; set a seed in that range", detail::max_seed, *env);
+    }
+    seed = env ? static_cast<std::uint64_t>(*env) : 0;
+  }
+  if (*seed > detail::max_seed) {
+    detail::raise("expected a seed in [0, {}], found {}; pass a 32-bit seed as Lightning does", detail::max_seed,
+                  *seed);
+  }
+  detail::set_env("PL_GLOBAL_SEED", std::to_string(*seed));
+  detail::set_env("PL_SEED_WORKERS", workers ? "1" : "0");
+  at::manual_seed(*seed);
+  random_engine().seed(*seed);
+  return *seed;
+}
+
+/// Seeds again with the seed and `workers` flag seed_everything exported (PL_GLOBAL_SEED,
+/// PL_SEED_WORKERS), as Lightning's `reset_seed`; does nothing when seed_everything was not called.
+inline void reset_seed() {
+  const auto seed = detail::env_int("PL_GLOBAL_SEED");
+  if (!seed) return;
+  const auto workers = detail::env_int("PL_SEED_WORKERS");
+  seed_everything(static_cast<std::uint64_t>(*seed), workers.value_or(0) != 0);
+}
+
+/// Returns the seed exported by seed_everything (PL_GLOBAL_SEED), or 0 when none was set.
+inline std::uint64_t global_seed() {
+  const auto env = detail::env_int("PL_GLOBAL_SEED");
+  return env && *env >= 0 ? static_cast<std::uint64_t>(*env) : 0;
+}
+
+/// Returns a deterministic seed for a data-loader worker, distinct per (global seed, worker, rank),
+/// like Lightning's worker init function; seed a worker's own generator with it.
+inline std::uint64_t worker_seed(std::size_t worker_id, int global_rank = 0) {
+  const std::uint64_t base = global_seed();
+  std::seed_seq sequence{static_cast<std::uint32_t>(base), static_cast<std::uint32_t>(base >> 32),
+                         static_cast<std::uint32_t>(worker_id), static_cast<std::uint32_t>(global_rank)};
+  std::uint32_t out[2];
+  sequence.generate(out, out + 2);
+  return (static_cast<std::uint64_t>(out[0]) << 32) | out[1];
+}
+
+namespace detail {
+
+inline at::Tensor generator_state(at::Generator generator) {
+  std::lock_guard<std::mutex> lock(generator.mutex());
+  return generator.get_state();
+}
+
+inline void set_generator_state(at::Generator generator, const at::Tensor& state) {
+  std::lock_guard<std::mutex> lock(generator.mutex());
+  generator.set_state(state);
+}
+
+inline at::Generator cuda_generator(int index) {
+  return at::globalContext().defaultGenerator(c10::Device(c10::DeviceType::CUDA, static_cast<c10::DeviceIndex>(index)));
+}
+
+inline int cuda_devices() { return torch::cuda::is_available() ? static_cast<int>(torch::cuda::device_count()) : 0; }
+
+}  // namespace detail
+
+/// Returns this process's random states, as Lightning's `_collect_rng_states`: torch's CPU generator
+/// under "torch", every CUDA device's generator under "torch.cuda" (an empty list without CUDA; left
+/// out with include_cuda = false) and fabric::random_engine() under "fabric" (where Lightning keeps
+/// Python's `random`).
+///
+///     auto states = fabric::collect_rng_states();
+///     // ... draw random numbers ...
+///     fabric::set_rng_states(states);  // the same numbers again
+inline StateDict collect_rng_states(bool include_cuda = true) {
+  StateDict states = make_state_dict();
+  states.insert("torch", detail::generator_state(at::detail::getDefaultCPUGenerator()));
+  if (include_cuda) {
+    c10::List<at::Tensor> cuda;
+    for (int i = 0; i < detail::cuda_devices(); ++i) cuda.push_back(detail::generator_state(detail::cuda_generator(i)));
+    states.insert("torch.cuda", cuda);
+  }
+  std::ostringstream engine;
+  engine << random_engine();
+  states.insert("fabric", engine.str());
+  return states;
+}
+
+/// Restores random states taken by collect_rng_states, as Lightning's `_set_rng_states`: "torch" is
+/// required, "torch.cuda" and "fabric" are restored when present (older states without them load).
+/// Malformed states are a fabric::Error, and then no generator is changed.
+inline void set_rng_states(const StateDict& states) {
+  if (!states.contains("torch") || !states.at("torch").isTensor()) {
+    detail::raise(
+        "set_rng_states: expected torch's CPU generator state (a byte tensor) under \"torch\", found {}; pass a "
+        "dictionary from fabric::collect_rng_states",
+        states.contains("torch") ? states.at("torch").tagKind() : std::string("no such key"));
+  }
+  std::vector<at::Tensor> cuda;
+  if (states.contains("torch.cuda")) {
+    const c10::IValue& value = states.at("torch.cuda");
+    if (!value.isList()) {
+      detail::raise("set_rng_states: expected a list of CUDA generator states under \"torch.cuda\", found {}",
+                    value.tagKind());
+    }
+    for (const c10::IValue& item : value.toListRef()) {
+      if (!item.isTensor()) {
+        detail::raise("set_rng_states: expected CUDA generator states (byte tensors) under \"torch.cuda\", found {}",
+                      item.tagKind());
+      }
+      cuda.push_back(item.toTensor());
+    }
+    if (static_cast<int>(cuda.size()) > detail::cuda_devices()) {
+      detail::raise(
+          "set_rng_states: expected at most {} CUDA generator states (the CUDA devices of this process), found {}; "
+          "restore them in a process that sees as many devices",
+          detail::cuda_devices(), cuda.size());
+    }
+  }
+  std::mt19937_64 engine;
+  const bool has_engine = states.contains("fabric");
+  if (has_engine) {
+    const c10::IValue& value = states.at("fabric");
+    std::istringstream in(value.isString() ? value.toStringRef() : std::string());
+    in >> engine;
+    if (!value.isString() || in.fail()) {
+      detail::raise(
+          "set_rng_states: expected the state of fabric::random_engine() (a string) under \"fabric\", found "
+          "{}; pass a dictionary from fabric::collect_rng_states",
+          value.isString() ? std::string("a malformed string") : value.tagKind());
+    }
+  }
+  // NOTE: a generator rejects a malformed state only when it is set; the states taken first put back
+  // what was set before, so a failure changes no generator.
+  const StateDict before = collect_rng_states(!cuda.empty());
+  try {
+    detail::set_generator_state(at::detail::getDefaultCPUGenerator(), states.at("torch").toTensor());
+    for (std::size_t i = 0; i < cuda.size(); ++i)
+      detail::set_generator_state(detail::cuda_generator(static_cast<int>(i)), cuda[i]);
+  } catch (const c10::Error& e) {
+    detail::set_generator_state(at::detail::getDefaultCPUGenerator(), before.at("torch").toTensor());
+    if (before.contains("torch.cuda")) {
+      const auto list = before.at("torch.cuda").toTensorList();
+      for (std::size_t i = 0; i < list.size(); ++i)
+        detail::set_generator_state(detail::cuda_generator(static_cast<int>(i)), list.get(i));
+    }
+    detail::raise("set_rng_states: a generator state does not fit this LibTorch ({}); no generator was changed",
+                  detail::first_line(e.what_without_backtrace()));
+  }
+  if (has_engine) random_engine() = engine;
+}
+
+/// A state entry for the random states of the process: `{"rng", fabric::RngState{}}` saves
+/// collect_rng_states() with the checkpoint, and load restores them with set_rng_states(). Save it when
+/// a resumed run must draw the same random numbers (dropout, augmentation) as an uninterrupted one.
+/// Under several processes the file holds rank 0's states, as Lightning saves them.
+///
+///     fabric.save(path, {{"model", model}, {"optimizer", optimizer}, {"rng", fabric::RngState{}}});
+///     fabric.load(path, {{"model", model}, {"optimizer", optimizer}, {"rng", fabric::RngState{}}});
+class RngState {
+ public:
+  /// Says that the state is the process's, not the object's: a state entry may hold a temporary.
+  static constexpr bool global_state = true;
+
+  /// Takes the CUDA generators too unless include_cuda is false.
+  explicit RngState(bool include_cuda = true) noexcept : include_cuda_(include_cuda) {}
+  /// Returns the random states now (collect_rng_states).
+  StateDict state_dict() const { return collect_rng_states(include_cuda_); }
+  /// Restores the random states (set_rng_states).
+  void load_state_dict(const StateDict& states) const { set_rng_states(states); }
+
+ private:
+  bool include_cuda_ = true;
+};
+
+}  // namespace fabric
+// ---- end fabric/utils/seed.hpp
 
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/core/Dict.h>
@@ -1824,6 +2693,7 @@ requires(!ModuleLike<T>) std::remove_cvref_t<T> to_device(T&& data, const c10::D
 #include <c10/util/Optional.h>
 #include <c10/util/Type.h>
 #include <torch/data/dataloader.h>
+#include <torch/data/dataloader/stateful.h>
 #include <torch/data/dataloader_options.h>
 #include <torch/data/datasets/base.h>
 #include <torch/data/samplers/base.h>
@@ -1833,6 +2703,10 @@ requires(!ModuleLike<T>) std::remove_cvref_t<T> to_device(T&& data, const c10::D
 #include <torch/data/samplers/stream.h>
 #include <torch/serialize/archive.h>
 
+#include <sched.h>
+
+#include <algorithm>
+#include <atomic>
 #include <concepts>
 #include <cstddef>
 #include <cstdint>
@@ -1842,6 +2716,7 @@ requires(!ModuleLike<T>) std::remove_cvref_t<T> to_device(T&& data, const c10::D
 #include <optional>
 #include <ranges>
 #include <string>
+#include <thread>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -1901,6 +2776,8 @@ template <class S>
 void load_sampler_archive(S& sampler, const at::Tensor& bytes) {
   const at::Tensor b = bytes.contiguous();
   torch::serialize::InputArchive archive;
+  (void)check_torch_zip(static_cast<const char*>(b.data_ptr()), static_cast<std::size_t>(b.numel()),
+                        "the sampler state in the checkpoint");
   archive.load_from(static_cast<const char*>(b.data_ptr()), static_cast<std::size_t>(b.numel()));
   sampler.load(archive);
 }
@@ -2006,7 +2883,10 @@ class DistributedSampler final : public torch::data::samplers::Sampler<> {
   /// Returns how many samples this rank sees per epoch.
   std::size_t num_samples() const noexcept {
     const std::size_t r = options_.num_replicas;
-    if (options_.drop_last && size_ % r != 0) return (size_ - r) / r + ((size_ - r) % r != 0 ? 1 : 0);
+    if (options_.drop_last && size_ % r != 0) {
+      // NOTE: PyTorch's ceil((size - r) / r), which is 0 when there are fewer samples than ranks.
+      return size_ < r ? 0 : (size_ - r) / r + ((size_ - r) % r != 0 ? 1 : 0);
+    }
     return (size_ + r - 1) / r;
   }
 
@@ -2120,6 +3000,23 @@ inline constexpr bool is_positionable_sampler_v = std::is_base_of_v<DistributedS
 template <class S>
 inline constexpr bool is_positionable_sampler_v<ResumableSampler<S>> = true;
 
+template <class L>
+class DataLoader;
+
+namespace detail {
+template <class L>
+struct has_iterable_dataset : std::false_type {};
+template <class D>
+struct has_iterable_dataset<torch::data::StatefulDataLoader<D>> : std::true_type {};
+template <class L>
+struct has_iterable_dataset<DataLoader<L>> : has_iterable_dataset<L> {};
+}  // namespace detail
+/// True for a loader of a stateful LibTorch dataset (a ChunkDataset: it yields batches in its own order,
+/// without a sampler or a length), Lightning's `has_iterable_dataset`; for a LibTorch loader type or a
+/// set-up loader.
+template <class L>
+inline constexpr bool has_iterable_dataset_v = detail::has_iterable_dataset<std::remove_cvref_t<L>>::value;
+
 /// Wraps a dataset so that every CPU tensor of its batches is copied into pinned (page-locked)
 /// memory, as PyTorch's `pin_memory=True` does, which makes the loader's copy to a GPU asynchronous.
 /// It runs in the loader's worker threads; disabled, it passes batches through (one type for both,
@@ -2149,6 +3046,143 @@ class PinMemoryDataset : public torch::data::datasets::BatchDataset<PinMemoryDat
   D dataset_;
   bool enabled_;
 };
+
+/// What a dataset running in a loader that fabric built knows about the batch it is loading, as
+/// PyTorch's `get_worker_info()` tells a worker who it is. LibTorch's workers are threads that take
+/// batches in no fixed order, so fabric seeds by the batch, not by the worker: `batch_seed` comes from
+/// (global seed, epoch, the batch's indices), the same whichever thread loads it, however many workers
+/// there are, and in a resumed run.
+struct BatchInfo {
+  /// The global seed (PL_GLOBAL_SEED, 0 without seed_everything).
+  std::uint64_t seed = 0;
+  /// The pass over the data (0 for the first).
+  std::size_t epoch = 0;
+  /// This process's shard of the data (its global rank when the loader shards, else 0).
+  std::size_t rank = 0;
+  /// The seed of this batch.
+  std::uint64_t batch_seed = 0;
+};
+
+namespace detail {
+
+/// The batch a thread is loading: what batch_info() says, and the generator batch_generator() hands out.
+struct BatchContext {
+  BatchInfo info;
+  std::optional<at::Generator> generator{};
+};
+inline thread_local BatchContext* current_batch = nullptr;
+
+/// Mixes a value into a seed (splitmix64's finaliser), so that nearby inputs give unrelated seeds.
+constexpr std::uint64_t mix_seed(std::uint64_t seed, std::uint64_t value) noexcept {
+  std::uint64_t z = seed ^ (value + 0x9e3779b97f4a7c15ULL + (seed << 6) + (seed >> 2));
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+  return z ^ (z >> 31);
+}
+
+/// Where the loader's passes are, for its workers: the set-up loader writes the epoch before each pass.
+struct LoaderClock {
+  std::atomic<std::size_t> epoch{0};
+  std::uint64_t seed = 0;
+  std::size_t rank = 0;
+};
+
+/// The dataset of a loader that fabric builds: passes batches through, telling the dataset (through
+/// fabric::batch_info()) which batch it loads.
+template <class D>
+class FabricDataset : public torch::data::datasets::BatchDataset<FabricDataset<D>, typename D::BatchType,
+                                                                 typename D::BatchRequestType> {
+ public:
+  FabricDataset(D dataset, std::shared_ptr<LoaderClock> clock)
+      : dataset_(std::move(dataset)), clock_(std::move(clock)) {}
+
+  /// Returns the wrapped dataset's batch, loaded with fabric::batch_info() set.
+  typename D::BatchType get_batch(typename D::BatchRequestType request) override {
+    BatchContext context{.info = {.seed = clock_->seed, .epoch = clock_->epoch.load(), .rank = clock_->rank}};
+    std::uint64_t h = mix_seed(context.info.seed, context.info.epoch);
+    if constexpr (std::ranges::range<typename D::BatchRequestType>) {
+      for (const auto i : request) h = mix_seed(h, static_cast<std::uint64_t>(i));
+    } else if constexpr (std::is_integral_v<typename D::BatchRequestType>) {
+      h = mix_seed(h, static_cast<std::uint64_t>(request));
+    }
+    context.info.batch_seed = h;
+    BatchContext* previous = current_batch;
+    current_batch = &context;
+    struct Restore {
+      BatchContext* previous;
+      ~Restore() { current_batch = previous; }
+    } restore{previous};
+    return dataset_.get_batch(std::move(request));
+  }
+  /// Returns the wrapped dataset's size.
+  c10::optional<std::size_t> size() const override { return dataset_.size(); }
+  /// Returns the wrapped dataset.
+  const D& dataset() const noexcept { return dataset_; }
+
+ private:
+  D dataset_;
+  std::shared_ptr<LoaderClock> clock_;
+};
+
+}  // namespace detail
+
+/// Returns what the dataset is loading when called from its get_batch() or get() in a loader that fabric
+/// built (fabric.dataloader, fabric.make_data_loader), or nothing elsewhere (PyTorch's get_worker_info()).
+inline std::optional<BatchInfo> batch_info() {
+  if (detail::current_batch == nullptr) return std::nullopt;
+  return detail::current_batch->info;
+}
+/// Returns the CPU generator of the batch being loaded, seeded with its batch_seed (one generator per
+/// batch: calls while loading it share it): a random transform that draws from it gives the same batch the
+/// same augmentation in every run, whichever worker thread loads it. Outside a loader fabric built it is an
+/// error.
+///
+///     auto flip = torch::rand({1}, fabric::batch_generator()).item<double>() < 0.5;
+inline at::Generator batch_generator() {
+  if (detail::current_batch == nullptr) {
+    detail::raise(
+        "batch_generator: expected a call from a dataset's get_batch() or get() in a loader that fabric "
+        "built (fabric.dataloader, fabric.make_data_loader), found none under way");
+  }
+  auto& context = *detail::current_batch;
+  if (!context.generator) context.generator = at::make_generator<at::CPUGeneratorImpl>(context.info.batch_seed);
+  return *context.generator;
+}
+/// Returns a new CPU generator for one sample, seeded from (global seed, epoch, index): the same sample draws
+/// the same numbers in every run and under any batch size, worker count or world size. Call it once in a
+/// dataset's get(index) in a loader fabric built (each call starts the same sequence again).
+inline at::Generator sample_generator(std::size_t index) {
+  const auto info = batch_info();
+  if (!info) {
+    detail::raise(
+        "sample_generator: expected a call from a dataset's get() in a loader that fabric built "
+        "(fabric.dataloader, fabric.make_data_loader), found none under way");
+  }
+  return at::make_generator<at::CPUGeneratorImpl>(
+      detail::mix_seed(detail::mix_seed(info->seed, info->epoch), index ^ 0x5a5a5a5a5a5a5a5aULL));
+}
+
+/// Returns how many data-loading workers each of `local_world_size` processes on this machine should use,
+/// as Lightning's `suggested_max_num_workers`: the CPUs this process may run on, shared among the local
+/// processes, less one for the main thread (at least 1).
+inline std::size_t suggested_max_num_workers(std::size_t local_world_size, std::size_t cpus) {
+  if (local_world_size < 1) {
+    detail::raise(
+        "suggested_max_num_workers: expected local_world_size >= 1, found {}; pass the processes per "
+        "machine",
+        local_world_size);
+  }
+  const std::size_t per_process = std::max<std::size_t>(cpus, 1) / local_world_size;
+  return std::max<std::size_t>(1, per_process > 1 ? per_process - 1 : 1);
+}
+/// suggested_max_num_workers with the CPUs of this process's affinity mask.
+inline std::size_t suggested_max_num_workers(std::size_t local_world_size) {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  std::size_t cpus = std::max(1u, std::thread::hardware_concurrency());
+  if (::sched_getaffinity(0, sizeof(set), &set) == 0 && CPU_COUNT(&set) > 0) cpus = CPU_COUNT(&set);
+  return suggested_max_num_workers(local_world_size, cpus);
+}
 
 namespace detail {
 
@@ -2190,8 +3224,13 @@ struct unwrap_pinned {
 };
 template <class D>
 struct unwrap_pinned<PinMemoryDataset<D>> {
-  using type = D;
-  static const D& get(const PinMemoryDataset<D>& d) noexcept { return d.dataset(); }
+  using type = typename unwrap_pinned<D>::type;
+  static const type& get(const PinMemoryDataset<D>& d) noexcept { return unwrap_pinned<D>::get(d.dataset()); }
+};
+template <class D>
+struct unwrap_pinned<FabricDataset<D>> {
+  using type = typename unwrap_pinned<D>::type;
+  static const type& get(const FabricDataset<D>& d) noexcept { return unwrap_pinned<D>::get(d.dataset()); }
 };
 
 /// Returns the name messages give a sampler type.
@@ -2219,6 +3258,7 @@ struct LoaderParts {
   using Dataset = typename loader_sampler<L>::dataset;
   std::optional<std::conditional_t<is_resumable_sampler_v<Sampler>, Sampler, int>> sampler{};
   std::shared_ptr<const std::conditional_t<std::is_void_v<Dataset>, int, Dataset>> dataset{};
+  std::shared_ptr<LoaderClock> clock{};
 };
 
 }  // namespace detail
@@ -2305,6 +3345,7 @@ class DataLoader {
       : loader_(std::move(loader)),
         device_(device),
         move_(move_to_device && !device.is_cpu()),
+        moves_(move_to_device),
         parts_(std::move(parts)),
         position_(std::make_shared<detail::LoaderPosition>()) {}
 
@@ -2316,7 +3357,16 @@ class DataLoader {
     if (p.pending) {
       handshake.restore = &p.pending_state;
       handshake.new_pass = !p.pending_in_pass;
-      handshake.skip = p.pending_batches * loader_->options().batch_size;
+      handshake.skip = p.pending_batches * batch_size();
+    }
+    const std::size_t epoch = p.passes;
+    if (parts_.clock) parts_.clock->epoch.store(epoch);
+    if constexpr (detail::is_resumable_sampler_v<torch_sampler>) {
+      // NOTE: as Lightning's loader, each pass sets the epoch of a sampler that has set_epoch (LibTorch's
+      // distributed samplers would repeat the first epoch's order otherwise); a restored one reads its own.
+      if constexpr (requires(sampler_type & s) { s.set_epoch(epoch); }) {
+        if (parts_.sampler) parts_.sampler->sampler().set_epoch(epoch);
+      }
     }
     std::optional<torch_iterator> it;
     {
@@ -2353,7 +3403,7 @@ class DataLoader {
     state.insert("epoch", static_cast<std::int64_t>(epoch));
     state.insert("batches", static_cast<std::int64_t>(p.pending ? p.pending_batches : (mid ? p.batches : 0)));
     state.insert("mid_epoch", mid);
-    state.insert("batch_size", static_cast<std::int64_t>(loader_->options().batch_size));
+    state.insert("batch_size", static_cast<std::int64_t>(batch_size()));
     state.insert("sampler", sampler.defined() ? sampler : at::empty({0}, at::kByte));
     return state;
   }
@@ -2378,7 +3428,7 @@ class DataLoader {
     const std::int64_t epoch = get("epoch", &c10::IValue::isInt, "an integer").toInt();
     const std::int64_t batches = get("batches", &c10::IValue::isInt, "an integer").toInt();
     const bool mid = get("mid_epoch", &c10::IValue::isBool, "a bool").toBool();
-    const std::int64_t batch_size = get("batch_size", &c10::IValue::isInt, "an integer").toInt();
+    const std::int64_t saved_batch_size = get("batch_size", &c10::IValue::isInt, "an integer").toInt();
     const at::Tensor sampler = get("sampler", &c10::IValue::isTensor, "a tensor").toTensor();
     if (epoch < 0 || batches < 0) {
       detail::raise("DataLoader::load_state_dict: expected epoch >= 0 and batches >= 0, found {} and {}", epoch,
@@ -2399,12 +3449,12 @@ class DataLoader {
       detail::raise("DataLoader::load_state_dict: expected batches = 0 between epochs (mid_epoch false), found {}",
                     batches);
     }
-    const auto own = static_cast<std::int64_t>(loader_->options().batch_size);
-    if (batch_size != own) {
+    const auto own = static_cast<std::int64_t>(batch_size());
+    if (saved_batch_size != own) {
       detail::raise(
           "DataLoader::load_state_dict: expected the batch size of the saved loader, {}, found a loader "
           "with batch size {}; build the loader with the batch size it was saved with",
-          batch_size, own);
+          saved_batch_size, own);
     }
     auto& p = *position_;
     ++p.generation;
@@ -2421,9 +3471,12 @@ class DataLoader {
   /// Returns the number of batches a pass yields on this rank (Lightning's `len(dataloader)`), for the
   /// loaders fabric builds (fabric.dataloader, fabric.make_data_loader), whose sampler it knows.
   std::size_t size() const {
+    if constexpr (!requires(L & l) { l.options(); } && std::ranges::sized_range<L>) {
+      return static_cast<std::size_t>(std::ranges::size(*loader_));  // a range of batches
+    }
     const std::size_t n = num_samples("size");
-    const auto& options = loader_->options();
-    return options.drop_last ? n / options.batch_size : (n + options.batch_size - 1) / options.batch_size;
+    const std::size_t b = batch_size();
+    return loader_->options().drop_last ? n / b : (n + b - 1) / b;
   }
   /// Returns the sampler the loader draws from (a fabric::DistributedSampler under a strategy that
   /// shards data, LibTorch's otherwise), for the loaders fabric builds.
@@ -2446,10 +3499,21 @@ class DataLoader {
 
   /// Returns the wrapped LibTorch loader.
   L& loader() const noexcept { return *loader_; }
-  /// Returns the device batches are moved to.
-  const c10::Device& device() const noexcept { return device_; }
+  /// Returns the device batches are moved to, or nothing when they are not moved (`move_to_device = false`,
+  /// Lightning's `device` of None).
+  c10::optional<c10::Device> device() const noexcept {
+    return moves_ ? c10::optional<c10::Device>(device_) : c10::nullopt;
+  }
 
  private:
+  /// Returns the LibTorch loader's batch size (1 for a range of batches, which has no position to restore).
+  std::size_t batch_size() const {
+    if constexpr (requires { loader_->options().batch_size; }) {
+      return loader_->options().batch_size;
+    } else {
+      return 1;
+    }
+  }
   [[noreturn]] static void raise_hidden(const char* what) {
     detail::raise(
         "DataLoader::{0}(): a LibTorch loader given to setup_dataloaders hides its sampler and dataset; "
@@ -2458,7 +3522,14 @@ class DataLoader {
         what);
   }
   std::size_t num_samples(const char* what) const {
-    if constexpr (detail::is_resumable_sampler_v<torch_sampler>) {
+    if constexpr (!requires(L & l) { l.options(); }) {
+      detail::raise("DataLoader::{}(): a range of batches without a size() has no length to tell", what);
+    } else if constexpr (std::is_void_v<torch_sampler>) {
+      detail::raise(
+          "DataLoader::{}(): a stateful LibTorch dataset (a ChunkDataset) yields batches until it is done, "
+          "with no length to tell beforehand",
+          what);
+    } else if constexpr (detail::is_resumable_sampler_v<torch_sampler>) {
       if (parts_.sampler) {
         if constexpr (std::is_base_of_v<DistributedSampler, typename torch_sampler::sampler_type>) {
           return parts_.sampler->sampler().num_samples();
@@ -2474,7 +3545,12 @@ class DataLoader {
     raise_hidden(what);
   }
   static void check_positionable(const char* what) {
-    if constexpr (std::is_void_v<torch_sampler>) {
+    if constexpr (!requires(L & l) { l.options(); }) {
+      detail::raise(
+          "DataLoader::{}: a range of batches given to setup_dataloaders has no position fabric can "
+          "restore; build a LibTorch loader with fabric.make_data_loader(dataset, ...)",
+          what);
+    } else if constexpr (std::is_void_v<torch_sampler>) {
       detail::raise(
           "DataLoader::{}: a stateful LibTorch loader (a ChunkDataset's) has no sampler to position; save "
           "the dataset's own state instead",
@@ -2492,6 +3568,7 @@ class DataLoader {
   std::shared_ptr<L> loader_;
   c10::Device device_;
   bool move_;
+  bool moves_;
   detail::LoaderParts<L> parts_;
   std::shared_ptr<detail::LoaderPosition> position_;
 };
@@ -2521,8 +3598,14 @@ struct BuiltLoader {
 
 /// Builds a LibTorch loader over the sampler wrapped in fabric::ResumableSampler (so the set-up loader
 /// can position it and hand it out), keeping a copy of the dataset for DataLoader::dataset().
-template <class D, class S>
-auto build_loader(D dataset, S sampler, torch::data::DataLoaderOptions options, std::optional<std::size_t> samples) {
+template <class D0, class S>
+auto build_loader(D0 dataset0, S sampler, torch::data::DataLoaderOptions options, std::optional<std::size_t> samples,
+                  std::size_t rank) {
+  auto clock = std::make_shared<LoaderClock>();
+  clock->seed = global_seed();
+  clock->rank = rank;
+  using D = FabricDataset<D0>;
+  D dataset(std::move(dataset0), clock);
   using Sampler = std::conditional_t<is_resumable_sampler_v<S>, S, ResumableSampler<S>>;
   Sampler resumable = [&] {
     if constexpr (is_resumable_sampler_v<S>) {
@@ -2535,6 +3618,7 @@ auto build_loader(D dataset, S sampler, torch::data::DataLoaderOptions options, 
   BuiltLoader<L> built;
   built.parts.sampler.emplace(resumable);
   built.parts.dataset = std::make_shared<const D>(dataset);
+  built.parts.clock = std::move(clock);
   built.loader = std::make_unique<L>(std::move(dataset), std::move(resumable), std::move(options));
   return built;
 }
@@ -2558,7 +3642,7 @@ auto make_loader(D dataset, const LoaderOptions& options, std::size_t replicas, 
                           .batch_size(options.batch_size)
                           .workers(options.num_workers)
                           .drop_last(options.drop_last),
-                      std::nullopt);
+                      std::nullopt, rank);
 }
 
 /// Returns how many indices a LibTorch sampler yields per pass over a dataset of `size`, where fabric
@@ -3501,162 +4585,6 @@ inline OptimizerBackup load_optimizer_archive(torch::serialize::InputArchive& ar
 
 }  // namespace fabric::detail
 // ---- end fabric/detail/archive.hpp
-// ---- begin fabric/io/checkpoint_io.hpp
-// The CheckpointIO concept (Lightning's CheckpointIO: how a checkpoint dictionary reaches a file and
-// comes back), the check that names what a format lacks, and fabric::AnyCheckpointIO, which holds any
-// format where a strategy keeps it.
-
-
-#include <ATen/core/Dict.h>
-#include <ATen/core/ivalue.h>
-
-#include <concepts>
-#include <filesystem>
-#include <memory>
-#include <string>
-#include <type_traits>
-#include <utility>
-
-namespace fabric {
-
-/// A checkpoint as a CheckpointIO writes and reads it: a dictionary of names to values (tensors,
-/// numbers, strings and nested dictionaries and lists of them), the shape of a PyTorch checkpoint.
-using Checkpoint = c10::impl::GenericDict;
-
-/// The state of a Stateful object (see fabric::Stateful): names to values, the shape of a PyTorch
-/// `state_dict()`. Make an empty one with fabric::make_state_dict().
-using StateDict = c10::Dict<std::string, c10::IValue>;
-
-/// Returns an empty StateDict (c10::Dict has no default constructor for IValue values).
-///
-///     fabric::StateDict state = fabric::make_state_dict();
-///     state.insert("count", std::int64_t{3});
-inline StateDict make_state_dict() {
-  return c10::impl::toTypedDict<std::string, c10::IValue>(
-      c10::impl::GenericDict(c10::StringType::get(), c10::AnyType::get()));
-}
-
-namespace detail {
-
-/// The format writes a checkpoint to a path.
-template <class IO>
-concept saves_checkpoints = requires(IO& io, const Checkpoint& checkpoint, const std::filesystem::path& path) {
-  io.save_checkpoint(checkpoint, path);
-};
-/// The format reads a checkpoint back from a path.
-template <class IO>
-concept loads_checkpoints = requires(IO& io, const std::filesystem::path& path) {
-  { io.load_checkpoint(path) } -> std::same_as<Checkpoint>;
-};
-/// The format removes a checkpoint it wrote.
-template <class IO>
-concept removes_checkpoints = requires(IO& io, const std::filesystem::path& path) {
-  io.remove_checkpoint(path);
-};
-
-}  // namespace detail
-
-/// A checkpoint format: `save_checkpoint(checkpoint, path)`, `load_checkpoint(path) -> Checkpoint` and
-/// `remove_checkpoint(path)`, as Lightning's CheckpointIO. The strategy converts fabric::State into a
-/// Checkpoint, writes it through the format on the ranks that write, and agrees across ranks.
-///
-///     struct Counting {
-///       int saves = 0;
-///       void save_checkpoint(const fabric::Checkpoint& c, const std::filesystem::path& p) { ++saves;
-///       native.save_checkpoint(c, p); } fabric::Checkpoint load_checkpoint(const std::filesystem::path& p) { return
-///       native.load_checkpoint(p); } void remove_checkpoint(const std::filesystem::path& p) {
-///       native.remove_checkpoint(p); } fabric::NativeCheckpointIO native;
-///     };
-template <class IO>
-concept CheckpointIO = std::move_constructible<IO> && detail::saves_checkpoints<IO> && detail::loads_checkpoints<IO> &&
-    detail::removes_checkpoints<IO>;
-
-namespace detail {
-
-/// Fails with one message naming the first member a checkpoint format lacks; true when it has all.
-template <class IO>
-consteval bool check_checkpoint_io() {
-  if constexpr (!std::move_constructible<IO>) {
-    static_assert(dependent_false_v<IO>, "fabric: a CheckpointIO must be move constructible");
-  } else if constexpr (!saves_checkpoints<IO>) {
-    static_assert(dependent_false_v<IO>,
-                  "fabric: a CheckpointIO needs `void save_checkpoint(const fabric::Checkpoint&, const "
-                  "std::filesystem::path&)`; add it (see fabric::NativeCheckpointIO)");
-  } else if constexpr (!loads_checkpoints<IO>) {
-    static_assert(dependent_false_v<IO>,
-                  "fabric: a CheckpointIO needs `fabric::Checkpoint load_checkpoint(const std::filesystem::path&)`; "
-                  "add it (see fabric::NativeCheckpointIO)");
-  } else if constexpr (!removes_checkpoints<IO>) {
-    static_assert(dependent_false_v<IO>,
-                  "fabric: a CheckpointIO needs `void remove_checkpoint(const std::filesystem::path&)`; add it (see "
-                  "fabric::NativeCheckpointIO)");
-  }
-  return CheckpointIO<IO>;
-}
-
-}  // namespace detail
-
-/// Holds any CheckpointIO behind one type, as a strategy keeps it (checkpoints are not in the hot path,
-/// so the calls are virtual). Empty, the strategy writes fabric's native format.
-///
-///     fabric::SingleDevice strategy({.checkpoint_io = Counting{}});
-class AnyCheckpointIO {
- public:
-  /// Holds nothing: the strategy uses fabric::NativeCheckpointIO.
-  AnyCheckpointIO() = default;
-  /// Holds a copy of a format; a type that is not a CheckpointIO fails with a message naming what it lacks.
-  template <class IO>
-  requires(!std::same_as<std::remove_cvref_t<IO>, AnyCheckpointIO>) AnyCheckpointIO(IO io)  // NOLINT
-      : impl_(make(std::move(io))) {}
-
-  /// Says whether a format is held.
-  explicit operator bool() const noexcept { return impl_ != nullptr; }
-  /// Returns the held format if it is an IO, else null (as std::function::target).
-  template <class IO>
-  IO* target() const noexcept {
-    auto* model = dynamic_cast<Model<IO>*>(impl_.get());
-    return model != nullptr ? &model->io : nullptr;
-  }
-  /// Writes a checkpoint through the held format.
-  void save_checkpoint(const Checkpoint& checkpoint, const std::filesystem::path& path) const {
-    impl_->save_checkpoint(checkpoint, path);
-  }
-  /// Reads a checkpoint through the held format.
-  Checkpoint load_checkpoint(const std::filesystem::path& path) const { return impl_->load_checkpoint(path); }
-  /// Removes a checkpoint through the held format.
-  void remove_checkpoint(const std::filesystem::path& path) const { impl_->remove_checkpoint(path); }
-
- private:
-  struct Interface {
-    virtual ~Interface() = default;
-    virtual void save_checkpoint(const Checkpoint& checkpoint, const std::filesystem::path& path) = 0;
-    virtual Checkpoint load_checkpoint(const std::filesystem::path& path) = 0;
-    virtual void remove_checkpoint(const std::filesystem::path& path) = 0;
-  };
-  template <class IO>
-  struct Model final : Interface {
-    explicit Model(IO value) : io(std::move(value)) {}
-    void save_checkpoint(const Checkpoint& checkpoint, const std::filesystem::path& path) override {
-      io.save_checkpoint(checkpoint, path);
-    }
-    Checkpoint load_checkpoint(const std::filesystem::path& path) override { return io.load_checkpoint(path); }
-    void remove_checkpoint(const std::filesystem::path& path) override { io.remove_checkpoint(path); }
-    IO io;
-  };
-  template <class IO>
-  static std::shared_ptr<Interface> make(IO io) {
-    if constexpr (detail::check_checkpoint_io<IO>()) {
-      return std::make_shared<Model<IO>>(std::move(io));
-    } else {
-      return nullptr;
-    }
-  }
-
-  std::shared_ptr<Interface> impl_{};
-};
-
-}  // namespace fabric
-// ---- end fabric/io/checkpoint_io.hpp
 
 #include <fmt/format.h>
 #include <fmt/ranges.h>
@@ -8793,248 +9721,6 @@ class SingleDevice : public StrategyBase {
 
 }  // namespace fabric
 // ---- end fabric/strategies/single_device.hpp
-// ---- begin fabric/utils/seed.hpp
-// Seeding: fabric::seed_everything and the library's own random engine; the random states of a process
-// (collect_rng_states, set_rng_states) and fabric::RngState, the state entry that saves them with a
-// checkpoint.
-
-
-#include <ATen/CPUGeneratorImpl.h>
-#include <ATen/Context.h>
-#include <ATen/core/Generator.h>
-#include <ATen/core/List.h>
-#include <ATen/core/Tensor.h>
-#include <c10/util/Exception.h>
-#include <torch/cuda.h>
-
-#include <cerrno>
-#include <charconv>
-#include <cstdint>
-#include <cstdlib>
-#include <limits>
-#include <mutex>
-#include <optional>
-#include <random>
-#include <sstream>
-#include <string>
-#include <string_view>
-#include <vector>
-
-namespace fabric {
-
-/// Returns the library's own random engine (seeded by seed_everything), for user-side randomness
-/// that must follow the global seed, e.g. random augmentations.
-inline std::mt19937_64& random_engine() {
-  static std::mt19937_64 engine{0};
-  return engine;
-}
-
-namespace detail {
-
-inline constexpr std::uint64_t max_seed = std::numeric_limits<std::uint32_t>::max();
-
-/// Reads an integer environment variable; absent gives nothing, malformed throws.
-inline std::optional<std::int64_t> env_int(const char* name) {
-  const char* raw = std::getenv(name);
-  if (raw == nullptr || *raw == '\0') return std::nullopt;
-  const std::string_view text(raw);
-  std::int64_t value = 0;
-  auto [end, err] = std::from_chars(text.data(), text.data() + text.size(), value);
-  if (err != std::errc{} || end != text.data() + text.size()) {
-    raise("expected an integer in the environment variable {}, found \"{}\"; set it to a number or unset it", name,
-          text);
-  }
-  return value;
-}
-
-inline void set_env(const char* name, const std::string& value) {
-  if (::setenv(name, value.c_str(), 1) != 0) raise("could not set the environment variable {}", name);
-}
-
-}  // namespace detail
-
-/// Seeds torch's CPU and CUDA generators and fabric::random_engine(), exports PL_GLOBAL_SEED and
-/// PL_SEED_WORKERS (`"1"` or `"0"`) so relaunched processes and data-loader samplers see them, and
-/// returns the seed. Without a seed, PL_GLOBAL_SEED is used, else 0. As Lightning's free function,
-/// `workers` defaults to false here; `Fabric::seed_everything` defaults it to true.
-///
-///     fabric::seed_everything(42);
-inline std::uint64_t seed_everything(std::optional<std::uint64_t> seed = std::nullopt, bool workers = false) {
-  if (!seed) {
-    const auto env = detail::env_int("PL_GLOBAL_SEED");
-    if (env && (*env < 0 || static_cast<std::uint64_t>(*env) > detail::max_seed)) {
-      detail::raise("expected PL_GLOBAL_SEED in [0, {}], found {}; set a seed in that range", detail::max_seed, *env);
-    }
-    seed = env ? static_cast<std::uint64_t>(*env) : 0;
-  }
-  if (*seed > detail::max_seed) {
-    detail::raise("expected a seed in [0, {}], found {}; pass a 32-bit seed as Lightning does", detail::max_seed,
-                  *seed);
-  }
-  detail::set_env("PL_GLOBAL_SEED", std::to_string(*seed));
-  detail::set_env("PL_SEED_WORKERS", workers ? "1" : "0");
-  at::manual_seed(*seed);
-  random_engine().seed(*seed);
-  return *seed;
-}
-
-/// Seeds again with the seed and `workers` flag seed_everything exported (PL_GLOBAL_SEED,
-/// PL_SEED_WORKERS), as Lightning's `reset_seed`; does nothing when seed_everything was not called.
-inline void reset_seed() {
-  const auto seed = detail::env_int("PL_GLOBAL_SEED");
-  if (!seed) return;
-  const auto workers = detail::env_int("PL_SEED_WORKERS");
-  seed_everything(static_cast<std::uint64_t>(*seed), workers.value_or(0) != 0);
-}
-
-/// Returns the seed exported by seed_everything (PL_GLOBAL_SEED), or 0 when none was set.
-inline std::uint64_t global_seed() {
-  const auto env = detail::env_int("PL_GLOBAL_SEED");
-  return env && *env >= 0 ? static_cast<std::uint64_t>(*env) : 0;
-}
-
-/// Returns a deterministic seed for a data-loader worker, distinct per (global seed, worker, rank),
-/// like Lightning's worker init function; seed a worker's own generator with it.
-inline std::uint64_t worker_seed(std::size_t worker_id, int global_rank = 0) {
-  const std::uint64_t base = global_seed();
-  std::seed_seq sequence{static_cast<std::uint32_t>(base), static_cast<std::uint32_t>(base >> 32),
-                         static_cast<std::uint32_t>(worker_id), static_cast<std::uint32_t>(global_rank)};
-  std::uint32_t out[2];
-  sequence.generate(out, out + 2);
-  return (static_cast<std::uint64_t>(out[0]) << 32) | out[1];
-}
-
-namespace detail {
-
-inline at::Tensor generator_state(at::Generator generator) {
-  std::lock_guard<std::mutex> lock(generator.mutex());
-  return generator.get_state();
-}
-
-inline void set_generator_state(at::Generator generator, const at::Tensor& state) {
-  std::lock_guard<std::mutex> lock(generator.mutex());
-  generator.set_state(state);
-}
-
-inline at::Generator cuda_generator(int index) {
-  return at::globalContext().defaultGenerator(c10::Device(c10::DeviceType::CUDA, static_cast<c10::DeviceIndex>(index)));
-}
-
-inline int cuda_devices() { return torch::cuda::is_available() ? static_cast<int>(torch::cuda::device_count()) : 0; }
-
-}  // namespace detail
-
-/// Returns this process's random states, as Lightning's `_collect_rng_states`: torch's CPU generator
-/// under "torch", every CUDA device's generator under "torch.cuda" (an empty list without CUDA; left
-/// out with include_cuda = false) and fabric::random_engine() under "fabric" (where Lightning keeps
-/// Python's `random`).
-///
-///     auto states = fabric::collect_rng_states();
-///     // ... draw random numbers ...
-///     fabric::set_rng_states(states);  // the same numbers again
-inline StateDict collect_rng_states(bool include_cuda = true) {
-  StateDict states = make_state_dict();
-  states.insert("torch", detail::generator_state(at::detail::getDefaultCPUGenerator()));
-  if (include_cuda) {
-    c10::List<at::Tensor> cuda;
-    for (int i = 0; i < detail::cuda_devices(); ++i) cuda.push_back(detail::generator_state(detail::cuda_generator(i)));
-    states.insert("torch.cuda", cuda);
-  }
-  std::ostringstream engine;
-  engine << random_engine();
-  states.insert("fabric", engine.str());
-  return states;
-}
-
-/// Restores random states taken by collect_rng_states, as Lightning's `_set_rng_states`: "torch" is
-/// required, "torch.cuda" and "fabric" are restored when present (older states without them load).
-/// Malformed states are a fabric::Error, and then no generator is changed.
-inline void set_rng_states(const StateDict& states) {
-  if (!states.contains("torch") || !states.at("torch").isTensor()) {
-    detail::raise(
-        "set_rng_states: expected torch's CPU generator state (a byte tensor) under \"torch\", found {}; pass a "
-        "dictionary from fabric::collect_rng_states",
-        states.contains("torch") ? states.at("torch").tagKind() : std::string("no such key"));
-  }
-  std::vector<at::Tensor> cuda;
-  if (states.contains("torch.cuda")) {
-    const c10::IValue& value = states.at("torch.cuda");
-    if (!value.isList()) {
-      detail::raise("set_rng_states: expected a list of CUDA generator states under \"torch.cuda\", found {}",
-                    value.tagKind());
-    }
-    for (const c10::IValue& item : value.toListRef()) {
-      if (!item.isTensor()) {
-        detail::raise("set_rng_states: expected CUDA generator states (byte tensors) under \"torch.cuda\", found {}",
-                      item.tagKind());
-      }
-      cuda.push_back(item.toTensor());
-    }
-    if (static_cast<int>(cuda.size()) > detail::cuda_devices()) {
-      detail::raise(
-          "set_rng_states: expected at most {} CUDA generator states (the CUDA devices of this process), found {}; "
-          "restore them in a process that sees as many devices",
-          detail::cuda_devices(), cuda.size());
-    }
-  }
-  std::mt19937_64 engine;
-  const bool has_engine = states.contains("fabric");
-  if (has_engine) {
-    const c10::IValue& value = states.at("fabric");
-    std::istringstream in(value.isString() ? value.toStringRef() : std::string());
-    in >> engine;
-    if (!value.isString() || in.fail()) {
-      detail::raise(
-          "set_rng_states: expected the state of fabric::random_engine() (a string) under \"fabric\", found "
-          "{}; pass a dictionary from fabric::collect_rng_states",
-          value.isString() ? std::string("a malformed string") : value.tagKind());
-    }
-  }
-  // NOTE: a generator rejects a malformed state only when it is set; the states taken first put back
-  // what was set before, so a failure changes no generator.
-  const StateDict before = collect_rng_states(!cuda.empty());
-  try {
-    detail::set_generator_state(at::detail::getDefaultCPUGenerator(), states.at("torch").toTensor());
-    for (std::size_t i = 0; i < cuda.size(); ++i)
-      detail::set_generator_state(detail::cuda_generator(static_cast<int>(i)), cuda[i]);
-  } catch (const c10::Error& e) {
-    detail::set_generator_state(at::detail::getDefaultCPUGenerator(), before.at("torch").toTensor());
-    if (before.contains("torch.cuda")) {
-      const auto list = before.at("torch.cuda").toTensorList();
-      for (std::size_t i = 0; i < list.size(); ++i)
-        detail::set_generator_state(detail::cuda_generator(static_cast<int>(i)), list.get(i));
-    }
-    detail::raise("set_rng_states: a generator state does not fit this LibTorch ({}); no generator was changed",
-                  detail::first_line(e.what_without_backtrace()));
-  }
-  if (has_engine) random_engine() = engine;
-}
-
-/// A state entry for the random states of the process: `{"rng", fabric::RngState{}}` saves
-/// collect_rng_states() with the checkpoint, and load restores them with set_rng_states(). Save it when
-/// a resumed run must draw the same random numbers (dropout, augmentation) as an uninterrupted one.
-/// Under several processes the file holds rank 0's states, as Lightning saves them.
-///
-///     fabric.save(path, {{"model", model}, {"optimizer", optimizer}, {"rng", fabric::RngState{}}});
-///     fabric.load(path, {{"model", model}, {"optimizer", optimizer}, {"rng", fabric::RngState{}}});
-class RngState {
- public:
-  /// Says that the state is the process's, not the object's: a state entry may hold a temporary.
-  static constexpr bool global_state = true;
-
-  /// Takes the CUDA generators too unless include_cuda is false.
-  explicit RngState(bool include_cuda = true) noexcept : include_cuda_(include_cuda) {}
-  /// Returns the random states now (collect_rng_states).
-  StateDict state_dict() const { return collect_rng_states(include_cuda_); }
-  /// Restores the random states (set_rng_states).
-  void load_state_dict(const StateDict& states) const { set_rng_states(states); }
-
- private:
-  bool include_cuda_ = true;
-};
-
-}  // namespace fabric
-// ---- end fabric/utils/seed.hpp
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/scalar_tensor.h>
@@ -9359,43 +10045,47 @@ class Fabric {
   ///
   ///     auto train = fabric.make_data_loader(std::move(dataset), torch::data::DataLoaderOptions(64).workers(2));
   template <TorchSampler Sampler = torch::data::samplers::RandomSampler, TorchDataset D>
-  auto make_data_loader(D dataset, torch::data::DataLoaderOptions options = torch::data::DataLoaderOptions()) {
+  auto make_data_loader(D dataset, torch::data::DataLoaderOptions options = torch::data::DataLoaderOptions(),
+                        DataOptions data_options = {}) {
     check_launched("make_data_loader");
     if constexpr (D::is_stateful) {
       // NOTE: a stateful dataset has no sampler; it decides itself what each rank reads.
-      return setup_dataloaders(torch::data::make_data_loader(std::move(dataset), std::move(options)));
+      return setup_dataloaders(data_options, torch::data::make_data_loader(std::move(dataset), std::move(options)));
     } else {
       const auto size = dataset.size();
       if (!size) detail::raise("make_data_loader needs a dataset with a known size, found size() = nullopt");
       if constexpr (S::is_distributed) {
-        const bool shard = strategy_.shards_data();
+        const bool shard = data_options.use_distributed_sampler && strategy_.shards_data();
         auto sampler = detail::distributed_sampler_for<Sampler>(
             *size, shard ? static_cast<std::size_t>(world_size()) : 1,
             shard ? static_cast<std::size_t>(global_rank()) : 0, global_seed());
-        return setup_built(
-            {}, detail::build_loader(std::move(dataset), std::move(sampler), std::move(options), std::nullopt));
+        return setup_built(data_options, detail::build_loader(std::move(dataset), std::move(sampler),
+                                                              std::move(options), std::nullopt, shard_rank()));
       } else {
         Sampler sampler(*size);
         const auto samples = detail::sampler_samples(sampler, *size);
-        return setup_built({},
-                           detail::build_loader(std::move(dataset), std::move(sampler), std::move(options), samples));
+        return setup_built(data_options, detail::build_loader(std::move(dataset), std::move(sampler),
+                                                              std::move(options), samples, shard_rank()));
       }
     }
   }
   /// make_data_loader with a sampler of one's own, as torch::data::make_data_loader(dataset, sampler,
-  /// options); under a strategy that shards data the sampler must shard by rank (see setup_dataloaders).
-  /// LibTorch's and fabric's samplers are wrapped in a fabric::ResumableSampler (a sampler of your own
-  /// can be positioned once you wrap it yourself: fabric cannot know that its save() captures a pass).
+  /// options); under a strategy that shards data the sampler must shard by rank (see setup_dataloaders), or
+  /// `{.use_distributed_sampler = false}` keeps it. LibTorch's and fabric's samplers are wrapped in a
+  /// fabric::ResumableSampler (wrap a sampler of your own yourself: fabric cannot know that its save()
+  /// captures a pass).
   template <TorchDataset D, TorchSampler Sampler>
-  auto make_data_loader(D dataset, Sampler sampler, torch::data::DataLoaderOptions options) {
+  auto make_data_loader(D dataset, Sampler sampler, torch::data::DataLoaderOptions options,
+                        DataOptions data_options = {}) {
     check_launched("make_data_loader");
     if constexpr (detail::is_known_sampler_v<Sampler> || detail::is_resumable_sampler_v<Sampler>) {
       const auto size = dataset.size();
       const auto samples = size ? detail::sampler_samples(sampler, *size) : std::nullopt;
-      return setup_built({}, detail::build_loader(std::move(dataset), std::move(sampler), std::move(options), samples));
+      return setup_built(data_options, detail::build_loader(std::move(dataset), std::move(sampler), std::move(options),
+                                                            samples, shard_rank()));
     } else {
       return setup_dataloaders(
-          torch::data::make_data_loader(std::move(dataset), std::move(sampler), std::move(options)));
+          data_options, torch::data::make_data_loader(std::move(dataset), std::move(sampler), std::move(options)));
     }
   }
 
@@ -9777,6 +10467,8 @@ class Fabric {
       }
     }
   }
+  /// Returns the shard of the data this process reads (its rank when the strategy shards data, else 0).
+  std::size_t shard_rank() { return strategy_.shards_data() ? static_cast<std::size_t>(global_rank()) : 0; }
   /// Sets up a loader that fabric built, keeping its sampler and dataset beside it.
   template <class L>
   DataLoader<L> setup_built(const DataOptions& options, detail::BuiltLoader<L> built) {

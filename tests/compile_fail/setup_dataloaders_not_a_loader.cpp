@@ -1,4 +1,5 @@
-// Lightning: test_fabric.py::test_setup_dataloaders_unsupported_input. Passing setup_dataloaders what is
+// Lightning: tests_fabric/test_fabric.py::test_setup_dataloaders_unsupported_input
+// Passing setup_dataloaders what is
 // not a loader (here the dataset instead of the loader built from it) is rejected at compile time.
 // EXPECT: fabric: setup_dataloaders takes LibTorch data loaders
 #include <fabric/fabric.hpp>

@@ -2,6 +2,8 @@
 // Applying functions to nested data: fabric::to_device (tensors, modules and nested standard containers
 // to a device), map_tensors and for_each_tensor, and the module traits the wrappers use.
 
+#include "fabric/core/error.hpp"
+
 #include <ATen/core/Tensor.h>
 #include <c10/core/Device.h>
 #include <c10/core/DeviceType.h>
@@ -49,12 +51,18 @@ struct MapTensors;
 /// Applies fn to every tensor inside value (tensors, Example, and nestings of vector, array, tuple,
 /// pair, map, unordered_map, optional) and returns the result; the result has the input's type and
 /// everything that is not a tensor is kept as it is.
+/// A value of another type gets `fn.object(value)` where fn has it (to_device gives an object with
+/// `to(device)` a chance to move itself).
 template <class T, class F>
 T map_tensors(T value, F& fn) {
   if constexpr (std::is_same_v<T, at::Tensor>) {
     return fn(std::move(value));
+  } else if constexpr (requires { MapTensors<T>::apply(value, fn); }) {
+    MapTensors<T>::apply(value, fn);
+    return value;
+  } else if constexpr (requires { fn.object(std::move(value)); }) {
+    return fn.object(std::move(value));
   } else {
-    if constexpr (requires { MapTensors<T>::apply(value, fn); }) MapTensors<T>::apply(value, fn);
     return value;
   }
 }
@@ -118,10 +126,37 @@ struct MapTensors<torch::data::Example<D, T>> {
   }
 };
 
+/// A type that moves itself: it has `to(device)`, returning the moved object or moving in place (Lightning's
+/// `_TransferableDataType`).
+template <class T>
+concept Transferable = !std::is_same_v<T, at::Tensor> && requires(T & v, const c10::Device& d) {
+  v.to(d);
+};
+
+/// Moves tensors, and objects that have `to(device)`, to a device.
+struct MoveTo {
+  c10::Device device;
+  bool non_blocking;
+  at::Tensor operator()(at::Tensor t) const {
+    return t.defined() && t.device() != device ? t.to(device, non_blocking) : t;
+  }
+  /// Returns what `to(device)` returned when that is the object's type, else the object moved in place
+  /// (a `to` that returns nothing, or something else, as Lightning keeps the object then).
+  template <Transferable T>
+  T object(T value) const {
+    if constexpr (std::is_convertible_v<decltype(value.to(device)), T>) {
+      return value.to(device);
+    } else {
+      (void)value.to(device);
+      return value;
+    }
+  }
+};
+
 /// Moves every tensor inside value to the device.
 template <class T>
 T move_data(T value, const c10::Device& device, bool non_blocking) {
-  auto move = [&](at::Tensor t) { return t.defined() && t.device() != device ? t.to(device, non_blocking) : t; };
+  MoveTo move{device, non_blocking};
   return map_tensors(std::move(value), move);
 }
 
@@ -169,6 +204,74 @@ void for_each_tensor(const T& value, F&& fn) {
   }
 }
 
+template <class T>
+struct ToScalars {
+  static T apply(const T& value) { return value; }
+};
+template <>
+struct ToScalars<at::Tensor> {
+  static double apply(const at::Tensor& t) {
+    if (t.numel() != 1) {
+      raise(
+          "convert_tensors_to_scalars: the tensor of shape {} does not contain a single element; expected one "
+          "element, found {}; reduce it first (mean, sum)",
+          fmt::format("[{}]", fmt::join(t.sizes(), ", ")), t.numel());
+    }
+    return t.item<double>();
+  }
+};
+template <class E, class A>
+struct ToScalars<std::vector<E, A>> {
+  static auto apply(const std::vector<E, A>& v) {
+    std::vector<decltype(ToScalars<E>::apply(std::declval<const E&>()))> out;
+    out.reserve(v.size());
+    for (const auto& e : v) out.push_back(ToScalars<E>::apply(e));
+    return out;
+  }
+};
+template <class E, std::size_t N>
+struct ToScalars<std::array<E, N>> {
+  static auto apply(const std::array<E, N>& v) {
+    return [&]<std::size_t... I>(std::index_sequence<I...>) { return std::array{ToScalars<E>::apply(v[I])...}; }
+    (std::make_index_sequence<N>{});
+  }
+};
+template <class... Ts>
+struct ToScalars<std::tuple<Ts...>> {
+  static auto apply(const std::tuple<Ts...>& t) {
+    return std::apply([](const auto&... e) { return std::tuple{ToScalars<Ts>::apply(e)...}; }, t);
+  }
+};
+template <class A, class B>
+struct ToScalars<std::pair<A, B>> {
+  static auto apply(const std::pair<A, B>& p) {
+    return std::pair{ToScalars<A>::apply(p.first), ToScalars<B>::apply(p.second)};
+  }
+};
+template <class K, class V, class C, class A>
+struct ToScalars<std::map<K, V, C, A>> {
+  static auto apply(const std::map<K, V, C, A>& m) {
+    std::map<K, decltype(ToScalars<V>::apply(std::declval<const V&>())), C> out;
+    for (const auto& [k, v] : m) out.emplace(k, ToScalars<V>::apply(v));
+    return out;
+  }
+};
+template <class K, class V, class H, class E, class A>
+struct ToScalars<std::unordered_map<K, V, H, E, A>> {
+  static auto apply(const std::unordered_map<K, V, H, E, A>& m) {
+    std::unordered_map<K, decltype(ToScalars<V>::apply(std::declval<const V&>())), H, E> out;
+    for (const auto& [k, v] : m) out.emplace(k, ToScalars<V>::apply(v));
+    return out;
+  }
+};
+template <class T>
+struct ToScalars<std::optional<T>> {
+  static auto apply(const std::optional<T>& o) {
+    using R = decltype(ToScalars<T>::apply(std::declval<const T&>()));
+    return o ? std::optional<R>(ToScalars<T>::apply(*o)) : std::optional<R>();
+  }
+};
+
 /// Writes a shape as "[2, 3]" for messages.
 inline std::string shape_str(at::IntArrayRef sizes) { return fmt::format("[{}]", fmt::join(sizes, ", ")); }
 
@@ -185,10 +288,23 @@ M& to_device(M& module, const c10::Device& device, bool non_blocking = false) {
 /// vector, array, tuple, pair, map, unordered_map and optional; other values are returned unchanged.
 ///
 ///     auto batch = fabric::to_device(std::pair{images, labels}, torch::kCPU);
+///
+/// An object of one's own that has `to(device)` (alone or inside a container) moves itself: what `to`
+/// returns is kept when it is the object's type, else the object itself (a `to` that moves in place).
 template <class T>
 requires(!ModuleLike<T>) std::remove_cvref_t<T> to_device(T&& data, const c10::Device& device,
                                                           bool non_blocking = false) {
   return detail::move_data(std::remove_cvref_t<T>(std::forward<T>(data)), device, non_blocking);
+}
+
+/// Returns data with every tensor replaced by its value as a double (vector, array, tuple, pair, map,
+/// unordered_map and optional are rebuilt around the numbers; other values are kept), as Lightning's
+/// `convert_tensors_to_scalars` prepares metrics for loggers. A tensor of more than one element is an error.
+///
+///     std::map<std::string, double> metrics = fabric::convert_tensors_to_scalars(std::map{{"loss"s, loss}});
+template <class T>
+auto convert_tensors_to_scalars(const T& data) {
+  return detail::ToScalars<T>::apply(data);
 }
 
 }  // namespace fabric

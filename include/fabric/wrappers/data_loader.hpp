@@ -4,7 +4,9 @@
 
 #include "fabric/core/error.hpp"
 #include "fabric/core/options.hpp"
+#include "fabric/detail/zip_check.hpp"
 #include "fabric/utils/apply.hpp"
+#include "fabric/utils/seed.hpp"
 
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/core/Dict.h>
@@ -16,6 +18,7 @@
 #include <c10/util/Optional.h>
 #include <c10/util/Type.h>
 #include <torch/data/dataloader.h>
+#include <torch/data/dataloader/stateful.h>
 #include <torch/data/dataloader_options.h>
 #include <torch/data/datasets/base.h>
 #include <torch/data/samplers/base.h>
@@ -25,6 +28,10 @@
 #include <torch/data/samplers/stream.h>
 #include <torch/serialize/archive.h>
 
+#include <sched.h>
+
+#include <algorithm>
+#include <atomic>
 #include <concepts>
 #include <cstddef>
 #include <cstdint>
@@ -34,6 +41,7 @@
 #include <optional>
 #include <ranges>
 #include <string>
+#include <thread>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -93,6 +101,8 @@ template <class S>
 void load_sampler_archive(S& sampler, const at::Tensor& bytes) {
   const at::Tensor b = bytes.contiguous();
   torch::serialize::InputArchive archive;
+  (void)check_torch_zip(static_cast<const char*>(b.data_ptr()), static_cast<std::size_t>(b.numel()),
+                        "the sampler state in the checkpoint");
   archive.load_from(static_cast<const char*>(b.data_ptr()), static_cast<std::size_t>(b.numel()));
   sampler.load(archive);
 }
@@ -198,7 +208,10 @@ class DistributedSampler final : public torch::data::samplers::Sampler<> {
   /// Returns how many samples this rank sees per epoch.
   std::size_t num_samples() const noexcept {
     const std::size_t r = options_.num_replicas;
-    if (options_.drop_last && size_ % r != 0) return (size_ - r) / r + ((size_ - r) % r != 0 ? 1 : 0);
+    if (options_.drop_last && size_ % r != 0) {
+      // NOTE: PyTorch's ceil((size - r) / r), which is 0 when there are fewer samples than ranks.
+      return size_ < r ? 0 : (size_ - r) / r + ((size_ - r) % r != 0 ? 1 : 0);
+    }
     return (size_ + r - 1) / r;
   }
 
@@ -312,6 +325,23 @@ inline constexpr bool is_positionable_sampler_v = std::is_base_of_v<DistributedS
 template <class S>
 inline constexpr bool is_positionable_sampler_v<ResumableSampler<S>> = true;
 
+template <class L>
+class DataLoader;
+
+namespace detail {
+template <class L>
+struct has_iterable_dataset : std::false_type {};
+template <class D>
+struct has_iterable_dataset<torch::data::StatefulDataLoader<D>> : std::true_type {};
+template <class L>
+struct has_iterable_dataset<DataLoader<L>> : has_iterable_dataset<L> {};
+}  // namespace detail
+/// True for a loader of a stateful LibTorch dataset (a ChunkDataset: it yields batches in its own order,
+/// without a sampler or a length), Lightning's `has_iterable_dataset`; for a LibTorch loader type or a
+/// set-up loader.
+template <class L>
+inline constexpr bool has_iterable_dataset_v = detail::has_iterable_dataset<std::remove_cvref_t<L>>::value;
+
 /// Wraps a dataset so that every CPU tensor of its batches is copied into pinned (page-locked)
 /// memory, as PyTorch's `pin_memory=True` does, which makes the loader's copy to a GPU asynchronous.
 /// It runs in the loader's worker threads; disabled, it passes batches through (one type for both,
@@ -341,6 +371,143 @@ class PinMemoryDataset : public torch::data::datasets::BatchDataset<PinMemoryDat
   D dataset_;
   bool enabled_;
 };
+
+/// What a dataset running in a loader that fabric built knows about the batch it is loading, as
+/// PyTorch's `get_worker_info()` tells a worker who it is. LibTorch's workers are threads that take
+/// batches in no fixed order, so fabric seeds by the batch, not by the worker: `batch_seed` comes from
+/// (global seed, epoch, the batch's indices), the same whichever thread loads it, however many workers
+/// there are, and in a resumed run.
+struct BatchInfo {
+  /// The global seed (PL_GLOBAL_SEED, 0 without seed_everything).
+  std::uint64_t seed = 0;
+  /// The pass over the data (0 for the first).
+  std::size_t epoch = 0;
+  /// This process's shard of the data (its global rank when the loader shards, else 0).
+  std::size_t rank = 0;
+  /// The seed of this batch.
+  std::uint64_t batch_seed = 0;
+};
+
+namespace detail {
+
+/// The batch a thread is loading: what batch_info() says, and the generator batch_generator() hands out.
+struct BatchContext {
+  BatchInfo info;
+  std::optional<at::Generator> generator{};
+};
+inline thread_local BatchContext* current_batch = nullptr;
+
+/// Mixes a value into a seed (splitmix64's finaliser), so that nearby inputs give unrelated seeds.
+constexpr std::uint64_t mix_seed(std::uint64_t seed, std::uint64_t value) noexcept {
+  std::uint64_t z = seed ^ (value + 0x9e3779b97f4a7c15ULL + (seed << 6) + (seed >> 2));
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+  return z ^ (z >> 31);
+}
+
+/// Where the loader's passes are, for its workers: the set-up loader writes the epoch before each pass.
+struct LoaderClock {
+  std::atomic<std::size_t> epoch{0};
+  std::uint64_t seed = 0;
+  std::size_t rank = 0;
+};
+
+/// The dataset of a loader that fabric builds: passes batches through, telling the dataset (through
+/// fabric::batch_info()) which batch it loads.
+template <class D>
+class FabricDataset : public torch::data::datasets::BatchDataset<FabricDataset<D>, typename D::BatchType,
+                                                                 typename D::BatchRequestType> {
+ public:
+  FabricDataset(D dataset, std::shared_ptr<LoaderClock> clock)
+      : dataset_(std::move(dataset)), clock_(std::move(clock)) {}
+
+  /// Returns the wrapped dataset's batch, loaded with fabric::batch_info() set.
+  typename D::BatchType get_batch(typename D::BatchRequestType request) override {
+    BatchContext context{.info = {.seed = clock_->seed, .epoch = clock_->epoch.load(), .rank = clock_->rank}};
+    std::uint64_t h = mix_seed(context.info.seed, context.info.epoch);
+    if constexpr (std::ranges::range<typename D::BatchRequestType>) {
+      for (const auto i : request) h = mix_seed(h, static_cast<std::uint64_t>(i));
+    } else if constexpr (std::is_integral_v<typename D::BatchRequestType>) {
+      h = mix_seed(h, static_cast<std::uint64_t>(request));
+    }
+    context.info.batch_seed = h;
+    BatchContext* previous = current_batch;
+    current_batch = &context;
+    struct Restore {
+      BatchContext* previous;
+      ~Restore() { current_batch = previous; }
+    } restore{previous};
+    return dataset_.get_batch(std::move(request));
+  }
+  /// Returns the wrapped dataset's size.
+  c10::optional<std::size_t> size() const override { return dataset_.size(); }
+  /// Returns the wrapped dataset.
+  const D& dataset() const noexcept { return dataset_; }
+
+ private:
+  D dataset_;
+  std::shared_ptr<LoaderClock> clock_;
+};
+
+}  // namespace detail
+
+/// Returns what the dataset is loading when called from its get_batch() or get() in a loader that fabric
+/// built (fabric.dataloader, fabric.make_data_loader), or nothing elsewhere (PyTorch's get_worker_info()).
+inline std::optional<BatchInfo> batch_info() {
+  if (detail::current_batch == nullptr) return std::nullopt;
+  return detail::current_batch->info;
+}
+/// Returns the CPU generator of the batch being loaded, seeded with its batch_seed (one generator per
+/// batch: calls while loading it share it): a random transform that draws from it gives the same batch the
+/// same augmentation in every run, whichever worker thread loads it. Outside a loader fabric built it is an
+/// error.
+///
+///     auto flip = torch::rand({1}, fabric::batch_generator()).item<double>() < 0.5;
+inline at::Generator batch_generator() {
+  if (detail::current_batch == nullptr) {
+    detail::raise(
+        "batch_generator: expected a call from a dataset's get_batch() or get() in a loader that fabric "
+        "built (fabric.dataloader, fabric.make_data_loader), found none under way");
+  }
+  auto& context = *detail::current_batch;
+  if (!context.generator) context.generator = at::make_generator<at::CPUGeneratorImpl>(context.info.batch_seed);
+  return *context.generator;
+}
+/// Returns a new CPU generator for one sample, seeded from (global seed, epoch, index): the same sample draws
+/// the same numbers in every run and under any batch size, worker count or world size. Call it once in a
+/// dataset's get(index) in a loader fabric built (each call starts the same sequence again).
+inline at::Generator sample_generator(std::size_t index) {
+  const auto info = batch_info();
+  if (!info) {
+    detail::raise(
+        "sample_generator: expected a call from a dataset's get() in a loader that fabric built "
+        "(fabric.dataloader, fabric.make_data_loader), found none under way");
+  }
+  return at::make_generator<at::CPUGeneratorImpl>(
+      detail::mix_seed(detail::mix_seed(info->seed, info->epoch), index ^ 0x5a5a5a5a5a5a5a5aULL));
+}
+
+/// Returns how many data-loading workers each of `local_world_size` processes on this machine should use,
+/// as Lightning's `suggested_max_num_workers`: the CPUs this process may run on, shared among the local
+/// processes, less one for the main thread (at least 1).
+inline std::size_t suggested_max_num_workers(std::size_t local_world_size, std::size_t cpus) {
+  if (local_world_size < 1) {
+    detail::raise(
+        "suggested_max_num_workers: expected local_world_size >= 1, found {}; pass the processes per "
+        "machine",
+        local_world_size);
+  }
+  const std::size_t per_process = std::max<std::size_t>(cpus, 1) / local_world_size;
+  return std::max<std::size_t>(1, per_process > 1 ? per_process - 1 : 1);
+}
+/// suggested_max_num_workers with the CPUs of this process's affinity mask.
+inline std::size_t suggested_max_num_workers(std::size_t local_world_size) {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  std::size_t cpus = std::max(1u, std::thread::hardware_concurrency());
+  if (::sched_getaffinity(0, sizeof(set), &set) == 0 && CPU_COUNT(&set) > 0) cpus = CPU_COUNT(&set);
+  return suggested_max_num_workers(local_world_size, cpus);
+}
 
 namespace detail {
 
@@ -382,8 +549,13 @@ struct unwrap_pinned {
 };
 template <class D>
 struct unwrap_pinned<PinMemoryDataset<D>> {
-  using type = D;
-  static const D& get(const PinMemoryDataset<D>& d) noexcept { return d.dataset(); }
+  using type = typename unwrap_pinned<D>::type;
+  static const type& get(const PinMemoryDataset<D>& d) noexcept { return unwrap_pinned<D>::get(d.dataset()); }
+};
+template <class D>
+struct unwrap_pinned<FabricDataset<D>> {
+  using type = typename unwrap_pinned<D>::type;
+  static const type& get(const FabricDataset<D>& d) noexcept { return unwrap_pinned<D>::get(d.dataset()); }
 };
 
 /// Returns the name messages give a sampler type.
@@ -411,6 +583,7 @@ struct LoaderParts {
   using Dataset = typename loader_sampler<L>::dataset;
   std::optional<std::conditional_t<is_resumable_sampler_v<Sampler>, Sampler, int>> sampler{};
   std::shared_ptr<const std::conditional_t<std::is_void_v<Dataset>, int, Dataset>> dataset{};
+  std::shared_ptr<LoaderClock> clock{};
 };
 
 }  // namespace detail
@@ -497,6 +670,7 @@ class DataLoader {
       : loader_(std::move(loader)),
         device_(device),
         move_(move_to_device && !device.is_cpu()),
+        moves_(move_to_device),
         parts_(std::move(parts)),
         position_(std::make_shared<detail::LoaderPosition>()) {}
 
@@ -508,7 +682,16 @@ class DataLoader {
     if (p.pending) {
       handshake.restore = &p.pending_state;
       handshake.new_pass = !p.pending_in_pass;
-      handshake.skip = p.pending_batches * loader_->options().batch_size;
+      handshake.skip = p.pending_batches * batch_size();
+    }
+    const std::size_t epoch = p.passes;
+    if (parts_.clock) parts_.clock->epoch.store(epoch);
+    if constexpr (detail::is_resumable_sampler_v<torch_sampler>) {
+      // NOTE: as Lightning's loader, each pass sets the epoch of a sampler that has set_epoch (LibTorch's
+      // distributed samplers would repeat the first epoch's order otherwise); a restored one reads its own.
+      if constexpr (requires(sampler_type & s) { s.set_epoch(epoch); }) {
+        if (parts_.sampler) parts_.sampler->sampler().set_epoch(epoch);
+      }
     }
     std::optional<torch_iterator> it;
     {
@@ -545,7 +728,7 @@ class DataLoader {
     state.insert("epoch", static_cast<std::int64_t>(epoch));
     state.insert("batches", static_cast<std::int64_t>(p.pending ? p.pending_batches : (mid ? p.batches : 0)));
     state.insert("mid_epoch", mid);
-    state.insert("batch_size", static_cast<std::int64_t>(loader_->options().batch_size));
+    state.insert("batch_size", static_cast<std::int64_t>(batch_size()));
     state.insert("sampler", sampler.defined() ? sampler : at::empty({0}, at::kByte));
     return state;
   }
@@ -570,7 +753,7 @@ class DataLoader {
     const std::int64_t epoch = get("epoch", &c10::IValue::isInt, "an integer").toInt();
     const std::int64_t batches = get("batches", &c10::IValue::isInt, "an integer").toInt();
     const bool mid = get("mid_epoch", &c10::IValue::isBool, "a bool").toBool();
-    const std::int64_t batch_size = get("batch_size", &c10::IValue::isInt, "an integer").toInt();
+    const std::int64_t saved_batch_size = get("batch_size", &c10::IValue::isInt, "an integer").toInt();
     const at::Tensor sampler = get("sampler", &c10::IValue::isTensor, "a tensor").toTensor();
     if (epoch < 0 || batches < 0) {
       detail::raise("DataLoader::load_state_dict: expected epoch >= 0 and batches >= 0, found {} and {}", epoch,
@@ -591,12 +774,12 @@ class DataLoader {
       detail::raise("DataLoader::load_state_dict: expected batches = 0 between epochs (mid_epoch false), found {}",
                     batches);
     }
-    const auto own = static_cast<std::int64_t>(loader_->options().batch_size);
-    if (batch_size != own) {
+    const auto own = static_cast<std::int64_t>(batch_size());
+    if (saved_batch_size != own) {
       detail::raise(
           "DataLoader::load_state_dict: expected the batch size of the saved loader, {}, found a loader "
           "with batch size {}; build the loader with the batch size it was saved with",
-          batch_size, own);
+          saved_batch_size, own);
     }
     auto& p = *position_;
     ++p.generation;
@@ -613,9 +796,12 @@ class DataLoader {
   /// Returns the number of batches a pass yields on this rank (Lightning's `len(dataloader)`), for the
   /// loaders fabric builds (fabric.dataloader, fabric.make_data_loader), whose sampler it knows.
   std::size_t size() const {
+    if constexpr (!requires(L & l) { l.options(); } && std::ranges::sized_range<L>) {
+      return static_cast<std::size_t>(std::ranges::size(*loader_));  // a range of batches
+    }
     const std::size_t n = num_samples("size");
-    const auto& options = loader_->options();
-    return options.drop_last ? n / options.batch_size : (n + options.batch_size - 1) / options.batch_size;
+    const std::size_t b = batch_size();
+    return loader_->options().drop_last ? n / b : (n + b - 1) / b;
   }
   /// Returns the sampler the loader draws from (a fabric::DistributedSampler under a strategy that
   /// shards data, LibTorch's otherwise), for the loaders fabric builds.
@@ -638,10 +824,21 @@ class DataLoader {
 
   /// Returns the wrapped LibTorch loader.
   L& loader() const noexcept { return *loader_; }
-  /// Returns the device batches are moved to.
-  const c10::Device& device() const noexcept { return device_; }
+  /// Returns the device batches are moved to, or nothing when they are not moved (`move_to_device = false`,
+  /// Lightning's `device` of None).
+  c10::optional<c10::Device> device() const noexcept {
+    return moves_ ? c10::optional<c10::Device>(device_) : c10::nullopt;
+  }
 
  private:
+  /// Returns the LibTorch loader's batch size (1 for a range of batches, which has no position to restore).
+  std::size_t batch_size() const {
+    if constexpr (requires { loader_->options().batch_size; }) {
+      return loader_->options().batch_size;
+    } else {
+      return 1;
+    }
+  }
   [[noreturn]] static void raise_hidden(const char* what) {
     detail::raise(
         "DataLoader::{0}(): a LibTorch loader given to setup_dataloaders hides its sampler and dataset; "
@@ -650,7 +847,14 @@ class DataLoader {
         what);
   }
   std::size_t num_samples(const char* what) const {
-    if constexpr (detail::is_resumable_sampler_v<torch_sampler>) {
+    if constexpr (!requires(L & l) { l.options(); }) {
+      detail::raise("DataLoader::{}(): a range of batches without a size() has no length to tell", what);
+    } else if constexpr (std::is_void_v<torch_sampler>) {
+      detail::raise(
+          "DataLoader::{}(): a stateful LibTorch dataset (a ChunkDataset) yields batches until it is done, "
+          "with no length to tell beforehand",
+          what);
+    } else if constexpr (detail::is_resumable_sampler_v<torch_sampler>) {
       if (parts_.sampler) {
         if constexpr (std::is_base_of_v<DistributedSampler, typename torch_sampler::sampler_type>) {
           return parts_.sampler->sampler().num_samples();
@@ -666,7 +870,12 @@ class DataLoader {
     raise_hidden(what);
   }
   static void check_positionable(const char* what) {
-    if constexpr (std::is_void_v<torch_sampler>) {
+    if constexpr (!requires(L & l) { l.options(); }) {
+      detail::raise(
+          "DataLoader::{}: a range of batches given to setup_dataloaders has no position fabric can "
+          "restore; build a LibTorch loader with fabric.make_data_loader(dataset, ...)",
+          what);
+    } else if constexpr (std::is_void_v<torch_sampler>) {
       detail::raise(
           "DataLoader::{}: a stateful LibTorch loader (a ChunkDataset's) has no sampler to position; save "
           "the dataset's own state instead",
@@ -684,6 +893,7 @@ class DataLoader {
   std::shared_ptr<L> loader_;
   c10::Device device_;
   bool move_;
+  bool moves_;
   detail::LoaderParts<L> parts_;
   std::shared_ptr<detail::LoaderPosition> position_;
 };
@@ -713,8 +923,14 @@ struct BuiltLoader {
 
 /// Builds a LibTorch loader over the sampler wrapped in fabric::ResumableSampler (so the set-up loader
 /// can position it and hand it out), keeping a copy of the dataset for DataLoader::dataset().
-template <class D, class S>
-auto build_loader(D dataset, S sampler, torch::data::DataLoaderOptions options, std::optional<std::size_t> samples) {
+template <class D0, class S>
+auto build_loader(D0 dataset0, S sampler, torch::data::DataLoaderOptions options, std::optional<std::size_t> samples,
+                  std::size_t rank) {
+  auto clock = std::make_shared<LoaderClock>();
+  clock->seed = global_seed();
+  clock->rank = rank;
+  using D = FabricDataset<D0>;
+  D dataset(std::move(dataset0), clock);
   using Sampler = std::conditional_t<is_resumable_sampler_v<S>, S, ResumableSampler<S>>;
   Sampler resumable = [&] {
     if constexpr (is_resumable_sampler_v<S>) {
@@ -727,6 +943,7 @@ auto build_loader(D dataset, S sampler, torch::data::DataLoaderOptions options, 
   BuiltLoader<L> built;
   built.parts.sampler.emplace(resumable);
   built.parts.dataset = std::make_shared<const D>(dataset);
+  built.parts.clock = std::move(clock);
   built.loader = std::make_unique<L>(std::move(dataset), std::move(resumable), std::move(options));
   return built;
 }
@@ -750,7 +967,7 @@ auto make_loader(D dataset, const LoaderOptions& options, std::size_t replicas, 
                           .batch_size(options.batch_size)
                           .workers(options.num_workers)
                           .drop_last(options.drop_last),
-                      std::nullopt);
+                      std::nullopt, rank);
 }
 
 /// Returns how many indices a LibTorch sampler yields per pass over a dataset of `size`, where fabric

@@ -189,6 +189,9 @@ TEST_CASE("DistributedSampler shards are disjoint, cover the data and pad like P
   CHECK(seq.shard_indices(0) == std::vector<std::size_t>{1, 3, 0});
   fabric::DistributedSampler dropped(5, {.num_replicas = 2, .rank = 1, .shuffle = false, .drop_last = true});
   CHECK(dropped.shard_indices(0) == std::vector<std::size_t>{1, 3});
+  // Fewer samples than ranks with drop_last: nothing, as PyTorch's ceil((1 - 2) / 2).
+  CHECK(fabric::DistributedSampler(1, {.num_replicas = 2, .rank = 1, .drop_last = true}).num_samples() == 0);
+  CHECK(fabric::DistributedSampler(1, {.num_replicas = 2, .rank = 1, .drop_last = true}).shard_indices(0).empty());
   // Epochs reshuffle; the same epoch and seed reproduce.
   fabric::DistributedSampler s(100, {.seed = 1});
   CHECK(s.shard_indices(0) != s.shard_indices(1));
@@ -215,10 +218,8 @@ TEST_CASE("make_data_loader takes torch's argument forms and yields torch's batc
   }
   torch::manual_seed(11);
   auto loader = fabric.make_data_loader(dataset(), torch::data::DataLoaderOptions(5));
-  STATIC_REQUIRE(
-      std::is_same_v<decltype(loader)::loader_type,
-                     torch::data::StatelessDataLoader<decltype(dataset()),
-                                                      fabric::ResumableSampler<torch::data::samplers::RandomSampler>>>);
+  STATIC_REQUIRE(std::is_same_v<decltype(loader)::sampler_type, torch::data::samplers::RandomSampler>);
+  STATIC_REQUIRE(std::is_same_v<decltype(loader)::dataset_type, decltype(dataset())>);
   std::vector<std::vector<std::int64_t>> got;
   for (int epoch = 0; epoch < 2; ++epoch) {
     for (auto& batch : loader) {
@@ -579,57 +580,371 @@ TEST_CASE("under DDP make_data_loader's sharded loader resumes", "[data][state][
   CHECK(batches(resumed) == e1);
 }
 
-// ---- Lightning's test_wrappers.py: the loader wrapper -------------------------------------------
+namespace {
 
-// Lightning: tests_fabric/test_wrappers.py::test_fabric_dataloader_iterator
-TEST_CASE("iterating a set-up loader yields the loader's batches and ends with it", "[data][wrappers]") {
+/// A stateful LibTorch dataset (what LibTorch has for Python's IterableDataset): batches until it is done.
+struct Countdown : torch::data::datasets::StatefulDataset<Countdown, torch::Tensor, std::size_t> {
+  explicit Countdown(int n) : left(n) {}
+  c10::optional<torch::Tensor> get_batch(std::size_t /*size*/) override {
+    if (left == 0) return c10::nullopt;
+    return torch::full({1}, --left);
+  }
+  c10::optional<std::size_t> size() const override { return c10::nullopt; }
+  void reset() override {}
+  void save(torch::serialize::OutputArchive& /*archive*/) const override {}
+  void load(torch::serialize::InputArchive& /*archive*/) override {}
+  int left;
+};
+
+/// A sampler of one's own: every index in reverse order. It does not shard.
+struct Reversed : torch::data::samplers::Sampler<> {
+  explicit Reversed(std::size_t size) : n(size) {}
+  void reset(c10::optional<std::size_t> /*new_size*/ = c10::nullopt) override { next_index = n; }
+  c10::optional<std::vector<std::size_t>> next(std::size_t batch_size) override {
+    if (next_index == 0) return c10::nullopt;
+    std::vector<std::size_t> batch;
+    while (next_index > 0 && batch.size() < batch_size) batch.push_back(--next_index);
+    return batch;
+  }
+  void save(torch::serialize::OutputArchive& archive) const override {
+    archive.write("next", c10::IValue(static_cast<std::int64_t>(next_index)));
+  }
+  void load(torch::serialize::InputArchive& archive) override {
+    c10::IValue v;
+    archive.read("next", v);
+    next_index = static_cast<std::size_t>(v.toInt());
+  }
+  std::size_t n;
+  std::size_t next_index = 0;
+};
+
+}  // namespace
+
+template <class F>
+concept SetsUpNoLoader = requires(F& fabric) {
+  fabric.setup_dataloaders();
+};
+
+// Lightning: tests_fabric/test_fabric.py::test_setup_dataloaders_unsupported_input
+TEST_CASE("setup_dataloaders needs at least one loader", "[data][errors]") {
+  // Lightning raises for no loader and for what is not one; in fabric neither compiles: the call without
+  // loaders has no overload, and a dataset meets a static_assert
+  // (tests/compile_fail/setup_dataloaders_not_a_loader.cpp).
+  STATIC_REQUIRE_FALSE(SetsUpNoLoader<fabric::Fabric<fabric::CPU>>);
+}
+
+// Lightning: tests_fabric/test_fabric.py::test_setup_dataloaders_return_type
+TEST_CASE("setup_dataloaders returns set-up loaders in the order given; dataset() is the loader's", "[data]") {
   fabric::Fabric<fabric::CPU> fabric;
+  auto one = fabric.setup_dataloaders(make_loader(2, 1));
+  STATIC_REQUIRE(fabric::SetUpLoader<decltype(one)>);
+  auto [first, second] = fabric.setup_dataloaders(make_loader(2, 1), make_loader(3, 3));
+  STATIC_REQUIRE(fabric::SetUpLoader<decltype(first)> && fabric::SetUpLoader<decltype(second)>);
+  CHECK(pass(first) == std::vector<std::int64_t>{0, 1});
+  CHECK(pass(second) == std::vector<std::int64_t>{0, 1, 2});
+  // Lightning's `dataloader.dataset is dataset0`: the loaders fabric builds give theirs (LibTorch's hide it).
+  auto dataset0 = indexed(4);
+  auto dataset1 = indexed(5);
+  auto a = fabric.make_data_loader(dataset0, 2);
+  auto b = fabric.make_data_loader(dataset1, 2);
+  CHECK(a.dataset().x.is_same(dataset0.x));
+  CHECK(b.dataset().x.is_same(dataset1.x));
+  auto mapped = fabric.dataloader(dataset0.map(torch::data::transforms::Stack<>()), {.batch_size = 2});
+  STATIC_REQUIRE(
+      std::is_same_v<decltype(mapped)::dataset_type, decltype(dataset0.map(torch::data::transforms::Stack<>()))>);
+  CHECK(mapped.dataset().size() == dataset0.size());
+  CHECK_THROWS_WITH(one.dataset(), ContainsSubstring("a LibTorch loader given to setup_dataloaders hides its sampler "
+                                                     "and dataset; build it with fabric.make_data_loader"));
+}
+
+// Lightning: tests_fabric/test_fabric.py::test_setup_dataloaders_raises_for_unknown_custom_args
+TEST_CASE("without sharding the loader is kept as it is; under DDP one that cannot shard is refused", "[data][ddp]") {
+  // Lightning re-creates a DataLoader subclass to inject its sampler and raises when it cannot; a LibTorch
+  // loader's sampler is part of its type, so fabric keeps it on one device and refuses it under DDP.
+  fabric::Fabric<fabric::CPU> single;
   auto raw = make_loader(5, 2);
-  auto loader = fabric.setup_dataloaders(make_loader(5, 2));
-  std::vector<std::vector<std::int64_t>> want;
-  std::vector<std::vector<std::int64_t>> got;
-  for (auto& batch : *raw) want.push_back(ids(batch));
-  for (auto& batch : loader) got.push_back(ids(batch));
-  CHECK(want.size() == 3);
-  CHECK(got == want);
+  auto kept = single.setup_dataloaders(*raw);
+  CHECK(&kept.loader() == raw.get());
+  SoloDDP solo;
+  CHECK_THROWS_WITH(solo.fabric.setup_dataloaders(*raw),
+                    ContainsSubstring("expected a loader that shards across the 1 processes"));
 }
 
-// Lightning: tests_fabric/test_wrappers.py::test_fabric_dataloader_device_placement
-TEST_CASE("a set-up loader puts every tensor of a batch on the fabric's device", "[data][wrappers]") {
-  // NOTE: Lightning's batches of tensors and of dicts; a LibTorch loader's batches here are Examples (data and
-  // target), and any nesting of standard containers moves as fabric::to_device moves it (engine_test.cpp).
+// Lightning: tests_fabric/test_fabric.py::test_setup_dataloaders_move_to_device
+TEST_CASE("the set-up loader's device is the fabric's, or none without move_to_device", "[data]") {
   fabric::Fabric<fabric::CPU> fabric;
-  auto loader = fabric.setup_dataloaders(make_loader(4, 2));
-  std::vector<torch::Tensor> seen;
-  for (auto& batch : loader) {
-    CHECK(batch.data.device() == fabric.device());
-    CHECK(batch.target.device() == fabric.device());
-    seen.push_back(batch.target);
-  }
-  REQUIRE(seen.size() == 2);
-  CHECK(torch::equal(seen[1], torch::tensor({2, 3}).to(seen[1].dtype())));
+  auto [a, b] = fabric.setup_dataloaders({.move_to_device = false}, make_loader(2, 1), make_loader(2, 1));
+  CHECK_FALSE(a.device().has_value());
+  CHECK_FALSE(b.device().has_value());
+  auto [c, d] = fabric.setup_dataloaders({.move_to_device = true}, make_loader(2, 1), make_loader(2, 1));
+  CHECK(c.device() == fabric.device());
+  CHECK(d.device() == fabric.device());
+  CHECK_FALSE(
+      fabric.dataloader(indexed(2).map(torch::data::transforms::Stack<>()), {}, {.move_to_device = false}).device());
 }
 
-// Lightning: tests_fabric/test_wrappers.py::test_fabric_dataloader_distributed_sampler_set_epoch
-TEST_CASE("each pass over a set-up loader starts its DistributedSampler's next epoch", "[data][wrappers][sampler]") {
-  // NOTE: Lightning's wrapper calls set_epoch(n) at the n-th iter(); fabric's DistributedSampler counts
-  // its passes itself (each reset is the next epoch), so every pass reshuffles as PyTorch's would.
+// Lightning: tests_fabric/test_fabric.py::test_setup_dataloaders_distributed_sampler_not_needed
+TEST_CASE("without a strategy that shards, use_distributed_sampler leaves loader and sampler alone", "[data]") {
   fabric::Fabric<fabric::CPU> fabric;
-  const fabric::DistributedSampler::Options options{.num_replicas = 2, .rank = 0, .shuffle = true, .seed = 7};
-  auto loader = fabric.setup_dataloaders(torch::data::make_data_loader(
-      indexed(12).map(torch::data::transforms::Stack<>()), fabric::DistributedSampler(12, options),
-      torch::data::DataLoaderOptions().batch_size(1)));
-  fabric::DistributedSampler reference(12, options);
-  std::set<std::vector<std::int64_t>> orders;
-  for (int epoch = 0; epoch < 3; ++epoch) {
-    reference.reset();
-    std::vector<std::int64_t> want;
-    while (auto batch = reference.next(1)) {
-      for (auto i : *batch) want.push_back(static_cast<std::int64_t>(i));
+  auto raw = make_loader(4, 2);
+  auto kept = fabric.setup_dataloaders({.use_distributed_sampler = true}, *raw);
+  CHECK(&kept.loader() == raw.get());
+  fabric::ResumableSampler custom(Reversed(4));
+  auto own = fabric.make_data_loader(indexed(4).map(torch::data::transforms::Stack<>()), custom,
+                                     torch::data::DataLoaderOptions(2), {.use_distributed_sampler = true});
+  CHECK(&own.sampler() == &custom.sampler());
+  CHECK(pass(own) == std::vector<std::int64_t>{3, 2, 1, 0});
+}
+
+// Lightning: tests_fabric/test_fabric.py::test_setup_dataloaders_distributed_sampler_shuffle
+TEST_CASE("the distributed sampler shuffles as the loader's sampler did, in PyTorch's order", "[data][sampler]") {
+  // Rank 0 of 2 over 8 samples (Lightning's numbers, from PyTorch's DistributedSampler): in order without
+  // shuffling; seeded with 1 (seed_everything(1)) PyTorch's permutation.
+  using fabric::detail::distributed_sampler_for;
+  namespace samplers = torch::data::samplers;
+  CHECK(distributed_sampler_for<samplers::SequentialSampler>(8, 2, 0, 1).shard_indices(0) ==
+        std::vector<std::size_t>{0, 2, 4, 6});
+  CHECK(fabric::DistributedSampler(8, {.num_replicas = 2, .rank = 0, .shuffle = false}).shard_indices(0) ==
+        std::vector<std::size_t>{0, 2, 4, 6});
+  CHECK(distributed_sampler_for<samplers::RandomSampler>(8, 2, 0, 1).shard_indices(0) ==
+        std::vector<std::size_t>{5, 2, 7, 1});
+  // Through the loaders fabric builds (one process here; tests/dist's shard scenario runs two and three).
+  SoloDDP solo;
+  solo.fabric.seed_everything(1);
+  auto shuffled = solo.fabric.make_data_loader(indexed(8).map(torch::data::transforms::Stack<>()), 8);
+  CHECK(shuffled.sampler().options().shuffle);
+  CHECK(shuffled.sampler().options().seed == 1);
+  auto ordered =
+      solo.fabric.make_data_loader<samplers::SequentialSampler>(indexed(8).map(torch::data::transforms::Stack<>()), 8);
+  CHECK_FALSE(ordered.sampler().options().shuffle);
+  CHECK(pass(ordered) == std::vector<std::int64_t>{0, 1, 2, 3, 4, 5, 6, 7});
+}
+
+// Lightning: tests_fabric/test_fabric.py::test_setup_dataloaders_distributed_sampler_parity
+TEST_CASE("fabric's loader gives the sequence of a raw loader over the same DistributedSampler", "[data][ddp]") {
+  SoloDDP solo;
+  auto& fabric = solo.fabric;
+  fabric.seed_everything(0);  // Lightning's test runs without PL_GLOBAL_SEED: seed 0
+  for (const bool shuffle : {true, false}) {
+    for (const std::size_t batch_size : {1u, 2u, 3u}) {
+      CAPTURE(shuffle, batch_size);
+      auto raw = torch::data::make_data_loader(
+          indexed(10).map(torch::data::transforms::Stack<>()),
+          fabric::DistributedSampler(10, {.num_replicas = 1, .rank = 0, .shuffle = shuffle, .seed = 0}),
+          torch::data::DataLoaderOptions(batch_size));
+      auto set_up = shuffle ? fabric.make_data_loader(indexed(10).map(torch::data::transforms::Stack<>()),
+                                                      torch::data::DataLoaderOptions(batch_size))
+                            : fabric.make_data_loader<torch::data::samplers::SequentialSampler>(
+                                  indexed(10).map(torch::data::transforms::Stack<>()),
+                                  torch::data::DataLoaderOptions(batch_size));
+      for (int epoch = 0; epoch < 2; ++epoch) {
+        // Two batches per epoch, as Lightning's fetch_epoch; each new pass is the next epoch.
+        CHECK(batches(set_up, 2) == batches(*raw, 2));
+      }
+      // After the second pass the sampler is at epoch 2 (the one the next pass uses; PyTorch's says 1).
+      CHECK(set_up.sampler().epoch() == 2);
     }
-    const auto got = pass(loader);
-    CHECK(got == want);
-    orders.insert(got);
   }
-  CHECK(orders.size() == 3);  // a new order each epoch
 }
+
+// Lightning: tests_fabric/test_fabric.py::test_setup_dataloaders_replace_custom_sampler
+// Lightning: tests_fabric/utilities/test_data.py::test_custom_batch_sampler
+TEST_CASE("under DDP a sampler of one's own is refused, and kept with use_distributed_sampler off", "[data][ddp]") {
+  SoloDDP solo;
+  auto& fabric = solo.fabric;
+  auto dataset = [] { return indexed(4).map(torch::data::transforms::Stack<>()); };
+  CHECK_THROWS_WITH(
+      fabric.make_data_loader(dataset(), Reversed(4), torch::data::DataLoaderOptions(2)),
+      ContainsSubstring("gives every rank every sample") && ContainsSubstring("{.use_distributed_sampler = false}"));
+  CHECK_THROWS_WITH(fabric.make_data_loader(dataset(), fabric::ResumableSampler(Reversed(4)), 2),
+                    ContainsSubstring("sampler (") && ContainsSubstring("Reversed) gives every rank every sample"));
+  fabric::ResumableSampler custom(Reversed(4));
+  auto kept =
+      fabric.make_data_loader(dataset(), custom, torch::data::DataLoaderOptions(2), {.use_distributed_sampler = false});
+  CHECK(&kept.sampler() == &custom.sampler());
+  CHECK(pass(kept) == std::vector<std::int64_t>{3, 2, 1, 0});
+}
+
+// Lightning: tests_fabric/test_fabric.py::test_setup_dataloaders_replace_standard_sampler
+TEST_CASE("under DDP LibTorch's default samplers become fabric's DistributedSampler", "[data][ddp]") {
+  namespace samplers = torch::data::samplers;
+  SoloDDP solo;
+  auto random = solo.fabric.make_data_loader(indexed(3).map(torch::data::transforms::Stack<>()), 1);
+  auto sequential =
+      solo.fabric.make_data_loader<samplers::SequentialSampler>(indexed(3).map(torch::data::transforms::Stack<>()), 1);
+  STATIC_REQUIRE(std::is_same_v<decltype(random)::sampler_type, fabric::DistributedSampler>);
+  STATIC_REQUIRE(std::is_same_v<decltype(sequential)::sampler_type, fabric::DistributedSampler>);
+  CHECK(random.sampler().options().shuffle);
+  CHECK_FALSE(sequential.sampler().options().shuffle);
+  // A strategy that does not shard keeps LibTorch's sampler.
+  fabric::Fabric<fabric::CPU> single;
+  auto kept = single.make_data_loader(indexed(3).map(torch::data::transforms::Stack<>()), 1);
+  STATIC_REQUIRE(std::is_same_v<decltype(kept)::sampler_type, samplers::RandomSampler>);
+}
+
+// Lightning: tests_fabric/utilities/test_data.py::test_has_iterable_dataset
+TEST_CASE("has_iterable_dataset_v tells a stateful dataset's loader from a map-style one", "[data]") {
+  fabric::Fabric<fabric::CPU> fabric;
+  auto stateful = fabric.make_data_loader(Countdown(3), 1);
+  auto map_style = fabric.make_data_loader(indexed(3).map(torch::data::transforms::Stack<>()), 1);
+  STATIC_REQUIRE(fabric::has_iterable_dataset_v<decltype(stateful)>);
+  STATIC_REQUIRE_FALSE(fabric::has_iterable_dataset_v<decltype(map_style)>);
+  STATIC_REQUIRE(fabric::has_iterable_dataset_v<decltype(stateful)::loader_type>);
+  std::vector<double> seen;
+  for (auto& batch : stateful) seen.push_back(batch.item<double>());
+  CHECK(seen == std::vector<double>{2, 1, 0});
+}
+
+// Lightning: tests_fabric/utilities/test_data.py::test_has_len
+TEST_CASE("size() is the batches per epoch on this rank, for the loaders fabric builds", "[data]") {
+  fabric::Fabric<fabric::CPU> fabric;
+  auto stacked = [](std::int64_t n) { return indexed(n).map(torch::data::transforms::Stack<>()); };
+  CHECK(fabric.dataloader(stacked(10), {.batch_size = 3}).size() == 4);
+  CHECK(fabric.dataloader(stacked(10), {.batch_size = 3, .drop_last = true}).size() == 3);
+  CHECK(fabric.make_data_loader(stacked(10), 5).size() == 2);
+  CHECK(fabric.make_data_loader<torch::data::samplers::SequentialSampler>(stacked(7), 2).size() == 4);
+  // An empty dataset has size 0 (Lightning warns about it; fabric has no warnings to give).
+  CHECK(fabric.dataloader(stacked(0), {.batch_size = 2}).size() == 0);
+  // A stateful dataset has no length; a LibTorch loader hides its sampler; a sampler of one's own says none.
+  CHECK_THROWS_WITH(fabric.make_data_loader(Countdown(2), 1).size(),
+                    ContainsSubstring("yields batches until it is done, with no length"));
+  CHECK_THROWS_WITH(fabric.setup_dataloaders(make_loader(4, 2)).size(), ContainsSubstring("hides its sampler"));
+  CHECK_THROWS_WITH(
+      fabric.make_data_loader(stacked(4), fabric::ResumableSampler(Reversed(4)), 2).size(),
+      ContainsSubstring("does not say how many indices it yields per pass; give fabric::ResumableSampler(sampler, "
+                        "num_samples)"));
+  CHECK(fabric.make_data_loader(stacked(4), fabric::ResumableSampler(Reversed(4), 4), 3).size() == 2);
+  // Under DDP: this rank's shard.
+  SoloDDP solo;
+  CHECK(solo.fabric.make_data_loader(stacked(9), 4).size() == 3);
+  CHECK(solo.fabric.make_data_loader(stacked(9), 4).sampler().num_samples() == 9);
+  // Ranges count by iterating: a restored pass yields fewer batches than size().
+  STATIC_REQUIRE_FALSE(std::ranges::sized_range<decltype(fabric.make_data_loader(stacked(4), 2))>);
+}
+
+// Lightning: tests_fabric/utilities/test_data.py::test_set_sampler_epoch
+TEST_CASE("each pass sets the epoch of a sampler that has set_epoch", "[data][sampler]") {
+  // Lightning calls set_epoch(pass) on the sampler where it has one; fabric does so for the loaders it
+  // builds: LibTorch's DistributedRandomSampler would repeat its first order otherwise.
+  fabric::Fabric<fabric::CPU> fabric;
+  auto loader = fabric.make_data_loader(indexed(12).map(torch::data::transforms::Stack<>()),
+                                        torch::data::samplers::DistributedRandomSampler(12, 1, 0), 12);
+  const auto e0 = batches(loader);
+  const auto e1 = batches(loader);
+  const auto order = [](std::size_t epoch) {
+    torch::data::samplers::DistributedRandomSampler s(12, 1, 0);
+    s.set_epoch(epoch);
+    s.reset();
+    const auto indices = *s.next(12);
+    return std::vector<std::vector<std::int64_t>>{std::vector<std::int64_t>(indices.begin(), indices.end())};
+  };
+  CHECK(e0 == order(0));
+  CHECK(e1 == order(1));
+  CHECK(e0 != e1);
+  // A sampler without set_epoch (RandomSampler) is left to itself; fabric's counts the passes itself.
+  auto plain = fabric.make_data_loader(indexed(4).map(torch::data::transforms::Stack<>()), 4);
+  CHECK(batches(plain).size() == 1);
+  auto own = fabric.dataloader(indexed(4).map(torch::data::transforms::Stack<>()), {.batch_size = 4});
+  (void)batches(own);
+  CHECK(own.sampler().epoch() == 1);
+}
+
+// Lightning: tests_fabric/utilities/test_data.py::test_suggested_max_num_workers
+TEST_CASE("suggested_max_num_workers shares the CPUs among the local processes, less one", "[data]") {
+  // Lightning's table: (cpus, local world size) -> workers.
+  const std::vector<std::tuple<std::size_t, std::size_t, std::size_t>> table{
+      {0, 1, 1}, {1, 1, 1}, {2, 1, 1}, {1, 2, 1}, {2, 2, 1}, {3, 2, 1}, {4, 2, 1}, {4, 3, 1}, {4, 1, 3}};
+  for (const auto& [cpus, local, expected] : table) {
+    CAPTURE(cpus, local);
+    CHECK(fabric::suggested_max_num_workers(local, cpus) == expected);
+  }
+  CHECK(fabric::suggested_max_num_workers(1) >= 1);
+}
+
+// Lightning: tests_fabric/utilities/test_data.py::test_suggested_max_num_workers_input_validation
+TEST_CASE("suggested_max_num_workers needs at least one local process", "[data][errors]") {
+  CHECK_THROWS_WITH(fabric::suggested_max_num_workers(0), ContainsSubstring("expected local_world_size >= 1, found 0"));
+  CHECK_THROWS_WITH(fabric::suggested_max_num_workers(0, 4), ContainsSubstring("expected local_world_size >= 1"));
+}
+
+namespace {
+
+/// indexed(n) with a random transform: noise drawn from fabric::sample_generator(i), and the batch's seed.
+struct Noisy : torch::data::datasets::Dataset<Noisy> {
+  explicit Noisy(std::int64_t n) : inner(indexed(n)) {}
+  torch::data::Example<> get(std::size_t i) override {
+    const auto info = fabric::batch_info();
+    if (!info) throw std::runtime_error("no batch_info in a loader fabric built");
+    auto noise = torch::randn({1}, fabric::sample_generator(i));
+    auto batch_noise = torch::rand({1}, fabric::batch_generator());
+    return {torch::cat({inner.get(i).data + noise, batch_noise,
+                        torch::tensor({static_cast<float>(info->epoch), static_cast<float>(info->rank)})}),
+            inner.get(i).target};
+  }
+  torch::optional<std::size_t> size() const override { return inner.size(); }
+  fabric_test::XY inner;
+};
+
+}  // namespace
+
+TEST_CASE("random transforms draw from generators seeded by the sample and batch, whatever the workers",
+          "[data][seed]") {
+  fabric::Fabric<fabric::CPU> fabric;
+  fabric.seed_everything(13);
+  auto run = [&](std::size_t workers) {
+    auto loader = fabric.dataloader(Noisy(12).map(torch::data::transforms::Stack<>()),
+                                    {.batch_size = 3, .shuffle = true, .num_workers = workers});
+    std::vector<torch::Tensor> epochs;
+    for (int epoch = 0; epoch < 2; ++epoch) {
+      std::vector<torch::Tensor> rows;
+      for (auto& batch : loader) rows.push_back(batch.data);
+      epochs.push_back(torch::cat(rows));
+    }
+    return epochs;
+  };
+  const auto inline_run = run(0);
+  const auto threaded = run(3);
+  CHECK(torch::equal(inline_run[0], threaded[0]));  // the same numbers, whichever thread loaded a batch
+  CHECK(torch::equal(inline_run[1], threaded[1]));
+  CHECK(inline_run[0].select(1, 2).eq(0).all().item<bool>());  // batch_info's epoch
+  CHECK(inline_run[1].select(1, 2).eq(1).all().item<bool>());
+  // A sample's noise depends on the sample and the epoch only: in order, batches of 3 and of 4 give it the same.
+  auto in_order = [&](std::size_t batch_size) {
+    auto loader = fabric.dataloader(Noisy(12).map(torch::data::transforms::Stack<>()), {.batch_size = batch_size});
+    std::vector<torch::Tensor> rows;
+    for (auto& batch : loader) rows.push_back(batch.data);
+    return torch::cat(rows);
+  };
+  const auto by3 = in_order(3);
+  const auto by4 = in_order(4);
+  CHECK(torch::equal(by3.select(1, 0), by4.select(1, 0)));
+  CHECK_FALSE(torch::equal(by3.select(1, 1), by4.select(1, 1)));  // the batch's generator follows the batch
+  CHECK_FALSE(torch::equal(by3.slice(0, 0, 3).select(1, 1), by3.slice(0, 3, 6).select(1, 1)));
+  CHECK_FALSE(
+      torch::equal(std::get<0>(inline_run[0].select(1, 0).sort()), std::get<0>(inline_run[1].select(1, 0).sort())));
+  CHECK_FALSE(torch::equal(inline_run[0].select(1, 1), inline_run[1].select(1, 1)));
+  // Another seed gives other numbers.
+  fabric.seed_everything(14);
+  CHECK_FALSE(torch::equal(run(0)[0], inline_run[0]));
+  // Outside a loader fabric built there is no batch.
+  CHECK_FALSE(fabric::batch_info().has_value());
+  CHECK_THROWS_WITH(fabric::batch_generator(), ContainsSubstring("expected a call from a dataset's get_batch()"));
+  CHECK_THROWS_WITH(fabric::sample_generator(0), ContainsSubstring("expected a call from a dataset's get()"));
+}
+
+// Lightning left out: tests_fabric/utilities/test_data.py::test_suggested_max_num_workers_not_triggering_torch_warning - Python warnings machinery (PyTorch's DataLoader warns about too many workers; LibTorch's does not check)
+// Lightning left out: tests_fabric/utilities/test_data.py::test_replace_dunder_methods_multiple_loaders_without_init - Python-only: patches DataLoader subclasses' __init__ to capture their arguments; a LibTorch loader's sampler is part of its type, so fabric builds the loader itself (make_data_loader) instead of re-creating it
+// Lightning left out: tests_fabric/utilities/test_data.py::test_replace_dunder_methods_cleanup_tolerates_concurrent_restore - Python-only: restoring patched __delattr__ of Python classes
+// Lightning left out: tests_fabric/utilities/test_data.py::test_replace_dunder_methods_dataloader - Python-only: re-instantiating DataLoader subclasses from captured constructor arguments
+// Lightning left out: tests_fabric/utilities/test_data.py::test_replace_dunder_methods_extra_kwargs - Python-only: captured default keyword arguments of DataLoader subclasses
+// Lightning left out: tests_fabric/utilities/test_data.py::test_replace_dunder_methods_attrs - Python-only: replaying __setattr__/__delattr__ on a re-created Python DataLoader
+// Lightning left out: tests_fabric/utilities/test_data.py::test_replace_dunder_methods_restore_methods - Python-only: restoring patched dunder methods of Python classes
+// Lightning left out: tests_fabric/utilities/test_data.py::test_replace_value_in_args - Python-only: rewriting captured *args/**kwargs of a DataLoader constructor
+// Lightning left out: tests_fabric/utilities/test_data.py::test_update_dataloader_typerror_custom_exception - Python-only: re-creating a DataLoader subclass whose __init__ conflicts with DataLoader's arguments
+// Lightning left out: tests_fabric/utilities/test_data.py::test_custom_torch_batch_sampler - Python-only: re-creating a BatchSampler subclass from captured arguments; LibTorch batches in the loader (no batch sampler object)
+// Lightning left out: tests_fabric/utilities/test_data.py::test_custom_torch_batch_sampler_doppelganger - Python-only: duck-typed BatchSampler re-creation; LibTorch has no batch sampler object
+// Lightning left out: tests_fabric/utilities/test_data.py::test_custom_batch_sampler_no_sampler - Python-only: a BatchSampler subclass without a sampler argument; LibTorch has no batch sampler object
+// Lightning left out: tests_fabric/utilities/test_data.py::test_dataloader_kwargs_replacement_with_iterable_dataset - Python-only: the keyword arguments Lightning passes when re-creating a DataLoader
+// Lightning left out: tests_fabric/utilities/test_data.py::test_dataloader_kwargs_replacement_with_array_default_comparison - Python-only: comparing NumPy attributes with constructor defaults when re-creating a DataLoader
+// Lightning left out: tests_fabric/utilities/test_data.py::test_state - Python-only: AttributeDict (a dict with attribute access)
+// Lightning left out: tests_fabric/test_fabric.py::test_setup_dataloaders_captures_dataloader_arguments - Python-only: launch() patches DataLoader constructors to capture their arguments; fabric.make_data_loader builds the loader from them itself
