@@ -32,3 +32,9 @@ endif()
 catch_discover_tests(fabric_core_tests TEST_PREFIX "launch: " DISCOVERY_MODE PRE_TEST
   PROPERTIES ENVIRONMENT "FABRIC_TEST_TMP=${CMAKE_CURRENT_BINARY_DIR}/tmp")
 
+
+# libFuzzer targets of the torch-free readers (tests/fuzz/; clang only).
+option(FABRIC_FUZZ "Build the libFuzzer targets of fabric's torch-free readers (clang with libFuzzer)" OFF)
+if(FABRIC_FUZZ)
+  add_subdirectory(fuzz)
+endif()

@@ -4,7 +4,7 @@
 set -euo pipefail
 
 # What each command needs: `example` (tools/example.sh: build and train the Fashion-MNIST example), or all
-# of it (tools/test.sh: the tests also need Catch2, Python's torchrun, mpirun, ip and clang).
+# of it (tools/test.sh: the tests also need Catch2, Python's torchrun, mpirun, ip, and clang with its libFuzzer).
 example=(build-essential cmake ninja-build
          libtorch-dev libgloo-dev libfmt-dev librange-v3-dev nlohmann-json3-dev libcli11-dev zlib1g-dev
          dataset-fashion-mnist)
@@ -14,7 +14,7 @@ case "${1:-all}" in
     backports=()
     ;;
   all)
-    need=("${example[@]}" pkg-config git nlohmann-json3-dev python3-torch openmpi-bin iproute2 clang-19)
+    need=("${example[@]}" pkg-config git nlohmann-json3-dev python3-torch openmpi-bin iproute2 clang-19 libclang-rt-19-dev)
     backports=(catch2)
     ;;
   *)

@@ -25,6 +25,30 @@ echo "==> fabric: running the test suite"
 ctest --test-dir "$build" --output-on-failure -j "$jobs"
 # NOTE: LibTorch 1.13's own headers do not compile with clang in C++20, so clang checks the torch-free parts.
 echo "==> fabric: building and testing the torch-free parts with clang 19 (FABRIC_TORCH_FREE)"
-cmake -S . -B "$build-clang" -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CXX_COMPILER=clang++-19 -DFABRIC_TORCH_FREE=ON
+cmake -S . -B "$build-clang" -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CXX_COMPILER=clang++-19 -DFABRIC_TORCH_FREE=ON \
+  -DFABRIC_FUZZ=ON
 cmake --build "$build-clang" -j "$jobs"
 ctest --test-dir "$build-clang" --output-on-failure -j "$jobs"
+# Each libFuzzer target of the torch-free readers runs about a minute (FABRIC_FUZZ_SECONDS) from its
+# committed seed corpus (tests/fuzz/corpus/<name without _fuzz>, or the part before the first _).
+fuzzers=("$build-clang"/tests/fuzz/*_fuzz)
+if [ -x "${fuzzers[0]}" ]; then
+  for fuzzer in "${fuzzers[@]}"; do
+    name=$(basename "$fuzzer")
+    corpus=tests/fuzz/corpus/${name%_fuzz}
+    [ -d "$corpus" ] || corpus=tests/fuzz/corpus/${name%%_*}
+    work="$build-clang/fuzz-corpus/$name"
+    mkdir -p "$work"
+    echo "==> fabric: fuzzing $name for ${FABRIC_FUZZ_SECONDS:-60} s"
+    log="$build-clang/fuzz-corpus/$name.log"
+    if ! "$fuzzer" -max_total_time="${FABRIC_FUZZ_SECONDS:-60}" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
+      -artifact_prefix="$build-clang/fuzz-corpus/$name-" "$work" "$corpus" >"$log" 2>&1; then
+      tail -n 60 "$log"
+      echo "fabric: $name failed: a crash, a hang or a sanitizer report (the input is in $build-clang/fuzz-corpus/)" >&2
+      exit 1
+    fi
+    grep -E '^(Done|stat::number_of_executed_units|stat::peak_rss_mb)' "$log" || true
+  done
+else
+  echo "==> fabric: skipping the fuzz targets (clang-19's libFuzzer is not installed: apt-get install libclang-rt-19-dev)"
+fi

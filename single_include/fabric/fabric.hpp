@@ -2049,8 +2049,10 @@ struct ZipEntry {
   std::string name;
   std::uint64_t header_offset = 0;
   std::uint64_t data_offset = 0;
-  std::uint64_t size = 0;
-  std::uint32_t crc = 0;
+  std::uint64_t size = 0;      ///< bytes in the file
+  std::uint64_t unpacked = 0;  ///< bytes once inflated (size when stored)
+  std::uint32_t crc = 0;       ///< the zip CRC-32 of the unpacked bytes
+  bool stored = true;          ///< stored as is, else deflated (LibTorch's archives deflate some code records)
 };
 
 /// A checked zip archive: the folder its entries share (torch's archive name) and its entries, in the
@@ -2092,15 +2094,17 @@ inline std::uint64_t le(const unsigned char* p, int bytes) noexcept {
 /// Checks that bytes hold a zip archive as torch writes it, so that LibTorch's reader only reads inside
 /// the buffer: the end-of-central-directory record (and the zip64 records, if any) found and consistent,
 /// every directory entry and its local header inside the file, sizes and offsets without overflow, entries
-/// stored (uncompressed) and not overlapping, names sane and unique, all in one folder, with torch's
-/// `data.pkl` and `version` records. Raises fabric::Error naming `what` (the file) otherwise.
-inline ZipArchive check_torch_zip(const char* bytes, std::size_t size, std::string_view what) {
+/// stored (uncompressed) or deflated within deflate's ratio (LibTorch's own archives deflate their code
+/// records), not overlapping, names sane and unique, all in one folder, with torch's `data.pkl` and
+/// `version` records. Raises fabric::Error naming `what` (the file) and what was `expected` otherwise.
+inline ZipArchive check_torch_zip(const char* bytes, std::size_t size, std::string_view what,
+                                  std::string_view expected = "a zip archive as torch writes it") {
   const auto* d = reinterpret_cast<const unsigned char*>(bytes);
   auto fail = [&](const std::string& found) {
     raise(
-        "could not read {}: expected a zip archive as torch writes it, found {}; the file is truncated, corrupt or "
-        "of another format: write it again or restore it from a good copy",
-        what, found);
+        "could not read {}: expected {}, found {}; the file is truncated, corrupt or of another format: write it "
+        "again or restore it from a good copy",
+        what, expected, found);
   };
   using zip::le;
   if (size < zip::end_size) fail(fmt::format("a file of {} bytes, too short for a zip archive", size));
@@ -2176,10 +2180,10 @@ inline ZipArchive check_torch_zip(const char* bytes, std::size_t size, std::stri
     if (dir_end - p - zip::central_size < name_len + extra_len + comment_len)
       bad("a name or extra field past the directory");
     if ((flags & 0x41U) != 0) bad("an encrypted entry");
-    if (method != 0) {
+    if (method != 0 && method != 8) {
       bad(
-          fmt::format("compression method {} (torch stores entries uncompressed; an archive re-packed by a zip tool "
-                      "must be stored with `zip -0`)",
+          fmt::format("compression method {} (torch stores entries uncompressed or deflated; an archive re-packed by "
+                      "a zip tool must be stored with `zip -0`)",
                       method));
     }
     const std::string name(reinterpret_cast<const char*>(c + zip::central_size), static_cast<std::size_t>(name_len));
@@ -2210,7 +2214,14 @@ inline ZipArchive check_torch_zip(const char* bytes, std::size_t size, std::stri
     if (packed == 0xFFFFFFFFU || unpacked == 0xFFFFFFFFU || header == 0xFFFFFFFFU)
       bad("a zip64 size or offset without its extra field");
     if (disk != 0) bad("an entry on another disk");
-    if (packed != unpacked) bad(fmt::format("a stored entry of {} bytes that unpacks to {}", packed, unpacked));
+    if (method == 0 && packed != unpacked) {
+      bad(fmt::format("a stored entry of {} bytes that unpacks to {}", packed, unpacked));
+    }
+    // NOTE: deflate expands at most 1032 times; a larger claim would only make the reader allocate.
+    constexpr std::uint64_t max_inflated = std::uint64_t{1} << 30;
+    if (method == 8 && (unpacked > max_inflated || unpacked / 1032 > packed)) {
+      bad(fmt::format("a deflated entry of {} bytes that claims to inflate to {}", packed, unpacked));
+    }
     const bool name_ok = !name.empty() && name.size() <= 4096 && name.front() != '/' &&
                          name.find('\0') == std::string::npos && name.find('\\') == std::string::npos &&
                          name.find('/') != std::string::npos && name.find('/') != 0 &&
@@ -2230,7 +2241,7 @@ inline ZipArchive check_torch_zip(const char* bytes, std::size_t size, std::stri
     const auto* l = d + header;
     const std::uint64_t local_name = le(l + 26, 2);
     const std::uint64_t local_extra = le(l + 28, 2);
-    if (le(l + 8, 2) != 0) bad(fmt::format("\"{}\": a compressed local header", name));
+    if (le(l + 8, 2) != method) bad(fmt::format("\"{}\": a local header of another compression method", name));
     if (dir_offset - header - zip::local_size < local_name + local_extra)
       bad(fmt::format("\"{}\": a local header past the data", name));
     if (local_name != name_len ||
@@ -2242,7 +2253,8 @@ inline ZipArchive check_torch_zip(const char* bytes, std::size_t size, std::stri
       bad(fmt::format("\"{}\": {} bytes at byte {}, past the end of the entries (byte {})", name, packed, data,
                       dir_offset));
     }
-    archive.entries.push_back({name, header, data, packed, static_cast<std::uint32_t>(le(c + 16, 4))});
+    archive.entries.push_back(
+        {name, header, data, packed, unpacked, static_cast<std::uint32_t>(le(c + 16, 4)), method == 0});
     p += zip::central_size + name_len + extra_len + comment_len;
   }
   if (p != dir_end) fail(fmt::format("{} bytes after the last central directory entry", dir_end - p));
@@ -2266,12 +2278,12 @@ inline ZipArchive check_torch_zip(const char* bytes, std::size_t size, std::stri
   return archive;
 }
 
-/// Checks the zip CRC-32 of the entries of a checked archive that `select(entry)` picks; raises
-/// fabric::Error naming the first corrupt entry.
+/// Checks the zip CRC-32 of the stored entries of a checked archive that `select(entry)` picks (deflated
+/// ones are left to the inflater); raises fabric::Error naming the first corrupt entry.
 template <class Select>
 void check_zip_crcs(const char* bytes, const ZipArchive& archive, Select&& select, std::string_view what) {
   for (const auto& e : archive.entries) {
-    if (!select(e)) continue;
+    if (!e.stored || !select(e)) continue;
     const std::uint32_t crc = crc32(bytes + e.data_offset, static_cast<std::size_t>(e.size));
     if (crc != e.crc) {
       raise(
@@ -2776,6 +2788,8 @@ template <class S>
 void load_sampler_archive(S& sampler, const at::Tensor& bytes) {
   const at::Tensor b = bytes.contiguous();
   torch::serialize::InputArchive archive;
+  (void)check_torch_zip(static_cast<const char*>(b.data_ptr()), static_cast<std::size_t>(b.numel()),
+                        "the sampler state in the checkpoint");
   (void)check_torch_zip(static_cast<const char*>(b.data_ptr()), static_cast<std::size_t>(b.numel()),
                         "the sampler state in the checkpoint");
   archive.load_from(static_cast<const char*>(b.data_ptr()), static_cast<std::size_t>(b.numel()));
@@ -4378,6 +4392,7 @@ inline void warn_mixed_devices(const torch::nn::Module& module) {
 #include <cstdlib>
 #include <memory>
 #include <string>
+#include <string_view>
 #include <type_traits>
 #include <typeinfo>
 #include <utility>
@@ -4440,6 +4455,14 @@ inline std::string describe(const c10::IValue& v) {
 
 inline std::string with_label(const std::string& label, const std::string& text) {
   return label.empty() ? text : label + ": " + text;
+}
+
+/// Loads an archive from bytes held in a checkpoint (an optimizer's or a sampler's LibTorch archive),
+/// validating them first: LibTorch's in-memory zip reader trusts the offsets it finds.
+inline void load_archive_bytes(torch::serialize::InputArchive& archive, const char* data, std::size_t size,
+                               std::string_view what) {
+  (void)check_torch_zip(data, size, what);
+  archive.load_from(data, size);
 }
 
 /// The names of an optimizer's options (lr, betas, ...): they tell optimizer types apart in archives.
@@ -5294,7 +5317,8 @@ inline void check_optimizer(const std::string& key, const torch::optim::Optimize
   torch::serialize::InputArchive archive;
   try {
     if (blob.scalar_type() != at::kByte) throw std::runtime_error("the archive is not a byte tensor");
-    archive.load_from(static_cast<const char*>(blob.data_ptr()), static_cast<std::size_t>(blob.numel()));
+    load_archive_bytes(archive, static_cast<const char*>(blob.data_ptr()), static_cast<std::size_t>(blob.numel()),
+                       "the optimizer state in the checkpoint");
   } catch (const std::exception& e) {
     errors.push_back(
         fmt::format("{}: the optimizer state in the checkpoint is corrupt ({})", label, first_line(e.what())));
@@ -6181,16 +6205,23 @@ inline void check_member(const ProcessGroup& group, int rank, std::string_view w
 
 // ---- begin fabric/io/native.hpp
 // fabric::NativeCheckpointIO: fabric's own checkpoint format, a torch pickle of the checkpoint dictionary
-// (torch::pickle_save; Python reads it with torch.load(path, weights_only=False)), written atomically.
+// (torch::pickle_save; Python reads it with torch.load(path, weights_only=False)), written atomically,
+// with checksums of its tensors and metadata, and validated before LibTorch reads it.
 
 // ---- begin fabric/detail/atomic_file.hpp
 // Files written atomically and read whole: what the checkpoint formats build on. Torch-free (fmt, std,
-// POSIX file calls).
+// POSIX file calls). A writer's temporary file is named `<file>.tmp-<pid>-<n>` and locked (flock) while it
+// is written, so the next save or load of the file can tell the temporaries of dead writers (killed
+// mid-write: the lock is gone and so is the process) and remove them.
 
 
 #include <fmt/format.h>
 
+#include <dirent.h>
 #include <fcntl.h>
+#include <signal.h>
+#include <sys/file.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -6200,13 +6231,61 @@ inline void check_member(const ProcessGroup& group, int rank, std::string_view w
 #include <filesystem>
 #include <fstream>
 #include <iterator>
+#include <string>
+#include <string_view>
 #include <system_error>
 #include <vector>
 
 namespace fabric::detail {
 
-/// Writes bytes to path atomically: a temporary file beside it is written, flushed to disk and
-/// renamed over the target, so a crash leaves either the old file or the new one, never a mix.
+/// Says whether name is that of a temporary of write_atomically for the file `file`, and gives its writer's pid.
+inline bool parse_temporary_name(std::string_view name, std::string_view file, long& pid) {
+  if (!name.starts_with(file) || !name.substr(file.size()).starts_with(".tmp-")) return false;
+  const auto rest = name.substr(file.size() + 5);
+  const auto dash = rest.find('-');
+  if (dash == std::string_view::npos || dash == 0 || dash > 9 || dash + 1 == rest.size()) return false;
+  auto digits = [](std::string_view v) { return v.find_first_not_of("0123456789") == std::string_view::npos; };
+  if (!digits(rest.substr(0, dash)) || !digits(rest.substr(dash + 1)) || rest.size() - dash - 1 > 10) return false;
+  pid = std::stol(std::string(rest.substr(0, dash)));
+  return true;
+}
+
+/// Removes the temporaries that dead writers of path left beside it (a save killed mid-write): those whose
+/// lock nobody holds and whose writer process is gone. Those of live writers stay; errors are ignored (a
+/// read-only directory keeps its files). Returns how many were removed.
+inline int remove_stale_temporaries(const std::filesystem::path& path) {
+  // NOTE: POSIX calls rather than std::filesystem: a program linked through LibTorch's CMake targets can
+  // bind std::filesystem to the copies libtorch.so exports (see issue 14).
+  const std::string file = path.filename().string();
+  const std::string parent = path.has_parent_path() ? path.parent_path().string() : std::string(".");
+  if (file.empty()) return 0;
+  DIR* dir = ::opendir(parent.c_str());
+  if (dir == nullptr) return 0;
+  int removed = 0;
+  while (const dirent* entry = ::readdir(dir)) {
+    long pid = 0;
+    if (!parse_temporary_name(entry->d_name, file, pid)) continue;
+    const std::string tmp = parent + "/" + entry->d_name;
+    const int fd = ::open(tmp.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK);
+    if (fd < 0) continue;
+    struct stat opened {};
+    struct stat named {};
+    // A live writer holds the lock; a writer between its open and its lock is alive (its pid exists).
+    const bool dead = ::fstat(fd, &opened) == 0 && S_ISREG(opened.st_mode) && ::flock(fd, LOCK_EX | LOCK_NB) == 0 &&
+                      pid != static_cast<long>(::getpid()) && ::kill(static_cast<pid_t>(pid), 0) != 0 && errno == ESRCH;
+    if (dead && ::lstat(tmp.c_str(), &named) == 0 && named.st_ino == opened.st_ino && named.st_dev == opened.st_dev &&
+        ::unlink(tmp.c_str()) == 0) {
+      ++removed;
+    }
+    ::close(fd);
+  }
+  ::closedir(dir);
+  return removed;
+}
+
+/// Writes bytes to path atomically: a temporary file beside it is written (locked, under a name that
+/// carries the writer's pid), flushed to disk and renamed over the target, so a crash leaves either the old
+/// file or the new one, never a mix; temporaries left by dead writers are removed first.
 inline void write_atomically(const std::filesystem::path& path, const char* data, std::size_t size) {
   std::error_code ec;
   if (std::filesystem::is_directory(path, ec)) {
@@ -6215,19 +6294,30 @@ inline void write_atomically(const std::filesystem::path& path, const char* data
   const auto parent = path.has_parent_path() ? path.parent_path() : std::filesystem::path(".");
   std::filesystem::create_directories(parent, ec);
   if (ec) raise("could not create the directory {} for the checkpoint: {}", parent.string(), ec.message());
+  (void)remove_stale_temporaries(path);
+  struct stat before {};
+  const bool had_previous = ::stat(path.c_str(), &before) == 0;
+  const std::string previous = had_previous ? fmt::format("the previous checkpoint at {} is untouched", path.string())
+                                            : fmt::format("no checkpoint was written at {}", path.string());
   static std::atomic<unsigned> counter{0};
-  const auto tmp = std::filesystem::path(
-      fmt::format("{}.tmp-{}-{}", path.string(), static_cast<long>(::getpid()), counter.fetch_add(1)));
-  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0)
-    raise("could not create {}: {}; check that the directory is writable", tmp.string(), std::strerror(errno));
+  std::filesystem::path tmp;
+  int fd = -1;
+  for (int attempt = 0; attempt < 100 && fd < 0; ++attempt) {
+    tmp = fmt::format("{}.tmp-{}-{}", path.string(), static_cast<long>(::getpid()), counter.fetch_add(1));
+    fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+    if (fd < 0 && errno != EEXIST) break;
+  }
+  if (fd < 0) {
+    raise("could not create {}: {}; check that the directory is writable ({})", tmp.string(), std::strerror(errno),
+          previous);
+  }
   auto fail = [&](const char* what) {
     const int err = errno;
     ::close(fd);
     ::unlink(tmp.c_str());
-    raise("could not {} {}: {}; the previous checkpoint at {} is untouched", what, tmp.string(), std::strerror(err),
-          path.string());
+    raise("could not {} {}: {}; {}", what, tmp.string(), std::strerror(err), previous);
   };
+  if (::flock(fd, LOCK_EX) != 0) fail("lock");
   std::size_t done = 0;
   while (done < size) {
     const ssize_t n = ::write(fd, data + done, size - done);
@@ -6238,15 +6328,8 @@ inline void write_atomically(const std::filesystem::path& path, const char* data
     done += static_cast<std::size_t>(n);
   }
   if (::fsync(fd) != 0) fail("flush");
-  if (::close(fd) != 0) {
-    ::unlink(tmp.c_str());
-    raise("could not close {}: {}", tmp.string(), std::strerror(errno));
-  }
-  if (::rename(tmp.c_str(), path.c_str()) != 0) {
-    const int err = errno;
-    ::unlink(tmp.c_str());
-    raise("could not move {} to {}: {}", tmp.string(), path.string(), std::strerror(err));
-  }
+  if (::rename(tmp.c_str(), path.c_str()) != 0) fail("move into place");
+  ::close(fd);
   const int dir = ::open(parent.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
   if (dir >= 0) {
     ::fsync(dir);
@@ -6254,8 +6337,10 @@ inline void write_atomically(const std::filesystem::path& path, const char* data
   }
 }
 
-/// Reads a whole checkpoint file; raises when it is missing, not a regular file or empty.
+/// Reads a whole checkpoint file; raises when it is missing, not a regular file or empty. Temporaries that
+/// dead writers left beside it are removed.
 inline std::vector<char> read_file(const std::filesystem::path& path) {
+  (void)remove_stale_temporaries(path);
   std::error_code ec;
   if (!std::filesystem::is_regular_file(path, ec)) {
     raise("expected a checkpoint file at {}, found {}; check the path", path.string(),
@@ -6277,27 +6362,147 @@ inline std::vector<char> read_file(const std::filesystem::path& path) {
 // ---- end fabric/detail/atomic_file.hpp
 
 #include <ATen/core/Dict.h>
+#include <ATen/core/List.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/core/ivalue.h>
 #include <c10/util/Exception.h>
 #include <torch/csrc/jit/serialization/pickle.h>
 
+#include <cstdint>
+#include <cstring>
 #include <exception>
 #include <filesystem>
+#include <string>
+#include <string_view>
 #include <system_error>
 #include <vector>
 
 namespace fabric {
 
+namespace detail {
+
+/// The top-level key under which NativeCheckpointIO stores a checkpoint's checksums.
+inline constexpr std::string_view checksums_key = "__fabric_checksums__";
+
+/// Says whether a tensor's sizes, strides and offset stay inside its storage (a hostile pickle can declare
+/// a tensor larger than the bytes it points at; reading it would read past them).
+inline bool tensor_fits_storage(const at::Tensor& t) {
+  if (!t.defined() || t.layout() != c10::kStrided || !t.has_storage()) return true;
+  if (t.storage_offset() < 0) return false;
+  std::uint64_t last = static_cast<std::uint64_t>(t.storage_offset());
+  for (std::int64_t i = 0; i < t.dim(); ++i) {
+    const std::int64_t size = t.size(i);
+    const std::int64_t stride = t.stride(i);
+    if (size < 0 || stride < 0) return false;
+    if (size == 0) return true;
+    const auto extent = static_cast<std::uint64_t>(size - 1);
+    if (stride != 0 && extent > (std::uint64_t{1} << 62) / static_cast<std::uint64_t>(stride)) return false;
+    last += extent * static_cast<std::uint64_t>(stride);
+    if (last > (std::uint64_t{1} << 62)) return false;
+  }
+  return (last + 1) * t.element_size() <= t.storage().nbytes();
+}
+
+/// Walks a checkpoint's values in their (insertion) order, feeding a CRC-32C of its metadata (keys, kinds,
+/// numbers, strings, tensors' dtypes and shapes) and giving each tensor with its path to a callback.
+class ChecksumWalker {
+ public:
+  template <class OnTensor>
+  void walk(const c10::IValue& v, const std::string& path, OnTensor&& on_tensor) {
+    if (v.isNone()) {
+      tag('N');
+    } else if (v.isBool()) {
+      tag('B');
+      put(static_cast<std::int64_t>(v.toBool()));
+    } else if (v.isInt()) {
+      tag('I');
+      put(v.toInt());
+    } else if (v.isDouble()) {
+      tag('F');
+      const double x = v.toDouble();
+      std::int64_t bits = 0;
+      std::memcpy(&bits, &x, sizeof bits);
+      put(bits);
+    } else if (v.isString()) {
+      const auto& s = v.toStringRef();
+      tag('S');
+      put(static_cast<std::int64_t>(s.size()));
+      crc_ = crc32c(s.data(), s.size(), crc_);
+    } else if (v.isTensor()) {
+      const auto& t = v.toTensor();
+      tag('T');
+      if (t.defined()) {
+        put(static_cast<std::int64_t>(t.scalar_type()));
+        put(t.dim());
+        for (const auto size : t.sizes()) put(size);
+      }
+      on_tensor(t, path);
+    } else if (v.isGenericDict()) {
+      const auto dict = v.toGenericDict();
+      tag('D');
+      put(static_cast<std::int64_t>(dict.size()));
+      for (const auto& item : dict) {
+        walk(item.key(), path + "#key", on_tensor);
+        const auto name = item.key().isString() ? item.key().toStringRef()
+                          : item.key().isInt()  ? std::to_string(item.key().toInt())
+                                                : std::string("?");
+        walk(item.value(), path.empty() ? name : path + "/" + name, on_tensor);
+      }
+    } else if (v.isList() || v.isTuple()) {
+      const auto items = v.isList() ? v.toListRef().vec() : v.toTupleRef().elements().vec();
+      tag(v.isList() ? 'L' : 'U');
+      put(static_cast<std::int64_t>(items.size()));
+      for (std::size_t i = 0; i < items.size(); ++i) walk(items[i], path + "[" + std::to_string(i) + "]", on_tensor);
+    } else {
+      tag('O');
+      const std::string kind = v.tagKind();
+      crc_ = crc32c(kind.data(), kind.size(), crc_);
+    }
+  }
+  std::uint32_t metadata() const { return crc_; }
+
+ private:
+  void tag(char c) { crc_ = crc32c(&c, 1, crc_); }
+  void put(std::int64_t x) { crc_ = crc32c(&x, sizeof x, crc_); }
+  std::uint32_t crc_ = 0;
+};
+
+/// Returns the CRC-32C of a tensor's values (its bytes in row-major order).
+inline std::uint32_t tensor_crc(const at::Tensor& t) {
+  if (!t.defined() || t.layout() != c10::kStrided) return 0;
+  const at::Tensor c = t.device().is_cpu() ? t.contiguous() : t.cpu().contiguous();
+  return crc32c(c.data_ptr(), c.nbytes());
+}
+
+}  // namespace detail
+
 /// Writes a checkpoint as one torch pickle, atomically (a temporary file beside the target, flushed to
-/// disk and renamed over it; parent directories are created), and reads it back, checking that it is
-/// a dictionary with string keys. Lightning's TorchCheckpointIO.
+/// disk and renamed over it; parent directories are created; temporaries of killed writers are removed),
+/// with a CRC-32C of every tensor and of the metadata under the key "__fabric_checksums__"; reads it back
+/// after validating the file (a malformed or corrupt file is a fabric::Error naming what is wrong, never a
+/// crash), verifying the checksums and checking that it is a dictionary with string keys. Lightning's
+/// TorchCheckpointIO.
 class NativeCheckpointIO {
  public:
-  /// Pickles the checkpoint and writes it atomically to path.
+  /// Pickles the checkpoint with its checksums and writes it atomically to path.
   void save_checkpoint(const Checkpoint& checkpoint, const std::filesystem::path& path) const {
+    if (checkpoint.contains(std::string(detail::checksums_key))) {
+      detail::raise("expected a checkpoint without the key \"{}\", which fabric's format reserves; rename the entry",
+                    detail::checksums_key);
+    }
     std::vector<char> bytes;
     try {
-      bytes = torch::jit::pickle_save(checkpoint);
+      detail::ChecksumWalker walker;
+      c10::List<std::int64_t> tensors;
+      walker.walk(checkpoint, "",
+                  [&](const at::Tensor& t, const std::string&) { tensors.push_back(detail::tensor_crc(t)); });
+      StateDict sums = make_state_dict();
+      sums.insert("algorithm", std::string("crc32c"));
+      sums.insert("metadata", static_cast<std::int64_t>(walker.metadata()));
+      sums.insert("tensors", tensors);
+      Checkpoint with_sums = checkpoint.copy();
+      with_sums.insert(std::string(detail::checksums_key), sums);
+      bytes = torch::jit::pickle_save(with_sums);
     } catch (const c10::Error& e) {
       detail::raise(
           "could not serialize the state ({}); expected modules, optimizers, integers, floating point, booleans, "
@@ -6307,25 +6512,39 @@ class NativeCheckpointIO {
     detail::write_atomically(path, bytes.data(), bytes.size());
   }
 
-  /// Reads the checkpoint at path; a missing, empty, truncated or foreign file is a fabric::Error.
+  /// Reads the checkpoint at path; a missing, empty, truncated, corrupt or foreign file is a fabric::Error.
   Checkpoint load_checkpoint(const std::filesystem::path& path) const {
     const std::vector<char> bytes = detail::read_file(path);
+    const auto archive = detail::check_torch_zip(bytes.data(), bytes.size(), path.string(),
+                                                 "a file written by fabric's save (a zip archive as torch writes it)");
+    const std::string storages = archive.prefix + "/data/";
+    // NOTE: the small records (data.pkl, version, ...) are checked by their zip CRC-32; tensor storages by
+    // fabric's CRC-32C (several times faster), or by their zip CRC-32 in files without it.
+    detail::check_zip_crcs(
+        bytes.data(), archive, [&](const detail::ZipEntry& e) { return !e.name.starts_with(storages); }, path.string());
     c10::IValue value;
     try {
       value = torch::jit::pickle_load(bytes);
     } catch (const std::exception& e) {
+      // NOTE: LibTorch reads collections.OrderedDict as None (it expects one only as a tensor's empty
+      // backward hooks), so a state_dict fails on its first item.
+      if (std::string_view(e.what()).find("GenericDict") != std::string_view::npos) {
+        refuse_python_ordered_dict(bytes, archive, path, false);
+      }
       detail::raise(
           "could not read a checkpoint from {}: the file is truncated, corrupt or of another format ({}); "
           "expected a file written by fabric's save (use load_raw for files of torch::save)",
           path.string(), detail::first_line(e.what()));
     }
     if (!value.isGenericDict()) {
+      refuse_python_ordered_dict(bytes, archive, path, true);
       detail::raise(
           "expected a fabric checkpoint at {}, found a torch pickle of {} instead of fabric's dictionary; read it "
           "with torch::pickle_load (or use load_raw for files written by torch::save)",
           path.string(), detail::describe(value));
     }
     Checkpoint checkpoint(c10::StringType::get(), c10::AnyType::get());
+    c10::IValue sums;
     for (const auto& item : value.toGenericDict()) {
       if (!item.key().isString()) {
         detail::raise(
@@ -6333,8 +6552,13 @@ class NativeCheckpointIO {
             "not written by fabric's save",
             path.string(), detail::describe(item.key()));
       }
-      checkpoint.insert(item.key().toStringRef(), item.value());
+      if (item.key().toStringRef() == detail::checksums_key) {
+        sums = item.value();
+      } else {
+        checkpoint.insert(item.key().toStringRef(), item.value());
+      }
     }
+    verify(checkpoint, sums, bytes, archive, path);
     return checkpoint;
   }
 
@@ -6343,6 +6567,79 @@ class NativeCheckpointIO {
     std::error_code ec;
     std::filesystem::remove_all(path, ec);
     if (ec) detail::raise("could not remove the checkpoint {}: {}", path.string(), ec.message());
+  }
+
+ private:
+  /// Raises the plain error for Python's OrderedDict state dicts when the pickle holds one (at its top,
+  /// with `at_top`; LibTorch's own pickles name OrderedDict for every tensor's backward hooks).
+  static void refuse_python_ordered_dict(const std::vector<char>& bytes, const detail::ZipArchive& archive,
+                                         const std::filesystem::path& path, bool at_top) {
+    const auto* pickle = archive.find("data.pkl");
+    if (!pickle->stored) return;
+    const std::string_view text(bytes.data() + pickle->data_offset, static_cast<std::size_t>(pickle->size));
+    constexpr std::string_view global = "ccollections\nOrderedDict\n";
+    if (text.size() < 2 + global.size()) return;
+    if (at_top ? text.substr(2, global.size()) != global : text.find(global) == std::string_view::npos) return;
+    detail::raise(
+        "expected a fabric checkpoint at {}, found a file of Python's torch.save holding a collections.OrderedDict "
+        "(what `torch.save(model.state_dict(), path)` and Python Lightning write), which LibTorch's unpickler "
+        "cannot read; in Python, save plain dicts instead, e.g. `torch.save({{\"model\": dict(model.state_dict())}}, "
+        "path)`, and load that",
+        path.string());
+  }
+
+  /// Checks the tensors fit their storages and verifies the stored checksums (or, without them, the zip
+  /// CRC-32 of the tensor storages); raises naming the corrupt entry.
+  static void verify(const Checkpoint& checkpoint, const c10::IValue& sums, const std::vector<char>& bytes,
+                     const detail::ZipArchive& archive, const std::filesystem::path& path) {
+    auto corrupt = [&](const std::string& what) {
+      detail::raise("{} is corrupt: {}; restore it from a good copy (or save it again)", path.string(), what);
+    };
+    std::vector<std::pair<at::Tensor, std::string>> tensors;
+    detail::ChecksumWalker walker;
+    walker.walk(checkpoint, "", [&](const at::Tensor& t, const std::string& name) {
+      if (!detail::tensor_fits_storage(t)) {
+        corrupt(fmt::format("the tensor \"{}\" (shape {}) is larger than the bytes stored for it", name,
+                            detail::shape_str(t.sizes())));
+      }
+      tensors.emplace_back(t, name);
+    });
+    if (sums.isNone()) {
+      const std::string storages = archive.prefix + "/data/";
+      detail::check_zip_crcs(
+          bytes.data(), archive, [&](const detail::ZipEntry& e) { return e.name.starts_with(storages); },
+          path.string());
+      return;
+    }
+    const char* layout = "a dictionary {\"algorithm\": \"crc32c\", \"metadata\": int, \"tensors\": [int]}";
+    if (!sums.isGenericDict())
+      corrupt(fmt::format("its checksums are {}, expected {}", detail::describe(sums), layout));
+    const auto dict = sums.toGenericDict();
+    auto get = [&](const char* key) {
+      if (!dict.contains(key)) corrupt(fmt::format("its checksums lack \"{}\", expected {}", key, layout));
+      return dict.at(key);
+    };
+    const auto algorithm = get("algorithm");
+    const auto metadata = get("metadata");
+    const auto list = get("tensors");
+    if (!algorithm.isString() || algorithm.toStringRef() != "crc32c" || !metadata.isInt() || !list.isIntList()) {
+      corrupt(fmt::format("its checksums are not {}", layout));
+    }
+    if (static_cast<std::uint32_t>(metadata.toInt()) != walker.metadata() || metadata.toInt() < 0 ||
+        metadata.toInt() > 0xFFFFFFFFLL) {
+      corrupt("its metadata (names, kinds, numbers, strings, tensor dtypes and shapes) differs from its checksum");
+    }
+    const auto expected = list.toIntVector();
+    if (expected.size() != tensors.size()) {
+      corrupt(fmt::format("it holds {} tensors, its checksums {}", tensors.size(), expected.size()));
+    }
+    for (std::size_t i = 0; i < tensors.size(); ++i) {
+      const auto crc = detail::tensor_crc(tensors[i].first);
+      if (static_cast<std::int64_t>(crc) != expected[i]) {
+        corrupt(fmt::format("the tensor \"{}\" has CRC-32C {:08x}, expected {:08x}", tensors[i].second, crc,
+                            static_cast<std::uint64_t>(expected[i])));
+      }
+    }
   }
 };
 
@@ -9140,15 +9437,26 @@ inline void read_archive_tensors(torch::serialize::InputArchive& archive, const 
 }
 
 inline torch::serialize::InputArchive open_archive(const std::filesystem::path& path) {
-  (void)read_file(path);  // existence and emptiness checks with fabric's messages
+  const std::vector<char> bytes = read_file(path);  // existence and emptiness checks with fabric's messages
+  // NOTE: LibTorch's zip reader trusts the file's offsets; only a validated buffer reaches it.
+  const auto zip = check_torch_zip(bytes.data(), bytes.size(), path.string(),
+                                   "a file written by torch::save (a zip archive as torch writes it)");
+  check_zip_crcs(
+      bytes.data(), zip, [](const ZipEntry&) { return true; }, path.string());
+  if (zip.find("constants.pkl") == nullptr) {
+    raise(
+        "expected a file written by torch::save (a TorchScript archive with constants.pkl) at {}, found a torch "
+        "pickle without it (a fabric checkpoint or a file of torch::pickle_save); use load for fabric checkpoints",
+        path.string());
+  }
   torch::serialize::InputArchive archive;
   try {
-    archive.load_from(path.string());
-  } catch (const c10::Error& e) {
+    archive.load_from(bytes.data(), bytes.size());
+  } catch (const std::exception& e) {
     raise(
         "could not read {} as a torch::save archive ({}); expected a file written by torch::save (use load for "
         "fabric checkpoints)",
-        path.string(), first_line(e.what_without_backtrace()));
+        path.string(), first_line(e.what()));
   }
   return archive;
 }

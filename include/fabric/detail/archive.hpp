@@ -5,6 +5,7 @@
 // files carry.
 
 #include "fabric/core/error.hpp"
+#include "fabric/detail/zip_check.hpp"
 #include "fabric/utils/apply.hpp"
 
 #include <fmt/format.h>
@@ -28,6 +29,7 @@
 #include <cstdlib>
 #include <memory>
 #include <string>
+#include <string_view>
 #include <type_traits>
 #include <typeinfo>
 #include <utility>
@@ -90,6 +92,14 @@ inline std::string describe(const c10::IValue& v) {
 
 inline std::string with_label(const std::string& label, const std::string& text) {
   return label.empty() ? text : label + ": " + text;
+}
+
+/// Loads an archive from bytes held in a checkpoint (an optimizer's or a sampler's LibTorch archive),
+/// validating them first: LibTorch's in-memory zip reader trusts the offsets it finds.
+inline void load_archive_bytes(torch::serialize::InputArchive& archive, const char* data, std::size_t size,
+                               std::string_view what) {
+  (void)check_torch_zip(data, size, what);
+  archive.load_from(data, size);
 }
 
 /// The names of an optimizer's options (lr, betas, ...): they tell optimizer types apart in archives.

@@ -22,8 +22,10 @@ struct ZipEntry {
   std::string name;
   std::uint64_t header_offset = 0;
   std::uint64_t data_offset = 0;
-  std::uint64_t size = 0;
-  std::uint32_t crc = 0;
+  std::uint64_t size = 0;      ///< bytes in the file
+  std::uint64_t unpacked = 0;  ///< bytes once inflated (size when stored)
+  std::uint32_t crc = 0;       ///< the zip CRC-32 of the unpacked bytes
+  bool stored = true;          ///< stored as is, else deflated (LibTorch's archives deflate some code records)
 };
 
 /// A checked zip archive: the folder its entries share (torch's archive name) and its entries, in the
@@ -65,15 +67,17 @@ inline std::uint64_t le(const unsigned char* p, int bytes) noexcept {
 /// Checks that bytes hold a zip archive as torch writes it, so that LibTorch's reader only reads inside
 /// the buffer: the end-of-central-directory record (and the zip64 records, if any) found and consistent,
 /// every directory entry and its local header inside the file, sizes and offsets without overflow, entries
-/// stored (uncompressed) and not overlapping, names sane and unique, all in one folder, with torch's
-/// `data.pkl` and `version` records. Raises fabric::Error naming `what` (the file) otherwise.
-inline ZipArchive check_torch_zip(const char* bytes, std::size_t size, std::string_view what) {
+/// stored (uncompressed) or deflated within deflate's ratio (LibTorch's own archives deflate their code
+/// records), not overlapping, names sane and unique, all in one folder, with torch's `data.pkl` and
+/// `version` records. Raises fabric::Error naming `what` (the file) and what was `expected` otherwise.
+inline ZipArchive check_torch_zip(const char* bytes, std::size_t size, std::string_view what,
+                                  std::string_view expected = "a zip archive as torch writes it") {
   const auto* d = reinterpret_cast<const unsigned char*>(bytes);
   auto fail = [&](const std::string& found) {
     raise(
-        "could not read {}: expected a zip archive as torch writes it, found {}; the file is truncated, corrupt or "
-        "of another format: write it again or restore it from a good copy",
-        what, found);
+        "could not read {}: expected {}, found {}; the file is truncated, corrupt or of another format: write it "
+        "again or restore it from a good copy",
+        what, expected, found);
   };
   using zip::le;
   if (size < zip::end_size) fail(fmt::format("a file of {} bytes, too short for a zip archive", size));
@@ -149,10 +153,10 @@ inline ZipArchive check_torch_zip(const char* bytes, std::size_t size, std::stri
     if (dir_end - p - zip::central_size < name_len + extra_len + comment_len)
       bad("a name or extra field past the directory");
     if ((flags & 0x41U) != 0) bad("an encrypted entry");
-    if (method != 0) {
+    if (method != 0 && method != 8) {
       bad(
-          fmt::format("compression method {} (torch stores entries uncompressed; an archive re-packed by a zip tool "
-                      "must be stored with `zip -0`)",
+          fmt::format("compression method {} (torch stores entries uncompressed or deflated; an archive re-packed by "
+                      "a zip tool must be stored with `zip -0`)",
                       method));
     }
     const std::string name(reinterpret_cast<const char*>(c + zip::central_size), static_cast<std::size_t>(name_len));
@@ -183,7 +187,14 @@ inline ZipArchive check_torch_zip(const char* bytes, std::size_t size, std::stri
     if (packed == 0xFFFFFFFFU || unpacked == 0xFFFFFFFFU || header == 0xFFFFFFFFU)
       bad("a zip64 size or offset without its extra field");
     if (disk != 0) bad("an entry on another disk");
-    if (packed != unpacked) bad(fmt::format("a stored entry of {} bytes that unpacks to {}", packed, unpacked));
+    if (method == 0 && packed != unpacked) {
+      bad(fmt::format("a stored entry of {} bytes that unpacks to {}", packed, unpacked));
+    }
+    // NOTE: deflate expands at most 1032 times; a larger claim would only make the reader allocate.
+    constexpr std::uint64_t max_inflated = std::uint64_t{1} << 30;
+    if (method == 8 && (unpacked > max_inflated || unpacked / 1032 > packed)) {
+      bad(fmt::format("a deflated entry of {} bytes that claims to inflate to {}", packed, unpacked));
+    }
     const bool name_ok = !name.empty() && name.size() <= 4096 && name.front() != '/' &&
                          name.find('\0') == std::string::npos && name.find('\\') == std::string::npos &&
                          name.find('/') != std::string::npos && name.find('/') != 0 &&
@@ -203,7 +214,7 @@ inline ZipArchive check_torch_zip(const char* bytes, std::size_t size, std::stri
     const auto* l = d + header;
     const std::uint64_t local_name = le(l + 26, 2);
     const std::uint64_t local_extra = le(l + 28, 2);
-    if (le(l + 8, 2) != 0) bad(fmt::format("\"{}\": a compressed local header", name));
+    if (le(l + 8, 2) != method) bad(fmt::format("\"{}\": a local header of another compression method", name));
     if (dir_offset - header - zip::local_size < local_name + local_extra)
       bad(fmt::format("\"{}\": a local header past the data", name));
     if (local_name != name_len ||
@@ -215,7 +226,8 @@ inline ZipArchive check_torch_zip(const char* bytes, std::size_t size, std::stri
       bad(fmt::format("\"{}\": {} bytes at byte {}, past the end of the entries (byte {})", name, packed, data,
                       dir_offset));
     }
-    archive.entries.push_back({name, header, data, packed, static_cast<std::uint32_t>(le(c + 16, 4))});
+    archive.entries.push_back(
+        {name, header, data, packed, unpacked, static_cast<std::uint32_t>(le(c + 16, 4)), method == 0});
     p += zip::central_size + name_len + extra_len + comment_len;
   }
   if (p != dir_end) fail(fmt::format("{} bytes after the last central directory entry", dir_end - p));
@@ -239,12 +251,12 @@ inline ZipArchive check_torch_zip(const char* bytes, std::size_t size, std::stri
   return archive;
 }
 
-/// Checks the zip CRC-32 of the entries of a checked archive that `select(entry)` picks; raises
-/// fabric::Error naming the first corrupt entry.
+/// Checks the zip CRC-32 of the stored entries of a checked archive that `select(entry)` picks (deflated
+/// ones are left to the inflater); raises fabric::Error naming the first corrupt entry.
 template <class Select>
 void check_zip_crcs(const char* bytes, const ZipArchive& archive, Select&& select, std::string_view what) {
   for (const auto& e : archive.entries) {
-    if (!select(e)) continue;
+    if (!e.stored || !select(e)) continue;
     const std::uint32_t crc = crc32(bytes + e.data_offset, static_cast<std::size_t>(e.size));
     if (crc != e.crc) {
       raise(

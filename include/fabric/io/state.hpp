@@ -731,7 +731,8 @@ inline void check_optimizer(const std::string& key, const torch::optim::Optimize
   torch::serialize::InputArchive archive;
   try {
     if (blob.scalar_type() != at::kByte) throw std::runtime_error("the archive is not a byte tensor");
-    archive.load_from(static_cast<const char*>(blob.data_ptr()), static_cast<std::size_t>(blob.numel()));
+    load_archive_bytes(archive, static_cast<const char*>(blob.data_ptr()), static_cast<std::size_t>(blob.numel()),
+                       "the optimizer state in the checkpoint");
   } catch (const std::exception& e) {
     errors.push_back(
         fmt::format("{}: the optimizer state in the checkpoint is corrupt ({})", label, first_line(e.what())));

@@ -6,6 +6,7 @@
 #include "fabric/core/error.hpp"
 #include "fabric/detail/archive.hpp"
 #include "fabric/detail/atomic_file.hpp"
+#include "fabric/detail/zip_check.hpp"
 #include "fabric/io/torch_pickle.hpp"
 #include "fabric/utils/apply.hpp"
 #include "fabric/wrappers/module.hpp"
@@ -94,15 +95,26 @@ inline void read_archive_tensors(torch::serialize::InputArchive& archive, const 
 }
 
 inline torch::serialize::InputArchive open_archive(const std::filesystem::path& path) {
-  (void)read_file(path);  // existence and emptiness checks with fabric's messages
+  const std::vector<char> bytes = read_file(path);  // existence and emptiness checks with fabric's messages
+  // NOTE: LibTorch's zip reader trusts the file's offsets; only a validated buffer reaches it.
+  const auto zip = check_torch_zip(bytes.data(), bytes.size(), path.string(),
+                                   "a file written by torch::save (a zip archive as torch writes it)");
+  check_zip_crcs(
+      bytes.data(), zip, [](const ZipEntry&) { return true; }, path.string());
+  if (zip.find("constants.pkl") == nullptr) {
+    raise(
+        "expected a file written by torch::save (a TorchScript archive with constants.pkl) at {}, found a torch "
+        "pickle without it (a fabric checkpoint or a file of torch::pickle_save); use load for fabric checkpoints",
+        path.string());
+  }
   torch::serialize::InputArchive archive;
   try {
-    archive.load_from(path.string());
-  } catch (const c10::Error& e) {
+    archive.load_from(bytes.data(), bytes.size());
+  } catch (const std::exception& e) {
     raise(
         "could not read {} as a torch::save archive ({}); expected a file written by torch::save (use load for "
         "fabric checkpoints)",
-        path.string(), first_line(e.what_without_backtrace()));
+        path.string(), first_line(e.what()));
   }
   return archive;
 }
