@@ -948,3 +948,58 @@ TEST_CASE("random transforms draw from generators seeded by the sample and batch
 // Lightning left out: tests_fabric/utilities/test_data.py::test_dataloader_kwargs_replacement_with_array_default_comparison - Python-only: comparing NumPy attributes with constructor defaults when re-creating a DataLoader
 // Lightning left out: tests_fabric/utilities/test_data.py::test_state - Python-only: AttributeDict (a dict with attribute access)
 // Lightning left out: tests_fabric/test_fabric.py::test_setup_dataloaders_captures_dataloader_arguments - Python-only: launch() patches DataLoader constructors to capture their arguments; fabric.make_data_loader builds the loader from them itself
+
+// ---- Lightning's test_wrappers.py: the loader wrapper -------------------------------------------
+
+// Lightning: tests_fabric/test_wrappers.py::test_fabric_dataloader_iterator
+TEST_CASE("iterating a set-up loader yields the loader's batches and ends with it", "[data][wrappers]") {
+  fabric::Fabric<fabric::CPU> fabric;
+  auto raw = make_loader(5, 2);
+  auto loader = fabric.setup_dataloaders(make_loader(5, 2));
+  std::vector<std::vector<std::int64_t>> want;
+  std::vector<std::vector<std::int64_t>> got;
+  for (auto& batch : *raw) want.push_back(ids(batch));
+  for (auto& batch : loader) got.push_back(ids(batch));
+  CHECK(want.size() == 3);
+  CHECK(got == want);
+}
+
+// Lightning: tests_fabric/test_wrappers.py::test_fabric_dataloader_device_placement
+TEST_CASE("a set-up loader puts every tensor of a batch on the fabric's device", "[data][wrappers]") {
+  // NOTE: Lightning's batches of tensors and of dicts; a LibTorch loader's batches here are Examples (data and
+  // target), and any nesting of standard containers moves as fabric::to_device moves it (engine_test.cpp).
+  fabric::Fabric<fabric::CPU> fabric;
+  auto loader = fabric.setup_dataloaders(make_loader(4, 2));
+  std::vector<torch::Tensor> seen;
+  for (auto& batch : loader) {
+    CHECK(batch.data.device() == fabric.device());
+    CHECK(batch.target.device() == fabric.device());
+    seen.push_back(batch.target);
+  }
+  REQUIRE(seen.size() == 2);
+  CHECK(torch::equal(seen[1], torch::tensor({2, 3}).to(seen[1].dtype())));
+}
+
+// Lightning: tests_fabric/test_wrappers.py::test_fabric_dataloader_distributed_sampler_set_epoch
+TEST_CASE("each pass over a set-up loader starts its DistributedSampler's next epoch", "[data][wrappers][sampler]") {
+  // NOTE: Lightning's wrapper calls set_epoch(n) at the n-th iter(); fabric's DistributedSampler counts
+  // its passes itself (each reset is the next epoch), so every pass reshuffles as PyTorch's would.
+  fabric::Fabric<fabric::CPU> fabric;
+  const fabric::DistributedSampler::Options options{.num_replicas = 2, .rank = 0, .shuffle = true, .seed = 7};
+  auto loader = fabric.setup_dataloaders(torch::data::make_data_loader(
+      indexed(12).map(torch::data::transforms::Stack<>()), fabric::DistributedSampler(12, options),
+      torch::data::DataLoaderOptions().batch_size(1)));
+  fabric::DistributedSampler reference(12, options);
+  std::set<std::vector<std::int64_t>> orders;
+  for (int epoch = 0; epoch < 3; ++epoch) {
+    reference.reset();
+    std::vector<std::int64_t> want;
+    while (auto batch = reference.next(1)) {
+      for (auto i : *batch) want.push_back(static_cast<std::int64_t>(i));
+    }
+    const auto got = pass(loader);
+    CHECK(got == want);
+    orders.insert(got);
+  }
+  CHECK(orders.size() == 3);  // a new order each epoch
+}
