@@ -8869,15 +8869,7 @@ inline c10::IValue decode_value(const std::string& text) {
   return text;  // a string another writer put there, as it is
 }
 
-// ---- the optimizer: LibTorch's archive flattened as Python's optimizer.state_dict() ----
-
-inline std::vector<std::string> archive_keys(torch::serialize::InputArchive& archive) {
-  std::vector<std::string> out;
-  for (auto& key : archive.keys()) {
-    if (key != "training") out.push_back(std::move(key));  // every TorchScript module has it
-  }
-  return out;
-}
+// ---- the optimizer: Python's optimizer.state_dict() layout (torch_pickle's converters), flattened ----
 
 inline nlohmann::ordered_json option_json(const c10::IValue& v, const std::string& where) {
   if (v.isBool()) return v.toBool();
@@ -8891,80 +8883,87 @@ inline nlohmann::ordered_json option_json(const c10::IValue& v, const std::strin
     for (const auto& item : items) out.push_back(option_json(item, where));
     return out;
   }
-  raise("cannot write the optimizer option {} to safetensors: it is {}", where, describe(v));
+  if (v.isGenericDict()) {
+    nlohmann::ordered_json out = nlohmann::ordered_json::object();
+    for (const auto& item : v.toGenericDict()) {
+      out[item.key().isString() ? item.key().toStringRef() : fmt::format("{}", item.key().toInt())] =
+          option_json(item.value(), where);
+    }
+    return out;
+  }
+  raise("cannot write the optimizer's {} to safetensors: it is {}", where, describe(v));
+}
+
+inline c10::IValue json_value(const nlohmann::json& j) {
+  if (j.is_boolean()) return j.get<bool>();
+  if (j.is_number_integer()) return j.get<std::int64_t>();
+  if (j.is_number_float()) return j.get<double>();
+  if (j.is_string()) return j.get<std::string>();
+  if (j.is_array()) {
+    const bool ints = std::all_of(j.begin(), j.end(), [](const nlohmann::json& x) { return x.is_number_integer(); });
+    if (ints && !j.empty()) {
+      c10::List<std::int64_t> out;
+      for (const auto& x : j) out.push_back(x.get<std::int64_t>());
+      return out;
+    }
+    c10::impl::GenericList out(c10::AnyType::get());
+    for (const auto& x : j) out.push_back(json_value(x));
+    return out;
+  }
+  if (j.is_object()) {
+    c10::impl::GenericDict out(c10::StringType::get(), c10::AnyType::get());
+    for (const auto& [k, v] : j.items()) out.insert(k, json_value(v));
+    return out;
+  }
+  return c10::IValue();
 }
 
 /// Appends the optimizer's state as `<key>.state.<i>.<name>` tensors (i: the parameter's index over all
-/// groups, as in Python's optimizer.state_dict()) and returns its param_groups as Python has them
-/// (options and "params": [indices]).
-inline nlohmann::ordered_json flatten_optimizer(const std::string& key, const at::Tensor& blob,
+/// groups, as in Python's optimizer.state_dict(); "step" a float32 scalar as PyTorch keeps it) and
+/// returns its param_groups as Python has them (options and "params": [indices]).
+inline nlohmann::ordered_json flatten_optimizer(const std::string& key, const c10::impl::GenericDict& entry,
                                                 std::vector<std::pair<std::string, at::Tensor>>& tensors) {
-  torch::serialize::InputArchive archive;
-  const at::Tensor bytes = blob.contiguous();
-  archive.load_from(static_cast<const char*>(bytes.data_ptr()), static_cast<std::size_t>(bytes.numel()));
-  torch::serialize::InputArchive groups;
-  archive.read("param_groups", groups);
-  at::Tensor size;
-  groups.read("param_groups/size", size);
-  std::map<std::string, std::int64_t> index;  // LibTorch's state key (a TensorImpl address) to the index
-  nlohmann::ordered_json out = nlohmann::ordered_json::array();
-  for (std::int64_t g = 0; g < size.item<std::int64_t>(); ++g) {
-    torch::serialize::InputArchive group;
-    groups.read(fmt::format("param_groups/{}", g), group);
-    at::Tensor count;
-    group.read("params/size", count);
-    nlohmann::ordered_json entry = nlohmann::ordered_json::object();
-    torch::serialize::InputArchive options;
-    group.read("options", options);
-    for (const auto& name : archive_keys(options)) {
-      c10::IValue v;
-      options.read(name, v);
-      entry[name] = option_json(v, fmt::format("\"{}\" of \"{}\"", name, key));
-    }
-    nlohmann::ordered_json params = nlohmann::ordered_json::array();
-    for (std::int64_t p = 0; p < count.item<std::int64_t>(); ++p) {
-      c10::IValue id;
-      group.read(fmt::format("params/{}", p), id);
-      const auto i = static_cast<std::int64_t>(index.size());
-      index.emplace(id.toStringRef(), i);
-      params.push_back(i);
-    }
-    entry["params"] = std::move(params);
-    out.push_back(std::move(entry));
-  }
-  torch::serialize::InputArchive state;
-  archive.read("state", state);
-  std::vector<std::pair<std::int64_t, std::string>> order;
-  for (const auto& id : archive_keys(state)) {
-    const auto it = index.find(id);
-    if (it == index.end()) raise("cannot write \"{}\" to safetensors: its state names an unknown parameter", key);
-    order.emplace_back(it->second, id);
-  }
-  std::sort(order.begin(), order.end());
-  for (const auto& [i, id] : order) {
-    torch::serialize::InputArchive param;
-    state.read(id, param);
-    for (const auto& name : archive_keys(param)) {
-      c10::IValue v;
-      param.read(name, v);
-      const std::string file_name = fmt::format("{}.state.{}.{}", key, i, name);
+  const auto python = torch_pickle::optimizer_to_python(key, entry).toGenericDict();
+  for (const auto& item : python.at("state").toGenericDict()) {
+    for (const auto& field : item.value().toGenericDict()) {
+      const std::string name = fmt::format("{}.state.{}.{}", key, item.key().toInt(), field.key().toStringRef());
+      const c10::IValue& v = field.value();
       if (v.isTensor()) {
-        tensors.emplace_back(file_name, v.toTensor());
-      } else if (v.isInt() || v.isDouble()) {
-        // NOTE: PyTorch keeps "step" as a float32 scalar tensor; other numbers keep their type.
-        const bool step = name == "step";
-        tensors.emplace_back(file_name, v.isInt() && !step
-                                            ? at::scalar_tensor(v.toInt(), at::kLong)
-                                            : at::scalar_tensor(v.toScalar(), step ? at::kFloat : at::kDouble));
+        tensors.emplace_back(name, v.toTensor());
+      } else if (v.isInt()) {
+        tensors.emplace_back(name, at::scalar_tensor(v.toInt(), at::kLong));
+      } else if (v.isDouble()) {
+        tensors.emplace_back(name, at::scalar_tensor(v.toDouble(), at::kDouble));
       } else {
-        raise(
-            "cannot write \"{}\" to safetensors: its state \"{}\" is {}, not a tensor or a number (LBFGS keeps lists); "
-            "save it in fabric's native format",
-            key, name, describe(v));
+        raise("cannot write \"{}\" to safetensors: its state \"{}\" is {}, not a tensor or a number", key,
+              field.key().toStringRef(), describe(v));
       }
     }
   }
-  return out;
+  return option_json(python.at("param_groups"), "param_groups");
+}
+
+/// The optimizer entry of fabric's checkpoint from the flattened state and the param_groups JSON.
+inline c10::IValue unflatten_optimizer(const std::string& key, const std::map<std::string, at::Tensor>& file_tensors,
+                                       const nlohmann::json& groups, std::set<std::string>& used) {
+  c10::impl::GenericDict state(c10::IntType::get(), c10::AnyType::get());
+  const std::string prefix = key + ".state.";
+  for (const auto& [name, tensor] : file_tensors) {
+    if (name.rfind(prefix, 0) != 0) continue;
+    const std::string rest = name.substr(prefix.size());
+    const auto dot = rest.find('.');
+    char* end = nullptr;
+    const auto index = static_cast<std::int64_t>(std::strtoll(rest.c_str(), &end, 10));
+    if (dot == std::string::npos || end != rest.c_str() + dot || dot == 0) continue;
+    if (!state.contains(index))
+      state.insert(index, c10::impl::GenericDict(c10::StringType::get(), c10::AnyType::get()));
+    state.at(index).toGenericDict().insert(rest.substr(dot + 1), tensor);
+    used.insert(name);
+  }
+  c10::impl::GenericDict python(c10::StringType::get(), c10::AnyType::get());
+  python.insert("state", state);
+  python.insert("param_groups", json_value(groups));
+  return torch_pickle::optimizer_from_python(key, python);
 }
 
 // ---- writing ----
@@ -9035,11 +9034,9 @@ inline std::string to_bytes(const Checkpoint& checkpoint) {
       entry["tensors"] = std::move(names);
     } else if (kind == "optimizer") {
       const auto dict = item.value().toGenericDict();
-      const std::string archive = key + ".libtorch_archive";
-      w.tensors.emplace_back(archive, dict.at("archive").toTensor());
       nlohmann::ordered_json groups;
       try {
-        groups = flatten_optimizer(key, dict.at("archive").toTensor(), w.tensors);
+        groups = flatten_optimizer(key, dict, w.tensors);
       } catch (const c10::Error& e) {
         raise("cannot write \"{}\" to safetensors: its LibTorch state has an unexpected layout ({})", key,
               first_line(e.what_without_backtrace()));
@@ -9049,7 +9046,6 @@ inline std::string to_bytes(const Checkpoint& checkpoint) {
       nlohmann::ordered_json shapes = nlohmann::ordered_json::array();
       for (const auto& s : dict.at("shapes").toListRef()) shapes.push_back(s.toIntVector());
       entry["shapes"] = std::move(shapes);
-      entry["archive"] = archive;
     } else {
       entry["value"] = w.value(key, item.value());
     }
@@ -9192,12 +9188,20 @@ inline Checkpoint to_checkpoint(const File& file, const std::filesystem::path& p
       }
       root.insert(key, tensors);
     } else if (kind == "optimizer") {
-      if (!entry.contains("archive") || !entry.at("archive").is_string() || !entry.contains("shapes") ||
-          !entry.at("shapes").is_array() || !entry.contains("type") || !entry.at("type").is_string()) {
-        r.malformed(fmt::format("optimizer \"{}\" lacks its archive, shapes or type", key));
+      if (!entry.contains("shapes") || !entry.at("shapes").is_array() || !entry.contains("type") ||
+          !entry.at("type").is_string()) {
+        r.malformed(fmt::format("optimizer \"{}\" lacks its shapes or type", key));
       }
+      const auto groups_it = file.metadata.find(key + ".param_groups");
+      if (groups_it == file.metadata.end()) r.malformed(fmt::format("optimizer \"{}\" has no param_groups", key));
+      const nlohmann::json groups = parse_layout(groups_it->second, path);
       c10::impl::GenericDict dict(c10::StringType::get(), c10::AnyType::get());
-      dict.insert("archive", r.tensor(entry.at("archive").get<std::string>()));
+      try {
+        dict = unflatten_optimizer(key, file.tensors, groups, r.used).toGenericDict();
+      } catch (const c10::Error& e) {
+        raise("could not read the optimizer state \"{}\" in {} ({})", key, path.string(),
+              first_line(e.what_without_backtrace()));
+      }
       c10::impl::GenericList shapes(c10::ListType::ofInts());
       for (const auto& s : entry.at("shapes")) {
         c10::List<std::int64_t> shape;
@@ -9302,8 +9306,9 @@ void load_raw(const std::filesystem::path& path, T& target, bool strict) {
 /// | one module                  | its tensors under its state_dict() names (`0.weight`, ...)           |
 /// | several modules             | `<entry>.<name>`                                                     |
 /// | an optimizer                | `<entry>.state.<i>.<name>` (i: the parameter's index over all groups,|
-/// |                             | as Python's optimizer.state_dict()), metadata `<entry>.param_groups` |
-/// |                             | (JSON, Python's param_groups), and `<entry>.libtorch_archive` (U8)   |
+/// |                             | as Python's optimizer.state_dict()) and metadata                    |
+/// |                             | `<entry>.param_groups` (JSON, Python's param_groups); load rebuilds  |
+/// |                             | LibTorch's state from them (as fabric::TorchCheckpointIO does)       |
 /// | tensors of values, Stateful | `<entry>` or `<entry>.<key>...`                                      |
 /// | numbers, booleans, strings  | metadata `<entry>[.<key>...]`: "int:3", "float:0.5", "bool:true",   |
 /// |                             | "str:text" (safetensors metadata is strings only)                     |
