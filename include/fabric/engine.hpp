@@ -625,8 +625,9 @@ class Fabric {
       strategy_.save_checkpoint(path, state, filters);
     } else {
       if (!filters.empty()) {
-        detail::raise("save: this strategy's save_checkpoint(path, state) takes no filters; expected "
-                      "save_checkpoint(path, state, filters), as fabric::StrategyBase has, or save without filters");
+        detail::raise(
+            "save: this strategy's save_checkpoint(path, state) takes no filters; expected "
+            "save_checkpoint(path, state, filters), as fabric::StrategyBase has, or save without filters");
       }
       strategy_.save_checkpoint(path, state);
     }

@@ -2790,8 +2790,6 @@ void load_sampler_archive(S& sampler, const at::Tensor& bytes) {
   torch::serialize::InputArchive archive;
   (void)check_torch_zip(static_cast<const char*>(b.data_ptr()), static_cast<std::size_t>(b.numel()),
                         "the sampler state in the checkpoint");
-  (void)check_torch_zip(static_cast<const char*>(b.data_ptr()), static_cast<std::size_t>(b.numel()),
-                        "the sampler state in the checkpoint");
   archive.load_from(static_cast<const char*>(b.data_ptr()), static_cast<std::size_t>(b.numel()));
   sampler.load(archive);
 }
@@ -5292,7 +5290,8 @@ inline void check_optimizer(const std::string& key, const torch::optim::Optimize
   }
   const auto params = optimizer_params(optimizer);
   // Without "shapes" (an optimizer.state_dict() of PyTorch, see TorchCheckpointIO) the archive's checks below apply.
-  const auto shapes = dict.contains("shapes") ? dict.at("shapes").toList() : c10::impl::GenericList(c10::AnyType::get());
+  const auto shapes =
+      dict.contains("shapes") ? dict.at("shapes").toList() : c10::impl::GenericList(c10::AnyType::get());
   if (dict.contains("shapes") && shapes.size() != params.size()) {
     errors.push_back(fmt::format("{}: expected state for {} parameters, found {} in the checkpoint", label,
                                  params.size(), shapes.size()));
@@ -10634,8 +10633,9 @@ class Fabric {
       strategy_.save_checkpoint(path, state, filters);
     } else {
       if (!filters.empty()) {
-        detail::raise("save: this strategy's save_checkpoint(path, state) takes no filters; expected "
-                      "save_checkpoint(path, state, filters), as fabric::StrategyBase has, or save without filters");
+        detail::raise(
+            "save: this strategy's save_checkpoint(path, state) takes no filters; expected "
+            "save_checkpoint(path, state, filters), as fabric::StrategyBase has, or save without filters");
       }
       strategy_.save_checkpoint(path, state);
     }

@@ -99,8 +99,7 @@ Args parse(int argc, char** argv) {
       // NOTE: "auto" leaves devices at fabric's default: the launcher's processes per node.
       const std::string devices = value();
       a.devices = devices == "auto" ? fabric::Options::auto_devices : std::stoi(devices);
-    }
-    else if (flag == "--num-nodes")
+    } else if (flag == "--num-nodes")
       a.num_nodes = std::stoi(value());
     else if (flag == "--catch")
       a.catch_errors = true;

@@ -706,7 +706,8 @@ inline void check_optimizer(const std::string& key, const torch::optim::Optimize
   }
   const auto params = optimizer_params(optimizer);
   // Without "shapes" (an optimizer.state_dict() of PyTorch, see TorchCheckpointIO) the archive's checks below apply.
-  const auto shapes = dict.contains("shapes") ? dict.at("shapes").toList() : c10::impl::GenericList(c10::AnyType::get());
+  const auto shapes =
+      dict.contains("shapes") ? dict.at("shapes").toList() : c10::impl::GenericList(c10::AnyType::get());
   if (dict.contains("shapes") && shapes.size() != params.size()) {
     errors.push_back(fmt::format("{}: expected state for {} parameters, found {} in the checkpoint", label,
                                  params.size(), shapes.size()));

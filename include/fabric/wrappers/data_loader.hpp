@@ -5,7 +5,6 @@
 #include "fabric/core/error.hpp"
 #include "fabric/core/options.hpp"
 #include "fabric/detail/zip_check.hpp"
-#include "fabric/detail/zip_check.hpp"
 #include "fabric/utils/apply.hpp"
 #include "fabric/utils/seed.hpp"
 
@@ -102,8 +101,6 @@ template <class S>
 void load_sampler_archive(S& sampler, const at::Tensor& bytes) {
   const at::Tensor b = bytes.contiguous();
   torch::serialize::InputArchive archive;
-  (void)check_torch_zip(static_cast<const char*>(b.data_ptr()), static_cast<std::size_t>(b.numel()),
-                        "the sampler state in the checkpoint");
   (void)check_torch_zip(static_cast<const char*>(b.data_ptr()), static_cast<std::size_t>(b.numel()),
                         "the sampler state in the checkpoint");
   archive.load_from(static_cast<const char*>(b.data_ptr()), static_cast<std::size_t>(b.numel()));
