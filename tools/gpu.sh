@@ -6,6 +6,7 @@
 # summary is printed last. Prepare on the CPU machine first (range-v3, CLI11, nlohmann-json, the data set):
 #     tools/fetch-gpu-deps.sh
 # then run it there with .deps carried:   tools/gpu.sh [steps...]   (default: build test dist example bench)
+# FABRIC_GPU_TARGETS (a regex of targets) and FABRIC_TEST_GLOB (the unit test sources) narrow the build.
 # The step "readme" runs the README quick start's PyTorch-wheel compile line; "tensorboard" reads fabric's event
 # files with TensorBoard's EventAccumulator (tests/python/read_tensorboard.py).
 set -uo pipefail
@@ -28,7 +29,7 @@ if [[ " $steps " == *" build "* ]]; then
   start=$(date +%s)
   cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$P;$PWD/.deps/root/usr" \
     -DCMAKE_CXX_FLAGS="$flags" -DCMAKE_EXE_LINKER_FLAGS=-rdynamic -DFABRIC_INSTALL=OFF -DFABRIC_BUILD_EXAMPLES=ON -DFABRIC_BUILD_BENCH=ON \
-    -DFABRIC_DIST_WORKER_PCH="${FABRIC_DIST_WORKER_PCH:-ON}" \
+    -DFABRIC_DIST_WORKER_PCH="${FABRIC_DIST_WORKER_PCH:-ON}" ${FABRIC_TEST_GLOB:+"-DFABRIC_TEST_GLOB=$FABRIC_TEST_GLOB"} \
     >"$logs/configure.log" 2>&1 || { tail -30 "$logs/configure.log"; note "configure FAILED"; }
   targets=$(cmake --build build-gpu --target help 2>/dev/null | awk -F: '/^[a-z_0-9-]+: /{print $1}' |
     grep -E "^(${FABRIC_GPU_TARGETS:-fabric_tests|fabric_core_tests|launch_worker|fabric_ddp_worker|fashion_mnist|gpt2|bench_race|bench_ddp_race|bench_optim_step|bench_cpu_overhead|fabric-run|fabric_static_policies|fabric_static_one_process|fabric_header_check})\$" | tr '\n' ' ')
