@@ -3,6 +3,7 @@
 #include <fabric/distributed.hpp>
 #include <fabric/fabric.hpp>
 
+#include "unit/gloo.hpp"
 #include "unit/temp_dir.hpp"
 #include "unit/test_data.hpp"
 
@@ -596,6 +597,7 @@ struct Recording : fabric::SingleDevice {
 
 // Lightning: tests_fabric/test_fabric.py::test_setup_module
 TEST_CASE("setup lets the strategy prepare the module and keeps the original", "[fabric][setup][ddp]") {
+  require_gloo();
   for (const bool use_setup_module : {false, true}) {
     fabric::Fabric<fabric::CPU, fabric::DDP> fabric({}, fabric::DDP({.cluster_environment = SoloEnvironment{}}), {});
     fabric.launch();
@@ -762,6 +764,7 @@ TEST_CASE("no_backward_sync is a no-op on one device and switches DDP's synchron
     auto guard = fabric.no_backward_sync(model);
     STATIC_REQUIRE(std::is_same_v<decltype(guard), fabric::NullGuard>);
   }
+  require_gloo();
   fabric::Fabric<fabric::CPU, fabric::DDP> fabric({}, fabric::DDP({.cluster_environment = SoloEnvironment{}}), {});
   fabric.launch();
   torch::nn::Linear net(3, 3);

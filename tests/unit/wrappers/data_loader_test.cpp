@@ -3,6 +3,7 @@
 #include <fabric/distributed.hpp>
 #include <fabric/fabric.hpp>
 
+#include "unit/gloo.hpp"
 #include "unit/test_data.hpp"
 
 #include <fmt/format.h>
@@ -60,7 +61,10 @@ struct SoloEnvironment {
 
 /// A launched one-process DDP fabric (Gloo).
 struct SoloDDP {
-  SoloDDP() { fabric.launch(); }
+  SoloDDP() {
+    require_gloo();
+    fabric.launch();
+  }
   fabric::Fabric<fabric::CPU, fabric::DDP> fabric{{}, fabric::DDP({.cluster_environment = SoloEnvironment{}}), {}};
 };
 
@@ -304,6 +308,7 @@ TEST_CASE("under DDP setup_dataloaders refuses a loader that does not shard, unl
 // Lightning: tests_fabric/test_fabric.py::test_verify_launch_called
 // (setup, setup_module, setup_dataloaders, the collectives and the init_module context before launch().)
 TEST_CASE("under DDP what needs the processes is an error before launch()", "[data][ddp][errors]") {
+  require_gloo();
   fabric::Fabric<fabric::CPU, fabric::DDP> fabric{{}, fabric::DDP({.cluster_environment = SoloEnvironment{}}), {}};
   torch::nn::Linear net(2, 2);
   torch::optim::SGD sgd(net->parameters(), torch::optim::SGDOptions(0.1));
@@ -542,7 +547,7 @@ TEST_CASE("load_state_dict refuses a state of the wrong shape and changes nothin
   };
   auto target = make();
   auto without = good.copy();
-  without.erase("sampler");
+  (void)without.erase("sampler");
   CHECK_THROWS_WITH(target.load_state_dict(without), ContainsSubstring("expected the key \"sampler\""));
   CHECK_THROWS_WITH(target.load_state_dict(with("epoch", c10::IValue("one"))),
                     ContainsSubstring("expected \"epoch\" to be an integer, found String"));

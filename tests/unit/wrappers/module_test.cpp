@@ -5,6 +5,7 @@
 #include <fabric/distributed.hpp>
 #include <fabric/fabric.hpp>
 
+#include "unit/gloo.hpp"
 #include "unit/temp_dir.hpp"
 
 #include <torch/torch.h>
@@ -419,7 +420,10 @@ struct SoloEnvironment {
   }
 };
 using SoloDDPFabric = fabric::Fabric<fabric::CPU, fabric::DDP>;
-fabric::DDP solo_ddp() { return fabric::DDP({.cluster_environment = SoloEnvironment{}}); }
+fabric::DDP solo_ddp() {
+  require_gloo();
+  return fabric::DDP({.cluster_environment = SoloEnvironment{}});
+}
 
 }  // namespace
 
