@@ -9512,6 +9512,13 @@ template <class T>
 void load_raw(const std::filesystem::path& path, T& target, bool strict) {
   // A file of Python's torch.save (a state_dict, an optimizer.state_dict()): fabric's restricted reader.
   if (const auto python = read_python_file(path)) {
+    // NOTE: fabric's own checkpoints are torch pickles too; they carry fabric's marker entry.
+    if (python->isGenericDict() && python->toGenericDict().contains("__fabric__")) {
+      raise(
+          "expected a file written by torch::save or Python's torch.save at {}, found a fabric checkpoint (written "
+          "by fabric.save); use load for fabric checkpoints",
+          path.string());
+    }
     if constexpr (is_fabric_module_v<T>) {
       load_python_module(path, *python, *target, strict);
     } else if constexpr (is_fabric_optimizer_v<T>) {
