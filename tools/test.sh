@@ -12,6 +12,8 @@ echo "==> fabric: installing missing dependencies"
 tools/install-deps.sh
 echo "==> fabric: checking that single_include/fabric/fabric.hpp is up to date"
 python3 tools/amalgamate.py --check
+echo "==> fabric: checking that every test of Lightning's tests_fabric is mirrored or left out with a reason"
+python3 tools/lightning_port.py --check | tail -1
 if command -v clang-format >/dev/null; then
   echo "==> fabric: checking formatting (.clang-format)"
   git ls-files '*.hpp' '*.cpp' | grep -v '^single_include/' | xargs clang-format --dry-run --Werror
