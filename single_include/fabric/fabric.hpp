@@ -4373,6 +4373,7 @@ inline void warn_mixed_devices(const torch::nn::Module& module) {
 #include <fmt/ranges.h>
 
 #include <ATen/core/Tensor.h>
+#include <ATen/core/grad_mode.h>
 #include <ATen/core/ivalue.h>
 #include <torch/nn/module.h>
 #include <torch/optim/lbfgs.h>
@@ -4388,6 +4389,7 @@ inline void warn_mixed_devices(const torch::nn::Module& module) {
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
+#include <filesystem>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -4602,6 +4604,23 @@ inline OptimizerBackup load_optimizer_archive(torch::serialize::InputArchive& ar
     throw;
   }
   return backup;
+}
+
+/// Ends loading tensors into a module (load_raw of every format): with problems, one fabric::Error that lists
+/// them all and changes nothing; otherwise every loaded tensor is copied into its target. `must_match` is what
+/// strict = false still checks ("shapes", "shapes and dtypes").
+inline void finish_module_load(const std::filesystem::path& path, const std::vector<std::string>& errors,
+                               const std::vector<std::pair<at::Tensor, at::Tensor>>& copies, bool strict,
+                               std::string_view must_match = "shapes") {
+  if (!errors.empty()) {
+    std::string rule = fmt::format("{} must match.", must_match);
+    if (!strict) rule[0] = static_cast<char>(rule[0] - 'a' + 'A');
+    raise("cannot load {} into the module ({} problem{}; nothing was changed):\n  {}\n{}{}", path.string(),
+          errors.size(), errors.size() == 1 ? "" : "s", fmt::join(errors, "\n  "),
+          strict ? "Pass strict = false to skip missing and unexpected tensors; " : "", rule);
+  }
+  at::NoGradGuard no_grad;
+  for (const auto& [target, loaded] : copies) target.copy_(loaded);
 }
 
 }  // namespace fabric::detail
@@ -8536,14 +8555,7 @@ inline void load_python_module(const std::filesystem::path& path, const c10::IVa
       }
     }
   }
-  if (!errors.empty()) {
-    raise("cannot load {} into the module ({} problem{}; nothing was changed):\n  {}\n{}", path.string(), errors.size(),
-          errors.size() == 1 ? "" : "s", fmt::join(errors, "\n  "),
-          strict ? "Pass strict = false to skip missing and unexpected tensors; shapes must match."
-                 : "Shapes must match.");
-  }
-  at::NoGradGuard no_grad;
-  for (auto& [target, loaded] : copies) target.copy_(loaded);
+  finish_module_load(path, errors, copies, strict);
 }
 
 /// Loads a Python optimizer.state_dict() into an optimizer, checking groups, type and shapes first.
@@ -9268,14 +9280,7 @@ inline void load_module(const std::filesystem::path& path, torch::nn::Module& mo
       if (!seen.contains(name)) errors.push_back(fmt::format("\"{}\": in the file but not in the module", name));
     }
   }
-  if (!errors.empty()) {
-    raise("cannot load {} into the module ({} problem{}; nothing was changed):\n  {}\n{}", path.string(), errors.size(),
-          errors.size() == 1 ? "" : "s", fmt::join(errors, "\n  "),
-          strict ? "Pass strict = false to skip missing and unexpected tensors; shapes and dtypes must match."
-                 : "Shapes and dtypes must match.");
-  }
-  at::NoGradGuard no_grad;
-  for (auto& [target, loaded] : copies) target.copy_(loaded);
+  finish_module_load(path, errors, copies, strict, "shapes and dtypes");
 }
 
 /// load_raw of a safetensors file: a module (or its set-up wrapper); an optimizer's state is read by
@@ -9476,14 +9481,7 @@ inline void load_raw_module(const std::filesystem::path& path, torch::nn::Module
     raise("could not read the module in {} ({}); expected a file written by torch::save(module, path)", path.string(),
           first_line(e.what_without_backtrace()));
   }
-  if (!errors.empty()) {
-    raise("cannot load {} into the module ({} problem{}; nothing was changed):\n  {}\n{}", path.string(), errors.size(),
-          errors.size() == 1 ? "" : "s", fmt::join(errors, "\n  "),
-          strict ? "Pass strict = false to skip missing and unexpected tensors; shapes must match."
-                 : "Shapes must match.");
-  }
-  at::NoGradGuard no_grad;
-  for (auto& [target, loaded] : copies) target.copy_(loaded);
+  finish_module_load(path, errors, copies, strict);
 }
 
 /// Loads an optimizer from a torch::save file, checking its groups, type and state shapes first.

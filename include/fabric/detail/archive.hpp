@@ -12,6 +12,7 @@
 #include <fmt/ranges.h>
 
 #include <ATen/core/Tensor.h>
+#include <ATen/core/grad_mode.h>
 #include <ATen/core/ivalue.h>
 #include <torch/nn/module.h>
 #include <torch/optim/lbfgs.h>
@@ -27,6 +28,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
+#include <filesystem>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -241,6 +243,23 @@ inline OptimizerBackup load_optimizer_archive(torch::serialize::InputArchive& ar
     throw;
   }
   return backup;
+}
+
+/// Ends loading tensors into a module (load_raw of every format): with problems, one fabric::Error that lists
+/// them all and changes nothing; otherwise every loaded tensor is copied into its target. `must_match` is what
+/// strict = false still checks ("shapes", "shapes and dtypes").
+inline void finish_module_load(const std::filesystem::path& path, const std::vector<std::string>& errors,
+                               const std::vector<std::pair<at::Tensor, at::Tensor>>& copies, bool strict,
+                               std::string_view must_match = "shapes") {
+  if (!errors.empty()) {
+    std::string rule = fmt::format("{} must match.", must_match);
+    if (!strict) rule[0] = static_cast<char>(rule[0] - 'a' + 'A');
+    raise("cannot load {} into the module ({} problem{}; nothing was changed):\n  {}\n{}{}", path.string(),
+          errors.size(), errors.size() == 1 ? "" : "s", fmt::join(errors, "\n  "),
+          strict ? "Pass strict = false to skip missing and unexpected tensors; " : "", rule);
+  }
+  at::NoGradGuard no_grad;
+  for (const auto& [target, loaded] : copies) target.copy_(loaded);
 }
 
 }  // namespace fabric::detail

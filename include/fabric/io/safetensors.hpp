@@ -605,14 +605,7 @@ inline void load_module(const std::filesystem::path& path, torch::nn::Module& mo
       if (!seen.contains(name)) errors.push_back(fmt::format("\"{}\": in the file but not in the module", name));
     }
   }
-  if (!errors.empty()) {
-    raise("cannot load {} into the module ({} problem{}; nothing was changed):\n  {}\n{}", path.string(), errors.size(),
-          errors.size() == 1 ? "" : "s", fmt::join(errors, "\n  "),
-          strict ? "Pass strict = false to skip missing and unexpected tensors; shapes and dtypes must match."
-                 : "Shapes and dtypes must match.");
-  }
-  at::NoGradGuard no_grad;
-  for (auto& [target, loaded] : copies) target.copy_(loaded);
+  finish_module_load(path, errors, copies, strict, "shapes and dtypes");
 }
 
 /// load_raw of a safetensors file: a module (or its set-up wrapper); an optimizer's state is read by

@@ -130,14 +130,7 @@ inline void load_raw_module(const std::filesystem::path& path, torch::nn::Module
     raise("could not read the module in {} ({}); expected a file written by torch::save(module, path)", path.string(),
           first_line(e.what_without_backtrace()));
   }
-  if (!errors.empty()) {
-    raise("cannot load {} into the module ({} problem{}; nothing was changed):\n  {}\n{}", path.string(), errors.size(),
-          errors.size() == 1 ? "" : "s", fmt::join(errors, "\n  "),
-          strict ? "Pass strict = false to skip missing and unexpected tensors; shapes must match."
-                 : "Shapes must match.");
-  }
-  at::NoGradGuard no_grad;
-  for (auto& [target, loaded] : copies) target.copy_(loaded);
+  finish_module_load(path, errors, copies, strict);
 }
 
 /// Loads an optimizer from a torch::save file, checking its groups, type and state shapes first.

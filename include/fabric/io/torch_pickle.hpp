@@ -740,14 +740,7 @@ inline void load_python_module(const std::filesystem::path& path, const c10::IVa
       }
     }
   }
-  if (!errors.empty()) {
-    raise("cannot load {} into the module ({} problem{}; nothing was changed):\n  {}\n{}", path.string(), errors.size(),
-          errors.size() == 1 ? "" : "s", fmt::join(errors, "\n  "),
-          strict ? "Pass strict = false to skip missing and unexpected tensors; shapes must match."
-                 : "Shapes must match.");
-  }
-  at::NoGradGuard no_grad;
-  for (auto& [target, loaded] : copies) target.copy_(loaded);
+  finish_module_load(path, errors, copies, strict);
 }
 
 /// Loads a Python optimizer.state_dict() into an optimizer, checking groups, type and shapes first.
