@@ -3,7 +3,7 @@
 #include <fabric/distributed.hpp>
 #include <fabric/fabric.hpp>
 
-#include "unit/gloo.hpp"
+#include "unit/solo_ddp.hpp"
 #include "unit/temp_dir.hpp"
 #include "unit/test_data.hpp"
 
@@ -552,19 +552,6 @@ TEST_CASE("print with PrintOptions: another end, another stream (Python's end= a
 // ---- Lightning's test_fabric.py: setup, backward, autocast, no_backward_sync, clipping -----------
 
 namespace {
-
-/// One process of a DDP job that nothing launched: rank 0 of 1, meeting on a free port of this host.
-struct SoloEnvironment {
-  static constexpr std::string_view name = "solo";
-  static bool detect(const fabric::EnvLookup& /*env*/) { return true; }
-  fabric::Topology topology(const fabric::EnvLookup& /*env*/, int /*devices*/, int /*num_nodes*/) const {
-    fabric::Topology t;
-    t.name = name;
-    t.creates_processes_externally = true;
-    t.main_port = fabric::detail::find_free_port();
-    return t;
-  }
-};
 
 /// A strategy that records what Fabric hands it (Lightning's Mock(spec=Strategy)), then does
 /// SingleDevice's work.

@@ -1587,8 +1587,8 @@ TEST_CASE("load reads a dictionary written without fabric (torch.save's shape) a
   CHECK_THAT(error_of([&] { fabric.load(path, {{"foo", sgd}}); }), ContainsSubstring("expected an optimizer's state"));
 }
 
-// Lightning left out: tests_fabric/test_fabric.py::test_fabric_load_forwards_weights_only_to_strategy - weights_only picks Python's restricted unpickler; fabric reads with torch::pickle_load, which builds only IValues (tensors, numbers, strings, containers), never arbitrary objects, so there is no unsafe mode to forward
-// Lightning left out: tests_fabric/test_fabric.py::test_fabric_load_raw_forwards_weights_only_to_strategy - weights_only picks Python's restricted unpickler; load_raw reads LibTorch archives (torch::load), which hold no Python objects, so there is no unsafe mode to forward
+// Lightning left out: tests_fabric/test_fabric.py::test_fabric_load_forwards_weights_only_to_strategy - weights_only picks Python's restricted unpickler; fabric reads its checkpoints with torch::pickle_load, which builds only IValues (tensors, numbers, strings, containers), and Python's torch.save files with its restricted unpickler (io/torch_pickle.hpp), never arbitrary objects, so there is no unsafe mode to forward
+// Lightning left out: tests_fabric/test_fabric.py::test_fabric_load_raw_forwards_weights_only_to_strategy - weights_only picks Python's restricted unpickler; load_raw reads LibTorch archives (torch::load), which hold no Python objects, and Python's state_dict files through the restricted unpickler, so there is no unsafe mode to forward
 
 TEST_CASE("Stateful entries: a user object, a StateAdapter, a shared_ptr, and a const object saved only",
           "[checkpoint][stateful]") {

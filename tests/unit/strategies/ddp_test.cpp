@@ -3,6 +3,7 @@
 
 #include <fabric/distributed.hpp>
 
+#include "unit/solo_ddp.hpp"
 #include "unit/temp_dir.hpp"
 
 #include <torch/torch.h>
@@ -18,22 +19,9 @@ using Catch::Matchers::ContainsSubstring;
 
 namespace {
 
-/// One process of a DDP job that nothing launched: rank 0 of 1, meeting on a free port of this host.
-struct SoloEnvironment {
-  static constexpr std::string_view name = "solo";
-  static bool detect(const fabric::EnvLookup& /*env*/) { return true; }
-  fabric::Topology topology(const fabric::EnvLookup& /*env*/, int /*devices*/, int /*num_nodes*/) const {
-    fabric::Topology t;
-    t.name = name;
-    t.creates_processes_externally = true;
-    t.main_port = fabric::detail::find_free_port();
-    return t;
-  }
-};
-
 /// A one-process DDP over Gloo (the PyTorch wheel's LibTorch has no Gloo: the tests skip there).
 fabric::DDP solo(fabric::DDP::Options options = {}) {
-  if (!fabric::detail::has_backend("gloo")) SKIP("this LibTorch has no Gloo for a CPU process group");
+  require_gloo();
   options.cluster_environment = SoloEnvironment{};
   return fabric::DDP(std::move(options));
 }

@@ -5,7 +5,7 @@
 #include <fabric/distributed.hpp>
 #include <fabric/fabric.hpp>
 
-#include "unit/gloo.hpp"
+#include "unit/solo_ddp.hpp"
 #include "unit/temp_dir.hpp"
 
 #include <torch/torch.h>
@@ -407,18 +407,6 @@ struct CountingPrecision : fabric::PrecisionBase {
   }
 };
 
-/// One process of a DDP job that nothing launched: rank 0 of 1, meeting on a free port of this host.
-struct SoloEnvironment {
-  static constexpr std::string_view name = "solo";
-  static bool detect(const fabric::EnvLookup& /*env*/) { return true; }
-  fabric::Topology topology(const fabric::EnvLookup& /*env*/, int /*devices*/, int /*num_nodes*/) const {
-    fabric::Topology t;
-    t.name = name;
-    t.creates_processes_externally = true;
-    t.main_port = fabric::detail::find_free_port();
-    return t;
-  }
-};
 using SoloDDPFabric = fabric::Fabric<fabric::CPU, fabric::DDP>;
 fabric::DDP solo_ddp() {
   require_gloo();
