@@ -47,6 +47,7 @@
 #include "fabric/wrappers/data_loader.hpp"
 #include "fabric/wrappers/module.hpp"
 #include "fabric/wrappers/optimizer.hpp"
+#include "fabric/wrappers/unit.hpp"
 
 // The multi-process half, for translation units that define FABRIC_DISTRIBUTED before including this
 // header (as users of the single header do); otherwise include fabric/distributed.hpp.
