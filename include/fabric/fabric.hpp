@@ -23,6 +23,7 @@
 #include "fabric/io/checkpoint_io.hpp"
 #include "fabric/io/native.hpp"
 #include "fabric/io/safetensors.hpp"
+#include "fabric/io/sharded.hpp"
 #include "fabric/io/state.hpp"
 #include "fabric/io/torch_archive.hpp"
 #include "fabric/io/torch_pickle.hpp"
