@@ -422,4 +422,81 @@ TEST_CASE("TorchCheckpointIO: a sample .ckpt for tests/python/check_ckpt.py", "[
   write_python_sample(dir);
 }
 
+/// "<name> <value> <value> ..." lines of a fixture's expected values (floats in hex), '#' lines skipped.
+std::map<std::string, std::vector<double>> expected_numbers(const std::filesystem::path& file) {
+  std::map<std::string, std::vector<double>> out;
+  std::ifstream in(file);
+  REQUIRE(in.good());
+  for (std::string line; std::getline(in, line);) {
+    if (line.empty() || line[0] == '#') continue;
+    std::istringstream words(line);
+    std::string name, value;
+    words >> name;
+    while (words >> value) out[name].push_back(std::strtod(value.c_str(), nullptr));
+  }
+  return out;
+}
+
+// tests/python/fidelity.py --fixtures (Lightning 2.6.6, torch 2.11): Python Lightning's fabric.save after 20 of
+// 40 steps, with the data ("x", "y"); fabric loads it and trains the other 20 steps, as fidelity.py does on the GPU
+// machine (there bit for bit for SGD). Here the LibTorch and the CPU differ from the fixture's, hence a tolerance
+// (measured with LibTorch 1.13 on the CI machine's CPU: 2.2e-7 relative at most).
+TEST_CASE("fabric continues Python Lightning's run from its fabric.save without a jump in the loss curve",
+          "[torch_pickle]") {
+  const auto expected = expected_numbers(fixtures / "expected_fidelity.txt");
+  for (const std::string name : {"sgd", "adamw"}) {
+    INFO(name);
+    torch::manual_seed(0);  // other weights than the run's: the checkpoint replaces them
+    torch::nn::Sequential net{torch::nn::Linear(4, 16), torch::nn::Tanh(), torch::nn::Linear(16, 1)};
+    std::shared_ptr<torch::optim::Optimizer> optimizer;
+    if (name == "sgd") {
+      optimizer = std::make_shared<torch::optim::SGD>(net->parameters(), torch::optim::SGDOptions(0.05).momentum(0.9));
+    } else {
+      optimizer =
+          std::make_shared<torch::optim::AdamW>(net->parameters(), torch::optim::AdamWOptions(1e-2).weight_decay(1e-2));
+    }
+    fabric::Fabric<fabric::CPU> fabric;
+    std::int64_t step = 0;
+    fabric::State state{{"model", net}, {"optimizer", *optimizer}, {"step", std::ref(step)}};
+    const fabric::State rest = fabric.load(fixtures / ("lightning_fidelity_" + name + ".ckpt"), state);
+    REQUIRE(step == 20);
+    const auto x = rest.at("x").get<at::Tensor>();
+    const auto y = rest.at("y").get<at::Tensor>();
+    const auto& want = expected.at(name);
+    REQUIRE(want.size() == 20);
+    for (std::size_t i = 0; i < want.size(); ++i, ++step) {
+      const auto rows = (step % 4) * 16;
+      optimizer->zero_grad();
+      auto loss = torch::mse_loss(net->forward(x.narrow(0, rows, 16)), y.narrow(0, rows, 16));
+      loss.backward();
+      optimizer->step();
+      INFO("step " << step + 1);
+      CHECK(std::abs(loss.item<double>() - want[i]) <= 1e-5 * want[i]);
+    }
+  }
+}
+
+// tests/python/make_scaler_fixture.py (Lightning 2.6.6 on CUDA, 16-mixed with its GradScaler): the scaler backed
+// off from 2^24 to 2^16 and grew and backed off again; fabric::GradScaler takes PyTorch's state, and the CUDA
+// model and optimizer state load into CPU objects.
+TEST_CASE("Python Lightning's fabric.save of a GradScaler loads into fabric::GradScaler", "[torch_pickle]") {
+  const auto expected = expected_numbers(fixtures / "expected_scaler.txt");
+  fabric::GradScaler scaler({.init_scale = 2.0, .growth_interval = 100});
+  torch::nn::Sequential net{torch::nn::Linear(4, 8), torch::nn::Tanh(), torch::nn::Linear(8, 1)};
+  torch::optim::AdamW adamw(net->parameters(), torch::optim::AdamWOptions(0.5));
+  std::int64_t step = 0;
+  fabric::Fabric<fabric::CPU> fabric;
+  fabric::State state{{"model", net}, {"optimizer", adamw}, {"scaler", scaler}, {"step", std::ref(step)}};
+  fabric.load(fixtures / "lightning_scaler.ckpt", state);
+  CHECK(step == 12);
+  CHECK(scaler.get_scale() == expected.at("scale").at(0));
+  CHECK(scaler.get_scale() == 65536.0);
+  CHECK(scaler.options().growth_factor == expected.at("growth_factor").at(0));
+  CHECK(scaler.options().backoff_factor == expected.at("backoff_factor").at(0));
+  CHECK(scaler.options().growth_interval == static_cast<std::int64_t>(expected.at("growth_interval").at(0)));
+  CHECK(scaler.growth_tracker() == static_cast<std::int64_t>(expected.at("_growth_tracker").at(0)));
+  CHECK(adamw.param_groups()[0].options().get_lr() == 1e-2);
+  CHECK(net->parameters()[0].device().is_cpu());
+}
+
 }  // namespace
