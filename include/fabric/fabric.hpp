@@ -30,6 +30,8 @@
 #include "fabric/loggers/csv.hpp"
 #include "fabric/loggers/logger.hpp"
 #include "fabric/loggers/tensorboard.hpp"
+#include "fabric/nn/linear.hpp"
+#include "fabric/nn/loss.hpp"
 #include "fabric/optim/foreach_step.hpp"
 #include "fabric/precision/autocast.hpp"
 #include "fabric/precision/double.hpp"

@@ -13058,6 +13058,280 @@ class TensorBoardLogger final : public Logger {
 
 }  // namespace fabric
 // ---- end fabric/loggers/tensorboard.hpp
+// ---- begin fabric/nn/linear.hpp
+// fabric::nn::Linear: torch::nn::Linear whose forward keeps the bias in the matrix product for every
+// input rank (at::linear), so a [B, T, C] input costs one GEMM, not a GEMM and a separate bias add.
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/linear.h>
+#include <c10/core/Device.h>
+#include <c10/util/Optional.h>
+#include <torch/csrc/autograd/grad_mode.h>
+#include <torch/nn/module.h>
+#include <torch/nn/modules/linear.h>
+#include <torch/nn/options/linear.h>
+#include <torch/nn/pimpl.h>
+
+#include <cstdint>
+#include <memory>
+#include <ostream>
+
+namespace fabric::nn {
+
+/// A drop-in for `torch::nn::LinearImpl`: the same options, parameters (`weight` [out, in], `bias` [out]),
+/// initialisation (so a seed gives the same weights) and state-dict keys, and a forward that calls
+/// `at::linear`, which folds an input of any rank into one GEMM with the bias in it (under autocast the
+/// bias is cast with the weight).
+///
+/// NOTE: LibTorch's `torch::nn::functional::linear` (and so `torch::nn::Linear`) fuses the bias only for
+/// 2-D inputs; for a [B, T, C] input it runs the matmul and then `output += bias`, a second pass over the
+/// output, and under autocast a mixed bfloat16 += float32 add. Python's `nn.Linear` calls `at::linear`.
+///
+///     fabric::nn::Linear fc(768, 3072);                                 // as torch::nn::Linear(768, 3072)
+///     fabric::nn::Linear head(torch::nn::LinearOptions(768, 10).bias(false));
+///     at::Tensor y = fc(x);                                             // x [B, T, 768] -> [B, T, 3072]
+///
+/// It is a `torch::nn::LinearImpl` (`module.as<torch::nn::Linear>()` finds it), and `clone()` gives a
+/// fabric::nn::LinearImpl.
+class LinearImpl : public torch::nn::LinearImpl {
+ public:
+  /// Creates the layer as `torch::nn::Linear(in_features, out_features)` does.
+  LinearImpl(std::int64_t in_features, std::int64_t out_features)
+      : LinearImpl(torch::nn::LinearOptions(in_features, out_features)) {}
+  /// Creates the layer as `torch::nn::Linear(options)` does.
+  explicit LinearImpl(const torch::nn::LinearOptions& options) : torch::nn::LinearImpl(options) {}
+
+  /// Returns `input @ weight.T + bias` for an input [..., in_features], bias inside the GEMM.
+  at::Tensor forward(const at::Tensor& input) { return at::linear(input, weight, bias); }
+
+  /// Returns a deep copy that is a fabric::nn::LinearImpl too (on `device` when given).
+  std::shared_ptr<torch::nn::Module> clone(const c10::optional<c10::Device>& device = c10::nullopt) const override {
+    torch::NoGradGuard no_grad;
+    auto copy = std::make_shared<LinearImpl>(options);
+    const auto copy_into = [&device](const at::Tensor& from, const at::Tensor& to) {
+      if (from.defined()) to.set_data(device && from.device() != *device ? from.to(*device) : from.clone());
+    };
+    copy_into(weight, copy->weight);
+    copy_into(bias, copy->bias);
+    copy->train(is_training());
+    return copy;
+  }
+
+  /// Prints `fabric::nn::Linear(in_features=.., out_features=.., bias=..)`.
+  void pretty_print(std::ostream& stream) const override {
+    stream << "fabric::nn::Linear(in_features=" << options.in_features() << ", out_features=" << options.out_features()
+           << ", bias=" << std::boolalpha << options.bias() << ")";
+  }
+};
+
+/// The module holder of fabric::nn::LinearImpl, used as `torch::nn::Linear` is.
+TORCH_MODULE(Linear);
+
+}  // namespace fabric::nn
+// ---- end fabric/nn/linear.hpp
+// ---- begin fabric/nn/loss.hpp
+// fabric::nn::cross_entropy: cross-entropy of bfloat16 / float16 (or float32) logits that accumulates in
+// float32 without a float32 copy of the whole logits, forward and backward, chunk by chunk of rows.
+
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/mul.h>
+#include <ATen/ops/neg.h>
+#include <c10/core/ScalarType.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/enum.h>
+#include <torch/nn/options/loss.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <string>
+
+namespace fabric::nn {
+
+/// How fabric::nn::cross_entropy splits the logits into chunks of rows.
+struct ChunkOptions {
+  /// Rows per chunk; 0: the fewest equal chunks that hold at most `max_elements` logits each (at least
+  /// one row).
+  std::int64_t rows = 0;
+  /// The most logits a chunk holds when `rows` is 0 (2^25: 128 MiB of float32 per chunk).
+  std::int64_t max_elements = std::int64_t{1} << 25;
+};
+
+namespace detail {
+
+/// The reductions, as at::Reduction numbers them.
+enum class Reduction : std::int64_t { none = 0, mean = 1, sum = 2 };
+
+/// The autograd Function of fabric::nn::cross_entropy: logits [N, V], targets [N] int64.
+struct ChunkedCrossEntropy : torch::autograd::Function<ChunkedCrossEntropy> {
+  /// Returns the losses (float32), reduced; saves the logits (no copy) and the targets for backward.
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& logits, const at::Tensor& targets,
+                            std::int64_t reduction, std::int64_t ignore_index, double smoothing,
+                            std::int64_t chunk_rows) {
+    const std::int64_t n = logits.size(0), v = logits.size(1);
+    const at::Tensor valid = targets.ne(ignore_index);
+    const at::Tensor safe = targets.masked_fill(valid.logical_not(), 0).unsqueeze(1);  // [N, 1], in range
+    at::Tensor losses = at::empty({n}, logits.options().dtype(at::kFloat));
+    for (std::int64_t begin = 0; begin < n; begin += chunk_rows) {
+      const std::int64_t rows = std::min(chunk_rows, n - begin);
+      // NOTE: log_softmax with a dtype reads the chunk in its own dtype and writes float32: the one
+      // float32 tensor of the forward, rows x V; it is freed before the next chunk.
+      const at::Tensor logp = logits.narrow(0, begin, rows).log_softmax(1, at::kFloat);
+      at::Tensor out = losses.narrow(0, begin, rows);
+      at::neg_out(out, logp.gather(1, safe.narrow(0, begin, rows)).squeeze(1));
+      if (smoothing > 0) {
+        // (1 - e) * nll + e * mean over the classes of -log p, as PyTorch's label smoothing.
+        out.mul_(1.0 - smoothing).sub_(logp.sum(1), smoothing / static_cast<double>(v));
+      }
+    }
+    losses.masked_fill_(valid.logical_not(), 0.0);
+    const at::Tensor count = valid.sum().to(at::kFloat);
+    ctx->save_for_backward({logits, targets, count});
+    ctx->saved_data["reduction"] = reduction;
+    ctx->saved_data["ignore_index"] = ignore_index;
+    ctx->saved_data["smoothing"] = smoothing;
+    ctx->saved_data["chunk_rows"] = chunk_rows;
+    switch (static_cast<Reduction>(reduction)) {
+      case Reduction::none:
+        return losses;
+      case Reduction::sum:
+        return losses.sum();
+      case Reduction::mean:
+        break;
+    }
+    return losses.sum().div_(count);
+  }
+
+  /// Returns the gradient of the logits in their dtype: (softmax - target distribution) times the
+  /// incoming gradient per row, computed and written chunk by chunk.
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor& logits = saved[0];
+    const at::Tensor& targets = saved[1];
+    const at::Tensor& count = saved[2];
+    const auto reduction = static_cast<Reduction>(ctx->saved_data["reduction"].toInt());
+    const std::int64_t ignore_index = ctx->saved_data["ignore_index"].toInt();
+    const double smoothing = ctx->saved_data["smoothing"].toDouble();
+    const std::int64_t chunk_rows = ctx->saved_data["chunk_rows"].toInt();
+    const std::int64_t n = logits.size(0), v = logits.size(1);
+
+    const at::Tensor valid = targets.ne(ignore_index);
+    const at::Tensor safe = targets.masked_fill(valid.logical_not(), 0).unsqueeze(1);
+    // The gradient each row's loss receives: 0 for ignored rows.
+    at::Tensor row = valid.to(at::kFloat);
+    // none: grads[0] is [N]; sum and mean: a scalar, divided by the rows counted for mean.
+    row.mul_(reduction == Reduction::mean ? grads[0].to(at::kFloat) / count : grads[0].to(at::kFloat));
+    row = row.unsqueeze(1);  // [N, 1]
+    at::Tensor grad = at::empty({n, v}, logits.options());
+    const at::Tensor minus_target =
+        at::full({std::min(chunk_rows, n), 1}, -(1.0 - smoothing), logits.options().dtype(at::kFloat));
+    for (std::int64_t begin = 0; begin < n; begin += chunk_rows) {
+      const std::int64_t rows = std::min(chunk_rows, n - begin);
+      // NOTE: the one float32 tensor of the backward, rows x V, freed before the next chunk; the
+      // product is written straight into the gradient in the logits' dtype.
+      at::Tensor p = logits.narrow(0, begin, rows).softmax(1, at::kFloat);
+      p.scatter_add_(1, safe.narrow(0, begin, rows), minus_target.narrow(0, 0, rows));
+      if (smoothing > 0) p.sub_(smoothing / static_cast<double>(v));
+      at::Tensor out = grad.narrow(0, begin, rows);
+      at::mul_out(out, p, row.narrow(0, begin, rows));
+    }
+    return {grad, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+}  // namespace detail
+
+/// Returns the cross-entropy of logits [N, C] against class indices [N], as
+/// `torch::nn::functional::cross_entropy(logits, targets, options)` computes it in float32, without a
+/// float32 copy of the logits: it reads them in their dtype (bfloat16, float16 or float32), works on
+/// chunks of rows in float32 (log-softmax in forward, softmax in backward, each chunk freed before the
+/// next), returns a float32 loss and gives the logits a gradient in their own dtype.
+///
+///     fabric::Fabric<fabric::CUDA, fabric::SingleDevice, fabric::BF16Mixed> fabric(
+///         {}, {}, fabric::BF16Mixed({.convert_output = false}));  // keep the logits in bfloat16
+///     at::Tensor logits = model(tokens);                           // [B, T, V] bfloat16
+///     at::Tensor loss = fabric::nn::cross_entropy(logits.view({-1, logits.size(-1)}), targets.view(-1));
+///
+/// Options: `reduction` (mean, sum, none), `ignore_index`, `label_smoothing`; class `weight` and
+/// probability targets are refused (use `torch::nn::functional::cross_entropy`). Memory beyond the
+/// logits and their gradient: one float32 chunk (rows x C x 4 bytes; at most 128 MiB by default) and a few
+/// float32 vectors of N. Targets out of range are a fabric::Error on the CPU and a device-side assert
+/// on the GPU (as in PyTorch). The backward is not itself differentiable.
+inline at::Tensor cross_entropy(const at::Tensor& logits, const at::Tensor& targets,
+                                const torch::nn::functional::CrossEntropyFuncOptions& options = {},
+                                const ChunkOptions& chunks = {}) {
+  if (!logits.defined() || !targets.defined()) {
+    fabric::detail::raise("fabric::nn::cross_entropy: expected defined logits and targets, found {} undefined",
+                          logits.defined() ? "the targets" : "the logits");
+  }
+  if (logits.dim() != 2 || !logits.is_floating_point()) {
+    fabric::detail::raise(
+        "fabric::nn::cross_entropy: expected floating logits [N, C], found {}-D {}; flatten them first: "
+        "logits.view({{-1, logits.size(-1)}})",
+        logits.dim(), std::string(c10::toString(logits.scalar_type())));
+  }
+  if (targets.is_floating_point() || targets.is_complex() || targets.scalar_type() == at::kBool) {
+    fabric::detail::raise(
+        "fabric::nn::cross_entropy: expected class indices (int64 targets), found {} targets; class "
+        "probabilities need torch::nn::functional::cross_entropy",
+        std::string(c10::toString(targets.scalar_type())));
+  }
+  if (targets.dim() != 1 || targets.size(0) != logits.size(0)) {
+    fabric::detail::raise(
+        "fabric::nn::cross_entropy: expected targets [N] for logits [{}, {}], found {}-D targets of {} elements; "
+        "flatten them with targets.view(-1)",
+        logits.size(0), logits.size(1), targets.dim(), targets.numel());
+  }
+  if (targets.device() != logits.device()) {
+    fabric::detail::raise("fabric::nn::cross_entropy: expected targets on the logits' device {}, found {}",
+                          logits.device().str(), targets.device().str());
+  }
+  if (logits.size(1) < 1) fabric::detail::raise("fabric::nn::cross_entropy: expected at least one class, found 0");
+  if (options.weight().defined()) {
+    fabric::detail::raise(
+        "fabric::nn::cross_entropy: class weights are not supported; drop `weight` or use "
+        "torch::nn::functional::cross_entropy");
+  }
+  const double smoothing = options.label_smoothing();
+  if (!(smoothing >= 0.0 && smoothing <= 1.0)) {
+    fabric::detail::raise("fabric::nn::cross_entropy: expected label_smoothing in [0, 1], found {}", smoothing);
+  }
+  if (chunks.rows < 0 || chunks.max_elements < 1) {
+    fabric::detail::raise(
+        "fabric::nn::cross_entropy: expected ChunkOptions rows >= 0 and max_elements >= 1, found rows {} and "
+        "max_elements {}",
+        chunks.rows, chunks.max_elements);
+  }
+  const at::Tensor t = targets.to(at::kLong);
+  const std::int64_t ignore = options.ignore_index();
+  if (!t.is_cuda() && t.numel() > 0) {
+    // NOTE: on the CPU the range check costs no device synchronisation; on the GPU it would.
+    const at::Tensor bad = t.ne(ignore).logical_and(t.lt(0).logical_or(t.ge(logits.size(1))));
+    if (bad.any().item<bool>()) {
+      fabric::detail::raise(
+          "fabric::nn::cross_entropy: expected targets in [0, {}) or ignore_index {}, found {} at position {}",
+          logits.size(1), ignore, t.masked_select(bad)[0].item<std::int64_t>(),
+          bad.nonzero()[0][0].item<std::int64_t>());
+    }
+  }
+  // NOTE: equal chunks (8192 rows of 50304 logits: 13 chunks of 631 rows, not 12 of 667 and one of 188):
+  // softmax kernels run one block per row, so a short last chunk would leave most of the GPU idle.
+  const std::int64_t n = logits.size(0);
+  std::int64_t rows = chunks.rows;
+  if (rows == 0) {
+    const std::int64_t most = std::max<std::int64_t>(1, chunks.max_elements / logits.size(1));
+    const std::int64_t count = std::max<std::int64_t>(1, (n + most - 1) / most);
+    rows = std::max<std::int64_t>(1, (n + count - 1) / count);
+  }
+  const auto reduction = static_cast<std::int64_t>(torch::enumtype::reduction_get_enum(options.reduction()));
+  return detail::ChunkedCrossEntropy::apply(logits, t, reduction, ignore, smoothing, rows);
+}
+
+}  // namespace fabric::nn
+// ---- end fabric/nn/loss.hpp
 // ---- begin fabric/precision/double.hpp
 // fabric::FP64: float64 weights and compute ("64-true").
 
@@ -13107,6 +13381,16 @@ struct TruePrecision : PrecisionBase {
   /// Says that the precision works in the wrapper's forward (it casts the inputs to the dtype).
   static constexpr bool needs_wrapped_forward = true;
 
+  /// Settings: whether floating outputs of the wrapped forward come back as float32 (Lightning's
+  /// `convert_output`; the default) or stay in the dtype (`convert_output = false`).
+  struct Options {
+    bool convert_output = true;
+  };
+
+  TruePrecision() = default;
+  /// Creates the precision with its settings.
+  explicit TruePrecision(Options options) noexcept : options_(options) {}
+
   /// Returns the dtype of parameters and of what `init_module`/`init_tensor` create.
   static constexpr c10::ScalarType param_dtype() noexcept { return Dtype; }
   /// Fails at construction where the device cannot compute in the dtype: float16 matmuls on the CPU
@@ -13132,13 +13416,19 @@ struct TruePrecision : PrecisionBase {
   std::remove_cvref_t<T> convert_input(T&& x) {
     return detail::cast_floating(std::forward<T>(x), Dtype);
   }
-  /// Casts floating outputs of the wrapped forward back to float32.
+  /// Casts floating outputs of the wrapped forward back to float32 (unless `Options::convert_output` is false).
   template <class T>
   std::remove_cvref_t<T> convert_output(T&& x) {
+    if (!options_.convert_output) return std::remove_cvref_t<T>(std::forward<T>(x));
     return detail::cast_floating(std::forward<T>(x), c10::ScalarType::Float);
   }
+  /// Says whether floating outputs of the wrapped forward come back as float32.
+  bool converts_output() const noexcept { return options_.convert_output; }
   /// Makes the dtype the default while forward (or `Fabric::autocast`) runs.
   DefaultDtypeGuard forward_context() const { return DefaultDtypeGuard(Dtype); }
+
+ private:
+  Options options_{};
 };
 
 /// bfloat16 weights and compute, no master copy ("bf16-true").
@@ -13402,9 +13692,13 @@ class MixedPrecision {
   /// Says that the optimizer's own step would skip the gradient scaler (float16 only).
   static constexpr bool needs_fabric_step = Dtype == c10::ScalarType::Half;
 
-  /// Settings: the gradient scaler's (used by float16 only).
+  /// Settings: the gradient scaler's (used by float16 only), and whether floating outputs of the wrapped
+  /// forward come back as float32 (Lightning's `convert_output`; the default) or stay in the dtype
+  /// autocast gave them (`convert_output = false`: bfloat16 logits for fabric::nn::cross_entropy, no
+  /// float32 copy).
   struct Options {
     GradScaler::Options scaler{};
+    bool convert_output = true;
   };
 
   MixedPrecision() = default;
@@ -13461,11 +13755,14 @@ class MixedPrecision {
   std::remove_cvref_t<T> convert_input(T&& x) {
     return detail::cast_floating(std::forward<T>(x), dtype_);
   }
-  /// Casts floating outputs of the wrapped forward back to float32.
+  /// Casts floating outputs of the wrapped forward back to float32 (unless `Options::convert_output` is false).
   template <class T>
   std::remove_cvref_t<T> convert_output(T&& x) {
+    if (!options_.convert_output) return std::remove_cvref_t<T>(std::forward<T>(x));
     return detail::cast_floating(std::forward<T>(x), c10::ScalarType::Float);
   }
+  /// Says whether floating outputs of the wrapped forward come back as float32.
+  bool converts_output() const noexcept { return options_.convert_output; }
   /// Autocast for the fabric's device type and the dtype.
   AutocastGuard forward_context() const { return AutocastGuard(device_type_, dtype_); }
   /// Runs backward on the loss, scaled by the gradient scaler with float16.

@@ -48,6 +48,16 @@ struct TruePrecision : PrecisionBase {
   /// Says that the precision works in the wrapper's forward (it casts the inputs to the dtype).
   static constexpr bool needs_wrapped_forward = true;
 
+  /// Settings: whether floating outputs of the wrapped forward come back as float32 (Lightning's
+  /// `convert_output`; the default) or stay in the dtype (`convert_output = false`).
+  struct Options {
+    bool convert_output = true;
+  };
+
+  TruePrecision() = default;
+  /// Creates the precision with its settings.
+  explicit TruePrecision(Options options) noexcept : options_(options) {}
+
   /// Returns the dtype of parameters and of what `init_module`/`init_tensor` create.
   static constexpr c10::ScalarType param_dtype() noexcept { return Dtype; }
   /// Fails at construction where the device cannot compute in the dtype: float16 matmuls on the CPU
@@ -73,13 +83,19 @@ struct TruePrecision : PrecisionBase {
   std::remove_cvref_t<T> convert_input(T&& x) {
     return detail::cast_floating(std::forward<T>(x), Dtype);
   }
-  /// Casts floating outputs of the wrapped forward back to float32.
+  /// Casts floating outputs of the wrapped forward back to float32 (unless `Options::convert_output` is false).
   template <class T>
   std::remove_cvref_t<T> convert_output(T&& x) {
+    if (!options_.convert_output) return std::remove_cvref_t<T>(std::forward<T>(x));
     return detail::cast_floating(std::forward<T>(x), c10::ScalarType::Float);
   }
+  /// Says whether floating outputs of the wrapped forward come back as float32.
+  bool converts_output() const noexcept { return options_.convert_output; }
   /// Makes the dtype the default while forward (or `Fabric::autocast`) runs.
   DefaultDtypeGuard forward_context() const { return DefaultDtypeGuard(Dtype); }
+
+ private:
+  Options options_{};
 };
 
 /// bfloat16 weights and compute, no master copy ("bf16-true").

@@ -46,9 +46,13 @@ class MixedPrecision {
   /// Says that the optimizer's own step would skip the gradient scaler (float16 only).
   static constexpr bool needs_fabric_step = Dtype == c10::ScalarType::Half;
 
-  /// Settings: the gradient scaler's (used by float16 only).
+  /// Settings: the gradient scaler's (used by float16 only), and whether floating outputs of the wrapped
+  /// forward come back as float32 (Lightning's `convert_output`; the default) or stay in the dtype
+  /// autocast gave them (`convert_output = false`: bfloat16 logits for fabric::nn::cross_entropy, no
+  /// float32 copy).
   struct Options {
     GradScaler::Options scaler{};
+    bool convert_output = true;
   };
 
   MixedPrecision() = default;
@@ -105,11 +109,14 @@ class MixedPrecision {
   std::remove_cvref_t<T> convert_input(T&& x) {
     return detail::cast_floating(std::forward<T>(x), dtype_);
   }
-  /// Casts floating outputs of the wrapped forward back to float32.
+  /// Casts floating outputs of the wrapped forward back to float32 (unless `Options::convert_output` is false).
   template <class T>
   std::remove_cvref_t<T> convert_output(T&& x) {
+    if (!options_.convert_output) return std::remove_cvref_t<T>(std::forward<T>(x));
     return detail::cast_floating(std::forward<T>(x), c10::ScalarType::Float);
   }
+  /// Says whether floating outputs of the wrapped forward come back as float32.
+  bool converts_output() const noexcept { return options_.convert_output; }
   /// Autocast for the fabric's device type and the dtype.
   AutocastGuard forward_context() const { return AutocastGuard(device_type_, dtype_); }
   /// Runs backward on the loss, scaled by the gradient scaler with float16.

@@ -96,6 +96,30 @@ TEMPLATE_LIST_TEST_CASE("every precision trains on the CPU with the documented d
   CHECK(net->fc1->weight.grad().scalar_type() == param);
 }
 
+TEST_CASE("convert_output = false leaves the outputs of forward in the compute dtype", "[precision]") {
+  const auto x = torch::randn({4, 8});
+  {
+    CpuFabric<fabric::BF16Mixed> fabric({}, fabric::SingleDevice{}, fabric::BF16Mixed({.convert_output = false}));
+    CHECK_FALSE(fabric.precision().converts_output());
+    Probe net;
+    auto model = fabric.setup(net);
+    CHECK(model(x).scalar_type() == torch::kBFloat16);
+  }
+  {
+    CpuFabric<fabric::BF16True> fabric({}, fabric::SingleDevice{}, fabric::BF16True({.convert_output = false}));
+    Probe net;
+    auto model = fabric.setup(net);
+    CHECK(model(x).scalar_type() == torch::kBFloat16);
+  }
+  {
+    CpuFabric<fabric::BF16Mixed> fabric;  // the default: Lightning's convert_output
+    CHECK(fabric.precision().converts_output());
+    Probe net;
+    auto model = fabric.setup(net);
+    CHECK(model(x).scalar_type() == torch::kFloat);
+  }
+}
+
 TEST_CASE("FP64 converts the module, the inputs and the init contexts", "[precision]") {
   CpuFabric<fabric::FP64> fabric;
   Probe net;
