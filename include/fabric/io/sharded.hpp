@@ -35,6 +35,7 @@
 
 #include <dirent.h>
 #include <fcntl.h>
+#include <signal.h>
 #include <stdio.h>
 #include <sys/file.h>
 #include <sys/stat.h>
@@ -144,9 +145,47 @@ inline bool staging_in_use(const std::filesystem::path& staging) {
   return held;
 }
 
+/// Removes the directories `<staging>.tmp-<pid>` that writers killed while creating the staging directory left
+/// (their process is gone), and recovers from a commit without RENAME_EXCHANGE killed midway: its
+/// `<staging>.previous` (the previous checkpoint, moved aside) goes back to `dir` where nothing replaced it.
+inline void remove_dead_fresh_staging(const std::filesystem::path& dir, const std::filesystem::path& staging) {
+  const std::string name = staging.filename().string();
+  const std::string parent = staging.has_parent_path() ? staging.parent_path().string() : std::string(".");
+  DIR* listing = ::opendir(parent.c_str());
+  if (listing == nullptr) return;
+  std::vector<std::string> dead;
+  while (const dirent* entry = ::readdir(listing)) {
+    const std::string_view file = entry->d_name;
+    if (!file.starts_with(name)) continue;
+    const std::string_view rest = file.substr(name.size());
+    if (rest == ".previous" && !staging_in_use(staging)) {
+      dead.emplace_back(file);
+      continue;
+    }
+    if (!rest.starts_with(".tmp-")) continue;
+    const std::string_view digits = rest.substr(5);
+    if (digits.empty() || digits.size() > 9 || digits.find_first_not_of("0123456789") != std::string_view::npos) {
+      continue;
+    }
+    const auto pid = static_cast<pid_t>(std::stol(std::string(digits)));
+    if (pid != ::getpid() && ::kill(pid, 0) != 0 && errno == ESRCH) dead.emplace_back(file);
+  }
+  ::closedir(listing);
+  std::error_code ec;
+  for (const auto& file : dead) {
+    const auto path = std::filesystem::path(parent) / file;
+    if (file.ends_with(".previous") && !std::filesystem::exists(std::filesystem::symlink_status(dir, ec)) &&
+        ::rename(path.c_str(), dir.c_str()) == 0) {
+      continue;
+    }
+    std::filesystem::remove_all(path, ec);
+  }
+}
+
 /// Removes the staging directory of `dir` when its writer is dead (nobody holds its lock); returns whether it did.
 inline bool remove_stale_staging(const std::filesystem::path& dir) {
   const auto staging = staging_of(dir);
+  remove_dead_fresh_staging(normalize(dir), staging);
   std::error_code ec;
   if (!std::filesystem::exists(std::filesystem::symlink_status(staging, ec))) return false;
   if (staging_in_use(staging)) return false;
@@ -487,6 +526,7 @@ inline void prepare_sharded_save(const std::filesystem::path& input) {
         "locked); wait for it to finish",
         dir.string(), staging.string());
   }
+  sharded::remove_dead_fresh_staging(dir, staging);
   std::filesystem::remove_all(staging, ec);
   if (ec) raise("could not remove the stale staging directory {}: {}", staging.string(), ec.message());
   if (dir.has_parent_path()) std::filesystem::create_directories(dir.parent_path(), ec);

@@ -420,6 +420,21 @@ TEST_CASE("sharded saves replace the previous checkpoint atomically and follow L
   fs::create_directories(tmp / "ckpt.staging");
   save_even(dir, 1, {small}, step_meta(5));
   CHECK(fabric::detail::read_sharded_meta(dir).at("step").toInt() == 5);
+  // A writer killed while making its staging directory (its process is gone) leaves `<staging>.tmp-<pid>`.
+  const pid_t child = ::fork();
+  if (child == 0) ::_exit(0);
+  REQUIRE(::waitpid(child, nullptr, 0) == child);
+  const fs::path dead = fmt::format("{}/ckpt.staging.tmp-{}", tmp.path().string(), child);
+  const fs::path live = fmt::format("{}/ckpt.staging.tmp-{}", tmp.path().string(), ::getppid());
+  fs::create_directories(dead);
+  fs::create_directories(live);
+  CHECK(fabric::detail::read_sharded_meta(dir).at("step").toInt() == 5);
+  CHECK_FALSE(fs::exists(dead));
+  CHECK(fs::exists(live));
+  // A commit without RENAME_EXCHANGE killed between its two renames: the previous checkpoint comes back.
+  fs::rename(dir, tmp / "ckpt.staging.previous");
+  CHECK(fabric::detail::read_sharded_meta(dir).at("step").toInt() == 5);
+  CHECK_FALSE(fs::exists(tmp / "ckpt.staging.previous"));
 }
 
 TEST_CASE("sharded saves killed with SIGKILL at random moments: the previous checkpoint loads, staging is cleaned",
