@@ -295,11 +295,12 @@ class RawAutocast {
 /// The mlp workload's model: Linear 784->1024, ReLU, Linear 1024->1024, ReLU, Linear 1024->10.
 struct MlpImpl : torch::nn::Module {
   MlpImpl()
-      : fc1(register_module("fc1", torch::nn::Linear(784, 1024))),
-        fc2(register_module("fc2", torch::nn::Linear(1024, 1024))),
-        fc3(register_module("fc3", torch::nn::Linear(1024, 10))) {}
+      : fc1(register_module("fc1", fabric::nn::Linear(784, 1024))),
+        fc2(register_module("fc2", fabric::nn::Linear(1024, 1024))),
+        fc3(register_module("fc3", fabric::nn::Linear(1024, 10))) {}
   torch::Tensor forward(const torch::Tensor& x) { return fc3(torch::relu(fc2(torch::relu(fc1(x))))); }
-  torch::nn::Linear fc1, fc2, fc3;
+  // NOTE: 2-D inputs: torch::nn::Linear would fuse the bias too; fabric::nn::Linear for uniformity.
+  fabric::nn::Linear fc1, fc2, fc3;
 };
 TORCH_MODULE(Mlp);
 
@@ -318,13 +319,14 @@ Net build(const gpt2::Config& config) {
   }
 }
 
-/// A workload's loss: cross-entropy over the classes (mlp) or over every position (gpt2).
+/// A workload's loss: cross-entropy over the classes (mlp) or over every position (gpt2, in float32 from
+/// the logits' dtype by fabric::nn::cross_entropy, no float32 copy of the logits).
 template <class Net>
-at::Tensor workload_loss(const at::Tensor& out, const at::Tensor& y) {
+at::Tensor workload_loss(const at::Tensor& out, const at::Tensor& y, const fabric::nn::ChunkOptions& chunks = {}) {
   if constexpr (std::is_same_v<Net, Mlp>) {
     return mlp_loss(out, y);
   } else {
-    return gpt2::loss(out, y);
+    return gpt2::loss(out, y, chunks);
   }
 }
 

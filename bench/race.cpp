@@ -9,7 +9,15 @@
 //                   the multi-tensor / fused AdamW kernels), i.e. exactly fabric's work without
 //                   fabric: fabric/libtorch-fused is fabric's overhead;
 //   fabric          fabric::Fabric<CUDA or CPU, SingleDevice, FP32 or BF16Mixed>: setup, model(x),
-//                   fabric.backward(loss), optimizer.step(), optimizer.zero_grad().
+//                   fabric.backward(loss), optimizer.step(), optimizer.zero_grad(); for gpt2 with
+//                   BF16Mixed({.convert_output = false}): bfloat16 logits into fabric::nn::cross_entropy;
+//   fabric-f32-loss (gpt2) the same fabric loop the float32 way: BF16Mixed's default output conversion
+//                   (float32 logits) and LibTorch's cross-entropy on them (gpt2::float32_loss):
+//                   fabric-f32-loss/fabric is what the loss path saves.
+//
+// Every loop uses the fast forms: fabric::nn::Linear (bias inside the GEMM for [B, T, C] inputs) and,
+// for gpt2, the chunked cross-entropy on bfloat16 logits (the raw loops get bfloat16 logits from
+// autocast), so libtorch-fused and fabric do the same work.
 //
 // Each loop builds its own model from the same seed, warms up, then times each step with CUDA
 // events (a steady clock on the CPU); the median is reported. Peak GPU memory is the caching
@@ -44,20 +52,22 @@ using namespace bench;
 struct Settings {
   std::string device = "auto";             // auto, cuda or cpu
   std::vector<std::string> workloads{};    // mlp-fp32, mlp-bf16-mixed, gpt2-bf16-mixed
-  std::vector<std::string> competitors{};  // libtorch, libtorch-fused, fabric
+  std::vector<std::string> competitors{};  // libtorch, libtorch-fused, fabric, fabric-f32-loss
   int steps = 0;                           // 0: the workload's default (mlp 300, gpt2 30)
   int warmup = -1;                         // -1: the workload's default (mlp 50, gpt2 10)
   std::string gpt2_config = "small";
   int gpt2_batch = 8;
+  int loss_chunk_rows = 0;  // 0: fabric::nn::cross_entropy's default
   double peak_tflops = 790.0;
   std::string json{};
 };
 
 constexpr std::string_view description = R"(usage: bench_race [flags]
 
-Times the training step of the reference workloads (shared BENCH.md) with three C++ loops:
+Times the training step of the reference workloads (shared BENCH.md) with C++ loops:
 libtorch (hand-written, LibTorch's AdamW step), libtorch-fused (hand-written, fabric's multi-tensor
-AdamW step) and fabric; prints ms/step (median), tokens/s, MFU and peak memory of each.)";
+AdamW step), fabric, and for gpt2 fabric-f32-loss (fabric with float32 logits and LibTorch's
+cross-entropy); prints ms/step (median), tokens/s, MFU and peak memory of each.)";
 
 /// Reads the command line; returns nothing when it printed the help.
 std::optional<Settings> parse_args(int argc, char** argv) {
@@ -105,25 +115,28 @@ std::optional<Settings> parse_args(int argc, char** argv) {
   list(
       "--competitors", "LIST",
       [&s](const std::string& c) {
-        if (c != "libtorch" && c != "libtorch-fused" && c != "fabric") {
-          throw UsageError(
-              fmt::format("expected libtorch, libtorch-fused or fabric in --competitors, found \"{}\"", c));
+        if (c != "libtorch" && c != "libtorch-fused" && c != "fabric" && c != "fabric-f32-loss") {
+          throw UsageError(fmt::format(
+              "expected libtorch, libtorch-fused, fabric or fabric-f32-loss in --competitors, found \"{}\"", c));
         }
         s.competitors.push_back(c);
       },
-      "comma-separated subset of libtorch,libtorch-fused,fabric (default all three)");
+      "comma-separated subset of libtorch,libtorch-fused,fabric,fabric-f32-loss\n"
+      "(default all; fabric-f32-loss runs on gpt2 only)");
   add_int(app, "--steps", s.steps, 1, "timed steps (default: mlp 300, gpt2 30)");
   add_int(app, "--warmup", s.warmup, 0, "untimed steps first (default: mlp 50, gpt2 10)");
   add_choice(app, "--gpt2-config", s.gpt2_config, {"small", "tiny"},
              "small (GPT-2 small, 124.5 M parameters) or tiny (for CPU checks) (default small)")
       ->type_name("C");
   add_int(app, "--gpt2-batch", s.gpt2_batch, 1, "sequences per gpt2 batch (default 8)");
+  add_int(app, "--loss-chunk-rows", s.loss_chunk_rows, 0,
+          "rows per chunk of gpt2's fabric::nn::cross_entropy (default 0: equal chunks of at most 2^25 logits)");
   add_positive(app, "--peak-tflops", s.peak_tflops,
                "the card's peak for MFU (default 790, an H100's measured bf16 matmul)");
   app.add_option("--json", s.json, "write the results to PATH as JSON")->type_name("PATH");
   if (!parse(app, argc, argv)) return std::nullopt;
   if (s.workloads.empty()) s.workloads = {"mlp-fp32", "mlp-bf16-mixed", "gpt2-bf16-mixed"};
-  if (s.competitors.empty()) s.competitors = {"libtorch", "libtorch-fused", "fabric"};
+  if (s.competitors.empty()) s.competitors = {"libtorch", "libtorch-fused", "fabric", "fabric-f32-loss"};
   return s;
 }
 
@@ -135,7 +148,8 @@ struct Workload {
   double lr = 1e-3;
   double weight_decay = 1e-2;
   gpt2::Config gpt2{};
-  double tokens_per_step = 0;  // tokens (gpt2) or samples (mlp)
+  fabric::nn::ChunkOptions loss_chunks{};  // gpt2's fabric::nn::cross_entropy
+  double tokens_per_step = 0;              // tokens (gpt2) or samples (mlp)
   int steps = 0, warmup = 0;
 };
 
@@ -185,9 +199,9 @@ Result run_raw(const torch::Device& device, const Workload& w, bool fused) {
       at::Tensor loss;
       if (w.bf16) {
         RawAutocast autocast(device.type(), at::kBFloat16);
-        loss = workload_loss<Net>(net->forward(w.x), w.y);
+        loss = workload_loss<Net>(net->forward(w.x), w.y, w.loss_chunks);
       } else {
-        loss = workload_loss<Net>(net->forward(w.x), w.y);
+        loss = workload_loss<Net>(net->forward(w.x), w.y, w.loss_chunks);
       }
       loss.backward();
       if (fused) {
@@ -206,13 +220,21 @@ Result run_raw(const torch::Device& device, const Workload& w, bool fused) {
   return r;
 }
 
-/// The same loop through fabric.
+/// The same loop through fabric; `float32_loss`: the precision's default output conversion and LibTorch's
+/// cross-entropy on float32 logits, else (gpt2) bfloat16 logits into fabric::nn::cross_entropy.
 template <class Net, class Fabric>
-Result run_fabric(const torch::Device& device, const Workload& w) {
-  Result r{.competitor = "fabric"};
+Result run_fabric(const torch::Device& device, const Workload& w, bool float32_loss) {
+  Result r{.competitor = float32_loss ? "fabric-f32-loss" : "fabric"};
   reset_memory(device);
   {
-    Fabric fabric;
+    using P = typename Fabric::precision_type;
+    const auto precision = [&]() -> P {
+      if constexpr (std::is_same_v<P, fabric::BF16Mixed>) {
+        if (w.name == "gpt2" && !float32_loss) return P({.convert_output = false});
+      }
+      return P{};
+    };
+    Fabric fabric({}, fabric::SingleDevice{}, precision());
     if (fabric.device() != device) {
       throw std::runtime_error(fmt::format("fabric chose {}, expected {}", fabric.device().str(), device.str()));
     }
@@ -221,7 +243,12 @@ Result run_fabric(const torch::Device& device, const Workload& w) {
     auto [model, optimizer] = fabric.setup(net, adamw);
     r.params = count(net->parameters());
     const auto step = [&] {
-      at::Tensor loss = workload_loss<Net>(model(w.x), w.y);
+      at::Tensor loss;
+      if constexpr (std::is_same_v<Net, gpt2::GPT>) {
+        loss = float32_loss ? gpt2::float32_loss(model(w.x), w.y) : gpt2::loss(model(w.x), w.y, w.loss_chunks);
+      } else {
+        loss = workload_loss<Net>(model(w.x), w.y);
+      }
       fabric.backward(loss);
       optimizer.step();
       optimizer.zero_grad();
@@ -239,9 +266,10 @@ template <class Net, class Precision>
 Result run_competitor(const std::string& competitor, const torch::Device& device, const Workload& w) {
   if (competitor == "libtorch") return run_raw<Net>(device, w, false);
   if (competitor == "libtorch-fused") return run_raw<Net>(device, w, true);
+  const bool float32_loss = competitor == "fabric-f32-loss";
   if (device.is_cuda())
-    return run_fabric<Net, fabric::Fabric<fabric::CUDA, fabric::SingleDevice, Precision>>(device, w);
-  return run_fabric<Net, fabric::Fabric<fabric::CPU, fabric::SingleDevice, Precision>>(device, w);
+    return run_fabric<Net, fabric::Fabric<fabric::CUDA, fabric::SingleDevice, Precision>>(device, w, float32_loss);
+  return run_fabric<Net, fabric::Fabric<fabric::CPU, fabric::SingleDevice, Precision>>(device, w, float32_loss);
 }
 
 int run(const Settings& s) {
@@ -270,6 +298,7 @@ int run(const Settings& s) {
     double flops_per_step = 0;
     if (gpt) {
       w.gpt2 = config;
+      w.loss_chunks.rows = s.loss_chunk_rows;
       w.lr = 6e-4;
       w.weight_decay = 0.1;
       const at::Tensor tokens =
@@ -284,6 +313,7 @@ int run(const Settings& s) {
     }
     const std::string precision = w.bf16 ? "bf16-mixed" : "32-true";
     for (const auto& competitor : s.competitors) {
+      if (competitor == "fabric-f32-loss" && !gpt) continue;  // the mlp's 256 x 10 logits: nothing to save
       Result r;
       if (gpt) {
         r = run_competitor<gpt2::GPT, fabric::BF16Mixed>(competitor, device, w);

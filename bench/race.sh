@@ -6,7 +6,11 @@
 #   pytorch         a raw PyTorch loop (torch.autocast, default torch.optim.AdamW = foreach on CUDA)
 #   libtorch        a hand-written LibTorch loop (LibTorch's own per-parameter AdamW step)
 #   libtorch-fused  the same loop with fabric's multi-tensor AdamW step (fabric's work without fabric)
-#   fabric          fabric::Fabric<CUDA, SingleDevice, FP32 | BF16Mixed>
+#   fabric          fabric::Fabric<CUDA, SingleDevice, FP32 | BF16Mixed>; gpt2: bfloat16 logits
+#                   (BF16Mixed({.convert_output = false})) into fabric::nn::cross_entropy
+#   fabric-f32-loss fabric on gpt2 with float32 logits and LibTorch's cross-entropy (the float32 path)
+#
+# Every C++ loop uses fabric::nn::Linear (bias inside the GEMM) and, for gpt2, the chunked loss.
 #
 # Usage, from the repository root (GPU machine: run ../shared/gpu/fetch-deps.sh first):
 #
@@ -82,7 +86,7 @@ for side in ("cpp", "python"):
         results += runs[side]["results"]
     else:
         print(f"race.sh: no {path}: that side did not run to the end (see its log)")
-order = {"lightning": 0, "pytorch": 1, "libtorch": 2, "libtorch-fused": 3, "fabric": 4}
+order = {"lightning": 0, "pytorch": 1, "libtorch": 2, "libtorch-fused": 3, "fabric": 4, "fabric-f32-loss": 5}
 workloads = []
 for r in results:
     key = (r["workload"], r["precision"])

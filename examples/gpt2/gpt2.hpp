@@ -3,12 +3,15 @@
 // causal self-attention and a 4x tanh-GELU MLP, a final LayerNorm and a head tied to the token
 // embedding. The default Config is GPT-2 small (124,475,904 parameters with the vocabulary padded to
 // 50304); the model is written like nanoGPT's, so the parameter names and the initialisation match.
+// Its Linear layers are fabric::nn::Linear (the bias inside the GEMM for [B, T, C] inputs, which
+// torch::nn::Linear does not do) and its loss is fabric::nn::cross_entropy (no float32 logits).
 //
 //     gpt2::GPT model(gpt2::Config{});                  // GPT-2 small
 //     gpt2::GPT tiny(gpt2::Config::tiny());             // a few thousand parameters, for tests
 //     at::Tensor logits = model(tokens);                // tokens [B, T] int64 -> logits [B, T, vocab]
 
 #include <torch/torch.h>
+#include <fabric/fabric.hpp>  // fabric::nn::Linear and fabric::nn::cross_entropy (single_include has it too)
 
 // NOTE: LibTorch 2.0 added scaled_dot_product_attention (flash and memory-efficient kernels on the
 // GPU); 1.13 gets the same attention spelled out with a causal mask.
@@ -57,8 +60,8 @@ class CausalSelfAttentionImpl : public torch::nn::Module {
  public:
   explicit CausalSelfAttentionImpl(const Config& config)
       : n_head_(config.n_head),
-        c_attn(register_module("c_attn", torch::nn::Linear(config.n_embd, 3 * config.n_embd))),
-        c_proj(register_module("c_proj", torch::nn::Linear(config.n_embd, config.n_embd))) {}
+        c_attn(register_module("c_attn", fabric::nn::Linear(config.n_embd, 3 * config.n_embd))),
+        c_proj(register_module("c_proj", fabric::nn::Linear(config.n_embd, config.n_embd))) {}
 
   /// Returns the attention output of x [B, T, C]; position t attends to positions <= t only.
   at::Tensor forward(const at::Tensor& x) {
@@ -82,7 +85,7 @@ class CausalSelfAttentionImpl : public torch::nn::Module {
   std::int64_t n_head_;
 
  public:
-  torch::nn::Linear c_attn, c_proj;
+  fabric::nn::Linear c_attn, c_proj;
 };
 TORCH_MODULE(CausalSelfAttention);
 
@@ -90,13 +93,13 @@ TORCH_MODULE(CausalSelfAttention);
 class MLPImpl : public torch::nn::Module {
  public:
   explicit MLPImpl(const Config& config)
-      : c_fc(register_module("c_fc", torch::nn::Linear(config.n_embd, 4 * config.n_embd))),
-        c_proj(register_module("c_proj", torch::nn::Linear(4 * config.n_embd, config.n_embd))) {}
+      : c_fc(register_module("c_fc", fabric::nn::Linear(config.n_embd, 4 * config.n_embd))),
+        c_proj(register_module("c_proj", fabric::nn::Linear(4 * config.n_embd, config.n_embd))) {}
 
   /// Returns the MLP of x [..., C].
   at::Tensor forward(const at::Tensor& x) { return c_proj(torch::gelu(c_fc(x), "tanh")); }
 
-  torch::nn::Linear c_fc, c_proj;
+  fabric::nn::Linear c_fc, c_proj;
 };
 TORCH_MODULE(MLP);
 
@@ -154,7 +157,7 @@ class GPTImpl : public torch::nn::Module {
     const at::Tensor pos = torch::arange(T, idx.options().dtype(torch::kLong));
     at::Tensor x = wte(idx) + wpe(pos);
     for (auto& block : blocks_) x = block(x);
-    return torch::nn::functional::linear(ln_f(x), wte->weight);  // the tied head
+    return at::linear(ln_f(x), wte->weight);  // the tied head
   }
 
   /// Returns the configuration the model was built from.
@@ -199,9 +202,18 @@ class GPTImpl : public torch::nn::Module {
 };
 TORCH_MODULE(GPT);
 
-/// Returns the mean cross-entropy of logits [B, T, V] against targets [B, T] over all positions.
-inline at::Tensor loss(const at::Tensor& logits, const at::Tensor& targets) {
-  return torch::nn::functional::cross_entropy(logits.view({-1, logits.size(-1)}), targets.reshape({-1}));
+/// Returns the mean cross-entropy of logits [B, T, V] against targets [B, T] over all positions, in
+/// float32 from logits of any floating dtype without a float32 copy of them (fabric::nn::cross_entropy).
+inline at::Tensor loss(const at::Tensor& logits, const at::Tensor& targets,
+                       const fabric::nn::ChunkOptions& chunks = {}) {
+  return fabric::nn::cross_entropy(logits.view({-1, logits.size(-1)}), targets.reshape({-1}), {}, chunks);
+}
+
+/// Returns the same loss the float32 way: logits cast to float32, then LibTorch's cross-entropy (the
+/// path of a plain LibTorch loop, kept for comparison in bench/race.cpp).
+inline at::Tensor float32_loss(const at::Tensor& logits, const at::Tensor& targets) {
+  return torch::nn::functional::cross_entropy(logits.to(torch::kFloat).view({-1, logits.size(-1)}),
+                                              targets.reshape({-1}));
 }
 
 }  // namespace gpt2

@@ -47,7 +47,8 @@ struct Settings {
 constexpr std::string_view description = R"(usage: gpt2 [flags]
 
 Trains GPT-2 small (12 layers, 12 heads, width 768, context 1024, vocabulary 50304; 124.5 M
-parameters) with fabric::Fabric<Auto, SingleDevice, BF16Mixed> and AdamW (weight decay 0.1) on one
+parameters) with fabric::Fabric<Auto, SingleDevice, BF16Mixed> (bfloat16 logits into fabric's chunked
+cross-entropy; Linear layers with the bias in the GEMM) and AdamW (weight decay 0.1) on one
 batch of random tokens, and prints the loss, time and tokens per second of each step; every
 --log-every steps fabric::ThroughputMonitor logs (and it prints) the tokens/s, FLOP/s and MFU of
 those steps, the FLOPs counted by fabric::transformer_flops.)";
@@ -119,7 +120,10 @@ int train(const Settings& s) {
     loggers.push_back(
         std::make_shared<fabric::CSVLogger>(fabric::CSVLogger::Options{.root_dir = s.csv_dir, .name = "gpt2"}));
   }
-  fabric::Fabric<fabric::Auto, fabric::SingleDevice, fabric::BF16Mixed> fabric{{.loggers = loggers}};
+  // NOTE: convert_output = false keeps the logits in bfloat16; gpt2::loss (fabric::nn::cross_entropy) reads
+  // them in chunks, so no float32 copy of the 8 x 1024 x 50304 logits is ever made.
+  fabric::Fabric<fabric::Auto, fabric::SingleDevice, fabric::BF16Mixed> fabric{
+      {.loggers = loggers}, fabric::SingleDevice{}, fabric::BF16Mixed({.convert_output = false})};
   fabric.seed_everything(s.seed);
 
   const gpt2::Config config = s.tiny ? gpt2::Config::tiny() : gpt2::Config{};
