@@ -74,10 +74,15 @@ inline int remove_stale_temporaries(const std::filesystem::path& path) {
   return removed;
 }
 
-/// Writes bytes to path atomically: a temporary file beside it is written (locked, under a name that
-/// carries the writer's pid), flushed to disk and renamed over the target, so a crash leaves either the old
-/// file or the new one, never a mix; temporaries left by dead writers are removed first.
-inline void write_atomically(const std::filesystem::path& path, const char* data, std::size_t size) {
+/// A run of bytes of a file that write_atomically writes in pieces.
+struct FilePiece {
+  const char* data = nullptr;
+  std::size_t size = 0;
+};
+
+/// Writes the pieces one after another to path atomically (see the overload for one buffer): a file made of
+/// large parts (a header and tensors) is written without first being copied into one buffer.
+inline void write_atomically(const std::filesystem::path& path, const std::vector<FilePiece>& pieces) {
   std::error_code ec;
   if (std::filesystem::is_directory(path, ec)) {
     raise("expected a file path for the checkpoint, found the directory {}; add a file name", path.string());
@@ -109,14 +114,16 @@ inline void write_atomically(const std::filesystem::path& path, const char* data
     raise("could not {} {}: {}; {}", what, tmp.string(), std::strerror(err), previous);
   };
   if (::flock(fd, LOCK_EX) != 0) fail("lock");
-  std::size_t done = 0;
-  while (done < size) {
-    const ssize_t n = ::write(fd, data + done, size - done);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      fail("write");
+  for (const auto& [data, size] : pieces) {
+    std::size_t done = 0;
+    while (done < size) {
+      const ssize_t n = ::write(fd, data + done, size - done);
+      if (n < 0) {
+        if (errno == EINTR) continue;
+        fail("write");
+      }
+      done += static_cast<std::size_t>(n);
     }
-    done += static_cast<std::size_t>(n);
   }
   if (::fsync(fd) != 0) fail("flush");
   if (::rename(tmp.c_str(), path.c_str()) != 0) fail("move into place");
@@ -126,6 +133,13 @@ inline void write_atomically(const std::filesystem::path& path, const char* data
     ::fsync(dir);
     ::close(dir);
   }
+}
+
+/// Writes bytes to path atomically: a temporary file beside it is written (locked, under a name that
+/// carries the writer's pid), flushed to disk and renamed over the target, so a crash leaves either the old
+/// file or the new one, never a mix; temporaries left by dead writers are removed first.
+inline void write_atomically(const std::filesystem::path& path, const char* data, std::size_t size) {
+  write_atomically(path, std::vector<FilePiece>{{data, size}});
 }
 
 /// Reads a whole checkpoint file; raises when it is missing, not a regular file or empty. Temporaries that

@@ -598,12 +598,12 @@ inline void write_shards(const std::filesystem::path& dir, int rank, int world,
   const nlohmann::ordered_json meta{
       {"format", sharded::format}, {"rank", rank}, {"world_size", world}, {"shards", list}};
   const std::string header = safetensors::write_header(infos, {{sharded::shards_key, meta.dump()}});
-  std::vector<char> bytes(header.begin(), header.end());
+  // NOTE: written in pieces: a shard already on the CPU is not copied at all.
+  std::vector<FilePiece> pieces{{header.data(), header.size()}};
   for (const auto& t : data) {
-    const auto* p = static_cast<const char*>(t.data_ptr());
-    bytes.insert(bytes.end(), p, p + static_cast<std::size_t>(t.numel()) * t.element_size());
+    pieces.push_back({static_cast<const char*>(t.data_ptr()), static_cast<std::size_t>(t.numel()) * t.element_size()});
   }
-  write_atomically(staging / sharded::rank_file_name(rank, world), bytes.data(), bytes.size());
+  write_atomically(staging / sharded::rank_file_name(rank, world), pieces);
 }
 
 /// Writes the plain entries of a sharded save (rank 0) into the staging directory of `dir`, with the index.
