@@ -43,6 +43,7 @@
 #include "fabric/strategies/dp.hpp"
 #include "fabric/strategies/single_device.hpp"
 #include "fabric/strategies/strategy.hpp"
+#include "fabric/utils/activation_checkpoint.hpp"
 #include "fabric/utils/apply.hpp"
 #include "fabric/utils/clip.hpp"
 #include "fabric/utils/seed.hpp"

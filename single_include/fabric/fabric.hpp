@@ -13991,6 +13991,849 @@ class DP : public StrategyBase {
 
 }  // namespace fabric
 // ---- end fabric/strategies/dp.hpp
+// ---- begin fabric/utils/activation_checkpoint.hpp
+// Activation checkpointing, the C++ torch.utils.checkpoint: fabric::activation_checkpoint(fn, args...) for one
+// call, fabric::apply_activation_checkpointing(model, fabric::module_types<BlockImpl>()) for every unit of a
+// type (Lightning's `activation_checkpointing_policy={Block}`). The forward keeps no activations of the
+// checkpointed code; the backward recomputes them, with the random number generators (CPU and the devices'
+// generators) and autocast as they were in the forward, so dropout draws the same masks.
+
+// ---- begin fabric/detail/checkpoint.hpp
+// The autograd Function behind activation checkpointing (fabric::activation_checkpoint, units with
+// apply_activation_checkpointing): the forward runs without building a graph; the backward recomputes it
+// with the random number generators and autocast as they were, then differentiates the recomputation.
+// The tensors the function reads that need gradients (its tensor arguments and a module's parameters) are
+// inputs of the Function, so their gradients leave through the outer graph's edges (a parameter's
+// AccumulateGrad, where DDP's Reducer hooks wait) and never through a backward of their own.
+
+
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/Context.h>
+#include <ATen/core/Generator.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/core/ivalue.h>
+#include <c10/core/DeviceType.h>
+#include <c10/core/GradMode.h>
+#include <c10/core/ScalarType.h>
+#include <torch/csrc/autograd/autograd.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/functions/accumulate_grad.h>
+#include <torch/csrc/autograd/variable.h>
+
+#include <fmt/ranges.h>
+
+#include <algorithm>
+#include <cstddef>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <tuple>
+#include <type_traits>
+#include <unordered_set>
+#include <utility>
+#include <vector>
+
+namespace fabric::detail {
+
+/// The flag detail::in_recompute() reads (set by activation checkpointing on the thread that recomputes).
+inline thread_local bool recompute_flag = false;
+
+/// True on the thread while activation checkpointing recomputes a unit's forward in backward.
+inline bool in_recompute() noexcept { return recompute_flag; }
+
+/// Sets detail::in_recompute() while it lives.
+class RecomputeGuard {
+ public:
+  RecomputeGuard() noexcept : prev_(recompute_flag) { recompute_flag = true; }
+  ~RecomputeGuard() { recompute_flag = prev_; }
+  RecomputeGuard(const RecomputeGuard&) = delete;
+  RecomputeGuard& operator=(const RecomputeGuard&) = delete;
+
+ private:
+  bool prev_;
+};
+
+/// The states of the CPU generator and of the default generators of some devices (CUDA), and putting them
+/// back: what makes the recomputation draw the same dropout masks as the forward.
+struct RngState {
+  at::Tensor cpu;
+  std::vector<std::pair<c10::Device, at::Tensor>> devices;
+
+  /// Returns the states now, of the CPU and of the given devices.
+  static RngState capture(const std::vector<c10::Device>& devices) {
+    RngState s;
+    s.cpu = get(at::detail::getDefaultCPUGenerator());
+    for (const auto& d : devices) s.devices.emplace_back(d, get(at::globalContext().defaultGenerator(d)));
+    return s;
+  }
+  /// Puts the states back.
+  void restore() const {
+    set(at::detail::getDefaultCPUGenerator(), cpu);
+    for (const auto& [d, state] : devices) set(at::globalContext().defaultGenerator(d), state);
+  }
+  /// The devices of the generators held.
+  std::vector<c10::Device> device_list() const {
+    std::vector<c10::Device> out;
+    for (const auto& entry : devices) out.push_back(entry.first);
+    return out;
+  }
+
+ private:
+  static at::Tensor get(at::Generator g) {
+    std::lock_guard<std::mutex> lock(g.mutex());
+    return g.get_state();
+  }
+  static void set(at::Generator g, const at::Tensor& state) {
+    std::lock_guard<std::mutex> lock(g.mutex());
+    g.set_state(state);
+  }
+};
+
+/// The autocast state of the CPU and CUDA at a point (the recomputation runs under it).
+struct AutocastState {
+  bool cpu = false;
+  bool cuda = false;
+  c10::ScalarType cpu_dtype = c10::ScalarType::BFloat16;
+  c10::ScalarType cuda_dtype = c10::ScalarType::Half;
+
+  static AutocastState capture() {
+    return {autocast_enabled(c10::DeviceType::CPU), autocast_enabled(c10::DeviceType::CUDA),
+            autocast_dtype(c10::DeviceType::CPU), autocast_dtype(c10::DeviceType::CUDA)};
+  }
+};
+
+/// What the backward of one checkpointed call needs.
+struct CheckpointState : torch::CustomClassHolder {
+  /// From the tensor arguments (detached copies) to the output tensors, recomputed with a graph.
+  std::function<std::vector<at::Tensor>(const std::vector<at::Tensor>&)> recompute;
+  /// The Function's inputs [0, num_args) are the function's tensor arguments; the rest are parameters.
+  std::size_t num_args = 0;
+  RngState rng;
+  AutocastState autocast;
+};
+
+/// Refuses a recomputed graph that reaches a tensor needing a gradient which is not an input (a tensor the
+/// function captured): its gradient would be lost without a word.
+inline void check_no_captured_tensors(const std::vector<at::Tensor>& roots, const std::vector<at::Tensor>& inputs) {
+  using torch::autograd::Node;
+  std::unordered_set<const Node*> ours;
+  for (const auto& t : inputs) {
+    if (auto acc = torch::autograd::impl::try_get_grad_accumulator(t)) ours.insert(acc.get());
+  }
+  std::unordered_set<const Node*> seen;
+  std::vector<Node*> stack;
+  for (const auto& r : roots) {
+    if (auto fn = r.grad_fn()) stack.push_back(fn.get());
+  }
+  while (!stack.empty()) {
+    Node* node = stack.back();
+    stack.pop_back();
+    if (!seen.insert(node).second) continue;
+    for (const auto& edge : node->next_edges()) {
+      if (!edge.is_valid() || ours.count(edge.function.get()) != 0) continue;
+      if (const auto* acc = dynamic_cast<const torch::autograd::AccumulateGrad*>(edge.function.get())) {
+        raise(
+            "activation checkpointing: the checkpointed function used a tensor of sizes {} that requires grad "
+            "and is not among its arguments (a captured tensor, or the parameter of a module it calls), so its "
+            "gradient would be lost; pass it as an argument, or checkpoint the module itself "
+            "(fabric::activation_checkpoint(module, args...) passes its parameters)",
+            acc->variable.sizes());
+      }
+      stack.push_back(edge.function.get());
+    }
+  }
+}
+
+/// The autograd Function: forward without a graph, backward by recomputation.
+struct CheckpointFunction : torch::autograd::Function<CheckpointFunction> {
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, at::TensorList inputs,
+                                                c10::intrusive_ptr<CheckpointState> state,
+                                                const std::function<std::vector<at::Tensor>()>& first) {
+    ctx->set_materialize_grads(false);
+    ctx->save_for_backward(inputs.vec());
+    std::vector<at::Tensor> outputs = first();
+    std::vector<at::Tensor> integral;
+    for (const auto& o : outputs) {
+      if (!at::isFloatingType(o.scalar_type()) && !at::isComplexType(o.scalar_type())) integral.push_back(o);
+    }
+    ctx->mark_non_differentiable(integral);
+    ctx->saved_data["state"] = c10::IValue::make_capsule(std::move(state));
+    return outputs;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    auto state = c10::static_intrusive_pointer_cast<CheckpointState>(ctx->saved_data["state"].toCapsule());
+    const std::vector<at::Tensor> saved = ctx->get_saved_variables();
+    std::vector<at::Tensor> args(saved.begin(), saved.begin() + static_cast<std::ptrdiff_t>(state->num_args));
+    for (auto& t : args) {
+      const bool needs = t.requires_grad();
+      t = t.detach();
+      if (needs) t.requires_grad_(true);
+    }
+    std::vector<at::Tensor> outputs;
+    {
+      const RngState now = RngState::capture(state->rng.device_list());
+      struct Restore {
+        const RngState& s;
+        ~Restore() { s.restore(); }
+      } restore{now};
+      state->rng.restore();
+      AutocastGuard cpu(c10::DeviceType::CPU, state->autocast.cpu_dtype, state->autocast.cpu);
+      AutocastGuard cuda(c10::DeviceType::CUDA, state->autocast.cuda_dtype, state->autocast.cuda);
+      RecomputeGuard recompute;
+      c10::AutoGradMode grad_mode(true);
+      outputs = state->recompute(args);
+    }
+    if (outputs.size() != grads.size()) {
+      raise(
+          "activation checkpointing: the recomputed forward returned {} tensors, the forward {}; the "
+          "checkpointed function must compute the same thing each time it runs",
+          outputs.size(), grads.size());
+    }
+    std::vector<at::Tensor> roots, root_grads, wrt;
+    std::vector<std::size_t> wrt_index;
+    for (std::size_t i = 0; i < outputs.size(); ++i) {
+      if (grads[i].defined() && outputs[i].requires_grad()) {
+        roots.push_back(outputs[i]);
+        root_grads.push_back(grads[i]);
+      }
+    }
+    for (std::size_t i = 0; i < saved.size(); ++i) {
+      const at::Tensor& t = i < args.size() ? args[i] : saved[i];
+      if (t.defined() && t.requires_grad()) {
+        wrt.push_back(t);
+        wrt_index.push_back(i);
+      }
+    }
+    // One gradient per input of forward: the tensors, then the state and the first run (no gradient).
+    torch::autograd::variable_list result(saved.size() + 2);
+    if (roots.empty() || wrt.empty()) return result;
+    check_no_captured_tensors(roots, wrt);
+    auto g = torch::autograd::grad(roots, wrt, root_grads, /*retain_graph=*/false, /*create_graph=*/false,
+                                   /*allow_unused=*/true);
+    for (std::size_t k = 0; k < g.size(); ++k) result[wrt_index[k]] = std::move(g[k]);
+    return result;
+  }
+};
+
+/// Returns the defined tensors of value, in map_tensors order.
+template <class T>
+std::vector<at::Tensor> defined_tensors_of(const T& value) {
+  std::vector<at::Tensor> out;
+  for_each_tensor(value, [&](const at::Tensor& t) {
+    if (t.defined()) out.push_back(t);
+  });
+  return out;
+}
+
+/// Calls fn(args...) with activation checkpointing: the tensors among args (and inside standard containers of
+/// them) and `parameters` are the inputs whose gradients the backward computes by recomputation. Without
+/// grad mode, or when no input needs a gradient, it is a plain call.
+template <class Fn, class... Args>
+auto checkpoint_call(Fn fn, std::vector<at::Tensor> parameters, Args&&... args) {
+  using R = std::remove_cvref_t<std::invoke_result_t<Fn&, std::remove_cvref_t<Args>&...>>;
+  static_assert(!std::is_void_v<R>,
+                "fabric: activation checkpointing needs a function that returns its result (tensors); "
+                "return the output instead of writing it into an argument");
+  static_assert(std::is_copy_constructible_v<Fn>,
+                "fabric: activation checkpointing keeps the function for the backward; pass a copyable one");
+  bool needs_grad = false;
+  if (c10::GradMode::is_enabled()) {
+    auto check = [&](const at::Tensor& t) { needs_grad = needs_grad || (t.defined() && t.requires_grad()); };
+    (for_each_tensor(args, check), ...);
+    for (const auto& p : parameters) check(p);
+  }
+  if (!needs_grad) return R(fn(args...));
+
+  using Stored = std::tuple<std::remove_cvref_t<Args>...>;
+  auto stored = std::make_shared<Stored>(std::forward<Args>(args)...);
+  std::vector<at::Tensor> inputs;
+  std::vector<char> defined;
+  std::vector<c10::Device> devices;
+  auto collect = [&](const at::Tensor& t) {
+    defined.push_back(static_cast<char>(t.defined()));
+    if (!t.defined()) return;
+    inputs.push_back(t);
+    if (!t.device().is_cpu() && std::find(devices.begin(), devices.end(), t.device()) == devices.end()) {
+      devices.push_back(t.device());
+    }
+  };
+  for_each_tensor(*stored, collect);
+  const std::size_t num_args = inputs.size();
+  for (auto& p : parameters) {
+    if (!p.device().is_cpu() && std::find(devices.begin(), devices.end(), p.device()) == devices.end()) {
+      devices.push_back(p.device());
+    }
+    inputs.push_back(std::move(p));
+  }
+
+  auto state = c10::make_intrusive<CheckpointState>();
+  state->num_args = num_args;
+  state->rng = RngState::capture(devices);
+  state->autocast = AutocastState::capture();
+  auto strip = [](at::Tensor) { return at::Tensor(); };
+  state->recompute = [fn, stored, defined, strip](const std::vector<at::Tensor>& detached) mutable {
+    std::size_t k = 0, i = 0;
+    auto put = [&](at::Tensor) { return defined[k++] != 0 ? detached[i++] : at::Tensor(); };
+    *stored = map_tensors(std::move(*stored), put);
+    R r = std::apply(fn, *stored);
+    *stored = map_tensors(std::move(*stored), strip);
+    return defined_tensors_of(r);
+  };
+  std::optional<R> result;
+  const std::function<std::vector<at::Tensor>()> first = [&] {
+    result.emplace(std::apply(fn, *stored));
+    return defined_tensors_of(*result);
+  };
+  const std::vector<at::Tensor> outputs = CheckpointFunction::apply(at::TensorList(inputs), state, first);
+  // The tensors of the arguments stay with the saved inputs (which check their versions), not in the copy.
+  *stored = map_tensors(std::move(*stored), strip);
+  std::size_t i = 0;
+  auto put = [&](at::Tensor t) { return t.defined() ? outputs[i++] : t; };
+  return map_tensors(std::move(*result), put);
+}
+
+}  // namespace fabric::detail
+// ---- end fabric/detail/checkpoint.hpp
+// ---- begin fabric/wrappers/unit.hpp
+// fabric::Unit and FABRIC_UNIT: the modules whose forward a strategy (FSDP) or activation checkpointing
+// wraps. LibTorch's modules have no forward hooks, so a model marks its units with one line per unit type:
+// `FABRIC_UNIT(Block);` in place of `TORCH_MODULE(Block);`. The holder's call runs the hooks installed on
+// the module instance; with none installed anywhere it is exactly `Impl::forward` after one atomic load.
+
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+#include <torch/nn/module.h>
+#include <torch/nn/modules/container/sequential.h>
+#include <torch/nn/pimpl.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstddef>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <shared_mutex>
+#include <string>
+#include <string_view>
+#include <type_traits>
+#include <typeinfo>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+namespace fabric {
+namespace detail {
+
+/// What runs around one unit's forward; installed on a module instance by a strategy (FSDP) and/or by
+/// activation checkpointing.
+class UnitHook {
+ public:
+  virtual ~UnitHook() = default;
+  /// Before the unit's forward (and, idempotently, before activation checkpointing recomputes it in backward).
+  virtual void pre_forward(torch::nn::Module& unit) = 0;
+  /// After the unit's forward, with the tensors of its output that require grad (not called for the
+  /// recomputation inside backward; detail::in_recompute() is true there). A hook may replace the tensors
+  /// (by ones of the same shape, e.g. with a backward hook attached): the caller gets the replacements.
+  virtual void post_forward(torch::nn::Module& unit, std::vector<at::Tensor>& outputs) = 0;
+};
+
+/// The number of units that have a hook or activation checkpointing: while it is zero a unit's call is
+/// `Impl::forward` after this one load (a plain variable, so no static-initialisation guard either).
+inline std::atomic<std::size_t> active_units{0};
+
+/// What the registry knows of one unit instance.
+struct UnitEntry {
+  /// The module, to tell it from a later module allocated at the same address after it died.
+  std::weak_ptr<torch::nn::Module> module;
+  std::vector<std::shared_ptr<UnitHook>> hooks;
+  /// Whether activation checkpointing is on for the unit.
+  bool checkpoint = false;
+  bool active() const noexcept { return !hooks.empty() || checkpoint; }
+};
+
+/// A snapshot of what runs around one call of a unit.
+struct UnitCall {
+  std::vector<std::shared_ptr<UnitHook>> hooks;
+  bool checkpoint = false;
+};
+
+/// The units of the process, keyed by address; thread-safe. An entry goes when its module dies (the
+/// deleter of a module a Unit constructed erases it; an entry of a module a Unit adopted is found
+/// expired and dropped at the next look-up of its address or the next installation of a hook).
+class UnitRegistry {
+ public:
+  /// Records module as a unit (again: a second holder of the same module keeps its hooks).
+  void add(const std::shared_ptr<torch::nn::Module>& module) {
+    if (!module) return;
+    std::vector<std::shared_ptr<UnitHook>> dropped;
+    std::unique_lock lock(mutex_);
+    auto [it, inserted] = entries_.try_emplace(module.get());
+    if (!inserted && live(it->second, module.get())) return;
+    if (!inserted) dropped = drop_locked(it->second);
+    it->second.module = module;
+  }
+
+  /// Forgets the module at address p if it is dead (called by the deleter of a module a Unit made).
+  void erase_dead(const torch::nn::Module* p) noexcept {
+    std::vector<std::shared_ptr<UnitHook>> dropped;
+    std::unique_lock lock(mutex_);
+    if (auto it = entries_.find(p); it != entries_.end() && it->second.module.expired()) {
+      dropped = drop_locked(it->second);
+      entries_.erase(it);
+    }
+  }
+
+  /// Whether module is a live unit.
+  bool contains(const torch::nn::Module& module) const {
+    std::shared_lock lock(mutex_);
+    auto it = entries_.find(&module);
+    return it != entries_.end() && live(it->second, &module);
+  }
+
+  /// Applies fn to the live entry of module (under the lock) and returns true, or returns false.
+  template <class F>
+  bool update(const torch::nn::Module& module, F&& fn) {
+    std::vector<std::shared_ptr<UnitHook>> dropped;
+    std::unique_lock lock(mutex_);
+    prune_locked(dropped);
+    auto it = entries_.find(&module);
+    if (it == entries_.end() || !live(it->second, &module)) return false;
+    const bool was = it->second.active();
+    fn(it->second);
+    const bool now = it->second.active();
+    if (was != now) now ? active_units.fetch_add(1) : active_units.fetch_sub(1);
+    return true;
+  }
+
+  /// Removes hook from every unit (a strategy tearing down).
+  void remove_everywhere(const UnitHook& hook) {
+    std::vector<std::shared_ptr<UnitHook>> dropped;
+    std::unique_lock lock(mutex_);
+    for (auto& [p, entry] : entries_) {
+      const bool was = entry.active();
+      erase_hook(entry.hooks, hook, dropped);
+      if (was && !entry.active()) active_units.fetch_sub(1);
+    }
+  }
+
+  /// Returns what runs around a call of module (nothing when it has no entry).
+  UnitCall call(const torch::nn::Module& module) const {
+    std::shared_lock lock(mutex_);
+    auto it = entries_.find(&module);
+    if (it == entries_.end() || !live(it->second, &module)) return {};
+    return {it->second.hooks, it->second.checkpoint};
+  }
+
+  /// The number of entries (for tests: dead modules leave none behind).
+  std::size_t size() const {
+    std::shared_lock lock(mutex_);
+    return entries_.size();
+  }
+
+  static void erase_hook(std::vector<std::shared_ptr<UnitHook>>& hooks, const UnitHook& hook,
+                         std::vector<std::shared_ptr<UnitHook>>& dropped) {
+    auto it = std::find_if(hooks.begin(), hooks.end(), [&](const auto& h) { return h.get() == &hook; });
+    if (it == hooks.end()) return;
+    dropped.push_back(std::move(*it));
+    hooks.erase(it);
+  }
+
+ private:
+  static bool live(const UnitEntry& entry, const torch::nn::Module* p) {
+    auto m = entry.module.lock();
+    return m && m.get() == p;
+  }
+  // NOTE: hooks are destroyed after the lock is released (their destructors may do anything).
+  std::vector<std::shared_ptr<UnitHook>> drop_locked(UnitEntry& entry) {
+    if (entry.active()) active_units.fetch_sub(1);
+    entry.checkpoint = false;
+    return std::exchange(entry.hooks, {});
+  }
+  void prune_locked(std::vector<std::shared_ptr<UnitHook>>& dropped) {
+    for (auto it = entries_.begin(); it != entries_.end();) {
+      if (it->second.module.expired()) {
+        for (auto& h : drop_locked(it->second)) dropped.push_back(std::move(h));
+        it = entries_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+  }
+
+  mutable std::shared_mutex mutex_;
+  std::unordered_map<const torch::nn::Module*, UnitEntry> entries_;
+};
+
+/// The registry of the process (one across translation units: an inline function's static).
+inline UnitRegistry& unit_registry() {
+  static UnitRegistry registry;
+  return registry;
+}
+
+/// Installs a hook on one module instance (keyed by its address); pre_forward hooks run in installation order,
+/// post_forward in reverse. remove_unit_hook removes one by identity.
+inline void add_unit_hook(torch::nn::Module& unit, std::shared_ptr<UnitHook> hook) {
+  if (!hook) raise("add_unit_hook: expected a hook, found a null pointer; pass std::make_shared<YourHook>(...)");
+  if (!unit_registry().update(unit, [&](UnitEntry& e) { e.hooks.push_back(std::move(hook)); })) {
+    raise(
+        "add_unit_hook: expected a fabric unit, found a module of type {} that is not one (its forward could "
+        "not run the hook); declare it with FABRIC_UNIT(Name) in place of TORCH_MODULE(Name)",
+        unit.name());
+  }
+}
+
+/// Removes the hook (by identity) from unit; nothing happens when it is not installed there.
+inline void remove_unit_hook(torch::nn::Module& unit, const UnitHook& hook) {
+  std::vector<std::shared_ptr<UnitHook>> dropped;
+  unit_registry().update(unit, [&](UnitEntry& e) { UnitRegistry::erase_hook(e.hooks, hook, dropped); });
+}
+
+/// Removes the hook (by identity) from every unit it is installed on (a strategy tearing down).
+inline void remove_unit_hook_everywhere(const UnitHook& hook) { unit_registry().remove_everywhere(hook); }
+
+/// Whether `module` was created through fabric::Unit / FABRIC_UNIT (only then does its forward run the hooks).
+inline bool is_unit(const torch::nn::Module& module) { return unit_registry().contains(module); }
+
+/// Deletes a module a Unit constructed and forgets its entry.
+struct UnitDeleter {
+  template <class Impl>
+  void operator()(Impl* p) const noexcept {
+    const torch::nn::Module* base = p;
+    delete p;
+    unit_registry().erase_dead(base);
+  }
+};
+
+/// Collects the tensors of a forward's output that require grad.
+template <class R>
+std::vector<at::Tensor> grad_outputs_of(const R& result) {
+  std::vector<at::Tensor> out;
+  for_each_tensor(result, [&](const at::Tensor& t) {
+    if (t.defined() && t.requires_grad()) out.push_back(t);
+  });
+  return out;
+}
+
+/// Puts the hooks' replacements of the tensors that require grad back into the output.
+template <class R>
+R replace_grad_outputs(R result, const std::vector<at::Tensor>& replaced) {
+  std::size_t i = 0;
+  auto put = [&](at::Tensor t) {
+    if (t.defined() && t.requires_grad() && i < replaced.size()) return replaced[i++];
+    return t;
+  };
+  return map_tensors(std::move(result), put);
+}
+
+/// Runs a unit's forward with activation checkpointing; the recomputation runs the pre_forward hooks again.
+template <class Impl, class... Args>
+auto checkpoint_unit(const std::shared_ptr<Impl>& impl, const std::vector<std::shared_ptr<UnitHook>>& hooks,
+                     Args&&... args) {
+  std::vector<at::Tensor> parameters;
+  for (auto& p : impl->parameters()) {
+    if (p.requires_grad()) parameters.push_back(p);
+  }
+  auto fn = [impl, hooks](auto&... a) {
+    if (in_recompute()) {
+      for (const auto& h : hooks) h->pre_forward(*impl);
+    }
+    return impl->forward(a...);
+  };
+  return checkpoint_call(std::move(fn), std::move(parameters), std::forward<Args>(args)...);
+}
+
+/// Runs a unit's forward through its hooks and, when it is on, activation checkpointing: pre_forward hooks in
+/// installation order, the forward, post_forward hooks in reverse (not while recomputing in backward).
+template <class Impl, class... Args>
+auto run_unit(const std::shared_ptr<Impl>& impl, Args&&... args) {
+  using R = decltype(impl->forward(std::forward<Args>(args)...));
+  UnitCall call = unit_registry().call(*impl);
+  for (auto& h : call.hooks) h->pre_forward(*impl);
+  const bool post = !call.hooks.empty() && !in_recompute();
+  if constexpr (!std::is_void_v<R>) {
+    std::remove_cvref_t<R> result = call.checkpoint && c10::GradMode::is_enabled() && !in_recompute()
+                                        ? checkpoint_unit(impl, call.hooks, std::forward<Args>(args)...)
+                                        : impl->forward(std::forward<Args>(args)...);
+    if (post) {
+      std::vector<at::Tensor> outs = grad_outputs_of(result);
+      const std::size_t n = outs.size();
+      for (auto it = call.hooks.rbegin(); it != call.hooks.rend(); ++it) (*it)->post_forward(*impl, outs);
+      if (outs.size() != n) {
+        raise(
+            "a unit hook's post_forward changed the number of output tensors from {} to {}; replace tensors, "
+            "never add or remove them",
+            n, outs.size());
+      }
+      result = replace_grad_outputs(std::move(result), outs);
+    }
+    return result;
+  } else {
+    impl->forward(std::forward<Args>(args)...);
+    if (post) {
+      std::vector<at::Tensor> outs;
+      for (auto it = call.hooks.rbegin(); it != call.hooks.rend(); ++it) (*it)->post_forward(*impl, outs);
+    }
+  }
+}
+
+}  // namespace detail
+
+/// A ModuleHolder (as TORCH_MODULE makes) whose call runs the unit's hooks and, when switched on, activation
+/// checkpointing around Impl::forward; otherwise exactly Impl::forward. Declare one with FABRIC_UNIT(Name).
+///
+/// ```cpp
+/// class BlockImpl : public torch::nn::Module { ... at::Tensor forward(at::Tensor x); };
+/// FABRIC_UNIT(Block);   // in place of TORCH_MODULE(Block);
+/// ```
+/// As in Python, where `block.forward(x)` skips the module's hooks, `block->forward(x)` skips them:
+/// call the holder, `block(x)`.
+template <class Impl>
+class Unit : public torch::nn::ModuleHolder<Impl> {
+  using Base = torch::nn::ModuleHolder<Impl>;
+
+ public:
+  /// Constructs Impl with its default constructor (as TORCH_MODULE's holders do).
+  Unit() requires std::is_default_constructible_v<Impl> : Base(make()) {}
+
+  /// The empty holder.
+  Unit(std::nullptr_t) : Base(nullptr) {}  // NOLINT(google-explicit-constructor): as ModuleHolder's
+
+  /// Constructs Impl from the arguments.
+  template <class Head, class... Tail>
+  requires(!(sizeof...(Tail) == 0 &&
+             (std::is_same_v<std::remove_cvref_t<Head>, std::shared_ptr<Impl>> ||
+              std::is_base_of_v<Base, std::remove_cvref_t<Head>> ||
+              std::is_same_v<std::remove_cvref_t<Head>, std::nullptr_t>))) explicit Unit(Head&& head, Tail&&... tail)
+      : Base(make(std::forward<Head>(head), std::forward<Tail>(tail)...)) {}
+
+  /// Adopts a module (the same module under several holders shares its hooks).
+  Unit(std::shared_ptr<Impl> module) : Base(std::move(module)) {  // NOLINT(google-explicit-constructor)
+    detail::unit_registry().add(this->ptr());
+  }
+
+  /// Calls the unit: its hooks, then Impl::forward (or the checkpointed forward).
+  template <class... Args>
+  auto operator()(Args&&... args) {
+    if (detail::active_units.load(std::memory_order_acquire) == 0) [[likely]] {
+      return this->get()->forward(std::forward<Args>(args)...);
+    }
+    TORCH_CHECK(!this->is_empty(), "Accessing empty ModuleHolder");
+    return detail::run_unit(this->ptr(), std::forward<Args>(args)...);
+  }
+
+ private:
+  template <class... A>
+  static std::shared_ptr<Impl> make(A&&... a) {
+    std::shared_ptr<Impl> p(new Impl(std::forward<A>(a)...), detail::UnitDeleter{});
+    detail::unit_registry().add(p);
+    return p;
+  }
+};
+
+/// A set of module types, Lightning's `auto_wrap_policy={Block}` / `activation_checkpointing_policy={Block}`:
+/// fabric::module_types<BlockImpl>(); matches(m) is true when m is of one of them (or derives from one, as
+/// Python's isinstance).
+class ModuleTypes {
+ public:
+  ModuleTypes() = default;
+
+  /// Whether m is of one of the types.
+  bool matches(const torch::nn::Module& m) const {
+    return std::any_of(tests_.begin(), tests_.end(), [&](const auto& t) { return t(m); });
+  }
+  /// Whether the set has no type.
+  bool empty() const noexcept { return tests_.empty(); }
+  /// The number of types.
+  std::size_t size() const noexcept { return tests_.size(); }
+
+  /// Adds the module type M.
+  template <class M>
+  void add() {
+    static_assert(std::is_base_of_v<torch::nn::Module, M>,
+                  "fabric: module_types<M...>() takes module classes (BlockImpl), not holders (Block); "
+                  "write module_types<BlockImpl>()");
+    tests_.emplace_back([](const torch::nn::Module& m) { return dynamic_cast<const M*>(&m) != nullptr; });
+  }
+
+ private:
+  std::vector<std::function<bool(const torch::nn::Module&)>> tests_;
+};
+
+/// Returns the set of the module types M... (the Impl classes: fabric::module_types<BlockImpl>()).
+template <class... M>
+ModuleTypes module_types() {
+  ModuleTypes types;
+  (types.template add<M>(), ...);
+  return types;
+}
+
+namespace detail {
+
+/// One module a policy selected: its path in the model ("h.0") and the module.
+struct PolicyUnit {
+  std::string path;
+  std::shared_ptr<torch::nn::Module> module;
+};
+
+/// Returns the modules of root (root included) that types matches, in the order of named_modules; refuses
+/// (fabric::Error from `who`) a matching module that is not a unit and a unit that a torch::nn::Sequential
+/// holds (Sequential calls its modules' forward, not their holders, so the unit would run unhooked).
+inline std::vector<PolicyUnit> policy_units(torch::nn::Module& root, const ModuleTypes& types, std::string_view who) {
+  std::vector<PolicyUnit> found;
+  if (types.empty()) return found;
+  auto modules = root.named_modules("", /*include_self=*/true);
+  for (const auto& item : modules) {
+    const std::string& path = item.key();
+    const auto& m = item.value();
+    if (!types.matches(*m)) continue;
+    const std::string shown = path.empty() ? std::string("(the model itself)") : path;
+    if (!is_unit(*m)) {
+      raise(
+          "{}: the module `{}` ({}) matches the policy but is not a fabric unit, so its forward cannot be "
+          "wrapped; declare its type with FABRIC_UNIT(Name) in place of TORCH_MODULE(Name)",
+          who, shown, m->name());
+    }
+    if (auto dot = path.rfind('.'); !path.empty()) {
+      const std::string parent = dot == std::string::npos ? std::string() : path.substr(0, dot);
+      const auto* p = parent.empty() ? &root : modules[parent].get();
+      if (dynamic_cast<const torch::nn::SequentialImpl*>(p) != nullptr) {
+        raise(
+            "{}: the unit `{}` ({}) is held by a torch::nn::Sequential, which calls its modules' forward "
+            "directly and would run it unhooked; hold the units in a torch::nn::ModuleList and call them "
+            "from your forward (`for (auto& b : blocks) x = b(x);`)",
+            who, shown, m->name());
+      }
+    }
+    found.push_back({path, m});
+  }
+  return found;
+}
+
+}  // namespace detail
+}  // namespace fabric
+
+/// Declares the holder `Name` of the unit module `Name##Impl`, in place of TORCH_MODULE(Name): its call
+/// runs the hooks a strategy (FSDP) installs and activation checkpointing.
+#define FABRIC_UNIT(Name)                          \
+  class Name : public ::fabric::Unit<Name##Impl> { \
+   public:                                         \
+    using ::fabric::Unit<Name##Impl>::Unit;        \
+    using ::fabric::Unit<Name##Impl>::get;         \
+  }
+// ---- end fabric/wrappers/unit.hpp
+
+#include <ATen/core/Tensor.h>
+#include <torch/nn/module.h>
+
+#include <cstddef>
+#include <memory>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+namespace fabric {
+namespace detail {
+
+/// Returns the module a ModuleLike names (holder, shared_ptr or module object).
+template <class M>
+torch::nn::Module& module_of(M& m) {
+  using T = std::remove_cvref_t<M>;
+  if constexpr (std::is_base_of_v<torch::nn::Module, T>) {
+    return m;
+  } else {
+    if (!m) raise("expected a module, found an empty holder or a null pointer; construct the module first");
+    return *m;
+  }
+}
+
+}  // namespace detail
+
+/// Calls fn(args...) without keeping its activations: the backward runs fn again (with the random number
+/// generators and autocast as in the forward) and differentiates that. The tensors among args (also inside
+/// vectors, tuples, optionals, maps) are its inputs; a tensor fn reads that needs a gradient must be one of
+/// them (a captured one is refused in backward). With a module in place of fn, its forward is called and its
+/// parameters are inputs too:
+///
+/// ```cpp
+/// at::Tensor y = fabric::activation_checkpoint([](const at::Tensor& x) { return torch::gelu(x).sin(); }, x);
+/// at::Tensor z = fabric::activation_checkpoint(mlp, y);   // mlp->forward(y), mlp's parameters as inputs
+/// ```
+/// Without grad mode, or when no input needs a gradient, it is a plain call. Any strategy (single device,
+/// DDP) trains through it: the parameters' gradients arrive as from the plain forward, once each.
+template <class Fn, class... Args>
+auto activation_checkpoint(Fn&& fn, Args&&... args) {
+  if constexpr (ModuleLike<Fn>) {
+    auto& module = detail::module_of(fn);
+    std::vector<at::Tensor> parameters;
+    for (auto& p : module.parameters()) {
+      if (p.requires_grad()) parameters.push_back(p);
+    }
+    using T = std::remove_cvref_t<Fn>;
+    if constexpr (std::is_base_of_v<torch::nn::Module, T>) {
+      static_assert(!std::is_base_of_v<torch::nn::Module, T>,
+                    "fabric: activation_checkpoint(module, ...) needs the module's holder or shared_ptr (it is "
+                    "kept for the backward); pass the holder (mlp), not the module object (*mlp)");
+    } else {
+      auto ptr = [&] {
+        if constexpr (detail::is_module_holder_v<T>) {
+          return fn.ptr();
+        } else {
+          return fn;
+        }
+      }();
+      auto call = [ptr](auto&... a) { return ptr->forward(a...); };
+      return detail::checkpoint_call(std::move(call), std::move(parameters), std::forward<Args>(args)...);
+    }
+  } else {
+    return detail::checkpoint_call(std::forward<Fn>(fn), {}, std::forward<Args>(args)...);
+  }
+}
+
+/// Switches activation checkpointing on for every unit of model (model included) whose type is one of types,
+/// Lightning's `activation_checkpointing_policy={Block}`: each call of such a unit then keeps only its inputs
+/// and recomputes its forward in backward. Returns the number of units. A matching module that is not a
+/// fabric unit (declared with TORCH_MODULE, not FABRIC_UNIT) is refused, as is a policy that matches nothing.
+///
+/// ```cpp
+/// fabric::apply_activation_checkpointing(model, fabric::module_types<BlockImpl>());
+/// ```
+template <ModuleLike M>
+std::size_t apply_activation_checkpointing(M&& model, const ModuleTypes& types) {
+  if (types.empty()) {
+    detail::raise(
+        "apply_activation_checkpointing: expected at least one module type, found none; pass "
+        "fabric::module_types<BlockImpl>()");
+  }
+  auto units = detail::policy_units(detail::module_of(model), types, "apply_activation_checkpointing");
+  if (units.empty()) {
+    detail::raise(
+        "apply_activation_checkpointing: no module of the model matches the {} module type(s) given; "
+        "pass the types of its blocks (the Impl classes: fabric::module_types<BlockImpl>())",
+        types.size());
+  }
+  for (auto& u : units) detail::unit_registry().update(*u.module, [](detail::UnitEntry& e) { e.checkpoint = true; });
+  return units.size();
+}
+
+/// Switches activation checkpointing off for every unit of model; returns the number of units it was on for.
+template <ModuleLike M>
+std::size_t remove_activation_checkpointing(M&& model) {
+  std::size_t n = 0;
+  for (const auto& m : detail::module_of(model).modules(/*include_self=*/true)) {
+    detail::unit_registry().update(*m, [&](detail::UnitEntry& e) {
+      n += e.checkpoint ? 1 : 0;
+      e.checkpoint = false;
+    });
+  }
+  return n;
+}
+
+}  // namespace fabric
+// ---- end fabric/utils/activation_checkpoint.hpp
 // ---- begin fabric/utils/throughput.hpp
 // Throughput and FLOPs, a port of lightning.fabric.utilities.throughput: Throughput (rolling batches,
 // samples, items and FLOPs per second, and MFU), ThroughputMonitor (the same, logged through a Fabric on
@@ -14800,432 +15643,6 @@ inline double transformer_flops(const TransformerShape& shape, std::int64_t toke
 
 }  // namespace fabric
 // ---- end fabric/utils/throughput.hpp
-// ---- begin fabric/wrappers/unit.hpp
-// fabric::Unit and FABRIC_UNIT: the modules whose forward a strategy (FSDP) or activation checkpointing
-// wraps. LibTorch's modules have no forward hooks, so a model marks its units with one line per unit type:
-// `FABRIC_UNIT(Block);` in place of `TORCH_MODULE(Block);`. The holder's call runs the hooks installed on
-// the module instance; with none installed anywhere it is exactly `Impl::forward` after one atomic load.
-
-
-#include <ATen/core/Tensor.h>
-#include <c10/util/Exception.h>
-#include <torch/nn/module.h>
-#include <torch/nn/modules/container/sequential.h>
-#include <torch/nn/pimpl.h>
-
-#include <algorithm>
-#include <atomic>
-#include <cstddef>
-#include <functional>
-#include <memory>
-#include <mutex>
-#include <shared_mutex>
-#include <string>
-#include <string_view>
-#include <type_traits>
-#include <typeinfo>
-#include <unordered_map>
-#include <utility>
-#include <vector>
-
-namespace fabric {
-namespace detail {
-
-/// What runs around one unit's forward; installed on a module instance by a strategy (FSDP) and/or by
-/// activation checkpointing.
-class UnitHook {
- public:
-  virtual ~UnitHook() = default;
-  /// Before the unit's forward (and, idempotently, before activation checkpointing recomputes it in backward).
-  virtual void pre_forward(torch::nn::Module& unit) = 0;
-  /// After the unit's forward, with the tensors of its output that require grad (not called for the
-  /// recomputation inside backward; detail::in_recompute() is true there). A hook may replace the tensors
-  /// (by ones of the same shape, e.g. with a backward hook attached): the caller gets the replacements.
-  virtual void post_forward(torch::nn::Module& unit, std::vector<at::Tensor>& outputs) = 0;
-};
-
-/// The flag detail::in_recompute() reads (set by activation checkpointing on the thread that recomputes).
-inline thread_local bool recompute_flag = false;
-
-/// True on the thread while activation checkpointing recomputes a unit's forward in backward.
-inline bool in_recompute() noexcept { return recompute_flag; }
-
-/// Sets detail::in_recompute() while it lives.
-class RecomputeGuard {
- public:
-  RecomputeGuard() noexcept : prev_(recompute_flag) { recompute_flag = true; }
-  ~RecomputeGuard() { recompute_flag = prev_; }
-  RecomputeGuard(const RecomputeGuard&) = delete;
-  RecomputeGuard& operator=(const RecomputeGuard&) = delete;
-
- private:
-  bool prev_;
-};
-
-/// The number of units that have a hook or activation checkpointing: while it is zero a unit's call is
-/// `Impl::forward` after this one load (a plain variable, so no static-initialisation guard either).
-inline std::atomic<std::size_t> active_units{0};
-
-/// What the registry knows of one unit instance.
-struct UnitEntry {
-  /// The module, to tell it from a later module allocated at the same address after it died.
-  std::weak_ptr<torch::nn::Module> module;
-  std::vector<std::shared_ptr<UnitHook>> hooks;
-  /// Whether activation checkpointing is on for the unit.
-  bool checkpoint = false;
-  bool active() const noexcept { return !hooks.empty() || checkpoint; }
-};
-
-/// A snapshot of what runs around one call of a unit.
-struct UnitCall {
-  std::vector<std::shared_ptr<UnitHook>> hooks;
-  bool checkpoint = false;
-};
-
-/// The units of the process, keyed by address; thread-safe. An entry goes when its module dies (the
-/// deleter of a module a Unit constructed erases it; an entry of a module a Unit adopted is found
-/// expired and dropped at the next look-up of its address or the next installation of a hook).
-class UnitRegistry {
- public:
-  /// Records module as a unit (again: a second holder of the same module keeps its hooks).
-  void add(const std::shared_ptr<torch::nn::Module>& module) {
-    if (!module) return;
-    std::vector<std::shared_ptr<UnitHook>> dropped;
-    std::unique_lock lock(mutex_);
-    auto [it, inserted] = entries_.try_emplace(module.get());
-    if (!inserted && live(it->second, module.get())) return;
-    if (!inserted) dropped = drop_locked(it->second);
-    it->second.module = module;
-  }
-
-  /// Forgets the module at address p if it is dead (called by the deleter of a module a Unit made).
-  void erase_dead(const torch::nn::Module* p) noexcept {
-    std::vector<std::shared_ptr<UnitHook>> dropped;
-    std::unique_lock lock(mutex_);
-    if (auto it = entries_.find(p); it != entries_.end() && it->second.module.expired()) {
-      dropped = drop_locked(it->second);
-      entries_.erase(it);
-    }
-  }
-
-  /// Whether module is a live unit.
-  bool contains(const torch::nn::Module& module) const {
-    std::shared_lock lock(mutex_);
-    auto it = entries_.find(&module);
-    return it != entries_.end() && live(it->second, &module);
-  }
-
-  /// Applies fn to the live entry of module (under the lock) and returns true, or returns false.
-  template <class F>
-  bool update(const torch::nn::Module& module, F&& fn) {
-    std::vector<std::shared_ptr<UnitHook>> dropped;
-    std::unique_lock lock(mutex_);
-    prune_locked(dropped);
-    auto it = entries_.find(&module);
-    if (it == entries_.end() || !live(it->second, &module)) return false;
-    const bool was = it->second.active();
-    fn(it->second);
-    const bool now = it->second.active();
-    if (was != now) now ? active_units.fetch_add(1) : active_units.fetch_sub(1);
-    return true;
-  }
-
-  /// Removes hook from every unit (a strategy tearing down).
-  void remove_everywhere(const UnitHook& hook) {
-    std::vector<std::shared_ptr<UnitHook>> dropped;
-    std::unique_lock lock(mutex_);
-    for (auto& [p, entry] : entries_) {
-      const bool was = entry.active();
-      erase_hook(entry.hooks, hook, dropped);
-      if (was && !entry.active()) active_units.fetch_sub(1);
-    }
-  }
-
-  /// Returns what runs around a call of module (nothing when it has no entry).
-  UnitCall call(const torch::nn::Module& module) const {
-    std::shared_lock lock(mutex_);
-    auto it = entries_.find(&module);
-    if (it == entries_.end() || !live(it->second, &module)) return {};
-    return {it->second.hooks, it->second.checkpoint};
-  }
-
-  /// The number of entries (for tests: dead modules leave none behind).
-  std::size_t size() const {
-    std::shared_lock lock(mutex_);
-    return entries_.size();
-  }
-
-  static void erase_hook(std::vector<std::shared_ptr<UnitHook>>& hooks, const UnitHook& hook,
-                         std::vector<std::shared_ptr<UnitHook>>& dropped) {
-    auto it = std::find_if(hooks.begin(), hooks.end(), [&](const auto& h) { return h.get() == &hook; });
-    if (it == hooks.end()) return;
-    dropped.push_back(std::move(*it));
-    hooks.erase(it);
-  }
-
- private:
-  static bool live(const UnitEntry& entry, const torch::nn::Module* p) {
-    auto m = entry.module.lock();
-    return m && m.get() == p;
-  }
-  // NOTE: hooks are destroyed after the lock is released (their destructors may do anything).
-  std::vector<std::shared_ptr<UnitHook>> drop_locked(UnitEntry& entry) {
-    if (entry.active()) active_units.fetch_sub(1);
-    entry.checkpoint = false;
-    return std::exchange(entry.hooks, {});
-  }
-  void prune_locked(std::vector<std::shared_ptr<UnitHook>>& dropped) {
-    for (auto it = entries_.begin(); it != entries_.end();) {
-      if (it->second.module.expired()) {
-        for (auto& h : drop_locked(it->second)) dropped.push_back(std::move(h));
-        it = entries_.erase(it);
-      } else {
-        ++it;
-      }
-    }
-  }
-
-  mutable std::shared_mutex mutex_;
-  std::unordered_map<const torch::nn::Module*, UnitEntry> entries_;
-};
-
-/// The registry of the process (one across translation units: an inline function's static).
-inline UnitRegistry& unit_registry() {
-  static UnitRegistry registry;
-  return registry;
-}
-
-/// Installs a hook on one module instance (keyed by its address); pre_forward hooks run in installation order,
-/// post_forward in reverse. remove_unit_hook removes one by identity.
-inline void add_unit_hook(torch::nn::Module& unit, std::shared_ptr<UnitHook> hook) {
-  if (!hook) raise("add_unit_hook: expected a hook, found a null pointer; pass std::make_shared<YourHook>(...)");
-  if (!unit_registry().update(unit, [&](UnitEntry& e) { e.hooks.push_back(std::move(hook)); })) {
-    raise(
-        "add_unit_hook: expected a fabric unit, found a module of type {} that is not one (its forward could "
-        "not run the hook); declare it with FABRIC_UNIT(Name) in place of TORCH_MODULE(Name)",
-        unit.name());
-  }
-}
-
-/// Removes the hook (by identity) from unit; nothing happens when it is not installed there.
-inline void remove_unit_hook(torch::nn::Module& unit, const UnitHook& hook) {
-  std::vector<std::shared_ptr<UnitHook>> dropped;
-  unit_registry().update(unit, [&](UnitEntry& e) { UnitRegistry::erase_hook(e.hooks, hook, dropped); });
-}
-
-/// Removes the hook (by identity) from every unit it is installed on (a strategy tearing down).
-inline void remove_unit_hook_everywhere(const UnitHook& hook) { unit_registry().remove_everywhere(hook); }
-
-/// Whether `module` was created through fabric::Unit / FABRIC_UNIT (only then does its forward run the hooks).
-inline bool is_unit(const torch::nn::Module& module) { return unit_registry().contains(module); }
-
-/// Deletes a module a Unit constructed and forgets its entry.
-struct UnitDeleter {
-  template <class Impl>
-  void operator()(Impl* p) const noexcept {
-    const torch::nn::Module* base = p;
-    delete p;
-    unit_registry().erase_dead(base);
-  }
-};
-
-/// Collects the tensors of a forward's output that require grad.
-template <class R>
-std::vector<at::Tensor> grad_outputs_of(const R& result) {
-  std::vector<at::Tensor> out;
-  for_each_tensor(result, [&](const at::Tensor& t) {
-    if (t.defined() && t.requires_grad()) out.push_back(t);
-  });
-  return out;
-}
-
-/// Puts the hooks' replacements of the tensors that require grad back into the output.
-template <class R>
-R replace_grad_outputs(R result, const std::vector<at::Tensor>& replaced) {
-  std::size_t i = 0;
-  auto put = [&](at::Tensor t) {
-    if (t.defined() && t.requires_grad() && i < replaced.size()) return replaced[i++];
-    return t;
-  };
-  return map_tensors(std::move(result), put);
-}
-
-/// Runs a unit's forward through its hooks (and, for activation checkpointing, through the function
-/// that utils/activation_checkpoint.hpp installs here).
-template <class Impl, class... Args>
-auto run_unit(const std::shared_ptr<Impl>& impl, Args&&... args) {
-  using R = decltype(impl->forward(std::forward<Args>(args)...));
-  UnitCall call = unit_registry().call(*impl);
-  for (auto& h : call.hooks) h->pre_forward(*impl);
-  if constexpr (!std::is_void_v<R>) {
-    std::remove_cvref_t<R> result = impl->forward(std::forward<Args>(args)...);
-    if (!call.hooks.empty()) {
-      std::vector<at::Tensor> outs = grad_outputs_of(result);
-      const std::size_t n = outs.size();
-      for (auto it = call.hooks.rbegin(); it != call.hooks.rend(); ++it) (*it)->post_forward(*impl, outs);
-      if (outs.size() != n) {
-        raise(
-            "a unit hook's post_forward changed the number of output tensors from {} to {}; replace tensors, "
-            "never add or remove them",
-            n, outs.size());
-      }
-      result = replace_grad_outputs(std::move(result), outs);
-    }
-    return result;
-  } else {
-    impl->forward(std::forward<Args>(args)...);
-    if (!call.hooks.empty()) {
-      std::vector<at::Tensor> outs;
-      for (auto it = call.hooks.rbegin(); it != call.hooks.rend(); ++it) (*it)->post_forward(*impl, outs);
-    }
-  }
-}
-
-}  // namespace detail
-
-/// A ModuleHolder (as TORCH_MODULE makes) whose call runs the unit's hooks and, when switched on, activation
-/// checkpointing around Impl::forward; otherwise exactly Impl::forward. Declare one with FABRIC_UNIT(Name).
-///
-/// ```cpp
-/// class BlockImpl : public torch::nn::Module { ... at::Tensor forward(at::Tensor x); };
-/// FABRIC_UNIT(Block);   // in place of TORCH_MODULE(Block);
-/// ```
-/// As in Python, where `block.forward(x)` skips the module's hooks, `block->forward(x)` skips them:
-/// call the holder, `block(x)`.
-template <class Impl>
-class Unit : public torch::nn::ModuleHolder<Impl> {
-  using Base = torch::nn::ModuleHolder<Impl>;
-
- public:
-  /// Constructs Impl with its default constructor (as TORCH_MODULE's holders do).
-  Unit() requires std::is_default_constructible_v<Impl> : Base(make()) {}
-
-  /// The empty holder.
-  Unit(std::nullptr_t) : Base(nullptr) {}  // NOLINT(google-explicit-constructor): as ModuleHolder's
-
-  /// Constructs Impl from the arguments.
-  template <class Head, class... Tail>
-  requires(!(sizeof...(Tail) == 0 &&
-             (std::is_same_v<std::remove_cvref_t<Head>, std::shared_ptr<Impl>> ||
-              std::is_base_of_v<Base, std::remove_cvref_t<Head>> ||
-              std::is_same_v<std::remove_cvref_t<Head>, std::nullptr_t>))) explicit Unit(Head&& head, Tail&&... tail)
-      : Base(make(std::forward<Head>(head), std::forward<Tail>(tail)...)) {}
-
-  /// Adopts a module (the same module under several holders shares its hooks).
-  Unit(std::shared_ptr<Impl> module) : Base(std::move(module)) {  // NOLINT(google-explicit-constructor)
-    detail::unit_registry().add(this->ptr());
-  }
-
-  /// Calls the unit: its hooks, then Impl::forward (or the checkpointed forward).
-  template <class... Args>
-  auto operator()(Args&&... args) {
-    if (detail::active_units.load(std::memory_order_acquire) == 0) [[likely]] {
-      return this->get()->forward(std::forward<Args>(args)...);
-    }
-    TORCH_CHECK(!this->is_empty(), "Accessing empty ModuleHolder");
-    return detail::run_unit(this->ptr(), std::forward<Args>(args)...);
-  }
-
- private:
-  template <class... A>
-  static std::shared_ptr<Impl> make(A&&... a) {
-    std::shared_ptr<Impl> p(new Impl(std::forward<A>(a)...), detail::UnitDeleter{});
-    detail::unit_registry().add(p);
-    return p;
-  }
-};
-
-/// A set of module types, Lightning's `auto_wrap_policy={Block}` / `activation_checkpointing_policy={Block}`:
-/// fabric::module_types<BlockImpl>(); matches(m) is true when m is of one of them (or derives from one, as
-/// Python's isinstance).
-class ModuleTypes {
- public:
-  ModuleTypes() = default;
-
-  /// Whether m is of one of the types.
-  bool matches(const torch::nn::Module& m) const {
-    return std::any_of(tests_.begin(), tests_.end(), [&](const auto& t) { return t(m); });
-  }
-  /// Whether the set has no type.
-  bool empty() const noexcept { return tests_.empty(); }
-  /// The number of types.
-  std::size_t size() const noexcept { return tests_.size(); }
-
-  /// Adds the module type M.
-  template <class M>
-  void add() {
-    static_assert(std::is_base_of_v<torch::nn::Module, M>,
-                  "fabric: module_types<M...>() takes module classes (BlockImpl), not holders (Block); "
-                  "write module_types<BlockImpl>()");
-    tests_.emplace_back([](const torch::nn::Module& m) { return dynamic_cast<const M*>(&m) != nullptr; });
-  }
-
- private:
-  std::vector<std::function<bool(const torch::nn::Module&)>> tests_;
-};
-
-/// Returns the set of the module types M... (the Impl classes: fabric::module_types<BlockImpl>()).
-template <class... M>
-ModuleTypes module_types() {
-  ModuleTypes types;
-  (types.template add<M>(), ...);
-  return types;
-}
-
-namespace detail {
-
-/// One module a policy selected: its path in the model ("h.0") and the module.
-struct PolicyUnit {
-  std::string path;
-  std::shared_ptr<torch::nn::Module> module;
-};
-
-/// Returns the modules of root (root included) that types matches, in the order of named_modules; refuses
-/// (fabric::Error from `who`) a matching module that is not a unit and a unit that a torch::nn::Sequential
-/// holds (Sequential calls its modules' forward, not their holders, so the unit would run unhooked).
-inline std::vector<PolicyUnit> policy_units(torch::nn::Module& root, const ModuleTypes& types, std::string_view who) {
-  std::vector<PolicyUnit> found;
-  if (types.empty()) return found;
-  auto modules = root.named_modules("", /*include_self=*/true);
-  for (const auto& item : modules) {
-    const std::string& path = item.key();
-    const auto& m = item.value();
-    if (!types.matches(*m)) continue;
-    const std::string shown = path.empty() ? std::string("(the model itself)") : path;
-    if (!is_unit(*m)) {
-      raise(
-          "{}: the module `{}` ({}) matches the policy but is not a fabric unit, so its forward cannot be "
-          "wrapped; declare its type with FABRIC_UNIT(Name) in place of TORCH_MODULE(Name)",
-          who, shown, m->name());
-    }
-    if (auto dot = path.rfind('.'); !path.empty()) {
-      const std::string parent = dot == std::string::npos ? std::string() : path.substr(0, dot);
-      const auto* p = parent.empty() ? &root : modules[parent].get();
-      if (dynamic_cast<const torch::nn::SequentialImpl*>(p) != nullptr) {
-        raise(
-            "{}: the unit `{}` ({}) is held by a torch::nn::Sequential, which calls its modules' forward "
-            "directly and would run it unhooked; hold the units in a torch::nn::ModuleList and call them "
-            "from your forward (`for (auto& b : blocks) x = b(x);`)",
-            who, shown, m->name());
-      }
-    }
-    found.push_back({path, m});
-  }
-  return found;
-}
-
-}  // namespace detail
-}  // namespace fabric
-
-/// Declares the holder `Name` of the unit module `Name##Impl`, in place of TORCH_MODULE(Name): its call
-/// runs the hooks a strategy (FSDP) installs and activation checkpointing.
-#define FABRIC_UNIT(Name)                          \
-  class Name : public ::fabric::Unit<Name##Impl> { \
-   public:                                         \
-    using ::fabric::Unit<Name##Impl>::Unit;        \
-    using ::fabric::Unit<Name##Impl>::get;         \
-  }
-// ---- end fabric/wrappers/unit.hpp
 
 // The multi-process half, for translation units that define FABRIC_DISTRIBUTED before including this
 // header (as users of the single header do); otherwise include fabric/distributed.hpp.

@@ -5,7 +5,8 @@
 //                [--dir D] [--fault throw|kill|hang] [--catch] [--env scheduler|kubeflow] [--external] [--cuda]
 //                [--tag T] [--threads auto|N]
 //
-// Scenarios: train, collectives, sampler, mismatch, save, loggers, shard, bypass, bypass-bf16, barrier-timeout.
+// Scenarios: train, collectives, sampler, mismatch, save, loggers, shard, bypass, bypass-bf16, barrier-timeout,
+// checkpoint.
 //
 // Each scenario checks its own results and exits 0 only when they hold; any failed check prints
 // "rank R: FAILED: ..." and exits 1. With --catch a fabric::Error during training is caught while the
@@ -728,6 +729,90 @@ int bypass(const Args& a, std::string_view skipped) {
   return 0;
 }
 
+/// A unit with dropout for the activation-checkpointing scenario.
+struct CkptBlockImpl : torch::nn::Module {
+  CkptBlockImpl()
+      : fc1(register_module("fc1", torch::nn::Linear(16, 32))),
+        fc2(register_module("fc2", torch::nn::Linear(32, 16))) {}
+  torch::Tensor forward(const torch::Tensor& x) { return x + torch::dropout(fc2(torch::gelu(fc1(x))), 0.2, true); }
+  torch::nn::Linear fc1, fc2;
+};
+FABRIC_UNIT(CkptBlock);
+
+struct CkptNetImpl : torch::nn::Module {
+  CkptNetImpl()
+      : h(register_module("h", torch::nn::ModuleList())), head(register_module("head", torch::nn::Linear(16, 4))) {
+    for (int i = 0; i < 3; ++i) {
+      blocks.emplace_back();
+      h->push_back(blocks.back());
+    }
+  }
+  torch::Tensor forward(torch::Tensor x) {
+    for (auto& b : blocks) x = b(x);
+    return head(x);
+  }
+  torch::nn::ModuleList h;
+  torch::nn::Linear head;
+  std::vector<CkptBlock> blocks;
+};
+TORCH_MODULE(CkptNet);
+
+/// Counts the recomputations of the units it is installed on.
+struct RecomputeCounter : fabric::detail::UnitHook {
+  int recomputes = 0;
+  void pre_forward(torch::nn::Module&) override { recomputes += fabric::detail::in_recompute() ? 1 : 0; }
+  void post_forward(torch::nn::Module&, std::vector<torch::Tensor>&) override {}
+};
+
+// Activation checkpointing under DDP: the checkpointed blocks' parameters are inputs of the checkpoint Function,
+// so the Reducer's hooks fire once per parameter from the outer backward (twice would fail in the Reducer, never
+// would hang) and the averaged gradients equal those of DDP without checkpointing, step after step.
+template <class F>
+int checkpoint(F& fabric, const Args& a) {
+  const int world = fabric.world_size();
+  const int rank = fabric.global_rank();
+  torch::manual_seed(11);
+  CkptNet plain_net;
+  torch::manual_seed(11);
+  CkptNet ckpt_net;
+  WORKER_CHECK(fabric::apply_activation_checkpointing(ckpt_net, fabric::module_types<CkptBlockImpl>()) == 3,
+               "three blocks to checkpoint");
+  auto plain = fabric.setup_module(plain_net);
+  auto ckpt = fabric.setup_module(ckpt_net);
+  auto counter = std::make_shared<RecomputeCounter>();
+  for (auto& b : ckpt_net->blocks) fabric::detail::add_unit_hook(*b, counter);
+  torch::optim::SGD sgd_plain(plain_net->parameters(), 0.1);
+  torch::optim::SGD sgd_ckpt(ckpt_net->parameters(), 0.1);
+  for (int step = 0; step < a.steps; ++step) {
+    auto [x, y] = global_batch(step, 4 * world);
+    const auto xs = x.narrow(0, 4 * rank, 4).to(fabric.device());
+    const auto ys = y.narrow(0, 4 * rank, 4).to(fabric.device());
+    torch::manual_seed(100 * step + rank);  // dropout differs per rank and step, the same for both models
+    fabric.backward(torch::mse_loss(plain(xs), ys));
+    torch::manual_seed(100 * step + rank);
+    fabric.backward(torch::mse_loss(ckpt(xs), ys));
+    auto pc = ckpt_net->named_parameters();
+    for (const auto& item : plain_net->named_parameters()) {
+      WORKER_CHECK(pc[item.key()].grad().defined(), "step {}: {} has no gradient with checkpointing", step, item.key());
+      WORKER_CHECK(torch::allclose(item.value().grad(), pc[item.key()].grad(), 1e-6, 1e-7),
+                   "step {}: {} differs with checkpointing", step, item.key());
+    }
+    const auto grads = fabric.all_gather(ckpt_net->blocks[0]->fc1->weight.grad()).cpu();
+    for (int r = 1; r < world; ++r) {
+      WORKER_CHECK(torch::equal(grads[r], grads[0]), "step {}: rank {}'s gradient differs: not averaged", step, r);
+    }
+    sgd_plain.step();
+    sgd_ckpt.step();
+    sgd_plain.zero_grad();
+    sgd_ckpt.zero_grad();
+  }
+  WORKER_CHECK(counter->recomputes == 3 * a.steps, "{} recomputations of the blocks in {} steps, expected {}",
+               counter->recomputes, a.steps, 3 * a.steps);
+  fabric::detail::remove_unit_hook_everywhere(*counter);
+  fabric.print("checkpoint ok: {} steps on {} ranks", a.steps, world);
+  return 0;
+}
+
 // Lightning: tests_fabric/test_fabric.py::test_launch_and_cli_not_allowed
 // (Lightning refuses launch() under its CLI; fabric's CLI, fabric-run, starts the processes and launch() then
 // only connects them, so the same program runs under every launcher: dist.fabric_run.* call launch() here.)
@@ -758,6 +843,7 @@ int run(const Args& a) {
   if (a.scenario == "save") return save_load(fabric, a);
   if (a.scenario == "shard") return shard(fabric, a);
   if (a.scenario == "barrier-timeout") return barrier_timeout(fabric, a);
+  if (a.scenario == "checkpoint") return checkpoint(fabric, a);
   throw std::invalid_argument("unknown scenario " + a.scenario);
 }
 

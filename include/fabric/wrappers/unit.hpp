@@ -5,6 +5,7 @@
 // the module instance; with none installed anywhere it is exactly `Impl::forward` after one atomic load.
 
 #include "fabric/core/error.hpp"
+#include "fabric/detail/checkpoint.hpp"
 #include "fabric/utils/apply.hpp"
 
 #include <ATen/core/Tensor.h>
@@ -42,24 +43,6 @@ class UnitHook {
   /// recomputation inside backward; detail::in_recompute() is true there). A hook may replace the tensors
   /// (by ones of the same shape, e.g. with a backward hook attached): the caller gets the replacements.
   virtual void post_forward(torch::nn::Module& unit, std::vector<at::Tensor>& outputs) = 0;
-};
-
-/// The flag detail::in_recompute() reads (set by activation checkpointing on the thread that recomputes).
-inline thread_local bool recompute_flag = false;
-
-/// True on the thread while activation checkpointing recomputes a unit's forward in backward.
-inline bool in_recompute() noexcept { return recompute_flag; }
-
-/// Sets detail::in_recompute() while it lives.
-class RecomputeGuard {
- public:
-  RecomputeGuard() noexcept : prev_(recompute_flag) { recompute_flag = true; }
-  ~RecomputeGuard() { recompute_flag = prev_; }
-  RecomputeGuard(const RecomputeGuard&) = delete;
-  RecomputeGuard& operator=(const RecomputeGuard&) = delete;
-
- private:
-  bool prev_;
 };
 
 /// The number of units that have a hook or activation checkpointing: while it is zero a unit's call is
@@ -250,16 +233,36 @@ R replace_grad_outputs(R result, const std::vector<at::Tensor>& replaced) {
   return map_tensors(std::move(result), put);
 }
 
-/// Runs a unit's forward through its hooks (and, for activation checkpointing, through the function
-/// that utils/activation_checkpoint.hpp installs here).
+/// Runs a unit's forward with activation checkpointing; the recomputation runs the pre_forward hooks again.
+template <class Impl, class... Args>
+auto checkpoint_unit(const std::shared_ptr<Impl>& impl, const std::vector<std::shared_ptr<UnitHook>>& hooks,
+                     Args&&... args) {
+  std::vector<at::Tensor> parameters;
+  for (auto& p : impl->parameters()) {
+    if (p.requires_grad()) parameters.push_back(p);
+  }
+  auto fn = [impl, hooks](auto&... a) {
+    if (in_recompute()) {
+      for (const auto& h : hooks) h->pre_forward(*impl);
+    }
+    return impl->forward(a...);
+  };
+  return checkpoint_call(std::move(fn), std::move(parameters), std::forward<Args>(args)...);
+}
+
+/// Runs a unit's forward through its hooks and, when it is on, activation checkpointing: pre_forward hooks in
+/// installation order, the forward, post_forward hooks in reverse (not while recomputing in backward).
 template <class Impl, class... Args>
 auto run_unit(const std::shared_ptr<Impl>& impl, Args&&... args) {
   using R = decltype(impl->forward(std::forward<Args>(args)...));
   UnitCall call = unit_registry().call(*impl);
   for (auto& h : call.hooks) h->pre_forward(*impl);
+  const bool post = !call.hooks.empty() && !in_recompute();
   if constexpr (!std::is_void_v<R>) {
-    std::remove_cvref_t<R> result = impl->forward(std::forward<Args>(args)...);
-    if (!call.hooks.empty()) {
+    std::remove_cvref_t<R> result = call.checkpoint && c10::GradMode::is_enabled() && !in_recompute()
+                                        ? checkpoint_unit(impl, call.hooks, std::forward<Args>(args)...)
+                                        : impl->forward(std::forward<Args>(args)...);
+    if (post) {
       std::vector<at::Tensor> outs = grad_outputs_of(result);
       const std::size_t n = outs.size();
       for (auto it = call.hooks.rbegin(); it != call.hooks.rend(); ++it) (*it)->post_forward(*impl, outs);
@@ -274,7 +277,7 @@ auto run_unit(const std::shared_ptr<Impl>& impl, Args&&... args) {
     return result;
   } else {
     impl->forward(std::forward<Args>(args)...);
-    if (!call.hooks.empty()) {
+    if (post) {
       std::vector<at::Tensor> outs;
       for (auto it = call.hooks.rbegin(); it != call.hooks.rend(); ++it) (*it)->post_forward(*impl, outs);
     }
