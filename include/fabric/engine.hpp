@@ -646,7 +646,8 @@ class Fabric {
     State none;
     return load(path, none, false);
   }
-  /// Loads a module's or an optimizer's state from a file written by torch::save (without fabric).
+  /// Loads a module's or an optimizer's state from a file written without fabric (LibTorch's torch::save,
+  /// Python's torch.save of a state_dict, safetensors), through the format that recognises the file.
   template <class T>
   void load_raw(const std::filesystem::path& path, T& target, bool strict = true) {
     strategy_.load_raw(path, target, strict);

@@ -2303,19 +2303,30 @@ void check_zip_crcs(const char* bytes, const ZipArchive& archive, Select&& selec
 
 // ---- begin fabric/io/checkpoint_io.hpp
 // The CheckpointIO concept (Lightning's CheckpointIO: how a checkpoint dictionary reaches a file and
-// comes back), the check that names what a format lacks, and fabric::AnyCheckpointIO, which holds any
-// format where a strategy keeps it.
+// comes back), the check that names what a format lacks, fabric::FormatList, which picks a format per
+// path (what save, load and load_raw do by default), and fabric::AnyCheckpointIO, which holds any format
+// where a strategy keeps it.
 
 
 #include <ATen/core/Dict.h>
 #include <ATen/core/ivalue.h>
 
 #include <concepts>
+#include <cstddef>
 #include <filesystem>
+#include <fstream>
 #include <memory>
 #include <string>
+#include <tuple>
 #include <type_traits>
 #include <utility>
+
+namespace torch::nn {
+class Module;
+}  // namespace torch::nn
+namespace torch::optim {
+class Optimizer;
+}  // namespace torch::optim
 
 namespace fabric {
 
@@ -2352,6 +2363,23 @@ concept loads_checkpoints = requires(IO& io, const std::filesystem::path& path) 
 template <class IO>
 concept removes_checkpoints = requires(IO& io, const std::filesystem::path& path) {
   io.remove_checkpoint(path);
+};
+
+/// The format says which paths it writes (`claims`) and which files it reads (`recognises`).
+template <class IO>
+concept picks_files = requires(const IO& io, const std::filesystem::path& path) {
+  { io.claims(path) } -> std::convertible_to<bool>;
+  { io.recognises(path) } -> std::convertible_to<bool>;
+};
+/// The format loads a module's tensors from a file it recognises (Fabric::load_raw).
+template <class IO>
+concept loads_raw_modules = requires(IO& io, const std::filesystem::path& path, torch::nn::Module& module) {
+  io.load_raw(path, module, true);
+};
+/// The format loads an optimizer's state from a file it recognises (Fabric::load_raw).
+template <class IO>
+concept loads_raw_optimizers = requires(IO& io, const std::filesystem::path& path, torch::optim::Optimizer& optimizer) {
+  io.load_raw(path, optimizer, true);
 };
 
 }  // namespace detail
@@ -2396,6 +2424,151 @@ consteval bool check_checkpoint_io() {
 
 }  // namespace detail
 
+/// Returns up to n bytes from the start of the file at path (fewer for a shorter file, none for a file
+/// that cannot be read): what a format's `recognises` looks at to know its own files.
+inline std::string file_head(const std::filesystem::path& path, std::size_t n) {
+  std::string head(n, '\0');
+  std::ifstream in(path, std::ios::binary);
+  in.read(head.data(), static_cast<std::streamsize>(n));
+  head.resize(in ? n : static_cast<std::size_t>(in.gcount()));
+  return head;
+}
+
+/// A format that can join a fabric::FormatList: a CheckpointIO that also says which paths it writes,
+/// `bool claims(const std::filesystem::path&) const` (by the path: its extension), and which files it
+/// reads, `bool recognises(const std::filesystem::path&) const` (by the file's first bytes, see
+/// fabric::file_head, or by its path; false for a file it cannot read). It may also load a module or an
+/// optimizer from a file it recognises for Fabric::load_raw: `void load_raw(const std::filesystem::path&,
+/// torch::nn::Module&, bool strict) const` and `void load_raw(const std::filesystem::path&,
+/// torch::optim::Optimizer&, bool strict) const`.
+template <class IO>
+concept ListedFormat = CheckpointIO<IO> && detail::picks_files<IO>;
+
+namespace detail {
+
+/// Fails with one message naming what keeps a format out of a fabric::FormatList; true when nothing does.
+template <class IO>
+consteval bool check_listed_format() {
+  if constexpr (!check_checkpoint_io<IO>()) {
+    return false;
+  } else if constexpr (!picks_files<IO>) {
+    static_assert(dependent_false_v<IO>,
+                  "fabric: a format in a FormatList needs `bool claims(const std::filesystem::path&) const` (the "
+                  "paths it writes) and `bool recognises(const std::filesystem::path&) const` (the files it reads); "
+                  "add them (see fabric::SafetensorsCheckpointIO)");
+    return false;
+  } else {
+    return true;
+  }
+}
+
+}  // namespace detail
+
+/// Picks a format per path: save writes through the first format that claims the path, load and
+/// load_raw read through the first that recognises the file; the last format takes what no format
+/// claims or recognises. fabric::AutoCheckpointIO, the default of every strategy, is
+/// `FormatList<SafetensorsCheckpointIO, TorchCheckpointIO, NativeCheckpointIO>`. To add a format, list it
+/// before them and give the list to the strategy (every format in it: fabric::ListedFormat):
+///
+///     struct Npz {  // writes and reads *.npz
+///       bool claims(const std::filesystem::path& p) const { return p.extension() == ".npz"; }
+///       bool recognises(const std::filesystem::path& p) const { return fabric::file_head(p, 4) == "PK\3\4" &&
+///       claims(p); } void save_checkpoint(const fabric::Checkpoint& c, const std::filesystem::path& p) const;
+///       fabric::Checkpoint load_checkpoint(const std::filesystem::path& p) const;
+///       void remove_checkpoint(const std::filesystem::path& p) const;
+///     };
+///     using Formats = fabric::FormatList<Npz, fabric::SafetensorsCheckpointIO, fabric::TorchCheckpointIO,
+///                                        fabric::NativeCheckpointIO>;
+///     fabric::Fabric fabric(fabric::SingleDevice({.checkpoint_io = Formats{}}));
+template <class... Formats>
+class FormatList {
+  static_assert(sizeof...(Formats) > 0, "fabric: a FormatList needs at least one format; list one");
+  static_assert((detail::check_listed_format<Formats>() && ...));
+
+ public:
+  /// Holds default-constructed formats.
+  FormatList() = default;
+  /// Holds the given formats.
+  explicit FormatList(Formats... formats) : formats_(std::move(formats)...) {}
+
+  /// Says whether a format of the list claims the path (the last takes any path no other claims).
+  bool claims(const std::filesystem::path& path) const {
+    return std::apply([&](const auto&... f) { return (static_cast<bool>(f.claims(path)) || ...); }, formats_);
+  }
+  /// Says whether a format of the list recognises the file.
+  bool recognises(const std::filesystem::path& path) const {
+    return std::apply([&](const auto&... f) { return (static_cast<bool>(f.recognises(path)) || ...); }, formats_);
+  }
+  /// Writes through the first format that claims the path (else the last).
+  void save_checkpoint(const Checkpoint& checkpoint, const std::filesystem::path& path) const {
+    for_writer(path, [&](auto& f) { f.save_checkpoint(checkpoint, path); });
+  }
+  /// Reads through the first format that recognises the file (else the last).
+  Checkpoint load_checkpoint(const std::filesystem::path& path) const {
+    Checkpoint out(c10::StringType::get(), c10::AnyType::get());
+    for_reader(
+        path, [&](auto& f) { out = f.load_checkpoint(path); }, [](const auto&) { return true; });
+    return out;
+  }
+  /// Removes the checkpoint through the format that claims the path (else the last).
+  void remove_checkpoint(const std::filesystem::path& path) const {
+    for_writer(path, [&](auto& f) { f.remove_checkpoint(path); });
+  }
+  /// Loads a module through the first format that recognises the file and loads modules (else the last).
+  void load_raw(const std::filesystem::path& path, torch::nn::Module& module, bool strict) const {
+    for_reader(
+        path, [&](auto& f) { load_raw_into(f, path, module, strict); },
+        []<class F>(const F&) { return detail::loads_raw_modules<const F>; });
+  }
+  /// Loads an optimizer through the first format that recognises the file and loads optimizers (else the last).
+  void load_raw(const std::filesystem::path& path, torch::optim::Optimizer& optimizer, bool strict) const {
+    for_reader(
+        path, [&](auto& f) { load_raw_into(f, path, optimizer, strict); },
+        []<class F>(const F&) { return detail::loads_raw_optimizers<const F>; });
+  }
+
+  /// Returns the format of type F in the list.
+  template <class F>
+  const F& get() const noexcept {
+    return std::get<F>(formats_);
+  }
+
+ private:
+  template <class F, class Target>
+  static void load_raw_into(const F& f, const std::filesystem::path& path, Target& target, bool strict) {
+    if constexpr (requires { f.load_raw(path, target, strict); }) {
+      f.load_raw(path, target, strict);
+    } else {
+      detail::raise(
+          "load_raw cannot read {}: its format reads checkpoints only (use load), found no format in the "
+          "list that loads {} from it",
+          path.string(), std::is_same_v<Target, torch::nn::Module> ? "a module" : "an optimizer");
+    }
+  }
+  template <class Do>
+  void for_writer(const std::filesystem::path& path, Do&& action) const {
+    bool done = false;
+    std::apply(
+        [&](const auto&... f) {
+          ((!done && static_cast<bool>(f.claims(path)) ? (action(f), done = true) : false), ...);
+        },
+        formats_);
+    if (!done) action(std::get<sizeof...(Formats) - 1>(formats_));
+  }
+  template <class Do, class Able>
+  void for_reader(const std::filesystem::path& path, Do&& action, Able able) const {
+    bool done = false;
+    std::apply(
+        [&](const auto&... f) {
+          ((!done && able(f) && static_cast<bool>(f.recognises(path)) ? (action(f), done = true) : false), ...);
+        },
+        formats_);
+    if (!done) action(std::get<sizeof...(Formats) - 1>(formats_));
+  }
+
+  std::tuple<Formats...> formats_{};
+};
+
 /// Holds any CheckpointIO behind one type, as a strategy keeps it (checkpoints are not in the hot path,
 /// so the calls are virtual). Empty, the strategy writes fabric's native format.
 ///
@@ -2425,6 +2598,16 @@ class AnyCheckpointIO {
   Checkpoint load_checkpoint(const std::filesystem::path& path) const { return impl_->load_checkpoint(path); }
   /// Removes a checkpoint through the held format.
   void remove_checkpoint(const std::filesystem::path& path) const { impl_->remove_checkpoint(path); }
+  /// Loads a module through the held format when it recognises the file and loads modules (a
+  /// fabric::ListedFormat with load_raw, or a fabric::FormatList); returns whether it did.
+  bool load_raw(const std::filesystem::path& path, torch::nn::Module& module, bool strict) const {
+    return impl_ != nullptr && impl_->load_raw(path, module, strict);
+  }
+  /// Loads an optimizer through the held format when it recognises the file and loads optimizers;
+  /// returns whether it did.
+  bool load_raw(const std::filesystem::path& path, torch::optim::Optimizer& optimizer, bool strict) const {
+    return impl_ != nullptr && impl_->load_raw(path, optimizer, strict);
+  }
 
  private:
   struct Interface {
@@ -2432,6 +2615,8 @@ class AnyCheckpointIO {
     virtual void save_checkpoint(const Checkpoint& checkpoint, const std::filesystem::path& path) = 0;
     virtual Checkpoint load_checkpoint(const std::filesystem::path& path) = 0;
     virtual void remove_checkpoint(const std::filesystem::path& path) = 0;
+    virtual bool load_raw(const std::filesystem::path& path, torch::nn::Module& module, bool strict) = 0;
+    virtual bool load_raw(const std::filesystem::path& path, torch::optim::Optimizer& optimizer, bool strict) = 0;
   };
   template <class IO>
   struct Model final : Interface {
@@ -2441,6 +2626,22 @@ class AnyCheckpointIO {
     }
     Checkpoint load_checkpoint(const std::filesystem::path& path) override { return io.load_checkpoint(path); }
     void remove_checkpoint(const std::filesystem::path& path) override { io.remove_checkpoint(path); }
+    bool load_raw(const std::filesystem::path& path, torch::nn::Module& module, bool strict) override {
+      return load_raw_into(path, module, strict);
+    }
+    bool load_raw(const std::filesystem::path& path, torch::optim::Optimizer& optimizer, bool strict) override {
+      return load_raw_into(path, optimizer, strict);
+    }
+    template <class Target>
+    bool load_raw_into(const std::filesystem::path& path, Target& target, bool strict) {
+      if constexpr (detail::picks_files<IO> && requires { io.load_raw(path, target, strict); }) {
+        if (!io.recognises(path)) return false;
+        io.load_raw(path, target, strict);
+        return true;
+      } else {
+        return false;
+      }
+    }
     IO io;
   };
   template <class IO>
@@ -6224,7 +6425,8 @@ inline void check_member(const ProcessGroup& group, int rank, std::string_view w
 // ---- begin fabric/io/native.hpp
 // fabric::NativeCheckpointIO: fabric's own checkpoint format, a torch pickle of the checkpoint dictionary
 // (torch::pickle_save; Python reads it with torch.load(path, weights_only=False)), written atomically,
-// with checksums of its tensors and metadata, and validated before LibTorch reads it.
+// with checksums of its tensors and metadata, and validated before LibTorch reads it; its extension is
+// `.fabric`. Its load_raw reads LibTorch's torch::save files.
 
 // ---- begin fabric/detail/atomic_file.hpp
 // Files written atomically and read whole: what the checkpoint formats build on. Torch-free (fmt, std,
@@ -6392,595 +6594,11 @@ inline std::vector<char> read_file(const std::filesystem::path& path) {
 
 }  // namespace fabric::detail
 // ---- end fabric/detail/atomic_file.hpp
+// ---- begin fabric/io/torch_archive.hpp
+// Loading files written by LibTorch's own torch::save(module, path) and torch::save(optimizer, path)
+// (`Fabric::load_raw` through fabric::NativeCheckpointIO), with the same name, shape and type checks as
+// fabric's checkpoints.
 
-#include <ATen/core/Dict.h>
-#include <ATen/core/List.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/core/ivalue.h>
-#include <c10/util/Exception.h>
-#include <torch/csrc/jit/serialization/pickle.h>
-
-#include <cstdint>
-#include <cstring>
-#include <exception>
-#include <filesystem>
-#include <string>
-#include <string_view>
-#include <system_error>
-#include <vector>
-
-namespace fabric {
-
-namespace detail {
-
-/// The top-level key under which NativeCheckpointIO stores a checkpoint's checksums.
-inline constexpr std::string_view checksums_key = "__fabric_checksums__";
-
-/// Says whether a tensor's sizes, strides and offset stay inside its storage (a hostile pickle can declare
-/// a tensor larger than the bytes it points at; reading it would read past them).
-inline bool tensor_fits_storage(const at::Tensor& t) {
-  if (!t.defined() || t.layout() != c10::kStrided || !t.has_storage()) return true;
-  if (t.storage_offset() < 0) return false;
-  std::uint64_t last = static_cast<std::uint64_t>(t.storage_offset());
-  for (std::int64_t i = 0; i < t.dim(); ++i) {
-    const std::int64_t size = t.size(i);
-    const std::int64_t stride = t.stride(i);
-    if (size < 0 || stride < 0) return false;
-    if (size == 0) return true;
-    const auto extent = static_cast<std::uint64_t>(size - 1);
-    if (stride != 0 && extent > (std::uint64_t{1} << 62) / static_cast<std::uint64_t>(stride)) return false;
-    last += extent * static_cast<std::uint64_t>(stride);
-    if (last > (std::uint64_t{1} << 62)) return false;
-  }
-  return (last + 1) * t.element_size() <= t.storage().nbytes();
-}
-
-/// Walks a checkpoint's values in their (insertion) order, feeding a CRC-32C of its metadata (keys, kinds,
-/// numbers, strings, tensors' dtypes and shapes) and giving each tensor with its path to a callback.
-class ChecksumWalker {
- public:
-  template <class OnTensor>
-  void walk(const c10::IValue& v, const std::string& path, OnTensor&& on_tensor) {
-    if (v.isNone()) {
-      tag('N');
-    } else if (v.isBool()) {
-      tag('B');
-      put(static_cast<std::int64_t>(v.toBool()));
-    } else if (v.isInt()) {
-      tag('I');
-      put(v.toInt());
-    } else if (v.isDouble()) {
-      tag('F');
-      const double x = v.toDouble();
-      std::int64_t bits = 0;
-      std::memcpy(&bits, &x, sizeof bits);
-      put(bits);
-    } else if (v.isString()) {
-      const auto& s = v.toStringRef();
-      tag('S');
-      put(static_cast<std::int64_t>(s.size()));
-      crc_ = crc32c(s.data(), s.size(), crc_);
-    } else if (v.isTensor()) {
-      const auto& t = v.toTensor();
-      tag('T');
-      if (t.defined()) {
-        put(static_cast<std::int64_t>(t.scalar_type()));
-        put(t.dim());
-        for (const auto size : t.sizes()) put(size);
-      }
-      on_tensor(t, path);
-    } else if (v.isGenericDict()) {
-      const auto dict = v.toGenericDict();
-      tag('D');
-      put(static_cast<std::int64_t>(dict.size()));
-      for (const auto& item : dict) {
-        walk(item.key(), path + "#key", on_tensor);
-        const auto name = item.key().isString() ? item.key().toStringRef()
-                          : item.key().isInt()  ? std::to_string(item.key().toInt())
-                                                : std::string("?");
-        walk(item.value(), path.empty() ? name : path + "/" + name, on_tensor);
-      }
-    } else if (v.isList() || v.isTuple()) {
-      const auto items = v.isList() ? v.toListRef().vec() : v.toTupleRef().elements().vec();
-      tag(v.isList() ? 'L' : 'U');
-      put(static_cast<std::int64_t>(items.size()));
-      for (std::size_t i = 0; i < items.size(); ++i) walk(items[i], path + "[" + std::to_string(i) + "]", on_tensor);
-    } else {
-      tag('O');
-      const std::string kind = v.tagKind();
-      crc_ = crc32c(kind.data(), kind.size(), crc_);
-    }
-  }
-  std::uint32_t metadata() const { return crc_; }
-
- private:
-  void tag(char c) { crc_ = crc32c(&c, 1, crc_); }
-  void put(std::int64_t x) { crc_ = crc32c(&x, sizeof x, crc_); }
-  std::uint32_t crc_ = 0;
-};
-
-/// Returns the CRC-32C of a tensor's values (its bytes in row-major order).
-inline std::uint32_t tensor_crc(const at::Tensor& t) {
-  if (!t.defined() || t.layout() != c10::kStrided) return 0;
-  const at::Tensor c = t.device().is_cpu() ? t.contiguous() : t.cpu().contiguous();
-  return crc32c(c.data_ptr(), c.nbytes());
-}
-
-}  // namespace detail
-
-/// Writes a checkpoint as one torch pickle, atomically (a temporary file beside the target, flushed to
-/// disk and renamed over it; parent directories are created; temporaries of killed writers are removed),
-/// with a CRC-32C of every tensor and of the metadata under the key "__fabric_checksums__"; reads it back
-/// after validating the file (a malformed or corrupt file is a fabric::Error naming what is wrong, never a
-/// crash), verifying the checksums and checking that it is a dictionary with string keys. Lightning's
-/// TorchCheckpointIO.
-class NativeCheckpointIO {
- public:
-  /// Pickles the checkpoint with its checksums and writes it atomically to path.
-  void save_checkpoint(const Checkpoint& checkpoint, const std::filesystem::path& path) const {
-    if (checkpoint.contains(std::string(detail::checksums_key))) {
-      detail::raise("expected a checkpoint without the key \"{}\", which fabric's format reserves; rename the entry",
-                    detail::checksums_key);
-    }
-    std::vector<char> bytes;
-    try {
-      detail::ChecksumWalker walker;
-      c10::List<std::int64_t> tensors;
-      walker.walk(checkpoint, "",
-                  [&](const at::Tensor& t, const std::string&) { tensors.push_back(detail::tensor_crc(t)); });
-      StateDict sums = make_state_dict();
-      sums.insert("algorithm", std::string("crc32c"));
-      sums.insert("metadata", static_cast<std::int64_t>(walker.metadata()));
-      sums.insert("tensors", tensors);
-      Checkpoint with_sums = checkpoint.copy();
-      with_sums.insert(std::string(detail::checksums_key), sums);
-      bytes = torch::jit::pickle_save(with_sums);
-    } catch (const c10::Error& e) {
-      detail::raise(
-          "could not serialize the state ({}); expected modules, optimizers, integers, floating point, booleans, "
-          "strings and dense tensors",
-          detail::first_line(e.what_without_backtrace()));
-    }
-    detail::write_atomically(path, bytes.data(), bytes.size());
-  }
-
-  /// Reads the checkpoint at path; a missing, empty, truncated, corrupt or foreign file is a fabric::Error.
-  Checkpoint load_checkpoint(const std::filesystem::path& path) const {
-    const std::vector<char> bytes = detail::read_file(path);
-    const auto archive = detail::check_torch_zip(bytes.data(), bytes.size(), path.string(),
-                                                 "a file written by fabric's save (a zip archive as torch writes it)");
-    const std::string storages = archive.prefix + "/data/";
-    // NOTE: the small records (data.pkl, version, ...) are checked by their zip CRC-32; tensor storages by
-    // fabric's CRC-32C (several times faster), or by their zip CRC-32 in files without it.
-    detail::check_zip_crcs(
-        bytes.data(), archive, [&](const detail::ZipEntry& e) { return !e.name.starts_with(storages); }, path.string());
-    c10::IValue value;
-    try {
-      value = torch::jit::pickle_load(bytes);
-    } catch (const std::exception& e) {
-      // NOTE: LibTorch reads collections.OrderedDict as None (it expects one only as a tensor's empty
-      // backward hooks), so a state_dict fails on its first item.
-      if (std::string_view(e.what()).find("GenericDict") != std::string_view::npos) {
-        refuse_python_ordered_dict(bytes, archive, path, false);
-      }
-      detail::raise(
-          "could not read a checkpoint from {}: the file is truncated, corrupt or of another format ({}); "
-          "expected a file written by fabric's save (use load_raw for files of torch::save)",
-          path.string(), detail::first_line(e.what()));
-    }
-    if (!value.isGenericDict()) {
-      refuse_python_ordered_dict(bytes, archive, path, true);
-      detail::raise(
-          "expected a fabric checkpoint at {}, found a torch pickle of {} instead of fabric's dictionary; read it "
-          "with torch::pickle_load (or use load_raw for files written by torch::save)",
-          path.string(), detail::describe(value));
-    }
-    Checkpoint checkpoint(c10::StringType::get(), c10::AnyType::get());
-    c10::IValue sums;
-    for (const auto& item : value.toGenericDict()) {
-      if (!item.key().isString()) {
-        detail::raise(
-            "expected a fabric checkpoint at {}, found a dictionary with a key that is {}, not a string; it was "
-            "not written by fabric's save",
-            path.string(), detail::describe(item.key()));
-      }
-      if (item.key().toStringRef() == detail::checksums_key) {
-        sums = item.value();
-      } else {
-        checkpoint.insert(item.key().toStringRef(), item.value());
-      }
-    }
-    verify(checkpoint, sums, bytes, archive, path);
-    return checkpoint;
-  }
-
-  /// Removes the checkpoint at path (nothing when there is none).
-  void remove_checkpoint(const std::filesystem::path& path) const {
-    std::error_code ec;
-    std::filesystem::remove_all(path, ec);
-    if (ec) detail::raise("could not remove the checkpoint {}: {}", path.string(), ec.message());
-  }
-
- private:
-  /// Raises the plain error for Python's OrderedDict state dicts when the pickle holds one (at its top,
-  /// with `at_top`; LibTorch's own pickles name OrderedDict for every tensor's backward hooks).
-  static void refuse_python_ordered_dict(const std::vector<char>& bytes, const detail::ZipArchive& archive,
-                                         const std::filesystem::path& path, bool at_top) {
-    const auto* pickle = archive.find("data.pkl");
-    if (!pickle->stored) return;
-    const std::string_view text(bytes.data() + pickle->data_offset, static_cast<std::size_t>(pickle->size));
-    constexpr std::string_view global = "ccollections\nOrderedDict\n";
-    if (text.size() < 2 + global.size()) return;
-    if (at_top ? text.substr(2, global.size()) != global : text.find(global) == std::string_view::npos) return;
-    detail::raise(
-        "expected a fabric checkpoint at {}, found a file of Python's torch.save holding a collections.OrderedDict "
-        "(what `torch.save(model.state_dict(), path)` and Python Lightning write), which LibTorch's unpickler "
-        "cannot read; in Python, save plain dicts instead, e.g. `torch.save({{\"model\": dict(model.state_dict())}}, "
-        "path)`, and load that",
-        path.string());
-  }
-
-  /// Checks the tensors fit their storages and verifies the stored checksums (or, without them, the zip
-  /// CRC-32 of the tensor storages); raises naming the corrupt entry.
-  static void verify(const Checkpoint& checkpoint, const c10::IValue& sums, const std::vector<char>& bytes,
-                     const detail::ZipArchive& archive, const std::filesystem::path& path) {
-    auto corrupt = [&](const std::string& what) {
-      detail::raise("{} is corrupt: {}; restore it from a good copy (or save it again)", path.string(), what);
-    };
-    std::vector<std::pair<at::Tensor, std::string>> tensors;
-    detail::ChecksumWalker walker;
-    walker.walk(checkpoint, "", [&](const at::Tensor& t, const std::string& name) {
-      if (!detail::tensor_fits_storage(t)) {
-        corrupt(fmt::format("the tensor \"{}\" (shape {}) is larger than the bytes stored for it", name,
-                            detail::shape_str(t.sizes())));
-      }
-      tensors.emplace_back(t, name);
-    });
-    if (sums.isNone()) {
-      const std::string storages = archive.prefix + "/data/";
-      detail::check_zip_crcs(
-          bytes.data(), archive, [&](const detail::ZipEntry& e) { return e.name.starts_with(storages); },
-          path.string());
-      return;
-    }
-    const char* layout = "a dictionary {\"algorithm\": \"crc32c\", \"metadata\": int, \"tensors\": [int]}";
-    if (!sums.isGenericDict())
-      corrupt(fmt::format("its checksums are {}, expected {}", detail::describe(sums), layout));
-    const auto dict = sums.toGenericDict();
-    auto get = [&](const char* key) {
-      if (!dict.contains(key)) corrupt(fmt::format("its checksums lack \"{}\", expected {}", key, layout));
-      return dict.at(key);
-    };
-    const auto algorithm = get("algorithm");
-    const auto metadata = get("metadata");
-    const auto list = get("tensors");
-    if (!algorithm.isString() || algorithm.toStringRef() != "crc32c" || !metadata.isInt() || !list.isIntList()) {
-      corrupt(fmt::format("its checksums are not {}", layout));
-    }
-    if (static_cast<std::uint32_t>(metadata.toInt()) != walker.metadata() || metadata.toInt() < 0 ||
-        metadata.toInt() > 0xFFFFFFFFLL) {
-      corrupt("its metadata (names, kinds, numbers, strings, tensor dtypes and shapes) differs from its checksum");
-    }
-    const auto expected = list.toIntVector();
-    if (expected.size() != tensors.size()) {
-      corrupt(fmt::format("it holds {} tensors, its checksums {}", tensors.size(), expected.size()));
-    }
-    for (std::size_t i = 0; i < tensors.size(); ++i) {
-      const auto crc = detail::tensor_crc(tensors[i].first);
-      if (static_cast<std::int64_t>(crc) != expected[i]) {
-        corrupt(fmt::format("the tensor \"{}\" has CRC-32C {:08x}, expected {:08x}", tensors[i].second, crc,
-                            static_cast<std::uint64_t>(expected[i])));
-      }
-    }
-  }
-};
-
-}  // namespace fabric
-// ---- end fabric/io/native.hpp
-// ---- begin fabric/io/safetensors.hpp
-// fabric::SafetensorsCheckpointIO: checkpoints in Hugging Face's safetensors format, which Python's
-// `safetensors.torch.load_file` reads (a module's tensors under the names of its state_dict()), and
-// which fabric reads back memory-mapped, from fabric or from anyone else; fabric::AutoCheckpointIO picks
-// it or the native format by the path's extension (what save and load do by default).
-
-// ---- begin fabric/detail/safetensors_header.hpp
-// The safetensors header, torch-free (so that it can be fuzzed with any compiler): the bytes of a file
-// become a validated list of tensors (name, dtype, shape, byte range) and the `__metadata__` strings,
-// and back. The layout (huggingface/safetensors, README "Format"): an 8-byte little-endian header
-// length N, N bytes of UTF-8 JSON (`{"__metadata__": {str: str}, name: {"dtype": "F32", "shape": [..],
-// "data_offsets": [begin, end]}, ...}`, space-padded), then the data, which the tensors' byte ranges
-// (relative to its start) cover exactly, without gaps or overlaps.
-
-
-#include <fmt/format.h>
-#include <fmt/ranges.h>
-#include <nlohmann/json.hpp>
-
-#include <algorithm>
-#include <array>
-#include <cstddef>
-#include <cstdint>
-#include <limits>
-#include <optional>
-#include <set>
-#include <span>
-#include <string>
-#include <string_view>
-#include <utility>
-#include <vector>
-
-namespace fabric::detail::safetensors {
-
-/// The largest header fabric reads (the Rust reader's bound, 100 MB).
-inline constexpr std::uint64_t max_header_bytes = 100'000'000;
-/// The deepest nesting a valid header has: the root object, a tensor's object, its shape or offsets.
-inline constexpr int max_depth = 3;
-
-/// One tensor of a safetensors file: its byte range is relative to the start of the data.
-struct TensorInfo {
-  std::string name;
-  std::string dtype;  // "F32", "BF16", "I64", "BOOL", ...
-  std::vector<std::int64_t> shape;
-  std::uint64_t begin = 0;
-  std::uint64_t end = 0;
-};
-
-/// A parsed header: the tensors in the order of their data, the metadata, and where the data starts
-/// in the file (8 + the header length).
-struct Header {
-  std::vector<TensorInfo> tensors;
-  std::vector<std::pair<std::string, std::string>> metadata;
-  std::uint64_t data_start = 0;
-};
-
-/// The size in bytes of one element of a safetensors dtype; nothing for a dtype fabric does not know
-/// (the sub-byte F4/F6 types have no whole-byte size).
-inline std::optional<std::size_t> dtype_size(std::string_view dtype) {
-  static constexpr std::array<std::pair<std::string_view, std::size_t>, 16> sizes{{{"BOOL", 1},
-                                                                                   {"U8", 1},
-                                                                                   {"I8", 1},
-                                                                                   {"F8_E5M2", 1},
-                                                                                   {"F8_E4M3", 1},
-                                                                                   {"I16", 2},
-                                                                                   {"U16", 2},
-                                                                                   {"F16", 2},
-                                                                                   {"BF16", 2},
-                                                                                   {"I32", 4},
-                                                                                   {"U32", 4},
-                                                                                   {"F32", 4},
-                                                                                   {"F64", 8},
-                                                                                   {"I64", 8},
-                                                                                   {"U64", 8},
-                                                                                   {"C64", 8}}};
-  for (const auto& [name, size] : sizes) {
-    if (name == dtype) return size;
-  }
-  return std::nullopt;
-}
-
-/// The number of elements of a shape times the element size; nothing when it overflows 64 bits.
-inline std::optional<std::uint64_t> byte_size(const std::vector<std::int64_t>& shape, std::size_t item) {
-  std::uint64_t n = item;
-  for (const std::int64_t d : shape) {
-    if (d < 0 || __builtin_mul_overflow(n, static_cast<std::uint64_t>(d), &n)) return std::nullopt;
-  }
-  return n;
-}
-
-namespace impl {
-
-using json = nlohmann::json;
-
-inline std::uint64_t read_u64_le(const unsigned char* p) {
-  std::uint64_t v = 0;
-  for (int i = 7; i >= 0; --i) v = (v << 8) | p[i];
-  return v;
-}
-
-inline std::uint64_t unsigned_value(const json& v, std::string_view what, std::string_view name) {
-  if (!v.is_number_unsigned() && !(v.is_number_integer() && v.get<std::int64_t>() >= 0)) {
-    raise("invalid safetensors header: tensor \"{}\": expected {} to be a non-negative integer, found {}", name, what,
-          v.dump());
-  }
-  return v.get<std::uint64_t>();
-}
-
-/// Parses the JSON text: nesting deeper than a header has and a key given twice in one object are
-/// refused while parsing (nlohmann keeps the last of repeated keys silently).
-inline json parse_json(std::string_view text) {
-  std::vector<std::set<std::string>> keys;  // the keys seen in each open object
-  const json::parser_callback_t check = [&](int depth, json::parse_event_t event, json& parsed) {
-    switch (event) {
-      case json::parse_event_t::object_start:
-      case json::parse_event_t::array_start:
-        if (depth >= max_depth) {
-          raise(
-              "invalid safetensors header: nested deeper than {} levels; expected {{name: {{dtype, shape, "
-              "data_offsets}}}}",
-              max_depth);
-        }
-        if (event == json::parse_event_t::object_start) keys.emplace_back();
-        break;
-      case json::parse_event_t::object_end:
-        if (!keys.empty()) keys.pop_back();
-        break;
-      case json::parse_event_t::key:
-        if (!keys.empty() && !keys.back().insert(parsed.get<std::string>()).second) {
-          raise("invalid safetensors header: the key \"{}\" appears twice in one object; expected unique names",
-                parsed.get<std::string>());
-        }
-        break;
-      default:
-        break;
-    }
-    return true;
-  };
-  try {
-    return json::parse(text.begin(), text.end(), check, /*allow_exceptions=*/true, /*ignore_comments=*/false);
-  } catch (const json::exception& e) {
-    raise("invalid safetensors header: not valid UTF-8 JSON ({})", e.what());
-  }
-}
-
-}  // namespace impl
-
-/// Parses and validates the header of a safetensors file of file_size bytes whose first bytes are in
-/// prefix (at least the 8-byte length and the header; more is ignored). Refuses, with fabric::Error:
-/// a length beyond the file or over max_header_bytes, JSON that is not valid UTF-8 or nested deeper
-/// than a header, names given twice, unknown dtypes, negative dimensions, a shape whose byte size
-/// overflows or differs from its byte range, and byte ranges that are reversed, overlap, leave gaps or
-/// do not end at the end of the file.
-inline Header parse_header(std::span<const unsigned char> prefix, std::uint64_t file_size) {
-  if (file_size < 8 || prefix.size() < 8) {
-    raise("invalid safetensors file: {} bytes, expected at least the 8-byte header length", file_size);
-  }
-  const std::uint64_t n = impl::read_u64_le(prefix.data());
-  if (n > max_header_bytes) {
-    raise("invalid safetensors file: the header length is {} bytes, over the {} bytes fabric reads", n,
-          max_header_bytes);
-  }
-  if (n > file_size - 8) {
-    raise("invalid safetensors file: the header length is {} bytes but the file has {} bytes after it", n,
-          file_size - 8);
-  }
-  if (prefix.size() < 8 + n) raise("invalid safetensors file: {} header bytes given, expected {}", prefix.size(), n);
-  const std::string_view text(reinterpret_cast<const char*>(prefix.data()) + 8, static_cast<std::size_t>(n));
-  if (text.empty() || text.front() != '{') {
-    raise("invalid safetensors header: expected a JSON object starting with '{{', found {}",
-          text.empty() ? std::string("nothing") : fmt::format("byte {:#04x}", static_cast<unsigned char>(text[0])));
-  }
-  const impl::json root = impl::parse_json(text);
-  if (!root.is_object()) raise("invalid safetensors header: expected a JSON object, found {}", root.type_name());
-
-  Header header;
-  header.data_start = 8 + n;
-  const std::uint64_t data_size = file_size - header.data_start;
-  for (const auto& [name, value] : root.items()) {
-    if (name == "__metadata__") {
-      if (!value.is_object()) {
-        raise("invalid safetensors header: expected \"__metadata__\" to map strings to strings, found {}",
-              value.type_name());
-      }
-      for (const auto& [key, text_value] : value.items()) {
-        if (!text_value.is_string()) {
-          raise("invalid safetensors header: \"__metadata__\" entry \"{}\" is {}, expected a string", key,
-                text_value.type_name());
-        }
-        header.metadata.emplace_back(key, text_value.get<std::string>());
-      }
-      continue;
-    }
-    if (!value.is_object()) {
-      raise("invalid safetensors header: tensor \"{}\" is {}, expected an object with dtype, shape and data_offsets",
-            name, value.type_name());
-    }
-    for (const char* field : {"dtype", "shape", "data_offsets"}) {
-      if (!value.contains(field)) raise("invalid safetensors header: tensor \"{}\" has no \"{}\"", name, field);
-    }
-    TensorInfo info;
-    info.name = name;
-    const auto& dtype = value.at("dtype");
-    if (!dtype.is_string()) raise("invalid safetensors header: tensor \"{}\": dtype is {}", name, dtype.type_name());
-    info.dtype = dtype.get<std::string>();
-    const auto item = dtype_size(info.dtype);
-    if (!item) {
-      raise(
-          "invalid safetensors header: tensor \"{}\" has the dtype \"{}\", which fabric does not read; expected one "
-          "of BOOL, U8, I8, I16, I32, I64, F16, BF16, F32, F64 (and U16, U32, U64, F8_E5M2, F8_E4M3, C64)",
-          name, info.dtype);
-    }
-    const auto& shape = value.at("shape");
-    if (!shape.is_array()) raise("invalid safetensors header: tensor \"{}\": shape is {}", name, shape.type_name());
-    for (const auto& d : shape) {
-      const std::uint64_t dim = impl::unsigned_value(d, "every dimension", name);
-      if (dim > static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max())) {
-        raise("invalid safetensors header: tensor \"{}\": the dimension {} is too large", name, dim);
-      }
-      info.shape.push_back(static_cast<std::int64_t>(dim));
-    }
-    const auto& offsets = value.at("data_offsets");
-    if (!offsets.is_array() || offsets.size() != 2) {
-      raise("invalid safetensors header: tensor \"{}\": expected data_offsets [begin, end], found {}", name,
-            offsets.dump());
-    }
-    info.begin = impl::unsigned_value(offsets[0], "data_offsets", name);
-    info.end = impl::unsigned_value(offsets[1], "data_offsets", name);
-    if (info.begin > info.end) {
-      raise("invalid safetensors header: tensor \"{}\": data_offsets [{}, {}] end before they begin", name, info.begin,
-            info.end);
-    }
-    const auto bytes = byte_size(info.shape, *item);
-    if (!bytes) raise("invalid safetensors header: tensor \"{}\": the byte size of its shape overflows", name);
-    if (*bytes != info.end - info.begin) {
-      raise(
-          "invalid safetensors header: tensor \"{}\": a {} tensor of shape [{}] has {} bytes, but its data_offsets "
-          "[{}, {}] hold {}",
-          name, info.dtype, fmt::join(info.shape, ", "), *bytes, info.begin, info.end, info.end - info.begin);
-    }
-    header.tensors.push_back(std::move(info));
-  }
-  std::sort(header.tensors.begin(), header.tensors.end(), [](const TensorInfo& a, const TensorInfo& b) {
-    return a.begin != b.begin ? a.begin < b.begin : a.end < b.end;
-  });
-  std::uint64_t at = 0;
-  for (const auto& t : header.tensors) {
-    if (t.begin != at) {
-      raise("invalid safetensors header: tensor \"{}\" starts at byte {} of the data, expected {} ({})", t.name,
-            t.begin, at, t.begin < at ? "it overlaps the tensor before it" : "a gap before it");
-    }
-    at = t.end;
-  }
-  if (at != data_size) {
-    raise("invalid safetensors file: the tensors cover {} bytes of data, but the file has {} after the header", at,
-          data_size);
-  }
-  return header;
-}
-
-/// Writes the 8-byte length and the JSON header of tensors laid out in the given order (their byte
-/// ranges are assigned here, one after another), space-padded to a multiple of 8 bytes as Python's
-/// writer does. A name or metadata string that is not valid UTF-8 is an error.
-inline std::string write_header(std::vector<TensorInfo>& tensors,
-                                const std::vector<std::pair<std::string, std::string>>& metadata) {
-  nlohmann::ordered_json root = nlohmann::ordered_json::object();
-  if (!metadata.empty()) {
-    nlohmann::ordered_json meta = nlohmann::ordered_json::object();
-    std::set<std::string_view> keys;
-    for (const auto& [key, value] : metadata) {
-      if (!keys.insert(key).second) raise("cannot write safetensors: the metadata key \"{}\" is given twice", key);
-      meta[key] = value;
-    }
-    root["__metadata__"] = std::move(meta);
-  }
-  std::set<std::string_view> names;
-  std::uint64_t at = 0;
-  for (auto& t : tensors) {
-    if (t.name == "__metadata__" || !names.insert(t.name).second) {
-      raise("cannot write safetensors: the tensor name \"{}\" is {}; expected unique names", t.name,
-            t.name == "__metadata__" ? "reserved" : "given twice");
-    }
-    const auto item = dtype_size(t.dtype);
-    const auto bytes = item ? byte_size(t.shape, *item) : std::nullopt;
-    if (!bytes) raise("cannot write safetensors: tensor \"{}\" has an unknown dtype or an overflowing size", t.name);
-    t.begin = at;
-    t.end = at + *bytes;
-    at = t.end;
-    root[t.name] = {{"dtype", t.dtype}, {"shape", t.shape}, {"data_offsets", {t.begin, t.end}}};
-  }
-  std::string text;
-  try {
-    text = root.dump();
-  } catch (const nlohmann::json::exception& e) {
-    raise("cannot write safetensors: a name or metadata value is not valid UTF-8 ({})", e.what());
-  }
-  text.append((8 - text.size() % 8) % 8, ' ');
-  std::string out(8, '\0');
-  for (int i = 0; i < 8; ++i) out[i] = static_cast<char>((static_cast<std::uint64_t>(text.size()) >> (8 * i)) & 0xff);
-  return out + text;
-}
-
-}  // namespace fabric::detail::safetensors
-// ---- end fabric/detail/safetensors_header.hpp
 // ---- begin fabric/io/torch_pickle.hpp
 // fabric::TorchCheckpointIO: checkpoints Python reads and writes. It writes the zip file of Python's
 // torch.save (a protocol-2 pickle of plain dictionaries, lists, numbers, strings and tensors, with
@@ -8096,7 +7714,16 @@ class Builder {
             t.storage->key, flat.numel());
     }
     if (empty && t.offset > flat.numel()) raise("an empty tensor starts past its storage \"{}\"", t.storage->key);
-    return flat.as_strided(t.size, t.stride, t.offset);
+    if (!t.requires_grad) return flat.as_strided(t.size, t.stride, t.offset);
+    // NOTE: as Python's _rebuild_tensor_v2: a leaf over the storage (a view cannot take requires_grad).
+    if (!at::isFloatingType(flat.scalar_type()) && !at::isComplexType(flat.scalar_type())) {
+      raise("a tensor of storage \"{}\" requires grad but is of {}; only floating point tensors can", t.storage->key,
+            c10::toString(flat.scalar_type()));
+    }
+    at::Tensor leaf = at::empty({0}, flat.options());
+    leaf.set_(flat.storage(), t.offset, t.size, t.stride);
+    leaf.set_requires_grad(true);
+    return leaf;
   }
 
   const pickle::ZipArchive& zip_;
@@ -8160,8 +7787,8 @@ inline c10::IValue optimizer_to_python(const std::string& key, const c10::impl::
   if (type.find("LBFGS") != std::string::npos) {
     raise(
         "state entry \"{}\": an LBFGS keeps whole-model state that PyTorch's LBFGS lays out differently, so "
-        "TorchCheckpointIO cannot write it for Python; save it with fabric's native format (a path without "
-        "TorchCheckpointIO)",
+        "TorchCheckpointIO cannot write it for Python; save it in fabric's native format (a path ending in "
+        "\".fabric\", or fabric::NativeCheckpointIO given to the strategy)",
         key);
   }
   const at::Tensor blob = entry.at("archive").toTensor().contiguous();
@@ -8226,6 +7853,23 @@ inline c10::IValue optimizer_to_python(const std::string& key, const c10::impl::
   c10::impl::GenericDict out(c10::StringType::get(), c10::AnyType::get());
   out.insert("state", state);
   out.insert("param_groups", groups);
+  return out;
+}
+
+/// A list of lists of integers as LibTorch types it (List[List[int]]); the unpickler gives lists of
+/// anything. A value of another shape is returned as it is (load reports it).
+inline c10::IValue int_lists(const c10::IValue& v) {
+  if (!v.isList()) return v;
+  c10::impl::GenericList out(c10::ListType::ofInts());
+  for (const c10::IValue inner : v.toList()) {
+    if (!inner.isList()) return v;
+    c10::List<std::int64_t> ints;
+    for (const c10::IValue i : inner.toList()) {
+      if (!i.isInt()) return v;
+      ints.push_back(i.toInt());
+    }
+    out.push_back(ints);
+  }
   return out;
 }
 
@@ -8404,6 +8048,7 @@ class PickleWriter {
 
   void tensor(const at::Tensor& input) {
     if (!input.defined()) raise("cannot write an undefined tensor for Python; give it a value or leave it out");
+    const bool requires_grad = input.requires_grad();
     at::Tensor t = input.detach();
     if (t.layout() != at::kStrided || t.is_quantized()) raise("cannot write a sparse or quantized tensor for Python");
     if (!t.device().is_cpu()) t = t.cpu();
@@ -8436,7 +8081,7 @@ class PickleWriter {
     w_.integer(t.storage_offset());
     ints(t.sizes());
     ints(t.strides());
-    w_.boolean(false);
+    w_.boolean(requires_grad);
     w_.global("collections", "OrderedDict");
     w_.empty_tuple();
     w_.reduce();
@@ -8603,6 +8248,29 @@ inline void load_python_optimizer(const std::filesystem::path& path, const c10::
   }
 }
 
+/// Refuses a fabric checkpoint given to load_raw (it carries fabric's marker entry): load reads those.
+inline void refuse_fabric_checkpoint_in_load_raw(const std::filesystem::path& path, const c10::IValue& value) {
+  // NOTE: fabric's own checkpoints are torch pickles too; they carry fabric's marker entry.
+  if (value.isGenericDict() && value.toGenericDict().contains("__fabric__")) {
+    raise(
+        "expected a file written by torch::save or Python's torch.save at {}, found a fabric checkpoint (written "
+        "by fabric.save); use load for fabric checkpoints",
+        path.string());
+  }
+}
+/// load_raw of a module from the value of a torch.save file (a state_dict).
+inline void load_raw_python(const std::filesystem::path& path, const c10::IValue& value, torch::nn::Module& module,
+                            bool strict) {
+  refuse_fabric_checkpoint_in_load_raw(path, value);
+  load_python_module(path, value, module, strict);
+}
+/// load_raw of an optimizer from the value of a torch.save file (an optimizer.state_dict()).
+inline void load_raw_python(const std::filesystem::path& path, const c10::IValue& value,
+                            torch::optim::Optimizer& optimizer) {
+  refuse_fabric_checkpoint_in_load_raw(path, value);
+  load_python_optimizer(path, value, optimizer);
+}
+
 }  // namespace detail
 
 /// Checkpoints in Python's torch.save format, readable by Python with
@@ -8621,10 +8289,18 @@ class TorchCheckpointIO {
   void save_checkpoint(const Checkpoint& checkpoint, const std::filesystem::path& path) const {
     c10::impl::GenericDict root(c10::StringType::get(), c10::AnyType::get());
     std::map<std::string, std::string> kinds = entry_kinds(checkpoint);
+    // What PyTorch's layout has no place for (the optimizer's LibTorch type and its parameters' shapes,
+    // which load checks first) goes into fabric's marker entry.
+    c10::impl::GenericDict optimizers(c10::StringType::get(), c10::AnyType::get());
     for (const auto& item : checkpoint) {
       const std::string& key = item.key().toStringRef();
       c10::IValue value = item.value();
       if (kinds[key] == "optimizer" && value.isGenericDict() && value.toGenericDict().contains("archive")) {
+        c10::impl::GenericDict extra(c10::StringType::get(), c10::AnyType::get());
+        for (const char* name : {"type", "shapes"}) {
+          if (value.toGenericDict().contains(name)) extra.insert(name, value.toGenericDict().at(name));
+        }
+        optimizers.insert(key, extra);
         try {
           value = detail::torch_pickle::optimizer_to_python(key, value.toGenericDict());
         } catch (const c10::Error& e) {
@@ -8634,6 +8310,11 @@ class TorchCheckpointIO {
         }
       }
       root.insert(key, value);
+    }
+    if (!optimizers.empty() && root.contains("__fabric__") && root.at("__fabric__").isGenericDict()) {
+      c10::impl::GenericDict marker = root.at("__fabric__").toGenericDict().copy();
+      marker.insert_or_assign("optimizers", optimizers);
+      root.insert_or_assign("__fabric__", marker);
     }
     std::vector<char> bytes;
     try {
@@ -8659,12 +8340,32 @@ class TorchCheckpointIO {
           path.string(), detail::describe(value));
     }
     Checkpoint checkpoint(c10::StringType::get(), c10::AnyType::get());
+    // This format's files keep each optimizer's LibTorch type and parameter shapes in the marker.
+    c10::impl::GenericDict optimizers(c10::StringType::get(), c10::AnyType::get());
+    const auto root = value.toGenericDict();
+    if (root.contains("__fabric__") && root.at("__fabric__").isGenericDict()) {
+      const auto marker = root.at("__fabric__").toGenericDict();
+      if (marker.contains("optimizers") && marker.at("optimizers").isGenericDict()) {
+        optimizers = marker.at("optimizers").toGenericDict();
+      }
+    }
     try {
-      for (const auto& item : value.toGenericDict()) {
+      for (const auto& item : root) {
         const std::string& key = item.key().toStringRef();
         c10::IValue v = item.value();
         if (detail::torch_pickle::is_python_optimizer(v)) {
-          v = detail::torch_pickle::optimizer_from_python(key, v.toGenericDict());
+          auto entry = detail::torch_pickle::optimizer_from_python(key, v.toGenericDict()).toGenericDict();
+          if (optimizers.contains(key) && optimizers.at(key).isGenericDict()) {
+            for (const auto& extra : optimizers.at(key).toGenericDict()) {
+              entry.insert(extra.key(),
+                           extra.key() == "shapes" ? detail::torch_pickle::int_lists(extra.value()) : extra.value());
+            }
+          }
+          v = entry;
+        } else if (key == "__fabric__" && v.isGenericDict() && v.toGenericDict().contains("optimizers")) {
+          auto marker = v.toGenericDict().copy();
+          marker.erase("optimizers");
+          v = marker;
         }
         checkpoint.insert(key, v);
       }
@@ -8680,6 +8381,31 @@ class TorchCheckpointIO {
     std::error_code ec;
     std::filesystem::remove_all(path, ec);
     if (ec) detail::raise("could not remove the checkpoint {}: {}", path.string(), ec.message());
+  }
+
+  /// Claims the paths a Lightning user expects torch.save's format at: `*.ckpt`, `*.pt` and `*.pth`.
+  bool claims(const std::filesystem::path& path) const {
+    const auto ext = path.extension();
+    return ext == ".ckpt" || ext == ".pt" || ext == ".pth";
+  }
+  /// Recognises files of Python's torch.save (zip or legacy) and this format's, by their pickle: LibTorch's
+  /// own (fabric's native checkpoints) tag their containers with torch.jit._pickle globals.
+  bool recognises(const std::filesystem::path& path) const {
+    if (file_head(path, 1).empty()) return false;
+    try {
+      return detail::is_python_torch_file(path);
+    } catch (const Error&) {
+      return false;
+    }
+  }
+  /// Loads a module from a Python state_dict file (names, shapes checked first); a fabric checkpoint is
+  /// refused (use load).
+  void load_raw(const std::filesystem::path& path, torch::nn::Module& module, bool strict) const {
+    detail::load_raw_python(path, read(path), module, strict);
+  }
+  /// Loads an optimizer from a Python optimizer.state_dict() file (groups, type and shapes checked first).
+  void load_raw(const std::filesystem::path& path, torch::optim::Optimizer& optimizer, bool /*strict*/) const {
+    detail::load_raw_python(path, read(path), optimizer);
   }
 
   /// Reads any torch.save file into a value (a state_dict, an optimizer state_dict, ...), through the
@@ -8704,6 +8430,774 @@ class TorchCheckpointIO {
 
 }  // namespace fabric
 // ---- end fabric/io/torch_pickle.hpp
+
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+
+#include <ATen/core/Tensor.h>
+#include <ATen/core/grad_mode.h>
+#include <torch/nn/module.h>
+#include <torch/optim/optimizer.h>
+#include <torch/serialize/input-archive.h>
+
+#include <filesystem>
+#include <set>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+namespace fabric::detail {
+
+/// Appends the dotted names of every tensor in an archive (recursively) to out.
+inline void archive_tensor_names(torch::serialize::InputArchive& archive, const std::string& prefix,
+                                 std::vector<std::string>& out) {
+  for (const auto& key : archive.keys()) {
+    torch::serialize::InputArchive sub;
+    if (archive.try_read(key, sub)) {
+      archive_tensor_names(sub, prefix + key + ".", out);
+    } else {
+      out.push_back(prefix + key);
+    }
+  }
+}
+
+/// Reads the tensors of a torch::save module archive, recursively, under dotted names.
+inline void read_archive_tensors(torch::serialize::InputArchive& archive, const torch::nn::Module& module,
+                                 const std::string& prefix, bool strict, std::vector<std::string>& errors,
+                                 std::vector<std::pair<at::Tensor, at::Tensor>>& copies) {
+  std::set<std::string> known;
+  auto read = [&](const std::string& name, const at::Tensor& target, bool is_buffer) {
+    known.insert(name);
+    if (!target.defined()) return;  // torch::save leaves undefined tensors out
+    at::Tensor loaded;
+    if (!archive.try_read(name, loaded, is_buffer) || !loaded.defined()) {
+      if (strict) errors.push_back(fmt::format("\"{}{}\": missing from the file", prefix, name));
+      return;
+    }
+    if (loaded.sizes() != target.sizes()) {
+      errors.push_back(fmt::format("\"{}{}\": expected shape {}, found shape {} in the file", prefix, name,
+                                   shape_str(target.sizes()), shape_str(loaded.sizes())));
+      return;
+    }
+    copies.emplace_back(target, loaded);
+  };
+  for (const auto& p : module.named_parameters(false)) read(p.key(), p.value(), false);
+  for (const auto& b : module.named_buffers(false)) read(b.key(), b.value(), true);
+  for (const auto& child : module.named_children()) {
+    if (!child.value()->is_serializable()) continue;  // torch::save skips these (e.g. Functional)
+    known.insert(child.key());
+    torch::serialize::InputArchive sub;
+    if (!archive.try_read(child.key(), sub)) {
+      if (strict) {
+        for (const auto& [name, tensor] : module_tensors(*child.value())) {
+          errors.push_back(fmt::format("\"{}{}.{}\": missing from the file", prefix, child.key(), name));
+        }
+      }
+      continue;
+    }
+    read_archive_tensors(sub, *child.value(), prefix + child.key() + ".", strict, errors, copies);
+  }
+  if (strict) {
+    for (const auto& key : archive.keys()) {
+      if (known.contains(key)) continue;
+      std::vector<std::string> names;
+      torch::serialize::InputArchive sub;
+      if (archive.try_read(key, sub)) {
+        archive_tensor_names(sub, prefix + key + ".", names);
+      } else {
+        names.push_back(prefix + key);
+      }
+      for (const auto& name : names) errors.push_back(fmt::format("\"{}\": in the file but not in the module", name));
+    }
+  }
+}
+
+inline torch::serialize::InputArchive open_archive(const std::filesystem::path& path) {
+  const std::vector<char> bytes = read_file(path);  // existence and emptiness checks with fabric's messages
+  // NOTE: LibTorch's zip reader trusts the file's offsets; only a validated buffer reaches it.
+  const auto zip = check_torch_zip(bytes.data(), bytes.size(), path.string(),
+                                   "a file written by torch::save (a zip archive as torch writes it)");
+  check_zip_crcs(
+      bytes.data(), zip, [](const ZipEntry&) { return true; }, path.string());
+  if (zip.find("constants.pkl") == nullptr) {
+    raise(
+        "expected a file written by torch::save (a TorchScript archive with constants.pkl) at {}, found a torch "
+        "pickle without it (a fabric checkpoint or a file of torch::pickle_save); use load for fabric checkpoints",
+        path.string());
+  }
+  torch::serialize::InputArchive archive;
+  try {
+    archive.load_from(bytes.data(), bytes.size());
+  } catch (const std::exception& e) {
+    raise(
+        "could not read {} as a torch::save archive ({}); expected a file written by torch::save (use load for "
+        "fabric checkpoints)",
+        path.string(), first_line(e.what()));
+  }
+  return archive;
+}
+
+/// Loads a module from a torch::save file, checking names and shapes before changing anything.
+inline void load_raw_module(const std::filesystem::path& path, torch::nn::Module& module, bool strict) {
+  auto archive = open_archive(path);
+  std::vector<std::string> errors;
+  std::vector<std::pair<at::Tensor, at::Tensor>> copies;
+  try {
+    read_archive_tensors(archive, module, "", strict, errors, copies);
+  } catch (const c10::Error& e) {
+    raise("could not read the module in {} ({}); expected a file written by torch::save(module, path)", path.string(),
+          first_line(e.what_without_backtrace()));
+  }
+  finish_module_load(path, errors, copies, strict);
+}
+
+/// Loads an optimizer from a torch::save file, checking its groups, type and state shapes first.
+inline void load_raw_optimizer(const std::filesystem::path& path, torch::optim::Optimizer& optimizer) {
+  auto archive = open_archive(path);
+  std::vector<std::string> errors;
+  check_optimizer_archive("", archive, optimizer, "the file", errors);
+  if (!errors.empty()) {
+    raise(
+        "cannot load {} into the optimizer ({} problem{}; nothing was changed):\n  {}\nExpected a file written by "
+        "torch::save(optimizer, path) for the same type of optimizer over parameters of the same shapes.",
+        path.string(), errors.size(), errors.size() == 1 ? "" : "s", fmt::join(errors, "\n  "));
+  }
+  try {
+    (void)load_optimizer_archive(archive, optimizer);
+  } catch (const c10::Error& e) {
+    raise(
+        "could not load the optimizer state in {} ({}); nothing was changed; expected a file written by "
+        "torch::save(optimizer, path) for an optimizer built the same way",
+        path.string(), first_line(e.what_without_backtrace()));
+  }
+}
+
+/// load_raw of NativeCheckpointIO: a module from a file of LibTorch's torch::save, or from a torch pickle
+/// without fabric's marker through the restricted reader (Python's torch.save); a fabric checkpoint is
+/// refused with "use load".
+inline void load_raw_file(const std::filesystem::path& path, torch::nn::Module& module, bool strict) {
+  if (const auto python = read_python_file(path)) return load_raw_python(path, *python, module, strict);
+  load_raw_module(path, module, strict);
+}
+
+/// load_raw of NativeCheckpointIO: an optimizer from a file of LibTorch's torch::save, or from a Python
+/// optimizer.state_dict() through the restricted reader.
+inline void load_raw_file(const std::filesystem::path& path, torch::optim::Optimizer& optimizer) {
+  if (const auto python = read_python_file(path)) return load_raw_python(path, *python, optimizer);
+  load_raw_optimizer(path, optimizer);
+}
+
+}  // namespace fabric::detail
+// ---- end fabric/io/torch_archive.hpp
+
+#include <ATen/core/Dict.h>
+#include <ATen/core/List.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/core/ivalue.h>
+#include <c10/util/Exception.h>
+#include <torch/csrc/jit/serialization/pickle.h>
+
+#include <cstdint>
+#include <cstring>
+#include <exception>
+#include <filesystem>
+#include <string>
+#include <string_view>
+#include <system_error>
+#include <vector>
+
+namespace fabric {
+
+namespace detail {
+
+/// The top-level key under which NativeCheckpointIO stores a checkpoint's checksums.
+inline constexpr std::string_view checksums_key = "__fabric_checksums__";
+
+/// Says whether a tensor's sizes, strides and offset stay inside its storage (a hostile pickle can declare
+/// a tensor larger than the bytes it points at; reading it would read past them).
+inline bool tensor_fits_storage(const at::Tensor& t) {
+  if (!t.defined() || t.layout() != c10::kStrided || !t.has_storage()) return true;
+  if (t.storage_offset() < 0) return false;
+  std::uint64_t last = static_cast<std::uint64_t>(t.storage_offset());
+  for (std::int64_t i = 0; i < t.dim(); ++i) {
+    const std::int64_t size = t.size(i);
+    const std::int64_t stride = t.stride(i);
+    if (size < 0 || stride < 0) return false;
+    if (size == 0) return true;
+    const auto extent = static_cast<std::uint64_t>(size - 1);
+    if (stride != 0 && extent > (std::uint64_t{1} << 62) / static_cast<std::uint64_t>(stride)) return false;
+    last += extent * static_cast<std::uint64_t>(stride);
+    if (last > (std::uint64_t{1} << 62)) return false;
+  }
+  return (last + 1) * t.element_size() <= t.storage().nbytes();
+}
+
+/// Walks a checkpoint's values in their (insertion) order, feeding a CRC-32C of its metadata (keys, kinds,
+/// numbers, strings, tensors' dtypes and shapes) and giving each tensor with its path to a callback.
+class ChecksumWalker {
+ public:
+  template <class OnTensor>
+  void walk(const c10::IValue& v, const std::string& path, OnTensor&& on_tensor) {
+    if (v.isNone()) {
+      tag('N');
+    } else if (v.isBool()) {
+      tag('B');
+      put(static_cast<std::int64_t>(v.toBool()));
+    } else if (v.isInt()) {
+      tag('I');
+      put(v.toInt());
+    } else if (v.isDouble()) {
+      tag('F');
+      const double x = v.toDouble();
+      std::int64_t bits = 0;
+      std::memcpy(&bits, &x, sizeof bits);
+      put(bits);
+    } else if (v.isString()) {
+      const auto& s = v.toStringRef();
+      tag('S');
+      put(static_cast<std::int64_t>(s.size()));
+      crc_ = crc32c(s.data(), s.size(), crc_);
+    } else if (v.isTensor()) {
+      const auto& t = v.toTensor();
+      tag('T');
+      if (t.defined()) {
+        put(static_cast<std::int64_t>(t.scalar_type()));
+        put(t.dim());
+        for (const auto size : t.sizes()) put(size);
+      }
+      on_tensor(t, path);
+    } else if (v.isGenericDict()) {
+      const auto dict = v.toGenericDict();
+      tag('D');
+      put(static_cast<std::int64_t>(dict.size()));
+      for (const auto& item : dict) {
+        walk(item.key(), path + "#key", on_tensor);
+        const auto name = item.key().isString() ? item.key().toStringRef()
+                          : item.key().isInt()  ? std::to_string(item.key().toInt())
+                                                : std::string("?");
+        walk(item.value(), path.empty() ? name : path + "/" + name, on_tensor);
+      }
+    } else if (v.isList() || v.isTuple()) {
+      const auto items = v.isList() ? v.toListRef().vec() : v.toTupleRef().elements().vec();
+      tag(v.isList() ? 'L' : 'U');
+      put(static_cast<std::int64_t>(items.size()));
+      for (std::size_t i = 0; i < items.size(); ++i) walk(items[i], path + "[" + std::to_string(i) + "]", on_tensor);
+    } else {
+      tag('O');
+      const std::string kind = v.tagKind();
+      crc_ = crc32c(kind.data(), kind.size(), crc_);
+    }
+  }
+  std::uint32_t metadata() const { return crc_; }
+
+ private:
+  void tag(char c) { crc_ = crc32c(&c, 1, crc_); }
+  void put(std::int64_t x) { crc_ = crc32c(&x, sizeof x, crc_); }
+  std::uint32_t crc_ = 0;
+};
+
+/// Returns the CRC-32C of a tensor's values (its bytes in row-major order).
+inline std::uint32_t tensor_crc(const at::Tensor& t) {
+  if (!t.defined() || t.layout() != c10::kStrided) return 0;
+  const at::Tensor c = t.device().is_cpu() ? t.contiguous() : t.cpu().contiguous();
+  return crc32c(c.data_ptr(), c.nbytes());
+}
+
+}  // namespace detail
+
+/// Writes a checkpoint as one torch pickle, atomically (a temporary file beside the target, flushed to
+/// disk and renamed over it; parent directories are created; temporaries of killed writers are removed),
+/// with a CRC-32C of every tensor and of the metadata under the key "__fabric_checksums__"; reads it back
+/// after validating the file (a malformed or corrupt file is a fabric::Error naming what is wrong, never a
+/// crash), verifying the checksums and checking that it is a dictionary with string keys. Lightning's
+/// TorchCheckpointIO.
+class NativeCheckpointIO {
+ public:
+  /// Pickles the checkpoint with its checksums and writes it atomically to path.
+  void save_checkpoint(const Checkpoint& checkpoint, const std::filesystem::path& path) const {
+    if (checkpoint.contains(std::string(detail::checksums_key))) {
+      detail::raise("expected a checkpoint without the key \"{}\", which fabric's format reserves; rename the entry",
+                    detail::checksums_key);
+    }
+    std::vector<char> bytes;
+    try {
+      detail::ChecksumWalker walker;
+      c10::List<std::int64_t> tensors;
+      walker.walk(checkpoint, "",
+                  [&](const at::Tensor& t, const std::string&) { tensors.push_back(detail::tensor_crc(t)); });
+      StateDict sums = make_state_dict();
+      sums.insert("algorithm", std::string("crc32c"));
+      sums.insert("metadata", static_cast<std::int64_t>(walker.metadata()));
+      sums.insert("tensors", tensors);
+      Checkpoint with_sums = checkpoint.copy();
+      with_sums.insert(std::string(detail::checksums_key), sums);
+      bytes = torch::jit::pickle_save(with_sums);
+    } catch (const c10::Error& e) {
+      detail::raise(
+          "could not serialize the state ({}); expected modules, optimizers, integers, floating point, booleans, "
+          "strings and dense tensors",
+          detail::first_line(e.what_without_backtrace()));
+    }
+    detail::write_atomically(path, bytes.data(), bytes.size());
+  }
+
+  /// Reads the checkpoint at path; a missing, empty, truncated, corrupt or foreign file is a fabric::Error.
+  Checkpoint load_checkpoint(const std::filesystem::path& path) const {
+    const std::vector<char> bytes = detail::read_file(path);
+    const auto archive = detail::check_torch_zip(bytes.data(), bytes.size(), path.string(),
+                                                 "a file written by fabric's save (a zip archive as torch writes it)");
+    const std::string storages = archive.prefix + "/data/";
+    // NOTE: the small records (data.pkl, version, ...) are checked by their zip CRC-32; tensor storages by
+    // fabric's CRC-32C (several times faster), or by their zip CRC-32 in files without it.
+    detail::check_zip_crcs(
+        bytes.data(), archive, [&](const detail::ZipEntry& e) { return !e.name.starts_with(storages); }, path.string());
+    c10::IValue value;
+    try {
+      value = torch::jit::pickle_load(bytes);
+    } catch (const std::exception& e) {
+      // NOTE: LibTorch reads collections.OrderedDict as None (it expects one only as a tensor's empty
+      // backward hooks), so a state_dict fails on its first item.
+      if (std::string_view(e.what()).find("GenericDict") != std::string_view::npos) {
+        refuse_python_ordered_dict(bytes, archive, path, false);
+      }
+      detail::raise(
+          "could not read a checkpoint from {}: the file is truncated, corrupt or of another format ({}); "
+          "expected a file written by fabric's save (use load_raw for files of torch::save)",
+          path.string(), detail::first_line(e.what()));
+    }
+    if (!value.isGenericDict()) {
+      refuse_python_ordered_dict(bytes, archive, path, true);
+      detail::raise(
+          "expected a fabric checkpoint at {}, found a torch pickle of {} instead of fabric's dictionary; read it "
+          "with torch::pickle_load (or use load_raw for files written by torch::save)",
+          path.string(), detail::describe(value));
+    }
+    Checkpoint checkpoint(c10::StringType::get(), c10::AnyType::get());
+    c10::IValue sums;
+    for (const auto& item : value.toGenericDict()) {
+      if (!item.key().isString()) {
+        detail::raise(
+            "expected a fabric checkpoint at {}, found a dictionary with a key that is {}, not a string; it was "
+            "not written by fabric's save",
+            path.string(), detail::describe(item.key()));
+      }
+      if (item.key().toStringRef() == detail::checksums_key) {
+        sums = item.value();
+      } else {
+        checkpoint.insert(item.key().toStringRef(), item.value());
+      }
+    }
+    verify(checkpoint, sums, bytes, archive, path);
+    return checkpoint;
+  }
+
+  /// Removes the checkpoint at path (nothing when there is none).
+  void remove_checkpoint(const std::filesystem::path& path) const {
+    std::error_code ec;
+    std::filesystem::remove_all(path, ec);
+    if (ec) detail::raise("could not remove the checkpoint {}: {}", path.string(), ec.message());
+  }
+
+  /// Claims paths ending in `.fabric`, the native format's own extension (in fabric::AutoCheckpointIO,
+  /// the last format, it also takes every path no other format claims).
+  bool claims(const std::filesystem::path& path) const { return path.extension() == ".fabric"; }
+  /// Recognises zip archives as torch writes them (its checkpoints, LibTorch's torch::save files).
+  bool recognises(const std::filesystem::path& path) const {
+    return file_head(path, 4) == std::string_view("PK\x03\x04", 4);
+  }
+  /// Loads a module from a file of LibTorch's torch::save(module, path), checking names and shapes first
+  /// (a torch pickle without fabric's marker goes through the restricted reader); a fabric checkpoint is
+  /// refused (use load).
+  void load_raw(const std::filesystem::path& path, torch::nn::Module& module, bool strict) const {
+    detail::load_raw_file(path, module, strict);
+  }
+  /// Loads an optimizer from a file of LibTorch's torch::save(optimizer, path), checking its groups, type
+  /// and state shapes first.
+  void load_raw(const std::filesystem::path& path, torch::optim::Optimizer& optimizer, bool /*strict*/) const {
+    detail::load_raw_file(path, optimizer);
+  }
+
+ private:
+  /// Raises the plain error for Python's OrderedDict state dicts when the pickle holds one (at its top,
+  /// with `at_top`; LibTorch's own pickles name OrderedDict for every tensor's backward hooks).
+  static void refuse_python_ordered_dict(const std::vector<char>& bytes, const detail::ZipArchive& archive,
+                                         const std::filesystem::path& path, bool at_top) {
+    const auto* pickle = archive.find("data.pkl");
+    if (!pickle->stored) return;
+    const std::string_view text(bytes.data() + pickle->data_offset, static_cast<std::size_t>(pickle->size));
+    constexpr std::string_view global = "ccollections\nOrderedDict\n";
+    if (text.size() < 2 + global.size()) return;
+    if (at_top ? text.substr(2, global.size()) != global : text.find(global) == std::string_view::npos) return;
+    detail::raise(
+        "expected a fabric checkpoint at {}, found a file of Python's torch.save holding a collections.OrderedDict "
+        "(what `torch.save(model.state_dict(), path)` and Python Lightning write), which LibTorch's unpickler "
+        "cannot read; in Python, save plain dicts instead, e.g. `torch.save({{\"model\": dict(model.state_dict())}}, "
+        "path)`, and load that",
+        path.string());
+  }
+
+  /// Checks the tensors fit their storages and verifies the stored checksums (or, without them, the zip
+  /// CRC-32 of the tensor storages); raises naming the corrupt entry.
+  static void verify(const Checkpoint& checkpoint, const c10::IValue& sums, const std::vector<char>& bytes,
+                     const detail::ZipArchive& archive, const std::filesystem::path& path) {
+    auto corrupt = [&](const std::string& what) {
+      detail::raise("{} is corrupt: {}; restore it from a good copy (or save it again)", path.string(), what);
+    };
+    std::vector<std::pair<at::Tensor, std::string>> tensors;
+    detail::ChecksumWalker walker;
+    walker.walk(checkpoint, "", [&](const at::Tensor& t, const std::string& name) {
+      if (!detail::tensor_fits_storage(t)) {
+        corrupt(fmt::format("the tensor \"{}\" (shape {}) is larger than the bytes stored for it", name,
+                            detail::shape_str(t.sizes())));
+      }
+      tensors.emplace_back(t, name);
+    });
+    if (sums.isNone()) {
+      const std::string storages = archive.prefix + "/data/";
+      detail::check_zip_crcs(
+          bytes.data(), archive, [&](const detail::ZipEntry& e) { return e.name.starts_with(storages); },
+          path.string());
+      return;
+    }
+    const char* layout = "a dictionary {\"algorithm\": \"crc32c\", \"metadata\": int, \"tensors\": [int]}";
+    if (!sums.isGenericDict())
+      corrupt(fmt::format("its checksums are {}, expected {}", detail::describe(sums), layout));
+    const auto dict = sums.toGenericDict();
+    auto get = [&](const char* key) {
+      if (!dict.contains(key)) corrupt(fmt::format("its checksums lack \"{}\", expected {}", key, layout));
+      return dict.at(key);
+    };
+    const auto algorithm = get("algorithm");
+    const auto metadata = get("metadata");
+    const auto list = get("tensors");
+    if (!algorithm.isString() || algorithm.toStringRef() != "crc32c" || !metadata.isInt() || !list.isIntList()) {
+      corrupt(fmt::format("its checksums are not {}", layout));
+    }
+    if (static_cast<std::uint32_t>(metadata.toInt()) != walker.metadata() || metadata.toInt() < 0 ||
+        metadata.toInt() > 0xFFFFFFFFLL) {
+      corrupt("its metadata (names, kinds, numbers, strings, tensor dtypes and shapes) differs from its checksum");
+    }
+    const auto expected = list.toIntVector();
+    if (expected.size() != tensors.size()) {
+      corrupt(fmt::format("it holds {} tensors, its checksums {}", tensors.size(), expected.size()));
+    }
+    for (std::size_t i = 0; i < tensors.size(); ++i) {
+      const auto crc = detail::tensor_crc(tensors[i].first);
+      if (static_cast<std::int64_t>(crc) != expected[i]) {
+        corrupt(fmt::format("the tensor \"{}\" has CRC-32C {:08x}, expected {:08x}", tensors[i].second, crc,
+                            static_cast<std::uint64_t>(expected[i])));
+      }
+    }
+  }
+};
+
+}  // namespace fabric
+// ---- end fabric/io/native.hpp
+// ---- begin fabric/io/safetensors.hpp
+// fabric::SafetensorsCheckpointIO: checkpoints in Hugging Face's safetensors format, which Python's
+// `safetensors.torch.load_file` reads (a module's tensors under the names of its state_dict()), and
+// which fabric reads back memory-mapped, from fabric or from anyone else; and fabric::AutoCheckpointIO,
+// the list of fabric's formats that save, load and load_raw pick from by default.
+
+// ---- begin fabric/detail/safetensors_header.hpp
+// The safetensors header, torch-free (so that it can be fuzzed with any compiler): the bytes of a file
+// become a validated list of tensors (name, dtype, shape, byte range) and the `__metadata__` strings,
+// and back. The layout (huggingface/safetensors, README "Format"): an 8-byte little-endian header
+// length N, N bytes of UTF-8 JSON (`{"__metadata__": {str: str}, name: {"dtype": "F32", "shape": [..],
+// "data_offsets": [begin, end]}, ...}`, space-padded), then the data, which the tensors' byte ranges
+// (relative to its start) cover exactly, without gaps or overlaps.
+
+
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+#include <nlohmann/json.hpp>
+
+#include <algorithm>
+#include <array>
+#include <cstddef>
+#include <cstdint>
+#include <limits>
+#include <optional>
+#include <set>
+#include <span>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+namespace fabric::detail::safetensors {
+
+/// The largest header fabric reads (the Rust reader's bound, 100 MB).
+inline constexpr std::uint64_t max_header_bytes = 100'000'000;
+/// The deepest nesting a valid header has: the root object, a tensor's object, its shape or offsets.
+inline constexpr int max_depth = 3;
+
+/// One tensor of a safetensors file: its byte range is relative to the start of the data.
+struct TensorInfo {
+  std::string name;
+  std::string dtype;  // "F32", "BF16", "I64", "BOOL", ...
+  std::vector<std::int64_t> shape;
+  std::uint64_t begin = 0;
+  std::uint64_t end = 0;
+};
+
+/// A parsed header: the tensors in the order of their data, the metadata, and where the data starts
+/// in the file (8 + the header length).
+struct Header {
+  std::vector<TensorInfo> tensors;
+  std::vector<std::pair<std::string, std::string>> metadata;
+  std::uint64_t data_start = 0;
+};
+
+/// The size in bytes of one element of a safetensors dtype; nothing for a dtype fabric does not know
+/// (the sub-byte F4/F6 types have no whole-byte size).
+inline std::optional<std::size_t> dtype_size(std::string_view dtype) {
+  static constexpr std::array<std::pair<std::string_view, std::size_t>, 16> sizes{{{"BOOL", 1},
+                                                                                   {"U8", 1},
+                                                                                   {"I8", 1},
+                                                                                   {"F8_E5M2", 1},
+                                                                                   {"F8_E4M3", 1},
+                                                                                   {"I16", 2},
+                                                                                   {"U16", 2},
+                                                                                   {"F16", 2},
+                                                                                   {"BF16", 2},
+                                                                                   {"I32", 4},
+                                                                                   {"U32", 4},
+                                                                                   {"F32", 4},
+                                                                                   {"F64", 8},
+                                                                                   {"I64", 8},
+                                                                                   {"U64", 8},
+                                                                                   {"C64", 8}}};
+  for (const auto& [name, size] : sizes) {
+    if (name == dtype) return size;
+  }
+  return std::nullopt;
+}
+
+/// The number of elements of a shape times the element size; nothing when it overflows 64 bits.
+inline std::optional<std::uint64_t> byte_size(const std::vector<std::int64_t>& shape, std::size_t item) {
+  std::uint64_t n = item;
+  for (const std::int64_t d : shape) {
+    if (d < 0 || __builtin_mul_overflow(n, static_cast<std::uint64_t>(d), &n)) return std::nullopt;
+  }
+  return n;
+}
+
+namespace impl {
+
+using json = nlohmann::json;
+
+inline std::uint64_t read_u64_le(const unsigned char* p) {
+  std::uint64_t v = 0;
+  for (int i = 7; i >= 0; --i) v = (v << 8) | p[i];
+  return v;
+}
+
+inline std::uint64_t unsigned_value(const json& v, std::string_view what, std::string_view name) {
+  if (!v.is_number_unsigned() && !(v.is_number_integer() && v.get<std::int64_t>() >= 0)) {
+    raise("invalid safetensors header: tensor \"{}\": expected {} to be a non-negative integer, found {}", name, what,
+          v.dump());
+  }
+  return v.get<std::uint64_t>();
+}
+
+/// Parses the JSON text: nesting deeper than a header has and a key given twice in one object are
+/// refused while parsing (nlohmann keeps the last of repeated keys silently).
+inline json parse_json(std::string_view text) {
+  std::vector<std::set<std::string>> keys;  // the keys seen in each open object
+  const json::parser_callback_t check = [&](int depth, json::parse_event_t event, json& parsed) {
+    switch (event) {
+      case json::parse_event_t::object_start:
+      case json::parse_event_t::array_start:
+        if (depth >= max_depth) {
+          raise(
+              "invalid safetensors header: nested deeper than {} levels; expected {{name: {{dtype, shape, "
+              "data_offsets}}}}",
+              max_depth);
+        }
+        if (event == json::parse_event_t::object_start) keys.emplace_back();
+        break;
+      case json::parse_event_t::object_end:
+        if (!keys.empty()) keys.pop_back();
+        break;
+      case json::parse_event_t::key:
+        if (!keys.empty() && !keys.back().insert(parsed.get<std::string>()).second) {
+          raise("invalid safetensors header: the key \"{}\" appears twice in one object; expected unique names",
+                parsed.get<std::string>());
+        }
+        break;
+      default:
+        break;
+    }
+    return true;
+  };
+  try {
+    return json::parse(text.begin(), text.end(), check, /*allow_exceptions=*/true, /*ignore_comments=*/false);
+  } catch (const json::exception& e) {
+    raise("invalid safetensors header: not valid UTF-8 JSON ({})", e.what());
+  }
+}
+
+}  // namespace impl
+
+/// Parses and validates the header of a safetensors file of file_size bytes whose first bytes are in
+/// prefix (at least the 8-byte length and the header; more is ignored). Refuses, with fabric::Error:
+/// a length beyond the file or over max_header_bytes, JSON that is not valid UTF-8 or nested deeper
+/// than a header, names given twice, unknown dtypes, negative dimensions, a shape whose byte size
+/// overflows or differs from its byte range, and byte ranges that are reversed, overlap, leave gaps or
+/// do not end at the end of the file.
+inline Header parse_header(std::span<const unsigned char> prefix, std::uint64_t file_size) {
+  if (file_size < 8 || prefix.size() < 8) {
+    raise("invalid safetensors file: {} bytes, expected at least the 8-byte header length", file_size);
+  }
+  const std::uint64_t n = impl::read_u64_le(prefix.data());
+  if (n > max_header_bytes) {
+    raise("invalid safetensors file: the header length is {} bytes, over the {} bytes fabric reads", n,
+          max_header_bytes);
+  }
+  if (n > file_size - 8) {
+    raise("invalid safetensors file: the header length is {} bytes but the file has {} bytes after it", n,
+          file_size - 8);
+  }
+  if (prefix.size() < 8 + n) raise("invalid safetensors file: {} header bytes given, expected {}", prefix.size(), n);
+  const std::string_view text(reinterpret_cast<const char*>(prefix.data()) + 8, static_cast<std::size_t>(n));
+  if (text.empty() || text.front() != '{') {
+    raise("invalid safetensors header: expected a JSON object starting with '{{', found {}",
+          text.empty() ? std::string("nothing") : fmt::format("byte {:#04x}", static_cast<unsigned char>(text[0])));
+  }
+  const impl::json root = impl::parse_json(text);
+  if (!root.is_object()) raise("invalid safetensors header: expected a JSON object, found {}", root.type_name());
+
+  Header header;
+  header.data_start = 8 + n;
+  const std::uint64_t data_size = file_size - header.data_start;
+  for (const auto& [name, value] : root.items()) {
+    if (name == "__metadata__") {
+      if (!value.is_object()) {
+        raise("invalid safetensors header: expected \"__metadata__\" to map strings to strings, found {}",
+              value.type_name());
+      }
+      for (const auto& [key, text_value] : value.items()) {
+        if (!text_value.is_string()) {
+          raise("invalid safetensors header: \"__metadata__\" entry \"{}\" is {}, expected a string", key,
+                text_value.type_name());
+        }
+        header.metadata.emplace_back(key, text_value.get<std::string>());
+      }
+      continue;
+    }
+    if (!value.is_object()) {
+      raise("invalid safetensors header: tensor \"{}\" is {}, expected an object with dtype, shape and data_offsets",
+            name, value.type_name());
+    }
+    for (const char* field : {"dtype", "shape", "data_offsets"}) {
+      if (!value.contains(field)) raise("invalid safetensors header: tensor \"{}\" has no \"{}\"", name, field);
+    }
+    TensorInfo info;
+    info.name = name;
+    const auto& dtype = value.at("dtype");
+    if (!dtype.is_string()) raise("invalid safetensors header: tensor \"{}\": dtype is {}", name, dtype.type_name());
+    info.dtype = dtype.get<std::string>();
+    const auto item = dtype_size(info.dtype);
+    if (!item) {
+      raise(
+          "invalid safetensors header: tensor \"{}\" has the dtype \"{}\", which fabric does not read; expected one "
+          "of BOOL, U8, I8, I16, I32, I64, F16, BF16, F32, F64 (and U16, U32, U64, F8_E5M2, F8_E4M3, C64)",
+          name, info.dtype);
+    }
+    const auto& shape = value.at("shape");
+    if (!shape.is_array()) raise("invalid safetensors header: tensor \"{}\": shape is {}", name, shape.type_name());
+    for (const auto& d : shape) {
+      const std::uint64_t dim = impl::unsigned_value(d, "every dimension", name);
+      if (dim > static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max())) {
+        raise("invalid safetensors header: tensor \"{}\": the dimension {} is too large", name, dim);
+      }
+      info.shape.push_back(static_cast<std::int64_t>(dim));
+    }
+    const auto& offsets = value.at("data_offsets");
+    if (!offsets.is_array() || offsets.size() != 2) {
+      raise("invalid safetensors header: tensor \"{}\": expected data_offsets [begin, end], found {}", name,
+            offsets.dump());
+    }
+    info.begin = impl::unsigned_value(offsets[0], "data_offsets", name);
+    info.end = impl::unsigned_value(offsets[1], "data_offsets", name);
+    if (info.begin > info.end) {
+      raise("invalid safetensors header: tensor \"{}\": data_offsets [{}, {}] end before they begin", name, info.begin,
+            info.end);
+    }
+    const auto bytes = byte_size(info.shape, *item);
+    if (!bytes) raise("invalid safetensors header: tensor \"{}\": the byte size of its shape overflows", name);
+    if (*bytes != info.end - info.begin) {
+      raise(
+          "invalid safetensors header: tensor \"{}\": a {} tensor of shape [{}] has {} bytes, but its data_offsets "
+          "[{}, {}] hold {}",
+          name, info.dtype, fmt::join(info.shape, ", "), *bytes, info.begin, info.end, info.end - info.begin);
+    }
+    header.tensors.push_back(std::move(info));
+  }
+  std::sort(header.tensors.begin(), header.tensors.end(), [](const TensorInfo& a, const TensorInfo& b) {
+    return a.begin != b.begin ? a.begin < b.begin : a.end < b.end;
+  });
+  std::uint64_t at = 0;
+  for (const auto& t : header.tensors) {
+    if (t.begin != at) {
+      raise("invalid safetensors header: tensor \"{}\" starts at byte {} of the data, expected {} ({})", t.name,
+            t.begin, at, t.begin < at ? "it overlaps the tensor before it" : "a gap before it");
+    }
+    at = t.end;
+  }
+  if (at != data_size) {
+    raise("invalid safetensors file: the tensors cover {} bytes of data, but the file has {} after the header", at,
+          data_size);
+  }
+  return header;
+}
+
+/// Writes the 8-byte length and the JSON header of tensors laid out in the given order (their byte
+/// ranges are assigned here, one after another), space-padded to a multiple of 8 bytes as Python's
+/// writer does. A name or metadata string that is not valid UTF-8 is an error.
+inline std::string write_header(std::vector<TensorInfo>& tensors,
+                                const std::vector<std::pair<std::string, std::string>>& metadata) {
+  nlohmann::ordered_json root = nlohmann::ordered_json::object();
+  if (!metadata.empty()) {
+    nlohmann::ordered_json meta = nlohmann::ordered_json::object();
+    std::set<std::string_view> keys;
+    for (const auto& [key, value] : metadata) {
+      if (!keys.insert(key).second) raise("cannot write safetensors: the metadata key \"{}\" is given twice", key);
+      meta[key] = value;
+    }
+    root["__metadata__"] = std::move(meta);
+  }
+  std::set<std::string_view> names;
+  std::uint64_t at = 0;
+  for (auto& t : tensors) {
+    if (t.name == "__metadata__" || !names.insert(t.name).second) {
+      raise("cannot write safetensors: the tensor name \"{}\" is {}; expected unique names", t.name,
+            t.name == "__metadata__" ? "reserved" : "given twice");
+    }
+    const auto item = dtype_size(t.dtype);
+    const auto bytes = item ? byte_size(t.shape, *item) : std::nullopt;
+    if (!bytes) raise("cannot write safetensors: tensor \"{}\" has an unknown dtype or an overflowing size", t.name);
+    t.begin = at;
+    t.end = at + *bytes;
+    at = t.end;
+    root[t.name] = {{"dtype", t.dtype}, {"shape", t.shape}, {"data_offsets", {t.begin, t.end}}};
+  }
+  std::string text;
+  try {
+    text = root.dump();
+  } catch (const nlohmann::json::exception& e) {
+    raise("cannot write safetensors: a name or metadata value is not valid UTF-8 ({})", e.what());
+  }
+  text.append((8 - text.size() % 8) % 8, ' ');
+  std::string out(8, '\0');
+  for (int i = 0; i < 8; ++i) out[i] = static_cast<char>((static_cast<std::uint64_t>(text.size()) >> (8 * i)) & 0xff);
+  return out + text;
+}
+
+}  // namespace fabric::detail::safetensors
+// ---- end fabric/detail/safetensors_header.hpp
 
 #include <fmt/format.h>
 #include <fmt/ranges.h>
@@ -9297,22 +9791,6 @@ inline void load_module(const std::filesystem::path& path, torch::nn::Module& mo
   finish_module_load(path, errors, copies, strict, "shapes and dtypes");
 }
 
-/// load_raw of a safetensors file: a module (or its set-up wrapper); an optimizer's state is read by
-/// Fabric::load from a file fabric wrote.
-template <class T>
-void load_raw(const std::filesystem::path& path, T& target, bool strict) {
-  if constexpr (is_fabric_module_v<T>) {
-    load_module(path, *target, strict);
-  } else if constexpr (ModuleLike<T>) {
-    load_module(path, module_ref(target), strict);
-  } else {
-    raise(
-        "load_raw reads a module from a safetensors file ({}), not an optimizer; load an optimizer's state with "
-        "Fabric::load from a checkpoint fabric saved",
-        path.string());
-  }
-}
-
 }  // namespace detail::safetensors
 
 /// Writes checkpoints as safetensors (atomically, as fabric::NativeCheckpointIO) and reads them back
@@ -9348,219 +9826,33 @@ class SafetensorsCheckpointIO {
   }
   /// Removes the checkpoint at path (nothing when there is none).
   void remove_checkpoint(const std::filesystem::path& path) const { NativeCheckpointIO{}.remove_checkpoint(path); }
+
+  /// Claims paths ending in `.safetensors`.
+  bool claims(const std::filesystem::path& path) const { return detail::safetensors::is_safetensors_path(path); }
+  /// Recognises files named `*.safetensors` (the format has no magic number).
+  bool recognises(const std::filesystem::path& path) const { return detail::safetensors::is_safetensors_path(path); }
+  /// Loads a module from a safetensors file written by anyone (a Python model.state_dict() saved with
+  /// safetensors.torch.save_file): names, shapes and dtypes are checked before anything changes.
+  void load_raw(const std::filesystem::path& path, torch::nn::Module& module, bool strict) const {
+    detail::safetensors::load_module(path, module, strict);
+  }
+  /// Refuses: an optimizer's state is read by Fabric::load from a checkpoint fabric saved.
+  void load_raw(const std::filesystem::path& path, torch::optim::Optimizer& /*optimizer*/, bool /*strict*/) const {
+    detail::raise(
+        "load_raw reads a module from a safetensors file ({}), not an optimizer; load an optimizer's state with "
+        "Fabric::load from a checkpoint fabric saved",
+        path.string());
+  }
 };
 
-/// The format save and load use when the strategy names none: fabric::SafetensorsCheckpointIO for a
-/// path ending in `.safetensors`, else fabric::NativeCheckpointIO.
-class AutoCheckpointIO {
- public:
-  /// Writes the checkpoint in the format of the path's extension.
-  void save_checkpoint(const Checkpoint& checkpoint, const std::filesystem::path& path) const {
-    detail::safetensors::is_safetensors_path(path) ? SafetensorsCheckpointIO{}.save_checkpoint(checkpoint, path)
-                                                   : NativeCheckpointIO{}.save_checkpoint(checkpoint, path);
-  }
-  /// Reads the checkpoint in the format of the path's extension.
-  Checkpoint load_checkpoint(const std::filesystem::path& path) const {
-    if (detail::safetensors::is_safetensors_path(path)) return SafetensorsCheckpointIO{}.load_checkpoint(path);
-    // Python's torch.save (OrderedDict state dicts, Lightning's fabric.save): fabric's restricted unpickler.
-    if (detail::is_python_torch_file(path)) return TorchCheckpointIO{}.load_checkpoint(path);
-    return NativeCheckpointIO{}.load_checkpoint(path);
-  }
-  /// Removes the checkpoint at path.
-  void remove_checkpoint(const std::filesystem::path& path) const { NativeCheckpointIO{}.remove_checkpoint(path); }
-};
+/// The formats save, load and load_raw use when the strategy names none, in this order:
+/// fabric::SafetensorsCheckpointIO for `*.safetensors`, fabric::TorchCheckpointIO (PyTorch's torch.save
+/// format) for `*.ckpt`, `*.pt`, `*.pth` and for reading Python's files, and fabric::NativeCheckpointIO for
+/// `*.fabric` and every other path. Add a format with a fabric::FormatList of one's own.
+using AutoCheckpointIO = FormatList<SafetensorsCheckpointIO, TorchCheckpointIO, NativeCheckpointIO>;
 
 }  // namespace fabric
 // ---- end fabric/io/safetensors.hpp
-// ---- begin fabric/io/torch_archive.hpp
-// Loading files written by LibTorch's own torch::save(module, path) and torch::save(optimizer, path)
-// (`Fabric::load_raw`), with the same name, shape and type checks as fabric's checkpoints.
-
-
-#include <fmt/format.h>
-#include <fmt/ranges.h>
-
-#include <ATen/core/Tensor.h>
-#include <ATen/core/grad_mode.h>
-#include <torch/nn/module.h>
-#include <torch/optim/optimizer.h>
-#include <torch/serialize/input-archive.h>
-
-#include <filesystem>
-#include <set>
-#include <string>
-#include <type_traits>
-#include <utility>
-#include <vector>
-
-namespace fabric::detail {
-
-/// Appends the dotted names of every tensor in an archive (recursively) to out.
-inline void archive_tensor_names(torch::serialize::InputArchive& archive, const std::string& prefix,
-                                 std::vector<std::string>& out) {
-  for (const auto& key : archive.keys()) {
-    torch::serialize::InputArchive sub;
-    if (archive.try_read(key, sub)) {
-      archive_tensor_names(sub, prefix + key + ".", out);
-    } else {
-      out.push_back(prefix + key);
-    }
-  }
-}
-
-/// Reads the tensors of a torch::save module archive, recursively, under dotted names.
-inline void read_archive_tensors(torch::serialize::InputArchive& archive, const torch::nn::Module& module,
-                                 const std::string& prefix, bool strict, std::vector<std::string>& errors,
-                                 std::vector<std::pair<at::Tensor, at::Tensor>>& copies) {
-  std::set<std::string> known;
-  auto read = [&](const std::string& name, const at::Tensor& target, bool is_buffer) {
-    known.insert(name);
-    if (!target.defined()) return;  // torch::save leaves undefined tensors out
-    at::Tensor loaded;
-    if (!archive.try_read(name, loaded, is_buffer) || !loaded.defined()) {
-      if (strict) errors.push_back(fmt::format("\"{}{}\": missing from the file", prefix, name));
-      return;
-    }
-    if (loaded.sizes() != target.sizes()) {
-      errors.push_back(fmt::format("\"{}{}\": expected shape {}, found shape {} in the file", prefix, name,
-                                   shape_str(target.sizes()), shape_str(loaded.sizes())));
-      return;
-    }
-    copies.emplace_back(target, loaded);
-  };
-  for (const auto& p : module.named_parameters(false)) read(p.key(), p.value(), false);
-  for (const auto& b : module.named_buffers(false)) read(b.key(), b.value(), true);
-  for (const auto& child : module.named_children()) {
-    if (!child.value()->is_serializable()) continue;  // torch::save skips these (e.g. Functional)
-    known.insert(child.key());
-    torch::serialize::InputArchive sub;
-    if (!archive.try_read(child.key(), sub)) {
-      if (strict) {
-        for (const auto& [name, tensor] : module_tensors(*child.value())) {
-          errors.push_back(fmt::format("\"{}{}.{}\": missing from the file", prefix, child.key(), name));
-        }
-      }
-      continue;
-    }
-    read_archive_tensors(sub, *child.value(), prefix + child.key() + ".", strict, errors, copies);
-  }
-  if (strict) {
-    for (const auto& key : archive.keys()) {
-      if (known.contains(key)) continue;
-      std::vector<std::string> names;
-      torch::serialize::InputArchive sub;
-      if (archive.try_read(key, sub)) {
-        archive_tensor_names(sub, prefix + key + ".", names);
-      } else {
-        names.push_back(prefix + key);
-      }
-      for (const auto& name : names) errors.push_back(fmt::format("\"{}\": in the file but not in the module", name));
-    }
-  }
-}
-
-inline torch::serialize::InputArchive open_archive(const std::filesystem::path& path) {
-  const std::vector<char> bytes = read_file(path);  // existence and emptiness checks with fabric's messages
-  // NOTE: LibTorch's zip reader trusts the file's offsets; only a validated buffer reaches it.
-  const auto zip = check_torch_zip(bytes.data(), bytes.size(), path.string(),
-                                   "a file written by torch::save (a zip archive as torch writes it)");
-  check_zip_crcs(
-      bytes.data(), zip, [](const ZipEntry&) { return true; }, path.string());
-  if (zip.find("constants.pkl") == nullptr) {
-    raise(
-        "expected a file written by torch::save (a TorchScript archive with constants.pkl) at {}, found a torch "
-        "pickle without it (a fabric checkpoint or a file of torch::pickle_save); use load for fabric checkpoints",
-        path.string());
-  }
-  torch::serialize::InputArchive archive;
-  try {
-    archive.load_from(bytes.data(), bytes.size());
-  } catch (const std::exception& e) {
-    raise(
-        "could not read {} as a torch::save archive ({}); expected a file written by torch::save (use load for "
-        "fabric checkpoints)",
-        path.string(), first_line(e.what()));
-  }
-  return archive;
-}
-
-/// Loads a module from a torch::save file, checking names and shapes before changing anything.
-inline void load_raw_module(const std::filesystem::path& path, torch::nn::Module& module, bool strict) {
-  auto archive = open_archive(path);
-  std::vector<std::string> errors;
-  std::vector<std::pair<at::Tensor, at::Tensor>> copies;
-  try {
-    read_archive_tensors(archive, module, "", strict, errors, copies);
-  } catch (const c10::Error& e) {
-    raise("could not read the module in {} ({}); expected a file written by torch::save(module, path)", path.string(),
-          first_line(e.what_without_backtrace()));
-  }
-  finish_module_load(path, errors, copies, strict);
-}
-
-/// Loads an optimizer from a torch::save file, checking its groups, type and state shapes first.
-inline void load_raw_optimizer(const std::filesystem::path& path, torch::optim::Optimizer& optimizer) {
-  auto archive = open_archive(path);
-  std::vector<std::string> errors;
-  check_optimizer_archive("", archive, optimizer, "the file", errors);
-  if (!errors.empty()) {
-    raise(
-        "cannot load {} into the optimizer ({} problem{}; nothing was changed):\n  {}\nExpected a file written by "
-        "torch::save(optimizer, path) for the same type of optimizer over parameters of the same shapes.",
-        path.string(), errors.size(), errors.size() == 1 ? "" : "s", fmt::join(errors, "\n  "));
-  }
-  try {
-    (void)load_optimizer_archive(archive, optimizer);
-  } catch (const c10::Error& e) {
-    raise(
-        "could not load the optimizer state in {} ({}); nothing was changed; expected a file written by "
-        "torch::save(optimizer, path) for an optimizer built the same way",
-        path.string(), first_line(e.what_without_backtrace()));
-  }
-}
-
-/// Loads a module's or an optimizer's state (or that of their set-up wrappers) from a torch::save file.
-template <class T>
-void load_raw(const std::filesystem::path& path, T& target, bool strict) {
-  // A file of Python's torch.save (a state_dict, an optimizer.state_dict()): fabric's restricted reader.
-  if (const auto python = read_python_file(path)) {
-    // NOTE: fabric's own checkpoints are torch pickles too; they carry fabric's marker entry.
-    if (python->isGenericDict() && python->toGenericDict().contains("__fabric__")) {
-      raise(
-          "expected a file written by torch::save or Python's torch.save at {}, found a fabric checkpoint (written "
-          "by fabric.save); use load for fabric checkpoints",
-          path.string());
-    }
-    if constexpr (is_fabric_module_v<T>) {
-      load_python_module(path, *python, *target, strict);
-    } else if constexpr (is_fabric_optimizer_v<T>) {
-      load_python_optimizer(path, *python, *target);
-    } else if constexpr (ModuleLike<T>) {
-      load_python_module(path, *python, module_ref(target), strict);
-    } else if constexpr (std::is_base_of_v<torch::optim::Optimizer, T>) {
-      load_python_optimizer(path, *python, target);
-    }
-    if constexpr (is_fabric_module_v<T> || is_fabric_optimizer_v<T> || ModuleLike<T> ||
-                  std::is_base_of_v<torch::optim::Optimizer, T>) {
-      return;
-    }
-  }
-  if constexpr (is_fabric_module_v<T>) {
-    load_raw_module(path, *target, strict);
-  } else if constexpr (is_fabric_optimizer_v<T>) {
-    load_raw_optimizer(path, *target);
-  } else if constexpr (ModuleLike<T>) {
-    load_raw_module(path, module_ref(target), strict);
-  } else if constexpr (std::is_base_of_v<torch::optim::Optimizer, T>) {
-    load_raw_optimizer(path, target);
-  } else {
-    static_assert(dependent_false_v<T>,
-                  "fabric: load_raw loads a module or an optimizer; pass one of them (or its setup wrapper)");
-  }
-}
-
-}  // namespace fabric::detail
-// ---- end fabric/io/torch_archive.hpp
 // ---- begin fabric/utils/clip.hpp
 // Gradient clipping: the maths of `Fabric::clip_gradients` (torch.nn.utils.clip_grad_norm_ and
 // clip_grad_value_), on the gradients of an optimizer's parameters.
@@ -9849,7 +10141,7 @@ consteval bool check_strategy() {
 
 /// Settings every strategy takes.
 struct StrategyOptions {
-  /// The checkpoint format of save and load; empty: fabric::AutoCheckpointIO, by the extension.
+  /// The checkpoint format of save and load; empty: fabric::AutoCheckpointIO (by the path).
   AnyCheckpointIO checkpoint_io{};
 };
 
@@ -9986,11 +10278,25 @@ class StrategyBase {
   State load_checkpoint(const std::filesystem::path& path, State& state, bool strict) {
     return detail::load_state(read_checkpoint(path), path, state, strict);
   }
-  /// Loads a module or an optimizer from a file of torch::save.
+  /// Loads a module or an optimizer (or its set-up wrapper) from a file written elsewhere: through the
+  /// checkpoint format when it recognises the file and has load_raw, else through fabric::AutoCheckpointIO.
   template <class T>
   void load_raw(const std::filesystem::path& path, T& target, bool strict) {
-    detail::safetensors::is_safetensors_path(path) ? detail::safetensors::load_raw(path, target, strict)
-                                                   : detail::load_raw(path, target, strict);
+    auto load = [&](auto& raw) {
+      if (!checkpoint_io_.load_raw(path, raw, strict)) AutoCheckpointIO{}.load_raw(path, raw, strict);
+    };
+    if constexpr (detail::is_fabric_module_v<T>) {
+      load(static_cast<torch::nn::Module&>(*target));
+    } else if constexpr (detail::is_fabric_optimizer_v<T>) {
+      load(static_cast<torch::optim::Optimizer&>(*target));
+    } else if constexpr (ModuleLike<T>) {
+      load(static_cast<torch::nn::Module&>(detail::module_ref(target)));
+    } else if constexpr (std::is_base_of_v<torch::optim::Optimizer, T>) {
+      load(static_cast<torch::optim::Optimizer&>(target));
+    } else {
+      static_assert(detail::dependent_false_v<T>,
+                    "fabric: load_raw loads a module or an optimizer; pass one of them (or its setup wrapper)");
+    }
   }
   /// Removes a checkpoint through the format.
   void remove_checkpoint(const std::filesystem::path& path) {
@@ -10673,7 +10979,8 @@ class Fabric {
     State none;
     return load(path, none, false);
   }
-  /// Loads a module's or an optimizer's state from a file written by torch::save (without fabric).
+  /// Loads a module's or an optimizer's state from a file written without fabric (LibTorch's torch::save,
+  /// Python's torch.save of a state_dict, safetensors), through the format that recognises the file.
   template <class T>
   void load_raw(const std::filesystem::path& path, T& target, bool strict = true) {
     strategy_.load_raw(path, target, strict);
@@ -17554,7 +17861,7 @@ struct ParallelOptions {
   std::chrono::milliseconds timeout = std::chrono::minutes(30);
   /// Where the processes come from; default: detected in Lightning's order (fabric::AutoEnvironment).
   AnyEnvironment cluster_environment{};
-  /// The checkpoint format of save and load; empty: fabric::NativeCheckpointIO.
+  /// The checkpoint format of save and load; empty: fabric::AutoCheckpointIO (by the path).
   AnyCheckpointIO checkpoint_io{};
 };
 
@@ -18036,7 +18343,7 @@ class DDP : public ParallelStrategy {
     CommHook comm_hook = CommHook::none;
     /// Where the processes come from; default: detected in Lightning's order (fabric::AutoEnvironment).
     AnyEnvironment cluster_environment{};
-    /// The checkpoint format of save and load; empty: fabric::NativeCheckpointIO.
+    /// The checkpoint format of save and load; empty: fabric::AutoCheckpointIO (by the path).
     AnyCheckpointIO checkpoint_io{};
   };
   /// What the strategy keeps per set-up module.

@@ -1,7 +1,8 @@
 #pragma once
 // fabric::NativeCheckpointIO: fabric's own checkpoint format, a torch pickle of the checkpoint dictionary
 // (torch::pickle_save; Python reads it with torch.load(path, weights_only=False)), written atomically,
-// with checksums of its tensors and metadata, and validated before LibTorch reads it.
+// with checksums of its tensors and metadata, and validated before LibTorch reads it; its extension is
+// `.fabric`. Its load_raw reads LibTorch's torch::save files.
 
 #include "fabric/core/error.hpp"
 #include "fabric/detail/archive.hpp"
@@ -9,6 +10,7 @@
 #include "fabric/detail/crc.hpp"
 #include "fabric/detail/zip_check.hpp"
 #include "fabric/io/checkpoint_io.hpp"
+#include "fabric/io/torch_archive.hpp"
 
 #include <ATen/core/Dict.h>
 #include <ATen/core/List.h>
@@ -216,6 +218,25 @@ class NativeCheckpointIO {
     std::error_code ec;
     std::filesystem::remove_all(path, ec);
     if (ec) detail::raise("could not remove the checkpoint {}: {}", path.string(), ec.message());
+  }
+
+  /// Claims paths ending in `.fabric`, the native format's own extension (in fabric::AutoCheckpointIO,
+  /// the last format, it also takes every path no other format claims).
+  bool claims(const std::filesystem::path& path) const { return path.extension() == ".fabric"; }
+  /// Recognises zip archives as torch writes them (its checkpoints, LibTorch's torch::save files).
+  bool recognises(const std::filesystem::path& path) const {
+    return file_head(path, 4) == std::string_view("PK\x03\x04", 4);
+  }
+  /// Loads a module from a file of LibTorch's torch::save(module, path), checking names and shapes first
+  /// (a torch pickle without fabric's marker goes through the restricted reader); a fabric checkpoint is
+  /// refused (use load).
+  void load_raw(const std::filesystem::path& path, torch::nn::Module& module, bool strict) const {
+    detail::load_raw_file(path, module, strict);
+  }
+  /// Loads an optimizer from a file of LibTorch's torch::save(optimizer, path), checking its groups, type
+  /// and state shapes first.
+  void load_raw(const std::filesystem::path& path, torch::optim::Optimizer& optimizer, bool /*strict*/) const {
+    detail::load_raw_file(path, optimizer);
   }
 
  private:

@@ -1,8 +1,8 @@
 #pragma once
 // fabric::SafetensorsCheckpointIO: checkpoints in Hugging Face's safetensors format, which Python's
 // `safetensors.torch.load_file` reads (a module's tensors under the names of its state_dict()), and
-// which fabric reads back memory-mapped, from fabric or from anyone else; fabric::AutoCheckpointIO picks
-// it or the native format by the path's extension (what save and load do by default).
+// which fabric reads back memory-mapped, from fabric or from anyone else; and fabric::AutoCheckpointIO,
+// the list of fabric's formats that save, load and load_raw pick from by default.
 
 #include "fabric/core/error.hpp"
 #include "fabric/core/version.hpp"
@@ -608,22 +608,6 @@ inline void load_module(const std::filesystem::path& path, torch::nn::Module& mo
   finish_module_load(path, errors, copies, strict, "shapes and dtypes");
 }
 
-/// load_raw of a safetensors file: a module (or its set-up wrapper); an optimizer's state is read by
-/// Fabric::load from a file fabric wrote.
-template <class T>
-void load_raw(const std::filesystem::path& path, T& target, bool strict) {
-  if constexpr (is_fabric_module_v<T>) {
-    load_module(path, *target, strict);
-  } else if constexpr (ModuleLike<T>) {
-    load_module(path, module_ref(target), strict);
-  } else {
-    raise(
-        "load_raw reads a module from a safetensors file ({}), not an optimizer; load an optimizer's state with "
-        "Fabric::load from a checkpoint fabric saved",
-        path.string());
-  }
-}
-
 }  // namespace detail::safetensors
 
 /// Writes checkpoints as safetensors (atomically, as fabric::NativeCheckpointIO) and reads them back
@@ -659,26 +643,29 @@ class SafetensorsCheckpointIO {
   }
   /// Removes the checkpoint at path (nothing when there is none).
   void remove_checkpoint(const std::filesystem::path& path) const { NativeCheckpointIO{}.remove_checkpoint(path); }
+
+  /// Claims paths ending in `.safetensors`.
+  bool claims(const std::filesystem::path& path) const { return detail::safetensors::is_safetensors_path(path); }
+  /// Recognises files named `*.safetensors` (the format has no magic number).
+  bool recognises(const std::filesystem::path& path) const { return detail::safetensors::is_safetensors_path(path); }
+  /// Loads a module from a safetensors file written by anyone (a Python model.state_dict() saved with
+  /// safetensors.torch.save_file): names, shapes and dtypes are checked before anything changes.
+  void load_raw(const std::filesystem::path& path, torch::nn::Module& module, bool strict) const {
+    detail::safetensors::load_module(path, module, strict);
+  }
+  /// Refuses: an optimizer's state is read by Fabric::load from a checkpoint fabric saved.
+  void load_raw(const std::filesystem::path& path, torch::optim::Optimizer& /*optimizer*/, bool /*strict*/) const {
+    detail::raise(
+        "load_raw reads a module from a safetensors file ({}), not an optimizer; load an optimizer's state with "
+        "Fabric::load from a checkpoint fabric saved",
+        path.string());
+  }
 };
 
-/// The format save and load use when the strategy names none: fabric::SafetensorsCheckpointIO for a
-/// path ending in `.safetensors`, else fabric::NativeCheckpointIO.
-class AutoCheckpointIO {
- public:
-  /// Writes the checkpoint in the format of the path's extension.
-  void save_checkpoint(const Checkpoint& checkpoint, const std::filesystem::path& path) const {
-    detail::safetensors::is_safetensors_path(path) ? SafetensorsCheckpointIO{}.save_checkpoint(checkpoint, path)
-                                                   : NativeCheckpointIO{}.save_checkpoint(checkpoint, path);
-  }
-  /// Reads the checkpoint in the format of the path's extension.
-  Checkpoint load_checkpoint(const std::filesystem::path& path) const {
-    if (detail::safetensors::is_safetensors_path(path)) return SafetensorsCheckpointIO{}.load_checkpoint(path);
-    // Python's torch.save (OrderedDict state dicts, Lightning's fabric.save): fabric's restricted unpickler.
-    if (detail::is_python_torch_file(path)) return TorchCheckpointIO{}.load_checkpoint(path);
-    return NativeCheckpointIO{}.load_checkpoint(path);
-  }
-  /// Removes the checkpoint at path.
-  void remove_checkpoint(const std::filesystem::path& path) const { NativeCheckpointIO{}.remove_checkpoint(path); }
-};
+/// The formats save, load and load_raw use when the strategy names none, in this order:
+/// fabric::SafetensorsCheckpointIO for `*.safetensors`, fabric::TorchCheckpointIO (PyTorch's torch.save
+/// format) for `*.ckpt`, `*.pt`, `*.pth` and for reading Python's files, and fabric::NativeCheckpointIO for
+/// `*.fabric` and every other path. Add a format with a fabric::FormatList of one's own.
+using AutoCheckpointIO = FormatList<SafetensorsCheckpointIO, TorchCheckpointIO, NativeCheckpointIO>;
 
 }  // namespace fabric

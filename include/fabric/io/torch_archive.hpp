@@ -1,6 +1,7 @@
 #pragma once
 // Loading files written by LibTorch's own torch::save(module, path) and torch::save(optimizer, path)
-// (`Fabric::load_raw`), with the same name, shape and type checks as fabric's checkpoints.
+// (`Fabric::load_raw` through fabric::NativeCheckpointIO), with the same name, shape and type checks as
+// fabric's checkpoints.
 
 #include "fabric/core/concepts.hpp"
 #include "fabric/core/error.hpp"
@@ -154,44 +155,19 @@ inline void load_raw_optimizer(const std::filesystem::path& path, torch::optim::
   }
 }
 
-/// Loads a module's or an optimizer's state (or that of their set-up wrappers) from a torch::save file.
-template <class T>
-void load_raw(const std::filesystem::path& path, T& target, bool strict) {
-  // A file of Python's torch.save (a state_dict, an optimizer.state_dict()): fabric's restricted reader.
-  if (const auto python = read_python_file(path)) {
-    // NOTE: fabric's own checkpoints are torch pickles too; they carry fabric's marker entry.
-    if (python->isGenericDict() && python->toGenericDict().contains("__fabric__")) {
-      raise(
-          "expected a file written by torch::save or Python's torch.save at {}, found a fabric checkpoint (written "
-          "by fabric.save); use load for fabric checkpoints",
-          path.string());
-    }
-    if constexpr (is_fabric_module_v<T>) {
-      load_python_module(path, *python, *target, strict);
-    } else if constexpr (is_fabric_optimizer_v<T>) {
-      load_python_optimizer(path, *python, *target);
-    } else if constexpr (ModuleLike<T>) {
-      load_python_module(path, *python, module_ref(target), strict);
-    } else if constexpr (std::is_base_of_v<torch::optim::Optimizer, T>) {
-      load_python_optimizer(path, *python, target);
-    }
-    if constexpr (is_fabric_module_v<T> || is_fabric_optimizer_v<T> || ModuleLike<T> ||
-                  std::is_base_of_v<torch::optim::Optimizer, T>) {
-      return;
-    }
-  }
-  if constexpr (is_fabric_module_v<T>) {
-    load_raw_module(path, *target, strict);
-  } else if constexpr (is_fabric_optimizer_v<T>) {
-    load_raw_optimizer(path, *target);
-  } else if constexpr (ModuleLike<T>) {
-    load_raw_module(path, module_ref(target), strict);
-  } else if constexpr (std::is_base_of_v<torch::optim::Optimizer, T>) {
-    load_raw_optimizer(path, target);
-  } else {
-    static_assert(dependent_false_v<T>,
-                  "fabric: load_raw loads a module or an optimizer; pass one of them (or its setup wrapper)");
-  }
+/// load_raw of NativeCheckpointIO: a module from a file of LibTorch's torch::save, or from a torch pickle
+/// without fabric's marker through the restricted reader (Python's torch.save); a fabric checkpoint is
+/// refused with "use load".
+inline void load_raw_file(const std::filesystem::path& path, torch::nn::Module& module, bool strict) {
+  if (const auto python = read_python_file(path)) return load_raw_python(path, *python, module, strict);
+  load_raw_module(path, module, strict);
+}
+
+/// load_raw of NativeCheckpointIO: an optimizer from a file of LibTorch's torch::save, or from a Python
+/// optimizer.state_dict() through the restricted reader.
+inline void load_raw_file(const std::filesystem::path& path, torch::optim::Optimizer& optimizer) {
+  if (const auto python = read_python_file(path)) return load_raw_python(path, *python, optimizer);
+  load_raw_optimizer(path, optimizer);
 }
 
 }  // namespace fabric::detail

@@ -267,7 +267,16 @@ class Builder {
             t.storage->key, flat.numel());
     }
     if (empty && t.offset > flat.numel()) raise("an empty tensor starts past its storage \"{}\"", t.storage->key);
-    return flat.as_strided(t.size, t.stride, t.offset);
+    if (!t.requires_grad) return flat.as_strided(t.size, t.stride, t.offset);
+    // NOTE: as Python's _rebuild_tensor_v2: a leaf over the storage (a view cannot take requires_grad).
+    if (!at::isFloatingType(flat.scalar_type()) && !at::isComplexType(flat.scalar_type())) {
+      raise("a tensor of storage \"{}\" requires grad but is of {}; only floating point tensors can", t.storage->key,
+            c10::toString(flat.scalar_type()));
+    }
+    at::Tensor leaf = at::empty({0}, flat.options());
+    leaf.set_(flat.storage(), t.offset, t.size, t.stride);
+    leaf.set_requires_grad(true);
+    return leaf;
   }
 
   const pickle::ZipArchive& zip_;
@@ -331,8 +340,8 @@ inline c10::IValue optimizer_to_python(const std::string& key, const c10::impl::
   if (type.find("LBFGS") != std::string::npos) {
     raise(
         "state entry \"{}\": an LBFGS keeps whole-model state that PyTorch's LBFGS lays out differently, so "
-        "TorchCheckpointIO cannot write it for Python; save it with fabric's native format (a path without "
-        "TorchCheckpointIO)",
+        "TorchCheckpointIO cannot write it for Python; save it in fabric's native format (a path ending in "
+        "\".fabric\", or fabric::NativeCheckpointIO given to the strategy)",
         key);
   }
   const at::Tensor blob = entry.at("archive").toTensor().contiguous();
@@ -397,6 +406,23 @@ inline c10::IValue optimizer_to_python(const std::string& key, const c10::impl::
   c10::impl::GenericDict out(c10::StringType::get(), c10::AnyType::get());
   out.insert("state", state);
   out.insert("param_groups", groups);
+  return out;
+}
+
+/// A list of lists of integers as LibTorch types it (List[List[int]]); the unpickler gives lists of
+/// anything. A value of another shape is returned as it is (load reports it).
+inline c10::IValue int_lists(const c10::IValue& v) {
+  if (!v.isList()) return v;
+  c10::impl::GenericList out(c10::ListType::ofInts());
+  for (const c10::IValue inner : v.toList()) {
+    if (!inner.isList()) return v;
+    c10::List<std::int64_t> ints;
+    for (const c10::IValue i : inner.toList()) {
+      if (!i.isInt()) return v;
+      ints.push_back(i.toInt());
+    }
+    out.push_back(ints);
+  }
   return out;
 }
 
@@ -575,6 +601,7 @@ class PickleWriter {
 
   void tensor(const at::Tensor& input) {
     if (!input.defined()) raise("cannot write an undefined tensor for Python; give it a value or leave it out");
+    const bool requires_grad = input.requires_grad();
     at::Tensor t = input.detach();
     if (t.layout() != at::kStrided || t.is_quantized()) raise("cannot write a sparse or quantized tensor for Python");
     if (!t.device().is_cpu()) t = t.cpu();
@@ -607,7 +634,7 @@ class PickleWriter {
     w_.integer(t.storage_offset());
     ints(t.sizes());
     ints(t.strides());
-    w_.boolean(false);
+    w_.boolean(requires_grad);
     w_.global("collections", "OrderedDict");
     w_.empty_tuple();
     w_.reduce();
@@ -774,6 +801,29 @@ inline void load_python_optimizer(const std::filesystem::path& path, const c10::
   }
 }
 
+/// Refuses a fabric checkpoint given to load_raw (it carries fabric's marker entry): load reads those.
+inline void refuse_fabric_checkpoint_in_load_raw(const std::filesystem::path& path, const c10::IValue& value) {
+  // NOTE: fabric's own checkpoints are torch pickles too; they carry fabric's marker entry.
+  if (value.isGenericDict() && value.toGenericDict().contains("__fabric__")) {
+    raise(
+        "expected a file written by torch::save or Python's torch.save at {}, found a fabric checkpoint (written "
+        "by fabric.save); use load for fabric checkpoints",
+        path.string());
+  }
+}
+/// load_raw of a module from the value of a torch.save file (a state_dict).
+inline void load_raw_python(const std::filesystem::path& path, const c10::IValue& value, torch::nn::Module& module,
+                            bool strict) {
+  refuse_fabric_checkpoint_in_load_raw(path, value);
+  load_python_module(path, value, module, strict);
+}
+/// load_raw of an optimizer from the value of a torch.save file (an optimizer.state_dict()).
+inline void load_raw_python(const std::filesystem::path& path, const c10::IValue& value,
+                            torch::optim::Optimizer& optimizer) {
+  refuse_fabric_checkpoint_in_load_raw(path, value);
+  load_python_optimizer(path, value, optimizer);
+}
+
 }  // namespace detail
 
 /// Checkpoints in Python's torch.save format, readable by Python with
@@ -792,10 +842,18 @@ class TorchCheckpointIO {
   void save_checkpoint(const Checkpoint& checkpoint, const std::filesystem::path& path) const {
     c10::impl::GenericDict root(c10::StringType::get(), c10::AnyType::get());
     std::map<std::string, std::string> kinds = entry_kinds(checkpoint);
+    // What PyTorch's layout has no place for (the optimizer's LibTorch type and its parameters' shapes,
+    // which load checks first) goes into fabric's marker entry.
+    c10::impl::GenericDict optimizers(c10::StringType::get(), c10::AnyType::get());
     for (const auto& item : checkpoint) {
       const std::string& key = item.key().toStringRef();
       c10::IValue value = item.value();
       if (kinds[key] == "optimizer" && value.isGenericDict() && value.toGenericDict().contains("archive")) {
+        c10::impl::GenericDict extra(c10::StringType::get(), c10::AnyType::get());
+        for (const char* name : {"type", "shapes"}) {
+          if (value.toGenericDict().contains(name)) extra.insert(name, value.toGenericDict().at(name));
+        }
+        optimizers.insert(key, extra);
         try {
           value = detail::torch_pickle::optimizer_to_python(key, value.toGenericDict());
         } catch (const c10::Error& e) {
@@ -805,6 +863,11 @@ class TorchCheckpointIO {
         }
       }
       root.insert(key, value);
+    }
+    if (!optimizers.empty() && root.contains("__fabric__") && root.at("__fabric__").isGenericDict()) {
+      c10::impl::GenericDict marker = root.at("__fabric__").toGenericDict().copy();
+      marker.insert_or_assign("optimizers", optimizers);
+      root.insert_or_assign("__fabric__", marker);
     }
     std::vector<char> bytes;
     try {
@@ -830,12 +893,32 @@ class TorchCheckpointIO {
           path.string(), detail::describe(value));
     }
     Checkpoint checkpoint(c10::StringType::get(), c10::AnyType::get());
+    // This format's files keep each optimizer's LibTorch type and parameter shapes in the marker.
+    c10::impl::GenericDict optimizers(c10::StringType::get(), c10::AnyType::get());
+    const auto root = value.toGenericDict();
+    if (root.contains("__fabric__") && root.at("__fabric__").isGenericDict()) {
+      const auto marker = root.at("__fabric__").toGenericDict();
+      if (marker.contains("optimizers") && marker.at("optimizers").isGenericDict()) {
+        optimizers = marker.at("optimizers").toGenericDict();
+      }
+    }
     try {
-      for (const auto& item : value.toGenericDict()) {
+      for (const auto& item : root) {
         const std::string& key = item.key().toStringRef();
         c10::IValue v = item.value();
         if (detail::torch_pickle::is_python_optimizer(v)) {
-          v = detail::torch_pickle::optimizer_from_python(key, v.toGenericDict());
+          auto entry = detail::torch_pickle::optimizer_from_python(key, v.toGenericDict()).toGenericDict();
+          if (optimizers.contains(key) && optimizers.at(key).isGenericDict()) {
+            for (const auto& extra : optimizers.at(key).toGenericDict()) {
+              entry.insert(extra.key(),
+                           extra.key() == "shapes" ? detail::torch_pickle::int_lists(extra.value()) : extra.value());
+            }
+          }
+          v = entry;
+        } else if (key == "__fabric__" && v.isGenericDict() && v.toGenericDict().contains("optimizers")) {
+          auto marker = v.toGenericDict().copy();
+          marker.erase("optimizers");
+          v = marker;
         }
         checkpoint.insert(key, v);
       }
@@ -851,6 +934,31 @@ class TorchCheckpointIO {
     std::error_code ec;
     std::filesystem::remove_all(path, ec);
     if (ec) detail::raise("could not remove the checkpoint {}: {}", path.string(), ec.message());
+  }
+
+  /// Claims the paths a Lightning user expects torch.save's format at: `*.ckpt`, `*.pt` and `*.pth`.
+  bool claims(const std::filesystem::path& path) const {
+    const auto ext = path.extension();
+    return ext == ".ckpt" || ext == ".pt" || ext == ".pth";
+  }
+  /// Recognises files of Python's torch.save (zip or legacy) and this format's, by their pickle: LibTorch's
+  /// own (fabric's native checkpoints) tag their containers with torch.jit._pickle globals.
+  bool recognises(const std::filesystem::path& path) const {
+    if (file_head(path, 1).empty()) return false;
+    try {
+      return detail::is_python_torch_file(path);
+    } catch (const Error&) {
+      return false;
+    }
+  }
+  /// Loads a module from a Python state_dict file (names, shapes checked first); a fabric checkpoint is
+  /// refused (use load).
+  void load_raw(const std::filesystem::path& path, torch::nn::Module& module, bool strict) const {
+    detail::load_raw_python(path, read(path), module, strict);
+  }
+  /// Loads an optimizer from a Python optimizer.state_dict() file (groups, type and shapes checked first).
+  void load_raw(const std::filesystem::path& path, torch::optim::Optimizer& optimizer, bool /*strict*/) const {
+    detail::load_raw_python(path, read(path), optimizer);
   }
 
   /// Reads any torch.save file into a value (a state_dict, an optimizer state_dict, ...), through the

@@ -85,7 +85,7 @@ class DDP : public ParallelStrategy {
     CommHook comm_hook = CommHook::none;
     /// Where the processes come from; default: detected in Lightning's order (fabric::AutoEnvironment).
     AnyEnvironment cluster_environment{};
-    /// The checkpoint format of save and load; empty: fabric::NativeCheckpointIO.
+    /// The checkpoint format of save and load; empty: fabric::AutoCheckpointIO (by the path).
     AnyCheckpointIO checkpoint_io{};
   };
   /// What the strategy keeps per set-up module.

@@ -161,7 +161,7 @@ struct ParallelOptions {
   std::chrono::milliseconds timeout = std::chrono::minutes(30);
   /// Where the processes come from; default: detected in Lightning's order (fabric::AutoEnvironment).
   AnyEnvironment cluster_environment{};
-  /// The checkpoint format of save and load; empty: fabric::NativeCheckpointIO.
+  /// The checkpoint format of save and load; empty: fabric::AutoCheckpointIO (by the path).
   AnyCheckpointIO checkpoint_io{};
 };
 

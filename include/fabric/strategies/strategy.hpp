@@ -233,7 +233,7 @@ consteval bool check_strategy() {
 
 /// Settings every strategy takes.
 struct StrategyOptions {
-  /// The checkpoint format of save and load; empty: fabric::AutoCheckpointIO, by the extension.
+  /// The checkpoint format of save and load; empty: fabric::AutoCheckpointIO (by the path).
   AnyCheckpointIO checkpoint_io{};
 };
 
@@ -370,11 +370,25 @@ class StrategyBase {
   State load_checkpoint(const std::filesystem::path& path, State& state, bool strict) {
     return detail::load_state(read_checkpoint(path), path, state, strict);
   }
-  /// Loads a module or an optimizer from a file of torch::save.
+  /// Loads a module or an optimizer (or its set-up wrapper) from a file written elsewhere: through the
+  /// checkpoint format when it recognises the file and has load_raw, else through fabric::AutoCheckpointIO.
   template <class T>
   void load_raw(const std::filesystem::path& path, T& target, bool strict) {
-    detail::safetensors::is_safetensors_path(path) ? detail::safetensors::load_raw(path, target, strict)
-                                                   : detail::load_raw(path, target, strict);
+    auto load = [&](auto& raw) {
+      if (!checkpoint_io_.load_raw(path, raw, strict)) AutoCheckpointIO{}.load_raw(path, raw, strict);
+    };
+    if constexpr (detail::is_fabric_module_v<T>) {
+      load(static_cast<torch::nn::Module&>(*target));
+    } else if constexpr (detail::is_fabric_optimizer_v<T>) {
+      load(static_cast<torch::optim::Optimizer&>(*target));
+    } else if constexpr (ModuleLike<T>) {
+      load(static_cast<torch::nn::Module&>(detail::module_ref(target)));
+    } else if constexpr (std::is_base_of_v<torch::optim::Optimizer, T>) {
+      load(static_cast<torch::optim::Optimizer&>(target));
+    } else {
+      static_assert(detail::dependent_false_v<T>,
+                    "fabric: load_raw loads a module or an optimizer; pass one of them (or its setup wrapper)");
+    }
   }
   /// Removes a checkpoint through the format.
   void remove_checkpoint(const std::filesystem::path& path) {

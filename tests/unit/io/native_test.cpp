@@ -14,9 +14,11 @@
 #include <catch2/matchers/catch_matchers_string.hpp>
 
 #include <fcntl.h>
+#include <linux/capability.h>
 #include <signal.h>
 #include <sys/file.h>
 #include <sys/resource.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -107,7 +109,7 @@ struct Small {
   fabric::Fabric<fabric::CPU> fabric;
   fabric::NativeCheckpointIO io;
   TempDir dir;
-  fs::path path = dir / "small.ckpt";
+  fs::path path = dir / "small.fabric";
   torch::nn::Linear net{torch::nn::LinearOptions(4, 3)};
   torch::optim::SGD sgd{net->parameters(), torch::optim::SGDOptions(0.1).momentum(0.9)};
   std::vector<char> bytes;
@@ -135,7 +137,7 @@ TEST_CASE("load refuses every truncation of a checkpoint with fabric::Error", "[
     REQUIRE_THROWS_AS(fabric::detail::check_torch_zip(s.bytes.data(), n, "cut"), fabric::Error);
   }
   // Through the file (every length near the end, where the directory is; every 13th elsewhere).
-  const fs::path cut = s.dir / "cut.ckpt";
+  const fs::path cut = s.dir / "cut.fabric";
   for (std::size_t n = 1; n<s.bytes.size(); n += n + 400> s.bytes.size() || n < 100 ? 1 : 13) {
     INFO("cut at " << n << " of " << s.bytes.size() << " bytes");
     write_bytes(cut, s.bytes, n);
@@ -168,7 +170,7 @@ TEST_CASE("load_raw refuses every truncation of a torch::save file with fabric::
 TEST_CASE("load refuses random bytes and zip-like noise with fabric::Error", "[checkpoint][malformed]") {
   Small s;
   std::mt19937 rng(14);
-  const fs::path noise_path = s.dir / "noise.ckpt";
+  const fs::path noise_path = s.dir / "noise.fabric";
   std::vector<char> noise(64 * 1024);
   for (int round = 0; round < 40; ++round) {
     const std::size_t size = round == 0 ? noise.size() : 1 + rng() % noise.size();
@@ -188,7 +190,7 @@ TEST_CASE("load refuses a zip whose entries point past the end or overlap", "[ch
   Small s;
   const std::size_t dir = directory_offset(s.bytes);
   REQUIRE(le32(s.bytes, dir) == 0x02014b50U);
-  const fs::path bad = s.dir / "bad.ckpt";
+  const fs::path bad = s.dir / "bad.fabric";
   auto refused = [&](std::vector<char> b) {
     write_bytes(bad, b);
     return error_of([&] { (void)s.io.load_checkpoint(bad); });
@@ -232,7 +234,7 @@ TEST_CASE("load refuses a zip whose entries point past the end or overlap", "[ch
 TEST_CASE("bit flips in the central directory are refused or load the same values", "[checkpoint][malformed]") {
   Small s;
   const std::size_t dir = directory_offset(s.bytes);
-  const fs::path flipped = s.dir / "flipped.ckpt";
+  const fs::path flipped = s.dir / "flipped.fabric";
   int refused = 0;
   int same = 0;
   for (std::size_t byte = dir; byte < s.bytes.size(); ++byte) {
@@ -257,7 +259,7 @@ TEST_CASE("bit flips in the central directory are refused or load the same value
 TEST_CASE("200 single bit flips anywhere: each refused naming what, or the same values", "[checkpoint][malformed]") {
   Small s;
   std::mt19937 rng(200);
-  const fs::path flipped = s.dir / "flipped.ckpt";
+  const fs::path flipped = s.dir / "flipped.fabric";
   int refused = 0;
   int same = 0;
   for (int i = 0; i < 200; ++i) {
@@ -290,7 +292,7 @@ TEST_CASE("a corrupt tensor is named by its checkpoint key", "[checkpoint][malfo
   REQUIRE(at != s.bytes.end());
   auto b = s.bytes;
   b[static_cast<std::size_t>(at - s.bytes.begin()) + 17] ^= 0x10;
-  const fs::path bad = s.dir / "bad.ckpt";
+  const fs::path bad = s.dir / "bad.fabric";
   write_bytes(bad, b);
   const std::string msg = error_of([&] { (void)s.io.load_checkpoint(bad); });
   CHECK_THAT(msg, ContainsSubstring("the tensor \"model/weight\""));
@@ -322,7 +324,7 @@ TEST_CASE("load refuses a tensor larger than the bytes stored for it", "[checkpo
   }
   REQUIRE(entry != std::string_view::npos);
   std::memcpy(bytes.data() + entry + 16, &crc, 4);
-  const fs::path path = dir / "big.ckpt";
+  const fs::path path = dir / "big.fabric";
   write_bytes(path, bytes);
   CHECK_THAT(error_of([&] { (void)fabric::NativeCheckpointIO{}.load_checkpoint(path); }),
              ContainsSubstring("larger than the bytes stored for it"));
@@ -337,7 +339,7 @@ TEST_CASE("a malformed optimizer archive inside a checkpoint with valid checksum
   const at::Tensor blob = optimizer.at("archive").toTensor();
   optimizer.insert_or_assign("archive", blob.slice(0, 0, blob.numel() / 2).clone());
   root.insert_or_assign("optimizer", optimizer);
-  const fs::path bad = s.dir / "bad_optimizer.ckpt";
+  const fs::path bad = s.dir / "bad_optimizer.fabric";
   s.io.save_checkpoint(root, bad);
   torch::nn::Linear net(4, 3);
   torch::optim::SGD sgd(net->parameters(), torch::optim::SGDOptions(0.1).momentum(0.9));
@@ -357,12 +359,12 @@ TEST_CASE("save stores checksums that load verifies and removes", "[checkpoint]"
   CHECK(sums.at("tensors").toIntVector().size() == 3);  // weight, bias, the optimizer's archive
   fabric::Checkpoint reserved(c10::StringType::get(), c10::AnyType::get());
   reserved.insert("__fabric_checksums__", 1);
-  CHECK_THAT(error_of([&] { s.io.save_checkpoint(reserved, s.dir / "r.ckpt"); }), ContainsSubstring("reserves"));
+  CHECK_THAT(error_of([&] { s.io.save_checkpoint(reserved, s.dir / "r.fabric"); }), ContainsSubstring("reserves"));
   // A changed value with a stale checksum (a writer that rewrote the pickle but not the sums).
   auto changed = raw.copy();
   changed.insert_or_assign("step", 8);
   const auto bytes = torch::pickle_save(changed);
-  const fs::path path = s.dir / "changed.ckpt";
+  const fs::path path = s.dir / "changed.fabric";
   write_bytes(path, std::vector<char>(bytes.begin(), bytes.end()));
   CHECK_THAT(error_of([&] { (void)s.io.load_checkpoint(path); }), ContainsSubstring("metadata"));
 }
@@ -373,7 +375,7 @@ TEST_CASE("files without fabric's checksums are checked by their zip CRC-32", "[
   plain.insert("t", torch::arange(64, torch::kFloat32));
   auto bytes = torch::pickle_save(plain);
   const auto archive = fabric::detail::check_torch_zip(bytes.data(), bytes.size(), "x");
-  const fs::path path = dir / "plain.ckpt";
+  const fs::path path = dir / "plain.fabric";
   write_bytes(path, std::vector<char>(bytes.begin(), bytes.end()));
   CHECK(torch::equal(fabric::NativeCheckpointIO{}.load_checkpoint(path).at("t").toTensor(), torch::arange(64.0)));
   for (const auto& entry : archive.entries) {
@@ -434,13 +436,13 @@ pid_t dead_pid() {
 TEST_CASE("save and load remove the temporaries of dead writers, not those of live ones", "[checkpoint]") {
   fabric::Fabric<fabric::CPU> fabric;
   TempDir dir;
-  const fs::path path = dir / "t.ckpt";
+  const fs::path path = dir / "t.fabric";
   auto stale = [&](pid_t pid, int n) {
-    const fs::path tmp = dir / fmt::format("t.ckpt.tmp-{}-{}", pid, n);
+    const fs::path tmp = dir / fmt::format("t.fabric.tmp-{}-{}", pid, n);
     std::ofstream(tmp) << "half a checkpoint";
     return tmp;
   };
-  const fs::path other = dir / "u.ckpt.tmp-1-0";  // another file's temporary stays
+  const fs::path other = dir / "u.fabric.tmp-1-0";  // another file's temporary stays
   std::ofstream(other) << "x";
   const fs::path dead = stale(dead_pid(), 0);
   fabric.save(path, {{"step", 1}});
@@ -455,7 +457,7 @@ TEST_CASE("save and load remove the temporaries of dead writers, not those of li
   REQUIRE(::pipe(ready) == 0);
   const pid_t writer = ::fork();
   if (writer == 0) {
-    const fs::path tmp = dir / fmt::format("t.ckpt.tmp-{}-0", ::getpid());
+    const fs::path tmp = dir / fmt::format("t.fabric.tmp-{}-0", ::getpid());
     const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT, 0644);
     ::flock(fd, LOCK_EX);
     (void)::write(ready[1], "1", 1);
@@ -464,7 +466,7 @@ TEST_CASE("save and load remove the temporaries of dead writers, not those of li
   }
   char c = 0;
   REQUIRE(::read(ready[0], &c, 1) == 1);
-  const fs::path live = dir / fmt::format("t.ckpt.tmp-{}-0", writer);
+  const fs::path live = dir / fmt::format("t.fabric.tmp-{}-0", writer);
   fabric.save(path, {{"step", 2}});
   CHECK(fs::exists(live));
   ::kill(writer, SIGKILL);
@@ -480,13 +482,13 @@ TEST_CASE("writers killed with SIGKILL at random moments: the previous checkpoin
           "[checkpoint]") {
   fabric::Fabric<fabric::CPU> fabric;
   TempDir dir;
-  const fs::path path = dir / "killed.ckpt";
+  const fs::path path = dir / "killed.fabric";
   // Built before fork: the child only pickles and writes.
   const torch::Tensor big = torch::full({4'000'000}, 0.5F);  // 16 MB
   fabric.save(path, {{"generation", 0}, {"blob", torch::zeros({8})}});
   std::mt19937 rng(50);
   int interrupted = 0;
-  for (int kill = 0; kill < 30; ++kill) {
+  for (int kill = 0; kill < 50; ++kill) {
     const pid_t pid = ::fork();
     REQUIRE(pid >= 0);
     if (pid == 0) {
@@ -501,7 +503,7 @@ TEST_CASE("writers killed with SIGKILL at random moments: the previous checkpoin
     int status = 0;
     REQUIRE(::waitpid(pid, &status, 0) == pid);
     REQUIRE(WIFSIGNALED(status));
-    if (!temporaries(dir.path(), "killed.ckpt").empty()) ++interrupted;
+    if (!temporaries(dir.path(), "killed.fabric").empty()) ++interrupted;
     INFO("kill " << kill);
     const auto loaded = fabric.load(path);  // the previous checkpoint, whole
     const auto blob = loaded.at("blob").get<torch::Tensor>();
@@ -510,12 +512,12 @@ TEST_CASE("writers killed with SIGKILL at random moments: the previous checkpoin
     } else {
       CHECK(torch::equal(blob, big));
     }
-    CHECK(temporaries(dir.path(), "killed.ckpt").empty());  // the load removed the dead writer's file
+    CHECK(temporaries(dir.path(), "killed.fabric").empty());  // the load removed the dead writer's file
   }
-  INFO(interrupted << " of 30 kills left a temporary file behind");
+  INFO(interrupted << " of 50 kills left a temporary file behind");
   CHECK(interrupted > 0);
   fabric.save(path, {{"generation", -1}});
-  CHECK(temporaries(dir.path(), "killed.ckpt").empty());
+  CHECK(temporaries(dir.path(), "killed.fabric").empty());
   CHECK(fabric.load(path).at("generation").get<std::int64_t>() == -1);
 }
 
@@ -535,7 +537,7 @@ TEST_CASE("a failed save says whether a previous checkpoint is untouched", "[che
     ::setrlimit(RLIMIT_FSIZE, &old_limit);
     return msg;
   };
-  const fs::path fresh = dir / "new" / "folder" / "c.ckpt";
+  const fs::path fresh = dir / "new" / "folder" / "c.fabric";
   const std::string first = failing_save(fresh);
   CHECK_THAT(first, ContainsSubstring("no checkpoint was written at " + fresh.string()));
   CHECK_THAT(first, !ContainsSubstring("untouched"));
@@ -545,7 +547,71 @@ TEST_CASE("a failed save says whether a previous checkpoint is untouched", "[che
   CHECK_THAT(second, ContainsSubstring("the previous checkpoint at " + fresh.string() + " is untouched"));
   ::signal(SIGXFSZ, old_handler);
   CHECK(fabric.load(fresh).at("step").get<std::int64_t>() == 1);
-  CHECK(temporaries(fresh.parent_path(), "c.ckpt").empty());
+  CHECK(temporaries(fresh.parent_path(), "c.fabric").empty());
+}
+
+namespace {
+
+/// Drops the capabilities that let root write where permissions forbid (CAP_DAC_OVERRIDE,
+/// CAP_DAC_READ_SEARCH, CAP_FOWNER) from this thread's effective set and raises them again at the end
+/// (they stay permitted); nothing changes for a user who lacks them.
+class WithoutPermissionOverride {
+ public:
+  WithoutPermissionOverride() {
+    if (::syscall(SYS_capget, &header_, saved_) != 0) return;
+    __user_cap_data_struct dropped[2] = {saved_[0], saved_[1]};
+    dropped[0].effective &= ~((1U << CAP_DAC_OVERRIDE) | (1U << CAP_DAC_READ_SEARCH) | (1U << CAP_FOWNER));
+    active_ = ::syscall(SYS_capset, &header_, dropped) == 0;
+  }
+  ~WithoutPermissionOverride() {
+    if (active_) ::syscall(SYS_capset, &header_, saved_);
+  }
+  WithoutPermissionOverride(const WithoutPermissionOverride&) = delete;
+  WithoutPermissionOverride& operator=(const WithoutPermissionOverride&) = delete;
+
+ private:
+  __user_cap_header_struct header_{_LINUX_CAPABILITY_VERSION_3, 0};
+  __user_cap_data_struct saved_[2]{};
+  bool active_ = false;
+};
+
+}  // namespace
+
+TEST_CASE("saving into a directory without write permission says so; the previous checkpoint is untouched",
+          "[checkpoint]") {
+  fabric::Fabric<fabric::CPU> fabric;
+  TempDir dir;
+  const fs::path folder = dir / "read-only";
+  const fs::path path = folder / "c.fabric";
+  fabric.save(path, {{"step", 1}});
+  fs::permissions(folder, fs::perms::owner_read | fs::perms::owner_exec | fs::perms::group_read |
+                              fs::perms::group_exec | fs::perms::others_read | fs::perms::others_exec);
+  std::string existing;
+  std::string fresh;
+  bool writable = false;
+  {
+    // NOTE: root ignores permissions; without its override capabilities the mode binds root too.
+    WithoutPermissionOverride guard;
+    const fs::path probe = folder / "probe";
+    const int fd = ::open(probe.c_str(), O_WRONLY | O_CREAT | O_EXCL, 0644);
+    writable = fd >= 0;
+    if (fd >= 0) {
+      ::close(fd);
+      ::unlink(probe.c_str());
+    }
+    existing = error_of([&] { fabric.save(path, {{"step", 2}}); });
+    fresh = error_of([&] { fabric.save(folder / "sub" / "d.fabric", {{"step", 2}}); });
+  }
+  fs::permissions(folder, fs::perms::owner_all);
+  REQUIRE_FALSE(writable);  // the directory was read-only for this process, root or not
+  CHECK_THAT(existing, ContainsSubstring("Permission denied"));
+  CHECK_THAT(existing, ContainsSubstring("check that the directory is writable"));
+  CHECK_THAT(existing, ContainsSubstring("the previous checkpoint at " + path.string() + " is untouched"));
+  CHECK_THAT(fresh, ContainsSubstring("could not create the directory " + (folder / "sub").string()));
+  CHECK_THAT(fresh, ContainsSubstring("ermission denied"));
+  CHECK(fabric.load(path).at("step").get<std::int64_t>() == 1);
+  CHECK(temporaries(folder, "c.fabric").empty());
+  CHECK_FALSE(fs::exists(folder / "sub"));
 }
 
 TEST_CASE("zip64 archives (as torch writes files over 4 GB) pass the validator and load", "[checkpoint]") {

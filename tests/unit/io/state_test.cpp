@@ -716,7 +716,7 @@ TEST_CASE("load reports missing, empty, truncated and foreign files as fabric::E
   Net net;
   torch::optim::AdamW adamw(net->parameters(), torch::optim::AdamWOptions(1e-2));
   train(net, adamw, batches(1, 1));
-  const fs::path good = dir / "good.ckpt";
+  const fs::path good = dir / "good.fabric";  // the native format, whose damage this checks
   fabric.save(good, {{"model", net}, {"optimizer", adamw}, {"epoch", 4}});
   const std::vector<char> bytes = bytes_of(good);
   REQUIRE(bytes.size() > 1000);
@@ -1086,13 +1086,13 @@ TEST_CASE("LBFGS: options round trip; LibTorch cannot serialize its state after 
   torch::manual_seed(20);
   torch::nn::Linear net(4, 2);
   torch::optim::LBFGS lbfgs(net->parameters(), torch::optim::LBFGSOptions(0.1).max_iter(3).history_size(7));
-  fabric.save(dir / "lbfgs.ckpt", {{"model", net}, {"optimizer", lbfgs}});
+  fabric.save(dir / "lbfgs.fabric", {{"model", net}, {"optimizer", lbfgs}});
   torch::save(lbfgs, (dir / "lbfgs.pt").string());
 
   torch::nn::Linear net2(4, 2);
   torch::optim::LBFGS lbfgs2(net2->parameters(), torch::optim::LBFGSOptions(0.5));
   fabric::State state{{"model", net2}, {"optimizer", lbfgs2}};
-  fabric.load(dir / "lbfgs.ckpt", state);
+  fabric.load(dir / "lbfgs.fabric", state);
   CHECK(lbfgs2.param_groups()[0].options().get_lr() == 0.1);
   CHECK(static_cast<torch::optim::LBFGSOptions&>(lbfgs2.param_groups()[0].options()).history_size() == 7);
   torch::optim::LBFGS lbfgs3(net2->parameters(), torch::optim::LBFGSOptions(0.5));
@@ -1108,10 +1108,10 @@ TEST_CASE("LBFGS: options round trip; LibTorch cannot serialize its state after 
     loss.backward();
     return loss;
   });
-  const std::string msg = error_of([&] { fabric.save(dir / "lbfgs.ckpt", {{"optimizer", lbfgs}}); });
+  const std::string msg = error_of([&] { fabric.save(dir / "lbfgs.fabric", {{"optimizer", lbfgs}}); });
   CHECK_THAT(msg, ContainsSubstring("\"optimizer\""));
   CHECK_THAT(msg, ContainsSubstring("LBFGS"));
-  CHECK(fabric.load(dir / "lbfgs.ckpt").contains("model"));
+  CHECK(fabric.load(dir / "lbfgs.fabric").contains("model"));
 }
 
 TEST_CASE("edge values round trip exactly", "[checkpoint]") {

@@ -340,16 +340,171 @@ TEST_CASE("TorchCheckpointIO's own files load back exactly and continue training
   for (const auto& [name, p] : params_of(a.model2)) CHECK(torch::equal(p, params_of(b.model2).at(name)));
 }
 
+namespace {
+
+/// A Stateful object whose state nests lists, tuples, dictionaries, tensors and plain values.
+struct Nested {
+  c10::IValue value;
+  fabric::StateDict state_dict() const {
+    auto d = fabric::make_state_dict();
+    d.insert("value", value);
+    return d;
+  }
+  void load_state_dict(const fabric::StateDict& d) { value = d.at("value"); }
+};
+
+c10::IValue nested_value() {
+  c10::impl::GenericDict inner(c10::StringType::get(), c10::AnyType::get());
+  inner.insert("t", torch::arange(4, torch::kInt32));
+  inner.insert("flag", false);
+  inner.insert("none", c10::IValue());
+  c10::impl::GenericDict outer(c10::StringType::get(), c10::AnyType::get());
+  outer.insert("ints", c10::List<std::int64_t>({1, 2, 3}));
+  outer.insert("pair", c10::ivalue::Tuple::create({c10::IValue(1.5), c10::IValue(std::string("a"))}));
+  outer.insert("inner", inner);
+  c10::impl::GenericList list(c10::AnyType::get());
+  list.push_back(c10::IValue(std::string("x")));
+  list.push_back(c10::IValue(torch::ones({2})));
+  outer.insert("list", list);
+  return outer;
+}
+
+/// Every kind of state fabric saves, trained a little: the model, an optimizer of each LibTorch type
+/// PyTorch has too, an LR scheduler, a grad scaler, the random states, a nested Stateful and values.
+struct EveryKind {
+  torch::nn::Sequential model = python_model();
+  torch::optim::SGD sgd{model->parameters(), torch::optim::SGDOptions(0.1).momentum(0.9).nesterov(true)};
+  torch::optim::Adam adam{model->parameters(), torch::optim::AdamOptions(0.01).amsgrad(true)};
+  torch::optim::AdamW adamw{model->parameters(), torch::optim::AdamWOptions(0.01).weight_decay(0.1)};
+  torch::optim::Adagrad adagrad{model->parameters(), torch::optim::AdagradOptions(0.05).lr_decay(0.01)};
+  torch::optim::RMSprop rmsprop{model->parameters(), torch::optim::RMSpropOptions(0.01).momentum(0.5).centered(true)};
+  torch::optim::StepLR scheduler{sgd, 2, 0.5};
+  fabric::GradScaler scaler{{.init_scale = 512.0, .growth_interval = 3}};
+  Nested nested;
+  std::int64_t step = 0;
+  double loss = 0.0;
+  bool done = false;
+  std::string name;
+  at::Tensor tensor;
+
+  fabric::State state() {
+    return {{"model", model},
+            {"sgd", sgd},
+            {"adam", adam},
+            {"adamw", adamw},
+            {"adagrad", adagrad},
+            {"rmsprop", rmsprop},
+            {"scheduler", scheduler},
+            {"scaler", scaler},
+            {"rng", fabric::RngState{}},
+            {"nested", nested},
+            {"step", std::ref(step)},
+            {"loss", std::ref(loss)},
+            {"done", std::ref(done)},
+            {"name", std::ref(name)},
+            {"tensor", std::ref(tensor)}};
+  }
+  void train() {
+    for (auto* o : std::vector<torch::optim::Optimizer*>{&sgd, &adam, &adamw, &adagrad, &rmsprop}) {
+      o->zero_grad();
+      model->forward(input()).pow(2).sum().backward();
+      o->step();
+    }
+    scheduler.step();
+  }
+};
+
+}  // namespace
+
+TEST_CASE("every kind of state round trips through .ckpt (PyTorch's format, the default there) as through .fabric",
+          "[torch_pickle]") {
+  for (const char* extension : {".ckpt", ".pt", ".pth", ".fabric"}) {
+    DYNAMIC_SECTION(extension) {
+      TempDir tmp;
+      const auto path = tmp / (std::string("every") + extension);
+      fabric::Fabric<fabric::CPU> fabric;
+      torch::manual_seed(4);
+      EveryKind a;
+      a.train();
+      a.train();
+      (void)a.scaler.scale(torch::ones({}));  // the scale tensor exists
+      a.nested.value = nested_value();
+      a.step = 41;
+      a.loss = 0.125;
+      a.done = true;
+      a.name = "every";
+      a.tensor = torch::tensor({1.0, -2.0}, torch::kFloat64);
+      fabric.save(path, a.state());
+      CHECK(fabric::TorchCheckpointIO{}.recognises(path) == (std::string_view(extension) != ".fabric"));
+      const double drawn = torch::rand({1}).item<double>();
+
+      torch::manual_seed(5);
+      EveryKind b;
+      auto b_state = b.state();
+      CHECK(fabric.load(path, b_state).empty());
+      CHECK(torch::rand({1}).item<double>() == drawn);  // the random states came back
+      CHECK(b.step == 41);
+      CHECK(b.loss == 0.125);
+      CHECK(b.done);
+      CHECK(b.name == "every");
+      CHECK(torch::equal(b.tensor, a.tensor));
+      CHECK(b.tensor.scalar_type() == torch::kFloat64);
+      CHECK(b.scaler.get_scale() == 512.0);
+      CHECK(b.scaler.state_dict().at("growth_interval").toInt() == 3);
+      CHECK(b.sgd.param_groups()[0].options().get_lr() == a.sgd.param_groups()[0].options().get_lr());
+      const auto nested = b.nested.value.toGenericDict();
+      CHECK(nested.at("ints").toList().size() == 3);
+      CHECK(nested.at("ints").toList().get(2).toInt() == 3);
+      const auto pair = nested.at("pair").toTupleRef().elements();
+      CHECK(pair.size() == 2);
+      CHECK(pair[0].toDouble() == 1.5);
+      CHECK(pair[1].toStringRef() == "a");
+      const auto inner = nested.at("inner").toGenericDict();
+      CHECK(torch::equal(inner.at("t").toTensor(), torch::arange(4, torch::kInt32)));
+      CHECK_FALSE(inner.at("flag").toBool());
+      CHECK(inner.at("none").isNone());
+      CHECK(nested.at("list").toList().get(0).toStringRef() == "x");
+      CHECK(torch::equal(nested.at("list").toList().get(1).toTensor(), torch::ones({2})));
+      // Every optimizer continues as the original does.
+      for (const auto& [key, p] : params_of(a.model)) CHECK(torch::equal(p, params_of(b.model).at(key)));
+      a.train();
+      b.train();
+      for (const auto& [key, p] : params_of(a.model)) CHECK(torch::equal(p, params_of(b.model).at(key)));
+      CHECK(b.sgd.param_groups()[0].options().get_lr() == a.sgd.param_groups()[0].options().get_lr());
+    }
+  }
+}
+
+TEST_CASE("what PyTorch's format cannot hold is refused at save naming the entry and .fabric", "[torch_pickle]") {
+  TempDir tmp;
+  fabric::Fabric<fabric::CPU> fabric;
+  auto model = python_model();
+  torch::optim::LBFGS lbfgs(model->parameters(), torch::optim::LBFGSOptions(0.1));
+  const auto path = tmp / "lbfgs.ckpt";
+  fabric.save(path, {{"step", 1}});
+  try {
+    fabric.save(path, {{"model", model}, {"quasi_newton", lbfgs}});
+    FAIL("no error");
+  } catch (const fabric::Error& e) {
+    CHECK_THAT(e.what(), ContainsSubstring("\"quasi_newton\""));
+    CHECK_THAT(e.what(), ContainsSubstring("LBFGS"));
+    CHECK_THAT(e.what(), ContainsSubstring(".fabric"));
+  }
+  CHECK(fabric.load(path).at("step").get<std::int64_t>() == 1);  // nothing was written
+  fabric.save(tmp / "lbfgs.fabric", {{"model", model}, {"quasi_newton", lbfgs}});
+  CHECK(fabric.load(tmp / "lbfgs.fabric").contains("quasi_newton"));
+}
+
 TEST_CASE("the default format tells Python's files from fabric's native ones", "[torch_pickle]") {
   TempDir tmp;
   Run a;
   fabric::Fabric<fabric::CPU> native;
-  native.save(tmp / "native.ckpt", {{"model", a.model}, {"optimizer", a.adamw}});
+  native.save(tmp / "native.fabric", {{"model", a.model}, {"optimizer", a.adamw}});
   auto bytes = [](const std::filesystem::path& p) {
     std::ifstream in(p, std::ios::binary);
     return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
   };
-  CHECK_FALSE(fabric::detail::torch_pickle::is_python_torch_bytes(bytes(tmp / "native.ckpt")));
+  CHECK_FALSE(fabric::detail::torch_pickle::is_python_torch_bytes(bytes(tmp / "native.fabric")));
   for (const char* file : {"state_dict.pt", "fabric_adamw.ckpt", "lightning_adamw.ckpt", "legacy.pt"}) {
     CHECK(fabric::detail::torch_pickle::is_python_torch_bytes(bytes(fixtures / file)));
   }
@@ -364,12 +519,12 @@ TEST_CASE("TorchCheckpointIO reads fabric's native checkpoints", "[torch_pickle]
   Run a;
   train_step(a.model, a.adamw);
   fabric::Fabric<fabric::CPU> native;
-  native.save(tmp / "native.ckpt", {{"model", a.model},
-                                    {"optimizer", a.adamw},
-                                    {"values", fabric::StateEntry(c10::IValue(c10::List<std::int64_t>({1, 2})))}});
+  native.save(tmp / "native.fabric", {{"model", a.model},
+                                      {"optimizer", a.adamw},
+                                      {"values", fabric::StateEntry(c10::IValue(c10::List<std::int64_t>({1, 2})))}});
   Run b;
   auto fabric = torch_fabric();
-  (void)fabric.load(tmp / "native.ckpt", {{"model", b.model}, {"optimizer", b.adamw}});
+  (void)fabric.load(tmp / "native.fabric", {{"model", b.model}, {"optimizer", b.adamw}});
   for (const auto& [name, p] : params_of(a.model)) CHECK(torch::equal(p, params_of(b.model).at(name)));
   CHECK(b.adamw.state().size() == a.adamw.state().size());
 }

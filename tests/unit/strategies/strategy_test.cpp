@@ -15,6 +15,8 @@
 
 #include <cmath>
 #include <filesystem>
+#include <fstream>
+#include <iterator>
 #include <map>
 #include <memory>
 #include <optional>
@@ -242,6 +244,89 @@ TEST_CASE("save and load go through the strategy's CheckpointIO", "[strategy][ch
     CHECK(counting->removes == 1);
     CHECK_FALSE(std::filesystem::exists(dir / "a.ckpt"));
   }
+}
+
+namespace {
+
+/// A format of one's own in the list: `*.tagged` files, a magic line and then a torch pickle.
+struct Tagged {
+  static constexpr std::string_view magic = "TAGGED\n";
+  bool claims(const std::filesystem::path& p) const { return p.extension() == ".tagged"; }
+  bool recognises(const std::filesystem::path& p) const { return fabric::file_head(p, magic.size()) == magic; }
+  void save_checkpoint(const fabric::Checkpoint& c, const std::filesystem::path& p) const {
+    const std::vector<char> bytes = torch::jit::pickle_save(c);
+    std::ofstream out(p, std::ios::binary);
+    out << magic;
+    out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+  }
+  fabric::Checkpoint load_checkpoint(const std::filesystem::path& p) const {
+    std::ifstream in(p, std::ios::binary);
+    std::vector<char> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    bytes.erase(bytes.begin(), bytes.begin() + static_cast<std::ptrdiff_t>(magic.size()));
+    return torch::jit::pickle_load(bytes).toGenericDict();
+  }
+  void remove_checkpoint(const std::filesystem::path& p) const { std::filesystem::remove(p); }
+  void load_raw(const std::filesystem::path& p, torch::nn::Module& module, bool /*strict*/) const {
+    const auto model = load_checkpoint(p).at("model").toGenericDict();
+    torch::NoGradGuard no_grad;
+    for (auto& item : module.named_parameters()) item.value().copy_(model.at(item.key()).toTensor());
+    ++*raw_loads;
+  }
+  std::shared_ptr<int> raw_loads = std::make_shared<int>(0);
+};
+
+}  // namespace
+
+TEST_CASE("a format of one's own joins the list of fabric's formats for save, load and load_raw",
+          "[strategy][checkpoint][custom]") {
+  static_assert(fabric::ListedFormat<Tagged>);
+  static_assert(!fabric::ListedFormat<InMemory>);  // no claims / recognises: a plain CheckpointIO only
+  using Formats = fabric::FormatList<Tagged, fabric::SafetensorsCheckpointIO, fabric::TorchCheckpointIO,
+                                     fabric::NativeCheckpointIO>;
+  fabric_test::TempDir dir("format-list");
+  Tagged tagged;
+  fabric::Fabric<fabric::CPU> fabric({}, fabric::SingleDevice({.checkpoint_io = Formats(tagged, {}, {}, {})}),
+                                     fabric::FP32{});
+  Net net;
+  fabric.save(dir / "a.tagged", {{"model", net}, {"step", 1}});
+  fabric.save(dir / "b.ckpt", {{"model", net}, {"step", 2}});
+  fabric.save(dir / "c.fabric", {{"model", net}, {"step", 3}});
+  fabric.save(dir / "d.safetensors", {{"model", net}, {"step", 4}});
+  fabric.save(dir / "e.bin", {{"model", net}, {"step", 5}});
+  // Each path went to the format that claims it; the last (native) took the one nobody claims.
+  CHECK(fabric::file_head(dir / "a.tagged", 7) == "TAGGED\n");
+  CHECK(fabric::TorchCheckpointIO{}.recognises(dir / "b.ckpt"));
+  CHECK(fabric::TorchCheckpointIO::read(dir / "b.ckpt").toGenericDict().at("step").toInt() == 2);
+  CHECK_FALSE(fabric::TorchCheckpointIO{}.recognises(dir / "c.fabric"));
+  CHECK(fabric::NativeCheckpointIO{}.load_checkpoint(dir / "c.fabric").at("step").toInt() == 3);
+  CHECK(fabric::SafetensorsCheckpointIO{}.load_checkpoint(dir / "d.safetensors").contains("model"));
+  CHECK_FALSE(fabric::TorchCheckpointIO{}.recognises(dir / "e.bin"));
+  CHECK(fabric::NativeCheckpointIO{}.load_checkpoint(dir / "e.bin").at("step").toInt() == 5);
+  int step = 1;
+  for (const char* name : {"a.tagged", "b.ckpt", "c.fabric", "d.safetensors", "e.bin"}) {
+    INFO(name);
+    CHECK(fabric.load(dir / name).at("step").get<int>() == step++);
+  }
+  // The file is what counts when reading: a tagged file under another name is still the user's format.
+  std::filesystem::copy_file(dir / "a.tagged", dir / "tagged.ckpt");
+  CHECK(fabric.load(dir / "tagged.ckpt").at("step").get<int>() == 1);
+  // load_raw goes to the format that recognises the file, the user's included.
+  Net other;
+  CHECK_FALSE(torch::equal(other->fc->weight, net->fc->weight));
+  fabric.load_raw(dir / "a.tagged", other);
+  CHECK(*tagged.raw_loads == 1);
+  CHECK(torch::equal(other->fc->weight, net->fc->weight));
+  Net from_python;
+  torch::save(net, (dir / "net.pt").string());  // LibTorch's archive: the native format's load_raw
+  fabric.load_raw(dir / "net.pt", from_python);
+  CHECK(torch::equal(from_python->fc->weight, net->fc->weight));
+  CHECK(*tagged.raw_loads == 1);
+  // Without the list the tagged file is nobody's: the native format, last, says what it found.
+  fabric::Fabric<fabric::CPU> plain;
+  CHECK_THROWS_AS(plain.load(dir / "a.tagged"), fabric::Error);
+  CHECK_THROWS_AS(plain.load_raw(dir / "a.tagged", other), fabric::Error);
+  fabric.strategy().remove_checkpoint(dir / "a.tagged");
+  CHECK_FALSE(std::filesystem::exists(dir / "a.tagged"));
 }
 
 TEST_CASE("a logger that derives from nothing is adapted by as_logger", "[loggers][custom]") {
