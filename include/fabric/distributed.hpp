@@ -10,6 +10,7 @@
 
 #include "fabric/fabric.hpp"
 #include "fabric/strategies/ddp.hpp"
+#include "fabric/strategies/fsdp.hpp"
 #include "fabric/strategies/environments/detect.hpp"
 #include "fabric/strategies/environments/environment.hpp"
 #include "fabric/strategies/environments/kubeflow.hpp"

@@ -815,14 +815,14 @@ TEST_CASE("16-mixed and a user's subclass of it under DDP on the CPU", "[precisi
 // Lightning left out: tests_fabric/plugins/precision/test_xla.py::test_selected_dtype - XLA/TPU: fabric has no XLA accelerator
 // Lightning left out: tests_fabric/plugins/precision/test_xla.py::test_teardown - XLA/TPU: fabric has no XLA accelerator
 // Lightning left out: tests_fabric/plugins/precision/test_xla_integration.py::test_xla_precision - XLA/TPU: fabric has no XLA accelerator
-// Lightning left out: tests_fabric/plugins/precision/test_fsdp.py::test_fsdp_precision_config - fabric has no FSDP strategy yet (issue 18)
-// Lightning left out: tests_fabric/plugins/precision/test_fsdp.py::test_module_init_context - fabric has no FSDP strategy yet (issue 18)
-// Lightning left out: tests_fabric/plugins/precision/test_fsdp.py::test_fsdp_precision_default_scaler - fabric has no FSDP strategy yet (issue 18)
-// Lightning left out: tests_fabric/plugins/precision/test_fsdp.py::test_fsdp_precision_scaler_with_bf16 - fabric has no FSDP strategy yet (issue 18)
-// Lightning left out: tests_fabric/plugins/precision/test_fsdp.py::test_fsdp_precision_forward_context_f16 - fabric has no FSDP strategy yet (issue 18)
-// Lightning left out: tests_fabric/plugins/precision/test_fsdp.py::test_fsdp_precision_forward_context_bf16 - fabric has no FSDP strategy yet (issue 18)
-// Lightning left out: tests_fabric/plugins/precision/test_fsdp.py::test_fsdp_precision_backward - fabric has no FSDP strategy yet (issue 18)
-// Lightning left out: tests_fabric/plugins/precision/test_fsdp.py::test_fsdp_precision_optimizer_step_with_scaler - fabric has no FSDP strategy yet (issue 18)
-// Lightning left out: tests_fabric/plugins/precision/test_fsdp.py::test_fsdp_precision_optimizer_step_without_scaler - fabric has no FSDP strategy yet (issue 18)
-// Lightning left out: tests_fabric/plugins/precision/test_fsdp.py::test_invalid_precision_with_fsdp_precision - fabric has no FSDP strategy yet (issue 18)
-// Lightning left out: tests_fabric/plugins/precision/test_fsdp.py::test_convert_module - fabric has no FSDP strategy yet (issue 18)
+// Lightning left out: tests_fabric/plugins/precision/test_fsdp.py::test_fsdp_precision_config - Lightning's FSDPPrecision builds torch's MixedPrecision(param/reduce/buffer dtype) for FSDP's wrapper; fabric has no FSDP precision plugin: fabric::FSDP runs under the Fabric's own precision policy (autocast, fp32 shards), trained in tests/dist/fsdp_worker.cpp
+// Lightning left out: tests_fabric/plugins/precision/test_fsdp.py::test_module_init_context - FSDPPrecision's init context; fabric has no FSDP precision plugin: init_module under FSDP is the precision policy's own (see this file's init_module tests)
+// Lightning left out: tests_fabric/plugins/precision/test_fsdp.py::test_fsdp_precision_default_scaler - FSDPPrecision's ShardedGradScaler; fabric::FSDP refuses 16-mixed with sharded gradients (each process would check only its shard for infinities): see tests/unit/strategies/fsdp_test.cpp
+// Lightning left out: tests_fabric/plugins/precision/test_fsdp.py::test_fsdp_precision_scaler_with_bf16 - FSDPPrecision's scaler argument; fabric's BF16Mixed has no scaler by type, and fabric has no FSDP precision plugin
+// Lightning left out: tests_fabric/plugins/precision/test_fsdp.py::test_fsdp_precision_forward_context_f16 - FSDPPrecision's forward context; fabric::FSDP uses the precision policy's forward_context, tested in this file for 16-mixed
+// Lightning left out: tests_fabric/plugins/precision/test_fsdp.py::test_fsdp_precision_forward_context_bf16 - FSDPPrecision's forward context; fabric::FSDP uses the precision policy's forward_context, tested in this file for bf16-mixed
+// Lightning left out: tests_fabric/plugins/precision/test_fsdp.py::test_fsdp_precision_backward - FSDPPrecision's backward; fabric::FSDP runs backward through the precision policy (ParallelStrategy::backward), tested in this file
+// Lightning left out: tests_fabric/plugins/precision/test_fsdp.py::test_fsdp_precision_optimizer_step_with_scaler - FSDPPrecision's ShardedGradScaler step; fabric::FSDP refuses 16-mixed with sharded gradients: see tests/unit/strategies/fsdp_test.cpp
+// Lightning left out: tests_fabric/plugins/precision/test_fsdp.py::test_fsdp_precision_optimizer_step_without_scaler - FSDPPrecision's step; fabric::FSDP steps through the precision policy's optimizer_step, tested in this file
+// Lightning left out: tests_fabric/plugins/precision/test_fsdp.py::test_invalid_precision_with_fsdp_precision - FSDPPrecision rejects precision strings; fabric's precisions are types, checked at compile time
+// Lightning left out: tests_fabric/plugins/precision/test_fsdp.py::test_convert_module - FSDPPrecision's convert_module; fabric::FSDP takes the module as the precision policy converted it (convert_module tests in this file)

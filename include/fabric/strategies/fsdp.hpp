@@ -1,0 +1,1196 @@
+#pragma once
+// fabric::FSDP: fully sharded data parallel over c10d (Lightning's "fsdp"): the parameters, gradients and
+// optimizer state split across the processes (ZeRO-3, FULL_SHARD), the gradients and optimizer state only
+// (ZeRO-2, SHARD_GRAD_OP), or nothing (NO_SHARD, DDP's memory). Parameters are sharded per unit: the modules
+// of the types in Options::units (declared with FABRIC_UNIT, whose forward runs the strategy's hooks), and
+// the root unit of the parameters outside them.
+
+#include "fabric/core/error.hpp"
+#include "fabric/core/options.hpp"
+#include "fabric/detail/archive.hpp"
+#include "fabric/detail/c10d.hpp"
+#include "fabric/io/sharded.hpp"
+#include "fabric/io/state.hpp"
+#include "fabric/io/torch_pickle.hpp"
+#include "fabric/strategies/parallel.hpp"
+#include "fabric/utils/apply.hpp"
+#include "fabric/utils/clip.hpp"
+#include "fabric/wrappers/unit.hpp"
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/scalar_tensor.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
+#include <c10/core/GradMode.h>
+#include <c10/core/StorageImpl.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/function_hook.h>
+#include <torch/csrc/autograd/variable.h>
+#include <torch/nn/module.h>
+#include <torch/optim/optimizer.h>
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <exception>
+#include <filesystem>
+#include <map>
+#include <memory>
+#include <optional>
+#include <sstream>
+#include <string>
+#include <string_view>
+#include <unordered_map>
+#include <unordered_set>
+#include <utility>
+#include <vector>
+
+namespace fabric {
+
+/// What FSDP splits across the processes (PyTorch's ShardingStrategy, Lightning's `sharding_strategy`).
+enum class ShardingStrategy {
+  /// Parameters, gradients and optimizer state sharded (ZeRO-3): a unit's parameters are gathered for its
+  /// forward and its backward and freed after each; at rest every process holds only its shards.
+  FULL_SHARD,
+  /// Gradients and optimizer state sharded, parameters whole on every process (ZeRO-2).
+  SHARD_GRAD_OP,
+  /// Nothing sharded: gradients all-reduced, every process steps every parameter (DDP's memory).
+  NO_SHARD,
+};
+
+namespace detail {
+
+/// One parameter of a unit: where it lies in the unit's flat buffer and the part of it this process steps.
+struct FSDPParam {
+  at::Tensor param;       ///< the module's parameter, a view into the unit's flat buffer
+  std::string name;       ///< its name in the module
+  std::int64_t offset{};  ///< its first element in the flat buffer
+  std::int64_t numel{};
+  at::Tensor piece;         ///< the leaf the optimizer steps: this process's elements of it, a view of the shard
+  std::int64_t begin{};     ///< the first element of the parameter (flattened) that the piece holds
+  std::int64_t in_shard{};  ///< where the piece starts in the shard
+};
+
+/// Parameters flattened into one padded buffer, split in equal shards, one per process.
+struct FSDPUnit {
+  std::string name;
+  std::vector<FSDPParam> params;
+  at::Tensor flat;       ///< all parameters, padded to world * shard_size elements
+  at::Tensor shard;      ///< this process's shard_size elements (own storage; the pieces view it)
+  std::int64_t total{};  ///< elements of the parameters, without padding
+  std::int64_t shard_size{};
+  bool gathered = true;   ///< the flat buffer holds the parameters (else its storage has no bytes)
+  bool done = false;      ///< this backward reduced (or skipped) the unit's gradients already
+  std::size_t ready = 0;  ///< parameters whose gradient this backward has accumulated
+  std::vector<std::shared_ptr<torch::autograd::Node>> accumulators;  ///< kept alive: they carry the hooks
+  struct FSDPModule* owner = nullptr;
+  std::shared_ptr<torch::nn::Module> module;  ///< the unit's module (null for the root unit)
+  std::shared_ptr<UnitHook> hook;             ///< installed on the unit's module
+};
+
+/// Gives a storage `bytes` new bytes from its allocator, or takes them all (bytes = 0), without a
+/// tensor operation: the version counters of the tensors viewing it stay (autograd saved the parameters)
+/// and their views follow the storage. The same StorageImpl members in LibTorch 1.13 and 2.x.
+inline void resize_storage(const at::Tensor& tensor, std::size_t bytes) {
+  c10::StorageImpl* storage = tensor.storage().unsafeGetStorageImpl();
+  if (bytes == 0) {
+    storage->set_data_ptr_noswap(at::DataPtr(nullptr, tensor.device()));
+  } else {
+    storage->set_data_ptr_noswap(storage->allocator()->allocate(bytes));
+  }
+  storage->set_nbytes(bytes);
+}
+
+/// What FSDP keeps per set-up module.
+struct FSDPModule {
+  std::vector<std::shared_ptr<FSDPUnit>> units;
+  /// The set-up module (to find it among a checkpoint's entries).
+  const torch::nn::Module* module = nullptr;
+  /// Gradients are reduced at the next backward (false inside no_backward_sync).
+  bool sync = true;
+  /// A forward with gradients ran since the last reduction.
+  bool pending = false;
+};
+
+}  // namespace detail
+
+/// Fully sharded data parallel: like DDP one process per device, but each process keeps only its shard
+/// of the gradients and of the optimizer state (SHARD_GRAD_OP, ZeRO-2), so that their memory divides by
+/// the number of processes. The parameters of the model are flattened into one padded buffer; after
+/// backward the gradients are reduce-scattered (averaged) into each process's shard, the optimizer steps
+/// only the shard (its param_groups are rewritten at setup to hold the shard's part of each parameter),
+/// and the updated shards are all-gathered into every process's parameters. Any model works as it is.
+///
+///     fabric::Fabric<fabric::CUDA, fabric::FSDP> fabric{{.devices = 4}};
+///     fabric.launch();
+///     auto [model, optimizer] = fabric.setup(net, adamw);   // or setup_module, then setup_optimizers
+class FSDP : public ParallelStrategy {
+ public:
+  static constexpr std::string_view name = "fsdp";
+  static constexpr bool needs_wrapped_forward = true;
+
+  /// Settings of the strategy (Lightning's FSDPStrategy arguments that C++ can honour).
+  struct Options {
+    /// What is sharded (Lightning's default: everything).
+    ShardingStrategy sharding_strategy = ShardingStrategy::FULL_SHARD;
+    /// The module types whose instances are sharded as units (Lightning's `auto_wrap_policy={Block}`):
+    /// `fabric::module_types<BlockImpl>()`; their types must be declared with FABRIC_UNIT. Empty: the whole
+    /// model is one unit.
+    ModuleTypes units{};
+    /// The c10d backend ("gloo", "nccl"); empty: gloo for the CPU, nccl for CUDA.
+    std::string process_group_backend{};
+    /// How long collectives and the rendezvous wait for the other processes.
+    std::chrono::milliseconds timeout = std::chrono::minutes(30);
+    /// Where the processes come from; default: detected in Lightning's order (fabric::AutoEnvironment).
+    AnyEnvironment cluster_environment{};
+    /// How save writes a checkpoint with a set-up module: "sharded" (a directory, one file per process and
+    /// the metadata; loads into any number of processes) or "full" (one file of torch.save's format that rank
+    /// 0 writes, which one-device fabric, Python and Lightning load).
+    std::string state_dict_type = "sharded";
+    /// The checkpoint format of save and load for checkpoints without set-up modules; empty:
+    /// fabric::NativeCheckpointIO.
+    AnyCheckpointIO checkpoint_io{};
+  };
+  /// What the strategy keeps per set-up module.
+  struct ModuleState {
+    std::shared_ptr<detail::FSDPModule> fsdp{};
+  };
+
+  FSDP() : FSDP(Options{}) {}
+  /// Creates the strategy with settings, e.g. `FSDP({.sharding_strategy = fabric::ShardingStrategy::NO_SHARD})`.
+  explicit FSDP(Options options)
+      : ParallelStrategy({.process_group_backend = options.process_group_backend,
+                          .timeout = options.timeout,
+                          .cluster_environment = options.cluster_environment,
+                          .checkpoint_io = options.checkpoint_io}),
+        options_(std::move(options)) {}
+
+  /// Checks the settings, then reads the cluster environment for the topology.
+  void setup_environment(const fabric::Options& options) {
+    if (options_.state_dict_type != "sharded" && options_.state_dict_type != "full") {
+      detail::raise("FSDP: unknown state_dict_type \"{}\"; expected \"sharded\" or \"full\"", options_.state_dict_type);
+    }
+    ParallelStrategy::setup_environment(options);
+  }
+  /// Returns the settings.
+  const Options& options() const noexcept { return options_; }
+  /// Says whether gradients and optimizer state are sharded (not NO_SHARD).
+  bool sharded() const noexcept { return options_.sharding_strategy != ShardingStrategy::NO_SHARD; }
+  /// Says whether the parameters are sharded too (FULL_SHARD).
+  bool full_shard() const noexcept { return options_.sharding_strategy == ShardingStrategy::FULL_SHARD; }
+
+  FSDP(FSDP&&) noexcept = default;
+  FSDP& operator=(FSDP&&) noexcept = default;
+  ~FSDP() { teardown(); }
+
+  /// Verifies the module is the same on every rank, broadcasts rank 0's parameters and buffers, and
+  /// flattens the parameters that require grad into the unit's padded buffer (the parameters become views
+  /// of it; their identity, and so an optimizer's references, stay).
+  template <class M>
+  ModuleState setup_module(M& module) {
+    auto& pg = group("setup");
+    auto state = std::make_shared<detail::FSDPModule>();
+    state->module = &module;
+    std::string description;
+    for (const auto& item : module.named_parameters(true)) {
+      description += fmt::format("parameter \"{}\" of shape {} ({})\n", item.key(), detail::shape_str(item->sizes()),
+                                 c10::toString(item->scalar_type()));
+    }
+    std::vector<at::Tensor> buffers;
+    for (const auto& b : module.named_buffers(true)) {
+      if (!b->defined()) continue;
+      description += fmt::format("buffer \"{}\" of shape {} ({})\n", b.key(), detail::shape_str(b->sizes()),
+                                 c10::toString(b->scalar_type()));
+      buffers.push_back(b->detach());
+    }
+    verify_same_model(description);
+
+    // NOTE: innermost units first (named_modules lists a parent before its children), so that a unit's
+    // parameters are those outside the units it holds; the root unit takes what no unit took.
+    std::vector<detail::PolicyUnit> found;
+    if (options_.sharding_strategy != ShardingStrategy::NO_SHARD) {
+      found = detail::policy_units(module, options_.units, "FSDP");
+    }
+    std::reverse(found.begin(), found.end());
+    std::unordered_set<const void*> claimed;
+    std::vector<at::Tensor> others;  // parameters that do not train: broadcast as they are
+    auto make_unit = [&](const std::string& name, torch::nn::Module& root, const std::string& prefix) {
+      auto unit = std::make_shared<detail::FSDPUnit>();
+      unit->name = name;
+      unit->owner = state.get();
+      for (const auto& item : root.named_parameters(true)) {
+        const at::Tensor& p = item.value();
+        if (!claimed.insert(p.unsafeGetTensorImpl()).second) continue;
+        const std::string full = prefix.empty() ? item.key() : prefix + "." + item.key();
+        if (!p.requires_grad()) {
+          others.push_back(p.detach());
+          continue;
+        }
+        if (const auto it = by_param_.find(p.unsafeGetTensorImpl());
+            it != by_param_.end() && !it->second.unit.expired()) {
+          detail::raise(
+              "FSDP: parameter \"{}\" is already part of a module set up with this strategy; set up a module once, "
+              "and modules that share no parameters",
+              full);
+        }
+        if (!unit->params.empty() && (p.scalar_type() != unit->params.front().param.scalar_type() ||
+                                      p.device() != unit->params.front().param.device())) {
+          detail::raise(
+              "FSDP: expected the parameters of {} on one device with one dtype, found \"{}\" ({}, {}) and \"{}\" "
+              "({}, {}); convert the module to one dtype and device before setup",
+              unit->name, unit->params.front().name, c10::toString(unit->params.front().param.scalar_type()),
+              unit->params.front().param.device().str(), full, c10::toString(p.scalar_type()), p.device().str());
+        }
+        detail::FSDPParam fp;
+        fp.param = p;
+        fp.name = full;
+        fp.offset = unit->total;
+        fp.numel = p.numel();
+        unit->total += fp.numel;
+        unit->params.push_back(std::move(fp));
+      }
+      return unit;
+    };
+    std::vector<std::shared_ptr<detail::FSDPUnit>> units;
+    for (const auto& u : found) {
+      auto unit =
+          make_unit(fmt::format("unit `{}`", u.path.empty() ? "(the model itself)" : u.path), *u.module, u.path);
+      unit->module = u.module;
+      if (!unit->params.empty()) units.push_back(std::move(unit));
+    }
+    auto root = make_unit("the root module", module, "");
+    if (!root->params.empty()) units.push_back(std::move(root));
+    if (units.empty()) {
+      detail::raise("FSDP: expected a module with parameters that require grad, found none; nothing would be trained");
+    }
+    std::vector<at::Tensor> sync;
+    for (const auto& unit : units) {
+      flatten(*unit);
+      sync.push_back(unit->flat);
+    }
+    sync.insert(sync.end(), others.begin(), others.end());
+    sync.insert(sync.end(), buffers.begin(), buffers.end());
+    collective("setup", [&] { c10d::broadcast_coalesced(pg, sync, kBroadcastBucketBytes, 0); });
+    for (const auto& unit : units) {
+      make_shard(unit);
+      for (auto& fp : unit->params) by_param_.insert_or_assign(fp.param.unsafeGetTensorImpl(), Slot{unit, &fp});
+      if (sharded()) install_hooks(unit);
+      if (full_shard()) free_parameters(*unit);
+      state->units.push_back(unit);
+    }
+    modules_.push_back(state);
+    return ModuleState{std::move(state)};
+  }
+
+  /// Rewrites the optimizer's param_groups to hold, for each parameter of a set-up module, the part of it
+  /// that this process steps (SHARD_GRAD_OP; NO_SHARD keeps the parameters). Refuses an optimizer that
+  /// holds a parameter no set-up module has, or that has stepped already.
+  template <class O>
+  void setup_optimizer(O& optimizer) {
+    torch::optim::Optimizer& opt = optimizer;
+    std::size_t index = 0;
+    for (auto& group : opt.param_groups()) {
+      for (auto& p : group.params()) {
+        const auto it = by_param_.find(p.unsafeGetTensorImpl());
+        if (it == by_param_.end() || it->second.unit.expired()) {
+          if (pieces_.count(p.unsafeGetTensorImpl()) != 0) {
+            detail::raise("FSDP: this optimizer was set up already (parameter {} is a shard); set up an optimizer once",
+                          index);
+          }
+          detail::raise(
+              "FSDP: the optimizer's parameter {} (shape {}) is not a parameter of a module set up with FSDP, so "
+              "no process would hold its shard; create the optimizer over the set-up module's parameters "
+              "(model->parameters()), after or together with setup_module",
+              index, detail::shape_str(p.sizes()));
+        }
+        ++index;
+      }
+    }
+    if (!opt.state().empty()) {
+      detail::raise(
+          "FSDP: expected an optimizer that has not stepped yet, found one with state for {} parameters; FSDP shards "
+          "the optimizer state at setup: set up the optimizer before its first step",
+          opt.state().size());
+    }
+    if (!sharded()) return;
+    for (auto& group : opt.param_groups()) {
+      for (auto& p : group.params()) {
+        const auto& slot = by_param_.at(p.unsafeGetTensorImpl());
+        p = slot.param->piece;
+      }
+    }
+  }
+
+  /// Runs before each wrapped forward: FULL_SHARD gathers the root unit (the parameters outside the units),
+  /// which stays whole until its gradients are reduced in backward.
+  void pre_forward(ModuleState& state) {
+    if (!full_shard()) return;
+    for (const auto& unit : state.fsdp->units) {
+      if (!unit->module) gather_unit(*unit, "forward");
+    }
+  }
+  /// Runs after each wrapped forward: a forward with gradients makes the next backward reduce them; one
+  /// without frees the root unit again (FULL_SHARD).
+  template <class Out>
+  void post_forward(ModuleState& state, const Out& /*output*/) {
+    if (c10::GradMode::is_enabled()) {
+      state.fsdp->pending = true;
+    } else if (full_shard()) {
+      for (const auto& unit : state.fsdp->units) {
+        if (!unit->module) free_parameters(*unit);
+      }
+    }
+  }
+
+  /// The guard summon_full_params returns: the module's parameters are whole while it lives.
+  class FullParams {
+   public:
+    FullParams(FSDP& fsdp, std::shared_ptr<detail::FSDPModule> module) : fsdp_(&fsdp), module_(std::move(module)) {
+      if (!fsdp_->full_shard()) return;
+      for (const auto& unit : module_->units) fsdp_->gather_unit(*unit, "summon_full_params");
+    }
+    ~FullParams() {
+      if (fsdp_ == nullptr || !fsdp_->full_shard()) return;
+      for (const auto& unit : module_->units) fsdp_->free_parameters(*unit);
+    }
+    FullParams(FullParams&& other) noexcept
+        : fsdp_(std::exchange(other.fsdp_, nullptr)), module_(std::move(other.module_)) {}
+    FullParams& operator=(FullParams&&) = delete;
+    FullParams(const FullParams&) = delete;
+    FullParams& operator=(const FullParams&) = delete;
+
+   private:
+    FSDP* fsdp_;
+    std::shared_ptr<detail::FSDPModule> module_;
+  };
+  /// Gathers the parameters of a set-up module while the guard lives (PyTorch's `summon_full_params`), so
+  /// that they can be read outside forward: under FULL_SHARD a module at rest holds only its shards, and its
+  /// parameters must not be read otherwise. A collective: every process calls it. Changes made to the
+  /// parameters inside are lost (the shards are what the optimizer steps).
+  ///
+  ///     { auto full = fabric.strategy().summon_full_params(model.strategy_state()); print(model->fc->weight); }
+  FullParams summon_full_params(ModuleState& state) { return FullParams(*this, state.fsdp); }
+
+  /// The guard that no_backward_sync returns: while it lives, backward leaves the (unsharded) gradients
+  /// in the parameters, accumulating locally; the next synced backward reduces them.
+  class NoSyncGuard {
+   public:
+    NoSyncGuard(detail::FSDPModule& module, bool enabled) : module_(&module), previous_(module.sync) {
+      if (enabled) module.sync = false;
+    }
+    ~NoSyncGuard() {
+      if (module_ != nullptr) module_->sync = previous_;
+    }
+    NoSyncGuard(NoSyncGuard&& other) noexcept
+        : module_(std::exchange(other.module_, nullptr)), previous_(other.previous_) {}
+    NoSyncGuard& operator=(NoSyncGuard&&) = delete;
+    NoSyncGuard(const NoSyncGuard&) = delete;
+    NoSyncGuard& operator=(const NoSyncGuard&) = delete;
+
+   private:
+    detail::FSDPModule* module_;
+    bool previous_;
+  };
+  /// Returns the guard that skips the gradient reduction (when enabled) for the backward passes made
+  /// while it lives. The skipped gradients are held whole on every process until the synced backward: as
+  /// in Lightning, accumulating costs the memory of unsharded gradients.
+  NoSyncGuard no_backward_sync(ModuleState& state, bool enabled) { return NoSyncGuard(*state.fsdp, enabled); }
+
+  /// Runs backward through the precision, then reduces the gradients of every module whose forward ran
+  /// (outside no_backward_sync): averaged into each process's shard (SHARD_GRAD_OP; the whole gradients are
+  /// freed) or all-reduced (NO_SHARD). A failed reduction raises `backward failed on rank R of W`.
+  template <class P, class... Args>
+  void backward(const at::Tensor& loss, P& precision, Args&&... args) {
+    ParallelStrategy::backward(loss, precision, std::forward<Args>(args)...);
+    std::erase_if(modules_, [](const auto& m) { return m.expired(); });
+    collective("backward", [&] {
+      for (const auto& weak : modules_) {
+        const auto module = weak.lock();
+        if (!module->pending) continue;
+        // NOTE: units whose every gradient arrived were reduced (and freed) in backward by the hooks; here
+        // the rest: units with parameters the forward did not use, and (without units) the whole model.
+        for (const auto& unit : module->units) {
+          if (!unit->done) finish_unit_backward(*unit);
+          unit->done = false;
+          unit->ready = 0;
+        }
+        if (module->sync) module->pending = false;
+      }
+    });
+  }
+
+  /// Steps the optimizer through the precision on this process's shards, then all-gathers the updated
+  /// shards into every process's parameters.
+  template <class O, class P, class Closure>
+  at::Tensor optimizer_step(O& optimizer, P& precision, Closure&& closure) {
+    if constexpr (requires { P::name; }) {
+      if (P::name == std::string_view("16-mixed") && sharded()) {
+        detail::raise(
+            "FSDP: 16-mixed scales the loss and skips steps whose gradients are not finite, but with sharded "
+            "gradients each process sees only its shard and the processes could disagree; use bf16-mixed, or "
+            "sharding_strategy = NO_SHARD");
+      }
+    }
+    at::Tensor loss = precision.optimizer_step(optimizer, std::forward<Closure>(closure));
+    // NOTE: FULL_SHARD gathers the updated shards at the next forward, unit by unit.
+    if (!sharded() || full_shard()) return loss;
+    std::vector<std::shared_ptr<detail::FSDPUnit>> units;
+    const torch::optim::Optimizer& opt = optimizer;
+    for (const auto& group : opt.param_groups()) {
+      for (const auto& p : group.params()) {
+        const auto it = pieces_.find(p.unsafeGetTensorImpl());
+        if (it == pieces_.end()) continue;
+        auto unit = it->second.unit.lock();
+        if (unit && std::find(units.begin(), units.end(), unit) == units.end()) units.push_back(std::move(unit));
+      }
+    }
+    for (const auto& unit : units) gather_parameters(*unit);
+    return loss;
+  }
+
+  /// Unscales the gradients where the precision scales, then clips the gradients the optimizer holds (this
+  /// process's shards): by value, or by the norm over all processes' shards (returned, before clipping).
+  template <class M, class State, class O, class P>
+  std::optional<at::Tensor> clip_gradients(M& /*module*/, State& /*state*/, O& optimizer, P& precision,
+                                           const ClipOptions& options) {
+    precision.unscale_gradients(optimizer);
+    const auto grads = optimizer_gradients(optimizer);
+    if (options.clip_val) {
+      clip_gradients_value(grads, *options.clip_val);
+      return std::nullopt;
+    }
+    if (!sharded()) return fabric::clip_gradients(optimizer, options, device_);
+    at::NoGradGuard no_grad;
+    const double p = options.norm_type;
+    const bool inf = std::isinf(p);
+    double local = 0.0;
+    for (const auto& g : grads) {
+      if (g.numel() == 0) continue;
+      const at::Tensor v = g.detach().abs().to(at::kDouble);
+      local = inf ? std::max(local, v.max().item<double>()) : local + v.pow(p).sum().item<double>();
+    }
+    at::Tensor reduced = at::scalar_tensor(local, at::TensorOptions().dtype(at::kDouble).device(device_)).reshape({1});
+    reduced = all_reduce(reduced, inf ? ReduceOp::max : ReduceOp::sum);
+    const double norm = inf ? reduced.item<double>() : std::pow(reduced.item<double>(), 1.0 / p);
+    at::Tensor total = at::scalar_tensor(norm, at::TensorOptions().device(device_));
+    if (options.error_if_nonfinite && !std::isfinite(norm)) {
+      detail::raise(
+          "clip_gradients: the total norm of order {} of the gradients is non-finite ({}), so they cannot be "
+          "clipped; check the loss, or pass error_if_nonfinite = false",
+          p, norm);
+    }
+    const at::Tensor coef = (*options.max_norm / (total + 1e-6)).clamp_max(1.0);
+    for (auto g : grads) g.mul_(coef.to(g.device()));
+    return total;
+  }
+
+  // ---- checkpoints ----
+
+  /// Saves the state. Without a set-up module or its optimizers in it, as every parallel strategy (rank 0
+  /// writes through the checkpoint format). With them, as state_dict_type says: "sharded" writes a directory
+  /// where each process writes its shards of the parameters and of the optimizer state (PyTorch's layout,
+  /// `optimizer/state/<index>/exp_avg`) and rank 0 the rest; "full" writes one torch.save file on rank 0 (the
+  /// consolidated sharded checkpoint). Filters apply to the plain entries only.
+  void save_checkpoint(const std::filesystem::path& path, const State& state, const Filters& filters = {}) {
+    const auto found = find_entries(state);
+    if (found.modules.empty() && found.optimizers.empty()) {
+      ParallelStrategy::save_checkpoint(path, state, filters);
+      return;
+    }
+    for (const auto& [key, filter] : filters) {
+      if (found.modules.contains(key) || found.optimizers.contains(key)) {
+        detail::raise(
+            "save: FSDP saves the set-up module and optimizer \"{}\" whole; expected filters for the other "
+            "entries only, found one for \"{}\"",
+            key, key);
+      }
+    }
+    if (options_.state_dict_type == "sharded") {
+      save_sharded(path, state, filters, found);
+      return;
+    }
+    const std::filesystem::path staging = path.string() + ".fsdp-shards";
+    on_rank_zero_agreed("save", [&] {
+      std::error_code ec;
+      if (std::filesystem::is_directory(path, ec)) {
+        detail::raise(
+            "save: the path {} exists and is a directory; a full checkpoint is one file: remove the "
+            "directory or save elsewhere",
+            path.string());
+      }
+    });
+    save_sharded(staging, state, filters, found);
+    on_rank_zero_agreed("save", [&] {
+      const std::filesystem::path partial = path.string() + ".partial";
+      std::error_code ec;
+      std::filesystem::remove(partial, ec);
+      consolidate_checkpoint(staging, partial);
+      std::filesystem::rename(partial, path);
+      std::filesystem::remove_all(staging, ec);
+    });
+  }
+
+  /// Restores the state in place: from a sharded checkpoint directory (written by any number of processes)
+  /// or a full checkpoint file (torch.save's format: "full" save, one-device fabric with TorchCheckpointIO,
+  /// Python); each process reads only its shards' ranges of the set-up modules and optimizers. Returns the
+  /// entries of the checkpoint that state did not ask for. A failure on one process fails them all.
+  State load_checkpoint(const std::filesystem::path& path, State& state, bool strict) {
+    const auto found = find_entries(state);
+    if (found.modules.empty() && found.optimizers.empty()) {
+      return ParallelStrategy::load_checkpoint(path, state, strict);
+    }
+    State rest = on_all_ranks_agreed("load", [&] { return load_entries(path, state, strict, found); });
+    if (!full_shard()) {
+      for (const auto& [key, module] : found.modules) {
+        for (const auto& unit : module->units) gather_parameters(*unit, "load");
+      }
+    }
+    return rest;
+  }
+
+  /// Loads a module from a torch::save file (or a full checkpoint's state dict file) on every process: a
+  /// set-up module gathers its parameters, loads them whole and keeps its shards. An optimizer whose state
+  /// is sharded is refused (load it with load, from a checkpoint with its module).
+  template <class T>
+  void load_raw(const std::filesystem::path& path, T& target, bool strict) {
+    const torch::nn::Module* raw = nullptr;
+    const torch::optim::Optimizer* opt = nullptr;
+    if constexpr (std::is_base_of_v<torch::nn::Module, T>) {
+      raw = &target;
+    } else if constexpr (std::is_base_of_v<torch::optim::Optimizer, T>) {
+      opt = &target;
+    } else if constexpr (requires { target.module(); }) {  // the set-up wrapper
+      raw = &target.module();
+    } else if constexpr (requires { target.optimizer(); }) {
+      opt = &target.optimizer();
+    } else if constexpr (requires { target.get(); }) {  // a TORCH_MODULE holder
+      if constexpr (std::is_base_of_v<torch::nn::Module, std::remove_pointer_t<decltype(target.get())>>) {
+        raw = target.get();
+      }
+    }
+    if (opt != nullptr) {
+      for (const auto& p : detail::optimizer_params(*opt)) {
+        if (pieces_.contains(p.unsafeGetTensorImpl())) {
+          detail::raise(
+              "load_raw: loading a single optimizer object from a file is not supported with FSDP (its "
+              "state is sharded); save and load it with fabric.save / fabric.load together with its model");
+        }
+      }
+    }
+    const auto module = raw != nullptr ? module_of(raw) : nullptr;
+    if (!module) {
+      ParallelStrategy::load_raw(path, target, strict);
+      return;
+    }
+    for (const auto& unit : module->units) gather_unit(*unit, "load_raw");
+    std::exception_ptr failure;
+    try {
+      ParallelStrategy::load_raw(path, target, strict);
+    } catch (...) {
+      failure = std::current_exception();
+    }
+    at::NoGradGuard no_grad;
+    for (const auto& unit : module->units) {
+      if (full_shard() && !failure) {
+        unit->shard.copy_(unit->flat.narrow(0, global_rank() * unit->shard_size, unit->shard_size));
+      }
+      free_parameters(*unit);
+    }
+    if (failure) std::rethrow_exception(failure);
+  }
+
+  /// Removes the strategy's unit hooks, then closes the process group as every parallel strategy does.
+  /// Under FULL_SHARD a module outlives the Fabric with only its shards: save it (or read it inside
+  /// summon_full_params) before.
+  void teardown() noexcept {
+    for (const auto& weak : modules_) {
+      const auto module = weak.lock();
+      if (!module) continue;
+      for (const auto& unit : module->units) {
+        if (unit->module && unit->hook) detail::remove_unit_hook(*unit->module, *unit->hook);
+        unit->hook.reset();
+      }
+    }
+    ParallelStrategy::teardown();
+  }
+
+  /// Bytes this process holds for a set-up module, counted from its tensors: the parameters (the flat
+  /// buffers and, sharded, the shards the optimizer steps) and the gradients (whole ones left in the
+  /// parameters, the shards' averaged ones).
+  struct Memory {
+    std::int64_t parameters = 0;
+    std::int64_t gradients = 0;
+  };
+  Memory memory(const ModuleState& state) const {
+    Memory m;
+    for (const auto& unit : state.fsdp->units) {
+      m.parameters += static_cast<std::int64_t>(unit->flat.storage().nbytes());
+      if (full_shard()) m.parameters += static_cast<std::int64_t>(unit->shard.storage().nbytes());
+      for (const auto& fp : unit->params) {
+        if (fp.param.grad().defined()) m.gradients += fp.param.grad().nbytes();
+        if (fp.piece.defined() && fp.piece.grad().defined()) {
+          m.gradients += fp.piece.grad().numel() * static_cast<std::int64_t>(fp.piece.grad().element_size());
+        }
+      }
+    }
+    return m;
+  }
+
+ private:
+  static constexpr std::size_t kBroadcastBucketBytes = 250u * 1024u * 1024u;
+
+  struct Slot {
+    std::weak_ptr<detail::FSDPUnit> unit;
+    detail::FSDPParam* param;
+  };
+
+  /// Copies the unit's parameters into one flat buffer padded to a multiple of the world size and makes
+  /// each parameter a view of it.
+  void flatten(detail::FSDPUnit& unit) {
+    at::NoGradGuard no_grad;
+    const std::int64_t world = world_size();
+    unit.shard_size = (unit.total + world - 1) / world;
+    const auto& first = unit.params.front().param;
+    unit.flat = at::zeros({unit.shard_size * world}, first.options().requires_grad(false));
+    for (auto& fp : unit.params) {
+      at::Tensor view = unit.flat.narrow(0, fp.offset, fp.numel).view(fp.param.sizes());
+      view.copy_(fp.param.detach());
+      fp.param.set_data(view);
+    }
+  }
+  /// Copies this process's shard out of the flat buffer and cuts the pieces the optimizer steps.
+  void make_shard(const std::shared_ptr<detail::FSDPUnit>& owner) {
+    if (!sharded()) return;
+    auto& unit = *owner;
+    const std::weak_ptr<detail::FSDPUnit> weak = owner;
+    at::NoGradGuard no_grad;
+    const std::int64_t lo = global_rank() * unit.shard_size;
+    const std::int64_t hi = lo + unit.shard_size;
+    // NOTE: FULL_SHARD frees the flat buffer, so its shard has storage of its own; otherwise the shard is this
+    // process's part of the flat buffer (the all-gather after the step then works in place).
+    unit.shard =
+        full_shard() ? unit.flat.narrow(0, lo, unit.shard_size).clone() : unit.flat.narrow(0, lo, unit.shard_size);
+    for (auto& fp : unit.params) {
+      const std::int64_t a = std::clamp(fp.offset, lo, hi);
+      const std::int64_t b = std::clamp(fp.offset + fp.numel, lo, hi);
+      fp.begin = a - fp.offset;
+      fp.in_shard = a - lo;
+      fp.piece = unit.shard.narrow(0, a - lo, b - a).detach();
+      fp.piece.set_requires_grad(true);
+      pieces_.insert_or_assign(fp.piece.unsafeGetTensorImpl(), Slot{weak, &fp});
+    }
+  }
+
+  /// Averages the unit's gradients over the processes: into the shard's gradients (SHARD_GRAD_OP, then the
+  /// whole gradients are freed), or in place (NO_SHARD).
+  void reduce_gradients(detail::FSDPUnit& unit) {
+    at::NoGradGuard no_grad;
+    bool any = false;
+    for (const auto& fp : unit.params) any = any || fp.param.grad().defined();
+    if (!any) return;
+    at::Tensor full = at::zeros_like(unit.flat);
+    for (const auto& fp : unit.params) {
+      if (fp.param.grad().defined()) full.narrow(0, fp.offset, fp.numel).copy_(fp.param.grad().reshape({-1}));
+    }
+    const auto& pg = process_group();
+    const double world = static_cast<double>(world_size());
+    c10d::AllreduceOptions all;
+    all.reduceOp = c10d::ReduceOp::SUM;
+    all.timeout = parallel_options().timeout;
+    if (!sharded()) {
+      std::vector<at::Tensor> tensors{full};
+      wait(pg->allreduce(tensors, all), "backward");
+      full.div_(world);
+      for (auto& fp : unit.params) {
+        at::Tensor g = fp.param.mutable_grad();
+        if (g.defined()) {
+          g.copy_(full.narrow(0, fp.offset, fp.numel).view(g.sizes()));
+        } else {
+          fp.param.mutable_grad() = full.narrow(0, fp.offset, fp.numel).view(fp.param.sizes()).clone();
+        }
+      }
+      return;
+    }
+    at::Tensor reduced;
+    if (backend() == "gloo") {
+      // NOTE: Gloo of LibTorch 1.13 has no reduce_scatter: all-reduce, then keep this process's shard.
+      std::vector<at::Tensor> tensors{full};
+      wait(pg->allreduce(tensors, all), "backward");
+      reduced = full.narrow(0, global_rank() * unit.shard_size, unit.shard_size).clone();
+    } else {
+      reduced = at::empty({unit.shard_size}, full.options());
+      c10d::ReduceScatterOptions rs;
+      rs.reduceOp = c10d::ReduceOp::SUM;
+      rs.timeout = parallel_options().timeout;
+      wait(pg->_reduce_scatter_base(reduced, full), "backward");
+    }
+    full = at::Tensor();
+    reduced.div_(world);
+    for (auto& fp : unit.params) {
+      fp.param.mutable_grad() = at::Tensor();
+      at::Tensor part = reduced.narrow(0, fp.in_shard, fp.piece.numel());
+      // NOTE: gradients accumulate until the optimizer's zero_grad, as on one device.
+      if (fp.piece.grad().defined()) {
+        fp.piece.mutable_grad().add_(part);
+      } else {
+        fp.piece.mutable_grad() = part;
+      }
+    }
+  }
+
+  /// Runs a unit's hooks: gathers before its forward (and its recomputation), frees after it, and, when a
+  /// backward will follow, gathers again as the gradient of its output arrives (FULL_SHARD).
+  class UnitHook final : public detail::UnitHook {
+   public:
+    UnitHook(FSDP& fsdp, std::weak_ptr<detail::FSDPUnit> unit) : fsdp_(&fsdp), unit_(std::move(unit)) {}
+    void pre_forward(torch::nn::Module& /*module*/) override {
+      if (auto unit = unit_.lock(); unit && fsdp_->full_shard()) fsdp_->gather_unit(*unit, "forward");
+    }
+    void post_forward(torch::nn::Module& /*module*/, std::vector<at::Tensor>& outputs) override {
+      auto unit = unit_.lock();
+      if (!unit || !fsdp_->full_shard()) return;
+      fsdp_->free_parameters(*unit);
+      if (!c10::GradMode::is_enabled()) return;
+      for (auto& t : outputs) {
+        FSDP* fsdp = fsdp_;
+        std::weak_ptr<detail::FSDPUnit> weak = unit_;
+        t.register_hook([fsdp, weak](const at::Tensor& grad) {
+          if (auto u = weak.lock()) fsdp->gather_unit(*u, "backward");
+          return grad;
+        });
+      }
+    }
+
+   private:
+    FSDP* fsdp_;
+    std::weak_ptr<detail::FSDPUnit> unit_;
+  };
+  /// Runs after a parameter's gradient is accumulated: the unit's last one reduces the unit's gradients
+  /// (and frees its parameters) while backward goes on with the units before it.
+  class GradReadyHook final : public torch::autograd::FunctionPostHook {
+   public:
+    GradReadyHook(FSDP& fsdp, std::weak_ptr<detail::FSDPUnit> unit) : fsdp_(&fsdp), unit_(std::move(unit)) {}
+    torch::autograd::variable_list operator()(const torch::autograd::variable_list& outputs,
+                                              const torch::autograd::variable_list& /*inputs*/) override {
+      auto unit = unit_.lock();
+      if (unit && !unit->done && ++unit->ready == unit->params.size()) fsdp_->finish_unit_backward(*unit);
+      return outputs;
+    }
+
+   private:
+    FSDP* fsdp_;
+    std::weak_ptr<detail::FSDPUnit> unit_;
+  };
+
+  /// Hooks the unit's parameters' gradient accumulators and, for a unit module, its forward.
+  void install_hooks(const std::shared_ptr<detail::FSDPUnit>& unit) {
+    for (auto& fp : unit->params) {
+      auto acc = torch::autograd::impl::grad_accumulator(fp.param);
+      acc->add_post_hook(std::make_unique<GradReadyHook>(*this, unit));
+      unit->accumulators.push_back(std::move(acc));
+    }
+    if (unit->module) {
+      unit->hook = std::make_shared<UnitHook>(*this, unit);
+      detail::add_unit_hook(*unit->module, unit->hook);
+    }
+  }
+  /// Ends a unit's backward: reduces its gradients (unless no_backward_sync) and frees its parameters
+  /// (FULL_SHARD).
+  void finish_unit_backward(detail::FSDPUnit& unit) {
+    unit.done = true;
+    if (unit.owner == nullptr || unit.owner->sync) reduce_gradients(unit);
+    if (full_shard()) free_parameters(unit);
+  }
+  /// Gives the unit's flat buffer its bytes back and all-gathers the shards into it (idempotent).
+  void gather_unit(detail::FSDPUnit& unit, std::string_view what) {
+    if (unit.gathered) return;
+    detail::resize_storage(unit.flat, static_cast<std::size_t>(unit.flat.numel()) * unit.flat.element_size());
+    unit.gathered = true;
+    gather_parameters(unit, what);
+  }
+  /// Takes the bytes of the unit's flat buffer (FULL_SHARD at rest: the parameters keep their shapes, but
+  /// hold no data until gathered).
+  void free_parameters(detail::FSDPUnit& unit) {
+    if (!full_shard() || !unit.gathered) return;
+    detail::resize_storage(unit.flat, 0);
+    unit.gathered = false;
+  }
+
+  /// All-gathers the unit's updated shards into every process's flat buffer (and so its parameters).
+  void gather_parameters(detail::FSDPUnit& unit, std::string_view what = "optimizer step") {
+    at::NoGradGuard no_grad;
+    const auto& pg = process_group();
+    c10d::AllgatherOptions opts;
+    opts.timeout = parallel_options().timeout;
+    if (backend() == "gloo") {
+      // NOTE: Gloo of LibTorch 1.13 has no _allgather_base: one output view of the flat buffer per process.
+      std::vector<std::vector<at::Tensor>> outputs(1);
+      for (int r = 0; r < world_size(); ++r)
+        outputs[0].push_back(unit.flat.narrow(0, r * unit.shard_size, unit.shard_size));
+      std::vector<at::Tensor> inputs{unit.shard};
+      wait(pg->allgather(outputs, inputs, opts), what);
+    } else {
+      at::Tensor out = unit.flat;
+      at::Tensor in = unit.shard;
+      wait(pg->_allgather_base(out, in, opts), what);
+    }
+  }
+
+  /// The entries of a state that FSDP saves and loads itself: its set-up modules and their optimizers.
+  struct Entries {
+    std::map<std::string, std::shared_ptr<detail::FSDPModule>> modules;
+    std::map<std::string, torch::optim::Optimizer*> optimizers;
+  };
+  std::shared_ptr<detail::FSDPModule> module_of(const torch::nn::Module* m) const {
+    for (const auto& weak : modules_) {
+      auto module = weak.lock();
+      if (module && module->module == m) return module;
+    }
+    return nullptr;
+  }
+  Entries find_entries(const State& state) const {
+    Entries found;
+    for (const auto& [key, entry] : state) {
+      if (entry.kind() == StateEntry::Kind::module) {
+        if (auto module = module_of(entry.module().get())) found.modules.emplace(key, std::move(module));
+      } else if (entry.kind() == StateEntry::Kind::optimizer) {
+        for (const auto& p : detail::optimizer_params(*entry.optimizer())) {
+          if (param_of(p) != nullptr) {
+            found.optimizers.emplace(key, entry.optimizer());
+            break;
+          }
+        }
+      }
+    }
+    return found;
+  }
+  /// The set-up parameter an optimizer's tensor stands for (its piece, or itself under NO_SHARD).
+  const detail::FSDPParam* param_of(const at::Tensor& t) const {
+    if (const auto it = pieces_.find(t.unsafeGetTensorImpl()); it != pieces_.end() && !it->second.unit.expired()) {
+      return it->second.param;
+    }
+    if (const auto it = by_param_.find(t.unsafeGetTensorImpl()); it != by_param_.end() && !it->second.unit.expired()) {
+      return it->second.param;
+    }
+    return nullptr;
+  }
+  /// The range of a parameter's elements this process writes and reads: its piece (sharded), or all of it
+  /// (NO_SHARD: rank 0 writes them, every process reads them).
+  std::pair<std::int64_t, std::int64_t> range_of(const detail::FSDPParam& fp, bool reading) const {
+    if (sharded())
+      return fp.piece.numel() == 0 ? std::pair<std::int64_t, std::int64_t>{0, 0}
+                                   : std::pair<std::int64_t, std::int64_t>{fp.begin, fp.piece.numel()};
+    return {0, reading || global_rank() == 0 ? fp.numel : 0};
+  }
+  static TensorShard shard_of(std::string key, const at::Tensor& like_param, at::ScalarType dtype, std::int64_t begin,
+                              at::Tensor local) {
+    return TensorShard{std::move(key), like_param.sizes().vec(), dtype, begin, std::move(local)};
+  }
+
+  /// Writes the sharded checkpoint directory (a collective: every process calls it).
+  void save_sharded(const std::filesystem::path& dir, const State& state, const Filters& filters,
+                    const Entries& found) {
+    std::vector<TensorShard> shards;
+    Checkpoint meta(c10::StringType::get(), c10::AnyType::get());
+    std::exception_ptr failure;
+    try {
+      State rest;
+      for (const auto& [key, entry] : state) {
+        if (!found.modules.contains(key) && !found.optimizers.contains(key)) rest.emplace(key, entry);
+      }
+      meta = detail::to_checkpoint(rest, filters);
+      auto kinds = meta.at(detail::marker_key).toGenericDict().at("kinds").toGenericDict();
+      for (const auto& [key, module] : found.modules) {
+        kinds.insert_or_assign(key, std::string("module"));
+        std::unordered_set<std::string> names;
+        for (const auto& unit : module->units) {
+          for (const auto& fp : unit->params) {
+            names.insert(fp.name);
+            const auto [begin, n] = range_of(fp, false);
+            if (n == 0) continue;
+            at::Tensor local = sharded() ? fp.piece.detach() : fp.param.detach().reshape({-1});
+            shards.push_back(
+                shard_of(key + "/" + fp.name, fp.param, fp.param.scalar_type(), begin, local.contiguous()));
+          }
+        }
+        if (global_rank() != 0) continue;
+        for (const auto& [name, tensor] : detail::module_tensors(*module->module)) {
+          if (names.contains(name) || !tensor.defined()) continue;
+          shards.push_back(
+              shard_of(key + "/" + name, tensor, tensor.scalar_type(), 0, tensor.detach().reshape({-1}).contiguous()));
+        }
+      }
+      for (const auto& [key, optimizer] : found.optimizers) {
+        kinds.insert_or_assign(key, std::string("optimizer"));
+        c10::IValue python = detail::torch_pickle::optimizer_to_python(
+            key, detail::optimizer_to_ivalue(key, *optimizer).toGenericDict());
+        const auto params = detail::optimizer_params(*optimizer);
+        auto state_dict = python.toGenericDict().at("state").toGenericDict();
+        for (const auto& item : state_dict) {
+          const std::int64_t index = item.key().toInt();
+          const detail::FSDPParam* fp =
+              index < static_cast<std::int64_t>(params.size()) ? param_of(params[index]) : nullptr;
+          auto fields = item.value().toGenericDict();
+          for (const auto& field : fields) {
+            if (!field.value().isTensor() || field.value().toTensor().dim() == 0 || fp == nullptr) continue;
+            const at::Tensor v = field.value().toTensor();
+            const auto [begin, n] = range_of(*fp, false);
+            if (n > 0) {
+              shards.push_back(shard_of(fmt::format("{}/state/{}/{}", key, index, field.key().toStringRef()), fp->param,
+                                        v.scalar_type(), begin, v.detach().reshape({-1}).contiguous()));
+            }
+            fields.insert_or_assign(field.key(), c10::IValue());
+          }
+        }
+        meta.insert_or_assign(key, python);
+      }
+    } catch (...) {
+      failure = std::current_exception();
+    }
+    if (!reduce_boolean_decision(failure == nullptr, true)) {
+      if (failure) std::rethrow_exception(failure);
+      detail::raise("save: another rank failed to prepare its shards (its error says why); nothing was written");
+    }
+    on_rank_zero_agreed("save", [&] { detail::prepare_sharded_save(dir); });
+    on_all_ranks_agreed("save", [&] {
+      detail::write_shards(dir, global_rank(), world_size(), shards);
+      if (global_rank() == 0) detail::write_sharded_meta(dir, world_size(), meta);
+      return true;
+    });
+    on_rank_zero_agreed("save", [&] { detail::commit_sharded_save(dir); });
+  }
+
+  /// Looks up a '/'-path in a full checkpoint's nested dictionaries (integer keys where the dictionary has them).
+  static std::optional<at::Tensor> lookup(const Checkpoint& root, const std::string& key) {
+    c10::IValue node = root;
+    std::size_t start = 0;
+    while (true) {
+      const std::size_t slash = key.find('/', start);
+      const std::string part = key.substr(start, slash == std::string::npos ? std::string::npos : slash - start);
+      if (!node.isGenericDict()) return std::nullopt;
+      const auto dict = node.toGenericDict();
+      c10::IValue k;
+      if (dict.keyType()->kind() == c10::TypeKind::IntType) {
+        if (part.empty() || part.find_first_not_of("0123456789") != std::string::npos) return std::nullopt;
+        k = static_cast<std::int64_t>(std::stoll(part));
+      } else {
+        k = part;
+      }
+      if (!dict.contains(k)) return std::nullopt;
+      node = dict.at(k);
+      if (slash == std::string::npos) break;
+      start = slash + 1;
+    }
+    if (!node.isTensor()) return std::nullopt;
+    return node.toTensor();
+  }
+
+  /// Reads this process's ranges of the set-up modules and optimizers and restores the state (no
+  /// collective: on_all_ranks_agreed runs it).
+  State load_entries(const std::filesystem::path& path, State& state, bool strict, const Entries& found) {
+    const bool directory = detail::is_sharded_checkpoint(path);
+    Checkpoint root(c10::StringType::get(), c10::AnyType::get());
+    if (directory) {
+      root = detail::read_sharded_meta(path);
+    } else {
+      std::error_code ec;
+      if (!std::filesystem::is_regular_file(path, ec)) {
+        detail::raise(
+            "load: the path {} does not point to a valid checkpoint: expected a sharded checkpoint "
+            "directory or a full checkpoint file",
+            path.string());
+      }
+      const auto value = detail::read_python_file(path);
+      if (!value || !value->isGenericDict()) {
+        detail::raise(
+            "load: FSDP reads a sharded checkpoint directory or a full checkpoint in torch.save's format "
+            "(\".ckpt\", \".pt\", \".pth\"), found {}; save it with FSDP or TorchCheckpointIO",
+            path.string());
+      }
+      root = value->toGenericDict();
+    }
+    std::vector<TensorShard> wanted;
+    auto fill = [&](std::vector<TensorShard>& shards) {
+      if (directory) {
+        const auto missing = detail::load_shards(path, shards, strict);
+        std::erase_if(shards, [&](const TensorShard& s) {
+          return std::find(missing.begin(), missing.end(), s.key) != missing.end();
+        });
+        return;
+      }
+      std::vector<std::string> missing;
+      for (auto& s : shards) {
+        const auto t = lookup(root, s.key);
+        if (!t) {
+          missing.push_back(s.key);
+          continue;
+        }
+        if (t->sizes().vec() != s.shape || t->scalar_type() != s.dtype) {
+          detail::raise("cannot load \"{}\" from {}: it is a {} tensor of shape {}, expected a {} tensor of shape {}",
+                        s.key, path.string(), c10::toString(t->scalar_type()), detail::shape_str(t->sizes()),
+                        c10::toString(s.dtype), detail::shape_str(s.shape));
+        }
+        at::NoGradGuard no_grad;
+        s.local.copy_(t->reshape({-1}).narrow(0, s.begin, s.local.numel()));
+      }
+      if (strict && !missing.empty()) {
+        detail::raise(
+            "cannot load {}: the checkpoint has no \"{}\"; load with strict = false to leave them as they are",
+            path.string(), fmt::join(missing, "\", \""));
+      }
+      std::erase_if(shards, [&](const TensorShard& s) {
+        return std::find(missing.begin(), missing.end(), s.key) != missing.end();
+      });
+    };
+    // The modules: read into new tensors first, copied in once everything is checked.
+    std::vector<at::Tensor> targets;
+    for (const auto& [key, module] : found.modules) {
+      std::unordered_set<std::string> names;
+      for (const auto& unit : module->units) {
+        for (const auto& fp : unit->params) {
+          names.insert(fp.name);
+          const auto [begin, n] = range_of(fp, true);
+          at::Tensor into = sharded() ? fp.piece.detach() : fp.param.detach().view({-1});
+          targets.push_back(into);
+          wanted.push_back(shard_of(key + "/" + fp.name, fp.param, fp.param.scalar_type(), begin,
+                                    at::empty({n}, fp.param.options().requires_grad(false))));
+        }
+      }
+      for (const auto& [name, tensor] : detail::module_tensors(*module->module)) {
+        if (names.contains(name) || !tensor.defined()) continue;
+        targets.push_back(tensor.detach());
+        wanted.push_back(shard_of(key + "/" + name, tensor, tensor.scalar_type(), 0,
+                                  at::empty({tensor.numel()}, tensor.options().requires_grad(false))));
+      }
+    }
+    fill(wanted);
+    for (const auto& [key, module] : found.modules) {
+      if (root.contains(key)) root.erase(key);
+    }
+    // The optimizers: PyTorch's layout with this process's ranges, as LibTorch's archive.
+    for (const auto& [key, optimizer] : found.optimizers) {
+      if (!root.contains(key)) continue;  // load_state reports it (strict) or leaves it
+      const c10::IValue stored = root.at(key);
+      if (!detail::torch_pickle::is_python_optimizer(stored)) {
+        detail::raise("load: \"{}\" is not an optimizer's state in PyTorch's layout in {}", key, path.string());
+      }
+      const auto params = detail::optimizer_params(*optimizer);
+      c10::impl::GenericDict local_state(c10::IntType::get(), c10::AnyType::get());
+      std::vector<TensorShard> parts;
+      for (const auto& item : stored.toGenericDict().at("state").toGenericDict()) {
+        const std::int64_t index = item.key().toInt();
+        if (index < 0 || index >= static_cast<std::int64_t>(params.size())) {
+          detail::raise("load: \"{}\": the checkpoint has state for parameter {}, but the optimizer holds {}", key,
+                        index, params.size());
+        }
+        const detail::FSDPParam* fp = param_of(params[index]);
+        c10::impl::GenericDict fields(c10::StringType::get(), c10::AnyType::get());
+        for (const auto& field : item.value().toGenericDict()) {
+          const c10::IValue& v = field.value();
+          const bool sharded_field = v.isNone() || (v.isTensor() && v.toTensor().dim() > 0);
+          if (!sharded_field || fp == nullptr) {
+            fields.insert(field.key(), v);
+            continue;
+          }
+          const auto [begin, n] = range_of(*fp, true);
+          const at::ScalarType dtype = v.isTensor() ? v.toTensor().scalar_type() : fp->param.scalar_type();
+          parts.push_back(shard_of(fmt::format("{}/state/{}/{}", key, index, field.key().toStringRef()), fp->param,
+                                   dtype, begin,
+                                   at::empty({n}, fp->param.options().dtype(dtype).requires_grad(false))));
+          fields.insert(field.key(), c10::IValue());
+        }
+        local_state.insert(index, fields);
+      }
+      fill(parts);
+      // NOTE: fill dropped the missing ones (not strict): match the rest by key.
+      std::map<std::string, at::Tensor> by_key;
+      for (auto& part : parts) by_key.emplace(part.key, part.local);
+      for (const auto& item : local_state) {
+        const std::int64_t index = item.key().toInt();
+        const detail::FSDPParam* fp = param_of(params[index]);
+        auto fields = item.value().toGenericDict();
+        for (const auto& field : fields) {
+          if (!field.value().isNone()) continue;
+          const auto t = by_key.find(fmt::format("{}/state/{}/{}", key, index, field.key().toStringRef()));
+          if (t == by_key.end()) continue;
+          fields.insert_or_assign(field.key(), sharded() ? t->second : t->second.view(fp->param.sizes()));
+        }
+      }
+      c10::impl::GenericDict python(c10::StringType::get(), c10::AnyType::get());
+      python.insert("state", local_state);
+      python.insert("param_groups", stored.toGenericDict().at("param_groups"));
+      root.insert_or_assign(key, detail::torch_pickle::optimizer_from_python(key, python));
+    }
+    State rest;
+    for (const auto& [key, entry] : state) {
+      if (!found.modules.contains(key)) rest.emplace(key, entry);
+    }
+    State unexpected = detail::load_state(root, path, rest, strict);
+    at::NoGradGuard no_grad;
+    std::map<std::string, const TensorShard*> loaded;
+    for (const auto& s : wanted) loaded.emplace(s.key, &s);
+    std::size_t i = 0;
+    for (const auto& [key, module] : found.modules) {
+      auto copy = [&](const std::string& name, at::Tensor into) {
+        const auto it = loaded.find(key + "/" + name);
+        if (it != loaded.end()) into.view({-1}).copy_(it->second->local);
+      };
+      for (const auto& unit : module->units) {
+        for (const auto& fp : unit->params) copy(fp.name, targets[i++]);
+      }
+      std::unordered_set<std::string> names;
+      for (const auto& unit : module->units) {
+        for (const auto& fp : unit->params) names.insert(fp.name);
+      }
+      for (const auto& [name, tensor] : detail::module_tensors(*module->module)) {
+        if (names.contains(name) || !tensor.defined()) continue;
+        copy(name, targets[i++]);
+      }
+    }
+    return unexpected;
+  }
+
+  /// Fails on every rank, naming the first difference, when the module differs from rank 0's.
+  void verify_same_model(const std::string& description) {
+    std::vector<char> bytes(description.begin(), description.end());
+    broadcast_bytes(bytes, 0, "setup");
+    const std::string reference(bytes.begin(), bytes.end());
+    std::string difference;
+    if (reference != description) {
+      std::istringstream mine(description), theirs(reference);
+      std::string a, b;
+      while (true) {
+        const bool ha = static_cast<bool>(std::getline(mine, a));
+        const bool hb = static_cast<bool>(std::getline(theirs, b));
+        if (!ha && !hb) break;
+        if (a != b || ha != hb) {
+          difference = fmt::format("this rank has {} where rank 0 has {}", ha ? a : "nothing", hb ? b : "nothing");
+          break;
+        }
+      }
+    }
+    if (!reduce_boolean_decision(difference.empty(), true)) {
+      if (!difference.empty()) {
+        detail::raise("FSDP: rank {} has a different model than rank 0: {}; build the same model on every rank",
+                      global_rank(), difference);
+      }
+      detail::raise(
+          "FSDP: another rank has a different model than rank {} (its error names the parameter); build "
+          "the same model on every rank",
+          global_rank());
+    }
+  }
+
+  Options options_{};
+  /// The set-up modules (reduced in backward).
+  std::vector<std::weak_ptr<detail::FSDPModule>> modules_{};
+  /// The set-up parameters, and the pieces the optimizers step, by their TensorImpl.
+  std::unordered_map<const void*, Slot> by_param_{};
+  std::unordered_map<const void*, Slot> pieces_{};
+};
+
+}  // namespace fabric
