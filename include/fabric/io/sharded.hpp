@@ -520,6 +520,16 @@ inline void prepare_sharded_save(const std::filesystem::path& input) {
         "the save would replace; choose another path or remove the directory",
         dir.string());
   }
+  {
+    // NOTE: this process's own lock is that of a save it abandoned (a rank failed before the commit): saves are
+    // collective, so no other save of this process is under way; start afresh.
+    const std::lock_guard<std::mutex> guard(sharded::held_locks_mutex());
+    auto& locks = sharded::held_locks();
+    if (const auto own = locks.find(staging.string()); own != locks.end()) {
+      ::close(own->second);
+      locks.erase(own);
+    }
+  }
   if (sharded::staging_in_use(staging)) {
     raise(
         "cannot write a sharded checkpoint to {}: another save to it is in progress (its staging directory {} is "
