@@ -123,7 +123,8 @@ class BlockImpl : public torch::nn::Module {
   torch::nn::LayerNorm ln_2;
   MLP mlp;
 };
-TORCH_MODULE(Block);
+// NOTE: a fabric unit (in place of TORCH_MODULE): FSDP and activation checkpointing wrap its forward.
+FABRIC_UNIT(Block);
 
 /// GPT-2: embeddings, n_layer blocks, a final LayerNorm, and logits through the token embedding.
 ///

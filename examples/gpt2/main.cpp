@@ -42,6 +42,7 @@ struct Settings {
   std::string csv_dir;  // where a CSVLogger writes the throughput metrics (none: not written)
   bool tiny = false;
   bool expect_loss_decrease = false;
+  bool activation_checkpointing = false;
 };
 
 constexpr std::string_view description = R"(usage: gpt2 [flags]
@@ -95,6 +96,8 @@ std::optional<Settings> parse_args(int argc, char** argv) {
   positive("--log-every", s.log_every, "steps between throughput lines: tokens/s, FLOP/s, MFU (default 10)");
   app.add_option("--csv-dir", s.csv_dir, "log the throughput metrics with a CSVLogger under DIR")->type_name("DIR");
   app.add_flag("--tiny", s.tiny, "a tiny GPT (2 layers, 2 heads, width 64, 32 positions, 256 tokens)");
+  app.add_flag("--activation-checkpointing", s.activation_checkpointing,
+               "keep only the blocks' inputs in the forward; recompute each block in backward");
   app.add_flag("--expect-loss-decrease", s.expect_loss_decrease,
                "exit with status 1 unless the last loss is below the first (a smoke test)");
   app.set_help_flag("-h,--help", "print this and exit");  // after the others: listed last
@@ -133,6 +136,11 @@ int train(const Settings& s) {
   fabric.print("gpt2: {} parameters, {} layers, width {}, on {}, bf16-mixed, batch {} x {} tokens",
                net->num_parameters(), config.n_layer, config.n_embd, fabric.device().str(), s.batch_size,
                config.block_size);
+
+  if (s.activation_checkpointing) {
+    const std::size_t n = fabric::apply_activation_checkpointing(net, fabric::module_types<gpt2::BlockImpl>());
+    fabric.print("gpt2: activation checkpointing on for the {} blocks", n);
+  }
 
   // One batch of random tokens, drawn once on the device; the targets are the inputs shifted by one.
   const at::Tensor tokens = torch::randint(config.vocab_size, {s.batch_size, config.block_size + 1},
