@@ -21,6 +21,7 @@
 #include "fabric/strategies/single_device.hpp"
 #include "fabric/strategies/strategy.hpp"
 #include "fabric/utils/apply.hpp"
+#include "fabric/utils/capture.hpp"
 #include "fabric/utils/seed.hpp"
 #include "fabric/wrappers/data_loader.hpp"
 #include "fabric/wrappers/module.hpp"
@@ -501,6 +502,27 @@ class Fabric {
     if (local_rank() != 0) return;
     fmt::print(options.file, "{}{}", fmt::format(format, std::forward<Args>(args)...), options.end);
     if (options.flush) std::fflush(options.file);
+  }
+
+  // ---- captured step ---------------------------------------------------------------------------
+
+  /// Returns the training step `fn(batch...) -> loss` (forward, loss, fabric.backward, optimizer step,
+  /// zero_grad) as a callable that runs it eagerly for options.warmup_steps calls, then records it in
+  /// one CUDA graph and replays it for every later batch of the same shapes (fabric::CapturedStep).
+  /// Refuses with a fabric::Error what a graph cannot replay, or runs it eagerly with
+  /// `{.fallback = true}`. Lightning has no counterpart (Python: `torch.compile(mode="reduce-overhead")`).
+  ///
+  ///     auto step = fabric.capture([&](const at::Tensor& x, const at::Tensor& y) {
+  ///       auto loss = F::cross_entropy(model(x), y);
+  ///       fabric.backward(loss);
+  ///       optimizer.step();
+  ///       optimizer.zero_grad(false);
+  ///       return loss;
+  ///     });
+  ///     for (auto& batch : loader) fabric.print("{}", step(batch.data, batch.target).item<float>());
+  template <class Fn>
+  CapturedStep<Fabric, std::decay_t<Fn>> capture(Fn&& fn, CaptureOptions options = {}) {
+    return CapturedStep<Fabric, std::decay_t<Fn>>(*this, std::forward<Fn>(fn), options);
   }
 
   // ---- collectives -----------------------------------------------------------------------------

@@ -45,6 +45,7 @@
 #include "fabric/strategies/strategy.hpp"
 #include "fabric/utils/activation_checkpoint.hpp"
 #include "fabric/utils/apply.hpp"
+#include "fabric/utils/capture.hpp"
 #include "fabric/utils/clip.hpp"
 #include "fabric/utils/seed.hpp"
 #include "fabric/utils/throughput.hpp"

@@ -336,14 +336,21 @@ bool sgd_foreach_step(Opt& optimizer) {
   return true;
 }
 
-/// Steps the optimizer: LibTorch's Adam, AdamW and SGD (exactly these types, no closure) with
-/// multi-tensor kernels, everything else with the optimizer's own step(closure). O may be the
-/// optimizer's own type (decided at compile time) or a base such as torch::optim::Optimizer
-/// (decided from the dynamic type). Set FABRIC_FOREACH_STEP=0 to always use the own step.
-///
-///     fabric::detail::optimizer_step(adamw, nullptr);   // same result and state as adamw.step()
+/// One optimizer step as fabric::CapturedStep sees it: the optimizer's dynamic type and its kernels.
+struct LoggedStep {
+  const std::type_info* type;
+  StepPath path;
+};
+
+/// The optimizer steps of this thread while a captured step warms up (fabric::CapturedStep); null when
+/// nothing listens.
+inline std::vector<LoggedStep>*& optimizer_step_log() noexcept {
+  thread_local std::vector<LoggedStep>* log = nullptr;
+  return log;
+}
+
 template <class O>
-at::Tensor optimizer_step(O& optimizer, torch::optim::Optimizer::LossClosure closure) {
+at::Tensor optimizer_step_impl(O& optimizer, torch::optim::Optimizer::LossClosure closure) {
   constexpr bool maybe_adam = std::is_base_of_v<O, torch::optim::Adam>;
   constexpr bool maybe_adamw = std::is_base_of_v<O, torch::optim::AdamW>;
   constexpr bool maybe_sgd = std::is_base_of_v<O, torch::optim::SGD>;
@@ -373,6 +380,19 @@ at::Tensor optimizer_step(O& optimizer, torch::optim::Optimizer::LossClosure clo
   }
   last_optimizer_step_path() = StepPath::own;
   return optimizer.step(std::move(closure));
+}
+
+/// Steps the optimizer: LibTorch's Adam, AdamW and SGD (exactly these types, no closure) with
+/// multi-tensor kernels, everything else with the optimizer's own step(closure). O may be the
+/// optimizer's own type (decided at compile time) or a base such as torch::optim::Optimizer
+/// (decided from the dynamic type). Set FABRIC_FOREACH_STEP=0 to always use the own step.
+///
+///     fabric::detail::optimizer_step(adamw, nullptr);   // same result and state as adamw.step()
+template <class O>
+at::Tensor optimizer_step(O& optimizer, torch::optim::Optimizer::LossClosure closure) {
+  at::Tensor loss = optimizer_step_impl(optimizer, std::move(closure));
+  if (auto* log = optimizer_step_log()) log->push_back({&typeid(optimizer), last_optimizer_step_path()});
+  return loss;
 }
 
 }  // namespace fabric::detail
