@@ -15403,12 +15403,20 @@ inline std::vector<PolicyUnit> policy_units(torch::nn::Module& root, const Modul
 namespace fabric {
 namespace detail {
 
-/// Returns the module a ModuleLike names (holder, shared_ptr or module object).
+/// A set-up module (the fabric::Module that Fabric::setup returns): it gives its module with module().
+template <class W>
+concept SetUpModuleLike = requires(W& w) {
+  requires std::is_base_of_v<torch::nn::Module, std::remove_cvref_t<decltype(w.module())>>;
+};
+
+/// Returns the module a ModuleLike (holder, shared_ptr or module object) or a set-up module names.
 template <class M>
 torch::nn::Module& module_of(M& m) {
   using T = std::remove_cvref_t<M>;
   if constexpr (std::is_base_of_v<torch::nn::Module, T>) {
     return m;
+  } else if constexpr (SetUpModuleLike<T> && !ModuleLike<T>) {
+    return m.module();
   } else {
     if (!m) raise("expected a module, found an empty holder or a null pointer; construct the module first");
     return *m;
@@ -15458,7 +15466,8 @@ auto activation_checkpoint(Fn&& fn, Args&&... args) {
   }
 }
 
-/// Switches activation checkpointing on for every unit of model (model included) whose type is one of types,
+/// Switches activation checkpointing on for every unit of model (a module, or the module Fabric::setup
+/// returned; model included) whose type is one of types,
 /// Lightning's `activation_checkpointing_policy={Block}`: each call of such a unit then keeps only its inputs
 /// and recomputes its forward in backward. Returns the number of units. A matching module that is not a
 /// fabric unit (declared with TORCH_MODULE, not FABRIC_UNIT) is refused, as is a policy that matches nothing.
@@ -15466,8 +15475,9 @@ auto activation_checkpoint(Fn&& fn, Args&&... args) {
 /// ```cpp
 /// fabric::apply_activation_checkpointing(model, fabric::module_types<BlockImpl>());
 /// ```
-template <ModuleLike M>
-std::size_t apply_activation_checkpointing(M&& model, const ModuleTypes& types) {
+template <class M>
+requires ModuleLike<M> || detail::SetUpModuleLike<M> std::size_t apply_activation_checkpointing(
+    M&& model, const ModuleTypes& types) {
   if (types.empty()) {
     detail::raise(
         "apply_activation_checkpointing: expected at least one module type, found none; pass "
@@ -15485,8 +15495,8 @@ std::size_t apply_activation_checkpointing(M&& model, const ModuleTypes& types) 
 }
 
 /// Switches activation checkpointing off for every unit of model; returns the number of units it was on for.
-template <ModuleLike M>
-std::size_t remove_activation_checkpointing(M&& model) {
+template <class M>
+requires ModuleLike<M> || detail::SetUpModuleLike<M> std::size_t remove_activation_checkpointing(M&& model) {
   std::size_t n = 0;
   for (const auto& m : detail::module_of(model).modules(/*include_self=*/true)) {
     detail::unit_registry().update(*m, [&](detail::UnitEntry& e) {

@@ -260,3 +260,45 @@ TEST_CASE("activation checkpointing refuses misuse", "[checkpoint]") {
     CHECK_THROWS_WITH(loss.backward(), ContainsSubstring("second time"));
   }
 }
+
+TEST_CASE("activation checkpointing applies to a set-up module and trains through Fabric", "[checkpoint]") {
+  auto [plain, ckpt] = twins();
+  fabric::Fabric<fabric::CPU> fab;
+  torch::optim::SGD sgd_plain(plain->parameters(), 0.1), sgd_ckpt(ckpt->parameters(), 0.1);
+  auto [mp, op] = fab.setup(plain, sgd_plain);
+  auto [mc, oc] = fab.setup(ckpt, sgd_ckpt);
+  CHECK(fabric::apply_activation_checkpointing(mc, fabric::module_types<BlockImpl>()) == 3);
+  const at::Tensor x = torch::randn({8, 16});
+  for (int step = 0; step < 2; ++step) {
+    torch::manual_seed(step);
+    fab.backward(mp(x).pow(2).mean());
+    torch::manual_seed(step);
+    fab.backward(mc(x).pow(2).mean());
+    op.step();
+    oc.step();
+    op.zero_grad();
+    oc.zero_grad();
+  }
+  auto pc = ckpt->named_parameters();
+  for (const auto& item : plain->named_parameters()) CHECK(torch::equal(item.value(), pc[item.key()]));
+  CHECK(fabric::remove_activation_checkpointing(mc) == 3);
+}
+
+TEST_CASE("activation checkpointing on CUDA restores the device's generator for dropout", "[checkpoint][cuda]") {
+  if (!fabric::CUDA::is_available()) SKIP("no CUDA device here");
+  auto [plain, ckpt] = twins();
+  plain->to(torch::kCUDA);
+  ckpt->to(torch::kCUDA);
+  fabric::apply_activation_checkpointing(ckpt, fabric::module_types<BlockImpl>());
+  const at::Tensor x = torch::randn({8, 16}).to(torch::kCUDA);
+  for (Net* net : {&plain, &ckpt}) {
+    torch::manual_seed(9);
+    (*net)(x).pow(2).mean().backward();
+  }
+  auto pc = ckpt->named_parameters();
+  for (const auto& item : plain->named_parameters()) {
+    INFO(item.key());
+    CHECK(torch::allclose(item.value().grad(), pc[item.key()].grad(), 1e-5, 1e-6));
+  }
+  fabric::remove_activation_checkpointing(ckpt);
+}
