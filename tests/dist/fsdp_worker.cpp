@@ -37,6 +37,7 @@ struct Args {
   std::string fault;
   std::string model = "net";
   bool units = false;
+  bool checkpointing = false;
   std::string phase;
   std::string dir = ".";
   std::string format = "sharded";
@@ -90,6 +91,8 @@ Args parse(int argc, char** argv) {
       a.model = value();
     else if (flag == "--units")
       a.units = true;
+    else if (flag == "--checkpointing")
+      a.checkpointing = true;
     else if (flag == "--phase")
       a.phase = value();
     else if (flag == "--dir")
@@ -182,6 +185,7 @@ fabric::FSDP::Options fsdp_options(const Args& a) {
   }
   o.timeout = std::chrono::seconds(a.timeout_s);
   if (a.units) o.units = fabric::module_types<BlockImpl>();
+  if (a.checkpointing) o.activation_checkpointing = fabric::module_types<BlockImpl>();
   o.state_dict_type = a.format;
   return o;
 }
@@ -192,6 +196,8 @@ std::vector<std::pair<at::Tensor, at::Tensor>> zip(const std::vector<at::Tensor>
   return out;
 }
 
+// Lightning: tests_fabric/strategies/test_fsdp_integration.py::test_clip_gradients
+// Lightning: tests_fabric/strategies/test_fsdp.py::test_activation_checkpointing
 /// FSDP over W ranks, each on its slice of the global batch, against one process on the whole batch (DDP's
 /// train scenario shows DDP equals it within 1e-5: so FSDP equals DDP on the same global batches).
 template <class Model, class F>
@@ -353,6 +359,10 @@ double max_difference(F& fabric, fabric::Module<DeepImpl, F>& model, Deep& net, 
   return worst;
 }
 
+// Lightning: tests_fabric/strategies/test_fsdp_integration.py::test_train_save_load
+// Lightning: tests_fabric/strategies/test_fsdp_integration.py::test_save_full_state_dict
+// Lightning: tests_fabric/strategies/test_fsdp_integration.py::test_load_full_state_dict_into_sharded_model
+// Lightning: tests_fabric/strategies/test_fsdp_integration.py::test_save_sharded_and_consolidate_and_load
 /// Save after `steps` steps on W processes; load into V processes (or one device) and go on: the parameters
 /// and the next steps equal one process's on the same global batches (16 samples a step whatever the world).
 template <class F>

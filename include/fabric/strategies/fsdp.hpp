@@ -13,6 +13,7 @@
 #include "fabric/io/state.hpp"
 #include "fabric/io/torch_pickle.hpp"
 #include "fabric/strategies/parallel.hpp"
+#include "fabric/utils/activation_checkpoint.hpp"
 #include "fabric/utils/apply.hpp"
 #include "fabric/utils/clip.hpp"
 #include "fabric/wrappers/unit.hpp"
@@ -141,6 +142,10 @@ class FSDP : public ParallelStrategy {
     /// `fabric::module_types<BlockImpl>()`; their types must be declared with FABRIC_UNIT. Empty: the whole
     /// model is one unit.
     ModuleTypes units{};
+    /// The unit types whose forward is recomputed in backward instead of keeping its activations
+    /// (Lightning's `activation_checkpointing_policy={Block}`; fabric::apply_activation_checkpointing at
+    /// setup): `fabric::module_types<BlockImpl>()`.
+    ModuleTypes activation_checkpointing{};
     /// The c10d backend ("gloo", "nccl"); empty: gloo for the CPU, nccl for CUDA.
     std::string process_group_backend{};
     /// How long collectives and the rendezvous wait for the other processes.
@@ -209,6 +214,9 @@ class FSDP : public ParallelStrategy {
     }
     verify_same_model(description);
 
+    if (!options_.activation_checkpointing.empty()) {
+      apply_activation_checkpointing(module, options_.activation_checkpointing);
+    }
     // NOTE: innermost units first (named_modules lists a parent before its children), so that a unit's
     // parameters are those outside the units it holds; the root unit takes what no unit took.
     std::vector<detail::PolicyUnit> found;
@@ -216,16 +224,31 @@ class FSDP : public ParallelStrategy {
       found = detail::policy_units(module, options_.units, "FSDP");
     }
     std::reverse(found.begin(), found.end());
-    std::unordered_set<const void*> claimed;
-    std::vector<at::Tensor> others;  // parameters that do not train: broadcast as they are
-    auto make_unit = [&](const std::string& name, torch::nn::Module& root, const std::string& prefix) {
+    std::unordered_map<const void*, std::string> claimed;  // parameter -> the path of the unit that holds it
+    std::vector<at::Tensor> others;                        // parameters that do not train: broadcast as they are
+    auto make_unit = [&](const std::string& name, torch::nn::Module& root, const std::string& prefix, bool is_root) {
       auto unit = std::make_shared<detail::FSDPUnit>();
       unit->name = name;
       unit->owner = state.get();
       for (const auto& item : root.named_parameters(true)) {
         const at::Tensor& p = item.value();
-        if (!claimed.insert(p.unsafeGetTensorImpl()).second) continue;
         const std::string full = prefix.empty() ? item.key() : prefix + "." + item.key();
+        if (const auto [it, fresh] = claimed.try_emplace(p.unsafeGetTensorImpl(), prefix); !fresh) {
+          // NOTE: a unit holds its nested units' parameters too (they were claimed first); one shared with a
+          // unit outside it would be freed while this unit still reads it.
+          const std::string& holder = it->second;
+          const bool nested =
+              holder.size() > prefix.size() + 1 && holder.compare(0, prefix.size() + 1, prefix + ".") == 0;
+          if (!is_root && !nested && full_shard() && p.requires_grad()) {
+            detail::raise(
+                "FSDP: the parameter \"{}\" of unit `{}` is shared with unit `{}`; FULL_SHARD frees a unit's "
+                "parameters "
+                "after its forward, so the other unit would read freed memory; keep shared parameters (tied weights) "
+                "outside the units or in one unit",
+                full, prefix, holder);
+          }
+          continue;
+        }
         if (!p.requires_grad()) {
           others.push_back(p.detach());
           continue;
@@ -258,11 +281,11 @@ class FSDP : public ParallelStrategy {
     std::vector<std::shared_ptr<detail::FSDPUnit>> units;
     for (const auto& u : found) {
       auto unit =
-          make_unit(fmt::format("unit `{}`", u.path.empty() ? "(the model itself)" : u.path), *u.module, u.path);
+          make_unit(fmt::format("unit `{}`", u.path.empty() ? "(the model itself)" : u.path), *u.module, u.path, false);
       unit->module = u.module;
       if (!unit->params.empty()) units.push_back(std::move(unit));
     }
-    auto root = make_unit("the root module", module, "");
+    auto root = make_unit("the root module", module, "", true);
     if (!root->params.empty()) units.push_back(std::move(root));
     if (units.empty()) {
       detail::raise("FSDP: expected a module with parameters that require grad, found none; nothing would be trained");
@@ -1069,7 +1092,7 @@ class FSDP : public ParallelStrategy {
     }
     fill(wanted);
     for (const auto& [key, module] : found.modules) {
-      if (root.contains(key)) root.erase(key);
+      if (root.contains(key)) (void)root.erase(key);
     }
     // The optimizers: PyTorch's layout with this process's ranges, as LibTorch's archive.
     for (const auto& [key, optimizer] : found.optimizers) {

@@ -263,3 +263,87 @@ TEST_CASE("FSDP refuses 16-mixed with sharded gradients", "[fsdp][precision]") {
   fabric.backward(model(torch::ones({2, 3})).sum());
   CHECK_THROWS_WITH(optimizer.step(), ContainsSubstring("use bf16-mixed, or sharding_strategy = NO_SHARD"));
 }
+
+namespace {
+
+/// A unit around a linear layer it may share with another unit.
+struct SharedImpl : torch::nn::Module {
+  explicit SharedImpl(torch::nn::Linear linear) : fc(register_module("fc", std::move(linear))) {}
+  torch::Tensor forward(const torch::Tensor& x) { return fc(x); }
+  torch::nn::Linear fc;
+};
+FABRIC_UNIT(Shared);
+
+}  // namespace
+
+// Lightning: tests_fabric/strategies/test_fsdp.py::test_warn_shared_params_across_fsdp_units
+// Lightning: tests_fabric/strategies/test_fsdp.py::test_no_warn_shared_params_same_fsdp_unit
+// Lightning: tests_fabric/strategies/test_fsdp.py::test_no_warn_no_shared_params
+// Lightning: tests_fabric/strategies/test_fsdp.py::test_no_warn_no_policy
+// (Lightning warns about parameters shared across units; under FULL_SHARD fabric refuses them: the other unit
+// would read freed memory.)
+TEST_CASE("FULL_SHARD refuses parameters shared across units, and takes them within one unit or outside",
+          "[fsdp][full_shard]") {
+  auto make = [](bool across) {
+    auto net = std::make_shared<torch::nn::Module>();
+    torch::nn::Linear linear(4, 4);
+    net->register_module("a", Shared(linear));
+    net->register_module("b", Shared(across ? linear : torch::nn::Linear(4, 4)));
+    return net;
+  };
+  {
+    fabric::Fabric<fabric::CPU, fabric::FSDP> fabric({}, solo({.units = fabric::module_types<SharedImpl>()}), {});
+    fabric.launch();
+    CHECK_THROWS_WITH(fabric.setup_module(make(true)), ContainsSubstring("is shared with unit `b`"));
+    CHECK_NOTHROW(fabric.setup_module(make(false)));
+  }
+  {
+    // One unit (the model) holding both: nothing is shared across units.
+    fabric::Fabric<fabric::CPU, fabric::FSDP> fabric({}, solo(), {});
+    fabric.launch();
+    CHECK_NOTHROW(fabric.setup_module(make(true)));
+  }
+  {
+    fabric::Fabric<fabric::CPU, fabric::FSDP> fabric({},
+                                                     solo({.sharding_strategy = fabric::ShardingStrategy::SHARD_GRAD_OP,
+                                                           .units = fabric::module_types<SharedImpl>()}),
+                                                     {});
+    fabric.launch();
+    CHECK_NOTHROW(fabric.setup_module(make(true)));  // parameters stay whole: nothing is freed
+  }
+}
+
+// Lightning left out: tests_fabric/strategies/test_fsdp.py::test_custom_mixed_precision - torch's MixedPrecision object; fabric::FSDP follows the Fabric's precision policy (autocast, fp32 shards)
+// Lightning left out: tests_fabric/strategies/test_fsdp.py::test_cpu_offload - fabric::FSDP has no CPU offload of parameters or optimizer state
+// Lightning left out: tests_fabric/strategies/test_fsdp.py::test_hybrid_shard_configuration - fabric::FSDP has no HYBRID_SHARD (sharding across nodes, replication within)
+// Lightning left out: tests_fabric/strategies/test_fsdp.py::test_checkpoint_io_unsupported - fabric accepts a checkpoint_io for checkpoints without a set-up module (README, differences)
+// Lightning left out: tests_fabric/strategies/test_fsdp.py::test_setup_use_orig_params - fabric always keeps the original parameters (the optimizer's groups are rewritten to their shards): joint setup works, tests/dist fsdp.train.*
+// Lightning left out: tests_fabric/strategies/test_fsdp.py::test_setup_module_device_id_cpu - torch FSDP's device_id argument; fabric shards the module on the device setup moved it to
+// Lightning left out: tests_fabric/strategies/test_fsdp.py::test_module_sharded_context_device_id_cpu - torch FSDP's device_id and enable_wrap context; fabric has no meta-device or wrapping context
+// Lightning left out: tests_fabric/strategies/test_fsdp.py::test_forbidden_precision_raises - Lightning requires its FSDPPrecision plugin; fabric's precisions are types, one policy for every strategy
+// Lightning left out: tests_fabric/strategies/test_fsdp.py::test_grad_clipping_norm_error - Lightning refuses a module FSDP did not wrap; fabric's clip_gradients takes the set-up wrapper by type (compile time)
+// Lightning left out: tests_fabric/strategies/test_fsdp.py::test_save_checkpoint_storage_options - fsspec storage_options are Python-only
+// Lightning left out: tests_fabric/strategies/test_fsdp.py::test_save_checkpoint_path_exists - mocks torch's distributed checkpoint writer; fabric's full save refuses a directory at the path (fsdp.hpp save_checkpoint) and the sharded format its own cases (io/sharded_test.cpp)
+// Lightning left out: tests_fabric/strategies/test_fsdp.py::test_save_checkpoint_one_fsdp_module_required - fabric saves any number of set-up modules in one checkpoint, and a checkpoint without one as every parallel strategy
+// Lightning left out: tests_fabric/strategies/test_fsdp.py::test_load_checkpoint_one_fsdp_module_required - fabric loads any number of set-up modules from one checkpoint
+// Lightning left out: tests_fabric/strategies/test_fsdp.py::test_load_checkpoint_no_state - a Python None state; fabric's load takes a fabric::State
+// Lightning left out: tests_fabric/strategies/test_fsdp.py::test_load_raw_checkpoint_validate_single_file - load_raw goes through the checkpoint formats, which refuse a directory (io tests)
+// Lightning left out: tests_fabric/strategies/test_fsdp.py::test_get_full_state_dict_context_offload - torch FSDP's state_dict_type context; fabric gathers nothing to save (each process writes its shards)
+// Lightning left out: tests_fabric/strategies/test_fsdp.py::test_device_mesh_type_annotation - DeviceMesh (torch >= 2.2, Python)
+// Lightning left out: tests_fabric/strategies/test_fsdp.py::test_is_full_checkpoint_remote_memory - fsspec remote paths are Python-only
+// Lightning left out: tests_fabric/strategies/test_fsdp.py::test_is_sharded_checkpoint_remote_memory - fsspec remote paths are Python-only
+// Lightning left out: tests_fabric/strategies/test_fsdp.py::test_distributed_checkpoint_reader_writer_selection - torch.distributed.checkpoint's fsspec readers and writers are Python-only
+// Lightning left out: tests_fabric/strategies/test_fsdp.py::test_save_checkpoint_does_not_corrupt_remote_path - fsspec remote paths are Python-only
+// Lightning left out: tests_fabric/strategies/test_fsdp.py::test_load_raw_module_state_from_path_remote - fsspec remote paths are Python-only
+// Lightning left out: tests_fabric/strategies/test_fsdp.py::test_load_full_checkpoint_remote_allows_non_tensor_objects - fsspec remote paths and Python's weights_only are Python-only
+// Lightning left out: tests_fabric/strategies/test_fsdp.py::test_load_full_checkpoint_remote_honors_explicit_weights_only - Python's weights_only; fabric always reads restricted
+// Lightning left out: tests_fabric/strategies/test_fsdp.py::test_load_sharded_checkpoint_metadata_weights_only - Python's weights_only; fabric's metadata is its native format
+// Lightning left out: tests_fabric/strategies/test_fsdp.py::test_get_distributed_checkpoint_writer_missing_fsspec_module - fsspec is Python-only
+// Lightning left out: tests_fabric/strategies/test_fsdp.py::test_get_distributed_checkpoint_reader_missing_fsspec_module - fsspec is Python-only
+// Lightning left out: tests_fabric/strategies/test_fsdp_integration.py::test_setup_module_move_to_device - mocks Lightning's FSDP wrapper; fabric moves the module to its device before sharding it, as for every strategy
+// Lightning left out: tests_fabric/strategies/test_fsdp_integration.py::test_reapply_compile - torch.compile is Python-only
+// Lightning left out: tests_fabric/strategies/test_fsdp_integration.py::test_module_init_context - fabric::FSDP has no meta-device (empty) initialization: the model is built whole, then sharded at setup
+// Lightning left out: tests_fabric/strategies/test_fsdp_integration.py::test_save_filter - fabric applies save's filters to the plain entries and refuses one for a set-up module or optimizer (README, FSDP)
+// Lightning left out: tests_fabric/strategies/test_fsdp_integration.py::test_manual_activation_checkpointing - Python's checkpoint_wrapper applied by hand; fabric's is per unit (activation_checkpointing option), tests/dist fsdp.train.*.checkpointing
+// Lightning left out: tests_fabric/strategies/test_fsdp_integration.py::test_rewrap_warnings - modules already wrapped in Python's FSDP; fabric has no FSDP wrapper modules
+// Lightning left out: tests_fabric/strategies/test_fsdp_integration.py::test_no_call_to_apply - Python's Module.apply during FSDP wrapping; fabric's FSDP does not wrap modules
