@@ -5802,12 +5802,14 @@ class DefaultDtypeGuard {
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <memory>
 #include <sstream>
 #include <string>
 #include <tuple>
 #include <type_traits>
 #include <typeinfo>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -5891,6 +5893,22 @@ inline bool bucket_full(const c10::Device& device, std::int64_t numel) noexcept 
   return device.is_cpu() && numel >= cpu_bucket_numel;
 }
 
+/// The device step counts of Adam and AdamW while a captured step warms up and records
+/// (fabric::CapturedStep): the fused step reads them instead of a step tensor filled on the host, and
+/// increments them on the device while recording, so that each replay advances them. `advance` keeps
+/// the host counts (state_dict, an eager step later) in line, one call per replay.
+struct CapturableSteps {
+  bool recording = false;
+  std::unordered_map<const void*, at::Tensor> steps{};
+  std::vector<std::function<void()>> advance{};
+};
+
+/// The capturable step counts of this thread (null when no captured step warms up or records).
+inline CapturableSteps*& capturable_steps() noexcept {
+  thread_local CapturableSteps* steps = nullptr;
+  return steps;
+}
+
 /// The tensors of one param group that share device, dtype and step count.
 struct AdamBucket {
   c10::Device device;
@@ -5899,6 +5917,7 @@ struct AdamBucket {
   bool fusable = true;
   std::int64_t numel = 0;
   std::vector<at::Tensor> params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs;
+  std::vector<void*> states;
 };
 
 /// Steps Adam (Decoupled = false) or AdamW (true) with multi-tensor kernels; returns false, having
@@ -5965,6 +5984,7 @@ bool adam_foreach_step(Opt& optimizer) {
                         (!amsgrad || fused_layout_ok(p, state.max_exp_avg_sq()));
       bucket->numel += p.numel();
       bucket->params.push_back(p);
+      bucket->states.push_back(&state);
       bucket->grads.push_back(p.grad());
       bucket->exp_avgs.push_back(state.exp_avg());
       bucket->exp_avg_sqs.push_back(state.exp_avg_sq());
@@ -5979,9 +5999,32 @@ bool adam_foreach_step(Opt& optimizer) {
       if (allow_fused && b.fusable && fused_adam_supported(b.device, b.dtype)) {
         // NOTE: the fused kernels read a float32 step per tensor (already incremented); one shared
         // tensor serves the whole bucket.
-        const at::Tensor step = at::full(at::IntArrayRef{}, static_cast<double>(b.step),
-                                         at::TensorOptions().dtype(at::kFloat).device(b.device));
-        const std::vector<at::Tensor> steps(b.params.size(), step);
+        std::vector<at::Tensor> steps;
+        if (auto* capturable = capturable_steps()) {
+          for (void* state : b.states) {
+            auto& t = capturable->steps[state];
+            if (!t.defined() && capturable->recording) {
+              raise(
+                  "captured step: expected every parameter of the captured optimizer to have had a gradient in the "
+                  "warm-up steps, found one whose first step is being recorded; raise warmup_steps, or pass "
+                  "{{.fallback = true}}");
+            }
+            if (!t.defined()) {
+              // NOTE: created while warming up (eager), never while recording: a graph would refill it.
+              t = at::full(at::IntArrayRef{}, static_cast<double>(b.step),
+                           at::TensorOptions().dtype(at::kFloat).device(b.device));
+              capturable->advance.push_back([s = static_cast<State*>(state)] { s->step(s->step() + 1); });
+            } else if (!capturable->recording) {
+              t.fill_(static_cast<double>(b.step));
+            }
+            steps.push_back(t);
+          }
+          if (capturable->recording) at::_foreach_add_(steps, 1);
+        } else {
+          const at::Tensor step = at::full(at::IntArrayRef{}, static_cast<double>(b.step),
+                                           at::TensorOptions().dtype(at::kFloat).device(b.device));
+          steps.assign(b.params.size(), step);
+        }
         if constexpr (Decoupled) {
           at::_fused_adamw_(b.params, b.grads, b.exp_avgs, b.exp_avg_sqs, b.max_exp_avg_sqs, steps, lr, beta1, beta2,
                             weight_decay, eps, amsgrad, /*maximize=*/false);
@@ -10454,18 +10497,33 @@ struct BatchSignature {
   }
 };
 
+/// Lets optimizer_step report its steps and read device step counts while it lives.
+struct StepListenGuard {
+  StepListenGuard(std::vector<LoggedStep>* log, CapturableSteps* steps) noexcept {
+    optimizer_step_log() = log;
+    capturable_steps() = steps;
+  }
+  ~StepListenGuard() {
+    optimizer_step_log() = nullptr;
+    capturable_steps() = nullptr;
+  }
+  StepListenGuard(const StepListenGuard&) = delete;
+  StepListenGuard& operator=(const StepListenGuard&) = delete;
+};
+
 /// Returns why no step of the optimizer that logged this can be replayed from a graph, or "".
 inline std::string uncapturable_step(const LoggedStep& step) {
+  const bool adam = *step.type == typeid(torch::optim::Adam) || *step.type == typeid(torch::optim::AdamW);
   if (*step.type == typeid(torch::optim::SGD) && step.path == StepPath::foreach) return {};
+  if (adam && step.path == StepPath::fused) return {};
   if (*step.type == typeid(torch::optim::SGD)) {
     return "torch::optim::SGD with its own step (FABRIC_FOREACH_STEP=0): it writes through .data() with host "
            "scalars; leave FABRIC_FOREACH_STEP unset so that fabric's foreach step runs";
   }
-  const bool adam = *step.type == typeid(torch::optim::Adam) || *step.type == typeid(torch::optim::AdamW);
   if (adam) {
     return fmt::format(
-        "{}: its step count and bias corrections are host numbers (fused step: a step tensor filled on the host), "
-        "so a graph would replay the first captured step's corrections forever",
+        "{} through the foreach step: its bias corrections are host numbers, so a graph would replay one "
+        "step's forever; the fused step (float32 parameters on CUDA, FABRIC_FOREACH_STEP unset) is capturable",
         c10::demangle(step.type->name()));
   }
   return fmt::format("{}: its own step() reads host state per step (step counts, learning-rate schedules)",
@@ -10589,21 +10647,16 @@ class CapturedStep {
       at::Tensor loss;
       {
         c10::cuda::CUDAStreamGuard guard(*side_);
-        detail::optimizer_step_log() = &steps;
-        try {
-          loss = std::invoke(fn_, batch...);
-        } catch (...) {
-          detail::optimizer_step_log() = nullptr;
-          throw;
-        }
-        detail::optimizer_step_log() = nullptr;
+        detail::StepListenGuard listen(&steps, &capturable_);
+        loss = std::invoke(fn_, batch...);
       }
       c10::cuda::device_synchronize();
       for (const auto& step : steps) {
         if (const std::string why = detail::uncapturable_step(step); !why.empty()) {
           refuse(fmt::format(
               "capture: expected optimizers whose step a graph can replay (torch::optim::SGD through fabric's "
-              "foreach step), found {}; this step ran eagerly; pass {{.fallback = true}} to train eagerly",
+              "foreach step, Adam and AdamW through the fused step), found {}; this step ran eagerly; pass {{.fallback "
+              "= true}} to train eagerly",
               why));
           break;
         }
@@ -10617,6 +10670,8 @@ class CapturedStep {
       std::string failure;
       {
         c10::cuda::CUDAStreamGuard guard(*side_);
+        capturable_.recording = true;
+        detail::StepListenGuard listen(nullptr, &capturable_);
         graph->capture_begin();
         bool recording = true;
         // NOTE: an error inside the step leaves the stream capturing: end the (invalidated) capture and
@@ -10639,10 +10694,12 @@ class CapturedStep {
           end_broken_capture();
         } catch (...) {
           end_broken_capture();
+          capturable_.recording = false;
           static_inputs_.clear();
           throw;
         }
       }
+      capturable_.recording = false;
       if (!failure.empty()) {
         static_inputs_.clear();
         static_loss_ = at::Tensor();
@@ -10666,10 +10723,15 @@ class CapturedStep {
     std::size_t i = 0;
     (static_inputs_[i++].copy_(batch, /*non_blocking=*/true), ...);
     graph_->replay();
+    // NOTE: recording counted the first replay's step on the host already.
+    if (replays_++ > 0) {
+      for (const auto& advance : capturable_.advance) advance();
+    }
     return static_loss_;
   }
 
   std::optional<c10::cuda::CUDAStream> side_{};
+  std::int64_t replays_ = 0;
   std::unique_ptr<at::cuda::CUDAGraph> graph_{};
 #endif
 
@@ -10679,6 +10741,7 @@ class CapturedStep {
   bool eager_ = false;
   int calls_ = 0;
   std::vector<detail::BatchSignature> signature_{};
+  detail::CapturableSteps capturable_{};
   std::vector<at::Tensor> static_inputs_{};
   at::Tensor static_loss_{};
 };

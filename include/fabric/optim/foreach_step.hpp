@@ -24,6 +24,7 @@
 #include <torch/optim/sgd.h>
 #include <torch/version.h>
 
+#include "fabric/core/error.hpp"
 #include "fabric/detail/torch_version.hpp"
 
 #if FABRIC_TORCH_FUSED_ADAM
@@ -39,12 +40,14 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <memory>
 #include <sstream>
 #include <string>
 #include <tuple>
 #include <type_traits>
 #include <typeinfo>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -128,6 +131,22 @@ inline bool bucket_full(const c10::Device& device, std::int64_t numel) noexcept 
   return device.is_cpu() && numel >= cpu_bucket_numel;
 }
 
+/// The device step counts of Adam and AdamW while a captured step warms up and records
+/// (fabric::CapturedStep): the fused step reads them instead of a step tensor filled on the host, and
+/// increments them on the device while recording, so that each replay advances them. `advance` keeps
+/// the host counts (state_dict, an eager step later) in line, one call per replay.
+struct CapturableSteps {
+  bool recording = false;
+  std::unordered_map<const void*, at::Tensor> steps{};
+  std::vector<std::function<void()>> advance{};
+};
+
+/// The capturable step counts of this thread (null when no captured step warms up or records).
+inline CapturableSteps*& capturable_steps() noexcept {
+  thread_local CapturableSteps* steps = nullptr;
+  return steps;
+}
+
 /// The tensors of one param group that share device, dtype and step count.
 struct AdamBucket {
   c10::Device device;
@@ -136,6 +155,7 @@ struct AdamBucket {
   bool fusable = true;
   std::int64_t numel = 0;
   std::vector<at::Tensor> params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs;
+  std::vector<void*> states;
 };
 
 /// Steps Adam (Decoupled = false) or AdamW (true) with multi-tensor kernels; returns false, having
@@ -202,6 +222,7 @@ bool adam_foreach_step(Opt& optimizer) {
                         (!amsgrad || fused_layout_ok(p, state.max_exp_avg_sq()));
       bucket->numel += p.numel();
       bucket->params.push_back(p);
+      bucket->states.push_back(&state);
       bucket->grads.push_back(p.grad());
       bucket->exp_avgs.push_back(state.exp_avg());
       bucket->exp_avg_sqs.push_back(state.exp_avg_sq());
@@ -216,9 +237,32 @@ bool adam_foreach_step(Opt& optimizer) {
       if (allow_fused && b.fusable && fused_adam_supported(b.device, b.dtype)) {
         // NOTE: the fused kernels read a float32 step per tensor (already incremented); one shared
         // tensor serves the whole bucket.
-        const at::Tensor step = at::full(at::IntArrayRef{}, static_cast<double>(b.step),
-                                         at::TensorOptions().dtype(at::kFloat).device(b.device));
-        const std::vector<at::Tensor> steps(b.params.size(), step);
+        std::vector<at::Tensor> steps;
+        if (auto* capturable = capturable_steps()) {
+          for (void* state : b.states) {
+            auto& t = capturable->steps[state];
+            if (!t.defined() && capturable->recording) {
+              raise(
+                  "captured step: expected every parameter of the captured optimizer to have had a gradient in the "
+                  "warm-up steps, found one whose first step is being recorded; raise warmup_steps, or pass "
+                  "{{.fallback = true}}");
+            }
+            if (!t.defined()) {
+              // NOTE: created while warming up (eager), never while recording: a graph would refill it.
+              t = at::full(at::IntArrayRef{}, static_cast<double>(b.step),
+                           at::TensorOptions().dtype(at::kFloat).device(b.device));
+              capturable->advance.push_back([s = static_cast<State*>(state)] { s->step(s->step() + 1); });
+            } else if (!capturable->recording) {
+              t.fill_(static_cast<double>(b.step));
+            }
+            steps.push_back(t);
+          }
+          if (capturable->recording) at::_foreach_add_(steps, 1);
+        } else {
+          const at::Tensor step = at::full(at::IntArrayRef{}, static_cast<double>(b.step),
+                                           at::TensorOptions().dtype(at::kFloat).device(b.device));
+          steps.assign(b.params.size(), step);
+        }
         if constexpr (Decoupled) {
           at::_fused_adamw_(b.params, b.grads, b.exp_avgs, b.exp_avg_sqs, b.max_exp_avg_sqs, steps, lr, beta1, beta2,
                             weight_decay, eps, amsgrad, /*maximize=*/false);

@@ -77,18 +77,33 @@ struct BatchSignature {
   }
 };
 
+/// Lets optimizer_step report its steps and read device step counts while it lives.
+struct StepListenGuard {
+  StepListenGuard(std::vector<LoggedStep>* log, CapturableSteps* steps) noexcept {
+    optimizer_step_log() = log;
+    capturable_steps() = steps;
+  }
+  ~StepListenGuard() {
+    optimizer_step_log() = nullptr;
+    capturable_steps() = nullptr;
+  }
+  StepListenGuard(const StepListenGuard&) = delete;
+  StepListenGuard& operator=(const StepListenGuard&) = delete;
+};
+
 /// Returns why no step of the optimizer that logged this can be replayed from a graph, or "".
 inline std::string uncapturable_step(const LoggedStep& step) {
+  const bool adam = *step.type == typeid(torch::optim::Adam) || *step.type == typeid(torch::optim::AdamW);
   if (*step.type == typeid(torch::optim::SGD) && step.path == StepPath::foreach) return {};
+  if (adam && step.path == StepPath::fused) return {};
   if (*step.type == typeid(torch::optim::SGD)) {
     return "torch::optim::SGD with its own step (FABRIC_FOREACH_STEP=0): it writes through .data() with host "
            "scalars; leave FABRIC_FOREACH_STEP unset so that fabric's foreach step runs";
   }
-  const bool adam = *step.type == typeid(torch::optim::Adam) || *step.type == typeid(torch::optim::AdamW);
   if (adam) {
     return fmt::format(
-        "{}: its step count and bias corrections are host numbers (fused step: a step tensor filled on the host), "
-        "so a graph would replay the first captured step's corrections forever",
+        "{} through the foreach step: its bias corrections are host numbers, so a graph would replay one "
+        "step's forever; the fused step (float32 parameters on CUDA, FABRIC_FOREACH_STEP unset) is capturable",
         c10::demangle(step.type->name()));
   }
   return fmt::format("{}: its own step() reads host state per step (step counts, learning-rate schedules)",
@@ -212,21 +227,16 @@ class CapturedStep {
       at::Tensor loss;
       {
         c10::cuda::CUDAStreamGuard guard(*side_);
-        detail::optimizer_step_log() = &steps;
-        try {
-          loss = std::invoke(fn_, batch...);
-        } catch (...) {
-          detail::optimizer_step_log() = nullptr;
-          throw;
-        }
-        detail::optimizer_step_log() = nullptr;
+        detail::StepListenGuard listen(&steps, &capturable_);
+        loss = std::invoke(fn_, batch...);
       }
       c10::cuda::device_synchronize();
       for (const auto& step : steps) {
         if (const std::string why = detail::uncapturable_step(step); !why.empty()) {
           refuse(fmt::format(
               "capture: expected optimizers whose step a graph can replay (torch::optim::SGD through fabric's "
-              "foreach step), found {}; this step ran eagerly; pass {{.fallback = true}} to train eagerly",
+              "foreach step, Adam and AdamW through the fused step), found {}; this step ran eagerly; pass {{.fallback "
+              "= true}} to train eagerly",
               why));
           break;
         }
@@ -240,6 +250,8 @@ class CapturedStep {
       std::string failure;
       {
         c10::cuda::CUDAStreamGuard guard(*side_);
+        capturable_.recording = true;
+        detail::StepListenGuard listen(nullptr, &capturable_);
         graph->capture_begin();
         bool recording = true;
         // NOTE: an error inside the step leaves the stream capturing: end the (invalidated) capture and
@@ -262,10 +274,12 @@ class CapturedStep {
           end_broken_capture();
         } catch (...) {
           end_broken_capture();
+          capturable_.recording = false;
           static_inputs_.clear();
           throw;
         }
       }
+      capturable_.recording = false;
       if (!failure.empty()) {
         static_inputs_.clear();
         static_loss_ = at::Tensor();
@@ -289,10 +303,15 @@ class CapturedStep {
     std::size_t i = 0;
     (static_inputs_[i++].copy_(batch, /*non_blocking=*/true), ...);
     graph_->replay();
+    // NOTE: recording counted the first replay's step on the host already.
+    if (replays_++ > 0) {
+      for (const auto& advance : capturable_.advance) advance();
+    }
     return static_loss_;
   }
 
   std::optional<c10::cuda::CUDAStream> side_{};
+  std::int64_t replays_ = 0;
   std::unique_ptr<at::cuda::CUDAGraph> graph_{};
 #endif
 
@@ -302,6 +321,7 @@ class CapturedStep {
   bool eager_ = false;
   int calls_ = 0;
   std::vector<detail::BatchSignature> signature_{};
+  detail::CapturableSteps capturable_{};
   std::vector<at::Tensor> static_inputs_{};
   at::Tensor static_loss_{};
 };
