@@ -182,6 +182,7 @@ bool adam_foreach_step(Opt& optimizer) {
 
   const bool allow_fused = optimizer_step_kernels() == StepPath::fused;
   bool any_fused = false;
+  bool any_foreach = false;  // a bucket the fused kernel could not take (another dtype or device)
   std::vector<AdamBucket> buckets;
   for (auto& group : optimizer.param_groups()) {
     auto& options = static_cast<Options&>(group.options());
@@ -274,6 +275,7 @@ bool adam_foreach_step(Opt& optimizer) {
         continue;
       }
 #endif
+      any_foreach = true;
       std::vector<at::Tensor> grads = b.grads;
       if constexpr (Decoupled) {
         if (weight_decay != 0) at::_foreach_mul_(b.params, 1 - lr * weight_decay);
@@ -298,7 +300,9 @@ bool adam_foreach_step(Opt& optimizer) {
       at::_foreach_addcdiv_(b.params, b.exp_avgs, denoms, -step_size);
     }
   }
-  last_optimizer_step_path() = any_fused ? StepPath::fused : StepPath::foreach;
+  // NOTE: fused only when every bucket was: a captured step replays a foreach bucket's host-side bias
+  // corrections forever, so a mixed step must not pass for a fused one.
+  last_optimizer_step_path() = any_fused && !any_foreach ? StepPath::fused : StepPath::foreach;
   return true;
 }
 
