@@ -349,3 +349,34 @@ TEST_CASE("FULL_SHARD refuses parameters shared across units, and takes them wit
 // Lightning left out: tests_fabric/strategies/test_fsdp_integration.py::test_manual_activation_checkpointing - Python's checkpoint_wrapper applied by hand; fabric's is per unit (activation_checkpointing option), tests/dist fsdp.train.*.checkpointing
 // Lightning left out: tests_fabric/strategies/test_fsdp_integration.py::test_rewrap_warnings - modules already wrapped in Python's FSDP; fabric has no FSDP wrapper modules
 // Lightning left out: tests_fabric/strategies/test_fsdp_integration.py::test_no_call_to_apply - Python's Module.apply during FSDP wrapping; fabric's FSDP does not wrap modules
+
+TEST_CASE("FSDP under bf16-mixed keeps fp32 shards and trains as bf16-mixed on one device", "[fsdp][precision]") {
+  fabric::Fabric<fabric::CPU, fabric::FSDP, fabric::BF16Mixed> fabric({}, solo(), {});
+  fabric.launch();
+  fabric::Fabric<fabric::CPU, fabric::SingleDevice, fabric::BF16Mixed> single;
+  Net net = make_net();
+  Net reference = make_net();
+  torch::optim::AdamW adamw(net->parameters(), torch::optim::AdamWOptions(0.01));
+  torch::optim::AdamW ref_adamw(reference->parameters(), torch::optim::AdamWOptions(0.01));
+  auto [model, optimizer] = fabric.setup(net, adamw);
+  auto [ref_model, ref_optimizer] = single.setup(reference, ref_adamw);
+  for (const auto& group : optimizer->param_groups()) {
+    for (const auto& p : group.params()) CHECK(p.scalar_type() == torch::kFloat);  // the shards
+  }
+  for (int step = 0; step < 3; ++step) {
+    const auto x = torch::randn({4, 3});
+    fabric.backward(model(x).pow(2).sum());
+    optimizer.step();
+    optimizer.zero_grad();
+    single.backward(ref_model(x).pow(2).sum());
+    ref_optimizer.step();
+    ref_optimizer.zero_grad();
+  }
+  auto full = fabric.strategy().summon_full_params(model.strategy_state());
+  const auto a = net->parameters();
+  const auto b = reference->parameters();
+  for (std::size_t i = 0; i < a.size(); ++i) {
+    CHECK(a[i].scalar_type() == torch::kFloat);
+    CHECK(torch::allclose(a[i], b[i], 1e-6, 1e-7));
+  }
+}
