@@ -10,7 +10,6 @@
 
 #include "fabric/fabric.hpp"
 #include "fabric/strategies/ddp.hpp"
-#include "fabric/strategies/fsdp.hpp"
 #include "fabric/strategies/environments/detect.hpp"
 #include "fabric/strategies/environments/environment.hpp"
 #include "fabric/strategies/environments/kubeflow.hpp"
@@ -19,6 +18,7 @@
 #include "fabric/strategies/environments/mpi.hpp"
 #include "fabric/strategies/environments/slurm.hpp"
 #include "fabric/strategies/environments/torchelastic.hpp"
+#include "fabric/strategies/fsdp.hpp"
 #include "fabric/strategies/launchers/process_set.hpp"
 #include "fabric/strategies/launchers/subprocess.hpp"
 #include "fabric/strategies/parallel.hpp"
