@@ -31,6 +31,8 @@ SCOPE = [
     "test_fabric.py", "test_wrappers.py", "test_connector.py", "utilities/test_seed.py", "utilities/test_data.py",
     "utilities/test_apply_func.py", "utilities/test_throughput.py", "loggers/test_csv.py", "plugins/precision/",
     "strategies/test_ddp.py", "strategies/launchers/", "plugins/environments/",
+    # issue 18 (FSDP, sharded checkpoints)
+    "strategies/test_fsdp.py", "strategies/test_fsdp_integration.py", "utilities/test_consolidate_checkpoint.py",
 ]
 MIRROR = re.compile(r"//\s*Lightning:\s*((?:tests_fabric/[\w/]+\.py::\w+[,\s]*)+)")
 LEFT_OUT = re.compile(r"//\s*Lightning left out:\s*(tests_fabric/[\w/]+\.py::\w+)\s*[-\u2014:]+\s*(.+)")
@@ -42,7 +44,7 @@ def update(repo: pathlib.Path) -> None:
                             check=True).stdout.strip()
     files = subprocess.run(["git", "-C", str(repo), "ls-tree", "-r", "--name-only", "HEAD", "tests/tests_fabric"],
                            capture_output=True, text=True, check=True).stdout.split()
-    lines = [f"# Lightning-AI/pytorch-lightning {commit}: the top-level tests of the files issue 12 names"]
+    lines = [f"# Lightning-AI/pytorch-lightning {commit}: the top-level tests of the files issues 12 and 18 name"]
     for path in sorted(files):
         rel = path.removeprefix("tests/tests_fabric/")
         if not rel.endswith(".py") or not any(rel == s or (s.endswith("/") and rel.startswith(s)) for s in SCOPE):
