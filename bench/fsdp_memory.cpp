@@ -51,10 +51,12 @@ std::int64_t optimizer_state_bytes(const torch::optim::Optimizer& optimizer) {
 
 template <class S>
 nlohmann::json run(const Settings& s, S strategy) {
-  const torch::Device device(s.device == "cuda" ? torch::kCUDA : torch::kCPU);
   using Accelerator = fabric::Auto;
   fabric::Fabric<Accelerator, S, fabric::BF16Mixed> fabric({.devices = 1}, std::move(strategy), {});
   fabric.launch();
+  // NOTE: the device with its index (cuda:<local rank>): the allocator's statistics are per device, and
+  // index -1 is "Invalid device argument".
+  const torch::Device device = s.device == "cuda" ? fabric.device() : torch::Device(torch::kCPU);
   const gpt2::Config config = s.gpt2_config == "tiny" ? gpt2::Config::tiny() : gpt2::Config{};
   torch::manual_seed(1337);
   gpt2::GPT net(config);
