@@ -210,8 +210,8 @@ inline at::Tensor loss(const at::Tensor& logits, const at::Tensor& targets,
   return fabric::nn::cross_entropy(logits.view({-1, logits.size(-1)}), targets.reshape({-1}), {}, chunks);
 }
 
-/// Returns the same loss the float32 way: logits cast to float32, then LibTorch's cross-entropy (the
-/// path of a plain LibTorch loop, kept for comparison in bench/race.cpp).
+/// Returns the same loss the float32 way: logits cast to float32, then LibTorch's cross-entropy (the path
+/// of a plain LibTorch loop; faster than gpt2::loss on an H200, which saves the float32 copy's memory).
 inline at::Tensor float32_loss(const at::Tensor& logits, const at::Tensor& targets) {
   return torch::nn::functional::cross_entropy(logits.to(torch::kFloat).view({-1, logits.size(-1)}),
                                               targets.reshape({-1}));
