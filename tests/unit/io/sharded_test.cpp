@@ -485,6 +485,10 @@ TEST_CASE("sharded saves killed with SIGKILL at random moments: the previous che
     REQUIRE(pid >= 0);
     if (pid == 0) {
       ::close(ready[0]);
+      // NOTE: one thread, as PyTorch's DataLoader workers: a forked child of a process whose OpenMP pool ran
+      // never finished a parallel copy on the GPU machine (LibTorch 2.11, 16 cores: no save in 20 s, against
+      // 18 ms in the parent); fabric's launchers start processes with exec, not fork.
+      at::set_num_threads(1);
       try {
         for (std::int64_t i = 1;; ++i) {
           save_even(dir, 3, {big}, step_meta(i));
