@@ -18179,6 +18179,7 @@ class SubprocessLauncher {
 #include <filesystem>
 #include <memory>
 #include <optional>
+#include <sstream>
 #include <string>
 #include <string_view>
 #include <thread>
@@ -18550,6 +18551,37 @@ class ParallelStrategy : public StrategyBase {
   }
 
  protected:
+  /// Fails on every rank, naming the first difference, when the module (its `description`, one line per
+  /// parameter and buffer) differs from rank 0's; `who` opens the message ("DDP").
+  void verify_same_model(std::string_view who, const std::string& description) {
+    std::vector<char> bytes(description.begin(), description.end());
+    broadcast_bytes(bytes, 0, "setup");
+    const std::string reference(bytes.begin(), bytes.end());
+    std::string difference;
+    if (reference != description) {
+      std::istringstream mine(description), theirs(reference);
+      std::string a, b;
+      while (true) {
+        const bool ha = static_cast<bool>(std::getline(mine, a));
+        const bool hb = static_cast<bool>(std::getline(theirs, b));
+        if (!ha && !hb) break;
+        if (a != b || ha != hb) {
+          difference = fmt::format("this rank has {} where rank 0 has {}", ha ? a : "nothing", hb ? b : "nothing");
+          break;
+        }
+      }
+    }
+    if (!reduce_boolean_decision(difference.empty(), true)) {
+      if (!difference.empty()) {
+        detail::raise("{}: rank {} has a different model than rank 0: {}; build the same model on every rank", who,
+                      global_rank(), difference);
+      }
+      detail::raise(
+          "{}: another rank has a different model than rank {} (its error names the parameter); build the same "
+          "model on every rank",
+          who, global_rank());
+    }
+  }
   /// Returns the process group; raises naming `what` before launch().
   const c10::intrusive_ptr<c10d::ProcessGroup>& group(std::string_view what) const {
     if (!pg_) {
@@ -18842,7 +18874,7 @@ class DDP : public ParallelStrategy {
       state->buffers.push_back(*b);
       sync.push_back(b->detach());
     }
-    verify_same_model(description);
+    verify_same_model("DDP", description);
     if (params.empty()) {
       detail::raise("DDP: expected a module with parameters that require grad, found none; nothing would be trained");
     }
@@ -18957,37 +18989,6 @@ class DDP : public ParallelStrategy {
 
  private:
   static constexpr std::size_t kBroadcastBucketBytes = 250u * 1024u * 1024u;
-
-  /// Fails on every rank, naming the first difference, when the module differs from rank 0's.
-  void verify_same_model(const std::string& description) {
-    std::vector<char> bytes(description.begin(), description.end());
-    broadcast_bytes(bytes, 0, "setup");
-    const std::string reference(bytes.begin(), bytes.end());
-    std::string difference;
-    if (reference != description) {
-      std::istringstream mine(description), theirs(reference);
-      std::string a, b;
-      while (true) {
-        const bool ha = static_cast<bool>(std::getline(mine, a));
-        const bool hb = static_cast<bool>(std::getline(theirs, b));
-        if (!ha && !hb) break;
-        if (a != b || ha != hb) {
-          difference = fmt::format("this rank has {} where rank 0 has {}", ha ? a : "nothing", hb ? b : "nothing");
-          break;
-        }
-      }
-    }
-    if (!reduce_boolean_decision(difference.empty(), true)) {
-      if (!difference.empty()) {
-        detail::raise("DDP: rank {} has a different model than rank 0: {}; build the same model on every rank",
-                      global_rank(), difference);
-      }
-      detail::raise(
-          "DDP: another rank has a different model than rank {} (its error names the parameter); build the same "
-          "model on every rank",
-          global_rank());
-    }
-  }
 
   Options options_{};
 };
@@ -19196,7 +19197,7 @@ class FSDP : public ParallelStrategy {
                                  c10::toString(b->scalar_type()));
       buffers.push_back(b->detach());
     }
-    verify_same_model(description);
+    verify_same_model("FSDP", description);
 
     if (!options_.activation_checkpointing.empty()) {
       apply_activation_checkpointing(module, options_.activation_checkpointing);
@@ -20159,37 +20160,6 @@ class FSDP : public ParallelStrategy {
       }
     }
     return unexpected;
-  }
-
-  /// Fails on every rank, naming the first difference, when the module differs from rank 0's.
-  void verify_same_model(const std::string& description) {
-    std::vector<char> bytes(description.begin(), description.end());
-    broadcast_bytes(bytes, 0, "setup");
-    const std::string reference(bytes.begin(), bytes.end());
-    std::string difference;
-    if (reference != description) {
-      std::istringstream mine(description), theirs(reference);
-      std::string a, b;
-      while (true) {
-        const bool ha = static_cast<bool>(std::getline(mine, a));
-        const bool hb = static_cast<bool>(std::getline(theirs, b));
-        if (!ha && !hb) break;
-        if (a != b || ha != hb) {
-          difference = fmt::format("this rank has {} where rank 0 has {}", ha ? a : "nothing", hb ? b : "nothing");
-          break;
-        }
-      }
-    }
-    if (!reduce_boolean_decision(difference.empty(), true)) {
-      if (!difference.empty()) {
-        detail::raise("FSDP: rank {} has a different model than rank 0: {}; build the same model on every rank",
-                      global_rank(), difference);
-      }
-      detail::raise(
-          "FSDP: another rank has a different model than rank {} (its error names the parameter); build "
-          "the same model on every rank",
-          global_rank());
-    }
   }
 
   Options options_{};

@@ -212,7 +212,7 @@ class FSDP : public ParallelStrategy {
                                  c10::toString(b->scalar_type()));
       buffers.push_back(b->detach());
     }
-    verify_same_model(description);
+    verify_same_model("FSDP", description);
 
     if (!options_.activation_checkpointing.empty()) {
       apply_activation_checkpointing(module, options_.activation_checkpointing);
@@ -1175,37 +1175,6 @@ class FSDP : public ParallelStrategy {
       }
     }
     return unexpected;
-  }
-
-  /// Fails on every rank, naming the first difference, when the module differs from rank 0's.
-  void verify_same_model(const std::string& description) {
-    std::vector<char> bytes(description.begin(), description.end());
-    broadcast_bytes(bytes, 0, "setup");
-    const std::string reference(bytes.begin(), bytes.end());
-    std::string difference;
-    if (reference != description) {
-      std::istringstream mine(description), theirs(reference);
-      std::string a, b;
-      while (true) {
-        const bool ha = static_cast<bool>(std::getline(mine, a));
-        const bool hb = static_cast<bool>(std::getline(theirs, b));
-        if (!ha && !hb) break;
-        if (a != b || ha != hb) {
-          difference = fmt::format("this rank has {} where rank 0 has {}", ha ? a : "nothing", hb ? b : "nothing");
-          break;
-        }
-      }
-    }
-    if (!reduce_boolean_decision(difference.empty(), true)) {
-      if (!difference.empty()) {
-        detail::raise("FSDP: rank {} has a different model than rank 0: {}; build the same model on every rank",
-                      global_rank(), difference);
-      }
-      detail::raise(
-          "FSDP: another rank has a different model than rank {} (its error names the parameter); build "
-          "the same model on every rank",
-          global_rank());
-    }
   }
 
   Options options_{};

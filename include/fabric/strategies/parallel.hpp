@@ -44,6 +44,7 @@
 #include <filesystem>
 #include <memory>
 #include <optional>
+#include <sstream>
 #include <string>
 #include <string_view>
 #include <thread>
@@ -415,6 +416,37 @@ class ParallelStrategy : public StrategyBase {
   }
 
  protected:
+  /// Fails on every rank, naming the first difference, when the module (its `description`, one line per
+  /// parameter and buffer) differs from rank 0's; `who` opens the message ("DDP").
+  void verify_same_model(std::string_view who, const std::string& description) {
+    std::vector<char> bytes(description.begin(), description.end());
+    broadcast_bytes(bytes, 0, "setup");
+    const std::string reference(bytes.begin(), bytes.end());
+    std::string difference;
+    if (reference != description) {
+      std::istringstream mine(description), theirs(reference);
+      std::string a, b;
+      while (true) {
+        const bool ha = static_cast<bool>(std::getline(mine, a));
+        const bool hb = static_cast<bool>(std::getline(theirs, b));
+        if (!ha && !hb) break;
+        if (a != b || ha != hb) {
+          difference = fmt::format("this rank has {} where rank 0 has {}", ha ? a : "nothing", hb ? b : "nothing");
+          break;
+        }
+      }
+    }
+    if (!reduce_boolean_decision(difference.empty(), true)) {
+      if (!difference.empty()) {
+        detail::raise("{}: rank {} has a different model than rank 0: {}; build the same model on every rank", who,
+                      global_rank(), difference);
+      }
+      detail::raise(
+          "{}: another rank has a different model than rank {} (its error names the parameter); build the same "
+          "model on every rank",
+          who, global_rank());
+    }
+  }
   /// Returns the process group; raises naming `what` before launch().
   const c10::intrusive_ptr<c10d::ProcessGroup>& group(std::string_view what) const {
     if (!pg_) {
