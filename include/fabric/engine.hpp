@@ -12,6 +12,7 @@
 #include "fabric/core/options.hpp"
 #include "fabric/core/type_list.hpp"
 #include "fabric/detail/setup.hpp"
+#include "fabric/fwd.hpp"
 #include "fabric/io/state.hpp"
 #include "fabric/loggers/logger.hpp"
 #include "fabric/precision/autocast.hpp"
@@ -21,7 +22,6 @@
 #include "fabric/strategies/single_device.hpp"
 #include "fabric/strategies/strategy.hpp"
 #include "fabric/utils/apply.hpp"
-#include "fabric/utils/capture.hpp"
 #include "fabric/utils/seed.hpp"
 #include "fabric/wrappers/data_loader.hpp"
 #include "fabric/wrappers/module.hpp"
@@ -511,6 +511,8 @@ class Fabric {
   /// one CUDA graph and replays it for every later batch of the same shapes (fabric::CapturedStep).
   /// Refuses with a fabric::Error what a graph cannot replay, or runs it eagerly with
   /// `{.fallback = true}`. Lightning has no counterpart (Python: `torch.compile(mode="reduce-overhead")`).
+  /// CapturedStep is defined in `fabric/utils/capture.hpp` (part of `fabric/fabric.hpp`): the engine
+  /// itself does not depend on the CUDA-graph headers.
   ///
   ///     auto step = fabric.capture([&](const at::Tensor& x, const at::Tensor& y) {
   ///       auto loss = F::cross_entropy(model(x), y);
@@ -521,7 +523,7 @@ class Fabric {
   ///     });
   ///     for (auto& batch : loader) fabric.print("{}", step(batch.data, batch.target).item<float>());
   template <class Fn>
-  CapturedStep<Fabric, std::decay_t<Fn>> capture(Fn&& fn, CaptureOptions options = {}) {
+  CapturedStep<Fabric, std::decay_t<Fn>> capture(Fn&& fn, const CaptureOptions& options = {}) {
     return CapturedStep<Fabric, std::decay_t<Fn>>(*this, std::forward<Fn>(fn), options);
   }
 

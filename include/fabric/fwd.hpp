@@ -42,5 +42,8 @@ template <class O, class F>
 class Optimizer;
 template <class L>
 class DataLoader;
+struct CaptureOptions;
+template <class F, class Fn>
+class CapturedStep;
 
 }  // namespace fabric
