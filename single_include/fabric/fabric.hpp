@@ -8481,7 +8481,7 @@ class TorchCheckpointIO {
           v = entry;
         } else if (key == "__fabric__" && v.isGenericDict() && v.toGenericDict().contains("optimizers")) {
           auto marker = v.toGenericDict().copy();
-          marker.erase("optimizers");
+          (void)marker.erase("optimizers");
           v = marker;
         }
         checkpoint.insert(key, v);
