@@ -1,26 +1,31 @@
 #!/usr/bin/env bash
-# The race (shared BENCH.md): builds bench_race (bench/race.cpp) and runs it and bench/python/race.py
-# one after the other on the GPU, then prints one table of every competitor on every workload:
+# The race (shared BENCH.md): builds bench_race (bench/race.cpp), then bench/python/race.py runs it
+# (bench_race --serve) and its own Python loops in alternating rounds on the GPU and prints one table
+# of every competitor on every workload, with the loss check:
 #
-#   lightning       Python Lightning Fabric (Fabric(accelerator="cuda", devices=1, precision=...))
-#   pytorch         a raw PyTorch loop (torch.autocast, default torch.optim.AdamW = foreach on CUDA)
-#   libtorch        a hand-written LibTorch loop (LibTorch's own per-parameter AdamW step)
-#   libtorch-fused  the same loop with fabric's multi-tensor AdamW step (fabric's work without fabric)
-#   fabric          fabric::Fabric<CUDA, SingleDevice, FP32 | BF16Mixed>; gpt2: bfloat16 logits
-#                   (BF16Mixed({.convert_output = false})) into fabric::nn::cross_entropy
-#   fabric-f32-loss fabric on gpt2 with float32 logits and LibTorch's cross-entropy (the float32 path)
+#   lightning          Python Lightning Fabric (Fabric(accelerator="cuda", devices=1, precision=...))
+#   lightning-compile  the same with torch.compile(model) and AdamW(fused=True)
+#   pytorch            a raw PyTorch loop (torch.autocast, default torch.optim.AdamW = foreach on CUDA)
+#   libtorch           a hand-written LibTorch loop (LibTorch's own per-parameter AdamW step)
+#   libtorch-fused     the same loop with fabric's multi-tensor AdamW step (fabric's work without fabric)
+#   fabric             fabric::Fabric<CUDA, SingleDevice, FP32 | BF16Mixed>; gpt2: bfloat16 logits
+#                      (BF16Mixed({.convert_output = false})) into fabric::nn::cross_entropy
+#   fabric-f32-loss    fabric on gpt2 with float32 logits and LibTorch's cross-entropy (the float32 path)
+#   fabric-capture     fabric's step recorded in a CUDA graph by fabric.capture
+#   fabric-master      fabric::BF16Master on the bf16 workloads (where this fabric has it)
 #
 # Every C++ loop uses fabric::nn::Linear (bias inside the GEMM) and, for gpt2, the chunked loss.
 #
 # Usage, from the repository root (GPU machine: run ../shared/gpu/fetch-deps.sh first):
 #
-#   bench/race.sh                                      # all workloads, BENCH.md's steps
-#   bench/race.sh --workload mlp --steps 100           # flags go to both bench_race and race.py
-#   RACE_DEVICE=cpu RACE_CONFIGURE=0 BUILD_DIR=build bench/race.sh --workload mlp --steps 3 --warmup 1
+#   bench/race.sh                                      # all workloads, BENCH.md's steps, 5 rounds
+#   bench/race.sh --workload mlp --steps 100 --rounds 3    # flags go to race.py (and on to bench_race)
+#   RACE_PROFILE=1 bench/race.sh                       # also bench_race --profile (host time, Kineto traces)
+#   RACE_DEVICE=cpu RACE_CONFIGURE=0 BUILD_DIR=build bench/race.sh --workload mlp --steps 3 --warmup 5 --rounds 2
 #
-# Environment: BUILD_DIR (default build-race), OUT (where logs and race.json go; default
+# Environment: BUILD_DIR (default build-race), OUT (where logs, traces and race.json go; default
 # $BUILD_DIR/race-out), PYTHON (default python3), RACE_DEVICE (cuda or cpu; default cuda),
-# RACE_CONFIGURE=0 to reuse an already configured BUILD_DIR.
+# RACE_CONFIGURE=0 to reuse an already configured BUILD_DIR, RACE_PROFILE=1 for the profile first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -51,79 +56,27 @@ if [ "${RACE_CONFIGURE:-1}" != 0 ]; then
     say "configure FAILED (log: $OUT_DIR/configure.log); running the Python side only"
   fi
 fi
-CPP_OK=0
+CPP=()
 say "building bench_race"
 if cmake --build "$BUILD_DIR" --target bench_race -j "$(nproc)" >"$OUT_DIR/build.log" 2>&1; then
-  CPP_OK=1
+  CPP=(--cpp "$BUILD_DIR/bench/bench_race")
   grep -m1 "bench_race with CUDA" "$OUT_DIR/configure.log" 2>/dev/null || true
 else
   grep -E "error|Error" -m 20 "$OUT_DIR/build.log"
   say "build FAILED (log: $OUT_DIR/build.log); running the Python side only"
 fi
 
-# ---- run ----------------------------------------------------------------------------------------
-$PY -c 'import torch; print("torch", torch.__version__, "|", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU")'
-rm -f "$OUT_DIR/race-cpp.json" "$OUT_DIR/race-python.json"
-if [ "$CPP_OK" = 1 ]; then
-  say "C++: bench_race $*"
-  "$BUILD_DIR/bench/bench_race" --device "$DEVICE" --json "$OUT_DIR/race-cpp.json" "$@" 2>&1 | tee "$OUT_DIR/race-cpp.log"
+# ---- profile: fabric's step against the raw loop with the same fused step ---------------------------
+if [ "${RACE_PROFILE:-0}" != 0 ] && [ ${#CPP[@]} -gt 0 ]; then
+  say "profile: bench_race --profile (libtorch-fused against fabric: host time per phase, Kineto traces)"
+  "$BUILD_DIR/bench/bench_race" --device "$DEVICE" --profile "$OUT_DIR/trace" --workload mlp-fp32 \
+    --workload mlp-bf16-mixed 2>&1 | tee "$OUT_DIR/profile.log"
+  $PY bench/python/race_profile.py "$OUT_DIR"/trace-*.json 2>&1 | tee -a "$OUT_DIR/profile.log"
 fi
-say "Python: race.py $*"
-$PY bench/python/race.py --device "$DEVICE" --json "$OUT_DIR/race-python.json" "$@" 2>&1 | tee "$OUT_DIR/race-python.log"
 
-# ---- the table ------------------------------------------------------------------------------------
-say "table"
-$PY - "$OUT_DIR" <<'EOF'
-import json, os, sys
-
-out_dir = sys.argv[1]
-runs, results = {}, []
-for side in ("cpp", "python"):
-    path = os.path.join(out_dir, f"race-{side}.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            runs[side] = json.load(f)
-        results += runs[side]["results"]
-    else:
-        print(f"race.sh: no {path}: that side did not run to the end (see its log)")
-order = {"lightning": 0, "pytorch": 1, "libtorch": 2, "libtorch-fused": 3, "fabric": 4, "fabric-f32-loss": 5}
-workloads = []
-for r in results:
-    key = (r["workload"], r["precision"])
-    if key not in workloads:
-        workloads.append(key)
-fabric_ms = {(r["workload"], r["precision"]): r["ms_median"] for r in results if r["competitor"] == "fabric"}
-head = ("| workload | precision | competitor | ms/step (median) | tokens/s (samples/s for mlp) | MFU | "
-        "peak GPU memory GiB (reserved) | competitor/fabric |")
-lines = [head, "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
-checks = []
-for key in workloads:
-    rows = sorted((r for r in results if (r["workload"], r["precision"]) == key), key=lambda r: order.get(r["competitor"], 9))
-    for r in rows:
-        ratio = r["ms_median"] / fabric_ms[key] if key in fabric_ms else float("nan")
-        lines.append(f"| {key[0]} | {key[1]} | {r['competitor']} | {r['ms_median']:.3f} | {r['per_s']:,.0f} | "
-                     f"{r['mfu']:.3f} | {r['peak_allocated_bytes'] / 2**30:.2f} ({r['peak_reserved_bytes'] / 2**30:.2f}) | "
-                     f"{ratio:.3f} |")
-    # Self-checks: every competitor trained the same model (same parameter count) from the same
-    # weights on the same batch, so the last losses must agree closely.
-    params = {r["params"] for r in rows}
-    losses = [r["last_loss"] for r in rows]
-    spread = (max(losses) - min(losses)) / max(abs(min(losses)), 1e-12)
-    # NOTE: the mlp memorises its one batch (losses near 5e-4 after 300 steps), where a relative
-    # spread means nothing; losses that close to zero agree when they differ by less than 1e-3.
-    ok = len(params) == 1 and (spread < 0.02 or max(losses) - min(losses) < 1e-3)
-    checks.append(f"{'ok  ' if ok else 'FAIL'} {key[0]} {key[1]}: parameters {sorted(params)}, last losses "
-                  + ", ".join(f"{r['competitor']} {r['last_loss']:.4f}" for r in rows) + f" (spread {spread:.2%})")
-print("\n".join(lines))
-print()
-print("\n".join(checks))
-print("AdamW kernels: " + "; ".join(f"{r['workload']}/{r['precision']}/{r['competitor']}: {r['optimizer_kernels']}"
-                                    for r in results if r["workload"] == "gpt2"))
-combined = {"runs": {k: {kk: vv for kk, vv in v.items() if kk != "results"} for k, v in runs.items()},
-            "results": results, "table": lines, "checks": checks}
-with open(os.path.join(out_dir, "race.json"), "w") as f:
-    json.dump(combined, f, indent=2)
-    f.write("\n")
-print(f"race.sh: wrote {os.path.join(out_dir, 'race.json')}")
-EOF
-say "done"
+# ---- the race --------------------------------------------------------------------------------------
+say "race.py ${CPP[*]} $*"
+$PY bench/python/race.py --device "$DEVICE" "${CPP[@]}" --json "$OUT_DIR/race.json" "$@" 2>&1 | tee "$OUT_DIR/race.log"
+rc=${PIPESTATUS[0]}
+say "done (race.py exit status $rc; log $OUT_DIR/race.log, results $OUT_DIR/race.json)"
+exit "$rc"
