@@ -1,11 +1,15 @@
-// bench_ddp_race: fabric's DDP on several GPUs (or Gloo processes on the CPU), for bench/multi_gpu.sh.
+// bench_ddp_race: fabric's DDP and FSDP on several GPUs (or Gloo processes on the CPU), for bench/multi_gpu.sh.
 // One workload per run; two modes:
 //
 //   time   fabric's training step on --devices N: N = 1 is Fabric<Auto, SingleDevice, P> (the
 //          one-GPU baseline, no DDP); N > 1 is Fabric<Auto, DDP, P> over N processes started by
 //          fabric.launch(), each with its own batch of --batch rows (global batch N x batch). Steps are
 //          timed with CUDA events on every rank (a steady clock on the CPU); rank 0's median is the
-//          figure, the slowest rank's median is printed beside it.
+//          figure, the slowest rank's median is printed beside it. With --strategy fsdp it is
+//          Fabric<Auto, FSDP, P> on any N (1 too): --sharding, the GPT-2 Block as the unit,
+//          --checkpointing for activation checkpointing of the blocks. A CUDA out-of-memory error ends
+//          every process with exit code 3 and the line "bench_ddp_race: out of memory" (the largest
+//          model search of bench/multi_gpu.sh fsdp-largest counts on it).
 //   check  N processes train with DDP on the same global batches as a one-device reference that each
 //          process also trains on its own device: the global batch in N slices of --batch rows, the
 //          mean of the slices' gradients (the global batch's gradient), the same fused AdamW step. The
@@ -13,10 +17,15 @@
 //          parameters must agree within --tolerance (relative to how far training moved them), and
 //          all ranks must hold the same parameters. The check runs with LibTorch's deterministic
 //          algorithms, and prints as a control how far the one-device gradient computed twice differs.
+//          With --strategy fsdp the same against FSDP (the one device is what DDP equals, so FSDP is
+//          checked against DDP on the same global batches); the parameters are read inside
+//          summon_full_params, and the first gradients are not compared (FSDP keeps only shards of them).
 //
 //     bench_ddp_race --mode check --workload gpt2 --devices 2 --steps 10
 //     bench_ddp_race --mode time --workload gpt2 --devices 2 --json ddp-gpt2-2.json
 //     bench_ddp_race --mode time --workload mlp-fp32 --devices 2 --kill-rank 1 --kill-at-step 20
+//     bench_ddp_race --mode check --workload gpt2 --devices 4 --strategy fsdp --sharding shard_grad_op --checkpointing
+//     bench_ddp_race --mode time --workload gpt2 --devices 8 --strategy fsdp --n-layer 48 --n-embd 1600
 //
 // The optimizer is AdamW as in the race (bench/race.cpp), with fabric's fused or multi-tensor step.
 
@@ -24,9 +33,11 @@
 #include "common.hpp"
 #include "gpt2/gpt2.hpp"
 
+#include <algorithm>
 #include <cmath>
 #include <csignal>
 #include <cstdio>
+#include <cstdlib>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -49,6 +60,7 @@ struct Settings {
   std::string gpt2_config = "small";
   double tolerance = 0;  // 0: 1e-3 for mlp-fp32, 5e-2 for bf16-mixed
   double grad_tolerance = 1e-5;
+  double abs_tolerance = 0;  // 0: 2 x lr x steps
   bool nondeterministic = false;
   bool ddp_on_one = false;
   int kill_rank = -1;
@@ -58,6 +70,12 @@ struct Settings {
   bool grad_as_view = false;
   bool static_graph = false;
   std::string comm_hook = "none";
+  std::string strategy = "ddp";         // ddp or fsdp
+  std::string sharding = "full_shard";  // fsdp: full_shard, shard_grad_op or no_shard
+  bool checkpointing = false;           // fsdp: activation checkpointing of the GPT-2 blocks
+  int n_layer = 0;                      // gpt2: 0 keeps the config's
+  int n_embd = 0;
+  int n_head = 0;  // 0: the config's, or n_embd / 64 with --n-embd
   double peak_tflops = 790.0;
   std::string json;
 };
@@ -96,6 +114,11 @@ std::optional<Settings> parse_args(int argc, char** argv) {
                "check: largest |DDP - one device| / |one device - initial| of the parameters\n"
                "after the last step (L2 over all parameters) that passes (default 1e-3 for\n"
                "mlp-fp32, 5e-2 for bf16-mixed)");
+  add_positive(app, "--abs-tolerance", s.abs_tolerance,
+               "check: largest max |DDP or FSDP - one device| of a parameter element after the\n"
+               "last step that passes (default 2 x lr x steps: AdamW moves an element by about\n"
+               "lr a step, so two runs can differ by at most about that; the relative drift is the\n"
+               "sharp check)");
   add_positive(app, "--grad-tolerance", s.grad_tolerance,
                "check: largest |DDP - one device| / |one device| of the first step's gradients\n"
                "(L2 over all parameters) that passes (default 1e-5)");
@@ -113,6 +136,14 @@ std::optional<Settings> parse_args(int argc, char** argv) {
   add_choice(app, "--comm-hook", s.comm_hook, {"none", "fp16", "bf16"},
              "DDP's gradient compression: none, fp16 or bf16 (default none)")
       ->type_name("H");
+  add_choice(app, "--strategy", s.strategy, {"ddp", "fsdp"}, "ddp or fsdp (default ddp)")->type_name("S");
+  add_choice(app, "--sharding", s.sharding, {"full_shard", "shard_grad_op", "no_shard"},
+             "fsdp: full_shard, shard_grad_op or no_shard (default full_shard)")
+      ->type_name("S");
+  app.add_flag("--checkpointing", s.checkpointing, "fsdp, gpt2: activation checkpointing of the blocks");
+  add_int(app, "--n-layer", s.n_layer, 1, "gpt2: blocks (default the config's: small 12)");
+  add_int(app, "--n-embd", s.n_embd, 1, "gpt2: width (default the config's: small 768)");
+  add_int(app, "--n-head", s.n_head, 1, "gpt2: attention heads (default the config's, or width / 64)");
   add_positive(app, "--peak-tflops", s.peak_tflops, "the card's peak for MFU (default 790)");
   app.add_option("--json", s.json, "rank 0 writes the results to PATH")->type_name("PATH");
   std::string tag;  // ignored
@@ -126,6 +157,13 @@ std::optional<Settings> parse_args(int argc, char** argv) {
     throw UsageError(fmt::format("expected --kill-rank below --devices = {}, found {}", s.devices, s.kill_rank));
   }
   const bool gpt = s.workload == "gpt2";
+  if (s.strategy != "fsdp" && (s.checkpointing || s.sharding != "full_shard")) {
+    throw UsageError("expected --strategy fsdp with --sharding and --checkpointing, found --strategy ddp");
+  }
+  if (s.checkpointing && !gpt) throw UsageError("expected --workload gpt2 with --checkpointing (the blocks)");
+  if (!gpt && (s.n_layer || s.n_embd || s.n_head)) {
+    throw UsageError("expected --workload gpt2 with --n-layer, --n-embd and --n-head");
+  }
   if (s.steps == 0) s.steps = s.mode == "check" ? 10 : gpt ? 30 : 300;
   if (s.warmup < 0) s.warmup = s.mode == "check" ? 0 : gpt ? 10 : 50;
   if (s.batch == 0) s.batch = gpt ? 8 : 256;
@@ -174,6 +212,22 @@ struct Report {
   bool ok = true;
 };
 
+/// How the runs name their strategy: "device", "DDP", "FSDP full_shard" (+ " ckpt").
+template <class F>
+std::string strategy_label(const Settings& s) {
+  using S = std::remove_cvref_t<decltype(std::declval<F&>().strategy())>;
+  if constexpr (std::is_same_v<S, fabric::DDP>) {
+    return "DDP";
+  } else if constexpr (std::is_same_v<S, fabric::FSDP>) {
+    return "FSDP " + s.sharding + (s.checkpointing ? " ckpt" : "");
+  } else {
+    return "device";
+  }
+}
+
+template <class F>
+constexpr bool is_fsdp = std::is_same_v<std::remove_cvref_t<decltype(std::declval<F&>().strategy())>, fabric::FSDP>;
+
 template <class Net, class F>
 Report time_steps(F& fabric, const Workload& w, const Settings& s) {
   const int world = fabric.world_size();
@@ -210,6 +264,9 @@ Report time_steps(F& fabric, const Workload& w, const Settings& s) {
   const double med = median(ms);
   const auto [peak_allocated, peak_reserved] = peak_memory(device);
   const double slowest = fabric.all_reduce(med, fabric::ReduceOp::max).template item<double>();
+  // The largest peak of any rank (FSDP's ranks hold different shards and the last one the padding).
+  const auto peak_max = static_cast<std::int64_t>(
+      fabric.all_reduce(static_cast<double>(peak_allocated), fabric::ReduceOp::max).template item<double>());
   const double mean_loss = fabric.all_reduce(loss.detach().to(at::kDouble)).template item<double>();
   const std::int64_t params = count(net->parameters());
   const double rows = static_cast<double>(w.batch) * world;
@@ -221,9 +278,8 @@ Report time_steps(F& fabric, const Workload& w, const Settings& s) {
   fabric.print(
       "  {:<5} {:<10} {} x {:<7} {:9.3f} ms/step (slowest rank {:.3f})  {:10.0f} {}/s ({:.0f} per device)  MFU {:.3f}  "
       "peak {:.2f} GiB (reserved {:.2f})  loss {:.4f}  AdamW {}",
-      w.name(), w.precision(), world,
-      std::is_same_v<std::remove_cvref_t<decltype(fabric.strategy())>, fabric::DDP> ? "DDP" : "device", med, slowest,
-      per_s, w.gpt ? "tok" : "samples", per_s / world, mfu, static_cast<double>(peak_allocated) / (1 << 30),
+      w.name(), w.precision(), world, strategy_label<F>(s), med, slowest, per_s, w.gpt ? "tok" : "samples",
+      per_s / world, mfu, static_cast<double>(peak_allocated) / (1 << 30),
       static_cast<double>(peak_reserved) / (1 << 30), mean_loss, kernels_name());
   return {Json{{"ms_median", med},
                {"ms_median_slowest_rank", slowest},
@@ -238,6 +294,7 @@ Report time_steps(F& fabric, const Workload& w, const Settings& s) {
                {"mfu", mfu},
                {"peak_allocated_bytes", peak_allocated},
                {"peak_reserved_bytes", peak_reserved},
+               {"peak_allocated_bytes_max_rank", peak_max},
                {"last_loss", mean_loss},
                {"optimizer_kernels", kernels_name()}}};
 }
@@ -308,7 +365,7 @@ Report check(F& fabric, const Workload& w, const Settings& s) {
     // DDP: this rank's slice of the global batch.
     const at::Tensor loss = workload_loss<Net>(model(slice(x, rank)), slice(y, rank));
     fabric.backward(loss);
-    if (step == 0) {
+    if (step == 0 && !is_fsdp<F>) {
       // Same parameters on both sides: the all-reduced gradient is the global batch's gradient.
       std::vector<at::Tensor> ddp_grads;
       for (const auto& p : net->parameters()) ddp_grads.push_back(p.grad());
@@ -322,6 +379,9 @@ Report check(F& fabric, const Workload& w, const Settings& s) {
   }
   // How far DDP is from one device, relative to how far training moved the parameters.
   torch::NoGradGuard no_grad;
+  // NOTE: under FSDP's FULL_SHARD the parameters hold no data between steps: gather them to read them.
+  std::optional<fabric::FSDP::FullParams> full;
+  if constexpr (is_fsdp<F>) full.emplace(fabric.strategy().summon_full_params(model.strategy_state()));
   const auto ddp_params = net->parameters();
   double max_abs = 0, diff_sq = 0, moved_sq = 0;
   std::vector<at::Tensor> fingerprint;
@@ -345,16 +405,23 @@ Report check(F& fabric, const Workload& w, const Settings& s) {
   const double worst_abs = fabric.all_reduce(max_abs, fabric::ReduceOp::max).template item<double>();
   const double worst_grad = fabric.all_reduce(grad_drift, fabric::ReduceOp::max).template item<double>();
   const double worst_noise = fabric.all_reduce(noise, fabric::ReduceOp::max).template item<double>();
+  full.reset();
+  const double abs_tolerance = s.abs_tolerance > 0 ? s.abs_tolerance : 2 * w.lr * s.steps;
   const bool ok = ranks_agree && worst_drift <= s.tolerance && std::isfinite(worst_drift) && moved_sq > 0 &&
-                  worst_grad <= s.grad_tolerance && std::isfinite(worst_grad);
+                  worst_grad <= s.grad_tolerance && std::isfinite(worst_grad) && worst_abs <= abs_tolerance &&
+                  std::isfinite(worst_abs);
+  const std::string label = strategy_label<F>(s);
+  const std::string first_gradient =
+      is_fsdp<F> ? std::string("first gradient not compared (FSDP keeps shards)")
+                 : fmt::format("first gradient drift {:.3g} (tolerance {:g}; one device against itself {:.3g})",
+                               worst_grad, s.grad_tolerance, worst_noise);
   fabric.print(
-      "  {} {:<5} {:<10} {} x DDP against one device, {} steps, global batch {}{}: first gradient drift {:.3g} "
-      "(tolerance {:g}; one device against itself {:.3g}); parameters: max |DDP - one device| = {:.3g}, relative drift "
-      "{:.3g} (tolerance {:g}); ranks "
-      "agree: {}; last loss DDP {:.6f} one device {:.6f}",
-      ok ? "ok    " : "FAILED", w.name(), w.precision(), world, s.steps, w.batch * world,
-      s.nondeterministic ? "" : ", deterministic algorithms", worst_grad, s.grad_tolerance, worst_noise, worst_abs,
-      worst_drift, s.tolerance, ranks_agree ? "yes" : "NO", ddp_loss, ref_loss);
+      "  {} {:<5} {:<10} {} x {} against one device, {} steps, global batch {}{}: {}; parameters: max |{} - one "
+      "device| = {:.3g} (tolerance {:g}), relative drift {:.3g} (tolerance {:g}); ranks agree: {}; last loss {} "
+      "{:.6f} one device {:.6f}",
+      ok ? "ok    " : "FAILED", w.name(), w.precision(), world, label, s.steps, w.batch * world,
+      s.nondeterministic ? "" : ", deterministic algorithms", first_gradient, label.substr(0, 4), worst_abs,
+      abs_tolerance, worst_drift, s.tolerance, ranks_agree ? "yes" : "NO", label.substr(0, 4), ddp_loss, ref_loss);
   return {Json{{"steps", s.steps},
                {"global_rows", w.batch * world},
                {"first_gradient_drift", worst_grad},
@@ -362,6 +429,7 @@ Report check(F& fabric, const Workload& w, const Settings& s) {
                {"first_gradient_noise", worst_noise},
                {"deterministic", !s.nondeterministic},
                {"max_abs_diff", worst_abs},
+               {"abs_tolerance", abs_tolerance},
                {"relative_drift", worst_drift},
                {"tolerance", s.tolerance},
                {"ranks_agree", ranks_agree},
@@ -384,6 +452,18 @@ int run(const Settings& s, const Workload& w) {
       if (s.comm_hook == "fp16") options.comm_hook = fabric::DDP::CommHook::fp16;
       if (s.comm_hook == "bf16") options.comm_hook = fabric::DDP::CommHook::bf16;
       return F(fabric::Options{.devices = s.devices}, fabric::Auto{}, fabric::DDP(options), Precision{});
+    } else if constexpr (std::is_same_v<Strategy, fabric::FSDP>) {
+      fabric::FSDP::Options options;
+      options.timeout = std::chrono::seconds(s.timeout_s);
+      options.sharding_strategy = s.sharding == "no_shard"        ? fabric::ShardingStrategy::NO_SHARD
+                                  : s.sharding == "shard_grad_op" ? fabric::ShardingStrategy::SHARD_GRAD_OP
+                                                                  : fabric::ShardingStrategy::FULL_SHARD;
+      // Lightning's auto_wrap_policy={Block} and activation_checkpointing_policy={Block}; the mlp is one unit.
+      if constexpr (std::is_same_v<Net, gpt2::GPT>) {
+        options.units = fabric::module_types<gpt2::BlockImpl>();
+        if (s.checkpointing) options.activation_checkpointing = fabric::module_types<gpt2::BlockImpl>();
+      }
+      return F(fabric::Options{.devices = s.devices}, fabric::Auto{}, fabric::FSDP(options), Precision{});
     } else {
       return F();
     }
@@ -402,13 +482,37 @@ int run(const Settings& s, const Workload& w) {
                TORCH_VERSION);
     std::fflush(stdout);
   }
-  const Report r = s.mode == "check" ? check<Net>(fabric, w, s) : time_steps<Net>(fabric, w, s);
+  Report r;
+  try {
+    r = s.mode == "check" ? check<Net>(fabric, w, s) : time_steps<Net>(fabric, w, s);
+  } catch (const std::exception& e) {
+    // Out of device memory (c10::OutOfMemoryError; NCCL's own allocations say "out of memory"), or of host
+    // memory (the CPU allocator's "can't allocate memory": the CPU dry run under ulimit -v) ends this process
+    // at once: rank 0's children die with it (PR_SET_PDEATHSIG), and rank 0's launcher stops the others
+    // when a child ends; no process waits in a collective for the timeout.
+    const std::string what = e.what();
+    const bool oom = dynamic_cast<const c10::OutOfMemoryError*>(&e) != nullptr ||
+                     what.find("out of memory") != std::string::npos ||
+                     what.find("can't allocate memory") != std::string::npos;
+    if (!oom) throw;
+    std::fprintf(stderr, "bench_ddp_race: out of memory on rank %d (%s): %s\n", fabric.global_rank(),
+                 strategy_label<F>(s).c_str(), what.substr(0, what.find('\n')).c_str());
+    std::fflush(stderr);
+    std::_Exit(3);
+  }
   if (fabric.is_global_zero() && !s.json.empty()) {
     Json json = {{"mode", s.mode},
                  {"workload", w.name()},
                  {"precision", w.precision()},
                  {"devices", fabric.world_size()},
-                 {"strategy", std::is_same_v<Strategy, fabric::DDP> ? "ddp" : "single-device"},
+                 {"strategy", std::is_same_v<Strategy, fabric::DDP>    ? "ddp"
+                              : std::is_same_v<Strategy, fabric::FSDP> ? "fsdp"
+                                                                       : "single-device"},
+                 {"sharding", std::is_same_v<Strategy, fabric::FSDP> ? s.sharding : ""},
+                 {"activation_checkpointing", s.checkpointing},
+                 {"n_layer", w.gpt ? w.gpt2.n_layer : 0},
+                 {"n_embd", w.gpt ? w.gpt2.n_embd : 0},
+                 {"n_head", w.gpt ? w.gpt2.n_head : 0},
                  {"bucket_cap_mb", s.bucket_cap_mb},
                  {"gradient_as_bucket_view", s.grad_as_view},
                  {"static_graph", s.static_graph},
@@ -424,7 +528,8 @@ int run(const Settings& s, const Workload& w) {
 
 template <class Net, class Precision>
 int dispatch_strategy(const Settings& s, const Workload& w) {
-  // One device without DDP is the baseline of the time mode; the check always runs DDP.
+  // One device without DDP is the baseline of the time mode; the check always runs DDP (or FSDP).
+  if (s.strategy == "fsdp") return run<Net, fabric::FSDP, Precision>(s, w);
   if (s.mode == "time" && s.devices == 1 && !s.ddp_on_one) return run<Net, fabric::SingleDevice, Precision>(s, w);
   return run<Net, fabric::DDP, Precision>(s, w);
 }
@@ -436,6 +541,15 @@ int dispatch(const Settings& s) {
   w.batch = s.batch;
   if (w.gpt) {
     w.gpt2 = s.gpt2_config == "tiny" ? gpt2::Config::tiny() : gpt2::Config{};
+    // The GPT-2 family: wider (--n-embd, heads of 64 by default) or deeper (--n-layer).
+    if (s.n_layer > 0) w.gpt2.n_layer = s.n_layer;
+    if (s.n_embd > 0) w.gpt2.n_embd = s.n_embd;
+    if (s.n_head > 0) {
+      w.gpt2.n_head = s.n_head;
+    } else if (s.n_embd > 0) {
+      w.gpt2.n_head = std::max<std::int64_t>(1, s.n_embd / 64);
+    }
+    w.gpt2.check();
     w.lr = 6e-4;
     w.weight_decay = 0.1;
     w.tokens_per_row = static_cast<double>(w.gpt2.block_size);

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# fabric's DDP on several GPUs, in one command (shared BENCH.md, last target row; bench/README.md,
-# "DDP on several GPUs"). On a machine with N >= 2 GPUs it builds bench_ddp_race and fabric-run, then
-# prints, for every device count D in 2 4 8 up to N:
+# fabric's DDP and FSDP on several GPUs, in one command (shared BENCH.md, last target row; bench/README.md,
+# "DDP on several GPUs" and "FSDP on several GPUs"; issue 19). On a machine with N >= 2 GPUs it builds
+# bench_ddp_race and fabric-run, then prints, for every device count D in 2 4 8 up to N:
 #
 #   check    DDP over D GPUs against one device on the same global batches (bench_ddp_race --mode
 #            check): the first step's gradients and the parameters after the last step, for mlp fp32,
@@ -16,28 +16,71 @@
 #   faults   rank 1 of D killed with SIGKILL during gpt2 training, started by fabric.launch(),
 #            fabric-run and torchrun: the job must fail with the launcher's message within 60 s and
 #            leave no process behind (tests/dist/expect_failure.sh).
+#   fsdp-check    FSDP over D GPUs (bench_ddp_race --mode check --strategy fsdp) against one device on the
+#            same global batches, which the check step shows DDP equals: every sharding strategy, with and
+#            without activation checkpointing of the blocks, for mlp fp32, gpt2 tiny and gpt2 small
+#            (bf16-mixed); max |FSDP - one device| of the parameters after the last step against its
+#            tolerance (2 x lr x steps) and the relative drift against its (1e-3 fp32, 5e-2 bf16-mixed);
+#   fsdp-time     fabric's FSDP (GPT-2 small, the Block as the unit, bf16-mixed, 8 x 1024 tokens per GPU)
+#            against Python Lightning Fabric's FSDPStrategy(auto_wrap_policy={Block}, sharding_strategy=S)
+#            (bench/python/fsdp_race.py) on D GPUs, for FULL_SHARD, SHARD_GRAD_OP, NO_SHARD, without and
+#            with activation checkpointing; rounds alternate the two; ms/step medians, fabric/Lightning
+#            (target <= 0.85), the largest per-GPU peak memory of each, both models' parameter counts;
+#   fsdp-largest  the deepest GPT-2 of width MULTI_GPU_LARGEST_EMBD (default 1600, GPT-2 XL's) that trains
+#            at batch 8 x 1024 per GPU on the largest D, under each sharding strategy, fabric against
+#            Lightning: n_layer doubles from MULTI_GPU_LARGEST_START (48) until a run fails, then
+#            MULTI_GPU_LARGEST_BISECT (3) bisections; an out-of-memory run exits 3 and counts as "oom";
+#   fsdp-faults   rank 1 of D killed with SIGKILL during FSDP training of gpt2 over NCCL, started by
+#            fabric.launch(), fabric-run and torchrun: as the faults step, under FSDP.
 #
 # Usage, from the repository root on the GPU machine (carry .deps, see tools/gpu.sh):
 #
 #   bench/multi_gpu.sh                      # everything
-#   bench/multi_gpu.sh check faults         # a subset of: build check time faults worker
+#   bench/multi_gpu.sh check faults         # a subset of: build check time faults worker fsdp-check
+#                                           #   fsdp-time fsdp-largest fsdp-faults
+#
+# One call of the GPU machine runs at most 600 s: MULTI_GPU_BUDGET_S (default 0: none) makes the script skip
+# what would start after that many seconds (listed in OUT/skipped.txt), so that a call returns its tables.
 #
 # Environment: OUT (logs and multi_gpu.json; default build-gpu/multi-gpu), PYTHON (default python3),
 # MULTI_GPU_DEVICES (the device counts, default "2 4 8" up to the GPUs present), MULTI_GPU_ROUNDS
 # (timing rounds, default 1), MULTI_GPU_WORKLOADS (default "mlp-fp32 mlp-bf16-mixed gpt2"),
-# MULTI_GPU_FABRIC_VARIANTS (fabric DDP options also timed, e.g. "--grad-as-view --bucket-cap-mb=100"),
-# BUILD_DIR (default build-gpu). A dry run of the script's logic on the CPU (Gloo; Lightning is skipped where missing):
+# MULTI_GPU_FABRIC_VARIANTS (fabric DDP options also timed on MULTI_GPU_VARIANT_WORKLOADS, default gpt2: one
+# variant per word, "=" for a space; default "--grad-as-view --bucket-cap-mb=10 --bucket-cap-mb=50
+# --bucket-cap-mb=100 --grad-as-view=--static-graph"; "none" for none), BUILD_DIR (default build-gpu);
+# FSDP: MULTI_GPU_FSDP_DEVICES (default the device counts), MULTI_GPU_FSDP_SHARDINGS (default "full_shard
+# shard_grad_op no_shard"), MULTI_GPU_FSDP_CHECK_WORKLOADS (default "mlp-fp32 gpt2-tiny gpt2"),
+# MULTI_GPU_FSDP_CKPT (fsdp-time: "off on"), MULTI_GPU_LIGHTNING_FSDP_VARIANTS (fsdp-time: more
+# fsdp_race.py runs, e.g. "--mixed-precision=fp32": float32 gathers and reductions as fabric's),
+# MULTI_GPU_LARGEST_DEVICES (default the largest count), MULTI_GPU_LARGEST_STRATEGIES (default the
+# shardings), MULTI_GPU_LARGEST_SIDES ("fabric lightning"), MULTI_GPU_LARGEST_START / _MAX (48 / 384 layers),
+# MULTI_GPU_LARGEST_EMBD (1600), MULTI_GPU_LARGEST_BISECT (3), MULTI_GPU_LARGEST_GRAIN (8 layers),
+# MULTI_GPU_LARGEST_TRIAL_S (300 s a trial), MULTI_GPU_LARGEST_ULIMIT_KB (ulimit -v of a trial: the CPU dry
+# run's out of memory). A dry run of the script's logic on the CPU (Gloo; Lightning is skipped where missing):
 #   RACE_DEVICE=cpu MULTI_GPU_GPUS=2 BUILD_DIR=build PYTHON=/usr/bin/python3 \
 #     MULTI_GPU_ARGS="--gpt2-config tiny --steps 3 --warmup 1" bench/multi_gpu.sh check time faults
+# and for the FSDP steps (a tiny family, and ulimit -v for an out-of-memory error of the host's allocator):
+#   RACE_DEVICE=cpu MULTI_GPU_GPUS=2 BUILD_DIR=build PYTHON=/usr/bin/python3 MULTI_GPU_ARGS="--gpt2-config tiny \
+#     --steps 3 --warmup 1" MULTI_GPU_LARGEST_EMBD=512 MULTI_GPU_LARGEST_START=2 MULTI_GPU_LARGEST_GRAIN=2 \
+#     MULTI_GPU_LARGEST_ULIMIT_KB=3000000 bench/multi_gpu.sh fsdp-check fsdp-time fsdp-largest fsdp-faults
 set -uo pipefail
 cd "$(dirname "$0")/.."
-steps=${*:-build check time faults worker}
+steps=${*:-build check time faults worker fsdp-check fsdp-time fsdp-largest fsdp-faults}
 OUT_DIR=${OUT:-build-gpu/multi-gpu}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT_DIR"
 export NCCL_NVLS_ENABLE=0  # NVLink multicast stays off, in every process the launchers start too
 start=$(date +%s)
 say() { echo "multi_gpu.sh [$(($(date +%s) - start)) s]: $*"; }
+budget=${MULTI_GPU_BUDGET_S:-0}
+: >"$OUT_DIR/skipped.txt"
+# Whether there is time left to start $*; says and records what is skipped.
+in_budget() {
+  [ "$budget" = 0 ] || [ $(($(date +%s) - start)) -lt "$budget" ] && return 0
+  echo "$*" >>"$OUT_DIR/skipped.txt"
+  say "budget of $budget s spent: skipping $*"
+  return 1
+}
 
 DEVICE=${RACE_DEVICE:-cuda}
 BUILD=${BUILD_DIR:-build-gpu}
@@ -50,7 +93,7 @@ say "$gpus GPU(s): $(nvidia-smi -L 2>/dev/null | tr '\n' ';') device counts:${co
 nvidia-smi topo -m 2>/dev/null | head -8
 
 if [[ " $steps " == *" build "* ]]; then
-  FABRIC_DIST_WORKER_PCH=OFF FABRIC_GPU_TARGETS='bench_ddp_race|fabric-run|fabric_ddp_worker' OUT="$OUT_DIR" \
+  FABRIC_DIST_WORKER_PCH=OFF FABRIC_GPU_TARGETS=${MULTI_GPU_TARGETS:-bench_ddp_race|fabric-run|fabric_ddp_worker} OUT="$OUT_DIR" \
     tools/gpu.sh build | grep -E "^==>|error"
 fi
 bench=$BUILD/bench/bench_ddp_race
@@ -71,7 +114,8 @@ fi
 if [[ " $steps " == *" time "* ]]; then
   # Rounds alternate the competitors (fabric, Lightning, fabric's variants) so that drifts of the
   # machine hit all of them; the table takes each figure's median over the rounds.
-  read -r -a variants <<<"${MULTI_GPU_FABRIC_VARIANTS:-}"
+  read -r -a variants <<<"${MULTI_GPU_FABRIC_VARIANTS:---grad-as-view --bucket-cap-mb=10 --bucket-cap-mb=50 --bucket-cap-mb=100 --grad-as-view=--static-graph}"
+  [ "${variants[*]}" = none ] && variants=()
   for r in $(seq 1 "${MULTI_GPU_ROUNDS:-1}"); do
     for w in ${MULTI_GPU_WORKLOADS:-mlp-fp32 mlp-bf16-mixed gpt2}; do
       for d in 1 $counts; do
@@ -86,6 +130,7 @@ if [[ " $steps " == *" time "* ]]; then
         # fabric's DDP options (MULTI_GPU_FABRIC_VARIANTS="--grad-as-view --bucket-cap-mb=100": one
         # variant per word, = for a space), on more than one GPU.
         [ "$d" -gt 1 ] || continue
+        [[ " ${MULTI_GPU_VARIANT_WORKLOADS:-gpt2} " == *" $w "* ]] || continue
         for v in "${variants[@]}"; do
           f="$OUT_DIR/time-fabric${v//[ =]/_}-$w-$d-r$r"
           # shellcheck disable=SC2086 # the variant's words are flags
@@ -130,6 +175,7 @@ lines = ["| workload | GPUs | fabric ms/step | Lightning ms/step | fabric/Lightn
 variant_lines = ["| workload | GPUs | fabric DDP options | ms/step | scaling efficiency | against fabric's defaults |",
                  "| --- | ---: | --- | ---: | ---: | ---: |"]
 keys = sorted(runs, key=lambda k: (k[0] != "mlp", k[1], k[2], k[3]))
+best = {}  # (workload, precision, devices) -> [(variant / defaults, variant)]
 for w, p, d, who in keys:
     (f, fms), (f1, _) = pick((w, p, d, "fabric")), pick((w, p, 1, "fabric"))
     if who == "fabric":
@@ -142,15 +188,25 @@ for w, p, d, who in keys:
         v, vms = pick((w, p, d, who))
         against = f"{v['ms_median'] / f['ms_median']:.3f}" if f else na
         variant_lines.append(f"| {w} {p} | {d} | {who[len('fabric '):]} | {ms(v, vms)} | {eff(v, f1)} | {against} |")
+        if f:
+            best.setdefault((w, p, d), []).append((v["ms_median"] / f["ms_median"], who[len("fabric "):]))
 rounds = max((len(v) for v in runs.values()), default=0)
 print(f"{rounds} round(s); ms/step is the median over the rounds (each round's in parentheses)")
 print("\n".join(lines))
 if len(variant_lines) > 2:
     print()
     print("\n".join(variant_lines))
-with open(os.path.join(out, "multi_gpu.json"), "w") as fh:
-    json.dump({"table": lines, "variants": variant_lines[2:],
-               "runs": [dict(r, who=k[3]) for k, rs in sorted(runs.items()) for r in rs]}, fh, indent=2)
+    # What a change of DDP's defaults would rest on: the fastest variant per device count.
+    for (w, p, d), vs in sorted(best.items()):
+        ratio, v = min(vs)
+        print(f"{w} {p} on {d} GPUs: fastest fabric DDP options {v}: {ratio:.3f} of the defaults' step"
+              + (" (less than 1 % apart: keep the defaults)" if ratio > 0.99 else ""))
+path = os.path.join(out, "multi_gpu.json")
+doc = json.load(open(path)) if os.path.exists(path) else {}  # the FSDP steps' tables stay
+doc.update({"table": lines, "variants": variant_lines[2:],
+            "runs": [dict(r, who=k[3]) for k, rs in sorted(runs.items()) for r in rs]})
+with open(path, "w") as fh:
+    json.dump(doc, fh, indent=2)
     fh.write("\n")
 EOF
 fi
@@ -198,5 +254,160 @@ if [[ " $steps " == *" worker "* ]]; then
   done
 fi
 
+fsdp_counts=${MULTI_GPU_FSDP_DEVICES:-$counts}
+read -r -a shardings <<<"${MULTI_GPU_FSDP_SHARDINGS:-full_shard shard_grad_op no_shard}"
+if [[ " $steps " == *" fsdp-check "* ]]; then
+  for d in $fsdp_counts; do
+    for w in ${MULTI_GPU_FSDP_CHECK_WORKLOADS:-mlp-fp32 gpt2-tiny gpt2}; do
+      case $w in
+        gpt2-tiny) args=(--workload gpt2 --gpt2-config tiny --steps 10) ;;
+        gpt2) args=(--workload gpt2 --steps 10) ;;
+        *) args=(--workload "$w" --steps 20) ;;
+      esac
+      ckpts=(off)
+      [[ $w == gpt2* ]] && ckpts=(off on)
+      for sh in "${shardings[@]}"; do
+        for ck in "${ckpts[@]}"; do
+          name=fsdp-check-$w-$sh$([ "$ck" = on ] && echo -ckpt)-$d
+          in_budget "$name" || continue
+          $bench --mode check "${args[@]}" --strategy fsdp --sharding "$sh" $([ "$ck" = on ] && echo --checkpointing) \
+            --devices "$d" "${extra[@]}" --json "$OUT_DIR/$name.json" >"$OUT_DIR/$name.log" 2>&1 || failed=1
+          grep -E "^  (ok|FAILED)|error" "$OUT_DIR/$name.log" || { tail -5 "$OUT_DIR/$name.log"; failed=1; }
+        done
+      done
+    done
+  done
+  $PY bench/python/multi_gpu_tables.py fsdp-check "$OUT_DIR"
+fi
+
+if [[ " $steps " == *" fsdp-time "* ]]; then
+  # Rounds alternate fabric and Lightning (which goes first flips each round); the table takes the medians.
+  read -r -a lvariants <<<"${MULTI_GPU_LIGHTNING_FSDP_VARIANTS:-}"
+  for r in $(seq 1 "${MULTI_GPU_ROUNDS:-1}"); do
+    for d in $fsdp_counts; do
+      for sh in "${shardings[@]}"; do
+        for ck in ${MULTI_GPU_FSDP_CKPT:-off on}; do
+          base=$OUT_DIR/fsdp-time-$sh-$ck-$d-r$r
+          in_budget "$(basename "$base")" || continue
+          flag=()
+          [ "$ck" = on ] && flag=(--checkpointing)
+          fabric_run() {
+            $bench --mode time --workload gpt2 --strategy fsdp --sharding "$sh" "${flag[@]}" --devices "$d" "${extra[@]}" \
+              --json "$base-fabric.json" >"$base-fabric.log" 2>&1 || { failed=1; tail -3 "$base-fabric.log"; }
+            grep -E "^  gpt2|error" "$base-fabric.log" | sed "s/^/fabric    /"
+          }
+          lightning_run() {  # $1: the variant's file suffix, then its flags
+            local suffix=$1
+            shift
+            $PY bench/python/fsdp_race.py --device "$DEVICE" --devices "$d" --sharding "$sh" "${flag[@]}" "${extra[@]}" "$@" \
+              --json "$base-lightning$suffix.json" >"$base-lightning$suffix.log" 2>&1 ||
+              { failed=1; tail -3 "$base-lightning$suffix.log"; }
+            grep -E "^  gpt2|parameters|Error|skipping" "$base-lightning$suffix.log" | sed "s/^/lightning$suffix /"
+          }
+          if [ $((r % 2)) = 1 ]; then fabric_run; lightning_run ""; else lightning_run ""; fabric_run; fi
+          for v in "${lvariants[@]}"; do
+            # shellcheck disable=SC2086 # the variant's words are flags
+            lightning_run "${v//[ =]/_}" ${v//=/ }
+          done
+        done
+      done
+    done
+  done
+  $PY bench/python/multi_gpu_tables.py fsdp-time "$OUT_DIR"
+fi
+
+if [[ " $steps " == *" fsdp-largest "* ]]; then
+  ld=${MULTI_GPU_LARGEST_DEVICES:-$(echo $counts | awk '{print $NF}')}
+  embd=${MULTI_GPU_LARGEST_EMBD:-1600}
+  grain=${MULTI_GPU_LARGEST_GRAIN:-8}
+  trials=$OUT_DIR/fsdp-largest-trials.txt
+  : >"$trials"
+  # One training run of n_layer $3 blocks under sharding $1 by $2 (fabric or lightning); prints ok, oom, timeout
+  # or error, and records it.
+  trial() {
+    local sh=$1 who=$2 n=$3 f code outcome
+    f=$OUT_DIR/fsdp-largest-$sh-$who-$ld-$n
+    local args=(--workload gpt2 --devices "$ld" --n-layer "$n" --n-embd "$embd" --batch 8 --steps 2 --warmup 1
+      --timeout-s 120 "${extra[@]}" --json "$f.json")
+    (
+      [ -n "${MULTI_GPU_LARGEST_ULIMIT_KB:-}" ] && ulimit -v "$MULTI_GPU_LARGEST_ULIMIT_KB"
+      if [ "$who" = fabric ]; then
+        exec timeout -k 10 "${MULTI_GPU_LARGEST_TRIAL_S:-300}" $bench --mode time --strategy fsdp --sharding "$sh" "${args[@]}"
+      else
+        exec timeout -k 10 "${MULTI_GPU_LARGEST_TRIAL_S:-300}" $PY bench/python/fsdp_race.py --device "$DEVICE" \
+          --sharding "$sh" "${args[@]}"
+      fi
+    ) >"$f.log" 2>&1
+    code=$?
+    if [ $code = 0 ] && [ -s "$f.json" ] && grep -q ms_median "$f.json"; then
+      outcome=ok
+    elif [ $code = 0 ]; then
+      outcome=skipped  # Lightning missing
+    elif grep -q "out of memory" "$f.log"; then
+      outcome=oom
+    elif [ $code = 124 ] || [ $code = 137 ]; then
+      outcome=timeout
+    else
+      outcome=error
+    fi
+    echo "$ld $sh $who $n $embd $outcome $code" >>"$trials"
+    say "fsdp-largest $who $sh $ld GPUs n_layer $n x $embd: $outcome (exit $code)$(grep -hE "^  gpt2" "$f.log" |
+      sed -E 's/ +/ /g' | cut -c1-150 | sed 's/^/ |/')" >&2
+    [ "$outcome" = error ] && tail -3 "$f.log" >&2
+    echo "$outcome"
+  }
+  for sh in ${MULTI_GPU_LARGEST_STRATEGIES:-${shardings[*]}}; do
+    for who in ${MULTI_GPU_LARGEST_SIDES:-fabric lightning}; do
+      good=0 bad=0 n=${MULTI_GPU_LARGEST_START:-48} outcome=""
+      while [ "$n" -le "${MULTI_GPU_LARGEST_MAX:-384}" ]; do
+        in_budget "fsdp-largest $who $sh n_layer $n" || { outcome=budget; break; }
+        outcome=$(trial "$sh" "$who" "$n")
+        [ "$outcome" = error ] && failed=1
+        [ "$outcome" = ok ] || break
+        good=$n
+        n=$((n * 2))
+      done
+      [ "$outcome" = ok ] || [ "$outcome" = skipped ] || [ "$outcome" = budget ] || bad=$n
+      for _ in $(seq 1 "${MULTI_GPU_LARGEST_BISECT:-3}"); do
+        [ "$bad" -gt 0 ] && [ $((bad - good)) -gt "$grain" ] || break
+        mid=$(((good + bad) / 2 / grain * grain))
+        [ "$mid" -gt "$good" ] || break
+        in_budget "fsdp-largest $who $sh n_layer $mid" || break
+        outcome=$(trial "$sh" "$who" "$mid")
+        [ "$outcome" = error ] && failed=1
+        if [ "$outcome" = ok ]; then good=$mid; else bad=$mid; fi
+      done
+      say "fsdp-largest $who $sh on $ld GPUs: largest that trains n_layer $good x $embd; smallest that did not: $bad"
+    done
+  done
+  $PY bench/python/multi_gpu_tables.py fsdp-largest "$OUT_DIR"
+fi
+
+if [[ " $steps " == *" fsdp-faults "* ]]; then
+  d=$(echo $fsdp_counts | awk '{print $NF}')
+  kill=(--mode time --strategy fsdp --workload gpt2 --devices "$d" "${extra[@]}" --steps 1000 --warmup 0 --kill-rank 1
+    --kill-at-step 5 --timeout-s 30)
+  expect=tests/dist/expect_failure.sh
+  if in_budget "fsdp-faults"; then
+    $expect 60 "local rank 1 .*killed by signal 9" -- $bench "${kill[@]}" >"$OUT_DIR/fsdp-fault-launch.log" 2>&1 ||
+      { failed=1; tail -5 "$OUT_DIR/fsdp-fault-launch.log"; }
+    say "FSDP fault, fabric.launch(), $d GPUs: $(grep -E "^expect_failure:|stopping" "$OUT_DIR/fsdp-fault-launch.log" | tr '\n' ' ')"
+    if [ -x $BUILD/tools/fabric_run/fabric-run ]; then
+      $expect 60 "local rank 1 .*killed by signal 9" -- $BUILD/tools/fabric_run/fabric-run --devices "$d" -- \
+        $bench "${kill[@]}" >"$OUT_DIR/fsdp-fault-fabric-run.log" 2>&1 || failed=1
+      say "FSDP fault, fabric-run, $d GPUs: $(grep -E "^expect_failure:|stopping" "$OUT_DIR/fsdp-fault-fabric-run.log" | tr '\n' ' ')"
+    fi
+    if command -v torchrun >/dev/null; then
+      # The other ranks must end too: with torchrun the survivors' next collective fails within --timeout-s,
+      # or torchrun stops them; either way within the expect's 60 s and with no process left.
+      [ "$DEVICE" = cpu ] && tr_extra=(--redirects 1 --tee 1 --log_dir "$OUT_DIR/torchrun-fsdp") || tr_extra=()
+      $expect 60 "(SIGKILL|Signal 9|exitcode *: *-9)" -- torchrun --standalone --nproc_per_node "$d" "${tr_extra[@]}" --no_python \
+        $bench "${kill[@]}" >"$OUT_DIR/fsdp-fault-torchrun.log" 2>&1 || failed=1
+      say "FSDP fault, torchrun, $d GPUs: $(grep -E "^expect_failure:|SIGKILL|Signal 9" "$OUT_DIR/fsdp-fault-torchrun.log" | head -3 | tr '\n' ' ')"
+    fi
+  fi
+fi
+
+[ -s "$OUT_DIR/skipped.txt" ] && say "skipped for the budget: $(tr '\n' ';' <"$OUT_DIR/skipped.txt")"
 if [ "$failed" = 0 ]; then say "done: every check passed"; else say "done: something FAILED (see above and $OUT_DIR)"; fi
 exit $failed
