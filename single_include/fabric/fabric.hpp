@@ -13595,11 +13595,371 @@ TORCH_MODULE(Linear);
 // ---- end fabric/nn/linear.hpp
 // ---- begin fabric/nn/loss.hpp
 // fabric::nn::cross_entropy: cross-entropy of bfloat16 / float16 (or float32) logits that accumulates in
-// float32 without a float32 copy of the whole logits, forward and backward, chunk by chunk of rows.
+// float32 without a float32 copy of the whole logits. Where the logits require grad, the forward also writes
+// their gradient (the llm.c / Liger trick: softmax - target distribution is known once the row's log-sum-exp
+// is), so that the backward only scales it: on CUDA in one fused kernel compiled at run time with NVRTC
+// (fabric/detail/cross_entropy_kernel.hpp), elsewhere chunk by chunk of rows with ATen ops.
 
+// ---- begin fabric/detail/cross_entropy_kernel.hpp
+// The fused cross-entropy kernel of fabric::nn::cross_entropy on CUDA: one thread block per row reads the
+// row's logits (bfloat16, float16 or float32) once for an online max / sum of exponentials in float32, writes
+// the row's loss, and reads the row again (mostly from L2) to write the gradient of the logits in their own
+// dtype: two reads and one write of the logits, no float32 tensor of them. It is compiled at run time with
+// NVRTC through ATen's lazily loaded stub (at::globalContext().getNVRTC(): the same nvrtc*/cu* entry points
+// in LibTorch 1.13 and 2.x, CUBIN output from CUDA 11.1), once per device and dtype, and launched on the
+// current stream (so a CUDA graph records it). A CPU-only LibTorch compiles none of this.
+
+// NOTE: the CUDA toolkit's headers (cuda.h, nvrtc.h) and ATen's stub header are needed to compile it; a
+// CPU-only LibTorch (Debian's) has neither. Define FABRIC_CUDA_NVRTC=0 to leave it out on a CUDA build.
+#ifndef FABRIC_CUDA_NVRTC
+#if __has_include(<ATen/cuda/nvrtc_stub/ATenNVRTC.h>) && __has_include(<nvrtc.h>) && __has_include(<cuda.h>) && \
+    __has_include(<cuda_runtime_api.h>) && __has_include(<c10/cuda/CUDAStream.h>)
+#define FABRIC_CUDA_NVRTC 1
+#else
+#define FABRIC_CUDA_NVRTC 0
+#endif
+#endif
 
 #include <ATen/core/Tensor.h>
+
+#include <string>
+
+#if FABRIC_CUDA_NVRTC
+
+#include <ATen/Context.h>
+#include <ATen/cuda/nvrtc_stub/ATenNVRTC.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda.h>
+#include <cuda_runtime_api.h>
+#include <nvrtc.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <map>
+#include <mutex>
+#include <utility>
+#include <vector>
+#endif
+
+namespace fabric::detail {
+
+#if FABRIC_CUDA_NVRTC && CUDA_VERSION >= 11010
+
+/// The kernel's CUDA source. T_KIND (set when compiling): 0 float32, 1 bfloat16, 2 float16. It includes no
+/// header (NVRTC has no CUDA include path here): the 16-bit conversions are written out (bfloat16: the top
+/// half of a float32, rounded to nearest even as c10::BFloat16 rounds; float16: PTX cvt).
+inline constexpr const char* cross_entropy_kernel_source = R"CUDA(
+typedef unsigned short u16;
+#if T_KIND == 0
+typedef float storage_t;
+#define VEC 4
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float from_float(float f) { return f; }
+#elif T_KIND == 1
+typedef u16 storage_t;
+#define VEC 8
+__device__ __forceinline__ float to_float(u16 x) { return __uint_as_float(((unsigned)x) << 16); }
+__device__ __forceinline__ u16 from_float(float f) {
+  unsigned u = __float_as_uint(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return (u16)0x7fc0u;
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return (u16)(u >> 16);
+}
+#else
+typedef u16 storage_t;
+#define VEC 8
+__device__ __forceinline__ float to_float(u16 x) {
+  float f;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(x));
+  return f;
+}
+__device__ __forceinline__ u16 from_float(float f) {
+  u16 h;
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+  return h;
+}
+#endif
+
+struct alignas(16) Pack { storage_t v[VEC]; };
+
+#define NEG_INF (-__int_as_float(0x7f800000))
+
+// Merges the running (max, sum of exp(x - max)) pair (om, os) into (m, s).
+__device__ __forceinline__ void merge(float& m, float& s, float om, float os) {
+  const float nm = fmaxf(m, om);
+  if (nm == NEG_INF) return;
+  s = s * expf(m - nm) + os * expf(om - nm);
+  m = nm;
+}
+
+__device__ __forceinline__ void warp_reduce(float& m, float& s, float& sx) {
+  for (int o = 16; o > 0; o >>= 1) {
+    const float om = __shfl_xor_sync(0xffffffffu, m, o);
+    const float os = __shfl_xor_sync(0xffffffffu, s, o);
+    sx += __shfl_xor_sync(0xffffffffu, sx, o);
+    merge(m, s, om, os);
+  }
+}
+
+// One block per row. logits and grad may be the same memory (in place): each element is read by the thread
+// that writes it, and the target's logit is read before the first barrier.
+extern "C" __global__ void __launch_bounds__(1024)
+    fabric_cross_entropy(const storage_t* logits, long long row_stride, storage_t* grad, long long grad_stride,
+                         const long long* __restrict__ targets, float* __restrict__ losses,
+                         const float* __restrict__ count, long long classes, long long ignore_index,
+                         float smoothing, int mean, int write_grad, int vectorized) {
+  __shared__ float shared_m[32], shared_s[32], shared_sx[32];
+  const long long row = blockIdx.x;
+  const storage_t* x = logits + row * row_stride;
+  const long long t = targets[row];
+  const bool ignored = t == ignore_index;
+  const bool bad = !ignored && (t < 0 || t >= classes);
+  float xt = 0.f;
+  if (threadIdx.x == 0 && !ignored && !bad) xt = to_float(x[t]);
+
+  float m = NEG_INF, s = 0.f, sx = 0.f;
+  const long long packs = vectorized ? classes / VEC : 0;
+  for (long long p = threadIdx.x; p < packs; p += blockDim.x) {
+    const Pack pk = reinterpret_cast<const Pack*>(x)[p];
+    float f[VEC];
+    float pm = NEG_INF;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      f[k] = to_float(pk.v[k]);
+      pm = fmaxf(pm, f[k]);
+      sx += f[k];
+    }
+    const float nm = fmaxf(m, pm);
+    if (nm != NEG_INF) {
+      float acc = s * expf(m - nm);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) acc += expf(f[k] - nm);
+      s = acc;
+      m = nm;
+    }
+  }
+  for (long long j = packs * VEC + threadIdx.x; j < classes; j += blockDim.x) {
+    const float f = to_float(x[j]);
+    sx += f;
+    const float nm = fmaxf(m, f);
+    if (nm != NEG_INF) {
+      s = s * expf(m - nm) + expf(f - nm);
+      m = nm;
+    }
+  }
+
+  warp_reduce(m, s, sx);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+  if (lane == 0) {
+    shared_m[warp] = m;
+    shared_s[warp] = s;
+    shared_sx[warp] = sx;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    m = lane < warps ? shared_m[lane] : NEG_INF;
+    s = lane < warps ? shared_s[lane] : 0.f;
+    sx = lane < warps ? shared_sx[lane] : 0.f;
+    warp_reduce(m, s, sx);
+    if (lane == 0) {
+      shared_m[0] = m;
+      shared_s[0] = s;
+      shared_sx[0] = sx;
+    }
+  }
+  __syncthreads();
+  const float lse = shared_m[0] + logf(shared_s[0]);
+  const float nan = __int_as_float(0x7fc00000);
+  if (threadIdx.x == 0) {
+    float loss = 0.f;
+    if (bad) {
+      loss = nan;
+    } else if (!ignored) {
+      loss = lse - xt;
+      if (smoothing > 0.f) loss = (1.f - smoothing) * loss + smoothing * (lse - shared_sx[0] / (float)classes);
+    }
+    losses[row] = loss;
+  }
+  if (!write_grad) return;
+
+  // The gradient of the row's loss: (softmax - (1 - e) onehot(t) - e / C) times 1 / count (mean) or 1; 0 for
+  // an ignored row, NaN for a target out of range.
+  const float scale = bad ? nan : ignored ? 0.f : mean ? 1.f / count[0] : 1.f;
+  const float off = smoothing / (float)classes, on = 1.f - smoothing;
+  storage_t* g = grad + row * grad_stride;
+  for (long long p = threadIdx.x; p < packs; p += blockDim.x) {
+    const Pack pk = reinterpret_cast<const Pack*>(x)[p];
+    Pack out;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      const long long j = p * VEC + k;
+      out.v[k] = from_float((expf(to_float(pk.v[k]) - lse) - off - (j == t ? on : 0.f)) * scale);
+    }
+    reinterpret_cast<Pack*>(g)[p] = out;
+  }
+  for (long long j = packs * VEC + threadIdx.x; j < classes; j += blockDim.x) {
+    g[j] = from_float((expf(to_float(x[j]) - lse) - off - (j == t ? on : 0.f)) * scale);
+  }
+}
+)CUDA";
+
+/// A compiled kernel for one device and dtype, or why there is none.
+struct CrossEntropyKernel {
+  CUfunction function = nullptr;
+  std::string error;
+};
+
+/// Compiles the kernel for the current device (a device guard is set) and `kind` (0 float32, 1 bfloat16, 2
+/// float16); the error is recorded, not thrown, so that the automatic choice falls back to ATen.
+inline CrossEntropyKernel compile_cross_entropy_kernel(int device, int kind) {
+  const at::cuda::NVRTC& nvrtc = at::globalContext().getNVRTC();
+  CrossEntropyKernel out;
+  // The driver API needs the device's primary context current on this thread; cudaFree(nullptr) makes it so.
+  CUcontext context = nullptr;
+  nvrtc.cuCtxGetCurrent(&context);
+  if (context == nullptr) (void)cudaFree(nullptr);
+  int major = 0, minor = 0;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess) {
+    out.error = "cudaDeviceGetAttribute failed";
+    return out;
+  }
+  nvrtcProgram program = nullptr;
+  if (nvrtc.nvrtcCreateProgram(&program, cross_entropy_kernel_source, "fabric_cross_entropy.cu", 0, nullptr, nullptr) !=
+      NVRTC_SUCCESS) {
+    out.error = "nvrtcCreateProgram failed";
+    return out;
+  }
+  const std::string arch = "--gpu-architecture=sm_" + std::to_string(major) + std::to_string(minor);
+  const std::string type = "-DT_KIND=" + std::to_string(kind);
+  const char* options[] = {arch.c_str(), type.c_str()};
+  const nvrtcResult compiled = nvrtc.nvrtcCompileProgram(program, 2, options);
+  if (compiled != NVRTC_SUCCESS) {
+    std::size_t size = 0;
+    nvrtc.nvrtcGetProgramLogSize(program, &size);
+    std::string log(size, '\0');
+    if (size > 0) nvrtc.nvrtcGetProgramLog(program, log.data());
+    out.error = std::string("NVRTC (") + arch + "): " + nvrtc.nvrtcGetErrorString(compiled) + ": " + log;
+    nvrtc.nvrtcDestroyProgram(&program);
+    return out;
+  }
+  std::size_t size = 0;
+  nvrtc.nvrtcGetCUBINSize(program, &size);
+  std::vector<char> cubin(size);
+  nvrtc.nvrtcGetCUBIN(program, cubin.data());
+  nvrtc.nvrtcDestroyProgram(&program);
+  // NOTE: the module is never unloaded: it lives as long as the process (its context does too), and unloading
+  // it at static destruction could run after the driver shut down.
+  CUmodule module = nullptr;
+  CUresult loaded = nvrtc.cuModuleLoadData(&module, cubin.data());
+  if (loaded == CUDA_SUCCESS) loaded = nvrtc.cuModuleGetFunction(&out.function, module, "fabric_cross_entropy");
+  if (loaded != CUDA_SUCCESS) {
+    const char* text = nullptr;
+    nvrtc.cuGetErrorString(loaded, &text);
+    out.error = std::string("loading the CUBIN (") + arch + "): " + (text != nullptr ? text : "unknown error");
+    out.function = nullptr;
+  }
+  return out;
+}
+
+/// The kernel for `device` and `dtype` from a per-process cache (compiled on first use), or the reason there
+/// is none ("" and a function when there is).
+inline const CrossEntropyKernel& cross_entropy_kernel(c10::Device device, c10::ScalarType dtype) {
+  static std::mutex mutex;
+  static std::map<std::pair<int, int>, CrossEntropyKernel> cache;
+  const int kind = dtype == at::kFloat ? 0 : dtype == at::kBFloat16 ? 1 : dtype == at::kHalf ? 2 : -1;
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto key = std::make_pair(static_cast<int>(device.index()), kind);
+  auto found = cache.find(key);
+  if (found == cache.end()) {
+    CrossEntropyKernel kernel;
+    if (kind < 0) {
+      kernel.error = std::string("no kernel for ") + c10::toString(dtype) + " logits";
+    } else {
+      const c10::cuda::CUDAGuard guard(device);
+      kernel = compile_cross_entropy_kernel(device.index(), kind);
+    }
+    found = cache.emplace(key, std::move(kernel)).first;
+  }
+  return found->second;
+}
+
+/// Why the fused kernel cannot run for these logits, or "" when it can.
+inline std::string cross_entropy_kernel_unavailable(const at::Tensor& logits) {
+  if (!logits.is_cuda()) return "the logits are not on a CUDA device";
+  return cross_entropy_kernel(logits.device(), logits.scalar_type()).error;
+}
+
+/// Runs the kernel on the current stream: losses [N] (float32, 0 for ignored rows) and, where `grad` is
+/// defined (same shape and dtype as the logits, possibly the logits themselves), the gradient of the loss
+/// (mean: divided by *count). logits and grad have rows of stride 1; targets are int64, contiguous.
+inline void launch_cross_entropy_kernel(const at::Tensor& logits, const at::Tensor& grad, const at::Tensor& targets,
+                                        const at::Tensor& losses, const at::Tensor& count, std::int64_t ignore_index,
+                                        double smoothing, bool mean) {
+  const CrossEntropyKernel& kernel = cross_entropy_kernel(logits.device(), logits.scalar_type());
+  if (kernel.function == nullptr) {
+    raise(
+        "fabric::nn::cross_entropy: expected the fused CUDA kernel, found none: {}; pass "
+        "{{.kernel = fabric::nn::LossKernel::aten}}",
+        kernel.error);
+  }
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const std::int64_t n = logits.size(0);
+  if (n == 0) return;
+  const void* logits_ptr = logits.data_ptr();
+  void* grad_ptr = grad.defined() ? grad.data_ptr() : nullptr;
+  const void* targets_ptr = targets.data_ptr();
+  void* losses_ptr = losses.data_ptr();
+  const void* count_ptr = count.data_ptr();
+  long long row_stride = logits.stride(0), grad_stride = grad.defined() ? grad.stride(0) : 0;
+  long long classes = logits.size(1), ignore = ignore_index;
+  float e = static_cast<float>(smoothing);
+  int is_mean = mean ? 1 : 0, write_grad = grad.defined() ? 1 : 0;
+  const std::int64_t vec = logits.scalar_type() == at::kFloat ? 4 : 8;
+  const auto aligned = [vec](const void* p, long long stride) {
+    return reinterpret_cast<std::uintptr_t>(p) % 16 == 0 && stride % vec == 0;
+  };
+  int vectorized = aligned(logits_ptr, row_stride) && (grad_ptr == nullptr || aligned(grad_ptr, grad_stride));
+  void* args[] = {&logits_ptr, &row_stride, &grad_ptr, &grad_stride, &targets_ptr, &losses_ptr, &count_ptr,
+                  &classes,    &ignore,     &e,        &is_mean,     &write_grad,  &vectorized};
+  // A block per row: up to 1024 threads, fewer (a multiple of 32) for rows too short to give each one a pack.
+  const std::int64_t packs = (classes + vec - 1) / vec;
+  const unsigned threads = static_cast<unsigned>(std::clamp<std::int64_t>((packs + 31) / 32 * 32, 32, 1024));
+  const CUstream stream = c10::cuda::getCurrentCUDAStream(logits.device().index()).stream();
+  const CUresult launched = at::globalContext().getNVRTC().cuLaunchKernel(kernel.function, static_cast<unsigned>(n), 1,
+                                                                          1, threads, 1, 1, 0, stream, args, nullptr);
+  if (launched != CUDA_SUCCESS) {
+    const char* text = nullptr;
+    at::globalContext().getNVRTC().cuGetErrorString(launched, &text);
+    raise("fabric::nn::cross_entropy: expected the fused kernel to launch, found {}",
+          text != nullptr ? text : "an unknown error");
+  }
+}
+
+inline constexpr bool cross_entropy_kernel_compiled = true;
+
+#else
+
+inline constexpr bool cross_entropy_kernel_compiled = false;
+
+inline std::string cross_entropy_kernel_unavailable(const at::Tensor& logits) {
+  if (!logits.is_cuda()) return "the logits are not on a CUDA device";
+  return "fabric was compiled without the CUDA toolkit's NVRTC headers (FABRIC_CUDA_NVRTC=0)";
+}
+
+inline void launch_cross_entropy_kernel(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                        const at::Tensor&, std::int64_t, double, bool) {}
+
+#endif
+
+}  // namespace fabric::detail
+// ---- end fabric/detail/cross_entropy_kernel.hpp
+
+#include <ATen/core/Tensor.h>
+#include <ATen/core/grad_mode.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/ops/full.h>
 #include <ATen/ops/mul.h>
 #include <ATen/ops/neg.h>
@@ -13611,16 +13971,39 @@ TORCH_MODULE(Linear);
 #include <algorithm>
 #include <cstdint>
 #include <string>
+#include <utility>
 
 namespace fabric::nn {
 
-/// How fabric::nn::cross_entropy splits the logits into chunks of rows.
+/// How fabric::nn::cross_entropy computes the gradient of the logits.
+enum class LossKernel {
+  /// The fused CUDA kernel where it runs (CUDA logits of float32, bfloat16 or float16, fabric compiled with
+  /// the toolkit's NVRTC headers, the kernel compiled for the device), else `aten`.
+  automatic,
+  /// The fused CUDA kernel (NVRTC); a fabric::Error where it cannot run.
+  fused,
+  /// In forward, chunk by chunk of rows with ATen ops: float32 log-softmax, loss, gradient in the logits'
+  /// dtype; the backward scales it.
+  aten,
+  /// Nothing in forward; the backward recomputes each chunk's softmax from the saved logits (the gradient
+  /// buffer exists only during the backward, at the price of a second pass of softmax kernels).
+  recompute,
+};
+
+/// How fabric::nn::cross_entropy splits the logits into chunks of rows, and where the gradient goes.
 struct ChunkOptions {
-  /// Rows per chunk; 0: the fewest equal chunks that hold at most `max_elements` logits each (at least
-  /// one row).
+  /// Rows per chunk (ATen paths); 0: the fewest equal chunks that hold at most `max_elements` logits each
+  /// (at least one row).
   std::int64_t rows = 0;
   /// The most logits a chunk holds when `rows` is 0 (2^25: 128 MiB of float32 per chunk).
   std::int64_t max_elements = std::int64_t{1} << 25;
+  /// Which computation (above).
+  LossKernel kernel = LossKernel::automatic;
+  /// Write the gradient into the logits' own storage instead of a new N x C buffer (fused and aten only):
+  /// saves the buffer, but the logits hold their gradient after the call. Only where nothing else reads
+  /// the logits afterwards: an autograd node that saved them (tanh, softcapping, ...) refuses its backward
+  /// ("modified by an inplace operation"), user code would read gradients.
+  bool in_place = false;
 };
 
 namespace detail {
@@ -13630,33 +14013,74 @@ enum class Reduction : std::int64_t { none = 0, mean = 1, sum = 2 };
 
 /// The autograd Function of fabric::nn::cross_entropy: logits [N, V], targets [N] int64.
 struct ChunkedCrossEntropy : torch::autograd::Function<ChunkedCrossEntropy> {
-  /// Returns the losses (float32), reduced; saves the logits (no copy) and the targets for backward.
+  /// Returns the losses (float32), reduced. `kernel`: fused, aten or recompute (automatic resolved);
+  /// `wanted`: whether the logits' gradient will be asked for (they require grad in grad mode). recompute
+  /// saves the logits (no copy) and the targets; fused and aten keep the gradient of the logits (for mean
+  /// already divided by the count of rows) in saved_data for backward to scale and hand over.
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& logits, const at::Tensor& targets,
                             std::int64_t reduction, std::int64_t ignore_index, double smoothing,
-                            std::int64_t chunk_rows) {
+                            std::int64_t chunk_rows, std::int64_t kernel, bool wanted, bool in_place) {
     const std::int64_t n = logits.size(0), v = logits.size(1);
+    const auto path = static_cast<LossKernel>(kernel);
+    const bool gradient = wanted && path != LossKernel::recompute;
+    const bool mean = static_cast<Reduction>(reduction) == Reduction::mean;
     const at::Tensor valid = targets.ne(ignore_index);
-    const at::Tensor safe = targets.masked_fill(valid.logical_not(), 0).unsqueeze(1);  // [N, 1], in range
-    at::Tensor losses = at::empty({n}, logits.options().dtype(at::kFloat));
-    for (std::int64_t begin = 0; begin < n; begin += chunk_rows) {
-      const std::int64_t rows = std::min(chunk_rows, n - begin);
-      // NOTE: log_softmax with a dtype reads the chunk in its own dtype and writes float32: the one
-      // float32 tensor of the forward, rows x V; it is freed before the next chunk.
-      const at::Tensor logp = logits.narrow(0, begin, rows).log_softmax(1, at::kFloat);
-      at::Tensor out = losses.narrow(0, begin, rows);
-      at::neg_out(out, logp.gather(1, safe.narrow(0, begin, rows)).squeeze(1));
-      if (smoothing > 0) {
-        // (1 - e) * nll + e * mean over the classes of -log p, as PyTorch's label smoothing.
-        out.mul_(1.0 - smoothing).sub_(logp.sum(1), smoothing / static_cast<double>(v));
-      }
-    }
-    losses.masked_fill_(valid.logical_not(), 0.0);
     const at::Tensor count = valid.sum().to(at::kFloat);
-    ctx->save_for_backward({logits, targets, count});
+    at::Tensor losses = at::empty({n}, logits.options().dtype(at::kFloat));
+    at::Tensor grad;
+    if (gradient) {
+      // NOTE: in place, the gradient is written through the logits (bumping their version counter, so that
+      // any other node that saved them refuses its backward); the buffer kept for backward is an alias
+      // with a version counter of its own (variable_data), so that this node's backward does not.
+      grad = in_place ? logits.variable_data() : at::empty_like(logits, at::MemoryFormat::Contiguous);
+    }
+    if (path == LossKernel::fused) {
+      fabric::detail::launch_cross_entropy_kernel(logits, grad, targets.contiguous(), losses, count, ignore_index,
+                                                  smoothing, mean);
+    } else {
+      const at::Tensor safe = targets.masked_fill(valid.logical_not(), 0).unsqueeze(1);  // [N, 1], in range
+      // The gradient each row's loss gives its logits: 0 for ignored rows, divided by the count for mean.
+      at::Tensor scale;
+      if (gradient) {
+        scale = valid.to(at::kFloat).unsqueeze(1);
+        if (mean) scale.div_(count);
+      }
+      const at::Tensor minus_target =
+          gradient ? at::full({std::min(chunk_rows, n), 1}, -(1.0 - smoothing), logits.options().dtype(at::kFloat))
+                   : at::Tensor();
+      for (std::int64_t begin = 0; begin < n; begin += chunk_rows) {
+        const std::int64_t rows = std::min(chunk_rows, n - begin);
+        // NOTE: log_softmax with a dtype reads the chunk in its own dtype and writes float32: the one
+        // float32 tensor of the forward, rows x V; it is freed before the next chunk.
+        const at::Tensor logp = logits.narrow(0, begin, rows).log_softmax(1, at::kFloat);
+        const at::Tensor chunk_targets = safe.narrow(0, begin, rows);
+        at::Tensor out = losses.narrow(0, begin, rows);
+        at::neg_out(out, logp.gather(1, chunk_targets).squeeze(1));
+        if (smoothing > 0) {
+          // (1 - e) * nll + e * mean over the classes of -log p, as PyTorch's label smoothing.
+          out.mul_(1.0 - smoothing).sub_(logp.sum(1), smoothing / static_cast<double>(v));
+        }
+        if (!gradient) continue;
+        // softmax - (1 - e) onehot(target) - e / V, times the row's scale, written in the logits' dtype.
+        at::Tensor p = logp.exp_();
+        p.scatter_add_(1, chunk_targets, minus_target.narrow(0, 0, rows));
+        if (smoothing > 0) p.sub_(smoothing / static_cast<double>(v));
+        at::Tensor into = (in_place ? logits : grad).narrow(0, begin, rows);
+        at::mul_out(into, p, scale.narrow(0, begin, rows));
+      }
+      losses.masked_fill_(valid.logical_not(), 0.0);
+    }
+    if (gradient && in_place && path == LossKernel::fused) logits.unsafeGetTensorImpl()->bump_version();  // the kernel
+    ctx->saved_data["kernel"] = kernel;
     ctx->saved_data["reduction"] = reduction;
-    ctx->saved_data["ignore_index"] = ignore_index;
-    ctx->saved_data["smoothing"] = smoothing;
-    ctx->saved_data["chunk_rows"] = chunk_rows;
+    if (gradient) {
+      ctx->saved_data["gradient"] = grad;
+    } else if (path == LossKernel::recompute) {
+      ctx->save_for_backward({logits, targets, count});
+      ctx->saved_data["ignore_index"] = ignore_index;
+      ctx->saved_data["smoothing"] = smoothing;
+      ctx->saved_data["chunk_rows"] = chunk_rows;
+    }
     switch (static_cast<Reduction>(reduction)) {
       case Reduction::none:
         return losses;
@@ -13668,15 +14092,43 @@ struct ChunkedCrossEntropy : torch::autograd::Function<ChunkedCrossEntropy> {
     return losses.sum().div_(count);
   }
 
-  /// Returns the gradient of the logits in their dtype: (softmax - target distribution) times the
-  /// incoming gradient per row, computed and written chunk by chunk.
+  /// The gradients of forward's inputs: the logits' and none for the other eight.
+  static torch::autograd::variable_list inputs_gradient(at::Tensor logits) {
+    torch::autograd::variable_list out(9);
+    out[0] = std::move(logits);
+    return out;
+  }
+
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
+    if (at::GradMode::is_enabled()) {
+      fabric::detail::raise(
+          "fabric::nn::cross_entropy: expected a backward without create_graph, found a double backward; the "
+          "loss's backward is not differentiable: use torch::nn::functional::cross_entropy for higher-order "
+          "gradients");
+    }
+    const auto path = static_cast<LossKernel>(ctx->saved_data["kernel"].toInt());
+    const auto reduction = static_cast<Reduction>(ctx->saved_data["reduction"].toInt());
+    if (path != LossKernel::recompute) {
+      const auto found = ctx->saved_data.find("gradient");
+      if (found == ctx->saved_data.end()) {
+        fabric::detail::raise(
+            "fabric::nn::cross_entropy: expected one backward through the loss, found a second one (the "
+            "logits' gradient, computed in forward, went to the first); compute the loss again, or pass "
+            "{{.kernel = fabric::nn::LossKernel::recompute}} to backward through it more than once");
+      }
+      // NOTE: the buffer leaves saved_data (which autograd does not free after backward) so that it lives no
+      // longer than the gradient it becomes; scaled in place: one pass over it, no host synchronisation.
+      at::Tensor grad = found->second.toTensor();
+      ctx->saved_data.erase(found);
+      const at::Tensor g = grads[0].to(at::kFloat);
+      grad.mul_(reduction == Reduction::none ? g.unsqueeze(1) : g);
+      return inputs_gradient(std::move(grad));
+    }
     const auto saved = ctx->get_saved_variables();
     const at::Tensor& logits = saved[0];
     const at::Tensor& targets = saved[1];
     const at::Tensor& count = saved[2];
-    const auto reduction = static_cast<Reduction>(ctx->saved_data["reduction"].toInt());
     const std::int64_t ignore_index = ctx->saved_data["ignore_index"].toInt();
     const double smoothing = ctx->saved_data["smoothing"].toDouble();
     const std::int64_t chunk_rows = ctx->saved_data["chunk_rows"].toInt();
@@ -13702,7 +14154,7 @@ struct ChunkedCrossEntropy : torch::autograd::Function<ChunkedCrossEntropy> {
       at::Tensor out = grad.narrow(0, begin, rows);
       at::mul_out(out, p, row.narrow(0, begin, rows));
     }
-    return {grad, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    return inputs_gradient(std::move(grad));
   }
 };
 
@@ -13710,9 +14162,10 @@ struct ChunkedCrossEntropy : torch::autograd::Function<ChunkedCrossEntropy> {
 
 /// Returns the cross-entropy of logits [N, C] against class indices [N], as
 /// `torch::nn::functional::cross_entropy(logits, targets, options)` computes it in float32, without a
-/// float32 copy of the logits: it reads them in their dtype (bfloat16, float16 or float32), works on
-/// chunks of rows in float32 (log-softmax in forward, softmax in backward, each chunk freed before the
-/// next), returns a float32 loss and gives the logits a gradient in their own dtype.
+/// float32 copy of the logits: it reads them in their dtype (bfloat16, float16 or float32), accumulates in
+/// float32, returns a float32 loss and gives the logits a gradient in their own dtype. Where the logits
+/// require grad, the forward computes that gradient too (their softmax is at hand then) and the backward
+/// only multiplies it by the incoming gradient.
 ///
 ///     fabric::Fabric<fabric::CUDA, fabric::SingleDevice, fabric::BF16Mixed> fabric(
 ///         {}, {}, fabric::BF16Mixed({.convert_output = false}));  // keep the logits in bfloat16
@@ -13720,10 +14173,14 @@ struct ChunkedCrossEntropy : torch::autograd::Function<ChunkedCrossEntropy> {
 ///     at::Tensor loss = fabric::nn::cross_entropy(logits.view({-1, logits.size(-1)}), targets.view(-1));
 ///
 /// Options: `reduction` (mean, sum, none), `ignore_index`, `label_smoothing`; class `weight` and
-/// probability targets are refused (use `torch::nn::functional::cross_entropy`). Memory beyond the
-/// logits and their gradient: one float32 chunk (rows x C x 4 bytes; at most 128 MiB by default) and a few
-/// float32 vectors of N. Targets out of range are a fabric::Error on the CPU and a device-side assert
-/// on the GPU (as in PyTorch). The backward is not itself differentiable.
+/// probability targets are refused (use `torch::nn::functional::cross_entropy`). `chunks` picks the
+/// computation (ChunkOptions::kernel: the fused CUDA kernel by default where it runs, else chunks of ATen
+/// ops) and whether the gradient overwrites the logits (`in_place`). Memory beyond the logits: their
+/// gradient (N x C in their dtype, from forward to backward; none with `in_place`), for the ATen paths one
+/// float32 chunk (rows x C x 4 bytes; at most 128 MiB by default), and a few float32 vectors of N. Targets
+/// out of range are a fabric::Error on the CPU, a device-side assert on the GPU through ATen (as in
+/// PyTorch) and NaN losses through the fused kernel. The backward runs once (a second backward through the
+/// same graph is refused, except with LossKernel::recompute) and is not itself differentiable.
 inline at::Tensor cross_entropy(const at::Tensor& logits, const at::Tensor& targets,
                                 const torch::nn::functional::CrossEntropyFuncOptions& options = {},
                                 const ChunkOptions& chunks = {}) {
@@ -13781,6 +14238,28 @@ inline at::Tensor cross_entropy(const at::Tensor& logits, const at::Tensor& targ
           bad.nonzero()[0][0].item<std::int64_t>());
     }
   }
+  LossKernel kernel = chunks.kernel;
+  // NOTE: the kernel reads rows of stride 1 (views with other strides take the ATen path).
+  const bool rows_of_stride_one = logits.size(1) == 1 || logits.stride(1) == 1;
+  if (kernel == LossKernel::automatic) {
+    kernel = logits.is_cuda() && rows_of_stride_one && fabric::detail::cross_entropy_kernel_unavailable(logits).empty()
+                 ? LossKernel::fused
+                 : LossKernel::aten;
+  } else if (kernel == LossKernel::fused) {
+    const std::string why = rows_of_stride_one ? fabric::detail::cross_entropy_kernel_unavailable(logits)
+                                               : "the logits' rows have a stride";
+    if (!why.empty()) {
+      fabric::detail::raise(
+          "fabric::nn::cross_entropy: expected logits the fused CUDA kernel can read, found {}; pass "
+          "{{.kernel = fabric::nn::LossKernel::aten}} (or automatic)",
+          why);
+    }
+  }
+  if (chunks.in_place && kernel == LossKernel::recompute) {
+    fabric::detail::raise(
+        "fabric::nn::cross_entropy: expected in_place with LossKernel fused, aten or automatic, found recompute "
+        "(its backward reads the logits); drop in_place");
+  }
   // NOTE: equal chunks (8192 rows of 50304 logits: 13 chunks of 631 rows, not 12 of 667 and one of 188):
   // softmax kernels run one block per row, so a short last chunk would leave most of the GPU idle.
   const std::int64_t n = logits.size(0);
@@ -13790,8 +14269,10 @@ inline at::Tensor cross_entropy(const at::Tensor& logits, const at::Tensor& targ
     const std::int64_t count = std::max<std::int64_t>(1, (n + most - 1) / most);
     rows = std::max<std::int64_t>(1, (n + count - 1) / count);
   }
+  const bool wanted = at::GradMode::is_enabled() && logits.requires_grad();
   const auto reduction = static_cast<std::int64_t>(torch::enumtype::reduction_get_enum(options.reduction()));
-  return detail::ChunkedCrossEntropy::apply(logits, t, reduction, ignore, smoothing, rows);
+  return detail::ChunkedCrossEntropy::apply(logits, t, reduction, ignore, smoothing, rows,
+                                            static_cast<std::int64_t>(kernel), wanted, chunks.in_place);
 }
 
 }  // namespace fabric::nn
