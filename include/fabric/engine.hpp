@@ -275,8 +275,8 @@ class Fabric {
   template <class M, class... Os>
   auto setup(SetupOptions options, M&& module, Os&&... optimizers) {
     check_launched("setup");
-    detail::check_module_arg<M>();
-    (detail::check_optimizer_arg<Os>(), ...);
+    static_assert(detail::check_module_arg<M>());
+    static_assert((detail::check_optimizer_arg<Os>() && ...));
     const torch::nn::Module& raw = detail::module_ref(module);
     check_not_set_up(&raw, "module");
     (check_not_set_up(&detail::optimizer_ref(optimizers), "optimizer"), ...);
@@ -296,7 +296,7 @@ class Fabric {
   template <class M>
   auto setup_module(M&& module, SetupOptions options = {}) {
     check_launched("setup_module");
-    detail::check_module_arg<M>();
+    static_assert(detail::check_module_arg<M>());
     check_not_set_up(&detail::module_ref(module), "module");
     return setup_module_impl(options, std::forward<M>(module));
   }
@@ -304,7 +304,7 @@ class Fabric {
   template <class... Os>
   requires(sizeof...(Os) > 0) auto setup_optimizers(Os&&... optimizers) {
     check_launched("setup_optimizers");
-    (detail::check_optimizer_arg<Os>(), ...);
+    static_assert((detail::check_optimizer_arg<Os>() && ...));
     (check_not_set_up(&detail::optimizer_ref(optimizers), "optimizer"), ...);
     (detail::check_not_meta(detail::optimizer_ref(optimizers), "setup_optimizers"), ...);
     return detail::one_or_tuple(setup_optimizer_impl(std::forward<Os>(optimizers))...);

@@ -4434,9 +4434,10 @@ std::weak_ptr<const void> track_set_up(std::shared_ptr<T>& ptr) {
   return ptr;
 }
 
-/// Rejects, at compile time, what setup cannot take as a module.
+/// Rejects, at compile time, what setup cannot take as a module; returns true (in a static_assert, so that
+/// its message comes before any error of setup's instantiation).
 template <class M>
-constexpr void check_module_arg() {
+constexpr bool check_module_arg() {
   using U = std::remove_cvref_t<M>;
   static_assert(!is_fabric_module_v<U>,
                 "fabric: this module is already set up; use the wrapper setup() returned, or set up the original "
@@ -4447,17 +4448,19 @@ constexpr void check_module_arg() {
   static_assert(is_module_holder_v<U> || is_module_ptr_v<U> || std::is_lvalue_reference_v<M>,
                 "fabric: setup cannot keep a temporary module object alive; pass a TORCH_MODULE holder, a "
                 "std::shared_ptr or a named module variable");
+  return true;
 }
 
-/// Rejects, at compile time, what setup cannot take as an optimizer.
+/// Rejects, at compile time, what setup cannot take as an optimizer; returns true (as check_module_arg).
 template <class O>
-constexpr void check_optimizer_arg() {
+constexpr bool check_optimizer_arg() {
   using U = std::remove_cvref_t<O>;
   static_assert(!is_fabric_optimizer_v<U>,
                 "fabric: this optimizer is already set up; use the wrapper setup() returned");
   static_assert(std::is_base_of_v<torch::optim::Optimizer, typename pointee<U>::type>,
                 "fabric: setup takes torch::optim optimizers after the module: an optimizer object, a "
                 "std::shared_ptr or a std::unique_ptr to one");
+  return true;
 }
 
 /// Rejects, at compile time, what setup_dataloaders cannot take; returns true (in a static_assert, so that
@@ -10724,8 +10727,8 @@ class Fabric {
   template <class M, class... Os>
   auto setup(SetupOptions options, M&& module, Os&&... optimizers) {
     check_launched("setup");
-    detail::check_module_arg<M>();
-    (detail::check_optimizer_arg<Os>(), ...);
+    static_assert(detail::check_module_arg<M>());
+    static_assert((detail::check_optimizer_arg<Os>() && ...));
     const torch::nn::Module& raw = detail::module_ref(module);
     check_not_set_up(&raw, "module");
     (check_not_set_up(&detail::optimizer_ref(optimizers), "optimizer"), ...);
@@ -10745,7 +10748,7 @@ class Fabric {
   template <class M>
   auto setup_module(M&& module, SetupOptions options = {}) {
     check_launched("setup_module");
-    detail::check_module_arg<M>();
+    static_assert(detail::check_module_arg<M>());
     check_not_set_up(&detail::module_ref(module), "module");
     return setup_module_impl(options, std::forward<M>(module));
   }
@@ -10753,7 +10756,7 @@ class Fabric {
   template <class... Os>
   requires(sizeof...(Os) > 0) auto setup_optimizers(Os&&... optimizers) {
     check_launched("setup_optimizers");
-    (detail::check_optimizer_arg<Os>(), ...);
+    static_assert((detail::check_optimizer_arg<Os>() && ...));
     (check_not_set_up(&detail::optimizer_ref(optimizers), "optimizer"), ...);
     (detail::check_not_meta(detail::optimizer_ref(optimizers), "setup_optimizers"), ...);
     return detail::one_or_tuple(setup_optimizer_impl(std::forward<Os>(optimizers))...);

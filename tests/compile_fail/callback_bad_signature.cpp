@@ -10,7 +10,7 @@ struct Printer {
 };
 
 int main() {
-  fabric::Fabric<fabric::CPU, fabric::SingleDevice, fabric::FP32, Printer> fabric;
+  fabric::Fabric<fabric::CPU, fabric::SingleDevice, fabric::FP32, Printer> fabric({}, Printer{});
   fabric.call(fabric::hooks::on_train_epoch_end, 3, 0.5);
   return 0;
 }

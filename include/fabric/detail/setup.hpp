@@ -94,9 +94,10 @@ std::weak_ptr<const void> track_set_up(std::shared_ptr<T>& ptr) {
   return ptr;
 }
 
-/// Rejects, at compile time, what setup cannot take as a module.
+/// Rejects, at compile time, what setup cannot take as a module; returns true (in a static_assert, so that
+/// its message comes before any error of setup's instantiation).
 template <class M>
-constexpr void check_module_arg() {
+constexpr bool check_module_arg() {
   using U = std::remove_cvref_t<M>;
   static_assert(!is_fabric_module_v<U>,
                 "fabric: this module is already set up; use the wrapper setup() returned, or set up the original "
@@ -107,17 +108,19 @@ constexpr void check_module_arg() {
   static_assert(is_module_holder_v<U> || is_module_ptr_v<U> || std::is_lvalue_reference_v<M>,
                 "fabric: setup cannot keep a temporary module object alive; pass a TORCH_MODULE holder, a "
                 "std::shared_ptr or a named module variable");
+  return true;
 }
 
-/// Rejects, at compile time, what setup cannot take as an optimizer.
+/// Rejects, at compile time, what setup cannot take as an optimizer; returns true (as check_module_arg).
 template <class O>
-constexpr void check_optimizer_arg() {
+constexpr bool check_optimizer_arg() {
   using U = std::remove_cvref_t<O>;
   static_assert(!is_fabric_optimizer_v<U>,
                 "fabric: this optimizer is already set up; use the wrapper setup() returned");
   static_assert(std::is_base_of_v<torch::optim::Optimizer, typename pointee<U>::type>,
                 "fabric: setup takes torch::optim optimizers after the module: an optimizer object, a "
                 "std::shared_ptr or a std::unique_ptr to one");
+  return true;
 }
 
 /// Rejects, at compile time, what setup_dataloaders cannot take; returns true (in a static_assert, so that

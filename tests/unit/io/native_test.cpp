@@ -8,6 +8,7 @@
 #include <torch/torch.h>
 #include <fabric/fabric.hpp>
 
+#include "fabric_test_config.hpp"
 #include "unit/temp_dir.hpp"
 
 #include <catch2/catch_test_macros.hpp>
