@@ -25,7 +25,8 @@
 #
 # Environment: BUILD_DIR (default build-race), OUT (where logs, traces and race.json go; default
 # $BUILD_DIR/race-out), PYTHON (default python3), RACE_DEVICE (cuda or cpu; default cuda),
-# RACE_CONFIGURE=0 to reuse an already configured BUILD_DIR, RACE_PROFILE=1 for the profile first.
+# RACE_CONFIGURE=0 to reuse an already configured BUILD_DIR, RACE_PROFILE=1 for the profile first,
+# RACE_TIMEOUT=S to stop race.py after S seconds and print the table of the rounds it finished.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -76,7 +77,14 @@ fi
 
 # ---- the race --------------------------------------------------------------------------------------
 say "race.py ${CPP[*]} $*"
-$PY bench/python/race.py --device "$DEVICE" "${CPP[@]}" --json "$OUT_DIR/race.json" "$@" 2>&1 | tee "$OUT_DIR/race.log"
+LIMIT=()
+[ -n "${RACE_TIMEOUT:-}" ] && LIMIT=(timeout "$RACE_TIMEOUT")
+"${LIMIT[@]}" $PY bench/python/race.py --device "$DEVICE" "${CPP[@]}" --json "$OUT_DIR/race.json" "$@" 2>&1 |
+  tee "$OUT_DIR/race.log"
 rc=${PIPESTATUS[0]}
+if [ "$rc" = 124 ] && [ -e "$OUT_DIR/race.json" ]; then
+  say "race.py ran past RACE_TIMEOUT=$RACE_TIMEOUT s: the table of the rounds it finished"
+  $PY bench/python/race.py --summarize "$OUT_DIR/race.json" 2>&1 | tee -a "$OUT_DIR/race.log"
+fi
 say "done (race.py exit status $rc; log $OUT_DIR/race.log, results $OUT_DIR/race.json)"
 exit "$rc"

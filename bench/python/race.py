@@ -201,19 +201,22 @@ def reset_memory(device):
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def resident(w):
-    """Bytes that stay allocated on the device between the competitors' rounds: the compiled module of
-    lightning-compile (kept across rounds; its initial weights are kept on the CPU), which the other
-    competitors' peaks must not count."""
-    if "compiled" not in w:
-        return 0
-    return sum(v.numel() * v.element_size() for v in w["compiled"][2].values())  # the initial copy is on the CPU
+# lightning-compile's compiled modules, one per workload, kept across rounds: (module, compiled module,
+# initial weights on the CPU, their fingerprint).
+COMPILED = {}
+
+
+def resident(but=None):
+    """Bytes that stay allocated on the device between the competitors' rounds: the compiled modules of
+    lightning-compile (but that of workload `but`), which the other competitors' peaks must not count."""
+    return sum(sum(v.numel() * v.element_size() for v in init.values())
+               for key, (_, _, init, _) in COMPILED.items() if key != but)
 
 
 def peak_memory(device, w=None, own=False):
     """The peak allocated and reserved bytes since reset_memory, less what other competitors keep resident."""
     if device.type == "cuda":
-        other = resident(w) if w is not None and not own else 0
+        other = resident((w["name"], w["precision"]) if own else None) if w is not None else 0
         return torch.cuda.max_memory_allocated(device) - other, torch.cuda.max_memory_reserved(device)
     return 0, 0
 
@@ -321,16 +324,17 @@ def run_lightning(device, w, devices=1, compile=False):
         # compile first, then setup). NOTE: compiling takes a minute for gpt2, so the compiled module is built
         # once per workload and every later round restores its initial weights (a fresh optimizer, a fresh
         # Fabric): the same start as a rebuilt model, without compiling again.
-        if "compiled" not in w:
+        key = (w["name"], w["precision"])
+        if key not in COMPILED:
             net = build(w)
             fp = fingerprint(net)
-            w["compiled"] = (net, torch.compile(net), {k: v.detach().clone() for k, v in net.state_dict().items()}, fp)
+            COMPILED[key] = (net, torch.compile(net), {k: v.detach().clone() for k, v in net.state_dict().items()}, fp)
         else:
             with torch.no_grad():
-                net = w["compiled"][0]
+                net = COMPILED[key][0]
                 for k, v in net.state_dict().items():
-                    v.copy_(w["compiled"][2][k])
-        net, compiled, _, (params_sum, params_sq) = w["compiled"]
+                    v.copy_(COMPILED[key][2][k])
+        net, compiled, _, (params_sum, params_sq) = COMPILED[key]
         optimizer = torch.optim.AdamW(net.parameters(), lr=w["lr"], weight_decay=w["weight_decay"],
                                       fused=device.type == "cuda")
         model, optimizer = fabric.setup(compiled, optimizer)
@@ -703,10 +707,12 @@ def main(argv):
                command=" ".join(["race.py"] + list(argv)), results=[])
     if cpp:
         out["cpp"] = cpp.info
+    # NOTE: the rounds are the outer loop (round 1 of every workload, then round 2, ...), so that a run cut
+    # short (a time limit) still has whole rounds of every workload in its JSON, written after each round.
+    workloads = {name: make_workload(name, args, device) for name in args.workloads}
     try:
-        for name in args.workloads:
-            w = make_workload(name, args, device)
-            for round_ in range(1, args.rounds + 1):
+        for round_ in range(1, args.rounds + 1):
+            for name, w in workloads.items():
                 if cpp:
                     try:
                         out["results"] += cpp.run(name, round_)
@@ -717,8 +723,7 @@ def main(argv):
                         cpp = None
                 for competitor in competitors:
                     out["results"].append(run_python(competitor, device, w, args, round_))
-            w.pop("compiled", None)  # frees the compiled module before the next workload
-            if args.json and rank_zero:  # what has run so far, should a later workload not end
+            if args.json and rank_zero:  # what has run so far, should a later round not end
                 with open(args.json, "w") as f:
                     json.dump(out, f, indent=2)
     finally:
