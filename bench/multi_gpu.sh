@@ -31,7 +31,9 @@
 #            Lightning: n_layer doubles from MULTI_GPU_LARGEST_START (48) until a run fails, then
 #            MULTI_GPU_LARGEST_BISECT (3) bisections; an out-of-memory run exits 3 and counts as "oom";
 #   fsdp-faults   rank 1 of D killed with SIGKILL during FSDP training of gpt2 over NCCL, started by
-#            fabric.launch(), fabric-run and torchrun: as the faults step, under FSDP.
+#            fabric.launch(), fabric-run and torchrun: as the faults step, under FSDP; and started as D
+#            independent processes with SLURM's variables (tests/dist/fake_srun.sh), where no launcher
+#            stops the survivors: each must end with fabric's error naming its rank within the timeout.
 #
 # Usage, from the repository root on the GPU machine (carry .deps, see tools/gpu.sh):
 #
@@ -47,7 +49,8 @@
 # (timing rounds, default 1), MULTI_GPU_WORKLOADS (default "mlp-fp32 mlp-bf16-mixed gpt2"),
 # MULTI_GPU_FABRIC_VARIANTS (fabric DDP options also timed on MULTI_GPU_VARIANT_WORKLOADS, default gpt2: one
 # variant per word, "=" for a space; default "--grad-as-view --bucket-cap-mb=10 --bucket-cap-mb=50
-# --bucket-cap-mb=100 --grad-as-view=--static-graph"; "none" for none), BUILD_DIR (default build-gpu);
+# --bucket-cap-mb=100 --grad-as-view=--static-graph"; "none" for none), BUILD_DIR (default build-gpu),
+# MULTI_GPU_TARGETS (what the build step builds, default "bench_ddp_race|fabric-run|fabric_ddp_worker");
 # FSDP: MULTI_GPU_FSDP_DEVICES (default the device counts), MULTI_GPU_FSDP_SHARDINGS (default "full_shard
 # shard_grad_op no_shard"), MULTI_GPU_FSDP_CHECK_WORKLOADS (default "mlp-fp32 gpt2-tiny gpt2"),
 # MULTI_GPU_FSDP_CKPT (fsdp-time: "off on"), MULTI_GPU_LIGHTNING_FSDP_VARIANTS (fsdp-time: more
@@ -377,7 +380,12 @@ if [[ " $steps " == *" fsdp-largest "* ]]; then
         [ "$outcome" = error ] && failed=1
         if [ "$outcome" = ok ]; then good=$mid; else bad=$mid; fi
       done
-      say "fsdp-largest $who $sh on $ld GPUs: largest that trains n_layer $good x $embd; smallest that did not: $bad"
+      if [ "$outcome" = skipped ]; then
+        say "fsdp-largest $who $sh on $ld GPUs: not run (Lightning is not installed)"
+      else
+        say "fsdp-largest $who $sh on $ld GPUs: largest that trains n_layer $good x $embd (0: none);" \
+          "smallest that did not: $bad (0: none up to ${MULTI_GPU_LARGEST_MAX:-384})"
+      fi
     done
   done
   $PY bench/python/multi_gpu_tables.py fsdp-largest "$OUT_DIR"
@@ -397,6 +405,12 @@ if [[ " $steps " == *" fsdp-faults "* ]]; then
         $bench "${kill[@]}" >"$OUT_DIR/fsdp-fault-fabric-run.log" 2>&1 || failed=1
       say "FSDP fault, fabric-run, $d GPUs: $(grep -E "^expect_failure:|stopping" "$OUT_DIR/fsdp-fault-fabric-run.log" | tr '\n' ' ')"
     fi
+    # Independent processes (as srun starts them: no launcher stops the others): the survivors' next
+    # collective fails and each ends with fabric's error naming its rank, within --timeout-s.
+    $expect 60 "bench_ddp_race: .*failed on rank" -- tests/dist/fake_srun.sh "$d" $bench "${kill[@]}" \
+      >"$OUT_DIR/fsdp-fault-srun.log" 2>&1 || { failed=1; tail -5 "$OUT_DIR/fsdp-fault-srun.log"; }
+    say "FSDP fault, $d independent processes (SLURM variables): $(grep -E "^expect_failure:|failed on rank" \
+      "$OUT_DIR/fsdp-fault-srun.log" | cut -c1-200 | tr '\n' ' ')"
     if command -v torchrun >/dev/null; then
       # The other ranks must end too: with torchrun the survivors' next collective fails within --timeout-s,
       # or torchrun stops them; either way within the expect's 60 s and with no process left.

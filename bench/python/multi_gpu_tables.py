@@ -149,8 +149,11 @@ def fsdp_largest(out):
              "ms/step) | smallest that did not (why) | trials |",
              "| ---: | --- | --- | --- | --- | ---: |"]
     for (d, sh, who), ts in sorted(trials.items()):
+        if all(t[2] == "skipped" for t in ts):
+            lines.append(f"| {d} | {sh} | {who} | not run (Lightning is not installed) | | {len(ts)} |")
+            continue
         good = [t for t in ts if t[2] == "ok"]
-        bad = [t for t in ts if t[2] != "ok"]
+        bad = [t for t in ts if t[2] not in ("ok", "skipped")]
         best = max(good, key=lambda t: t[0]) if good else None
         worst = min(bad, key=lambda t: t[0]) if bad else None
         if best and best[3]:
