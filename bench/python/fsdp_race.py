@@ -31,15 +31,17 @@ Where Lightning is not installed, the script prints the model's parameter count 
 
 import argparse
 import datetime
+import gc
 import json
 import os
 import statistics
 import sys
+import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import race  # noqa: E402  (the models, the timing and the memory helpers of the DDP race)
+import race  # noqa: E402  (the models of the DDP race: race.GPT, race.Block, race.Mlp, and its Fabric import)
 
 SHARDINGS = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD")
 
@@ -96,8 +98,6 @@ def gpt2_config(a):
 
 
 def make_strategy(a):
-    from torch.distributed.fsdp import MixedPrecision
-
     try:
         from lightning.fabric.strategies import DDPStrategy, FSDPStrategy
     except ImportError:
@@ -111,9 +111,59 @@ def make_strategy(a):
         if a.checkpointing:
             kwargs["activation_checkpointing_policy"] = {race.Block}
     if a.mixed_precision == "fp32":
+        from torch.distributed.fsdp import MixedPrecision
+
         kwargs["mixed_precision"] = MixedPrecision(param_dtype=torch.float32, reduce_dtype=torch.float32,
                                                    buffer_dtype=torch.float32)
     return FSDPStrategy(**kwargs)
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_memory(device):
+    gc.collect()
+    synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)
+    return 0, 0
+
+
+def time_steps(device, a, step, barrier):
+    """Warm-up, a barrier, then timed steps (CUDA events; perf_counter on the CPU); returns (ms per step, wall
+    mean ms, last loss)."""
+    loss = None
+    for _ in range(a.warmup):
+        loss = step()
+    synchronize(device)
+    barrier()
+    cuda = device.type == "cuda"
+    if cuda:
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(a.steps)]
+    cpu_ms = []
+    start = time.perf_counter()
+    for i in range(a.steps):
+        if cuda:
+            events[i][0].record()
+        else:
+            t0 = time.perf_counter()
+        loss = step()
+        if cuda:
+            events[i][1].record()
+        else:
+            cpu_ms.append((time.perf_counter() - t0) * 1e3)
+    synchronize(device)
+    wall = (time.perf_counter() - start) * 1e3 / a.steps
+    ms = [x.elapsed_time(y) for x, y in events] if cuda else cpu_ms
+    return ms, wall, loss.item()
 
 
 def build(a, config):
@@ -151,7 +201,7 @@ def main(argv):
     device = fabric.device
     rank = fabric.global_rank
     try:
-        race.reset_memory(device)
+        reset_memory(device)
         net = build(a, config)
         params = count(net) if rank == 0 else sum(p.numel() for p in net.parameters())
         model = fabric.setup_module(net)
@@ -173,9 +223,7 @@ def main(argv):
             optimizer.zero_grad()
             return loss
 
-        w = dict(steps=a.steps, warmup=a.warmup)
-        ms, wall, last = race.time_steps(device, w, step, barrier=fabric.barrier)
-        race.synchronize(device)
+        ms, wall, last = time_steps(device, a, step, fabric.barrier)
     except RuntimeError as e:  # torch.cuda.OutOfMemoryError is one; so is the CPU allocator's failure
         if not isinstance(e, torch.cuda.OutOfMemoryError) and "can't allocate memory" not in str(e) and \
                 "out of memory" not in str(e):
@@ -187,7 +235,7 @@ def main(argv):
         for proc in getattr(launcher, "procs", []):
             proc.kill()
         os._exit(3)
-    peak_allocated, peak_reserved = race.peak_memory(device)
+    peak_allocated, peak_reserved = peak_memory(device)
     world = fabric.world_size
     med = statistics.median(ms)
     reduce = lambda v, op: fabric.all_reduce(torch.tensor(float(v), device=device), reduce_op=op).item()
