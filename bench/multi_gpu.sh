@@ -127,7 +127,8 @@ if [[ " $steps " == *" time "* ]]; then
           { failed=1; tail -3 "$f.log"; }
         grep -E "^  (mlp|gpt2)|error" "$f.log" | sed "s/^/fabric    /"
         f="$OUT_DIR/time-lightning-$w-$d-r$r"
-        $PY bench/python/race.py --device "$DEVICE" --competitors lightning --devices "$d" --workload "$w" \
+        # (--rounds 1: this script alternates the rounds itself)
+        $PY bench/python/race.py --device "$DEVICE" --competitors lightning --devices "$d" --rounds 1 --workload "$w" \
           "${extra[@]}" --json "$f.json" >"$f.log" 2>&1 || { failed=1; tail -3 "$f.log"; }
         grep -E "^  (mlp|gpt2)|Error" "$f.log" | sed "s/^/lightning /"
         # fabric's DDP options (MULTI_GPU_FABRIC_VARIANTS="--grad-as-view --bucket-cap-mb=100": one
@@ -155,6 +156,8 @@ for path in sorted(glob.glob(os.path.join(out, "time-*-r*.json"))):
     m = re.match(r"time-(fabric|lightning)(\S*?)-(mlp|gpt2)", os.path.basename(path))
     who = m.group(1) + (" " + m.group(2).strip("_").replace("_", " ") if m.group(2) else "")
     for r in data["results"] if "results" in data else [data]:
+        if r.get("skipped") or "ms_median" not in r:
+            continue
         runs.setdefault((r["workload"], r["precision"], r["devices"], who), []).append(r)
 
 
