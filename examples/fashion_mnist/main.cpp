@@ -100,12 +100,13 @@ std::filesystem::path path(std::string_view /*flag*/, std::string_view text) { r
 
 /// The accelerators and precisions of the command line, by Lightning name; the first is the canonical name.
 constexpr std::array<std::string_view, 3> accelerator_names = {"cpu", "cuda", "auto"};
-constexpr std::array<std::array<std::string_view, 2>, 6> precision_names = {{{"32-true", "32"},
+constexpr std::array<std::array<std::string_view, 2>, 7> precision_names = {{{"32-true", "32"},
                                                                              {"64-true", "64"},
                                                                              {"bf16-mixed", "bf16"},
                                                                              {"16-mixed", "16"},
                                                                              {"bf16-true", ""},
-                                                                             {"16-true", ""}}};
+                                                                             {"16-true", ""},
+                                                                             {"bf16-master", ""}}};
 
 std::string_view parse_accelerator(std::string_view /*flag*/, std::string_view text) {
   for (const auto name : accelerator_names) {
@@ -119,8 +120,8 @@ std::string_view parse_precision(std::string_view /*flag*/, std::string_view tex
     if (text == name || (!alias.empty() && text == alias)) return name;
   }
   throw UsageError(
-      fmt::format("expected --precision 32-true, 64-true, bf16-mixed, 16-mixed, bf16-true or 16-true (or 32, 64, "
-                  "bf16, 16), found \"{}\"",
+      fmt::format("expected --precision 32-true, 64-true, bf16-mixed, 16-mixed, bf16-true, 16-true or bf16-master "
+                  "(or 32, 64, bf16, 16), found \"{}\"",
                   text));
 }
 
@@ -140,8 +141,9 @@ std::optional<Config> parse_args(int argc, char** argv) {
   add("--accelerator", "NAME", c.accelerator, parse_accelerator,
       "cpu, cuda, or auto: CUDA when a GPU is visible, else the CPU (default auto)");
   add("--precision", "NAME", c.precision, parse_precision,
-      "32-true, 64-true, bf16-mixed, 16-mixed, bf16-true or 16-true, or the\n"
-      "short names 32, 64, bf16 (bf16-mixed), 16 (16-mixed) (default 32-true)");
+      "32-true, 64-true, bf16-mixed, 16-mixed, bf16-true, 16-true or bf16-master\n"
+      "(bf16 weights, float32 masters in AdamW), or the short names 32, 64, bf16\n"
+      "(bf16-mixed), 16 (16-mixed) (default 32-true)");
   add("--devices", "N", c.devices, positive<int>("2"),
       "processes, one per device: with N > 1 the example trains with DDP; the\n"
       "first process starts the others (default 1)");
@@ -340,7 +342,7 @@ int train(const Config& config) {
 /// The policies the command line picks from, by name. NOTE: each combination instantiates train().
 using Accelerators = fabric::TypeList<fabric::Auto, fabric::CPU, fabric::CUDA>;
 using Precisions = fabric::TypeList<fabric::FP32, fabric::FP64, fabric::BF16Mixed, fabric::FP16Mixed, fabric::BF16True,
-                                    fabric::FP16True>;
+                                    fabric::FP16True, fabric::BF16Master>;
 
 /// Returns fn.template operator()<T>() for the T of the list whose name is `name`.
 template <class... Ts, class Fn>

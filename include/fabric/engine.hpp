@@ -76,6 +76,7 @@ consteval bool check_policies() {
   } else if constexpr (check_accelerator<A>() && check_strategy<S>() && check_precision<P>()) {
     S::template check<A, P>();
     P::template check<A>();
+    if constexpr (checks_strategy<P, S>) P::template check_strategy<S>();
   }
   // NOTE: every failed check above has fired its own static_assert; returning true keeps it the only error.
   return true;
@@ -645,22 +646,21 @@ class Fabric {
   /// they are. Parent directories are created. With filters, an entry keeps the items of its state that
   /// its Filter chooses (Lightning's `filter=`); a filter key that is not in the state is an error.
   void save(const std::filesystem::path& path, const State& state, const Filters& filters = {}) {
-    if constexpr (detail::strategy_saves_filtered<S>) {
-      strategy_.save_checkpoint(path, state, filters);
+    if constexpr (KeepsMasterWeights<P>) {
+      precision_.checkpoint_scope(false, [&] { save_impl(path, state, filters); });
     } else {
-      if (!filters.empty()) {
-        detail::raise(
-            "save: this strategy's save_checkpoint(path, state) takes no filters; expected "
-            "save_checkpoint(path, state, filters), as fabric::StrategyBase has, or save without filters");
-      }
-      strategy_.save_checkpoint(path, state);
+      save_impl(path, state, filters);
     }
   }
   /// Restores the state in place from a checkpoint and returns the entries of the file that the
   /// state did not ask for. With strict, a missing key (or module tensor) is an error; shapes and
   /// types must always match. Nothing is changed when any check fails.
   State load(const std::filesystem::path& path, State& state, bool strict = true) {
-    return strategy_.load_checkpoint(path, state, strict);
+    if constexpr (KeepsMasterWeights<P>) {
+      return precision_.checkpoint_scope(true, [&] { return strategy_.load_checkpoint(path, state, strict); });
+    } else {
+      return strategy_.load_checkpoint(path, state, strict);
+    }
   }
   /// load with the state written in place, for modules and optimizers restored where they are:
   /// `fabric.load(path, {{"model", model}, {"optimizer", optimizer}})`.
@@ -674,10 +674,27 @@ class Fabric {
   /// Python's torch.save of a state_dict, safetensors), through the format that recognises the file.
   template <class T>
   void load_raw(const std::filesystem::path& path, T& target, bool strict = true) {
-    strategy_.load_raw(path, target, strict);
+    if constexpr (KeepsMasterWeights<P>) {
+      precision_.checkpoint_scope(true, [&] { strategy_.load_raw(path, target, strict); });
+    } else {
+      strategy_.load_raw(path, target, strict);
+    }
   }
 
  private:
+  void save_impl(const std::filesystem::path& path, const State& state, const Filters& filters) {
+    if constexpr (detail::strategy_saves_filtered<S>) {
+      strategy_.save_checkpoint(path, state, filters);
+    } else {
+      if (!filters.empty()) {
+        detail::raise(
+            "save: this strategy's save_checkpoint(path, state) takes no filters; expected "
+            "save_checkpoint(path, state, filters), as fabric::StrategyBase has, or save without filters");
+      }
+      strategy_.save_checkpoint(path, state);
+    }
+  }
+
   template <class, class>
   friend class Module;
   template <class, class>
@@ -839,6 +856,7 @@ class Fabric {
   auto setup_optimizer_impl(O&& optimizer) {
     using Opt = typename detail::pointee<std::remove_cvref_t<O>>::type;
     std::shared_ptr<Opt> ptr = detail::share<Opt>(std::forward<O>(optimizer));
+    if constexpr (KeepsMasterWeights<P>) precision_.setup_optimizer(*ptr);
     strategy_.setup_optimizer(*ptr);
     auto life = detail::track_set_up(ptr);
     if constexpr (checks_optimizer_step) {

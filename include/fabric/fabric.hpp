@@ -38,6 +38,7 @@
 #include "fabric/precision/fp32.hpp"
 #include "fabric/precision/grad_scaler.hpp"
 #include "fabric/precision/half.hpp"
+#include "fabric/precision/master.hpp"
 #include "fabric/precision/mixed.hpp"
 #include "fabric/precision/precision.hpp"
 #include "fabric/strategies/dp.hpp"

@@ -317,6 +317,12 @@ struct CPU {
 #define FABRIC_TORCH_FUSED_ADAM 0
 #endif
 #define FABRIC_TORCH_FUSED_ADAM_CPU FABRIC_TORCH_AT_LEAST(2, 4)
+// The multi-tensor copy at::_foreach_copy_ (converting dtypes in its CUDA fast path): 2.1.
+#if FABRIC_TORCH_AT_LEAST(2, 1) && __has_include(<ATen/ops/_foreach_copy.h>)
+#define FABRIC_TORCH_FOREACH_COPY 1
+#else
+#define FABRIC_TORCH_FOREACH_COPY 0
+#endif
 // A common caching-allocator base with emptyCache() for every device: 2.9.
 #if FABRIC_TORCH_AT_LEAST(2, 9) && __has_include(<c10/core/CachingDeviceAllocator.h>)
 #define FABRIC_TORCH_DEVICE_ALLOCATOR 1
@@ -4225,12 +4231,14 @@ typename detail::named_module<Net>::type > ;
 
 
 #include <ATen/core/Tensor.h>
+#include <c10/core/Device.h>
 #include <torch/optim/optimizer.h>
 #include <torch/optim/sgd.h>
 
 #include <concepts>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -4244,6 +4252,20 @@ namespace fabric {
 template <class P>
 concept NeedsFabricStep = requires {
   requires static_cast<bool>(P::needs_fabric_step);
+};
+
+/// A precision whose optimizers step copies of the module's parameters (fabric::BF16Master's float32
+/// masters) while the gradients arrive on the module's own: Fabric lets it rewrite each set-up optimizer's
+/// param groups (`setup_optimizer`), the wrapper's zero_grad and the strategies' clip_gradients go to it
+/// (the gradients are not on the optimizer's tensors), and save and load run in its `checkpoint_scope`
+/// (checkpoints hold the masters).
+template <class P>
+concept KeepsMasterWeights = requires(P& p, torch::optim::Optimizer& o, bool set_to_none, const ClipOptions& c,
+                                      const c10::Device& d, void (*fn)()) {
+  p.setup_optimizer(o);
+  p.zero_grad(o, set_to_none);
+  { p.clip_gradients(o, c, d) } -> std::same_as<std::optional<at::Tensor>>;
+  p.checkpoint_scope(true, fn);
 };
 
 namespace detail {
@@ -4307,8 +4329,12 @@ class Optimizer {
   void zero_grad() { zero_grad(detail::torch_zero_grad_sets_none); }
   /// Resets the gradients: to undefined tensors with set_to_none, else to zeros in place.
   void zero_grad(bool set_to_none) {
-    for (auto& group : optimizer_->param_groups()) {
-      for (auto& p : group.params()) detail::zero_grad(p, set_to_none);
+    if constexpr (KeepsMasterWeights<typename F::precision_type>) {
+      fabric_->precision().zero_grad(*optimizer_, set_to_none);
+    } else {
+      for (auto& group : optimizer_->param_groups()) {
+        for (auto& p : group.params()) detail::zero_grad(p, set_to_none);
+      }
     }
   }
   /// Returns the optimizer's parameter groups.
@@ -4649,17 +4675,34 @@ class CapturedStep;
 #include <string_view>
 #include <type_traits>
 #include <typeinfo>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 
 namespace fabric::detail {
 
+/// The tensors that checkpoints of this thread read and write in place of module parameters (by the
+/// parameter's TensorImpl) while a precision with master weights saves or loads (fabric::BF16Master's
+/// float32 masters); null otherwise.
+inline const std::unordered_map<const void*, at::Tensor>*& checkpoint_substitutes() noexcept {
+  thread_local const std::unordered_map<const void*, at::Tensor>* substitutes = nullptr;
+  return substitutes;
+}
+
 /// A module's parameters and buffers under their dotted names (undefined tensors are left out, as
-/// torch::save leaves them out).
+/// torch::save leaves them out); a parameter with a checkpoint substitute is that tensor.
 inline std::vector<std::pair<std::string, at::Tensor>> module_tensors(const torch::nn::Module& module) {
   std::vector<std::pair<std::string, at::Tensor>> out;
+  const auto* substitutes = checkpoint_substitutes();
   for (const auto& p : module.named_parameters(true)) {
-    if (p.value().defined()) out.emplace_back(p.key(), p.value());
+    if (!p.value().defined()) continue;
+    if (substitutes != nullptr) {
+      if (const auto it = substitutes->find(p.value().unsafeGetTensorImpl()); it != substitutes->end()) {
+        out.emplace_back(p.key(), it->second);
+        continue;
+      }
+    }
+    out.emplace_back(p.key(), p.value());
   }
   for (const auto& b : module.named_buffers(true)) {
     if (b.value().defined()) out.emplace_back(b.key(), b.value());
@@ -6309,6 +6352,13 @@ concept runs_steps = requires(P& p, const at::Tensor& loss, torch::optim::Optimi
   p.backward(loss);
   p.unscale_gradients(o);
   { p.optimizer_step(o, std::move(closure)) } -> std::convertible_to<at::Tensor>;
+};
+
+/// The precision checks its combination with a strategy at compile time (optional: fabric::BF16Master
+/// refuses FSDP and DP).
+template <class P, class S>
+concept checks_strategy = requires {
+  P::template check_strategy<S>();
 };
 
 }  // namespace detail
@@ -9984,6 +10034,8 @@ using AutoCheckpointIO = FormatList<SafetensorsCheckpointIO, TorchCheckpointIO, 
 #include <ATen/ops/stack.h>
 #include <c10/core/Device.h>
 #include <c10/core/GradMode.h>
+#include <c10/core/ScalarType.h>
+#include <c10/util/Optional.h>
 #include <torch/optim/optimizer.h>
 
 #include <cmath>
@@ -10011,15 +10063,26 @@ inline void clip_gradients_value(const std::vector<at::Tensor>& grads, double cl
 }
 
 /// Rescales the gradients in place so that their total p-norm is at most max_norm and returns the
-/// total norm before clipping (a scalar tensor on `device` when there are no gradients).
+/// total norm before clipping (a scalar tensor on `device` when there are no gradients). With a
+/// norm_dtype the norms are accumulated and returned in it (fabric::BF16Master: float32 over bfloat16
+/// gradients), else in the gradients' dtype, as torch.nn.utils.clip_grad_norm_.
 inline at::Tensor clip_gradients_norm(const std::vector<at::Tensor>& grads, double max_norm, double norm_type,
-                                      bool error_if_nonfinite, const c10::Device& device) {
+                                      bool error_if_nonfinite, const c10::Device& device,
+                                      c10::ScalarType norm_dtype = c10::ScalarType::Undefined) {
   at::NoGradGuard no_grad;
   if (grads.empty()) return at::scalar_tensor(0.0, at::TensorOptions().device(device));
   std::vector<at::Tensor> norms;
   norms.reserve(grads.size());
   const bool inf = std::isinf(norm_type);
-  for (const auto& g : grads) norms.push_back(inf ? g.detach().abs().max() : g.detach().norm(norm_type));
+  const bool cast = norm_dtype != c10::ScalarType::Undefined;
+  for (const auto& g : grads) {
+    if (inf) {
+      norms.push_back(cast ? g.detach().abs().max().to(norm_dtype) : g.detach().abs().max());
+    } else {
+      norms.push_back(cast ? g.detach().norm(c10::optional<at::Scalar>(norm_type), norm_dtype)
+                           : g.detach().norm(norm_type));
+    }
+  }
   const at::Tensor stacked = at::stack(norms);
   at::Tensor total = inf ? stacked.max() : stacked.norm(norm_type);
   if (error_if_nonfinite && !std::isfinite(total.item<double>())) {
@@ -10352,12 +10415,17 @@ class StrategyBase {
     return precision.optimizer_step(optimizer, std::forward<Closure>(closure));
   }
   /// Unscales the gradients where the precision scales, then clips the optimizer's gradients by norm
-  /// or by value (fabric::clip_gradients); returns the total norm before clipping for max_norm.
+  /// or by value (fabric::clip_gradients); returns the total norm before clipping for max_norm. A
+  /// precision with master weights (fabric::KeepsMasterWeights) clips the gradients it keeps itself.
   template <class M, class State, class O, class P>
   std::optional<at::Tensor> clip_gradients(M& /*module*/, State& /*state*/, O& optimizer, P& precision,
                                            const ClipOptions& options) {
-    precision.unscale_gradients(optimizer);
-    return fabric::clip_gradients(optimizer, options, device_);
+    if constexpr (KeepsMasterWeights<P>) {
+      return precision.clip_gradients(optimizer, options, device_);
+    } else {
+      precision.unscale_gradients(optimizer);
+      return fabric::clip_gradients(optimizer, options, device_);
+    }
   }
 
   // ---- collectives (identities: one process) ----
@@ -10528,6 +10596,7 @@ consteval bool check_policies() {
   } else if constexpr (check_accelerator<A>() && check_strategy<S>() && check_precision<P>()) {
     S::template check<A, P>();
     P::template check<A>();
+    if constexpr (checks_strategy<P, S>) P::template check_strategy<S>();
   }
   // NOTE: every failed check above has fired its own static_assert; returning true keeps it the only error.
   return true;
@@ -11097,22 +11166,21 @@ class Fabric {
   /// they are. Parent directories are created. With filters, an entry keeps the items of its state that
   /// its Filter chooses (Lightning's `filter=`); a filter key that is not in the state is an error.
   void save(const std::filesystem::path& path, const State& state, const Filters& filters = {}) {
-    if constexpr (detail::strategy_saves_filtered<S>) {
-      strategy_.save_checkpoint(path, state, filters);
+    if constexpr (KeepsMasterWeights<P>) {
+      precision_.checkpoint_scope(false, [&] { save_impl(path, state, filters); });
     } else {
-      if (!filters.empty()) {
-        detail::raise(
-            "save: this strategy's save_checkpoint(path, state) takes no filters; expected "
-            "save_checkpoint(path, state, filters), as fabric::StrategyBase has, or save without filters");
-      }
-      strategy_.save_checkpoint(path, state);
+      save_impl(path, state, filters);
     }
   }
   /// Restores the state in place from a checkpoint and returns the entries of the file that the
   /// state did not ask for. With strict, a missing key (or module tensor) is an error; shapes and
   /// types must always match. Nothing is changed when any check fails.
   State load(const std::filesystem::path& path, State& state, bool strict = true) {
-    return strategy_.load_checkpoint(path, state, strict);
+    if constexpr (KeepsMasterWeights<P>) {
+      return precision_.checkpoint_scope(true, [&] { return strategy_.load_checkpoint(path, state, strict); });
+    } else {
+      return strategy_.load_checkpoint(path, state, strict);
+    }
   }
   /// load with the state written in place, for modules and optimizers restored where they are:
   /// `fabric.load(path, {{"model", model}, {"optimizer", optimizer}})`.
@@ -11126,10 +11194,27 @@ class Fabric {
   /// Python's torch.save of a state_dict, safetensors), through the format that recognises the file.
   template <class T>
   void load_raw(const std::filesystem::path& path, T& target, bool strict = true) {
-    strategy_.load_raw(path, target, strict);
+    if constexpr (KeepsMasterWeights<P>) {
+      precision_.checkpoint_scope(true, [&] { strategy_.load_raw(path, target, strict); });
+    } else {
+      strategy_.load_raw(path, target, strict);
+    }
   }
 
  private:
+  void save_impl(const std::filesystem::path& path, const State& state, const Filters& filters) {
+    if constexpr (detail::strategy_saves_filtered<S>) {
+      strategy_.save_checkpoint(path, state, filters);
+    } else {
+      if (!filters.empty()) {
+        detail::raise(
+            "save: this strategy's save_checkpoint(path, state) takes no filters; expected "
+            "save_checkpoint(path, state, filters), as fabric::StrategyBase has, or save without filters");
+      }
+      strategy_.save_checkpoint(path, state);
+    }
+  }
+
   template <class, class>
   friend class Module;
   template <class, class>
@@ -11291,6 +11376,7 @@ class Fabric {
   auto setup_optimizer_impl(O&& optimizer) {
     using Opt = typename detail::pointee<std::remove_cvref_t<O>>::type;
     std::shared_ptr<Opt> ptr = detail::share<Opt>(std::forward<O>(optimizer));
+    if constexpr (KeepsMasterWeights<P>) precision_.setup_optimizer(*ptr);
     strategy_.setup_optimizer(*ptr);
     auto life = detail::track_set_up(ptr);
     if constexpr (checks_optimizer_step) {
@@ -14598,6 +14684,357 @@ class GradScaler {
 
 }  // namespace fabric
 // ---- end fabric/precision/grad_scaler.hpp
+// ---- begin fabric/precision/master.hpp
+// fabric::BF16Master ("bf16-master"): bfloat16 weights and compute, float32 master weights held by the
+// optimizer. The module runs as under BF16True (no autocast, no per-step weight casts); each set-up
+// optimizer steps float32 masters of the module's parameters and writes their bfloat16 copies back;
+// checkpoints hold the masters.
+
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/core/Device.h>
+#include <c10/core/GradMode.h>
+#include <c10/core/ScalarType.h>
+#include <torch/nn/module.h>
+#include <torch/optim/optimizer.h>
+
+#if FABRIC_TORCH_FOREACH_COPY
+#include <ATen/ops/_foreach_copy.h>
+#endif
+
+#include <cstddef>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <type_traits>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+namespace fabric {
+namespace detail {
+
+/// Copies src[i] into dst[i] for every i, converting the dtype: one multi-tensor kernel where this
+/// LibTorch has `_foreach_copy_` (2.1; on CUDA it converts bfloat16 <-> float32 in its fast path), one
+/// copy per tensor before.
+inline void copy_all(std::vector<at::Tensor>& dst, const std::vector<at::Tensor>& src) {
+  if (dst.empty()) return;
+#if FABRIC_TORCH_FOREACH_COPY
+  at::_foreach_copy_(dst, src);
+#else
+  for (std::size_t i = 0; i < dst.size(); ++i) dst[i].copy_(src[i]);
+#endif
+}
+
+/// Installs, while it lives, the float32 masters in place of the module parameters they stand for in every
+/// checkpoint read or write of this thread (detail::module_tensors).
+class CheckpointSubstitutesGuard {
+ public:
+  explicit CheckpointSubstitutesGuard(const std::unordered_map<const void*, at::Tensor>& substitutes) noexcept
+      : previous_(std::exchange(checkpoint_substitutes(), &substitutes)) {}
+  ~CheckpointSubstitutesGuard() { checkpoint_substitutes() = previous_; }
+  CheckpointSubstitutesGuard(const CheckpointSubstitutesGuard&) = delete;
+  CheckpointSubstitutesGuard& operator=(const CheckpointSubstitutesGuard&) = delete;
+
+ private:
+  const std::unordered_map<const void*, at::Tensor>* previous_;
+};
+
+}  // namespace detail
+
+/// bfloat16 weights and compute with float32 master weights in the optimizer ("bf16-master"), what
+/// llm.c and Megatron train with: the module's floating parameters and buffers live in bfloat16, forward
+/// runs on them directly (as BF16True: no autocast, no weight casts per step), backward leaves bfloat16
+/// gradients on them; each set-up optimizer steps float32 masters instead (its param groups are
+/// rewritten to them at setup), with the gradient upcast for the step only, and writes the rounded
+/// bfloat16 copies back. Updates smaller than bfloat16's resolution accumulate in the masters, which
+/// BF16True loses. Checkpoints hold the masters, so they load into a float32 or bf16-mixed run.
+///
+/// Memory per parameter with Adam: 2 (bf16 weight) + 2 (bf16 gradient) + 4 (master) + 8 (Adam's moments)
+/// = 16 bytes, against bf16-mixed's 4 + 4 + 8 = 16 and bf16-true's 2 + 2 + 4 = 8; the float32 gradient
+/// exists only during the step (4 more bytes at its peak).
+///
+///     fabric::Fabric<fabric::CUDA, fabric::SingleDevice, fabric::BF16Master> fabric;
+///     auto [model, optimizer] = fabric.setup(net, adamw);   // net: bf16 weights, adamw: fp32 masters
+struct BF16Master : TruePrecision<c10::ScalarType::BFloat16> {
+  static constexpr std::string_view name = "bf16-master";
+  using TruePrecision::TruePrecision;
+
+  /// Returns float32: `init_module` creates the float32 weights that become the masters at setup.
+  static constexpr c10::ScalarType param_dtype() noexcept { return c10::ScalarType::Float; }
+  /// Returns bfloat16, the dtype forward computes in (what ThroughputMonitor takes the peak FLOP/s of).
+  static constexpr c10::ScalarType compute_dtype() noexcept { return c10::ScalarType::BFloat16; }
+
+  /// Refuses at compile time the strategies whose optimizers cannot step masters: FSDP (its optimizer
+  /// steps shards of the flat parameters) and DP (replicas per forward). DDP works: its Reducer all-reduces
+  /// the bfloat16 gradients (half the bytes of bf16-mixed's float32 ones; each rank upcasts the same sum).
+  template <class S>
+  static constexpr void check_strategy() noexcept {
+    static_assert(S::name != std::string_view("fsdp"),
+                  "fabric: bf16-master keeps whole float32 masters in the optimizer, which FSDP shards; use "
+                  "BF16Mixed with FSDP (its float32 shards are the masters), or DDP with BF16Master");
+    static_assert(S::name != std::string_view("dp"),
+                  "fabric: bf16-master is not supported with DP (replicas are made per forward); use DDP or "
+                  "SingleDevice with BF16Master");
+  }
+
+  /// Converts the module's floating parameters and buffers to bfloat16 in place (parameters keep their
+  /// identity) and keeps each parameter's float32 value as its master: the float32 storage itself, no copy.
+  template <class M>
+  void convert_module(M& module) {
+    c10::NoGradGuard no_grad;
+    for (const auto& p : module.parameters(/*recurse=*/true)) {
+      if (!p.defined() || !p.is_floating_point() || by_param_.count(p.unsafeGetTensorImpl()) != 0) continue;
+      at::Tensor master = p.scalar_type() == c10::ScalarType::Float ? p.data() : p.data().to(c10::ScalarType::Float);
+      p.set_data(p.data().to(c10::ScalarType::BFloat16));
+      add(p, std::move(master));
+    }
+    for (const auto& b : module.buffers(/*recurse=*/true)) {
+      if (b.defined() && b.is_floating_point() && b.scalar_type() != c10::ScalarType::BFloat16) {
+        b.set_data(b.to(c10::ScalarType::BFloat16));
+      }
+    }
+  }
+
+  /// Rewrites the optimizer's param groups to the float32 masters of the module parameters they hold
+  /// (on the parameters' devices). Refuses an optimizer that has stepped already, or that holds a tensor
+  /// that is no parameter of a module this fabric converted, or whose parameter changed since conversion.
+  template <class O>
+  void setup_optimizer(O& optimizer) {
+    torch::optim::Optimizer& opt = optimizer;
+    if (!opt.state().empty()) {
+      detail::raise(
+          "bf16-master: expected an optimizer that has not stepped yet, found one with state for {} parameters; its "
+          "state would belong to the bfloat16 parameters, not to the float32 masters: set up the optimizer before "
+          "its first step",
+          opt.state().size());
+    }
+    c10::NoGradGuard no_grad;
+    std::size_t index = 0;
+    std::vector<std::pair<at::Tensor*, std::size_t>> remap;
+    for (auto& group : opt.param_groups()) {
+      for (auto& p : group.params()) {
+        const auto it = by_param_.find(p.unsafeGetTensorImpl());
+        if (it == by_param_.end()) {
+          detail::raise(
+              "bf16-master: the optimizer's parameter {} (shape {}, {}) is not a parameter of a module set up by "
+              "this fabric, so it has no float32 master; create the optimizer over the set-up module's parameters "
+              "and set up the module first, or together: fabric.setup(model, optimizer)",
+              index, detail::shape_str(p.sizes()), c10::toString(p.scalar_type()));
+        }
+        Entry& e = entries_[it->second];
+        if (e.master.device() != e.param.device()) move_master(it->second, e.param.device());
+        if (!e.master.to(c10::ScalarType::BFloat16).equal(e.param.data())) {
+          detail::raise(
+              "bf16-master: the optimizer's parameter {} (shape {}) changed since setup converted it: expected its "
+              "bfloat16 weights to be the rounding of the float32 master kept then, found other values; under DDP "
+              "rank 0's weights were broadcast and differ from this process's (seed every process the same, "
+              "fabric.seed_everything, before building the model); else load weights before setup, or through "
+              "fabric.load",
+              index, detail::shape_str(p.sizes()));
+        }
+        remap.emplace_back(&p, it->second);
+        ++index;
+      }
+    }
+    for (auto& [p, i] : remap) *p = entries_[i].master;
+  }
+
+  /// Resets the gradients of the module parameters behind the optimizer's masters (and any a master
+  /// holds): to undefined tensors with set_to_none, else to zeros in place.
+  template <class O>
+  void zero_grad(O& optimizer, bool set_to_none) {
+    torch::optim::Optimizer& opt = optimizer;
+    for (auto& group : opt.param_groups()) {
+      for (auto& p : group.params()) {
+        if (Entry* e = entry_of_master(p)) detail::zero_grad(e->param, set_to_none);
+        detail::zero_grad(p, set_to_none);
+      }
+    }
+  }
+
+  /// Clips the bfloat16 gradients of the parameters behind the optimizer's masters before the step, by
+  /// value or by total norm (each norm and the total accumulated in float32); returns the float32 total
+  /// norm before clipping for max_norm.
+  template <class O>
+  std::optional<at::Tensor> clip_gradients(O& optimizer, const ClipOptions& options, const c10::Device& device) {
+    std::vector<at::Tensor> grads;
+    torch::optim::Optimizer& opt = optimizer;
+    for (auto& group : opt.param_groups()) {
+      for (auto& p : group.params()) {
+        const Entry* e = entry_of_master(p);
+        const at::Tensor& g = e != nullptr ? e->param.grad() : p.grad();
+        if (g.defined()) grads.push_back(g);
+      }
+    }
+    if (options.clip_val) {
+      clip_gradients_value(grads, *options.clip_val);
+      return std::nullopt;
+    }
+    return clip_gradients_norm(grads, *options.max_norm, options.norm_type, options.error_if_nonfinite, device,
+                               c10::ScalarType::Float);
+  }
+
+  /// Steps the masters: gives each the float32 upcast of its parameter's bfloat16 gradient, runs the
+  /// optimizer's step on them (fabric's fused or multi-tensor step for Adam, AdamW and SGD), writes the
+  /// bfloat16 copies back and drops the float32 gradients. A closure (LBFGS) evaluates the loss on the
+  /// copies of the masters it is at, and its gradients are upcast after each evaluation.
+  template <class O, class Closure>
+  at::Tensor optimizer_step(O& optimizer, Closure&& closure) {
+    // NOTE: "in the same pass" would be one kernel reading the bf16 gradient and writing the bf16 copy
+    // beside the AdamW update: 28 bytes of traffic per parameter instead of 40 here (upcast: 2 read + 4
+    // written; fused AdamW: 16 + 12; copy back: 4 + 2). On an H200 the two copies of GPT-2's 124.5M
+    // parameters take 1.08 ms of the 2.14 ms step (fused AdamW on float32 alone: 1.14 ms), 4.6% of the
+    // 23.6 ms training step: the most such a kernel could save, against an AdamW of fabric's own to
+    // compile (NVRTC or nvcc) and keep identical to LibTorch's. Not worth it yet (README, Precision).
+    torch::optim::Optimizer& opt = optimizer;
+    std::vector<at::Tensor> params, masters;
+    c10::NoGradGuard no_grad;
+    upcast_gradients(opt, params, masters);
+    at::Tensor loss;
+    if constexpr (std::is_same_v<std::decay_t<Closure>, std::nullptr_t>) {
+      loss = detail::optimizer_step(optimizer, nullptr);
+    } else {
+      if (closure == nullptr) {
+        loss = detail::optimizer_step(optimizer, nullptr);
+      } else {
+        torch::optim::Optimizer::LossClosure wrapped = [&]() -> at::Tensor {
+          {
+            c10::NoGradGuard off;
+            write_copies(opt);
+          }
+          at::Tensor l;
+          {
+            c10::AutoGradMode grad(true);
+            l = closure();
+          }
+          c10::NoGradGuard off;
+          std::vector<at::Tensor> ps, ms;
+          upcast_gradients(opt, ps, ms);
+          return l;
+        };
+        loss = detail::optimizer_step(optimizer, std::move(wrapped));
+        params.clear();
+        masters.clear();
+        collect(opt, params, masters, /*with_grad_only=*/false);
+      }
+    }
+    detail::copy_all(params, masters);
+    for (auto& m : masters) m.mutable_grad() = at::Tensor();
+    return loss;
+  }
+
+  /// Runs fn (a save or a load) with the masters standing for their parameters in the checkpoint, so that
+  /// a save writes float32 masters and a load restores them; after a load the bfloat16 copies are rewritten
+  /// from the masters.
+  template <class Fn>
+  decltype(auto) checkpoint_scope(bool loads, Fn&& fn) {
+    std::unordered_map<const void*, at::Tensor> substitutes;
+    substitutes.reserve(entries_.size());
+    for (const auto& e : entries_) substitutes.emplace(e.param.unsafeGetTensorImpl(), e.master);
+    detail::CheckpointSubstitutesGuard guard(substitutes);
+    if constexpr (std::is_void_v<std::invoke_result_t<Fn&>>) {
+      fn();
+      if (loads) write_all_copies();
+    } else {
+      auto result = fn();
+      if (loads) write_all_copies();
+      return result;
+    }
+  }
+
+  /// Returns the float32 master of a module parameter (undefined when it has none).
+  at::Tensor master_of(const at::Tensor& param) const {
+    const auto it = by_param_.find(param.unsafeGetTensorImpl());
+    return it == by_param_.end() ? at::Tensor() : entries_[it->second].master;
+  }
+
+ private:
+  struct Entry {
+    at::Tensor param;   // the module's bfloat16 parameter
+    at::Tensor master;  // its float32 master
+  };
+
+  void add(const at::Tensor& param, at::Tensor master) {
+    by_master_.emplace(master.unsafeGetTensorImpl(), entries_.size());
+    by_param_.emplace(param.unsafeGetTensorImpl(), entries_.size());
+    entries_.push_back({param, std::move(master)});
+  }
+  void move_master(std::size_t i, const c10::Device& device) {
+    Entry& e = entries_[i];
+    by_master_.erase(e.master.unsafeGetTensorImpl());
+    e.master = e.master.to(device);
+    by_master_.emplace(e.master.unsafeGetTensorImpl(), i);
+  }
+  Entry* entry_of_master(const at::Tensor& t) {
+    const auto it = by_master_.find(t.unsafeGetTensorImpl());
+    return it == by_master_.end() ? nullptr : &entries_[it->second];
+  }
+  /// Collects the (parameter, master) pairs of the optimizer's masters (those whose parameter has a
+  /// gradient, with with_grad_only).
+  void collect(torch::optim::Optimizer& opt, std::vector<at::Tensor>& params, std::vector<at::Tensor>& masters,
+               bool with_grad_only) {
+    for (auto& group : opt.param_groups()) {
+      for (auto& p : group.params()) {
+        Entry* e = entry_of_master(p);
+        if (e == nullptr || (with_grad_only && !e->param.grad().defined())) continue;
+        params.push_back(e->param);
+        masters.push_back(p);
+      }
+    }
+  }
+  /// Gives each master whose parameter has a gradient a float32 copy of it (one multi-tensor copy); the
+  /// others lose theirs, so that the step skips them.
+  void upcast_gradients(torch::optim::Optimizer& opt, std::vector<at::Tensor>& params,
+                        std::vector<at::Tensor>& masters) {
+    collect(opt, params, masters, /*with_grad_only=*/true);
+    std::vector<at::Tensor> dst, src;
+    dst.reserve(masters.size());
+    src.reserve(masters.size());
+    for (std::size_t i = 0; i < masters.size(); ++i) {
+      const at::Tensor& g = params[i].grad();
+      if (g.layout() != c10::kStrided || g.is_sparse()) {
+        detail::raise(
+            "bf16-master: expected dense gradients, found a {} gradient on a parameter of shape {}; use dense "
+            "gradients (e.g. Embedding without sparse) with bf16-master",
+            g.is_sparse() ? "sparse" : "non-strided", detail::shape_str(params[i].sizes()));
+      }
+      dst.push_back(at::empty_like(masters[i], c10::MemoryFormat::Preserve));
+      src.push_back(g);
+    }
+    detail::copy_all(dst, src);
+    for (auto& group : opt.param_groups()) {
+      for (auto& p : group.params()) {
+        if (entry_of_master(p) != nullptr) p.mutable_grad() = at::Tensor();
+      }
+    }
+    for (std::size_t i = 0; i < masters.size(); ++i) masters[i].mutable_grad() = dst[i];
+  }
+  /// Writes the bfloat16 copies of all the optimizer's masters.
+  void write_copies(torch::optim::Optimizer& opt) {
+    std::vector<at::Tensor> params, masters;
+    collect(opt, params, masters, /*with_grad_only=*/false);
+    detail::copy_all(params, masters);
+  }
+  /// Writes the bfloat16 copies of every master (after a load).
+  void write_all_copies() {
+    c10::NoGradGuard no_grad;
+    std::vector<at::Tensor> params, masters;
+    for (const auto& e : entries_) {
+      params.push_back(e.param);
+      masters.push_back(e.master);
+    }
+    detail::copy_all(params, masters);
+  }
+
+  std::vector<Entry> entries_{};
+  std::unordered_map<const void*, std::size_t> by_param_{};
+  std::unordered_map<const void*, std::size_t> by_master_{};
+};
+
+}  // namespace fabric
+// ---- end fabric/precision/master.hpp
 // ---- begin fabric/precision/mixed.hpp
 // fabric::MixedPrecision: float32 weights, forward under autocast: BF16Mixed ("bf16-mixed") and
 // FP16Mixed ("16-mixed", with a gradient scaler).

@@ -34,17 +34,34 @@
 #include <string_view>
 #include <type_traits>
 #include <typeinfo>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 
 namespace fabric::detail {
 
+/// The tensors that checkpoints of this thread read and write in place of module parameters (by the
+/// parameter's TensorImpl) while a precision with master weights saves or loads (fabric::BF16Master's
+/// float32 masters); null otherwise.
+inline const std::unordered_map<const void*, at::Tensor>*& checkpoint_substitutes() noexcept {
+  thread_local const std::unordered_map<const void*, at::Tensor>* substitutes = nullptr;
+  return substitutes;
+}
+
 /// A module's parameters and buffers under their dotted names (undefined tensors are left out, as
-/// torch::save leaves them out).
+/// torch::save leaves them out); a parameter with a checkpoint substitute is that tensor.
 inline std::vector<std::pair<std::string, at::Tensor>> module_tensors(const torch::nn::Module& module) {
   std::vector<std::pair<std::string, at::Tensor>> out;
+  const auto* substitutes = checkpoint_substitutes();
   for (const auto& p : module.named_parameters(true)) {
-    if (p.value().defined()) out.emplace_back(p.key(), p.value());
+    if (!p.value().defined()) continue;
+    if (substitutes != nullptr) {
+      if (const auto it = substitutes->find(p.value().unsafeGetTensorImpl()); it != substitutes->end()) {
+        out.emplace_back(p.key(), it->second);
+        continue;
+      }
+    }
+    out.emplace_back(p.key(), p.value());
   }
   for (const auto& b : module.named_buffers(true)) {
     if (b.value().defined()) out.emplace_back(b.key(), b.value());

@@ -20,6 +20,12 @@
 #define FABRIC_TORCH_FUSED_ADAM 0
 #endif
 #define FABRIC_TORCH_FUSED_ADAM_CPU FABRIC_TORCH_AT_LEAST(2, 4)
+// The multi-tensor copy at::_foreach_copy_ (converting dtypes in its CUDA fast path): 2.1.
+#if FABRIC_TORCH_AT_LEAST(2, 1) && __has_include(<ATen/ops/_foreach_copy.h>)
+#define FABRIC_TORCH_FOREACH_COPY 1
+#else
+#define FABRIC_TORCH_FOREACH_COPY 0
+#endif
 // A common caching-allocator base with emptyCache() for every device: 2.9.
 #if FABRIC_TORCH_AT_LEAST(2, 9) && __has_include(<c10/core/CachingDeviceAllocator.h>)
 #define FABRIC_TORCH_DEVICE_ALLOCATOR 1

@@ -59,6 +59,13 @@ concept runs_steps = requires(P& p, const at::Tensor& loss, torch::optim::Optimi
   { p.optimizer_step(o, std::move(closure)) } -> std::convertible_to<at::Tensor>;
 };
 
+/// The precision checks its combination with a strategy at compile time (optional: fabric::BF16Master
+/// refuses FSDP and DP).
+template <class P, class S>
+concept checks_strategy = requires {
+  P::template check_strategy<S>();
+};
+
 }  // namespace detail
 
 /// A precision policy: it converts modules and data, gives forward its context and runs the

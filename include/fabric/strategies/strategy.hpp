@@ -324,12 +324,17 @@ class StrategyBase {
     return precision.optimizer_step(optimizer, std::forward<Closure>(closure));
   }
   /// Unscales the gradients where the precision scales, then clips the optimizer's gradients by norm
-  /// or by value (fabric::clip_gradients); returns the total norm before clipping for max_norm.
+  /// or by value (fabric::clip_gradients); returns the total norm before clipping for max_norm. A
+  /// precision with master weights (fabric::KeepsMasterWeights) clips the gradients it keeps itself.
   template <class M, class State, class O, class P>
   std::optional<at::Tensor> clip_gradients(M& /*module*/, State& /*state*/, O& optimizer, P& precision,
                                            const ClipOptions& options) {
-    precision.unscale_gradients(optimizer);
-    return fabric::clip_gradients(optimizer, options, device_);
+    if constexpr (KeepsMasterWeights<P>) {
+      return precision.clip_gradients(optimizer, options, device_);
+    } else {
+      precision.unscale_gradients(optimizer);
+      return fabric::clip_gradients(optimizer, options, device_);
+    }
   }
 
   // ---- collectives (identities: one process) ----

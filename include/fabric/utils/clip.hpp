@@ -11,6 +11,8 @@
 #include <ATen/ops/stack.h>
 #include <c10/core/Device.h>
 #include <c10/core/GradMode.h>
+#include <c10/core/ScalarType.h>
+#include <c10/util/Optional.h>
 #include <torch/optim/optimizer.h>
 
 #include <cmath>
@@ -38,15 +40,26 @@ inline void clip_gradients_value(const std::vector<at::Tensor>& grads, double cl
 }
 
 /// Rescales the gradients in place so that their total p-norm is at most max_norm and returns the
-/// total norm before clipping (a scalar tensor on `device` when there are no gradients).
+/// total norm before clipping (a scalar tensor on `device` when there are no gradients). With a
+/// norm_dtype the norms are accumulated and returned in it (fabric::BF16Master: float32 over bfloat16
+/// gradients), else in the gradients' dtype, as torch.nn.utils.clip_grad_norm_.
 inline at::Tensor clip_gradients_norm(const std::vector<at::Tensor>& grads, double max_norm, double norm_type,
-                                      bool error_if_nonfinite, const c10::Device& device) {
+                                      bool error_if_nonfinite, const c10::Device& device,
+                                      c10::ScalarType norm_dtype = c10::ScalarType::Undefined) {
   at::NoGradGuard no_grad;
   if (grads.empty()) return at::scalar_tensor(0.0, at::TensorOptions().device(device));
   std::vector<at::Tensor> norms;
   norms.reserve(grads.size());
   const bool inf = std::isinf(norm_type);
-  for (const auto& g : grads) norms.push_back(inf ? g.detach().abs().max() : g.detach().norm(norm_type));
+  const bool cast = norm_dtype != c10::ScalarType::Undefined;
+  for (const auto& g : grads) {
+    if (inf) {
+      norms.push_back(cast ? g.detach().abs().max().to(norm_dtype) : g.detach().abs().max());
+    } else {
+      norms.push_back(cast ? g.detach().norm(c10::optional<at::Scalar>(norm_type), norm_dtype)
+                           : g.detach().norm(norm_type));
+    }
+  }
   const at::Tensor stacked = at::stack(norms);
   at::Tensor total = inf ? stacked.max() : stacked.norm(norm_type);
   if (error_if_nonfinite && !std::isfinite(total.item<double>())) {

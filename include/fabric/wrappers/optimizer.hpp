@@ -2,16 +2,19 @@
 // fabric::Optimizer: the typed wrapper that Fabric::setup returns for an optimizer.
 
 #include "fabric/core/hooks.hpp"
+#include "fabric/core/options.hpp"
 #include "fabric/detail/torch_version.hpp"
 #include "fabric/detail/zero_grad.hpp"
 
 #include <ATen/core/Tensor.h>
+#include <c10/core/Device.h>
 #include <torch/optim/optimizer.h>
 #include <torch/optim/sgd.h>
 
 #include <concepts>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -25,6 +28,20 @@ namespace fabric {
 template <class P>
 concept NeedsFabricStep = requires {
   requires static_cast<bool>(P::needs_fabric_step);
+};
+
+/// A precision whose optimizers step copies of the module's parameters (fabric::BF16Master's float32
+/// masters) while the gradients arrive on the module's own: Fabric lets it rewrite each set-up optimizer's
+/// param groups (`setup_optimizer`), the wrapper's zero_grad and the strategies' clip_gradients go to it
+/// (the gradients are not on the optimizer's tensors), and save and load run in its `checkpoint_scope`
+/// (checkpoints hold the masters).
+template <class P>
+concept KeepsMasterWeights = requires(P& p, torch::optim::Optimizer& o, bool set_to_none, const ClipOptions& c,
+                                      const c10::Device& d, void (*fn)()) {
+  p.setup_optimizer(o);
+  p.zero_grad(o, set_to_none);
+  { p.clip_gradients(o, c, d) } -> std::same_as<std::optional<at::Tensor>>;
+  p.checkpoint_scope(true, fn);
 };
 
 namespace detail {
@@ -88,8 +105,12 @@ class Optimizer {
   void zero_grad() { zero_grad(detail::torch_zero_grad_sets_none); }
   /// Resets the gradients: to undefined tensors with set_to_none, else to zeros in place.
   void zero_grad(bool set_to_none) {
-    for (auto& group : optimizer_->param_groups()) {
-      for (auto& p : group.params()) detail::zero_grad(p, set_to_none);
+    if constexpr (KeepsMasterWeights<typename F::precision_type>) {
+      fabric_->precision().zero_grad(*optimizer_, set_to_none);
+    } else {
+      for (auto& group : optimizer_->param_groups()) {
+        for (auto& p : group.params()) detail::zero_grad(p, set_to_none);
+      }
     }
   }
   /// Returns the optimizer's parameter groups.
