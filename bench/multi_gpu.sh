@@ -64,8 +64,9 @@
 #     MULTI_GPU_ARGS="--gpt2-config tiny --steps 3 --warmup 1" bench/multi_gpu.sh check time faults
 # and for the FSDP steps (a tiny family, and ulimit -v for an out-of-memory error of the host's allocator):
 #   RACE_DEVICE=cpu MULTI_GPU_GPUS=2 BUILD_DIR=build PYTHON=/usr/bin/python3 MULTI_GPU_ARGS="--gpt2-config tiny \
-#     --steps 3 --warmup 1" MULTI_GPU_LARGEST_EMBD=512 MULTI_GPU_LARGEST_START=2 MULTI_GPU_LARGEST_GRAIN=2 \
-#     MULTI_GPU_LARGEST_ULIMIT_KB=3000000 bench/multi_gpu.sh fsdp-check fsdp-time fsdp-largest fsdp-faults
+#     --steps 1 --warmup 0" MULTI_GPU_LARGEST_EMBD=512 MULTI_GPU_LARGEST_START=2 MULTI_GPU_LARGEST_MAX=64 \
+#     MULTI_GPU_LARGEST_GRAIN=2 MULTI_GPU_LARGEST_ULIMIT_KB=2500000 bench/multi_gpu.sh fsdp-check fsdp-time \
+#     fsdp-largest fsdp-faults     (on 2 cores about 8 minutes; it found 40 layers under full_shard there)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 steps=${*:-build check time faults worker fsdp-check fsdp-time fsdp-largest fsdp-faults}
