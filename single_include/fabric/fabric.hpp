@@ -19972,6 +19972,24 @@ enum class ShardingStrategy {
   SHARD_GRAD_OP,
   /// Nothing sharded: gradients all-reduced, every process steps every parameter (DDP's memory).
   NO_SHARD,
+  /// FULL_SHARD within each node, replicated across the nodes: a unit is all-gathered among the processes of
+  /// its node only, its gradients reduce-scattered within the node and then all-reduced across the nodes (the
+  /// processes of the same local rank). On one node, FULL_SHARD.
+  HYBRID_SHARD,
+  /// SHARD_GRAD_OP within each node, replicated across the nodes (PyTorch's `_HYBRID_SHARD_ZERO2`). On one
+  /// node, SHARD_GRAD_OP.
+  HYBRID_SHARD_ZERO2,
+};
+
+/// When FULL_SHARD gathers the parameters of the unit whose backward comes next (PyTorch's BackwardPrefetch).
+enum class BackwardPrefetch {
+  /// As the gradient of a unit's output arrives, before its backward runs: the next unit's all-gather overlaps
+  /// with this unit's backward (PyTorch's default).
+  BACKWARD_PRE,
+  /// After a unit's gradients are reduced: the next unit's all-gather follows this unit's reduction.
+  BACKWARD_POST,
+  /// No prefetch: a unit is gathered when the gradient of its output arrives.
+  NONE,
 };
 
 namespace detail {
@@ -19990,6 +20008,10 @@ struct FSDPParam {
 /// Parameters flattened into one padded buffer, split in equal shards, one per process.
 struct FSDPUnit {
   std::string name;
+  /// The all-gather in flight into the flat buffer (prefetched, or issued and not yet waited for).
+  c10::intrusive_ptr<c10d::Work> gathering;
+  bool prefetched = false;  ///< gathered ahead of its use and not used yet
+  bool released = false;    ///< the strategy was torn down: the hooks do nothing
   std::vector<FSDPParam> params;
   at::Tensor flat;       ///< all parameters, padded to world * shard_size elements
   at::Tensor shard;      ///< this process's shard_size elements (own storage; the pieces view it)
@@ -20026,6 +20048,14 @@ struct FSDPModule {
   bool sync = true;
   /// A forward with gradients ran since the last reduction.
   bool pending = false;
+  /// Inside the set-up module's forward (not a recomputation in backward).
+  bool forwarding = false;
+  /// The units (not the root) in the order the last forward first ran them; prefetch follows it.
+  std::vector<FSDPUnit*> order;
+  /// The order of the forward running now.
+  std::vector<FSDPUnit*> recording;
+  /// How many forwards recorded an order different from the one before (the first included).
+  std::size_t orders_recorded = 0;
 };
 
 }  // namespace detail
@@ -20057,6 +20087,16 @@ class FSDP : public ParallelStrategy {
     /// (Lightning's `activation_checkpointing_policy={Block}`; fabric::apply_activation_checkpointing at
     /// setup): `fabric::module_types<BlockImpl>()`.
     ModuleTypes activation_checkpointing{};
+    /// FULL_SHARD: when backward gathers the next unit ahead (PyTorch's `backward_prefetch`, Lightning passes
+    /// it through): BACKWARD_PRE (default) as the gradient of a unit's output arrives, BACKWARD_POST after a
+    /// unit's gradients are reduced, NONE when the unit's own backward needs it.
+    BackwardPrefetch backward_prefetch = BackwardPrefetch::BACKWARD_PRE;
+    /// FULL_SHARD: when a unit's forward starts, gather the unit that ran after it in the last forward
+    /// (PyTorch's `forward_prefetch`; the order is recorded in each forward).
+    bool forward_prefetch = false;
+    /// Prefetch only while fewer than two units (the root unit aside) hold their parameters, so that at most
+    /// the running unit and the next one are gathered (PyTorch's `limit_all_gathers`).
+    bool limit_all_gathers = true;
     /// The c10d backend ("gloo", "nccl"); empty: gloo for the CPU, nccl for CUDA.
     std::string process_group_backend{};
     /// How long collectives and the rendezvous wait for the other processes.
@@ -20091,13 +20131,23 @@ class FSDP : public ParallelStrategy {
       detail::raise("FSDP: unknown state_dict_type \"{}\"; expected \"sharded\" or \"full\"", options_.state_dict_type);
     }
     ParallelStrategy::setup_environment(options);
+    nodes_ = options.num_nodes;
   }
   /// Returns the settings.
   const Options& options() const noexcept { return options_; }
   /// Says whether gradients and optimizer state are sharded (not NO_SHARD).
   bool sharded() const noexcept { return options_.sharding_strategy != ShardingStrategy::NO_SHARD; }
-  /// Says whether the parameters are sharded too (FULL_SHARD).
-  bool full_shard() const noexcept { return options_.sharding_strategy == ShardingStrategy::FULL_SHARD; }
+  /// Says whether the parameters are sharded too (FULL_SHARD, HYBRID_SHARD).
+  bool full_shard() const noexcept {
+    return options_.sharding_strategy == ShardingStrategy::FULL_SHARD ||
+           options_.sharding_strategy == ShardingStrategy::HYBRID_SHARD;
+  }
+  /// Says whether the shards are replicated across nodes (HYBRID_SHARD, HYBRID_SHARD_ZERO2 on several nodes).
+  bool hybrid() const noexcept { return static_cast<bool>(replica_pg_); }
+  /// The processes a unit is sharded over (the node's under HYBRID_SHARD on several nodes, else all of them)
+  /// and this process's place among them (valid after the first setup_module).
+  int shard_world() const noexcept { return shard_world_; }
+  int shard_rank() const noexcept { return shard_rank_; }
 
   FSDP(FSDP&&) noexcept = default;
   FSDP& operator=(FSDP&&) noexcept = default;
@@ -20201,6 +20251,7 @@ class FSDP : public ParallelStrategy {
     if (units.empty()) {
       detail::raise("FSDP: expected a module with parameters that require grad, found none; nothing would be trained");
     }
+    make_shard_groups();
     std::vector<at::Tensor> sync;
     for (const auto& unit : units) {
       flatten(*unit);
@@ -20261,24 +20312,63 @@ class FSDP : public ParallelStrategy {
 
   /// Runs before each wrapped forward: FULL_SHARD gathers the root unit (the parameters outside the units),
   /// which stays whole until its gradients are reduced in backward.
+  /// It starts recording the order the units run in; with forward_prefetch the first unit of the last
+  /// forward's order is prefetched while the root unit is gathered.
   void pre_forward(ModuleState& state) {
+    auto& module = *state.fsdp;
+    module.forwarding = true;
+    module.recording.clear();
     if (!full_shard()) return;
-    for (const auto& unit : state.fsdp->units) {
-      if (!unit->module) gather_unit(*unit, "forward");
+    detail::FSDPUnit* first = options_.forward_prefetch && !module.order.empty() ? module.order.front() : nullptr;
+    for (const auto& unit : module.units) {
+      if (unit->module) continue;
+      gather_unit(*unit, "forward", first);
+      first = nullptr;
     }
+    if (first != nullptr) prefetch(*first, "forward");
   }
   /// Runs after each wrapped forward: a forward with gradients makes the next backward reduce them; one
-  /// without frees the root unit again (FULL_SHARD).
+  /// without frees the root unit again (FULL_SHARD). The order the units ran in replaces the recorded one
+  /// when it differs, and units prefetched for it that this forward did not run are freed.
   template <class Out>
   void post_forward(ModuleState& state, const Out& /*output*/) {
+    auto& module = *state.fsdp;
+    module.forwarding = false;
+    if (module.recording != module.order) {
+      module.order = module.recording;
+      ++module.orders_recorded;
+    }
     if (c10::GradMode::is_enabled()) {
-      state.fsdp->pending = true;
+      module.pending = true;
     } else if (full_shard()) {
-      for (const auto& unit : state.fsdp->units) {
+      for (const auto& unit : module.units) {
         if (!unit->module) free_parameters(*unit);
       }
     }
+    if (full_shard()) release_prefetched(module);
   }
+
+  /// What prefetch did since the strategy was made (FULL_SHARD): all-gathers issued ahead, those a unit then
+  /// used, those limit_all_gathers held back, and the most units (the root unit aside) whose flat buffers held
+  /// their bytes at once, counted after each all-gather of a forward or backward was issued.
+  struct PrefetchStats {
+    std::size_t issued = 0;
+    std::size_t used = 0;
+    std::size_t skipped_by_limit = 0;
+    std::size_t max_gathered = 0;
+  };
+  const PrefetchStats& prefetch_stats() const noexcept { return stats_; }
+  /// The units (the root unit aside) of a set-up module whose parameters are gathered now, counted from the
+  /// bytes their flat buffers hold.
+  std::size_t gathered_units(const ModuleState& state) const { return count_gathered(*state.fsdp); }
+  /// The units in the order the last forward first ran them (by name: "unit `blocks.0`"), which prefetch
+  /// follows, and how many times a forward recorded a new order.
+  std::vector<std::string> unit_order(const ModuleState& state) const {
+    std::vector<std::string> names;
+    for (const auto* unit : state.fsdp->order) names.push_back(unit->name);
+    return names;
+  }
+  std::size_t orders_recorded(const ModuleState& state) const { return state.fsdp->orders_recorded; }
 
   /// The guard summon_full_params returns: the module's parameters are whole while it lives.
   class FullParams {
@@ -20337,24 +20427,32 @@ class FSDP : public ParallelStrategy {
   /// Runs backward through the precision, then reduces the gradients of every module whose forward ran
   /// (outside no_backward_sync): averaged into each process's shard (SHARD_GRAD_OP; the whole gradients are
   /// freed) or all-reduced (NO_SHARD). A failed reduction raises `backward failed on rank R of W`.
+  /// The reductions are issued as each unit's last gradient arrives and waited for here, after autograd
+  /// returns: a unit's reduction runs while backward goes on with the units before it (NCCL runs it on its
+  /// own stream; Gloo on its threads).
   template <class P, class... Args>
   void backward(const at::Tensor& loss, P& precision, Args&&... args) {
-    ParallelStrategy::backward(loss, precision, std::forward<Args>(args)...);
-    std::erase_if(modules_, [](const auto& m) { return m.expired(); });
+    try {
+      ParallelStrategy::backward(loss, precision, std::forward<Args>(args)...);
+    } catch (...) {
+      pending_.clear();
+      throw;
+    }
     collective("backward", [&] {
-      for (const auto& weak : modules_) {
-        const auto module = weak.lock();
+      for (const auto& module : modules_) {
         if (!module->pending) continue;
         // NOTE: units whose every gradient arrived were reduced (and freed) in backward by the hooks; here
         // the rest: units with parameters the forward did not use, and (without units) the whole model.
         for (const auto& unit : module->units) {
-          if (!unit->done) finish_unit_backward(*unit);
+          if (!unit->done) finish_unit_backward(*unit, /*in_autograd=*/false);
           unit->done = false;
           unit->ready = 0;
         }
+        if (full_shard()) release_prefetched(*module);
         if (module->sync) module->pending = false;
       }
     });
+    finish_reductions();
   }
 
   /// Steps the optimizer through the precision on this process's shards, then all-gathers the updated
@@ -20408,7 +20506,8 @@ class FSDP : public ParallelStrategy {
       local = inf ? std::max(local, v.max().item<double>()) : local + v.pow(p).sum().item<double>();
     }
     at::Tensor reduced = at::scalar_tensor(local, at::TensorOptions().dtype(at::kDouble).device(device_)).reshape({1});
-    reduced = all_reduce(reduced, inf ? ReduceOp::max : ReduceOp::sum);
+    // NOTE: over the shard group: under HYBRID_SHARD each node holds the whole (averaged) gradients once.
+    reduced = all_reduce(reduced, inf ? ReduceOp::max : ReduceOp::sum, shard_group_);
     const double norm = inf ? reduced.item<double>() : std::pow(reduced.item<double>(), 1.0 / p);
     at::Tensor total = at::scalar_tensor(norm, at::TensorOptions().device(device_));
     if (options.error_if_nonfinite && !std::isfinite(norm)) {
@@ -20530,25 +20629,39 @@ class FSDP : public ParallelStrategy {
     at::NoGradGuard no_grad;
     for (const auto& unit : module->units) {
       if (full_shard() && !failure) {
-        unit->shard.copy_(unit->flat.narrow(0, global_rank() * unit->shard_size, unit->shard_size));
+        unit->shard.copy_(unit->flat.narrow(0, shard_rank_ * unit->shard_size, unit->shard_size));
       }
       free_parameters(*unit);
     }
     if (failure) std::rethrow_exception(failure);
   }
 
-  /// Removes the strategy's unit hooks, then closes the process group as every parallel strategy does.
-  /// Under FULL_SHARD a module outlives the Fabric with only its shards: save it (or read it inside
-  /// summon_full_params) before.
+  /// Gathers FULL_SHARD parameters back into the set-up modules (a collective: every process reaches it at
+  /// the Fabric's end), so that a module used after the Fabric holds its trained values; removes the
+  /// strategy's hooks; then closes the process groups as every parallel strategy does. After a failed
+  /// collective, or while an exception unwinds, nothing is gathered (the modules keep only their shards).
   void teardown() noexcept {
-    for (const auto& weak : modules_) {
-      const auto module = weak.lock();
-      if (!module) continue;
+    bool gather = full_shard() && launched() && !failed() && std::uncaught_exceptions() == 0;
+    pending_.clear();
+    for (const auto& module : modules_) {
       for (const auto& unit : module->units) {
+        if (gather) {
+          try {
+            gather_unit(*unit, "teardown");
+          } catch (...) {
+            gather = false;
+          }
+        }
         if (unit->module && unit->hook) detail::remove_unit_hook(*unit->module, *unit->hook);
         unit->hook.reset();
+        unit->released = true;
       }
     }
+    modules_.clear();
+    shard_group_ = {};
+    replica_group_ = {};
+    shard_pg_.reset();
+    replica_pg_.reset();
     ParallelStrategy::teardown();
   }
 
@@ -20586,7 +20699,7 @@ class FSDP : public ParallelStrategy {
   /// each parameter a view of it.
   void flatten(detail::FSDPUnit& unit) {
     at::NoGradGuard no_grad;
-    const std::int64_t world = world_size();
+    const std::int64_t world = shard_world_;
     unit.shard_size = (unit.total + world - 1) / world;
     const auto& first = unit.params.front().param;
     unit.flat = at::zeros({unit.shard_size * world}, first.options().requires_grad(false));
@@ -20602,7 +20715,7 @@ class FSDP : public ParallelStrategy {
     auto& unit = *owner;
     const std::weak_ptr<detail::FSDPUnit> weak = owner;
     at::NoGradGuard no_grad;
-    const std::int64_t lo = global_rank() * unit.shard_size;
+    const std::int64_t lo = shard_rank_ * unit.shard_size;
     const std::int64_t hi = lo + unit.shard_size;
     // NOTE: FULL_SHARD frees the flat buffer, so its shard has storage of its own; otherwise the shard is this
     // process's part of the flat buffer (the all-gather after the step then works in place).
@@ -20619,59 +20732,139 @@ class FSDP : public ParallelStrategy {
     }
   }
 
-  /// Averages the unit's gradients over the processes: into the shard's gradients (SHARD_GRAD_OP, then the
-  /// whole gradients are freed), or in place (NO_SHARD).
+  /// The c10d group a unit is sharded over: the node's processes under HYBRID_SHARD on several nodes, else all.
+  const c10::intrusive_ptr<c10d::ProcessGroup>& shard_pg() const noexcept { return shard_pg_; }
+  c10d::AllreduceOptions sum_options() const {
+    c10d::AllreduceOptions all;
+    all.reduceOp = c10d::ReduceOp::SUM;
+    all.timeout = parallel_options().timeout;
+    return all;
+  }
+
+  /// Makes the groups of HYBRID_SHARD on several nodes (a collective of the world, once): the shard group of
+  /// each node (ranks node * per_node .. node * per_node + per_node - 1) and the replica group of each local
+  /// rank (the same place on every node). Otherwise units are sharded over the world.
+  void make_shard_groups() {
+    if (shard_pg_) return;
+    shard_pg_ = process_group();
+    shard_rank_ = global_rank();
+    shard_world_ = world_size();
+    const bool wants = options_.sharding_strategy == ShardingStrategy::HYBRID_SHARD ||
+                       options_.sharding_strategy == ShardingStrategy::HYBRID_SHARD_ZERO2;
+    if (!wants || nodes_ <= 1) return;
+    const int world = world_size();
+    if (world % nodes_ != 0) {
+      detail::raise("FSDP: HYBRID_SHARD expected the same number of processes on each of the {} nodes, found {} in all",
+                    nodes_, world);
+    }
+    const int per_node = world / nodes_;
+    for (int node = 0; node < nodes_; ++node) {
+      std::vector<int> ranks;
+      for (int r = 0; r < per_node; ++r) ranks.push_back(node * per_node + r);
+      auto g = new_group(std::move(ranks));
+      if (g.is_member()) shard_group_ = std::move(g);
+    }
+    for (int local = 0; local < per_node; ++local) {
+      std::vector<int> ranks;
+      for (int node = 0; node < nodes_; ++node) ranks.push_back(node * per_node + local);
+      auto g = new_group(std::move(ranks));
+      if (g.is_member()) replica_group_ = std::move(g);
+    }
+    shard_pg_ = shard_group_.impl()->pg;
+    shard_rank_ = shard_group_.rank();
+    shard_world_ = per_node;
+    replica_pg_ = replica_group_.impl()->pg;
+  }
+
+  /// A unit's gradient reduction in flight: issued as the unit's last gradient arrives, finished in backward.
+  struct PendingReduction {
+    detail::FSDPUnit* unit = nullptr;
+    c10::intrusive_ptr<c10d::Work> work;
+    at::Tensor full;     ///< the unit's gradients, flat: all-reduced in place, or the reduce-scatter's input
+    at::Tensor reduced;  ///< this process's shard of the sum: the reduce-scatter's output (Gloo: cut after the wait)
+  };
+
+  /// Issues the reduction of the unit's gradients without waiting for it (finish_reductions, at the end of
+  /// backward, waits and averages): a reduce-scatter into this process's shard (NCCL; Gloo: an all-reduce),
+  /// or an all-reduce (NO_SHARD). Sharded, the whole gradients are freed at once (they were copied).
   void reduce_gradients(detail::FSDPUnit& unit) {
     at::NoGradGuard no_grad;
     bool any = false;
     for (const auto& fp : unit.params) any = any || fp.param.grad().defined();
     if (!any) return;
-    at::Tensor full = at::zeros_like(unit.flat);
-    for (const auto& fp : unit.params) {
-      if (fp.param.grad().defined()) full.narrow(0, fp.offset, fp.numel).copy_(fp.param.grad().reshape({-1}));
-    }
-    const auto& pg = process_group();
-    const double world = static_cast<double>(world_size());
-    c10d::AllreduceOptions all;
-    all.reduceOp = c10d::ReduceOp::SUM;
-    all.timeout = parallel_options().timeout;
-    if (!sharded()) {
-      std::vector<at::Tensor> tensors{full};
-      wait(pg->allreduce(tensors, all), "backward");
-      full.div_(world);
-      for (auto& fp : unit.params) {
-        at::Tensor g = fp.param.mutable_grad();
-        if (g.defined()) {
-          g.copy_(full.narrow(0, fp.offset, fp.numel).view(g.sizes()));
-        } else {
-          fp.param.mutable_grad() = full.narrow(0, fp.offset, fp.numel).view(fp.param.sizes()).clone();
-        }
-      }
-      return;
-    }
-    at::Tensor reduced;
-    if (backend() == "gloo") {
-      // NOTE: Gloo of LibTorch 1.13 has no reduce_scatter: all-reduce, then keep this process's shard.
-      std::vector<at::Tensor> tensors{full};
-      wait(pg->allreduce(tensors, all), "backward");
-      reduced = full.narrow(0, global_rank() * unit.shard_size, unit.shard_size).clone();
-    } else {
-      reduced = at::empty({unit.shard_size}, full.options());
-      c10d::ReduceScatterOptions rs;
-      rs.reduceOp = c10d::ReduceOp::SUM;
-      rs.timeout = parallel_options().timeout;
-      wait(pg->_reduce_scatter_base(reduced, full), "backward");
-    }
-    full = at::Tensor();
-    reduced.div_(world);
+    PendingReduction r;
+    r.unit = &unit;
+    r.full = at::zeros_like(unit.flat);
     for (auto& fp : unit.params) {
-      fp.param.mutable_grad() = at::Tensor();
-      at::Tensor part = reduced.narrow(0, fp.in_shard, fp.piece.numel());
-      // NOTE: gradients accumulate until the optimizer's zero_grad, as on one device.
-      if (fp.piece.grad().defined()) {
-        fp.piece.mutable_grad().add_(part);
+      if (!fp.param.grad().defined()) continue;
+      r.full.narrow(0, fp.offset, fp.numel).copy_(fp.param.grad().reshape({-1}));
+      if (sharded()) fp.param.mutable_grad() = at::Tensor();
+    }
+    collective("backward", [&] {
+      if (!sharded() || backend() == "gloo") {
+        // NOTE: Gloo of LibTorch 1.13 has no reduce_scatter: all-reduce, then keep this process's shard.
+        std::vector<at::Tensor> tensors{r.full};
+        r.work = shard_pg()->allreduce(tensors, sum_options());
       } else {
-        fp.piece.mutable_grad() = part;
+        r.reduced = at::empty({unit.shard_size}, r.full.options());
+        c10d::ReduceScatterOptions rs;
+        rs.reduceOp = c10d::ReduceOp::SUM;
+        rs.timeout = parallel_options().timeout;
+        r.work = shard_pg()->_reduce_scatter_base(r.reduced, r.full, rs);
+      }
+    });
+    pending_.push_back(std::move(r));
+  }
+  /// Waits for the reductions issued in this backward (in the order they were issued, the same on every
+  /// process), all-reduces the shards across the nodes (HYBRID_SHARD), and averages them into the shards'
+  /// gradients (adding to what they hold: gradients accumulate until zero_grad, as on one device) or, under
+  /// NO_SHARD, into the parameters' gradients.
+  void finish_reductions() {
+    std::vector<PendingReduction> pending = std::move(pending_);
+    pending_.clear();
+    if (pending.empty()) return;
+    at::NoGradGuard no_grad;
+    for (auto& r : pending) wait(r.work, "backward");
+    for (auto& r : pending) {
+      r.work.reset();
+      if (sharded() && !r.reduced.defined()) {
+        r.reduced = r.full.narrow(0, shard_rank_ * r.unit->shard_size, r.unit->shard_size).clone();
+      }
+      if (sharded()) r.full = at::Tensor();
+    }
+    if (hybrid()) {
+      std::vector<c10::intrusive_ptr<c10d::Work>> works;
+      collective("backward", [&] {
+        for (auto& r : pending) {
+          std::vector<at::Tensor> tensors{r.reduced};
+          works.push_back(replica_pg_->allreduce(tensors, sum_options()));
+        }
+      });
+      for (const auto& w : works) wait(w, "backward");
+    }
+    const double world = static_cast<double>(world_size());
+    for (auto& r : pending) {
+      auto& unit = *r.unit;
+      if (!sharded()) {
+        r.full.div_(world);
+        for (auto& fp : unit.params) {
+          at::Tensor g = fp.param.mutable_grad();
+          if (g.defined()) {
+            g.copy_(r.full.narrow(0, fp.offset, fp.numel).view(g.sizes()));
+          } else {
+            fp.param.mutable_grad() = r.full.narrow(0, fp.offset, fp.numel).view(fp.param.sizes()).clone();
+          }
+        }
+        continue;
+      }
+      r.reduced.div_(world);
+      for (auto& fp : unit.params) {
+        at::Tensor part = r.reduced.narrow(0, fp.in_shard, fp.piece.numel());
+        if (fp.piece.grad().defined()) {
+          fp.piece.mutable_grad().add_(part);
+        } else {
+          fp.piece.mutable_grad() = part;
+        }
       }
     }
   }
@@ -20682,18 +20875,19 @@ class FSDP : public ParallelStrategy {
    public:
     UnitHook(FSDP& fsdp, std::weak_ptr<detail::FSDPUnit> unit) : fsdp_(&fsdp), unit_(std::move(unit)) {}
     void pre_forward(torch::nn::Module& /*module*/) override {
-      if (auto unit = unit_.lock(); unit && fsdp_->full_shard()) fsdp_->gather_unit(*unit, "forward");
+      if (auto unit = unit_.lock(); unit && !unit->released) fsdp_->unit_pre_forward(*unit);
     }
     void post_forward(torch::nn::Module& /*module*/, std::vector<at::Tensor>& outputs) override {
       auto unit = unit_.lock();
-      if (!unit || !fsdp_->full_shard()) return;
+      if (!unit || unit->released || !fsdp_->full_shard()) return;
       fsdp_->free_parameters(*unit);
       if (!c10::GradMode::is_enabled()) return;
       for (auto& t : outputs) {
+        if (!t.requires_grad()) continue;
         FSDP* fsdp = fsdp_;
         std::weak_ptr<detail::FSDPUnit> weak = unit_;
         t.register_hook([fsdp, weak](const at::Tensor& grad) {
-          if (auto u = weak.lock()) fsdp->gather_unit(*u, "backward");
+          if (auto u = weak.lock(); u && !u->released) fsdp->unit_pre_backward(*u);
           return grad;
         });
       }
@@ -20711,7 +20905,9 @@ class FSDP : public ParallelStrategy {
     torch::autograd::variable_list operator()(const torch::autograd::variable_list& outputs,
                                               const torch::autograd::variable_list& /*inputs*/) override {
       auto unit = unit_.lock();
-      if (unit && !unit->done && ++unit->ready == unit->params.size()) fsdp_->finish_unit_backward(*unit);
+      if (unit && !unit->released && !unit->done && ++unit->ready == unit->params.size()) {
+        fsdp_->finish_unit_backward(*unit, /*in_autograd=*/true);
+      }
       return outputs;
     }
 
@@ -20732,46 +20928,135 @@ class FSDP : public ParallelStrategy {
       detail::add_unit_hook(*unit->module, unit->hook);
     }
   }
-  /// Ends a unit's backward: reduces its gradients (unless no_backward_sync) and frees its parameters
-  /// (FULL_SHARD).
-  void finish_unit_backward(detail::FSDPUnit& unit) {
+
+  /// The unit `step` places after `unit` in the order of the last forward (-1: the one whose backward comes
+  /// next), or null.
+  static detail::FSDPUnit* neighbour(const detail::FSDPModule& module, const detail::FSDPUnit& unit, int step) {
+    const auto it = std::find(module.order.begin(), module.order.end(), &unit);
+    if (it == module.order.end()) return nullptr;
+    const auto index = static_cast<std::ptrdiff_t>(it - module.order.begin()) + step;
+    if (index < 0 || index >= static_cast<std::ptrdiff_t>(module.order.size())) return nullptr;
+    return module.order[static_cast<std::size_t>(index)];
+  }
+  /// The units (the root unit aside) of a module whose flat buffers hold their bytes now.
+  static std::size_t count_gathered(const detail::FSDPModule& module) {
+    std::size_t n = 0;
+    for (const auto& unit : module.units) {
+      if (unit->module && unit->flat.storage().nbytes() > 0) ++n;
+    }
+    return n;
+  }
+  /// A unit's forward starts: records the order (in the module's forward, not in a recomputation), gathers
+  /// the unit and, with forward_prefetch, issues the all-gather of the unit that followed it last time.
+  void unit_pre_forward(detail::FSDPUnit& unit) {
+    detail::FSDPModule* module = unit.owner;
+    const bool outer = module != nullptr && module->forwarding;
+    if (outer && std::find(module->recording.begin(), module->recording.end(), &unit) == module->recording.end()) {
+      module->recording.push_back(&unit);
+    }
+    if (!full_shard()) return;
+    gather_unit(unit, "forward", outer && options_.forward_prefetch ? neighbour(*module, unit, +1) : nullptr);
+  }
+  /// The gradient of a unit's output arrived: gathers the unit for its backward and, with BACKWARD_PRE,
+  /// issues the all-gather of the unit whose backward comes next.
+  void unit_pre_backward(detail::FSDPUnit& unit) {
+    const bool pre = options_.backward_prefetch == BackwardPrefetch::BACKWARD_PRE && unit.owner != nullptr;
+    gather_unit(unit, "backward", pre ? neighbour(*unit.owner, unit, -1) : nullptr);
+  }
+  /// Ends a unit's backward: issues the reduction of its gradients (unless no_backward_sync), frees its
+  /// parameters (FULL_SHARD) and, with BACKWARD_POST, prefetches the unit whose backward comes next.
+  void finish_unit_backward(detail::FSDPUnit& unit, bool in_autograd) {
     unit.done = true;
     if (unit.owner == nullptr || unit.owner->sync) reduce_gradients(unit);
-    if (full_shard()) free_parameters(unit);
+    if (!full_shard()) return;
+    free_parameters(unit);
+    if (in_autograd && options_.backward_prefetch == BackwardPrefetch::BACKWARD_POST && unit.owner != nullptr) {
+      if (auto* next = neighbour(*unit.owner, unit, -1)) prefetch(*next, "backward");
+    }
   }
-  /// Gives the unit's flat buffer its bytes back and all-gathers the shards into it (idempotent).
-  void gather_unit(detail::FSDPUnit& unit, std::string_view what) {
+  /// Gives the unit's flat buffer its bytes back and issues the all-gather of the shards into it, without
+  /// waiting (nothing when the buffer holds them or they are on their way).
+  void issue_gather(detail::FSDPUnit& unit, std::string_view what) {
     if (unit.gathered) return;
     detail::resize_storage(unit.flat, static_cast<std::size_t>(unit.flat.numel()) * unit.flat.element_size());
     unit.gathered = true;
-    gather_parameters(unit, what);
+    unit.gathering = start_all_gather(unit, what);
+    // NOTE: training's gathers only (summon_full_params, load_raw and teardown gather every unit on purpose).
+    if (unit.owner != nullptr && (what == "forward" || what == "backward")) {
+      stats_.max_gathered = std::max(stats_.max_gathered, count_gathered(*unit.owner));
+    }
+  }
+  /// Waits for the unit's all-gather in flight, if any.
+  void wait_gather(detail::FSDPUnit& unit, std::string_view what) {
+    if (!unit.gathering) return;
+    const auto work = std::move(unit.gathering);
+    unit.gathering.reset();
+    wait(work, what);
+  }
+  /// Makes the unit's parameters whole (idempotent): waits for its prefetched all-gather, or gathers it now;
+  /// `next` is prefetched between issuing this unit's all-gather and waiting for it.
+  void gather_unit(detail::FSDPUnit& unit, std::string_view what, detail::FSDPUnit* next = nullptr) {
+    if (unit.prefetched) {
+      unit.prefetched = false;
+      ++stats_.used;
+    }
+    issue_gather(unit, what);
+    if (next != nullptr && next != &unit) prefetch(*next, what);
+    wait_gather(unit, what);
+  }
+  /// Issues a unit's all-gather ahead of its use, unless it is gathered already, its backward is over, or
+  /// (limit_all_gathers) two units hold their parameters already.
+  void prefetch(detail::FSDPUnit& unit, std::string_view what) {
+    if (unit.gathered || unit.done || unit.released || unit.owner == nullptr) return;
+    if (options_.limit_all_gathers && count_gathered(*unit.owner) >= 2) {
+      ++stats_.skipped_by_limit;
+      return;
+    }
+    issue_gather(unit, what);
+    unit.prefetched = true;
+    ++stats_.issued;
+  }
+  /// Frees the units gathered ahead that were not used (a forward that skipped them or changed the order).
+  void release_prefetched(detail::FSDPModule& module) {
+    for (const auto& unit : module.units) {
+      if (unit->prefetched) free_parameters(*unit);
+    }
   }
   /// Takes the bytes of the unit's flat buffer (FULL_SHARD at rest: the parameters keep their shapes, but
-  /// hold no data until gathered).
+  /// hold no data until gathered); an all-gather in flight into it is waited for first.
   void free_parameters(detail::FSDPUnit& unit) {
     if (!full_shard() || !unit.gathered) return;
+    wait_gather(unit, "forward");
     detail::resize_storage(unit.flat, 0);
     unit.gathered = false;
+    unit.prefetched = false;
   }
 
+  /// Issues the all-gather of the unit's shards into every process's flat buffer (of the shard group).
+  c10::intrusive_ptr<c10d::Work> start_all_gather(detail::FSDPUnit& unit, std::string_view what) {
+    at::NoGradGuard no_grad;
+    c10::intrusive_ptr<c10d::Work> work;
+    collective(what, [&] {
+      c10d::AllgatherOptions opts;
+      opts.timeout = parallel_options().timeout;
+      if (backend() == "gloo") {
+        // NOTE: Gloo of LibTorch 1.13 has no _allgather_base: one output view of the flat buffer per process.
+        std::vector<std::vector<at::Tensor>> outputs(1);
+        for (int r = 0; r < shard_world_; ++r)
+          outputs[0].push_back(unit.flat.narrow(0, r * unit.shard_size, unit.shard_size));
+        std::vector<at::Tensor> inputs{unit.shard};
+        work = shard_pg()->allgather(outputs, inputs, opts);
+      } else {
+        at::Tensor out = unit.flat;
+        at::Tensor in = unit.shard;
+        work = shard_pg()->_allgather_base(out, in, opts);
+      }
+    });
+    return work;
+  }
   /// All-gathers the unit's updated shards into every process's flat buffer (and so its parameters).
   void gather_parameters(detail::FSDPUnit& unit, std::string_view what = "optimizer step") {
-    at::NoGradGuard no_grad;
-    const auto& pg = process_group();
-    c10d::AllgatherOptions opts;
-    opts.timeout = parallel_options().timeout;
-    if (backend() == "gloo") {
-      // NOTE: Gloo of LibTorch 1.13 has no _allgather_base: one output view of the flat buffer per process.
-      std::vector<std::vector<at::Tensor>> outputs(1);
-      for (int r = 0; r < world_size(); ++r)
-        outputs[0].push_back(unit.flat.narrow(0, r * unit.shard_size, unit.shard_size));
-      std::vector<at::Tensor> inputs{unit.shard};
-      wait(pg->allgather(outputs, inputs, opts), what);
-    } else {
-      at::Tensor out = unit.flat;
-      at::Tensor in = unit.shard;
-      wait(pg->_allgather_base(out, in, opts), what);
-    }
+    wait(start_all_gather(unit, what), what);
   }
 
   /// The entries of a state that FSDP saves and loads itself: its set-up modules and their optimizers.
@@ -20780,9 +21065,8 @@ class FSDP : public ParallelStrategy {
     std::map<std::string, torch::optim::Optimizer*> optimizers;
   };
   std::shared_ptr<detail::FSDPModule> module_of(const torch::nn::Module* m) const {
-    for (const auto& weak : modules_) {
-      auto module = weak.lock();
-      if (module && module->module == m) return module;
+    for (const auto& module : modules_) {
+      if (module->module == m) return module;
     }
     return nullptr;
   }
@@ -20891,8 +21175,9 @@ class FSDP : public ParallelStrategy {
     }
     on_rank_zero_agreed("save", [&] { detail::prepare_sharded_save(dir); });
     on_all_ranks_agreed("save", [&] {
-      detail::write_shards(dir, global_rank(), world_size(), shards);
-      if (global_rank() == 0) detail::write_sharded_meta(dir, world_size(), meta);
+      // NOTE: one copy of the shards: the first node's processes write them (all processes unless HYBRID_SHARD).
+      if (global_rank() < shard_world_) detail::write_shards(dir, shard_rank_, shard_world_, shards);
+      if (global_rank() == 0) detail::write_sharded_meta(dir, shard_world_, meta);
       return true;
     });
     on_rank_zero_agreed("save", [&] { detail::commit_sharded_save(dir); });
@@ -21089,8 +21374,20 @@ class FSDP : public ParallelStrategy {
   }
 
   Options options_{};
-  /// The set-up modules (reduced in backward).
-  std::vector<std::weak_ptr<detail::FSDPModule>> modules_{};
+  /// The set-up modules (reduced in backward; held until teardown, which gathers them).
+  std::vector<std::shared_ptr<detail::FSDPModule>> modules_{};
+  /// The reductions this backward issued and has not waited for.
+  std::vector<PendingReduction> pending_{};
+  PrefetchStats stats_{};
+  int nodes_ = 1;
+  /// The group a unit is sharded over and this process's place in it (the world unless HYBRID_SHARD), and
+  /// the group its shards are replicated over (HYBRID_SHARD on several nodes).
+  ProcessGroup shard_group_{};
+  ProcessGroup replica_group_{};
+  c10::intrusive_ptr<c10d::ProcessGroup> shard_pg_{};
+  c10::intrusive_ptr<c10d::ProcessGroup> replica_pg_{};
+  int shard_rank_ = 0;
+  int shard_world_ = 1;
   /// The set-up parameters, and the pieces the optimizers step, by their TensorImpl.
   std::unordered_map<const void*, Slot> by_param_{};
   std::unordered_map<const void*, Slot> pieces_{};

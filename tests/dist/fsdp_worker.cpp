@@ -2,6 +2,8 @@
 //
 //     fsdp_worker SCENARIO [--devices N] [--steps N] [--sharding shard_grad_op|no_shard] [--optimizer sgd|adamw]
 //                 [--accumulate K] [--separate] [--clip norm|value] [--timeout-s S] [--fault kill]
+//                 [--forward-prefetch] [--backward-prefetch pre|post|none] [--no-limit] [--order-change]
+//                 [--num-nodes N] (--sharding also hybrid_shard|hybrid_shard_zero2)
 //
 // Scenarios: train (the parameters after N steps equal those of one process on the global batches, which
 // DDP's train scenario equals), memory (bytes held per rank, printed against DDP's).
@@ -20,6 +22,7 @@
 #include <stdexcept>
 #include <string>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -41,6 +44,11 @@ struct Args {
   std::string phase;
   std::string dir = ".";
   std::string format = "sharded";
+  bool forward_prefetch = false;
+  std::string backward_prefetch = "pre";
+  bool limit = true;
+  bool order_change = false;
+  int num_nodes = 1;
 };
 
 int rank_of_env() {
@@ -99,6 +107,16 @@ Args parse(int argc, char** argv) {
       a.dir = value();
     else if (flag == "--format")
       a.format = value();
+    else if (flag == "--forward-prefetch")
+      a.forward_prefetch = true;
+    else if (flag == "--backward-prefetch")
+      a.backward_prefetch = value();
+    else if (flag == "--no-limit")
+      a.limit = false;
+    else if (flag == "--order-change")
+      a.order_change = true;
+    else if (flag == "--num-nodes")
+      a.num_nodes = std::stoi(value());
     else if (flag == "--tag")
       (void)value();
     else
@@ -139,13 +157,19 @@ struct DeepImpl : torch::nn::Module {
   }
   torch::Tensor forward(const torch::Tensor& x) {
     auto h = norm(fc1(x));
-    for (auto& b : blocks) h = b(h);
+    std::vector<int> order{0, 1, 2};
+    if (reverse) std::reverse(order.begin(), order.end());
+    for (int i : order) {
+      if (i != skip) h = blocks[static_cast<std::size_t>(i)](h);
+    }
     return fc2(torch::tanh(h));
   }
   torch::nn::Linear fc1;
   torch::nn::LayerNorm norm;
   std::vector<Block> blocks;
   torch::nn::Linear fc2;
+  int skip = -1;         ///< a block the forward leaves out
+  bool reverse = false;  ///< the blocks run last to first
 };
 TORCH_MODULE(Deep);
 
@@ -180,6 +204,10 @@ fabric::FSDP::Options fsdp_options(const Args& a) {
     o.sharding_strategy = fabric::ShardingStrategy::SHARD_GRAD_OP;
   } else if (a.sharding == "no_shard") {
     o.sharding_strategy = fabric::ShardingStrategy::NO_SHARD;
+  } else if (a.sharding == "hybrid_shard") {
+    o.sharding_strategy = fabric::ShardingStrategy::HYBRID_SHARD;
+  } else if (a.sharding == "hybrid_shard_zero2") {
+    o.sharding_strategy = fabric::ShardingStrategy::HYBRID_SHARD_ZERO2;
   } else {
     throw std::invalid_argument("unknown --sharding " + a.sharding);
   }
@@ -187,6 +215,17 @@ fabric::FSDP::Options fsdp_options(const Args& a) {
   if (a.units) o.units = fabric::module_types<BlockImpl>();
   if (a.checkpointing) o.activation_checkpointing = fabric::module_types<BlockImpl>();
   o.state_dict_type = a.format;
+  o.forward_prefetch = a.forward_prefetch;
+  if (a.backward_prefetch == "pre") {
+    o.backward_prefetch = fabric::BackwardPrefetch::BACKWARD_PRE;
+  } else if (a.backward_prefetch == "post") {
+    o.backward_prefetch = fabric::BackwardPrefetch::BACKWARD_POST;
+  } else if (a.backward_prefetch == "none") {
+    o.backward_prefetch = fabric::BackwardPrefetch::NONE;
+  } else {
+    throw std::invalid_argument("unknown --backward-prefetch " + a.backward_prefetch);
+  }
+  o.limit_all_gathers = a.limit;
   return o;
 }
 
@@ -236,6 +275,11 @@ int train_equivalence(F& fabric, const Args& a) {
   const int micro = a.accumulate;
   for (int step = 0; step < a.steps; ++step) {
     if (a.fault == "kill" && rank == 1 && step == 2) std::raise(SIGKILL);
+    if constexpr (std::is_same_v<Model, Deep>) {
+      // Odd steps leave block 1 out, step 2 runs the blocks in reverse: the recorded order changes.
+      net->skip = reference->skip = a.order_change && step % 2 == 1 ? 1 : -1;
+      net->reverse = reference->reverse = a.order_change && step == 2;
+    }
     auto [x, y] = global_batch(step, local * world * micro);
     for (int k = 0; k < micro; ++k) {
       const int begin = (k * world + rank) * local;
@@ -271,6 +315,29 @@ int train_equivalence(F& fabric, const Args& a) {
       WORKER_CHECK(torch::equal(gathered[0], gathered[r]), "ranks hold different parameters");
   }
   WORKER_CHECK(worst <= tolerance, "max |FSDP - single process| = {} > {}", worst, tolerance);
+  if (a.units && fabric.strategy().full_shard()) {
+    // Prefetch, observed: all-gathers issued ahead and used, and the most units gathered at once (the root
+    // unit aside), counted from the flat buffers' bytes as each all-gather was issued.
+    const auto& stats = fabric.strategy().prefetch_stats();
+    const auto order = fabric.strategy().unit_order(model.strategy_state());
+    WORKER_CHECK(order.size() == 3 && order.front() == "unit `block0`", "recorded order of {} units, first {}",
+                 order.size(), order.empty() ? "none" : order.front());
+    const bool any = a.forward_prefetch || a.backward_prefetch != "none";
+    WORKER_CHECK(any ? stats.used > 0 : stats.issued == 0, "prefetch: {} issued, {} used", stats.issued, stats.used);
+    if (a.limit) WORKER_CHECK(stats.max_gathered <= 2, "{} units gathered at once", stats.max_gathered);
+    if (!a.order_change && !a.checkpointing && micro == 1) {
+      // Each forward after the first (which records the order) prefetches block0 (from the root), block1 and
+      // block2; each backward block1 and block0.
+      const auto steps = static_cast<std::size_t>(a.steps);
+      const std::size_t expected =
+          (a.forward_prefetch ? 3 * (steps - 1) : 0U) + (a.backward_prefetch != "none" ? 2 * steps : 0U);
+      WORKER_CHECK(stats.used == expected && stats.issued == expected,
+                   "prefetch: {} issued, {} used, expected {} (the next unit of the order, each time)", stats.issued,
+                   stats.used, expected);
+    }
+    fabric.print("prefetch: {} all-gathers issued ahead, {} used, {} held back by the limit, at most {} units gathered",
+                 stats.issued, stats.used, stats.skipped_by_limit, stats.max_gathered);
+  }
   fabric.print(
       "equivalence ok: {} world {} steps {} {} accumulate {} clip {} max |FSDP - single| = {:.3g} (tolerance {})",
       a.sharding, world, a.steps, a.optimizer, micro, a.clip.empty() ? "none" : a.clip, worst, tolerance);
@@ -421,8 +488,8 @@ int run(const Args& a) {
     fabric::Fabric<fabric::CPU, fabric::SingleDevice> single;
     return checkpoint(single, a);
   }
-  fabric::Fabric<fabric::CPU, fabric::FSDP> fabric(fabric::Options{.devices = a.devices}, fabric::FSDP(fsdp_options(a)),
-                                                   fabric::FP32{});
+  fabric::Fabric<fabric::CPU, fabric::FSDP> fabric(fabric::Options{.devices = a.devices, .num_nodes = a.num_nodes},
+                                                   fabric::FSDP(fsdp_options(a)), fabric::FP32{});
   fabric.launch();
   if (a.scenario == "train") {
     return a.model == "deep" ? train_equivalence<Deep>(fabric, a) : train_equivalence<Net>(fabric, a);

@@ -9,6 +9,7 @@
 #include <catch2/catch_test_macros.hpp>
 #include <catch2/matchers/catch_matchers_string.hpp>
 
+#include <algorithm>
 #include <chrono>
 #include <string>
 #include <vector>
@@ -321,7 +322,6 @@ TEST_CASE("FULL_SHARD refuses parameters shared across units, and takes them wit
 
 // Lightning left out: tests_fabric/strategies/test_fsdp.py::test_custom_mixed_precision - torch's MixedPrecision object; fabric::FSDP follows the Fabric's precision policy (autocast, fp32 shards)
 // Lightning left out: tests_fabric/strategies/test_fsdp.py::test_cpu_offload - fabric::FSDP has no CPU offload of parameters or optimizer state
-// Lightning left out: tests_fabric/strategies/test_fsdp.py::test_hybrid_shard_configuration - fabric::FSDP has no HYBRID_SHARD (sharding across nodes, replication within)
 // Lightning left out: tests_fabric/strategies/test_fsdp.py::test_checkpoint_io_unsupported - fabric accepts a checkpoint_io for checkpoints without a set-up module (README, differences)
 // Lightning left out: tests_fabric/strategies/test_fsdp.py::test_setup_use_orig_params - fabric always keeps the original parameters (the optimizer's groups are rewritten to their shards): joint setup works, tests/dist fsdp.train.*
 // Lightning left out: tests_fabric/strategies/test_fsdp.py::test_setup_module_device_id_cpu - torch FSDP's device_id argument; fabric shards the module on the device setup moved it to
@@ -382,5 +382,319 @@ TEST_CASE("FSDP under bf16-mixed keeps fp32 shards and trains as bf16-mixed on o
   for (std::size_t i = 0; i < a.size(); ++i) {
     CHECK(a[i].scalar_type() == torch::kFloat);
     CHECK(torch::allclose(a[i], b[i], 1e-6, 1e-7));
+  }
+}
+
+namespace {
+
+/// What the blocks of a Chain see from inside their forward and backward: which blocks' parameters are
+/// gathered (their weight's storage holds bytes, a view of the unit's flat buffer).
+struct Probe {
+  std::vector<at::Tensor> weights;
+  std::vector<std::pair<int, std::vector<bool>>> forward;   ///< at the start of a block's forward
+  std::vector<std::pair<int, std::vector<bool>>> backward;  ///< in the middle of a block's backward
+  std::size_t most = 0;                                     ///< the most blocks gathered at once
+  void see(int index, bool in_backward) {
+    std::vector<bool> held;
+    std::size_t n = 0;
+    for (const auto& w : weights) {
+      held.push_back(w.storage().nbytes() > 0);
+      n += held.back() ? 1 : 0;
+    }
+    most = std::max(most, n);
+    (in_backward ? backward : forward).emplace_back(index, std::move(held));
+  }
+  /// Whether block `other` was gathered at the last look from block `index`'s forward (or backward).
+  bool held(bool in_backward, int index, int other) const {
+    const auto& seen = in_backward ? backward : forward;
+    for (auto it = seen.rbegin(); it != seen.rend(); ++it) {
+      if (it->first == index) return it->second[static_cast<std::size_t>(other)];
+    }
+    FAIL("block " << index << " was not seen");
+    return false;
+  }
+  void clear() {
+    forward.clear();
+    backward.clear();
+  }
+};
+
+struct ProbeBlockImpl : torch::nn::Module {
+  explicit ProbeBlockImpl(int i) : index(i), fc(register_module("fc", torch::nn::Linear(6, 6))) {}
+  torch::Tensor forward(const torch::Tensor& x) {
+    if (probe != nullptr) probe->see(index, false);
+    auto h = fc(x);
+    if (probe != nullptr && h.requires_grad()) {
+      // NOTE: the gradient of the hidden state arrives after the block's backward started (its output's
+      // gradient) and before its parameters' gradients.
+      Probe* p = probe;
+      const int i = index;
+      h.register_hook([p, i](const at::Tensor& g) {
+        p->see(i, true);
+        return g;
+      });
+    }
+    return x + torch::tanh(h);
+  }
+  int index;
+  torch::nn::Linear fc;
+  Probe* probe = nullptr;
+};
+FABRIC_UNIT(ProbeBlock);
+
+/// Four units and a root unit (the head); a forward may skip a block or run them in reverse.
+struct ChainImpl : torch::nn::Module {
+  ChainImpl() : head(register_module("head", torch::nn::Linear(6, 1))) {
+    for (int i = 0; i < 4; ++i) blocks.push_back(register_module("block" + std::to_string(i), ProbeBlock(i)));
+  }
+  torch::Tensor forward(torch::Tensor x) {
+    std::vector<int> order{0, 1, 2, 3};
+    if (reverse) std::reverse(order.begin(), order.end());
+    for (int i : order) {
+      if (i != skip) x = blocks[static_cast<std::size_t>(i)](x);
+    }
+    return head(x);
+  }
+  void attach(Probe& probe) {
+    for (auto& b : blocks) {
+      b->probe = &probe;
+      probe.weights.push_back(b->fc->weight);
+    }
+  }
+  std::vector<ProbeBlock> blocks;
+  torch::nn::Linear head;
+  int skip = -1;
+  bool reverse = false;
+};
+TORCH_MODULE(Chain);
+
+Chain make_chain() {
+  torch::manual_seed(11);
+  return Chain();
+}
+
+fabric::FSDP::Options chain_options(bool forward_prefetch, fabric::BackwardPrefetch backward, bool limit = true) {
+  fabric::FSDP::Options o;
+  o.units = fabric::module_types<ProbeBlockImpl>();
+  o.forward_prefetch = forward_prefetch;
+  o.backward_prefetch = backward;
+  o.limit_all_gathers = limit;
+  return o;
+}
+
+/// Trains a Chain under FSDP with the options and one on one device, on the same batches; the forwards of
+/// step 1 skip block 2 and those of step 2 run the blocks in reverse (the recorded order changes). Returns
+/// the largest difference of the parameters, checking on the way that no unit stays gathered.
+template <class Acc>
+double train_chain(fabric::FSDP::Options options, Probe& probe) {
+  options.cluster_environment = SoloEnvironment{};
+  fabric::Fabric<Acc, fabric::FSDP> fabric({}, fabric::FSDP(std::move(options)), {});
+  fabric.launch();
+  Chain net = make_chain();
+  Chain reference = make_chain();
+  reference->to(fabric.device());
+  net->attach(probe);
+  torch::optim::AdamW adamw(net->parameters(), torch::optim::AdamWOptions(0.01));
+  torch::optim::AdamW ref_opt(reference->parameters(), torch::optim::AdamWOptions(0.01));
+  auto [model, optimizer] = fabric.setup(net, adamw);
+  auto& fsdp = fabric.strategy();
+  for (int step = 0; step < 5; ++step) {
+    net->skip = reference->skip = step == 1 ? 2 : -1;
+    net->reverse = reference->reverse = step == 2;
+    const auto x = torch::randn({5, 6}).to(fabric.device());
+    fabric.backward(model(x).pow(2).sum());
+    CHECK(fsdp.gathered_units(model.strategy_state()) == 0);
+    optimizer.step();
+    optimizer.zero_grad();
+    reference(x).pow(2).sum().backward();
+    ref_opt.step();
+    ref_opt.zero_grad();
+  }
+  CHECK(fsdp.orders_recorded(model.strategy_state()) == 4);  // 0123, 013, 3210, 0123
+  auto full = fsdp.summon_full_params(model.strategy_state());
+  double worst = 0;
+  const auto a = net->parameters();
+  const auto b = reference->parameters();
+  for (std::size_t i = 0; i < a.size(); ++i) worst = std::max(worst, (a[i] - b[i]).abs().max().template item<double>());
+  return worst;
+}
+
+}  // namespace
+
+TEST_CASE("forward_prefetch gathers the unit that ran next in the recorded order while a unit runs",
+          "[fsdp][prefetch]") {
+  for (const bool prefetch : {true, false}) {
+    CAPTURE(prefetch);
+    fabric::Fabric<fabric::CPU, fabric::FSDP> fabric({}, solo(chain_options(prefetch, fabric::BackwardPrefetch::NONE)),
+                                                     {});
+    fabric.launch();
+    Chain net = make_chain();
+    Probe probe;
+    net->attach(probe);
+    auto model = fabric.setup_module(net);
+    auto& fsdp = fabric.strategy();
+    CHECK(fsdp.unit_order(model.strategy_state()).empty());
+    const auto x = torch::randn({2, 6});
+    (void)model(x);
+    // The first forward has no order to follow: each block alone is gathered while it runs.
+    for (int i = 0; i < 4; ++i) {
+      CHECK(probe.held(false, i, i));
+      if (i < 3) CHECK_FALSE(probe.held(false, i, i + 1));
+    }
+    CHECK(fsdp.unit_order(model.strategy_state()) ==
+          std::vector<std::string>{"unit `block0`", "unit `block1`", "unit `block2`", "unit `block3`"});
+    probe.clear();
+    {
+      torch::NoGradGuard no_grad;
+      (void)model(x);
+    }
+    for (int i = 0; i < 3; ++i) {
+      CHECK(probe.held(false, i, i + 1) == prefetch);
+      if (i < 2) CHECK_FALSE(probe.held(false, i, i + 2));
+    }
+    CHECK(probe.most == (prefetch ? 2U : 1U));
+    CHECK(fsdp.gathered_units(model.strategy_state()) == 0);
+    CHECK(fsdp.orders_recorded(model.strategy_state()) == 1);
+    // A changed order is recorded, and the next forward follows it.
+    net->reverse = true;
+    (void)model(x);
+    CHECK(fsdp.unit_order(model.strategy_state()).front() == "unit `block3`");
+    CHECK(fsdp.orders_recorded(model.strategy_state()) == 2);
+    // NOTE: following the old order, block 0 prefetched block 1, which had run already: freed at the end.
+    CHECK(fsdp.gathered_units(model.strategy_state()) == 0);
+    probe.clear();
+    (void)model(x);
+    CHECK(probe.held(false, 3, 2) == prefetch);
+    // Issued: 4 in the second forward, 2 in the reversed one (the limit held 2 back: blocks 3 and 2 were
+    // prefetched by blocks 2 and 1 while block 0, prefetched for the old order, and the running one were
+    // gathered), 4 in the last.
+    CHECK(fsdp.prefetch_stats().issued == (prefetch ? 10U : 0U));
+    CHECK(fsdp.prefetch_stats().skipped_by_limit == (prefetch ? 2U : 0U));
+  }
+}
+
+TEST_CASE("BACKWARD_PRE gathers the unit whose backward comes next while a unit's backward runs", "[fsdp][prefetch]") {
+  using fabric::BackwardPrefetch;
+  for (const auto mode : {BackwardPrefetch::BACKWARD_PRE, BackwardPrefetch::BACKWARD_POST, BackwardPrefetch::NONE}) {
+    CAPTURE(static_cast<int>(mode));
+    fabric::Fabric<fabric::CPU, fabric::FSDP> fabric({}, solo(chain_options(false, mode)), {});
+    fabric.launch();
+    Chain net = make_chain();
+    Probe probe;
+    net->attach(probe);
+    auto model = fabric.setup_module(net);
+    auto& fsdp = fabric.strategy();
+    const auto x = torch::randn({2, 6});
+    fabric.backward(model(x).sum());
+    // Backward runs block 3 first, then 2, 1, 0: in the middle of block i's backward, block i - 1 is gathered
+    // ahead only with BACKWARD_PRE (BACKWARD_POST waits for block i's gradients).
+    for (int i = 3; i >= 1; --i) {
+      CHECK(probe.held(true, i, i));
+      CHECK(probe.held(true, i, i - 1) == (mode == BackwardPrefetch::BACKWARD_PRE));
+      if (i < 3) CHECK_FALSE(probe.held(true, i, i + 1));  // freed after its gradients were reduced
+    }
+    CHECK(probe.most <= 2);
+    const auto& stats = fsdp.prefetch_stats();
+    CHECK(stats.issued == (mode == BackwardPrefetch::NONE ? 0U : 3U));
+    CHECK(stats.used == stats.issued);
+    CHECK(fsdp.gathered_units(model.strategy_state()) == 0);
+  }
+}
+
+TEST_CASE("every combination of prefetch options trains as one device, with skipped units and changed orders",
+          "[fsdp][prefetch]") {
+  require_gloo();
+  using fabric::BackwardPrefetch;
+  for (const bool forward : {false, true}) {
+    for (const auto backward :
+         {BackwardPrefetch::BACKWARD_PRE, BackwardPrefetch::BACKWARD_POST, BackwardPrefetch::NONE}) {
+      for (const bool limit : {true, false}) {
+        CAPTURE(forward, static_cast<int>(backward), limit);
+        Probe probe;
+        CHECK(train_chain<fabric::CPU>(chain_options(forward, backward, limit), probe) <= 1e-6);
+        if (limit) CHECK(probe.most <= 2);
+      }
+    }
+  }
+}
+
+TEST_CASE("FSDP prefetch on CUDA with NCCL trains as one device", "[fsdp][prefetch][cuda]") {
+  if (!fabric::CUDA::is_available()) SKIP("no CUDA device here");
+  using fabric::BackwardPrefetch;
+  for (const bool forward : {false, true}) {
+    for (const auto backward :
+         {BackwardPrefetch::BACKWARD_PRE, BackwardPrefetch::BACKWARD_POST, BackwardPrefetch::NONE}) {
+      CAPTURE(forward, static_cast<int>(backward));
+      Probe probe;
+      CHECK(train_chain<fabric::CUDA>(chain_options(forward, backward), probe) <= 1e-5);
+      CHECK(probe.most <= 2);
+    }
+  }
+}
+
+TEST_CASE("At the Fabric's end FULL_SHARD gathers the trained parameters back into the module", "[fsdp][teardown]") {
+  Chain net = make_chain();
+  Chain reference = make_chain();
+  {
+    fabric::Fabric<fabric::CPU, fabric::FSDP> fabric({}, solo({.units = fabric::module_types<ProbeBlockImpl>()}), {});
+    fabric.launch();
+    torch::optim::SGD sgd(net->parameters(), 0.1);
+    torch::optim::SGD ref_opt(reference->parameters(), 0.1);
+    auto [model, optimizer] = fabric.setup(net, sgd);
+    for (int step = 0; step < 2; ++step) {
+      const auto x = torch::randn({3, 6});
+      fabric.backward(model(x).pow(2).sum());
+      optimizer.step();
+      optimizer.zero_grad();
+      reference(x).pow(2).sum().backward();
+      ref_opt.step();
+      ref_opt.zero_grad();
+    }
+    CHECK(net->blocks[0]->fc->weight.storage().nbytes() == 0);  // at rest: only the shards
+  }
+  const auto a = net->parameters();
+  const auto b = reference->parameters();
+  REQUIRE(a.size() == b.size());
+  for (std::size_t i = 0; i < a.size(); ++i) CHECK(torch::allclose(a[i], b[i], 1e-6, 1e-7));
+  // The module goes on without the strategy: its hooks are gone, its gradients are its own.
+  const auto x = torch::randn({3, 6});
+  net(x).sum().backward();
+  reference(x).sum().backward();
+  CHECK(torch::allclose(net->blocks[1]->fc->weight.grad(), reference->blocks[1]->fc->weight.grad(), 1e-6, 1e-7));
+}
+
+// Lightning: tests_fabric/strategies/test_fsdp.py::test_hybrid_shard_configuration
+// (Lightning refuses HYBRID_SHARD without an auto_wrap_policy or process groups; fabric makes the groups from
+// the nodes, and without units the whole model is one unit.)
+TEST_CASE("HYBRID_SHARD on one node shards as FULL_SHARD, HYBRID_SHARD_ZERO2 as SHARD_GRAD_OP", "[fsdp][hybrid]") {
+  for (const auto strategy : {fabric::ShardingStrategy::HYBRID_SHARD, fabric::ShardingStrategy::HYBRID_SHARD_ZERO2}) {
+    const bool zero3 = strategy == fabric::ShardingStrategy::HYBRID_SHARD;
+    CAPTURE(zero3);
+    fabric::Fabric<fabric::CPU, fabric::FSDP> fabric({}, solo({.sharding_strategy = strategy}), {});
+    fabric.launch();
+    CHECK(fabric.strategy().options().sharding_strategy == strategy);
+    CHECK(fabric.strategy().sharded());
+    CHECK(fabric.strategy().full_shard() == zero3);
+    Net net = make_net();
+    Net reference = make_net();
+    torch::optim::SGD sgd(net->parameters(), torch::optim::SGDOptions(0.1).momentum(0.9));
+    torch::optim::SGD ref_opt(reference->parameters(), torch::optim::SGDOptions(0.1).momentum(0.9));
+    auto [model, optimizer] = fabric.setup(net, sgd);
+    CHECK_FALSE(fabric.strategy().hybrid());  // one node: no replica group
+    CHECK(fabric.strategy().shard_world() == 1);
+    CHECK((net->fc1->weight.storage().nbytes() == 0) == zero3);
+    for (int step = 0; step < 3; ++step) {
+      const auto x = torch::randn({4, 3});
+      fabric.backward(model(x).pow(2).sum());
+      optimizer.step();
+      optimizer.zero_grad();
+      reference(x).pow(2).sum().backward();
+      ref_opt.step();
+      ref_opt.zero_grad();
+    }
+    auto full = fabric.strategy().summon_full_params(model.strategy_state());
+    const auto a = net->parameters();
+    const auto b = reference->parameters();
+    for (std::size_t i = 0; i < a.size(); ++i) CHECK(torch::allclose(a[i], b[i], 1e-6, 1e-7));
   }
 }
