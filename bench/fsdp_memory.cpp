@@ -3,7 +3,7 @@
 // of parameters, gradients and optimizer state this process holds after a step (counted from the tensors).
 //
 //     bench_fsdp_memory --strategy ddp|no_shard|shard_grad_op|full_shard [--checkpointing] [--gpt2-config small]
-//                       [--batch 8] [--steps 3] [--device cuda|cpu]
+//                       [--batch 8] [--steps 3] [--device cuda|cpu] [--prefetch none|backward|all]
 //
 // One process per run (a world of 1 on NCCL: what sharding itself costs and what activation checkpointing
 // saves); under fabric-run --devices N each process prints its own figures. Prints one JSON line.
@@ -28,6 +28,7 @@ struct Settings {
   int batch = 8;
   int steps = 3;
   std::string device = "cuda";
+  std::string prefetch = "backward";
 };
 
 std::int64_t bytes_of(const std::vector<at::Tensor>& tensors) {
@@ -83,12 +84,19 @@ nlohmann::json run(const Settings& s, S strategy) {
   bench::synchronize(device);
   const auto [allocated, reserved] = bench::peak_memory(device);
   std::int64_t parameters = 0;
+  nlohmann::json prefetch = nullptr;
   if constexpr (std::is_same_v<S, fabric::FSDP>) {
     parameters = fabric.strategy().memory(model.strategy_state()).parameters;
+    const auto& stats = fabric.strategy().prefetch_stats();
+    prefetch = {{"mode", s.prefetch},
+                {"issued", stats.issued},
+                {"used", stats.used},
+                {"max_units_gathered", stats.max_gathered}};
   } else {
     parameters = bytes_of(net->parameters());
   }
   return {{"strategy", s.strategy},
+          {"prefetch", prefetch},
           {"activation_checkpointing", s.checkpointing},
           {"gpt2_config", s.gpt2_config},
           {"batch", s.batch},
@@ -113,6 +121,8 @@ int main(int argc, char** argv) {
   bench::add_int(app, "--batch", s.batch, 1, "sequences per step");
   bench::add_int(app, "--steps", s.steps, 1, "training steps");
   bench::add_choice(app, "--device", s.device, {"cuda", "cpu"}, "where to train");
+  bench::add_choice(app, "--prefetch", s.prefetch, {"none", "backward", "all"},
+                    "FSDP's prefetch: none, backward (BACKWARD_PRE, the default) or all (and forward_prefetch)");
   try {
     if (!bench::parse(app, argc, argv)) return 0;
     nlohmann::json out;
@@ -124,6 +134,9 @@ int main(int argc, char** argv) {
                             : s.strategy == "shard_grad_op" ? fabric::ShardingStrategy::SHARD_GRAD_OP
                                                             : fabric::ShardingStrategy::FULL_SHARD;
       o.units = fabric::module_types<gpt2::BlockImpl>();
+      o.backward_prefetch =
+          s.prefetch == "none" ? fabric::BackwardPrefetch::NONE : fabric::BackwardPrefetch::BACKWARD_PRE;
+      o.forward_prefetch = s.prefetch == "all";
       out = run(s, fabric::FSDP(o));
     }
     std::printf("%s\n", out.dump().c_str());
