@@ -13694,15 +13694,22 @@ TORCH_MODULE(Linear);
 // row's logits (bfloat16, float16 or float32) once for an online max / sum of exponentials in float32, writes
 // the row's loss, and reads the row again (mostly from L2) to write the gradient of the logits in their own
 // dtype: two reads and one write of the logits, no float32 tensor of them. It is compiled at run time with
-// NVRTC through ATen's lazily loaded stub (at::globalContext().getNVRTC(): the same nvrtc*/cu* entry points
-// in LibTorch 1.13 and 2.x, CUBIN output from CUDA 11.1), once per device and dtype, and launched on the
-// current stream (so a CUDA graph records it). A CPU-only LibTorch compiles none of this.
-
-// NOTE: the CUDA toolkit's headers (cuda.h, nvrtc.h) and ATen's stub header are needed to compile it; a
-// CPU-only LibTorch (Debian's) has neither. Define FABRIC_CUDA_NVRTC=0 to leave it out on a CUDA build.
+// NVRTC (CUBIN output, CUDA 11.1 and later), once per device and dtype, loaded and launched through the
+// driver API on the current stream (so a CUDA graph records it). A CPU-only LibTorch compiles none of this.
+//
+// NOTE: NVRTC and the driver are opened with dlopen, not through ATen's lazily loaded stub
+// (at::globalContext().getNVRTC()): the PyTorch wheels do not ship its header (ATen/cuda/nvrtc_stub/
+// ATenNVRTC.h; checked on the GPU machine's 2.11 wheel), and the struct it declares changes with the CUDA
+// version. The entry points used here have the same C signatures in CUDA 11 to 13 and are typed by the
+// toolkit's own nvrtc.h / cuda.h. libnvrtc is looked up as FABRIC_NVRTC_LIBRARY (an environment variable:
+// a path), then libnvrtc.so.<CUDA major> (already loaded by LibTorch, or on the loader's path), libnvrtc.so
+// and the toolkit's lib64; libcuda.so.1 is the driver's.
+//
+// The CUDA toolkit's headers (cuda.h, nvrtc.h) are needed to compile it; a CPU-only LibTorch (Debian's)
+// has neither. Define FABRIC_CUDA_NVRTC=0 to leave it out on a CUDA build.
 #ifndef FABRIC_CUDA_NVRTC
-#if __has_include(<ATen/cuda/nvrtc_stub/ATenNVRTC.h>) && __has_include(<nvrtc.h>) && __has_include(<cuda.h>) && \
-    __has_include(<cuda_runtime_api.h>) && __has_include(<c10/cuda/CUDAStream.h>)
+#if __has_include(<nvrtc.h>) && __has_include(<cuda.h>) && __has_include(<cuda_runtime_api.h>) && \
+    __has_include(<c10/cuda/CUDAStream.h>) && __has_include(<dlfcn.h>)
 #define FABRIC_CUDA_NVRTC 1
 #else
 #define FABRIC_CUDA_NVRTC 0
@@ -13715,16 +13722,16 @@ TORCH_MODULE(Linear);
 
 #if FABRIC_CUDA_NVRTC
 
-#include <ATen/Context.h>
-#include <ATen/cuda/nvrtc_stub/ATenNVRTC.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda.h>
 #include <cuda_runtime_api.h>
+#include <dlfcn.h>
 #include <nvrtc.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <map>
 #include <mutex>
 #include <utility>
@@ -13891,19 +13898,97 @@ extern "C" __global__ void __launch_bounds__(1024)
     g[j] = from_float((expf(to_float(x[j]) - lse) - off - (j == t ? on : 0.f)) * scale);
   }
 }
+// The backward's one pass: the gradient written in forward times the incoming gradient (s[0], or s[row] for
+// reduction none), computed in float32 and rounded once. One block per row.
+extern "C" __global__ void fabric_cross_entropy_scale(storage_t* grad, long long grad_stride, long long classes,
+                                                      const float* __restrict__ s, int per_row, int vectorized) {
+  const long long row = blockIdx.x;
+  const float k = s[per_row ? row : 0];
+  storage_t* g = grad + row * grad_stride;
+  const long long packs = vectorized ? classes / VEC : 0;
+  for (long long p = threadIdx.x; p < packs; p += blockDim.x) {
+    Pack pk = reinterpret_cast<Pack*>(g)[p];
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) pk.v[j] = from_float(to_float(pk.v[j]) * k);
+    reinterpret_cast<Pack*>(g)[p] = pk;
+  }
+  for (long long j = packs * VEC + threadIdx.x; j < classes; j += blockDim.x) g[j] = from_float(to_float(g[j]) * k);
+}
 )CUDA";
+
+/// The NVRTC and driver entry points the kernel needs, opened once per process (dlopen), or why not.
+struct CudaJitApi {
+#define FABRIC_CUDA_JIT_MEMBER(name) decltype(&::name) name = nullptr;
+#define FABRIC_CUDA_JIT_NVRTC(_)                                                                                     \
+  _(nvrtcCreateProgram)                                                                                              \
+  _(nvrtcDestroyProgram)                                                                                             \
+  _(nvrtcCompileProgram) _(nvrtcGetProgramLogSize) _(nvrtcGetProgramLog) _(nvrtcGetErrorString) _(nvrtcGetCUBINSize) \
+      _(nvrtcGetCUBIN)
+#define FABRIC_CUDA_JIT_DRIVER(_) \
+  _(cuCtxGetCurrent) _(cuModuleLoadData) _(cuModuleGetFunction) _(cuLaunchKernel) _(cuGetErrorString)
+  FABRIC_CUDA_JIT_NVRTC(FABRIC_CUDA_JIT_MEMBER)
+  FABRIC_CUDA_JIT_DRIVER(FABRIC_CUDA_JIT_MEMBER)
+  std::string error;
+};
+
+/// Opens libnvrtc and libcuda (never closed: the kernels live as long as the process).
+inline const CudaJitApi& cuda_jit_api() {
+  static const CudaJitApi api = [] {
+    CudaJitApi out;
+    std::vector<std::string> names;
+    if (const char* path = std::getenv("FABRIC_NVRTC_LIBRARY"); path != nullptr && *path != '\0') names.push_back(path);
+#if CUDA_VERSION >= 12000
+    names.push_back("libnvrtc.so." + std::to_string(CUDA_VERSION / 1000));
+#else
+    names.push_back("libnvrtc.so." + std::to_string(CUDA_VERSION / 1000) + ".2");
+#endif
+    names.insert(names.end(), {"libnvrtc.so", "/usr/local/cuda/lib64/libnvrtc.so"});
+    void* nvrtc = nullptr;
+    for (const auto& name : names) {
+      if ((nvrtc = dlopen(name.c_str(), RTLD_NOW | RTLD_LOCAL)) != nullptr) break;
+    }
+    void* driver = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
+    if (nvrtc == nullptr || driver == nullptr) {
+      out.error = nvrtc == nullptr ? "NVRTC not found (tried " + names.front() +
+                                         ", libnvrtc.so and "
+                                         "/usr/local/cuda/lib64; set FABRIC_NVRTC_LIBRARY to its path)"
+                                   : "the CUDA driver library libcuda.so.1 not found";
+      return out;
+    }
+#define FABRIC_CUDA_JIT_LOAD_NVRTC(name)                               \
+  out.name = reinterpret_cast<decltype(&::name)>(dlsym(nvrtc, #name)); \
+  if (out.name == nullptr) out.error = "NVRTC lacks " #name;
+#define FABRIC_CUDA_JIT_LOAD_DRIVER(name)                               \
+  out.name = reinterpret_cast<decltype(&::name)>(dlsym(driver, #name)); \
+  if (out.name == nullptr) out.error = "the CUDA driver lacks " #name;
+    FABRIC_CUDA_JIT_NVRTC(FABRIC_CUDA_JIT_LOAD_NVRTC)
+    FABRIC_CUDA_JIT_DRIVER(FABRIC_CUDA_JIT_LOAD_DRIVER)
+#undef FABRIC_CUDA_JIT_LOAD_NVRTC
+#undef FABRIC_CUDA_JIT_LOAD_DRIVER
+    return out;
+  }();
+  return api;
+}
+#undef FABRIC_CUDA_JIT_MEMBER
+#undef FABRIC_CUDA_JIT_NVRTC
+#undef FABRIC_CUDA_JIT_DRIVER
 
 /// A compiled kernel for one device and dtype, or why there is none.
 struct CrossEntropyKernel {
   CUfunction function = nullptr;
+  CUfunction scale = nullptr;
   std::string error;
 };
 
 /// Compiles the kernel for the current device (a device guard is set) and `kind` (0 float32, 1 bfloat16, 2
 /// float16); the error is recorded, not thrown, so that the automatic choice falls back to ATen.
 inline CrossEntropyKernel compile_cross_entropy_kernel(int device, int kind) {
-  const at::cuda::NVRTC& nvrtc = at::globalContext().getNVRTC();
+  const CudaJitApi& nvrtc = cuda_jit_api();
   CrossEntropyKernel out;
+  if (!nvrtc.error.empty()) {
+    out.error = nvrtc.error;
+    return out;
+  }
   // The driver API needs the device's primary context current on this thread; cudaFree(nullptr) makes it so.
   CUcontext context = nullptr;
   nvrtc.cuCtxGetCurrent(&context);
@@ -13943,11 +14028,13 @@ inline CrossEntropyKernel compile_cross_entropy_kernel(int device, int kind) {
   CUmodule module = nullptr;
   CUresult loaded = nvrtc.cuModuleLoadData(&module, cubin.data());
   if (loaded == CUDA_SUCCESS) loaded = nvrtc.cuModuleGetFunction(&out.function, module, "fabric_cross_entropy");
+  if (loaded == CUDA_SUCCESS) loaded = nvrtc.cuModuleGetFunction(&out.scale, module, "fabric_cross_entropy_scale");
   if (loaded != CUDA_SUCCESS) {
     const char* text = nullptr;
     nvrtc.cuGetErrorString(loaded, &text);
     out.error = std::string("loading the CUBIN (") + arch + "): " + (text != nullptr ? text : "unknown error");
     out.function = nullptr;
+    out.scale = nullptr;
   }
   return out;
 }
@@ -14016,11 +14103,39 @@ inline void launch_cross_entropy_kernel(const at::Tensor& logits, const at::Tens
   const std::int64_t packs = (classes + vec - 1) / vec;
   const unsigned threads = static_cast<unsigned>(std::clamp<std::int64_t>((packs + 31) / 32 * 32, 32, 1024));
   const CUstream stream = c10::cuda::getCurrentCUDAStream(logits.device().index()).stream();
-  const CUresult launched = at::globalContext().getNVRTC().cuLaunchKernel(kernel.function, static_cast<unsigned>(n), 1,
-                                                                          1, threads, 1, 1, 0, stream, args, nullptr);
+  const CUresult launched = cuda_jit_api().cuLaunchKernel(kernel.function, static_cast<unsigned>(n), 1, 1, threads, 1,
+                                                          1, 0, stream, args, nullptr);
   if (launched != CUDA_SUCCESS) {
     const char* text = nullptr;
-    at::globalContext().getNVRTC().cuGetErrorString(launched, &text);
+    cuda_jit_api().cuGetErrorString(launched, &text);
+    raise("fabric::nn::cross_entropy: expected the fused kernel to launch, found {}",
+          text != nullptr ? text : "an unknown error");
+  }
+}
+
+/// Multiplies the gradient the kernel wrote (rows of stride 1) by `by` (float32: one element, or one per row
+/// when `per_row`), in place, on the current stream.
+inline void launch_cross_entropy_scale(const at::Tensor& grad, const at::Tensor& by, bool per_row) {
+  const CrossEntropyKernel& kernel = cross_entropy_kernel(grad.device(), grad.scalar_type());
+  if (kernel.scale == nullptr)
+    raise("fabric::nn::cross_entropy: expected the fused CUDA kernel, found none: {}", kernel.error);
+  const c10::cuda::CUDAGuard guard(grad.device());
+  if (grad.size(0) == 0) return;
+  void* grad_ptr = grad.data_ptr();
+  const void* by_ptr = by.data_ptr();
+  long long stride = grad.stride(0), classes = grad.size(1);
+  int rows = per_row ? 1 : 0;
+  const std::int64_t vec = grad.scalar_type() == at::kFloat ? 4 : 8;
+  int vectorized = reinterpret_cast<std::uintptr_t>(grad_ptr) % 16 == 0 && stride % vec == 0;
+  void* args[] = {&grad_ptr, &stride, &classes, &by_ptr, &rows, &vectorized};
+  const std::int64_t packs = (classes + vec - 1) / vec;
+  const unsigned threads = static_cast<unsigned>(std::clamp<std::int64_t>((packs + 31) / 32 * 32, 32, 512));
+  const CUstream stream = c10::cuda::getCurrentCUDAStream(grad.device().index()).stream();
+  const CUresult launched = cuda_jit_api().cuLaunchKernel(kernel.scale, static_cast<unsigned>(grad.size(0)), 1, 1,
+                                                          threads, 1, 1, 0, stream, args, nullptr);
+  if (launched != CUDA_SUCCESS) {
+    const char* text = nullptr;
+    cuda_jit_api().cuGetErrorString(launched, &text);
     raise("fabric::nn::cross_entropy: expected the fused kernel to launch, found {}",
           text != nullptr ? text : "an unknown error");
   }
@@ -14039,6 +14154,7 @@ inline std::string cross_entropy_kernel_unavailable(const at::Tensor& logits) {
 
 inline void launch_cross_entropy_kernel(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                         const at::Tensor&, std::int64_t, double, bool) {}
+inline void launch_cross_entropy_scale(const at::Tensor&, const at::Tensor&, bool) {}
 
 #endif
 
@@ -14211,7 +14327,13 @@ struct ChunkedCrossEntropy : torch::autograd::Function<ChunkedCrossEntropy> {
       at::Tensor grad = found->second.toTensor();
       ctx->saved_data.erase(found);
       const at::Tensor g = grads[0].to(at::kFloat);
-      grad.mul_(reduction == Reduction::none ? g.unsqueeze(1) : g);
+      if (path == LossKernel::fused) {
+        // NOTE: ATen's mul_ of bfloat16 by a float32 device scalar takes its mixed-dtype (not vectorised) loop:
+        // 1.5 ms for GPT-2's logits on an H200; the kernel's module has a vectorised pass.
+        fabric::detail::launch_cross_entropy_scale(grad, g.contiguous(), reduction == Reduction::none);
+      } else {
+        grad.mul_(reduction == Reduction::none ? g.unsqueeze(1) : g);
+      }
       return inputs_gradient(std::move(grad));
     }
     const auto saved = ctx->get_saved_variables();
