@@ -88,6 +88,10 @@ BAND_UPDATE = {("mlp", "32-true"): 1e-5, ("mlp", "bf16-mixed"): 5e-4, ("gpt2", "
 BAND_OWN = {("mlp", "32-true"): 1e-4, ("mlp", "bf16-mixed"): 1e-3, ("gpt2", "bf16-mixed"): 2e-3}
 # CPU runs (for checking the check; measured: 0, 4.4e-6 at step 3, 0 own spread).
 BAND_CPU = (1e-5, 1e-4, 1e-4)
+# Competitors that compute in another precision get wider bands: fabric-master's forward runs in bfloat16
+# throughout (weights, residual stream, LayerNorm outputs), not autocast's float32 residual stream; 10x until
+# a GPU run measures it (on the CPU, GPT-2 tiny: 5.6e-6 at step 1, 3.5e-5 at step 3, inside the fp32 bands).
+BAND_SCALE = {"fabric-master": 10.0}
 
 
 # ---- the models (the same as bench/race.cpp and examples/gpt2/gpt2.hpp) -------------------------
@@ -569,12 +573,13 @@ def loss_checks(groups, device):
         own = {c: (max(r["first_losses"][k - 1] for r in rs) - min(r["first_losses"][k - 1] for r in rs)) / abs(ref_last)
                for c, rs in rows}
         for c in traj:
-            if dist_first[c] > band_first:
+            scale = BAND_SCALE.get(c, 1.0)
+            if dist_first[c] > band_first * scale:
                 problems.append(f"{c}: first loss {traj[c][0]:.6f} is {dist_first[c]:.2e} from the median {ref_first:.6f} "
-                                f"(band {band_first:.0e})")
-            if dist_at[c] > band_update:
+                                f"(band {band_first * scale:.0e})")
+            if dist_at[c] > band_update * scale:
                 problems.append(f"{c}: loss of step {at} {traj[c][at - 1]:.6f} is {dist_at[c]:.2e} from the median "
-                                f"{ref_at:.6f} (band {band_update:.0e})")
+                                f"{ref_at:.6f} (band {band_update * scale:.0e})")
             if own[c] > band_own:
                 problems.append(f"{c}: its rounds' losses of step {k} spread {own[c]:.2e} (band {band_own:.0e})")
         good = not problems
