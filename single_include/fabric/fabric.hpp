@@ -13919,15 +13919,27 @@ extern "C" __global__ void fabric_cross_entropy_scale(storage_t* grad, long long
 /// The NVRTC and driver entry points the kernel needs, opened once per process (dlopen), or why not.
 struct CudaJitApi {
 #define FABRIC_CUDA_JIT_MEMBER(name) decltype(&::name) name = nullptr;
-#define FABRIC_CUDA_JIT_NVRTC(_)                                                                                     \
-  _(nvrtcCreateProgram)                                                                                              \
-  _(nvrtcDestroyProgram)                                                                                             \
-  _(nvrtcCompileProgram) _(nvrtcGetProgramLogSize) _(nvrtcGetProgramLog) _(nvrtcGetErrorString) _(nvrtcGetCUBINSize) \
-      _(nvrtcGetCUBIN)
+// clang-format off
+// NOTE: clang-format 14 reflows these lists differently on each run; kept one entry per line by hand.
+#define FABRIC_CUDA_JIT_NVRTC(_) \
+  _(nvrtcCreateProgram)          \
+  _(nvrtcDestroyProgram)         \
+  _(nvrtcCompileProgram)         \
+  _(nvrtcGetProgramLogSize)      \
+  _(nvrtcGetProgramLog)          \
+  _(nvrtcGetErrorString)         \
+  _(nvrtcGetCUBINSize)           \
+  _(nvrtcGetCUBIN)
 #define FABRIC_CUDA_JIT_DRIVER(_) \
-  _(cuCtxGetCurrent) _(cuModuleLoadData) _(cuModuleGetFunction) _(cuLaunchKernel) _(cuGetErrorString)
+  _(cuCtxGetCurrent)              \
+  _(cuModuleLoadData)             \
+  _(cuModuleGetFunction)          \
+  _(cuLaunchKernel)               \
+  _(cuGetErrorString)
+
   FABRIC_CUDA_JIT_NVRTC(FABRIC_CUDA_JIT_MEMBER)
   FABRIC_CUDA_JIT_DRIVER(FABRIC_CUDA_JIT_MEMBER)
+  // clang-format on
   std::string error;
 };
 
