@@ -340,7 +340,8 @@ TEST_CASE("cross_entropy on CUDA: a bf16-mixed step with the fused loss captured
   std::vector<std::pair<at::Tensor, at::Tensor>> data;
   torch::manual_seed(3);
   for (int i = 0; i < 12; ++i) {
-    data.emplace_back(torch::randn({64, 32}, fabric.device()), torch::randint(1000, {64}, fabric.device()));
+    data.emplace_back(torch::randn({64, 32}, fabric.device()),
+                      torch::randint(1000, {64}, torch::TensorOptions().device(fabric.device()).dtype(torch::kLong)));
   }
   const auto train = [&](bool capture) {
     torch::manual_seed(0);
