@@ -447,6 +447,18 @@ class FSDP : public ParallelStrategy {
     std::size_t max_gathered = 0;
   };
   const PrefetchStats& prefetch_stats() const noexcept { return stats_; }
+  /// What the gradient reductions did since the strategy was made: the reductions issued, and the most
+  /// whose unsharded gradients (the reduce-scatter's flat input, sharded strategies) were alive at once —
+  /// at most `max_reductions_in_flight`, which bounds backward's peak to a few units' whole gradients.
+  struct ReductionStats {
+    std::size_t issued = 0;
+    std::size_t max_in_flight = 0;
+  };
+  const ReductionStats& reduction_stats() const noexcept { return reduction_stats_; }
+  /// Sharded, how many units' reductions may be in flight at once: the oldest is completed (waited for, its
+  /// shard cut, its unsharded gradients freed) before a third one's gradients are flattened. Two keep a
+  /// unit's reduction running beside the backward of the unit before it.
+  static constexpr std::size_t max_reductions_in_flight = 2;
   /// The units (the root unit aside) of a set-up module whose parameters are gathered now, counted from the
   /// bytes their flat buffers hold.
   std::size_t gathered_units(const ModuleState& state) const { return count_gathered(*state.fsdp); }
@@ -881,6 +893,11 @@ class FSDP : public ParallelStrategy {
     bool any = false;
     for (const auto& fp : unit.params) any = any || fp.param.grad().defined();
     if (!any) return;
+    if (sharded()) {
+      // NOTE: without this bound every unit's unsharded gradients would stay alive until backward ends:
+      // the whole model's gradients at the peak, as under DDP, which is what sharding them is for.
+      while (in_flight() >= max_reductions_in_flight) complete_oldest();
+    }
     PendingReduction r;
     r.unit = &unit;
     r.full = at::zeros_like(unit.flat);
@@ -903,6 +920,30 @@ class FSDP : public ParallelStrategy {
       }
     });
     pending_.push_back(std::move(r));
+    ++reduction_stats_.issued;
+    if (sharded()) reduction_stats_.max_in_flight = std::max(reduction_stats_.max_in_flight, in_flight());
+  }
+  /// How many of this backward's reductions still hold their unsharded gradients (sharded strategies).
+  std::size_t in_flight() const noexcept {
+    return static_cast<std::size_t>(
+        std::count_if(pending_.begin(), pending_.end(), [](const PendingReduction& r) { return r.full.defined(); }));
+  }
+  /// Completes the oldest reduction that holds its unsharded gradients: waits for it, keeps this process's
+  /// shard of the sum, frees the rest (finish_reductions averages the shard later, with the others).
+  void complete_oldest() {
+    for (auto& r : pending_) {
+      if (!r.full.defined()) continue;
+      complete(r);
+      return;
+    }
+  }
+  void complete(PendingReduction& r) {
+    if (r.work) wait(r.work, "backward");
+    r.work.reset();
+    if (!r.reduced.defined()) {
+      r.reduced = r.full.narrow(0, shard_rank_ * r.unit->shard_size, r.unit->shard_size).clone();
+    }
+    r.full = at::Tensor();
   }
   /// Waits for the reductions issued in this backward (in the order they were issued, the same on every
   /// process), all-reduces the shards across the nodes (HYBRID_SHARD), and averages them into the shards'
@@ -913,13 +954,14 @@ class FSDP : public ParallelStrategy {
     pending_.clear();
     if (pending.empty()) return;
     at::NoGradGuard no_grad;
-    for (auto& r : pending) wait(r.work, "backward");
     for (auto& r : pending) {
+      if (r.work) wait(r.work, "backward");
       r.work.reset();
-      if (sharded() && !r.reduced.defined()) {
-        r.reduced = r.full.narrow(0, shard_rank_ * r.unit->shard_size, r.unit->shard_size).clone();
+    }
+    if (sharded()) {
+      for (auto& r : pending) {
+        if (r.full.defined()) complete(r);
       }
-      if (sharded()) r.full = at::Tensor();
     }
     if (hybrid()) {
       std::vector<c10::intrusive_ptr<c10d::Work>> works;
@@ -1468,6 +1510,7 @@ class FSDP : public ParallelStrategy {
   /// The reductions this backward issued and has not waited for.
   std::vector<PendingReduction> pending_{};
   PrefetchStats stats_{};
+  ReductionStats reduction_stats_{};
   int nodes_ = 1;
   /// The group a unit is sharded over and this process's place in it (the world unless HYBRID_SHARD), and
   /// the group its shards are replicated over (HYBRID_SHARD on several nodes).

@@ -601,6 +601,43 @@ TEST_CASE("BACKWARD_PRE gathers the unit whose backward comes next while a unit'
   }
 }
 
+TEST_CASE("Sharded, at most two units' whole gradients are alive during backward, and training is unchanged",
+          "[fsdp][memory]") {
+  using fabric::ShardingStrategy;
+  for (const auto sharding : {ShardingStrategy::FULL_SHARD, ShardingStrategy::SHARD_GRAD_OP}) {
+    CAPTURE(static_cast<int>(sharding));
+    auto options = chain_options(false, fabric::BackwardPrefetch::BACKWARD_PRE);
+    options.sharding_strategy = sharding;
+    fabric::Fabric<fabric::CPU, fabric::FSDP> fabric({}, solo(options), {});
+    fabric.launch();
+    Chain net = make_chain();
+    Chain reference = make_chain();
+    Probe probe;
+    net->attach(probe);
+    torch::optim::SGD sgd(net->parameters(), torch::optim::SGDOptions(0.1).momentum(0.9));
+    torch::optim::SGD ref_opt(reference->parameters(), torch::optim::SGDOptions(0.1).momentum(0.9));
+    auto [model, optimizer] = fabric.setup(net, sgd);
+    for (int step = 0; step < 3; ++step) {
+      const auto x = torch::randn({3, 6});
+      fabric.backward(model(x).pow(2).sum());
+      optimizer.step();
+      optimizer.zero_grad();
+      reference(x).pow(2).sum().backward();
+      ref_opt.step();
+      ref_opt.zero_grad();
+    }
+    // Backward reduces the head (the root unit) first, then blocks 3, 2, 1, 0: five reductions a step, of
+    // which the oldest is completed (its whole gradients freed) before a third one's are flattened.
+    const auto& stats = fabric.strategy().reduction_stats();
+    CHECK(stats.issued == 15U);
+    CHECK(stats.max_in_flight == fabric::FSDP::max_reductions_in_flight);
+    auto full = fabric.strategy().summon_full_params(model.strategy_state());
+    const auto a = net->parameters();
+    const auto b = reference->parameters();
+    for (std::size_t i = 0; i < a.size(); ++i) CHECK(torch::allclose(a[i], b[i], 1e-5, 1e-6));
+  }
+}
+
 TEST_CASE("every combination of prefetch options trains as one device, with skipped units and changed orders",
           "[fsdp][prefetch]") {
   require_gloo();
