@@ -88,10 +88,16 @@ BAND_UPDATE = {("mlp", "32-true"): 1e-5, ("mlp", "bf16-mixed"): 5e-4, ("gpt2", "
 BAND_OWN = {("mlp", "32-true"): 1e-4, ("mlp", "bf16-mixed"): 1e-3, ("gpt2", "bf16-mixed"): 2e-3}
 # CPU runs (for checking the check; measured: 0, 4.4e-6 at step 3, 0 own spread).
 BAND_CPU = (1e-5, 1e-4, 1e-4)
-# Competitors that compute in another precision get wider bands: fabric-master's forward runs in bfloat16
-# throughout (weights, residual stream, LayerNorm outputs), not autocast's float32 residual stream; 10x until
-# a GPU run measures it (on the CPU, GPT-2 tiny: 5.6e-6 at step 1, 3.5e-5 at step 3, inside the fp32 bands).
-BAND_SCALE = {"fabric-master": 10.0}
+# Competitors that compute in another precision could need wider bands: fabric-master's forward runs in
+# bfloat16 throughout (weights, residual stream, LayerNorm outputs), not autocast's float32 residual stream.
+# Measured on the H200 (2026-12-02, 54def56, 5 rounds; bench/results/2026-12-02-h200), its distances from the
+# median of all are inside everyone's bands with the same 10x margin or more: gpt2 1.3e-6 at step 1 (band 1e-4),
+# 2.9e-5 at step 3 (5e-4), own spread 6.2e-5 at step 10 (2e-3); mlp bf16-mixed 0 at all three (its losses equal
+# fabric's bf16-mixed ones: the mlp has no float32 residual stream or LayerNorm). So on the GPU it gets the
+# common bands. On the CPU (GPT-2 tiny: 5.6e-6 at step 1, 3.5e-5 at step 3, 2-3x inside BAND_CPU, not 10x)
+# it keeps 10x them.
+BAND_SCALE = {}
+BAND_SCALE_CPU = {"fabric-master": 10.0}
 
 
 # ---- the models (the same as bench/race.cpp and examples/gpt2/gpt2.hpp) -------------------------
@@ -573,7 +579,7 @@ def loss_checks(groups, device):
         own = {c: (max(r["first_losses"][k - 1] for r in rs) - min(r["first_losses"][k - 1] for r in rs)) / abs(ref_last)
                for c, rs in rows}
         for c in traj:
-            scale = BAND_SCALE.get(c, 1.0)
+            scale = (BAND_SCALE_CPU if cpu else BAND_SCALE).get(c, 1.0)
             if dist_first[c] > band_first * scale:
                 problems.append(f"{c}: first loss {traj[c][0]:.6f} is {dist_first[c]:.2e} from the median {ref_first:.6f} "
                                 f"(band {band_first * scale:.0e})")
