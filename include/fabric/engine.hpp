@@ -646,7 +646,7 @@ class Fabric {
   /// they are. Parent directories are created. With filters, an entry keeps the items of its state that
   /// its Filter chooses (Lightning's `filter=`); a filter key that is not in the state is an error.
   void save(const std::filesystem::path& path, const State& state, const Filters& filters = {}) {
-    if constexpr (KeepsMasterWeights<P>) {
+    if constexpr (ScopesCheckpoints<P>) {
       precision_.checkpoint_scope(false, [&] { save_impl(path, state, filters); });
     } else {
       save_impl(path, state, filters);
@@ -656,7 +656,7 @@ class Fabric {
   /// state did not ask for. With strict, a missing key (or module tensor) is an error; shapes and
   /// types must always match. Nothing is changed when any check fails.
   State load(const std::filesystem::path& path, State& state, bool strict = true) {
-    if constexpr (KeepsMasterWeights<P>) {
+    if constexpr (ScopesCheckpoints<P>) {
       return precision_.checkpoint_scope(true, [&] { return strategy_.load_checkpoint(path, state, strict); });
     } else {
       return strategy_.load_checkpoint(path, state, strict);
@@ -674,7 +674,7 @@ class Fabric {
   /// Python's torch.save of a state_dict, safetensors), through the format that recognises the file.
   template <class T>
   void load_raw(const std::filesystem::path& path, T& target, bool strict = true) {
-    if constexpr (KeepsMasterWeights<P>) {
+    if constexpr (ScopesCheckpoints<P>) {
       precision_.checkpoint_scope(true, [&] { strategy_.load_raw(path, target, strict); });
     } else {
       strategy_.load_raw(path, target, strict);
@@ -856,7 +856,7 @@ class Fabric {
   auto setup_optimizer_impl(O&& optimizer) {
     using Opt = typename detail::pointee<std::remove_cvref_t<O>>::type;
     std::shared_ptr<Opt> ptr = detail::share<Opt>(std::forward<O>(optimizer));
-    if constexpr (KeepsMasterWeights<P>) precision_.setup_optimizer(*ptr);
+    if constexpr (SetsUpOptimizers<P>) precision_.setup_optimizer(*ptr);
     strategy_.setup_optimizer(*ptr);
     auto life = detail::track_set_up(ptr);
     if constexpr (checks_optimizer_step) {

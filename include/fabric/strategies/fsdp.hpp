@@ -9,13 +9,16 @@
 #include "fabric/core/options.hpp"
 #include "fabric/detail/archive.hpp"
 #include "fabric/detail/c10d.hpp"
+#include "fabric/detail/torch_version.hpp"
 #include "fabric/io/sharded.hpp"
 #include "fabric/io/state.hpp"
 #include "fabric/io/torch_pickle.hpp"
+#include "fabric/precision/precision.hpp"
 #include "fabric/strategies/parallel.hpp"
 #include "fabric/utils/activation_checkpoint.hpp"
 #include "fabric/utils/apply.hpp"
 #include "fabric/utils/clip.hpp"
+#include "fabric/wrappers/optimizer.hpp"
 #include "fabric/wrappers/unit.hpp"
 
 #include <ATen/core/Tensor.h>
@@ -590,6 +593,10 @@ class FSDP : public ParallelStrategy {
   template <class M, class State, class O, class P>
   std::optional<at::Tensor> clip_gradients(M& /*module*/, State& /*state*/, O& optimizer, P& precision,
                                            const ClipOptions& options) {
+    static_assert(!ClipsGradients<P>,
+                  "fabric: FSDP clips the sharded gradients itself, over every process's shards, and cannot call a "
+                  "precision's own clip_gradients (fabric::ClipsGradients); use DDP or SingleDevice with this "
+                  "precision, or drop its clip_gradients to clip through unscale_gradients");
     precision.unscale_gradients(optimizer);
     const auto grads = optimizer_gradients(optimizer);
     if (options.clip_val) {

@@ -19,6 +19,7 @@
 #include "fabric/precision/precision.hpp"
 #include "fabric/strategies/group.hpp"
 #include "fabric/utils/clip.hpp"
+#include "fabric/wrappers/optimizer.hpp"
 
 #include <ATen/core/Tensor.h>
 #include <c10/core/Device.h>
@@ -325,11 +326,11 @@ class StrategyBase {
   }
   /// Unscales the gradients where the precision scales, then clips the optimizer's gradients by norm
   /// or by value (fabric::clip_gradients); returns the total norm before clipping for max_norm. A
-  /// precision with master weights (fabric::KeepsMasterWeights) clips the gradients it keeps itself.
+  /// precision that clips the gradients itself (fabric::ClipsGradients) does it instead.
   template <class M, class State, class O, class P>
   std::optional<at::Tensor> clip_gradients(M& /*module*/, State& /*state*/, O& optimizer, P& precision,
                                            const ClipOptions& options) {
-    if constexpr (KeepsMasterWeights<P>) {
+    if constexpr (ClipsGradients<P>) {
       return precision.clip_gradients(optimizer, options, device_);
     } else {
       precision.unscale_gradients(optimizer);

@@ -30,17 +30,39 @@ concept NeedsFabricStep = requires {
   requires static_cast<bool>(P::needs_fabric_step);
 };
 
-/// A precision whose optimizers step copies of the module's parameters (fabric::BF16Master's float32
-/// masters) while the gradients arrive on the module's own: Fabric lets it rewrite each set-up optimizer's
-/// param groups (`setup_optimizer`), the wrapper's zero_grad and the strategies' clip_gradients go to it
-/// (the gradients are not on the optimizer's tensors), and save and load run in its `checkpoint_scope`
-/// (checkpoints hold the masters).
+// Optional precision hooks. Each is found on its own, and a precision without it gets fabric's default, so
+// a precision overrides one step without taking on the others (fabric::BF16Master, whose optimizers step
+// float32 copies of the module's parameters, has all four).
+
+/// A precision that rewrites each optimizer `Fabric::setup` wraps (BF16Master puts its float32 masters in
+/// the param groups): `setup_optimizer(optimizer)` runs before the strategy sets the optimizer up. Without
+/// it the optimizer is set up as it is.
 template <class P>
-concept KeepsMasterWeights = requires(P& p, torch::optim::Optimizer& o, bool set_to_none, const ClipOptions& c,
-                                      const c10::Device& d, void (*fn)()) {
+concept SetsUpOptimizers = requires(P& p, torch::optim::Optimizer& o) {
   p.setup_optimizer(o);
+};
+
+/// A precision that resets the gradients itself (they are not on the optimizer's tensors): the optimizer
+/// wrapper's zero_grad calls `zero_grad(optimizer, set_to_none)`. Without it the wrapper resets the
+/// gradients of the optimizer's parameters.
+template <class P>
+concept ZeroesGradients = requires(P& p, torch::optim::Optimizer& o, bool set_to_none) {
   p.zero_grad(o, set_to_none);
+};
+
+/// A precision that clips the gradients itself: the strategies' clip_gradients call
+/// `clip_gradients(optimizer, options, device)` and return its total norm. Without it they unscale the
+/// gradients through the precision and clip the optimizer's (fabric::clip_gradients).
+template <class P>
+concept ClipsGradients = requires(P& p, torch::optim::Optimizer& o, const ClipOptions& c, const c10::Device& d) {
   { p.clip_gradients(o, c, d) } -> std::same_as<std::optional<at::Tensor>>;
+};
+
+/// A precision that changes what checkpoints hold (BF16Master's hold the masters): Fabric's save, load and
+/// load_raw run inside `checkpoint_scope(loads, fn)`, which calls fn and returns what it returns. Without
+/// it they run as they are.
+template <class P>
+concept ScopesCheckpoints = requires(P& p, void (*fn)()) {
   p.checkpoint_scope(true, fn);
 };
 
@@ -105,7 +127,7 @@ class Optimizer {
   void zero_grad() { zero_grad(detail::torch_zero_grad_sets_none); }
   /// Resets the gradients: to undefined tensors with set_to_none, else to zeros in place.
   void zero_grad(bool set_to_none) {
-    if constexpr (KeepsMasterWeights<typename F::precision_type>) {
+    if constexpr (ZeroesGradients<typename F::precision_type>) {
       fabric_->precision().zero_grad(*optimizer_, set_to_none);
     } else {
       for (auto& group : optimizer_->param_groups()) {

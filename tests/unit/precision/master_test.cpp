@@ -13,6 +13,8 @@
 #include <filesystem>
 #include <functional>
 #include <string>
+#include <string_view>
+#include <utility>
 #include <vector>
 
 using Catch::Matchers::ContainsSubstring;
@@ -65,13 +67,31 @@ struct TempDir : fabric_test::TempDir {
   TempDir() : fabric_test::TempDir("fabric-master") {}
 };
 
+/// A precision with one of the four optional hooks only: it records each checkpoint it scopes and whether
+/// it loads; the optimizer's setup, zero_grad and clipping stay fabric's.
+struct ScopedCheckpoints : fabric::FP32 {
+  static constexpr std::string_view name = "scoped-checkpoints";
+  std::vector<bool> scopes;
+  template <class Fn>
+  decltype(auto) checkpoint_scope(bool loads, Fn&& fn) {
+    scopes.push_back(loads);
+    return std::forward<Fn>(fn)();
+  }
+};
+
 }  // namespace
 
 TEST_CASE("bf16-master: a policy whose module lives in bfloat16 and whose optimizer holds float32 masters",
           "[precision][master]") {
   STATIC_REQUIRE(fabric::Precision<fabric::BF16Master>);
-  STATIC_REQUIRE(fabric::KeepsMasterWeights<fabric::BF16Master>);
-  STATIC_REQUIRE(!fabric::KeepsMasterWeights<fabric::BF16True>);
+  STATIC_REQUIRE(fabric::SetsUpOptimizers<fabric::BF16Master>);
+  STATIC_REQUIRE(fabric::ZeroesGradients<fabric::BF16Master>);
+  STATIC_REQUIRE(fabric::ClipsGradients<fabric::BF16Master>);
+  STATIC_REQUIRE(fabric::ScopesCheckpoints<fabric::BF16Master>);
+  STATIC_REQUIRE(!fabric::SetsUpOptimizers<fabric::BF16True>);
+  STATIC_REQUIRE(!fabric::ZeroesGradients<fabric::BF16True>);
+  STATIC_REQUIRE(!fabric::ClipsGradients<fabric::BF16True>);
+  STATIC_REQUIRE(!fabric::ScopesCheckpoints<fabric::BF16True>);
   STATIC_REQUIRE(fabric::BF16Master::name == "bf16-master");
   STATIC_REQUIRE(fabric::BF16Master::param_dtype() == torch::kFloat);
 
@@ -368,4 +388,48 @@ TEST_CASE("bf16-master on CUDA: the fused AdamW step runs on the float32 masters
       CHECK(params[i].equal(masters[i].to(torch::kBFloat16)));
     }
   }
+}
+
+TEST_CASE(
+    "precision hooks are found one by one: checkpoint_scope alone keeps fabric's optimizer setup, zero_grad "
+    "and clipping",
+    "[precision][master]") {
+  STATIC_REQUIRE(fabric::Precision<ScopedCheckpoints>);
+  STATIC_REQUIRE(fabric::ScopesCheckpoints<ScopedCheckpoints>);
+  STATIC_REQUIRE(!fabric::SetsUpOptimizers<ScopedCheckpoints>);
+  STATIC_REQUIRE(!fabric::ZeroesGradients<ScopedCheckpoints>);
+  STATIC_REQUIRE(!fabric::ClipsGradients<ScopedCheckpoints>);
+  TempDir dir;
+  auto net = make_net();
+  const auto params = net->parameters();
+  torch::optim::SGD sgd(params, torch::optim::SGDOptions(0.1));
+  CpuFabric<ScopedCheckpoints> fabric;
+  auto [model, optimizer] = fabric.setup(net, sgd);
+  // The optimizer steps the module's own parameters (no rewrite).
+  REQUIRE(optimizer.param_groups()[0].params().size() == params.size());
+  for (std::size_t i = 0; i < params.size(); ++i) {
+    CHECK(optimizer.param_groups()[0].params()[i].unsafeGetTensorImpl() == params[i].unsafeGetTensorImpl());
+  }
+  torch::manual_seed(3);
+  fabric.backward(model(torch::randn({8, 6})).pow(2).sum() * 100);
+  std::vector<torch::Tensor> norms;
+  for (const auto& p : params) norms.push_back(p.grad().norm());
+  const auto expected = torch::stack(norms).norm();
+  const auto total = fabric.clip_gradients(model, optimizer, {.max_norm = 1.0});
+  REQUIRE(total.has_value());
+  CHECK(torch::allclose(*total, expected, 1e-5));
+  optimizer.zero_grad(false);
+  for (const auto& p : params) CHECK(p.grad().abs().sum().item<float>() == 0.0f);
+  CHECK(fabric.precision().scopes.empty());
+
+  const auto path = dir.path() / "scoped.ckpt";
+  fabric.save(path, {{"model", model}});
+  const auto saved = params[0].detach().clone();
+  {
+    torch::NoGradGuard no_grad;
+    params[0].add_(1.0);
+  }
+  fabric.load(path, {{"model", model}});
+  CHECK(torch::equal(params[0], saved));
+  CHECK(fabric.precision().scopes == std::vector<bool>{false, true});
 }
