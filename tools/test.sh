@@ -34,23 +34,40 @@ ctest --test-dir "$build-clang" --output-on-failure -j "$jobs"
 # Each libFuzzer target of the torch-free readers runs about a minute (FABRIC_FUZZ_SECONDS) from its
 # committed seed corpus (tests/fuzz/corpus/<name without _fuzz>, or the part before the first _).
 fuzzers=("$build-clang"/tests/fuzz/*_fuzz)
+# Runs one fuzzer for FABRIC_FUZZ_SECONDS; its log is $build-clang/fuzz-corpus/<name>.log.
+fuzz() {
+  local fuzzer=$1 name corpus work
+  name=$(basename "$fuzzer")
+  corpus=tests/fuzz/corpus/${name%_fuzz}
+  [ -d "$corpus" ] || corpus=tests/fuzz/corpus/${name%%_*}
+  work="$build-clang/fuzz-corpus/$name"
+  mkdir -p "$work"
+  "$fuzzer" -max_total_time="${FABRIC_FUZZ_SECONDS:-60}" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
+    -artifact_prefix="$build-clang/fuzz-corpus/$name-" "$work" "$corpus" >"$build-clang/fuzz-corpus/$name.log" 2>&1
+}
 if [ -x "${fuzzers[0]}" ]; then
+  # NOTE: $jobs fuzzers at a time (each is one process), then each one's result in order.
+  pids=()
   for fuzzer in "${fuzzers[@]}"; do
-    name=$(basename "$fuzzer")
-    corpus=tests/fuzz/corpus/${name%_fuzz}
-    [ -d "$corpus" ] || corpus=tests/fuzz/corpus/${name%%_*}
-    work="$build-clang/fuzz-corpus/$name"
-    mkdir -p "$work"
-    echo "==> fabric: fuzzing $name for ${FABRIC_FUZZ_SECONDS:-60} s"
+    while [ "$(jobs -rp | wc -l)" -ge "$jobs" ]; do wait -n || true; done
+    echo "==> fabric: fuzzing $(basename "$fuzzer") for ${FABRIC_FUZZ_SECONDS:-60} s"
+    fuzz "$fuzzer" &
+    pids+=($!)
+  done
+  failed=0
+  for i in "${!fuzzers[@]}"; do
+    name=$(basename "${fuzzers[$i]}")
     log="$build-clang/fuzz-corpus/$name.log"
-    if ! "$fuzzer" -max_total_time="${FABRIC_FUZZ_SECONDS:-60}" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
-      -artifact_prefix="$build-clang/fuzz-corpus/$name-" "$work" "$corpus" >"$log" 2>&1; then
+    if ! wait "${pids[$i]}"; then
       tail -n 60 "$log"
       echo "fabric: $name failed: a crash, a hang or a sanitizer report (the input is in $build-clang/fuzz-corpus/)" >&2
-      exit 1
+      failed=1
+    else
+      echo "--> $name"
+      grep -E '^(Done|stat::number_of_executed_units|stat::peak_rss_mb)' "$log" || true
     fi
-    grep -E '^(Done|stat::number_of_executed_units|stat::peak_rss_mb)' "$log" || true
   done
+  [ "$failed" = 0 ] || exit 1
 else
   echo "==> fabric: skipping the fuzz targets (clang-19's libFuzzer is not installed: apt-get install libclang-rt-19-dev)"
 fi
