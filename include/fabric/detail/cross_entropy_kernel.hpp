@@ -302,6 +302,16 @@ struct CrossEntropyKernel {
   std::string error;
 };
 
+/// Makes the current device's primary context current on this thread, which the driver API needs and the
+/// runtime binds only lazily: a thread whose first CUDA work is this kernel (autograd's device thread, when
+/// the loss's backward is the first node it runs) has none, and cuLaunchKernel would fail with "invalid
+/// device context". cudaFree(nullptr) binds it, as ATen's own NVRTC kernels do.
+inline void bind_primary_context(const CudaJitApi& api) {
+  CUcontext context = nullptr;
+  api.cuCtxGetCurrent(&context);
+  if (context == nullptr) (void)cudaFree(nullptr);
+}
+
 /// Compiles the kernel for the current device (a device guard is set) and `kind` (0 float32, 1 bfloat16, 2
 /// float16); the error is recorded, not thrown, so that the automatic choice falls back to ATen.
 inline CrossEntropyKernel compile_cross_entropy_kernel(int device, int kind) {
@@ -311,10 +321,7 @@ inline CrossEntropyKernel compile_cross_entropy_kernel(int device, int kind) {
     out.error = nvrtc.error;
     return out;
   }
-  // The driver API needs the device's primary context current on this thread; cudaFree(nullptr) makes it so.
-  CUcontext context = nullptr;
-  nvrtc.cuCtxGetCurrent(&context);
-  if (context == nullptr) (void)cudaFree(nullptr);
+  bind_primary_context(nvrtc);
   int major = 0, minor = 0;
   if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
       cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess) {
@@ -405,6 +412,7 @@ inline void launch_cross_entropy_kernel(const at::Tensor& logits, const at::Tens
   const c10::cuda::CUDAGuard guard(logits.device());
   const std::int64_t n = logits.size(0);
   if (n == 0) return;
+  bind_primary_context(cuda_jit_api());
   const void* logits_ptr = logits.data_ptr();
   void* grad_ptr = grad.defined() ? grad.data_ptr() : nullptr;
   const void* targets_ptr = targets.data_ptr();
@@ -443,6 +451,7 @@ inline void launch_cross_entropy_scale(const at::Tensor& grad, const at::Tensor&
     raise("fabric::nn::cross_entropy: expected the fused CUDA kernel, found none: {}", kernel.error);
   const c10::cuda::CUDAGuard guard(grad.device());
   if (grad.size(0) == 0) return;
+  bind_primary_context(cuda_jit_api());
   void* grad_ptr = grad.data_ptr();
   const void* by_ptr = by.data_ptr();
   long long stride = grad.stride(0), classes = grad.size(1);
