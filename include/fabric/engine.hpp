@@ -209,6 +209,7 @@ class Fabric {
     device_ = accelerator_.select_device(strategy_.local_rank(), options_.devices);
     strategy_.setup_device(device_);
     precision_.setup_device(device_);
+    if constexpr (requires { strategy_.setup_precision(precision_); }) strategy_.setup_precision(precision_);
   }
   Fabric(const Fabric&) = delete;
   Fabric& operator=(const Fabric&) = delete;

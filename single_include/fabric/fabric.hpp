@@ -332,6 +332,10 @@ struct CPU {
 
 namespace fabric::detail {
 
+/// Gloo's collectives refuse bfloat16 in LibTorch 1.13 ("Invalid scalar type", checked); in 2.x Gloo itself
+/// answers (not checked here).
+inline constexpr bool torch_gloo_refuses_bfloat16 = !FABRIC_TORCH_AT_LEAST(2, 0);
+
 /// Autocast to float16 on the CPU (1.13 autocasts only to bfloat16 there).
 inline constexpr bool torch_cpu_autocast_half = FABRIC_TORCH_AT_LEAST(2, 0);
 /// float16 matrix products on the CPU, which 16-true needs there.
@@ -4254,17 +4258,39 @@ concept NeedsFabricStep = requires {
   requires static_cast<bool>(P::needs_fabric_step);
 };
 
-/// A precision whose optimizers step copies of the module's parameters (fabric::BF16Master's float32
-/// masters) while the gradients arrive on the module's own: Fabric lets it rewrite each set-up optimizer's
-/// param groups (`setup_optimizer`), the wrapper's zero_grad and the strategies' clip_gradients go to it
-/// (the gradients are not on the optimizer's tensors), and save and load run in its `checkpoint_scope`
-/// (checkpoints hold the masters).
+// Optional precision hooks. Each is found on its own, and a precision without it gets fabric's default, so
+// a precision overrides one step without taking on the others (fabric::BF16Master, whose optimizers step
+// float32 copies of the module's parameters, has all four).
+
+/// A precision that rewrites each optimizer `Fabric::setup` wraps (BF16Master puts its float32 masters in
+/// the param groups): `setup_optimizer(optimizer)` runs before the strategy sets the optimizer up. Without
+/// it the optimizer is set up as it is.
 template <class P>
-concept KeepsMasterWeights = requires(P& p, torch::optim::Optimizer& o, bool set_to_none, const ClipOptions& c,
-                                      const c10::Device& d, void (*fn)()) {
+concept SetsUpOptimizers = requires(P& p, torch::optim::Optimizer& o) {
   p.setup_optimizer(o);
+};
+
+/// A precision that resets the gradients itself (they are not on the optimizer's tensors): the optimizer
+/// wrapper's zero_grad calls `zero_grad(optimizer, set_to_none)`. Without it the wrapper resets the
+/// gradients of the optimizer's parameters.
+template <class P>
+concept ZeroesGradients = requires(P& p, torch::optim::Optimizer& o, bool set_to_none) {
   p.zero_grad(o, set_to_none);
+};
+
+/// A precision that clips the gradients itself: the strategies' clip_gradients call
+/// `clip_gradients(optimizer, options, device)` and return its total norm. Without it they unscale the
+/// gradients through the precision and clip the optimizer's (fabric::clip_gradients).
+template <class P>
+concept ClipsGradients = requires(P& p, torch::optim::Optimizer& o, const ClipOptions& c, const c10::Device& d) {
   { p.clip_gradients(o, c, d) } -> std::same_as<std::optional<at::Tensor>>;
+};
+
+/// A precision that changes what checkpoints hold (BF16Master's hold the masters): Fabric's save, load and
+/// load_raw run inside `checkpoint_scope(loads, fn)`, which calls fn and returns what it returns. Without
+/// it they run as they are.
+template <class P>
+concept ScopesCheckpoints = requires(P& p, void (*fn)()) {
   p.checkpoint_scope(true, fn);
 };
 
@@ -4329,7 +4355,7 @@ class Optimizer {
   void zero_grad() { zero_grad(detail::torch_zero_grad_sets_none); }
   /// Resets the gradients: to undefined tensors with set_to_none, else to zeros in place.
   void zero_grad(bool set_to_none) {
-    if constexpr (KeepsMasterWeights<typename F::precision_type>) {
+    if constexpr (ZeroesGradients<typename F::precision_type>) {
       fabric_->precision().zero_grad(*optimizer_, set_to_none);
     } else {
       for (auto& group : optimizer_->param_groups()) {
@@ -6404,6 +6430,19 @@ consteval bool check_precision() {
                   "optimizer_step(optimizer, closure); derive from fabric::PrecisionBase or add them");
   }
   return Precision<P>;
+}
+
+/// Returns the dtype a precision computes in, as Lightning's `_plugin_to_compute_dtype`: the autocast
+/// dtype of a mixed precision, the dtype of a true precision, else float32.
+template <class P>
+c10::ScalarType compute_dtype(const P& precision) {
+  if constexpr (requires { precision.compute_dtype(); }) {
+    return precision.compute_dtype();
+  } else if constexpr (requires { P::param_dtype(); }) {
+    return P::param_dtype();
+  } else {
+    return c10::ScalarType::Float;
+  }
 }
 
 /// Returns data with every floating-point tensor cast to dtype (integer tensors untouched).
@@ -10416,11 +10455,11 @@ class StrategyBase {
   }
   /// Unscales the gradients where the precision scales, then clips the optimizer's gradients by norm
   /// or by value (fabric::clip_gradients); returns the total norm before clipping for max_norm. A
-  /// precision with master weights (fabric::KeepsMasterWeights) clips the gradients it keeps itself.
+  /// precision that clips the gradients itself (fabric::ClipsGradients) does it instead.
   template <class M, class State, class O, class P>
   std::optional<at::Tensor> clip_gradients(M& /*module*/, State& /*state*/, O& optimizer, P& precision,
                                            const ClipOptions& options) {
-    if constexpr (KeepsMasterWeights<P>) {
+    if constexpr (ClipsGradients<P>) {
       return precision.clip_gradients(optimizer, options, device_);
     } else {
       precision.unscale_gradients(optimizer);
@@ -10729,6 +10768,7 @@ class Fabric {
     device_ = accelerator_.select_device(strategy_.local_rank(), options_.devices);
     strategy_.setup_device(device_);
     precision_.setup_device(device_);
+    if constexpr (requires { strategy_.setup_precision(precision_); }) strategy_.setup_precision(precision_);
   }
   Fabric(const Fabric&) = delete;
   Fabric& operator=(const Fabric&) = delete;
@@ -11166,7 +11206,7 @@ class Fabric {
   /// they are. Parent directories are created. With filters, an entry keeps the items of its state that
   /// its Filter chooses (Lightning's `filter=`); a filter key that is not in the state is an error.
   void save(const std::filesystem::path& path, const State& state, const Filters& filters = {}) {
-    if constexpr (KeepsMasterWeights<P>) {
+    if constexpr (ScopesCheckpoints<P>) {
       precision_.checkpoint_scope(false, [&] { save_impl(path, state, filters); });
     } else {
       save_impl(path, state, filters);
@@ -11176,7 +11216,7 @@ class Fabric {
   /// state did not ask for. With strict, a missing key (or module tensor) is an error; shapes and
   /// types must always match. Nothing is changed when any check fails.
   State load(const std::filesystem::path& path, State& state, bool strict = true) {
-    if constexpr (KeepsMasterWeights<P>) {
+    if constexpr (ScopesCheckpoints<P>) {
       return precision_.checkpoint_scope(true, [&] { return strategy_.load_checkpoint(path, state, strict); });
     } else {
       return strategy_.load_checkpoint(path, state, strict);
@@ -11194,7 +11234,7 @@ class Fabric {
   /// Python's torch.save of a state_dict, safetensors), through the format that recognises the file.
   template <class T>
   void load_raw(const std::filesystem::path& path, T& target, bool strict = true) {
-    if constexpr (KeepsMasterWeights<P>) {
+    if constexpr (ScopesCheckpoints<P>) {
       precision_.checkpoint_scope(true, [&] { strategy_.load_raw(path, target, strict); });
     } else {
       strategy_.load_raw(path, target, strict);
@@ -11376,7 +11416,7 @@ class Fabric {
   auto setup_optimizer_impl(O&& optimizer) {
     using Opt = typename detail::pointee<std::remove_cvref_t<O>>::type;
     std::shared_ptr<Opt> ptr = detail::share<Opt>(std::forward<O>(optimizer));
-    if constexpr (KeepsMasterWeights<P>) precision_.setup_optimizer(*ptr);
+    if constexpr (SetsUpOptimizers<P>) precision_.setup_optimizer(*ptr);
     strategy_.setup_optimizer(*ptr);
     auto life = detail::track_set_up(ptr);
     if constexpr (checks_optimizer_step) {
@@ -13992,6 +14032,16 @@ struct CrossEntropyKernel {
   std::string error;
 };
 
+/// Makes the current device's primary context current on this thread, which the driver API needs and the
+/// runtime binds only lazily: a thread whose first CUDA work is this kernel (autograd's device thread, when
+/// the loss's backward is the first node it runs) has none, and cuLaunchKernel would fail with "invalid
+/// device context". cudaFree(nullptr) binds it, as ATen's own NVRTC kernels do.
+inline void bind_primary_context(const CudaJitApi& api) {
+  CUcontext context = nullptr;
+  api.cuCtxGetCurrent(&context);
+  if (context == nullptr) (void)cudaFree(nullptr);
+}
+
 /// Compiles the kernel for the current device (a device guard is set) and `kind` (0 float32, 1 bfloat16, 2
 /// float16); the error is recorded, not thrown, so that the automatic choice falls back to ATen.
 inline CrossEntropyKernel compile_cross_entropy_kernel(int device, int kind) {
@@ -14001,10 +14051,7 @@ inline CrossEntropyKernel compile_cross_entropy_kernel(int device, int kind) {
     out.error = nvrtc.error;
     return out;
   }
-  // The driver API needs the device's primary context current on this thread; cudaFree(nullptr) makes it so.
-  CUcontext context = nullptr;
-  nvrtc.cuCtxGetCurrent(&context);
-  if (context == nullptr) (void)cudaFree(nullptr);
+  bind_primary_context(nvrtc);
   int major = 0, minor = 0;
   if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
       cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess) {
@@ -14095,6 +14142,7 @@ inline void launch_cross_entropy_kernel(const at::Tensor& logits, const at::Tens
   const c10::cuda::CUDAGuard guard(logits.device());
   const std::int64_t n = logits.size(0);
   if (n == 0) return;
+  bind_primary_context(cuda_jit_api());
   const void* logits_ptr = logits.data_ptr();
   void* grad_ptr = grad.defined() ? grad.data_ptr() : nullptr;
   const void* targets_ptr = targets.data_ptr();
@@ -14133,6 +14181,7 @@ inline void launch_cross_entropy_scale(const at::Tensor& grad, const at::Tensor&
     raise("fabric::nn::cross_entropy: expected the fused CUDA kernel, found none: {}", kernel.error);
   const c10::cuda::CUDAGuard guard(grad.device());
   if (grad.size(0) == 0) return;
+  bind_primary_context(cuda_jit_api());
   void* grad_ptr = grad.data_ptr();
   const void* by_ptr = by.data_ptr();
   long long stride = grad.stride(0), classes = grad.size(1);
@@ -17209,23 +17258,6 @@ concept ThroughputFabric = requires(F& f, const Metrics& m, std::optional<std::i
   f.log_dict(m, step);                                  // where compute_and_log sends the metrics
 };
 
-namespace detail {
-
-/// Returns the dtype a precision computes in, as Lightning's `_plugin_to_compute_dtype`: the autocast
-/// dtype of a mixed precision, the dtype of a true precision, else float32.
-template <class P>
-c10::ScalarType compute_dtype(const P& precision) {
-  if constexpr (requires { precision.compute_dtype(); }) {
-    return precision.compute_dtype();
-  } else if constexpr (requires { P::param_dtype(); }) {
-    return P::param_dtype();
-  } else {
-    return c10::ScalarType::Float;
-  }
-}
-
-}  // namespace detail
-
 /// Throughput that takes the world size from a Fabric, looks the peak up for the fabric's device and
 /// precision (unless available_flops is given), and logs through `fabric.log_dict`; as Lightning's, it
 /// updates, computes and logs on global rank zero only (elsewhere compute returns no metrics).
@@ -20151,7 +20183,14 @@ struct FSDPUnit {
   at::Tensor shard;      ///< this process's shard_size elements (own storage; the pieces view it)
   std::int64_t total{};  ///< elements of the parameters, without padding
   std::int64_t shard_size{};
-  bool gathered = true;   ///< the flat buffer holds the parameters (else its storage has no bytes)
+  bool gathered = true;  ///< the flat buffer holds the parameters (else its storage has no bytes)
+  /// The dtype training's all-gathers send the shards in (FSDP's param_dtype) and the one gradients are
+  /// reduced in (reduce_dtype); the flat buffer's own dtype when they are not narrower.
+  c10::ScalarType gather_dtype = c10::ScalarType::Undefined;
+  c10::ScalarType reduce_dtype = c10::ScalarType::Undefined;
+  bool rounded = false;   ///< the flat buffer holds the shards rounded to gather_dtype (a training gather's)
+  at::Tensor gather_in;   ///< a rounded all-gather in flight: this process's rounded shard
+  at::Tensor gather_out;  ///< and what receives every process's, copied into the flat buffer once it arrived
   bool done = false;      ///< this backward reduced (or skipped) the unit's gradients already
   std::size_t ready = 0;  ///< parameters whose gradient this backward has accumulated
   std::vector<std::shared_ptr<torch::autograd::Node>> accumulators;  ///< kept alive: they carry the hooks
@@ -20231,6 +20270,14 @@ class FSDP : public ParallelStrategy {
     /// Prefetch only while fewer than two units (the root unit aside) hold their parameters, so that at most
     /// the running unit and the next one are gathered (PyTorch's `limit_all_gathers`).
     bool limit_all_gathers = true;
+    /// The dtype the parameters are all-gathered in for forward and backward (Lightning's FSDPPrecision
+    /// `param_dtype`): the shards the optimizer steps stay in the parameters' dtype (the masters), and what
+    /// forward reads is them rounded to this. Empty: the precision's compute dtype (bfloat16 under
+    /// bf16-mixed, float16 under 16-mixed, as Lightning), else the parameters' own.
+    std::optional<c10::ScalarType> param_dtype{};
+    /// The dtype the gradients are reduced in (Lightning's `reduce_dtype`); each process's averaged shard
+    /// returns to the parameters' dtype. Empty: as param_dtype.
+    std::optional<c10::ScalarType> reduce_dtype{};
     /// The c10d backend ("gloo", "nccl"); empty: gloo for the CPU, nccl for CUDA.
     std::string process_group_backend{};
     /// How long collectives and the rendezvous wait for the other processes.
@@ -20264,8 +20311,22 @@ class FSDP : public ParallelStrategy {
     if (options_.state_dict_type != "sharded" && options_.state_dict_type != "full") {
       detail::raise("FSDP: unknown state_dict_type \"{}\"; expected \"sharded\" or \"full\"", options_.state_dict_type);
     }
+    for (const auto& [what, dtype] :
+         {std::pair{"param_dtype", options_.param_dtype}, {"reduce_dtype", options_.reduce_dtype}}) {
+      if (dtype && !c10::isFloatingType(*dtype)) {
+        detail::raise(
+            "FSDP: expected a floating dtype for {}, found {}; use torch::kBFloat16, torch::kHalf or "
+            "torch::kFloat, or leave it empty to follow the precision",
+            what, c10::toString(*dtype));
+      }
+    }
     ParallelStrategy::setup_environment(options);
     nodes_ = options.num_nodes;
+  }
+  /// Takes the precision's compute dtype, the default of param_dtype and reduce_dtype (Fabric calls it once).
+  template <class P>
+  void setup_precision(const P& precision) {
+    precision_dtype_ = detail::compute_dtype(precision);
   }
   /// Returns the settings.
   const Options& options() const noexcept { return options_; }
@@ -20389,6 +20450,10 @@ class FSDP : public ParallelStrategy {
     std::vector<at::Tensor> sync;
     for (const auto& unit : units) {
       flatten(*unit);
+      unit->gather_dtype =
+          sharded() ? communication_dtype(options_.param_dtype, unit->flat.scalar_type()) : unit->flat.scalar_type();
+      unit->reduce_dtype = communication_dtype(options_.reduce_dtype ? options_.reduce_dtype : options_.param_dtype,
+                                               unit->flat.scalar_type());
       sync.push_back(unit->flat);
     }
     sync.insert(sync.end(), others.begin(), others.end());
@@ -20399,6 +20464,10 @@ class FSDP : public ParallelStrategy {
       for (auto& fp : unit->params) by_param_.insert_or_assign(fp.param.unsafeGetTensorImpl(), Slot{unit, &fp});
       if (sharded()) install_hooks(unit);
       if (full_shard()) free_parameters(*unit);
+      // NOTE: SHARD_GRAD_OP's forward reads the rounded parameters from the first step on.
+      if (sharded() && !full_shard() && unit->gather_dtype != unit->flat.scalar_type()) {
+        gather_parameters(*unit, "setup");
+      }
       state->units.push_back(unit);
     }
     modules_.push_back(state);
@@ -20515,17 +20584,39 @@ class FSDP : public ParallelStrategy {
     return names;
   }
   std::size_t orders_recorded(const ModuleState& state) const { return state.fsdp->orders_recorded; }
+  /// The dtypes a set-up module communicates in, as setup resolved param_dtype and reduce_dtype: training's
+  /// all-gathers of the parameters and the gradients' reductions.
+  struct CommunicationDtypes {
+    c10::ScalarType parameters = c10::ScalarType::Undefined;
+    c10::ScalarType gradients = c10::ScalarType::Undefined;
+  };
+  CommunicationDtypes communication_dtypes(const ModuleState& state) const {
+    const auto& unit = *state.fsdp->units.front();
+    return {unit.gather_dtype, unit.reduce_dtype};
+  }
 
   /// The guard summon_full_params returns: the module's parameters are whole while it lives.
   class FullParams {
    public:
     FullParams(FSDP& fsdp, std::shared_ptr<detail::FSDPModule> module) : fsdp_(&fsdp), module_(std::move(module)) {
-      if (!fsdp_->full_shard()) return;
-      for (const auto& unit : module_->units) fsdp_->gather_unit(*unit, "summon_full_params");
+      for (const auto& unit : module_->units) {
+        if (fsdp_->full_shard() || unit->rounded) fsdp_->gather_unit(*unit, "summon_full_params");
+      }
     }
     ~FullParams() {
-      if (fsdp_ == nullptr || !fsdp_->full_shard()) return;
-      for (const auto& unit : module_->units) fsdp_->free_parameters(*unit);
+      if (fsdp_ == nullptr) return;
+      for (const auto& unit : module_->units) {
+        if (fsdp_->full_shard()) {
+          fsdp_->free_parameters(*unit);
+        } else if (fsdp_->sharded() && unit->gather_dtype != unit->flat.scalar_type()) {
+          // NOTE: SHARD_GRAD_OP's parameters go back to their rounded values (what forward reads); a failed
+          // collective has marked the strategy failed, and a destructor must not throw.
+          try {
+            fsdp_->gather_parameters(*unit, "setup");
+          } catch (...) {
+          }
+        }
+      }
     }
     FullParams(FullParams&& other) noexcept
         : fsdp_(std::exchange(other.fsdp_, nullptr)), module_(std::move(other.module_)) {}
@@ -20635,6 +20726,10 @@ class FSDP : public ParallelStrategy {
   template <class M, class State, class O, class P>
   std::optional<at::Tensor> clip_gradients(M& /*module*/, State& /*state*/, O& optimizer, P& precision,
                                            const ClipOptions& options) {
+    static_assert(!ClipsGradients<P>,
+                  "fabric: FSDP clips the sharded gradients itself, over every process's shards, and cannot call a "
+                  "precision's own clip_gradients (fabric::ClipsGradients); use DDP or SingleDevice with this "
+                  "precision, or drop its clip_gradients to clip through unscale_gradients");
     precision.unscale_gradients(optimizer);
     const auto grads = optimizer_gradients(optimizer);
     if (options.clip_val) {
@@ -20774,10 +20869,13 @@ class FSDP : public ParallelStrategy {
     }
     at::NoGradGuard no_grad;
     for (const auto& unit : module->units) {
-      if (full_shard() && !failure) {
+      if (owns_shard(*unit) && !failure) {
         unit->shard.copy_(unit->flat.narrow(0, shard_rank_ * unit->shard_size, unit->shard_size));
       }
       free_parameters(*unit);
+      if (sharded() && !full_shard() && unit->gather_dtype != unit->flat.scalar_type()) {
+        gather_parameters(*unit, "setup");
+      }
     }
     if (failure) std::rethrow_exception(failure);
   }
@@ -20787,11 +20885,13 @@ class FSDP : public ParallelStrategy {
   /// strategy's hooks; then closes the process groups as every parallel strategy does. After a failed
   /// collective, or while an exception unwinds, nothing is gathered (the modules keep only their shards).
   void teardown() noexcept {
-    bool gather = full_shard() && launched() && !failed() && std::uncaught_exceptions() == 0;
+    // NOTE: FULL_SHARD gives the module its parameters back whole, and buffers holding rounded parameters
+    // (param_dtype) get their exact values.
+    bool gather = launched() && !failed() && std::uncaught_exceptions() == 0;
     pending_.clear();
     for (const auto& module : modules_) {
       for (const auto& unit : module->units) {
-        if (gather) {
+        if (gather && (full_shard() || unit->rounded)) {
           try {
             gather_unit(*unit, "teardown");
           } catch (...) {
@@ -20822,7 +20922,7 @@ class FSDP : public ParallelStrategy {
     Memory m;
     for (const auto& unit : state.fsdp->units) {
       m.parameters += static_cast<std::int64_t>(unit->flat.storage().nbytes());
-      if (full_shard()) m.parameters += static_cast<std::int64_t>(unit->shard.storage().nbytes());
+      if (owns_shard(*unit)) m.parameters += static_cast<std::int64_t>(unit->shard.storage().nbytes());
       for (const auto& fp : unit->params) {
         if (fp.param.grad().defined()) m.gradients += fp.param.grad().nbytes();
         if (fp.piece.defined() && fp.piece.grad().defined()) {
@@ -20863,10 +20963,11 @@ class FSDP : public ParallelStrategy {
     at::NoGradGuard no_grad;
     const std::int64_t lo = shard_rank_ * unit.shard_size;
     const std::int64_t hi = lo + unit.shard_size;
-    // NOTE: FULL_SHARD frees the flat buffer, so its shard has storage of its own; otherwise the shard is this
-    // process's part of the flat buffer (the all-gather after the step then works in place).
-    unit.shard =
-        full_shard() ? unit.flat.narrow(0, lo, unit.shard_size).clone() : unit.flat.narrow(0, lo, unit.shard_size);
+    // NOTE: FULL_SHARD frees the flat buffer, so its shard has storage of its own, as has one that is gathered
+    // rounded (the flat buffer then holds the rounded copy); otherwise the shard is this process's part of the
+    // flat buffer (the all-gather after the step then works in place).
+    const bool own = full_shard() || unit.gather_dtype != unit.flat.scalar_type();
+    unit.shard = own ? unit.flat.narrow(0, lo, unit.shard_size).clone() : unit.flat.narrow(0, lo, unit.shard_size);
     for (auto& fp : unit.params) {
       const std::int64_t a = std::clamp(fp.offset, lo, hi);
       const std::int64_t b = std::clamp(fp.offset + fp.numel, lo, hi);
@@ -20945,7 +21046,7 @@ class FSDP : public ParallelStrategy {
     }
     PendingReduction r;
     r.unit = &unit;
-    r.full = at::zeros_like(unit.flat);
+    r.full = at::zeros({unit.flat.numel()}, unit.flat.options().dtype(unit.reduce_dtype));
     for (auto& fp : unit.params) {
       if (!fp.param.grad().defined()) continue;
       r.full.narrow(0, fp.offset, fp.numel).copy_(fp.param.grad().reshape({-1}));
@@ -21021,6 +21122,10 @@ class FSDP : public ParallelStrategy {
     const double world = static_cast<double>(world_size());
     for (auto& r : pending) {
       auto& unit = *r.unit;
+      // NOTE: reduced in reduce_dtype, averaged in the parameters' dtype.
+      const auto dtype = unit.flat.scalar_type();
+      if (r.full.defined() && r.full.scalar_type() != dtype) r.full = r.full.to(dtype);
+      if (r.reduced.defined() && r.reduced.scalar_type() != dtype) r.reduced = r.reduced.to(dtype);
       if (!sharded()) {
         r.full.div_(world);
         for (auto& fp : unit.params) {
@@ -21153,8 +21258,11 @@ class FSDP : public ParallelStrategy {
   /// Gives the unit's flat buffer its bytes back and issues the all-gather of the shards into it, without
   /// waiting (nothing when the buffer holds them or they are on their way).
   void issue_gather(detail::FSDPUnit& unit, std::string_view what) {
-    if (unit.gathered) return;
-    detail::resize_storage(unit.flat, static_cast<std::size_t>(unit.flat.numel()) * unit.flat.element_size());
+    if (unit.gathered && !(unit.rounded && !rounds(what))) return;
+    wait_gather(unit, what);
+    if (!unit.gathered) {
+      detail::resize_storage(unit.flat, static_cast<std::size_t>(unit.flat.numel()) * unit.flat.element_size());
+    }
     unit.gathered = true;
     unit.gathering = start_all_gather(unit, what);
     // NOTE: training's gathers only (summon_full_params, load_raw and teardown gather every unit on purpose).
@@ -21168,6 +21276,43 @@ class FSDP : public ParallelStrategy {
     const auto work = std::move(unit.gathering);
     unit.gathering.reset();
     wait(work, what);
+    finish_gather(unit);
+  }
+  /// Says whether the unit's shard has storage of its own (FULL_SHARD, or gathered rounded) rather than being
+  /// this process's part of the flat buffer.
+  static bool owns_shard(const detail::FSDPUnit& unit) noexcept {
+    return unit.shard.defined() &&
+           unit.shard.storage().unsafeGetStorageImpl() != unit.flat.storage().unsafeGetStorageImpl();
+  }
+  /// Copies a rounded all-gather that arrived into the flat buffer (the parameters' dtype).
+  static void finish_gather(detail::FSDPUnit& unit) {
+    if (!unit.gather_out.defined()) return;
+    at::NoGradGuard no_grad;
+    unit.flat.copy_(unit.gather_out);
+    unit.gather_out = at::Tensor();
+    unit.gather_in = at::Tensor();
+  }
+  /// Says whether a gather is training's, which sends the shards in param_dtype: forward's, backward's, the
+  /// one after a step, a load or setup; summon_full_params, load_raw and teardown gather them exactly.
+  static bool rounds(std::string_view what) noexcept {
+    return what == "forward" || what == "backward" || what == "optimizer step" || what == "load" || what == "setup";
+  }
+  /// The dtype of a unit's collectives: the option, else on NCCL the precision's compute dtype, where
+  /// narrower than the parameters' floating dtype (float32 parameters under bf16-mixed: bfloat16); else the
+  /// parameters'. Gloo's default is the parameters' dtype (Gloo of LibTorch 1.13 has no bfloat16).
+  c10::ScalarType communication_dtype(std::optional<c10::ScalarType> option, c10::ScalarType param) const {
+    if (!c10::isFloatingType(param)) return param;
+    const c10::ScalarType wanted = option ? *option : backend() == "nccl" ? precision_dtype_ : param;
+    if (wanted == c10::ScalarType::Undefined || !c10::isFloatingType(wanted)) return param;
+    if (c10::elementSize(wanted) >= c10::elementSize(param)) return param;
+    if (detail::torch_gloo_refuses_bfloat16 && wanted == c10::ScalarType::BFloat16 && backend() == "gloo") {
+      detail::raise(
+          "FSDP: expected a dtype Gloo can send for param_dtype/reduce_dtype, found BFloat16 (Gloo of LibTorch "
+          "{}.{} has no bfloat16); use torch::kHalf, leave them empty (the parameters' dtype on Gloo), or train on "
+          "CUDA with NCCL",
+          TORCH_VERSION_MAJOR, TORCH_VERSION_MINOR);
+    }
+    return wanted;
   }
   /// Makes the unit's parameters whole (idempotent): waits for its prefetched all-gather, or gathers it now;
   /// `next` is prefetched between issuing this unit's all-gather and waiting for it.
@@ -21209,9 +21354,19 @@ class FSDP : public ParallelStrategy {
   }
 
   /// Issues the all-gather of the unit's shards into every process's flat buffer (of the shard group).
+  /// Issues the all-gather of the unit's shards into every process's flat buffer (of the shard group); for
+  /// training (`rounds`), in the unit's gather_dtype, into gather_out, which finish_gather copies over.
   c10::intrusive_ptr<c10d::Work> start_all_gather(detail::FSDPUnit& unit, std::string_view what) {
     at::NoGradGuard no_grad;
     c10::intrusive_ptr<c10d::Work> work;
+    const bool rounded = rounds(what) && unit.gather_dtype != unit.flat.scalar_type();
+    at::Tensor out = unit.flat;
+    at::Tensor in = unit.shard;
+    if (rounded) {
+      unit.gather_in = in = unit.shard.to(unit.gather_dtype);
+      unit.gather_out = out = at::empty({unit.flat.numel()}, unit.flat.options().dtype(unit.gather_dtype));
+    }
+    unit.rounded = rounded;
     collective(what, [&] {
       c10d::AllgatherOptions opts;
       opts.timeout = parallel_options().timeout;
@@ -21219,12 +21374,10 @@ class FSDP : public ParallelStrategy {
         // NOTE: Gloo of LibTorch 1.13 has no _allgather_base: one output view of the flat buffer per process.
         std::vector<std::vector<at::Tensor>> outputs(1);
         for (int r = 0; r < shard_world_; ++r)
-          outputs[0].push_back(unit.flat.narrow(0, r * unit.shard_size, unit.shard_size));
-        std::vector<at::Tensor> inputs{unit.shard};
+          outputs[0].push_back(out.narrow(0, r * unit.shard_size, unit.shard_size));
+        std::vector<at::Tensor> inputs{in};
         work = shard_pg()->allgather(outputs, inputs, opts);
       } else {
-        at::Tensor out = unit.flat;
-        at::Tensor in = unit.shard;
         work = shard_pg()->_allgather_base(out, in, opts);
       }
     });
@@ -21233,6 +21386,7 @@ class FSDP : public ParallelStrategy {
   /// All-gathers the unit's updated shards into every process's flat buffer (and so its parameters).
   void gather_parameters(detail::FSDPUnit& unit, std::string_view what = "optimizer step") {
     wait(start_all_gather(unit, what), what);
+    finish_gather(unit);
   }
 
   /// The entries of a state that FSDP saves and loads itself: its set-up modules and their optimizers.
@@ -21565,6 +21719,8 @@ class FSDP : public ParallelStrategy {
   c10::intrusive_ptr<c10d::ProcessGroup> replica_pg_{};
   int shard_rank_ = 0;
   int shard_world_ = 1;
+  /// The precision's compute dtype (setup_precision), the default of param_dtype and reduce_dtype.
+  c10::ScalarType precision_dtype_ = c10::ScalarType::Undefined;
   /// The set-up parameters, and the pieces the optimizers step, by their TensorImpl.
   std::unordered_map<const void*, Slot> by_param_{};
   std::unordered_map<const void*, Slot> pieces_{};

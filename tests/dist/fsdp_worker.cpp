@@ -6,7 +6,8 @@
 //                 [--num-nodes N] (--sharding also hybrid_shard|hybrid_shard_zero2)
 //
 // Scenarios: train (the parameters after N steps equal those of one process on the global batches, which
-// DDP's train scenario equals), memory (bytes held per rank, printed against DDP's).
+// DDP's train scenario equals), memory (bytes held per rank, printed against DDP's), half (--param-dtype half:
+// float16 collectives equal a reference that rounds as they do).
 //
 // Each scenario checks its own results and exits 0 only when they hold; a failed check prints
 // "rank R: FAILED: ..." and exits 1.
@@ -49,6 +50,7 @@ struct Args {
   bool limit = true;
   bool order_change = false;
   int num_nodes = 1;
+  std::string param_dtype;  ///< "half": FSDP's param_dtype (and so reduce_dtype) float16
 };
 
 int rank_of_env() {
@@ -117,6 +119,8 @@ Args parse(int argc, char** argv) {
       a.order_change = true;
     else if (flag == "--num-nodes")
       a.num_nodes = std::stoi(value());
+    else if (flag == "--param-dtype")
+      a.param_dtype = value();
     else if (flag == "--tag")
       (void)value();
     else
@@ -226,6 +230,11 @@ fabric::FSDP::Options fsdp_options(const Args& a) {
     throw std::invalid_argument("unknown --backward-prefetch " + a.backward_prefetch);
   }
   o.limit_all_gathers = a.limit;
+  if (a.param_dtype == "half") {
+    o.param_dtype = at::kHalf;
+  } else if (!a.param_dtype.empty()) {
+    throw std::invalid_argument("unknown --param-dtype " + a.param_dtype);
+  }
   return o;
 }
 
@@ -341,6 +350,79 @@ int train_equivalence(F& fabric, const Args& a) {
   fabric.print(
       "equivalence ok: {} world {} steps {} {} accumulate {} clip {} max |FSDP - single| = {:.3g} (tolerance {})",
       a.sharding, world, a.steps, a.optimizer, micro, a.clip.empty() ? "none" : a.clip, worst, tolerance);
+  return 0;
+}
+
+/// param_dtype float16 (and so reduce_dtype) on float32 parameters over W ranks, against one process that
+/// rounds as they do: forward reads the float32 masters rounded to float16 (not under NO_SHARD, which
+/// gathers nothing), each rank's gradient is rounded to float16 and the ranks' sum taken in float16 (in rank
+/// order: Gloo's for two ranks, whose sum commutes), then averaged in float32. The parameters also differ
+/// from those of float32 collectives (the train scenario's reference) by far more: the rounding is seen.
+template <class Model, class F>
+int half_collectives(F& fabric, const Args& a) {
+  const int world = fabric.world_size();
+  const int rank = fabric.global_rank();
+  const int local = 4;
+  Model master = make_net<Model>();
+  Model rounded = make_net<Model>();
+  Model exact = make_net<Model>();
+  Model net = make_net<Model>();
+  auto master_opt = make_optimizer(a.optimizer, master->parameters());
+  auto exact_opt = make_optimizer(a.optimizer, exact->parameters());
+  auto opt = make_optimizer(a.optimizer, net->parameters());
+  auto [model, optimizer] = fabric.setup(net, *opt);
+  const bool gathers = a.sharding != "no_shard";
+  const auto dtypes = fabric.strategy().communication_dtypes(model.strategy_state());
+  WORKER_CHECK(dtypes.parameters == (gathers ? at::kHalf : at::kFloat) && dtypes.gradients == at::kHalf,
+               "communication dtypes {} and {}", c10::toString(dtypes.parameters), c10::toString(dtypes.gradients));
+  const auto half = [](const at::Tensor& t) { return t.detach().to(at::kHalf).to(at::kFloat); };
+  const auto masters = master->parameters();
+  const auto reads = rounded->parameters();
+  for (int step = 0; step < a.steps; ++step) {
+    auto [x, y] = global_batch(step, local * world);
+    fabric.backward(torch::mse_loss(model(x.narrow(0, rank * local, local)), y.narrow(0, rank * local, local)));
+    optimizer.step();
+    optimizer.zero_grad();
+
+    {
+      torch::NoGradGuard no_grad;
+      for (std::size_t i = 0; i < reads.size(); ++i) reads[i].copy_(gathers ? half(masters[i]) : masters[i].detach());
+    }
+    std::vector<at::Tensor> sums(reads.size());
+    for (int k = 0; k < world; ++k) {
+      torch::mse_loss(rounded(x.narrow(0, k * local, local)), y.narrow(0, k * local, local)).backward();
+      for (std::size_t i = 0; i < reads.size(); ++i) {
+        const at::Tensor g = reads[i].grad().to(at::kHalf);
+        sums[i] = k == 0 ? g.clone() : sums[i] + g;
+        reads[i].mutable_grad() = at::Tensor();
+      }
+    }
+    for (std::size_t i = 0; i < masters.size(); ++i) masters[i].mutable_grad() = sums[i].to(at::kFloat) / world;
+    master_opt->step();
+    master_opt->zero_grad();
+    torch::mse_loss(exact(x), y).backward();
+    exact_opt->step();
+    exact_opt->zero_grad();
+  }
+  double emulated = 0;
+  double float32 = 0;
+  {
+    auto full = fabric.strategy().summon_full_params(model.strategy_state());
+    const auto params = net->parameters();
+    const auto exacts = exact->parameters();
+    for (std::size_t i = 0; i < params.size(); ++i) {
+      emulated = std::max(emulated, (params[i] - masters[i]).abs().max().template item<double>());
+      float32 = std::max(float32, (params[i] - exacts[i]).abs().max().template item<double>());
+    }
+  }
+  const double tolerance = 1e-6;
+  WORKER_CHECK(emulated <= tolerance, "max |FSDP - rounding reference| = {} > {}", emulated, tolerance);
+  WORKER_CHECK(float32 > 20 * tolerance, "max |FSDP - float32 collectives| = {}: the float16 rounding does not show",
+               float32);
+  fabric.print(
+      "float16 collectives ok: {} world {} steps {}: max |FSDP - rounding reference| = {:.3g}, "
+      "max |FSDP - float32 collectives| = {:.3g}",
+      a.sharding, world, a.steps, emulated, float32);
   return 0;
 }
 
@@ -495,6 +577,8 @@ int run(const Args& a) {
     return a.model == "deep" ? train_equivalence<Deep>(fabric, a) : train_equivalence<Net>(fabric, a);
   }
   if (a.scenario == "memory") return memory(fabric, a);
+  if (a.scenario == "half")
+    return a.model == "deep" ? half_collectives<Deep>(fabric, a) : half_collectives<Net>(fabric, a);
   if (a.scenario == "checkpoint") return checkpoint(fabric, a);
   throw std::invalid_argument("unknown scenario " + a.scenario);
 }

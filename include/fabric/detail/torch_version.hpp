@@ -35,6 +35,10 @@
 
 namespace fabric::detail {
 
+/// Gloo's collectives refuse bfloat16 in LibTorch 1.13 ("Invalid scalar type", checked); in 2.x Gloo itself
+/// answers (not checked here).
+inline constexpr bool torch_gloo_refuses_bfloat16 = !FABRIC_TORCH_AT_LEAST(2, 0);
+
 /// Autocast to float16 on the CPU (1.13 autocasts only to bfloat16 there).
 inline constexpr bool torch_cpu_autocast_half = FABRIC_TORCH_AT_LEAST(2, 0);
 /// float16 matrix products on the CPU, which 16-true needs there.

@@ -111,6 +111,19 @@ consteval bool check_precision() {
   return Precision<P>;
 }
 
+/// Returns the dtype a precision computes in, as Lightning's `_plugin_to_compute_dtype`: the autocast
+/// dtype of a mixed precision, the dtype of a true precision, else float32.
+template <class P>
+c10::ScalarType compute_dtype(const P& precision) {
+  if constexpr (requires { precision.compute_dtype(); }) {
+    return precision.compute_dtype();
+  } else if constexpr (requires { P::param_dtype(); }) {
+    return P::param_dtype();
+  } else {
+    return c10::ScalarType::Float;
+  }
+}
+
 /// Returns data with every floating-point tensor cast to dtype (integer tensors untouched).
 template <class T>
 std::remove_cvref_t<T> cast_floating(T&& data, c10::ScalarType dtype) {

@@ -109,7 +109,14 @@ struct FSDPUnit {
   at::Tensor shard;      ///< this process's shard_size elements (own storage; the pieces view it)
   std::int64_t total{};  ///< elements of the parameters, without padding
   std::int64_t shard_size{};
-  bool gathered = true;   ///< the flat buffer holds the parameters (else its storage has no bytes)
+  bool gathered = true;  ///< the flat buffer holds the parameters (else its storage has no bytes)
+  /// The dtype training's all-gathers send the shards in (FSDP's param_dtype) and the one gradients are
+  /// reduced in (reduce_dtype); the flat buffer's own dtype when they are not narrower.
+  c10::ScalarType gather_dtype = c10::ScalarType::Undefined;
+  c10::ScalarType reduce_dtype = c10::ScalarType::Undefined;
+  bool rounded = false;   ///< the flat buffer holds the shards rounded to gather_dtype (a training gather's)
+  at::Tensor gather_in;   ///< a rounded all-gather in flight: this process's rounded shard
+  at::Tensor gather_out;  ///< and what receives every process's, copied into the flat buffer once it arrived
   bool done = false;      ///< this backward reduced (or skipped) the unit's gradients already
   std::size_t ready = 0;  ///< parameters whose gradient this backward has accumulated
   std::vector<std::shared_ptr<torch::autograd::Node>> accumulators;  ///< kept alive: they carry the hooks
@@ -189,6 +196,14 @@ class FSDP : public ParallelStrategy {
     /// Prefetch only while fewer than two units (the root unit aside) hold their parameters, so that at most
     /// the running unit and the next one are gathered (PyTorch's `limit_all_gathers`).
     bool limit_all_gathers = true;
+    /// The dtype the parameters are all-gathered in for forward and backward (Lightning's FSDPPrecision
+    /// `param_dtype`): the shards the optimizer steps stay in the parameters' dtype (the masters), and what
+    /// forward reads is them rounded to this. Empty: the precision's compute dtype (bfloat16 under
+    /// bf16-mixed, float16 under 16-mixed, as Lightning), else the parameters' own.
+    std::optional<c10::ScalarType> param_dtype{};
+    /// The dtype the gradients are reduced in (Lightning's `reduce_dtype`); each process's averaged shard
+    /// returns to the parameters' dtype. Empty: as param_dtype.
+    std::optional<c10::ScalarType> reduce_dtype{};
     /// The c10d backend ("gloo", "nccl"); empty: gloo for the CPU, nccl for CUDA.
     std::string process_group_backend{};
     /// How long collectives and the rendezvous wait for the other processes.
@@ -222,8 +237,22 @@ class FSDP : public ParallelStrategy {
     if (options_.state_dict_type != "sharded" && options_.state_dict_type != "full") {
       detail::raise("FSDP: unknown state_dict_type \"{}\"; expected \"sharded\" or \"full\"", options_.state_dict_type);
     }
+    for (const auto& [what, dtype] :
+         {std::pair{"param_dtype", options_.param_dtype}, {"reduce_dtype", options_.reduce_dtype}}) {
+      if (dtype && !c10::isFloatingType(*dtype)) {
+        detail::raise(
+            "FSDP: expected a floating dtype for {}, found {}; use torch::kBFloat16, torch::kHalf or "
+            "torch::kFloat, or leave it empty to follow the precision",
+            what, c10::toString(*dtype));
+      }
+    }
     ParallelStrategy::setup_environment(options);
     nodes_ = options.num_nodes;
+  }
+  /// Takes the precision's compute dtype, the default of param_dtype and reduce_dtype (Fabric calls it once).
+  template <class P>
+  void setup_precision(const P& precision) {
+    precision_dtype_ = detail::compute_dtype(precision);
   }
   /// Returns the settings.
   const Options& options() const noexcept { return options_; }
@@ -347,6 +376,10 @@ class FSDP : public ParallelStrategy {
     std::vector<at::Tensor> sync;
     for (const auto& unit : units) {
       flatten(*unit);
+      unit->gather_dtype =
+          sharded() ? communication_dtype(options_.param_dtype, unit->flat.scalar_type()) : unit->flat.scalar_type();
+      unit->reduce_dtype = communication_dtype(options_.reduce_dtype ? options_.reduce_dtype : options_.param_dtype,
+                                               unit->flat.scalar_type());
       sync.push_back(unit->flat);
     }
     sync.insert(sync.end(), others.begin(), others.end());
@@ -357,6 +390,10 @@ class FSDP : public ParallelStrategy {
       for (auto& fp : unit->params) by_param_.insert_or_assign(fp.param.unsafeGetTensorImpl(), Slot{unit, &fp});
       if (sharded()) install_hooks(unit);
       if (full_shard()) free_parameters(*unit);
+      // NOTE: SHARD_GRAD_OP's forward reads the rounded parameters from the first step on.
+      if (sharded() && !full_shard() && unit->gather_dtype != unit->flat.scalar_type()) {
+        gather_parameters(*unit, "setup");
+      }
       state->units.push_back(unit);
     }
     modules_.push_back(state);
@@ -473,17 +510,39 @@ class FSDP : public ParallelStrategy {
     return names;
   }
   std::size_t orders_recorded(const ModuleState& state) const { return state.fsdp->orders_recorded; }
+  /// The dtypes a set-up module communicates in, as setup resolved param_dtype and reduce_dtype: training's
+  /// all-gathers of the parameters and the gradients' reductions.
+  struct CommunicationDtypes {
+    c10::ScalarType parameters = c10::ScalarType::Undefined;
+    c10::ScalarType gradients = c10::ScalarType::Undefined;
+  };
+  CommunicationDtypes communication_dtypes(const ModuleState& state) const {
+    const auto& unit = *state.fsdp->units.front();
+    return {unit.gather_dtype, unit.reduce_dtype};
+  }
 
   /// The guard summon_full_params returns: the module's parameters are whole while it lives.
   class FullParams {
    public:
     FullParams(FSDP& fsdp, std::shared_ptr<detail::FSDPModule> module) : fsdp_(&fsdp), module_(std::move(module)) {
-      if (!fsdp_->full_shard()) return;
-      for (const auto& unit : module_->units) fsdp_->gather_unit(*unit, "summon_full_params");
+      for (const auto& unit : module_->units) {
+        if (fsdp_->full_shard() || unit->rounded) fsdp_->gather_unit(*unit, "summon_full_params");
+      }
     }
     ~FullParams() {
-      if (fsdp_ == nullptr || !fsdp_->full_shard()) return;
-      for (const auto& unit : module_->units) fsdp_->free_parameters(*unit);
+      if (fsdp_ == nullptr) return;
+      for (const auto& unit : module_->units) {
+        if (fsdp_->full_shard()) {
+          fsdp_->free_parameters(*unit);
+        } else if (fsdp_->sharded() && unit->gather_dtype != unit->flat.scalar_type()) {
+          // NOTE: SHARD_GRAD_OP's parameters go back to their rounded values (what forward reads); a failed
+          // collective has marked the strategy failed, and a destructor must not throw.
+          try {
+            fsdp_->gather_parameters(*unit, "setup");
+          } catch (...) {
+          }
+        }
+      }
     }
     FullParams(FullParams&& other) noexcept
         : fsdp_(std::exchange(other.fsdp_, nullptr)), module_(std::move(other.module_)) {}
@@ -736,10 +795,13 @@ class FSDP : public ParallelStrategy {
     }
     at::NoGradGuard no_grad;
     for (const auto& unit : module->units) {
-      if (full_shard() && !failure) {
+      if (owns_shard(*unit) && !failure) {
         unit->shard.copy_(unit->flat.narrow(0, shard_rank_ * unit->shard_size, unit->shard_size));
       }
       free_parameters(*unit);
+      if (sharded() && !full_shard() && unit->gather_dtype != unit->flat.scalar_type()) {
+        gather_parameters(*unit, "setup");
+      }
     }
     if (failure) std::rethrow_exception(failure);
   }
@@ -749,11 +811,13 @@ class FSDP : public ParallelStrategy {
   /// strategy's hooks; then closes the process groups as every parallel strategy does. After a failed
   /// collective, or while an exception unwinds, nothing is gathered (the modules keep only their shards).
   void teardown() noexcept {
-    bool gather = full_shard() && launched() && !failed() && std::uncaught_exceptions() == 0;
+    // NOTE: FULL_SHARD gives the module its parameters back whole, and buffers holding rounded parameters
+    // (param_dtype) get their exact values.
+    bool gather = launched() && !failed() && std::uncaught_exceptions() == 0;
     pending_.clear();
     for (const auto& module : modules_) {
       for (const auto& unit : module->units) {
-        if (gather) {
+        if (gather && (full_shard() || unit->rounded)) {
           try {
             gather_unit(*unit, "teardown");
           } catch (...) {
@@ -784,7 +848,7 @@ class FSDP : public ParallelStrategy {
     Memory m;
     for (const auto& unit : state.fsdp->units) {
       m.parameters += static_cast<std::int64_t>(unit->flat.storage().nbytes());
-      if (full_shard()) m.parameters += static_cast<std::int64_t>(unit->shard.storage().nbytes());
+      if (owns_shard(*unit)) m.parameters += static_cast<std::int64_t>(unit->shard.storage().nbytes());
       for (const auto& fp : unit->params) {
         if (fp.param.grad().defined()) m.gradients += fp.param.grad().nbytes();
         if (fp.piece.defined() && fp.piece.grad().defined()) {
@@ -825,10 +889,11 @@ class FSDP : public ParallelStrategy {
     at::NoGradGuard no_grad;
     const std::int64_t lo = shard_rank_ * unit.shard_size;
     const std::int64_t hi = lo + unit.shard_size;
-    // NOTE: FULL_SHARD frees the flat buffer, so its shard has storage of its own; otherwise the shard is this
-    // process's part of the flat buffer (the all-gather after the step then works in place).
-    unit.shard =
-        full_shard() ? unit.flat.narrow(0, lo, unit.shard_size).clone() : unit.flat.narrow(0, lo, unit.shard_size);
+    // NOTE: FULL_SHARD frees the flat buffer, so its shard has storage of its own, as has one that is gathered
+    // rounded (the flat buffer then holds the rounded copy); otherwise the shard is this process's part of the
+    // flat buffer (the all-gather after the step then works in place).
+    const bool own = full_shard() || unit.gather_dtype != unit.flat.scalar_type();
+    unit.shard = own ? unit.flat.narrow(0, lo, unit.shard_size).clone() : unit.flat.narrow(0, lo, unit.shard_size);
     for (auto& fp : unit.params) {
       const std::int64_t a = std::clamp(fp.offset, lo, hi);
       const std::int64_t b = std::clamp(fp.offset + fp.numel, lo, hi);
@@ -907,7 +972,7 @@ class FSDP : public ParallelStrategy {
     }
     PendingReduction r;
     r.unit = &unit;
-    r.full = at::zeros_like(unit.flat);
+    r.full = at::zeros({unit.flat.numel()}, unit.flat.options().dtype(unit.reduce_dtype));
     for (auto& fp : unit.params) {
       if (!fp.param.grad().defined()) continue;
       r.full.narrow(0, fp.offset, fp.numel).copy_(fp.param.grad().reshape({-1}));
@@ -983,6 +1048,10 @@ class FSDP : public ParallelStrategy {
     const double world = static_cast<double>(world_size());
     for (auto& r : pending) {
       auto& unit = *r.unit;
+      // NOTE: reduced in reduce_dtype, averaged in the parameters' dtype.
+      const auto dtype = unit.flat.scalar_type();
+      if (r.full.defined() && r.full.scalar_type() != dtype) r.full = r.full.to(dtype);
+      if (r.reduced.defined() && r.reduced.scalar_type() != dtype) r.reduced = r.reduced.to(dtype);
       if (!sharded()) {
         r.full.div_(world);
         for (auto& fp : unit.params) {
@@ -1115,8 +1184,11 @@ class FSDP : public ParallelStrategy {
   /// Gives the unit's flat buffer its bytes back and issues the all-gather of the shards into it, without
   /// waiting (nothing when the buffer holds them or they are on their way).
   void issue_gather(detail::FSDPUnit& unit, std::string_view what) {
-    if (unit.gathered) return;
-    detail::resize_storage(unit.flat, static_cast<std::size_t>(unit.flat.numel()) * unit.flat.element_size());
+    if (unit.gathered && !(unit.rounded && !rounds(what))) return;
+    wait_gather(unit, what);
+    if (!unit.gathered) {
+      detail::resize_storage(unit.flat, static_cast<std::size_t>(unit.flat.numel()) * unit.flat.element_size());
+    }
     unit.gathered = true;
     unit.gathering = start_all_gather(unit, what);
     // NOTE: training's gathers only (summon_full_params, load_raw and teardown gather every unit on purpose).
@@ -1130,6 +1202,43 @@ class FSDP : public ParallelStrategy {
     const auto work = std::move(unit.gathering);
     unit.gathering.reset();
     wait(work, what);
+    finish_gather(unit);
+  }
+  /// Says whether the unit's shard has storage of its own (FULL_SHARD, or gathered rounded) rather than being
+  /// this process's part of the flat buffer.
+  static bool owns_shard(const detail::FSDPUnit& unit) noexcept {
+    return unit.shard.defined() &&
+           unit.shard.storage().unsafeGetStorageImpl() != unit.flat.storage().unsafeGetStorageImpl();
+  }
+  /// Copies a rounded all-gather that arrived into the flat buffer (the parameters' dtype).
+  static void finish_gather(detail::FSDPUnit& unit) {
+    if (!unit.gather_out.defined()) return;
+    at::NoGradGuard no_grad;
+    unit.flat.copy_(unit.gather_out);
+    unit.gather_out = at::Tensor();
+    unit.gather_in = at::Tensor();
+  }
+  /// Says whether a gather is training's, which sends the shards in param_dtype: forward's, backward's, the
+  /// one after a step, a load or setup; summon_full_params, load_raw and teardown gather them exactly.
+  static bool rounds(std::string_view what) noexcept {
+    return what == "forward" || what == "backward" || what == "optimizer step" || what == "load" || what == "setup";
+  }
+  /// The dtype of a unit's collectives: the option, else on NCCL the precision's compute dtype, where
+  /// narrower than the parameters' floating dtype (float32 parameters under bf16-mixed: bfloat16); else the
+  /// parameters'. Gloo's default is the parameters' dtype (Gloo of LibTorch 1.13 has no bfloat16).
+  c10::ScalarType communication_dtype(std::optional<c10::ScalarType> option, c10::ScalarType param) const {
+    if (!c10::isFloatingType(param)) return param;
+    const c10::ScalarType wanted = option ? *option : backend() == "nccl" ? precision_dtype_ : param;
+    if (wanted == c10::ScalarType::Undefined || !c10::isFloatingType(wanted)) return param;
+    if (c10::elementSize(wanted) >= c10::elementSize(param)) return param;
+    if (detail::torch_gloo_refuses_bfloat16 && wanted == c10::ScalarType::BFloat16 && backend() == "gloo") {
+      detail::raise(
+          "FSDP: expected a dtype Gloo can send for param_dtype/reduce_dtype, found BFloat16 (Gloo of LibTorch "
+          "{}.{} has no bfloat16); use torch::kHalf, leave them empty (the parameters' dtype on Gloo), or train on "
+          "CUDA with NCCL",
+          TORCH_VERSION_MAJOR, TORCH_VERSION_MINOR);
+    }
+    return wanted;
   }
   /// Makes the unit's parameters whole (idempotent): waits for its prefetched all-gather, or gathers it now;
   /// `next` is prefetched between issuing this unit's all-gather and waiting for it.
@@ -1171,9 +1280,19 @@ class FSDP : public ParallelStrategy {
   }
 
   /// Issues the all-gather of the unit's shards into every process's flat buffer (of the shard group).
+  /// Issues the all-gather of the unit's shards into every process's flat buffer (of the shard group); for
+  /// training (`rounds`), in the unit's gather_dtype, into gather_out, which finish_gather copies over.
   c10::intrusive_ptr<c10d::Work> start_all_gather(detail::FSDPUnit& unit, std::string_view what) {
     at::NoGradGuard no_grad;
     c10::intrusive_ptr<c10d::Work> work;
+    const bool rounded = rounds(what) && unit.gather_dtype != unit.flat.scalar_type();
+    at::Tensor out = unit.flat;
+    at::Tensor in = unit.shard;
+    if (rounded) {
+      unit.gather_in = in = unit.shard.to(unit.gather_dtype);
+      unit.gather_out = out = at::empty({unit.flat.numel()}, unit.flat.options().dtype(unit.gather_dtype));
+    }
+    unit.rounded = rounded;
     collective(what, [&] {
       c10d::AllgatherOptions opts;
       opts.timeout = parallel_options().timeout;
@@ -1181,12 +1300,10 @@ class FSDP : public ParallelStrategy {
         // NOTE: Gloo of LibTorch 1.13 has no _allgather_base: one output view of the flat buffer per process.
         std::vector<std::vector<at::Tensor>> outputs(1);
         for (int r = 0; r < shard_world_; ++r)
-          outputs[0].push_back(unit.flat.narrow(0, r * unit.shard_size, unit.shard_size));
-        std::vector<at::Tensor> inputs{unit.shard};
+          outputs[0].push_back(out.narrow(0, r * unit.shard_size, unit.shard_size));
+        std::vector<at::Tensor> inputs{in};
         work = shard_pg()->allgather(outputs, inputs, opts);
       } else {
-        at::Tensor out = unit.flat;
-        at::Tensor in = unit.shard;
         work = shard_pg()->_allgather_base(out, in, opts);
       }
     });
@@ -1195,6 +1312,7 @@ class FSDP : public ParallelStrategy {
   /// All-gathers the unit's updated shards into every process's flat buffer (and so its parameters).
   void gather_parameters(detail::FSDPUnit& unit, std::string_view what = "optimizer step") {
     wait(start_all_gather(unit, what), what);
+    finish_gather(unit);
   }
 
   /// The entries of a state that FSDP saves and loads itself: its set-up modules and their optimizers.
@@ -1527,6 +1645,8 @@ class FSDP : public ParallelStrategy {
   c10::intrusive_ptr<c10d::ProcessGroup> replica_pg_{};
   int shard_rank_ = 0;
   int shard_world_ = 1;
+  /// The precision's compute dtype (setup_precision), the default of param_dtype and reduce_dtype.
+  c10::ScalarType precision_dtype_ = c10::ScalarType::Undefined;
   /// The set-up parameters, and the pieces the optimizers step, by their TensorImpl.
   std::unordered_map<const void*, Slot> by_param_{};
   std::unordered_map<const void*, Slot> pieces_{};

@@ -6,6 +6,7 @@
 
 #include "fabric/core/error.hpp"
 #include "fabric/loggers/logger.hpp"
+#include "fabric/precision/precision.hpp"
 
 #include <ATen/Context.h>
 #include <ATen/core/Tensor.h>
@@ -572,23 +573,6 @@ concept ThroughputFabric = requires(F& f, const Metrics& m, std::optional<std::i
   { f.is_global_zero() } -> std::convertible_to<bool>;  // only rank zero computes and logs
   f.log_dict(m, step);                                  // where compute_and_log sends the metrics
 };
-
-namespace detail {
-
-/// Returns the dtype a precision computes in, as Lightning's `_plugin_to_compute_dtype`: the autocast
-/// dtype of a mixed precision, the dtype of a true precision, else float32.
-template <class P>
-c10::ScalarType compute_dtype(const P& precision) {
-  if constexpr (requires { precision.compute_dtype(); }) {
-    return precision.compute_dtype();
-  } else if constexpr (requires { P::param_dtype(); }) {
-    return P::param_dtype();
-  } else {
-    return c10::ScalarType::Float;
-  }
-}
-
-}  // namespace detail
 
 /// Throughput that takes the world size from a Fabric, looks the peak up for the fabric's device and
 /// precision (unless available_flops is given), and logs through `fabric.log_dict`; as Lightning's, it

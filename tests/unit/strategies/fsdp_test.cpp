@@ -736,3 +736,123 @@ TEST_CASE("HYBRID_SHARD on one node shards as FULL_SHARD, HYBRID_SHARD_ZERO2 as 
     for (std::size_t i = 0; i < a.size(); ++i) CHECK(torch::allclose(a[i], b[i], 1e-6, 1e-7));
   }
 }
+
+// Lightning: tests_fabric/plugins/precision/test_fsdp.py::test_fsdp_precision_config
+TEST_CASE("FSDP's param_dtype and reduce_dtype: floating dtypes only, the parameters' dtype on Gloo by default",
+          "[fsdp][precision]") {
+  fabric::FSDP::Options integer{.param_dtype = torch::kLong};
+  integer.cluster_environment = SoloEnvironment{};
+  CHECK_THROWS_WITH((fabric::Fabric<fabric::CPU, fabric::FSDP>({}, fabric::FSDP(std::move(integer)), {})),
+                    ContainsSubstring("expected a floating dtype for param_dtype, found Long"));
+  const auto dtypes = [](fabric::FSDP::Options options) {
+    fabric::Fabric<fabric::CPU, fabric::FSDP, fabric::BF16Mixed> fabric({}, solo(std::move(options)), {});
+    fabric.launch();
+    Net net = make_net();
+    auto model = fabric.setup_module(net);
+    return fabric.strategy().communication_dtypes(model.strategy_state());
+  };
+  // NOTE: on NCCL the default is the precision's compute dtype (bfloat16 here); Gloo keeps float32.
+  const auto gloo = dtypes({});
+  CHECK(gloo.parameters == torch::kFloat);
+  CHECK(gloo.gradients == torch::kFloat);
+  const auto half = dtypes({.param_dtype = torch::kHalf});
+  CHECK(half.parameters == torch::kHalf);
+  CHECK(half.gradients == torch::kHalf);  // reduce_dtype follows param_dtype
+  const auto reduce_only = dtypes({.reduce_dtype = torch::kHalf});
+  CHECK(reduce_only.parameters == torch::kFloat);
+  CHECK(reduce_only.gradients == torch::kHalf);
+  const auto wider = dtypes({.param_dtype = torch::kDouble});  // never wider than the parameters
+  CHECK(wider.parameters == torch::kFloat);
+  const auto no_shard = dtypes({.sharding_strategy = fabric::ShardingStrategy::NO_SHARD, .param_dtype = torch::kHalf});
+  CHECK(no_shard.parameters == torch::kFloat);  // nothing is gathered
+  CHECK(no_shard.gradients == torch::kHalf);
+  if (fabric::detail::torch_gloo_refuses_bfloat16) {
+    CHECK_THROWS_WITH(dtypes({.param_dtype = torch::kBFloat16}), ContainsSubstring("found BFloat16 (Gloo of LibTorch"));
+  }
+}
+
+TEST_CASE("FSDP with float16 collectives: forward reads the shards rounded, the optimizer steps them exactly",
+          "[fsdp][precision]") {
+  using fabric::ShardingStrategy;
+  for (const auto sharding : {ShardingStrategy::SHARD_GRAD_OP, ShardingStrategy::FULL_SHARD}) {
+    CAPTURE(static_cast<int>(sharding));
+    Net net = make_net();
+    Net master = make_net();   // the reference's float32 parameters
+    Net rounded = make_net();  // what the reference's forward reads: them rounded to float16
+    const auto masters = master->parameters();
+    const auto reads = rounded->parameters();
+    torch::optim::SGD sgd(net->parameters(), torch::optim::SGDOptions(0.1).momentum(0.9));
+    torch::optim::SGD ref_sgd(masters, torch::optim::SGDOptions(0.1).momentum(0.9));
+    const auto half = [](const at::Tensor& t) { return t.detach().to(torch::kHalf).to(torch::kFloat); };
+    {
+      fabric::Fabric<fabric::CPU, fabric::FSDP> fabric(
+          {}, solo({.sharding_strategy = sharding, .param_dtype = torch::kHalf}), {});
+      fabric.launch();
+      auto [model, optimizer] = fabric.setup(net, sgd);
+      auto& fsdp = fabric.strategy();
+      torch::manual_seed(11);
+      for (int step = 0; step < 4; ++step) {
+        const auto x = torch::randn({4, 3}) * 3;
+        if (sharding == ShardingStrategy::SHARD_GRAD_OP) {
+          // Between steps the module's parameters are the rounded shards.
+          const auto params = net->parameters();
+          for (std::size_t i = 0; i < params.size(); ++i) CHECK(torch::equal(params[i], half(masters[i])));
+        }
+        fabric.backward(model(x).pow(2).sum());
+        optimizer.step();
+        optimizer.zero_grad();
+
+        {
+          torch::NoGradGuard no_grad;
+          for (std::size_t i = 0; i < reads.size(); ++i) reads[i].copy_(half(masters[i]));
+        }
+        rounded(x).pow(2).sum().backward();
+        for (std::size_t i = 0; i < reads.size(); ++i) {
+          masters[i].mutable_grad() = half(reads[i].grad());  // reduced in float16, averaged in float32
+          reads[i].mutable_grad() = at::Tensor();
+        }
+        ref_sgd.step();
+        ref_sgd.zero_grad();
+
+        // summon_full_params gives the float32 shards exactly.
+        auto full = fsdp.summon_full_params(model.strategy_state());
+        const auto params = net->parameters();
+        bool rounding_shows = false;
+        for (std::size_t i = 0; i < params.size(); ++i) {
+          CHECK(torch::equal(params[i], masters[i]));
+          rounding_shows = rounding_shows || !torch::equal(half(masters[i]), masters[i]);
+        }
+        CHECK(rounding_shows);
+      }
+    }
+    // At the Fabric's end the module holds the float32 parameters, not their rounded copies.
+    const auto params = net->parameters();
+    for (std::size_t i = 0; i < params.size(); ++i) CHECK(torch::equal(params[i], masters[i]));
+  }
+}
+
+TEST_CASE("FSDP on NCCL communicates in the precision's compute dtype by default, as Lightning's FSDPPrecision",
+          "[fsdp][precision][cuda]") {
+  if (!fabric::CUDA::is_available()) SKIP("no CUDA device here");
+  fabric::FSDP::Options options;
+  options.cluster_environment = SoloEnvironment{};
+  fabric::Fabric<fabric::CUDA, fabric::FSDP, fabric::BF16Mixed> fabric({}, fabric::FSDP(std::move(options)), {});
+  fabric.launch();
+  Net net = make_net();
+  torch::optim::AdamW adamw(net->parameters(), torch::optim::AdamWOptions(0.01));
+  auto [model, optimizer] = fabric.setup(net, adamw);
+  const auto dtypes = fabric.strategy().communication_dtypes(model.strategy_state());
+  CHECK(dtypes.parameters == torch::kBFloat16);
+  CHECK(dtypes.gradients == torch::kBFloat16);
+  for (int step = 0; step < 3; ++step) {
+    const auto x = torch::randn({4, 3}, torch::kCUDA);
+    fabric.backward(model(x).to(torch::kFloat).pow(2).sum());
+    optimizer.step();
+    optimizer.zero_grad();
+  }
+  auto full = fabric.strategy().summon_full_params(model.strategy_state());
+  for (const auto& p : net->parameters()) {
+    CHECK(p.scalar_type() == torch::kFloat);
+    CHECK(torch::isfinite(p).all().item<bool>());
+  }
+}
