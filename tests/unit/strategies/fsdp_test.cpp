@@ -4,6 +4,7 @@
 #include <fabric/distributed.hpp>
 
 #include "unit/solo_ddp.hpp"
+#include "unit/temp_dir.hpp"
 
 #include <torch/torch.h>
 #include <catch2/catch_test_macros.hpp>
@@ -828,6 +829,67 @@ TEST_CASE("FSDP with float16 collectives: forward reads the shards rounded, the 
     // At the Fabric's end the module holds the float32 parameters, not their rounded copies.
     const auto params = net->parameters();
     for (std::size_t i = 0; i < params.size(); ++i) CHECK(torch::equal(params[i], masters[i]));
+  }
+}
+
+TEST_CASE("FSDP with float16 collectives: load_raw, save and load carry the float32 shards, not their rounded copies",
+          "[fsdp][precision][checkpoint]") {
+  using fabric::ShardingStrategy;
+  const auto half = [](const at::Tensor& t) { return t.detach().to(torch::kHalf).to(torch::kFloat); };
+  for (const auto sharding : {ShardingStrategy::SHARD_GRAD_OP, ShardingStrategy::FULL_SHARD}) {
+    CAPTURE(static_cast<int>(sharding));
+    fabric_test::TempDir dir("fabric-fsdp-half");
+    // A state dict of values float16 cannot hold.
+    Net source = make_net();
+    {
+      torch::NoGradGuard no_grad;
+      for (auto& p : source->parameters()) p.add_(1.0 / 3.0);
+    }
+    const auto loaded = source->parameters();
+    bool rounding_shows = false;
+    for (const auto& p : loaded) rounding_shows = rounding_shows || !torch::equal(half(p), p);
+    REQUIRE(rounding_shows);
+    const auto raw = dir.path() / "source.pt";
+    torch::save(source, raw.string());
+    const auto checkpoint = dir.path() / "ckpt";
+    const auto check_whole = [&](auto& fabric, auto& model, Net& net) {
+      // summon_full_params gathers the float32 shards exactly.
+      auto full = fabric.strategy().summon_full_params(model.strategy_state());
+      const auto params = net->parameters();
+      for (std::size_t i = 0; i < params.size(); ++i) CHECK(torch::equal(params[i], loaded[i]));
+    };
+    {
+      Net net = make_net();
+      torch::optim::SGD sgd(net->parameters(), torch::optim::SGDOptions(0.1));
+      fabric::Fabric<fabric::CPU, fabric::FSDP> fabric(
+          {}, solo({.sharding_strategy = sharding, .param_dtype = torch::kHalf}), {});
+      fabric.launch();
+      auto [model, optimizer] = fabric.setup(net, sgd);
+      fabric.load_raw(raw, model);
+      std::vector<at::Tensor> stepped;
+      for (const auto& p : optimizer.param_groups()[0].params()) stepped.push_back(p.detach().reshape({-1}));
+      std::vector<at::Tensor> flat;
+      for (const auto& p : loaded) flat.push_back(p.detach().reshape({-1}));
+      CHECK(torch::equal(torch::cat(stepped), torch::cat(flat)));  // the shards the optimizer steps
+      if (sharding == ShardingStrategy::SHARD_GRAD_OP) {
+        const auto params = net->parameters();
+        for (std::size_t i = 0; i < params.size(); ++i) CHECK(torch::equal(params[i], half(loaded[i])));
+      }
+      check_whole(fabric, model, net);
+      fabric.save(checkpoint, {{"model", model}, {"optimizer", optimizer}});
+    }
+    Net net = make_net();
+    torch::optim::SGD sgd(net->parameters(), torch::optim::SGDOptions(0.1));
+    fabric::Fabric<fabric::CPU, fabric::FSDP> fabric(
+        {}, solo({.sharding_strategy = sharding, .param_dtype = torch::kHalf}), {});
+    fabric.launch();
+    auto [model, optimizer] = fabric.setup(net, sgd);
+    fabric.load(checkpoint, {{"model", model}, {"optimizer", optimizer}});
+    if (sharding == ShardingStrategy::SHARD_GRAD_OP) {
+      const auto params = net->parameters();
+      for (std::size_t i = 0; i < params.size(); ++i) CHECK(torch::equal(params[i], half(loaded[i])));
+    }
+    check_whole(fabric, model, net);
   }
 }
 
