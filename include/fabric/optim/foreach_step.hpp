@@ -388,6 +388,7 @@ bool sgd_foreach_step(Opt& optimizer) {
 struct LoggedStep {
   const std::type_info* type;
   StepPath path;
+  torch::optim::Optimizer* optimizer;  ///< the optimizer that stepped (its learning rates are checked)
 };
 
 /// The optimizer steps of this thread while a captured step warms up (fabric::CapturedStep); null when
@@ -439,7 +440,9 @@ at::Tensor optimizer_step_impl(O& optimizer, torch::optim::Optimizer::LossClosur
 template <class O>
 at::Tensor optimizer_step(O& optimizer, torch::optim::Optimizer::LossClosure closure) {
   at::Tensor loss = optimizer_step_impl(optimizer, std::move(closure));
-  if (auto* log = optimizer_step_log()) log->push_back({&typeid(optimizer), last_optimizer_step_path()});
+  if (auto* log = optimizer_step_log()) {
+    log->push_back({&typeid(optimizer), last_optimizer_step_path(), static_cast<torch::optim::Optimizer*>(&optimizer)});
+  }
   return loss;
 }
 

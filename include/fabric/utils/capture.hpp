@@ -15,6 +15,7 @@
 #include <fmt/ranges.h>
 #include <torch/optim/sgd.h>
 
+#include <algorithm>
 #include <concepts>
 #include <cstddef>
 #include <functional>
@@ -232,6 +233,9 @@ class CapturedStep {
       }
       c10::cuda::device_synchronize();
       for (const auto& step : steps) {
+        if (std::find(stepped_.begin(), stepped_.end(), step.optimizer) == stepped_.end()) {
+          stepped_.push_back(step.optimizer);
+        }
         if (const std::string why = detail::uncapturable_step(step); !why.empty()) {
           refuse(fmt::format(
               "capture: expected optimizers whose step a graph can replay (torch::optim::SGD through fabric's "
@@ -244,6 +248,10 @@ class CapturedStep {
       return loss;
     }
     if (!graph_) {
+      recorded_lrs_.clear();
+      for (const auto* optimizer : stepped_) {
+        for (const auto& group : optimizer->param_groups()) recorded_lrs_.push_back(group.options().get_lr());
+      }
       static_inputs_ = {batch.clone()...};
       auto graph = std::make_unique<at::cuda::CUDAGraph>();
       c10::cuda::device_synchronize();
@@ -300,6 +308,7 @@ class CapturedStep {
   }
   template <class... Ts>
   at::Tensor replay(const Ts&... batch) {
+    check_learning_rates();
     std::size_t i = 0;
     (static_inputs_[i++].copy_(batch, /*non_blocking=*/true), ...);
     graph_->replay();
@@ -308,6 +317,26 @@ class CapturedStep {
       for (const auto& advance : capturable_.advance) advance();
     }
     return static_loss_;
+  }
+
+  /// Refuses a learning rate changed since the recording (an LR scheduler's step, set_lr): the graph holds
+  /// the step's kernels with the rates they were recorded with, so a changed one would be ignored silently.
+  void check_learning_rates() const {
+    std::size_t i = 0;
+    for (const auto* optimizer : stepped_) {
+      const auto& groups = optimizer->param_groups();
+      for (std::size_t g = 0; g < groups.size() && i < recorded_lrs_.size(); ++g, ++i) {
+        const double now = groups[g].options().get_lr();
+        if (now != recorded_lrs_[i]) {
+          detail::raise(
+              "captured step: expected the learning rate the step was recorded with, {}, found {} in param group {} "
+              "of {}; the graph replays the optimizer's kernels with the recorded rate and would ignore the new "
+              "one: keep the rate fixed while replaying (schedule it between captures: a new fabric.capture "
+              "records the new rate after its warm-up), or step eagerly",
+              recorded_lrs_[i], now, g, c10::demangle(typeid(*optimizer).name()));
+        }
+      }
+    }
   }
 
   std::optional<c10::cuda::CUDAStream> side_{};
@@ -321,6 +350,9 @@ class CapturedStep {
   bool eager_ = false;
   int calls_ = 0;
   std::vector<detail::BatchSignature> signature_{};
+  /// The optimizers the warm-up steps stepped, and their param groups' learning rates at the recording.
+  std::vector<const torch::optim::Optimizer*> stepped_{};
+  std::vector<double> recorded_lrs_{};
   detail::CapturableSteps capturable_{};
   std::vector<at::Tensor> static_inputs_{};
   at::Tensor static_loss_{};

@@ -159,6 +159,33 @@ TEST_CASE("captured step on CUDA: AdamW's fused step bit-identical to the eager 
   for (std::size_t i = 0; i < eager_params.size(); ++i) CHECK(torch::equal(graph_params[i], eager_params[i]));
 }
 
+TEST_CASE("captured step on CUDA: refuses a learning rate changed after the recording, replays at the recorded one",
+          "[utils][capture][cuda]") {
+  if (!torch::cuda::is_available()) SKIP("no GPU visible");
+  fabric::Fabric<fabric::CUDA, fabric::SingleDevice, fabric::FP32> fabric;
+  const auto data = batches(7, 64, 32, 10, fabric.device());
+  torch::manual_seed(0);
+  auto net = mlp(32, 64, 10);
+  torch::optim::AdamW opt(net->parameters(), torch::optim::AdamWOptions(1e-3));
+  auto [model, optimizer] = fabric.setup(net, opt);
+  auto captured = fabric.capture(train_step(fabric, model, optimizer));
+  // A rate changed during the warm-up is the one recorded.
+  for (int i = 0; i < 5; ++i) {
+    if (i == 1) opt.param_groups()[0].options().set_lr(2e-3);
+    captured(data[i].first, data[i].second);
+  }
+  REQUIRE(captured.captured());
+  opt.param_groups()[0].options().set_lr(5e-4);  // what an LR scheduler's step does
+  const at::Tensor before = net->parameters()[0].detach().clone();
+  CHECK_THROWS_WITH(captured(data[5].first, data[5].second),
+                    ContainsSubstring("expected the learning rate the step was recorded with, 0.002, found 0.0005 in "
+                                      "param group 0 of torch::optim::AdamW"));
+  CHECK(torch::equal(net->parameters()[0], before));  // nothing was replayed
+  opt.param_groups()[0].options().set_lr(2e-3);
+  captured(data[6].first, data[6].second);
+  CHECK_FALSE(torch::equal(net->parameters()[0], before));
+}
+
 TEST_CASE("captured step on CUDA: bf16-mixed bit-identical to the eager loop over 20 steps", "[utils][capture][cuda]") {
   if (!torch::cuda::is_available()) SKIP("no GPU visible");
   fabric::Fabric<fabric::CUDA, fabric::SingleDevice, fabric::BF16Mixed> fabric;
