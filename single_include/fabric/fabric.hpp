@@ -20500,9 +20500,7 @@ class FSDP : public ParallelStrategy {
       if (sharded()) install_hooks(unit);
       if (full_shard()) free_parameters(*unit);
       // NOTE: SHARD_GRAD_OP's forward reads the rounded parameters from the first step on.
-      if (sharded() && !full_shard() && unit->gather_dtype != unit->flat.scalar_type()) {
-        gather_parameters(*unit, "setup");
-      }
+      if (keeps_rounded(*unit)) gather_parameters(*unit, "setup");
       state->units.push_back(unit);
     }
     modules_.push_back(state);
@@ -20643,7 +20641,7 @@ class FSDP : public ParallelStrategy {
       for (const auto& unit : module_->units) {
         if (fsdp_->full_shard()) {
           fsdp_->free_parameters(*unit);
-        } else if (fsdp_->sharded() && unit->gather_dtype != unit->flat.scalar_type()) {
+        } else if (fsdp_->keeps_rounded(*unit)) {
           // NOTE: SHARD_GRAD_OP's parameters go back to their rounded values (what forward reads); a failed
           // collective has marked the strategy failed, and a destructor must not throw.
           try {
@@ -20908,9 +20906,7 @@ class FSDP : public ParallelStrategy {
         unit->shard.copy_(unit->flat.narrow(0, shard_rank_ * unit->shard_size, unit->shard_size));
       }
       free_parameters(*unit);
-      if (sharded() && !full_shard() && unit->gather_dtype != unit->flat.scalar_type()) {
-        gather_parameters(*unit, "setup");
-      }
+      if (keeps_rounded(*unit)) gather_parameters(*unit, "setup");
     }
     if (failure) std::rethrow_exception(failure);
   }
@@ -21318,6 +21314,11 @@ class FSDP : public ParallelStrategy {
   static bool owns_shard(const detail::FSDPUnit& unit) noexcept {
     return unit.shard.defined() &&
            unit.shard.storage().unsafeGetStorageImpl() != unit.flat.storage().unsafeGetStorageImpl();
+  }
+  /// Says whether the unit's whole parameters hold its shards rounded to gather_dtype between steps
+  /// (SHARD_GRAD_OP with a narrower param_dtype), so that what gathers them exactly gathers them rounded again.
+  bool keeps_rounded(const detail::FSDPUnit& unit) const noexcept {
+    return sharded() && !full_shard() && unit.gather_dtype != unit.flat.scalar_type();
   }
   /// Copies a rounded all-gather that arrived into the flat buffer (the parameters' dtype).
   static void finish_gather(detail::FSDPUnit& unit) {
