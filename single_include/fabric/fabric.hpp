@@ -13656,12 +13656,19 @@ class TensorBoardLogger final : public Logger {
 // ---- end fabric/loggers/tensorboard.hpp
 // ---- begin fabric/nn/linear.hpp
 // fabric::nn::Linear: torch::nn::Linear whose forward keeps the bias in the matrix product for every
-// input rank (at::linear), so a [B, T, C] input costs one GEMM, not a GEMM and a separate bias add.
+// input rank (at::linear), so a [B, T, C] input costs one GEMM, not a GEMM and a separate bias add; under
+// autocast its float32 weight and bias get their gradients in float32 straight from the GEMM and the sum.
+
 
 #include <ATen/core/Tensor.h>
+#include <ATen/core/grad_mode.h>
+#include <ATen/ops/addmm.h>
 #include <ATen/ops/linear.h>
+#include <ATen/ops/mm.h>
 #include <c10/core/Device.h>
+#include <c10/core/ScalarType.h>
 #include <c10/util/Optional.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/grad_mode.h>
 #include <torch/nn/module.h>
 #include <torch/nn/modules/linear.h>
@@ -13671,17 +13678,91 @@ class TensorBoardLogger final : public Logger {
 #include <cstdint>
 #include <memory>
 #include <ostream>
+#include <vector>
 
 namespace fabric::nn {
+namespace detail {
+
+/// True when this LibTorch has `at::mm(a, b, out_dtype)` (bfloat16 / float16 operands, a float32 product
+/// straight from the GEMM; CUDA only).
+template <class T>
+concept mm_with_out_dtype = requires(const T& t) {
+  at::mm(t, t, c10::ScalarType::Float);
+};
+
+/// Returns a @ b in float32 for operands of a lower precision: the GEMM writes float32 where this LibTorch
+/// can (CUDA), else the product is rounded to the operands' dtype and widened, as autocast's backward does.
+template <class T = at::Tensor>
+at::Tensor mm_float(const T& a, const T& b) {
+  if constexpr (mm_with_out_dtype<T>) {
+    if (a.is_cuda()) return at::mm(a, b, c10::ScalarType::Float);
+  }
+  return at::mm(a, b).to(c10::ScalarType::Float);
+}
+
+/// The autograd Function of fabric::nn::Linear under autocast: input in the autocast dtype, float32
+/// weight [out, in] and bias [out] (or undefined). Forward casts the weight and bias and runs one GEMM with
+/// the bias in it (what at::linear runs under autocast, bit for bit); backward gives the input's gradient in
+/// its dtype and the weight's and bias's in float32: the weight's from a GEMM that writes float32 where
+/// LibTorch has one (CUDA, LibTorch 2.x), the bias's summed into float32. Against autocast's own backward
+/// (a bfloat16 product and sum, then a cast kernel for each) that drops one pass over every gradient and
+/// the rounding of the gradient to bfloat16.
+struct MixedLinear : torch::autograd::Function<MixedLinear> {
+  // NOTE: the bias is an optional (autograd's custom Functions take no undefined tensor as an input).
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& input, const at::Tensor& weight,
+                            const c10::optional<at::Tensor>& bias) {
+    const c10::ScalarType dtype = input.scalar_type();
+    const bool has_bias = bias.has_value() && bias->defined();
+    const at::Tensor w = weight.to(dtype);
+    const at::Tensor x = input.reshape({-1, input.size(-1)});
+    const at::Tensor y = has_bias ? at::addmm(bias->to(dtype), x, w.t()) : at::mm(x, w.t());
+    ctx->save_for_backward({x, w});
+    ctx->saved_data["input_sizes"] = input.sizes().vec();
+    ctx->saved_data["bias"] = has_bias;
+    std::vector<std::int64_t> sizes = input.sizes().vec();
+    sizes.back() = weight.size(0);
+    return y.view(sizes);
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    if (at::GradMode::is_enabled()) {
+      fabric::detail::raise(
+          "fabric::nn::Linear: expected a backward without create_graph under autocast, found a double backward "
+          "(its mixed-precision backward is not differentiable); switch it off for this layer with "
+          "layer->mixed_backward(false), which runs at::linear's differentiable backward");
+    }
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor& x = saved[0];
+    const at::Tensor& w = saved[1];
+    const at::Tensor g = grads[0].reshape({-1, grads[0].size(-1)}).to(x.scalar_type());
+    at::Tensor grad_input, grad_weight, grad_bias;
+    if (ctx->needs_input_grad(0)) grad_input = g.mm(w).view(ctx->saved_data["input_sizes"].toIntVector());
+    if (ctx->needs_input_grad(1)) grad_weight = mm_float(g.t(), x);
+    if (ctx->saved_data["bias"].toBool() && ctx->needs_input_grad(2)) {
+      grad_bias = g.sum({0}, /*keepdim=*/false, c10::ScalarType::Float);
+    }
+    return {grad_input, grad_weight, grad_bias};
+  }
+};
+
+}  // namespace detail
 
 /// A drop-in for `torch::nn::LinearImpl`: the same options, parameters (`weight` [out, in], `bias` [out]),
 /// initialisation (so a seed gives the same weights) and state-dict keys, and a forward that calls
-/// `at::linear`, which folds an input of any rank into one GEMM with the bias in it (under autocast the
-/// bias is cast with the weight).
+/// `at::linear`, which folds an input of any rank into one GEMM with the bias in it.
 ///
 /// NOTE: LibTorch's `torch::nn::functional::linear` (and so `torch::nn::Linear`) fuses the bias only for
 /// 2-D inputs; for a [B, T, C] input it runs the matmul and then `output += bias`, a second pass over the
 /// output, and under autocast a mixed bfloat16 += float32 add. Python's `nn.Linear` calls `at::linear`.
+///
+/// Under autocast (bf16-mixed, 16-mixed: autocast on for the input's device, a float32 weight that requires
+/// grad, in grad mode) the forward is the same GEMM, and the backward gives the float32 weight and bias their
+/// gradients in float32 directly: the weight's from a GEMM that writes float32 (on CUDA with LibTorch 2.x;
+/// elsewhere a product rounded as autocast rounds it), the bias's summed into float32 (autocast's sum rounds
+/// to bfloat16 first: about 2^-8 of the gradient). On an H200 that removes GPT-2's cast kernels of the
+/// weights' gradients (`ToCopyBackward0`). Its backward is not differentiable: `mixed_backward(false)` gives
+/// at::linear's backward for second-order gradients (a double backward through it is a fabric::Error).
 ///
 ///     fabric::nn::Linear fc(768, 3072);                                 // as torch::nn::Linear(768, 3072)
 ///     fabric::nn::Linear head(torch::nn::LinearOptions(768, 10).bias(false));
@@ -13698,7 +13779,29 @@ class LinearImpl : public torch::nn::LinearImpl {
   explicit LinearImpl(const torch::nn::LinearOptions& options) : torch::nn::LinearImpl(options) {}
 
   /// Returns `input @ weight.T + bias` for an input [..., in_features], bias inside the GEMM.
-  at::Tensor forward(const at::Tensor& input) { return at::linear(input, weight, bias); }
+  at::Tensor forward(const at::Tensor& input) {
+    if (mixed_backward_ && input.dim() > 0) {
+      const c10::DeviceType device = input.device().type();
+      if (fabric::detail::autocast_enabled(device) && weight.scalar_type() == c10::ScalarType::Float &&
+          weight.requires_grad() && at::GradMode::is_enabled() && weight.device() == input.device()) {
+        const c10::ScalarType dtype = fabric::detail::autocast_dtype(device);
+        if ((dtype == c10::ScalarType::BFloat16 || dtype == c10::ScalarType::Half) &&
+            (input.scalar_type() == c10::ScalarType::Float || input.scalar_type() == dtype)) {
+          return detail::MixedLinear::apply(input.to(dtype), weight, c10::optional<at::Tensor>(bias));
+        }
+      }
+    }
+    return at::linear(input, weight, bias);
+  }
+
+  /// Whether the backward under autocast is the mixed-precision one above (the default) or at::linear's.
+  bool mixed_backward() const noexcept { return mixed_backward_; }
+  /// Chooses the backward under autocast: false gives at::linear's (differentiable, so second-order
+  /// gradients work; the weight's gradient rounded to the autocast dtype, then cast).
+  LinearImpl& mixed_backward(bool on) noexcept {
+    mixed_backward_ = on;
+    return *this;
+  }
 
   /// Returns a deep copy that is a fabric::nn::LinearImpl too (on `device` when given).
   std::shared_ptr<torch::nn::Module> clone(const c10::optional<c10::Device>& device = c10::nullopt) const override {
@@ -13710,6 +13813,7 @@ class LinearImpl : public torch::nn::LinearImpl {
     copy_into(weight, copy->weight);
     copy_into(bias, copy->bias);
     copy->train(is_training());
+    copy->mixed_backward_ = mixed_backward_;
     return copy;
   }
 
@@ -13718,6 +13822,9 @@ class LinearImpl : public torch::nn::LinearImpl {
     stream << "fabric::nn::Linear(in_features=" << options.in_features() << ", out_features=" << options.out_features()
            << ", bias=" << std::boolalpha << options.bias() << ")";
   }
+
+ private:
+  bool mixed_backward_ = true;
 };
 
 /// The module holder of fabric::nn::LinearImpl, used as `torch::nn::Linear` is.
@@ -13737,8 +13844,13 @@ TORCH_MODULE(Linear);
 // row's logits (bfloat16, float16 or float32) once for an online max / sum of exponentials in float32, writes
 // the row's loss, and reads the row again (mostly from L2) to write the gradient of the logits in their own
 // dtype: two reads and one write of the logits, no float32 tensor of them. It is compiled at run time with
-// NVRTC (CUBIN output, CUDA 11.1 and later), once per device and dtype, loaded and launched through the
-// driver API on the current stream (so a CUDA graph records it). A CPU-only LibTorch compiles none of this.
+// NVRTC (fabric/detail/cuda_jit.hpp), once per device and dtype, and launched on the current stream.
+
+// ---- begin fabric/detail/cuda_jit.hpp
+// Run-time compiled CUDA kernels (fabric::nn::cross_entropy's, fabric::nn::LayerNorm's): NVRTC compiles a
+// kernel's source to a CUBIN for the current device (CUDA 11.1 and later), the driver loads it, and the
+// kernels launch through the driver API on the current stream (so a CUDA graph records them). A CPU-only
+// LibTorch compiles none of this.
 //
 // NOTE: NVRTC and the driver are opened with dlopen, not through ATen's lazily loaded stub
 // (at::globalContext().getNVRTC()): the PyTorch wheels do not ship its header (ATen/cuda/nvrtc_stub/
@@ -13759,10 +13871,6 @@ TORCH_MODULE(Linear);
 #endif
 #endif
 
-#include <ATen/core/Tensor.h>
-
-#include <string>
-
 #if FABRIC_CUDA_NVRTC
 
 #include <c10/cuda/CUDAGuard.h>
@@ -13772,18 +13880,191 @@ TORCH_MODULE(Linear);
 #include <dlfcn.h>
 #include <nvrtc.h>
 
+#include <cstdlib>
+#include <initializer_list>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace fabric::detail {
+
+#if CUDA_VERSION >= 11010
+#define FABRIC_CUDA_JIT 1
+
+/// The NVRTC and driver entry points the kernel needs, opened once per process (dlopen), or why not.
+struct CudaJitApi {
+#define FABRIC_CUDA_JIT_MEMBER(name) decltype(&::name) name = nullptr;
+// clang-format off
+// NOTE: clang-format 14 reflows these lists differently on each run; kept one entry per line by hand.
+#define FABRIC_CUDA_JIT_NVRTC(_) \
+  _(nvrtcCreateProgram)          \
+  _(nvrtcDestroyProgram)         \
+  _(nvrtcCompileProgram)         \
+  _(nvrtcGetProgramLogSize)      \
+  _(nvrtcGetProgramLog)          \
+  _(nvrtcGetErrorString)         \
+  _(nvrtcGetCUBINSize)           \
+  _(nvrtcGetCUBIN)
+#define FABRIC_CUDA_JIT_DRIVER(_) \
+  _(cuCtxGetCurrent)              \
+  _(cuModuleLoadData)             \
+  _(cuModuleGetFunction)          \
+  _(cuLaunchKernel)               \
+  _(cuGetErrorString)
+
+  FABRIC_CUDA_JIT_NVRTC(FABRIC_CUDA_JIT_MEMBER)
+  FABRIC_CUDA_JIT_DRIVER(FABRIC_CUDA_JIT_MEMBER)
+  // clang-format on
+  std::string error;
+};
+
+/// Opens libnvrtc and libcuda (never closed: the kernels live as long as the process).
+inline const CudaJitApi& cuda_jit_api() {
+  static const CudaJitApi api = [] {
+    CudaJitApi out;
+    std::vector<std::string> names;
+    if (const char* path = std::getenv("FABRIC_NVRTC_LIBRARY"); path != nullptr && *path != '\0') names.push_back(path);
+#if CUDA_VERSION >= 12000
+    names.push_back("libnvrtc.so." + std::to_string(CUDA_VERSION / 1000));
+#else
+    names.push_back("libnvrtc.so." + std::to_string(CUDA_VERSION / 1000) + ".2");
+#endif
+    names.insert(names.end(), {"libnvrtc.so", "/usr/local/cuda/lib64/libnvrtc.so"});
+    void* nvrtc = nullptr;
+    for (const auto& name : names) {
+      if ((nvrtc = dlopen(name.c_str(), RTLD_NOW | RTLD_LOCAL)) != nullptr) break;
+    }
+    void* driver = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
+    if (nvrtc == nullptr || driver == nullptr) {
+      out.error = nvrtc == nullptr ? "NVRTC not found (tried " + names.front() +
+                                         ", libnvrtc.so and "
+                                         "/usr/local/cuda/lib64; set FABRIC_NVRTC_LIBRARY to its path)"
+                                   : "the CUDA driver library libcuda.so.1 not found";
+      return out;
+    }
+#define FABRIC_CUDA_JIT_LOAD_NVRTC(name)                               \
+  out.name = reinterpret_cast<decltype(&::name)>(dlsym(nvrtc, #name)); \
+  if (out.name == nullptr) out.error = "NVRTC lacks " #name;
+#define FABRIC_CUDA_JIT_LOAD_DRIVER(name)                               \
+  out.name = reinterpret_cast<decltype(&::name)>(dlsym(driver, #name)); \
+  if (out.name == nullptr) out.error = "the CUDA driver lacks " #name;
+    FABRIC_CUDA_JIT_NVRTC(FABRIC_CUDA_JIT_LOAD_NVRTC)
+    FABRIC_CUDA_JIT_DRIVER(FABRIC_CUDA_JIT_LOAD_DRIVER)
+#undef FABRIC_CUDA_JIT_LOAD_NVRTC
+#undef FABRIC_CUDA_JIT_LOAD_DRIVER
+    return out;
+  }();
+  return api;
+}
+#undef FABRIC_CUDA_JIT_MEMBER
+#undef FABRIC_CUDA_JIT_NVRTC
+#undef FABRIC_CUDA_JIT_DRIVER
+
+/// Makes the current device's primary context current on this thread, which the driver API needs and the
+/// runtime binds only lazily: a thread whose first CUDA work is this kernel (autograd's device thread, when
+/// the loss's backward is the first node it runs) has none, and cuLaunchKernel would fail with "invalid
+/// device context". cudaFree(nullptr) binds it, as ATen's own NVRTC kernels do.
+inline void bind_primary_context(const CudaJitApi& api) {
+  CUcontext context = nullptr;
+  api.cuCtxGetCurrent(&context);
+  if (context == nullptr) (void)cudaFree(nullptr);
+}
+
+/// Compiles `source` with NVRTC for the current device (a device guard is set), with `defines` ("-DNAME=1"
+/// options), loads the CUBIN and looks up each named function into its CUfunction. Returns "" or what
+/// failed (NVRTC's log included); the error is returned, not thrown, so that callers can fall back to ATen.
+inline std::string compile_cuda_module(const char* source, const char* file, const std::vector<std::string>& defines,
+                                       std::initializer_list<std::pair<const char*, CUfunction*>> functions) {
+  const CudaJitApi& nvrtc = cuda_jit_api();
+  if (!nvrtc.error.empty()) return nvrtc.error;
+  bind_primary_context(nvrtc);
+  int device = 0, major = 0, minor = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess) {
+    return "cudaDeviceGetAttribute failed";
+  }
+  nvrtcProgram program = nullptr;
+  if (nvrtc.nvrtcCreateProgram(&program, source, file, 0, nullptr, nullptr) != NVRTC_SUCCESS) {
+    return "nvrtcCreateProgram failed";
+  }
+  const std::string arch = "--gpu-architecture=sm_" + std::to_string(major) + std::to_string(minor);
+  std::vector<const char*> options{arch.c_str()};
+  for (const auto& define : defines) options.push_back(define.c_str());
+  const nvrtcResult compiled = nvrtc.nvrtcCompileProgram(program, static_cast<int>(options.size()), options.data());
+  if (compiled != NVRTC_SUCCESS) {
+    std::size_t size = 0;
+    nvrtc.nvrtcGetProgramLogSize(program, &size);
+    std::string log(size, '\0');
+    if (size > 0) nvrtc.nvrtcGetProgramLog(program, log.data());
+    nvrtc.nvrtcDestroyProgram(&program);
+    return std::string("NVRTC (") + arch + "): " + nvrtc.nvrtcGetErrorString(compiled) + ": " + log;
+  }
+  std::size_t size = 0;
+  nvrtc.nvrtcGetCUBINSize(program, &size);
+  std::vector<char> cubin(size);
+  nvrtc.nvrtcGetCUBIN(program, cubin.data());
+  nvrtc.nvrtcDestroyProgram(&program);
+  // NOTE: the module is never unloaded: it lives as long as the process (its context does too), and unloading
+  // it at static destruction could run after the driver shut down.
+  CUmodule module = nullptr;
+  CUresult loaded = nvrtc.cuModuleLoadData(&module, cubin.data());
+  for (const auto& [name, function] : functions) {
+    if (loaded == CUDA_SUCCESS) loaded = nvrtc.cuModuleGetFunction(function, module, name);
+  }
+  if (loaded != CUDA_SUCCESS) {
+    for (const auto& named : functions) *named.second = nullptr;
+    const char* text = nullptr;
+    nvrtc.cuGetErrorString(loaded, &text);
+    return std::string("loading the CUBIN (") + arch + "): " + (text != nullptr ? text : "unknown error");
+  }
+  return {};
+}
+
+/// Launches `function` on `stream` with `grid` blocks of `block` x `block_y` threads and `shared` bytes of
+/// dynamic shared memory (binding the primary context first); a failure is a fabric::Error naming `who`.
+inline void launch_cuda_kernel(const char* who, CUfunction function, unsigned grid, unsigned block, unsigned shared,
+                               CUstream stream, void** args, unsigned block_y = 1) {
+  const CudaJitApi& api = cuda_jit_api();
+  bind_primary_context(api);
+  const CUresult launched = api.cuLaunchKernel(function, grid, 1, 1, block, block_y, 1, shared, stream, args, nullptr);
+  if (launched != CUDA_SUCCESS) {
+    const char* text = nullptr;
+    api.cuGetErrorString(launched, &text);
+    raise("{}: expected the fused kernel to launch, found {}", who, text != nullptr ? text : "an unknown error");
+  }
+}
+
+#else
+#define FABRIC_CUDA_JIT 0
+#endif
+
+}  // namespace fabric::detail
+
+#else
+#define FABRIC_CUDA_JIT 0
+#endif
+// ---- end fabric/detail/cuda_jit.hpp
+
+#include <ATen/core/Tensor.h>
+
+#include <string>
+
+#if FABRIC_CUDA_JIT
+
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
 #include <map>
 #include <mutex>
 #include <utility>
-#include <vector>
 #endif
 
 namespace fabric::detail {
 
-#if FABRIC_CUDA_NVRTC && CUDA_VERSION >= 11010
+#if FABRIC_CUDA_JIT
 
 /// The kernel's CUDA source. T_KIND (set when compiling): 0 float32, 1 bfloat16, 2 float16. It includes no
 /// header (NVRTC has no CUDA include path here): the 16-bit conversions are written out (bfloat16: the top
@@ -13959,75 +14240,6 @@ extern "C" __global__ void fabric_cross_entropy_scale(storage_t* grad, long long
 }
 )CUDA";
 
-/// The NVRTC and driver entry points the kernel needs, opened once per process (dlopen), or why not.
-struct CudaJitApi {
-#define FABRIC_CUDA_JIT_MEMBER(name) decltype(&::name) name = nullptr;
-// clang-format off
-// NOTE: clang-format 14 reflows these lists differently on each run; kept one entry per line by hand.
-#define FABRIC_CUDA_JIT_NVRTC(_) \
-  _(nvrtcCreateProgram)          \
-  _(nvrtcDestroyProgram)         \
-  _(nvrtcCompileProgram)         \
-  _(nvrtcGetProgramLogSize)      \
-  _(nvrtcGetProgramLog)          \
-  _(nvrtcGetErrorString)         \
-  _(nvrtcGetCUBINSize)           \
-  _(nvrtcGetCUBIN)
-#define FABRIC_CUDA_JIT_DRIVER(_) \
-  _(cuCtxGetCurrent)              \
-  _(cuModuleLoadData)             \
-  _(cuModuleGetFunction)          \
-  _(cuLaunchKernel)               \
-  _(cuGetErrorString)
-
-  FABRIC_CUDA_JIT_NVRTC(FABRIC_CUDA_JIT_MEMBER)
-  FABRIC_CUDA_JIT_DRIVER(FABRIC_CUDA_JIT_MEMBER)
-  // clang-format on
-  std::string error;
-};
-
-/// Opens libnvrtc and libcuda (never closed: the kernels live as long as the process).
-inline const CudaJitApi& cuda_jit_api() {
-  static const CudaJitApi api = [] {
-    CudaJitApi out;
-    std::vector<std::string> names;
-    if (const char* path = std::getenv("FABRIC_NVRTC_LIBRARY"); path != nullptr && *path != '\0') names.push_back(path);
-#if CUDA_VERSION >= 12000
-    names.push_back("libnvrtc.so." + std::to_string(CUDA_VERSION / 1000));
-#else
-    names.push_back("libnvrtc.so." + std::to_string(CUDA_VERSION / 1000) + ".2");
-#endif
-    names.insert(names.end(), {"libnvrtc.so", "/usr/local/cuda/lib64/libnvrtc.so"});
-    void* nvrtc = nullptr;
-    for (const auto& name : names) {
-      if ((nvrtc = dlopen(name.c_str(), RTLD_NOW | RTLD_LOCAL)) != nullptr) break;
-    }
-    void* driver = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
-    if (nvrtc == nullptr || driver == nullptr) {
-      out.error = nvrtc == nullptr ? "NVRTC not found (tried " + names.front() +
-                                         ", libnvrtc.so and "
-                                         "/usr/local/cuda/lib64; set FABRIC_NVRTC_LIBRARY to its path)"
-                                   : "the CUDA driver library libcuda.so.1 not found";
-      return out;
-    }
-#define FABRIC_CUDA_JIT_LOAD_NVRTC(name)                               \
-  out.name = reinterpret_cast<decltype(&::name)>(dlsym(nvrtc, #name)); \
-  if (out.name == nullptr) out.error = "NVRTC lacks " #name;
-#define FABRIC_CUDA_JIT_LOAD_DRIVER(name)                               \
-  out.name = reinterpret_cast<decltype(&::name)>(dlsym(driver, #name)); \
-  if (out.name == nullptr) out.error = "the CUDA driver lacks " #name;
-    FABRIC_CUDA_JIT_NVRTC(FABRIC_CUDA_JIT_LOAD_NVRTC)
-    FABRIC_CUDA_JIT_DRIVER(FABRIC_CUDA_JIT_LOAD_DRIVER)
-#undef FABRIC_CUDA_JIT_LOAD_NVRTC
-#undef FABRIC_CUDA_JIT_LOAD_DRIVER
-    return out;
-  }();
-  return api;
-}
-#undef FABRIC_CUDA_JIT_MEMBER
-#undef FABRIC_CUDA_JIT_NVRTC
-#undef FABRIC_CUDA_JIT_DRIVER
-
 /// A compiled kernel for one device and dtype, or why there is none.
 struct CrossEntropyKernel {
   CUfunction function = nullptr;
@@ -14035,69 +14247,13 @@ struct CrossEntropyKernel {
   std::string error;
 };
 
-/// Makes the current device's primary context current on this thread, which the driver API needs and the
-/// runtime binds only lazily: a thread whose first CUDA work is this kernel (autograd's device thread, when
-/// the loss's backward is the first node it runs) has none, and cuLaunchKernel would fail with "invalid
-/// device context". cudaFree(nullptr) binds it, as ATen's own NVRTC kernels do.
-inline void bind_primary_context(const CudaJitApi& api) {
-  CUcontext context = nullptr;
-  api.cuCtxGetCurrent(&context);
-  if (context == nullptr) (void)cudaFree(nullptr);
-}
-
 /// Compiles the kernel for the current device (a device guard is set) and `kind` (0 float32, 1 bfloat16, 2
 /// float16); the error is recorded, not thrown, so that the automatic choice falls back to ATen.
-inline CrossEntropyKernel compile_cross_entropy_kernel(int device, int kind) {
-  const CudaJitApi& nvrtc = cuda_jit_api();
+inline CrossEntropyKernel compile_cross_entropy_kernel(int kind) {
   CrossEntropyKernel out;
-  if (!nvrtc.error.empty()) {
-    out.error = nvrtc.error;
-    return out;
-  }
-  bind_primary_context(nvrtc);
-  int major = 0, minor = 0;
-  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess) {
-    out.error = "cudaDeviceGetAttribute failed";
-    return out;
-  }
-  nvrtcProgram program = nullptr;
-  if (nvrtc.nvrtcCreateProgram(&program, cross_entropy_kernel_source, "fabric_cross_entropy.cu", 0, nullptr, nullptr) !=
-      NVRTC_SUCCESS) {
-    out.error = "nvrtcCreateProgram failed";
-    return out;
-  }
-  const std::string arch = "--gpu-architecture=sm_" + std::to_string(major) + std::to_string(minor);
-  const std::string type = "-DT_KIND=" + std::to_string(kind);
-  const char* options[] = {arch.c_str(), type.c_str()};
-  const nvrtcResult compiled = nvrtc.nvrtcCompileProgram(program, 2, options);
-  if (compiled != NVRTC_SUCCESS) {
-    std::size_t size = 0;
-    nvrtc.nvrtcGetProgramLogSize(program, &size);
-    std::string log(size, '\0');
-    if (size > 0) nvrtc.nvrtcGetProgramLog(program, log.data());
-    out.error = std::string("NVRTC (") + arch + "): " + nvrtc.nvrtcGetErrorString(compiled) + ": " + log;
-    nvrtc.nvrtcDestroyProgram(&program);
-    return out;
-  }
-  std::size_t size = 0;
-  nvrtc.nvrtcGetCUBINSize(program, &size);
-  std::vector<char> cubin(size);
-  nvrtc.nvrtcGetCUBIN(program, cubin.data());
-  nvrtc.nvrtcDestroyProgram(&program);
-  // NOTE: the module is never unloaded: it lives as long as the process (its context does too), and unloading
-  // it at static destruction could run after the driver shut down.
-  CUmodule module = nullptr;
-  CUresult loaded = nvrtc.cuModuleLoadData(&module, cubin.data());
-  if (loaded == CUDA_SUCCESS) loaded = nvrtc.cuModuleGetFunction(&out.function, module, "fabric_cross_entropy");
-  if (loaded == CUDA_SUCCESS) loaded = nvrtc.cuModuleGetFunction(&out.scale, module, "fabric_cross_entropy_scale");
-  if (loaded != CUDA_SUCCESS) {
-    const char* text = nullptr;
-    nvrtc.cuGetErrorString(loaded, &text);
-    out.error = std::string("loading the CUBIN (") + arch + "): " + (text != nullptr ? text : "unknown error");
-    out.function = nullptr;
-    out.scale = nullptr;
-  }
+  out.error =
+      compile_cuda_module(cross_entropy_kernel_source, "fabric_cross_entropy.cu", {"-DT_KIND=" + std::to_string(kind)},
+                          {{"fabric_cross_entropy", &out.function}, {"fabric_cross_entropy_scale", &out.scale}});
   return out;
 }
 
@@ -14116,7 +14272,7 @@ inline const CrossEntropyKernel& cross_entropy_kernel(c10::Device device, c10::S
       kernel.error = std::string("no kernel for ") + c10::toString(dtype) + " logits";
     } else {
       const c10::cuda::CUDAGuard guard(device);
-      kernel = compile_cross_entropy_kernel(device.index(), kind);
+      kernel = compile_cross_entropy_kernel(kind);
     }
     found = cache.emplace(key, std::move(kernel)).first;
   }
@@ -14145,7 +14301,6 @@ inline void launch_cross_entropy_kernel(const at::Tensor& logits, const at::Tens
   const c10::cuda::CUDAGuard guard(logits.device());
   const std::int64_t n = logits.size(0);
   if (n == 0) return;
-  bind_primary_context(cuda_jit_api());
   const void* logits_ptr = logits.data_ptr();
   void* grad_ptr = grad.defined() ? grad.data_ptr() : nullptr;
   const void* targets_ptr = targets.data_ptr();
@@ -14166,14 +14321,7 @@ inline void launch_cross_entropy_kernel(const at::Tensor& logits, const at::Tens
   const std::int64_t packs = (classes + vec - 1) / vec;
   const unsigned threads = static_cast<unsigned>(std::clamp<std::int64_t>((packs + 31) / 32 * 32, 32, 1024));
   const CUstream stream = c10::cuda::getCurrentCUDAStream(logits.device().index()).stream();
-  const CUresult launched = cuda_jit_api().cuLaunchKernel(kernel.function, static_cast<unsigned>(n), 1, 1, threads, 1,
-                                                          1, 0, stream, args, nullptr);
-  if (launched != CUDA_SUCCESS) {
-    const char* text = nullptr;
-    cuda_jit_api().cuGetErrorString(launched, &text);
-    raise("fabric::nn::cross_entropy: expected the fused kernel to launch, found {}",
-          text != nullptr ? text : "an unknown error");
-  }
+  launch_cuda_kernel("fabric::nn::cross_entropy", kernel.function, static_cast<unsigned>(n), threads, 0, stream, args);
 }
 
 /// Multiplies the gradient the kernel wrote (rows of stride 1) by `by` (float32: one element, or one per row
@@ -14184,7 +14332,6 @@ inline void launch_cross_entropy_scale(const at::Tensor& grad, const at::Tensor&
     raise("fabric::nn::cross_entropy: expected the fused CUDA kernel, found none: {}", kernel.error);
   const c10::cuda::CUDAGuard guard(grad.device());
   if (grad.size(0) == 0) return;
-  bind_primary_context(cuda_jit_api());
   void* grad_ptr = grad.data_ptr();
   const void* by_ptr = by.data_ptr();
   long long stride = grad.stride(0), classes = grad.size(1);
@@ -14195,14 +14342,8 @@ inline void launch_cross_entropy_scale(const at::Tensor& grad, const at::Tensor&
   const std::int64_t packs = (classes + vec - 1) / vec;
   const unsigned threads = static_cast<unsigned>(std::clamp<std::int64_t>((packs + 31) / 32 * 32, 32, 512));
   const CUstream stream = c10::cuda::getCurrentCUDAStream(grad.device().index()).stream();
-  const CUresult launched = cuda_jit_api().cuLaunchKernel(kernel.scale, static_cast<unsigned>(grad.size(0)), 1, 1,
-                                                          threads, 1, 1, 0, stream, args, nullptr);
-  if (launched != CUDA_SUCCESS) {
-    const char* text = nullptr;
-    cuda_jit_api().cuGetErrorString(launched, &text);
-    raise("fabric::nn::cross_entropy: expected the fused kernel to launch, found {}",
-          text != nullptr ? text : "an unknown error");
-  }
+  launch_cuda_kernel("fabric::nn::cross_entropy", kernel.scale, static_cast<unsigned>(grad.size(0)), threads, 0, stream,
+                     args);
 }
 
 inline constexpr bool cross_entropy_kernel_compiled = true;

@@ -3,54 +3,30 @@
 // row's logits (bfloat16, float16 or float32) once for an online max / sum of exponentials in float32, writes
 // the row's loss, and reads the row again (mostly from L2) to write the gradient of the logits in their own
 // dtype: two reads and one write of the logits, no float32 tensor of them. It is compiled at run time with
-// NVRTC (CUBIN output, CUDA 11.1 and later), once per device and dtype, loaded and launched through the
-// driver API on the current stream (so a CUDA graph records it). A CPU-only LibTorch compiles none of this.
-//
-// NOTE: NVRTC and the driver are opened with dlopen, not through ATen's lazily loaded stub
-// (at::globalContext().getNVRTC()): the PyTorch wheels do not ship its header (ATen/cuda/nvrtc_stub/
-// ATenNVRTC.h; checked on the GPU machine's 2.11 wheel), and the struct it declares changes with the CUDA
-// version. The entry points used here have the same C signatures in CUDA 11 to 13 and are typed by the
-// toolkit's own nvrtc.h / cuda.h. libnvrtc is looked up as FABRIC_NVRTC_LIBRARY (an environment variable:
-// a path), then libnvrtc.so.<CUDA major> (already loaded by LibTorch, or on the loader's path), libnvrtc.so
-// and the toolkit's lib64; libcuda.so.1 is the driver's.
-//
-// The CUDA toolkit's headers (cuda.h, nvrtc.h) are needed to compile it; a CPU-only LibTorch (Debian's)
-// has neither. Define FABRIC_CUDA_NVRTC=0 to leave it out on a CUDA build.
-#ifndef FABRIC_CUDA_NVRTC
-#if __has_include(<nvrtc.h>) && __has_include(<cuda.h>) && __has_include(<cuda_runtime_api.h>) && \
-    __has_include(<c10/cuda/CUDAStream.h>) && __has_include(<dlfcn.h>)
-#define FABRIC_CUDA_NVRTC 1
-#else
-#define FABRIC_CUDA_NVRTC 0
-#endif
-#endif
+// NVRTC (fabric/detail/cuda_jit.hpp), once per device and dtype, and launched on the current stream.
+
+#include "fabric/detail/cuda_jit.hpp"
 
 #include <ATen/core/Tensor.h>
 
 #include <string>
 
-#if FABRIC_CUDA_NVRTC
+#if FABRIC_CUDA_JIT
 #include "fabric/core/error.hpp"
 
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <cuda.h>
-#include <cuda_runtime_api.h>
-#include <dlfcn.h>
-#include <nvrtc.h>
 
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
 #include <map>
 #include <mutex>
 #include <utility>
-#include <vector>
 #endif
 
 namespace fabric::detail {
 
-#if FABRIC_CUDA_NVRTC && CUDA_VERSION >= 11010
+#if FABRIC_CUDA_JIT
 
 /// The kernel's CUDA source. T_KIND (set when compiling): 0 float32, 1 bfloat16, 2 float16. It includes no
 /// header (NVRTC has no CUDA include path here): the 16-bit conversions are written out (bfloat16: the top
@@ -226,75 +202,6 @@ extern "C" __global__ void fabric_cross_entropy_scale(storage_t* grad, long long
 }
 )CUDA";
 
-/// The NVRTC and driver entry points the kernel needs, opened once per process (dlopen), or why not.
-struct CudaJitApi {
-#define FABRIC_CUDA_JIT_MEMBER(name) decltype(&::name) name = nullptr;
-// clang-format off
-// NOTE: clang-format 14 reflows these lists differently on each run; kept one entry per line by hand.
-#define FABRIC_CUDA_JIT_NVRTC(_) \
-  _(nvrtcCreateProgram)          \
-  _(nvrtcDestroyProgram)         \
-  _(nvrtcCompileProgram)         \
-  _(nvrtcGetProgramLogSize)      \
-  _(nvrtcGetProgramLog)          \
-  _(nvrtcGetErrorString)         \
-  _(nvrtcGetCUBINSize)           \
-  _(nvrtcGetCUBIN)
-#define FABRIC_CUDA_JIT_DRIVER(_) \
-  _(cuCtxGetCurrent)              \
-  _(cuModuleLoadData)             \
-  _(cuModuleGetFunction)          \
-  _(cuLaunchKernel)               \
-  _(cuGetErrorString)
-
-  FABRIC_CUDA_JIT_NVRTC(FABRIC_CUDA_JIT_MEMBER)
-  FABRIC_CUDA_JIT_DRIVER(FABRIC_CUDA_JIT_MEMBER)
-  // clang-format on
-  std::string error;
-};
-
-/// Opens libnvrtc and libcuda (never closed: the kernels live as long as the process).
-inline const CudaJitApi& cuda_jit_api() {
-  static const CudaJitApi api = [] {
-    CudaJitApi out;
-    std::vector<std::string> names;
-    if (const char* path = std::getenv("FABRIC_NVRTC_LIBRARY"); path != nullptr && *path != '\0') names.push_back(path);
-#if CUDA_VERSION >= 12000
-    names.push_back("libnvrtc.so." + std::to_string(CUDA_VERSION / 1000));
-#else
-    names.push_back("libnvrtc.so." + std::to_string(CUDA_VERSION / 1000) + ".2");
-#endif
-    names.insert(names.end(), {"libnvrtc.so", "/usr/local/cuda/lib64/libnvrtc.so"});
-    void* nvrtc = nullptr;
-    for (const auto& name : names) {
-      if ((nvrtc = dlopen(name.c_str(), RTLD_NOW | RTLD_LOCAL)) != nullptr) break;
-    }
-    void* driver = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
-    if (nvrtc == nullptr || driver == nullptr) {
-      out.error = nvrtc == nullptr ? "NVRTC not found (tried " + names.front() +
-                                         ", libnvrtc.so and "
-                                         "/usr/local/cuda/lib64; set FABRIC_NVRTC_LIBRARY to its path)"
-                                   : "the CUDA driver library libcuda.so.1 not found";
-      return out;
-    }
-#define FABRIC_CUDA_JIT_LOAD_NVRTC(name)                               \
-  out.name = reinterpret_cast<decltype(&::name)>(dlsym(nvrtc, #name)); \
-  if (out.name == nullptr) out.error = "NVRTC lacks " #name;
-#define FABRIC_CUDA_JIT_LOAD_DRIVER(name)                               \
-  out.name = reinterpret_cast<decltype(&::name)>(dlsym(driver, #name)); \
-  if (out.name == nullptr) out.error = "the CUDA driver lacks " #name;
-    FABRIC_CUDA_JIT_NVRTC(FABRIC_CUDA_JIT_LOAD_NVRTC)
-    FABRIC_CUDA_JIT_DRIVER(FABRIC_CUDA_JIT_LOAD_DRIVER)
-#undef FABRIC_CUDA_JIT_LOAD_NVRTC
-#undef FABRIC_CUDA_JIT_LOAD_DRIVER
-    return out;
-  }();
-  return api;
-}
-#undef FABRIC_CUDA_JIT_MEMBER
-#undef FABRIC_CUDA_JIT_NVRTC
-#undef FABRIC_CUDA_JIT_DRIVER
-
 /// A compiled kernel for one device and dtype, or why there is none.
 struct CrossEntropyKernel {
   CUfunction function = nullptr;
@@ -302,69 +209,13 @@ struct CrossEntropyKernel {
   std::string error;
 };
 
-/// Makes the current device's primary context current on this thread, which the driver API needs and the
-/// runtime binds only lazily: a thread whose first CUDA work is this kernel (autograd's device thread, when
-/// the loss's backward is the first node it runs) has none, and cuLaunchKernel would fail with "invalid
-/// device context". cudaFree(nullptr) binds it, as ATen's own NVRTC kernels do.
-inline void bind_primary_context(const CudaJitApi& api) {
-  CUcontext context = nullptr;
-  api.cuCtxGetCurrent(&context);
-  if (context == nullptr) (void)cudaFree(nullptr);
-}
-
 /// Compiles the kernel for the current device (a device guard is set) and `kind` (0 float32, 1 bfloat16, 2
 /// float16); the error is recorded, not thrown, so that the automatic choice falls back to ATen.
-inline CrossEntropyKernel compile_cross_entropy_kernel(int device, int kind) {
-  const CudaJitApi& nvrtc = cuda_jit_api();
+inline CrossEntropyKernel compile_cross_entropy_kernel(int kind) {
   CrossEntropyKernel out;
-  if (!nvrtc.error.empty()) {
-    out.error = nvrtc.error;
-    return out;
-  }
-  bind_primary_context(nvrtc);
-  int major = 0, minor = 0;
-  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess) {
-    out.error = "cudaDeviceGetAttribute failed";
-    return out;
-  }
-  nvrtcProgram program = nullptr;
-  if (nvrtc.nvrtcCreateProgram(&program, cross_entropy_kernel_source, "fabric_cross_entropy.cu", 0, nullptr, nullptr) !=
-      NVRTC_SUCCESS) {
-    out.error = "nvrtcCreateProgram failed";
-    return out;
-  }
-  const std::string arch = "--gpu-architecture=sm_" + std::to_string(major) + std::to_string(minor);
-  const std::string type = "-DT_KIND=" + std::to_string(kind);
-  const char* options[] = {arch.c_str(), type.c_str()};
-  const nvrtcResult compiled = nvrtc.nvrtcCompileProgram(program, 2, options);
-  if (compiled != NVRTC_SUCCESS) {
-    std::size_t size = 0;
-    nvrtc.nvrtcGetProgramLogSize(program, &size);
-    std::string log(size, '\0');
-    if (size > 0) nvrtc.nvrtcGetProgramLog(program, log.data());
-    out.error = std::string("NVRTC (") + arch + "): " + nvrtc.nvrtcGetErrorString(compiled) + ": " + log;
-    nvrtc.nvrtcDestroyProgram(&program);
-    return out;
-  }
-  std::size_t size = 0;
-  nvrtc.nvrtcGetCUBINSize(program, &size);
-  std::vector<char> cubin(size);
-  nvrtc.nvrtcGetCUBIN(program, cubin.data());
-  nvrtc.nvrtcDestroyProgram(&program);
-  // NOTE: the module is never unloaded: it lives as long as the process (its context does too), and unloading
-  // it at static destruction could run after the driver shut down.
-  CUmodule module = nullptr;
-  CUresult loaded = nvrtc.cuModuleLoadData(&module, cubin.data());
-  if (loaded == CUDA_SUCCESS) loaded = nvrtc.cuModuleGetFunction(&out.function, module, "fabric_cross_entropy");
-  if (loaded == CUDA_SUCCESS) loaded = nvrtc.cuModuleGetFunction(&out.scale, module, "fabric_cross_entropy_scale");
-  if (loaded != CUDA_SUCCESS) {
-    const char* text = nullptr;
-    nvrtc.cuGetErrorString(loaded, &text);
-    out.error = std::string("loading the CUBIN (") + arch + "): " + (text != nullptr ? text : "unknown error");
-    out.function = nullptr;
-    out.scale = nullptr;
-  }
+  out.error =
+      compile_cuda_module(cross_entropy_kernel_source, "fabric_cross_entropy.cu", {"-DT_KIND=" + std::to_string(kind)},
+                          {{"fabric_cross_entropy", &out.function}, {"fabric_cross_entropy_scale", &out.scale}});
   return out;
 }
 
@@ -383,7 +234,7 @@ inline const CrossEntropyKernel& cross_entropy_kernel(c10::Device device, c10::S
       kernel.error = std::string("no kernel for ") + c10::toString(dtype) + " logits";
     } else {
       const c10::cuda::CUDAGuard guard(device);
-      kernel = compile_cross_entropy_kernel(device.index(), kind);
+      kernel = compile_cross_entropy_kernel(kind);
     }
     found = cache.emplace(key, std::move(kernel)).first;
   }
@@ -412,7 +263,6 @@ inline void launch_cross_entropy_kernel(const at::Tensor& logits, const at::Tens
   const c10::cuda::CUDAGuard guard(logits.device());
   const std::int64_t n = logits.size(0);
   if (n == 0) return;
-  bind_primary_context(cuda_jit_api());
   const void* logits_ptr = logits.data_ptr();
   void* grad_ptr = grad.defined() ? grad.data_ptr() : nullptr;
   const void* targets_ptr = targets.data_ptr();
@@ -433,14 +283,7 @@ inline void launch_cross_entropy_kernel(const at::Tensor& logits, const at::Tens
   const std::int64_t packs = (classes + vec - 1) / vec;
   const unsigned threads = static_cast<unsigned>(std::clamp<std::int64_t>((packs + 31) / 32 * 32, 32, 1024));
   const CUstream stream = c10::cuda::getCurrentCUDAStream(logits.device().index()).stream();
-  const CUresult launched = cuda_jit_api().cuLaunchKernel(kernel.function, static_cast<unsigned>(n), 1, 1, threads, 1,
-                                                          1, 0, stream, args, nullptr);
-  if (launched != CUDA_SUCCESS) {
-    const char* text = nullptr;
-    cuda_jit_api().cuGetErrorString(launched, &text);
-    raise("fabric::nn::cross_entropy: expected the fused kernel to launch, found {}",
-          text != nullptr ? text : "an unknown error");
-  }
+  launch_cuda_kernel("fabric::nn::cross_entropy", kernel.function, static_cast<unsigned>(n), threads, 0, stream, args);
 }
 
 /// Multiplies the gradient the kernel wrote (rows of stride 1) by `by` (float32: one element, or one per row
@@ -451,7 +294,6 @@ inline void launch_cross_entropy_scale(const at::Tensor& grad, const at::Tensor&
     raise("fabric::nn::cross_entropy: expected the fused CUDA kernel, found none: {}", kernel.error);
   const c10::cuda::CUDAGuard guard(grad.device());
   if (grad.size(0) == 0) return;
-  bind_primary_context(cuda_jit_api());
   void* grad_ptr = grad.data_ptr();
   const void* by_ptr = by.data_ptr();
   long long stride = grad.stride(0), classes = grad.size(1);
@@ -462,14 +304,8 @@ inline void launch_cross_entropy_scale(const at::Tensor& grad, const at::Tensor&
   const std::int64_t packs = (classes + vec - 1) / vec;
   const unsigned threads = static_cast<unsigned>(std::clamp<std::int64_t>((packs + 31) / 32 * 32, 32, 512));
   const CUstream stream = c10::cuda::getCurrentCUDAStream(grad.device().index()).stream();
-  const CUresult launched = cuda_jit_api().cuLaunchKernel(kernel.scale, static_cast<unsigned>(grad.size(0)), 1, 1,
-                                                          threads, 1, 1, 0, stream, args, nullptr);
-  if (launched != CUDA_SUCCESS) {
-    const char* text = nullptr;
-    cuda_jit_api().cuGetErrorString(launched, &text);
-    raise("fabric::nn::cross_entropy: expected the fused kernel to launch, found {}",
-          text != nullptr ? text : "an unknown error");
-  }
+  launch_cuda_kernel("fabric::nn::cross_entropy", kernel.scale, static_cast<unsigned>(grad.size(0)), threads, 0, stream,
+                     args);
 }
 
 inline constexpr bool cross_entropy_kernel_compiled = true;

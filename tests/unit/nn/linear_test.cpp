@@ -145,3 +145,142 @@ TEST_CASE("fabric::nn::Linear under bf16-mixed: one bfloat16 GEMM, close to floa
   }
   CHECK(torch::allclose(y, expected, /*rtol=*/0.05, /*atol=*/0.05));
 }
+
+namespace {
+
+/// The largest distance of a float32 gradient from a float64 reference.
+double distance(const at::Tensor& grad, const at::Tensor& reference) {
+  return (grad.to(torch::kDouble) - reference).abs().max().item<double>();
+}
+
+/// Runs the mixed-precision backward (fabric::nn::Linear) and autocast's own (at::linear) on the same layer,
+/// input and upstream gradient under autocast on `device`, and checks what the mixed one promises: the same
+/// forward bit for bit, the same input gradient, float32 weight and bias gradients that are at least as close
+/// to the float64 products of the rounded operands as autocast's, and no cast node for the weight.
+void check_mixed_backward(const torch::Device& device, c10::ScalarType dtype, std::int64_t rows) {
+  for (const bool bias : {true, false}) {
+    for (const std::vector<std::int64_t>& shape : {std::vector<std::int64_t>{rows, 24}, {4, rows / 4, 24}, {24}}) {
+      CAPTURE(bias, shape, device.str());
+      torch::manual_seed(9);
+      fabric::nn::Linear fast(torch::nn::LinearOptions(24, 40).bias(bias));
+      fast->to(device);
+      const at::Tensor x = torch::randn(shape, device).requires_grad_();
+      const at::Tensor x_ref = x.detach().clone().requires_grad_();
+      std::vector<std::int64_t> out_shape = shape;
+      out_shape.back() = 40;
+      // Values whose row sums and products round visibly in the autocast dtype.
+      const at::Tensor upstream = (torch::randn(out_shape, device) + 3.0).to(dtype);
+      at::Tensor y, y_ref;
+      std::set<std::string> graph;
+      {
+        fabric::AutocastGuard autocast(device.type(), dtype);
+        y = fast(x);
+        graph = graph_of(y);
+        y_ref = at::linear(x_ref, fast->weight, fast->bias);
+      }
+      CAPTURE(graph);
+      CHECK(graph.count("torch::autograd::CppNode<fabric::nn::detail::MixedLinear>") == 1);
+      CHECK(graph.count("AddmmBackward0") == 0);
+      REQUIRE(y.scalar_type() == dtype);
+      // NOTE: for a 1-D input at::linear runs a matrix-vector product and a separate bias add (two roundings).
+      const bool folded = shape.size() > 1;
+      if (folded) CHECK(torch::equal(y, y_ref));
+      CHECK(torch::allclose(y.to(torch::kFloat), y_ref.to(torch::kFloat), 1.0 / 64, 1e-2));
+      y.backward(upstream);
+      const at::Tensor weight_grad = fast->weight.grad().clone();
+      const at::Tensor bias_grad = bias ? fast->bias.grad().clone() : at::Tensor();
+      fast->zero_grad();
+      y_ref.backward(upstream);
+      if (folded) CHECK(torch::equal(x.grad(), x_ref.grad()));
+      CHECK(torch::allclose(x.grad(), x_ref.grad(), 1.0 / 64, 1e-2));
+      REQUIRE(weight_grad.scalar_type() == torch::kFloat);
+      // The exact gradients of the operands autocast rounded: float64 products of the rounded values.
+      const at::Tensor g64 = upstream.to(torch::kDouble).reshape({-1, 40});
+      const at::Tensor x64 = x.detach().to(dtype).to(torch::kDouble).reshape({-1, 24});
+      const at::Tensor weight_exact = g64.t().mm(x64);
+      const double mixed = distance(weight_grad, weight_exact), autocast = distance(fast->weight.grad(), weight_exact);
+      CAPTURE(mixed, autocast);
+      // Where the GEMM writes float32 the product is not rounded to the autocast dtype at all; elsewhere it
+      // is rounded once, as autocast rounds it (the operands' order differs: a rounding apart at most).
+      if (fabric::nn::detail::mm_with_out_dtype<at::Tensor> && device.is_cuda()) CHECK(mixed * 16 < autocast);
+      CHECK(torch::allclose(weight_grad, fast->weight.grad(), 1.0 / 64, 1e-2));
+      if (bias) {
+        REQUIRE(bias_grad.scalar_type() == torch::kFloat);
+        const at::Tensor bias_exact = g64.sum(0);
+        const double bias_mixed = distance(bias_grad, bias_exact),
+                     bias_autocast = distance(fast->bias.grad(), bias_exact);
+        CAPTURE(bias_mixed, bias_autocast);
+        // A float32 sum against a sum rounded to the autocast dtype: orders of magnitude apart once rows
+        // add up (2^-8 of ~3 x rows for bfloat16).
+        if (shape.size() > 1) CHECK(bias_mixed * 100 < bias_autocast);
+        CHECK(bias_mixed <= 1e-4 * bias_exact.abs().max().item<double>());
+      }
+    }
+  }
+}
+
+}  // namespace
+
+TEST_CASE("fabric::nn::Linear under autocast: float32 weight and bias gradients, the forward of at::linear",
+          "[nn][precision]") {
+  check_mixed_backward(torch::kCPU, torch::kBFloat16, 512);
+}
+
+TEST_CASE("fabric::nn::Linear under autocast keeps at::linear where the mixed backward does not apply",
+          "[nn][precision]") {
+  torch::manual_seed(4);
+  fabric::nn::Linear fast(8, 6);
+  const at::Tensor x = torch::randn({3, 8});  // no gradient: the only casts with a backward are the parameters'
+  fabric::AutocastGuard autocast(torch::kCPU, torch::kBFloat16);
+  // The mixed backward unless switched off, and a clone keeps the choice.
+  CHECK(fast->mixed_backward());
+  auto graph = graph_of(fast(x));
+  CAPTURE(graph);
+  CHECK(graph.count("torch::autograd::CppNode<fabric::nn::detail::MixedLinear>") == 1);
+  CHECK(graph.count("ToCopyBackward0") == 0);
+  fast->mixed_backward(false);
+  CHECK(!std::dynamic_pointer_cast<fabric::nn::LinearImpl>(fast->clone())->mixed_backward());
+  graph = graph_of(fast(x));
+  CHECK(graph.count("AddmmBackward0") == 1);
+  CHECK(graph.count("ToCopyBackward0") == 1);  // autocast's casts of the weight and the bias
+  fast->mixed_backward(true);
+  // For bfloat16 weights (fabric::BF16Master's): at::linear.
+  fabric::nn::Linear low(8, 6);
+  low->to(torch::kBFloat16);
+  graph = graph_of(low(x));
+  CHECK(graph.count("AddmmBackward0") == 1);
+  CHECK(graph.count("torch::autograd::CppNode<fabric::nn::detail::MixedLinear>") == 0);
+  // A weight that does not require grad (frozen): at::linear.
+  fast->weight.requires_grad_(false);
+  CHECK(graph_of(fast(x)).count("AddmmBackward0") == 1);
+}
+
+TEST_CASE("fabric::nn::Linear's mixed backward refuses a double backward; mixed_backward(false) differentiates twice",
+          "[nn][precision][errors]") {
+  torch::manual_seed(6);
+  fabric::nn::Linear fast(5, 3);
+  const at::Tensor x = torch::randn({4, 5}).requires_grad_();
+  const auto gradient_norm = [&] {
+    fabric::AutocastGuard autocast(torch::kCPU, torch::kBFloat16);
+    const at::Tensor loss = fast(x).to(torch::kFloat).pow(2).sum();
+    const auto grads = torch::autograd::grad({loss}, {x}, {}, /*retain_graph=*/true, /*create_graph=*/true);
+    return grads[0].pow(2).sum();
+  };
+  CHECK_THROWS_AS(gradient_norm(), fabric::Error);
+  CHECK_THROWS_WITH(gradient_norm(), ContainsSubstring("expected a backward without create_graph under autocast") &&
+                                         ContainsSubstring("mixed_backward(false)"));
+  fast->mixed_backward(false);
+  const at::Tensor penalty = gradient_norm();
+  penalty.backward();
+  REQUIRE(fast->weight.grad().defined());
+  CHECK(fast->weight.grad().abs().sum().item<double>() > 0);
+}
+
+TEST_CASE("fabric::nn::Linear under CUDA autocast: float32 gradients from the GEMM", "[nn][precision][cuda]") {
+  if (!torch::cuda::is_available()) SKIP("no GPU visible");
+  INFO("at::mm(a, b, out_dtype) in this LibTorch: " << fabric::nn::detail::mm_with_out_dtype<at::Tensor>);
+  for (const auto dtype : {torch::kBFloat16, torch::kHalf}) {
+    CAPTURE(dtype);
+    check_mixed_backward(torch::Device(torch::kCUDA, 0), dtype, 1024);
+  }
+}
