@@ -4,14 +4,15 @@
 // embedding. The default Config is GPT-2 small (124,475,904 parameters with the vocabulary padded to
 // 50304); the model is written like nanoGPT's, so the parameter names and the initialisation match.
 // Its Linear layers are fabric::nn::Linear (the bias inside the GEMM for [B, T, C] inputs, which
-// torch::nn::Linear does not do) and its loss is fabric::nn::cross_entropy (no float32 logits).
+// torch::nn::Linear does not do; under autocast float32 weight gradients from the GEMM), its LayerNorms
+// fabric::nn::LayerNorm (fused CUDA kernels) and its loss is fabric::nn::cross_entropy (no float32 logits).
 //
 //     gpt2::GPT model(gpt2::Config{});                  // GPT-2 small
 //     gpt2::GPT tiny(gpt2::Config::tiny());             // a few thousand parameters, for tests
 //     at::Tensor logits = model(tokens);                // tokens [B, T] int64 -> logits [B, T, vocab]
 
 #include <torch/torch.h>
-#include <fabric/fabric.hpp>  // fabric::nn::Linear and fabric::nn::cross_entropy (single_include has it too)
+#include <fabric/fabric.hpp>  // fabric::nn::Linear, LayerNorm and cross_entropy (single_include has them too)
 
 // NOTE: LibTorch 2.0 added scaled_dot_product_attention (flash and memory-efficient kernels on the
 // GPU); 1.13 gets the same attention spelled out with a causal mask.
@@ -103,13 +104,21 @@ class MLPImpl : public torch::nn::Module {
 };
 TORCH_MODULE(MLP);
 
+/// A LayerNorm over n features whose output feeds a Linear: fabric's fused kernels on CUDA, and under
+/// autocast its output in the autocast dtype, which the Linear would cast it to anyway.
+inline fabric::nn::LayerNorm layer_norm(std::int64_t n) {
+  fabric::nn::LayerNorm ln(torch::nn::LayerNormOptions({n}));
+  ln->autocast_output(true);
+  return ln;
+}
+
 /// A pre-LayerNorm transformer block: x + attn(ln_1(x)), then + mlp(ln_2(x)).
 class BlockImpl : public torch::nn::Module {
  public:
   explicit BlockImpl(const Config& config)
-      : ln_1(register_module("ln_1", torch::nn::LayerNorm(torch::nn::LayerNormOptions({config.n_embd})))),
+      : ln_1(register_module("ln_1", layer_norm(config.n_embd))),
         attn(register_module("attn", CausalSelfAttention(config))),
-        ln_2(register_module("ln_2", torch::nn::LayerNorm(torch::nn::LayerNormOptions({config.n_embd})))),
+        ln_2(register_module("ln_2", layer_norm(config.n_embd))),
         mlp(register_module("mlp", MLP(config))) {}
 
   /// Returns the block's output for x [B, T, C].
@@ -118,9 +127,9 @@ class BlockImpl : public torch::nn::Module {
     return x + mlp(ln_2(x));
   }
 
-  torch::nn::LayerNorm ln_1;
+  fabric::nn::LayerNorm ln_1;
   CausalSelfAttention attn;
-  torch::nn::LayerNorm ln_2;
+  fabric::nn::LayerNorm ln_2;
   MLP mlp;
 };
 // NOTE: a fabric unit (in place of TORCH_MODULE): FSDP and activation checkpointing wrap its forward.
@@ -140,7 +149,7 @@ class GPTImpl : public torch::nn::Module {
         wte(register_module("wte", torch::nn::Embedding(config.vocab_size, config.n_embd))),
         wpe(register_module("wpe", torch::nn::Embedding(config.block_size, config.n_embd))),
         h(register_module("h", torch::nn::ModuleList())),
-        ln_f(register_module("ln_f", torch::nn::LayerNorm(torch::nn::LayerNormOptions({config.n_embd})))) {
+        ln_f(register_module("ln_f", layer_norm(config.n_embd))) {
     for (std::int64_t i = 0; i < config.n_layer; ++i) {
       blocks_.emplace_back(config);
       h->push_back(blocks_.back());
@@ -196,7 +205,7 @@ class GPTImpl : public torch::nn::Module {
  public:
   torch::nn::Embedding wte, wpe;
   torch::nn::ModuleList h;
-  torch::nn::LayerNorm ln_f;
+  fabric::nn::LayerNorm ln_f;
 
  private:
   std::vector<Block> blocks_;  // the blocks of h, typed

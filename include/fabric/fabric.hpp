@@ -30,6 +30,7 @@
 #include "fabric/loggers/csv.hpp"
 #include "fabric/loggers/logger.hpp"
 #include "fabric/loggers/tensorboard.hpp"
+#include "fabric/nn/layer_norm.hpp"
 #include "fabric/nn/linear.hpp"
 #include "fabric/nn/loss.hpp"
 #include "fabric/optim/foreach_step.hpp"

@@ -13654,197 +13654,22 @@ class TensorBoardLogger final : public Logger {
 
 }  // namespace fabric
 // ---- end fabric/loggers/tensorboard.hpp
-// ---- begin fabric/nn/linear.hpp
-// fabric::nn::Linear: torch::nn::Linear whose forward keeps the bias in the matrix product for every
-// input rank (at::linear), so a [B, T, C] input costs one GEMM, not a GEMM and a separate bias add; under
-// autocast its float32 weight and bias get their gradients in float32 straight from the GEMM and the sum.
+// ---- begin fabric/nn/layer_norm.hpp
+// fabric::nn::LayerNorm: torch::nn::LayerNorm whose CUDA forward and backward are fabric's fused kernels
+// (fabric/detail/layer_norm_kernel.hpp): one pass to normalise, one to differentiate, the weight's and the
+// bias's gradients summed in the same pass; under autocast it can write its output in the autocast dtype,
+// so that the Linear after it casts nothing.
 
-
-#include <ATen/core/Tensor.h>
-#include <ATen/core/grad_mode.h>
-#include <ATen/ops/addmm.h>
-#include <ATen/ops/linear.h>
-#include <ATen/ops/mm.h>
-#include <c10/core/Device.h>
-#include <c10/core/ScalarType.h>
-#include <c10/util/Optional.h>
-#include <torch/csrc/autograd/custom_function.h>
-#include <torch/csrc/autograd/grad_mode.h>
-#include <torch/nn/module.h>
-#include <torch/nn/modules/linear.h>
-#include <torch/nn/options/linear.h>
-#include <torch/nn/pimpl.h>
-
-#include <cstdint>
-#include <memory>
-#include <ostream>
-#include <vector>
-
-namespace fabric::nn {
-namespace detail {
-
-/// True when this LibTorch has `at::mm(a, b, out_dtype)` (bfloat16 / float16 operands, a float32 product
-/// straight from the GEMM; CUDA only).
-template <class T>
-concept mm_with_out_dtype = requires(const T& t) {
-  at::mm(t, t, c10::ScalarType::Float);
-};
-
-/// Returns a @ b in float32 for operands of a lower precision: the GEMM writes float32 where this LibTorch
-/// can (CUDA), else the product is rounded to the operands' dtype and widened, as autocast's backward does.
-template <class T = at::Tensor>
-at::Tensor mm_float(const T& a, const T& b) {
-  if constexpr (mm_with_out_dtype<T>) {
-    if (a.is_cuda()) return at::mm(a, b, c10::ScalarType::Float);
-  }
-  return at::mm(a, b).to(c10::ScalarType::Float);
-}
-
-/// The autograd Function of fabric::nn::Linear under autocast: input in the autocast dtype, float32
-/// weight [out, in] and bias [out] (or undefined). Forward casts the weight and bias and runs one GEMM with
-/// the bias in it (what at::linear runs under autocast, bit for bit); backward gives the input's gradient in
-/// its dtype and the weight's and bias's in float32: the weight's from a GEMM that writes float32 where
-/// LibTorch has one (CUDA, LibTorch 2.x), the bias's summed into float32. Against autocast's own backward
-/// (a bfloat16 product and sum, then a cast kernel for each) that drops one pass over every gradient and
-/// the rounding of the gradient to bfloat16.
-struct MixedLinear : torch::autograd::Function<MixedLinear> {
-  // NOTE: the bias is an optional (autograd's custom Functions take no undefined tensor as an input).
-  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& input, const at::Tensor& weight,
-                            const c10::optional<at::Tensor>& bias) {
-    const c10::ScalarType dtype = input.scalar_type();
-    const bool has_bias = bias.has_value() && bias->defined();
-    const at::Tensor w = weight.to(dtype);
-    const at::Tensor x = input.reshape({-1, input.size(-1)});
-    const at::Tensor y = has_bias ? at::addmm(bias->to(dtype), x, w.t()) : at::mm(x, w.t());
-    ctx->save_for_backward({x, w});
-    ctx->saved_data["input_sizes"] = input.sizes().vec();
-    ctx->saved_data["bias"] = has_bias;
-    std::vector<std::int64_t> sizes = input.sizes().vec();
-    sizes.back() = weight.size(0);
-    return y.view(sizes);
-  }
-
-  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
-                                                 torch::autograd::variable_list grads) {
-    if (at::GradMode::is_enabled()) {
-      fabric::detail::raise(
-          "fabric::nn::Linear: expected a backward without create_graph under autocast, found a double backward "
-          "(its mixed-precision backward is not differentiable); switch it off for this layer with "
-          "layer->mixed_backward(false), which runs at::linear's differentiable backward");
-    }
-    const auto saved = ctx->get_saved_variables();
-    const at::Tensor& x = saved[0];
-    const at::Tensor& w = saved[1];
-    const at::Tensor g = grads[0].reshape({-1, grads[0].size(-1)}).to(x.scalar_type());
-    at::Tensor grad_input, grad_weight, grad_bias;
-    if (ctx->needs_input_grad(0)) grad_input = g.mm(w).view(ctx->saved_data["input_sizes"].toIntVector());
-    if (ctx->needs_input_grad(1)) grad_weight = mm_float(g.t(), x);
-    if (ctx->saved_data["bias"].toBool() && ctx->needs_input_grad(2)) {
-      grad_bias = g.sum({0}, /*keepdim=*/false, c10::ScalarType::Float);
-    }
-    return {grad_input, grad_weight, grad_bias};
-  }
-};
-
-}  // namespace detail
-
-/// A drop-in for `torch::nn::LinearImpl`: the same options, parameters (`weight` [out, in], `bias` [out]),
-/// initialisation (so a seed gives the same weights) and state-dict keys, and a forward that calls
-/// `at::linear`, which folds an input of any rank into one GEMM with the bias in it.
-///
-/// NOTE: LibTorch's `torch::nn::functional::linear` (and so `torch::nn::Linear`) fuses the bias only for
-/// 2-D inputs; for a [B, T, C] input it runs the matmul and then `output += bias`, a second pass over the
-/// output, and under autocast a mixed bfloat16 += float32 add. Python's `nn.Linear` calls `at::linear`.
-///
-/// Under autocast (bf16-mixed, 16-mixed: autocast on for the input's device, a float32 weight that requires
-/// grad, in grad mode) the forward is the same GEMM, and the backward gives the float32 weight and bias their
-/// gradients in float32 directly: the weight's from a GEMM that writes float32 (on CUDA with LibTorch 2.x;
-/// elsewhere a product rounded as autocast rounds it), the bias's summed into float32 (autocast's sum rounds
-/// to bfloat16 first: about 2^-8 of the gradient). On an H200 that removes GPT-2's cast kernels of the
-/// weights' gradients (`ToCopyBackward0`). Its backward is not differentiable: `mixed_backward(false)` gives
-/// at::linear's backward for second-order gradients (a double backward through it is a fabric::Error).
-///
-///     fabric::nn::Linear fc(768, 3072);                                 // as torch::nn::Linear(768, 3072)
-///     fabric::nn::Linear head(torch::nn::LinearOptions(768, 10).bias(false));
-///     at::Tensor y = fc(x);                                             // x [B, T, 768] -> [B, T, 3072]
-///
-/// It is a `torch::nn::LinearImpl` (`module.as<torch::nn::Linear>()` finds it), and `clone()` gives a
-/// fabric::nn::LinearImpl.
-class LinearImpl : public torch::nn::LinearImpl {
- public:
-  /// Creates the layer as `torch::nn::Linear(in_features, out_features)` does.
-  LinearImpl(std::int64_t in_features, std::int64_t out_features)
-      : LinearImpl(torch::nn::LinearOptions(in_features, out_features)) {}
-  /// Creates the layer as `torch::nn::Linear(options)` does.
-  explicit LinearImpl(const torch::nn::LinearOptions& options) : torch::nn::LinearImpl(options) {}
-
-  /// Returns `input @ weight.T + bias` for an input [..., in_features], bias inside the GEMM.
-  at::Tensor forward(const at::Tensor& input) {
-    if (mixed_backward_ && input.dim() > 0) {
-      const c10::DeviceType device = input.device().type();
-      if (fabric::detail::autocast_enabled(device) && weight.scalar_type() == c10::ScalarType::Float &&
-          weight.requires_grad() && at::GradMode::is_enabled() && weight.device() == input.device()) {
-        const c10::ScalarType dtype = fabric::detail::autocast_dtype(device);
-        if ((dtype == c10::ScalarType::BFloat16 || dtype == c10::ScalarType::Half) &&
-            (input.scalar_type() == c10::ScalarType::Float || input.scalar_type() == dtype)) {
-          return detail::MixedLinear::apply(input.to(dtype), weight, c10::optional<at::Tensor>(bias));
-        }
-      }
-    }
-    return at::linear(input, weight, bias);
-  }
-
-  /// Whether the backward under autocast is the mixed-precision one above (the default) or at::linear's.
-  bool mixed_backward() const noexcept { return mixed_backward_; }
-  /// Chooses the backward under autocast: false gives at::linear's (differentiable, so second-order
-  /// gradients work; the weight's gradient rounded to the autocast dtype, then cast).
-  LinearImpl& mixed_backward(bool on) noexcept {
-    mixed_backward_ = on;
-    return *this;
-  }
-
-  /// Returns a deep copy that is a fabric::nn::LinearImpl too (on `device` when given).
-  std::shared_ptr<torch::nn::Module> clone(const c10::optional<c10::Device>& device = c10::nullopt) const override {
-    torch::NoGradGuard no_grad;
-    auto copy = std::make_shared<LinearImpl>(options);
-    const auto copy_into = [&device](const at::Tensor& from, const at::Tensor& to) {
-      if (from.defined()) to.set_data(device && from.device() != *device ? from.to(*device) : from.clone());
-    };
-    copy_into(weight, copy->weight);
-    copy_into(bias, copy->bias);
-    copy->train(is_training());
-    copy->mixed_backward_ = mixed_backward_;
-    return copy;
-  }
-
-  /// Prints `fabric::nn::Linear(in_features=.., out_features=.., bias=..)`.
-  void pretty_print(std::ostream& stream) const override {
-    stream << "fabric::nn::Linear(in_features=" << options.in_features() << ", out_features=" << options.out_features()
-           << ", bias=" << std::boolalpha << options.bias() << ")";
-  }
-
- private:
-  bool mixed_backward_ = true;
-};
-
-/// The module holder of fabric::nn::LinearImpl, used as `torch::nn::Linear` is.
-TORCH_MODULE(Linear);
-
-}  // namespace fabric::nn
-// ---- end fabric/nn/linear.hpp
-// ---- begin fabric/nn/loss.hpp
-// fabric::nn::cross_entropy: cross-entropy of bfloat16 / float16 (or float32) logits that accumulates in
-// float32 without a float32 copy of the whole logits. Where the logits require grad, the forward also writes
-// their gradient (the llm.c / Liger trick: softmax - target distribution is known once the row's log-sum-exp
-// is), so that the backward only scales it: on CUDA in one fused kernel compiled at run time with NVRTC
-// (fabric/detail/cross_entropy_kernel.hpp), elsewhere chunk by chunk of rows with ATen ops.
-
-// ---- begin fabric/detail/cross_entropy_kernel.hpp
-// The fused cross-entropy kernel of fabric::nn::cross_entropy on CUDA: one thread block per row reads the
-// row's logits (bfloat16, float16 or float32) once for an online max / sum of exponentials in float32, writes
-// the row's loss, and reads the row again (mostly from L2) to write the gradient of the logits in their own
-// dtype: two reads and one write of the logits, no float32 tensor of them. It is compiled at run time with
-// NVRTC (fabric/detail/cuda_jit.hpp), once per device and dtype, and launched on the current stream.
+// ---- begin fabric/detail/layer_norm_kernel.hpp
+// The fused LayerNorm kernels of fabric::nn::LayerNorm on CUDA, compiled at run time with NVRTC
+// (fabric/detail/cuda_jit.hpp) once per device and pair of dtypes. Forward: a warp per row reads the row
+// (float32, bfloat16 or float16) for its mean, again (from L1) for its variance, and a third time to write
+// the normalised, scaled and shifted row in the output dtype (the autocast dtype where fabric::nn::LayerNorm
+// is asked for it, so that no cast kernel follows), keeping the row's mean and 1/std in float32. Backward:
+// a warp per row, two passes, writes the input's gradient and adds the row's terms of the weight's and the
+// bias's gradients to its warp's own float32 partial sums in shared memory (each lane always owns the same
+// columns: no atomics, so the sums are deterministic); each block writes its partials, and a second kernel
+// sums them over blocks in a fixed order.
 
 // ---- begin fabric/detail/cuda_jit.hpp
 // Run-time compiled CUDA kernels (fabric::nn::cross_entropy's, fabric::nn::LayerNorm's): NVRTC compiles a
@@ -14045,6 +13870,704 @@ inline void launch_cuda_kernel(const char* who, CUfunction function, unsigned gr
 #define FABRIC_CUDA_JIT 0
 #endif
 // ---- end fabric/detail/cuda_jit.hpp
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <string>
+#include <utility>
+
+#if FABRIC_CUDA_JIT
+
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <algorithm>
+#include <map>
+#include <mutex>
+#include <tuple>
+#endif
+
+namespace fabric::detail {
+
+/// The widest row (normalised elements) the fused kernels take: the backward keeps two float32 partial sums
+/// per column and warp in shared memory (at most 48 KiB without opting in to more).
+inline constexpr std::int64_t layer_norm_kernel_max_columns = 6144;
+
+#if FABRIC_CUDA_JIT
+
+/// The kernels' CUDA source. X_KIND and Y_KIND (set when compiling) are the input's and the output's dtypes:
+/// 0 float32, 1 bfloat16, 2 float16; the output's gradient has the output's dtype and the input's gradient
+/// the input's. Weight and bias are float32 or absent (null). No header is included (NVRTC has no CUDA
+/// include path here): the 16-bit conversions are written out, as in the cross-entropy kernel.
+inline constexpr const char* layer_norm_kernel_source = R"CUDA(
+typedef unsigned short u16;
+__device__ __forceinline__ float bf16_to_float(u16 x) { return __uint_as_float(((unsigned)x) << 16); }
+__device__ __forceinline__ u16 float_to_bf16(float f) {
+  unsigned u = __float_as_uint(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return (u16)0x7fc0u;
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return (u16)(u >> 16);
+}
+__device__ __forceinline__ float half_to_float(u16 x) {
+  float f;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(x));
+  return f;
+}
+__device__ __forceinline__ u16 float_to_half(float f) {
+  u16 h;
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+  return h;
+}
+
+#if X_KIND == 0
+typedef float x_t;
+__device__ __forceinline__ float load_x(float v) { return v; }
+__device__ __forceinline__ float store_x(float f) { return f; }
+#elif X_KIND == 1
+typedef u16 x_t;
+__device__ __forceinline__ float load_x(u16 v) { return bf16_to_float(v); }
+__device__ __forceinline__ u16 store_x(float f) { return float_to_bf16(f); }
+#else
+typedef u16 x_t;
+__device__ __forceinline__ float load_x(u16 v) { return half_to_float(v); }
+__device__ __forceinline__ u16 store_x(float f) { return float_to_half(f); }
+#endif
+
+#if Y_KIND == 0
+typedef float y_t;
+__device__ __forceinline__ float load_y(float v) { return v; }
+__device__ __forceinline__ float store_y(float f) { return f; }
+#elif Y_KIND == 1
+typedef u16 y_t;
+__device__ __forceinline__ float load_y(u16 v) { return bf16_to_float(v); }
+__device__ __forceinline__ u16 store_y(float f) { return float_to_bf16(f); }
+#else
+typedef u16 y_t;
+__device__ __forceinline__ float load_y(u16 v) { return half_to_float(v); }
+__device__ __forceinline__ u16 store_y(float f) { return float_to_half(f); }
+#endif
+
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// A warp per row, blockDim.x / 32 rows per block.
+extern "C" __global__ void fabric_layer_norm_forward(const x_t* __restrict__ x, const float* __restrict__ w,
+                                                     const float* __restrict__ b, y_t* __restrict__ y,
+                                                     float* __restrict__ mean_out, float* __restrict__ rstd_out,
+                                                     long long rows, long long cols, float eps) {
+  const long long row = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  const int lane = threadIdx.x & 31;
+  if (row >= rows) return;
+  const x_t* xr = x + row * cols;
+  float s = 0.f;
+  for (long long j = lane; j < cols; j += 32) s += load_x(xr[j]);
+  const float mean = warp_sum(s) / (float)cols;
+  float v = 0.f;
+  for (long long j = lane; j < cols; j += 32) {
+    const float d = load_x(xr[j]) - mean;
+    v += d * d;
+  }
+  const float rstd = rsqrtf(warp_sum(v) / (float)cols + eps);
+  y_t* yr = y + row * cols;
+  for (long long j = lane; j < cols; j += 32) {
+    float o = (load_x(xr[j]) - mean) * rstd;
+    if (w != 0) o *= w[j];
+    if (b != 0) o += b[j];
+    yr[j] = store_y(o);
+  }
+  if (lane == 0) {
+    mean_out[row] = mean;
+    rstd_out[row] = rstd;
+  }
+}
+
+// Rows strided over the grid, a warp per row; shared memory: [warps][2][cols] float32 partial sums of
+// g * xhat (the weight's gradient) and g (the bias's). partial: [gridDim.x][2][cols].
+extern "C" __global__ void fabric_layer_norm_backward(const y_t* __restrict__ g, const x_t* __restrict__ x,
+                                                      const float* __restrict__ w, const float* __restrict__ mean,
+                                                      const float* __restrict__ rstd, x_t* __restrict__ dx,
+                                                      float* __restrict__ partial, long long rows, long long cols) {
+  extern __shared__ float shared[];
+  const int warps = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  float* mine = shared + (long long)warp * 2 * cols;
+  if (partial != 0) {
+    for (long long j = lane; j < 2 * cols; j += 32) mine[j] = 0.f;
+  }
+  const float inv = 1.f / (float)cols;
+  for (long long row = (long long)blockIdx.x * warps + warp; row < rows; row += (long long)gridDim.x * warps) {
+    const x_t* xr = x + row * cols;
+    const y_t* gr = g + row * cols;
+    const float m = mean[row], r = rstd[row];
+    float a = 0.f, c = 0.f;
+    for (long long j = lane; j < cols; j += 32) {
+      const float xh = (load_x(xr[j]) - m) * r;
+      const float gw = w != 0 ? load_y(gr[j]) * w[j] : load_y(gr[j]);
+      a += gw;
+      c += gw * xh;
+    }
+    a = warp_sum(a) * inv;
+    c = warp_sum(c) * inv;
+    x_t* dxr = dx + row * cols;
+    for (long long j = lane; j < cols; j += 32) {
+      const float xh = (load_x(xr[j]) - m) * r;
+      const float gj = load_y(gr[j]);
+      const float gw = w != 0 ? gj * w[j] : gj;
+      if (dx != 0) dxr[j] = store_x(r * (gw - a - xh * c));
+      if (partial != 0) {
+        mine[j] += gj * xh;
+        mine[cols + j] += gj;
+      }
+    }
+  }
+  if (partial == 0) return;
+  __syncthreads();
+  for (long long j = threadIdx.x; j < 2 * cols; j += blockDim.x) {
+    float t = 0.f;
+    for (int k = 0; k < warps; ++k) t += shared[(long long)k * 2 * cols + j];
+    partial[(long long)blockIdx.x * 2 * cols + j] = t;
+  }
+}
+
+// Sums partial [blocks][n] over blocks into out [n] (float32), in a fixed order: a block of 32 x 8 threads
+// per 32 columns, each thread a strided eighth of the blocks, then the eight in order.
+extern "C" __global__ void fabric_layer_norm_sum(const float* __restrict__ partial, float* __restrict__ out,
+                                                 long long blocks, long long n) {
+  __shared__ float sums[8][33];
+  const long long j = (long long)blockIdx.x * 32 + threadIdx.x;
+  float t = 0.f;
+  if (j < n) {
+    for (long long k = threadIdx.y; k < blocks; k += 8) t += partial[k * n + j];
+  }
+  sums[threadIdx.y][threadIdx.x] = t;
+  __syncthreads();
+  if (threadIdx.y == 0 && j < n) {
+    float s = 0.f;
+    for (int k = 0; k < 8; ++k) s += sums[k][threadIdx.x];
+    out[j] = s;
+  }
+}
+)CUDA";
+
+/// The compiled kernels for one device and pair of dtypes, or why there are none.
+struct LayerNormKernels {
+  CUfunction forward = nullptr;
+  CUfunction backward = nullptr;
+  CUfunction sum = nullptr;
+  std::string error;
+};
+
+/// 0 float32, 1 bfloat16, 2 float16, -1 any other dtype.
+constexpr int layer_norm_kind(c10::ScalarType dtype) noexcept {
+  return dtype == c10::ScalarType::Float      ? 0
+         : dtype == c10::ScalarType::BFloat16 ? 1
+         : dtype == c10::ScalarType::Half     ? 2
+                                              : -1;
+}
+
+/// The kernels for `device`, input dtype `x` and output dtype `y` from a per-process cache (compiled on
+/// first use), or the reason there are none.
+inline const LayerNormKernels& layer_norm_kernels(c10::Device device, c10::ScalarType x, c10::ScalarType y) {
+  static std::mutex mutex;
+  static std::map<std::tuple<int, int, int>, LayerNormKernels> cache;
+  const int xk = layer_norm_kind(x), yk = layer_norm_kind(y);
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto key = std::make_tuple(static_cast<int>(device.index()), xk, yk);
+  auto found = cache.find(key);
+  if (found == cache.end()) {
+    LayerNormKernels kernels;
+    if (xk < 0 || yk < 0) {
+      kernels.error = std::string("no kernel for ") + c10::toString(x) + " input and " + c10::toString(y) + " output";
+    } else {
+      const c10::cuda::CUDAGuard guard(device);
+      kernels.error = compile_cuda_module(layer_norm_kernel_source, "fabric_layer_norm.cu",
+                                          {"-DX_KIND=" + std::to_string(xk), "-DY_KIND=" + std::to_string(yk)},
+                                          {{"fabric_layer_norm_forward", &kernels.forward},
+                                           {"fabric_layer_norm_backward", &kernels.backward},
+                                           {"fabric_layer_norm_sum", &kernels.sum}});
+    }
+    found = cache.emplace(key, std::move(kernels)).first;
+  }
+  return found->second;
+}
+
+/// Why the fused kernels cannot normalise `input` (any shape, `cols` trailing elements a row) into `output`
+/// dtype with float32 (or no) weight and bias, or "" when they can.
+inline std::string layer_norm_kernel_unavailable(const at::Tensor& input, c10::ScalarType output, std::int64_t cols,
+                                                 const at::Tensor& weight, const at::Tensor& bias) {
+  if (!input.is_cuda()) return "the input is not on a CUDA device";
+  if (cols < 1 || cols > layer_norm_kernel_max_columns) {
+    return "rows of " + std::to_string(cols) + " elements (the kernels take 1 to " +
+           std::to_string(layer_norm_kernel_max_columns) + ")";
+  }
+  for (const at::Tensor* t : {&weight, &bias}) {
+    if (t->defined() && (t->scalar_type() != c10::ScalarType::Float || t->device() != input.device())) {
+      return "a weight or bias that is not float32 on the input's device";
+    }
+  }
+  return layer_norm_kernels(input.device(), input.scalar_type(), output).error;
+}
+
+/// Normalises x (contiguous, rows of `cols`) into y (contiguous, `y`'s dtype), writing mean and rstd
+/// (float32, one per row), on the current stream.
+inline void launch_layer_norm_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                                      const at::Tensor& y, const at::Tensor& mean, const at::Tensor& rstd,
+                                      std::int64_t cols, double eps) {
+  const LayerNormKernels& kernels = layer_norm_kernels(x.device(), x.scalar_type(), y.scalar_type());
+  if (kernels.forward == nullptr)
+    raise("fabric::nn::LayerNorm: expected the fused CUDA kernels, found none: {}", kernels.error);
+  const c10::cuda::CUDAGuard guard(x.device());
+  long long rows = x.numel() / cols, columns = cols;
+  if (rows == 0) return;
+  const void* x_ptr = x.data_ptr();
+  const void* w_ptr = weight.defined() ? weight.data_ptr() : nullptr;
+  const void* b_ptr = bias.defined() ? bias.data_ptr() : nullptr;
+  void* y_ptr = y.data_ptr();
+  void* mean_ptr = mean.data_ptr();
+  void* rstd_ptr = rstd.data_ptr();
+  float epsilon = static_cast<float>(eps);
+  void* args[] = {&x_ptr, &w_ptr, &b_ptr, &y_ptr, &mean_ptr, &rstd_ptr, &rows, &columns, &epsilon};
+  constexpr long long warps = 4;
+  const CUstream stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
+  launch_cuda_kernel("fabric::nn::LayerNorm", kernels.forward, static_cast<unsigned>((rows + warps - 1) / warps),
+                     static_cast<unsigned>(32 * warps), 0, stream, args);
+}
+
+/// The gradients of the fused forward: dx (x's dtype; undefined: not computed) and, where `partial` is asked
+/// for (`affine`), the weight's and the bias's gradients (float32 [cols] each) on the current stream.
+inline std::pair<at::Tensor, at::Tensor> launch_layer_norm_backward(const at::Tensor& g, const at::Tensor& x,
+                                                                    const at::Tensor& weight, const at::Tensor& mean,
+                                                                    const at::Tensor& rstd, const at::Tensor& dx,
+                                                                    bool affine, std::int64_t cols) {
+  const LayerNormKernels& kernels = layer_norm_kernels(x.device(), x.scalar_type(), g.scalar_type());
+  if (kernels.backward == nullptr)
+    raise("fabric::nn::LayerNorm: expected the fused CUDA kernels, found none: {}", kernels.error);
+  const c10::cuda::CUDAGuard guard(x.device());
+  long long rows = x.numel() / cols, columns = cols;
+  const auto options = x.options().dtype(c10::ScalarType::Float);
+  // Warps a block: as many as the shared partial sums leave room for (4 for GPT-2's 768 columns).
+  const long long warps = std::clamp<long long>(static_cast<long long>(48 * 1024 / (8 * cols)), 1, 4);
+  int sms = 0;
+  (void)cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, x.device().index());
+  const long long blocks = std::clamp<long long>((rows + warps - 1) / warps, 1, 2LL * std::max(sms, 1));
+  if (rows == 0) {
+    if (!affine) return {};
+    at::Tensor zeros = at::empty({2 * cols}, options).zero_();
+    return {zeros.narrow(0, 0, cols), zeros.narrow(0, cols, cols)};
+  }
+  at::Tensor partial = affine ? at::empty({blocks, 2 * cols}, options) : at::Tensor();
+  const void* g_ptr = g.data_ptr();
+  const void* x_ptr = x.data_ptr();
+  const void* w_ptr = weight.defined() ? weight.data_ptr() : nullptr;
+  const void* mean_ptr = mean.data_ptr();
+  const void* rstd_ptr = rstd.data_ptr();
+  void* dx_ptr = dx.defined() ? dx.data_ptr() : nullptr;
+  void* partial_ptr = affine ? partial.data_ptr() : nullptr;
+  void* args[] = {&g_ptr, &x_ptr, &w_ptr, &mean_ptr, &rstd_ptr, &dx_ptr, &partial_ptr, &rows, &columns};
+  const CUstream stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
+  launch_cuda_kernel("fabric::nn::LayerNorm", kernels.backward, static_cast<unsigned>(blocks),
+                     static_cast<unsigned>(32 * warps), static_cast<unsigned>(affine ? warps * 8 * cols : 0), stream,
+                     args);
+  if (!affine) return {};
+  at::Tensor sums = at::empty({2 * cols}, options);
+  const void* partial_in = partial.data_ptr();
+  void* sums_ptr = sums.data_ptr();
+  long long n = 2 * cols, count = blocks;
+  void* sum_args[] = {&partial_in, &sums_ptr, &count, &n};
+  launch_cuda_kernel("fabric::nn::LayerNorm", kernels.sum, static_cast<unsigned>((n + 31) / 32), 32, 0, stream,
+                     sum_args,
+                     /*block_y=*/8);
+  return {sums.narrow(0, 0, cols), sums.narrow(0, cols, cols)};
+}
+
+inline constexpr bool layer_norm_kernel_compiled = true;
+
+#else
+
+inline constexpr bool layer_norm_kernel_compiled = false;
+
+inline std::string layer_norm_kernel_unavailable(const at::Tensor& input, c10::ScalarType, std::int64_t,
+                                                 const at::Tensor&, const at::Tensor&) {
+  if (!input.is_cuda()) return "the input is not on a CUDA device";
+  return "fabric was compiled without the CUDA toolkit's NVRTC headers (FABRIC_CUDA_NVRTC=0)";
+}
+inline void launch_layer_norm_forward(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                      const at::Tensor&, const at::Tensor&, std::int64_t, double) {}
+inline std::pair<at::Tensor, at::Tensor> launch_layer_norm_backward(const at::Tensor&, const at::Tensor&,
+                                                                    const at::Tensor&, const at::Tensor&,
+                                                                    const at::Tensor&, const at::Tensor&, bool,
+                                                                    std::int64_t) {
+  return {};
+}
+
+#endif
+
+}  // namespace fabric::detail
+// ---- end fabric/detail/layer_norm_kernel.hpp
+
+#include <ATen/core/Tensor.h>
+#include <ATen/core/grad_mode.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/core/Device.h>
+#include <c10/core/ScalarType.h>
+#include <c10/util/ArrayRef.h>
+#include <c10/util/Optional.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/grad_mode.h>
+#include <torch/nn/module.h>
+#include <torch/nn/modules/normalization.h>
+#include <torch/nn/options/normalization.h>
+#include <torch/nn/pimpl.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <ostream>
+#include <utility>
+#include <vector>
+
+namespace fabric::nn {
+namespace detail {
+
+/// The autograd Function of fabric::nn::LayerNorm's fused path: input (CUDA, any shape whose last elements
+/// make rows of `cols`), float32 weight and bias [cols] (or undefined), the output in `output` dtype.
+struct FusedLayerNorm : torch::autograd::Function<FusedLayerNorm> {
+  // NOTE: weight and bias are optionals (autograd's custom Functions take no undefined tensor as an input).
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& input,
+                            const c10::optional<at::Tensor>& weight_or_none,
+                            const c10::optional<at::Tensor>& bias_or_none, std::int64_t cols, double eps,
+                            std::int64_t output) {
+    const at::Tensor weight = weight_or_none.value_or(at::Tensor()), bias = bias_or_none.value_or(at::Tensor());
+    const at::Tensor x = input.contiguous();
+    const auto float32 = x.options().dtype(c10::ScalarType::Float);
+    const at::Tensor y = at::empty(x.sizes(), x.options().dtype(static_cast<c10::ScalarType>(output)));
+    const std::int64_t rows = cols > 0 ? x.numel() / cols : 0;
+    const at::Tensor mean = at::empty({rows}, float32), rstd = at::empty({rows}, float32);
+    fabric::detail::launch_layer_norm_forward(x, weight, bias, y, mean, rstd, cols, eps);
+    ctx->save_for_backward({x, weight, mean, rstd});
+    ctx->saved_data["cols"] = cols;
+    ctx->saved_data["output"] = output;
+    ctx->saved_data["bias"] = bias.defined();
+    return y;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    if (at::GradMode::is_enabled()) {
+      fabric::detail::raise(
+          "fabric::nn::LayerNorm: expected a backward without create_graph, found a double backward (the fused "
+          "kernels' backward is not differentiable); switch them off for this layer with "
+          "layer->fused_kernels(false), which runs at::layer_norm");
+    }
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor& x = saved[0];
+    const at::Tensor& weight = saved[1];
+    const std::int64_t cols = ctx->saved_data["cols"].toInt();
+    const at::Tensor g = grads[0].to(static_cast<c10::ScalarType>(ctx->saved_data["output"].toInt())).contiguous();
+    const at::Tensor dx = ctx->needs_input_grad(0) ? at::empty_like(x) : at::Tensor();
+    const bool affine = weight.defined() && (ctx->needs_input_grad(1) || ctx->needs_input_grad(2));
+    auto [dw, db] = fabric::detail::launch_layer_norm_backward(g, x, weight, saved[2], saved[3], dx, affine, cols);
+    if (!ctx->needs_input_grad(1)) dw = at::Tensor();
+    if (!ctx->saved_data["bias"].toBool() || !ctx->needs_input_grad(2)) db = at::Tensor();
+    return {dx, dw, db, at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+}  // namespace detail
+
+/// A drop-in for `torch::nn::LayerNormImpl`: the same options, parameters (`weight`, `bias`), initialisation
+/// and state-dict keys. On CUDA, where fabric's kernels run (fabric compiled with the toolkit's NVRTC headers;
+/// a float32, bfloat16 or float16 input; float32 or no weight and bias; rows of at most 6144 elements) it
+/// normalises with them: the forward reads a row three times from one load (mean, variance, output), the
+/// backward writes the input's gradient and sums the weight's and the bias's in the same pass. Elsewhere
+/// (CPU, other dtypes) it is `torch::nn::LayerNorm`'s forward.
+///
+/// The output's dtype is `torch::nn::LayerNorm`'s: the input's, and float32 under autocast (LayerNorm runs
+/// in float32 there) — unless `autocast_output(true)`: then under autocast the output is in the autocast
+/// dtype, which is what a following Linear casts it to anyway (the values are those of the float32 output
+/// rounded once), so no cast kernel runs forward or backward. Only where the output feeds a layer that
+/// autocast runs in the lower dtype (a Linear, a matmul): a residual sum would get a rounded addend.
+///
+///     fabric::nn::LayerNorm ln(torch::nn::LayerNormOptions({768}));   // as torch::nn::LayerNorm
+///     ln->autocast_output(true);                                       // its output feeds a Linear
+///
+/// The fused backward is not differentiable (a double backward is a fabric::Error); `fused_kernels(false)`
+/// gives `at::layer_norm` for second-order gradients. It is a `torch::nn::LayerNormImpl`
+/// (`module.as<torch::nn::LayerNorm>()` finds it), and `clone()` gives a fabric::nn::LayerNormImpl.
+class LayerNormImpl : public torch::nn::LayerNormImpl {
+ public:
+  /// Creates the layer as `torch::nn::LayerNorm(normalized_shape)` does.
+  explicit LayerNormImpl(std::vector<std::int64_t> normalized_shape)
+      : LayerNormImpl(torch::nn::LayerNormOptions(std::move(normalized_shape))) {}
+  /// Creates the layer as `torch::nn::LayerNorm(options)` does.
+  explicit LayerNormImpl(const torch::nn::LayerNormOptions& options) : torch::nn::LayerNormImpl(options) {}
+
+  /// Normalises the trailing `normalized_shape` elements of `input`.
+  at::Tensor forward(const at::Tensor& input) {
+    if (fused_ && input.is_cuda()) {
+      const std::vector<std::int64_t>& shape = options.normalized_shape();
+      const auto dims = static_cast<std::int64_t>(shape.size());
+      bool matches = input.dim() >= dims;
+      std::int64_t cols = 1;
+      for (std::int64_t i = 0; matches && i < dims; ++i) {
+        matches = input.size(input.dim() - dims + i) == shape[static_cast<std::size_t>(i)];
+        cols *= shape[static_cast<std::size_t>(i)];
+      }
+      const bool autocast = fabric::detail::autocast_enabled(c10::DeviceType::CUDA);
+      const c10::ScalarType output = !autocast          ? input.scalar_type()
+                                     : autocast_output_ ? fabric::detail::autocast_dtype(c10::DeviceType::CUDA)
+                                                        : c10::ScalarType::Float;
+      if (matches && fabric::detail::layer_norm_kernel_unavailable(input, output, cols, weight, bias).empty()) {
+        return detail::FusedLayerNorm::apply(input, c10::optional<at::Tensor>(weight), c10::optional<at::Tensor>(bias),
+                                             cols, options.eps(), static_cast<std::int64_t>(output));
+      }
+    }
+    return torch::nn::LayerNormImpl::forward(input);
+  }
+
+  /// Whether CUDA inputs go through fabric's kernels (the default) or `at::layer_norm`.
+  bool fused_kernels() const noexcept { return fused_; }
+  /// Chooses fabric's kernels (true) or `at::layer_norm` (false: differentiable twice) for CUDA inputs.
+  LayerNormImpl& fused_kernels(bool on) noexcept {
+    fused_ = on;
+    return *this;
+  }
+  /// Whether the output under autocast is in the autocast dtype (fused path only) rather than float32.
+  bool autocast_output() const noexcept { return autocast_output_; }
+  /// Chooses the autocast dtype (true) or float32 (false, the default, as torch::nn::LayerNorm) for the output
+  /// under autocast.
+  LayerNormImpl& autocast_output(bool on) noexcept {
+    autocast_output_ = on;
+    return *this;
+  }
+
+  /// Returns a deep copy that is a fabric::nn::LayerNormImpl too (on `device` when given).
+  std::shared_ptr<torch::nn::Module> clone(const c10::optional<c10::Device>& device = c10::nullopt) const override {
+    torch::NoGradGuard no_grad;
+    auto copy = std::make_shared<LayerNormImpl>(options);
+    const auto copy_into = [&device](const at::Tensor& from, const at::Tensor& to) {
+      if (from.defined()) to.set_data(device && from.device() != *device ? from.to(*device) : from.clone());
+    };
+    copy_into(weight, copy->weight);
+    copy_into(bias, copy->bias);
+    copy->train(is_training());
+    copy->fused_ = fused_;
+    copy->autocast_output_ = autocast_output_;
+    return copy;
+  }
+
+  /// Prints `fabric::nn::LayerNorm([768], eps=1e-05, elementwise_affine=true)`.
+  void pretty_print(std::ostream& stream) const override {
+    stream << std::boolalpha << "fabric::nn::LayerNorm(" << c10::IntArrayRef(options.normalized_shape())
+           << ", eps=" << options.eps() << ", elementwise_affine=" << options.elementwise_affine() << ")";
+  }
+
+ private:
+  bool fused_ = true;
+  bool autocast_output_ = false;
+};
+
+/// The module holder of fabric::nn::LayerNormImpl, used as `torch::nn::LayerNorm` is.
+TORCH_MODULE(LayerNorm);
+
+}  // namespace fabric::nn
+// ---- end fabric/nn/layer_norm.hpp
+// ---- begin fabric/nn/linear.hpp
+// fabric::nn::Linear: torch::nn::Linear whose forward keeps the bias in the matrix product for every
+// input rank (at::linear), so a [B, T, C] input costs one GEMM, not a GEMM and a separate bias add; under
+// autocast its float32 weight and bias get their gradients in float32 straight from the GEMM and the sum.
+
+
+#include <ATen/core/Tensor.h>
+#include <ATen/core/grad_mode.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/linear.h>
+#include <ATen/ops/mm.h>
+#include <c10/core/Device.h>
+#include <c10/core/ScalarType.h>
+#include <c10/util/Optional.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/grad_mode.h>
+#include <torch/nn/module.h>
+#include <torch/nn/modules/linear.h>
+#include <torch/nn/options/linear.h>
+#include <torch/nn/pimpl.h>
+
+#include <cstdint>
+#include <memory>
+#include <ostream>
+#include <vector>
+
+namespace fabric::nn {
+namespace detail {
+
+/// True when this LibTorch has `at::mm(a, b, out_dtype)` (bfloat16 / float16 operands, a float32 product
+/// straight from the GEMM; CUDA only).
+template <class T>
+concept mm_with_out_dtype = requires(const T& t) {
+  at::mm(t, t, c10::ScalarType::Float);
+};
+
+/// Returns a @ b in float32 for operands of a lower precision: the GEMM writes float32 where this LibTorch
+/// can (CUDA), else the product is rounded to the operands' dtype and widened, as autocast's backward does.
+template <class T = at::Tensor>
+at::Tensor mm_float(const T& a, const T& b) {
+  if constexpr (mm_with_out_dtype<T>) {
+    if (a.is_cuda()) return at::mm(a, b, c10::ScalarType::Float);
+  }
+  return at::mm(a, b).to(c10::ScalarType::Float);
+}
+
+/// The autograd Function of fabric::nn::Linear under autocast: input in the autocast dtype, float32
+/// weight [out, in] and bias [out] (or undefined). Forward casts the weight and bias and runs one GEMM with
+/// the bias in it (what at::linear runs under autocast, bit for bit); backward gives the input's gradient in
+/// its dtype and the weight's and bias's in float32: the weight's from a GEMM that writes float32 where
+/// LibTorch has one (CUDA, LibTorch 2.x), the bias's summed into float32. Against autocast's own backward
+/// (a bfloat16 product and sum, then a cast kernel for each) that drops one pass over every gradient and
+/// the rounding of the gradient to bfloat16.
+struct MixedLinear : torch::autograd::Function<MixedLinear> {
+  // NOTE: the bias is an optional (autograd's custom Functions take no undefined tensor as an input).
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& input, const at::Tensor& weight,
+                            const c10::optional<at::Tensor>& bias) {
+    const c10::ScalarType dtype = input.scalar_type();
+    const bool has_bias = bias.has_value() && bias->defined();
+    const at::Tensor w = weight.to(dtype);
+    const at::Tensor x = input.reshape({-1, input.size(-1)});
+    const at::Tensor y = has_bias ? at::addmm(bias->to(dtype), x, w.t()) : at::mm(x, w.t());
+    ctx->save_for_backward({x, w});
+    ctx->saved_data["input_sizes"] = input.sizes().vec();
+    ctx->saved_data["bias"] = has_bias;
+    std::vector<std::int64_t> sizes = input.sizes().vec();
+    sizes.back() = weight.size(0);
+    return y.view(sizes);
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    if (at::GradMode::is_enabled()) {
+      fabric::detail::raise(
+          "fabric::nn::Linear: expected a backward without create_graph under autocast, found a double backward "
+          "(its mixed-precision backward is not differentiable); switch it off for this layer with "
+          "layer->mixed_backward(false), which runs at::linear's differentiable backward");
+    }
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor& x = saved[0];
+    const at::Tensor& w = saved[1];
+    const at::Tensor g = grads[0].reshape({-1, grads[0].size(-1)}).to(x.scalar_type());
+    at::Tensor grad_input, grad_weight, grad_bias;
+    if (ctx->needs_input_grad(0)) grad_input = g.mm(w).view(ctx->saved_data["input_sizes"].toIntVector());
+    if (ctx->needs_input_grad(1)) grad_weight = mm_float(g.t(), x);
+    if (ctx->saved_data["bias"].toBool() && ctx->needs_input_grad(2)) {
+      grad_bias = g.sum({0}, /*keepdim=*/false, c10::ScalarType::Float);
+    }
+    return {grad_input, grad_weight, grad_bias};
+  }
+};
+
+}  // namespace detail
+
+/// A drop-in for `torch::nn::LinearImpl`: the same options, parameters (`weight` [out, in], `bias` [out]),
+/// initialisation (so a seed gives the same weights) and state-dict keys, and a forward that calls
+/// `at::linear`, which folds an input of any rank into one GEMM with the bias in it.
+///
+/// NOTE: LibTorch's `torch::nn::functional::linear` (and so `torch::nn::Linear`) fuses the bias only for
+/// 2-D inputs; for a [B, T, C] input it runs the matmul and then `output += bias`, a second pass over the
+/// output, and under autocast a mixed bfloat16 += float32 add. Python's `nn.Linear` calls `at::linear`.
+///
+/// Under autocast (bf16-mixed, 16-mixed: autocast on for the input's device, a float32 weight that requires
+/// grad, in grad mode) the forward is the same GEMM, and the backward gives the float32 weight and bias their
+/// gradients in float32 directly: the weight's from a GEMM that writes float32 (on CUDA with LibTorch 2.x;
+/// elsewhere a product rounded as autocast rounds it), the bias's summed into float32 (autocast's sum rounds
+/// to bfloat16 first: about 2^-8 of the gradient). On an H200 that removes GPT-2's cast kernels of the
+/// weights' gradients (`ToCopyBackward0`). Its backward is not differentiable: `mixed_backward(false)` gives
+/// at::linear's backward for second-order gradients (a double backward through it is a fabric::Error).
+///
+///     fabric::nn::Linear fc(768, 3072);                                 // as torch::nn::Linear(768, 3072)
+///     fabric::nn::Linear head(torch::nn::LinearOptions(768, 10).bias(false));
+///     at::Tensor y = fc(x);                                             // x [B, T, 768] -> [B, T, 3072]
+///
+/// It is a `torch::nn::LinearImpl` (`module.as<torch::nn::Linear>()` finds it), and `clone()` gives a
+/// fabric::nn::LinearImpl.
+class LinearImpl : public torch::nn::LinearImpl {
+ public:
+  /// Creates the layer as `torch::nn::Linear(in_features, out_features)` does.
+  LinearImpl(std::int64_t in_features, std::int64_t out_features)
+      : LinearImpl(torch::nn::LinearOptions(in_features, out_features)) {}
+  /// Creates the layer as `torch::nn::Linear(options)` does.
+  explicit LinearImpl(const torch::nn::LinearOptions& options) : torch::nn::LinearImpl(options) {}
+
+  /// Returns `input @ weight.T + bias` for an input [..., in_features], bias inside the GEMM.
+  at::Tensor forward(const at::Tensor& input) {
+    if (mixed_backward_ && input.dim() > 0) {
+      const c10::DeviceType device = input.device().type();
+      if (fabric::detail::autocast_enabled(device) && weight.scalar_type() == c10::ScalarType::Float &&
+          weight.requires_grad() && at::GradMode::is_enabled() && weight.device() == input.device()) {
+        const c10::ScalarType dtype = fabric::detail::autocast_dtype(device);
+        if ((dtype == c10::ScalarType::BFloat16 || dtype == c10::ScalarType::Half) &&
+            (input.scalar_type() == c10::ScalarType::Float || input.scalar_type() == dtype)) {
+          return detail::MixedLinear::apply(input.to(dtype), weight, c10::optional<at::Tensor>(bias));
+        }
+      }
+    }
+    return at::linear(input, weight, bias);
+  }
+
+  /// Whether the backward under autocast is the mixed-precision one above (the default) or at::linear's.
+  bool mixed_backward() const noexcept { return mixed_backward_; }
+  /// Chooses the backward under autocast: false gives at::linear's (differentiable, so second-order
+  /// gradients work; the weight's gradient rounded to the autocast dtype, then cast).
+  LinearImpl& mixed_backward(bool on) noexcept {
+    mixed_backward_ = on;
+    return *this;
+  }
+
+  /// Returns a deep copy that is a fabric::nn::LinearImpl too (on `device` when given).
+  std::shared_ptr<torch::nn::Module> clone(const c10::optional<c10::Device>& device = c10::nullopt) const override {
+    torch::NoGradGuard no_grad;
+    auto copy = std::make_shared<LinearImpl>(options);
+    const auto copy_into = [&device](const at::Tensor& from, const at::Tensor& to) {
+      if (from.defined()) to.set_data(device && from.device() != *device ? from.to(*device) : from.clone());
+    };
+    copy_into(weight, copy->weight);
+    copy_into(bias, copy->bias);
+    copy->train(is_training());
+    copy->mixed_backward_ = mixed_backward_;
+    return copy;
+  }
+
+  /// Prints `fabric::nn::Linear(in_features=.., out_features=.., bias=..)`.
+  void pretty_print(std::ostream& stream) const override {
+    stream << "fabric::nn::Linear(in_features=" << options.in_features() << ", out_features=" << options.out_features()
+           << ", bias=" << std::boolalpha << options.bias() << ")";
+  }
+
+ private:
+  bool mixed_backward_ = true;
+};
+
+/// The module holder of fabric::nn::LinearImpl, used as `torch::nn::Linear` is.
+TORCH_MODULE(Linear);
+
+}  // namespace fabric::nn
+// ---- end fabric/nn/linear.hpp
+// ---- begin fabric/nn/loss.hpp
+// fabric::nn::cross_entropy: cross-entropy of bfloat16 / float16 (or float32) logits that accumulates in
+// float32 without a float32 copy of the whole logits. Where the logits require grad, the forward also writes
+// their gradient (the llm.c / Liger trick: softmax - target distribution is known once the row's log-sum-exp
+// is), so that the backward only scales it: on CUDA in one fused kernel compiled at run time with NVRTC
+// (fabric/detail/cross_entropy_kernel.hpp), elsewhere chunk by chunk of rows with ATen ops.
+
+// ---- begin fabric/detail/cross_entropy_kernel.hpp
+// The fused cross-entropy kernel of fabric::nn::cross_entropy on CUDA: one thread block per row reads the
+// row's logits (bfloat16, float16 or float32) once for an online max / sum of exponentials in float32, writes
+// the row's loss, and reads the row again (mostly from L2) to write the gradient of the logits in their own
+// dtype: two reads and one write of the logits, no float32 tensor of them. It is compiled at run time with
+// NVRTC (fabric/detail/cuda_jit.hpp), once per device and dtype, and launched on the current stream.
+
 
 #include <ATen/core/Tensor.h>
 

@@ -1,0 +1,349 @@
+#pragma once
+// The fused LayerNorm kernels of fabric::nn::LayerNorm on CUDA, compiled at run time with NVRTC
+// (fabric/detail/cuda_jit.hpp) once per device and pair of dtypes. Forward: a warp per row reads the row
+// (float32, bfloat16 or float16) for its mean, again (from L1) for its variance, and a third time to write
+// the normalised, scaled and shifted row in the output dtype (the autocast dtype where fabric::nn::LayerNorm
+// is asked for it, so that no cast kernel follows), keeping the row's mean and 1/std in float32. Backward:
+// a warp per row, two passes, writes the input's gradient and adds the row's terms of the weight's and the
+// bias's gradients to its warp's own float32 partial sums in shared memory (each lane always owns the same
+// columns: no atomics, so the sums are deterministic); each block writes its partials, and a second kernel
+// sums them over blocks in a fixed order.
+
+#include "fabric/detail/cuda_jit.hpp"
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <string>
+#include <utility>
+
+#if FABRIC_CUDA_JIT
+#include "fabric/core/error.hpp"
+
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <algorithm>
+#include <map>
+#include <mutex>
+#include <tuple>
+#endif
+
+namespace fabric::detail {
+
+/// The widest row (normalised elements) the fused kernels take: the backward keeps two float32 partial sums
+/// per column and warp in shared memory (at most 48 KiB without opting in to more).
+inline constexpr std::int64_t layer_norm_kernel_max_columns = 6144;
+
+#if FABRIC_CUDA_JIT
+
+/// The kernels' CUDA source. X_KIND and Y_KIND (set when compiling) are the input's and the output's dtypes:
+/// 0 float32, 1 bfloat16, 2 float16; the output's gradient has the output's dtype and the input's gradient
+/// the input's. Weight and bias are float32 or absent (null). No header is included (NVRTC has no CUDA
+/// include path here): the 16-bit conversions are written out, as in the cross-entropy kernel.
+inline constexpr const char* layer_norm_kernel_source = R"CUDA(
+typedef unsigned short u16;
+__device__ __forceinline__ float bf16_to_float(u16 x) { return __uint_as_float(((unsigned)x) << 16); }
+__device__ __forceinline__ u16 float_to_bf16(float f) {
+  unsigned u = __float_as_uint(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return (u16)0x7fc0u;
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return (u16)(u >> 16);
+}
+__device__ __forceinline__ float half_to_float(u16 x) {
+  float f;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(x));
+  return f;
+}
+__device__ __forceinline__ u16 float_to_half(float f) {
+  u16 h;
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+  return h;
+}
+
+#if X_KIND == 0
+typedef float x_t;
+__device__ __forceinline__ float load_x(float v) { return v; }
+__device__ __forceinline__ float store_x(float f) { return f; }
+#elif X_KIND == 1
+typedef u16 x_t;
+__device__ __forceinline__ float load_x(u16 v) { return bf16_to_float(v); }
+__device__ __forceinline__ u16 store_x(float f) { return float_to_bf16(f); }
+#else
+typedef u16 x_t;
+__device__ __forceinline__ float load_x(u16 v) { return half_to_float(v); }
+__device__ __forceinline__ u16 store_x(float f) { return float_to_half(f); }
+#endif
+
+#if Y_KIND == 0
+typedef float y_t;
+__device__ __forceinline__ float load_y(float v) { return v; }
+__device__ __forceinline__ float store_y(float f) { return f; }
+#elif Y_KIND == 1
+typedef u16 y_t;
+__device__ __forceinline__ float load_y(u16 v) { return bf16_to_float(v); }
+__device__ __forceinline__ u16 store_y(float f) { return float_to_bf16(f); }
+#else
+typedef u16 y_t;
+__device__ __forceinline__ float load_y(u16 v) { return half_to_float(v); }
+__device__ __forceinline__ u16 store_y(float f) { return float_to_half(f); }
+#endif
+
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// A warp per row, blockDim.x / 32 rows per block.
+extern "C" __global__ void fabric_layer_norm_forward(const x_t* __restrict__ x, const float* __restrict__ w,
+                                                     const float* __restrict__ b, y_t* __restrict__ y,
+                                                     float* __restrict__ mean_out, float* __restrict__ rstd_out,
+                                                     long long rows, long long cols, float eps) {
+  const long long row = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  const int lane = threadIdx.x & 31;
+  if (row >= rows) return;
+  const x_t* xr = x + row * cols;
+  float s = 0.f;
+  for (long long j = lane; j < cols; j += 32) s += load_x(xr[j]);
+  const float mean = warp_sum(s) / (float)cols;
+  float v = 0.f;
+  for (long long j = lane; j < cols; j += 32) {
+    const float d = load_x(xr[j]) - mean;
+    v += d * d;
+  }
+  const float rstd = rsqrtf(warp_sum(v) / (float)cols + eps);
+  y_t* yr = y + row * cols;
+  for (long long j = lane; j < cols; j += 32) {
+    float o = (load_x(xr[j]) - mean) * rstd;
+    if (w != 0) o *= w[j];
+    if (b != 0) o += b[j];
+    yr[j] = store_y(o);
+  }
+  if (lane == 0) {
+    mean_out[row] = mean;
+    rstd_out[row] = rstd;
+  }
+}
+
+// Rows strided over the grid, a warp per row; shared memory: [warps][2][cols] float32 partial sums of
+// g * xhat (the weight's gradient) and g (the bias's). partial: [gridDim.x][2][cols].
+extern "C" __global__ void fabric_layer_norm_backward(const y_t* __restrict__ g, const x_t* __restrict__ x,
+                                                      const float* __restrict__ w, const float* __restrict__ mean,
+                                                      const float* __restrict__ rstd, x_t* __restrict__ dx,
+                                                      float* __restrict__ partial, long long rows, long long cols) {
+  extern __shared__ float shared[];
+  const int warps = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  float* mine = shared + (long long)warp * 2 * cols;
+  if (partial != 0) {
+    for (long long j = lane; j < 2 * cols; j += 32) mine[j] = 0.f;
+  }
+  const float inv = 1.f / (float)cols;
+  for (long long row = (long long)blockIdx.x * warps + warp; row < rows; row += (long long)gridDim.x * warps) {
+    const x_t* xr = x + row * cols;
+    const y_t* gr = g + row * cols;
+    const float m = mean[row], r = rstd[row];
+    float a = 0.f, c = 0.f;
+    for (long long j = lane; j < cols; j += 32) {
+      const float xh = (load_x(xr[j]) - m) * r;
+      const float gw = w != 0 ? load_y(gr[j]) * w[j] : load_y(gr[j]);
+      a += gw;
+      c += gw * xh;
+    }
+    a = warp_sum(a) * inv;
+    c = warp_sum(c) * inv;
+    x_t* dxr = dx + row * cols;
+    for (long long j = lane; j < cols; j += 32) {
+      const float xh = (load_x(xr[j]) - m) * r;
+      const float gj = load_y(gr[j]);
+      const float gw = w != 0 ? gj * w[j] : gj;
+      if (dx != 0) dxr[j] = store_x(r * (gw - a - xh * c));
+      if (partial != 0) {
+        mine[j] += gj * xh;
+        mine[cols + j] += gj;
+      }
+    }
+  }
+  if (partial == 0) return;
+  __syncthreads();
+  for (long long j = threadIdx.x; j < 2 * cols; j += blockDim.x) {
+    float t = 0.f;
+    for (int k = 0; k < warps; ++k) t += shared[(long long)k * 2 * cols + j];
+    partial[(long long)blockIdx.x * 2 * cols + j] = t;
+  }
+}
+
+// Sums partial [blocks][n] over blocks into out [n] (float32), in a fixed order: a block of 32 x 8 threads
+// per 32 columns, each thread a strided eighth of the blocks, then the eight in order.
+extern "C" __global__ void fabric_layer_norm_sum(const float* __restrict__ partial, float* __restrict__ out,
+                                                 long long blocks, long long n) {
+  __shared__ float sums[8][33];
+  const long long j = (long long)blockIdx.x * 32 + threadIdx.x;
+  float t = 0.f;
+  if (j < n) {
+    for (long long k = threadIdx.y; k < blocks; k += 8) t += partial[k * n + j];
+  }
+  sums[threadIdx.y][threadIdx.x] = t;
+  __syncthreads();
+  if (threadIdx.y == 0 && j < n) {
+    float s = 0.f;
+    for (int k = 0; k < 8; ++k) s += sums[k][threadIdx.x];
+    out[j] = s;
+  }
+}
+)CUDA";
+
+/// The compiled kernels for one device and pair of dtypes, or why there are none.
+struct LayerNormKernels {
+  CUfunction forward = nullptr;
+  CUfunction backward = nullptr;
+  CUfunction sum = nullptr;
+  std::string error;
+};
+
+/// 0 float32, 1 bfloat16, 2 float16, -1 any other dtype.
+constexpr int layer_norm_kind(c10::ScalarType dtype) noexcept {
+  return dtype == c10::ScalarType::Float      ? 0
+         : dtype == c10::ScalarType::BFloat16 ? 1
+         : dtype == c10::ScalarType::Half     ? 2
+                                              : -1;
+}
+
+/// The kernels for `device`, input dtype `x` and output dtype `y` from a per-process cache (compiled on
+/// first use), or the reason there are none.
+inline const LayerNormKernels& layer_norm_kernels(c10::Device device, c10::ScalarType x, c10::ScalarType y) {
+  static std::mutex mutex;
+  static std::map<std::tuple<int, int, int>, LayerNormKernels> cache;
+  const int xk = layer_norm_kind(x), yk = layer_norm_kind(y);
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto key = std::make_tuple(static_cast<int>(device.index()), xk, yk);
+  auto found = cache.find(key);
+  if (found == cache.end()) {
+    LayerNormKernels kernels;
+    if (xk < 0 || yk < 0) {
+      kernels.error = std::string("no kernel for ") + c10::toString(x) + " input and " + c10::toString(y) + " output";
+    } else {
+      const c10::cuda::CUDAGuard guard(device);
+      kernels.error = compile_cuda_module(layer_norm_kernel_source, "fabric_layer_norm.cu",
+                                          {"-DX_KIND=" + std::to_string(xk), "-DY_KIND=" + std::to_string(yk)},
+                                          {{"fabric_layer_norm_forward", &kernels.forward},
+                                           {"fabric_layer_norm_backward", &kernels.backward},
+                                           {"fabric_layer_norm_sum", &kernels.sum}});
+    }
+    found = cache.emplace(key, std::move(kernels)).first;
+  }
+  return found->second;
+}
+
+/// Why the fused kernels cannot normalise `input` (any shape, `cols` trailing elements a row) into `output`
+/// dtype with float32 (or no) weight and bias, or "" when they can.
+inline std::string layer_norm_kernel_unavailable(const at::Tensor& input, c10::ScalarType output, std::int64_t cols,
+                                                 const at::Tensor& weight, const at::Tensor& bias) {
+  if (!input.is_cuda()) return "the input is not on a CUDA device";
+  if (cols < 1 || cols > layer_norm_kernel_max_columns) {
+    return "rows of " + std::to_string(cols) + " elements (the kernels take 1 to " +
+           std::to_string(layer_norm_kernel_max_columns) + ")";
+  }
+  for (const at::Tensor* t : {&weight, &bias}) {
+    if (t->defined() && (t->scalar_type() != c10::ScalarType::Float || t->device() != input.device())) {
+      return "a weight or bias that is not float32 on the input's device";
+    }
+  }
+  return layer_norm_kernels(input.device(), input.scalar_type(), output).error;
+}
+
+/// Normalises x (contiguous, rows of `cols`) into y (contiguous, `y`'s dtype), writing mean and rstd
+/// (float32, one per row), on the current stream.
+inline void launch_layer_norm_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                                      const at::Tensor& y, const at::Tensor& mean, const at::Tensor& rstd,
+                                      std::int64_t cols, double eps) {
+  const LayerNormKernels& kernels = layer_norm_kernels(x.device(), x.scalar_type(), y.scalar_type());
+  if (kernels.forward == nullptr)
+    raise("fabric::nn::LayerNorm: expected the fused CUDA kernels, found none: {}", kernels.error);
+  const c10::cuda::CUDAGuard guard(x.device());
+  long long rows = x.numel() / cols, columns = cols;
+  if (rows == 0) return;
+  const void* x_ptr = x.data_ptr();
+  const void* w_ptr = weight.defined() ? weight.data_ptr() : nullptr;
+  const void* b_ptr = bias.defined() ? bias.data_ptr() : nullptr;
+  void* y_ptr = y.data_ptr();
+  void* mean_ptr = mean.data_ptr();
+  void* rstd_ptr = rstd.data_ptr();
+  float epsilon = static_cast<float>(eps);
+  void* args[] = {&x_ptr, &w_ptr, &b_ptr, &y_ptr, &mean_ptr, &rstd_ptr, &rows, &columns, &epsilon};
+  constexpr long long warps = 4;
+  const CUstream stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
+  launch_cuda_kernel("fabric::nn::LayerNorm", kernels.forward, static_cast<unsigned>((rows + warps - 1) / warps),
+                     static_cast<unsigned>(32 * warps), 0, stream, args);
+}
+
+/// The gradients of the fused forward: dx (x's dtype; undefined: not computed) and, where `partial` is asked
+/// for (`affine`), the weight's and the bias's gradients (float32 [cols] each) on the current stream.
+inline std::pair<at::Tensor, at::Tensor> launch_layer_norm_backward(const at::Tensor& g, const at::Tensor& x,
+                                                                    const at::Tensor& weight, const at::Tensor& mean,
+                                                                    const at::Tensor& rstd, const at::Tensor& dx,
+                                                                    bool affine, std::int64_t cols) {
+  const LayerNormKernels& kernels = layer_norm_kernels(x.device(), x.scalar_type(), g.scalar_type());
+  if (kernels.backward == nullptr)
+    raise("fabric::nn::LayerNorm: expected the fused CUDA kernels, found none: {}", kernels.error);
+  const c10::cuda::CUDAGuard guard(x.device());
+  long long rows = x.numel() / cols, columns = cols;
+  const auto options = x.options().dtype(c10::ScalarType::Float);
+  // Warps a block: as many as the shared partial sums leave room for (4 for GPT-2's 768 columns).
+  const long long warps = std::clamp<long long>(static_cast<long long>(48 * 1024 / (8 * cols)), 1, 4);
+  int sms = 0;
+  (void)cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, x.device().index());
+  const long long blocks = std::clamp<long long>((rows + warps - 1) / warps, 1, 2LL * std::max(sms, 1));
+  if (rows == 0) {
+    if (!affine) return {};
+    at::Tensor zeros = at::empty({2 * cols}, options).zero_();
+    return {zeros.narrow(0, 0, cols), zeros.narrow(0, cols, cols)};
+  }
+  at::Tensor partial = affine ? at::empty({blocks, 2 * cols}, options) : at::Tensor();
+  const void* g_ptr = g.data_ptr();
+  const void* x_ptr = x.data_ptr();
+  const void* w_ptr = weight.defined() ? weight.data_ptr() : nullptr;
+  const void* mean_ptr = mean.data_ptr();
+  const void* rstd_ptr = rstd.data_ptr();
+  void* dx_ptr = dx.defined() ? dx.data_ptr() : nullptr;
+  void* partial_ptr = affine ? partial.data_ptr() : nullptr;
+  void* args[] = {&g_ptr, &x_ptr, &w_ptr, &mean_ptr, &rstd_ptr, &dx_ptr, &partial_ptr, &rows, &columns};
+  const CUstream stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
+  launch_cuda_kernel("fabric::nn::LayerNorm", kernels.backward, static_cast<unsigned>(blocks),
+                     static_cast<unsigned>(32 * warps), static_cast<unsigned>(affine ? warps * 8 * cols : 0), stream,
+                     args);
+  if (!affine) return {};
+  at::Tensor sums = at::empty({2 * cols}, options);
+  const void* partial_in = partial.data_ptr();
+  void* sums_ptr = sums.data_ptr();
+  long long n = 2 * cols, count = blocks;
+  void* sum_args[] = {&partial_in, &sums_ptr, &count, &n};
+  launch_cuda_kernel("fabric::nn::LayerNorm", kernels.sum, static_cast<unsigned>((n + 31) / 32), 32, 0, stream,
+                     sum_args,
+                     /*block_y=*/8);
+  return {sums.narrow(0, 0, cols), sums.narrow(0, cols, cols)};
+}
+
+inline constexpr bool layer_norm_kernel_compiled = true;
+
+#else
+
+inline constexpr bool layer_norm_kernel_compiled = false;
+
+inline std::string layer_norm_kernel_unavailable(const at::Tensor& input, c10::ScalarType, std::int64_t,
+                                                 const at::Tensor&, const at::Tensor&) {
+  if (!input.is_cuda()) return "the input is not on a CUDA device";
+  return "fabric was compiled without the CUDA toolkit's NVRTC headers (FABRIC_CUDA_NVRTC=0)";
+}
+inline void launch_layer_norm_forward(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                      const at::Tensor&, const at::Tensor&, std::int64_t, double) {}
+inline std::pair<at::Tensor, at::Tensor> launch_layer_norm_backward(const at::Tensor&, const at::Tensor&,
+                                                                    const at::Tensor&, const at::Tensor&,
+                                                                    const at::Tensor&, const at::Tensor&, bool,
+                                                                    std::int64_t) {
+  return {};
+}
+
+#endif
+
+}  // namespace fabric::detail
