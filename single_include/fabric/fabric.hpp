@@ -14268,11 +14268,15 @@ struct FusedLayerNorm : torch::autograd::Function<FusedLayerNorm> {
     const at::Tensor& weight = saved[1];
     const std::int64_t cols = ctx->saved_data["cols"].toInt();
     const at::Tensor g = grads[0].to(static_cast<c10::ScalarType>(ctx->saved_data["output"].toInt())).contiguous();
+    // NOTE: needs_input_grad counts the tensors given (an absent weight or bias takes no index).
+    const bool has_bias = ctx->saved_data["bias"].toBool();
+    const bool weight_grad = weight.defined() && ctx->needs_input_grad(1);
+    const bool bias_grad = has_bias && ctx->needs_input_grad(weight.defined() ? 2 : 1);
     const at::Tensor dx = ctx->needs_input_grad(0) ? at::empty_like(x) : at::Tensor();
-    const bool affine = weight.defined() && (ctx->needs_input_grad(1) || ctx->needs_input_grad(2));
+    const bool affine = weight_grad || bias_grad;
     auto [dw, db] = fabric::detail::launch_layer_norm_backward(g, x, weight, saved[2], saved[3], dx, affine, cols);
-    if (!ctx->needs_input_grad(1)) dw = at::Tensor();
-    if (!ctx->saved_data["bias"].toBool() || !ctx->needs_input_grad(2)) db = at::Tensor();
+    if (!weight_grad) dw = at::Tensor();
+    if (!bias_grad) db = at::Tensor();
     return {dx, dw, db, at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
