@@ -52,6 +52,7 @@ struct FusedLayerNorm : torch::autograd::Function<FusedLayerNorm> {
     ctx->saved_data["cols"] = cols;
     ctx->saved_data["output"] = output;
     ctx->saved_data["bias"] = bias.defined();
+    ctx->saved_data["bias_sizes"] = bias.defined() ? bias.sizes().vec() : std::vector<std::int64_t>{};
     return y;
   }
 
@@ -75,8 +76,9 @@ struct FusedLayerNorm : torch::autograd::Function<FusedLayerNorm> {
     const at::Tensor dx = ctx->needs_input_grad(0) ? at::empty_like(x) : at::Tensor();
     const bool affine = weight_grad || bias_grad;
     auto [dw, db] = fabric::detail::launch_layer_norm_backward(g, x, weight, saved[2], saved[3], dx, affine, cols);
-    if (!weight_grad) dw = at::Tensor();
-    if (!bias_grad) db = at::Tensor();
+    // The kernels sum over rows of `cols` elements; the parameters have normalized_shape.
+    dw = weight_grad ? dw.view(weight.sizes()) : at::Tensor();
+    db = bias_grad ? db.view(ctx->saved_data["bias_sizes"].toIntVector()) : at::Tensor();
     return {dx, dw, db, at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };

@@ -151,7 +151,8 @@ TEST_CASE("fabric::nn::LayerNorm on CUDA: the fused kernels against at::layer_no
         }
         torch::manual_seed(8);
         const at::Tensor x = (torch::randn(c.input, cuda) * 3 + 1).to(dtype);
-        const at::Tensor g = torch::randn(c.input, cuda);
+        // The upstream gradient in the output's dtype for both, so that only the sums' order differs.
+        const at::Tensor g = torch::randn(c.input, cuda).to(dtype).to(torch::kFloat);
         // NOTE: ATen's LayerNorm of 16-bit inputs wants weights of the input's dtype in older LibTorch: the
         // reference runs in float32 on the same values, then rounds.
         reference->to(torch::kFloat);
