@@ -13660,6 +13660,34 @@ class TensorBoardLogger final : public Logger {
 // bias's gradients summed in the same pass; under autocast it can write its output in the autocast dtype,
 // so that the Linear after it casts nothing.
 
+// ---- begin fabric/detail/layer_copy.hpp
+// The deep copy behind clone() of fabric's drop-in layers (fabric::nn::Linear, fabric::nn::LayerNorm): they
+// derive from LibTorch's layers, whose Cloneable::clone would give LibTorch's type.
+
+#include <ATen/core/Tensor.h>
+#include <ATen/core/grad_mode.h>
+#include <c10/core/Device.h>
+#include <c10/util/Optional.h>
+
+namespace fabric::detail {
+
+/// Copies `from`'s weight and bias (either may be undefined) into the freshly built `to` (onto `device` when
+/// given, else cloned in place) and its training mode.
+template <class Layer>
+void copy_layer_state(const Layer& from, Layer& to, const c10::optional<c10::Device>& device) {
+  at::NoGradGuard no_grad;
+  const auto copy_into = [&device](const at::Tensor& source, const at::Tensor& target) {
+    if (source.defined()) {
+      target.set_data(device && source.device() != *device ? source.to(*device) : source.clone());
+    }
+  };
+  copy_into(from.weight, to.weight);
+  copy_into(from.bias, to.bias);
+  to.train(from.is_training());
+}
+
+}  // namespace fabric::detail
+// ---- end fabric/detail/layer_copy.hpp
 // ---- begin fabric/detail/layer_norm_kernel.hpp
 // The fused LayerNorm kernels of fabric::nn::LayerNorm on CUDA, compiled at run time with NVRTC
 // (fabric/detail/cuda_jit.hpp) once per device and pair of dtypes. Forward: a warp per row reads the row
@@ -14217,7 +14245,6 @@ inline std::pair<at::Tensor, at::Tensor> launch_layer_norm_backward(const at::Te
 #include <c10/util/ArrayRef.h>
 #include <c10/util/Optional.h>
 #include <torch/csrc/autograd/custom_function.h>
-#include <torch/csrc/autograd/grad_mode.h>
 #include <torch/nn/module.h>
 #include <torch/nn/modules/normalization.h>
 #include <torch/nn/options/normalization.h>
@@ -14353,14 +14380,8 @@ class LayerNormImpl : public torch::nn::LayerNormImpl {
 
   /// Returns a deep copy that is a fabric::nn::LayerNormImpl too (on `device` when given).
   std::shared_ptr<torch::nn::Module> clone(const c10::optional<c10::Device>& device = c10::nullopt) const override {
-    torch::NoGradGuard no_grad;
     auto copy = std::make_shared<LayerNormImpl>(options);
-    const auto copy_into = [&device](const at::Tensor& from, const at::Tensor& to) {
-      if (from.defined()) to.set_data(device && from.device() != *device ? from.to(*device) : from.clone());
-    };
-    copy_into(weight, copy->weight);
-    copy_into(bias, copy->bias);
-    copy->train(is_training());
+    fabric::detail::copy_layer_state(*this, *copy, device);
     copy->fused_ = fused_;
     copy->autocast_output_ = autocast_output_;
     return copy;
@@ -14397,7 +14418,6 @@ TORCH_MODULE(LayerNorm);
 #include <c10/core/ScalarType.h>
 #include <c10/util/Optional.h>
 #include <torch/csrc/autograd/custom_function.h>
-#include <torch/csrc/autograd/grad_mode.h>
 #include <torch/nn/module.h>
 #include <torch/nn/modules/linear.h>
 #include <torch/nn/options/linear.h>
@@ -14533,14 +14553,8 @@ class LinearImpl : public torch::nn::LinearImpl {
 
   /// Returns a deep copy that is a fabric::nn::LinearImpl too (on `device` when given).
   std::shared_ptr<torch::nn::Module> clone(const c10::optional<c10::Device>& device = c10::nullopt) const override {
-    torch::NoGradGuard no_grad;
     auto copy = std::make_shared<LinearImpl>(options);
-    const auto copy_into = [&device](const at::Tensor& from, const at::Tensor& to) {
-      if (from.defined()) to.set_data(device && from.device() != *device ? from.to(*device) : from.clone());
-    };
-    copy_into(weight, copy->weight);
-    copy_into(bias, copy->bias);
-    copy->train(is_training());
+    fabric::detail::copy_layer_state(*this, *copy, device);
     copy->mixed_backward_ = mixed_backward_;
     return copy;
   }

@@ -5,6 +5,7 @@
 // so that the Linear after it casts nothing.
 
 #include "fabric/core/error.hpp"
+#include "fabric/detail/layer_copy.hpp"
 #include "fabric/detail/layer_norm_kernel.hpp"
 #include "fabric/precision/autocast.hpp"
 
@@ -17,7 +18,6 @@
 #include <c10/util/ArrayRef.h>
 #include <c10/util/Optional.h>
 #include <torch/csrc/autograd/custom_function.h>
-#include <torch/csrc/autograd/grad_mode.h>
 #include <torch/nn/module.h>
 #include <torch/nn/modules/normalization.h>
 #include <torch/nn/options/normalization.h>
@@ -153,14 +153,8 @@ class LayerNormImpl : public torch::nn::LayerNormImpl {
 
   /// Returns a deep copy that is a fabric::nn::LayerNormImpl too (on `device` when given).
   std::shared_ptr<torch::nn::Module> clone(const c10::optional<c10::Device>& device = c10::nullopt) const override {
-    torch::NoGradGuard no_grad;
     auto copy = std::make_shared<LayerNormImpl>(options);
-    const auto copy_into = [&device](const at::Tensor& from, const at::Tensor& to) {
-      if (from.defined()) to.set_data(device && from.device() != *device ? from.to(*device) : from.clone());
-    };
-    copy_into(weight, copy->weight);
-    copy_into(bias, copy->bias);
-    copy->train(is_training());
+    fabric::detail::copy_layer_state(*this, *copy, device);
     copy->fused_ = fused_;
     copy->autocast_output_ = autocast_output_;
     return copy;

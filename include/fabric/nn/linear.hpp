@@ -4,6 +4,7 @@
 // autocast its float32 weight and bias get their gradients in float32 straight from the GEMM and the sum.
 
 #include "fabric/core/error.hpp"
+#include "fabric/detail/layer_copy.hpp"
 #include "fabric/precision/autocast.hpp"
 
 #include <ATen/core/Tensor.h>
@@ -15,7 +16,6 @@
 #include <c10/core/ScalarType.h>
 #include <c10/util/Optional.h>
 #include <torch/csrc/autograd/custom_function.h>
-#include <torch/csrc/autograd/grad_mode.h>
 #include <torch/nn/module.h>
 #include <torch/nn/modules/linear.h>
 #include <torch/nn/options/linear.h>
@@ -151,14 +151,8 @@ class LinearImpl : public torch::nn::LinearImpl {
 
   /// Returns a deep copy that is a fabric::nn::LinearImpl too (on `device` when given).
   std::shared_ptr<torch::nn::Module> clone(const c10::optional<c10::Device>& device = c10::nullopt) const override {
-    torch::NoGradGuard no_grad;
     auto copy = std::make_shared<LinearImpl>(options);
-    const auto copy_into = [&device](const at::Tensor& from, const at::Tensor& to) {
-      if (from.defined()) to.set_data(device && from.device() != *device ? from.to(*device) : from.clone());
-    };
-    copy_into(weight, copy->weight);
-    copy_into(bias, copy->bias);
-    copy->train(is_training());
+    fabric::detail::copy_layer_state(*this, *copy, device);
     copy->mixed_backward_ = mixed_backward_;
     return copy;
   }

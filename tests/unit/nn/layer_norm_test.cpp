@@ -4,6 +4,8 @@
 // (Lightning has no LayerNorm of its own: it is PyTorch's nn.LayerNorm.)
 #include <fabric/fabric.hpp>
 
+#include "unit/autograd_graph.hpp"
+
 #include <torch/torch.h>
 #include <catch2/catch_test_macros.hpp>
 #include <catch2/matchers/catch_matchers_string.hpp>
@@ -19,18 +21,7 @@ using Catch::Matchers::ContainsSubstring;
 
 namespace {
 
-/// Returns the names of the autograd nodes that produced y.
-std::set<std::string> nodes_of(const at::Tensor& y) {
-  std::set<std::string> names;
-  std::vector<std::shared_ptr<torch::autograd::Node>> todo{y.grad_fn()};
-  while (!todo.empty()) {
-    auto node = todo.back();
-    todo.pop_back();
-    if (!node || !names.insert(node->name()).second) continue;
-    for (const auto& edge : node->next_edges()) todo.push_back(edge.function);
-  }
-  return names;
-}
+using fabric_test::graph_of;
 
 const std::string fused_node = "torch::autograd::CppNode<fabric::nn::detail::FusedLayerNorm>";
 
@@ -46,7 +37,7 @@ Run run(Layer& layer, const at::Tensor& input, const at::Tensor& upstream) {
   const at::Tensor x = input.detach().clone().requires_grad_();
   layer->zero_grad();
   out.y = layer(x);
-  out.nodes = nodes_of(out.y);
+  out.nodes = graph_of(out.y);
   out.y.backward(upstream.to(out.y.scalar_type()));
   out.dx = x.grad();
   if (layer->weight.defined()) out.dw = layer->weight.grad().clone();
@@ -235,18 +226,18 @@ TEST_CASE("fabric::nn::LayerNorm on CUDA refuses a double backward; at::layer_no
   CHECK_THROWS_WITH(penalty(), ContainsSubstring("expected a backward without create_graph") &&
                                    ContainsSubstring("fused_kernels(false)"));
   fast->fused_kernels(false);
-  CHECK(nodes_of(fast(x)).count(fused_node) == 0);
+  CHECK(graph_of(fast(x)).count(fused_node) == 0);
   penalty().backward();
   CHECK(x.grad().defined());
   fast->fused_kernels(true);
   // Rows wider than the kernels take, double inputs, a bfloat16 weight: at::layer_norm.
   fabric::nn::LayerNorm wide(torch::nn::LayerNormOptions({8192}));
   wide->to(cuda);
-  CHECK(nodes_of(wide(torch::randn({2, 8192}, cuda).requires_grad_())).count(fused_node) == 0);
+  CHECK(graph_of(wide(torch::randn({2, 8192}, cuda).requires_grad_())).count(fused_node) == 0);
   fabric::nn::LayerNorm wider(torch::nn::LayerNormOptions({16}));
   wider->to(cuda, torch::kDouble);
-  CHECK(nodes_of(wider(x.to(torch::kDouble))).count(fused_node) == 0);
+  CHECK(graph_of(wider(x.to(torch::kDouble))).count(fused_node) == 0);
   fabric::nn::LayerNorm low(torch::nn::LayerNormOptions({16}));
   low->to(cuda, torch::kBFloat16);
-  CHECK(nodes_of(low(x.to(torch::kBFloat16))).count(fused_node) == 0);
+  CHECK(graph_of(low(x.to(torch::kBFloat16))).count(fused_node) == 0);
 }

@@ -3,6 +3,8 @@
 // (Lightning has no Linear of its own: PyTorch's nn.Linear already calls at::linear.)
 #include <fabric/fabric.hpp>
 
+#include "unit/autograd_graph.hpp"
+
 #include <torch/torch.h>
 #include <catch2/catch_test_macros.hpp>
 #include <catch2/matchers/catch_matchers_string.hpp>
@@ -16,18 +18,7 @@ using Catch::Matchers::ContainsSubstring;
 
 namespace {
 
-/// Returns the names of the autograd nodes that produced y.
-std::set<std::string> graph_of(const at::Tensor& y) {
-  std::set<std::string> names;
-  std::vector<std::shared_ptr<torch::autograd::Node>> todo{y.grad_fn()};
-  while (!todo.empty()) {
-    auto node = todo.back();
-    todo.pop_back();
-    if (!node || !names.insert(node->name()).second) continue;
-    for (const auto& edge : node->next_edges()) todo.push_back(edge.function);
-  }
-  return names;
-}
+using fabric_test::graph_of;
 
 /// Builds a torch::nn::Linear and a fabric::nn::Linear from the same seed.
 template <class... Args>
