@@ -4,8 +4,9 @@
 bench_race writes, per workload, one chrome trace of 5 steps of the hand-written loop with fabric's fused
 step (PREFIX-<workload>-<precision>-libtorch-fused.json) and one of 5 steps of fabric's loop
 (...-fabric.json). This prints, per pair: the CUDA kernels per step (count and GPU time), the CUDA runtime
-calls per step (launches, copies, synchronisations), the operators per step, and every operator or kernel
-whose count per step differs between the two loops: where fabric's step does other work than the raw loop.
+calls per step (launches, copies, synchronisations), the operators per step, every operator or kernel
+whose count per step differs between the two loops (where fabric's step does other work than the raw loop),
+and each loop's 30 costliest kernels per step.
 
     python3 bench/python/race_profile.py build-race/race-out/trace-*.json
 """
@@ -17,6 +18,7 @@ import re
 import sys
 
 STEPS = 5  # bench_race profiles 5 steps of each loop
+TOP = 30  # kernels listed per loop
 
 
 def load(path):
@@ -80,6 +82,13 @@ def main(paths):
             print("  operators' host time per step (inclusive), largest differences:")
             for n, a, b in host[:12]:
                 print(f"    {n[:60]:<60} {a:9.1f} -> {b:9.1f} us  {b - a:+8.1f}")
+        # Each loop's kernels by GPU time per step: the breakdown of where its step's time goes.
+        for k, (counts, durs) in loaded.items():
+            kernels = durs["kernel"]
+            print(f"  {k}: kernels by GPU time per step ({sum(kernels.values()) / STEPS:.1f} us in all)")
+            print(f"    {'us/step':>9} {'n/step':>7}  kernel")
+            for n, d in kernels.most_common(TOP):
+                print(f"    {d / STEPS:9.1f} {counts['kernel'][n] / STEPS:7.1f}  {n[:110]}")
     return 0
 
 

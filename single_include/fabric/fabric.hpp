@@ -13696,14 +13696,27 @@ void copy_layer_state(const Layer& from, Layer& to, const c10::optional<c10::Dev
 // is asked for it, so that no cast kernel follows), keeping the row's mean and 1/std in float32. Backward:
 // a warp per row, two passes, writes the input's gradient and adds the row's terms of the weight's and the
 // bias's gradients to its warp's own float32 partial sums in shared memory (each lane always owns the same
-// columns: no atomics, so the sums are deterministic); each block writes its partials, and a second kernel
-// sums them over blocks in a fixed order.
+// columns: no atomics, so the sums are deterministic); each block writes its partials, and the column-sum
+// module's second kernel (fabric/detail/column_sum_kernel.hpp) sums them over blocks in a fixed order.
+
+// ---- begin fabric/detail/column_sum_kernel.hpp
+// Column sums on CUDA: a matrix g [rows, cols] (float32, bfloat16 or float16, contiguous) summed over its
+// rows into float32 [cols], the bias gradient of a Linear (fabric::nn::Linear's mixed backward). Compiled at
+// run time with NVRTC (fabric/detail/cuda_jit.hpp) once per device and dtype. Two kernels, no atomics, so
+// the sums are the same bit for bit on every run on the same device: the first gives each block a tile of
+// columns and a chunk of rows and writes the chunk's float32 sums; the second (which fabric::nn::LayerNorm's
+// backward uses for its own partial sums too) adds the chunks in a fixed order.
+//
+// NOTE: on an H200, ATen's `g.sum(0, dtype=float32)` of GPT-2's gradients ([8192, 768 ... 3072] bfloat16)
+// reads at about a third of the memory's bandwidth (0.95 ms a step for 48 sums, bench/results/2026-12-02-h200/
+// 20a5cb3); here each warp reads 512 contiguous bytes of a row at a time (16 bytes a lane).
 
 // ---- begin fabric/detail/cuda_jit.hpp
-// Run-time compiled CUDA kernels (fabric::nn::cross_entropy's, fabric::nn::LayerNorm's): NVRTC compiles a
-// kernel's source to a CUBIN for the current device (CUDA 11.1 and later), the driver loads it, and the
-// kernels launch through the driver API on the current stream (so a CUDA graph records them). A CPU-only
-// LibTorch compiles none of this.
+// Run-time compiled CUDA kernels (fabric::nn::cross_entropy's, fabric::nn::LayerNorm's, the column sums of
+// fabric::nn::Linear's bias gradient): NVRTC compiles a kernel's source, after one shared prelude (the 16-bit
+// conversions), to a CUBIN for the current device (CUDA 11.1 and later), the driver loads it, and the kernels
+// launch through the driver API on the current stream (so a CUDA graph records them). A CPU-only LibTorch
+// compiles none of this.
 //
 // NOTE: NVRTC and the driver are opened with dlopen, not through ATen's lazily loaded stub
 // (at::globalContext().getNVRTC()): the PyTorch wheels do not ship its header (ATen/cuda/nvrtc_stub/
@@ -13733,8 +13746,13 @@ void copy_layer_state(const Layer& from, Layer& to, const c10::optional<c10::Dev
 #include <dlfcn.h>
 #include <nvrtc.h>
 
+#include <c10/core/Device.h>
+#include <c10/core/ScalarType.h>
+
 #include <cstdlib>
 #include <initializer_list>
+#include <map>
+#include <mutex>
 #include <string>
 #include <utility>
 #include <vector>
@@ -13823,8 +13841,57 @@ inline void bind_primary_context(const CudaJitApi& api) {
   if (context == nullptr) (void)cudaFree(nullptr);
 }
 
-/// Compiles `source` with NVRTC for the current device (a device guard is set), with `defines` ("-DNAME=1"
-/// options), loads the CUBIN and looks up each named function into its CUfunction. Returns "" or what
+/// The source every kernel module starts with (compile_cuda_module prepends it). No header is included
+/// (NVRTC has no CUDA include path here), so the 16-bit conversions are written out: bfloat16 is the top half
+/// of a float32, rounded to nearest even as c10::BFloat16 rounds; float16 goes through PTX cvt. `Kind<K>` (K
+/// as cuda_kind numbers dtypes) names a dtype's storage type `t`, its float32 `load` and rounding `store`,
+/// and `vec`, the elements of a 16-byte load.
+inline constexpr const char* cuda_jit_prelude = R"CUDA(
+typedef unsigned short u16;
+template <int K> struct Kind;
+template <> struct Kind<0> {
+  typedef float t;
+  static const int vec = 4;
+  static __device__ __forceinline__ float load(float v) { return v; }
+  static __device__ __forceinline__ float store(float f) { return f; }
+};
+template <> struct Kind<1> {
+  typedef u16 t;
+  static const int vec = 8;
+  static __device__ __forceinline__ float load(u16 v) { return __uint_as_float(((unsigned)v) << 16); }
+  static __device__ __forceinline__ u16 store(float f) {
+    unsigned u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (u16)0x7fc0u;
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (u16)(u >> 16);
+  }
+};
+template <> struct Kind<2> {
+  typedef u16 t;
+  static const int vec = 8;
+  static __device__ __forceinline__ float load(u16 v) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v));
+    return f;
+  }
+  static __device__ __forceinline__ u16 store(float f) {
+    u16 h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+  }
+};
+)CUDA";
+
+/// A dtype's number in the kernels' sources (Kind<K>): 0 float32, 1 bfloat16, 2 float16, -1 any other.
+constexpr int cuda_kind(c10::ScalarType dtype) noexcept {
+  return dtype == c10::ScalarType::Float      ? 0
+         : dtype == c10::ScalarType::BFloat16 ? 1
+         : dtype == c10::ScalarType::Half     ? 2
+                                              : -1;
+}
+
+/// Compiles cuda_jit_prelude and `source` with NVRTC for the current device (a device guard is set), with `defines`
+/// ("-DNAME=1" options), loads the CUBIN and looks up each named function into its CUfunction. Returns "" or what
 /// failed (NVRTC's log included); the error is returned, not thrown, so that callers can fall back to ATen.
 inline std::string compile_cuda_module(const char* source, const char* file, const std::vector<std::string>& defines,
                                        std::initializer_list<std::pair<const char*, CUfunction*>> functions) {
@@ -13837,8 +13904,9 @@ inline std::string compile_cuda_module(const char* source, const char* file, con
       cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess) {
     return "cudaDeviceGetAttribute failed";
   }
+  const std::string text = std::string(cuda_jit_prelude) + source;
   nvrtcProgram program = nullptr;
-  if (nvrtc.nvrtcCreateProgram(&program, source, file, 0, nullptr, nullptr) != NVRTC_SUCCESS) {
+  if (nvrtc.nvrtcCreateProgram(&program, text.c_str(), file, 0, nullptr, nullptr) != NVRTC_SUCCESS) {
     return "nvrtcCreateProgram failed";
   }
   const std::string arch = "--gpu-architecture=sm_" + std::to_string(major) + std::to_string(minor);
@@ -13874,13 +13942,41 @@ inline std::string compile_cuda_module(const char* source, const char* file, con
   return {};
 }
 
-/// Launches `function` on `stream` with `grid` blocks of `block` x `block_y` threads and `shared` bytes of
-/// dynamic shared memory (binding the primary context first); a failure is a fabric::Error naming `who`.
+/// The kernels `compile()` returns for `key` (a device index and dtype kinds, say), from a per-process cache
+/// of each call site (the lambda's type): compiled on first use, under a lock, and kept with their error.
+template <class Kernels, class Key, class Compile>
+const Kernels& cached_cuda_kernels(const Key& key, Compile compile) {
+  static std::mutex mutex;
+  static std::map<Key, Kernels> cache;
+  const std::lock_guard<std::mutex> lock(mutex);
+  auto found = cache.find(key);
+  if (found == cache.end()) found = cache.emplace(key, compile()).first;
+  return found->second;
+}
+
+/// The number of multiprocessors of CUDA device `index` (asked once per device), at least 1.
+inline int cuda_multiprocessors(int index) {
+  static std::mutex mutex;
+  static std::map<int, int> counts;
+  const std::lock_guard<std::mutex> lock(mutex);
+  auto found = counts.find(index);
+  if (found == counts.end()) {
+    int sms = 0;
+    if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, index) != cudaSuccess) sms = 1;
+    found = counts.emplace(index, sms > 0 ? sms : 1).first;
+  }
+  return found->second;
+}
+
+/// Launches `function` on `stream` with `grid` x `grid_y` blocks of `block` x `block_y` threads and `shared`
+/// bytes of dynamic shared memory (binding the primary context first); a failure is a fabric::Error naming
+/// `who`.
 inline void launch_cuda_kernel(const char* who, CUfunction function, unsigned grid, unsigned block, unsigned shared,
-                               CUstream stream, void** args, unsigned block_y = 1) {
+                               CUstream stream, void** args, unsigned block_y = 1, unsigned grid_y = 1) {
   const CudaJitApi& api = cuda_jit_api();
   bind_primary_context(api);
-  const CUresult launched = api.cuLaunchKernel(function, grid, 1, 1, block, block_y, 1, shared, stream, args, nullptr);
+  const CUresult launched =
+      api.cuLaunchKernel(function, grid, grid_y, 1, block, block_y, 1, shared, stream, args, nullptr);
   if (launched != CUDA_SUCCESS) {
     const char* text = nullptr;
     api.cuGetErrorString(launched, &text);
@@ -13903,6 +13999,200 @@ inline void launch_cuda_kernel(const char* who, CUfunction function, unsigned gr
 
 #include <cstdint>
 #include <string>
+
+#if FABRIC_CUDA_JIT
+
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <algorithm>
+#include <utility>
+#endif
+
+namespace fabric::detail {
+
+#if FABRIC_CUDA_JIT
+
+/// The kernels' CUDA source, after cuda_jit_prelude. T_KIND (set when compiling): the summed matrix's dtype
+/// as cuda_kind numbers it.
+inline constexpr const char* column_sum_kernel_source = R"CUDA(
+typedef Kind<T_KIND> K;
+typedef K::t storage_t;
+#define VEC K::vec
+struct alignas(16) Pack { storage_t v[VEC]; };
+
+// Block 32 x 8 threads: blockIdx.x a tile of 32 * VEC columns, blockIdx.y the rows [y * chunk, (y + 1) *
+// chunk). Thread (x, y) sums rows y, y + 8, ... of the chunk for VEC columns in float32: VEC adjacent ones
+// (a 16-byte load) when `vectorized` (g 16-byte aligned, cols a multiple of VEC), else columns x, x + 32,
+// ... of the tile. The eight row lanes are then added in order: partial [gridDim.y][cols].
+extern "C" __global__ void __launch_bounds__(256)
+    fabric_column_sum(const storage_t* __restrict__ g, float* __restrict__ partial, long long rows, long long cols,
+                      long long chunk, int vectorized) {
+  __shared__ float sums[8][32 * VEC];
+  const long long first = (long long)blockIdx.y * chunk;
+  const long long last = first + chunk < rows ? first + chunk : rows;
+  const long long tile = (long long)blockIdx.x * 32 * VEC;
+  float acc[VEC];
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) acc[k] = 0.f;
+  if (vectorized) {
+    const long long c = tile + (long long)threadIdx.x * VEC;
+    if (c < cols) {
+#pragma unroll 4
+      for (long long r = first + threadIdx.y; r < last; r += 8) {
+        const Pack p = *reinterpret_cast<const Pack*>(g + r * cols + c);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) acc[k] += K::load(p.v[k]);
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) sums[threadIdx.y][threadIdx.x * VEC + k] = acc[k];
+  } else {
+    for (long long r = first + threadIdx.y; r < last; r += 8) {
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        const long long c = tile + k * 32 + threadIdx.x;
+        if (c < cols) acc[k] += K::load(g[r * cols + c]);
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) sums[threadIdx.y][k * 32 + threadIdx.x] = acc[k];
+  }
+  __syncthreads();
+  for (int j = threadIdx.y * 32 + threadIdx.x; j < 32 * VEC; j += 256) {
+    const long long c = tile + j;
+    if (c < cols) {
+      float s = 0.f;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) s += sums[i][j];
+      partial[(long long)blockIdx.y * cols + c] = s;
+    }
+  }
+}
+
+// Sums partial [blocks][n] (float32) over blocks into out [n], in a fixed order: a block of 32 x 8 threads
+// per 32 columns, each thread a strided eighth of the blocks, then the eight in order.
+extern "C" __global__ void fabric_sum_partials(const float* __restrict__ partial, float* __restrict__ out,
+                                               long long blocks, long long n) {
+  __shared__ float sums[8][33];
+  const long long j = (long long)blockIdx.x * 32 + threadIdx.x;
+  float t = 0.f;
+  if (j < n) {
+    for (long long k = threadIdx.y; k < blocks; k += 8) t += partial[k * n + j];
+  }
+  sums[threadIdx.y][threadIdx.x] = t;
+  __syncthreads();
+  if (threadIdx.y == 0 && j < n) {
+    float s = 0.f;
+    for (int k = 0; k < 8; ++k) s += sums[k][threadIdx.x];
+    out[j] = s;
+  }
+}
+)CUDA";
+
+/// The compiled kernels for one device and dtype, or why there are none.
+struct ColumnSumKernels {
+  CUfunction sum = nullptr;
+  CUfunction partials = nullptr;
+  std::string error;
+};
+
+/// The kernels for `device` and `dtype` from a per-process cache (compiled on first use), or the reason
+/// there are none.
+inline const ColumnSumKernels& column_sum_kernels(c10::Device device, c10::ScalarType dtype) {
+  const int kind = cuda_kind(dtype);
+  return cached_cuda_kernels<ColumnSumKernels>(std::make_pair(static_cast<int>(device.index()), kind), [&] {
+    ColumnSumKernels kernels;
+    if (kind < 0) {
+      kernels.error = std::string("no kernel for ") + c10::toString(dtype);
+    } else {
+      const c10::cuda::CUDAGuard guard(device);
+      kernels.error =
+          compile_cuda_module(column_sum_kernel_source, "fabric_column_sum.cu", {"-DT_KIND=" + std::to_string(kind)},
+                              {{"fabric_column_sum", &kernels.sum}, {"fabric_sum_partials", &kernels.partials}});
+    }
+    return kernels;
+  });
+}
+
+/// Sums `partial` (float32 [blocks, n], contiguous, on the current device) over its rows into `out`
+/// (float32 [n]) in a fixed order, on the current stream: the second stage of the column sum and of
+/// fabric::nn::LayerNorm's backward.
+inline void launch_sum_partials(const char* who, const at::Tensor& partial, const at::Tensor& out) {
+  const ColumnSumKernels& kernels = column_sum_kernels(partial.device(), c10::ScalarType::Float);
+  if (kernels.partials == nullptr) raise("{}: expected the fused CUDA kernels, found none: {}", who, kernels.error);
+  const void* in = partial.data_ptr();
+  void* sums = out.data_ptr();
+  long long blocks = partial.size(0), n = partial.size(1);
+  void* args[] = {&in, &sums, &blocks, &n};
+  const CUstream stream = c10::cuda::getCurrentCUDAStream(partial.device().index()).stream();
+  launch_cuda_kernel(who, kernels.partials, static_cast<unsigned>((n + 31) / 32), 32, 0, stream, args, /*block_y=*/8);
+}
+
+/// Why the column-sum kernels cannot sum `g`, or "" when they can: a contiguous CUDA matrix of float32,
+/// bfloat16 or float16.
+inline std::string column_sum_kernel_unavailable(const at::Tensor& g) {
+  if (!g.is_cuda()) return "the tensor is not on a CUDA device";
+  if (g.dim() != 2 || !g.is_contiguous()) return "the tensor is not a contiguous matrix";
+  if (const std::string& why = column_sum_kernels(g.device(), g.scalar_type()).error; !why.empty()) return why;
+  return column_sum_kernels(g.device(), c10::ScalarType::Float).error;
+}
+
+/// Returns g [rows, cols] (contiguous, CUDA, float32 / bfloat16 / float16) summed over its rows in float32
+/// ([cols], zeros for no rows), on the current stream; deterministic on a given device.
+inline at::Tensor column_sum_float(const at::Tensor& g) {
+  const ColumnSumKernels& kernels = column_sum_kernels(g.device(), g.scalar_type());
+  if (kernels.sum == nullptr)
+    raise("fabric::detail::column_sum_float: expected the fused CUDA kernels, found none: {}", kernels.error);
+  const c10::cuda::CUDAGuard guard(g.device());
+  const auto options = g.options().dtype(c10::ScalarType::Float);
+  long long rows = g.size(0), cols = g.size(1);
+  if (rows == 0 || cols == 0) return at::zeros({cols}, options);
+  const long long vec = g.scalar_type() == c10::ScalarType::Float ? 4 : 8;
+  int vectorized = reinterpret_cast<std::uintptr_t>(g.data_ptr()) % 16 == 0 && cols % vec == 0;
+  // Chunks of rows: enough blocks to fill every multiprocessor eight times over (256 threads each), but at
+  // least 64 rows a chunk (8 a thread), so that the partial sums stay a small fraction of g.
+  const long long tiles = (cols + 32 * vec - 1) / (32 * vec);
+  const long long wanted = 8LL * cuda_multiprocessors(g.device().index());
+  const long long most = (rows + 63) / 64;
+  const long long chunks0 = std::clamp<long long>((wanted + tiles - 1) / tiles, 1, most);
+  long long chunk = (rows + chunks0 - 1) / chunks0;
+  const long long chunks = (rows + chunk - 1) / chunk;
+  const CUstream stream = c10::cuda::getCurrentCUDAStream(g.device().index()).stream();
+  at::Tensor out = at::empty({cols}, options);
+  at::Tensor partial = chunks > 1 ? at::empty({chunks, cols}, options) : out;
+  const void* g_ptr = g.data_ptr();
+  void* partial_ptr = partial.data_ptr();
+  void* args[] = {&g_ptr, &partial_ptr, &rows, &cols, &chunk, &vectorized};
+  launch_cuda_kernel("fabric::detail::column_sum_float", kernels.sum, static_cast<unsigned>(tiles), 32, 0, stream, args,
+                     /*block_y=*/8, /*grid_y=*/static_cast<unsigned>(chunks));
+  if (chunks > 1) launch_sum_partials("fabric::detail::column_sum_float", partial, out);
+  return out;
+}
+
+inline constexpr bool column_sum_kernel_compiled = true;
+
+#else
+
+inline constexpr bool column_sum_kernel_compiled = false;
+
+inline std::string column_sum_kernel_unavailable(const at::Tensor& g) {
+  if (!g.is_cuda()) return "the tensor is not on a CUDA device";
+  return "fabric was compiled without the CUDA toolkit's NVRTC headers (FABRIC_CUDA_NVRTC=0)";
+}
+inline at::Tensor column_sum_float(const at::Tensor&) { return {}; }
+
+#endif
+
+}  // namespace fabric::detail
+// ---- end fabric/detail/column_sum_kernel.hpp
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <string>
 #include <utility>
 
 #if FABRIC_CUDA_JIT
@@ -13912,8 +14202,6 @@ inline void launch_cuda_kernel(const char* who, CUfunction function, unsigned gr
 #include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
-#include <map>
-#include <mutex>
 #include <tuple>
 #endif
 
@@ -13925,57 +14213,19 @@ inline constexpr std::int64_t layer_norm_kernel_max_columns = 6144;
 
 #if FABRIC_CUDA_JIT
 
-/// The kernels' CUDA source. X_KIND and Y_KIND (set when compiling) are the input's and the output's dtypes:
-/// 0 float32, 1 bfloat16, 2 float16; the output's gradient has the output's dtype and the input's gradient
-/// the input's. Weight and bias are float32 or absent (null). No header is included (NVRTC has no CUDA
-/// include path here): the 16-bit conversions are written out, as in the cross-entropy kernel.
+/// The kernels' CUDA source, after cuda_jit_prelude. X_KIND and Y_KIND (set when compiling) are the input's
+/// and the output's dtypes as cuda_kind numbers them (0 float32, 1 bfloat16, 2 float16); the output's
+/// gradient has the output's dtype and the input's gradient the input's. Weight and bias are float32 or
+/// absent (null).
 inline constexpr const char* layer_norm_kernel_source = R"CUDA(
-typedef unsigned short u16;
-__device__ __forceinline__ float bf16_to_float(u16 x) { return __uint_as_float(((unsigned)x) << 16); }
-__device__ __forceinline__ u16 float_to_bf16(float f) {
-  unsigned u = __float_as_uint(f);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return (u16)0x7fc0u;
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return (u16)(u >> 16);
-}
-__device__ __forceinline__ float half_to_float(u16 x) {
-  float f;
-  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(x));
-  return f;
-}
-__device__ __forceinline__ u16 float_to_half(float f) {
-  u16 h;
-  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
-  return h;
-}
-
-#if X_KIND == 0
-typedef float x_t;
-__device__ __forceinline__ float load_x(float v) { return v; }
-__device__ __forceinline__ float store_x(float f) { return f; }
-#elif X_KIND == 1
-typedef u16 x_t;
-__device__ __forceinline__ float load_x(u16 v) { return bf16_to_float(v); }
-__device__ __forceinline__ u16 store_x(float f) { return float_to_bf16(f); }
-#else
-typedef u16 x_t;
-__device__ __forceinline__ float load_x(u16 v) { return half_to_float(v); }
-__device__ __forceinline__ u16 store_x(float f) { return float_to_half(f); }
-#endif
-
-#if Y_KIND == 0
-typedef float y_t;
-__device__ __forceinline__ float load_y(float v) { return v; }
-__device__ __forceinline__ float store_y(float f) { return f; }
-#elif Y_KIND == 1
-typedef u16 y_t;
-__device__ __forceinline__ float load_y(u16 v) { return bf16_to_float(v); }
-__device__ __forceinline__ u16 store_y(float f) { return float_to_bf16(f); }
-#else
-typedef u16 y_t;
-__device__ __forceinline__ float load_y(u16 v) { return half_to_float(v); }
-__device__ __forceinline__ u16 store_y(float f) { return float_to_half(f); }
-#endif
+typedef Kind<X_KIND> XK;
+typedef Kind<Y_KIND> YK;
+typedef XK::t x_t;
+typedef YK::t y_t;
+__device__ __forceinline__ float load_x(x_t v) { return XK::load(v); }
+__device__ __forceinline__ x_t store_x(float f) { return XK::store(f); }
+__device__ __forceinline__ float load_y(y_t v) { return YK::load(v); }
+__device__ __forceinline__ y_t store_y(float f) { return YK::store(f); }
 
 __device__ __forceinline__ float warp_sum(float v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -14060,66 +14310,34 @@ extern "C" __global__ void fabric_layer_norm_backward(const y_t* __restrict__ g,
   }
 }
 
-// Sums partial [blocks][n] over blocks into out [n] (float32), in a fixed order: a block of 32 x 8 threads
-// per 32 columns, each thread a strided eighth of the blocks, then the eight in order.
-extern "C" __global__ void fabric_layer_norm_sum(const float* __restrict__ partial, float* __restrict__ out,
-                                                 long long blocks, long long n) {
-  __shared__ float sums[8][33];
-  const long long j = (long long)blockIdx.x * 32 + threadIdx.x;
-  float t = 0.f;
-  if (j < n) {
-    for (long long k = threadIdx.y; k < blocks; k += 8) t += partial[k * n + j];
-  }
-  sums[threadIdx.y][threadIdx.x] = t;
-  __syncthreads();
-  if (threadIdx.y == 0 && j < n) {
-    float s = 0.f;
-    for (int k = 0; k < 8; ++k) s += sums[k][threadIdx.x];
-    out[j] = s;
-  }
-}
 )CUDA";
 
 /// The compiled kernels for one device and pair of dtypes, or why there are none.
 struct LayerNormKernels {
   CUfunction forward = nullptr;
   CUfunction backward = nullptr;
-  CUfunction sum = nullptr;
   std::string error;
 };
 
-/// 0 float32, 1 bfloat16, 2 float16, -1 any other dtype.
-constexpr int layer_norm_kind(c10::ScalarType dtype) noexcept {
-  return dtype == c10::ScalarType::Float      ? 0
-         : dtype == c10::ScalarType::BFloat16 ? 1
-         : dtype == c10::ScalarType::Half     ? 2
-                                              : -1;
-}
-
 /// The kernels for `device`, input dtype `x` and output dtype `y` from a per-process cache (compiled on
-/// first use), or the reason there are none.
+/// first use), or the reason there are none; the float32 column-sum kernels add the backward's partial sums.
 inline const LayerNormKernels& layer_norm_kernels(c10::Device device, c10::ScalarType x, c10::ScalarType y) {
-  static std::mutex mutex;
-  static std::map<std::tuple<int, int, int>, LayerNormKernels> cache;
-  const int xk = layer_norm_kind(x), yk = layer_norm_kind(y);
-  const std::lock_guard<std::mutex> lock(mutex);
+  const int xk = cuda_kind(x), yk = cuda_kind(y);
   const auto key = std::make_tuple(static_cast<int>(device.index()), xk, yk);
-  auto found = cache.find(key);
-  if (found == cache.end()) {
+  return cached_cuda_kernels<LayerNormKernels>(key, [&] {
     LayerNormKernels kernels;
     if (xk < 0 || yk < 0) {
       kernels.error = std::string("no kernel for ") + c10::toString(x) + " input and " + c10::toString(y) + " output";
     } else {
       const c10::cuda::CUDAGuard guard(device);
-      kernels.error = compile_cuda_module(layer_norm_kernel_source, "fabric_layer_norm.cu",
-                                          {"-DX_KIND=" + std::to_string(xk), "-DY_KIND=" + std::to_string(yk)},
-                                          {{"fabric_layer_norm_forward", &kernels.forward},
-                                           {"fabric_layer_norm_backward", &kernels.backward},
-                                           {"fabric_layer_norm_sum", &kernels.sum}});
+      kernels.error = compile_cuda_module(
+          layer_norm_kernel_source, "fabric_layer_norm.cu",
+          {"-DX_KIND=" + std::to_string(xk), "-DY_KIND=" + std::to_string(yk)},
+          {{"fabric_layer_norm_forward", &kernels.forward}, {"fabric_layer_norm_backward", &kernels.backward}});
+      if (kernels.error.empty()) kernels.error = column_sum_kernels(device, c10::ScalarType::Float).error;
     }
-    found = cache.emplace(key, std::move(kernels)).first;
-  }
-  return found->second;
+    return kernels;
+  });
 }
 
 /// Why the fused kernels cannot normalise `input` (any shape, `cols` trailing elements a row) into `output`
@@ -14178,9 +14396,8 @@ inline std::pair<at::Tensor, at::Tensor> launch_layer_norm_backward(const at::Te
   const auto options = x.options().dtype(c10::ScalarType::Float);
   // Warps a block: as many as the shared partial sums leave room for (4 for GPT-2's 768 columns).
   const long long warps = std::clamp<long long>(static_cast<long long>(48 * 1024 / (8 * cols)), 1, 4);
-  int sms = 0;
-  (void)cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, x.device().index());
-  const long long blocks = std::clamp<long long>((rows + warps - 1) / warps, 1, 2LL * std::max(sms, 1));
+  const long long blocks =
+      std::clamp<long long>((rows + warps - 1) / warps, 1, 2LL * cuda_multiprocessors(x.device().index()));
   if (rows == 0) {
     if (!affine) return {};
     at::Tensor zeros = at::empty({2 * cols}, options).zero_();
@@ -14201,13 +14418,7 @@ inline std::pair<at::Tensor, at::Tensor> launch_layer_norm_backward(const at::Te
                      args);
   if (!affine) return {};
   at::Tensor sums = at::empty({2 * cols}, options);
-  const void* partial_in = partial.data_ptr();
-  void* sums_ptr = sums.data_ptr();
-  long long n = 2 * cols, count = blocks;
-  void* sum_args[] = {&partial_in, &sums_ptr, &count, &n};
-  launch_cuda_kernel("fabric::nn::LayerNorm", kernels.sum, static_cast<unsigned>((n + 31) / 32), 32, 0, stream,
-                     sum_args,
-                     /*block_y=*/8);
+  launch_sum_partials("fabric::nn::LayerNorm", partial, sums);
   return {sums.narrow(0, 0, cols), sums.narrow(0, cols, cols)};
 }
 
@@ -14454,11 +14665,12 @@ at::Tensor mm_float(const T& a, const T& b) {
 /// its dtype and the weight's and bias's in float32: the weight's from a GEMM that writes float32 where
 /// LibTorch has one (CUDA, LibTorch 2.x), the bias's summed into float32. Against autocast's own backward
 /// (a bfloat16 product and sum, then a cast kernel for each) that drops one pass over every gradient and
-/// the rounding of the gradient to bfloat16.
+/// the rounding of the gradient to bfloat16. With `fused`, a CUDA bias gradient is summed by fabric's column-sum
+/// kernels (fabric/detail/column_sum_kernel.hpp; deterministic), where they run.
 struct MixedLinear : torch::autograd::Function<MixedLinear> {
   // NOTE: the bias is an optional (autograd's custom Functions take no undefined tensor as an input).
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& input, const at::Tensor& weight,
-                            const c10::optional<at::Tensor>& bias) {
+                            const c10::optional<at::Tensor>& bias, bool fused) {
     const c10::ScalarType dtype = input.scalar_type();
     const bool has_bias = bias.has_value() && bias->defined();
     const at::Tensor w = weight.to(dtype);
@@ -14467,6 +14679,7 @@ struct MixedLinear : torch::autograd::Function<MixedLinear> {
     ctx->save_for_backward({x, w});
     ctx->saved_data["input_sizes"] = input.sizes().vec();
     ctx->saved_data["bias"] = has_bias;
+    ctx->saved_data["fused"] = fused;
     std::vector<std::int64_t> sizes = input.sizes().vec();
     sizes.back() = weight.size(0);
     return y.view(sizes);
@@ -14488,9 +14701,11 @@ struct MixedLinear : torch::autograd::Function<MixedLinear> {
     if (ctx->needs_input_grad(0)) grad_input = g.mm(w).view(ctx->saved_data["input_sizes"].toIntVector());
     if (ctx->needs_input_grad(1)) grad_weight = mm_float(g.t(), x);
     if (ctx->saved_data["bias"].toBool() && ctx->needs_input_grad(2)) {
-      grad_bias = g.sum({0}, /*keepdim=*/false, c10::ScalarType::Float);
+      grad_bias = ctx->saved_data["fused"].toBool() && fabric::detail::column_sum_kernel_unavailable(g).empty()
+                      ? fabric::detail::column_sum_float(g)
+                      : g.sum({0}, /*keepdim=*/false, c10::ScalarType::Float);
     }
-    return {grad_input, grad_weight, grad_bias};
+    return {grad_input, grad_weight, grad_bias, at::Tensor()};
   }
 };
 
@@ -14509,8 +14724,10 @@ struct MixedLinear : torch::autograd::Function<MixedLinear> {
 /// gradients in float32 directly: the weight's from a GEMM that writes float32 (on CUDA with LibTorch 2.x;
 /// elsewhere a product rounded as autocast rounds it), the bias's summed into float32 (autocast's sum rounds
 /// to bfloat16 first: about 2^-8 of the gradient). On an H200 that removes GPT-2's cast kernels of the
-/// weights' gradients (`ToCopyBackward0`). Its backward is not differentiable: `mixed_backward(false)` gives
-/// at::linear's backward for second-order gradients (a double backward through it is a fabric::Error).
+/// weights' gradients (`ToCopyBackward0`). On CUDA the bias's gradient is summed by fabric's column-sum kernels
+/// (NVRTC, deterministic, 16-byte loads) unless `fused_kernels(false)`.
+/// Its backward is not differentiable: `mixed_backward(false)` gives at::linear's backward for second-order
+/// gradients (a double backward through it is a fabric::Error).
 ///
 ///     fabric::nn::Linear fc(768, 3072);                                 // as torch::nn::Linear(768, 3072)
 ///     fabric::nn::Linear head(torch::nn::LinearOptions(768, 10).bias(false));
@@ -14535,7 +14752,7 @@ class LinearImpl : public torch::nn::LinearImpl {
         const c10::ScalarType dtype = fabric::detail::autocast_dtype(device);
         if ((dtype == c10::ScalarType::BFloat16 || dtype == c10::ScalarType::Half) &&
             (input.scalar_type() == c10::ScalarType::Float || input.scalar_type() == dtype)) {
-          return detail::MixedLinear::apply(input.to(dtype), weight, c10::optional<at::Tensor>(bias));
+          return detail::MixedLinear::apply(input.to(dtype), weight, c10::optional<at::Tensor>(bias), fused_);
         }
       }
     }
@@ -14551,11 +14768,20 @@ class LinearImpl : public torch::nn::LinearImpl {
     return *this;
   }
 
+  /// Whether the mixed backward sums a CUDA bias gradient with fabric's kernels (the default) or ATen's sum.
+  bool fused_kernels() const noexcept { return fused_; }
+  /// Chooses fabric's column-sum kernels (true) or ATen's sum (false) for the mixed backward's bias gradient.
+  LinearImpl& fused_kernels(bool on) noexcept {
+    fused_ = on;
+    return *this;
+  }
+
   /// Returns a deep copy that is a fabric::nn::LinearImpl too (on `device` when given).
   std::shared_ptr<torch::nn::Module> clone(const c10::optional<c10::Device>& device = c10::nullopt) const override {
     auto copy = std::make_shared<LinearImpl>(options);
     fabric::detail::copy_layer_state(*this, *copy, device);
     copy->mixed_backward_ = mixed_backward_;
+    copy->fused_ = fused_;
     return copy;
   }
 
@@ -14567,6 +14793,7 @@ class LinearImpl : public torch::nn::LinearImpl {
 
  private:
   bool mixed_backward_ = true;
+  bool fused_ = true;
 };
 
 /// The module holder of fabric::nn::LinearImpl, used as `torch::nn::Linear` is.
@@ -14600,8 +14827,6 @@ TORCH_MODULE(Linear);
 
 #include <algorithm>
 #include <cstdint>
-#include <map>
-#include <mutex>
 #include <utility>
 #endif
 
@@ -14609,40 +14834,14 @@ namespace fabric::detail {
 
 #if FABRIC_CUDA_JIT
 
-/// The kernel's CUDA source. T_KIND (set when compiling): 0 float32, 1 bfloat16, 2 float16. It includes no
-/// header (NVRTC has no CUDA include path here): the 16-bit conversions are written out (bfloat16: the top
-/// half of a float32, rounded to nearest even as c10::BFloat16 rounds; float16: PTX cvt).
+/// The kernel's CUDA source, after cuda_jit_prelude. T_KIND (set when compiling): the logits' dtype as
+/// cuda_kind numbers it (0 float32, 1 bfloat16, 2 float16).
 inline constexpr const char* cross_entropy_kernel_source = R"CUDA(
-typedef unsigned short u16;
-#if T_KIND == 0
-typedef float storage_t;
-#define VEC 4
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float from_float(float f) { return f; }
-#elif T_KIND == 1
-typedef u16 storage_t;
-#define VEC 8
-__device__ __forceinline__ float to_float(u16 x) { return __uint_as_float(((unsigned)x) << 16); }
-__device__ __forceinline__ u16 from_float(float f) {
-  unsigned u = __float_as_uint(f);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return (u16)0x7fc0u;
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return (u16)(u >> 16);
-}
-#else
-typedef u16 storage_t;
-#define VEC 8
-__device__ __forceinline__ float to_float(u16 x) {
-  float f;
-  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(x));
-  return f;
-}
-__device__ __forceinline__ u16 from_float(float f) {
-  u16 h;
-  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
-  return h;
-}
-#endif
+typedef Kind<T_KIND> K;
+typedef K::t storage_t;
+#define VEC K::vec
+__device__ __forceinline__ float to_float(storage_t x) { return K::load(x); }
+__device__ __forceinline__ storage_t from_float(float f) { return K::store(f); }
 
 struct alignas(16) Pack { storage_t v[VEC]; };
 
@@ -14803,13 +15002,8 @@ inline CrossEntropyKernel compile_cross_entropy_kernel(int kind) {
 /// The kernel for `device` and `dtype` from a per-process cache (compiled on first use), or the reason there
 /// is none ("" and a function when there is).
 inline const CrossEntropyKernel& cross_entropy_kernel(c10::Device device, c10::ScalarType dtype) {
-  static std::mutex mutex;
-  static std::map<std::pair<int, int>, CrossEntropyKernel> cache;
-  const int kind = dtype == at::kFloat ? 0 : dtype == at::kBFloat16 ? 1 : dtype == at::kHalf ? 2 : -1;
-  const std::lock_guard<std::mutex> lock(mutex);
-  const auto key = std::make_pair(static_cast<int>(device.index()), kind);
-  auto found = cache.find(key);
-  if (found == cache.end()) {
+  const int kind = cuda_kind(dtype);
+  return cached_cuda_kernels<CrossEntropyKernel>(std::make_pair(static_cast<int>(device.index()), kind), [&] {
     CrossEntropyKernel kernel;
     if (kind < 0) {
       kernel.error = std::string("no kernel for ") + c10::toString(dtype) + " logits";
@@ -14817,9 +15011,8 @@ inline const CrossEntropyKernel& cross_entropy_kernel(c10::Device device, c10::S
       const c10::cuda::CUDAGuard guard(device);
       kernel = compile_cross_entropy_kernel(kind);
     }
-    found = cache.emplace(key, std::move(kernel)).first;
-  }
-  return found->second;
+    return kernel;
+  });
 }
 
 /// Why the fused kernel cannot run for these logits, or "" when it can.

@@ -19,8 +19,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <map>
-#include <mutex>
 #include <utility>
 #endif
 
@@ -28,40 +26,14 @@ namespace fabric::detail {
 
 #if FABRIC_CUDA_JIT
 
-/// The kernel's CUDA source. T_KIND (set when compiling): 0 float32, 1 bfloat16, 2 float16. It includes no
-/// header (NVRTC has no CUDA include path here): the 16-bit conversions are written out (bfloat16: the top
-/// half of a float32, rounded to nearest even as c10::BFloat16 rounds; float16: PTX cvt).
+/// The kernel's CUDA source, after cuda_jit_prelude. T_KIND (set when compiling): the logits' dtype as
+/// cuda_kind numbers it (0 float32, 1 bfloat16, 2 float16).
 inline constexpr const char* cross_entropy_kernel_source = R"CUDA(
-typedef unsigned short u16;
-#if T_KIND == 0
-typedef float storage_t;
-#define VEC 4
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float from_float(float f) { return f; }
-#elif T_KIND == 1
-typedef u16 storage_t;
-#define VEC 8
-__device__ __forceinline__ float to_float(u16 x) { return __uint_as_float(((unsigned)x) << 16); }
-__device__ __forceinline__ u16 from_float(float f) {
-  unsigned u = __float_as_uint(f);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return (u16)0x7fc0u;
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return (u16)(u >> 16);
-}
-#else
-typedef u16 storage_t;
-#define VEC 8
-__device__ __forceinline__ float to_float(u16 x) {
-  float f;
-  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(x));
-  return f;
-}
-__device__ __forceinline__ u16 from_float(float f) {
-  u16 h;
-  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
-  return h;
-}
-#endif
+typedef Kind<T_KIND> K;
+typedef K::t storage_t;
+#define VEC K::vec
+__device__ __forceinline__ float to_float(storage_t x) { return K::load(x); }
+__device__ __forceinline__ storage_t from_float(float f) { return K::store(f); }
 
 struct alignas(16) Pack { storage_t v[VEC]; };
 
@@ -222,13 +194,8 @@ inline CrossEntropyKernel compile_cross_entropy_kernel(int kind) {
 /// The kernel for `device` and `dtype` from a per-process cache (compiled on first use), or the reason there
 /// is none ("" and a function when there is).
 inline const CrossEntropyKernel& cross_entropy_kernel(c10::Device device, c10::ScalarType dtype) {
-  static std::mutex mutex;
-  static std::map<std::pair<int, int>, CrossEntropyKernel> cache;
-  const int kind = dtype == at::kFloat ? 0 : dtype == at::kBFloat16 ? 1 : dtype == at::kHalf ? 2 : -1;
-  const std::lock_guard<std::mutex> lock(mutex);
-  const auto key = std::make_pair(static_cast<int>(device.index()), kind);
-  auto found = cache.find(key);
-  if (found == cache.end()) {
+  const int kind = cuda_kind(dtype);
+  return cached_cuda_kernels<CrossEntropyKernel>(std::make_pair(static_cast<int>(device.index()), kind), [&] {
     CrossEntropyKernel kernel;
     if (kind < 0) {
       kernel.error = std::string("no kernel for ") + c10::toString(dtype) + " logits";
@@ -236,9 +203,8 @@ inline const CrossEntropyKernel& cross_entropy_kernel(c10::Device device, c10::S
       const c10::cuda::CUDAGuard guard(device);
       kernel = compile_cross_entropy_kernel(kind);
     }
-    found = cache.emplace(key, std::move(kernel)).first;
-  }
-  return found->second;
+    return kernel;
+  });
 }
 
 /// Why the fused kernel cannot run for these logits, or "" when it can.

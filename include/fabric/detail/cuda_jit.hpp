@@ -1,8 +1,9 @@
 #pragma once
-// Run-time compiled CUDA kernels (fabric::nn::cross_entropy's, fabric::nn::LayerNorm's): NVRTC compiles a
-// kernel's source to a CUBIN for the current device (CUDA 11.1 and later), the driver loads it, and the
-// kernels launch through the driver API on the current stream (so a CUDA graph records them). A CPU-only
-// LibTorch compiles none of this.
+// Run-time compiled CUDA kernels (fabric::nn::cross_entropy's, fabric::nn::LayerNorm's, the column sums of
+// fabric::nn::Linear's bias gradient): NVRTC compiles a kernel's source, after one shared prelude (the 16-bit
+// conversions), to a CUBIN for the current device (CUDA 11.1 and later), the driver loads it, and the kernels
+// launch through the driver API on the current stream (so a CUDA graph records them). A CPU-only LibTorch
+// compiles none of this.
 //
 // NOTE: NVRTC and the driver are opened with dlopen, not through ATen's lazily loaded stub
 // (at::globalContext().getNVRTC()): the PyTorch wheels do not ship its header (ATen/cuda/nvrtc_stub/
@@ -33,8 +34,13 @@
 #include <dlfcn.h>
 #include <nvrtc.h>
 
+#include <c10/core/Device.h>
+#include <c10/core/ScalarType.h>
+
 #include <cstdlib>
 #include <initializer_list>
+#include <map>
+#include <mutex>
 #include <string>
 #include <utility>
 #include <vector>
@@ -123,8 +129,57 @@ inline void bind_primary_context(const CudaJitApi& api) {
   if (context == nullptr) (void)cudaFree(nullptr);
 }
 
-/// Compiles `source` with NVRTC for the current device (a device guard is set), with `defines` ("-DNAME=1"
-/// options), loads the CUBIN and looks up each named function into its CUfunction. Returns "" or what
+/// The source every kernel module starts with (compile_cuda_module prepends it). No header is included
+/// (NVRTC has no CUDA include path here), so the 16-bit conversions are written out: bfloat16 is the top half
+/// of a float32, rounded to nearest even as c10::BFloat16 rounds; float16 goes through PTX cvt. `Kind<K>` (K
+/// as cuda_kind numbers dtypes) names a dtype's storage type `t`, its float32 `load` and rounding `store`,
+/// and `vec`, the elements of a 16-byte load.
+inline constexpr const char* cuda_jit_prelude = R"CUDA(
+typedef unsigned short u16;
+template <int K> struct Kind;
+template <> struct Kind<0> {
+  typedef float t;
+  static const int vec = 4;
+  static __device__ __forceinline__ float load(float v) { return v; }
+  static __device__ __forceinline__ float store(float f) { return f; }
+};
+template <> struct Kind<1> {
+  typedef u16 t;
+  static const int vec = 8;
+  static __device__ __forceinline__ float load(u16 v) { return __uint_as_float(((unsigned)v) << 16); }
+  static __device__ __forceinline__ u16 store(float f) {
+    unsigned u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (u16)0x7fc0u;
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (u16)(u >> 16);
+  }
+};
+template <> struct Kind<2> {
+  typedef u16 t;
+  static const int vec = 8;
+  static __device__ __forceinline__ float load(u16 v) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v));
+    return f;
+  }
+  static __device__ __forceinline__ u16 store(float f) {
+    u16 h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+  }
+};
+)CUDA";
+
+/// A dtype's number in the kernels' sources (Kind<K>): 0 float32, 1 bfloat16, 2 float16, -1 any other.
+constexpr int cuda_kind(c10::ScalarType dtype) noexcept {
+  return dtype == c10::ScalarType::Float      ? 0
+         : dtype == c10::ScalarType::BFloat16 ? 1
+         : dtype == c10::ScalarType::Half     ? 2
+                                              : -1;
+}
+
+/// Compiles cuda_jit_prelude and `source` with NVRTC for the current device (a device guard is set), with `defines`
+/// ("-DNAME=1" options), loads the CUBIN and looks up each named function into its CUfunction. Returns "" or what
 /// failed (NVRTC's log included); the error is returned, not thrown, so that callers can fall back to ATen.
 inline std::string compile_cuda_module(const char* source, const char* file, const std::vector<std::string>& defines,
                                        std::initializer_list<std::pair<const char*, CUfunction*>> functions) {
@@ -137,8 +192,9 @@ inline std::string compile_cuda_module(const char* source, const char* file, con
       cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess) {
     return "cudaDeviceGetAttribute failed";
   }
+  const std::string text = std::string(cuda_jit_prelude) + source;
   nvrtcProgram program = nullptr;
-  if (nvrtc.nvrtcCreateProgram(&program, source, file, 0, nullptr, nullptr) != NVRTC_SUCCESS) {
+  if (nvrtc.nvrtcCreateProgram(&program, text.c_str(), file, 0, nullptr, nullptr) != NVRTC_SUCCESS) {
     return "nvrtcCreateProgram failed";
   }
   const std::string arch = "--gpu-architecture=sm_" + std::to_string(major) + std::to_string(minor);
@@ -174,13 +230,41 @@ inline std::string compile_cuda_module(const char* source, const char* file, con
   return {};
 }
 
-/// Launches `function` on `stream` with `grid` blocks of `block` x `block_y` threads and `shared` bytes of
-/// dynamic shared memory (binding the primary context first); a failure is a fabric::Error naming `who`.
+/// The kernels `compile()` returns for `key` (a device index and dtype kinds, say), from a per-process cache
+/// of each call site (the lambda's type): compiled on first use, under a lock, and kept with their error.
+template <class Kernels, class Key, class Compile>
+const Kernels& cached_cuda_kernels(const Key& key, Compile compile) {
+  static std::mutex mutex;
+  static std::map<Key, Kernels> cache;
+  const std::lock_guard<std::mutex> lock(mutex);
+  auto found = cache.find(key);
+  if (found == cache.end()) found = cache.emplace(key, compile()).first;
+  return found->second;
+}
+
+/// The number of multiprocessors of CUDA device `index` (asked once per device), at least 1.
+inline int cuda_multiprocessors(int index) {
+  static std::mutex mutex;
+  static std::map<int, int> counts;
+  const std::lock_guard<std::mutex> lock(mutex);
+  auto found = counts.find(index);
+  if (found == counts.end()) {
+    int sms = 0;
+    if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, index) != cudaSuccess) sms = 1;
+    found = counts.emplace(index, sms > 0 ? sms : 1).first;
+  }
+  return found->second;
+}
+
+/// Launches `function` on `stream` with `grid` x `grid_y` blocks of `block` x `block_y` threads and `shared`
+/// bytes of dynamic shared memory (binding the primary context first); a failure is a fabric::Error naming
+/// `who`.
 inline void launch_cuda_kernel(const char* who, CUfunction function, unsigned grid, unsigned block, unsigned shared,
-                               CUstream stream, void** args, unsigned block_y = 1) {
+                               CUstream stream, void** args, unsigned block_y = 1, unsigned grid_y = 1) {
   const CudaJitApi& api = cuda_jit_api();
   bind_primary_context(api);
-  const CUresult launched = api.cuLaunchKernel(function, grid, 1, 1, block, block_y, 1, shared, stream, args, nullptr);
+  const CUresult launched =
+      api.cuLaunchKernel(function, grid, grid_y, 1, block, block_y, 1, shared, stream, args, nullptr);
   if (launched != CUDA_SUCCESS) {
     const char* text = nullptr;
     api.cuGetErrorString(launched, &text);

@@ -6,9 +6,10 @@
 // is asked for it, so that no cast kernel follows), keeping the row's mean and 1/std in float32. Backward:
 // a warp per row, two passes, writes the input's gradient and adds the row's terms of the weight's and the
 // bias's gradients to its warp's own float32 partial sums in shared memory (each lane always owns the same
-// columns: no atomics, so the sums are deterministic); each block writes its partials, and a second kernel
-// sums them over blocks in a fixed order.
+// columns: no atomics, so the sums are deterministic); each block writes its partials, and the column-sum
+// module's second kernel (fabric/detail/column_sum_kernel.hpp) sums them over blocks in a fixed order.
 
+#include "fabric/detail/column_sum_kernel.hpp"
 #include "fabric/detail/cuda_jit.hpp"
 
 #include <ATen/core/Tensor.h>
@@ -25,8 +26,6 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
-#include <map>
-#include <mutex>
 #include <tuple>
 #endif
 
@@ -38,57 +37,19 @@ inline constexpr std::int64_t layer_norm_kernel_max_columns = 6144;
 
 #if FABRIC_CUDA_JIT
 
-/// The kernels' CUDA source. X_KIND and Y_KIND (set when compiling) are the input's and the output's dtypes:
-/// 0 float32, 1 bfloat16, 2 float16; the output's gradient has the output's dtype and the input's gradient
-/// the input's. Weight and bias are float32 or absent (null). No header is included (NVRTC has no CUDA
-/// include path here): the 16-bit conversions are written out, as in the cross-entropy kernel.
+/// The kernels' CUDA source, after cuda_jit_prelude. X_KIND and Y_KIND (set when compiling) are the input's
+/// and the output's dtypes as cuda_kind numbers them (0 float32, 1 bfloat16, 2 float16); the output's
+/// gradient has the output's dtype and the input's gradient the input's. Weight and bias are float32 or
+/// absent (null).
 inline constexpr const char* layer_norm_kernel_source = R"CUDA(
-typedef unsigned short u16;
-__device__ __forceinline__ float bf16_to_float(u16 x) { return __uint_as_float(((unsigned)x) << 16); }
-__device__ __forceinline__ u16 float_to_bf16(float f) {
-  unsigned u = __float_as_uint(f);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return (u16)0x7fc0u;
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return (u16)(u >> 16);
-}
-__device__ __forceinline__ float half_to_float(u16 x) {
-  float f;
-  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(x));
-  return f;
-}
-__device__ __forceinline__ u16 float_to_half(float f) {
-  u16 h;
-  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
-  return h;
-}
-
-#if X_KIND == 0
-typedef float x_t;
-__device__ __forceinline__ float load_x(float v) { return v; }
-__device__ __forceinline__ float store_x(float f) { return f; }
-#elif X_KIND == 1
-typedef u16 x_t;
-__device__ __forceinline__ float load_x(u16 v) { return bf16_to_float(v); }
-__device__ __forceinline__ u16 store_x(float f) { return float_to_bf16(f); }
-#else
-typedef u16 x_t;
-__device__ __forceinline__ float load_x(u16 v) { return half_to_float(v); }
-__device__ __forceinline__ u16 store_x(float f) { return float_to_half(f); }
-#endif
-
-#if Y_KIND == 0
-typedef float y_t;
-__device__ __forceinline__ float load_y(float v) { return v; }
-__device__ __forceinline__ float store_y(float f) { return f; }
-#elif Y_KIND == 1
-typedef u16 y_t;
-__device__ __forceinline__ float load_y(u16 v) { return bf16_to_float(v); }
-__device__ __forceinline__ u16 store_y(float f) { return float_to_bf16(f); }
-#else
-typedef u16 y_t;
-__device__ __forceinline__ float load_y(u16 v) { return half_to_float(v); }
-__device__ __forceinline__ u16 store_y(float f) { return float_to_half(f); }
-#endif
+typedef Kind<X_KIND> XK;
+typedef Kind<Y_KIND> YK;
+typedef XK::t x_t;
+typedef YK::t y_t;
+__device__ __forceinline__ float load_x(x_t v) { return XK::load(v); }
+__device__ __forceinline__ x_t store_x(float f) { return XK::store(f); }
+__device__ __forceinline__ float load_y(y_t v) { return YK::load(v); }
+__device__ __forceinline__ y_t store_y(float f) { return YK::store(f); }
 
 __device__ __forceinline__ float warp_sum(float v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -173,66 +134,34 @@ extern "C" __global__ void fabric_layer_norm_backward(const y_t* __restrict__ g,
   }
 }
 
-// Sums partial [blocks][n] over blocks into out [n] (float32), in a fixed order: a block of 32 x 8 threads
-// per 32 columns, each thread a strided eighth of the blocks, then the eight in order.
-extern "C" __global__ void fabric_layer_norm_sum(const float* __restrict__ partial, float* __restrict__ out,
-                                                 long long blocks, long long n) {
-  __shared__ float sums[8][33];
-  const long long j = (long long)blockIdx.x * 32 + threadIdx.x;
-  float t = 0.f;
-  if (j < n) {
-    for (long long k = threadIdx.y; k < blocks; k += 8) t += partial[k * n + j];
-  }
-  sums[threadIdx.y][threadIdx.x] = t;
-  __syncthreads();
-  if (threadIdx.y == 0 && j < n) {
-    float s = 0.f;
-    for (int k = 0; k < 8; ++k) s += sums[k][threadIdx.x];
-    out[j] = s;
-  }
-}
 )CUDA";
 
 /// The compiled kernels for one device and pair of dtypes, or why there are none.
 struct LayerNormKernels {
   CUfunction forward = nullptr;
   CUfunction backward = nullptr;
-  CUfunction sum = nullptr;
   std::string error;
 };
 
-/// 0 float32, 1 bfloat16, 2 float16, -1 any other dtype.
-constexpr int layer_norm_kind(c10::ScalarType dtype) noexcept {
-  return dtype == c10::ScalarType::Float      ? 0
-         : dtype == c10::ScalarType::BFloat16 ? 1
-         : dtype == c10::ScalarType::Half     ? 2
-                                              : -1;
-}
-
 /// The kernels for `device`, input dtype `x` and output dtype `y` from a per-process cache (compiled on
-/// first use), or the reason there are none.
+/// first use), or the reason there are none; the float32 column-sum kernels add the backward's partial sums.
 inline const LayerNormKernels& layer_norm_kernels(c10::Device device, c10::ScalarType x, c10::ScalarType y) {
-  static std::mutex mutex;
-  static std::map<std::tuple<int, int, int>, LayerNormKernels> cache;
-  const int xk = layer_norm_kind(x), yk = layer_norm_kind(y);
-  const std::lock_guard<std::mutex> lock(mutex);
+  const int xk = cuda_kind(x), yk = cuda_kind(y);
   const auto key = std::make_tuple(static_cast<int>(device.index()), xk, yk);
-  auto found = cache.find(key);
-  if (found == cache.end()) {
+  return cached_cuda_kernels<LayerNormKernels>(key, [&] {
     LayerNormKernels kernels;
     if (xk < 0 || yk < 0) {
       kernels.error = std::string("no kernel for ") + c10::toString(x) + " input and " + c10::toString(y) + " output";
     } else {
       const c10::cuda::CUDAGuard guard(device);
-      kernels.error = compile_cuda_module(layer_norm_kernel_source, "fabric_layer_norm.cu",
-                                          {"-DX_KIND=" + std::to_string(xk), "-DY_KIND=" + std::to_string(yk)},
-                                          {{"fabric_layer_norm_forward", &kernels.forward},
-                                           {"fabric_layer_norm_backward", &kernels.backward},
-                                           {"fabric_layer_norm_sum", &kernels.sum}});
+      kernels.error = compile_cuda_module(
+          layer_norm_kernel_source, "fabric_layer_norm.cu",
+          {"-DX_KIND=" + std::to_string(xk), "-DY_KIND=" + std::to_string(yk)},
+          {{"fabric_layer_norm_forward", &kernels.forward}, {"fabric_layer_norm_backward", &kernels.backward}});
+      if (kernels.error.empty()) kernels.error = column_sum_kernels(device, c10::ScalarType::Float).error;
     }
-    found = cache.emplace(key, std::move(kernels)).first;
-  }
-  return found->second;
+    return kernels;
+  });
 }
 
 /// Why the fused kernels cannot normalise `input` (any shape, `cols` trailing elements a row) into `output`
@@ -291,9 +220,8 @@ inline std::pair<at::Tensor, at::Tensor> launch_layer_norm_backward(const at::Te
   const auto options = x.options().dtype(c10::ScalarType::Float);
   // Warps a block: as many as the shared partial sums leave room for (4 for GPT-2's 768 columns).
   const long long warps = std::clamp<long long>(static_cast<long long>(48 * 1024 / (8 * cols)), 1, 4);
-  int sms = 0;
-  (void)cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, x.device().index());
-  const long long blocks = std::clamp<long long>((rows + warps - 1) / warps, 1, 2LL * std::max(sms, 1));
+  const long long blocks =
+      std::clamp<long long>((rows + warps - 1) / warps, 1, 2LL * cuda_multiprocessors(x.device().index()));
   if (rows == 0) {
     if (!affine) return {};
     at::Tensor zeros = at::empty({2 * cols}, options).zero_();
@@ -314,13 +242,7 @@ inline std::pair<at::Tensor, at::Tensor> launch_layer_norm_backward(const at::Te
                      args);
   if (!affine) return {};
   at::Tensor sums = at::empty({2 * cols}, options);
-  const void* partial_in = partial.data_ptr();
-  void* sums_ptr = sums.data_ptr();
-  long long n = 2 * cols, count = blocks;
-  void* sum_args[] = {&partial_in, &sums_ptr, &count, &n};
-  launch_cuda_kernel("fabric::nn::LayerNorm", kernels.sum, static_cast<unsigned>((n + 31) / 32), 32, 0, stream,
-                     sum_args,
-                     /*block_y=*/8);
+  launch_sum_partials("fabric::nn::LayerNorm", partial, sums);
   return {sums.narrow(0, 0, cols), sums.narrow(0, cols, cols)};
 }
 

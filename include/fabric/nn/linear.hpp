@@ -4,6 +4,7 @@
 // autocast its float32 weight and bias get their gradients in float32 straight from the GEMM and the sum.
 
 #include "fabric/core/error.hpp"
+#include "fabric/detail/column_sum_kernel.hpp"
 #include "fabric/detail/layer_copy.hpp"
 #include "fabric/precision/autocast.hpp"
 
@@ -52,11 +53,12 @@ at::Tensor mm_float(const T& a, const T& b) {
 /// its dtype and the weight's and bias's in float32: the weight's from a GEMM that writes float32 where
 /// LibTorch has one (CUDA, LibTorch 2.x), the bias's summed into float32. Against autocast's own backward
 /// (a bfloat16 product and sum, then a cast kernel for each) that drops one pass over every gradient and
-/// the rounding of the gradient to bfloat16.
+/// the rounding of the gradient to bfloat16. With `fused`, a CUDA bias gradient is summed by fabric's column-sum
+/// kernels (fabric/detail/column_sum_kernel.hpp; deterministic), where they run.
 struct MixedLinear : torch::autograd::Function<MixedLinear> {
   // NOTE: the bias is an optional (autograd's custom Functions take no undefined tensor as an input).
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& input, const at::Tensor& weight,
-                            const c10::optional<at::Tensor>& bias) {
+                            const c10::optional<at::Tensor>& bias, bool fused) {
     const c10::ScalarType dtype = input.scalar_type();
     const bool has_bias = bias.has_value() && bias->defined();
     const at::Tensor w = weight.to(dtype);
@@ -65,6 +67,7 @@ struct MixedLinear : torch::autograd::Function<MixedLinear> {
     ctx->save_for_backward({x, w});
     ctx->saved_data["input_sizes"] = input.sizes().vec();
     ctx->saved_data["bias"] = has_bias;
+    ctx->saved_data["fused"] = fused;
     std::vector<std::int64_t> sizes = input.sizes().vec();
     sizes.back() = weight.size(0);
     return y.view(sizes);
@@ -86,9 +89,11 @@ struct MixedLinear : torch::autograd::Function<MixedLinear> {
     if (ctx->needs_input_grad(0)) grad_input = g.mm(w).view(ctx->saved_data["input_sizes"].toIntVector());
     if (ctx->needs_input_grad(1)) grad_weight = mm_float(g.t(), x);
     if (ctx->saved_data["bias"].toBool() && ctx->needs_input_grad(2)) {
-      grad_bias = g.sum({0}, /*keepdim=*/false, c10::ScalarType::Float);
+      grad_bias = ctx->saved_data["fused"].toBool() && fabric::detail::column_sum_kernel_unavailable(g).empty()
+                      ? fabric::detail::column_sum_float(g)
+                      : g.sum({0}, /*keepdim=*/false, c10::ScalarType::Float);
     }
-    return {grad_input, grad_weight, grad_bias};
+    return {grad_input, grad_weight, grad_bias, at::Tensor()};
   }
 };
 
@@ -107,8 +112,10 @@ struct MixedLinear : torch::autograd::Function<MixedLinear> {
 /// gradients in float32 directly: the weight's from a GEMM that writes float32 (on CUDA with LibTorch 2.x;
 /// elsewhere a product rounded as autocast rounds it), the bias's summed into float32 (autocast's sum rounds
 /// to bfloat16 first: about 2^-8 of the gradient). On an H200 that removes GPT-2's cast kernels of the
-/// weights' gradients (`ToCopyBackward0`). Its backward is not differentiable: `mixed_backward(false)` gives
-/// at::linear's backward for second-order gradients (a double backward through it is a fabric::Error).
+/// weights' gradients (`ToCopyBackward0`). On CUDA the bias's gradient is summed by fabric's column-sum kernels
+/// (NVRTC, deterministic, 16-byte loads) unless `fused_kernels(false)`.
+/// Its backward is not differentiable: `mixed_backward(false)` gives at::linear's backward for second-order
+/// gradients (a double backward through it is a fabric::Error).
 ///
 ///     fabric::nn::Linear fc(768, 3072);                                 // as torch::nn::Linear(768, 3072)
 ///     fabric::nn::Linear head(torch::nn::LinearOptions(768, 10).bias(false));
@@ -133,7 +140,7 @@ class LinearImpl : public torch::nn::LinearImpl {
         const c10::ScalarType dtype = fabric::detail::autocast_dtype(device);
         if ((dtype == c10::ScalarType::BFloat16 || dtype == c10::ScalarType::Half) &&
             (input.scalar_type() == c10::ScalarType::Float || input.scalar_type() == dtype)) {
-          return detail::MixedLinear::apply(input.to(dtype), weight, c10::optional<at::Tensor>(bias));
+          return detail::MixedLinear::apply(input.to(dtype), weight, c10::optional<at::Tensor>(bias), fused_);
         }
       }
     }
@@ -149,11 +156,20 @@ class LinearImpl : public torch::nn::LinearImpl {
     return *this;
   }
 
+  /// Whether the mixed backward sums a CUDA bias gradient with fabric's kernels (the default) or ATen's sum.
+  bool fused_kernels() const noexcept { return fused_; }
+  /// Chooses fabric's column-sum kernels (true) or ATen's sum (false) for the mixed backward's bias gradient.
+  LinearImpl& fused_kernels(bool on) noexcept {
+    fused_ = on;
+    return *this;
+  }
+
   /// Returns a deep copy that is a fabric::nn::LinearImpl too (on `device` when given).
   std::shared_ptr<torch::nn::Module> clone(const c10::optional<c10::Device>& device = c10::nullopt) const override {
     auto copy = std::make_shared<LinearImpl>(options);
     fabric::detail::copy_layer_state(*this, *copy, device);
     copy->mixed_backward_ = mixed_backward_;
+    copy->fused_ = fused_;
     return copy;
   }
 
@@ -165,6 +181,7 @@ class LinearImpl : public torch::nn::LinearImpl {
 
  private:
   bool mixed_backward_ = true;
+  bool fused_ = true;
 };
 
 /// The module holder of fabric::nn::LinearImpl, used as `torch::nn::Linear` is.

@@ -9,9 +9,12 @@
 #include <catch2/catch_test_macros.hpp>
 #include <catch2/matchers/catch_matchers_string.hpp>
 
+#include <algorithm>
+#include <memory>
 #include <set>
 #include <sstream>
 #include <string>
+#include <utility>
 #include <vector>
 
 using Catch::Matchers::ContainsSubstring;
@@ -274,4 +277,92 @@ TEST_CASE("fabric::nn::Linear under CUDA autocast: float32 gradients from the GE
     CAPTURE(dtype);
     check_mixed_backward(torch::Device(torch::kCUDA, 0), dtype, 1024);
   }
+}
+
+TEST_CASE("fabric::nn::Linear's fused_kernels choice is kept by clone(); the column-sum kernels need CUDA",
+          "[nn][errors]") {
+  fabric::nn::Linear fast(4, 3);
+  CHECK(fast->fused_kernels());
+  fast->fused_kernels(false);
+  const auto copy = std::dynamic_pointer_cast<fabric::nn::LinearImpl>(fast->clone());
+  REQUIRE(copy != nullptr);
+  CHECK(!copy->fused_kernels());
+  CHECK_THAT(fabric::detail::column_sum_kernel_unavailable(torch::ones({2, 3})),
+             ContainsSubstring("not on a CUDA device"));
+  // Without CUDA the mixed backward sums with ATen whatever the choice: the same float32 gradient.
+  const at::Tensor x = torch::randn({6, 4});
+  fabric::AutocastGuard autocast(torch::kCPU, torch::kBFloat16);
+  std::vector<at::Tensor> grads;
+  for (const bool fused : {true, false}) {
+    fast->zero_grad();
+    fast->fused_kernels(fused);
+    fast(x).sum().backward();
+    grads.push_back(fast->bias.grad().clone());
+  }
+  CHECK(grads[0].scalar_type() == torch::kFloat);
+  CHECK(torch::equal(grads[0], grads[1]));
+}
+
+TEST_CASE("fabric::detail::column_sum_float on CUDA: float32 sums of float32, bfloat16, float16 columns",
+          "[nn][cuda]") {
+  if (!torch::cuda::is_available()) SKIP("no GPU visible");
+  const torch::Device cuda(torch::kCUDA, 0);
+  const std::string why = fabric::detail::column_sum_kernel_unavailable(torch::zeros({1, 8}, cuda));
+  INFO("column-sum kernels: " << (why.empty() ? "available" : why));
+  REQUIRE(why.empty());
+  CHECK_THAT(fabric::detail::column_sum_kernel_unavailable(torch::zeros({8, 8}, cuda).t()),
+             ContainsSubstring("contiguous matrix"));
+  CHECK_THAT(fabric::detail::column_sum_kernel_unavailable(torch::zeros({8, 8}, cuda).to(torch::kDouble)),
+             ContainsSubstring("no kernel for Double"));
+  // GPT-2's shapes (vectorised), odd widths (a column at a time), one row, no rows, many rows a chunk.
+  const std::vector<std::pair<std::int64_t, std::int64_t>> shapes{
+      {8192, 768}, {8192, 3072}, {1000, 2304}, {37, 13}, {1, 5}, {0, 8}, {65, 1}, {100000, 24}};
+  for (const auto& [rows, cols] : shapes) {
+    for (const auto dtype : {torch::kFloat, torch::kBFloat16, torch::kHalf}) {
+      CAPTURE(rows, cols, dtype);
+      torch::manual_seed(11);
+      const at::Tensor g = (torch::randn({rows, cols}, cuda) + 2.0).to(dtype);
+      const at::Tensor got = fabric::detail::column_sum_float(g);
+      REQUIRE(got.scalar_type() == torch::kFloat);
+      REQUIRE(got.sizes() == c10::IntArrayRef{cols});
+      const at::Tensor exact = g.to(torch::kDouble).sum(0);
+      // A float32 sum of `rows` values of about 2 in any order: within rows x 2^-24 x the sum's magnitude.
+      const double bound = 4.0 * std::max<double>(static_cast<double>(rows), 1.0) * 6e-8 *
+                               (exact.numel() > 0 ? exact.abs().max().item<double>() : 0.0) +
+                           1e-6;
+      CHECK((got.to(torch::kDouble) - exact).abs().max().item<double>() <= bound);
+      // The same bits on every run.
+      CHECK(torch::equal(got, fabric::detail::column_sum_float(g)));
+    }
+  }
+  // A contiguous matrix that does not start on 16 bytes (a column at a time) sums as an aligned copy does.
+  const at::Tensor storage = torch::randn({1 + 300 * 64}, cuda).to(torch::kBFloat16);
+  const at::Tensor shifted = storage.narrow(0, 1, 300 * 64).view({300, 64});
+  REQUIRE(shifted.is_contiguous());
+  CHECK(torch::allclose(fabric::detail::column_sum_float(shifted), fabric::detail::column_sum_float(shifted.clone()),
+                        1e-5, 1e-5));
+}
+
+TEST_CASE("fabric::nn::Linear on CUDA sums the bias gradient with the column-sum kernels unless told not to",
+          "[nn][precision][cuda]") {
+  if (!torch::cuda::is_available()) SKIP("no GPU visible");
+  const torch::Device cuda(torch::kCUDA, 0);
+  torch::manual_seed(12);
+  fabric::nn::Linear fast(64, 768);
+  fast->to(cuda);
+  const at::Tensor x = torch::randn({4, 512, 64}, cuda);
+  const at::Tensor upstream = torch::randn({4, 512, 768}, cuda).to(torch::kBFloat16);
+  const auto bias_grad = [&](bool fused) {
+    fast->zero_grad();
+    fast->fused_kernels(fused);
+    fabric::AutocastGuard autocast(torch::kCUDA, torch::kBFloat16);
+    fast(x).backward(upstream);
+    return fast->bias.grad().clone();
+  };
+  const at::Tensor kernel = bias_grad(true), again = bias_grad(true), aten = bias_grad(false);
+  const at::Tensor g = upstream.reshape({-1, 768});
+  CHECK(torch::equal(kernel, fabric::detail::column_sum_float(g)));
+  CHECK(torch::equal(kernel, again));
+  CHECK(torch::equal(aten, g.sum({0}, false, torch::kFloat)));
+  CHECK(torch::allclose(kernel, aten, 1e-5, 1e-4));
 }
