@@ -13694,7 +13694,8 @@ void copy_layer_state(const Layer& from, Layer& to, const c10::optional<c10::Dev
 // (float32, bfloat16 or float16) for its mean, again (from L1) for its variance, and a third time to write
 // the normalised, scaled and shifted row in the output dtype (the autocast dtype where fabric::nn::LayerNorm
 // is asked for it, so that no cast kernel follows), keeping the row's mean and 1/std in float32. Backward:
-// a warp per row, two passes, writes the input's gradient and adds the row's terms of the weight's and the
+// a warp per row, two passes (four adjacent columns a lane at a time where rows are aligned to four
+// elements), writes the input's gradient and adds the row's terms of the weight's and the
 // bias's gradients to its warp's own float32 partial sums in shared memory (each lane always owns the same
 // columns: no atomics, so the sums are deterministic); each block writes its partials, and the column-sum
 // module's second kernel (fabric/detail/column_sum_kernel.hpp) sums them over blocks in a fixed order.
@@ -14191,6 +14192,7 @@ inline at::Tensor column_sum_float(const at::Tensor&) { return {}; }
 
 #include <ATen/core/Tensor.h>
 
+#include <cstddef>
 #include <cstdint>
 #include <string>
 #include <utility>
@@ -14263,43 +14265,106 @@ extern "C" __global__ void fabric_layer_norm_forward(const x_t* __restrict__ x, 
   }
 }
 
-// Rows strided over the grid, a warp per row; shared memory: [warps][2][cols] float32 partial sums of
-// g * xhat (the weight's gradient) and g (the bias's). partial: [gridDim.x][2][cols].
-extern "C" __global__ void fabric_layer_norm_backward(const y_t* __restrict__ g, const x_t* __restrict__ x,
-                                                      const float* __restrict__ w, const float* __restrict__ mean,
-                                                      const float* __restrict__ rstd, x_t* __restrict__ dx,
-                                                      float* __restrict__ partial, long long rows, long long cols) {
-  extern __shared__ float shared[];
-  const int warps = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  float* mine = shared + (long long)warp * 2 * cols;
-  if (partial != 0) {
-    for (long long j = lane; j < 2 * cols; j += 32) mine[j] = 0.f;
-  }
+// V elements of T in one load or store (16 bytes for four float32).
+template <class T, int V>
+struct alignas(V * sizeof(T)) Lanes {
+  T v[V];
+};
+
+// The backward's rows (see fabric_layer_norm_backward), V adjacent columns a lane at a time (V divides cols;
+// for V > 1 every row and `mine` are aligned to V elements).
+template <int V>
+__device__ __forceinline__ void backward_rows(const y_t* __restrict__ g, const x_t* __restrict__ x,
+                                              const float* __restrict__ w, const float* __restrict__ mean,
+                                              const float* __restrict__ rstd, x_t* __restrict__ dx,
+                                              float* __restrict__ mine, long long rows, long long cols, int warps,
+                                              int warp, int lane) {
+  typedef Lanes<x_t, V> XV;
+  typedef Lanes<y_t, V> YV;
+  typedef Lanes<float, V> FV;
   const float inv = 1.f / (float)cols;
+  const long long steps = cols / V;
   for (long long row = (long long)blockIdx.x * warps + warp; row < rows; row += (long long)gridDim.x * warps) {
-    const x_t* xr = x + row * cols;
-    const y_t* gr = g + row * cols;
+    const XV* xr = reinterpret_cast<const XV*>(x + row * cols);
+    const YV* gr = reinterpret_cast<const YV*>(g + row * cols);
     const float m = mean[row], r = rstd[row];
     float a = 0.f, c = 0.f;
-    for (long long j = lane; j < cols; j += 32) {
-      const float xh = (load_x(xr[j]) - m) * r;
-      const float gw = w != 0 ? load_y(gr[j]) * w[j] : load_y(gr[j]);
-      a += gw;
-      c += gw * xh;
+#pragma unroll 2
+    for (long long q = lane; q < steps; q += 32) {
+      const XV xv = xr[q];
+      const YV gv = gr[q];
+      FV wv;
+      if (w != 0) {
+        wv = reinterpret_cast<const FV*>(w)[q];
+      } else {
+#pragma unroll
+        for (int k = 0; k < V; ++k) wv.v[k] = 1.f;
+      }
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        const float xh = (load_x(xv.v[k]) - m) * r;
+        const float gw = load_y(gv.v[k]) * wv.v[k];
+        a += gw;
+        c += gw * xh;
+      }
     }
     a = warp_sum(a) * inv;
     c = warp_sum(c) * inv;
-    x_t* dxr = dx + row * cols;
-    for (long long j = lane; j < cols; j += 32) {
-      const float xh = (load_x(xr[j]) - m) * r;
-      const float gj = load_y(gr[j]);
-      const float gw = w != 0 ? gj * w[j] : gj;
-      if (dx != 0) dxr[j] = store_x(r * (gw - a - xh * c));
-      if (partial != 0) {
-        mine[j] += gj * xh;
-        mine[cols + j] += gj;
+#pragma unroll 2
+    for (long long q = lane; q < steps; q += 32) {
+      const XV xv = xr[q];
+      const YV gv = gr[q];
+      FV wv, dw, db;
+      if (w != 0) {
+        wv = reinterpret_cast<const FV*>(w)[q];
+      } else {
+#pragma unroll
+        for (int k = 0; k < V; ++k) wv.v[k] = 1.f;
+      }
+      if (mine != 0) {
+        dw = reinterpret_cast<const FV*>(mine)[q];
+        db = reinterpret_cast<const FV*>(mine + cols)[q];
+      }
+      XV out;
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        const float xh = (load_x(xv.v[k]) - m) * r;
+        const float gj = load_y(gv.v[k]);
+        out.v[k] = store_x(r * (gj * wv.v[k] - a - xh * c));
+        if (mine != 0) {
+          dw.v[k] += gj * xh;
+          db.v[k] += gj;
+        }
+      }
+      if (dx != 0) reinterpret_cast<XV*>(dx + row * cols)[q] = out;
+      if (mine != 0) {
+        reinterpret_cast<FV*>(mine)[q] = dw;
+        reinterpret_cast<FV*>(mine + cols)[q] = db;
       }
     }
+  }
+}
+
+// Rows strided over the grid, a warp per row; shared memory: [warps][2][cols] float32 partial sums of
+// g * xhat (the weight's gradient) and g (the bias's), each lane always the same columns. partial:
+// [gridDim.x][2][cols]. `vectorized`: cols a multiple of 4 and g, x, w, dx aligned to four elements, so that
+// a lane loads four adjacent columns at once (16 bytes of float32).
+extern "C" __global__ void fabric_layer_norm_backward(const y_t* __restrict__ g, const x_t* __restrict__ x,
+                                                      const float* __restrict__ w, const float* __restrict__ mean,
+                                                      const float* __restrict__ rstd, x_t* __restrict__ dx,
+                                                      float* __restrict__ partial, long long rows, long long cols,
+                                                      int vectorized) {
+  extern __shared__ float shared[];
+  const int warps = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  float* mine = partial != 0 ? shared + (long long)warp * 2 * cols : 0;
+  if (mine != 0) {
+    for (long long j = lane; j < 2 * cols; j += 32) mine[j] = 0.f;
+  }
+  __syncwarp();  // the zeros before other lanes of the warp add to them
+  if (vectorized) {
+    backward_rows<4>(g, x, w, mean, rstd, dx, mine, rows, cols, warps, warp, lane);
+  } else {
+    backward_rows<1>(g, x, w, mean, rstd, dx, mine, rows, cols, warps, warp, lane);
   }
   if (partial == 0) return;
   __syncthreads();
@@ -14394,8 +14459,9 @@ inline std::pair<at::Tensor, at::Tensor> launch_layer_norm_backward(const at::Te
   const c10::cuda::CUDAGuard guard(x.device());
   long long rows = x.numel() / cols, columns = cols;
   const auto options = x.options().dtype(c10::ScalarType::Float);
-  // Warps a block: as many as the shared partial sums leave room for (4 for GPT-2's 768 columns).
-  const long long warps = std::clamp<long long>(static_cast<long long>(48 * 1024 / (8 * cols)), 1, 4);
+  // Warps a block: as many as the shared partial sums leave room for, up to 8 (8 for GPT-2's 768 columns);
+  // two blocks a multiprocessor at most (each block writes 2 x cols partial sums).
+  const long long warps = std::clamp<long long>(static_cast<long long>(48 * 1024 / (8 * cols)), 1, 8);
   const long long blocks =
       std::clamp<long long>((rows + warps - 1) / warps, 1, 2LL * cuda_multiprocessors(x.device().index()));
   if (rows == 0) {
@@ -14411,7 +14477,13 @@ inline std::pair<at::Tensor, at::Tensor> launch_layer_norm_backward(const at::Te
   const void* rstd_ptr = rstd.data_ptr();
   void* dx_ptr = dx.defined() ? dx.data_ptr() : nullptr;
   void* partial_ptr = affine ? partial.data_ptr() : nullptr;
-  void* args[] = {&g_ptr, &x_ptr, &w_ptr, &mean_ptr, &rstd_ptr, &dx_ptr, &partial_ptr, &rows, &columns};
+  // Four columns a lane at a time where every row starts on four elements (g, x and dx contiguous).
+  const auto aligned = [](const void* p, std::size_t element) {
+    return p == nullptr || reinterpret_cast<std::uintptr_t>(p) % (4 * element) == 0;
+  };
+  int vectorized = cols % 4 == 0 && aligned(g_ptr, g.element_size()) && aligned(x_ptr, x.element_size()) &&
+                   aligned(w_ptr, 4) && aligned(dx_ptr, x.element_size());
+  void* args[] = {&g_ptr, &x_ptr, &w_ptr, &mean_ptr, &rstd_ptr, &dx_ptr, &partial_ptr, &rows, &columns, &vectorized};
   const CUstream stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
   launch_cuda_kernel("fabric::nn::LayerNorm", kernels.backward, static_cast<unsigned>(blocks),
                      static_cast<unsigned>(32 * warps), static_cast<unsigned>(affine ? warps * 8 * cols : 0), stream,

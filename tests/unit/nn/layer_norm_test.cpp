@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <set>
 #include <sstream>
 #include <string>
@@ -240,4 +241,48 @@ TEST_CASE("fabric::nn::LayerNorm on CUDA refuses a double backward; at::layer_no
   fabric::nn::LayerNorm low(torch::nn::LayerNormOptions({16}));
   low->to(cuda, torch::kBFloat16);
   CHECK(graph_of(low(x.to(torch::kBFloat16))).count(fused_node) == 0);
+}
+
+TEST_CASE("fabric::nn::LayerNorm on CUDA: rows that do not start on four elements take the column-at-a-time path",
+          "[nn][cuda]") {
+  if (!torch::cuda::is_available()) SKIP("no GPU visible");
+  const torch::Device cuda(torch::kCUDA, 0);
+  torch::manual_seed(13);
+  fabric::nn::LayerNorm fast(torch::nn::LayerNormOptions({768}));
+  fast->to(cuda);
+  {
+    torch::NoGradGuard no_grad;
+    fast->weight.uniform_(0.5, 1.5);
+    fast->bias.uniform_(-0.5, 0.5);
+  }
+  for (const auto dtype : {torch::kFloat, torch::kBFloat16}) {
+    CAPTURE(dtype);
+    // A contiguous [64, 768] view one element into its storage: aligned to one element only.
+    const at::Tensor storage = torch::randn({1 + 64 * 768}, cuda).to(dtype);
+    const at::Tensor shifted = storage.narrow(0, 1, 64 * 768).view({64, 768});
+    REQUIRE(shifted.is_contiguous());
+    const at::Tensor g = torch::randn({64, 768}, cuda).to(dtype);
+    // run() clones its input (which aligns it): this keeps the view.
+    const auto once = [&](const at::Tensor& input) {
+      Run out;
+      const at::Tensor x = input.detach().requires_grad_();
+      fast->zero_grad();
+      out.y = fast(x);
+      out.nodes = graph_of(out.y);
+      out.y.backward(g.to(out.y.scalar_type()));
+      out.dx = x.grad();
+      out.dw = fast->weight.grad().clone();
+      out.db = fast->bias.grad().clone();
+      return out;
+    };
+    const Run odd = once(shifted), even = once(shifted.clone());
+    REQUIRE(reinterpret_cast<std::uintptr_t>(shifted.data_ptr()) % 8 != 0);
+    CHECK(odd.nodes.count(fused_node) == 1);
+    // The same arithmetic per element; only the order of the row sums differs.
+    CHECK(torch::equal(odd.y, even.y));
+    const double tol = dtype == torch::kFloat ? 1e-5 : 1.0 / 128;
+    CHECK(close(odd.dx, even.dx, tol, tol));
+    CHECK(close(odd.dw, even.dw, 1e-5, 1e-4));
+    CHECK(close(odd.db, even.db, 1e-5, 1e-4));
+  }
 }
