@@ -353,11 +353,9 @@ Result run_fabric(const torch::Device& device, const Workload& w, Loop loop, con
       if (loss_factor != 1.0) loss = loss * loss_factor;
       fabric.backward(loss);
       optimizer.step();
-      if (loop == Loop::capture) {
-        optimizer.zero_grad(false);  // NOTE: a graph keeps its gradients' storage: zeros in place
-      } else {
-        optimizer.zero_grad();  // LibTorch's default, as the raw loops
-      }
+      // LibTorch's default (gradients set to none), as the raw loops; captured too: the recording's backward
+      // then writes the gradients instead of adding them to zeros (no fill, no add kernels).
+      optimizer.zero_grad();
       return loss;
     };
     if (loop == Loop::capture) {

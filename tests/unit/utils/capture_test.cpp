@@ -36,14 +36,18 @@ std::vector<std::pair<at::Tensor, at::Tensor>> batches(int n, int rows, int in, 
   return out;
 }
 
-/// The step function of the tests: forward, loss, fabric.backward, step, zero_grad in place.
+/// How the step function clears the gradients: zeros in place (zero_grad(false)) or LibTorch's default,
+/// setting them to none (zero_grad()).
+enum class Zero { in_place, to_none };
+
+/// The step function of the tests: forward, loss, fabric.backward, step, zero_grad.
 template <class Fab, class M, class O>
-auto train_step(Fab& fabric, M& model, O& optimizer) {
-  return [&fabric, &model, &optimizer](const at::Tensor& x, const at::Tensor& y) {
+auto train_step(Fab& fabric, M& model, O& optimizer, Zero zero = Zero::in_place) {
+  return [&fabric, &model, &optimizer, zero](const at::Tensor& x, const at::Tensor& y) {
     auto loss = F::cross_entropy(model(x), y);
     fabric.backward(loss);
     optimizer.step();
-    optimizer.zero_grad(false);
+    optimizer.zero_grad(/*set_to_none=*/zero == Zero::to_none);
     return loss;
   };
 }
@@ -53,7 +57,7 @@ auto train_step(Fab& fabric, M& model, O& optimizer) {
 template <class Opt = torch::optim::SGD, class Fab, class Run>
 std::pair<std::vector<float>, std::vector<at::Tensor>> train(Fab& fabric, int in, int hidden,
                                                              const std::vector<std::pair<at::Tensor, at::Tensor>>& data,
-                                                             Run run) {
+                                                             Run run, Zero zero = Zero::in_place) {
   torch::manual_seed(0);
   auto net = mlp(in, hidden, 10);
   auto make = [&] {
@@ -65,7 +69,7 @@ std::pair<std::vector<float>, std::vector<at::Tensor>> train(Fab& fabric, int in
   };
   Opt opt = make();
   auto [model, optimizer] = fabric.setup(net, opt);
-  auto step = train_step(fabric, model, optimizer);
+  auto step = train_step(fabric, model, optimizer, zero);
   std::vector<float> losses = run(step, data);
   std::vector<at::Tensor> params;
   for (const auto& p : net->parameters()) params.push_back(p.detach().clone());
@@ -157,6 +161,35 @@ TEST_CASE("captured step on CUDA: AdamW's fused step bit-identical to the eager 
       });
   CHECK(graph_losses == eager_losses);
   for (std::size_t i = 0; i < eager_params.size(); ++i) CHECK(torch::equal(graph_params[i], eager_params[i]));
+}
+
+TEST_CASE("captured step on CUDA: zero_grad() setting the gradients to none, bit-identical over 20 steps",
+          "[utils][capture][cuda]") {
+  if (!torch::cuda::is_available()) SKIP("no GPU visible");
+  fabric::Fabric<fabric::CUDA, fabric::SingleDevice, fabric::FP32> fabric;
+  const auto data = batches(20, 64, 32, 10, fabric.device());
+  // The recording sees no gradients (the warm-up's last zero_grad dropped them): its backward writes them
+  // into the graph's memory rather than adding to them, so each replay's gradients are that step's alone.
+  const auto captured_run = [&](auto& step, const auto& batches) {
+    auto captured = fabric.capture(step);
+    std::vector<float> losses;
+    for (const auto& [x, y] : batches) losses.push_back(captured(x, y).template item<float>());
+    CHECK(captured.captured());
+    return losses;
+  };
+  SECTION("SGD with momentum") {
+    const auto [eager_losses, eager_params] = train(fabric, 32, 64, data, eager_run, Zero::to_none);
+    const auto [graph_losses, graph_params] = train(fabric, 32, 64, data, captured_run, Zero::to_none);
+    CHECK(graph_losses == eager_losses);
+    for (std::size_t i = 0; i < eager_params.size(); ++i) CHECK(torch::equal(graph_params[i], eager_params[i]));
+  }
+  SECTION("AdamW's fused step, against the eager loop that zeros in place") {
+    const auto [eager_losses, eager_params] = train<torch::optim::AdamW>(fabric, 32, 64, data, eager_run);
+    const auto [graph_losses, graph_params] =
+        train<torch::optim::AdamW>(fabric, 32, 64, data, captured_run, Zero::to_none);
+    CHECK(graph_losses == eager_losses);
+    for (std::size_t i = 0; i < eager_params.size(); ++i) CHECK(torch::equal(graph_params[i], eager_params[i]));
+  }
 }
 
 TEST_CASE("captured step on CUDA: refuses a learning rate changed after the recording, replays at the recorded one",
