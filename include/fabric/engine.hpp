@@ -520,7 +520,7 @@ class Fabric {
   ///       auto loss = F::cross_entropy(model(x), y);
   ///       fabric.backward(loss);
   ///       optimizer.step();
-  ///       optimizer.zero_grad(false);
+  ///       optimizer.zero_grad();
   ///       return loss;
   ///     });
   ///     for (auto& batch : loader) fabric.print("{}", step(batch.data, batch.target).item<float>());

@@ -123,7 +123,7 @@ inline std::string uncapturable_step(const LoggedStep& step) {
 ///       auto loss = torch::nn::functional::cross_entropy(model(x), y);
 ///       fabric.backward(loss);
 ///       optimizer.step();
-///       optimizer.zero_grad(false);
+///       optimizer.zero_grad();  // set to none: the recorded backward writes the gradients, adds nothing
 ///       return loss;
 ///     });
 ///     for (auto& batch : loader) losses.push_back(step(batch.data, batch.target).item<float>());
