@@ -5,7 +5,9 @@
 set -u
 n=$1
 shift
-port=$((20000 + RANDOM % 20000))
+# shellcheck source=free_port.sh
+source "$(dirname "$0")/free_port.sh"
+port=$(free_port)
 pids=()
 for ((i = 0; i < n; i++)); do
   # NOTE: each pod is a node of its own, so Gloo picks its interface by name here (the pods share a loopback).

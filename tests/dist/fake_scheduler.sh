@@ -6,7 +6,9 @@
 set -u
 n=$1
 shift
-port=$((20000 + RANDOM % 20000))
+# shellcheck source=free_port.sh
+source "$(dirname "$0")/free_port.sh"
+port=$(free_port)
 pids=()
 for ((i = 0; i < n; i++)); do
   SCHED_RANK=$i SCHED_SIZE=$n SCHED_PER_NODE=$n SCHED_ADDR=127.0.0.1 SCHED_PORT=$port "$@" &
